@@ -1,0 +1,88 @@
+"""The `subjectforge` command line: thin subcommands around one function each.
+
+Each command module exposes ``add_arguments(parser)`` and ``run(args, config) -> int`` and is
+listed in COMMANDS. This module only parses, loads and validates the config, sets up logging and
+maps failures to exit codes, so every command can also be called from a test as ``main(argv)``.
+
+Exit codes: 0 success, 1 the job ran and failed its own check (e.g. too many rejects),
+2 bad usage or invalid configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from pipeline import __version__
+from pipeline.config import Config, ConfigError, load_config
+
+# (name, module, help). Modules are imported lazily so `subjectforge --help` stays fast.
+COMMANDS: list[tuple[str, str, str]] = [
+    ("data", "pipeline.commands.data", "build or refresh the prompted-context dataset"),
+    ("demo", "pipeline.commands.demo", "run the pipeline offline on the bundled sample"),
+]
+
+log = logging.getLogger("subjectforge")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("configuration")
+    group.add_argument("--config", metavar="FILE", help="YAML config file (layered over defaults)")
+    group.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override one config key, e.g. --set data.trimap.low=0.2 (repeatable)",
+    )
+    group.add_argument("--profile", choices=["tiny", "real"], help="model profile (default: tiny)")
+    group.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="subjectforge",
+        description="Data and training pipeline for subject-driven text-to-image generation.",
+    )
+    parser.add_argument("--version", action="version", version=f"subjectforge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name, help_text in COMMANDS:
+        module = importlib.import_module(module_name)
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(cmd, _add_common)
+        cmd.set_defaults(_module=module)
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    if getattr(args, "profile", None):
+        overrides.append(f"profile={args.profile}")
+    return load_config(args.config, overrides, base=getattr(args, "_config_base", None))
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        config = resolve_config(args)
+        return int(args._module.run(args, config) or 0)
+    except ConfigError as exc:
+        print(f"subjectforge: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,244 @@
+"""Typed configuration: the one source of defaults.
+
+A config is built in three layers, later ones winning: the defaults declared on the models
+below, an optional YAML file, then ``--set dotted.key=value`` overrides from the command line.
+Everything is validated once, before any worker starts, and unknown keys are errors that name
+the key (``extra="forbid"``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+ASSETS_DIR = PACKAGE_DIR / "assets"
+CONFIGS_DIR = PACKAGE_DIR / "configs"
+# The bundled sample lives beside the packages in a clone (datasets/ is data, not a package).
+REPO_DIR = PACKAGE_DIR.parent
+BUNDLED_DATASETS_DIR = REPO_DIR / "datasets"
+
+Profile = Literal["tiny", "real"]
+
+# Where each model comes from under each profile. `tiny` points at checkpoints shipped in the
+# package (small configs, random weights, real tokenizer/processor files) so tests and the demo
+# exercise exactly the `from_pretrained` path that loads the real ids.
+PROFILE_MODELS: dict[str, dict[str, str]] = {
+    "tiny": {
+        "clipseg": str(ASSETS_DIR / "tiny-clipseg"),
+    },
+    "real": {
+        "clipseg": "CIDAS/clipseg-rd64-refined",
+    },
+}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelsConfig(_Strict):
+    """Model ids or local paths; ``None`` takes the profile's default (see PROFILE_MODELS)."""
+
+    clipseg: str | None = None
+
+
+class DecodeConfig(_Strict):
+    size: int = Field(512, ge=32, le=4096, description="short side after resizing, px")
+    min_side: int = Field(32, ge=1, description="reject photos whose short side is smaller, px")
+    max_pixels: int = Field(
+        60_000_000, ge=1, description="reject photos whose header claims more pixels (bombs)"
+    )
+    max_bytes: int = Field(64 * 2**20, ge=1, description="reject files larger than this")
+    max_aspect: float = Field(4.0, ge=1.0, description="reject photos with a longer/shorter ratio above this")
+
+
+class SegmentConfig(_Strict):
+    prompt_template: str = Field("{category}", description="CLIPSeg text prompt; {category} is filled in")
+    batch_size: int = Field(8, ge=1)
+    num_actors: int = Field(1, ge=1, description="CLIPSeg actor pool size")
+    num_gpus: float | Literal["auto"] = Field(
+        "auto", description="GPUs per CLIPSeg actor; auto = 1 when the cluster has GPUs, else 0"
+    )
+    # CLIPSeg's sigmoid is calibrated per prompt; `minmax` rescales each map to [0, 1], which
+    # finds *a* foreground in every photo (so it cannot reject subject-less photos).
+    normalize: Literal["none", "minmax"] = "none"
+
+    @model_validator(mode="after")
+    def _check_template(self) -> SegmentConfig:
+        if "{category}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain '{category}'")
+        return self
+
+
+class TrimapConfig(_Strict):
+    high: float = Field(0.5, ge=0.0, le=1.0, description="confidence >= high is foreground")
+    low: float = Field(0.2, ge=0.0, le=1.0, description="confidence <= low is background")
+    erode_fg_px: int = Field(3, ge=0, description="shrink the foreground region by this many px (at decode size)")
+    erode_bg_px: int = Field(6, ge=0, description="shrink the background region by this many px")
+
+    @model_validator(mode="after")
+    def _check_order(self) -> TrimapConfig:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+
+class MatteConfig(_Strict):
+    backend: Literal["auto", "pymatting"] = Field(
+        "auto", description="closed-form matting solver; auto picks the best available"
+    )
+    concurrency: int | None = Field(
+        None, ge=1, description="parallel matting tasks; None = one per CPU Ray gives the stage"
+    )
+
+
+class FilterConfig(_Strict):
+    min_area: float = Field(0.01, ge=0.0, le=1.0, description="reject mattes covering less of the photo")
+    max_area: float = Field(0.95, ge=0.0, le=1.0, description="reject mattes covering more of the photo")
+
+    @model_validator(mode="after")
+    def _check_order(self) -> FilterConfig:
+        if not self.min_area < self.max_area:
+            raise ValueError(f"min_area ({self.min_area}) must be below max_area ({self.max_area})")
+        return self
+
+
+class CompositeConfig(_Strict):
+    per_photo: int = Field(2, ge=1, le=64, description="composites (rows) made from each accepted photo")
+    scale_min: float = Field(0.4, gt=0.0, le=1.0, description="subject's long side / canvas short side, lower bound")
+    scale_max: float = Field(0.9, gt=0.0, le=1.0, description="same, upper bound")
+    seed: int = Field(0, ge=0, description="global seed; each photo's own seed derives from it and its hash")
+
+    @model_validator(mode="after")
+    def _check_order(self) -> CompositeConfig:
+        if self.scale_min > self.scale_max:
+            raise ValueError(f"scale_min ({self.scale_min}) must not exceed scale_max ({self.scale_max})")
+        return self
+
+
+class WriteConfig(_Strict):
+    image_format: Literal["jpeg", "png"] = Field("jpeg", description="encoding of `image` and `composite`")
+    jpeg_quality: int = Field(95, ge=50, le=100)
+    rows_per_file: int = Field(512, ge=1, description="upper bound on rows per Parquet shard")
+
+
+class DataConfig(_Strict):
+    backgrounds: str | None = Field(None, description="folder of background images; None = bundled set")
+    max_reject_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="the job fails when more of its inputs are rejected"
+    )
+    decode: DecodeConfig = DecodeConfig()
+    segment: SegmentConfig = SegmentConfig()
+    trimap: TrimapConfig = TrimapConfig()
+    matte: MatteConfig = MatteConfig()
+    filter: FilterConfig = FilterConfig()
+    composite: CompositeConfig = CompositeConfig()
+    write: WriteConfig = WriteConfig()
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="Ray cluster address; None starts or joins a local one")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray; None = all")
+
+
+class Config(_Strict):
+    profile: Profile = "tiny"
+    models: ModelsConfig = ModelsConfig()
+    data: DataConfig = DataConfig()
+    ray: RayConfig = RayConfig()
+
+    def model_path(self, name: str) -> str:
+        """The id or path of model `name`: the explicit setting, else the profile's default."""
+        explicit = getattr(self.models, name)
+        return explicit if explicit is not None else PROFILE_MODELS[self.profile][name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into its key path and a YAML-parsed value (so 0.2 is a float)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from exc
+    return key.strip().split("."), value
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part!r} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        lines.append(f"{key}: {err['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return tree
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: dict[str, Any] | None = None,
+) -> Config:
+    """Build the resolved config: `base` tree, then the YAML file at `path`, then `overrides`.
+
+    Raises ConfigError with every offending key named.
+    """
+    tree: dict[str, Any] = dict(base or {})
+    if path is not None:
+        tree = _deep_merge(tree, read_yaml(path))
+    for text in overrides:
+        key_path, value = parse_override(text)
+        _set_path(tree, key_path, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as YAML, as written next to every output."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
