@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     try:
+        # A command may turn its own flags (e.g. --backgrounds) into config overrides first.
+        if hasattr(args._module, "apply_arguments"):
+            args._module.apply_arguments(args)
         config = resolve_config(args)
         return int(args._module.run(args, config) or 0)
     except ConfigError as exc:

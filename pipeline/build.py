@@ -1,0 +1,263 @@
+"""The `data build` / `data refresh` job: scan, decide what to process, run the plan, publish.
+
+A refresh processes only photos that are new or whose bytes or category changed since the
+parent (latest) version, copies the parent's rows of unchanged photos into the new version so
+that it reads as a complete dataset on its own, and records removed photos. A change of any
+setting that affects the output (see `processing_digest`) reprocesses everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import __version__
+from pipeline.backgrounds import BUNDLED_BACKGROUNDS, backgrounds_digest, list_backgrounds
+from pipeline.config import Config, dump_config
+from pipeline.dataplan import build_dataset_plan, ensure_ray, run_plan
+from pipeline.sources import SourceError, SourcePhoto, SourceScan, scan_source
+from pipeline.versions import MANIFEST, DatasetStore, utc_now, write_json_atomic
+from stages.write import DATA_SCHEMA, REJECT_SCHEMA
+
+log = logging.getLogger(__name__)
+
+INPUTS_FILE = "inputs.parquet"
+REJECTS_FILE = "rejects.parquet"
+
+INPUTS_SCHEMA = pa.schema(
+    [
+        ("source_uri", pa.string()),
+        ("subject_id", pa.string()),
+        ("category", pa.string()),
+        ("source_sha256", pa.string()),
+        ("status", pa.string()),  # accepted | rejected
+        ("rows", pa.int32()),
+    ]
+)
+
+
+@dataclass
+class BuildResult:
+    status: str  # built | unchanged | failed
+    version: str | None
+    path: Path | None
+    manifest: dict[str, Any] | None
+    message: str
+
+
+def processing_digest(config: Config, backgrounds: list[tuple[str, str]]) -> str:
+    """Hash of every setting that changes the rows a photo produces (not batch sizes or pools)."""
+    data = config.data.model_dump(mode="json")
+    for section, key in (("segment", "batch_size"), ("segment", "num_actors"), ("segment", "num_gpus"), ("matte", "concurrency")):
+        data[section].pop(key)
+    data.pop("max_reject_fraction")
+    data.pop("backgrounds")
+    data["write"].pop("rows_per_file")
+    payload = {"data": data, "clipseg": config.model_path("clipseg"), "backgrounds": backgrounds_digest(backgrounds)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _photo_dict(photo: SourcePhoto) -> dict[str, str]:
+    return {
+        "subject_id": photo.subject_id,
+        "category": photo.category,
+        "source_uri": photo.source_uri,
+        "source_path": photo.source_path,
+        "source_sha256": photo.sha256,
+    }
+
+
+def _read_ledger(version_dir: Path) -> dict[str, dict[str, Any]]:
+    table = pq.read_table(version_dir / INPUTS_FILE)
+    return {row["source_uri"]: row for row in table.to_pylist()}
+
+
+def _carry_forward(parent_dir: Path, staging: Path, accepted_uris: set[str], rejected_uris: set[str]) -> pa.Table:
+    """Copy the parent's data rows of `accepted_uris` into staging/data; return its reject rows
+    for `rejected_uris`."""
+    keep = pa.array(sorted(accepted_uris), pa.string())
+    for index, part in enumerate(sorted((parent_dir / "data").glob("*.parquet"))):
+        table = pq.read_table(part)
+        kept = table.filter(pc.is_in(table["source_uri"], value_set=keep))
+        if kept.num_rows:
+            pq.write_table(kept, staging / "data" / f"carried-{index:05d}.parquet", row_group_size=64)
+    rejects = pq.read_table(parent_dir / REJECTS_FILE)
+    return rejects.filter(pc.is_in(rejects["source_uri"], value_set=pa.array(sorted(rejected_uris), pa.string())))
+
+
+def _scan_rejects(scan: SourceScan) -> pa.Table:
+    return pa.table(
+        {
+            "source_uri": [p.source_uri for p, _ in scan.rejects],
+            "subject_id": [p.subject_id for p, _ in scan.rejects],
+            "category": [p.category for p, _ in scan.rejects],
+            "source_sha256": [p.sha256 for p, _ in scan.rejects],
+            "stage": ["scan"] * len(scan.rejects),
+            "reason": [reason for _, reason in scan.rejects],
+        },
+        schema=REJECT_SCHEMA,
+    )
+
+
+def _collect_rejects(staging: Path, extra: list[pa.Table]) -> pa.Table:
+    parts = [pq.read_table(p) for p in sorted((staging / "rejects").glob("*.parquet"))] + extra
+    table = pa.concat_tables([t.cast(REJECT_SCHEMA) for t in parts]) if parts else REJECT_SCHEMA.empty_table()
+    for p in (staging / "rejects").glob("*.parquet"):
+        p.unlink()
+    if (staging / "rejects").is_dir():
+        (staging / "rejects").rmdir()
+    return table.sort_by("source_uri")
+
+
+def _write_ledger(staging: Path, scan: SourceScan, rejects: pa.Table) -> dict[str, Any]:
+    """Write inputs.parquet (one row per input) and return per-subject counts.
+
+    Fails loudly if any input has neither rows nor a reject record, or has both: that would be
+    a bug in the pipeline, never a property of the input.
+    """
+    rows_per_uri: Counter[str] = Counter()
+    for part in sorted((staging / "data").glob("*.parquet")):
+        rows_per_uri.update(pq.read_table(part, columns=["source_uri"])["source_uri"].to_pylist())
+    rejected = set(rejects["source_uri"].to_pylist())
+    records, subjects = [], {}
+    for photo in sorted(scan.inputs, key=lambda p: p.source_uri):
+        rows = rows_per_uri.pop(photo.source_uri, 0)
+        is_rejected = photo.source_uri in rejected
+        if bool(rows) == is_rejected:
+            raise RuntimeError(f"accounting error for {photo.source_uri}: rows={rows}, rejected={is_rejected}")
+        status = "rejected" if is_rejected else "accepted"
+        records.append({**{k: getattr(photo, k) for k in ("source_uri", "subject_id", "category")}, "source_sha256": photo.sha256, "status": status, "rows": rows})
+        entry = subjects.setdefault(photo.subject_id, {"category": photo.category, "inputs": 0, "accepted": 0, "rejected": 0, "rows": 0})
+        entry["inputs"] += 1
+        entry[status] += 1
+        entry["rows"] += rows
+    if rows_per_uri:
+        raise RuntimeError(f"accounting error: rows for photos that are not inputs: {sorted(rows_per_uri)[:5]}")
+    pq.write_table(pa.Table.from_pylist(records, schema=INPUTS_SCHEMA), staging / INPUTS_FILE)
+    return subjects
+
+
+def build_dataset(source: str | Path, out: str | Path, config: Config, *, incremental: bool, progress: bool = True) -> BuildResult:
+    """Build (incremental=False) or refresh (incremental=True) the dataset at `out` from `source`."""
+    started = time.perf_counter()
+    scan = scan_source(source)
+    if not scan.inputs:
+        raise SourceError(f"no input photos found under {scan.root}")
+    scan_seconds = time.perf_counter() - started
+    backgrounds = list_backgrounds(config.data.backgrounds)
+    digest = processing_digest(config, backgrounds)
+    store = DatasetStore(out)
+
+    with store.lock():
+        parent = store.latest_version() if incremental else None
+        parent_manifest = store.read_manifest(parent) if parent else None
+        if parent_manifest and parent_manifest["source_digest"] == scan.digest() and parent_manifest["processing_digest"] == digest:
+            message = f"nothing changed since {parent}: processed 0 photos, no new version"
+            log.info(message)
+            return BuildResult("unchanged", parent, store.path(parent), parent_manifest, message)
+
+        warnings = list(scan.warnings)
+        parent_ledger = _read_ledger(store.path(parent)) if parent_manifest else {}
+        if parent_manifest and parent_manifest["processing_digest"] != digest:
+            warnings.append(f"settings that change the output differ from {parent}: every photo is reprocessed")
+            parent_ledger_for_reuse: dict[str, dict[str, Any]] = {}
+        else:
+            parent_ledger_for_reuse = parent_ledger
+        current = {p.source_uri: p for p in scan.inputs}
+
+        def same_as_parent(uri: str, ledger: dict[str, dict[str, Any]]) -> bool:
+            return uri in ledger and (ledger[uri]["source_sha256"], ledger[uri]["category"]) == (current[uri].sha256, current[uri].category)
+
+        # Scan rejects are re-derived from subjects.csv every time, so they are never carried.
+        unchanged = {p.source_uri for p in scan.photos if same_as_parent(p.source_uri, parent_ledger_for_reuse)}
+        to_process = [p for p in scan.photos if p.source_uri not in unchanged]
+        removed = sorted(set(parent_ledger) - set(current))
+
+        version = store.next_version()
+        staging = store.new_staging(version)
+        (staging / "data").mkdir()
+        log.info(
+            "%s: %d inputs, %d to process, %d unchanged, %d removed%s",
+            version, len(current), len(to_process), len(unchanged), len(removed), f" (parent {parent})" if parent else "",
+        )
+        task_stats: list[dict[str, Any]] = []
+        if to_process:
+            ensure_ray(config.ray)
+            plan = build_dataset_plan([_photo_dict(p) for p in to_process], config, backgrounds, version)
+            task_stats = run_plan(plan, str(staging), config.data.write.rows_per_file, progress=progress)
+        extra_rejects = [_scan_rejects(scan)]
+        if unchanged:
+            carried_accepted = {u for u in unchanged if parent_ledger_for_reuse[u]["status"] == "accepted"}
+            extra_rejects.append(_carry_forward(store.path(parent), staging, carried_accepted, unchanged - carried_accepted))
+        rejects = _collect_rejects(staging, extra_rejects)
+        pq.write_table(rejects, staging / REJECTS_FILE)
+        subjects = _write_ledger(staging, scan, rejects)
+        (staging / "config.yaml").write_text(dump_config(config))
+
+        inputs = len(current)
+        accepted = sum(s["accepted"] for s in subjects.values())
+        rejected = rejects.num_rows
+        fraction = rejected / inputs
+        ok = fraction <= config.data.max_reject_fraction
+        seconds: Counter[str] = Counter({"scan": scan_seconds})
+        for stats in task_stats:
+            seconds.update(stats["seconds"])
+        data_files = [
+            {"path": f"data/{p.name}", "rows": pq.ParquetFile(p).metadata.num_rows} for p in sorted((staging / "data").glob("*.parquet"))
+        ]
+        manifest = {
+            "version": version,
+            "parent_version": parent,
+            "created_at": utc_now(),
+            "status": "ok" if ok else "failed",
+            "package_version": __version__,
+            "source": scan.root.as_uri(),
+            "source_digest": scan.digest(),
+            "processing_digest": digest,
+            "inputs": inputs,
+            "accepted": accepted,
+            "rejected": rejected,
+            "rows": sum(f["rows"] for f in data_files),
+            "processed": len(to_process),
+            "unchanged": len(unchanged),
+            "new": sum(1 for u in current if u not in parent_ledger),
+            "changed": sum(1 for u in current if u in parent_ledger and not same_as_parent(u, parent_ledger)),
+            "removed": len(removed),
+            "removed_uris": removed,
+            "subjects": subjects,
+            "rejects_by_stage": dict(Counter(rejects["stage"].to_pylist())),
+            "rejects_by_reason": dict(Counter(rejects["reason"].to_pylist()).most_common()),
+            "warnings": warnings,
+            "stage_seconds": {k: round(v, 3) for k, v in seconds.items()},
+            "wall_seconds": round(time.perf_counter() - started, 3),
+            "backgrounds": {
+                "folder": str(config.data.backgrounds or BUNDLED_BACKGROUNDS),
+                "count": len(backgrounds),
+                "digest": backgrounds_digest(backgrounds),
+            },
+            "models": {"clipseg": config.model_path("clipseg")},
+            "schema": {"data": DATA_SCHEMA.names, "rejects": REJECT_SCHEMA.names},
+            "files": data_files,
+            "config": config.model_dump(mode="json"),
+        }
+        write_json_atomic(staging / MANIFEST, manifest)
+        path = store.publish(staging, version, make_latest=ok)
+
+    if not ok:
+        message = (
+            f"{rejected} of {inputs} inputs rejected ({fraction:.0%}) > data.max_reject_fraction "
+            f"{config.data.max_reject_fraction:.0%}; {version} written to {path} but `latest` not moved"
+        )
+        return BuildResult("failed", version, path, manifest, message)
+    message = f"{version}: {accepted} accepted, {rejected} rejected, {manifest['rows']} rows at {path}"
+    return BuildResult("built", version, path, manifest, message)

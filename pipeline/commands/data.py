@@ -1,0 +1,44 @@
+"""`subjectforge data build|refresh`: build or incrementally refresh the dataset."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.build import build_dataset
+from pipeline.config import Config, ConfigError
+from pipeline.report import format_summary
+from pipeline.sources import SourceError
+
+
+def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for action, help_text in (
+        ("build", "process every photo into a new dataset version"),
+        ("refresh", "process only new or changed photos; carry the rest forward from the latest version"),
+    ):
+        cmd = sub.add_parser(action, help=help_text, description=help_text)
+        cmd.add_argument("--source", required=True, help="folder with subjects.csv and one subfolder of photos per subject")
+        cmd.add_argument("--out", required=True, help="dataset root; versions go in OUT/<version>, OUT/latest names the newest")
+        cmd.add_argument("--backgrounds", help="folder of background images (default: the bundled procedural set)")
+        cmd.add_argument("--no-progress", action="store_true", help="hide Ray Data progress bars")
+        add_common(cmd)
+
+
+def apply_arguments(args: argparse.Namespace) -> None:
+    if getattr(args, "backgrounds", None):
+        args.overrides.append(f"data.backgrounds={args.backgrounds}")
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    try:
+        result = build_dataset(args.source, args.out, config, incremental=args.action == "refresh", progress=not args.no_progress)
+    except SourceError as exc:
+        raise ConfigError(str(exc)) from None
+    if result.manifest is not None and result.status != "unchanged":
+        print(format_summary(result.manifest, result.path))
+    print(result.message)
+    if result.status == "failed":
+        print(f"subjectforge: error: {result.message}", file=sys.stderr)
+        return 1
+    return 0

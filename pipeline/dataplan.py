@@ -1,0 +1,110 @@
+"""The Ray Data plan of the prompted-context dataset: the only place that declares resources.
+
+decode (CPU tasks) -> segment (CLIPSeg actor pool, a GPU each when the cluster has GPUs)
+-> trimap -> matte (CPU tasks, one photo per task) -> filter -> composite -> encode -> Parquet.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+from ray.data import ActorPoolStrategy, Dataset, DataContext
+
+from pipeline.config import Config, RayConfig
+from stages.composite import composite_batch
+from stages.decode import decode_batch
+from stages.filter import filter_batch
+from stages.matte import matte_batch
+from stages.records import CATEGORY, REJECT_REASON, REJECT_STAGE, SOURCE_PATH, SOURCE_SHA256, SOURCE_URI, SUBJECT_ID
+from stages.segment import Segmenter
+from stages.trimap import trimap_batch
+from stages.write import ShardSink, encode_batch
+
+log = logging.getLogger(__name__)
+
+# One photo per block up to this many photos, so even a small job spreads over every core.
+_MAX_BLOCKS = 512
+
+
+def ensure_ray(cfg: RayConfig) -> None:
+    """Join the configured cluster (or RAY_ADDRESS), else start a local Ray; reuse if running."""
+    if ray.is_initialized():
+        return
+    ray.init(address=cfg.address, num_cpus=cfg.num_cpus if cfg.address is None else None, include_dashboard=False, log_to_driver=True)
+
+
+def _gpus_per_segment_actor(setting: float | str) -> float:
+    if setting != "auto":
+        return float(setting)
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def build_dataset_plan(
+    photos: list[dict[str, Any]], config: Config, backgrounds: list[tuple[str, str]], dataset_version: str
+) -> Dataset:
+    """A lazy Dataset of encoded rows (data and rejects together) for `photos`.
+
+    `photos` holds one dict per input with subject_id, category, source_uri, source_path and
+    source_sha256. Nothing runs until the dataset is written.
+    """
+    data = config.data
+    items = [
+        {
+            SUBJECT_ID: p[SUBJECT_ID],
+            CATEGORY: p[CATEGORY],
+            SOURCE_URI: p[SOURCE_URI],
+            SOURCE_PATH: p[SOURCE_PATH],
+            SOURCE_SHA256: p[SOURCE_SHA256],
+            REJECT_STAGE: "",
+            REJECT_REASON: "",
+        }
+        for p in photos
+    ]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), _MAX_BLOCKS)))
+    ds = ds.map_batches(decode_batch, batch_size=4, num_cpus=1, fn_kwargs=data.decode.model_dump())
+    ds = ds.map_batches(
+        Segmenter,
+        batch_size=data.segment.batch_size,
+        compute=ActorPoolStrategy(size=data.segment.num_actors),
+        num_gpus=_gpus_per_segment_actor(data.segment.num_gpus),
+        num_cpus=1,
+        fn_constructor_kwargs={
+            "model_path": config.model_path("clipseg"),
+            "prompt_template": data.segment.prompt_template,
+            "batch_size": data.segment.batch_size,
+            "normalize": data.segment.normalize,
+        },
+    )
+    ds = ds.map_batches(trimap_batch, batch_size=4, num_cpus=1, fn_kwargs=data.trimap.model_dump())
+    # One photo per task: matting dominates the CPU time, so it must spread over every core.
+    ds = ds.map_batches(
+        matte_batch, batch_size=1, num_cpus=1, concurrency=data.matte.concurrency, fn_kwargs={"backend": data.matte.backend}
+    )
+    ds = ds.map_batches(filter_batch, batch_size=4, num_cpus=1, fn_kwargs=data.filter.model_dump())
+    ds = ds.map_batches(
+        composite_batch,
+        batch_size=4,
+        num_cpus=1,
+        fn_kwargs={"backgrounds": backgrounds, **data.composite.model_dump()},
+    )
+    ds = ds.map_batches(
+        encode_batch,
+        batch_size=4,
+        num_cpus=1,
+        fn_kwargs={
+            "image_format": data.write.image_format,
+            "jpeg_quality": data.write.jpeg_quality,
+            "dataset_version": dataset_version,
+        },
+    )
+    return ds
+
+
+def run_plan(ds: Dataset, staging_root: str, rows_per_file: int, progress: bool = True) -> list[dict[str, Any]]:
+    """Execute the plan into `staging_root`; returns each write task's stats."""
+    DataContext.get_current().enable_progress_bars = progress
+    sink = ShardSink(staging_root, rows_per_file=rows_per_file)
+    ds.write_datasink(sink)
+    return sink.results
