@@ -10,7 +10,7 @@ import logging
 from typing import Any
 
 import ray
-from ray.data import ActorPoolStrategy, Dataset, DataContext
+from ray.data import ActorPoolStrategy, DataContext, Dataset
 
 from pipeline.config import Config, RayConfig
 from stages.composite import composite_batch

@@ -123,6 +123,10 @@ def scan_source(root: str | Path) -> SourceScan:
                 scan.photos.append(photo)
             else:
                 scan.rejects.append((photo, f"subject folder {folder.name!r} is not listed in subjects.csv"))
+    counts = {p.subject_id for p in scan.photos}
+    for folder in folders:
+        if folder.name in subjects and folder.name not in counts:
+            scan.warnings.append(f"subject {folder.name!r} has no photos in {folder.name}/")
     if hidden:
         scan.warnings.append(f"{hidden} hidden file(s) (names starting with '.') ignored")
     for warning in scan.warnings:

@@ -40,7 +40,13 @@ def write_tiny_clip_tokenizer(out: Path) -> int:
 
 def make_tiny_clipseg(out: Path, seed: int = 0) -> Path:
     import torch
-    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor, CLIPTokenizer, ViTImageProcessor
+    from transformers import (
+        CLIPSegConfig,
+        CLIPSegForImageSegmentation,
+        CLIPSegProcessor,
+        CLIPTokenizer,
+        ViTImageProcessor,
+    )
 
     vocab_size = write_tiny_clip_tokenizer(out)
     tokenizer = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"))

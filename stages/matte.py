@@ -10,7 +10,17 @@ from collections.abc import Callable
 
 import numpy as np
 
-from stages.records import ALPHA, FOREGROUND, IMAGE, PLACEHOLDER_MAP, PLACEHOLDER_RGB, TRIMAP, Reject, apply_per_row, timed
+from stages.records import (
+    ALPHA,
+    FOREGROUND,
+    IMAGE,
+    PLACEHOLDER_MAP,
+    PLACEHOLDER_RGB,
+    TRIMAP,
+    Reject,
+    apply_per_row,
+    timed,
+)
 
 STAGE = "matte"
 

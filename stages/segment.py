@@ -85,7 +85,7 @@ class Segmenter:
             for start in range(0, len(ok), self.batch_size):
                 rows = [int(i) for i in ok[start : start + self.batch_size]]
                 logits = self.predict_logits([batch[IMAGE][i] for i in rows], [str(batch[CATEGORY][i]) for i in rows])
-                for i, row_logits in zip(rows, logits):
+                for i, row_logits in zip(rows, logits, strict=True):
                     h, w = batch[IMAGE][i].shape[:2]
                     maps[i] = confidence_from_logits(row_logits, h, w, self.normalize)
 

@@ -1,0 +1,178 @@
+"""End to end on a local Ray: build, reopen, refresh, kill and resume."""
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.build import INPUTS_FILE, build_dataset
+from pipeline.config import load_config
+from pipeline.versions import DatasetStore
+from stages.write import DATA_SCHEMA
+from tests.imagefiles import EXPECTED_REASON, broken_files, jpeg_bytes, make_source, photo, tricky_files
+
+pytestmark = pytest.mark.slow
+
+# Small photos keep matting fast; the tiny CLIPSeg's random maps need min-max scaling and no
+# erosion to give usable trimaps (see pipeline/commands/demo.py).
+SETTINGS = [
+    "data.decode.size=96",
+    "data.segment.normalize=minmax",
+    "data.trimap.erode_fg_px=0",
+    "data.trimap.erode_bg_px=0",
+]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    root = make_source(tmp_path_factory.mktemp("src"), {"dog": "dog", "cat": "cat", "ghost": "ghost"}, per_subject=3)
+    (root / "ghost").rmdir()
+    for name, data in tricky_files().values():
+        (root / "dog" / name).write_bytes(data)
+    for name, data in broken_files().values():
+        (root / "cat" / name).write_bytes(data)
+    (root / "unlisted").mkdir()
+    (root / "unlisted" / "x.jpg").write_bytes(jpeg_bytes(photo(7)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(ray_local, source, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    result = build_dataset(source, out, load_config(overrides=SETTINGS), incremental=False, progress=False)
+    return out, result
+
+
+def read_rows(version_dir):
+    return pq.read_table(version_dir / "data")
+
+
+def test_counts_add_up_and_every_input_is_accounted_for(built):
+    _, result = built
+    m = result.manifest
+    assert result.status == "built" and m["version"] == "v0001" and m["parent_version"] is None
+    n_broken, n_tricky = len(broken_files()), len(tricky_files())
+    assert m["inputs"] == 3 + n_tricky + 3 + n_broken + 1
+    assert m["inputs"] == m["accepted"] + m["rejected"]
+    assert m["rows"] == 2 * m["accepted"]
+    assert m["rejects_by_stage"]["decode"] == n_broken and m["rejects_by_stage"]["scan"] == 1
+    assert any("'ghost' but the source has no folder" in w for w in m["warnings"])
+    ledger = pq.read_table(result.path / INPUTS_FILE).to_pylist()
+    assert len(ledger) == m["inputs"]
+    assert sum(r["rows"] for r in ledger) == m["rows"]
+
+
+def test_each_broken_file_has_its_reason_and_tricky_ones_are_accepted(built):
+    _, result = built
+    rejects = {r["source_uri"]: r for r in pq.read_table(result.path / "rejects.parquet").to_pylist()}
+    for key, (name, _) in broken_files().items():
+        row = rejects[f"cat/{name}"]
+        assert row["stage"] == "decode" and EXPECTED_REASON[key] in row["reason"], row
+    assert rejects["unlisted/x.jpg"]["stage"] == "scan"
+    accepted = set(read_rows(result.path)["source_uri"].to_pylist())
+    for name, _ in tricky_files().values():
+        assert f"dog/{name}" in accepted or rejects[f"dog/{name}"]["stage"] != "decode"
+
+
+def test_parquet_reopens_and_images_decode(built):
+    _, result = built
+    table = read_rows(result.path)
+    assert table.schema == DATA_SCHEMA
+    for row in table.slice(0, 6).to_pylist():
+        image = Image.open(io.BytesIO(row["image"]))
+        composite = Image.open(io.BytesIO(row["composite"]))
+        alpha = Image.open(io.BytesIO(row["alpha"]))
+        assert min(image.size) == 96 and image.size == composite.size == alpha.size == (row["width"], row["height"])
+        assert alpha.mode == "L" and image.mode == "RGB"
+        assert row["dataset_version"] == "v0001" and row["background_id"]
+    per_photo = Counter(table["source_uri"].to_pylist())
+    assert set(per_photo.values()) == {2}
+    assert (result.path / "config.yaml").exists()
+    assert load_config(result.path / "config.yaml").data.decode.size == 96
+
+
+def test_refresh_without_changes_processes_nothing(built, source):
+    out, _ = built
+    result = build_dataset(source, out, load_config(overrides=SETTINGS), incremental=True, progress=False)
+    assert result.status == "unchanged" and "processed 0 photos" in result.message
+    assert DatasetStore(out).versions() == ["v0001"]
+
+
+def test_refresh_after_add_and_remove_then_kill_and_rerun(built, source, tmp_path):
+    out, first = built
+    (source / "dog" / "brand new.jpg").write_bytes(jpeg_bytes(photo(11, (150, 130))))
+    removed = source / "cat" / "01.jpg"
+    shutil.move(removed, tmp_path / "01.jpg")
+    result = build_dataset(source, out, load_config(overrides=SETTINGS), incremental=True, progress=False)
+    m = result.manifest
+    assert result.status == "built" and m["version"] == "v0002" and m["parent_version"] == "v0001"
+    assert m["processed"] == 1 and m["new"] == 1 and m["removed"] == 1 and m["removed_uris"] == ["cat/01.jpg"]
+    assert m["unchanged"] == first.manifest["inputs"] - 1 - 1  # minus the removed one and the scan reject
+    assert m["inputs"] == first.manifest["inputs"] and m["inputs"] == m["accepted"] + m["rejected"]
+    rows = read_rows(result.path)
+    per_photo = Counter(rows["source_uri"].to_pylist())
+    assert set(per_photo.values()) == {2} and "cat/01.jpg" not in per_photo and per_photo["dog/brand new.jpg"] == 2
+    # Carried rows are the parent's rows, byte for byte; new ones are stamped with the new version.
+    old = {(r["source_uri"], r["composite_index"]): r["composite"] for r in read_rows(first.path).to_pylist()}
+    for r in rows.to_pylist():
+        if r["source_uri"] == "dog/brand new.jpg":
+            assert r["dataset_version"] == "v0002"
+        else:
+            assert r["dataset_version"] == "v0001" and old[(r["source_uri"], r["composite_index"])] == r["composite"]
+    assert os.readlink(out / "latest") == "v0002"
+
+    # Kill a refresh midway (SIGKILL to its whole process group, Ray included), then rerun.
+    for i in range(3):
+        (source / "dog" / f"extra{i}.jpg").write_bytes(jpeg_bytes(photo(20 + i)))
+    cmd = [sys.executable, "-m", "pipeline", "data", "refresh", "--source", str(source), "--out", str(out), "--no-progress"]
+    for s in SETTINGS:
+        cmd += ["--set", s]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = out / ".staging"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (staging.is_dir() and any(staging.iterdir())):
+        time.sleep(0.2)
+    assert staging.is_dir() and any(staging.iterdir()), "the refresh never started writing"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert os.readlink(out / "latest") == "v0002" and DatasetStore(out).versions() == ["v0001", "v0002"]
+
+    result = build_dataset(source, out, load_config(overrides=SETTINGS), incremental=True, progress=False)
+    m = result.manifest
+    assert result.status == "built" and m["version"] == "v0003" and m["parent_version"] == "v0002"
+    assert m["processed"] == 3 and m["inputs"] == m["accepted"] + m["rejected"]
+    per_photo = Counter(read_rows(result.path)["source_uri"].to_pylist())
+    assert set(per_photo.values()) == {2}  # no duplicates
+    assert not any(staging.iterdir())
+
+
+def test_changed_settings_reprocess_everything(ray_local, source, tmp_path):
+    small = make_source(tmp_path / "src", {"dog": "dog"}, per_subject=2)
+    out = tmp_path / "out"
+    build_dataset(small, out, load_config(overrides=SETTINGS), incremental=True, progress=False)
+    changed = load_config(overrides=[*SETTINGS, "data.composite.per_photo=1"])
+    result = build_dataset(small, out, changed, incremental=True, progress=False)
+    m = result.manifest
+    assert m["processed"] == 2 and m["unchanged"] == 0 and m["rows"] == 2
+    assert any("every photo is reprocessed" in w for w in m["warnings"])
+
+
+def test_too_many_rejects_fails_without_moving_latest(ray_local, tmp_path):
+    root = make_source(tmp_path / "src", {"cat": "cat"}, sample=False)
+    for name, data in broken_files().values():
+        (root / "cat" / name).write_bytes(data)
+    (root / "cat" / "ok.jpg").write_bytes(jpeg_bytes(photo()))
+    out = tmp_path / "out"
+    result = build_dataset(root, out, load_config(overrides=SETTINGS), incremental=False, progress=False)
+    assert result.status == "failed" and "data.max_reject_fraction" in result.message
+    assert result.manifest["status"] == "failed" and DatasetStore(out).latest_version() is None
+    assert np.isclose(result.manifest["rejected"] / result.manifest["inputs"], 6 / 7)

@@ -1,0 +1,75 @@
+import pytest
+import yaml
+
+from pipeline.config import PROFILE_MODELS, Config, ConfigError, dump_config, load_config, parse_override
+
+
+def test_defaults_are_valid_and_profile_picks_models():
+    config = load_config()
+    assert config.profile == "tiny"
+    assert config.model_path("clipseg") == PROFILE_MODELS["tiny"]["clipseg"]
+    real = load_config(overrides=["profile=real"])
+    assert real.model_path("clipseg") == "CIDAS/clipseg-rd64-refined"
+    explicit = load_config(overrides=["profile=real", "models.clipseg=/models/clipseg"])
+    assert explicit.model_path("clipseg") == "/models/clipseg"
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  trimap:\n    low: 0.1\n    high: 0.7\n  composite:\n    per_photo: 3\n")
+    config = load_config(path, ["data.trimap.low=0.25", "data.write.image_format=png"])
+    assert config.data.trimap.low == 0.25 and config.data.trimap.high == 0.7
+    assert config.data.composite.per_photo == 3 and config.data.write.image_format == "png"
+
+
+def test_override_values_are_typed():
+    assert parse_override("a.b=0.2") == (["a", "b"], 0.2)
+    assert parse_override("a=null") == (["a"], None)
+    assert parse_override("a=text with spaces") == (["a"], "text with spaces")
+    with pytest.raises(ConfigError, match="key.path=value"):
+        parse_override("novalue")
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("data.trimap.lowx=0.1", "data.trimap.lowx"),
+        ("data.trimap.low=banana", "data.trimap.low"),
+        ("data.composite.per_photo=0", "data.composite.per_photo"),
+        ("data.trimap.low=0.9", "data.trimap"),  # low above high: cross-field rule
+        ("data.filter.min_area=0.99", "data.filter"),
+        ("profile=huge", "profile"),
+        ("data.segment.prompt_template=a photo", "data.segment"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+    assert f"{key}" in str(info.value)
+
+
+def test_yaml_problems_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(listy)
+
+
+def test_override_into_a_value_is_an_error():
+    with pytest.raises(ConfigError, match="is a value"):
+        load_config(overrides=["profile=tiny", "profile.x=1"])
+
+
+def test_dump_reloads_to_the_same_config(tmp_path):
+    config = load_config(overrides=["data.trimap.low=0.05", "data.decode.size=256"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_config(config))
+    assert load_config(path) == config
+    assert yaml.safe_load(path.read_text())["data"]["decode"]["size"] == 256
+    assert isinstance(config, Config)

@@ -1,0 +1,104 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from stages.decode import decode_batch, decode_image, read_bytes
+from stages.records import HEIGHT, IMAGE, REJECT_REASON, REJECT_STAGE, SOURCE_PATH, SOURCE_URI, WIDTH, Reject
+from tests.imagefiles import EXPECTED_REASON, broken_files, jpeg_bytes, photo, tricky_files
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_REASON))
+def test_broken_file_is_rejected_with_reason(tmp_path, name):
+    file_name, data = broken_files()[name]
+    path = tmp_path / file_name
+    path.write_bytes(data)
+    with pytest.raises(Reject) as info:
+        decode_image(read_bytes(str(path), max_bytes=10**8), size=64)
+    assert info.value.stage == "decode"
+    assert EXPECTED_REASON[name] in info.value.reason
+
+
+def test_file_over_byte_limit_is_rejected(tmp_path):
+    path = tmp_path / "big.jpg"
+    path.write_bytes(jpeg_bytes(photo()))
+    with pytest.raises(Reject, match="file too large"):
+        read_bytes(str(path), max_bytes=100)
+
+
+@pytest.mark.parametrize("name", sorted(tricky_files()))
+def test_tricky_file_decodes_to_rgb_at_size(name):
+    _, data = tricky_files()[name]
+    image = decode_image(data, size=64)
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    assert min(image.shape[:2]) == 64
+
+
+def test_short_side_is_resized_keeping_aspect():
+    image = decode_image(jpeg_bytes(photo(0, (300, 200))), size=100)
+    assert image.shape == (100, 150, 3)
+
+
+def test_exif_rotation_is_applied():
+    # Left half red, right half blue; orientation 6 means "rotate 90 degrees clockwise to view",
+    # after which red is on top.
+    arr = np.zeros((60, 120, 3), np.uint8)
+    arr[:, :60] = (255, 0, 0)
+    arr[:, 60:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image = decode_image(jpeg_bytes(Image.fromarray(arr), exif=exif.tobytes()), size=60)
+    assert image.shape == (120, 60, 3)  # portrait now
+    assert image[10, 30, 0] > 200 and image[10, 30, 2] < 60  # top is red
+    assert image[110, 30, 2] > 200 and image[110, 30, 0] < 60  # bottom is blue
+
+
+def test_sixteen_bit_gray_is_rescaled_not_clipped():
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")
+    image = decode_image(buf.getvalue(), size=64)
+    expected = np.rint(ramp.astype(np.float64) / 257.0)
+    assert np.abs(image[..., 0].astype(np.float64) - expected).max() <= 1.0
+
+
+def test_cmyk_colours_survive():
+    import io
+
+    buf = io.BytesIO()
+    Image.new("CMYK", (64, 64), (0, 255, 255, 0)).save(buf, format="JPEG", quality=95)
+    r, g, b = decode_image(buf.getvalue(), size=64)[32, 32].astype(int)
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_transparency_is_flattened_on_white():
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGBA", (64, 64), (0, 0, 0, 0)).save(buf, format="PNG")
+    assert (decode_image(buf.getvalue(), size=64) == 255).all()
+
+
+def test_aspect_limit():
+    with pytest.raises(Reject, match="aspect ratio"):
+        decode_image(jpeg_bytes(photo(0, (500, 100))), size=64, max_aspect=4.0)
+
+
+def test_batch_adapter_marks_rejects_and_keeps_good_rows(tmp_path):
+    good = tmp_path / "good.jpg"
+    good.write_bytes(jpeg_bytes(photo()))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"")
+    batch = {
+        SOURCE_URI: np.array(["good.jpg", "bad.jpg"], dtype=object),
+        SOURCE_PATH: np.array([str(good), str(bad)], dtype=object),
+        REJECT_STAGE: np.array(["", ""], dtype=object),
+        REJECT_REASON: np.array(["", ""], dtype=object),
+    }
+    out = decode_batch(batch, size=48, min_side=8, max_pixels=10**7, max_bytes=10**7, max_aspect=4.0)
+    assert list(out[REJECT_STAGE]) == ["", "decode"]
+    assert "empty" in out[REJECT_REASON][1]
+    assert out[IMAGE][0].shape == (48, 64, 3) and out[IMAGE][1].shape == (1, 1, 3)
+    assert list(out[WIDTH]) == [64, 0] and list(out[HEIGHT]) == [48, 0]
+    assert out["t_decode"].shape == (2,)

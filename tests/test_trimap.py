@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+
+from stages.records import Reject
+from stages.trimap import BACKGROUND, FOREGROUND, UNKNOWN, check_trimap, make_trimap
+
+
+def ramp(n=41):
+    return np.tile(np.linspace(0.0, 1.0, n, dtype=np.float32), (n, 1))
+
+
+def test_thresholds_without_erosion():
+    conf = ramp()
+    tri = make_trimap(conf, high=0.6, low=0.3, erode_fg_px=0, erode_bg_px=0)
+    assert tri.dtype == np.float32 and tri.shape == conf.shape
+    assert set(np.unique(tri)) == {BACKGROUND, UNKNOWN, FOREGROUND}
+    np.testing.assert_array_equal(tri == FOREGROUND, conf >= 0.6)
+    np.testing.assert_array_equal(tri == BACKGROUND, conf <= 0.3)
+
+
+def test_erosion_widens_the_unknown_band_by_the_radius():
+    conf = ramp()
+    plain = make_trimap(conf, high=0.6, low=0.3, erode_fg_px=0, erode_bg_px=0)
+    eroded = make_trimap(conf, high=0.6, low=0.3, erode_fg_px=2, erode_bg_px=3)
+    # The ramp varies along columns only: each region loses exactly `radius` columns at its
+    # inner edge, and nothing at the photo border.
+    fg_cols = lambda t: int((t[20] == FOREGROUND).sum())  # noqa: E731
+    bg_cols = lambda t: int((t[20] == BACKGROUND).sum())  # noqa: E731
+    assert fg_cols(plain) - fg_cols(eroded) == 2
+    assert bg_cols(plain) - bg_cols(eroded) == 3
+    assert eroded[0, -1] == FOREGROUND and eroded[0, 0] == BACKGROUND
+
+
+def test_bad_thresholds_raise():
+    with pytest.raises(ValueError):
+        make_trimap(ramp(), high=0.2, low=0.5)
+
+
+def test_no_foreground_is_a_reject_with_the_peak():
+    conf = np.full((20, 20), 0.1, np.float32)
+    tri = make_trimap(conf, high=0.5, low=0.2)
+    with pytest.raises(Reject, match="no foreground.*peaks at 0.10") as info:
+        check_trimap(tri, conf, "dog", 0.5, 0.2)
+    assert info.value.stage == "trimap"
+
+
+def test_thin_foreground_vanishing_under_erosion_says_so():
+    conf = np.zeros((30, 30), np.float32)
+    conf[15, 10:20] = 0.9  # a one-pixel line
+    tri = make_trimap(conf, high=0.5, low=0.2, erode_fg_px=1, erode_bg_px=0)
+    with pytest.raises(Reject, match="vanished under erosion"):
+        check_trimap(tri, conf, "dog", 0.5, 0.2)
+
+
+def test_subject_filling_the_photo_is_a_reject():
+    conf = np.full((20, 20), 0.9, np.float32)
+    with pytest.raises(Reject, match="no background"):
+        check_trimap(make_trimap(conf), conf, "dog", 0.5, 0.2)

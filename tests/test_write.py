@@ -1,0 +1,78 @@
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from stages.composite import COMPOSITE_INDEX
+from stages.write import DATA_SCHEMA, REJECT_SCHEMA, encode_batch, encode_image, split_block, to_uint8
+
+
+def test_png_roundtrip_is_lossless_and_jpeg_is_close():
+    arr = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(encode_image(arr)))), arr)
+    smooth = np.tile(np.linspace(0, 255, 30, dtype=np.uint8), (20, 1))[..., None].repeat(3, 2)
+    back = np.asarray(Image.open(io.BytesIO(encode_image(smooth, "jpeg", 95))), np.int16)
+    assert np.abs(back - smooth).mean() < 3
+
+
+def test_to_uint8_rounds():
+    np.testing.assert_array_equal(to_uint8(np.array([0.0, 0.5, 1.0, 1.2, -0.1])), [0, 128, 255, 255, 0])
+
+
+def _encoded_batch():
+    obj = lambda *xs: np.array(xs, dtype=object)  # noqa: E731
+    rgb = np.empty(3, dtype=object)
+    rgb[:] = [np.full((4, 6, 3), 9, np.uint8), np.full((4, 6, 3), 9, np.uint8), np.zeros((1, 1, 3), np.uint8)]
+    maps = np.empty(3, dtype=object)
+    maps[:] = [np.full((4, 6), 0.5, np.float32), np.full((4, 6), 0.5, np.float32), np.zeros((1, 1), np.float32)]
+    batch = {
+        "subject_id": obj("dog", "dog", "cat"),
+        "category": obj("dog", "dog", "cat"),
+        "source_uri": obj("dog/a.jpg", "dog/a.jpg", "cat/b.jpg"),
+        "source_sha256": obj("aa", "aa", "bb"),
+        "image": rgb,
+        "composite": rgb,
+        "alpha": maps,
+        "trimap": maps,
+        "background_id": obj("g", "h", ""),
+        "seed": np.array([1, 2, 0]),
+        COMPOSITE_INDEX: np.array([0, 1, 0]),
+        "placement": obj("{}", "{}", ""),
+        "width": np.array([6, 6, 0]),
+        "height": np.array([4, 4, 0]),
+        "alpha_area": np.array([0.5, 0.5, 0.0]),
+        "reject_stage": obj("", "", "decode"),
+        "reject_reason": obj("", "", "empty file"),
+        "t_decode": np.array([0.2, 0.2, 0.1]),
+        "t_composite": np.array([0.3, 0.0, 0.0]),
+        "confidence": maps,  # an intermediate that must not be published
+    }
+    return encode_batch(batch, image_format="png", jpeg_quality=95, dataset_version="v0007")
+
+
+def test_split_block_publishes_schema_counts_and_per_photo_timings():
+    table = pa.table(_encoded_batch())
+    data, rejects, stats = split_block(table)
+    assert data.schema == DATA_SCHEMA and rejects.schema == REJECT_SCHEMA
+    assert data.num_rows == 2 and rejects.num_rows == 1
+    assert data["dataset_version"].to_pylist() == ["v0007", "v0007"]
+    assert rejects.to_pylist()[0] == {
+        "source_uri": "cat/b.jpg", "subject_id": "cat", "category": "cat", "source_sha256": "bb",
+        "stage": "decode", "reason": "empty file",
+    }
+    assert stats["rows"] == 2 and stats["accepted"] == 1 and stats["rejected"] == 1
+    # Summed over each photo's first row: dog 0.2 + cat 0.1 for decode, 0.3 for composite.
+    assert abs(stats["seconds"]["decode"] - 0.3) < 1e-9 and abs(stats["seconds"]["composite"] - 0.3) < 1e-9
+    alpha = np.asarray(Image.open(io.BytesIO(data["alpha"][0].as_py())))
+    assert alpha.shape == (4, 6) and (alpha == 128).all()
+
+
+def test_encoded_rows_survive_a_parquet_roundtrip(tmp_path):
+    data, _, _ = split_block(pa.table(_encoded_batch()))
+    pq.write_table(data, tmp_path / "x.parquet")
+    back = pq.read_table(tmp_path / "x.parquet")
+    assert back.schema == DATA_SCHEMA and back.num_rows == 2
+    img = Image.open(io.BytesIO(back["image"][0].as_py()))
+    assert img.size == (6, 4)
