@@ -194,7 +194,7 @@ def build_dataset(source: str | Path, out: str | Path, config: Config, *, increm
         if to_process:
             ensure_ray(config.ray)
             plan = build_dataset_plan([_photo_dict(p) for p in to_process], config, backgrounds, version)
-            task_stats = run_plan(plan, str(staging), config.data.write.rows_per_file, progress=progress)
+            task_stats = run_plan(plan, str(staging), progress=progress)
         extra_rejects = [_scan_rejects(scan)]
         if unchanged:
             carried_accepted = {u for u in unchanged if parent_ledger_for_reuse[u]["status"] == "accepted"}

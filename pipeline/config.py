@@ -29,9 +29,11 @@ Profile = Literal["tiny", "real"]
 PROFILE_MODELS: dict[str, dict[str, str]] = {
     "tiny": {
         "clipseg": str(ASSETS_DIR / "tiny-clipseg"),
+        "blip_diffusion": str(ASSETS_DIR / "tiny-blipdiffusion"),
     },
     "real": {
         "clipseg": "CIDAS/clipseg-rd64-refined",
+        "blip_diffusion": "Salesforce/blipdiffusion",
     },
 }
 
@@ -48,6 +50,7 @@ class ModelsConfig(_Strict):
     """Model ids or local paths; ``None`` takes the profile's default (see PROFILE_MODELS)."""
 
     clipseg: str | None = None
+    blip_diffusion: str | None = None
 
 
 class DecodeConfig(_Strict):
@@ -127,7 +130,9 @@ class CompositeConfig(_Strict):
 class WriteConfig(_Strict):
     image_format: Literal["jpeg", "png"] = Field("jpeg", description="encoding of `image` and `composite`")
     jpeg_quality: int = Field(95, ge=50, le=100)
-    rows_per_file: int = Field(512, ge=1, description="upper bound on rows per Parquet shard")
+    rows_per_file: int = Field(
+        512, ge=1, description="target rows per Parquet shard; small jobs get smaller shards to use every CPU"
+    )
 
 
 class DataConfig(_Strict):
@@ -149,11 +154,28 @@ class RayConfig(_Strict):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray; None = all")
 
 
+class GenerateConfig(_Strict):
+    """Zero-shot generation defaults (`subjectforge generate`); the reference's values."""
+
+    steps: int = Field(50, ge=1, le=1000, description="denoising steps")
+    guidance_scale: float = Field(7.5, ge=0.0, description="classifier-free guidance; <= 1 turns it off")
+    negative_prompt: str | None = Field(
+        None, description="None = the reference's negative prompt (pipeline.model.DEFAULT_NEGATIVE_PROMPT)"
+    )
+    height: int = Field(512, ge=8, le=2048, multiple_of=8, description="image height, px")
+    width: int = Field(512, ge=8, le=2048, multiple_of=8, description="image width, px")
+    seed: int = Field(0, ge=0, description="noise seed; image i of a run is reproducible from it")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto = float16 on CUDA, float32 on CPU"
+    )
+
+
 class Config(_Strict):
     profile: Profile = "tiny"
     models: ModelsConfig = ModelsConfig()
     data: DataConfig = DataConfig()
     ray: RayConfig = RayConfig()
+    generate: GenerateConfig = GenerateConfig()
 
     def model_path(self, name: str) -> str:
         """The id or path of model `name`: the explicit setting, else the profile's default."""

@@ -7,6 +7,7 @@ decode (CPU tasks) -> segment (CLIPSeg actor pool, a GPU each when the cluster h
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import ray
@@ -24,8 +25,8 @@ from stages.write import ShardSink, encode_batch
 
 log = logging.getLogger(__name__)
 
-# One photo per block up to this many photos, so even a small job spreads over every core.
-_MAX_BLOCKS = 512
+# Blocks per CPU: enough to keep every core busy while one block is slow to mat.
+_BLOCKS_PER_CPU = 4
 
 
 def ensure_ray(cfg: RayConfig) -> None:
@@ -39,6 +40,14 @@ def _gpus_per_segment_actor(setting: float | str) -> float:
     if setting != "auto":
         return float(setting)
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def _num_blocks(photos: int, photos_per_shard: int) -> int:
+    """Blocks of photos for the plan. Each block ends as one Parquet shard, so blocks hold up
+    to a shard's worth of photos, but there are at least a few blocks per CPU to spread over."""
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    wanted = max(math.ceil(photos / max(1, photos_per_shard)), _BLOCKS_PER_CPU * cpus)
+    return max(1, min(photos, wanted))
 
 
 def build_dataset_plan(
@@ -62,7 +71,7 @@ def build_dataset_plan(
         }
         for p in photos
     ]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), _MAX_BLOCKS)))
+    ds = ray.data.from_items(items, override_num_blocks=_num_blocks(len(items), data.write.rows_per_file // data.composite.per_photo))
     ds = ds.map_batches(decode_batch, batch_size=4, num_cpus=1, fn_kwargs=data.decode.model_dump())
     ds = ds.map_batches(
         Segmenter,
@@ -102,9 +111,9 @@ def build_dataset_plan(
     return ds
 
 
-def run_plan(ds: Dataset, staging_root: str, rows_per_file: int, progress: bool = True) -> list[dict[str, Any]]:
+def run_plan(ds: Dataset, staging_root: str, progress: bool = True) -> list[dict[str, Any]]:
     """Execute the plan into `staging_root`; returns each write task's stats."""
     DataContext.get_current().enable_progress_bars = progress
-    sink = ShardSink(staging_root, rows_per_file=rows_per_file)
+    sink = ShardSink(staging_root)
     ds.write_datasink(sink)
     return sink.results

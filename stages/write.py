@@ -151,17 +151,16 @@ def split_block(table: pa.Table) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
 class ShardSink(Datasink):
     """Writes `root/data/part-*.parquet` and `root/rejects/part-*.parquet`, one pair per task.
 
+    It deliberately sets no `min_rows_per_write`: Ray would then bundle blocks up to that many
+    rows before the write, and since the write fuses with the map stages before it, matting
+    would run in that one task. Shard size is set by the plan's block size instead.
+
     `results` (driver side, after the write) holds each task's stats dict.
     """
 
-    def __init__(self, root: str | Path, rows_per_file: int = 512):
+    def __init__(self, root: str | Path):
         self.root = Path(root)
-        self.rows_per_file = rows_per_file
         self.results: list[dict[str, Any]] = []
-
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_file
 
     def on_write_start(self, schema=None) -> None:
         (self.root / "data").mkdir(parents=True, exist_ok=True)
