@@ -25,6 +25,7 @@ from pipeline import __version__
 from pipeline.backgrounds import BUNDLED_BACKGROUNDS, backgrounds_digest, list_backgrounds
 from pipeline.config import Config, dump_config
 from pipeline.dataplan import build_dataset_plan, ensure_ray, run_plan
+from pipeline.hub import require_model
 from pipeline.sources import SourceError, SourcePhoto, SourceScan, scan_source
 from pipeline.versions import MANIFEST, DatasetStore, utc_now, write_json_atomic
 from stages.write import DATA_SCHEMA, REJECT_SCHEMA
@@ -155,6 +156,7 @@ def build_dataset(source: str | Path, out: str | Path, config: Config, *, increm
         raise SourceError(f"no input photos found under {scan.root}")
     scan_seconds = time.perf_counter() - started
     backgrounds = list_backgrounds(config.data.backgrounds)
+    require_model("clipseg", config.model_path("clipseg"))
     digest = processing_digest(config, backgrounds)
     store = DatasetStore(out)
 

@@ -22,13 +22,10 @@ from tests.imagefiles import EXPECTED_REASON, broken_files, jpeg_bytes, make_sou
 
 pytestmark = pytest.mark.slow
 
-# Small photos keep matting fast; the tiny CLIPSeg's random maps need min-max scaling and no
-# erosion to give usable trimaps (see pipeline/commands/demo.py).
+# Small photos keep matting fast.
 SETTINGS = [
+    "profile=tiny",
     "data.decode.size=96",
-    "data.segment.normalize=minmax",
-    "data.trimap.erode_fg_px=0",
-    "data.trimap.erode_bg_px=0",
 ]
 
 

@@ -38,7 +38,7 @@ def test_reject_fraction_above_limit_exits_1(ray_local, tmp_path, capsys):
     src = make_source(tmp_path / "src", {"cat": "cat"}, sample=False)
     for name, data in broken_files().values():
         (src / "cat" / name).write_bytes(data)
-    code = main(["data", "build", "--source", str(src), "--out", str(tmp_path / "o"), "--no-progress"])
+    code = main(["data", "build", "--source", str(src), "--out", str(tmp_path / "o"), "--no-progress", "--profile", "tiny"])
     assert code == 1
     err = capsys.readouterr().err
     assert "6 of 6 inputs rejected" in err and "max_reject_fraction" in err
@@ -56,6 +56,14 @@ def test_demo_runs_offline_and_writes_a_contact_sheet(ray_local, tmp_path, capsy
     # A second demo run finds nothing new.
     assert main(["demo", "--out", str(tmp_path), "--set", "data.decode.size=64"]) == 0
     assert "nothing changed" in capsys.readouterr().out
+
+
+def test_unloadable_model_exits_2_before_any_worker(tmp_path, capsys):
+    src = make_source(tmp_path / "src", {"dog": "dog"}, per_subject=1)
+    args = ["data", "build", "--source", str(src), "--out", str(tmp_path / "o"), "--set", f"models.clipseg={tmp_path}/nothing"]
+    assert main(args) == 2
+    assert "models.clipseg" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_ci_runs_exactly_the_readme_test_command():

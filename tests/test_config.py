@@ -6,8 +6,10 @@ from pipeline.config import PROFILE_MODELS, Config, ConfigError, dump_config, lo
 
 def test_defaults_are_valid_and_profile_picks_models():
     config = load_config()
-    assert config.profile == "tiny"
-    assert config.model_path("clipseg") == PROFILE_MODELS["tiny"]["clipseg"]
+    assert config.profile == "real"  # never random weights unless asked for
+    assert config.model_path("clipseg") == "CIDAS/clipseg-rd64-refined"
+    tiny = load_config(overrides=["profile=tiny"])
+    assert tiny.model_path("clipseg") == PROFILE_MODELS["tiny"]["clipseg"]
     real = load_config(overrides=["profile=real"])
     assert real.model_path("clipseg") == "CIDAS/clipseg-rd64-refined"
     explicit = load_config(overrides=["profile=real", "models.clipseg=/models/clipseg"])
@@ -73,3 +75,12 @@ def test_dump_reloads_to_the_same_config(tmp_path):
     assert load_config(path) == config
     assert yaml.safe_load(path.read_text())["data"]["decode"]["size"] == 256
     assert isinstance(config, Config)
+
+
+def test_profile_settings_sit_under_the_users_own():
+    tiny = load_config(overrides=["profile=tiny"])
+    assert tiny.data.segment.normalize == "minmax" and tiny.data.trimap.erode_bg_px == 0
+    mine = load_config(overrides=["profile=tiny", "data.trimap.erode_bg_px=4"])
+    assert mine.data.trimap.erode_bg_px == 4 and mine.data.segment.normalize == "minmax"
+    real = load_config()
+    assert real.data.segment.normalize == "none" and real.data.trimap.erode_bg_px == 6

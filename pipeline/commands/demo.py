@@ -12,14 +12,8 @@ from pipeline.report import format_summary, make_contact_sheet
 
 SAMPLE = BUNDLED_DATASETS_DIR / "dreambench-mini"
 
-# Embedded defaults, layered under --config/--set. The tiny CLIPSeg has random weights, so its
-# map is speckle with no notion of the subject: per-photo min-max scaling and no erosion still
-# give trimaps with all three regions, which is what the demo needs to run matting end to end.
-# The mattes are noise; --profile real gives real ones.
-DEMO_DEFAULTS = {
-    "profile": "tiny",
-    "data": {"segment": {"normalize": "minmax"}, "trimap": {"erode_fg_px": 0, "erode_bg_px": 0}},
-}
+# Embedded defaults, layered under --config/--set: offline, on the shipped tiny models.
+DEMO_DEFAULTS = {"profile": "tiny"}
 
 
 def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
