@@ -6,6 +6,7 @@ job started; this preflight turns the same failure into one ConfigError naming t
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from pipeline.config import ConfigError
@@ -21,6 +22,9 @@ def require_model(key: str, path_or_id: str, marker: str = "config.json") -> Non
         return
     from huggingface_hub import hf_hub_download
 
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # one clear error below beats five retry warnings
     try:
         hf_hub_download(path_or_id, marker)
     except Exception as exc:  # the hub client raises many types for "not reachable / not found"
@@ -30,3 +34,5 @@ def require_model(key: str, path_or_id: str, marker: str = "config.json") -> Non
             f"download it elsewhere and pass --set models.{key}=/path/to/folder, "
             f"or use --profile tiny for the offline test models"
         ) from None
+    finally:
+        hub_log.setLevel(level)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -58,3 +60,32 @@ def test_prompt_changes_the_map(segmenter):
     img = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     a, b = segmenter.predict_logits([img, img], ["dog", "teapot"])
     assert not torch.allclose(a, b)
+
+
+def test_loads_the_released_clipseg_file_layout(tmp_path):
+    """CIDAS/clipseg-rd64-refined ships preprocessor_config.json (not processor_config.json),
+    a slow-tokenizer config and special_tokens_map.json; the Segmenter must load that layout."""
+    import json
+    import shutil
+
+    src = Path(PROFILE_MODELS["tiny"]["clipseg"])
+    for name in ("config.json", "model.safetensors", "vocab.json", "merges.txt"):
+        shutil.copy(src / name, tmp_path / name)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({
+        "do_normalize": True, "do_resize": True, "image_processor_type": "ViTImageProcessor",
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+        "processor_class": "CLIPSegProcessor", "resample": 2, "rescale_factor": 0.00392156862745098,
+        "size": {"height": 64, "width": 64},
+    }))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+    }))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
+        "processor_class": "CLIPSegProcessor",
+    }))
+    released = Segmenter(str(tmp_path))
+    shipped = Segmenter(str(src))
+    img = np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    torch.testing.assert_close(released.predict_logits([img], ["dog"]), shipped.predict_logits([img], ["dog"]))
