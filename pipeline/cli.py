@@ -22,6 +22,7 @@ from pipeline.config import Config, ConfigError, load_config
 COMMANDS: list[tuple[str, str, str]] = [
     ("data", "pipeline.commands.data", "build or refresh the prompted-context dataset"),
     ("demo", "pipeline.commands.demo", "run the pipeline offline on the bundled sample"),
+    ("generate", "pipeline.commands.generate", "generate images of a subject from reference photos"),
 ]
 
 log = logging.getLogger("subjectforge")

@@ -69,22 +69,25 @@ def check_layout(folder: Path) -> None:
 def _download(repo_id: str, local_files_only: bool) -> Path:
     """Snapshot a Hub repo, taking safetensors over `.bin` where a component has both."""
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # one clear error below beats five retry warnings
     try:
-        ignore: list[str] = ["*.ckpt", "*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.md"]
+        ignore: list[str] = ["*.ckpt", "*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*fp16*"]
         if not local_files_only:
-            files = HfApi().list_repo_files(repo_id)
-            for name in files:
-                if name.endswith(".safetensors") and "fp16" not in name:
+            for name in HfApi().list_repo_files(repo_id):
+                if name.endswith(".safetensors"):
                     ignore.append(str(Path(name).parent / "*.bin"))
-            ignore.append("*fp16*")
         return Path(snapshot_download(repo_id, ignore_patterns=ignore, local_files_only=local_files_only))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+    except Exception as exc:  # the hub client raises many types for "not reachable / not found"
+        first_line = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise CheckpointError(
-            f"cannot get {repo_id!r}: not a local folder, and the Hub download failed ({exc}). "
-            "Pass a local checkpoint folder when offline."
+            f"cannot get {repo_id!r}: it is not a local folder and the Hub download failed "
+            f"({first_line}). Offline, download it elsewhere and pass the folder."
         ) from exc
+    finally:
+        hub_log.setLevel(level)
 
 
 def read_json(path: Path) -> dict[str, Any]:

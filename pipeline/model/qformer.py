@@ -106,13 +106,13 @@ class SubjectQFormer(nn.Module):
     def image_size(self) -> int:
         return self.vision_config.image_size
 
-    def query_features(
+    def hidden_states(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
-        """Q-Former outputs at the query positions, before projection.
+        """Q-Former outputs over [queries; text], before projection: (B, Q + T, D).
 
         pixel_values: (B, 3, S, S) float, CLIP-normalised; input_ids / attention_mask: (B, T)
-        BERT ids of the category text and its 0/1 padding mask. Returns (B, Q, D).
+        BERT ids of the category text and its 0/1 padding mask.
         """
         batch = input_ids.shape[0]
         if pixel_values.shape[0] != batch:
@@ -124,14 +124,19 @@ class SubjectQFormer(nn.Module):
         hidden = self.embeddings(input_ids, queries)  # (B, Q + T, D)
         keep = torch.cat([attention_mask.new_ones(batch, self.num_query_tokens), attention_mask], dim=1)
         additive = (1.0 - keep[:, None, None, :].to(dtype)) * _MASKED  # (B, 1, 1, Q + T)
-        hidden = self.encoder(
+        return self.encoder(
             hidden,
             attention_mask=additive,
             encoder_hidden_states=image_features.to(dtype),
             encoder_attention_mask=None,
             query_length=self.num_query_tokens,
         ).last_hidden_state
-        return hidden[:, : self.num_query_tokens]
+
+    def query_features(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The query slice of `hidden_states`, before projection: (B, Q, D)."""
+        return self.hidden_states(pixel_values, input_ids, attention_mask)[:, : self.num_query_tokens]
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Subject embeddings (B, Q, D) for the images and their category texts."""

@@ -110,6 +110,10 @@ class ContextCLIPTextModel(nn.Module):
         self.text_model = ContextTextTransformer(self.config)
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.text_model.final_layer_norm.weight.dtype
+
+    @property
     def max_positions(self) -> int:
         return self.config.max_position_embeddings
 

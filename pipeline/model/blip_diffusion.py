@@ -1,0 +1,484 @@
+"""BLIP-Diffusion: subject embeddings from reference photos steer Stable Diffusion 1.5.
+
+One container holds the parts of the released checkpoint (Q-Former with its ViT, context CLIP
+text encoder, UNet, VAE, scheduler, tokenizers, image processor) and offers the three things the
+project needs from them: loading/saving the released layout, the training forward pass
+(`predict_noise`) and zero-shot generation (`generate`).
+
+Shapes below use B batch, Q query tokens (16), D text width (768 real), S ViT input size (224),
+T prompt tokens, C latent channels (4), h x w latent size (image size / 8).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import BertTokenizer, CLIPTokenizer
+
+from pipeline.model.checkpoint import (
+    MODEL_INDEX,
+    QFORMER_TOKENIZER_FOLDER,
+    CheckpointError,
+    load_exact,
+    read_json,
+    read_weights,
+    resolve_checkpoint,
+    write_json,
+    write_weights,
+)
+from pipeline.model.image_processing import ImageLike, SubjectImageProcessor
+from pipeline.model.prompts import (
+    CONTEXT_BEGIN_POS,
+    DEFAULT_NEGATIVE_PROMPT,
+    DEFAULT_PROMPT_REPS,
+    build_prompt,
+    check_text,
+)
+from pipeline.model.qformer import SubjectQFormer
+from pipeline.model.schedulers import fresh_scheduler, load_scheduler
+from pipeline.model.text_encoder import ContextCLIPTextModel
+from pipeline.model.tokenizers import load_clip_tokenizer, load_qformer_tokenizer
+
+log = logging.getLogger(__name__)
+
+# step_callback(step index, timestep, guided noise prediction (b, C, h, w), latents after the step)
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+# Buffers the reference serialises but we rebuild from the config.
+_QFORMER_OPTIONAL = ("embeddings.position_ids",)
+_TEXT_OPTIONAL = ("text_model.embeddings.position_ids",)
+
+
+class BlipDiffusion(nn.Module):
+    """The BLIP-Diffusion model; build it with `from_pretrained`."""
+
+    def __init__(
+        self,
+        qformer: SubjectQFormer,
+        text_encoder: ContextCLIPTextModel,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        scheduler: SchedulerMixin,
+        tokenizer: CLIPTokenizer,
+        qformer_tokenizer: BertTokenizer,
+        image_processor: SubjectImageProcessor,
+        model_index: dict[str, Any] | None = None,
+        tokenizer_files: dict[str, dict[str, bytes]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.qformer = qformer
+        self.text_encoder = text_encoder
+        self.unet = unet
+        self.vae = vae
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
+        self.qformer_tokenizer = qformer_tokenizer
+        self.image_processor = image_processor
+        self.model_index = dict(model_index or {})
+        # Tokenizer files exactly as read, so save_pretrained writes the reference's formats
+        # (vocab.json/merges.txt), not only what transformers 5 would write (tokenizer.json).
+        self._tokenizer_files = tokenizer_files or {}
+        if qformer.config.hidden_size != text_encoder.config.hidden_size:
+            raise CheckpointError(
+                f"Q-Former width {qformer.config.hidden_size} differs from the text encoder's "
+                f"{text_encoder.config.hidden_size}: subject embeddings cannot be inserted"
+            )
+
+    # -----------------------------------------------------------------------------------------
+    # Loading and saving
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | Path,
+        *,
+        qformer_tokenizer: str | Path | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        local_files_only: bool = False,
+    ) -> BlipDiffusion:
+        """Load the released layout from a folder or a Hub id (e.g. ``Salesforce/blipdiffusion``).
+
+        qformer_tokenizer: folder (or Hub id) of the Q-Former's BERT tokenizer; by default
+        `<checkpoint>/qformer_tokenizer/`, else the `tokenizer` named in `qformer/config.json`.
+        Raises CheckpointError naming the missing folder, file or weight.
+        """
+        root = resolve_checkpoint(path_or_id, local_files_only=local_files_only)
+        index = read_json(root / MODEL_INDEX)
+
+        qformer_config = read_json(root / "qformer" / "config.json")
+        qformer = SubjectQFormer(qformer_config)
+        load_exact(qformer, read_weights(root / "qformer"), "qformer", optional=_QFORMER_OPTIONAL)
+
+        text_encoder = ContextCLIPTextModel(read_json(root / "text_encoder" / "config.json"))
+        load_exact(text_encoder, read_weights(root / "text_encoder"), "text_encoder", optional=_TEXT_OPTIONAL)
+
+        unet = _load_diffusers(UNet2DConditionModel, root / "unet")
+        vae = _load_diffusers(AutoencoderKL, root / "vae")
+        bert = load_qformer_tokenizer(
+            root, qformer_config.get("tokenizer"), qformer.config.vocab_size, qformer_tokenizer, local_files_only
+        )
+        files = {"tokenizer": _read_files(root / "tokenizer")}
+        bert_dir = Path(bert.name_or_path)
+        if bert_dir.is_dir():
+            files[QFORMER_TOKENIZER_FOLDER] = _read_files(bert_dir)
+        model = cls(
+            qformer=qformer,
+            text_encoder=text_encoder,
+            unet=unet,
+            vae=vae,
+            scheduler=load_scheduler(root / "scheduler"),
+            tokenizer=load_clip_tokenizer(root / "tokenizer", text_encoder.config.vocab_size),
+            qformer_tokenizer=bert,
+            image_processor=SubjectImageProcessor.from_pretrained(
+                root / "image_processor", mean=index.get("mean"), std=index.get("std")
+            ),
+            model_index=index,
+            tokenizer_files=files,
+        )
+        return model.to(device=device, dtype=dtype).eval()
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write the released layout (safetensors weights, reference tensor names) to `folder`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        index = dict(self.model_index) or _default_model_index()
+        index["scheduler"] = ["diffusers", type(self.scheduler).__name__]
+        index["ctx_begin_pos"] = self.ctx_begin_pos
+        index["mean"], index["std"] = list(self.image_processor.mean), list(self.image_processor.std)
+        write_json(folder / MODEL_INDEX, index)
+        write_json(folder / "qformer" / "config.json", self.qformer.raw_config)
+        write_weights(folder / "qformer", self.qformer.state_dict())
+        write_json(folder / "text_encoder" / "config.json", self.text_encoder.raw_config)
+        write_weights(folder / "text_encoder", self.text_encoder.state_dict())
+        self.unet.save_pretrained(folder / "unet", safe_serialization=True)
+        self.vae.save_pretrained(folder / "vae", safe_serialization=True)
+        self.scheduler.save_pretrained(folder / "scheduler")
+        self.image_processor.save_pretrained(folder / "image_processor")
+        for name, tokenizer in (("tokenizer", self.tokenizer), (QFORMER_TOKENIZER_FOLDER, self.qformer_tokenizer)):
+            target = folder / name
+            files = self._tokenizer_files.get(name)
+            if files:
+                target.mkdir(parents=True, exist_ok=True)
+                for filename, data in files.items():
+                    (target / filename).write_bytes(data)
+            else:  # loaded from the Hub cache: write what transformers writes
+                tokenizer.save_pretrained(str(target))
+
+    # -----------------------------------------------------------------------------------------
+    # Properties
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def num_query_tokens(self) -> int:
+        return self.qformer.num_query_tokens
+
+    @property
+    def ctx_begin_pos(self) -> int:
+        return int(self.model_index.get("ctx_begin_pos", CONTEXT_BEGIN_POS))
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # -----------------------------------------------------------------------------------------
+    # Conditioning
+
+    def tokenize_prompts(self, prompts: Sequence[str], with_subject: bool = True) -> torch.Tensor:
+        """CLIP ids (B, L) int64, padded/truncated to the text encoder's positions, less Q when the
+        subject embeddings will be inserted (77 - 16 = 61 for the released model)."""
+        length = self.text_encoder.max_positions - (self.num_query_tokens if with_subject else 0)
+        tokens = self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=length, return_tensors="pt"
+        )
+        return tokens.input_ids.to(self.device)
+
+    def subject_embeddings(self, pixel_values: torch.Tensor, categories: Sequence[str]) -> torch.Tensor:
+        """Per-image subject embeddings (B, Q, D) in the model dtype; differentiable in the Q-Former.
+
+        pixel_values: (B, 3, S, S) float from `image_processor.preprocess`; categories: B texts
+        (the subject's class, e.g. "dog").
+        """
+        categories = [check_text(c, "category") for c in categories]
+        if pixel_values.ndim != 4 or pixel_values.shape[0] != len(categories):
+            raise ValueError(
+                f"pixel_values must be (B, 3, S, S) with B = {len(categories)} categories, got {tuple(pixel_values.shape)}"
+            )
+        text = self.qformer_tokenizer(
+            categories,
+            padding=True,
+            truncation=True,
+            max_length=self.qformer.config.max_position_embeddings,
+            return_tensors="pt",
+        ).to(self.device)
+        pixels = pixel_values.to(device=self.device, dtype=self.qformer.query_tokens.dtype)
+        return self.qformer(pixels, text.input_ids, text.attention_mask)
+
+    @torch.no_grad()
+    def encode_subject(self, images: ImageLike | Sequence[ImageLike], category: str) -> torch.Tensor:
+        """Subject embeddings (1, Q, D) of one subject: the mean over its reference photos.
+
+        Compute once and pass as `generate(subject_embeds=...)` to reuse (cache) them.
+        """
+        pixels = self.image_processor.preprocess(images)
+        return self.subject_embeddings(pixels, [category] * pixels.shape[0]).mean(dim=0, keepdim=True)
+
+    def encode_prompts(self, prompts: Sequence[str], subject_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Text-encoder states (B, 77, D) for B prompts, with subject embeddings (B, Q, D) inserted
+        at `ctx_begin_pos`, or plain prompts when `subject_embeds` is None."""
+        ids = self.tokenize_prompts(prompts, with_subject=subject_embeds is not None)
+        if subject_embeds is not None:
+            subject_embeds = subject_embeds.to(device=self.device, dtype=self.text_encoder.dtype)
+        return self.text_encoder(ids, subject_embeds, self.ctx_begin_pos)
+
+    def encode_conditioning(
+        self,
+        pixel_values: torch.Tensor,
+        categories: Sequence[str],
+        prompts: Sequence[str],
+        drop_subject: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """UNet conditioning (B, 77, D) for training: the prompt with the subject's embeddings.
+
+        Rows where `drop_subject` (B,) bool is True get the plain prompt with no subject tokens
+        (as the reference's `disable_subject_prompt`), so the model also learns text-only
+        conditioning; their images and categories are not encoded.
+        """
+        batch = len(prompts)
+        if len(categories) != batch:
+            raise ValueError(f"{len(categories)} categories for {batch} prompts")
+        drop = torch.zeros(batch, dtype=torch.bool) if drop_subject is None else drop_subject.bool().cpu()
+        if drop.shape != (batch,):
+            raise ValueError(f"drop_subject must be ({batch},), got {tuple(drop.shape)}")
+        keep_idx = (~drop).nonzero().flatten().tolist()
+        drop_idx = drop.nonzero().flatten().tolist()
+        parts = []
+        if keep_idx:
+            subject = self.subject_embeddings(pixel_values[keep_idx], [categories[i] for i in keep_idx])
+            parts.append(self.encode_prompts([prompts[i] for i in keep_idx], subject))
+        if drop_idx:
+            parts.append(self.encode_prompts([prompts[i] for i in drop_idx], None))
+        hidden = torch.cat(parts)
+        order = torch.tensor(keep_idx + drop_idx).argsort().to(hidden.device)
+        return hidden[order]
+
+    def predict_noise(
+        self,
+        pixel_values: torch.Tensor,
+        categories: Sequence[str],
+        prompts: Sequence[str],
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        drop_subject: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One training forward pass: the UNet's noise prediction (B, C, h, w).
+
+        pixel_values: (B, 3, S, S) float, the composite subject images from
+        `image_processor.preprocess`; categories: B subject classes ("dog"); prompts: B texts
+        given to the text encoder as they are (`build_prompt(category, text, prompt_reps=1)`
+        gives the reference's "a dog <text>"); noisy_latents: (B, C, h, w) in the VAE's scaled
+        latent space; timesteps: (B,) int64; drop_subject: optional (B,) bool, see
+        `encode_conditioning`. Gradients reach the Q-Former, projection, text encoder and UNet
+        unless frozen by the caller; the ViT is always frozen.
+        """
+        if noisy_latents.shape[0] != len(prompts):
+            raise ValueError(f"{noisy_latents.shape[0]} latents for {len(prompts)} prompts")
+        hidden = self.encode_conditioning(pixel_values, categories, prompts, drop_subject)
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states=hidden.to(self.unet.dtype)).sample
+
+    # -----------------------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        subject_images: ImageLike | Sequence[ImageLike] | None = None,
+        category: str | None = None,
+        subject_embeds: torch.Tensor | None = None,
+        target_category: str | None = None,
+        num_images: int = 1,
+        steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+        height: int = 512,
+        width: int = 512,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_strength: float = 1.0,
+        prompt_reps: int = DEFAULT_PROMPT_REPS,
+        scheduler: str | None = None,
+        batch_size: int | None = None,
+        output_type: str = "pil",
+        progress: bool = True,
+        step_callback: StepCallback | None = None,
+    ) -> list[PIL.Image.Image] | np.ndarray | torch.Tensor:
+        """Zero-shot subject-driven generation, `num_images` per prompt.
+
+        The subject comes from `subject_images` + `category` (their embeddings are averaged) or
+        from precomputed `subject_embeds` (1, Q, D) from `encode_subject`. Each prompt becomes
+        the reference's "a <target_category> <prompt>" repeated `prompt_strength *
+        prompt_reps` times; `target_category` defaults to `category`. Classifier-free guidance
+        runs when guidance_scale > 1, against `negative_prompt` encoded without the subject.
+        Noise comes from `generator`, else from `seed` (on the CPU, so a seed gives the same
+        images on any device), else is random; `latents` (N, C, h, w) replaces it. Images are
+        made `batch_size` at a time (default: all at once); the result changes only by float
+        rounding. `step_callback(i, t, noise, latents)` sees each step's guided noise
+        prediction and the latents it produced (per batch).
+
+        Returns N = len(prompts) * num_images images: PIL images, a float32 array
+        (N, H, W, 3) in [0, 1] ("np") or a tensor (N, 3, H, W) in [0, 1] ("pt").
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("at least one prompt is needed")
+        prompts = [check_text(p, "prompt") for p in prompts]
+        if num_images < 1 or steps < 1:
+            raise ValueError(f"num_images and steps must be >= 1, got {num_images} and {steps}")
+        factor = self.vae_scale_factor
+        if height % factor or width % factor or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
+        target = target_category if target_category is not None else category
+        if target is None:
+            raise ValueError("give category (or target_category) to build the prompt")
+        subject = self._resolve_subject(subject_images, category, subject_embeds)  # (1, Q, D)
+
+        texts = [build_prompt(target, p, prompt_strength, prompt_reps) for p in prompts for _ in range(num_images)]
+        total = len(texts)
+        if latents is None:
+            latents = self.prepare_latents(total, height, width, seed=seed, generator=generator)
+        shape = (total, self.unet.config.in_channels, height // factor, width // factor)
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents must be {shape}, got {tuple(latents.shape)}")
+        latents = latents.to(device=self.device, dtype=self.unet.dtype)
+
+        cond = self.encode_prompts(texts, subject.expand(total, -1, -1))  # (N, 77, D)
+        uncond = self.encode_prompts([negative_prompt], None) if guidance_scale > 1.0 else None  # (1, 77, D)
+        step = batch_size or total
+        images = []
+        for start in range(0, total, step):
+            stop = min(start + step, total)
+            sched = fresh_scheduler(self.scheduler, scheduler)
+            sched.set_timesteps(steps, device=self.device)
+            chunk = latents[start:stop] * sched.init_noise_sigma
+            null = None if uncond is None else uncond.expand(stop - start, -1, -1)
+            chunk = self._denoise(chunk, cond[start:stop], null, sched, guidance_scale, progress, step_callback)
+            decoded = self.vae.decode(chunk / self.vae.config.scaling_factor).sample
+            images.append(decoded.float())
+        return self.image_processor.postprocess(torch.cat(images), output_type)
+
+    def prepare_latents(
+        self, count: int, height: int, width: int, seed: int | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Initial noise (count, C, height/f, width/f) float32 from `generator`, else a CPU
+        generator seeded with `seed`, else unseeded (the reference's `randn_tensor` on CPU).
+
+        f is the VAE's downsampling factor (8 for SD 1.5; the reference derives it from the
+        UNet's block count, which agrees for every SD 1.5-layout checkpoint).
+        """
+        factor = self.vae_scale_factor
+        shape = (count, self.unet.config.in_channels, height // factor, width // factor)
+        if generator is None and seed is not None:
+            generator = torch.Generator("cpu").manual_seed(seed)
+        device = generator.device if generator is not None else torch.device("cpu")
+        return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+
+    def _resolve_subject(
+        self,
+        subject_images: ImageLike | Sequence[ImageLike] | None,
+        category: str | None,
+        subject_embeds: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if subject_embeds is not None:
+            if subject_images is not None:
+                raise ValueError("give subject_images or subject_embeds, not both")
+            want = (self.num_query_tokens, self.text_encoder.config.hidden_size)
+            if subject_embeds.ndim == 2:
+                subject_embeds = subject_embeds[None]
+            if subject_embeds.ndim != 3 or subject_embeds.shape[0] != 1 or tuple(subject_embeds.shape[1:]) != want:
+                raise ValueError(f"subject_embeds must be (1, {want[0]}, {want[1]}), got {tuple(subject_embeds.shape)}")
+            return subject_embeds.to(self.device)
+        if subject_images is None:
+            raise ValueError("give subject_images (with category) or subject_embeds")
+        if category is None:
+            raise ValueError("category is needed to encode subject_images")
+        return self.encode_subject(subject_images, category)
+
+    def _denoise(
+        self,
+        latents: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None,
+        scheduler: SchedulerMixin,
+        guidance_scale: float,
+        progress: bool,
+        step_callback: StepCallback | None = None,
+    ) -> torch.Tensor:
+        """Run the scheduler's timesteps on latents (b, C, h, w); cond/uncond (b, 77, D)."""
+        embeds = cond if uncond is None else torch.cat([uncond, cond]).to(self.unet.dtype)
+        timesteps = tqdm(scheduler.timesteps, disable=not progress, desc="denoising", leave=False)
+        for i, t in enumerate(timesteps):
+            model_input = latents if uncond is None else torch.cat([latents, latents])
+            model_input = scheduler.scale_model_input(model_input, t)
+            noise = self.unet(model_input, t, encoder_hidden_states=embeds).sample
+            if uncond is None:
+                # A CUDA-graph-compiled UNet reuses its output buffer; PNDM keeps past outputs.
+                noise = noise.clone()
+            else:
+                noise_uncond, noise_cond = noise.chunk(2)
+                noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+            latents = scheduler.step(noise, t, latents).prev_sample
+            if step_callback is not None:
+                step_callback(i, t, noise, latents)
+        return latents
+
+    def compile_for_inference(self, mode: str | None = "max-autotune-no-cudagraphs", fullgraph: bool = False) -> None:
+        """torch.compile the UNet and the VAE decoder in place (weight names are unchanged)."""
+        self.unet.compile(mode=mode, fullgraph=fullgraph)
+        self.vae.decoder.compile(mode=mode, fullgraph=fullgraph)
+
+
+def _load_diffusers(cls: type, folder: Path) -> Any:
+    try:
+        return cls.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot load {cls.__name__} from {folder}: {exc}") from exc
+
+
+def _read_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _default_model_index() -> dict[str, Any]:
+    """model_index.json as the reference writes it (component classes of diffusers 0.33)."""
+    return {
+        "_class_name": "BlipDiffusionPipeline",
+        "_diffusers_version": "0.33.1",
+        "ctx_begin_pos": CONTEXT_BEGIN_POS,
+        "image_processor": ["blip_diffusion", "BlipImageProcessor"],
+        "qformer": ["blip_diffusion", "Blip2QFormerModel"],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["blip_diffusion", "ContextCLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }

@@ -1,0 +1,49 @@
+"""`subjectforge generate` on the tiny profile, offline: PNGs, a grid and the settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from pipeline.cli import COMMANDS, main
+
+
+def _photo(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_generate_writes_images_and_grid(tmp_path, capsys):
+    assert "generate" in [name for name, _, _ in COMMANDS]
+    photos = [_photo(tmp_path / "a.png"), _photo(tmp_path / "b.jpg")]
+    out = tmp_path / "out"
+    args = ["generate", "--subject-image", *map(str, photos), "--category", "dog", "--prompt", "on the beach"]
+    args += ["-n", "3", "--out", str(out), "--steps", "2", "--height", "64", "--width", "48", "--profile", "tiny"]
+    assert main(args) == 0
+    pngs = sorted(out.glob("image_*.png"))
+    assert [p.name for p in pngs] == ["image_000.png", "image_001.png", "image_002.png"]
+    assert Image.open(pngs[0]).size == (48, 64)
+    assert Image.open(out / "grid.png").size == (2 * 48, 2 * 64)  # 3 images tile as 2x2
+    settings = yaml.safe_load((out / "generate.yaml").read_text())
+    assert settings["generate"]["steps"] == 2 and settings["run"]["category"] == "dog"
+    assert "grid.png" in capsys.readouterr().out
+
+
+def test_generate_bad_input_exits_2(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    base = ["generate", "--profile", "tiny", "--category", "dog", "--out", str(tmp_path / "o"), "--steps", "1"]
+    base += ["--height", "64", "--width", "64"]
+    assert main([*base, "--subject-image", str(notes), "--prompt", "on grass"]) == 2
+    assert "not a readable image" in capsys.readouterr().err
+    assert main([*base, "--subject-image", str(_photo(tmp_path / "a.png")), "--prompt", " "]) == 2
+    assert "prompt must not be empty" in capsys.readouterr().err
+    assert main([*base, "--subject-image", str(tmp_path / "a.png"), "--prompt", "x", "--height", "60"]) == 2
+    assert "generate.height" in capsys.readouterr().err
+    assert main([*base, "--subject-image", str(tmp_path / "a.png"), "--prompt", "x", "--model", str(tmp_path)]) == 2
+    assert "model_index.json is missing" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
