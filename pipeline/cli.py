@@ -18,11 +18,13 @@ import sys
 from pipeline import __version__
 from pipeline.config import Config, ConfigError, load_config
 
-# (name, module, help). Modules are imported lazily so `subjectforge --help` stays fast.
+# (name, module, help): the subcommands, in the order `--help` lists them.
 COMMANDS: list[tuple[str, str, str]] = [
     ("data", "pipeline.commands.data", "build or refresh the prompted-context dataset"),
     ("demo", "pipeline.commands.demo", "run the pipeline offline on the bundled sample"),
     ("generate", "pipeline.commands.generate", "generate images of a subject from reference photos"),
+    ("submit", "pipeline.commands.submit", "run a subjectforge command as a job on a Ray cluster"),
+    ("job", "pipeline.commands.job", "status, logs or stop of a submitted job"),
 ]
 
 log = logging.getLogger("subjectforge")
@@ -59,10 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    overrides = list(args.overrides)
+    overrides = list(getattr(args, "overrides", []))
     if getattr(args, "profile", None):
         overrides.append(f"profile={args.profile}")
-    return load_config(args.config, overrides, base=getattr(args, "_config_base", None))
+    return load_config(getattr(args, "config", None), overrides, base=getattr(args, "_config_base", None))
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -76,7 +78,7 @@ def _setup_logging(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(getattr(args, "verbose", False))
     try:
         # A command may turn its own flags (e.g. --backgrounds) into config overrides first.
         if hasattr(args._module, "apply_arguments"):

@@ -1,0 +1,64 @@
+"""`subjectforge submit --address URL [--wait] -- COMMAND...`: run a command as a Ray job."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.config import Config, ConfigError
+from pipeline.jobs import JobError, connect, exit_code, follow_logs, read_auth_token, submit, wait
+
+
+def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
+    parser.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")
+    parser.add_argument("--wait", action="store_true", help="stream the job's log and exit with its exit code")
+    parser.add_argument("--no-upload", action="store_true", help="do not upload this checkout; run the installed `subjectforge` on the cluster")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable for the job (repeatable)")
+    parser.add_argument("--submission-id", help="job id to use (default: Ray picks one)")
+    parser.add_argument("--auth-token-file", help="token file for a cluster with token authentication (else RAY_AUTH_TOKEN / ~/.ray/auth_token)")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then a subjectforge command, e.g. -- data refresh --source ...")
+
+
+def validate_command(command: list[str]) -> list[str]:
+    """Drop the leading `--` and parse the command with the real parser, so a typo fails here
+    rather than minutes later on the cluster."""
+    from pipeline.cli import build_parser
+
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise ConfigError("submit needs a command after --, e.g. subjectforge submit --address URL -- data build ...")
+    if command[0] in ("submit", "job"):
+        raise ConfigError(f"`{command[0]}` cannot be submitted as a job")
+    try:
+        build_parser().parse_args(command)
+    except SystemExit as exc:
+        raise ConfigError(f"the submitted command is not valid: subjectforge {' '.join(command)}") from exc
+    return command
+
+
+def parse_env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--env {pair!r} is not KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    command = validate_command(args.command)
+    try:
+        client = connect(args.address, read_auth_token(args.auth_token_file))
+        job_id = submit(client, command, upload=not args.no_upload, env=parse_env(args.env), submission_id=args.submission_id)
+        print(f"job: {job_id}")
+        if not args.wait:
+            print(f"follow it with: subjectforge job logs {job_id} --address {args.address} --follow")
+            return 0
+        follow_logs(client, job_id)
+        status = wait(client, job_id)
+        code = exit_code(client, job_id)
+    except JobError as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"job {job_id}: {status} (exit {code})")
+    return code
