@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from pipeline.build import build_dataset
@@ -27,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
 
 def apply_arguments(args: argparse.Namespace) -> None:
     if getattr(args, "backgrounds", None):
-        args.overrides.append(f"data.backgrounds={args.backgrounds}")
+        # JSON is YAML: the path stays a string even if it reads like a number or a boolean.
+        args.overrides.append(f"data.backgrounds={json.dumps(args.backgrounds)}")
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
