@@ -50,7 +50,8 @@ def commands(entrypoint: str) -> list[list[str]]:
 def test_every_manifest_parses_with_known_kinds():
     docs = load_all()
     kinds = {d["kind"] for d in docs}
-    assert {"RayCluster", "RayJob", "CronJob", "Deployment", "Service", "PersistentVolumeClaim"} <= kinds
+    assert {"RayCluster", "CronJob", "Deployment", "Service", "PersistentVolumeClaim"} <= kinds
+    assert rayjobs(docs), "no RayJob, not even the CronJob's template"
     for d in docs:
         assert d["apiVersion"] and d["metadata"]["name"]
         if d["kind"] in ("RayCluster", "RayJob"):
