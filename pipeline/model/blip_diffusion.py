@@ -161,8 +161,9 @@ class BlipDiffusion(nn.Module):
         write_weights(folder / "qformer", self.qformer.state_dict())
         write_json(folder / "text_encoder" / "config.json", self.text_encoder.raw_config)
         write_weights(folder / "text_encoder", self.text_encoder.state_dict())
-        self.unet.save_pretrained(folder / "unet", safe_serialization=True)
-        self.vae.save_pretrained(folder / "vae", safe_serialization=True)
+        for name, module in (("unet", self.unet), ("vae", self.vae)):
+            module.save_pretrained(folder / name, safe_serialization=True)
+            _drop_source_path(folder / name / "config.json")
         self.scheduler.save_pretrained(folder / "scheduler")
         self.image_processor.save_pretrained(folder / "image_processor")
         for name, tokenizer in (("tokenizer", self.tokenizer), (QFORMER_TOKENIZER_FOLDER, self.qformer_tokenizer)):
@@ -383,7 +384,8 @@ class BlipDiffusion(nn.Module):
             null = None if uncond is None else uncond.expand(stop - start, -1, -1)
             chunk = self._denoise(chunk, cond[start:stop], null, sched, guidance_scale, progress, step_callback)
             decoded = self.vae.decode(chunk / self.vae.config.scaling_factor).sample
-            images.append(decoded.float())
+            # A copy: a CUDA-graph-compiled decoder reuses its output buffer on the next batch.
+            images.append(decoded.to(torch.float32, copy=True))
         return self.image_processor.postprocess(torch.cat(images), output_type)
 
     def prepare_latents(
@@ -462,6 +464,14 @@ def _load_diffusers(cls: type, folder: Path) -> Any:
         return cls.from_pretrained(str(folder))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load {cls.__name__} from {folder}: {exc}") from exc
+
+
+def _drop_source_path(config: Path) -> None:
+    """diffusers records where a model was loaded from (`_name_or_path`); the released configs
+    have no such key, and a machine-specific path does not belong in a saved checkpoint."""
+    data = read_json(config)
+    if data.pop("_name_or_path", None) is not None:
+        write_json(config, data)
 
 
 def _read_files(folder: Path) -> dict[str, bytes]:

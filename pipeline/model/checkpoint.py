@@ -155,7 +155,7 @@ def load_exact(
             f"{component} weights do not match the model: "
             f"missing {_preview(missing)}; unexpected {_preview(unexpected)}"
         )
-    for name in expected & given:
+    for name in sorted(expected & given):
         want = own[name].shape
         if state[name].shape != want:
             raise CheckpointError(

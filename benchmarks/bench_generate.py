@@ -1,0 +1,199 @@
+"""Time BLIP-Diffusion generation against diffusers' StableDiffusionPipeline on one GPU.
+
+Both run 512x512, 50 PNDM steps, classifier-free guidance 7.5, with real-sized random weights:
+the SD 1.5 UNet and VAE (shared by both pipelines, so the comparison is like for like), CLIP
+ViT-L text encoders, and for BLIP-Diffusion the BLIP-2 CLIP ViT-L/14 image encoder (23 layers)
+and BERT-base Q-Former. Tokenizers are the tiny checkpoint's (ids only need to be in range).
+Each timing is one `generate` call, subject encoding from one photo included, after a warm-up
+call; times are wall clock with the GPU synchronised, in seconds per image.
+
+    python benchmarks/bench_generate.py --out results.json          # on the GPU machine
+    python benchmarks/bench_generate.py --tiny --steps 2 --size 64   # CPU smoke test
+
+Modes run in order until --budget seconds are spent: eager (fp16, bf16, 4 images per call),
+the SD pipeline eager, then torch.compile of the UNet and VAE decoder with CUDA graphs
+("reduce-overhead") and channels-last, ours then the SD pipeline with the same compiled UNet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from transformers import Blip2QFormerConfig, Blip2VisionConfig, CLIPTextConfig, CLIPTextModel
+
+from pipeline.model import BlipDiffusion, SubjectImageProcessor
+from pipeline.model.make_tiny import sd_scheduler
+from pipeline.model.qformer import SubjectQFormer
+from pipeline.model.text_encoder import ContextCLIPTextModel
+from pipeline.model.tokenizers import load_clip_tokenizer, load_qformer_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "pipeline" / "assets" / "tiny-blipdiffusion"
+PROMPT = "on the beach"
+
+log = logging.getLogger("bench_generate")
+
+
+def real_configs() -> tuple[dict, dict]:
+    """Q-Former (Blip2Config layout) and text-encoder configs at the released sizes."""
+    vision = Blip2VisionConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+        image_size=224, patch_size=14, hidden_act="quick_gelu", qkv_bias=True,
+    )
+    qformer = Blip2QFormerConfig(
+        vocab_size=30523, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+        intermediate_size=3072, cross_attention_frequency=1, encoder_hidden_size=1024,
+    )
+    qformer_raw = {"num_query_tokens": 16, "vision_config": vision.to_dict(), "qformer_config": qformer.to_dict()}
+    text = CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+    )
+    return qformer_raw, text.to_dict()
+
+
+def build_real(device: torch.device, dtype: torch.dtype) -> tuple[BlipDiffusion, StableDiffusionPipeline]:
+    qformer_raw, text_raw = real_configs()
+    with torch.device(device):  # random init straight on the GPU
+        qformer = SubjectQFormer(qformer_raw)
+        text_encoder = ContextCLIPTextModel(text_raw)
+        unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64)  # SD 1.5 defaults otherwise
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+        )
+        clip_text = CLIPTextModel(CLIPTextConfig.from_dict(text_raw))
+    tokenizer = load_clip_tokenizer(TINY / "tokenizer", 49408)
+    model = BlipDiffusion(
+        qformer=qformer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler=sd_scheduler(),
+        tokenizer=tokenizer, qformer_tokenizer=load_qformer_tokenizer(TINY, None, 30523),
+        image_processor=SubjectImageProcessor(),
+    ).to(device=device, dtype=dtype).eval()
+    sd = StableDiffusionPipeline(
+        vae=vae, text_encoder=clip_text.to(device=device, dtype=dtype), tokenizer=tokenizer, unet=unet,
+        scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    sd.set_progress_bar_config(disable=True)
+    return model, sd
+
+
+def build_tiny(device: torch.device, dtype: torch.dtype) -> tuple[BlipDiffusion, StableDiffusionPipeline]:
+    model = BlipDiffusion.from_pretrained(TINY, dtype=dtype, device=device)
+    clip_text = CLIPTextModel(model.text_encoder.config).to(device=device, dtype=dtype)
+    sd = StableDiffusionPipeline(
+        vae=model.vae, text_encoder=clip_text, tokenizer=model.tokenizer, unet=model.unet,
+        scheduler=PNDMScheduler.from_config(model.scheduler.config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    sd.set_progress_bar_config(disable=True)
+    return model, sd
+
+
+def timed(fn, device: torch.device, repeats: int) -> list[float]:
+    """Wall-clock seconds of `fn()` per repeat, after one warm-up call."""
+    fn()
+    out = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="the tiny checkpoint instead of real sizes")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--budget", type=float, default=420.0, help="stop starting new modes after this many s")
+    parser.add_argument("--out", type=Path, default=Path("bench_generate.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    t0 = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (400, 300, 3), dtype=np.uint8))
+    results: dict = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "settings": {"size": args.size, "steps": args.steps, "guidance_scale": 7.5, "scheduler": "PNDM", "tiny": args.tiny},
+        "runs": [],
+    }
+    import diffusers
+    import transformers
+
+    results["versions"].update(diffusers=diffusers.__version__, transformers=transformers.__version__)
+    build = build_tiny if args.tiny else build_real
+    model, sd = build(device, torch.float16 if device.type == "cuda" else torch.float32)
+    results["build_s"] = round(time.perf_counter() - t0, 1)
+
+    def ours(n: int):
+        return lambda: model.generate(
+            PROMPT, subject_images=[photo], category="dog", num_images=n, steps=args.steps,
+            height=args.size, width=args.size, seed=0, output_type="pt", progress=False,
+        )
+
+    def theirs(n: int):
+        return lambda: sd(
+            f"a dog {PROMPT}", num_images_per_prompt=n, num_inference_steps=args.steps,
+            height=args.size, width=args.size, guidance_scale=7.5, output_type="pt",
+            generator=torch.Generator("cpu").manual_seed(0),
+        )
+
+    def record(name: str, fn, n: int) -> None:
+        if time.perf_counter() - t0 > args.budget:
+            log.info("skip %s: budget spent", name)
+            return
+        start = time.perf_counter()
+        seconds = timed(fn, device, args.repeats)
+        per_image = min(seconds) / n
+        results["runs"].append({
+            "name": name, "images_per_call": n, "seconds_per_call": [round(s, 4) for s in seconds],
+            "best_s_per_image": round(per_image, 4), "mean_s_per_image": round(sum(seconds) / len(seconds) / n, 4),
+            "wall_incl_warmup_s": round(time.perf_counter() - start, 1),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        })
+        log.info("%-40s %.3f s/image", name, per_image)
+        args.out.write_text(json.dumps(results, indent=2))  # partial results survive a timeout
+
+    is_cuda = device.type == "cuda"
+    record("ours eager fp16, 1 image", ours(1), 1)
+    record("sd-pipeline eager fp16, 1 image", theirs(1), 1)
+    record("ours eager fp16, 4 images/call", ours(4), 4)
+    record("sd-pipeline eager fp16, 4 images/call", theirs(4), 4)
+    if is_cuda:
+        model.to(dtype=torch.bfloat16)
+        record("ours eager bf16, 1 image", ours(1), 1)
+        model.to(dtype=torch.float16)
+    # torch.compile with CUDA graphs: launch overhead, not FLOPs, bounds a 64x64-latent UNet.
+    if time.perf_counter() - t0 < args.budget:
+        torch._inductor.config.conv_1x1_as_mm = True
+        model.unet.to(memory_format=torch.channels_last)
+        model.vae.to(memory_format=torch.channels_last)
+        model.compile_for_inference(mode="reduce-overhead" if is_cuda else None)
+        record("ours compiled+cudagraphs fp16, 1 image", ours(1), 1)
+        record("sd-pipeline compiled+cudagraphs fp16, 1 image", theirs(1), 1)
+        record("ours compiled+cudagraphs fp16, 4 images/call", ours(4), 4)
+    results["total_s"] = round(time.perf_counter() - t0, 1)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
