@@ -56,7 +56,7 @@ class BuildResult:
     message: str
 
 
-def processing_digest(config: Config, backgrounds: list[tuple[str, str]]) -> str:
+def processing_digest(config: Config, backgrounds_hash: str) -> str:
     """Hash of every setting that changes the rows a photo produces (not batch sizes or pools)."""
     data = config.data.model_dump(mode="json")
     for section, key in (("segment", "batch_size"), ("segment", "num_actors"), ("segment", "num_gpus"), ("matte", "concurrency")):
@@ -64,7 +64,7 @@ def processing_digest(config: Config, backgrounds: list[tuple[str, str]]) -> str
     data.pop("max_reject_fraction")
     data.pop("backgrounds")
     data["write"].pop("rows_per_file")
-    payload = {"data": data, "clipseg": config.model_path("clipseg"), "backgrounds": backgrounds_digest(backgrounds)}
+    payload = {"data": data, "clipseg": config.model_path("clipseg"), "backgrounds": backgrounds_hash}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -148,6 +148,39 @@ def _write_ledger(staging: Path, scan: SourceScan, rejects: pa.Table) -> dict[st
     return subjects
 
 
+@dataclass
+class RefreshPlan:
+    """What a build does with each input, relative to the parent version."""
+
+    to_process: list[SourcePhoto]
+    unchanged: set[str]  # uris whose parent rows or reject records are carried forward
+    carried_accepted: set[str]  # the unchanged ones that have rows
+    removed: list[str]
+    new: int
+    changed: int
+
+
+def plan_refresh(scan: SourceScan, parent_ledger: dict[str, dict[str, Any]], reuse: bool) -> RefreshPlan:
+    """Compare the scan with the parent's ledger. With `reuse` False (no parent, a full build, or
+    changed settings) every photo is processed; new/changed/removed are still reported."""
+    current = {p.source_uri: p for p in scan.inputs}
+
+    def same(uri: str) -> bool:
+        old = parent_ledger.get(uri)
+        return old is not None and (old["source_sha256"], old["category"]) == (current[uri].sha256, current[uri].category)
+
+    # Scan rejects are re-derived from subjects.csv every time, so they are never carried.
+    unchanged = {p.source_uri for p in scan.photos if reuse and same(p.source_uri)}
+    return RefreshPlan(
+        to_process=[p for p in scan.photos if p.source_uri not in unchanged],
+        unchanged=unchanged,
+        carried_accepted={u for u in unchanged if parent_ledger[u]["status"] == "accepted"},
+        removed=sorted(set(parent_ledger) - set(current)),
+        new=sum(1 for u in current if u not in parent_ledger),
+        changed=sum(1 for u in current if u in parent_ledger and not same(u)),
+    )
+
+
 def build_dataset(source: str | Path, out: str | Path, config: Config, *, incremental: bool, progress: bool = True) -> BuildResult:
     """Build (incremental=False) or refresh (incremental=True) the dataset at `out` from `source`."""
     started = time.perf_counter()
@@ -156,8 +189,9 @@ def build_dataset(source: str | Path, out: str | Path, config: Config, *, increm
         raise SourceError(f"no input photos found under {scan.root}")
     scan_seconds = time.perf_counter() - started
     backgrounds = list_backgrounds(config.data.backgrounds)
+    backgrounds_hash = backgrounds_digest(backgrounds)
     require_model("clipseg", config.model_path("clipseg"))
-    digest = processing_digest(config, backgrounds)
+    digest = processing_digest(config, backgrounds_hash)
     store = DatasetStore(out)
 
     with store.lock():
@@ -169,97 +203,105 @@ def build_dataset(source: str | Path, out: str | Path, config: Config, *, increm
             return BuildResult("unchanged", parent, store.path(parent), parent_manifest, message)
 
         warnings = list(scan.warnings)
-        parent_ledger = _read_ledger(store.path(parent)) if parent_manifest else {}
-        if parent_manifest and parent_manifest["processing_digest"] != digest:
+        settings_changed = parent_manifest is not None and parent_manifest["processing_digest"] != digest
+        if settings_changed:
             warnings.append(f"settings that change the output differ from {parent}: every photo is reprocessed")
-            parent_ledger_for_reuse: dict[str, dict[str, Any]] = {}
-        else:
-            parent_ledger_for_reuse = parent_ledger
-        current = {p.source_uri: p for p in scan.inputs}
-
-        def same_as_parent(uri: str, ledger: dict[str, dict[str, Any]]) -> bool:
-            return uri in ledger and (ledger[uri]["source_sha256"], ledger[uri]["category"]) == (current[uri].sha256, current[uri].category)
-
-        # Scan rejects are re-derived from subjects.csv every time, so they are never carried.
-        unchanged = {p.source_uri for p in scan.photos if same_as_parent(p.source_uri, parent_ledger_for_reuse)}
-        to_process = [p for p in scan.photos if p.source_uri not in unchanged]
-        removed = sorted(set(parent_ledger) - set(current))
+        parent_ledger = _read_ledger(store.path(parent)) if parent_manifest else {}
+        plan = plan_refresh(scan, parent_ledger, reuse=not settings_changed)
 
         version = store.next_version()
         staging = store.new_staging(version)
         (staging / "data").mkdir()
         log.info(
-            "%s: %d inputs, %d to process, %d unchanged, %d removed%s",
-            version, len(current), len(to_process), len(unchanged), len(removed), f" (parent {parent})" if parent else "",
+            "%s: %d inputs, %d to process, %d unchanged, %d removed%s", version, len(scan.inputs),
+            len(plan.to_process), len(plan.unchanged), len(plan.removed), f" (parent {parent})" if parent else "",
         )
         task_stats: list[dict[str, Any]] = []
-        if to_process:
+        if plan.to_process:
             ensure_ray(config.ray)
-            plan = build_dataset_plan([_photo_dict(p) for p in to_process], config, backgrounds, version)
-            task_stats = run_plan(plan, str(staging), progress=progress)
+            dataset = build_dataset_plan([_photo_dict(p) for p in plan.to_process], config, backgrounds, version)
+            task_stats = run_plan(dataset, str(staging), progress=progress)
         extra_rejects = [_scan_rejects(scan)]
-        if unchanged:
-            carried_accepted = {u for u in unchanged if parent_ledger_for_reuse[u]["status"] == "accepted"}
-            extra_rejects.append(_carry_forward(store.path(parent), staging, carried_accepted, unchanged - carried_accepted))
+        if plan.unchanged:
+            carried_rejected = plan.unchanged - plan.carried_accepted
+            extra_rejects.append(_carry_forward(store.path(parent), staging, plan.carried_accepted, carried_rejected))
         rejects = _collect_rejects(staging, extra_rejects)
         pq.write_table(rejects, staging / REJECTS_FILE)
         subjects = _write_ledger(staging, scan, rejects)
         (staging / "config.yaml").write_text(dump_config(config))
 
-        inputs = len(current)
-        accepted = sum(s["accepted"] for s in subjects.values())
-        rejected = rejects.num_rows
-        fraction = rejected / inputs
-        ok = fraction <= config.data.max_reject_fraction
         seconds: Counter[str] = Counter({"scan": scan_seconds})
         for stats in task_stats:
             seconds.update(stats["seconds"])
-        data_files = [
-            {"path": f"data/{p.name}", "rows": pq.ParquetFile(p).metadata.num_rows} for p in sorted((staging / "data").glob("*.parquet"))
-        ]
-        manifest = {
-            "version": version,
-            "parent_version": parent,
-            "created_at": utc_now(),
-            "status": "ok" if ok else "failed",
-            "package_version": __version__,
-            "source": scan.root.as_uri(),
-            "source_digest": scan.digest(),
-            "processing_digest": digest,
-            "inputs": inputs,
-            "accepted": accepted,
-            "rejected": rejected,
-            "rows": sum(f["rows"] for f in data_files),
-            "processed": len(to_process),
-            "unchanged": len(unchanged),
-            "new": sum(1 for u in current if u not in parent_ledger),
-            "changed": sum(1 for u in current if u in parent_ledger and not same_as_parent(u, parent_ledger)),
-            "removed": len(removed),
-            "removed_uris": removed,
-            "subjects": subjects,
-            "rejects_by_stage": dict(Counter(rejects["stage"].to_pylist())),
-            "rejects_by_reason": dict(Counter(rejects["reason"].to_pylist()).most_common()),
-            "warnings": warnings,
-            "stage_seconds": {k: round(v, 3) for k, v in seconds.items()},
-            "wall_seconds": round(time.perf_counter() - started, 3),
-            "backgrounds": {
-                "folder": str(config.data.backgrounds or BUNDLED_BACKGROUNDS),
-                "count": len(backgrounds),
-                "digest": backgrounds_digest(backgrounds),
-            },
-            "models": {"clipseg": config.model_path("clipseg")},
-            "schema": {"data": DATA_SCHEMA.names, "rejects": REJECT_SCHEMA.names},
-            "files": data_files,
-            "config": config.model_dump(mode="json"),
-        }
+        manifest = _manifest(
+            version, parent, scan, plan, subjects, rejects, staging, config,
+            digest=digest, warnings=warnings, seconds=seconds, started=started,
+            backgrounds={"folder": str(config.data.backgrounds or BUNDLED_BACKGROUNDS), "count": len(backgrounds), "digest": backgrounds_hash},
+        )
         write_json_atomic(staging / MANIFEST, manifest)
+        ok = manifest["status"] == "ok"
         path = store.publish(staging, version, make_latest=ok)
 
     if not ok:
         message = (
-            f"{rejected} of {inputs} inputs rejected ({fraction:.0%}) > data.max_reject_fraction "
+            f"{manifest['rejected']} of {manifest['inputs']} inputs rejected "
+            f"({manifest['rejected'] / manifest['inputs']:.0%}) > data.max_reject_fraction "
             f"{config.data.max_reject_fraction:.0%}; {version} written to {path} but `latest` not moved"
         )
         return BuildResult("failed", version, path, manifest, message)
-    message = f"{version}: {accepted} accepted, {rejected} rejected, {manifest['rows']} rows at {path}"
+    message = f"{version}: {manifest['accepted']} accepted, {manifest['rejected']} rejected, {manifest['rows']} rows at {path}"
     return BuildResult("built", version, path, manifest, message)
+
+
+def _manifest(
+    version: str,
+    parent: str | None,
+    scan: SourceScan,
+    plan: RefreshPlan,
+    subjects: dict[str, Any],
+    rejects: pa.Table,
+    staging: Path,
+    config: Config,
+    *,
+    digest: str,
+    warnings: list[str],
+    seconds: Counter[str],
+    started: float,
+    backgrounds: dict[str, Any],
+) -> dict[str, Any]:
+    data_files = [
+        {"path": f"data/{p.name}", "rows": pq.ParquetFile(p).metadata.num_rows} for p in sorted((staging / "data").glob("*.parquet"))
+    ]
+    inputs = len(scan.inputs)
+    ok = rejects.num_rows / inputs <= config.data.max_reject_fraction
+    return {
+        "version": version,
+        "parent_version": parent,
+        "created_at": utc_now(),
+        "status": "ok" if ok else "failed",
+        "package_version": __version__,
+        "source": scan.root.as_uri(),
+        "source_digest": scan.digest(),
+        "processing_digest": digest,
+        "inputs": inputs,
+        "accepted": sum(s["accepted"] for s in subjects.values()),
+        "rejected": rejects.num_rows,
+        "rows": sum(f["rows"] for f in data_files),
+        "processed": len(plan.to_process),
+        "unchanged": len(plan.unchanged),
+        "new": plan.new,
+        "changed": plan.changed,
+        "removed": len(plan.removed),
+        "removed_uris": plan.removed,
+        "subjects": subjects,
+        "rejects_by_stage": dict(Counter(rejects["stage"].to_pylist())),
+        "rejects_by_reason": dict(Counter(rejects["reason"].to_pylist()).most_common()),
+        "warnings": warnings,
+        "stage_seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "wall_seconds": round(time.perf_counter() - started, 3),
+        "backgrounds": backgrounds,
+        "models": {"clipseg": config.model_path("clipseg")},
+        "schema": {"data": DATA_SCHEMA.names, "rejects": REJECT_SCHEMA.names},
+        "files": data_files,
+        "config": config.model_dump(mode="json"),
+    }
