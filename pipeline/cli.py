@@ -23,6 +23,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("data", "pipeline.commands.data", "build or refresh the prompted-context dataset"),
     ("demo", "pipeline.commands.demo", "run the pipeline offline on the bundled sample"),
     ("generate", "pipeline.commands.generate", "generate images of a subject from reference photos"),
+    ("evaluate", "pipeline.commands.evaluate", "DreamBench scores (DINO, CLIP-I, CLIP-T) of a model"),
     ("submit", "pipeline.commands.submit", "run a subjectforge command as a job on a Ray cluster"),
     ("job", "pipeline.commands.job", "status, logs or stop of a submitted job"),
 ]

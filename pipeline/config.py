@@ -30,10 +30,14 @@ PROFILE_MODELS: dict[str, dict[str, str]] = {
     "tiny": {
         "clipseg": str(ASSETS_DIR / "tiny-clipseg"),
         "blip_diffusion": str(ASSETS_DIR / "tiny-blipdiffusion"),
+        "dino": str(ASSETS_DIR / "tiny-dino"),
+        "clip": str(ASSETS_DIR / "tiny-clip"),
     },
     "real": {
         "clipseg": "CIDAS/clipseg-rd64-refined",
         "blip_diffusion": "Salesforce/blipdiffusion",
+        "dino": "facebook/dino-vits16",
+        "clip": "openai/clip-vit-base-patch32",
     },
 }
 
@@ -60,6 +64,8 @@ class ModelsConfig(_Strict):
 
     clipseg: str | None = None
     blip_diffusion: str | None = None
+    dino: str | None = Field(None, description="DINO ViT-S/16 of the DINO score (evaluate)")
+    clip: str | None = Field(None, description="CLIP ViT-B/32 of the CLIP-I and CLIP-T scores (evaluate)")
 
 
 class DecodeConfig(_Strict):
@@ -179,6 +185,39 @@ class GenerateConfig(_Strict):
     )
 
 
+class EvaluateConfig(_Strict):
+    """`subjectforge evaluate`: DINO, CLIP-I and CLIP-T on DreamBench (pipeline/evaluation/).
+    Images are made with the `generate:` settings; feature models are `models.dino`/`models.clip`."""
+
+    model: str | None = Field(
+        None, description="checkpoint folder, Hub id or models:/NAME@ALIAS; None = models.blip_diffusion"
+    )
+    photos: str | None = Field(
+        None, description="real photos, one folder per subject; None = the bundled datasets/dreambench-mini"
+    )
+    benchmark: str | None = Field(
+        None, description="folder with subjects.csv, prompts_object.txt, prompts_live.txt; None = datasets/dreambench"
+    )
+    prompts: str | None = Field(None, description="one prompt file for every subject; None = the object/live lists")
+    subjects: list[str] | None = Field(None, description="subject ids; None = every subject in photos")
+    images_per_prompt: int = Field(4, ge=1, le=64, description="images per subject and prompt (DreamBench: 4)")
+    out: str | None = Field(None, description="output folder; None = subjectforge-eval/<model name>")
+    num_actors: int | Literal["auto"] = Field("auto", description="generator actors; auto = one per GPU, else 1")
+    num_gpus: float | Literal["auto"] = Field("auto", description="GPUs per generator actor; auto = 1 with GPUs, else 0")
+    batch_size: int | None = Field(None, ge=1, description="images per denoising batch; None = a prompt's images at once")
+    score_batch_size: int = Field(32, ge=1, description="images per DINO/CLIP forward pass")
+    qformer_tokenizer: str | None = Field(None, description="folder of the Q-Former's BERT tokenizer (offline use)")
+    thumbnail: int = Field(128, ge=16, le=1024, description="side of each image in the per-subject grids, px")
+
+    @model_validator(mode="after")
+    def _check(self) -> EvaluateConfig:
+        if self.num_actors != "auto" and self.num_actors < 1:
+            raise ValueError(f"num_actors must be >= 1 or auto, got {self.num_actors}")
+        if self.num_gpus != "auto" and self.num_gpus < 0:
+            raise ValueError(f"num_gpus must be >= 0 or auto, got {self.num_gpus}")
+        return self
+
+
 class Config(_Strict):
     # `real` by default, so a production job never quietly runs on random weights.
     profile: Profile = "real"
@@ -186,6 +225,7 @@ class Config(_Strict):
     data: DataConfig = DataConfig()
     ray: RayConfig = RayConfig()
     generate: GenerateConfig = GenerateConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     def model_path(self, name: str) -> str:
         """The id or path of model `name`: the explicit setting, else the profile's default."""

@@ -1,0 +1,205 @@
+"""The DreamBench evaluation job: generate, score, report, log.
+
+`run_evaluation(config)` makes `images_per_prompt` images for every subject and prompt (only
+those not already on disk, so a killed run resumes), scores each against the subject's real
+photos and its prompt, and writes, under the output folder::
+
+    images/<subject>/<prompt slug>/<k>.png   the generated images (present = done)
+    images.csv                               DINO, CLIP-I, CLIP-T per image
+    scores.csv                               per subject, then overall
+    summary.md                               the table, the settings, the published results
+    grids/<subject>.png                      real photos, then one row per prompt
+    generation.json                          what made the images; a resumed run must match it
+    evaluate.yaml                            the resolved config of the last run
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import BUNDLED_DATASETS_DIR, Config, ConfigError, dump_config
+from pipeline.evaluation import benchmark, plan, report
+from pipeline.evaluation.metrics import summarize_scores
+from pipeline.evaluation.workers import load_rgb
+
+log = logging.getLogger(__name__)
+
+REGISTRY_SCHEME = "models:/"
+FINGERPRINT_FILE = "generation.json"
+CONFIG_FILE = "evaluate.yaml"
+DEFAULT_OUT_ROOT = "subjectforge-eval"
+DEFAULT_BENCHMARK = BUNDLED_DATASETS_DIR / "dreambench"
+DEFAULT_PHOTOS = BUNDLED_DATASETS_DIR / "dreambench-mini"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """The model under evaluation: what `BlipDiffusion.from_pretrained` loads, and the
+    registered model version it is (for registry URIs), so scores can be tagged on it."""
+
+    uri: str  # as the user gave it
+    path: str  # checkpoint folder or Hub id
+    registered_name: str | None = None
+    registered_version: str | None = None
+
+
+@dataclass
+class EvaluationResult:
+    out: Path
+    model: ModelRef
+    per_subject: dict[str, dict[str, float]]  # subject_id -> {dino, clip_i, clip_t}
+    overall: dict[str, float]  # mean over subjects
+    images: list[dict[str, Any]]  # per image: subject_id, prompt, index, path and the scores
+    generated: int  # images made by this run
+    reused: int  # images found on disk from an earlier run
+    params: dict[str, Any] = field(default_factory=dict)  # settings worth logging with the scores
+    mlflow_run_id: str | None = None
+
+
+# Logs a finished evaluation somewhere (MLflow through pipeline/tracking.py); returns a run id.
+ResultLogger = Callable[[EvaluationResult, Config], str | None]
+
+
+def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """`models:/NAME@ALIAS` -> (NAME, ALIAS, None); `models:/NAME/VERSION` -> (NAME, None, VERSION)."""
+    body = uri[len(REGISTRY_SCHEME) :]
+    match = re.fullmatch(r"([^/@]+)(?:@([A-Za-z0-9_.-]+)|/(\d+))", body)
+    if not uri.startswith(REGISTRY_SCHEME) or match is None:
+        raise ConfigError(f"--model {uri!r}: a registry URI reads models:/NAME@ALIAS or models:/NAME/VERSION")
+    return match.group(1), match.group(2), match.group(3)
+
+
+def resolve_model(uri: str) -> ModelRef:
+    """A checkpoint folder or Hub id as it is; a registry URI is parsed and then refused.
+
+    Registered models come with issue 6 (fine-tuning and the registry): their artifact holds a
+    subject's fine-tuned weights over a registered base version, and their loader does not exist
+    yet. Once it does, this resolves the URI to (local folder, name, version) and the rest of the
+    job, the version tags included, works unchanged.
+    """
+    if uri.startswith(REGISTRY_SCHEME):
+        name, alias, version = parse_registry_uri(uri)
+        raise ConfigError(
+            f"--model {uri}: registered models ({name} {'@' + alias if alias else 'version ' + str(version)}) "
+            "cannot be evaluated yet: their format and loader come with the fine-tuning and registry work "
+            "(issue 6). Pass the checkpoint folder or Hub id of the model instead."
+        )
+    return ModelRef(uri=uri, path=uri)
+
+
+def _check_model(ref: ModelRef) -> None:
+    from pipeline.hub import require_model
+    from pipeline.model.checkpoint import MODEL_INDEX, CheckpointError, check_layout
+
+    local = Path(ref.path).expanduser()
+    if local.exists() or ref.path.startswith((".", "/", "~")):
+        try:
+            check_layout(local)
+        except CheckpointError as exc:
+            raise ConfigError(f"--model: {exc}") from None
+    else:
+        require_model("blip_diffusion", ref.path, marker=MODEL_INDEX)
+
+
+def default_out(ref: ModelRef) -> Path:
+    """subjectforge-eval/<model name>: a Hub id's owner--name, a folder's own name."""
+    local = Path(ref.path).expanduser()
+    name = local.resolve().name if local.exists() else ref.path.replace("/", "--")
+    return Path(DEFAULT_OUT_ROOT) / (re.sub(r"[^A-Za-z0-9_.-]+", "-", name) or "model")
+
+
+def _check_fingerprint(out: Path, fingerprint: dict[str, Any]) -> None:
+    """Refuse to mix images made with other settings into this run's folder."""
+    path = out / FINGERPRINT_FILE
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in fingerprint.keys() | before.keys() if fingerprint.get(k) != before.get(k))
+        if changed:
+            details = "; ".join(f"{k}: {before.get(k)!r} there, {fingerprint.get(k)!r} now" for k in changed)
+            raise ConfigError(
+                f"{out} holds images made with other settings ({details}). "
+                "Pass another --out, or delete the folder to start over."
+            )
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+
+
+def run_evaluation(config: Config, *, logger: ResultLogger | None = None, progress: bool = True) -> EvaluationResult:
+    """Generate what is missing, score everything, write the report and log it (see module doc)."""
+    from pipeline.dataplan import ensure_ray
+    from pipeline.hub import require_model
+
+    ev = config.evaluate
+    ref = resolve_model(ev.model or config.model_path("blip_diffusion"))
+    bench = Path(ev.benchmark) if ev.benchmark else DEFAULT_BENCHMARK
+    subjects = benchmark.load_subjects(
+        ev.photos or DEFAULT_PHOTOS, benchmark.read_class_table(bench / benchmark.SUBJECTS_FILE), ev.subjects
+    )
+    if ev.prompts:
+        shared = benchmark.read_prompts(ev.prompts)
+        prompts_for = {s.subject_id: shared for s in subjects}
+    else:
+        lists = {live: benchmark.read_prompts(bench / name) for live, name in ((False, benchmark.OBJECT_PROMPTS_FILE), (True, benchmark.LIVE_PROMPTS_FILE))}
+        prompts_for = {s.subject_id: lists[s.live] for s in subjects}
+    _check_model(ref)
+    require_model("dino", config.model_path("dino"))
+    require_model("clip", config.model_path("clip"))
+
+    # Absolute, because the actors that write and read the images have their own working directory.
+    out = (Path(ev.out) if ev.out else default_out(ref)).expanduser().resolve()
+    settings = plan.generation_settings(config)
+    settings.pop("batch_size")  # changes the pixels only by float rounding
+    _check_fingerprint(out, {"model": plan.absolute_if_local(ref.path), "photos": str(Path(ev.photos or DEFAULT_PHOTOS).resolve()), **settings})
+    (out / report.GRIDS_DIR).mkdir(parents=True, exist_ok=True)
+
+    tasks = benchmark.build_tasks(subjects, prompts_for, ev.images_per_prompt)
+    missing = [t for t in tasks if not (out / t.path).is_file()]
+    log.info("%d images for %d subjects; %d on disk, %d to generate in %s", len(tasks), len(subjects), len(tasks) - len(missing), len(missing), out)
+    ensure_ray(config.ray)
+    photos = {s.subject_id: list(s.photos) for s in subjects}
+    generated = plan.generate_images(missing, photos, config, plan.absolute_if_local(ref.path), str(out), progress=progress)
+    still_missing = [t.path for t in tasks if not (out / t.path).is_file()]
+    if still_missing:
+        raise RuntimeError(f"{len(still_missing)} images were not written, e.g. {still_missing[0]}")
+    rows = plan.score_images(tasks, photos, config, str(out), progress=progress)
+    per_subject, overall = summarize_scores(rows)
+
+    info = {
+        "model": ref.uri,
+        "profile": config.profile,
+        "subjects": len(subjects),
+        "prompts": ev.prompts or f"{bench} (object / live lists)",
+        "images_per_prompt": ev.images_per_prompt,
+        "images": len(tasks),
+        "steps": config.generate.steps,
+        "guidance_scale": config.generate.guidance_scale,
+        "resolution": f"{config.generate.width}x{config.generate.height}",
+        "dino": config.model_path("dino"),
+        "clip": config.model_path("clip"),
+    }
+    report.write_image_scores(out / report.IMAGES_CSV, rows)
+    report.write_subject_scores(out / report.SCORES_CSV, per_subject, overall, Counter(r["subject_id"] for r in rows))
+    (out / report.SUMMARY_MD).write_text(report.summary_markdown(per_subject, overall, info, tiny=config.profile == "tiny"))
+    for subject in subjects:
+        subject_tasks = [t for t in tasks if t.subject_id == subject.subject_id]
+        prompt_rows: dict[str, list] = {}
+        for t in subject_tasks:
+            prompt_rows.setdefault(t.prompt, []).append(load_rgb(out / t.path))
+        grid = report.make_subject_grid([load_rgb(p) for p in subject.photos], list(prompt_rows.values()), ev.thumbnail)
+        grid.save(out / report.GRIDS_DIR / f"{subject.subject_id}.png")
+    (out / CONFIG_FILE).write_text(yaml.safe_dump({"run": info}, sort_keys=False) + dump_config(config))
+
+    result = EvaluationResult(out, ref, per_subject, overall, rows, generated, len(tasks) - len(missing), info)
+    if logger is not None:
+        result.mlflow_run_id = logger(result, config)
+    return result

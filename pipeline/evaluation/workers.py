@@ -1,0 +1,172 @@
+"""The two Ray Data actors of the evaluation job: one generates images, one scores them.
+
+Each loads its models once in `__init__` and maps a batch in `__call__`; resources are declared
+in pipeline/evaluation/plan.py. Batches are dicts of numpy arrays (Ray Data's default format).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+
+from pipeline.evaluation.features import ClipFeatures, DinoFeatures
+from pipeline.evaluation.metrics import image_similarity, text_similarity
+
+log = logging.getLogger(__name__)
+
+# Row columns.
+SUBJECT_ID = "subject_id"
+CATEGORY = "category"
+PROMPT = "prompt"
+INDICES = "indices"  # generation rows: the image indices of the prompt still to make
+PATHS = "paths"  # generation rows: where they go, relative to the output folder
+INDEX = "index"
+PATH = "path"
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def split_prompt(prompt: str) -> tuple[str, str]:
+    """A DreamBench prompt as BLIP-Diffusion's `generate(prompt, target_category=...)` takes it.
+
+    The model writes "a {target_category} {prompt}" and puts the subject right after "a", so
+    "a dog in the jungle" -> ("dog", "in the jungle") and "a red dog" -> ("red", "dog"): the
+    text it encodes is the benchmark's prompt exactly, with the subject where DreamBench's
+    unique token stands ("a [V] dog in the jungle").
+    """
+    words = prompt.split()
+    if len(words) < 3 or words[0] != "a":
+        raise ValueError(f"a prompt must read 'a <at least two words>', got {prompt!r}")
+    return words[1], " ".join(words[2:])
+
+
+def save_png_atomic(image: PIL.Image.Image, path: Path) -> None:
+    """Write `path` so that it exists only once complete (a killed run leaves no half PNG, so
+    its presence marks the image done)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def load_rgb(path: str | Path) -> PIL.Image.Image:
+    with PIL.Image.open(path) as image:
+        return image.convert("RGB")
+
+
+class ImageGenerator:
+    """Ray Data actor: BLIP-Diffusion, zero-shot. One row per (subject, prompt) with the image
+    indices to make; writes each as a PNG under `out_dir` and returns one row per image.
+
+    Image k of a prompt starts from the noise of seed `seed + k` (drawn on the CPU), so an image
+    is the same whether it is made alone on a resumed run or with its siblings. The subject
+    embedding is the mean over the subject's real photos, computed once per actor.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        out_dir: str,
+        subject_photos: dict[str, list[str]],
+        settings: dict[str, Any],
+        qformer_tokenizer: str | None = None,
+    ) -> None:
+        from pipeline.model import BlipDiffusion
+
+        self.device = pick_device()
+        dtype = settings["dtype"]
+        if dtype == "auto":
+            dtype = "float16" if self.device.type == "cuda" else "float32"
+        self.model = BlipDiffusion.from_pretrained(
+            model_path, qformer_tokenizer=qformer_tokenizer, dtype=getattr(torch, dtype), device=self.device
+        )
+        self.out_dir = Path(out_dir)
+        self.subject_photos = subject_photos
+        self.settings = settings
+        self._subjects: dict[str, torch.Tensor] = {}  # subject_id -> (1, Q, D) embedding
+        log.info("BLIP-Diffusion %s on %s (%s)", model_path, self.device, dtype)
+
+    def _subject(self, subject_id: str, category: str) -> torch.Tensor:
+        if subject_id not in self._subjects:
+            self._subjects[subject_id] = self.model.encode_subject(self.subject_photos[subject_id], category)
+        return self._subjects[subject_id]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        s = self.settings
+        out: dict[str, list] = {SUBJECT_ID: [], PATH: []}
+        for subject_id, category, prompt, indices, paths in zip(
+            batch[SUBJECT_ID], batch[CATEGORY], batch[PROMPT], batch[INDICES], batch[PATHS], strict=True
+        ):
+            head, tail = split_prompt(str(prompt))
+            latents = torch.cat([self.model.prepare_latents(1, s["height"], s["width"], seed=s["seed"] + int(k)) for k in indices])
+            images = self.model.generate(
+                tail,
+                subject_embeds=self._subject(str(subject_id), str(category)),
+                target_category=head,
+                num_images=len(indices),
+                latents=latents,
+                steps=s["steps"],
+                guidance_scale=s["guidance_scale"],
+                negative_prompt=s["negative_prompt"],
+                height=s["height"],
+                width=s["width"],
+                batch_size=s["batch_size"],
+                progress=False,
+            )
+            for image, path in zip(images, paths, strict=True):
+                save_png_atomic(image, self.out_dir / str(path))
+                out[SUBJECT_ID].append(str(subject_id))
+                out[PATH].append(str(path))
+        return {key: np.asarray(values, dtype=object) for key, values in out.items()}
+
+
+class ImageScorer:
+    """Ray Data actor: DINO and CLIP loaded once; adds `dino`, `clip_i` and `clip_t` (float64 in
+    [-1, 1]) to rows of generated images (subject_id, prompt, path).
+
+    The real photos' features are computed once per subject and the prompts' once per text.
+    """
+
+    def __init__(self, dino_path: str, clip_path: str, out_dir: str, subject_photos: dict[str, list[str]], batch_size: int = 32) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars are noise in job logs
+        self.device = pick_device()
+        self.dino = DinoFeatures(dino_path, self.device, batch_size)
+        self.clip = ClipFeatures(clip_path, self.device, batch_size)
+        self.out_dir = Path(out_dir)
+        self.subject_photos = subject_photos
+        self._real: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # subject_id -> DINO (M, D), CLIP (M, P)
+        self._texts: dict[str, torch.Tensor] = {}  # prompt -> CLIP (P,)
+
+    def _real_features(self, subject_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if subject_id not in self._real:
+            photos = [load_rgb(p) for p in self.subject_photos[subject_id]]
+            self._real[subject_id] = (self.dino.encode_images(photos), self.clip.encode_images(photos))
+        return self._real[subject_id]
+
+    def _text_features(self, prompts: list[str]) -> torch.Tensor:
+        new = sorted({p for p in prompts if p not in self._texts})
+        if new:
+            self._texts.update(zip(new, self.clip.encode_texts(new), strict=True))
+        return torch.stack([self._texts[p] for p in prompts])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        subjects = [str(s) for s in batch[SUBJECT_ID]]
+        images = [load_rgb(self.out_dir / str(p)) for p in batch[PATH]]
+        dino_gen, clip_gen = self.dino.encode_images(images), self.clip.encode_images(images)  # (B, D), (B, P)
+        dino, clip_i = np.empty(len(images)), np.empty(len(images))
+        for i, subject in enumerate(subjects):
+            dino_real, clip_real = self._real_features(subject)
+            dino[i] = float(image_similarity(dino_gen[i : i + 1], dino_real)[0])
+            clip_i[i] = float(image_similarity(clip_gen[i : i + 1], clip_real)[0])
+        clip_t = text_similarity(clip_gen, self._text_features([str(p) for p in batch[PROMPT]])).numpy()
+        return {**batch, "dino": dino, "clip_i": clip_i, "clip_t": clip_t}
