@@ -46,6 +46,12 @@ def _cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+def _resources(gpus: float) -> dict[str, float]:
+    """An actor's reservation: its GPUs, or one CPU when it has none (Ray Data warns that
+    asking for both is experimental)."""
+    return {"num_gpus": gpus} if gpus else {"num_cpus": 1}
+
+
 def _actor_resources(ev: EvaluateConfig, rows: int) -> tuple[int, float]:
     """(actors, GPUs per actor) for the generators: `auto` is one actor per GPU with one GPU
     each, or a single CPU actor when the cluster has no GPU; never more actors than rows."""
@@ -110,8 +116,7 @@ def generate_images(
             ImageGenerator,
             batch_size=1,
             compute=ActorPoolStrategy(size=actors),
-            num_gpus=gpus,
-            num_cpus=1,
+            **_resources(gpus),
             fn_constructor_kwargs={
                 "model_path": model_path,
                 "out_dir": out_dir,
@@ -137,8 +142,7 @@ def score_images(
             ImageScorer,
             batch_size=ev.score_batch_size,
             compute=ActorPoolStrategy(size=1),
-            num_gpus=gpus,
-            num_cpus=1,
+            **_resources(gpus),
             fn_constructor_kwargs={
                 "dino_path": absolute_if_local(config.model_path("dino")),
                 "clip_path": absolute_if_local(config.model_path("clip")),
