@@ -57,6 +57,8 @@ def test_bad_inputs_name_the_problem(tmp_path):
     table = read_class_table(BENCH / "subjects.csv")
     with pytest.raises(ConfigError, match="'unicorn' is not in the class table"):
         load_subjects(MINI, table, ["unicorn"])
+    with pytest.raises(ConfigError, match="the list is empty"):
+        load_subjects(MINI, table, [])
     with pytest.raises(ConfigError, match="no photos of 'dog2'"):
         load_subjects(MINI, table, ["dog2"])
     (tmp_path / "dog").mkdir()

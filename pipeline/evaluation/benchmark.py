@@ -108,6 +108,8 @@ def load_subjects(photos_dir: str | Path, class_table: dict[str, tuple[str, bool
         subject_ids = sorted(p.name for p in photos_dir.iterdir() if p.is_dir() and p.name in class_table)
         if not subject_ids:
             raise ConfigError(f"evaluate.photos: no folder in {photos_dir} is a subject of the class table")
+    if not subject_ids:
+        raise ConfigError("evaluate.subjects: the list is empty")
     if len(set(subject_ids)) != len(subject_ids):
         raise ConfigError(f"evaluate.subjects: repeated subject in {list(subject_ids)}")
     subjects = []
