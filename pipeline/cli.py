@@ -24,6 +24,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("demo", "pipeline.commands.demo", "run the pipeline offline on the bundled sample"),
     ("generate", "pipeline.commands.generate", "generate images of a subject from reference photos"),
     ("evaluate", "pipeline.commands.evaluate", "DreamBench scores (DINO, CLIP-I, CLIP-T) of a model"),
+    ("pretrain", "pipeline.commands.pretrain", "subject-representation pretraining on Ray Train"),
     ("submit", "pipeline.commands.submit", "run a subjectforge command as a job on a Ray cluster"),
     ("job", "pipeline.commands.job", "status, logs or stop of a submitted job"),
 ]

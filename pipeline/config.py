@@ -185,6 +185,93 @@ class GenerateConfig(_Strict):
     )
 
 
+class TrainableConfig(_Strict):
+    """Which parts of BLIP-Diffusion learn; the ViT and the VAE are always frozen."""
+
+    qformer: bool = Field(True, description="Q-Former: query tokens, text embeddings, transformer blocks")
+    projection: bool = Field(True, description="the Q-Former's projection into the text encoder's space")
+    text_encoder: bool = True
+    unet: bool = True
+
+    @model_validator(mode="after")
+    def _check_any(self) -> TrainableConfig:
+        if not any((self.qformer, self.projection, self.text_encoder, self.unet)):
+            raise ValueError("at least one part must be trainable")
+        return self
+
+
+class SamplesConfig(_Strict):
+    """Sample generations logged to MLflow while training (rank 0, with the in-memory model)."""
+
+    every: int = Field(1000, ge=0, description="generate every this many steps (and at the end); 0 = never")
+    subjects: int = Field(4, ge=1, description="fixed subjects: the first in subject_id order, one composite each")
+    prompt: str = Field("on the beach", min_length=1, description="what to draw the subjects in")
+    steps: int = Field(25, ge=1, le=1000, description="denoising steps")
+    guidance_scale: float = Field(7.5, ge=0.0)
+
+
+class TrainConfig(_Strict):
+    """`subjectforge pretrain` (Ray Train). Defaults follow BLIP-Diffusion's pretraining: AdamW,
+    constant LR 2e-6 after warm-up, subject embeddings dropped 15% of the time, 512 px."""
+
+    method: Literal["pretrain"] = Field("pretrain", description="what trains and is saved (pipeline.train.methods)")
+    data: str | None = Field(None, description="dataset version folder, or a dataset root (its `latest` is used)")
+    run_name: str | None = Field(
+        None, description="Ray Train run name; rerunning with the same name resumes. None = '<method>-<dataset version>'"
+    )
+    storage_path: str = Field("subjectforge-runs", description="checkpoints go in <storage_path>/<run_name>/ (local path or URI)")
+    workers: int = Field(1, ge=1, description="data-parallel workers (one GPU each with gpu: true)")
+    gpu: bool = Field(False, description="one GPU per worker, NCCL, bf16 autocast")
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs Ray reserves per worker (fractions allowed)")
+    steps: int = Field(100_000, ge=1, description="optimizer steps in all (a resumed run stops at the same step)")
+    batch_size: int = Field(16, ge=1, description="samples per worker per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(2e-6, gt=0.0, description="AdamW learning rate after warm-up (constant)")
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_steps: int = Field(1000, ge=0, description="linear warm-up from 0 to lr, in optimizer steps")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="gradient clipping; 0 = off")
+    resolution: int = Field(512, ge=8, le=2048, multiple_of=8, description="target crop side, px")
+    crop: Literal["random", "center"] = Field("random", description="how the target photo is cropped to resolution")
+    prompt_template: str = Field("a {category}", description="prompt of rows without a caption; {category} is filled in")
+    drop_subject_prob: float = Field(0.15, ge=0.0, le=1.0, description="share of samples trained without the subject")
+    trainable: TrainableConfig = TrainableConfig()
+    precompute: bool = Field(
+        False, description="encode targets (VAE) and composites (ViT) once in Ray Data and train from those"
+    )
+    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
+    compile: bool = Field(False, description="torch.compile the UNet (GPU)")
+    shuffle_buffer: int = Field(256, ge=0, description="rows in each worker's local shuffle buffer; 0 = file order")
+    data_cpus: float = Field(1.0, gt=0.0, description="CPUs per Ray Data decode task")
+    checkpoint_every: int = Field(1000, ge=1, description="optimizer steps between checkpoints (and one at the end)")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept in storage")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the newest checkpoint before the run fails")
+    log_every: int = Field(10, ge=1, description="steps between progress lines and MLflow metrics")
+    samples: SamplesConfig = SamplesConfig()
+    seed: int = Field(0, ge=0)
+    register_as: str | None = Field("subjectforge-base", description="MLflow registered model name; None = do not register")
+    step_log: str | None = Field(None, description="folder where each rank appends the steps it trained (audits, tests)")
+    fail_at_step: int | None = Field(
+        None, ge=1, description="fault injection: kill one worker once after this step (tests of resume)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if "{category}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain '{category}'")
+        if self.fail_at_step is not None and self.fail_at_step >= self.steps:
+            raise ValueError(f"fail_at_step ({self.fail_at_step}) must be below steps ({self.steps})")
+        return self
+
+
+class TrackingConfig(_Strict):
+    """MLflow. pipeline/tracking.py is the only module that talks to it."""
+
+    enabled: bool = True
+    uri: str | None = Field(None, description="None = $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db")
+    experiment: str = Field("subjectforge", min_length=1)
+    system_metrics: bool = Field(True, description="CPU/GPU/memory metrics of rank 0's node")
+
+
 class EvaluateConfig(_Strict):
     """`subjectforge evaluate`: DINO, CLIP-I and CLIP-T on DreamBench (pipeline/evaluation/).
     Images are made with the `generate:` settings; feature models are `models.dino`/`models.clip`."""
@@ -226,6 +313,8 @@ class Config(_Strict):
     ray: RayConfig = RayConfig()
     generate: GenerateConfig = GenerateConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     def model_path(self, name: str) -> str:
         """The id or path of model `name`: the explicit setting, else the profile's default."""

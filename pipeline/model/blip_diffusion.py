@@ -209,18 +209,20 @@ class BlipDiffusion(nn.Module):
         tokens = self.tokenizer(
             list(prompts), padding="max_length", truncation=True, max_length=length, return_tensors="pt"
         )
-        return tokens.input_ids.to(self.device)
+        return _to_device(tokens.input_ids, self.device)
 
     def subject_embeddings(self, pixel_values: torch.Tensor, categories: Sequence[str]) -> torch.Tensor:
         """Per-image subject embeddings (B, Q, D) in the model dtype; differentiable in the Q-Former.
 
-        pixel_values: (B, 3, S, S) float from `image_processor.preprocess`; categories: B texts
-        (the subject's class, e.g. "dog").
+        pixel_values: (B, 3, S, S) float from `image_processor.preprocess`, or the frozen ViT's
+        features of them (B, 1 + N, Dv) from `qformer.image_features` (precomputed for training);
+        categories: B texts (the subject's class, e.g. "dog").
         """
         categories = [check_text(c, "category") for c in categories]
-        if pixel_values.ndim != 4 or pixel_values.shape[0] != len(categories):
+        if pixel_values.ndim not in (3, 4) or pixel_values.shape[0] != len(categories):
             raise ValueError(
-                f"pixel_values must be (B, 3, S, S) with B = {len(categories)} categories, got {tuple(pixel_values.shape)}"
+                f"pixel_values must be (B, 3, S, S) (or ViT features (B, 1 + N, Dv)) with B = {len(categories)} "
+                f"categories, got {tuple(pixel_values.shape)}"
             )
         text = self.qformer_tokenizer(
             categories,
@@ -228,9 +230,10 @@ class BlipDiffusion(nn.Module):
             truncation=True,
             max_length=self.qformer.config.max_position_embeddings,
             return_tensors="pt",
-        ).to(self.device)
+        )
         pixels = pixel_values.to(device=self.device, dtype=self.qformer.query_tokens.dtype)
-        return self.qformer(pixels, text.input_ids, text.attention_mask)
+        ids, mask = _to_device(text.input_ids, self.device), _to_device(text.attention_mask, self.device)
+        return self.qformer(pixels, ids, mask)
 
     @torch.no_grad()
     def encode_subject(self, images: ImageLike | Sequence[ImageLike], category: str) -> torch.Tensor:
@@ -260,7 +263,8 @@ class BlipDiffusion(nn.Module):
 
         Rows where `drop_subject` (B,) bool is True get the plain prompt with no subject tokens
         (as the reference's `disable_subject_prompt`), so the model also learns text-only
-        conditioning; their images and categories are not encoded.
+        conditioning; their images and categories are not encoded. Keep `drop_subject` on the
+        CPU: a CUDA mask costs a device synchronisation here.
         """
         batch = len(prompts)
         if len(categories) != batch:
@@ -272,13 +276,15 @@ class BlipDiffusion(nn.Module):
         drop_idx = drop.nonzero().flatten().tolist()
         parts = []
         if keep_idx:
-            subject = self.subject_embeddings(pixel_values[keep_idx], [categories[i] for i in keep_idx])
+            kept = pixel_values if not drop_idx else pixel_values[_to_device(torch.tensor(keep_idx), pixel_values.device)]
+            subject = self.subject_embeddings(kept, [categories[i] for i in keep_idx])
             parts.append(self.encode_prompts([prompts[i] for i in keep_idx], subject))
         if drop_idx:
             parts.append(self.encode_prompts([prompts[i] for i in drop_idx], None))
         hidden = torch.cat(parts)
-        order = torch.tensor(keep_idx + drop_idx).argsort().to(hidden.device)
-        return hidden[order]
+        if not drop_idx:
+            return hidden
+        return hidden[_to_device(torch.tensor(keep_idx + drop_idx).argsort(), hidden.device)]
 
     def predict_noise(
         self,
@@ -464,6 +470,15 @@ def _load_diffusers(cls: type, folder: Path) -> Any:
         return cls.from_pretrained(str(folder))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load {cls.__name__} from {folder}: {exc}") from exc
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor (token ids, row indices) on `device` without waiting for the device: a plain
+    `.to("cuda")` synchronises with every kernel already queued, which stalls a training step
+    several times per forward pass."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _drop_source_path(config: Path) -> None:

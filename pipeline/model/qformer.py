@@ -106,19 +106,26 @@ class SubjectQFormer(nn.Module):
     def image_size(self) -> int:
         return self.vision_config.image_size
 
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The frozen ViT's features (B, 1 + N, Dv) of pixel values (B, 3, S, S). Features made
+        earlier by this method (B, 1 + N, Dv), e.g. once for a whole training set, pass through."""
+        if pixel_values.ndim == 3:
+            return pixel_values
+        with torch.no_grad():  # the ViT is frozen: keep no activations for backward
+            return self.visual_encoder(pixel_values)
+
     def hidden_states(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
         """Q-Former outputs over [queries; text], before projection: (B, Q + T, D).
 
-        pixel_values: (B, 3, S, S) float, CLIP-normalised; input_ids / attention_mask: (B, T)
-        BERT ids of the category text and its 0/1 padding mask.
+        pixel_values: (B, 3, S, S) float, CLIP-normalised, or their `image_features`;
+        input_ids / attention_mask: (B, T) BERT ids of the category text and its 0/1 padding mask.
         """
         batch = input_ids.shape[0]
         if pixel_values.shape[0] != batch:
             raise ValueError(f"{pixel_values.shape[0]} images for {batch} category texts; give one text per image")
-        with torch.no_grad():  # the ViT is frozen: keep no activations for backward
-            image_features = self.visual_encoder(pixel_values)  # (B, 1 + N, Dv)
+        image_features = self.image_features(pixel_values)  # (B, 1 + N, Dv)
         dtype = self.query_tokens.dtype
         queries = self.query_tokens.expand(batch, -1, -1)
         hidden = self.embeddings(input_ids, queries)  # (B, Q + T, D)

@@ -1,0 +1,197 @@
+"""MLflow, and only here: runs, params, metrics, the dataset input, images, the model registry.
+
+The driver of a job creates (or, for a rerun, reopens) the run and registers the model; rank 0
+of the training workers logs into that run by id. Every function takes the tracking URI
+explicitly and talks through an `MlflowClient`, so no process relies on MLflow's global
+"active run", and worker processes (whose working directory is not the driver's) write to the
+same store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import REPO_DIR
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"  # MLflow 3's own default
+RUN_NAME_TAG = "subjectforge.run_name"  # the Ray Train run name; a rerun with it reopens the run
+_PARAM_LIMIT = 6000  # MLflow's longest param value
+
+
+def resolve_tracking_uri(setting: str | None) -> str:
+    """`tracking.uri`, else $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db; a relative SQLite
+    path is made absolute against the current directory, so workers find the same file."""
+    uri = setting or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        uri = prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"train": {"lr": 1e-5}} -> {"train.lr": "1e-05"}: a nested config as MLflow params."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:_PARAM_LIMIT]
+    return flat
+
+
+def git_commit(repo: Path = REPO_DIR) -> str:
+    """The checkout's HEAD commit, with "-dirty" when tracked files differ; "unknown" outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head}-dirty" if dirty else head
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side
+
+
+def start_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str] | None = None) -> str:
+    """The id of the MLflow run for Ray Train run `run_name`: the existing one (a rerun resumes
+    it, status back to RUNNING) or a new one in `experiment`."""
+    client = _client(uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found is not None else client.create_experiment(experiment)
+    existing = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", order_by=["attributes.start_time DESC"], max_results=1
+    )
+    if existing:
+        run_id = existing[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        log.info("MLflow: reopened run %s (%s) in %s", run_id, run_name, uri)
+    else:
+        run_id = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name}).info.run_id
+        log.info("MLflow: run %s (%s) in experiment %r at %s", run_id, run_name, experiment, uri)
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
+    return run_id
+
+
+def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """status: FINISHED, FAILED or KILLED."""
+    _client(uri).set_terminated(run_id, status=status)
+
+
+def register_model(uri: str, run_id: str, folder: Path, name: str, tags: Mapping[str, str]) -> str:
+    """Log `folder` as the run's `model` artifact and register it as a new version of `name`,
+    tagged with `tags` (dataset version and digest, git commit, step). Returns the version.
+
+    The artifact is the `save_pretrained` layout: `mlflow.artifacts.download_artifacts(
+    "models:/<name>/<version>")` gives a folder `BlipDiffusion.from_pretrained` loads.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    client.log_artifacts(run_id, str(folder), "model")
+    source = f"{client.get_run(run_id).info.artifact_uri}/model"
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(name, source=source, run_id=run_id, tags=dict(tags))
+    log.info("MLflow: registered %s version %s from run %s", name, version.version, run_id)
+    return str(version.version)
+
+
+def find_model_version(uri: str, name: str, tags: Mapping[str, str]) -> str | None:
+    """A version of `name` whose tags include all of `tags` (so a rerun does not register twice)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = _client(uri).search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    for version in versions:
+        if all(version.tags.get(k) == v for k, v in tags.items()):
+            return str(version.version)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Rank 0 of the training workers
+
+
+def log_params(uri: str, run_id: str, params: Mapping[str, str]) -> None:
+    """Log params not yet on the run. A rerun may change some (e.g. more steps): those keep
+    their first value (MLflow params are immutable) and are listed in a warning."""
+    from mlflow.entities import Param
+
+    client = _client(uri)
+    logged = client.get_run(run_id).data.params
+    changed = sorted(k for k, v in params.items() if k in logged and logged[k] != v)
+    if changed:
+        log.warning("MLflow params keep their first values; changed in this rerun: %s", ", ".join(changed))
+    new = [Param(k, v) for k, v in params.items() if k not in logged]
+    for start in range(0, len(new), 100):  # log_batch takes at most 100 params
+        client.log_batch(run_id, params=new[start : start + 100])
+
+
+def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    _client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def log_dataset(uri: str, run_id: str, *, name: str, path: str, digest: str, version: str, rows: int, **_: Any) -> None:
+    """The dataset version as a run input (what `mlflow.log_input` records), with its manifest's
+    digest, so `search_runs`/the UI show which data a model was trained on."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+
+    source = resolve_dataset_source(path) if "://" in path else LocalArtifactDatasetSource(Path(path).resolve().as_uri())
+    dataset = MetaDataset(source=source, name=f"{name}@{version}", digest=digest)
+    tags = [InputTag("mlflow.data.context", "training"), InputTag("dataset_version", version), InputTag("rows", str(rows))]
+    client = _client(uri)
+    already = client.get_run(run_id).inputs.dataset_inputs
+    if any(d.dataset.digest == digest for d in already):
+        return
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
+
+
+def log_image(uri: str, run_id: str, image: Any, key: str, step: int) -> None:
+    _client(uri).log_image(run_id, image, key=key, step=step, synchronous=True)
+
+
+def set_tag(uri: str, run_id: str, key: str, value: str) -> None:
+    _client(uri).set_tag(run_id, key, value)
+
+
+def start_system_metrics(uri: str, run_id: str, interval_s: float = 10.0) -> Any:
+    """Start MLflow's sampler of this node's CPU/memory/disk (GPU with pynvml); returns the
+    monitor (call `.finish()`), or None where psutil is missing."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=uri, resume_logging=True)
+    except ImportError as exc:
+        log.warning("no system metrics: %s", exc)
+        return None
+    monitor.start()
+    return monitor

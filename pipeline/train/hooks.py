@@ -1,0 +1,269 @@
+"""Side jobs of the training loop, one small object each (MosaicML's callbacks, in miniature).
+
+The loop calls every hook at five points: `on_start`, `after_loss` (each micro-batch),
+`after_step` (each optimizer step), `on_checkpoint` (after a checkpoint was reported) and
+`on_end`. A hook overrides the one it needs. Hooks that log run only on rank 0 (`build_hooks`
+decides), and only they call pipeline.tracking.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import torch
+
+from pipeline import tracking
+from pipeline.config import Config
+from pipeline.train import dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunInfo:
+    """What the driver resolved for the workers (plain values, so Ray can ship it)."""
+
+    run_name: str
+    run_folder: str  # <storage_path>/<run_name>
+    tracking_uri: str | None  # None: no MLflow
+    mlflow_run_id: str | None
+    dataset: dict[str, Any]  # name, version, digest, path, rows, precomputed
+    samples: list[dict[str, Any]] = field(default_factory=list)  # subject_id, category, composite (bytes)
+
+
+@dataclass
+class TrainState:
+    """What hooks see. `stats` is set by IntervalStats on logging steps and None otherwise."""
+
+    method: Any  # the unwrapped Method
+    batches: Any  # the dist.BatchStream the loop draws from (its wait_s)
+    step: int  # optimizer steps done
+    max_steps: int
+    start_step: int  # the step this attempt started from (0, or the checkpoint it resumed)
+    samples_per_step: int  # over all workers
+    lr: float = 0.0
+    grad_norm: torch.Tensor | None = None
+    stats: dict[str, float] | None = None
+
+
+class Hook:
+    def on_start(self, state: TrainState) -> None: ...
+
+    def after_loss(self, state: TrainState, loss: torch.Tensor) -> None: ...
+
+    def after_step(self, state: TrainState) -> None: ...
+
+    def on_checkpoint(self, state: TrainState, name: str) -> None: ...
+
+    def on_end(self, state: TrainState) -> None: ...
+
+
+class NaNCatcher(Hook):
+    """Stops the run at the first non-finite loss, before it reaches the weights.
+
+    `every` > 1 checks every Nth micro-batch only: each check waits for the GPU to finish it.
+    """
+
+    def __init__(self, every: int = 1) -> None:
+        self.every, self.calls = every, 0
+
+    def after_loss(self, state: TrainState, loss: torch.Tensor) -> None:
+        self.calls += 1
+        if self.calls % self.every == 0 and not torch.isfinite(loss).item():
+            raise FloatingPointError(f"loss is {loss.item()} at step {state.step + 1}")
+
+
+class IntervalStats(Hook):
+    """Every `every` steps (and at the last): loss averaged over the interval and all workers,
+    grad norm, samples/s, the share of the time spent waiting for data, and ETA into
+    `state.stats`. Runs on every rank (one all-reduce)."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.loss_sum: torch.Tensor | None = None
+        self.count = 0
+        self.since = time.perf_counter()
+        self.since_step = 0
+        self.since_wait = 0.0
+
+    def on_start(self, state: TrainState) -> None:
+        self.since, self.since_step, self.since_wait = time.perf_counter(), state.step, state.batches.wait_s
+
+    def after_loss(self, state: TrainState, loss: torch.Tensor) -> None:
+        detached = loss.detach().float()
+        self.loss_sum = detached if self.loss_sum is None else self.loss_sum + detached
+        self.count += 1
+
+    def after_step(self, state: TrainState) -> None:
+        state.stats = None
+        if state.step % self.every and state.step != state.max_steps:
+            return
+        loss, wait = dist.mean_over_workers(
+            torch.cat([self.loss_sum.reshape(1) / self.count, self.loss_sum.new_tensor([state.batches.wait_s - self.since_wait])])
+        ).tolist()
+        seconds = max(time.perf_counter() - self.since, 1e-9)
+        steps = state.step - self.since_step
+        state.stats = {
+            "loss": loss,
+            "lr": state.lr,
+            "samples_per_s": state.samples_per_step * steps / seconds,
+            "data_wait_share": min(wait / seconds, 1.0),
+            "eta_s": seconds / max(steps, 1) * (state.max_steps - state.step),
+        }
+        if state.grad_norm is not None:
+            state.stats["grad_norm"] = float(state.grad_norm)
+        if torch.cuda.is_available() and dist.device().type == "cuda":
+            state.stats["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self.loss_sum, self.count = None, 0
+        self.since, self.since_step, self.since_wait = time.perf_counter(), state.step, state.batches.wait_s
+
+
+class ProgressLog(Hook):
+    """The live line: step, loss, samples/s, ETA (rank 0)."""
+
+    def after_step(self, state: TrainState) -> None:
+        s = state.stats
+        if s is None:
+            return
+        eta = time.strftime("%H:%M:%S", time.gmtime(s["eta_s"])) if s["eta_s"] < 86400 else f"{s['eta_s'] / 86400:.1f}d"
+        log.info(
+            "step %d/%d  loss %.4f  lr %.2e  %.1f samples/s  data wait %.0f%%  ETA %s",
+            state.step, state.max_steps, s["loss"], s["lr"], s["samples_per_s"], 100 * s["data_wait_share"], eta,
+        )
+
+
+class MetricsLog(Hook):
+    """MLflow metrics with step= on every logging step (rank 0)."""
+
+    def __init__(self, run: RunInfo) -> None:
+        self.run = run
+
+    def after_step(self, state: TrainState) -> None:
+        if state.stats is not None:
+            tracking.log_metrics(self.run.tracking_uri, self.run.mlflow_run_id, state.stats, state.step)
+
+
+class RunRecord(Hook):
+    """The run's params (the resolved config) and its dataset as an MLflow input (rank 0)."""
+
+    def __init__(self, run: RunInfo, config: Config) -> None:
+        self.run, self.config = run, config
+
+    def on_start(self, state: TrainState) -> None:
+        uri, run_id = self.run.tracking_uri, self.run.mlflow_run_id
+        tracking.log_params(uri, run_id, tracking.flatten(self.config.model_dump(mode="json")))
+        tracking.log_dataset(uri, run_id, **self.run.dataset)
+
+
+class SystemMetrics(Hook):
+    """CPU, memory (and GPU where pynvml is installed) of rank 0's node, sampled by MLflow."""
+
+    def __init__(self, run: RunInfo) -> None:
+        self.run = run
+        self.monitor: Any = None
+
+    def on_start(self, state: TrainState) -> None:
+        self.monitor = tracking.start_system_metrics(self.run.tracking_uri, self.run.mlflow_run_id)
+
+    def on_end(self, state: TrainState) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
+
+
+class SampleImages(Hook):
+    """Every `every` steps and at the end: one generation per fixed subject, logged as an MLflow
+    image (rank 0, the in-memory model; the other ranks wait at the next all-reduce)."""
+
+    def __init__(self, run: RunInfo, config: Config) -> None:
+        self.run, self.cfg = run, config.train.samples
+        self.size = config.train.resolution
+        self.subjects = [
+            (s["subject_id"], s["category"], PIL.Image.open(io.BytesIO(s["composite"])).convert("RGB")) for s in run.samples
+        ]
+
+    def _log(self, state: TrainState) -> None:
+        for subject_id, category, composite in self.subjects:
+            image = state.method.sample(
+                composite, category, self.cfg.prompt, steps=self.cfg.steps, guidance_scale=self.cfg.guidance_scale,
+                height=self.size, width=self.size, seed=0,
+            )
+            tracking.log_image(self.run.tracking_uri, self.run.mlflow_run_id, image, f"samples/{subject_id}", state.step)
+
+    def after_step(self, state: TrainState) -> None:
+        if self.cfg.every and state.step % self.cfg.every == 0 and state.step != state.max_steps:
+            self._log(state)
+
+    def on_end(self, state: TrainState) -> None:
+        if self.cfg.every and state.step > state.start_step:
+            self._log(state)
+
+
+class CheckpointLog(Hook):
+    """Names the newest checkpoint in the log and as an MLflow tag (rank 0). Ray Train keeps the
+    newest `train.keep_checkpoints` and deletes older ones (CheckpointConfig(num_to_keep))."""
+
+    def __init__(self, run: RunInfo) -> None:
+        self.run = run
+
+    def on_checkpoint(self, state: TrainState, name: str) -> None:
+        log.info("checkpoint %s/%s at step %d", self.run.run_folder, name, state.step)
+        tracking.set_tag(self.run.tracking_uri, self.run.mlflow_run_id, "checkpoint.latest", name)
+
+
+class StepLedger(Hook):
+    """Appends one JSON line per optimizer step to <folder>/rank-<r>.jsonl (every rank): the
+    audit trail that shows which steps each worker trained, across restarts."""
+
+    def __init__(self, folder: str) -> None:
+        self.path = Path(folder) / f"rank-{dist.rank()}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.pid = os.getpid()
+
+    def after_step(self, state: TrainState) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps({"step": state.step, "pid": self.pid, "start_step": state.start_step}) + "\n")
+
+
+class FaultInjection(Hook):
+    """Test aid (`train.fail_at_step`): the last rank kills its own process right after step N,
+    once per run (a marker file in the run folder says it happened), so Ray Train restarts the
+    worker group from the newest checkpoint."""
+
+    def __init__(self, step: int, run_folder: str) -> None:
+        self.step = step
+        self.marker = Path(run_folder) / f"fault-injected-at-step-{step}"
+
+    def after_step(self, state: TrainState) -> None:
+        if state.step == self.step and dist.rank() == dist.world_size() - 1 and not self.marker.exists():
+            self.marker.parent.mkdir(parents=True, exist_ok=True)
+            self.marker.write_text(f"pid {os.getpid()}\n")
+            log.warning("fault injection: killing worker %d (pid %d) after step %d", dist.rank(), os.getpid(), state.step)
+            os._exit(1)
+
+
+def build_hooks(config: Config, run: RunInfo, device: torch.device) -> list[Hook]:
+    """The hooks of this worker, in call order: checks, statistics, then what rank 0 logs."""
+    train = config.train
+    # On a GPU every check waits for the step to finish, so check at the logging interval there.
+    hooks: list[Hook] = [NaNCatcher(every=1 if device.type == "cpu" else train.log_every), IntervalStats(train.log_every)]
+    if dist.is_main_process():
+        hooks.append(ProgressLog())
+        if run.tracking_uri is not None:
+            hooks += [RunRecord(run, config), MetricsLog(run), CheckpointLog(run)]
+            if config.tracking.system_metrics:
+                hooks.append(SystemMetrics(run))
+            if run.samples and train.samples.every:
+                hooks.append(SampleImages(run, config))
+    if train.step_log:
+        hooks.append(StepLedger(train.step_log))
+    if train.fail_at_step is not None:
+        hooks.append(FaultInjection(train.fail_at_step, run.run_folder))
+    return hooks

@@ -1,0 +1,161 @@
+"""The training loop: one function, the same on every worker, read top to bottom.
+
+shard -> noise the target latents -> predict the noise -> MSE -> backward -> clip -> step ->
+hooks -> checkpoint. What trains, what is saved and the prompt text come from the method
+(pipeline/train/methods.py); side jobs are hooks (hooks.py); everything Ray Train does for us
+is behind pipeline/train/dist.py. `trainer.py` starts this function on N workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler
+
+from pipeline.config import Config
+from pipeline.train import dist
+from pipeline.train.hooks import RunInfo, TrainState, build_hooks
+from pipeline.train.losses import (
+    add_noise,
+    diffusion_target,
+    sample_latents,
+    sample_timesteps,
+    subject_drop_mask,
+    warmup_factor,
+)
+from pipeline.train.methods import get_method
+from stages.records import CATEGORY
+from stages.train_inputs import CAPTION, IMAGE_FEATURES, LATENT_PARAMS, PIXEL_VALUES, TARGET, latent_params
+
+log = logging.getLogger(__name__)
+
+CPU = torch.device("cpu")
+
+TRAIN_STATE = "train_state.pt"  # optimizer, LR schedule and step, beside the method's files
+PROGRESS = "progress.json"  # {"step": N}: small, so the driver need not load the optimizer state
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker function. loop_config: {"config": resolved Config as JSON, "run": RunInfo fields}."""
+    _setup_worker_logging()
+    config = Config.model_validate(loop_config["config"])
+    run = RunInfo(**loop_config["run"])
+    train = config.train
+    device = dist.device()
+    bf16 = train.mixed_precision == "bf16" or (train.mixed_precision == "auto" and device.type == "cuda")
+    torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest conv algorithms once
+
+    # The model and the optimizer state: from the newest checkpoint when there is one (a restart
+    # after a failure, or a rerun with the same run name), else from the base weights.
+    with dist.resume_folder() as folder:
+        method = get_method(train.method).load(config, folder)
+        resumed = torch.load(folder / TRAIN_STATE, map_location="cpu") if folder is not None else None
+    params = method.trainable_parameters()
+    if train.compile:
+        method.model.unet.to(memory_format=torch.channels_last).compile()
+    model = dist.prepare(method, find_unused_parameters=train.drop_subject_prob > 0)
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=device.type == "cuda")
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_factor, warmup_steps=train.warmup_steps))
+    step = 0
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        schedule.load_state_dict(resumed["schedule"])
+        step = resumed["step"]
+        log.info("resuming at step %d", step)
+    # Noise per worker, and new noise after a restart rather than a replay of the first attempt's.
+    torch.manual_seed(train.seed + 1_000_003 * dist.rank() + step)
+
+    noise_schedule = DDPMScheduler.from_config(method.model.scheduler.config)
+    alphas_cumprod = noise_schedule.alphas_cumprod.to(device)
+    prediction_type = noise_schedule.config.prediction_type
+    num_timesteps = noise_schedule.config.num_train_timesteps
+    scaling_factor = method.model.vae.config.scaling_factor
+    precomputed = run.dataset.get("precomputed", False)
+
+    batches = dist.BatchStream(train.batch_size, train.shuffle_buffer)
+    state = TrainState(
+        method=method,
+        batches=batches,
+        step=step,
+        max_steps=train.steps,
+        start_step=step,
+        samples_per_step=train.batch_size * train.grad_accum * dist.world_size(),
+    )
+    hooks = build_hooks(config, run, device)
+    for hook in hooks:
+        hook.on_start(state)
+    model.train()
+
+    while state.step < train.steps:
+        for micro in range(train.grad_accum):
+            batch = next(batches)
+            categories = batch[CATEGORY]
+            prompts = method.build_prompts(categories, batch[CAPTION])
+            with dist.sync_gradients(model, sync=micro == train.grad_accum - 1):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    if precomputed:  # VAE posterior and ViT features made once, in Ray Data
+                        posterior = batch[LATENT_PARAMS].to(device, non_blocking=True)
+                        subject = batch[IMAGE_FEATURES].to(device, non_blocking=True)
+                    else:
+                        posterior = latent_params(method.model.vae, batch[TARGET].to(device, non_blocking=True))
+                        subject = batch[PIXEL_VALUES].to(device, non_blocking=True)
+                    latents = sample_latents(posterior, scaling_factor)  # (B, C, h, w) float32
+                    if train.compile:
+                        latents = latents.contiguous(memory_format=torch.channels_last)
+                    noise = torch.randn_like(latents)
+                    timesteps = sample_timesteps(latents.shape[0], num_timesteps, device)
+                    noisy = add_noise(latents, noise, timesteps, alphas_cumprod)
+                    target = diffusion_target(latents, noise, timesteps, alphas_cumprod, prediction_type)
+                    drop = subject_drop_mask(latents.shape[0], train.drop_subject_prob, CPU)  # indexes on the host
+                    prediction = model(subject, categories, prompts, noisy, timesteps, drop)
+                    loss = method.loss(prediction, target)
+                for hook in hooks:
+                    hook.after_loss(state, loss)
+                (loss / train.grad_accum).backward()
+
+        if train.max_grad_norm > 0:
+            state.grad_norm = torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+        state.lr = schedule.get_last_lr()[0]
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        for hook in hooks:
+            hook.after_step(state)
+
+        if state.step % train.checkpoint_every == 0 or state.step == train.steps:
+            name = f"step-{state.step:07d}"
+            with tempfile.TemporaryDirectory(prefix="subjectforge-ckpt-") as tmp:
+                folder = Path(tmp) if dist.is_main_process() else None
+                if folder is not None:
+                    _save_checkpoint(folder, method, optimizer, schedule, state.step)
+                dist.report({"step": state.step, **(state.stats or {})}, folder, name)
+            for hook in hooks:
+                hook.on_checkpoint(state, name)
+
+    for hook in hooks:
+        hook.on_end(state)
+
+
+def _save_checkpoint(folder: Path, method: Any, optimizer: Any, schedule: Any, step: int) -> None:
+    """The method's files (the model) plus what resuming needs: optimizer, schedule, step."""
+    method.save(folder)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, folder / TRAIN_STATE)
+    (folder / PROGRESS).write_text(json.dumps({"step": step}) + "\n")
+
+
+def _setup_worker_logging() -> None:
+    """Ray workers start with the root logger at WARNING; show this package's INFO lines."""
+    package = logging.getLogger("pipeline")
+    if not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+        package.propagate = False

@@ -1,0 +1,151 @@
+"""The driver of a training job: check, set up Ray Train, fit, register. No math here.
+
+`run_training(config)` checks the config, the dataset and the cluster before any worker starts
+(ConfigError, exit 2), opens the MLflow run, builds the Ray Data plan, and runs
+`pipeline.train.loop.train_loop` on `train.workers` workers with a `TorchTrainer`:
+DDP over gloo (CPU) or NCCL (one GPU per worker), `FailureConfig(max_failures)` restarts from
+the newest checkpoint, `CheckpointConfig(num_to_keep)` bounds storage, and the same
+`RunConfig(name, storage_path)` makes a rerun resume where the last one stopped. At the end
+the final checkpoint's model is registered in MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from pipeline import tracking
+from pipeline.config import Config, ConfigError
+from pipeline.dataplan import ensure_ray
+from pipeline.model import CheckpointError, SubjectImageProcessor
+from pipeline.model.checkpoint import MODEL_INDEX, read_json, resolve_checkpoint
+from pipeline.train.data import DatasetInfo, build_training_plan, open_dataset, precompute_inputs, sample_subjects
+from pipeline.train.hooks import RunInfo
+from pipeline.train.loop import PROGRESS, train_loop
+from pipeline.train.methods import get_method
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    checkpoint: str | None  # the final checkpoint folder in storage
+    step: int
+    dataset: DatasetInfo
+    mlflow_run_id: str | None
+    model_version: str | None  # the registered version, when tracking and register_as are on
+    metrics: dict  # the last metrics reported (at the final checkpoint)
+
+
+def check_training(config: Config) -> tuple[DatasetInfo, SubjectImageProcessor]:
+    """Everything that can be checked without the cluster: the dataset has enough rows for the
+    workers, the method exists and the base model loads. Raises ConfigError naming the key."""
+    train = config.train
+    get_method(train.method)
+    info = open_dataset(train.data)
+    if info.rows // train.workers < train.batch_size:
+        raise ConfigError(
+            f"train.batch_size: dataset {info.version} has {info.rows} rows, fewer than train.workers "
+            f"({train.workers}) x train.batch_size ({train.batch_size}); every worker needs a full batch"
+        )
+    model = config.model_path("blip_diffusion")
+    try:
+        root = resolve_checkpoint(model)
+        index = read_json(root / MODEL_INDEX)
+        processor = SubjectImageProcessor.from_pretrained(root / "image_processor", mean=index.get("mean"), std=index.get("std"))
+    except CheckpointError as exc:
+        raise ConfigError(f"models.blip_diffusion: {exc}") from None
+    return info, processor
+
+
+def check_cluster(config: Config) -> None:
+    """The running cluster can place every worker and still run the data tasks; otherwise Ray
+    would wait for resources forever. Raises ConfigError."""
+    train = config.train
+    have = ray.cluster_resources()
+    if train.gpu and have.get("GPU", 0) < train.workers:
+        raise ConfigError(f"train.gpu: {train.workers} workers need {train.workers} GPUs; the cluster has {have.get('GPU', 0):g}")
+    need = train.workers * train.cpus_per_worker + train.data_cpus
+    if have.get("CPU", 0) < need:
+        raise ConfigError(
+            f"train.cpus_per_worker: {train.workers} workers x {train.cpus_per_worker:g} CPUs + {train.data_cpus:g} "
+            f"for data tasks (train.data_cpus) = {need:g}, but the cluster has {have.get('CPU', 0):g} CPUs "
+            "(fractions are allowed)"
+        )
+
+
+def _storage_path(setting: str) -> str:
+    return setting if "://" in setting else str(Path(setting).expanduser().resolve())
+
+
+def run_training(config: Config) -> TrainResult:
+    """Train `config.train.method` on `config.train.data`; see the module docstring."""
+    train = config.train
+    info, processor = check_training(config)
+    ensure_ray(config.ray)
+    check_cluster(config)
+    run_name = train.run_name or f"{train.method}-{info.version}"
+    storage = _storage_path(train.storage_path)
+    run_folder = f"{storage}/{run_name}"
+    uri = tracking.resolve_tracking_uri(config.tracking.uri) if config.tracking.enabled else None
+    tags = {"dataset_version": info.version, "dataset_digest": info.digest, "git_commit": tracking.git_commit(), "method": train.method}
+    run_id = tracking.start_run(uri, config.tracking.experiment, run_name, tags) if uri else None
+
+    try:
+        dataset = build_training_plan(info, config, processor)
+        if train.precompute:
+            dataset = precompute_inputs(dataset, info, config, run_folder)
+            info.precomputed = True
+        run = RunInfo(
+            run_name=run_name,
+            run_folder=run_folder,
+            tracking_uri=uri,
+            mlflow_run_id=run_id,
+            dataset=info.as_run_input(),
+            samples=sample_subjects(info, train.samples.subjects) if train.samples.every else [],
+        )
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"config": config.model_dump(mode="json"), "run": asdict(run)},
+            torch_config=TorchConfig(backend="nccl" if train.gpu else "gloo"),
+            scaling_config=ScalingConfig(
+                num_workers=train.workers, use_gpu=train.gpu, resources_per_worker={"CPU": train.cpus_per_worker}
+            ),
+            run_config=RunConfig(
+                name=run_name,
+                storage_path=storage,
+                failure_config=FailureConfig(max_failures=train.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
+            ),
+            datasets={"train": dataset},
+        )
+        log.info("training %s on %s (%d rows) with %d worker(s); checkpoints in %s", train.method, info.version, info.rows, train.workers, run_folder)
+        result = trainer.fit()
+        checkpoint, step, version = None, 0, None
+        if result.checkpoint is not None:
+            checkpoint = result.checkpoint.path
+            with result.checkpoint.as_directory() as folder:
+                step = json.loads((Path(folder) / PROGRESS).read_text())["step"] if (Path(folder) / PROGRESS).is_file() else 0
+                if uri and train.register_as:
+                    version = _register(uri, run_id, Path(folder) / get_method(train.method).MODEL_FOLDER, train.register_as, tags | {"run_name": run_name, "step": str(step)})
+    except BaseException:
+        if run_id:
+            tracking.finish_run(uri, run_id, "FAILED")
+        raise
+    if run_id:
+        tracking.finish_run(uri, run_id)
+    return TrainResult(run_name, checkpoint, step, info, run_id, version, dict(result.metrics or {}))
+
+
+def _register(uri: str, run_id: str, folder: Path, name: str, tags: dict[str, str]) -> str:
+    """Register the model in `folder` once per (run, step): a rerun that trained nothing new
+    returns the version registered before."""
+    existing = tracking.find_model_version(uri, name, {"run_name": tags["run_name"], "step": tags["step"]})
+    return existing or tracking.register_model(uri, run_id, folder, name, tags)

@@ -1,0 +1,127 @@
+"""Training inputs: dataset rows -> model-ready arrays, and what the frozen encoders make of them.
+
+Pure cores:
+- `crop_target(photo, resolution, crop, rng)`: the target photo, uint8 (H, W, 3)
+  -> float32 (3, R, R) in [-1, 1], short side resized to R, then a random or centre R x R crop.
+- `subject_pixels(composite, processor)`: the composite, uint8 (H, W, 3) -> float32 (3, S, S),
+  CLIP-normalised at the Q-Former's input size S (the checkpoint's image processor).
+- `latent_params(vae, images)`: (B, 3, R, R) in [-1, 1] -> (B, 2C, R/8, R/8), the VAE
+  posterior's mean and log-variance; `sample_latents` in pipeline.train.losses draws from it.
+- `image_features(qformer, pixels)`: (B, 3, S, S) -> (B, 1 + N, Dv), the frozen ViT's features.
+
+Batch adapters: `prepare_batch` (a Ray Data map function: decode, crop, preprocess) and
+`FrozenEncoder` (a Ray Data actor that loads the VAE and the ViT once and replaces the pixel
+columns by their encodings, for training from precomputed inputs).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from stages.records import CATEGORY, COMPOSITE, IMAGE
+
+CAPTION = "caption"  # optional dataset column; rows without one get the prompt template
+PIXEL_VALUES = "pixel_values"  # float32 (3, S, S), the composite as Q-Former input
+TARGET = "target"  # float32 (3, R, R) in [-1, 1], the photo to reconstruct
+LATENT_PARAMS = "latent_params"  # float32 (2C, R/8, R/8): VAE posterior mean and log-variance
+IMAGE_FEATURES = "image_features"  # float16 (1 + N, Dv): frozen ViT features of the composite
+
+# Columns `prepare_batch` reads from the dataset (CAPTION too when the dataset has it).
+INPUT_COLUMNS = (CATEGORY, IMAGE, COMPOSITE)
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """JPEG/PNG bytes -> uint8 (H, W, 3)."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def crop_target(photo: np.ndarray, resolution: int, crop: str, rng: np.random.Generator) -> np.ndarray:
+    """uint8 (H, W, 3) -> float32 (3, R, R) in [-1, 1]: resize the short side to R (bicubic),
+    then crop R x R at a random offset (`crop="random"`) or about the centre."""
+    h, w = photo.shape[:2]
+    if min(h, w) != resolution:
+        scale = resolution / min(h, w)
+        size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+        photo = np.asarray(Image.fromarray(photo).resize(size, Image.Resampling.BICUBIC))
+        h, w = photo.shape[:2]
+    if crop == "random":
+        top, left = int(rng.integers(0, h - resolution + 1)), int(rng.integers(0, w - resolution + 1))
+    else:
+        top, left = (h - resolution) // 2, (w - resolution) // 2
+    window = photo[top : top + resolution, left : left + resolution]
+    return (window.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
+
+
+def subject_pixels(composite: np.ndarray, processor: Any) -> np.ndarray:
+    """uint8 (H, W, 3) -> float32 (3, S, S) through the checkpoint's image processor (exactly
+    what `BlipDiffusion.encode_subject` does to a reference photo)."""
+    return processor.preprocess(Image.fromarray(composite))[0].numpy()
+
+
+def prepare_batch(
+    batch: dict[str, np.ndarray], *, processor: Any, resolution: int, crop: str, seed: int | None = None
+) -> dict[str, np.ndarray]:
+    """Ray Data adapter: encoded rows -> category, caption, PIXEL_VALUES and TARGET.
+
+    Random crops draw from a fresh generator per call unless `seed` is given, so each epoch
+    (Ray Data re-runs the map) sees new crops.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(batch[CATEGORY])
+    captions = batch[CAPTION] if CAPTION in batch else np.full(n, "", dtype=object)
+    return {
+        CATEGORY: np.asarray(batch[CATEGORY], dtype=object),
+        CAPTION: np.asarray([c or "" for c in captions], dtype=object),
+        PIXEL_VALUES: np.stack([subject_pixels(decode_rgb(b), processor) for b in batch[COMPOSITE]]),
+        TARGET: np.stack([crop_target(decode_rgb(b), resolution, crop, rng) for b in batch[IMAGE]]),
+    }
+
+
+@torch.no_grad()
+def latent_params(vae: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, R, R) in [-1, 1] -> (B, 2C, R/f, R/f): the VAE posterior's mean and log-variance
+    (diffusers' `latent_dist.parameters`), unscaled."""
+    images = images.to(device=vae.device, dtype=vae.dtype)
+    return vae.encode(images).latent_dist.parameters
+
+
+@torch.no_grad()
+def image_features(qformer: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) CLIP-normalised -> (B, 1 + N, Dv): the frozen ViT's output, the part of the
+    subject encoder that never trains (the Q-Former accepts it in place of pixels)."""
+    return qformer.image_features(pixels.to(device=qformer.query_tokens.device))
+
+
+class FrozenEncoder:
+    """Ray Data actor: the VAE and the ViT of a checkpoint, loaded once.
+
+    Replaces TARGET by LATENT_PARAMS (float32) and PIXEL_VALUES by IMAGE_FEATURES (float16,
+    half the bytes; the features go through the Q-Former's bf16/fp32 compute either way).
+    """
+
+    def __init__(self, model_path: str, use_gpu: bool = False, bf16: bool = False) -> None:
+        from pipeline.model import BlipDiffusion
+
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        model = BlipDiffusion.from_pretrained(model_path)
+        # Keep only the frozen parts; the UNet and the text encoder are not needed here.
+        self.vae = model.vae.to(self.device).eval()
+        self.qformer = model.qformer.to(self.device).eval()
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self.autocast:
+            params = latent_params(self.vae, torch.from_numpy(batch[TARGET]))
+            features = image_features(self.qformer, torch.from_numpy(batch[PIXEL_VALUES]))
+        return {
+            CATEGORY: batch[CATEGORY],
+            CAPTION: batch[CAPTION],
+            LATENT_PARAMS: params.float().cpu().numpy(),
+            IMAGE_FEATURES: features.to(torch.float16).cpu().numpy(),
+        }

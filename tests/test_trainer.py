@@ -1,0 +1,217 @@
+"""The pretraining job end to end on a local Ray: two gloo workers, a real MLflow server,
+checkpoints, a killed worker and a rerun that resumes, and configs refused before any worker."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import defaultdict
+
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.model import BlipDiffusion
+from pipeline.train.trainer import run_training
+from tests.tinydata import publish_dataset
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on a free local port with a SQLite store; stopped after the module."""
+    root = tmp_path_factory.mktemp("mlflow")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (root / "server.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+         "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGTERM)
+            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield uri
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:  # uvicorn waits for idle keep-alive connections to close
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dataset")
+    publish_dataset(root, {"dog": "dog", "cat": "cat"}, per_subject=2)
+    return root
+
+
+def settings(dataset, runs, *extra):
+    """Two gloo workers on the 2-CPU test Ray (half a CPU each, one left for Ray Data), one
+    fixed batch of all 4 rows per step (centre crops, no shuffle) and a high LR: the tiny
+    model overfits it quickly, so the loss falls reliably."""
+    return [
+        "profile=tiny",
+        f"train.data={dataset}",
+        f"train.storage_path={runs}",
+        "train.workers=2",
+        "train.cpus_per_worker=0.5",
+        "train.batch_size=2",
+        "train.resolution=64",
+        "train.crop=center",
+        "train.shuffle_buffer=0",
+        "train.lr=1e-3",
+        "train.warmup_steps=0",
+        "train.samples.steps=2",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, dataset, mlflow_server, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    config = load_config(
+        overrides=settings(
+            dataset, runs, "train.steps=12", "train.log_every=2", "train.checkpoint_every=6", "train.keep_checkpoints=1",
+            "train.samples.every=6", f"tracking.uri={mlflow_server}", "tracking.experiment=test-pretrain",
+        )
+    )
+    return run_training(config), runs
+
+
+def test_two_workers_reduce_the_loss_and_keep_the_newest_checkpoint(trained, mlflow_server):
+    from mlflow import MlflowClient
+
+    result, runs = trained
+    assert result.step == 12 and result.checkpoint.endswith("step-0000012")
+    history = MlflowClient(mlflow_server).get_metric_history(result.mlflow_run_id, "loss")
+    losses = {m.step: m.value for m in history}
+    assert sorted(losses) == [2, 4, 6, 8, 10, 12]
+    # Measured: about 1.12 at step 2 and 0.75 at step 12 (each value: 2 steps x 4 samples).
+    assert losses[12] < 0.85 * losses[2], losses
+    kept = sorted(p.name for p in (runs / result.run_name).glob("step-*"))
+    assert kept == ["step-0000012"]  # keep_checkpoints=1: step 6 was deleted
+
+
+def test_checkpoint_loads_with_from_pretrained_and_holds_trained_weights(trained):
+    result, _ = trained
+    model = BlipDiffusion.from_pretrained(f"{result.checkpoint}/model")
+    base = BlipDiffusion.from_pretrained(load_config(overrides=["profile=tiny"]).model_path("blip_diffusion"))
+    changed = {name.split(".")[0] for name, p in model.named_parameters() if not torch.equal(p, base.get_parameter(name))}
+    assert {"qformer", "text_encoder", "unet"} <= changed and "vae" not in changed
+    vit = "qformer.visual_encoder.encoder.layers.0.mlp.fc1.weight"
+    assert torch.equal(model.get_parameter(vit), base.get_parameter(vit))  # the ViT is frozen
+
+
+def test_mlflow_run_has_params_metrics_dataset_images_and_registered_model(trained, mlflow_server, monkeypatch):
+    import mlflow
+    from mlflow import MlflowClient
+
+    result, _ = trained
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lr"] == "0.001" and run.data.params["train.workers"] == "2"
+    assert run.data.params["models.blip_diffusion"] == "None" and run.data.params["profile"] == "tiny"
+    for key in ("loss", "lr", "grad_norm", "samples_per_s", "eta_s"):
+        assert key in run.data.metrics, key
+    assert run.data.tags["dataset_version"] == "v0001"
+
+    [inp] = run.inputs.dataset_inputs
+    assert inp.dataset.digest == result.dataset.digest and inp.dataset.name.endswith("@v0001")
+    assert json.loads(inp.dataset.source)["uri"].endswith("/v0001")
+    assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "training"
+
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert any("samples" in p for p in images), images
+
+    version = client.get_model_version("subjectforge-base", result.model_version)
+    assert version.run_id == run.info.run_id
+    assert version.tags["dataset_version"] == "v0001" and version.tags["dataset_digest"] == result.dataset.digest
+    assert version.tags["step"] == "12" and len(version.tags["git_commit"]) >= 7
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    folder = mlflow.artifacts.download_artifacts(f"models:/subjectforge-base/{result.model_version}")
+    BlipDiffusion.from_pretrained(folder)
+
+
+def _attempts(step_log):
+    """rank -> [(pid, start_step, [steps...]), ...] in the order the attempts ran."""
+    out = {}
+    for path in sorted(step_log.glob("rank-*.jsonl")):
+        attempts = defaultdict(list)
+        starts = {}
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            attempts[row["pid"]].append(row["step"])
+            starts[row["pid"]] = row["start_step"]
+        out[path.stem] = [(pid, starts[pid], steps) for pid, steps in attempts.items()]
+    return out
+
+
+def test_a_killed_worker_resumes_from_the_newest_checkpoint_and_a_rerun_continues(ray_local, dataset, tmp_path):
+    runs, step_log = tmp_path / "runs", tmp_path / "steps"
+    common = settings(
+        dataset, runs, "train.checkpoint_every=3", "train.log_every=4", "train.precompute=true", "train.max_failures=1",
+        f"train.step_log={step_log}", "train.run_name=resume", "train.samples.every=0", "tracking.enabled=false",
+    )
+    result = run_training(load_config(overrides=[*common, "train.steps=8", "train.fail_at_step=5"]))
+    assert result.step == 8 and result.checkpoint.endswith("step-0000008")
+    assert (runs / "resume" / "fault-injected-at-step-5").is_file()
+    assert list((runs / "resume").glob("precomputed-*/_PRECOMPUTE_DONE.json"))
+
+    for rank, attempts in _attempts(step_log).items():
+        (_, start1, first), (_, start2, second) = attempts
+        assert start1 == 0 and first == [1, 2, 3, 4, 5], rank  # killed after step 5 (the last rank)
+        # The restart begins right after the newest checkpoint (step 3): steps 1-3 are never
+        # trained twice, 4-5 are redone because no checkpoint held them.
+        assert start2 == 3 and second == [4, 5, 6, 7, 8], rank
+
+    # The same command with the same run name (and more steps) resumes at step 8.
+    rerun = run_training(load_config(overrides=[*common, "train.steps=10"]))
+    assert rerun.step == 10
+    for rank, attempts in _attempts(step_log).items():
+        _, start3, third = attempts[-1]
+        assert (start3, third) == (8, [9, 10]), rank
+
+
+def test_bad_config_is_refused_before_any_worker_starts(dataset, tmp_path, monkeypatch, capsys):
+    import pipeline.train.trainer as trainer
+
+    def no_workers(*args, **kwargs):
+        raise AssertionError("a TorchTrainer was built")
+
+    monkeypatch.setattr(trainer, "TorchTrainer", no_workers)
+    empty = tmp_path / "empty"
+    publish_dataset(empty, {"dog": "dog"}, per_subject=0)
+    runs = tmp_path / "runs"
+    base = ["pretrain", "--profile", "tiny", "--set", f"train.storage_path={runs}", "--set", "tracking.enabled=false"]
+    cases = [
+        (["--data", str(dataset), "--workers", "0"], "train.workers"),
+        (["--data", str(tmp_path / "nowhere")], "dataset not found"),
+        (["--data", str(empty / "latest")], "has no rows"),
+        (["--data", str(dataset), "--workers", "2", "--set", "train.batch_size=4"], "fewer than train.workers"),
+    ]
+    for flags, message in cases:
+        assert main(base + flags) == 2, flags
+        assert message in capsys.readouterr().err, flags
+    assert not runs.exists()
