@@ -380,6 +380,8 @@ def main() -> int:
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument("--rows", type=int, default=512, help="synthetic dataset rows (--e2e)")
     parser.add_argument("--compile", action="store_true", help="train.compile in --e2e")
+    parser.add_argument("--sdpa", choices=("default", "no-cudnn"), default="default",
+                        help="no-cudnn: keep PyTorch's SDPA off its cuDNN backend (flash/efficient instead)")
     parser.add_argument("--out", type=Path, default=Path("bench_pretrain.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -388,6 +390,8 @@ def main() -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
+        if args.sdpa == "no-cudnn":  # run 2's profile: cuDNN attention costs ~1-2 ms of host time per call
+            torch.backends.cuda.enable_cudnn_sdp(False)
     import diffusers
     import transformers
 

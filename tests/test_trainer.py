@@ -170,9 +170,12 @@ def _attempts(step_log):
 
 def test_a_killed_worker_resumes_from_the_newest_checkpoint_and_a_rerun_continues(ray_local, dataset, tmp_path):
     runs, step_log = tmp_path / "runs", tmp_path / "steps"
+    # Also covers precomputed inputs, and gradient accumulation (2 micro-batches of 1 per step,
+    # some with every subject dropped, so DDP must allow unused Q-Former parameters).
     common = settings(
         dataset, runs, "train.checkpoint_every=3", "train.log_every=4", "train.precompute=true", "train.max_failures=1",
-        f"train.step_log={step_log}", "train.run_name=resume", "train.samples.every=0", "tracking.enabled=false",
+        "train.batch_size=1", "train.grad_accum=2", f"train.step_log={step_log}", "train.run_name=resume",
+        "train.samples.every=0", "tracking.enabled=false",
     )
     result = run_training(load_config(overrides=[*common, "train.steps=8", "train.fail_at_step=5"]))
     assert result.step == 8 and result.checkpoint.endswith("step-0000008")
