@@ -31,6 +31,7 @@ from torch import nn
 
 from pipeline.config import Config, ConfigError
 from pipeline.model import BlipDiffusion, build_prompt
+from pipeline.model.subject import SubjectModel, SubjectSpec, add_lora, apply_subject, dreambooth_prompt, save_subject
 from pipeline.train.losses import diffusion_loss
 
 
@@ -125,8 +126,168 @@ class Pretrain(Method):
         self.model.save_pretrained(Path(folder) / self.MODEL_FOLDER)
 
 
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning one subject (`subjectforge finetune`): the model is the base (models.blip_diffusion);
+# the subject's photos are in <train.data>/REFERENCES_FOLDER; `save` writes only what the subject
+# adds to the base (pipeline/model/subject.py).
+
+REFERENCES_FOLDER = "references"  # the subject's photos (PNG), beside its training rows
+PRIOR_CAPTION = "<class-prior>"  # dreambooth: the caption that marks a class-prior row
+
+
+def prior_preserving_loss(prediction: torch.Tensor, target: torch.Tensor, prior: torch.Tensor, weight: float) -> torch.Tensor:
+    """DreamBooth's loss: MSE over the subject's rows plus `weight` x MSE over the class-prior
+    rows (B,) bool `prior`; a term without rows in the batch is 0. Scalar float32."""
+    prior = prior.to(prediction.device)
+    loss = prediction.new_zeros((), dtype=torch.float32)
+    if (~prior).any():
+        loss = loss + diffusion_loss(prediction[~prior], target[~prior])
+    if prior.any():
+        loss = loss + weight * diffusion_loss(prediction[prior], target[prior])
+    return loss
+
+
+class _Subject(Method):
+    """Shared by the fine-tuning methods: load the base (or a checkpoint's subject on it), the
+    subject embeddings (1, Q, D) as a parameter, their forward pass and `save`."""
+
+    MODEL_FOLDER = "subject"
+    trains_embeds: ClassVar[bool] = True
+
+    def __init__(self, model: BlipDiffusion, config: Config, subject_embeds: torch.Tensor | None) -> None:
+        super().__init__(model, config)
+        self.subject_embeds = nn.Parameter(subject_embeds.float()) if subject_embeds is not None else None
+
+    @classmethod
+    def load(cls, config: Config, checkpoint: Path | None = None) -> _Subject:
+        model = BlipDiffusion.from_pretrained(config.model_path("blip_diffusion"))
+        if checkpoint is not None:
+            _, embeds = apply_subject(model, checkpoint / cls.MODEL_FOLDER)
+            return cls(model, config, embeds)
+        cls.prepare(model, config)
+        return cls(model, config, cls.initial_embeds(model, config))
+
+    @classmethod
+    def prepare(cls, model: BlipDiffusion, config: Config) -> None:
+        """Changes to the base model before training (LoRA adapters)."""
+
+    @classmethod
+    def initial_embeds(cls, model: BlipDiffusion, config: Config) -> torch.Tensor | None:
+        """The mean subject embedding (1, Q, D) over the subject's first `finetune.max_references` photos."""
+        folder = Path(config.train.data or "") / REFERENCES_FOLDER
+        paths = sorted(folder.glob("*.png"))[: config.finetune.max_references]
+        if not paths:
+            raise ConfigError(f"finetune.subject: no reference photos in {folder}")
+        images = [PIL.Image.open(p).convert("RGB") for p in paths]
+        return model.encode_subject(images, config.finetune.category)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        self.requires_grad_(False)
+        if self.subject_embeds is not None and self.trains_embeds:
+            self.subject_embeds.requires_grad_(True)
+        self.unfreeze()
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def unfreeze(self) -> None:
+        """What trains besides the subject embeddings."""
+
+    def forward(self, subject, categories, prompts, noisy_latents, timesteps, drop_subject) -> torch.Tensor:
+        """The noise prediction (B, C, h, w) with the learned subject embeddings in every prompt
+        (the composites in `subject` only initialised them)."""
+        embeds = self.subject_embeds.expand(len(prompts), -1, -1) if self.subject_embeds is not None else None
+        hidden = self.model.encode_prompts(prompts, embeds)
+        return self.model.unet(noisy_latents, timesteps, encoder_hidden_states=hidden.to(self.model.unet.dtype)).sample
+
+    def spec(self) -> SubjectSpec:
+        ft, train = self.config.finetune, self.config.train
+        return SubjectSpec(
+            method=self.name, subject_id=ft.subject_id or "", category=ft.category or "", base=ft.base or self.config.model_path("blip_diffusion"),
+            resolution=train.resolution, identifier=ft.identifier if self.name == "dreambooth" else None,
+            lora_rank=ft.lora_rank if self.name == "lora" else None, lora_alpha=ft.lora_alpha if self.name == "lora" else None,
+            text_encoder=ft.train_text_encoder and self.name in ("blipd", "dreambooth"),
+        )
+
+    def save(self, folder: Path) -> None:
+        save_subject(Path(folder) / self.MODEL_FOLDER, self.spec(), self.model, self.subject_embeds)
+
+    @torch.no_grad()
+    def sample(self, subject_image: PIL.Image.Image, category: str, prompt: str, **kwargs: Any) -> PIL.Image.Image:
+        was_training = self.training
+        self.eval()
+        try:
+            subject = SubjectModel(self.model, self.spec(), self.subject_embeds)
+            return subject.generate(prompt, num_images=1, **kwargs)[0]
+        finally:
+            self.train(was_training)
+
+
+class BlipdFinetune(_Subject):
+    """BLIP-Diffusion's subject fine-tuning: the subject embeddings (from the mean over the
+    photos) and the UNet learn; the text encoder only with `finetune.train_text_encoder`."""
+
+    name = "blipd"
+
+    def unfreeze(self) -> None:
+        self.model.unet.requires_grad_(True)
+        self.model.text_encoder.requires_grad_(self.config.finetune.train_text_encoder)
+
+
+class LoraFinetune(_Subject):
+    """The subject embeddings and LoRA adapters (rank `finetune.lora_rank`) on the UNet's
+    attention projections; every base weight stays as it was."""
+
+    name = "lora"
+
+    @classmethod
+    def prepare(cls, model: BlipDiffusion, config: Config) -> None:
+        add_lora(model.unet, config.finetune.lora_rank, config.finetune.lora_alpha)
+
+    def unfreeze(self) -> None:
+        for name, param in self.model.unet.named_parameters():
+            if "lora_" in name:
+                param.requires_grad_(True)
+
+
+class TextualInversion(_Subject):
+    """The subject embeddings alone (a Q-token pseudo-word in the token-embedding space)."""
+
+    name = "textual-inversion"
+
+
+class DreamBooth(_Subject):
+    """DreamBooth: "a sks dog" (no subject embeddings) on the subject's photos, "a dog" on
+    class-prior images the base made (rows captioned PRIOR_CAPTION), the prior term weighted by
+    `finetune.prior_weight`; the UNet learns (and the text encoder with train_text_encoder)."""
+
+    name = "dreambooth"
+    _prior: torch.Tensor | None = None
+
+    @classmethod
+    def initial_embeds(cls, model: BlipDiffusion, config: Config) -> None:
+        return None
+
+    def unfreeze(self) -> None:
+        self.model.unet.requires_grad_(True)
+        self.model.text_encoder.requires_grad_(self.config.finetune.train_text_encoder)
+
+    def build_prompts(self, categories: Sequence[str], captions: Sequence[str]) -> list[str]:
+        """Instance rows: "a sks dog"; prior rows: "a dog". Remembers which rows are prior for `loss`."""
+        self._prior = torch.tensor([c == PRIOR_CAPTION for c in captions], dtype=torch.bool)
+        identifier = self.config.finetune.identifier
+        return [
+            f"a {category}" if c == PRIOR_CAPTION else dreambooth_prompt(identifier, category)
+            for category, c in zip(categories, captions, strict=True)
+        ]
+
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        prior = self._prior if self._prior is not None else torch.zeros(prediction.shape[0], dtype=torch.bool)
+        return prior_preserving_loss(prediction, target, prior, self.config.finetune.prior_weight)
+
+
 # Name -> method class: the one place a training method is chosen (`train.method`).
-METHODS: dict[str, type[Method]] = {Pretrain.name: Pretrain}
+METHODS: dict[str, type[Method]] = {
+    m.name: m for m in (Pretrain, BlipdFinetune, LoraFinetune, TextualInversion, DreamBooth)
+}
 
 
 def get_method(name: str) -> type[Method]:
