@@ -25,6 +25,9 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("generate", "pipeline.commands.generate", "generate images of a subject from reference photos"),
     ("evaluate", "pipeline.commands.evaluate", "DreamBench scores (DINO, CLIP-I, CLIP-T) of a model"),
     ("pretrain", "pipeline.commands.pretrain", "subject-representation pretraining on Ray Train"),
+    ("finetune", "pipeline.commands.finetune", "fine-tune one subject (blipd, lora, dreambooth, textual-inversion)"),
+    ("finetune-many", "pipeline.commands.finetune_many", "fine-tune every subject of a dataset as one Ray job"),
+    ("promote", "pipeline.commands.promote", "point a registry alias (e.g. champion) at a model version"),
     ("submit", "pipeline.commands.submit", "run a subjectforge command as a job on a Ray cluster"),
     ("job", "pipeline.commands.job", "status, logs or stop of a submitted job"),
 ]

@@ -93,7 +93,7 @@ def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     _client(uri).set_terminated(run_id, status=status)
 
 
-def register_model(uri: str, run_id: str, folder: Path, name: str, tags: Mapping[str, str]) -> str:
+def register_model(uri: str, run_id: str, folder: Path, name: str, tags: Mapping[str, str], artifact_path: str = "model") -> str:
     """Log `folder` as the run's `model` artifact and register it as a new version of `name`,
     tagged with `tags` (dataset version and digest, git commit, step). Returns the version.
 
@@ -103,8 +103,8 @@ def register_model(uri: str, run_id: str, folder: Path, name: str, tags: Mapping
     from mlflow.exceptions import MlflowException
 
     client = _client(uri)
-    client.log_artifacts(run_id, str(folder), "model")
-    source = f"{client.get_run(run_id).info.artifact_uri}/model"
+    client.log_artifacts(run_id, str(folder), artifact_path)
+    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
     try:
         client.create_registered_model(name)
     except MlflowException as exc:
@@ -195,3 +195,194 @@ def start_system_metrics(uri: str, run_id: str, interval_s: float = 10.0) -> Any
         return None
     monitor.start()
     return monitor
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation (`subjectforge evaluate`)
+
+
+def log_artifacts(uri: str, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    """Upload a file, or a folder's contents, into the run's artifacts (under `artifact_path`)."""
+    client = _client(uri)
+    if Path(path).is_dir():
+        client.log_artifacts(run_id, str(path), artifact_path)
+    else:
+        client.log_artifact(run_id, str(path), artifact_path)
+
+
+def set_model_version_tags(uri: str, name: str, version: str, tags: Mapping[str, str]) -> None:
+    """Tag registered model version `name` `version` (e.g. with evaluation scores and their run)."""
+    client = _client(uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuned subjects: pyfunc models in the registry (`finetune`, `promote`, `generate --model`)
+
+SUBJECT_ARTIFACT = "subject"  # the pyfunc's artifact key: the subject folder (pipeline/model/subject.py)
+PYFUNC_FOLDER = "subject_model"  # where the pyfunc is logged in the run's artifacts
+
+
+class RegistryError(LookupError):
+    """A registry URI, model name, version or alias that does not resolve."""
+
+
+def subject_signature() -> Any:
+    """Input: one row per prompt (`prompt`; optional `negative_prompt`, `num_images`, `seed`,
+    `guidance_scale`, `steps`). Output: one row per image (`prompt_index`, `image`: PNG bytes
+    as base64 text, so the model server's JSON carries them)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = Schema([
+        ColSpec("string", "prompt"),
+        ColSpec("string", "negative_prompt", required=False),
+        ColSpec("long", "num_images", required=False),
+        ColSpec("long", "seed", required=False),
+        ColSpec("double", "guidance_scale", required=False),
+        ColSpec("long", "steps", required=False),
+    ])
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("long", "prompt_index"), ColSpec("string", "image")]))
+
+
+def _make_subject_pyfunc() -> type:
+    import mlflow.pyfunc
+
+    class SubjectPyfunc(mlflow.pyfunc.PythonModel):
+        """A fine-tuned subject on its base model: prompts in, base64 PNGs out (see subject_signature)."""
+
+        def load_context(self, context: Any) -> None:
+            import torch
+
+            from pipeline.model.subject import SubjectModel, SubjectSpec
+
+            folder = Path(context.artifacts[SUBJECT_ARTIFACT])
+            base = SubjectSpec.read(folder).base
+            if base.startswith("models:/"):  # the registered base: fetched from this process's tracking server
+                base = str(download_model(resolve_tracking_uri(None), base))
+            cuda = torch.cuda.is_available()
+            self.subject = SubjectModel.load(
+                folder, base, dtype=torch.float16 if cuda else torch.float32, device="cuda" if cuda else "cpu"
+            )
+
+        def predict(self, context, model_input, params=None):  # no type hints: MLflow would read them as a schema
+            import base64
+            import io
+
+            import pandas as pd
+
+            from pipeline.config import GenerateConfig
+
+            defaults = GenerateConfig()
+            out = []
+            for index, row in enumerate(model_input.to_dict("records")):
+                def get(key: str, default: Any, row: dict = row) -> Any:
+                    value = row.get(key)
+                    return default if value is None or (isinstance(value, float) and value != value) else value
+
+                images = self.subject.generate(
+                    str(row["prompt"]),
+                    num_images=int(get("num_images", 1)),
+                    seed=int(get("seed", defaults.seed)),
+                    guidance_scale=float(get("guidance_scale", defaults.guidance_scale)),
+                    steps=int(get("steps", defaults.steps)),
+                    negative_prompt=get("negative_prompt", None),
+                )
+                for image in images:
+                    buffer = io.BytesIO()
+                    image.save(buffer, format="PNG")
+                    out.append({"prompt_index": index, "image": base64.b64encode(buffer.getvalue()).decode("ascii")})
+            return pd.DataFrame(out, columns=["prompt_index", "image"])
+
+    SubjectPyfunc.__module__ = __name__
+    return SubjectPyfunc
+
+
+_LAZY: dict[str, type] = {}
+
+
+def __getattr__(name: str) -> Any:
+    """`SubjectPyfunc` is built on first use, so importing this module does not import MLflow;
+    pickle finds it here by name when a process loads the model."""
+    if name == "SubjectPyfunc":
+        if name not in _LAZY:
+            _LAZY[name] = _make_subject_pyfunc()
+            _LAZY[name].__qualname__ = name
+        return _LAZY[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def log_subject_model(uri: str, run_id: str, folder: Path, name: str, tags: Mapping[str, str], alias: str | None) -> str:
+    """Save the subject in `folder` as a pyfunc (its files only, plus the base's reference in
+    subject.json), log it into the run, register it as a new version of `name` with `tags`,
+    and point `alias` at it. Returns the version."""
+    import tempfile
+
+    import mlflow.pyfunc
+
+    with tempfile.TemporaryDirectory(prefix="subjectforge-pyfunc-") as tmp:
+        path = Path(tmp) / PYFUNC_FOLDER
+        mlflow.pyfunc.save_model(
+            path=str(path),
+            python_model=__getattr__("SubjectPyfunc")(),
+            artifacts={SUBJECT_ARTIFACT: str(folder)},
+            signature=subject_signature(),
+            pip_requirements=["subjectforge"],
+        )
+        version = register_model(uri, run_id, path, name, tags, artifact_path=PYFUNC_FOLDER)
+    if alias:
+        set_alias(uri, name, alias, version)
+    return version
+
+
+def set_alias(uri: str, name: str, alias: str, version: str | None = None, from_alias: str | None = None) -> str:
+    """Point `alias` of registered model `name` at `version`, else at the version `from_alias`
+    names, else at the newest version; returns the version. RegistryError when none resolves."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    try:
+        if version is None and from_alias is not None:
+            version = str(client.get_model_version_by_alias(name, from_alias).version)
+        elif version is None:
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise RegistryError(f"registered model {name!r} has no versions at {uri}")
+            version = str(max(int(v.version) for v in versions))
+        client.get_model_version(name, version)
+        client.set_registered_model_alias(name, alias, version)
+    except MlflowException as exc:
+        raise RegistryError(f"cannot set {name}@{alias} at {uri}: {exc.message}") from None
+    log.info("MLflow: %s@%s -> version %s", name, alias, version)
+    return version
+
+
+def download_model(uri: str, model_uri: str) -> Path:
+    """The files of registry URI `models:/NAME/VERSION` or `models:/NAME@ALIAS` in a local
+    folder. RegistryError names the model and the server when it does not resolve."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    ref = model_uri[len("models:/") :] if model_uri.startswith("models:/") else ""
+    name, sep, alias = ref.partition("@")
+    if not sep:
+        name, _, version = ref.rpartition("/")
+    if not name or not (alias if sep else version):
+        raise RegistryError(f"{model_uri!r} is not a registry URI (models:/NAME/VERSION or models:/NAME@ALIAS)")
+    client = _client(uri)
+    try:
+        version = str(client.get_model_version_by_alias(name, alias).version) if sep else version
+        source = client.get_model_version_download_uri(name, version)
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri))
+    except MlflowException as exc:
+        raise RegistryError(f"{model_uri} not found in the registry at {uri}: {exc.message}") from None
+
+
+def subject_folder(uri: str, model_uri: str) -> Path:
+    """The subject folder (subject.json and its tensors) of a registered subject model."""
+    root = download_model(uri, model_uri)
+    found = sorted(p.parent for p in root.glob("artifacts/*/subject.json"))
+    if not found:
+        raise RegistryError(f"{model_uri} is not a fine-tuned subject (no subject.json in its artifacts)")
+    return found[0]

@@ -22,11 +22,14 @@ _DTYPES = ("float32", "float16", "bfloat16")
 
 
 def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
-    parser.add_argument("--model", help="checkpoint folder or Hub id (default: the profile's blip_diffusion)")
     parser.add_argument(
-        "--subject-image", nargs="+", required=True, metavar="IMG", help="reference photo(s) of the subject"
+        "--model",
+        help="checkpoint folder, Hub id, or a fine-tuned subject models:/NAME@ALIAS (default: the profile's blip_diffusion)",
     )
-    parser.add_argument("--category", required=True, help="the subject's class, e.g. dog")
+    parser.add_argument(
+        "--subject-image", nargs="+", metavar="IMG", help="reference photo(s) of the subject (not with a models:/ subject)"
+    )
+    parser.add_argument("--category", help="the subject's class, e.g. dog (not with a models:/ subject)")
     parser.add_argument("--prompt", required=True, help='what to make, e.g. "on the beach"')
     parser.add_argument("--target-category", help="category written in the prompt (default: --category)")
     parser.add_argument("-n", "--num-images", type=int, default=1, help="images to generate (default: 1)")
@@ -78,6 +81,11 @@ def run(args: argparse.Namespace, config: Config) -> int:
         raise ConfigError(f"-n must be >= 1, got {args.num_images}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
     dtype_name = gen.dtype if gen.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
+    if args.model and args.model.startswith("models:/"):
+        outputs, elapsed = _generate_registered(args, config, device, getattr(torch, dtype_name))
+        return _write(args, config, outputs, elapsed, device, dtype_name)
+    if not args.subject_image or not args.category:
+        raise ConfigError("--subject-image and --category are needed unless --model is a registered subject (models:/...)")
     try:
         images = [load_image(path, i) for i, path in enumerate(args.subject_image)]
         model = BlipDiffusion.from_pretrained(
@@ -104,7 +112,41 @@ def run(args: argparse.Namespace, config: Config) -> int:
     except (CheckpointError, ValueError) as exc:
         raise ConfigError(str(exc)) from exc
     elapsed = time.perf_counter() - start
+    return _write(args, config, outputs, elapsed, device, dtype_name)
 
+
+def _generate_registered(args: argparse.Namespace, config: Config, device, dtype) -> tuple[list, float]:
+    """Images of a fine-tuned subject from the registry (the base it names, plus its files)."""
+    from pipeline import tracking
+    from pipeline.model import CheckpointError
+    from pipeline.model.subject import SubjectModel
+
+    if args.subject_image:
+        raise ConfigError("--subject-image is not used with a registered subject: the subject is in the model")
+    gen = config.generate
+    try:
+        folder = tracking.subject_folder(tracking.resolve_tracking_uri(config.tracking.uri), args.model)
+        subject = SubjectModel.load(folder, _registered_base(folder, config), dtype=dtype, device=device)
+        start = time.perf_counter()
+        outputs = subject.generate(
+            args.prompt, num_images=args.num_images, seed=gen.seed, guidance_scale=gen.guidance_scale, steps=gen.steps,
+            negative_prompt=gen.negative_prompt, height=args.height, width=args.width,
+        )
+    except (tracking.RegistryError, CheckpointError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+    return outputs, time.perf_counter() - start
+
+
+def _registered_base(folder: Path, config: Config) -> str | None:
+    """The subject's base as a local folder when it is itself a registry URI, else None (its own reference)."""
+    from pipeline import tracking
+    from pipeline.model.subject import SubjectSpec
+
+    base = SubjectSpec.read(folder).base
+    return str(tracking.download_model(tracking.resolve_tracking_uri(config.tracking.uri), base)) if base.startswith("models:/") else None
+
+
+def _write(args: argparse.Namespace, config: Config, outputs: list, elapsed: float, device, dtype_name: str) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -114,7 +156,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     make_grid(outputs).save(out / "grid.png")
     run_info = {
         "model": config.model_path("blip_diffusion"),
-        "subject_images": [str(p) for p in args.subject_image],
+        "subject_images": [str(p) for p in args.subject_image or []],
         "category": args.category,
         "target_category": args.target_category or args.category,
         "prompt": args.prompt,

@@ -1,0 +1,63 @@
+"""`subjectforge finetune`: one subject on top of a base model, with a fine-tuning method.
+
+Flags are shorthands for `finetune.*` keys (pipeline/config.py); the training itself is the
+shared loop on Ray Train (`train.*` gives resolution, precision, storage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.config import Config
+
+# flag destination -> config key
+_FLAGS = {
+    "base": "finetune.base",
+    "subject": "finetune.subject",
+    "subject_id": "finetune.subject_id",
+    "category": "finetune.category",
+    "method": "finetune.method",
+    "steps": "finetune.steps",
+    "out": "finetune.out",
+    "alias": "finetune.alias",
+    "gpu": "train.gpu",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
+    parser.add_argument("--base", help="base model: folder, Hub id or models:/NAME/VERSION (finetune.base)")
+    parser.add_argument("--subject", help="dataset (root or version) or a folder of the subject's photos (finetune.subject)")
+    parser.add_argument("--subject-id", help="the subject's id; registered as subjectforge-<id> (finetune.subject_id)")
+    parser.add_argument("--category", help="the subject's class noun, e.g. dog (finetune.category)")
+    parser.add_argument("--method", choices=("blipd", "lora", "dreambooth", "textual-inversion"), help="finetune.method")
+    parser.add_argument("--steps", type=int, help="optimizer steps (finetune.steps)")
+    parser.add_argument("--out", help="folder of the subject artifacts (finetune.out)")
+    parser.add_argument("--alias", help="registry alias of the new version (finetune.alias)")
+    parser.add_argument("--gpu", action="store_true", default=None, help="train on a GPU (train.gpu)")
+    add_common(parser)
+
+
+def apply_arguments(args: argparse.Namespace) -> None:
+    # JSON is YAML: a quoted string stays a string (a subject named `123` or `yes` included).
+    args.overrides.extend(
+        f"{key}={json.dumps(getattr(args, dest))}" for dest, key in _FLAGS.items() if getattr(args, dest, None) is not None
+    )
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    from ray.train import TrainingFailedError
+
+    from pipeline.train.finetune import SubjectError, finetune_subject
+
+    try:
+        result = finetune_subject(config)
+    except (SubjectError, TrainingFailedError) as exc:
+        print(f"subjectforge: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{result.subject_id} ({result.method}): step {result.step} in {result.seconds:.1f} s")
+    print(f"artifact: {result.artifact} ({result.artifact_bytes / 2**20:.2f} MiB)")
+    if result.model_version:
+        print(f"registered: models:/{result.model_name}/{result.model_version} (alias {config.finetune.alias})")
+    return 0

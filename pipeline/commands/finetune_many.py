@@ -1,0 +1,42 @@
+"""`subjectforge finetune-many`: fine-tune every subject of a dataset as one Ray job.
+
+Prints a table of subjects with status, attempts, time and artifact size (also written to
+<finetune.out>/finetune-many.csv) and exits 1 when any subject failed after its retries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pipeline.config import Config
+
+
+def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
+    parser.add_argument("--base", help="base model: folder, Hub id or models:/NAME/VERSION (finetune.base)")
+    parser.add_argument("--data", required=True, help="dataset root or version folder, e.g. OUT/latest (finetune.subject)")
+    parser.add_argument("--subjects", help="comma-separated subject ids (finetune.subjects; default: all)")
+    parser.add_argument("--method", choices=("blipd", "lora", "dreambooth", "textual-inversion"), help="finetune.method")
+    parser.add_argument("--steps", type=int, help="optimizer steps per subject (finetune.steps)")
+    parser.add_argument("--out", help="folder of the subject artifacts (finetune.out)")
+    parser.add_argument("--gpu", action="store_true", default=None, help="train on GPUs (train.gpu; finetune.num_gpus each)")
+    add_common(parser)
+
+
+def apply_arguments(args: argparse.Namespace) -> None:
+    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
+    flags = {
+        "finetune.base": args.base, "finetune.subject": args.data, "finetune.subjects": subjects, "finetune.method": args.method,
+        "finetune.steps": args.steps, "finetune.out": args.out, "train.gpu": args.gpu,
+    }
+    args.overrides.extend(f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None)
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    from pipeline.train.many import finetune_many, format_table
+
+    rows = finetune_many(config)
+    print(format_table(rows))
+    failed = [r.subject_id for r in rows if r.status != "ok"]
+    print(f"{len(rows) - len(failed)} of {len(rows)} subjects fine-tuned" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0

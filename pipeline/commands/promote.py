@@ -1,0 +1,32 @@
+"""`subjectforge promote NAME --alias champion`: point a registry alias at a model version.
+
+Without --version the version that --from-alias names (default: finetune.alias, `candidate`)
+is promoted; the alias moves off whichever version held it before.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.config import Config, ConfigError
+
+
+def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
+    parser.add_argument("name", help="registered model, e.g. subjectforge-dog")
+    parser.add_argument("--alias", required=True, help="alias to set, e.g. champion")
+    parser.add_argument("--version", help="model version (default: the one --from-alias names)")
+    parser.add_argument("--from-alias", help="promote the version this alias names (default: finetune.alias)")
+    add_common(parser)
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    from pipeline import tracking
+
+    uri = tracking.resolve_tracking_uri(config.tracking.uri)
+    from_alias = None if args.version else (args.from_alias or config.finetune.alias)
+    try:
+        version = tracking.set_alias(uri, args.name, args.alias, args.version, from_alias)
+    except tracking.RegistryError as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"{args.name}@{args.alias} -> version {version}")
+    return 0

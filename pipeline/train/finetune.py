@@ -1,0 +1,285 @@
+"""Fine-tuning one subject: its photos -> a small training set -> the shared loop -> the subject's
+artifact -> the MLflow registry. No math here; the methods are in methods.py.
+
+`finetune_subject(config)`:
+1. reads the subject's usable rows (target photo and composite) from a dataset version, or its
+   photos from a folder (each photo is then both target and subject image);
+2. writes them as a one-subject dataset version under <storage_path>/<run_name>/inputs/ (rows
+   repeated up to a batch), with the reference photos whose mean embedding starts the subject
+   and, for dreambooth, class-prior images the base model generates (captioned PRIOR_CAPTION);
+3. trains `finetune.method` with the shared loop (`pipeline.train.loop.train_loop`, its hooks
+   and checks) on one Ray Train worker holding `finetune.num_gpus` GPUs (fractions let
+   subjects share a GPU); a rerun resumes its run;
+4. copies the final checkpoint's subject folder to <finetune.out>/<subject_id>-<method>/ and,
+   with `finetune.register_model`, logs it as a pyfunc registered as <prefix><subject_id>.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from pipeline import tracking
+from pipeline.config import Config, ConfigError
+from pipeline.dataplan import ensure_ray
+from pipeline.train.data import build_training_plan, open_dataset
+from pipeline.train.hooks import RunInfo
+from pipeline.train.loop import PROGRESS, train_loop
+from pipeline.train.methods import PRIOR_CAPTION, REFERENCES_FOLDER, get_method
+from pipeline.train.trainer import _storage_path, check_cluster, check_training
+from pipeline.versions import LATEST, MANIFEST
+from stages.records import CATEGORY, COMPOSITE, IMAGE, SUBJECT_ID
+from stages.train_inputs import CAPTION, decode_rgb
+
+log = logging.getLogger(__name__)
+
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+_PRIOR_BATCH = 4  # class-prior images per generation batch
+_DONE = "prior-done.json"  # written after the last prior image: the prior set counts only then
+
+
+class SubjectError(RuntimeError):
+    """This subject cannot be fine-tuned (no usable photo); other subjects are unaffected."""
+
+
+@dataclass
+class SubjectRows:
+    subject_id: str
+    category: str
+    rows: list[dict[str, Any]]  # usable rows: category, image, composite (encoded bytes), caption
+    skipped: dict[str, int]  # reason -> rows that could not be used
+    dataset_version: str
+    dataset_digest: str
+
+
+@dataclass
+class FinetuneResult:
+    subject_id: str
+    method: str
+    artifact: str  # <finetune.out>/<subject_id>-<method>/
+    artifact_bytes: int
+    step: int
+    seconds: float
+    mlflow_run_id: str | None
+    model_name: str | None
+    model_version: str | None
+
+
+def check_finetune(config: Config) -> None:
+    """The flags a fine-tune cannot run without; ConfigError names the key."""
+    ft = config.finetune
+    if not ft.subject:
+        raise ConfigError("finetune.subject: give --subject, a dataset or a folder of the subject's photos")
+    if not ft.subject_id:
+        raise ConfigError("finetune.subject_id: give --subject-id")
+    get_method(ft.method)
+
+
+def read_subject(config: Config) -> SubjectRows:
+    """The subject's usable rows; undecodable ones are counted by reason. Raises SubjectError
+    when none is usable and ConfigError for a missing source or category."""
+    ft = config.finetune
+    source = Path(ft.subject).expanduser()
+    if not source.exists():
+        raise ConfigError(f"finetune.subject: not found: {source}")
+    if (source / MANIFEST).is_file() or (source / LATEST).exists():
+        info = open_dataset(str(source))
+        candidates = []
+        for file in info.files:
+            table = pq.read_table(file, columns=[SUBJECT_ID, CATEGORY, IMAGE, COMPOSITE], filters=[(SUBJECT_ID, "=", ft.subject_id)])
+            candidates += table.to_pylist()
+        version, digest = info.version, info.digest
+        category = ft.category or (candidates[0][CATEGORY] if candidates else None)
+    else:
+        photos = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
+        data = [p.read_bytes() for p in photos]
+        candidates = [{IMAGE: b, COMPOSITE: b} for b in data]
+        version = f"photos:{source.name}"
+        digest = hashlib.sha256(b"".join(hashlib.sha256(b).digest() for b in data)).hexdigest()[:16]
+        category = ft.category
+    if not category:
+        raise ConfigError("finetune.category: give --category (the subject's class noun, e.g. dog)")
+    rows, skipped = [], {}
+    for row in candidates:
+        try:
+            decode_rgb(row[IMAGE])
+            decode_rgb(row[COMPOSITE])
+        except Exception as exc:  # PIL raises several types for corrupt files
+            reason = type(exc).__name__
+            skipped[reason] = skipped.get(reason, 0) + 1
+            if sum(skipped.values()) == 1:
+                log.warning("subject %s: skipping an undecodable photo (%s)", ft.subject_id, reason)
+            continue
+        rows.append({CATEGORY: category, IMAGE: row[IMAGE], COMPOSITE: row[COMPOSITE], CAPTION: ""})
+    if not rows:
+        raise SubjectError(
+            f"subject {ft.subject_id!r}: no usable photo in {source} ({len(candidates)} found, skipped: {skipped or 'none'})"
+        )
+    return SubjectRows(ft.subject_id, category, rows, skipped, version, digest)
+
+
+def write_inputs(config: Config, subject: SubjectRows, folder: Path, base: str) -> int:
+    """A one-subject dataset version in `folder` (manifest, data/, references/); returns its rows."""
+    ft = config.finetune
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    references = folder / REFERENCES_FOLDER
+    references.mkdir(exist_ok=True)
+    for i, row in enumerate(subject.rows[: ft.max_references]):
+        _to_png(row[COMPOSITE], references / f"{i:02d}.png")
+    rows = list(subject.rows)
+    if ft.method == "dreambooth":
+        rows += [
+            {CATEGORY: subject.category, IMAGE: png, COMPOSITE: png, CAPTION: PRIOR_CAPTION}
+            for png in _prior_images(config, subject.category, folder / "prior", base)
+        ]
+    while len(rows) < ft.batch_size:  # every step needs a full batch
+        rows += rows[: ft.batch_size - len(rows)]
+    pq.write_table(pa.Table.from_pylist(rows), folder / "data" / "part-00000.parquet")
+    manifest = {"version": subject.dataset_version, "rows": len(rows), "subjects": {subject.subject_id: {"category": subject.category, "rows": len(rows)}}}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return len(rows)
+
+
+def _prior_images(config: Config, category: str, folder: Path, base: str) -> list[bytes]:
+    """`finetune.prior_images` PNGs of "a <category>" from the base model, made once per run
+    folder (a rerun reuses them once the completion record exists)."""
+    import torch
+
+    from pipeline.model import BlipDiffusion
+    from pipeline.model.subject import generate_from_text
+
+    ft, size = config.finetune, config.train.resolution
+    done = folder / _DONE
+    if not done.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        use_gpu = config.train.gpu and torch.cuda.is_available()
+        model = BlipDiffusion.from_pretrained(base, dtype=torch.float16 if use_gpu else torch.float32, device="cuda" if use_gpu else "cpu")
+        log.info("generating %d class-prior images of %r", ft.prior_images, category)
+        for start in range(0, ft.prior_images, _PRIOR_BATCH):
+            count = min(_PRIOR_BATCH, ft.prior_images - start)
+            images = generate_from_text(
+                model, [f"a {category}"], num_images=count, steps=ft.prior_steps, height=size, width=size, seed=start
+            )
+            for i, image in enumerate(images):
+                image.save(folder / f"{start + i:04d}.png")
+        done.write_text(json.dumps({"images": ft.prior_images, "category": category}) + "\n")
+    return [p.read_bytes() for p in sorted(folder.glob("*.png"))[: ft.prior_images]]
+
+
+def _to_png(data: bytes, path: Path) -> None:
+    import PIL.Image
+
+    PIL.Image.fromarray(decode_rgb(data)).save(path)
+
+
+def resolve_base(config: Config) -> str:
+    """`finetune.base` (else models.blip_diffusion) as something from_pretrained loads: a
+    registry URI is downloaded through pipeline.tracking."""
+    base = config.finetune.base or config.model_path("blip_diffusion")
+    if base.startswith("models:/"):
+        uri = tracking.resolve_tracking_uri(config.tracking.uri)
+        return str(tracking.download_model(uri, base))
+    return base
+
+
+def training_config(config: Config, inputs: Path, base: str, run_name: str) -> Config:
+    """The `train:` settings of a fine-tune: the method's recipe on the one-subject inputs."""
+    ft = config.finetune
+    tree = config.model_dump(mode="json")
+    tree["models"]["blip_diffusion"] = base
+    tree["train"].update(
+        method=ft.method, data=str(inputs), run_name=run_name, workers=1, steps=ft.steps, batch_size=ft.batch_size, grad_accum=1,
+        lr=ft.learning_rate(), weight_decay=ft.weight_decay, warmup_steps=0, drop_subject_prob=0.0, precompute=False,
+        checkpoint_every=ft.steps, keep_checkpoints=1, register_as=None, fail_at_step=None,
+        samples={**tree["train"]["samples"], "every": 0},
+    )
+    return Config.model_validate(tree)
+
+
+def finetune_subject(config: Config) -> FinetuneResult:
+    """Fine-tune `config.finetune.subject_id`; see the module docstring. Raises ConfigError
+    (bad settings), SubjectError (no usable photo) or Ray Train's TrainingFailedError."""
+    check_finetune(config)
+    ft = config.finetune
+    start = time.perf_counter()
+    subject = read_subject(config)
+    base = resolve_base(config)
+    run_name = f"finetune-{ft.subject_id}-{ft.method}"
+    storage = _storage_path(config.train.storage_path)
+    if "://" in storage:
+        raise ConfigError("train.storage_path: fine-tuning writes its inputs locally; give a local or shared folder")
+    inputs = Path(storage) / run_name / "inputs"
+    rows = write_inputs(config, subject, inputs, base)
+    log.info("fine-tuning %s (%s, %d rows, %s) with %s for %d steps", ft.subject_id, subject.category, rows, subject.dataset_version, ft.method, ft.steps)
+    config = config.model_copy(update={"finetune": ft.model_copy(update={"category": subject.category})})
+    train_config = training_config(config, inputs, base, run_name)
+    uri = tracking.resolve_tracking_uri(config.tracking.uri) if config.tracking.enabled else None
+    tags = {"dataset_version": subject.dataset_version, "dataset_digest": subject.dataset_digest, "git_commit": tracking.git_commit(),
+            "method": ft.method, "subject_id": ft.subject_id}
+    run_id = tracking.start_run(uri, config.tracking.experiment, run_name, tags) if uri else None
+    try:
+        checkpoint, step = _fit(train_config, storage, run_name, uri, run_id)
+        artifact = Path(ft.out).expanduser().resolve() / f"{ft.subject_id}-{ft.method}"
+        if artifact.exists():
+            shutil.rmtree(artifact)
+        shutil.copytree(checkpoint / get_method(ft.method).MODEL_FOLDER, artifact)
+        size = sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file())
+        name = version = None
+        if ft.register_model and run_id:
+            name = f"{ft.register_prefix}{ft.subject_id}"
+            version_tags = tags | {"category": subject.category, "base_model": ft.base or config.model_path("blip_diffusion"),
+                                   "step": str(step), "artifact_bytes": str(size)}
+            version = tracking.log_subject_model(uri, run_id, artifact, name, version_tags, ft.alias)
+    except BaseException:
+        if run_id:
+            tracking.finish_run(uri, run_id, "FAILED")
+        raise
+    if run_id:
+        tracking.finish_run(uri, run_id)
+    return FinetuneResult(ft.subject_id, ft.method, str(artifact), size, step, time.perf_counter() - start, run_id, name, version)
+
+
+def _fit(config: Config, storage: str, run_name: str, uri: str | None, run_id: str | None) -> tuple[Path, int]:
+    """Run the shared loop on one Ray Train worker (CPUs `train.cpus_per_worker`, GPUs
+    `finetune.num_gpus` with `train.gpu`, so several subjects can share a GPU); returns the
+    final checkpoint folder and its step."""
+    train = config.train
+    info, processor = check_training(config)
+    ensure_ray(config.ray)
+    check_cluster(config)
+    run = RunInfo(run_name=run_name, run_folder=f"{storage}/{run_name}", tracking_uri=uri, mlflow_run_id=run_id, dataset=info.as_run_input())
+    resources = {"CPU": train.cpus_per_worker} | ({"GPU": config.finetune.num_gpus} if train.gpu else {})
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config.model_dump(mode="json"), "run": asdict(run)},
+        torch_config=TorchConfig(backend="nccl" if train.gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=train.gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage, failure_config=FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+        ),
+        datasets={"train": build_training_plan(info, config, processor)},
+    )
+    result = trainer.fit()
+    # A rerun of a finished run trains nothing new and may report no checkpoint: take the newest.
+    checkpoint = Path(result.checkpoint.path) if result.checkpoint is not None else _newest_checkpoint(Path(storage) / run_name)
+    progress = checkpoint / PROGRESS
+    return checkpoint, json.loads(progress.read_text())["step"] if progress.is_file() else 0
+
+
+def _newest_checkpoint(run_folder: Path) -> Path:
+    found = sorted(run_folder.glob("step-*"))
+    if not found:
+        raise SubjectError(f"no checkpoint in {run_folder}")
+    return found[-1]

@@ -1,0 +1,105 @@
+"""Fine-tuning every subject of a dataset as one Ray job (`subjectforge finetune-many`).
+
+One Ray task per subject runs `finetune_subject` (which holds no CPU itself: its Ray Train
+worker reserves `train.cpus_per_worker` and `finetune.num_gpus`, so fractional GPUs let several
+subjects share one). At most `finetune.concurrency` subjects are in flight. A subject that
+fails is recorded with its error and resubmitted up to `finetune.max_retries` times while the
+others go on; the result is one row per subject, in the order given.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from pipeline.config import Config, ConfigError
+from pipeline.dataplan import ensure_ray
+from pipeline.train.data import open_dataset
+from pipeline.train.finetune import FinetuneResult, finetune_subject
+
+log = logging.getLogger(__name__)
+
+SUMMARY = "finetune-many.csv"  # written to finetune.out
+
+
+@dataclass
+class SubjectOutcome:
+    subject_id: str
+    status: str  # "ok" or "failed"
+    attempts: int
+    seconds: float  # wall time of the last attempt
+    artifact_bytes: int
+    model_version: str | None
+    error: str  # the last attempt's error, "" when ok
+
+
+def _finetune_task(config_json: dict[str, Any]) -> FinetuneResult:
+    return finetune_subject(Config.model_validate(config_json))
+
+
+def subject_ids(config: Config) -> list[str]:
+    """`finetune.subjects`, else every subject listed in the dataset's manifest."""
+    info = open_dataset(config.finetune.subject)
+    wanted = config.finetune.subjects or info.subjects
+    if not wanted:
+        raise ConfigError(f"finetune.subjects: dataset {info.version} lists no subjects")
+    return list(wanted)
+
+
+def finetune_many(config: Config) -> list[SubjectOutcome]:
+    """Fine-tune each subject of `finetune.subject` (a dataset); see the module docstring."""
+    ft = config.finetune
+    subjects = subject_ids(config)
+    ensure_ray(config.ray)
+    task = ray.remote(_finetune_task).options(num_cpus=0, max_retries=0)
+    attempts = dict.fromkeys(subjects, 0)
+    outcomes: dict[str, SubjectOutcome] = {}
+    queue, running = list(subjects), {}
+    while queue or running:
+        while queue and len(running) < ft.concurrency:
+            subject = queue.pop(0)
+            attempts[subject] += 1
+            subject_config = config.model_copy(update={"finetune": ft.model_copy(update={"subject_id": subject, "category": None})})
+            running[task.remote(subject_config.model_dump(mode="json"))] = (subject, time.perf_counter())
+        [done], _ = ray.wait(list(running), num_returns=1)
+        subject, started = running.pop(done)
+        seconds = time.perf_counter() - started
+        try:
+            result: FinetuneResult = ray.get(done)
+        except ray.exceptions.RayTaskError as exc:
+            error = f"{type(exc.cause).__name__}: {exc.cause}" if exc.cause is not None else str(exc)
+            log.warning("subject %s failed (attempt %d of %d): %s", subject, attempts[subject], ft.max_retries + 1, error)
+            outcomes[subject] = SubjectOutcome(subject, "failed", attempts[subject], seconds, 0, None, error)
+            if attempts[subject] <= ft.max_retries:
+                queue.append(subject)
+            continue
+        outcomes[subject] = SubjectOutcome(subject, "ok", attempts[subject], result.seconds, result.artifact_bytes, result.model_version, "")
+        log.info("subject %s done in %.1f s (%d bytes)", subject, result.seconds, result.artifact_bytes)
+    rows = [outcomes[s] for s in subjects]
+    write_summary(rows, Path(ft.out).expanduser() / SUMMARY)
+    return rows
+
+
+def write_summary(rows: list[SubjectOutcome], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(SubjectOutcome.__dataclass_fields__))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+
+
+def format_table(rows: list[SubjectOutcome]) -> str:
+    """The final table: subject, status, attempts, time, artifact size, version, error."""
+    lines = [f"{'subject':<20} {'status':<7} {'tries':>5} {'time_s':>8} {'artifact_MiB':>12} {'version':>7}  error"]
+    for r in rows:
+        lines.append(
+            f"{r.subject_id:<20} {r.status:<7} {r.attempts:>5} {r.seconds:>8.1f} {r.artifact_bytes / 2**20:>12.2f} "
+            f"{r.model_version or '-':>7}  {r.error[:120]}"
+        )
+    return "\n".join(lines)
