@@ -110,8 +110,8 @@ class TrimapConfig(_Strict):
 
 
 class MatteConfig(_Strict):
-    backend: Literal["auto", "pymatting"] = Field(
-        "auto", description="closed-form matting solver; auto picks the best available"
+    backend: Literal["auto", "pymatting", "torch"] = Field(
+        "auto", description="closed-form matting solver; auto = torch where there is a GPU, else pymatting"
     )
     concurrency: int | None = Field(
         None, ge=1, description="parallel matting tasks; None = one per CPU Ray gives the stage"

@@ -1,7 +1,8 @@
 """Matte stage: closed-form matting (Levin et al. 2008) -> the subject's alpha and colours.
 
 Backends are picked by name from BACKENDS; `auto` resolves to the best one for the device the
-stage runs on. The pymatting backend solves one photo at a time on a CPU core.
+stage runs on. The pymatting backend solves one photo at a time on a CPU core; the torch backend
+(stages/matting_torch.py) solves the same system on the GPU.
 """
 
 from __future__ import annotations
@@ -45,7 +46,24 @@ def matte_pymatting(image: np.ndarray, trimap: np.ndarray) -> tuple[np.ndarray, 
     return alpha.astype(np.float32), foreground
 
 
-BACKENDS: dict[str, MatteFn] = {"pymatting": matte_pymatting}
+def matte_torch(image: np.ndarray, trimap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Same contract as matte_pymatting, solved by stages/matting_torch.py on the GPU when
+    there is one (CPU otherwise); alpha within ~1e-3 of pymatting's (see its tests)."""
+    from stages.matting_torch import estimate_alpha_cf_torch, estimate_foreground_torch
+
+    rgb = image.astype(np.float32) / 255.0
+    try:
+        alpha = estimate_alpha_cf_torch(rgb, trimap.astype(np.float32))
+    except ValueError as exc:  # no foreground or no background in the trimap
+        raise Reject(STAGE, f"closed-form matting refused the trimap: {exc}") from None
+    if not np.isfinite(alpha).all():
+        raise Reject(STAGE, "closed-form matting diverged (non-finite alpha)")
+    foreground = estimate_foreground_torch(rgb, alpha)
+    foreground = np.clip(np.rint(foreground * 255.0), 0, 255).astype(np.uint8)
+    return alpha.astype(np.float32), foreground
+
+
+BACKENDS: dict[str, MatteFn] = {"pymatting": matte_pymatting, "torch": matte_torch}
 
 
 def resolve_backend(name: str) -> str:

@@ -173,3 +173,12 @@ def test_too_many_rejects_fails_without_moving_latest(ray_local, tmp_path):
     assert result.status == "failed" and "data.max_reject_fraction" in result.message
     assert result.manifest["status"] == "failed" and DatasetStore(out).latest_version() is None
     assert np.isclose(result.manifest["rejected"] / result.manifest["inputs"], 6 / 7)
+
+
+def test_torch_matting_backend_end_to_end(ray_local, tmp_path):
+    src = make_source(tmp_path / "src", {"dog": "dog"}, per_subject=2)
+    config = load_config(overrides=[*SETTINGS, "data.matte.backend=torch"])
+    result = build_dataset(src, tmp_path / "out", config, incremental=False, progress=False)
+    m = result.manifest
+    assert result.status == "built" and m["inputs"] == m["accepted"] + m["rejected"] == 2
+    assert m["config"]["data"]["matte"]["backend"] == "torch"
