@@ -239,8 +239,13 @@ def finetune_subject(config: Config) -> FinetuneResult:
         if ft.register_model and run_id:
             name = f"{ft.register_prefix}{ft.subject_id}"
             version_tags = tags | {"category": subject.category, "base_model": ft.base or config.model_path("blip_diffusion"),
-                                   "step": str(step), "artifact_bytes": str(size)}
-            version = tracking.log_subject_model(uri, run_id, artifact, name, version_tags, ft.alias)
+                                   "step": str(step), "artifact_bytes": str(size), "run_name": run_name}
+            # A rerun that trained nothing new (same run, same final step) keeps the version registered before.
+            version = tracking.find_model_version(uri, name, {"run_name": run_name, "step": str(step)})
+            if version is None:
+                version = tracking.log_subject_model(uri, run_id, artifact, name, version_tags, ft.alias)
+            elif ft.alias:
+                tracking.set_alias(uri, name, ft.alias, version)
     except BaseException:
         if run_id:
             tracking.finish_run(uri, run_id, "FAILED")
