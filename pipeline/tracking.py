@@ -198,6 +198,26 @@ def start_system_metrics(uri: str, run_id: str, interval_s: float = 10.0) -> Any
 
 
 # ---------------------------------------------------------------------------------------------
+# Evaluation (`subjectforge evaluate`)
+
+
+def log_artifacts(uri: str, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    """Upload a file, or a folder's contents, into the run's artifacts (under `artifact_path`)."""
+    client = _client(uri)
+    if Path(path).is_dir():
+        client.log_artifacts(run_id, str(path), artifact_path)
+    else:
+        client.log_artifact(run_id, str(path), artifact_path)
+
+
+def set_model_version_tags(uri: str, name: str, version: str, tags: Mapping[str, str]) -> None:
+    """Tag registered model version `name` `version` (e.g. with evaluation scores and their run)."""
+    client = _client(uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+
+
+# ---------------------------------------------------------------------------------------------
 # Fine-tuned subjects: pyfunc models in the registry (`finetune`, `promote`, `generate --model`)
 
 SUBJECT_ARTIFACT = "subject"  # the pyfunc's artifact key: the subject folder (pipeline/model/subject.py)

@@ -1,7 +1,10 @@
 """`subjectforge evaluate` end to end on a local Ray with the tiny models: 2 subjects x 2 prompts
-x 1 image at 64 px and 2 steps; files, score ranges, resume, refused settings and URIs."""
+x 1 image at 64 px and 2 steps; files, score ranges, resume, the MLflow run (a SQLite store in
+tmp), refused settings and URIs."""
 
 import csv
+import dataclasses
+import shutil
 
 import numpy as np
 import pytest
@@ -9,11 +12,18 @@ from PIL import Image
 
 from pipeline.cli import COMMANDS, main
 from pipeline.config import ConfigError, load_config
-from pipeline.evaluation.job import ModelRef, default_out, parse_registry_uri, resolve_model, run_evaluation
+from pipeline.evaluation.job import (
+    ModelRef,
+    default_out,
+    log_to_mlflow,
+    parse_registry_uri,
+    resolve_model,
+    run_evaluation,
+)
 
 pytestmark = pytest.mark.slow
 
-SETTINGS = ["--set", "generate.steps=2", "--set", "generate.height=64", "--set", "generate.width=64"]
+GENERATE = ["generate.steps=2", "generate.height=64", "generate.width=64"]
 
 
 def _read_csv(path):
@@ -22,19 +32,45 @@ def _read_csv(path):
 
 
 @pytest.fixture(scope="module")
-def first_run(ray_local, tmp_path_factory):
+def workdir(tmp_path_factory):
+    """A folder to run in (MLflow keeps a SQLite store's artifacts under ./mlruns) and its store."""
     root = tmp_path_factory.mktemp("eval")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield root, f"sqlite:///{root / 'mlruns.db'}"
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_local, workdir):
+    root, store = workdir
     prompts = root / "prompts.txt"
     prompts.write_text("a {class} on the beach\na red {class}\n")
     out = root / "out"
     args = ["evaluate", "--profile", "tiny", "--subjects", "dog", "teapot", "--prompts", str(prompts)]
-    args += ["--images-per-prompt", "1", "--out", str(out), *SETTINGS]
+    args += ["--images-per-prompt", "1", "--out", str(out), "--set", f"tracking.uri={store}"]
+    for setting in GENERATE:
+        args += ["--set", setting]
     assert main(args) == 0
-    return out, args
+    return out, args, store
 
 
-def test_writes_images_tables_summary_and_grids(first_run, capsys):
-    out, _ = first_run
+@pytest.fixture(scope="module")
+def second_run(first_run):
+    """The same evaluation again, with one image deleted first."""
+    out, _, store = first_run
+    kept, gone = out / "images/dog/a-red-class/0.png", out / "images/teapot/a-class-on-the-beach/0.png"
+    before, mtime = np.asarray(Image.open(gone)), kept.stat().st_mtime_ns
+    gone.unlink()
+    overrides = ["profile=tiny", "evaluate.subjects=[dog, teapot]", f"evaluate.prompts={out.parent / 'prompts.txt'}"]
+    overrides += ["evaluate.images_per_prompt=1", f"evaluate.out={out}", f"tracking.uri={store}", *GENERATE]
+    config = load_config(overrides=overrides)
+    result = run_evaluation(config, logger=log_to_mlflow, progress=False)
+    return result, config, {"kept": (kept, mtime), "gone": (gone, before)}
+
+
+def test_writes_images_tables_summary_and_grids(first_run):
+    out, _, _ = first_run
     images = sorted(p.relative_to(out).as_posix() for p in (out / "images").rglob("*.png"))
     assert images == [
         "images/dog/a-class-on-the-beach/0.png",
@@ -63,27 +99,68 @@ def test_writes_images_tables_summary_and_grids(first_run, capsys):
     assert (out / "generation.json").is_file() and (out / "evaluate.yaml").is_file()
 
 
-def test_rerun_makes_only_the_missing_images(first_run):
-    out, _ = first_run
-    kept = out / "images/dog/a-red-class/0.png"
-    gone = out / "images/teapot/a-class-on-the-beach/0.png"
-    before = np.asarray(Image.open(gone))
-    mtime = kept.stat().st_mtime_ns
-    gone.unlink()
-    overrides = ["profile=tiny", "evaluate.subjects=[dog, teapot]", f"evaluate.prompts={out.parent / 'prompts.txt'}"]
-    overrides += ["evaluate.images_per_prompt=1", f"evaluate.out={out}", "generate.steps=2", "generate.height=64", "generate.width=64"]
-    logged = []
-    result = run_evaluation(load_config(overrides=overrides), logger=lambda r, c: logged.append(r) or "run-1", progress=False)
+def test_scores_are_logged_to_an_mlflow_run(first_run, tmp_path):
+    from mlflow import MlflowClient
+
+    out, _, store = first_run
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("subjectforge").experiment_id], "attributes.run_name = 'eval-out'")
+    assert run.info.run_name == "eval-out" and run.info.status == "FINISHED"
+    assert run.data.tags["subjectforge.job"] == "evaluate" and run.data.params["evaluate.images_per_prompt"] == "1"
+    overall = {row["subject_id"]: row for row in _read_csv(out / "scores.csv")}["overall"]
+    for metric in ("dino", "clip_i", "clip_t"):
+        assert run.data.metrics[metric] == pytest.approx(float(overall[metric]), abs=1e-5)
+        assert -1.0 <= run.data.metrics[f"{metric}/teapot"] <= 1.0
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)} | {a.path for a in client.list_artifacts(run.info.run_id, "grids")}
+    assert {"scores.csv", "images.csv", "summary.md", "evaluate.yaml", "grids/dog.png", "grids/teapot.png"} <= logged
+
+
+def test_rerun_makes_only_the_missing_images_and_reopens_the_run(first_run, second_run):
+    from mlflow import MlflowClient
+
+    _, _, store = first_run
+    result, _, files = second_run
     assert (result.generated, result.reused) == (1, 3)
+    kept, mtime = files["kept"]
     assert kept.stat().st_mtime_ns == mtime  # not redone
     # Image k always starts from seed + k: the remade image is the one that was deleted.
+    gone, before = files["gone"]
     assert np.abs(np.asarray(Image.open(gone)).astype(int) - before).max() <= 1
-    assert logged == [result] and result.mlflow_run_id == "run-1"
-    assert set(result.overall) == {"dino", "clip_i", "clip_t"} and len(result.images) == 4
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("subjectforge").experiment_id], "attributes.run_name = 'eval-out'")
+    assert [r.info.run_id for r in runs] == [result.mlflow_run_id]
+
+
+def test_a_registered_version_gets_the_scores_and_a_link_to_the_run(first_run, second_run, tmp_path):
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+
+    _, _, store = first_run
+    result, config, _ = second_run
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    source_run = tracking.start_run(store, "subjectforge", "finetune-dog")
+    version = tracking.register_model(store, source_run, folder, "subjectforge-dog", {"method": "blipd"})
+    registered = dataclasses.replace(
+        result,
+        out=result.out.parent / "dog",  # another folder, so another run
+        model=ModelRef("models:/subjectforge-dog@champion", result.model.path, "subjectforge-dog", version),
+    )
+    shutil.copytree(result.out, registered.out, ignore=shutil.ignore_patterns("images"))
+    run_id = log_to_mlflow(registered, config)
+    assert run_id != result.mlflow_run_id
+    client = MlflowClient(store)
+    tags = client.get_model_version("subjectforge-dog", version).tags
+    assert tags["eval.run_id"] == run_id and tags["eval.images"] == "4" and tags["method"] == "blipd"
+    assert float(tags["eval.dino"]) == pytest.approx(result.overall["dino"], abs=1e-4)
+    run_tags = client.get_run(run_id).data.tags
+    assert (run_tags["subjectforge.model_name"], run_tags["subjectforge.model_version"]) == ("subjectforge-dog", version)
 
 
 def test_other_settings_in_the_same_folder_are_refused(first_run, capsys):
-    out, args = first_run
+    _, args, _ = first_run
     assert main([*args, "--set", "generate.seed=7"]) == 2
     assert "seed: 0 there, 7 now" in capsys.readouterr().err
 

@@ -40,11 +40,13 @@ def apply_arguments(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
-    from pipeline.evaluation.job import run_evaluation
+    from pipeline.evaluation.job import log_to_mlflow, run_evaluation
     from pipeline.evaluation.report import METRIC_TITLES
 
-    result = run_evaluation(config)
+    result = run_evaluation(config, logger=log_to_mlflow if config.tracking.enabled else None)
     print(f"{result.out}: {result.generated} image(s) generated, {result.reused} reused")
+    if result.mlflow_run_id:
+        print(f"MLflow run {result.mlflow_run_id}")
     print("  ".join(f"{METRIC_TITLES[m]} {v:.3f}" for m, v in result.overall.items()) + f"  ({result.out / 'summary.md'})")
     if config.profile == "tiny":
         print("note: the tiny profile has random weights, so these numbers are meaningless; use --profile real.")

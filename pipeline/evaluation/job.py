@@ -65,7 +65,7 @@ class EvaluationResult:
     mlflow_run_id: str | None = None
 
 
-# Logs a finished evaluation somewhere (MLflow through pipeline/tracking.py); returns a run id.
+# Logs a finished evaluation somewhere (`log_to_mlflow`, or a test's stand-in); returns a run id.
 ResultLogger = Callable[[EvaluationResult, Config], str | None]
 
 
@@ -203,3 +203,42 @@ def run_evaluation(config: Config, *, logger: ResultLogger | None = None, progre
     if logger is not None:
         result.mlflow_run_id = logger(result, config)
     return result
+
+
+def log_to_mlflow(result: EvaluationResult, config: Config) -> str:
+    """The evaluation as an MLflow run (the `tracking:` settings), through pipeline/tracking.py.
+
+    The run is named eval-<output folder name>, so a rerun (which resumes in that folder) logs
+    into the same run. It gets the resolved config as params; the overall scores (`dino`,
+    `clip_i`, `clip_t`) and per subject (`dino/<subject>`, ...) as metrics; the tables, summary,
+    settings and grids as artifacts (not the images themselves). A registered model version is
+    linked both ways: the run is tagged with its name and version, and the version with the
+    scores (`eval.dino`, ...) and the run id (`eval.run_id`).
+    """
+    from pipeline import tracking
+
+    uri = tracking.resolve_tracking_uri(config.tracking.uri)
+    ref = result.model
+    tags = {"subjectforge.job": "evaluate", "subjectforge.model": ref.uri, "git_commit": tracking.git_commit()}
+    if ref.registered_name is not None:
+        tags |= {"subjectforge.model_name": ref.registered_name, "subjectforge.model_version": str(ref.registered_version)}
+    run_name = f"eval-{result.out.name}"
+    run_id = tracking.start_run(uri, config.tracking.experiment, run_name, tags)
+    try:
+        tracking.log_params(uri, run_id, tracking.flatten(config.model_dump(mode="json")))
+        per_subject = {f"{m}/{s}": v for s, scores in result.per_subject.items() for m, v in scores.items()}
+        tracking.log_metrics(uri, run_id, {**result.overall, **per_subject}, step=0)
+        for name in (report.SCORES_CSV, report.IMAGES_CSV, report.SUMMARY_MD, CONFIG_FILE, FINGERPRINT_FILE):
+            tracking.log_artifacts(uri, run_id, result.out / name)
+        tracking.log_artifacts(uri, run_id, result.out / report.GRIDS_DIR, report.GRIDS_DIR)
+        if ref.registered_name is not None:
+            scores = {f"eval.{m}": f"{v:.4f}" for m, v in result.overall.items()}
+            tracking.set_model_version_tags(
+                uri, ref.registered_name, str(ref.registered_version), {**scores, "eval.run_id": run_id, "eval.images": str(len(result.images))}
+            )
+    except BaseException:
+        tracking.finish_run(uri, run_id, "FAILED")
+        raise
+    tracking.finish_run(uri, run_id)
+    log.info("MLflow: evaluation run %s (%s) at %s", run_id, run_name, uri)
+    return run_id
