@@ -59,7 +59,8 @@ class BuildResult:
 def processing_digest(config: Config, backgrounds_hash: str) -> str:
     """Hash of every setting that changes the rows a photo produces (not batch sizes or pools)."""
     data = config.data.model_dump(mode="json")
-    for section, key in (("segment", "batch_size"), ("segment", "num_actors"), ("segment", "num_gpus"), ("matte", "concurrency")):
+    runtime_only = (("segment", "batch_size"), ("segment", "num_actors"), ("segment", "num_gpus"), ("matte", "concurrency"), ("matte", "num_gpus"))
+    for section, key in runtime_only:
         data[section].pop(key)
     data.pop("max_reject_fraction")
     data.pop("backgrounds")

@@ -116,6 +116,9 @@ class MatteConfig(_Strict):
     concurrency: int | None = Field(
         None, ge=1, description="parallel matting tasks; None = one per CPU Ray gives the stage"
     )
+    num_gpus: float = Field(
+        0.25, gt=0.0, le=1.0, description="GPU share of each matting task when the torch solver runs on a GPU cluster"
+    )
 
 
 class FilterConfig(_Strict):

@@ -36,10 +36,22 @@ def ensure_ray(cfg: RayConfig) -> None:
     ray.init(address=cfg.address, num_cpus=cfg.num_cpus if cfg.address is None else None, include_dashboard=False, log_to_driver=True)
 
 
+def _cluster_has_gpus() -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
 def _gpus_per_segment_actor(setting: float | str) -> float:
     if setting != "auto":
         return float(setting)
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return 1.0 if _cluster_has_gpus() else 0.0
+
+
+def _matting(backend: str, gpu_share: float) -> tuple[str, float]:
+    """(backend, GPUs per matting task). Resolved here, not in the worker: Ray hides the GPUs
+    from a task that asked for none, so a worker would never see one to pick torch for."""
+    if backend == "auto":
+        backend = "torch" if _cluster_has_gpus() else "pymatting"
+    return backend, (gpu_share if backend == "torch" and _cluster_has_gpus() else 0.0)
 
 
 def _num_blocks(photos: int, photos_per_shard: int) -> int:
@@ -88,8 +100,14 @@ def build_dataset_plan(
     )
     ds = ds.map_batches(trimap_batch, batch_size=4, num_cpus=1, fn_kwargs=data.trimap.model_dump())
     # One photo per task: matting dominates the CPU time, so it must spread over every core.
+    backend, matte_gpus = _matting(data.matte.backend, data.matte.num_gpus)
     ds = ds.map_batches(
-        matte_batch, batch_size=1, num_cpus=1, concurrency=data.matte.concurrency, fn_kwargs={"backend": data.matte.backend}
+        matte_batch,
+        batch_size=1,
+        num_cpus=1,
+        num_gpus=matte_gpus,
+        concurrency=data.matte.concurrency,
+        fn_kwargs={"backend": backend},
     )
     ds = ds.map_batches(filter_batch, batch_size=4, num_cpus=1, fn_kwargs=data.filter.model_dump())
     ds = ds.map_batches(
