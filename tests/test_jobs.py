@@ -44,9 +44,11 @@ def _free_port() -> int:
 def _stop_head(proc: subprocess.Popen, temp_dir) -> None:
     """SIGTERM to `ray start --block`'s process group, then make sure nothing of it survives
     (`ray stop` would also stop the tests' own local Ray)."""
-    os.killpg(proc.pid, signal.SIGTERM)
     try:
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+    except ProcessLookupError:
+        pass  # it already exited
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     subprocess.run(["pkill", "-9", "-f", f"temp-dir={temp_dir}"], check=False)
@@ -58,16 +60,20 @@ def ray_head(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("head")
     token = tmp / "auth_token"
     token.write_text("subjectforge-test-token-" + os.urandom(8).hex())
-    port, dash, agent = _free_port(), _free_port(), _free_port()
+    # Every port the head listens on is picked free: fixed defaults (10001 for the client
+    # server, 52365 for the agent) collide with any other Ray on the machine.
+    port, dash, agent, client = _free_port(), _free_port(), _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     temp_dir = tmp / "ray"
     cmd = [
         sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
-        "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}",
+        f"--ray-client-server-port={client}", "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}",
     ]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    head_log = tmp / "head.log"
+    with open(head_log, "wb") as log_file:
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.monotonic() + 90
@@ -79,7 +85,8 @@ def ray_head(tmp_path_factory):
                 break  # it answers (401 without the token): the dashboard is up
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the Ray head did not come up") from None
+                    tail = head_log.read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"the Ray head did not come up:\n{tail}") from None
                 time.sleep(0.5)
         yield address, token
     finally:
