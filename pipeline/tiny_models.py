@@ -38,6 +38,21 @@ def write_tiny_clip_tokenizer(out: Path) -> int:
     return len(vocab)
 
 
+def tiny_clip_text_config(vocab_size: int) -> dict[str, int]:
+    """A 2-layer, 32-wide CLIP text tower over the byte-level vocabulary above."""
+    return {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 77,
+        "bos_token_id": vocab_size - 2,
+        "eos_token_id": vocab_size - 1,
+        "pad_token_id": vocab_size - 1,
+    }
+
+
 def make_tiny_clipseg(out: Path, seed: int = 0) -> Path:
     import torch
     from transformers import (
@@ -58,17 +73,7 @@ def make_tiny_clipseg(out: Path, seed: int = 0) -> Path:
         image_std=[0.229, 0.224, 0.225],
     )
     config = CLIPSegConfig(
-        text_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "vocab_size": vocab_size,
-            "max_position_embeddings": 77,
-            "bos_token_id": vocab_size - 2,
-            "eos_token_id": vocab_size - 1,
-            "pad_token_id": vocab_size - 1,
-        },
+        text_config=tiny_clip_text_config(vocab_size),
         vision_config={
             "hidden_size": 32,
             "intermediate_size": 64,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.config import ASSETS_DIR
 from pipeline.model.image_processing import CLIP_MEAN, CLIP_STD
-from pipeline.tiny_models import write_tiny_clip_tokenizer
+from pipeline.tiny_models import tiny_clip_text_config, write_tiny_clip_tokenizer
 
 SEED = 0
 IMAGE_SIZE = 32  # 224 in the real models; patches of 8 px give 16 patches
@@ -56,17 +56,7 @@ def make_tiny_clip(out: Path, seed: int = SEED) -> Path:
     vocab_size = write_tiny_clip_tokenizer(out)
     tokenizer = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"))
     config = CLIPConfig(
-        text_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "vocab_size": vocab_size,
-            "max_position_embeddings": 77,
-            "bos_token_id": vocab_size - 2,
-            "eos_token_id": vocab_size - 1,
-            "pad_token_id": vocab_size - 1,
-        },
+        text_config=tiny_clip_text_config(vocab_size),
         vision_config={
             "hidden_size": 32,
             "intermediate_size": 64,
