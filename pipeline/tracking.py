@@ -217,6 +217,34 @@ def set_model_version_tags(uri: str, name: str, version: str, tags: Mapping[str,
         client.set_model_version_tag(name, version, key, value)
 
 
+def registered_version(uri: str, name: str, alias: str | None = None, version: str | None = None) -> str:
+    """The version of registered model `name` that `alias` points at now, or `version` once it
+    is known to exist. A job reads an alias once, so it uses one version even if the alias moves.
+    RegistryError names the model and the server when it does not resolve."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    try:
+        found = client.get_model_version_by_alias(name, alias) if alias is not None else client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        ref = f"models:/{name}@{alias}" if alias is not None else f"models:/{name}/{version}"
+        raise RegistryError(f"{ref} not found in the registry at {uri}: {exc.message}") from None
+    return str(found.version)
+
+
+def download_model_version(uri: str, name: str, version: str, dst: Path) -> Path:
+    """The files of registered version `name` `version`, downloaded into folder `dst`."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        source = _client(uri).get_model_version_download_uri(name, version)
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=uri))
+    except MlflowException as exc:
+        raise RegistryError(f"models:/{name}/{version} cannot be downloaded from {uri}: {exc.message}") from None
+
+
 # ---------------------------------------------------------------------------------------------
 # Fine-tuned subjects: pyfunc models in the registry (`finetune`, `promote`, `generate --model`)
 

@@ -3,15 +3,13 @@ x 1 image at 64 px and 2 steps; files, score ranges, resume, the MLflow run (a S
 tmp), refused settings and URIs."""
 
 import csv
-import dataclasses
-import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from pipeline.cli import COMMANDS, main
-from pipeline.config import ConfigError, load_config
+from pipeline.config import BUNDLED_DATASETS_DIR, PROFILE_MODELS, ConfigError, load_config
 from pipeline.evaluation.job import (
     ModelRef,
     default_out,
@@ -131,32 +129,35 @@ def test_rerun_makes_only_the_missing_images_and_reopens_the_run(first_run, seco
     assert [r.info.run_id for r in runs] == [result.mlflow_run_id]
 
 
-def test_a_registered_version_gets_the_scores_and_a_link_to_the_run(first_run, second_run, tmp_path):
+def test_a_registered_subject_is_evaluated_and_its_version_tagged(first_run, tmp_path):
     from mlflow import MlflowClient
 
     from pipeline import tracking
+    from pipeline.model import BlipDiffusion
+    from pipeline.model.subject import SubjectSpec, save_subject
 
-    _, _, store = first_run
-    result, config, _ = second_run
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "model_index.json").write_text("{}")
+    out, _, store = first_run
+    tiny = PROFILE_MODELS["tiny"]["blip_diffusion"]
+    model = BlipDiffusion.from_pretrained(tiny)
+    embeds = 2 * model.encode_subject(sorted((BUNDLED_DATASETS_DIR / "dreambench-mini" / "dog").glob("*.jpg")), "dog")
+    save_subject(tmp_path / "dog", SubjectSpec("textual-inversion", "dog", "dog", tiny, 64), model, embeds)
     source_run = tracking.start_run(store, "subjectforge", "finetune-dog")
-    version = tracking.register_model(store, source_run, folder, "subjectforge-dog", {"method": "blipd"})
-    registered = dataclasses.replace(
-        result,
-        out=result.out.parent / "dog",  # another folder, so another run
-        model=ModelRef("models:/subjectforge-dog@champion", result.model.path, "subjectforge-dog", version),
-    )
-    shutil.copytree(result.out, registered.out, ignore=shutil.ignore_patterns("images"))
-    run_id = log_to_mlflow(registered, config)
-    assert run_id != result.mlflow_run_id
+    version = tracking.log_subject_model(store, source_run, tmp_path / "dog", "subjectforge-dog", {"method": "textual-inversion"}, "candidate")
+    overrides = ["profile=tiny", "evaluate.model=models:/subjectforge-dog@candidate", f"evaluate.prompts={out.parent / 'prompts.txt'}"]
+    overrides += ["evaluate.images_per_prompt=1", f"evaluate.out={out.parent / 'registered'}", f"tracking.uri={store}", *GENERATE]
+    result = run_evaluation(load_config(overrides=overrides), logger=log_to_mlflow, progress=False)
+
+    assert (result.model.registered_name, result.model.registered_version) == ("subjectforge-dog", version)
+    assert list(result.per_subject) == ["dog"] and result.generated == 2  # the model's own subject only
+    assert (result.out / "model" / "subject").is_dir() and result.model.subject.startswith(str(result.out / "model"))
     client = MlflowClient(store)
     tags = client.get_model_version("subjectforge-dog", version).tags
-    assert tags["eval.run_id"] == run_id and tags["eval.images"] == "4" and tags["method"] == "blipd"
+    assert tags["eval.run_id"] == result.mlflow_run_id and tags["eval.images"] == "2" and tags["method"] == "textual-inversion"
     assert float(tags["eval.dino"]) == pytest.approx(result.overall["dino"], abs=1e-4)
-    run_tags = client.get_run(run_id).data.tags
+    run_tags = client.get_run(result.mlflow_run_id).data.tags
     assert (run_tags["subjectforge.model_name"], run_tags["subjectforge.model_version"]) == ("subjectforge-dog", version)
+    with pytest.raises(ConfigError, match="draws one subject, 'dog', not teapot"):
+        run_evaluation(load_config(overrides=[*overrides, "evaluate.subjects=[teapot]"]), progress=False)
 
 
 def test_other_settings_in_the_same_folder_are_refused(first_run, capsys):
@@ -167,11 +168,13 @@ def test_other_settings_in_the_same_folder_are_refused(first_run, capsys):
 
 def test_bad_subject_and_registry_uris_fail_before_any_work(tmp_path, capsys):
     assert "evaluate" in [name for name, _, _ in COMMANDS]
-    base = ["evaluate", "--profile", "tiny", "--out", str(tmp_path / "o")]
+    base = ["evaluate", "--profile", "tiny", "--out", str(tmp_path / "o"), "--set", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]
     assert main([*base, "--subjects", "unicorn"]) == 2
     assert "'unicorn' is not in the class table" in capsys.readouterr().err
-    assert main([*base, "--model", "models:/subjectforge-dog@champion"]) == 2
-    assert "issue 6" in capsys.readouterr().err
+    assert main([*base, "--model", "models:/subjectforge-cat@champion"]) == 2
+    assert "models:/subjectforge-cat@champion not found in the registry" in capsys.readouterr().err
+    assert main([*base, "--model", "models:/cat/v1"]) == 2
+    assert "models:/NAME@ALIAS or models:/NAME/VERSION" in capsys.readouterr().err
     assert main([*base, "--model", str(tmp_path)]) == 2
     assert "model_index.json is missing" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

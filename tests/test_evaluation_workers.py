@@ -51,3 +51,35 @@ def test_scorer_gives_one_for_a_real_photo_against_itself(tmp_path):
     same = Image.open(tmp_path / "gen" / "same.png").convert("RGB")
     expected = text_similarity(scorer.clip.encode_images([same]), scorer.clip.encode_texts(["a dog"]))
     assert out["clip_t"][0] == pytest.approx(float(expected[0]), abs=1e-6)
+
+
+def test_generator_draws_a_fine_tuned_subject(tmp_path):
+    """Textual inversion: the subject's own embedding, no photos needed. DreamBooth: text only,
+    the rare token where DreamBench's stands, image k from seed + k."""
+    import torch
+
+    from pipeline.evaluation.workers import ImageGenerator
+    from pipeline.model import BlipDiffusion
+    from pipeline.model.subject import SubjectSpec, generate_from_text, save_subject
+
+    tiny = PROFILE_MODELS["tiny"]["blip_diffusion"]
+    model = BlipDiffusion.from_pretrained(tiny)
+    embeds = torch.randn(1, model.num_query_tokens, model.text_encoder.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    save_subject(tmp_path / "ti", SubjectSpec("textual-inversion", "dog", "dog", tiny, 64), model, embeds)
+    save_subject(tmp_path / "db", SubjectSpec("dreambooth", "dog", "dog", tiny, 64, identifier="sks"), model, None)
+    settings = {"steps": 1, "guidance_scale": 7.5, "negative_prompt": "blurry", "height": 64, "width": 64, "seed": 3, "dtype": "float32", "batch_size": None}
+    batch = {
+        "subject_id": np.array(["dog"], dtype=object),
+        "category": np.array(["dog"], dtype=object),
+        "prompt": np.array(["a red dog"], dtype=object),
+        "template": np.array(["a red {class}"], dtype=object),
+        "indices": np.array([np.array([0, 2])], dtype=object),
+    }
+    for method in ("ti", "db"):
+        generator = ImageGenerator(tiny, str(tmp_path), {}, settings, subject_folder=str(tmp_path / method))
+        paths = [f"out-{method}/0.png", f"out-{method}/2.png"]
+        out = generator({**batch, "paths": np.array([np.array(paths)], dtype=object)})
+        assert list(out["path"]) == paths and Image.open(tmp_path / paths[1]).size == (64, 64)
+    assert torch.equal(ImageGenerator(tiny, str(tmp_path), {}, settings, subject_folder=str(tmp_path / "ti"))._subjects["dog"], embeds)
+    expected = generate_from_text(generator.model, ["a red sks dog"], steps=1, negative_prompt="blurry", height=64, width=64, seed=3 + 2)[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out-db/2.png")), np.asarray(expected))

@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
-    parser.add_argument("--model", help="checkpoint folder, Hub id or models:/NAME@ALIAS (evaluate.model)")
+    parser.add_argument(
+        "--model", help="checkpoint folder or Hub id, or a fine-tuned subject models:/NAME@ALIAS (evaluate.model)"
+    )
     parser.add_argument("--subjects", nargs="+", metavar="ID", help="subject ids (evaluate.subjects; default: all with photos)")
     parser.add_argument("--prompts", metavar="FILE", help="one prompt file for every subject (evaluate.prompts)")
     parser.add_argument("--images-per-prompt", type=int, metavar="N", help="evaluate.images_per_prompt (default: 4)")

@@ -49,6 +49,7 @@ class ImageTask:
     prompt: str  # the full text with the class noun, e.g. "a dog in the jungle" (what CLIP-T scores)
     index: int
     path: str
+    template: str  # the prompt as listed, e.g. "a {class} in the jungle"
 
 
 def read_class_table(path: str | Path) -> dict[str, tuple[str, bool]]:
@@ -149,7 +150,7 @@ def build_tasks(subjects: Sequence[Subject], prompts_for: dict[str, list[str]], 
         for template in prompts_for[subject.subject_id]:
             prompt = template.replace(CLASS_FIELD, subject.category)
             folder = f"images/{subject.subject_id}/{prompt_slug(template)}"
-            tasks += [ImageTask(subject.subject_id, subject.category, prompt, k, f"{folder}/{k}.png") for k in range(images_per_prompt)]
+            tasks += [ImageTask(subject.subject_id, subject.category, prompt, k, f"{folder}/{k}.png", template) for k in range(images_per_prompt)]
     return tasks
 
 

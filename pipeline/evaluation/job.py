@@ -11,6 +11,7 @@ photos and its prompt, and writes, under the output folder::
     grids/<subject>.png                      real photos, then one row per prompt
     generation.json                          what made the images; a resumed run must match it
     evaluate.yaml                            the resolved config of the last run
+    model/                                   a registered subject (and base), downloaded once
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -30,6 +32,9 @@ from pipeline.config import BUNDLED_DATASETS_DIR, Config, ConfigError, dump_conf
 from pipeline.evaluation import benchmark, plan, report
 from pipeline.evaluation.metrics import summarize_scores
 from pipeline.evaluation.workers import load_rgb
+
+if TYPE_CHECKING:
+    from pipeline.model.subject import SubjectSpec
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +44,20 @@ CONFIG_FILE = "evaluate.yaml"
 DEFAULT_OUT_ROOT = "subjectforge-eval"
 DEFAULT_BENCHMARK = BUNDLED_DATASETS_DIR / "dreambench"
 DEFAULT_PHOTOS = BUNDLED_DATASETS_DIR / "dreambench-mini"
+MODEL_DIR = "model"
 
 
 @dataclass(frozen=True)
 class ModelRef:
-    """The model under evaluation: what `BlipDiffusion.from_pretrained` loads, and the
-    registered model version it is (for registry URIs), so scores can be tagged on it."""
+    """The model under evaluation: what `BlipDiffusion.from_pretrained` loads (`path`), the
+    fine-tuned subject applied on top of it (`subject`, a folder of pipeline/model/subject.py),
+    and the registered version it is, so the scores can be tagged on that version."""
 
     uri: str  # as the user gave it
-    path: str  # checkpoint folder or Hub id
+    path: str  # checkpoint folder or Hub id; for a registry URI, models:/NAME/VERSION until fetched
     registered_name: str | None = None
     registered_version: str | None = None
+    subject: str | None = None
 
 
 @dataclass
@@ -78,22 +86,66 @@ def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None]:
     return match.group(1), match.group(2), match.group(3)
 
 
-def resolve_model(uri: str) -> ModelRef:
-    """A checkpoint folder or Hub id as it is; a registry URI is parsed and then refused.
+def resolve_model(uri: str, tracking_uri: str | None = None) -> ModelRef:
+    """A checkpoint folder or Hub id as it is; a registry URI (a fine-tuned subject, see
+    `subjectforge finetune`) pinned to a version now, so an alias that moves during a run cannot
+    mix two versions in one output folder. ConfigError names a model that does not resolve."""
+    if not uri.startswith(REGISTRY_SCHEME):
+        return ModelRef(uri=uri, path=uri)
+    from pipeline import tracking
 
-    Registered models come with issue 6 (fine-tuning and the registry): their artifact holds a
-    subject's fine-tuned weights over a registered base version, and their loader does not exist
-    yet. Once it does, this resolves the URI to (local folder, name, version) and the rest of the
-    job, the version tags included, works unchanged.
+    name, alias, version = parse_registry_uri(uri)
+    try:
+        version = tracking.registered_version(tracking.resolve_tracking_uri(tracking_uri), name, alias, version)
+    except tracking.RegistryError as exc:
+        raise ConfigError(f"--model: {exc}") from None
+    return ModelRef(uri=uri, path=f"{REGISTRY_SCHEME}{name}/{version}", registered_name=name, registered_version=version)
+
+
+def fetch_registered(ref: ModelRef, out: Path, tracking_uri: str | None = None) -> tuple[ModelRef, SubjectSpec]:
+    """Download a registered subject, and its base when that is registered too, into
+    `out/model/` (once: a rerun finds them there), and point `ref` at the local folders.
+
+    The files go to the output folder rather than a temporary one because every generator actor
+    loads them, and on a cluster `out` is the storage all nodes see.
     """
-    if uri.startswith(REGISTRY_SCHEME):
-        name, alias, version = parse_registry_uri(uri)
-        raise ConfigError(
-            f"--model {uri}: registered models ({name} {'@' + alias if alias else 'version ' + str(version)}) "
-            "cannot be evaluated yet: their format and loader come with the fine-tuning and registry work "
-            "(issue 6). Pass the checkpoint folder or Hub id of the model instead."
-        )
-    return ModelRef(uri=uri, path=uri)
+    from pipeline import tracking
+    from pipeline.model.checkpoint import MODEL_INDEX
+    from pipeline.model.subject import SUBJECT_FILE, SubjectSpec
+
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    try:
+        root = _download_once(uri, str(ref.registered_name), str(ref.registered_version), out / MODEL_DIR / "subject")
+        found = sorted(root.rglob(SUBJECT_FILE))
+        if not found:
+            raise ConfigError(f"--model {ref.uri} is not a fine-tuned subject (no {SUBJECT_FILE} in its files)")
+        spec = SubjectSpec.read(found[0].parent)
+        base = spec.base
+        if base.startswith(REGISTRY_SCHEME):
+            name, alias, version = parse_registry_uri(base)
+            version = tracking.registered_version(uri, name, alias, version)
+            base_root = _download_once(uri, name, version, out / MODEL_DIR / "base")
+            indexes = sorted(base_root.rglob(MODEL_INDEX), key=lambda p: len(p.parts))
+            if not indexes:
+                raise ConfigError(f"the base of {ref.uri}, {base}, is not a BLIP-Diffusion checkpoint (no {MODEL_INDEX})")
+            base = str(indexes[0].parent)
+    except tracking.RegistryError as exc:
+        raise ConfigError(f"--model: {exc}") from None
+    return replace(ref, path=base, subject=str(found[0].parent)), spec
+
+
+def _download_once(uri: str, name: str, version: str, dst: Path) -> Path:
+    """`dst` holding registered version `name` `version`: fetched beside it, then renamed into
+    place, so a `dst` that exists is complete."""
+    from pipeline import tracking
+
+    if not dst.is_dir():
+        partial = dst.with_name(dst.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        tracking.download_model_version(uri, name, version, partial)
+        partial.rename(dst)
+        log.info("downloaded models:/%s/%s to %s", name, version, dst)
+    return dst
 
 
 def _check_model(ref: ModelRef) -> None:
@@ -111,9 +163,13 @@ def _check_model(ref: ModelRef) -> None:
 
 
 def default_out(ref: ModelRef) -> Path:
-    """subjectforge-eval/<model name>: a Hub id's owner--name, a folder's own name."""
+    """subjectforge-eval/<model name>: a Hub id's owner--name, a folder's own name, a registered
+    model's NAME-vVERSION."""
     local = Path(ref.path).expanduser()
-    name = local.resolve().name if local.exists() else ref.path.replace("/", "--")
+    if ref.registered_name is not None:
+        name = f"{ref.registered_name}-v{ref.registered_version}"
+    else:
+        name = local.resolve().name if local.exists() else ref.path.replace("/", "--")
     return Path(DEFAULT_OUT_ROOT) / (re.sub(r"[^A-Za-z0-9_.-]+", "-", name) or "model")
 
 
@@ -140,10 +196,19 @@ def run_evaluation(config: Config, *, logger: ResultLogger | None = None, progre
     from pipeline.hub import require_model
 
     ev = config.evaluate
-    ref = resolve_model(ev.model or config.model_path("blip_diffusion"))
+    ref = resolve_model(ev.model or config.model_path("blip_diffusion"), config.tracking.uri)
+    # Absolute, because the actors that write and read the images have their own working directory.
+    out = (Path(ev.out) if ev.out else default_out(ref)).expanduser().resolve()
+    subject_ids = ev.subjects
+    model_id = ref.path if ref.registered_name is not None else plan.absolute_if_local(ref.path)
+    if ref.registered_name is not None:
+        ref, spec = fetch_registered(ref, out, config.tracking.uri)
+        if subject_ids not in (None, [spec.subject_id]):
+            raise ConfigError(f"--model {ref.uri} draws one subject, {spec.subject_id!r}, not {', '.join(subject_ids)}")
+        subject_ids = [spec.subject_id]
     bench = Path(ev.benchmark) if ev.benchmark else DEFAULT_BENCHMARK
     subjects = benchmark.load_subjects(
-        ev.photos or DEFAULT_PHOTOS, benchmark.read_class_table(bench / benchmark.SUBJECTS_FILE), ev.subjects
+        ev.photos or DEFAULT_PHOTOS, benchmark.read_class_table(bench / benchmark.SUBJECTS_FILE), subject_ids
     )
     if ev.prompts:
         shared = benchmark.read_prompts(ev.prompts)
@@ -155,11 +220,9 @@ def run_evaluation(config: Config, *, logger: ResultLogger | None = None, progre
     require_model("dino", config.model_path("dino"))
     require_model("clip", config.model_path("clip"))
 
-    # Absolute, because the actors that write and read the images have their own working directory.
-    out = (Path(ev.out) if ev.out else default_out(ref)).expanduser().resolve()
     settings = plan.generation_settings(config)
     settings.pop("batch_size")  # changes the pixels only by float rounding
-    _check_fingerprint(out, {"model": plan.absolute_if_local(ref.path), "photos": str(Path(ev.photos or DEFAULT_PHOTOS).resolve()), **settings})
+    _check_fingerprint(out, {"model": model_id, "photos": str(Path(ev.photos or DEFAULT_PHOTOS).resolve()), **settings})
     (out / report.GRIDS_DIR).mkdir(parents=True, exist_ok=True)
 
     tasks = benchmark.build_tasks(subjects, prompts_for, ev.images_per_prompt)
@@ -167,7 +230,7 @@ def run_evaluation(config: Config, *, logger: ResultLogger | None = None, progre
     log.info("%d images for %d subjects; %d on disk, %d to generate in %s", len(tasks), len(subjects), len(tasks) - len(missing), len(missing), out)
     ensure_ray(config.ray)
     photos = {s.subject_id: list(s.photos) for s in subjects}
-    generated = plan.generate_images(missing, photos, config, plan.absolute_if_local(ref.path), str(out), progress=progress)
+    generated = plan.generate_images(missing, photos, config, plan.absolute_if_local(ref.path), str(out), ref.subject, progress=progress)
     still_missing = [t.path for t in tasks if not (out / t.path).is_file()]
     if still_missing:
         raise RuntimeError(f"{len(still_missing)} images were not written, e.g. {still_missing[0]}")
@@ -175,7 +238,7 @@ def run_evaluation(config: Config, *, logger: ResultLogger | None = None, progre
     per_subject, overall = summarize_scores(rows)
 
     info = {
-        "model": ref.uri,
+        "model": ref.uri if ref.registered_name is None else f"{ref.uri} (version {ref.registered_version})",
         "profile": config.profile,
         "subjects": len(subjects),
         "prompts": ev.prompts or f"{bench} (object / live lists)",

@@ -29,6 +29,7 @@ from pipeline.evaluation.workers import (
     PATHS,
     PROMPT,
     SUBJECT_ID,
+    TEMPLATE,
     ImageGenerator,
     ImageScorer,
 )
@@ -65,13 +66,14 @@ def group_missing(tasks: Sequence[ImageTask]) -> list[dict[str, Any]]:
     """Images to make, grouped into one row per (subject, prompt), so each prompt's images are
     denoised together (a fuller GPU batch) and the subject embedding is shared."""
     rows = []
-    for (subject_id, category, prompt), group in groupby(tasks, key=lambda t: (t.subject_id, t.category, t.prompt)):
+    for (subject_id, category, prompt, template), group in groupby(tasks, key=lambda t: (t.subject_id, t.category, t.prompt, t.template)):
         group = list(group)
         rows.append(
             {
                 SUBJECT_ID: subject_id,
                 CATEGORY: category,
                 PROMPT: prompt,
+                TEMPLATE: template,
                 INDICES: [t.index for t in group],
                 PATHS: [t.path for t in group],
             }
@@ -102,9 +104,11 @@ def generate_images(
     config: Config,
     model_path: str,
     out_dir: str,
+    subject_folder: str | None = None,
     progress: bool = True,
 ) -> int:
-    """Make the `missing` images under `out_dir` on Ray; returns how many were written."""
+    """Make the `missing` images under `out_dir` on Ray with the model at `model_path` (and the
+    fine-tuned subject in `subject_folder` applied to it); returns how many were written."""
     if not missing:
         return 0
     rows = group_missing(missing)
@@ -123,6 +127,7 @@ def generate_images(
                 "subject_photos": subject_photos,
                 "settings": generation_settings(config),
                 "qformer_tokenizer": config.evaluate.qformer_tokenizer,
+                "subject_folder": subject_folder,
             },
         )
         return len(_collect(ds, len(missing), "generating", progress))

@@ -15,6 +15,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from pipeline.evaluation.benchmark import CLASS_FIELD
 from pipeline.evaluation.features import ClipFeatures, DinoFeatures
 from pipeline.evaluation.metrics import image_similarity, text_similarity
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 SUBJECT_ID = "subject_id"
 CATEGORY = "category"
 PROMPT = "prompt"
+TEMPLATE = "template"  # the prompt as listed, with {class}
 INDICES = "indices"  # generation rows: the image indices of the prompt still to make
 PATHS = "paths"  # generation rows: where they go, relative to the output folder
 INDEX = "index"
@@ -63,12 +65,15 @@ def load_rgb(path: str | Path) -> PIL.Image.Image:
 
 
 class ImageGenerator:
-    """Ray Data actor: BLIP-Diffusion, zero-shot. One row per (subject, prompt) with the image
-    indices to make; writes each as a PNG under `out_dir` and returns one row per image.
+    """Ray Data actor: BLIP-Diffusion. One row per (subject, prompt) with the image indices to
+    make; writes each as a PNG under `out_dir` and returns one row per image.
 
     Image k of a prompt starts from the noise of seed `seed + k` (drawn on the CPU), so an image
-    is the same whether it is made alone on a resumed run or with its siblings. The subject
-    embedding is the mean over the subject's real photos, computed once per actor.
+    is the same whether it is made alone on a resumed run or with its siblings. Zero-shot, the
+    subject embedding is the mean over the subject's real photos, computed once per actor. With
+    a fine-tuned subject (`subject_folder`, pipeline/model/subject.py) applied to the base at
+    `model_path`, it is the subject's learned embedding; a DreamBooth subject has none and is
+    drawn from text alone, its rare token where DreamBench's stands ("a sks dog in the jungle").
     """
 
     def __init__(
@@ -78,6 +83,7 @@ class ImageGenerator:
         subject_photos: dict[str, list[str]],
         settings: dict[str, Any],
         qformer_tokenizer: str | None = None,
+        subject_folder: str | None = None,
     ) -> None:
         from pipeline.model import BlipDiffusion
 
@@ -85,42 +91,60 @@ class ImageGenerator:
         dtype = settings["dtype"]
         if dtype == "auto":
             dtype = "float16" if self.device.type == "cuda" else "float32"
-        self.model = BlipDiffusion.from_pretrained(
-            model_path, qformer_tokenizer=qformer_tokenizer, dtype=getattr(torch, dtype), device=self.device
-        )
+        # Loaded in float32 on the CPU first, so a subject's tensors apply to the weights they were saved from.
+        model = BlipDiffusion.from_pretrained(model_path, qformer_tokenizer=qformer_tokenizer)
+        self.spec = None
+        self._subjects: dict[str, torch.Tensor | None] = {}  # subject_id -> (1, Q, D) embedding
+        if subject_folder is not None:
+            from pipeline.model.subject import apply_subject
+
+            self.spec, embeds = apply_subject(model, Path(subject_folder))
+            self._subjects[self.spec.subject_id] = embeds
+        self.model = model.to(device=self.device, dtype=getattr(torch, dtype)).eval()
         self.out_dir = Path(out_dir)
         self.subject_photos = subject_photos
         self.settings = settings
-        self._subjects: dict[str, torch.Tensor] = {}  # subject_id -> (1, Q, D) embedding
-        log.info("BLIP-Diffusion %s on %s (%s)", model_path, self.device, dtype)
+        log.info("BLIP-Diffusion %s%s on %s (%s)", model_path, f" + subject {subject_folder}" if subject_folder else "", self.device, dtype)
 
-    def _subject(self, subject_id: str, category: str) -> torch.Tensor:
+    def _subject(self, subject_id: str, category: str) -> torch.Tensor | None:
         if subject_id not in self._subjects:
             self._subjects[subject_id] = self.model.encode_subject(self.subject_photos[subject_id], category)
         return self._subjects[subject_id]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _generate(self, subject_id: str, category: str, prompt: str, template: str, indices: list[int]) -> list[PIL.Image.Image]:
         s = self.settings
+        embeds = self._subject(subject_id, category)
+        shared = {
+            "steps": s["steps"],
+            "guidance_scale": s["guidance_scale"],
+            "negative_prompt": s["negative_prompt"],
+            "height": s["height"],
+            "width": s["width"],
+        }
+        if embeds is None:  # DreamBooth: the subject is a word, one image per seed
+            from pipeline.model.subject import generate_from_text
+
+            text = template.replace(CLASS_FIELD, f"{self.spec.identifier or 'sks'} {category}")
+            return [generate_from_text(self.model, [text], num_images=1, seed=s["seed"] + k, **shared)[0] for k in indices]
+        head, tail = split_prompt(prompt)
+        latents = torch.cat([self.model.prepare_latents(1, s["height"], s["width"], seed=s["seed"] + k) for k in indices])
+        return self.model.generate(
+            tail,
+            subject_embeds=embeds,
+            target_category=head,
+            num_images=len(indices),
+            latents=latents,
+            batch_size=s["batch_size"],
+            progress=False,
+            **shared,
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list] = {SUBJECT_ID: [], PATH: []}
-        for subject_id, category, prompt, indices, paths in zip(
-            batch[SUBJECT_ID], batch[CATEGORY], batch[PROMPT], batch[INDICES], batch[PATHS], strict=True
+        for subject_id, category, prompt, template, indices, paths in zip(
+            batch[SUBJECT_ID], batch[CATEGORY], batch[PROMPT], batch[TEMPLATE], batch[INDICES], batch[PATHS], strict=True
         ):
-            head, tail = split_prompt(str(prompt))
-            latents = torch.cat([self.model.prepare_latents(1, s["height"], s["width"], seed=s["seed"] + int(k)) for k in indices])
-            images = self.model.generate(
-                tail,
-                subject_embeds=self._subject(str(subject_id), str(category)),
-                target_category=head,
-                num_images=len(indices),
-                latents=latents,
-                steps=s["steps"],
-                guidance_scale=s["guidance_scale"],
-                negative_prompt=s["negative_prompt"],
-                height=s["height"],
-                width=s["width"],
-                batch_size=s["batch_size"],
-                progress=False,
-            )
+            images = self._generate(str(subject_id), str(category), str(prompt), str(template), [int(k) for k in indices])
             for image, path in zip(images, paths, strict=True):
                 save_png_atomic(image, self.out_dir / str(path))
                 out[SUBJECT_ID].append(str(subject_id))
