@@ -59,7 +59,10 @@ class BuildResult:
 def processing_digest(config: Config, backgrounds_hash: str) -> str:
     """Hash of every setting that changes the rows a photo produces (not batch sizes or pools)."""
     data = config.data.model_dump(mode="json")
-    runtime_only = (("segment", "batch_size"), ("segment", "num_actors"), ("segment", "num_gpus"), ("matte", "concurrency"), ("matte", "num_gpus"))
+    runtime_only = (
+        ("segment", "batch_size"), ("segment", "num_actors"), ("segment", "num_gpus"),
+        ("matte", "concurrency"), ("matte", "num_gpus"), ("matte", "num_actors"), ("matte", "batch_size"),
+    )
     for section, key in runtime_only:
         data[section].pop(key)
     data.pop("max_reject_fraction")

@@ -114,11 +114,19 @@ class MatteConfig(_Strict):
         "auto", description="closed-form matting solver; auto = torch where there is a GPU, else pymatting"
     )
     concurrency: int | None = Field(
-        None, ge=1, description="parallel matting tasks; None = one per CPU Ray gives the stage"
+        None, ge=1, description="parallel CPU matting tasks (one photo each); None = one per CPU Ray gives the stage"
     )
     num_gpus: float = Field(
-        0.25, gt=0.0, le=1.0, description="GPU share of each matting task when the torch solver runs on a GPU cluster"
+        0.5, gt=0.0, lt=1.0, description="GPU share of each torch matting actor on a GPU cluster; CLIPSeg's auto share takes the rest"
     )
+    num_actors: int | Literal["auto"] = Field("auto", description="torch matting actors on a GPU cluster; auto = one per GPU")
+    batch_size: int = Field(64, ge=1, description="photos per batched torch solve (same-sized photos only)")
+
+    @model_validator(mode="after")
+    def _check_actors(self) -> MatteConfig:
+        if self.num_actors != "auto" and self.num_actors < 1:
+            raise ValueError(f"num_actors must be >= 1 or auto, got {self.num_actors}")
+        return self
 
 
 class FilterConfig(_Strict):

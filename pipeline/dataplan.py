@@ -1,7 +1,13 @@
 """The Ray Data plan of the prompted-context dataset: the only place that declares resources.
 
-decode (CPU tasks) -> segment (CLIPSeg actor pool, a GPU each when the cluster has GPUs)
--> trimap -> matte (CPU tasks, one photo per task) -> filter -> composite -> encode -> Parquet.
+decode (CPU tasks) -> segment (CLIPSeg actor pool, a GPU share each when the cluster has GPUs)
+-> trimap (CPU tasks) -> matte -> filter -> composite -> encode (CPU tasks) -> Parquet.
+
+Matting runs where its backend is fastest: the torch solver as an actor pool sharing the GPUs with
+CLIPSeg, each actor solving up to `data.matte.batch_size` photos at once; pymatting (or torch on
+a cluster without GPUs) as CPU tasks of one photo each, spread over every core. Compositing and
+encoding stay on CPU tasks: they are per-pixel numpy and JPEG work that a GPU would have to
+round-trip through host memory anyway.
 """
 
 from __future__ import annotations
@@ -13,11 +19,11 @@ from typing import Any
 import ray
 from ray.data import ActorPoolStrategy, DataContext, Dataset
 
-from pipeline.config import Config, RayConfig
+from pipeline.config import Config, MatteConfig, RayConfig
 from stages.composite import composite_batch
 from stages.decode import decode_batch
 from stages.filter import filter_batch
-from stages.matte import matte_batch
+from stages.matte import Matter, matte_batch
 from stages.records import CATEGORY, REJECT_REASON, REJECT_STAGE, SOURCE_PATH, SOURCE_SHA256, SOURCE_URI, SUBJECT_ID
 from stages.segment import Segmenter
 from stages.trimap import trimap_batch
@@ -36,22 +42,42 @@ def ensure_ray(cfg: RayConfig) -> None:
     ray.init(address=cfg.address, num_cpus=cfg.num_cpus if cfg.address is None else None, include_dashboard=False, log_to_driver=True)
 
 
-def _cluster_has_gpus() -> bool:
-    return ray.cluster_resources().get("GPU", 0) > 0
-
-
-def _gpus_per_segment_actor(setting: float | str) -> float:
+def gpus_per_segment_actor(setting: float | str, matte_gpus: float, cluster_gpus: float) -> float:
+    """auto: a whole GPU, or what a matting actor leaves of one when matting is on the GPU too
+    (a whole one would leave no room for it, and the plan would wait forever)."""
     if setting != "auto":
         return float(setting)
-    return 1.0 if _cluster_has_gpus() else 0.0
+    if cluster_gpus <= 0:
+        return 0.0
+    return 1.0 - matte_gpus if matte_gpus > 0 else 1.0
 
 
-def _matting(backend: str, gpu_share: float) -> tuple[str, float]:
-    """(backend, GPUs per matting task). Resolved here, not in the worker: Ray hides the GPUs
-    from a task that asked for none, so a worker would never see one to pick torch for."""
+def matte_stage(matte: MatteConfig, cluster_gpus: float) -> dict[str, Any]:
+    """map_batches arguments of the matte stage on a cluster with `cluster_gpus` GPUs.
+
+    The backend is resolved here, not in the worker: Ray hides the GPUs from a worker that asked
+    for none, so a worker would never see one to pick torch for. torch on GPUs gets the batched
+    `Matter` actors; everything else gets one photo per CPU task, the unit pymatting solves."""
+    backend = matte.backend
     if backend == "auto":
-        backend = "torch" if _cluster_has_gpus() else "pymatting"
-    return backend, (gpu_share if backend == "torch" and _cluster_has_gpus() else 0.0)
+        backend = "torch" if cluster_gpus > 0 else "pymatting"
+    if backend == "torch" and cluster_gpus > 0:
+        actors = max(1, int(cluster_gpus)) if matte.num_actors == "auto" else matte.num_actors
+        return {
+            "fn": Matter,
+            "batch_size": matte.batch_size,
+            "compute": ActorPoolStrategy(size=actors),
+            "num_gpus": matte.num_gpus,
+            "num_cpus": 1,
+            "fn_constructor_kwargs": {"batch_size": matte.batch_size},
+        }
+    return {
+        "fn": matte_batch,
+        "batch_size": 1,
+        "num_cpus": 1,
+        "concurrency": matte.concurrency,
+        "fn_kwargs": {"backend": backend},
+    }
 
 
 def _num_blocks(photos: int, photos_per_shard: int) -> int:
@@ -84,12 +110,14 @@ def build_dataset_plan(
         for p in photos
     ]
     ds = ray.data.from_items(items, override_num_blocks=_num_blocks(len(items), data.write.rows_per_file // data.composite.per_photo))
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    matte = matte_stage(data.matte, cluster_gpus)
     ds = ds.map_batches(decode_batch, batch_size=4, num_cpus=1, fn_kwargs=data.decode.model_dump())
     ds = ds.map_batches(
         Segmenter,
         batch_size=data.segment.batch_size,
         compute=ActorPoolStrategy(size=data.segment.num_actors),
-        num_gpus=_gpus_per_segment_actor(data.segment.num_gpus),
+        num_gpus=gpus_per_segment_actor(data.segment.num_gpus, matte.get("num_gpus", 0.0), cluster_gpus),
         num_cpus=1,
         fn_constructor_kwargs={
             "model_path": config.model_path("clipseg"),
@@ -99,16 +127,7 @@ def build_dataset_plan(
         },
     )
     ds = ds.map_batches(trimap_batch, batch_size=4, num_cpus=1, fn_kwargs=data.trimap.model_dump())
-    # One photo per task: matting dominates the CPU time, so it must spread over every core.
-    backend, matte_gpus = _matting(data.matte.backend, data.matte.num_gpus)
-    ds = ds.map_batches(
-        matte_batch,
-        batch_size=1,
-        num_cpus=1,
-        num_gpus=matte_gpus,
-        concurrency=data.matte.concurrency,
-        fn_kwargs={"backend": backend},
-    )
+    ds = ds.map_batches(**matte)
     ds = ds.map_batches(filter_batch, batch_size=4, num_cpus=1, fn_kwargs=data.filter.model_dump())
     ds = ds.map_batches(
         composite_batch,

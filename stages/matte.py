@@ -1,8 +1,9 @@
 """Matte stage: closed-form matting (Levin et al. 2008) -> the subject's alpha and colours.
 
 Backends are picked by name from BACKENDS; `auto` resolves to the best one for the device the
-stage runs on. The pymatting backend solves one photo at a time on a CPU core; the torch backend
-(stages/matting_torch.py) solves the same system on the GPU.
+stage runs on. The pymatting backend solves one photo at a time on a CPU core (`matte_batch`, one
+photo per Ray task); the torch backend (stages/matting_torch.py) solves the same system for many
+photos at once, which is what `Matter`, the GPU actor of the stage, does.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from stages.records import (
     TRIMAP,
     Reject,
     apply_per_row,
+    healthy_rows,
     timed,
 )
 
@@ -87,3 +89,96 @@ def matte_batch(batch: dict[str, np.ndarray], *, backend: str = "auto") -> dict[
 
     with timed(batch, STAGE):
         return apply_per_row(batch, one, {ALPHA: PLACEHOLDER_MAP, FOREGROUND: PLACEHOLDER_RGB})
+
+
+def _trimap_refusal(trimap: np.ndarray) -> str | None:
+    """Why the closed-form solvers refuse `trimap`, or None. Checked per photo before a batched
+    solve, which would otherwise refuse the whole batch for one photo."""
+    from stages.matting_torch import BG_THRESHOLD, FG_THRESHOLD
+
+    if not (trimap >= FG_THRESHOLD).any():
+        return f"closed-form matting refused the trimap: no foreground (>= {FG_THRESHOLD})"
+    if not (trimap <= BG_THRESHOLD).any():
+        return f"closed-form matting refused the trimap: no background (<= {BG_THRESHOLD})"
+    return None
+
+
+class Matter:
+    """Ray Data actor of the torch backend: one batched solve per group of same-sized photos.
+
+    Photos of one size (after decode's resize most share one) are stacked, up to `batch_size` at
+    a time, and solved together on the actor's GPU (CPU without one): alpha with
+    `estimate_alpha_cf_torch`, then the foreground with `estimate_foreground_torch`, without
+    leaving the device in between. Same columns and rejects as `matte_batch`. Photos are not
+    padded to a common size: padding would change the coarse-to-fine start (so the result only
+    agrees to tol) and costs CG work on the padding.
+    """
+
+    def __init__(self, batch_size: int = 64, warm_up: bool = True):
+        import torch
+
+        self.batch_size = batch_size
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if warm_up:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One small solve on CUDA, so that torch.compile's ~1 min is spent while the actor
+        starts, not on its first batch. The kernels take dynamic shapes: later sizes reuse them."""
+        import torch
+
+        from stages.matting_torch import estimate_alpha_cf_torch, estimate_foreground_torch
+
+        if self.device.type != "cuda":
+            return  # compiling is CUDA-only by default
+        generator = torch.Generator().manual_seed(0)
+        images = torch.rand((2, 64, 64, 3), generator=generator).to(self.device)
+        trimaps = torch.full((2, 64, 64), 0.5, device=self.device)
+        trimaps[:, :8], trimaps[:, 24:40, 24:40] = 0.0, 1.0
+        estimate_foreground_torch(images, estimate_alpha_cf_torch(images, trimaps))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with timed(batch, STAGE):
+            by_size: dict[tuple[int, ...], list[int]] = {}
+            for i in healthy_rows(batch):
+                if _trimap_refusal(batch[TRIMAP][i]) is None:
+                    by_size.setdefault(batch[IMAGE][i].shape, []).append(int(i))
+            results: dict[int, tuple[np.ndarray, np.ndarray] | str] = {}
+            for rows in by_size.values():
+                for start in range(0, len(rows), self.batch_size):
+                    chunk = rows[start : start + self.batch_size]
+                    solved = self._solve([batch[IMAGE][i] for i in chunk], [batch[TRIMAP][i] for i in chunk])
+                    results.update(zip(chunk, solved, strict=True))
+
+            def one(i: int) -> dict[str, object]:
+                refusal = _trimap_refusal(batch[TRIMAP][i])
+                if refusal is not None:
+                    raise Reject(STAGE, refusal)
+                result = results[i]
+                if isinstance(result, str):
+                    raise Reject(STAGE, result)
+                return {ALPHA: result[0], FOREGROUND: result[1]}
+
+            return apply_per_row(batch, one, {ALPHA: PLACEHOLDER_MAP, FOREGROUND: PLACEHOLDER_RGB})
+
+    def _solve(self, images: list[np.ndarray], trimaps: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray] | str]:
+        """Same-sized uint8 (H, W, 3) photos and float32 (H, W) trimaps -> per photo (alpha float32
+        (H, W), foreground uint8 (H, W, 3)), or the reason it is rejected."""
+        import torch
+
+        from stages.matting_torch import estimate_alpha_cf_torch, estimate_foreground_torch
+
+        with torch.inference_mode():
+            rgb = torch.from_numpy(np.stack(images)).to(self.device).float() / 255.0  # (B, H, W, 3)
+            tri = torch.from_numpy(np.stack(trimaps).astype(np.float32)).to(self.device)
+            alpha = estimate_alpha_cf_torch(rgb, tri)
+            finite = torch.isfinite(alpha).flatten(1).all(1)
+            # A diverged photo must not spread NaNs through the shared foreground solve.
+            alpha = torch.where(finite.view(-1, 1, 1), alpha, torch.zeros_like(alpha))
+            foreground = estimate_foreground_torch(rgb, alpha)
+            foreground = (foreground * 255.0).round().clamp(0, 255).to(torch.uint8)
+            alpha, foreground, finite = alpha.cpu().numpy(), foreground.cpu().numpy(), finite.cpu().numpy()
+        return [
+            (alpha[j], foreground[j]) if finite[j] else "closed-form matting diverged (non-finite alpha)"
+            for j in range(len(images))
+        ]

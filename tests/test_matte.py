@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from stages.matte import BACKENDS, matte_batch, matte_pymatting, resolve_backend
+from pipeline.config import MatteConfig
+from pipeline.dataplan import gpus_per_segment_actor, matte_stage
+from stages.matte import BACKENDS, Matter, matte_batch, matte_pymatting, resolve_backend
 from stages.records import ALPHA, FOREGROUND, IMAGE, REJECT_REASON, REJECT_STAGE, SOURCE_URI, TRIMAP, Reject
 from tests.matting_fixtures import make_scene
 
@@ -79,3 +81,48 @@ def test_torch_backend_rejects_trimap_without_background():
     trimap = np.where(scene.trimap == 0.0, 0.5, scene.trimap).astype(np.float32)
     with pytest.raises(Reject, match="refused the trimap"):
         BACKENDS["torch"](as_uint8(scene.image), trimap)
+
+
+def _column(values):
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    return column
+
+
+def test_matter_solves_same_sized_photos_together_like_single_photos():
+    scenes = [make_scene(48, 48, seed) for seed in (6, 7, 8)] + [make_scene(40, 56, seed=9)]
+    images = [as_uint8(s.image) for s in scenes]
+    trimaps = [s.trimap for s in scenes]
+    no_background = np.maximum(scenes[0].trimap, 0.5).astype(np.float32)
+    batch = {
+        SOURCE_URI: np.array(["a", "b", "c", "d", "bad-trimap", "bad-decode"], dtype=object),
+        IMAGE: _column([*images, images[0], np.zeros((1, 1, 3), np.uint8)]),
+        TRIMAP: _column([*trimaps, no_background, np.zeros((1, 1), np.float32)]),
+        REJECT_STAGE: np.array(["", "", "", "", "", "decode"], dtype=object),
+        REJECT_REASON: np.array(["", "", "", "", "", "empty file"], dtype=object),
+    }
+    # batch_size 2: the three 48x48 photos take two solves, the 40x56 one its own.
+    out = Matter(batch_size=2)(batch)
+    assert list(out[REJECT_STAGE]) == ["", "", "", "", "matte", "decode"]
+    assert "no background" in out[REJECT_REASON][4]
+    assert out[ALPHA][4].shape == (1, 1) and out["t_matte"].shape == (6,)
+    for i, (image, trimap) in enumerate(zip(images, trimaps, strict=True)):
+        alpha, foreground = BACKENDS["torch"](image, trimap)
+        assert out[ALPHA][i].dtype == np.float32 and out[FOREGROUND][i].dtype == np.uint8
+        # Each photo's CG stops on its own residual, so a batch changes only the rounding.
+        np.testing.assert_allclose(out[ALPHA][i], alpha, rtol=0, atol=1e-4)
+        assert np.abs(out[FOREGROUND][i].astype(int) - foreground.astype(int)).max() <= 1
+
+
+def test_matte_stage_shares_the_gpu_with_clipseg():
+    config = MatteConfig()
+    gpu = matte_stage(config, cluster_gpus=1)
+    assert gpu["fn"] is Matter and gpu["compute"].max_size == 1 and gpu["batch_size"] == 64
+    # Both actor pools must fit on one GPU, or the plan waits forever for the second.
+    assert gpu["num_gpus"] + gpus_per_segment_actor("auto", gpu["num_gpus"], 1) <= 1.0
+    assert matte_stage(config, cluster_gpus=4)["compute"].max_size == 4
+    for backend, gpus in (("auto", 0), ("pymatting", 1), ("torch", 0)):
+        cpu = matte_stage(MatteConfig(backend=backend), cluster_gpus=gpus)
+        assert cpu["fn"] is matte_batch and cpu["batch_size"] == 1 and "num_gpus" not in cpu
+        assert cpu["fn_kwargs"]["backend"] == ("pymatting" if backend == "auto" else backend)
+    assert gpus_per_segment_actor("auto", 0.0, 1) == 1.0 and gpus_per_segment_actor("auto", 0.0, 0) == 0.0
