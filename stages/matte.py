@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import torch
 
 from stages.records import (
     ALPHA,
@@ -74,8 +75,6 @@ def resolve_backend(name: str) -> str:
         if name not in BACKENDS:
             raise ValueError(f"unknown matting backend {name!r}; available: {', '.join(sorted(BACKENDS))}")
         return name
-    import torch
-
     return "torch" if "torch" in BACKENDS and torch.cuda.is_available() else "pymatting"
 
 
@@ -103,20 +102,23 @@ def _trimap_refusal(trimap: np.ndarray) -> str | None:
     return None
 
 
-class Matter:
-    """Ray Data actor of the torch backend: one batched solve per group of same-sized photos.
+def _to_uint8(unit: torch.Tensor) -> torch.Tensor:
+    return (unit * 255.0).round().clamp(0, 255).to(torch.uint8)
 
-    Photos of one size (after decode's resize most share one) are stacked, up to `batch_size` at
-    a time, and solved together on the actor's GPU (CPU without one): alpha with
-    `estimate_alpha_cf_torch`, then the foreground with `estimate_foreground_torch`, without
-    leaving the device in between. Same columns and rejects as `matte_batch`. Photos are not
-    padded to a common size: padding would change the coarse-to-fine start (so the result only
-    agrees to tol) and costs CG work on the padding.
+
+class Matter:
+    """Ray Data actor of the torch backend: photos solved `batch_size` at a time.
+
+    Photos are sorted by size and cut into batches, so that a batch holds one size (after
+    decode's resize most photos share one) or a few close sizes. The batch is solved on the
+    actor's GPU (CPU without one) without leaving the device: alpha with `estimate_alpha_cf_torch`
+    (mixed sizes are zero-padded into one system; padding is known background, so CG does no
+    work on it, and only the coarse-to-fine start changes, within tol), then the foreground with
+    `estimate_foreground_torch` (one solve per size: its pyramid depends on the size). Same
+    columns and rejects as `matte_batch`.
     """
 
     def __init__(self, batch_size: int = 64, warm_up: bool = True):
-        import torch
-
         self.batch_size = batch_size
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if warm_up:
@@ -125,8 +127,6 @@ class Matter:
     def _warm_up(self) -> None:
         """One small solve on CUDA, so that torch.compile's ~1 min is spent while the actor
         starts, not on its first batch. The kernels take dynamic shapes: later sizes reuse them."""
-        import torch
-
         from stages.matting_torch import estimate_alpha_cf_torch, estimate_foreground_torch
 
         if self.device.type != "cuda":
@@ -139,16 +139,13 @@ class Matter:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with timed(batch, STAGE):
-            by_size: dict[tuple[int, ...], list[int]] = {}
-            for i in healthy_rows(batch):
-                if _trimap_refusal(batch[TRIMAP][i]) is None:
-                    by_size.setdefault(batch[IMAGE][i].shape, []).append(int(i))
+            rows = [int(i) for i in healthy_rows(batch) if _trimap_refusal(batch[TRIMAP][i]) is None]
+            rows.sort(key=lambda i: batch[IMAGE][i].shape)
             results: dict[int, tuple[np.ndarray, np.ndarray] | str] = {}
-            for rows in by_size.values():
-                for start in range(0, len(rows), self.batch_size):
-                    chunk = rows[start : start + self.batch_size]
-                    solved = self._solve([batch[IMAGE][i] for i in chunk], [batch[TRIMAP][i] for i in chunk])
-                    results.update(zip(chunk, solved, strict=True))
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start : start + self.batch_size]
+                solved = self._solve([batch[IMAGE][i] for i in chunk], [batch[TRIMAP][i] for i in chunk])
+                results.update(zip(chunk, solved, strict=True))
 
             def one(i: int) -> dict[str, object]:
                 refusal = _trimap_refusal(batch[TRIMAP][i])
@@ -162,22 +159,31 @@ class Matter:
             return apply_per_row(batch, one, {ALPHA: PLACEHOLDER_MAP, FOREGROUND: PLACEHOLDER_RGB})
 
     def _solve(self, images: list[np.ndarray], trimaps: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray] | str]:
-        """Same-sized uint8 (H, W, 3) photos and float32 (H, W) trimaps -> per photo (alpha float32
-        (H, W), foreground uint8 (H, W, 3)), or the reason it is rejected."""
-        import torch
-
+        """uint8 (H, W, 3) photos and float32 (H, W) trimaps -> per photo (alpha float32 (H, W),
+        foreground uint8 (H, W, 3)), or the reason it is rejected."""
         from stages.matting_torch import estimate_alpha_cf_torch, estimate_foreground_torch
 
         with torch.inference_mode():
-            rgb = torch.from_numpy(np.stack(images)).to(self.device).float() / 255.0  # (B, H, W, 3)
-            tri = torch.from_numpy(np.stack(trimaps).astype(np.float32)).to(self.device)
-            alpha = estimate_alpha_cf_torch(rgb, tri)
-            finite = torch.isfinite(alpha).flatten(1).all(1)
-            # A diverged photo must not spread NaNs through the shared foreground solve.
-            alpha = torch.where(finite.view(-1, 1, 1), alpha, torch.zeros_like(alpha))
+            if len({image.shape for image in images}) == 1:  # one upload, one stacked solve
+                rgb = torch.from_numpy(np.stack(images)).to(self.device).float() / 255.0  # (B, H, W, 3)
+                tri = torch.from_numpy(np.stack(trimaps).astype(np.float32)).to(self.device)
+            else:  # lists: alpha pads them into one batch, foreground solves each size apart
+                rgb = [torch.from_numpy(image).to(self.device).float() / 255.0 for image in images]
+                tri = [torch.from_numpy(trimap.astype(np.float32)).to(self.device) for trimap in trimaps]
+            alpha = estimate_alpha_cf_torch(rgb, tri)  # (B, H, W), or a list for mixed sizes
+            if isinstance(alpha, torch.Tensor):
+                finite = torch.isfinite(alpha).flatten(1).all(1)
+                # A diverged photo must not spread NaNs through the shared foreground solve.
+                alpha = torch.where(finite.view(-1, 1, 1), alpha, torch.zeros_like(alpha))
+            else:
+                finite = torch.stack([torch.isfinite(a).all() for a in alpha])
+                alpha = [torch.where(ok, a, torch.zeros_like(a)) for a, ok in zip(alpha, finite, strict=True)]
             foreground = estimate_foreground_torch(rgb, alpha)
-            foreground = (foreground * 255.0).round().clamp(0, 255).to(torch.uint8)
-            alpha, foreground, finite = alpha.cpu().numpy(), foreground.cpu().numpy(), finite.cpu().numpy()
+            if isinstance(alpha, torch.Tensor):  # one download for the batch
+                alpha, foreground = alpha.cpu().numpy(), _to_uint8(foreground).cpu().numpy()
+            else:
+                alpha, foreground = [a.cpu().numpy() for a in alpha], [_to_uint8(f).cpu().numpy() for f in foreground]
+            finite = finite.cpu().numpy()
         return [
             (alpha[j], foreground[j]) if finite[j] else "closed-form matting diverged (non-finite alpha)"
             for j in range(len(images))
