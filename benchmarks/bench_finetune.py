@@ -4,28 +4,37 @@ Step modes run the fine-tuning method's own training step (pipeline/train/method
 loop's math: VAE-encode the target, noise, predict, MSE, backward, clip, fused AdamW) in one
 process on one GPU, bf16 autocast, batch 3, 512 px:
 
-    python benchmarks/bench_finetune.py --model Salesforce/blipdiffusion --out results.json
+    python benchmarks/bench_finetune.py --real --out results.json            # GPU, random weights
+    python benchmarks/bench_finetune.py --model Salesforce/blipdiffusion ...  # released weights
     python benchmarks/bench_finetune.py --tiny --size 64 --steps 3            # CPU smoke test
     python benchmarks/bench_finetune.py --model ... --e2e --subjects 8        # the real jobs
 
-For each method (--methods, default blipd,lora) and UNet mode (--compile: eager, then
-torch.compile default and "reduce-overhead", i.e. CUDA graphs) it reports load_s (base model
-to GPU), steps_s (--steps optimizer steps after --warmup), save_s and the artifact's bytes.
-Targets: blipd 100 steps <= 15 s on an H100 after load; LoRA artifact <= 50 MB.
+For each method (--methods, default blipd,lora): load_s (the base from disk, the subject's
+mean embedding, to the GPU), then per UNet mode (--modes) the seconds of --steps optimizer
+steps after --warmup (eager: --eager-steps, scaled to --steps), then save_s and the artifact's
+bytes. UNet modes: eager; graphs (train.cuda_graphs: forward and backward as CUDA graphs,
+first_step_s holds the capture); compiled and reduce-overhead (torch.compile default / with
+CUDA graphs; minutes of compilation, in warmup_s). `--real` builds real-sized random weights
+(SD 1.5 UNet and VAE, CLIP ViT-L text encoder, BLIP-2 ViT-L/14 and Q-Former) and saves them
+once as the base, so load_s reads 1.5B float32 parameters from disk like a real base.
 
---e2e runs the real commands on a synthetic dataset of --subjects subjects: `finetune_subject`
-(Ray Train, 1 worker; plus registration with --tracking-uri) for one subject per method, and
-`finetune_many` over all subjects with --num-gpus per subject (e.g. 0.25: four per GPU), and
-reports wall time and subjects/hour/GPU (target with lora: >= 200).
-
-Numbers are still to be measured on a GPU machine (BENCHMARKS.md).
+--concurrent K runs K one-subject jobs at once on the GPU, each in its own process (load, --steps
+graphed steps, save; finetune-many's num_gpus=1/K without Ray): subjects/hour/GPU = K x 3600 /
+wall. Registration (MLflow) is not in these numbers; --e2e runs the real commands:
+`finetune_subject` (Ray Train, 1 worker; plus registration with --tracking-uri) for one subject
+per method, and `finetune_many` over --subjects subjects with --num-gpus per subject.
+Targets: blipd 100 steps <= 15 s on an H100 after load; LoRA artifact <= 50 MB; lora >= 200
+subjects/hour/GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,11 +47,15 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.train.losses import add_noise, diffusion_target, sample_latents, sample_timesteps  # noqa: E402
 from pipeline.train.methods import REFERENCES_FOLDER, get_method  # noqa: E402
+from pipeline.train.speed import GraphedUNet  # noqa: E402
 from stages.train_inputs import latent_params  # noqa: E402
+
+log = logging.getLogger("bench_finetune")
 
 
 def _photos(folder: Path, count: int, size: int) -> None:
@@ -57,56 +70,154 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench_steps(args: argparse.Namespace, method_name: str, compile_mode: str | None, work: Path) -> dict:
+def save_real_base(folder: Path) -> str:
+    """Real-sized random BLIP-Diffusion weights saved as a base checkpoint (float32)."""
+    from bench_pretrain import build_real
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    build_real(device).save_pretrained(folder)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return str(folder)
+
+
+def _config(args: argparse.Namespace, method_name: str, work: Path):
     _photos(work / REFERENCES_FOLDER, 4, args.size)
     overrides = [f"train.data={work}", f"train.resolution={args.size}", f"finetune.method={method_name}",
-                 "finetune.subject_id=bench", "finetune.category=dog"]
+                 f"train.method={method_name}", "finetune.subject_id=bench", "finetune.category=dog"]
     overrides += ["profile=tiny"] if args.tiny else [f"models.blip_diffusion={args.model}"]
-    config = load_config(overrides=overrides)
-    start = time.perf_counter()
-    method = get_method(method_name).load(config).to(device)
-    _sync(device)
-    load_s = time.perf_counter() - start
-    params = method.trainable_parameters()
-    if compile_mode is not None:
-        method.model.unet.to(memory_format=torch.channels_last).compile(mode=None if compile_mode == "default" else compile_mode)
+    return load_config(overrides=overrides)
+
+
+def make_step(method, config, args: argparse.Namespace, device: torch.device, graphs: bool):
+    """One optimizer step of the loop for a fine-tune (batch args.batch, fresh AdamW)."""
+    params = [p for p in method.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.finetune.learning_rate(), weight_decay=0.01, fused=device.type == "cuda")
     alphas = method.model.scheduler.alphas_cumprod.to(device)
     scaling = method.model.vae.config.scaling_factor
     bf16 = device.type == "cuda"
     targets = torch.rand(args.batch, 3, args.size, args.size, device=device) * 2 - 1
-    prompts = method.build_prompts(["dog"] * args.batch, [""] * args.batch)
-    method.train()
+    categories = ["dog"] * args.batch
+    prompts = method.build_prompts(categories, [""] * args.batch)
+    channels_last = method.model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last) and device.type == "cuda"
 
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+    def step() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not graphs):
             latents = sample_latents(latent_params(method.model.vae, targets), scaling)
+            if channels_last:
+                latents = latents.contiguous(memory_format=torch.channels_last)
             noise = torch.randn_like(latents)
             t = sample_timesteps(args.batch, len(alphas), device)
-            pred = method(None, ["dog"] * args.batch, prompts, add_noise(latents, noise, t, alphas), t, None)
+            pred = method(None, categories, prompts, add_noise(latents, noise, t, alphas), t, None)
             loss = method.loss(pred, diffusion_target(latents, noise, t, alphas, "epsilon"))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss
 
-    for _ in range(args.warmup):
-        step()
-    _sync(device)
+    return step
+
+
+def time_mode(method, config, args: argparse.Namespace, device: torch.device, mode: str) -> dict:
+    """Seconds per 100 steps of one UNet mode on a loaded method."""
+    method.graphed_unet = GraphedUNet(method.model.unet) if mode == "graphs" and device.type == "cuda" else None
+    if mode in ("compiled", "reduce-overhead"):
+        method.model.unet.to(memory_format=torch.channels_last).compile(mode=None if mode == "compiled" else mode)
+    step = make_step(method, config, args, device, graphs=method.graphed_unet is not None)
     start = time.perf_counter()
-    for _ in range(args.steps):
+    loss = step()
+    _sync(device)
+    first = time.perf_counter() - start
+    for _ in range(args.warmup - 1):
+        loss = step()
+    _sync(device)
+    warm = time.perf_counter() - start
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{mode}: loss {loss.item()}")
+    steps = args.eager_steps if mode == "eager" else args.steps
+    start = time.perf_counter()
+    for _ in range(steps):
         step()
     _sync(device)
-    steps_s = time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return {"unet": mode, "first_step_s": round(first, 2), "warmup_s": round(warm, 2), "timed_steps": steps,
+            "ms_per_step": round(1000 * seconds / steps, 1), "s_per_100_steps": round(100 * seconds / steps, 2)}
+
+
+def bench_method(args: argparse.Namespace, method_name: str, work: Path, t0: float) -> list[dict]:
+    """Load once, time each UNet mode in --modes, save once."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = _config(args, method_name, work)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    method = get_method(method_name).load(config).to(device)
+    _sync(device)
+    load_s = time.perf_counter() - start
+    method.trainable_parameters()
+    method.train()
+    common = {"method": method_name, "batch": args.batch, "size": args.size, "load_s": round(load_s, 2),
+              "trainable_m": round(sum(p.numel() for p in method.parameters() if p.requires_grad) / 1e6, 2)}
+    rows = []
+    for mode in args.modes.split(","):
+        if time.perf_counter() - t0 > args.budget:
+            rows.append({**common, "unet": mode, "skipped": "budget"})
+            continue
+        try:
+            row = {**common, **time_mode(method, config, args, device, mode)}
+        except Exception as exc:  # one mode failing on the GPU must not cost the other rows
+            log.exception("%s %s failed", method_name, mode)
+            rows.append({**common, "unet": mode, "error": f"{type(exc).__name__}: {exc}"[:500]})
+            continue
+        row["gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     start = time.perf_counter()
     method.save(work / "ckpt")
     save_s = time.perf_counter() - start
     size = sum(p.stat().st_size for p in (work / "ckpt").rglob("*") if p.is_file())
-    return {"method": method_name, "unet": compile_mode or "eager", "batch": args.batch, "size": args.size, "steps": args.steps,
-            "load_s": round(load_s, 2), "steps_s": round(steps_s, 2), "s_per_100_steps": round(steps_s / args.steps * 100, 2),
-            "save_s": round(save_s, 2), "artifact_bytes": size,
-            "gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
+    timed = [r for r in rows if "s_per_100_steps" in r]
+    best = min(timed, key=lambda r: r["s_per_100_steps"]) if timed else None
+    for row in rows:
+        row.update(save_s=round(save_s, 2), artifact_bytes=size)
+    if best is not None:  # one subject after another on a GPU, without Ray's start or registration
+        one = load_s + best["s_per_100_steps"] * args.steps / 100 + best["first_step_s"] + save_s
+        rows.append({"method": method_name, "estimate": "serial", "unet": best["unet"], "seconds_per_subject": round(one, 1),
+                     "subjects_per_hour_per_gpu": round(3600 / one, 1)})
+    return rows
+
+
+def one_subject(args: argparse.Namespace) -> None:
+    """--single: load, --steps graphed steps (capture included), save; prints its seconds."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        config = _config(args, args.single, Path(tmp))
+        method = get_method(args.single).load(config).to(device)
+        method.trainable_parameters()
+        method.train()
+        method.graphed_unet = GraphedUNet(method.model.unet) if device.type == "cuda" else None
+        step = make_step(method, config, args, device, graphs=method.graphed_unet is not None)
+        for _ in range(args.steps):
+            step()
+        _sync(device)
+        method.save(Path(tmp) / "ckpt")
+        print(json.dumps({"single": args.single, "seconds": round(time.perf_counter() - start, 2)}), flush=True)
+
+
+def bench_concurrent(args: argparse.Namespace, method_name: str, count: int) -> dict:
+    """`count` one-subject processes at once; subjects/hour/GPU from the wall clock."""
+    cmd = [sys.executable, __file__, "--single", method_name, "--model", args.model, "--steps", str(args.steps),
+           "--batch", str(args.batch), "--size", str(args.size)] + (["--tiny"] if args.tiny else [])
+    start = time.perf_counter()
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy()) for _ in range(count)]
+    outs = [p.communicate()[0] for p in procs]
+    wall = time.perf_counter() - start
+    ok = sum(p.returncode == 0 for p in procs)
+    each = [json.loads(line)["seconds"] for out in outs for line in out.splitlines() if line.startswith('{"single"')]
+    return {"method": method_name, "estimate": "concurrent", "processes": count, "ok": ok, "wall_s": round(wall, 1),
+            "per_process_s": each, "subjects_per_hour_per_gpu": round(ok * 3600 / wall, 1)}
 
 
 def bench_e2e(args: argparse.Namespace, work: Path) -> list[dict]:
@@ -141,34 +252,58 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="Salesforce/blipdiffusion")
     parser.add_argument("--tiny", action="store_true", help="the tiny random-weight model (CPU smoke test)")
+    parser.add_argument("--real", action="store_true", help="real-sized random weights, saved once as the base")
     parser.add_argument("--methods", default="blipd,lora")
+    parser.add_argument("--modes", default="eager,graphs", help="UNet modes: eager, graphs, compiled, reduce-overhead")
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--eager-steps", type=int, default=100, help="timed eager steps (scaled to --steps)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch", type=int, default=3)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile (default, reduce-overhead)")
+    parser.add_argument("--concurrent", type=int, default=0, help="also K lora subjects at once, one process each")
+    parser.add_argument("--budget", type=float, default=400.0, help="start no new mode after this many s")
+    parser.add_argument("--single", help=argparse.SUPPRESS)  # a --concurrent child
     parser.add_argument("--e2e", action="store_true", help="also time the real finetune and finetune-many jobs")
     parser.add_argument("--subjects", type=int, default=8)
     parser.add_argument("--num-gpus", type=float, default=0.25)
     parser.add_argument("--tracking-uri")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.single:
+        one_subject(args)
+        return
 
+    t0 = time.perf_counter()
     results = []
-    modes = [None, "default", "reduce-overhead"] if args.compile else [None]
-    for method in args.methods.split(","):
-        for mode in modes:
+    with tempfile.TemporaryDirectory() as base:
+        if args.real:
+            start = time.perf_counter()
+            args.model = save_real_base(Path(base) / "base")
+            results.append({"real_base_saved_s": round(time.perf_counter() - start, 1)})
+        for method in args.methods.split(","):
             with tempfile.TemporaryDirectory() as tmp:
-                row = bench_steps(args, method, mode, Path(tmp))
-            print(json.dumps(row))
-            results.append(row)
+                results += bench_method(args, method, Path(tmp), t0)
+            print(json.dumps(results[-1]), flush=True)
+            _write(args, results)
+        if args.concurrent and time.perf_counter() - t0 < args.budget:
+            for count in (1, args.concurrent):
+                results.append(bench_concurrent(args, "lora", count))
+                print(json.dumps(results[-1]), flush=True)
+                _write(args, results)
     if args.e2e:
         with tempfile.TemporaryDirectory() as tmp:
             for row in bench_e2e(args, Path(tmp)):
                 print(json.dumps(row))
                 results.append(row)
+    _write(args, results)
+
+
+def _write(args: argparse.Namespace, results: list[dict]) -> None:
     meta = {"date": datetime.now(timezone.utc).isoformat(), "torch": torch.__version__, "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "model": "tiny" if args.tiny else args.model}
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "model": "tiny" if args.tiny else "real-size random" if args.real else args.model,
+            "settings": {k: str(v) for k, v in vars(args).items()}}
     if args.out:
         args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
 

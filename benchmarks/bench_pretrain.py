@@ -17,9 +17,18 @@ Step modes (--modes, in order, until --budget seconds are spent):
   full-pre-eager        from precomputed VAE posteriors and ViT features
   full-pre-compiled     + UNet compiled, channels_last (train.compile)
   full-raw-compiled     from pixels, UNet compiled
-Each mode can be suffixed @B for batch B (default --batch). `data` times the Ray Data decode
-stage (samples/s per CPU core) and the precompute encoder (samples/s on the GPU); `profile`
-runs torch.profiler over 3 eager full steps (tables in <out>.profile.txt).
+Each mode can be suffixed @B for batch B (default --batch), and full-* modes take flags after
+`+` (issue 5's ablation, each the loop's setting or the state before it):
+  +legacy   the old conditioning: only kept rows through the Q-Former and text encoder, so
+            their batch size changes every step (before: every row, fixed shapes)
+  +cudnn    train.sdpa_backend=default (before: no-cudnn) for the Q-Former and text encoder
+  +all      compiled modes: the Q-Former and text encoder compiled too (train.compile)
+  +graphs   eager modes: the UNet's forward and backward as CUDA graphs (train.cuda_graphs)
+`data` times the Ray Data decode stage (samples/s per CPU core) and the precompute encoder
+(samples/s on the GPU); `profile` runs torch.profiler over 3 full steps in the state the last
+mode left (tables in <out>.profile.txt). --ablation runs issue 5's list (ABLATION).
+--wait-file: timed steps wait until that file exists (another benchmark sharing the GPU is
+done), after the first warm-up step, which holds the compilation.
 
 --e2e runs `run_training` itself (Ray Data decoding a synthetic 512 px dataset, Ray Train with
 `--workers` GPUs) with and without precompute and reports the job's own samples/s and its
@@ -38,6 +47,7 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -51,16 +61,42 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.model import BlipDiffusion, SubjectImageProcessor  # noqa: E402
+from pipeline.model.blip_diffusion import _to_device  # noqa: E402
 from pipeline.model.make_tiny import sd_scheduler  # noqa: E402
 from pipeline.model.qformer import SubjectQFormer  # noqa: E402
 from pipeline.model.text_encoder import ContextCLIPTextModel  # noqa: E402
 from pipeline.model.tokenizers import load_clip_tokenizer, load_qformer_tokenizer  # noqa: E402
 from pipeline.train.losses import add_noise, diffusion_target, sample_latents, sample_timesteps, subject_drop_mask  # noqa: E402
 from pipeline.train.methods import Pretrain  # noqa: E402
+from pipeline.train.speed import COMPILED_PARTS, GraphedUNet, compile_model  # noqa: E402
 from stages.train_inputs import FrozenEncoder, image_features, latent_params, prepare_batch  # noqa: E402
 
 TINY = REPO / "pipeline" / "assets" / "tiny-blipdiffusion"
 log = logging.getLogger("bench_pretrain")
+
+# Issue 5's ablation, cumulative: the last session's full-pre-compiled step, then each change.
+ABLATION = ("full-pre-compiled+legacy+cudnn,full-pre-compiled+legacy,full-pre-compiled,full-pre-compiled+all,"
+            "profile,full-pre-eager+graphs")
+
+
+def legacy_encode_conditioning(model: BlipDiffusion, pixel_values, categories, prompts, drop_subject=None) -> torch.Tensor:
+    """The conditioning before issue 5's change (commit 3e1bc5b): kept rows through the Q-Former
+    and the text encoder with their subject, dropped rows through the text encoder alone, so
+    both batch sizes change from step to step. For the ablation's baseline rows only."""
+    drop = drop_subject.bool().cpu()
+    keep_idx = (~drop).nonzero().flatten().tolist()
+    drop_idx = drop.nonzero().flatten().tolist()
+    parts = []
+    if keep_idx:
+        kept = pixel_values if not drop_idx else pixel_values[_to_device(torch.tensor(keep_idx), pixel_values.device)]
+        subject = model.subject_embeddings(kept, [categories[i] for i in keep_idx])
+        parts.append(model.encode_prompts([prompts[i] for i in keep_idx], subject))
+    if drop_idx:
+        parts.append(model.encode_prompts([prompts[i] for i in drop_idx], None))
+    hidden = torch.cat(parts)
+    if not drop_idx:
+        return hidden
+    return hidden[_to_device(torch.tensor(keep_idx + drop_idx).argsort(), hidden.device)]
 
 
 def build_real(device: torch.device) -> BlipDiffusion:
@@ -105,9 +141,10 @@ def full_step(method: Pretrain, batch: dict, precomputed: bool, device: torch.de
     scaling = method.model.vae.config.scaling_factor
     bf16 = device.type == "cuda"
     channels_last = method.model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last) and device.type == "cuda"
+    graphs = method.graphed_unet is not None
 
     def step() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not graphs):
             if precomputed:
                 posterior, subject = batch["latent_params"], batch["image_features"]
             else:
@@ -155,11 +192,25 @@ def unet_step(unet: torch.nn.Module, batch: int, size: int, device: torch.device
     return step
 
 
-def time_steps(step, device: torch.device, warmup: int, steps: int) -> tuple[float, float]:
-    """(seconds for `steps` steps after `warmup`, seconds of the warm-up)."""
+def wait_for(path: Path | None, max_s: float = 420.0) -> None:
+    """Wait until `path` exists (at most max_s): the benchmark sharing the GPU is done."""
     start = time.perf_counter()
-    for _ in range(warmup):
+    while path is not None and not path.exists() and time.perf_counter() - start < max_s:
+        time.sleep(1.0)
+    if path is not None and time.perf_counter() - start > 1.0:
+        log.info("waited %.0f s for %s", time.perf_counter() - start, path)
+
+
+def time_steps(step, device: torch.device, warmup: int, steps: int, wait: Path | None = None) -> tuple[float, float]:
+    """(seconds for `steps` steps after `warmup`, seconds of the warm-up). `wait`: see wait_for,
+    checked after the first warm-up step (the compilation)."""
+    start = time.perf_counter()
+    for i in range(warmup):
         loss = step()
+        if i == 0:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            wait_for(wait)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss {loss.item()}")
     if device.type == "cuda":
@@ -252,9 +303,10 @@ def run_modes(args, device: torch.device, results: dict, t0: float) -> None:
         "trainable": round(sum(p.numel() for p in method.parameters() if p.requires_grad) / 1e6, 1),
         "total": round(sum(p.numel() for p in method.parameters()) / 1e6, 1),
     }
-    compiled = False
+    compiled: tuple[str, ...] = ()
     for spec in args.modes.split(","):
-        name, _, batch_text = spec.partition("@")
+        mode, _, batch_text = spec.partition("@")
+        name, *flags = mode.split("+")
         batch_size = int(batch_text or args.batch)
         if time.perf_counter() - t0 > args.budget:
             log.info("skip %s: budget spent", spec)
@@ -264,16 +316,21 @@ def run_modes(args, device: torch.device, results: dict, t0: float) -> None:
             log.info("data: %s", results["data"])
             continue
         if name == "profile":
-            results["profile"] = profile_step(full_step(method, random_batch(model, batch_size, args.size, device), True, device), device, args.out)
+            wait_for(args.wait_file)
+            batch = random_batch(model, batch_size, args.size, device)
+            results["profile"] = profile_step(full_step(method, batch, True, device), device, args.out)
             continue
-        if name.endswith("compiled") and not compiled and device.type == "cuda":
-            torch._inductor.config.conv_1x1_as_mm = True
-            model.unet.to(memory_format=torch.channels_last)
-            model.unet.compile()
-            compiled = True
-        if name.endswith("eager") and compiled:
-            log.info("skip %s: the UNet is already compiled (list eager modes first)", spec)
-            continue
+        # The modules compiled for this mode; compiling more (or returning to eager) keeps the rest.
+        want = (("unet",) + (COMPILED_PARTS[1:] if "all" in flags else ())) if name.endswith("compiled") else ()
+        if device.type == "cuda" and want != compiled:
+            set_compiled(model, compiled, want)
+            compiled = want
+        method.config = load_config(overrides=["profile=tiny", f"train.sdpa_backend={'default' if 'cudnn' in flags else 'no-cudnn'}"])
+        method.graphed_unet = GraphedUNet(model.unet) if "graphs" in flags and device.type == "cuda" else None
+        if "legacy" in flags:
+            model.encode_conditioning = partial(legacy_encode_conditioning, model)
+        else:
+            model.__dict__.pop("encode_conditioning", None)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -283,13 +340,14 @@ def run_modes(args, device: torch.device, results: dict, t0: float) -> None:
             else:
                 batch = random_batch(model, batch_size, args.size, device)
                 step = full_step(method, batch, precomputed="-pre-" in name, device=device)
-            seconds, warm = time_steps(step, device, args.warmup, args.steps)
-        except torch.OutOfMemoryError:
-            log.info("%s: out of memory", spec)
-            results["runs"].append({"mode": name, "batch": batch_size, "error": "out of memory"})
+            seconds, warm = time_steps(step, device, args.warmup, args.steps, args.wait_file)
+        except Exception as exc:  # out of memory, or a failed capture: record it, keep the other rows
+            log.exception("%s failed", spec)
+            results["runs"].append({"mode": mode, "batch": batch_size, "error": f"{type(exc).__name__}: {exc}"[:500]})
+            args.out.write_text(json.dumps(results, indent=2))
             continue
         row = {
-            "mode": name,
+            "mode": mode,
             "batch": batch_size,
             "samples_per_s": round(args.steps * batch_size / seconds, 1),
             "step_ms": round(1000 * seconds / args.steps, 1),
@@ -297,9 +355,23 @@ def run_modes(args, device: torch.device, results: dict, t0: float) -> None:
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None,
         }
         results["runs"].append(row)
-        log.info("%-22s batch %3d  %7.1f samples/s  %7.1f ms/step  (warm-up %.0f s, peak %s GiB)", name,
+        log.info("%-40s batch %3d  %7.1f samples/s  %7.1f ms/step  (warm-up %.0f s, peak %s GiB)", mode,
                  batch_size, row["samples_per_s"], row["step_ms"], warm, row["peak_mem_gib"])
         args.out.write_text(json.dumps(results, indent=2))
+
+
+def set_compiled(model: BlipDiffusion, compiled: tuple[str, ...], want: tuple[str, ...]) -> None:
+    """Compile the parts in `want` not compiled yet; return the others to eager (the bench's
+    way back from nn.Module.compile, which has no public undo)."""
+    torch._inductor.config.conv_1x1_as_mm = True
+    for part in compiled:
+        if part not in want:
+            getattr(model, part)._compiled_call_impl = None
+            if part == "unet":
+                model.unet.to(memory_format=torch.contiguous_format)
+    new = tuple(p for p in want if p not in compiled)
+    if new:
+        compile_model(model, new)
 
 
 def write_dataset(root: Path, rows: int, size: int) -> Path:
@@ -380,18 +452,18 @@ def main() -> int:
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument("--rows", type=int, default=512, help="synthetic dataset rows (--e2e)")
     parser.add_argument("--compile", action="store_true", help="train.compile in --e2e")
-    parser.add_argument("--sdpa", choices=("default", "no-cudnn"), default="default",
-                        help="no-cudnn: keep PyTorch's SDPA off its cuDNN backend (flash/efficient instead)")
+    parser.add_argument("--ablation", action="store_true", help="--modes ABLATION (issue 5's cumulative changes)")
+    parser.add_argument("--wait-file", type=Path, help="timed steps wait for this file (see the module docstring)")
     parser.add_argument("--out", type=Path, default=Path("bench_pretrain.json"))
     args = parser.parse_args()
+    if args.ablation:
+        args.modes = ABLATION
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     t0 = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
-        if args.sdpa == "no-cudnn":  # run 2's profile: cuDNN attention costs ~1-2 ms of host time per call
-            torch.backends.cuda.enable_cudnn_sdp(False)
     import diffusers
     import transformers
 

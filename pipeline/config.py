@@ -252,7 +252,15 @@ class TrainConfig(_Strict):
         False, description="encode targets (VAE) and composites (ViT) once in Ray Data and train from those"
     )
     mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
-    compile: bool = Field(False, description="torch.compile the UNet (GPU)")
+    compile: bool = Field(
+        False, description="torch.compile the UNet, Q-Former and text encoder (GPU; minutes at start, for long runs)"
+    )
+    cuda_graphs: bool = Field(
+        True, description="replay the eager UNet's forward and backward as CUDA graphs (one GPU worker, no grad_accum)"
+    )
+    sdpa_backend: Literal["default", "no-cudnn"] = Field(
+        "no-cudnn", description="attention kernels of the Q-Former and text encoder; no-cudnn saves cuDNN's host-side planning"
+    )
     shuffle_buffer: int = Field(256, ge=0, description="rows in each worker's local shuffle buffer; 0 = file order")
     data_cpus: float = Field(1.0, gt=0.0, description="CPUs per Ray Data decode task")
     checkpoint_every: int = Field(1000, ge=1, description="optimizer steps between checkpoints (and one at the end)")

@@ -57,6 +57,9 @@ StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 # Buffers the reference serialises but we rebuild from the config.
 _QFORMER_OPTIONAL = ("embeddings.position_ids",)
 _TEXT_OPTIONAL = ("text_model.embeddings.position_ids",)
+# Category texts are padded to a multiple of this many BERT tokens (masked, so the outputs do not
+# change), which keeps the Q-Former's input shape the same across training batches.
+QFORMER_TEXT_PAD = 16
 
 
 class BlipDiffusion(nn.Module):
@@ -227,6 +230,7 @@ class BlipDiffusion(nn.Module):
         text = self.qformer_tokenizer(
             categories,
             padding=True,
+            pad_to_multiple_of=QFORMER_TEXT_PAD,
             truncation=True,
             max_length=self.qformer.config.max_position_embeddings,
             return_tensors="pt",
@@ -263,28 +267,23 @@ class BlipDiffusion(nn.Module):
 
         Rows where `drop_subject` (B,) bool is True get the plain prompt with no subject tokens
         (as the reference's `disable_subject_prompt`), so the model also learns text-only
-        conditioning; their images and categories are not encoded. Keep `drop_subject` on the
-        CPU: a CUDA mask costs a device synchronisation here.
+        conditioning. Every row still goes through the Q-Former and the text encoder (a dropped
+        row's subject embeddings are made and not used, so they get no gradient): the shapes
+        stay the same from step to step, as compiled modules, CUDA graphs and cuDNN's plan cache
+        need. Keep `drop_subject` on the CPU: a CUDA mask costs a device synchronisation here.
         """
         batch = len(prompts)
         if len(categories) != batch:
             raise ValueError(f"{len(categories)} categories for {batch} prompts")
-        drop = torch.zeros(batch, dtype=torch.bool) if drop_subject is None else drop_subject.bool().cpu()
+        subject = self.subject_embeddings(pixel_values, categories)
+        ids = self.tokenize_prompts(prompts, with_subject=True)
+        if drop_subject is None:
+            return self.text_encoder(ids, subject, self.ctx_begin_pos)
+        drop = drop_subject.bool().cpu()
         if drop.shape != (batch,):
             raise ValueError(f"drop_subject must be ({batch},), got {tuple(drop.shape)}")
-        keep_idx = (~drop).nonzero().flatten().tolist()
-        drop_idx = drop.nonzero().flatten().tolist()
-        parts = []
-        if keep_idx:
-            kept = pixel_values if not drop_idx else pixel_values[_to_device(torch.tensor(keep_idx), pixel_values.device)]
-            subject = self.subject_embeddings(kept, [categories[i] for i in keep_idx])
-            parts.append(self.encode_prompts([prompts[i] for i in keep_idx], subject))
-        if drop_idx:
-            parts.append(self.encode_prompts([prompts[i] for i in drop_idx], None))
-        hidden = torch.cat(parts)
-        if not drop_idx:
-            return hidden
-        return hidden[_to_device(torch.tensor(keep_idx + drop_idx).argsort(), hidden.device)]
+        plain = self.tokenize_prompts(prompts, with_subject=False)
+        return self.text_encoder(ids, subject, self.ctx_begin_pos, plain_ids=plain, plain_rows=_to_device(drop, self.device))
 
     def predict_noise(
         self,

@@ -44,11 +44,22 @@ class ContextTextEmbeddings(nn.Module):
         self.register_buffer("position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)))
 
     def forward(
-        self, input_ids: torch.Tensor, ctx: torch.Tensor | None, ctx_begin_pos: int | Sequence[int]
+        self,
+        input_ids: torch.Tensor,
+        ctx: torch.Tensor | None,
+        ctx_begin_pos: int | Sequence[int],
+        plain_ids: torch.Tensor | None = None,
+        plain_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         tokens = self.token_embedding(input_ids)  # (B, T, D)
         if ctx is not None:
             tokens = insert_context(tokens, ctx.to(tokens.dtype), ctx_begin_pos)
+        if plain_rows is not None:
+            # Rows without the subject take their plain prompt's embeddings, (B, T + Q) ids long.
+            plain = self.token_embedding(plain_ids)
+            if plain.shape != tokens.shape:
+                raise ValueError(f"plain prompts {tuple(plain_ids.shape)} do not fill the {tuple(tokens.shape[:2])} positions")
+            tokens = torch.where(plain_rows[:, None, None], plain, tokens)
         length = tokens.shape[1]
         if length > self.position_ids.shape[1]:
             raise ValueError(
@@ -85,9 +96,14 @@ class ContextTextTransformer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.hidden_size)
 
     def forward(
-        self, input_ids: torch.Tensor, ctx: torch.Tensor | None, ctx_begin_pos: int | Sequence[int]
+        self,
+        input_ids: torch.Tensor,
+        ctx: torch.Tensor | None,
+        ctx_begin_pos: int | Sequence[int],
+        plain_ids: torch.Tensor | None = None,
+        plain_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        hidden = self.embeddings(input_ids, ctx, ctx_begin_pos)  # (B, L, D)
+        hidden = self.embeddings(input_ids, ctx, ctx_begin_pos, plain_ids, plain_rows)  # (B, L, D)
         length, dtype = hidden.shape[1], hidden.dtype
         # CLIP's causal mask over the whole spliced sequence, subject tokens included: (1, 1, L, L).
         causal = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=hidden.device)
@@ -100,7 +116,9 @@ class ContextCLIPTextModel(nn.Module):
     """CLIP text encoder taking subject embeddings.
 
     forward(input_ids (B, T) int64, ctx_embeddings (B, Q, D) or None, ctx_begin_pos)
-    -> hidden states (B, T + Q, D) float, the UNet's `encoder_hidden_states`.
+    -> hidden states (B, T + Q, D) float, the UNet's `encoder_hidden_states`. Training may add
+    plain_ids (B, T + Q) int64 and plain_rows (B,) bool: those rows encode plain_ids instead
+    (the prompt without the subject), in the same batch.
     """
 
     def __init__(self, raw_config: dict[str, Any]) -> None:
@@ -122,5 +140,7 @@ class ContextCLIPTextModel(nn.Module):
         input_ids: torch.Tensor,
         ctx_embeddings: torch.Tensor | None = None,
         ctx_begin_pos: int | Sequence[int] = CONTEXT_BEGIN_POS,
+        plain_ids: torch.Tensor | None = None,
+        plain_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.text_model(input_ids, ctx_embeddings, ctx_begin_pos)
+        return self.text_model(input_ids, ctx_embeddings, ctx_begin_pos, plain_ids, plain_rows)

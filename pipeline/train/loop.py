@@ -30,6 +30,7 @@ from pipeline.train.losses import (
     warmup_factor,
 )
 from pipeline.train.methods import get_method
+from pipeline.train.speed import GraphedUNet, compile_model, use_cuda_graphs
 from stages.records import CATEGORY
 from stages.train_inputs import CAPTION, IMAGE_FEATURES, LATENT_PARAMS, PIXEL_VALUES, TARGET, latent_params
 
@@ -57,8 +58,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         method = get_method(train.method).load(config, folder)
         resumed = torch.load(folder / TRAIN_STATE, map_location="cpu") if folder is not None else None
     params = method.trainable_parameters()
-    if train.compile:
-        method.model.unet.to(memory_format=torch.channels_last).compile()
+    if train.compile and device.type == "cuda":
+        compile_model(method.model)
+    graphs = use_cuda_graphs(train.cuda_graphs, device, dist.world_size(), train.grad_accum, train.compile)
+    if graphs:
+        method.graphed_unet = GraphedUNet(method.model.unet)
     model = dist.prepare(method, find_unused_parameters=train.drop_subject_prob > 0)
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=device.type == "cuda")
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_factor, warmup_steps=train.warmup_steps))
@@ -98,7 +102,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             categories = batch[CATEGORY]
             prompts = method.build_prompts(categories, batch[CAPTION])
             with dist.sync_gradients(model, sync=micro == train.grad_accum - 1):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                # No autocast weight cache under CUDA graphs: the graphs would keep freed copies.
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not graphs):
                     if precomputed:  # VAE posterior and ViT features made once, in Ray Data
                         posterior = batch[LATENT_PARAMS].to(device, non_blocking=True)
                         subject = batch[IMAGE_FEATURES].to(device, non_blocking=True)
@@ -106,7 +111,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                         posterior = latent_params(method.model.vae, batch[TARGET].to(device, non_blocking=True))
                         subject = batch[PIXEL_VALUES].to(device, non_blocking=True)
                     latents = sample_latents(posterior, scaling_factor)  # (B, C, h, w) float32
-                    if train.compile:
+                    if train.compile and device.type == "cuda":
                         latents = latents.contiguous(memory_format=torch.channels_last)
                     noise = torch.randn_like(latents)
                     timesteps = sample_timesteps(latents.shape[0], num_timesteps, device)

@@ -33,6 +33,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.model import BlipDiffusion, build_prompt
 from pipeline.model.subject import SubjectModel, SubjectSpec, add_lora, apply_subject, dreambooth_prompt, save_subject
 from pipeline.train.losses import diffusion_loss
+from pipeline.train.speed import GraphedUNet, attention_kernels
 
 
 class Method(nn.Module):
@@ -45,6 +46,7 @@ class Method(nn.Module):
         super().__init__()
         self.model = model
         self.config = config
+        self.graphed_unet: GraphedUNet | None = None  # set by the loop with train.cuda_graphs
 
     @classmethod
     def load(cls, config: Config, checkpoint: Path | None = None) -> Method:
@@ -71,7 +73,20 @@ class Method(nn.Module):
         timesteps: torch.Tensor,
         drop_subject: torch.Tensor,
     ) -> torch.Tensor:
-        return self.model.predict_noise(subject, categories, prompts, noisy_latents, timesteps, drop_subject)
+        """`BlipDiffusion.predict_noise`, with the step's speed settings (pipeline/train/speed.py)."""
+        if noisy_latents.shape[0] != len(prompts):
+            raise ValueError(f"{noisy_latents.shape[0]} latents for {len(prompts)} prompts")
+        with attention_kernels(self.config.train.sdpa_backend):
+            hidden = self.model.encode_conditioning(subject, categories, prompts, drop_subject)
+        return self.predict(noisy_latents, timesteps, hidden)
+
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """The UNet's noise prediction (B, C, h, w) for text states `hidden` (B, 77, D); replayed
+        from CUDA graphs when the loop set `graphed_unet`."""
+        hidden = hidden.to(self.model.unet.dtype)
+        if self.graphed_unet is not None:
+            return self.graphed_unet(noisy_latents, timesteps, hidden)
+        return self.model.unet(noisy_latents, timesteps, encoder_hidden_states=hidden).sample
 
     def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return diffusion_loss(prediction, target)
@@ -195,8 +210,9 @@ class _Subject(Method):
         """The noise prediction (B, C, h, w) with the learned subject embeddings in every prompt
         (the composites in `subject` only initialised them)."""
         embeds = self.subject_embeds.expand(len(prompts), -1, -1) if self.subject_embeds is not None else None
-        hidden = self.model.encode_prompts(prompts, embeds)
-        return self.model.unet(noisy_latents, timesteps, encoder_hidden_states=hidden.to(self.model.unet.dtype)).sample
+        with attention_kernels(self.config.train.sdpa_backend):
+            hidden = self.model.encode_prompts(prompts, embeds)
+        return self.predict(noisy_latents, timesteps, hidden)
 
     def spec(self) -> SubjectSpec:
         ft, train = self.config.finetune, self.config.train
