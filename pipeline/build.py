@@ -4,6 +4,10 @@ A refresh processes only photos that are new or whose bytes or category changed 
 parent (latest) version, copies the parent's rows of unchanged photos into the new version so
 that it reads as a complete dataset on its own, and records removed photos. A change of any
 setting that affects the output (see `processing_digest`) reprocesses everything.
+
+The manifest lists the subjects a build affects (new, changed or removed photos, or all of them
+after a settings change), which `finetune-many --affected` fine-tunes. `run_data_job` records
+each build or refresh as an MLflow run (see its docstring for when tracking is on).
 """
 
 from __future__ import annotations
@@ -17,18 +21,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import __version__
+from pipeline import __version__, tracking
 from pipeline.backgrounds import BUNDLED_BACKGROUNDS, backgrounds_digest, list_backgrounds
 from pipeline.config import Config, dump_config
 from pipeline.dataplan import build_dataset_plan, ensure_ray, run_plan
 from pipeline.hub import require_model
 from pipeline.sources import SourceError, SourcePhoto, SourceScan, scan_source
 from pipeline.versions import MANIFEST, DatasetStore, utc_now, write_json_atomic
-from stages.write import DATA_SCHEMA, REJECT_SCHEMA
+from stages.composite import composite_batch
+from stages.decode import decode_batch
+from stages.filter import filter_batch
+from stages.matte import matte_batch, resolve_backend
+from stages.records import CATEGORY, REJECT_REASON, REJECT_STAGE, SOURCE_PATH, SOURCE_SHA256, SOURCE_URI, SUBJECT_ID
+from stages.segment import Segmenter
+from stages.trimap import trimap_batch
+from stages.write import DATA_SCHEMA, REJECT_SCHEMA, encode_batch, split_block
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +92,38 @@ def _photo_dict(photo: SourcePhoto) -> dict[str, str]:
         "source_path": photo.source_path,
         "source_sha256": photo.sha256,
     }
+
+
+def process_photos(photos: list[SourcePhoto], config: Config, dataset_version: str) -> tuple[pa.Table, pa.Table]:
+    """A handful of photos -> (data rows, reject rows) with the published schemas, through the
+    stage adapters of the Ray plan (pipeline.dataplan), in their order, in this process.
+
+    For a subject folder given to `finetune`: 3-6 photos cost less than starting Ray Data.
+    Raises ConfigError for a CLIPSeg model or backgrounds folder that cannot be loaded.
+    """
+    data = config.data
+    require_model("clipseg", config.model_path("clipseg"))
+    backgrounds = list_backgrounds(data.backgrounds)
+    batch = {
+        name: np.array([getattr(p, attr) for p in photos], dtype=object)
+        for name, attr in ((SUBJECT_ID, "subject_id"), (CATEGORY, "category"), (SOURCE_URI, "source_uri"),
+                           (SOURCE_PATH, "source_path"), (SOURCE_SHA256, "sha256"))
+    }
+    batch[REJECT_STAGE] = np.full(len(photos), "", dtype=object)
+    batch[REJECT_REASON] = np.full(len(photos), "", dtype=object)
+    batch = decode_batch(batch, **data.decode.model_dump())
+    segmenter = Segmenter(
+        model_path=config.model_path("clipseg"), prompt_template=data.segment.prompt_template,
+        batch_size=data.segment.batch_size, normalize=data.segment.normalize,
+    )
+    batch = segmenter(batch)
+    batch = trimap_batch(batch, **data.trimap.model_dump())
+    batch = matte_batch(batch, backend=resolve_backend(data.matte.backend))
+    batch = filter_batch(batch, **data.filter.model_dump())
+    batch = composite_batch(batch, backgrounds=backgrounds, **data.composite.model_dump())
+    batch = encode_batch(batch, image_format=data.write.image_format, jpeg_quality=data.write.jpeg_quality, dataset_version=dataset_version)
+    rows, rejects, _ = split_block(pa.table({name: pa.array(list(column)) for name, column in batch.items()}))
+    return rows, rejects
 
 
 def _read_ledger(version_dir: Path) -> dict[str, dict[str, Any]]:
@@ -162,6 +206,7 @@ class RefreshPlan:
     removed: list[str]
     new: int
     changed: int
+    affected: dict[str, dict[str, int]]  # subject_id -> {new, changed, removed, reprocessed} photo counts
 
 
 def plan_refresh(scan: SourceScan, parent_ledger: dict[str, dict[str, Any]], reuse: bool) -> RefreshPlan:
@@ -175,14 +220,73 @@ def plan_refresh(scan: SourceScan, parent_ledger: dict[str, dict[str, Any]], reu
 
     # Scan rejects are re-derived from subjects.csv every time, so they are never carried.
     unchanged = {p.source_uri for p in scan.photos if reuse and same(p.source_uri)}
+    removed = sorted(set(parent_ledger) - set(current))
+    affected: dict[str, dict[str, int]] = {}
+
+    def mark(subject_id: str, kind: str) -> None:
+        affected.setdefault(subject_id, dict.fromkeys(("new", "changed", "removed", "reprocessed"), 0))[kind] += 1
+
+    for uri, photo in current.items():
+        if uri not in parent_ledger:
+            mark(photo.subject_id, "new")
+        elif not same(uri):
+            mark(photo.subject_id, "changed")
+        elif not reuse:  # same photo, new settings: its rows differ all the same
+            mark(photo.subject_id, "reprocessed")
+    for uri in removed:
+        mark(parent_ledger[uri]["subject_id"], "removed")
     return RefreshPlan(
         to_process=[p for p in scan.photos if p.source_uri not in unchanged],
         unchanged=unchanged,
         carried_accepted={u for u in unchanged if parent_ledger[u]["status"] == "accepted"},
-        removed=sorted(set(parent_ledger) - set(current)),
+        removed=removed,
         new=sum(1 for u in current if u not in parent_ledger),
         changed=sum(1 for u in current if u in parent_ledger and not same(u)),
+        affected=dict(sorted(affected.items())),
     )
+
+
+def affected_subjects(manifest: dict[str, Any]) -> list[str]:
+    """Subjects whose photos a version added, changed or removed relative to its parent (all of
+    them for a first build or after a settings change), in subject_id order."""
+    return sorted(manifest.get("affected_subjects", {}))
+
+
+def dataset_digest(version_dir: Path) -> str:
+    """The version's identity: sha256 of its manifest, 16 hex digits. The same digest the
+    trainer logs (pipeline.train.data.open_dataset), so a refresh's output and the runs that
+    train on it share one MLflow dataset."""
+    return hashlib.sha256((Path(version_dir) / MANIFEST).read_bytes()).hexdigest()[:16]
+
+
+def run_data_job(source: str | Path, out: str | Path, config: Config, *, incremental: bool, progress: bool = True) -> BuildResult:
+    """`build_dataset`, recorded as one MLflow run in `tracking.data_experiment`.
+
+    Tracking is on when `tracking.enabled` and a server is configured (`tracking.uri` or
+    $MLFLOW_TRACKING_URI, as on the cluster); without one the job says once that it is
+    untracked, rather than leave an mlruns.db wherever it ran. A configured server that does
+    not answer raises tracking.TrackingUnavailable before any photo is read, so a refresh never
+    publishes a version whose lineage is missing.
+    """
+    uri = tracking.configured_tracking_uri(config.tracking.uri) if config.tracking.enabled else None
+    if uri is None:
+        log.info("MLflow: not tracking this data job (tracking.enabled is false or no tracking.uri / $MLFLOW_TRACKING_URI)")
+        return build_dataset(source, out, config, incremental=incremental, progress=progress)
+    tracking.check_reachable(uri)
+    action = "refresh" if incremental else "build"
+    run_id = tracking.start_data_run(uri, config.tracking.data_experiment, f"data-{action}-{utc_now()}", action)
+    try:
+        result = build_dataset(source, out, config, incremental=incremental, progress=progress)
+    except BaseException as exc:
+        tracking.finish_data_run(uri, run_id, status="error", message=f"{type(exc).__name__}: {exc}")
+        raise
+    nothing_new = result.status == "unchanged"
+    new_version = result.path is not None and not nothing_new
+    tracking.finish_data_run(
+        uri, run_id, status=result.status, message=result.message, manifest=result.manifest, nothing_new=nothing_new,
+        manifest_path=result.path / MANIFEST if new_version else None, digest=dataset_digest(result.path) if new_version else None,
+    )
+    return result
 
 
 def build_dataset(source: str | Path, out: str | Path, config: Config, *, incremental: bool, progress: bool = True) -> BuildResult:
@@ -297,6 +401,7 @@ def _manifest(
         "changed": plan.changed,
         "removed": len(plan.removed),
         "removed_uris": plan.removed,
+        "affected_subjects": plan.affected,
         "subjects": subjects,
         "rejects_by_stage": dict(Counter(rejects["stage"].to_pylist())),
         "rejects_by_reason": dict(Counter(rejects["reason"].to_pylist()).most_common()),

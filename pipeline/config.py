@@ -317,6 +317,7 @@ class FinetuneConfig(_Strict):
     register_prefix: str = Field("subjectforge-", description="registered model name = prefix + subject_id")
     alias: str = Field("candidate", min_length=1, description="alias set on the new registered version")
     subjects: list[str] | None = Field(None, description="finetune-many: subject ids; None = every subject of the dataset")
+    affected_only: bool = Field(False, description="finetune-many: only the subjects the version's refresh added, changed or removed photos of")
     num_gpus: float = Field(1.0, gt=0.0, le=1.0, description="GPUs of a subject's worker with train.gpu; fractions share a GPU")
     concurrency: int = Field(1, ge=1, description="finetune-many: subjects trained at once")
     max_retries: int = Field(1, ge=0, description="finetune-many: retries of a failed subject")
@@ -331,6 +332,7 @@ class TrackingConfig(_Strict):
     enabled: bool = True
     uri: str | None = Field(None, description="None = $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db")
     experiment: str = Field("subjectforge", min_length=1)
+    data_experiment: str = Field("subjectforge-data", min_length=1, description="experiment of `data build|refresh` runs")
     system_metrics: bool = Field(True, description="CPU/GPU/memory metrics of rank 0's node")
 
 

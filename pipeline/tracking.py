@@ -35,6 +35,14 @@ def resolve_tracking_uri(setting: str | None) -> str:
     return uri
 
 
+def configured_tracking_uri(setting: str | None) -> str | None:
+    """Like resolve_tracking_uri, but None when neither `tracking.uri` nor $MLFLOW_TRACKING_URI
+    names a store (no fallback to a local sqlite file)."""
+    if not (setting or os.environ.get("MLFLOW_TRACKING_URI")):
+        return None
+    return resolve_tracking_uri(setting)
+
+
 def _client(uri: str):
     from mlflow import MlflowClient
 
@@ -93,6 +101,15 @@ def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     _client(uri).set_terminated(run_id, status=status)
 
 
+def ensure_experiment(uri: str, experiment: str, artifact_location: str) -> None:
+    """Create `experiment` with its artifacts at `artifact_location` (a URI) unless it exists.
+    Without this, a local store puts a new experiment's artifacts in ./mlruns of the process
+    that created it."""
+    client = _client(uri)
+    if client.get_experiment_by_name(experiment) is None:
+        client.create_experiment(experiment, artifact_location=artifact_location)
+
+
 def register_model(uri: str, run_id: str, folder: Path, name: str, tags: Mapping[str, str], artifact_path: str = "model") -> str:
     """Log `folder` as the run's `model` artifact and register it as a new version of `name`,
     tagged with `tags` (dataset version and digest, git commit, step). Returns the version.
@@ -116,17 +133,24 @@ def register_model(uri: str, run_id: str, folder: Path, name: str, tags: Mapping
 
 
 def find_model_version(uri: str, name: str, tags: Mapping[str, str]) -> str | None:
-    """A version of `name` whose tags include all of `tags` (so a rerun does not register twice)."""
+    """The newest version of `name` whose tags include all of `tags` (so a rerun does not
+    register twice); None when there is none or `name` is not registered."""
     from mlflow.exceptions import MlflowException
 
     try:
         versions = _client(uri).search_model_versions(f"name = '{name}'")
     except MlflowException:
         return None
-    for version in versions:
+    for version in sorted(versions, key=lambda v: int(v.version), reverse=True):
         if all(version.tags.get(k) == v for k, v in tags.items()):
             return str(version.version)
     return None
+
+
+def model_version_info(uri: str, name: str, version: str) -> dict[str, Any]:
+    """Tags and source run id of registered version `name` `version`."""
+    found = _client(uri).get_model_version(name, version)
+    return {"tags": dict(found.tags), "run_id": found.run_id}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,9 +181,13 @@ def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) 
     _client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
-def log_dataset(uri: str, run_id: str, *, name: str, path: str, digest: str, version: str, rows: int, **_: Any) -> None:
+def log_dataset(
+    uri: str, run_id: str, *, name: str, path: str, digest: str, version: str, rows: int,
+    context: str = "training", extra_tags: Mapping[str, str] | None = None, **_: Any,
+) -> None:
     """The dataset version as a run input (what `mlflow.log_input` records), with its manifest's
-    digest, so `search_runs`/the UI show which data a model was trained on."""
+    digest, so `search_runs`/the UI show which data a model was trained on (context "training")
+    or which version a refresh produced (context "refresh", with its parent in `extra_tags`)."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.sources import LocalArtifactDatasetSource
@@ -167,7 +195,8 @@ def log_dataset(uri: str, run_id: str, *, name: str, path: str, digest: str, ver
 
     source = resolve_dataset_source(path) if "://" in path else LocalArtifactDatasetSource(Path(path).resolve().as_uri())
     dataset = MetaDataset(source=source, name=f"{name}@{version}", digest=digest)
-    tags = [InputTag("mlflow.data.context", "training"), InputTag("dataset_version", version), InputTag("rows", str(rows))]
+    tags = [InputTag("mlflow.data.context", context), InputTag("dataset_version", version), InputTag("rows", str(rows))]
+    tags += [InputTag(k, v) for k, v in (extra_tags or {}).items()]
     client = _client(uri)
     already = client.get_run(run_id).inputs.dataset_inputs
     if any(d.dataset.digest == digest for d in already):
@@ -195,6 +224,83 @@ def start_system_metrics(uri: str, run_id: str, interval_s: float = 10.0) -> Any
         return None
     monitor.start()
     return monitor
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset builds (`subjectforge data build|refresh`)
+
+DATA_ACTION_TAG = "subjectforge.data.action"  # build | refresh
+DATA_STATUS_TAG = "subjectforge.data.status"  # built | unchanged | failed | error
+NOTHING_NEW_TAG = "subjectforge.data.nothing_new"  # "true" when a refresh found nothing to do
+
+
+class TrackingUnavailable(RuntimeError):
+    """The configured tracking server does not answer."""
+
+
+def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """Raise TrackingUnavailable unless an http(s) tracking server answers /health within
+    `timeout_s`; local stores (sqlite, file) always pass. MLflow's own client would retry for
+    minutes before failing, so a job checks this once before any work."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except (OSError, urllib.error.URLError) as exc:
+        problem = str(getattr(exc, "reason", exc))
+    raise TrackingUnavailable(f"MLflow tracking server {uri} does not answer ({problem})")
+
+
+def start_data_run(uri: str, experiment: str, run_name: str, action: str) -> str:
+    """A new run (never a reopened one: each build or refresh is its own event) for a data job."""
+    client = _client(uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found is not None else client.create_experiment(experiment)
+    run_id = client.create_run(experiment_id, run_name=run_name, tags={DATA_ACTION_TAG: action}).info.run_id
+    log.info("MLflow: data run %s (%s) in experiment %r at %s", run_id, run_name, experiment, uri)
+    return run_id
+
+
+def finish_data_run(
+    uri: str, run_id: str, *, status: str, message: str, manifest: dict[str, Any] | None = None,
+    manifest_path: Path | None = None, digest: str | None = None, nothing_new: bool = False,
+) -> None:
+    """Close a data run. `status`: built | unchanged | failed (the job's own check) | error (an
+    exception). With a new version (`manifest` of status built or failed, and its `digest`) the
+    version is the run's input dataset, tagged with its parent and counts, and the manifest is
+    an artifact; "nothing new" is a tag and a metric (nothing_new = 1)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    client = _client(uri)
+    client.set_tag(run_id, DATA_STATUS_TAG, status)
+    client.set_tag(run_id, NOTHING_NEW_TAG, str(nothing_new).lower())
+    client.set_tag(run_id, "subjectforge.data.message", message[:5000])
+    counts = {"nothing_new": float(nothing_new)}
+    if manifest is not None:
+        client.set_tag(run_id, "dataset_version", str(manifest["version"]))
+        client.set_tag(run_id, "parent_version", str(manifest.get("parent_version") or ""))
+    if manifest is not None and not nothing_new:
+        for key in ("inputs", "accepted", "rejected", "rows", "processed", "unchanged", "new", "changed", "removed", "wall_seconds"):
+            counts[key] = float(manifest[key])
+        counts["affected_subjects"] = float(len(manifest.get("affected_subjects", {})))
+        log_dataset(
+            uri, run_id, name=Path(manifest_path).parent.parent.name, path=str(Path(manifest_path).parent), digest=str(digest),
+            version=str(manifest["version"]), rows=int(manifest["rows"]), context="refresh",
+            extra_tags={"parent_version": str(manifest.get("parent_version") or ""), "accepted": str(manifest["accepted"]),
+                        "rejected": str(manifest["rejected"]), "status": str(manifest["status"])},
+        )
+        client.log_artifact(run_id, str(manifest_path))
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in counts.items()])
+    client.set_terminated(run_id, status="FINISHED" if status in ("built", "unchanged") else "FAILED")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -154,11 +154,12 @@ def test_dreambooth_from_a_photo_folder_with_class_prior_images(ray_local, tmp_p
         "profile=tiny", *TRAIN, f"train.storage_path={runs}", "tracking.enabled=false", f"finetune.subject={photos}",
         "finetune.subject_id=toy", "finetune.category=toy", "finetune.method=dreambooth", "finetune.steps=2",
         "finetune.batch_size=2", "finetune.prior_images=2", "finetune.prior_steps=1", f"finetune.out={tmp_path / 'out'}",
+        "data.decode.size=64", "data.composite.per_photo=1",
     ])
     result = finetune_subject(config)
     assert result.step == 2 and result.model_version is None
     assert sorted(p.name for p in (tmp_path / "out" / "toy-dreambooth").iterdir()) == ["subject.json", "unet.safetensors"]
-    inputs = runs / "finetune-toy-dreambooth" / "inputs"
+    [inputs] = runs.glob("finetune-toy-dreambooth-*/inputs")  # the run name ends with the fine-tune's key
     captions = pq.read_table(inputs / "data" / "part-00000.parquet").column("caption").to_pylist()
     assert captions == ["", "", "<class-prior>", "<class-prior>"]
     assert len(list((inputs / "prior").glob("*.png"))) == 2 and len(list((inputs / "references").glob("*.png"))) == 2

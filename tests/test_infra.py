@@ -110,6 +110,15 @@ def test_cronjob_creates_a_rayjob_from_its_template_with_rights_to_do_so():
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
 
 
+def test_scheduled_refresh_fine_tunes_only_the_affected_subjects_of_what_it_refreshed():
+    [template] = [j for j in rayjobs(load_all()) if j["metadata"]["name"].startswith("subjectforge-refresh")]
+    parser = build_parser()
+    refresh, finetune = (parser.parse_args(argv) for argv in commands(template["spec"]["entrypoint"]))
+    assert (refresh.command, refresh.action) == ("data", "refresh")
+    assert finetune.command == "finetune-many" and finetune.affected
+    assert finetune.data == f"{refresh.out}/latest"
+
+
 def test_images_match_the_package_version():
     for path in INFRA.glob("*.yaml"):
         for tag in re.findall(r"image: subjectforge:([\w.-]+)", path.read_text()):

@@ -1,4 +1,8 @@
-"""`subjectforge data build|refresh`: build or incrementally refresh the dataset."""
+"""`subjectforge data build|refresh`: build or incrementally refresh the dataset.
+
+Each run is an MLflow run in `tracking.data_experiment` when a tracking server is configured
+(pipeline.build.run_data_job); an unreachable one exits 2 before any work.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,11 @@ import argparse
 import json
 import sys
 
-from pipeline.build import build_dataset
+from pipeline.build import run_data_job
 from pipeline.config import Config, ConfigError
 from pipeline.report import format_summary
 from pipeline.sources import SourceError
+from pipeline.tracking import TrackingUnavailable
 
 
 def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
@@ -34,9 +39,11 @@ def apply_arguments(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace, config: Config) -> int:
     try:
-        result = build_dataset(args.source, args.out, config, incremental=args.action == "refresh", progress=not args.no_progress)
+        result = run_data_job(args.source, args.out, config, incremental=args.action == "refresh", progress=not args.no_progress)
     except SourceError as exc:
         raise ConfigError(str(exc)) from None
+    except TrackingUnavailable as exc:
+        raise ConfigError(f"{exc}; set tracking.uri / $MLFLOW_TRACKING_URI to a live server, or --set tracking.enabled=false") from None
     if result.manifest is not None and result.status != "unchanged":
         print(format_summary(result.manifest, result.path))
     print(result.message)

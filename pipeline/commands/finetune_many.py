@@ -2,6 +2,7 @@
 
 Prints a table of subjects with status, attempts, time and artifact size (also written to
 <finetune.out>/finetune-many.csv) and exits 1 when any subject failed after its retries.
+With `--affected` and no affected subject it says so and exits 0 without starting Ray.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     parser.add_argument("--base", help="base model: folder, Hub id or models:/NAME/VERSION (finetune.base)")
     parser.add_argument("--data", required=True, help="dataset root or version folder, e.g. OUT/latest (finetune.subject)")
     parser.add_argument("--subjects", help="comma-separated subject ids (finetune.subjects; default: all)")
+    parser.add_argument(
+        "--affected", action="store_true", default=None,
+        help="only subjects whose photos the version's build added, changed or removed (finetune.affected_only)",
+    )
     parser.add_argument("--method", choices=("blipd", "lora", "dreambooth", "textual-inversion"), help="finetune.method")
     parser.add_argument("--steps", type=int, help="optimizer steps per subject (finetune.steps)")
     parser.add_argument("--out", help="folder of the subject artifacts (finetune.out)")
@@ -26,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
 def apply_arguments(args: argparse.Namespace) -> None:
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
     flags = {
-        "finetune.base": args.base, "finetune.subject": args.data, "finetune.subjects": subjects, "finetune.method": args.method,
+        "finetune.base": args.base, "finetune.subject": args.data, "finetune.subjects": subjects, "finetune.affected_only": args.affected,
+        "finetune.method": args.method,
         "finetune.steps": args.steps, "finetune.out": args.out, "train.gpu": args.gpu,
     }
     args.overrides.extend(f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None)
@@ -36,7 +42,11 @@ def run(args: argparse.Namespace, config: Config) -> int:
     from pipeline.train.many import finetune_many, format_table
 
     rows = finetune_many(config)
+    if not rows:
+        print(f"no affected subjects in {config.finetune.subject}: nothing to fine-tune")
+        return 0
     print(format_table(rows))
-    failed = [r.subject_id for r in rows if r.status != "ok"]
-    print(f"{len(rows) - len(failed)} of {len(rows)} subjects fine-tuned" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    failed = [r.subject_id for r in rows if r.status == "failed"]
+    done = [r for r in rows if r.status in ("ok", "reused")]
+    print(f"{len(done)} of {len(rows)} subjects fine-tuned" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

@@ -2,16 +2,24 @@
 artifact -> the MLflow registry. No math here; the methods are in methods.py.
 
 `finetune_subject(config)`:
-1. reads the subject's usable rows (target photo and composite) from a dataset version, or its
-   photos from a folder (each photo is then both target and subject image);
-2. writes them as a one-subject dataset version under <storage_path>/<run_name>/inputs/ (rows
-   repeated up to a batch), with the reference photos whose mean embedding starts the subject
-   and, for dreambooth, class-prior images the base model generates (captioned PRIOR_CAPTION);
-3. trains `finetune.method` with the shared loop (`pipeline.train.loop.train_loop`, its hooks
+1. reads the subject's usable rows (target photo and composite) from a dataset version, or makes
+   them from a folder of its photos through the dataset's stages (decode, CLIPSeg, trimap,
+   matte, filter, composite; pipeline.build.process_photos), each bad photo a reject with a
+   reason;
+2. computes the fine-tune's key (`finetune_key`: base version, method, subject, dataset digest
+   and the settings that change the weights). With registration on, a version of
+   <prefix><subject_id> tagged with that key is reused (its alias moved, nothing trained or
+   registered); the run is named finetune-<subject_id>-<method>-<key[:8]>, so a rerun with the
+   same key resumes its run and one with new data or settings starts its own;
+3. writes the rows as a one-subject dataset version under <storage_path>/<run_name>/inputs/
+   (rows repeated up to a batch), with the reference photos whose mean embedding starts the
+   subject and, for dreambooth, class-prior images the base model generates (PRIOR_CAPTION);
+4. trains `finetune.method` with the shared loop (`pipeline.train.loop.train_loop`, its hooks
    and checks) on one Ray Train worker holding `finetune.num_gpus` GPUs (fractions let
-   subjects share a GPU); a rerun resumes its run;
-4. copies the final checkpoint's subject folder to <finetune.out>/<subject_id>-<method>/ and,
-   with `finetune.register_model`, logs it as a pyfunc registered as <prefix><subject_id>.
+   subjects share a GPU);
+5. copies the final checkpoint's subject folder to <finetune.out>/<subject_id>-<method>/ and,
+   with `finetune.register_model`, logs it as a pyfunc registered as <prefix><subject_id>,
+   tagged with the key.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from pipeline import tracking
 from pipeline.config import Config, ConfigError
 from pipeline.dataplan import ensure_ray
+from pipeline.sources import SourcePhoto
 from pipeline.train.data import build_training_plan, open_dataset
 from pipeline.train.hooks import RunInfo
 from pipeline.train.loop import PROGRESS, train_loop
@@ -45,6 +54,13 @@ from stages.train_inputs import CAPTION, decode_rgb
 log = logging.getLogger(__name__)
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+KEY_TAG = "finetune_key"  # registered version tag: the finetune_key it was trained with
+# finetune.* settings that do not change the weights (where and how often, not what is trained).
+_KEY_IGNORES = ("subject", "base", "category", "out", "register_model", "register_prefix", "alias", "subjects", "affected_only",
+                "num_gpus", "concurrency", "max_retries")
+# train.* settings a fine-tune takes from the user's config that change the weights (the rest
+# are set by training_config or only place and pace the work).
+_KEY_TRAIN = ("resolution", "crop", "prompt_template", "trainable", "mixed_precision", "max_grad_norm", "shuffle_buffer", "seed")
 _PRIOR_BATCH = 4  # class-prior images per generation batch
 _DONE = "prior-done.json"  # written after the last prior image: the prior set counts only then
 
@@ -59,6 +75,7 @@ class SubjectRows:
     category: str
     rows: list[dict[str, Any]]  # usable rows: category, image, composite (encoded bytes), caption
     skipped: dict[str, int]  # reason -> rows that could not be used
+    rejects: list[dict[str, str]]  # photo folder: source_uri, stage, reason of each photo not used
     dataset_version: str
     dataset_digest: str
 
@@ -74,6 +91,7 @@ class FinetuneResult:
     mlflow_run_id: str | None
     model_name: str | None
     model_version: str | None
+    reused: bool = False  # True: the registry already held this fine-tune (same key); nothing was trained
 
 
 def check_finetune(config: Config) -> None:
@@ -93,6 +111,7 @@ def read_subject(config: Config) -> SubjectRows:
     source = Path(ft.subject).expanduser()
     if not source.exists():
         raise ConfigError(f"finetune.subject: not found: {source}")
+    rejects: list[dict[str, str]] = []
     if (source / MANIFEST).is_file() or (source / LATEST).exists():
         info = open_dataset(str(source))
         candidates = []
@@ -101,15 +120,13 @@ def read_subject(config: Config) -> SubjectRows:
             candidates += table.to_pylist()
         version, digest = info.version, info.digest
         category = ft.category or (candidates[0][CATEGORY] if candidates else None)
+        if not category:
+            raise ConfigError("finetune.category: give --category (the subject's class noun, e.g. dog)")
     else:
-        photos = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
-        data = [p.read_bytes() for p in photos]
-        candidates = [{IMAGE: b, COMPOSITE: b} for b in data]
-        version = f"photos:{source.name}"
-        digest = hashlib.sha256(b"".join(hashlib.sha256(b).digest() for b in data)).hexdigest()[:16]
+        if not ft.category:
+            raise ConfigError("finetune.category: give --category (the subject's class noun, e.g. dog)")
         category = ft.category
-    if not category:
-        raise ConfigError("finetune.category: give --category (the subject's class noun, e.g. dog)")
+        candidates, rejects, version, digest = _rows_from_photos(config, source, category)
     rows, skipped = [], {}
     for row in candidates:
         try:
@@ -123,10 +140,68 @@ def read_subject(config: Config) -> SubjectRows:
             continue
         rows.append({CATEGORY: category, IMAGE: row[IMAGE], COMPOSITE: row[COMPOSITE], CAPTION: ""})
     if not rows:
+        rejected = "; ".join(f"{r['source_uri']}: {r['stage']}: {r['reason']}" for r in rejects)
         raise SubjectError(
-            f"subject {ft.subject_id!r}: no usable photo in {source} ({len(candidates)} found, skipped: {skipped or 'none'})"
+            f"subject {ft.subject_id!r}: no usable photo in {source} ({len(candidates) + len(rejects)} found, "
+            f"skipped: {skipped or 'none'}{', rejected: ' + rejected if rejected else ''})"
         )
-    return SubjectRows(ft.subject_id, category, rows, skipped, version, digest)
+    return SubjectRows(ft.subject_id, category, rows, skipped, rejects, version, digest)
+
+
+def _rows_from_photos(config: Config, folder: Path, category: str) -> tuple[list[dict[str, Any]], list[dict[str, str]], str, str]:
+    """The photos under `folder` through the dataset's stages: (rows with IMAGE and COMPOSITE
+    bytes, rejects with source_uri/stage/reason, version label, digest of photos and settings)."""
+    from pipeline.backgrounds import backgrounds_digest, list_backgrounds
+    from pipeline.build import process_photos, processing_digest
+    from pipeline.sources import sha256_file
+
+    subject_id = config.finetune.subject_id
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
+    photos = [SourcePhoto(subject_id, category, p.relative_to(folder).as_posix(), str(p), sha256_file(p)) for p in paths]
+    if not photos:
+        raise SubjectError(f"subject {subject_id!r}: no photo ({', '.join(PHOTO_SUFFIXES)}) in {folder}")
+    version = f"photos:{folder.name}"
+    data, rejected = process_photos(photos, config, version)
+    rejects = [{"source_uri": r["source_uri"], "stage": r["stage"], "reason": r["reason"]} for r in rejected.to_pylist()]
+    for r in rejects:
+        log.warning("subject %s: photo %s rejected at %s: %s", subject_id, r["source_uri"], r["stage"], r["reason"])
+    settings = processing_digest(config, backgrounds_digest(list_backgrounds(config.data.backgrounds)))
+    identity = "".join(f"{p.source_uri}\t{p.sha256}\n" for p in photos) + settings
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    log.info("subject %s: %d of %d photos usable, %d rows", subject_id, len(photos) - len(rejects), len(photos), data.num_rows)
+    return data.select([IMAGE, COMPOSITE]).to_pylist(), rejects, version, digest
+
+
+def base_reference(config: Config, uri: str | None) -> str:
+    """`finetune.base` (else models.blip_diffusion) as it names a fixed model: a registry alias
+    is pinned to the version it points at now (through the tracking server `uri`)."""
+    base = config.finetune.base or config.model_path("blip_diffusion")
+    if base.startswith("models:/") and "@" in base and uri:
+        name, _, alias = base[len("models:/") :].partition("@")
+        return f"models:/{name}/{tracking.registered_version(uri, name, alias=alias)}"
+    return base
+
+
+def finetune_key(config: Config, category: str, dataset_digest: str, base: str) -> str:
+    """16 hex digits naming what a fine-tune produces: the same base model, method, subject,
+    category, dataset digest and weight-changing settings give the same key (and the model the
+    registry already holds for it)."""
+    ft = config.finetune.model_dump(mode="json")
+    for key in _KEY_IGNORES:
+        ft.pop(key)
+    train = config.train.model_dump(mode="json")
+    payload = {"base": base, "category": category, "dataset_digest": dataset_digest, "finetune": ft,
+               "train": {key: train[key] for key in _KEY_TRAIN}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def registered_for(config: Config, uri: str | None, key: str) -> str | None:
+    """The registered version of this subject trained with `key`, or None (also with
+    registration or tracking off)."""
+    ft = config.finetune
+    if not (ft.register_model and uri):
+        return None
+    return tracking.find_model_version(uri, f"{ft.register_prefix}{ft.subject_id}", {KEY_TAG: key})
 
 
 def write_inputs(config: Config, subject: SubjectRows, folder: Path, base: str) -> int:
@@ -214,8 +289,14 @@ def finetune_subject(config: Config) -> FinetuneResult:
     ft = config.finetune
     start = time.perf_counter()
     subject = read_subject(config)
+    uri = tracking.resolve_tracking_uri(config.tracking.uri) if config.tracking.enabled else None
+    base_ref = base_reference(config, uri)
+    key = finetune_key(config, subject.category, subject.dataset_digest, base_ref)
+    reused = registered_for(config, uri, key)
+    if reused is not None:
+        return _reuse(config, uri, reused, start)
     base = resolve_base(config)
-    run_name = f"finetune-{ft.subject_id}-{ft.method}"
+    run_name = f"finetune-{ft.subject_id}-{ft.method}-{key[:8]}"
     storage = _storage_path(config.train.storage_path)
     if "://" in storage:
         raise ConfigError("train.storage_path: fine-tuning writes its inputs locally; give a local or shared folder")
@@ -224,9 +305,8 @@ def finetune_subject(config: Config) -> FinetuneResult:
     log.info("fine-tuning %s (%s, %d rows, %s) with %s for %d steps", ft.subject_id, subject.category, rows, subject.dataset_version, ft.method, ft.steps)
     config = config.model_copy(update={"finetune": ft.model_copy(update={"category": subject.category})})
     train_config = training_config(config, inputs, base, run_name)
-    uri = tracking.resolve_tracking_uri(config.tracking.uri) if config.tracking.enabled else None
     tags = {"dataset_version": subject.dataset_version, "dataset_digest": subject.dataset_digest, "git_commit": tracking.git_commit(),
-            "method": ft.method, "subject_id": ft.subject_id}
+            "method": ft.method, "subject_id": ft.subject_id, KEY_TAG: key}
     run_id = tracking.start_run(uri, config.tracking.experiment, run_name, tags) if uri else None
     try:
         checkpoint, step = _fit(train_config, storage, run_name, uri, run_id)
@@ -238,14 +318,9 @@ def finetune_subject(config: Config) -> FinetuneResult:
         name = version = None
         if ft.register_model and run_id:
             name = f"{ft.register_prefix}{ft.subject_id}"
-            version_tags = tags | {"category": subject.category, "base_model": ft.base or config.model_path("blip_diffusion"),
+            version_tags = tags | {"category": subject.category, "base_model": base_ref,
                                    "step": str(step), "artifact_bytes": str(size), "run_name": run_name}
-            # A rerun that trained nothing new (same run, same final step) keeps the version registered before.
-            version = tracking.find_model_version(uri, name, {"run_name": run_name, "step": str(step)})
-            if version is None:
-                version = tracking.log_subject_model(uri, run_id, artifact, name, version_tags, ft.alias)
-            elif ft.alias:
-                tracking.set_alias(uri, name, ft.alias, version)
+            version = tracking.log_subject_model(uri, run_id, artifact, name, version_tags, ft.alias)
     except BaseException:
         if run_id:
             tracking.finish_run(uri, run_id, "FAILED")
@@ -253,6 +328,22 @@ def finetune_subject(config: Config) -> FinetuneResult:
     if run_id:
         tracking.finish_run(uri, run_id)
     return FinetuneResult(ft.subject_id, ft.method, str(artifact), size, step, time.perf_counter() - start, run_id, name, version)
+
+
+def _reuse(config: Config, uri: str, version: str, start: float) -> FinetuneResult:
+    """The result of a fine-tune whose key the registry already holds: nothing is trained or
+    registered, the alias moves to that version. The artifact is the local copy when there is
+    one (another machine may have trained it)."""
+    ft = config.finetune
+    name = f"{ft.register_prefix}{ft.subject_id}"
+    found = tracking.model_version_info(uri, name, version)
+    log.info("%s: reusing models:/%s/%s, registered for the same base, method, data and settings", ft.subject_id, name, version)
+    tracking.set_alias(uri, name, ft.alias, version)
+    artifact = Path(ft.out).expanduser().resolve() / f"{ft.subject_id}-{ft.method}"
+    return FinetuneResult(
+        ft.subject_id, ft.method, str(artifact) if artifact.is_dir() else "", int(found["tags"].get("artifact_bytes", 0)),
+        int(found["tags"].get("step", 0)), time.perf_counter() - start, found["run_id"], name, version, reused=True,
+    )
 
 
 def _fit(config: Config, storage: str, run_name: str, uri: str | None, run_id: str | None) -> tuple[Path, int]:

@@ -5,11 +5,18 @@ worker reserves `train.cpus_per_worker` and `finetune.num_gpus`, so fractional G
 subjects share one). At most `finetune.concurrency` subjects are in flight. A subject that
 fails is recorded with its error and resubmitted up to `finetune.max_retries` times while the
 others go on; the result is one row per subject, in the order given.
+
+With `finetune.affected_only` only the subjects the version's manifest lists as affected (new,
+changed or removed photos relative to its parent: what a scheduled refresh changed) are
+fine-tuned; an affected subject with no rows left in the version is reported as skipped. A
+subject whose fine-tune the registry already holds (same key, see pipeline.train.finetune) is
+reported as reused and costs no training.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -18,10 +25,12 @@ from typing import Any
 
 import ray
 
+from pipeline.build import affected_subjects
 from pipeline.config import Config, ConfigError
 from pipeline.dataplan import ensure_ray
 from pipeline.train.data import open_dataset
 from pipeline.train.finetune import FinetuneResult, finetune_subject
+from pipeline.versions import MANIFEST
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +40,7 @@ SUMMARY = "finetune-many.csv"  # written to finetune.out
 @dataclass
 class SubjectOutcome:
     subject_id: str
-    status: str  # "ok" or "failed"
+    status: str  # ok | reused (already registered) | skipped (affected, but no rows left) | failed
     attempts: int
     seconds: float  # wall time of the last attempt
     artifact_bytes: int
@@ -43,19 +52,36 @@ def _finetune_task(config_json: dict[str, Any]) -> FinetuneResult:
     return finetune_subject(Config.model_validate(config_json))
 
 
-def subject_ids(config: Config) -> list[str]:
-    """`finetune.subjects`, else every subject listed in the dataset's manifest."""
-    info = open_dataset(config.finetune.subject)
-    wanted = config.finetune.subjects or info.subjects
-    if not wanted:
-        raise ConfigError(f"finetune.subjects: dataset {info.version} lists no subjects")
-    return list(wanted)
+def subject_ids(config: Config) -> tuple[list[str], list[str]]:
+    """(subjects to fine-tune, affected subjects without rows): `finetune.subjects`, else every
+    subject listed in the dataset's manifest; with `finetune.affected_only`, only the affected
+    ones among them (possibly none)."""
+    ft = config.finetune
+    info = open_dataset(ft.subject)
+    wanted = ft.subjects or info.subjects
+    if not ft.affected_only:
+        if not wanted:
+            raise ConfigError(f"finetune.subjects: dataset {info.version} lists no subjects")
+        return list(wanted), []
+    manifest = json.loads((Path(info.path) / MANIFEST).read_text())
+    if "affected_subjects" not in manifest:
+        raise ConfigError(
+            f"finetune.affected_only: dataset {info.version} does not list its affected subjects "
+            "(not made by `data build|refresh`); leave --affected out"
+        )
+    affected = [s for s in affected_subjects(manifest) if ft.subjects is None or s in ft.subjects]
+    return [s for s in affected if s in info.subjects], [s for s in affected if s not in info.subjects]
 
 
 def finetune_many(config: Config) -> list[SubjectOutcome]:
     """Fine-tune each subject of `finetune.subject` (a dataset); see the module docstring."""
     ft = config.finetune
-    subjects = subject_ids(config)
+    subjects, gone = subject_ids(config)
+    skipped = {s: SubjectOutcome(s, "skipped", 0, 0.0, 0, None, "affected, but no rows left in this version") for s in gone}
+    for s in gone:
+        log.warning("subject %s: affected, but has no rows in this version (photos removed or rejected); not fine-tuned", s)
+    if not subjects:
+        return list(skipped.values())
     ensure_ray(config.ray)
     task = ray.remote(_finetune_task).options(num_cpus=0, max_retries=0)
     attempts = dict.fromkeys(subjects, 0)
@@ -79,9 +105,10 @@ def finetune_many(config: Config) -> list[SubjectOutcome]:
             if attempts[subject] <= ft.max_retries:
                 queue.append(subject)
             continue
-        outcomes[subject] = SubjectOutcome(subject, "ok", attempts[subject], result.seconds, result.artifact_bytes, result.model_version, "")
+        status = "reused" if result.reused else "ok"
+        outcomes[subject] = SubjectOutcome(subject, status, attempts[subject], result.seconds, result.artifact_bytes, result.model_version, "")
         log.info("subject %s done in %.1f s (%d bytes)", subject, result.seconds, result.artifact_bytes)
-    rows = [outcomes[s] for s in subjects]
+    rows = [outcomes[s] for s in subjects] + list(skipped.values())
     write_summary(rows, Path(ft.out).expanduser() / SUMMARY)
     return rows
 
