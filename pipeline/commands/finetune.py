@@ -1,7 +1,9 @@
 """`subjectforge finetune`: one subject on top of a base model, with a fine-tuning method.
 
 Flags are shorthands for `finetune.*` keys (pipeline/config.py); the training itself is the
-shared loop on Ray Train (`train.*` gives resolution, precision, storage).
+shared loop on Ray Train (`train.*` gives resolution, precision, storage). Rerunning the same
+fine-tune (same base version, method, subject, data and settings) reuses the version the
+registry holds for it: nothing is trained or registered, the alias moves to it.
 """
 
 from __future__ import annotations
@@ -56,8 +58,11 @@ def run(args: argparse.Namespace, config: Config) -> int:
     except (SubjectError, TrainingFailedError) as exc:
         print(f"subjectforge: error: {exc}", file=sys.stderr)
         return 1
-    print(f"{result.subject_id} ({result.method}): step {result.step} in {result.seconds:.1f} s")
-    print(f"artifact: {result.artifact} ({result.artifact_bytes / 2**20:.2f} MiB)")
+    if result.reused:
+        print(f"{result.subject_id} ({result.method}): already registered for this base, data and settings; nothing trained")
+    else:
+        print(f"{result.subject_id} ({result.method}): step {result.step} in {result.seconds:.1f} s")
+        print(f"artifact: {result.artifact} ({result.artifact_bytes / 2**20:.2f} MiB)")
     if result.model_version:
         print(f"registered: models:/{result.model_name}/{result.model_version} (alias {config.finetune.alias})")
     return 0
