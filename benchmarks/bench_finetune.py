@@ -30,6 +30,7 @@ subjects/hour/GPU.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -281,11 +282,14 @@ def main() -> None:
             start = time.perf_counter()
             args.model = save_real_base(Path(base) / "base")
             results.append({"real_base_saved_s": round(time.perf_counter() - start, 1)})
-        for method in args.methods.split(","):
+        for method in [m for m in args.methods.split(",") if m]:  # --methods "": concurrency alone
             with tempfile.TemporaryDirectory() as tmp:
                 results += bench_method(args, method, Path(tmp), t0)
             print(json.dumps(results[-1]), flush=True)
             _write(args, results)
+        gc.collect()  # the children need the GPU memory this process cached
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         if args.concurrent and time.perf_counter() - t0 < args.budget:
             for count in (1, args.concurrent):
                 results.append(bench_concurrent(args, "lora", count))
