@@ -69,14 +69,14 @@ def matte_stage(matte: MatteConfig, cluster_gpus: float) -> dict[str, Any]:
             "compute": ActorPoolStrategy(size=actors),
             "num_gpus": matte.num_gpus,
             "num_cpus": 1,
-            "fn_constructor_kwargs": {"batch_size": matte.batch_size},
+            "fn_constructor_kwargs": {"batch_size": matte.batch_size, "tol": matte.tol},
         }
     return {
         "fn": matte_batch,
         "batch_size": 1,
         "num_cpus": 1,
         "concurrency": matte.concurrency,
-        "fn_kwargs": {"backend": backend},
+        "fn_kwargs": {"backend": backend, "tol": matte.tol},
     }
 
 

@@ -8,11 +8,13 @@ photos at once, which is what `Matter`, the GPU actor of the stage, does.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from stages.matting_torch import DEFAULT_TOL
 from stages.records import (
     ALPHA,
     FOREGROUND,
@@ -49,14 +51,15 @@ def matte_pymatting(image: np.ndarray, trimap: np.ndarray) -> tuple[np.ndarray, 
     return alpha.astype(np.float32), foreground
 
 
-def matte_torch(image: np.ndarray, trimap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def matte_torch(image: np.ndarray, trimap: np.ndarray, tol: float = DEFAULT_TOL) -> tuple[np.ndarray, np.ndarray]:
     """Same contract as matte_pymatting, solved by stages/matting_torch.py on the GPU when
-    there is one (CPU otherwise); alpha within ~1e-3 of pymatting's (see its tests)."""
+    there is one (CPU otherwise); alpha within ~1e-3 of pymatting's (see its tests). tol is the
+    solver's relative CG residual."""
     from stages.matting_torch import estimate_alpha_cf_torch, estimate_foreground_torch
 
     rgb = image.astype(np.float32) / 255.0
     try:
-        alpha = estimate_alpha_cf_torch(rgb, trimap.astype(np.float32))
+        alpha = estimate_alpha_cf_torch(rgb, trimap.astype(np.float32), tol=tol)
     except ValueError as exc:  # no foreground or no background in the trimap
         raise Reject(STAGE, f"closed-form matting refused the trimap: {exc}") from None
     if not np.isfinite(alpha).all():
@@ -78,9 +81,13 @@ def resolve_backend(name: str) -> str:
     return "torch" if "torch" in BACKENDS and torch.cuda.is_available() else "pymatting"
 
 
-def matte_batch(batch: dict[str, np.ndarray], *, backend: str = "auto") -> dict[str, np.ndarray]:
-    """Ray Data adapter: IMAGE + TRIMAP -> ALPHA and FOREGROUND for each healthy row."""
-    matte = BACKENDS[resolve_backend(backend)]
+def matte_batch(
+    batch: dict[str, np.ndarray], *, backend: str = "auto", tol: float = DEFAULT_TOL
+) -> dict[str, np.ndarray]:
+    """Ray Data adapter: IMAGE + TRIMAP -> ALPHA and FOREGROUND for each healthy row, one photo
+    at a time. tol is the torch solver's (pymatting has its own)."""
+    backend = resolve_backend(backend)
+    matte = functools.partial(matte_torch, tol=tol) if backend == "torch" else BACKENDS[backend]
 
     def one(i: int) -> dict[str, object]:
         alpha, foreground = matte(batch[IMAGE][i], batch[TRIMAP][i])
@@ -118,8 +125,9 @@ class Matter:
     columns and rejects as `matte_batch`.
     """
 
-    def __init__(self, batch_size: int = 64, warm_up: bool = True):
+    def __init__(self, batch_size: int = 64, tol: float = DEFAULT_TOL, warm_up: bool = True):
         self.batch_size = batch_size
+        self.tol = tol
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if warm_up:
             self._warm_up()
@@ -170,7 +178,7 @@ class Matter:
             else:  # lists: alpha pads them into one batch, foreground solves each size apart
                 rgb = [torch.from_numpy(image).to(self.device).float() / 255.0 for image in images]
                 tri = [torch.from_numpy(trimap.astype(np.float32)).to(self.device) for trimap in trimaps]
-            alpha = estimate_alpha_cf_torch(rgb, tri)  # (B, H, W), or a list for mixed sizes
+            alpha = estimate_alpha_cf_torch(rgb, tri, tol=self.tol)  # (B, H, W), or a list for mixed sizes
             if isinstance(alpha, torch.Tensor):
                 finite = torch.isfinite(alpha).flatten(1).all(1)
                 # A diverged photo must not spread NaNs through the shared foreground solve.

@@ -52,6 +52,9 @@ logger = logging.getLogger(__name__)
 BG_THRESHOLD = 0.1
 FG_THRESHOLD = 0.9
 
+# Relative CG residual at which an image stops (see estimate_alpha_cf_torch's tol).
+DEFAULT_TOL = 3e-5
+
 # Coarse-to-fine start: solve on 2x downsampled photos first while the shorter side is at least
 # this many pixels, so CG at full size starts from a guess with the smooth error removed.
 _MIN_COARSE_SIDE = 64
@@ -336,7 +339,11 @@ _compile_failed = False  # set once torch.compile has failed in this process
 @functools.cache
 def _compiled_kernels() -> _Kernels:
     # dynamic=True: batch size, photo size and unknown count change between calls (and while
-    # the batch shrinks), and each static shape would compile anew.
+    # the batch shrinks), and each static shape would compile anew. Some guards still
+    # specialise (a batch shrunk to one photo, say), and past dynamo's default limit of 8
+    # recompiles a function falls back to eager for the rest of the process.
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
     return _Kernels(torch.compile(_build_stencil, dynamic=True), torch.compile(_cg_step, dynamic=True))
 
 
@@ -467,7 +474,7 @@ def estimate_alpha_cf_torch(
     *,
     epsilon: float = 1e-7,
     radius: int = 1,
-    tol: float = 3e-5,
+    tol: float = DEFAULT_TOL,
     max_iter: int = 10000,
     check_every: int = 16,
     coarse_to_fine: bool = True,

@@ -4,6 +4,7 @@ import pytest
 from pipeline.config import MatteConfig
 from pipeline.dataplan import gpus_per_segment_actor, matte_stage
 from stages.matte import BACKENDS, Matter, matte_batch, matte_pymatting, resolve_backend
+from stages.matting_torch import DEFAULT_TOL
 from stages.records import ALPHA, FOREGROUND, IMAGE, REJECT_REASON, REJECT_STAGE, SOURCE_URI, TRIMAP, Reject
 from tests.matting_fixtures import make_scene
 
@@ -127,3 +128,4 @@ def test_matte_stage_shares_the_gpu_with_clipseg():
         assert cpu["fn"] is matte_batch and cpu["batch_size"] == 1 and "num_gpus" not in cpu
         assert cpu["fn_kwargs"]["backend"] == ("pymatting" if backend == "auto" else backend)
     assert gpus_per_segment_actor("auto", 0.0, 1) == 1.0 and gpus_per_segment_actor("auto", 0.0, 0) == 0.0
+    assert config.tol == DEFAULT_TOL  # the config's default is the solver's
