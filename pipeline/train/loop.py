@@ -52,6 +52,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     bf16 = train.mixed_precision == "bf16" or (train.mixed_precision == "auto" and device.type == "cuda")
     torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest conv algorithms once
 
+    # Seeded before the model is built: new weights (LoRA's A matrices) start random, and the
+    # same settings must give the same model on every run and cluster.
+    torch.manual_seed(train.seed)
     # The model and the optimizer state: from the newest checkpoint when there is one (a restart
     # after a failure, or a rerun with the same run name), else from the base weights.
     with dist.resume_folder() as folder:
