@@ -1,24 +1,51 @@
-"""`subjectforge demo`: the pipeline, offline, on the bundled sample with the tiny models."""
+"""`subjectforge demo`: the whole mission, offline, on the bundled sample with the tiny models.
+
+Build the dataset -> pretrain a few steps on 2 gloo workers -> fine-tune one subject from the
+pretrained base -> register it in MLflow -> load it by alias and generate -> print where
+everything is. Each step calls the function its own command calls (`data build`, `pretrain`,
+`finetune`, `generate --model models:/...`); only the defaults below are the demo's. Outputs
+the user did not place elsewhere go under --out, MLflow included (a SQLite store there unless
+`tracking.uri` or $MLFLOW_TRACKING_URI names one). A rerun reuses everything: the dataset is
+unchanged, the pretraining and fine-tuning runs resume at their last step and keep their
+registered versions, and only the image is made again.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 from pipeline.build import build_dataset
 from pipeline.config import BUNDLED_DATASETS_DIR, Config, ConfigError
 from pipeline.report import format_summary, make_contact_sheet
 
 SAMPLE = BUNDLED_DATASETS_DIR / "dreambench-mini"
+PROMPT = "on the beach"
 
-# Embedded defaults, layered under --config/--set: offline, on the shipped tiny models.
-DEMO_DEFAULTS = {"profile": "tiny"}
+# Embedded defaults, layered under --config/--set: offline on the shipped tiny models, and
+# small enough for a laptop: 64 px crops, 10 pretraining steps on 2 workers that together
+# reserve half a CPU (plus one for the data tasks), 5 LoRA steps.
+DEMO_DEFAULTS = {
+    "profile": "tiny",
+    "data": {"decode": {"size": 256}},
+    "train": {
+        "workers": 2, "cpus_per_worker": 0.25, "data_cpus": 0.5, "steps": 10, "batch_size": 2, "resolution": 64,
+        "lr": 1e-4, "warmup_steps": 0, "log_every": 2, "checkpoint_every": 10, "keep_checkpoints": 1,
+        "samples": {"every": 10, "steps": 10},
+    },
+    "finetune": {"subject_id": "dog", "method": "lora", "steps": 5},
+    "generate": {"steps": 10},
+    "tracking": {"system_metrics": False},
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     parser.add_argument("--out", default="subjectforge-demo", help="where the demo writes (default: ./subjectforge-demo)")
     parser.add_argument("--source", default=str(SAMPLE), help="photos to use (default: the bundled DreamBench sample)")
+    parser.add_argument("--data-only", action="store_true", help="only build the dataset and its contact sheet (seconds)")
     add_common(parser)
     parser.set_defaults(_config_base=DEMO_DEFAULTS)
 
@@ -26,7 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
 def run(args: argparse.Namespace, config: Config) -> int:
     if not Path(args.source).is_dir():
         raise ConfigError(f"demo source {args.source} not found (the bundled sample ships in a clone of the repo)")
-    out = Path(args.out)
+    out = Path(args.out).resolve()
+    # Checked before the build; the build itself logs where the user's settings say (the
+    # demo's own store only holds what it trains).
+    mission = None if args.data_only else place_outputs(config, out)
     result = build_dataset(args.source, out / "dataset", config, incremental=True)
     print()
     print(format_summary(result.manifest, result.path))
@@ -35,9 +65,75 @@ def run(args: argparse.Namespace, config: Config) -> int:
         print(f"subjectforge: error: {result.message}", file=sys.stderr)
         return 1
     sheet = make_contact_sheet(result.path, out / "contact_sheet.png")
-    print(f"\ndataset: {result.path} (latest: {out / 'dataset' / 'latest'})")
-    if sheet:
-        print(f"contact sheet: {sheet}")
+    if args.data_only:
+        print(f"\ndataset: {result.path} (latest: {out / 'dataset' / 'latest'})")
+        if sheet:
+            print(f"contact sheet: {sheet}")
+        return 0
+    return _train_register_generate(mission, out, result.path, sheet)
+
+
+def place_outputs(config: Config, out: Path) -> Config:
+    """The config with the demo's dataset as training data and every output the user did not
+    place elsewhere (runs, subjects, the MLflow store) under `out`."""
+    from pipeline import tracking
+
+    tree = config.model_dump(mode="json")
+    dataset = str(out / "dataset")
+    tree["train"]["data"] = tree["finetune"]["subject"] = dataset
+    if "storage_path" not in config.train.model_fields_set:
+        tree["train"]["storage_path"] = str(out / "runs")
+    if "out" not in config.finetune.model_fields_set:
+        tree["finetune"]["out"] = str(out / "subjects")
+    if not config.tracking.enabled:
+        raise ConfigError("tracking.enabled: the demo registers its model in MLflow and loads it back by alias")
+    if not (config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        out.mkdir(parents=True, exist_ok=True)
+        tree["tracking"]["uri"] = f"sqlite:///{out / 'mlflow.db'}"
+        # A new experiment's artifacts would go to ./mlruns of wherever the demo ran: keep them beside the store.
+        tracking.ensure_experiment(tree["tracking"]["uri"], config.tracking.experiment, (out / "mlartifacts").as_uri())
+    return Config.model_validate(tree)
+
+
+def _train_register_generate(config: Config, out: Path, dataset: Path, sheet: Path | None) -> int:
+    from ray.train import TrainingFailedError
+
+    from pipeline.commands import generate
+    from pipeline.train.finetune import SubjectError, finetune_subject
+    from pipeline.train.trainer import run_training
+
+    ft = config.finetune
+    try:
+        print(f"\npretraining {config.train.steps} steps on {config.train.workers} workers ...")
+        base = run_training(config)
+        base_ref = f"models:/{config.train.register_as}/{base.model_version}" if base.model_version else f"{base.checkpoint}/model"
+        print(f"fine-tuning {ft.subject_id} ({ft.method}, {ft.steps} steps) from {base_ref} ...")
+        subject = finetune_subject(config.model_copy(update={"finetune": ft.model_copy(update={"base": base_ref})}))
+    except (SubjectError, TrainingFailedError) as exc:
+        print(f"subjectforge: error: {exc}", file=sys.stderr)
+        return 1
+    model_uri = f"models:/{subject.model_name}@{ft.alias}"
+    images = out / "generated"
+    parser = argparse.ArgumentParser(prog="subjectforge generate")
+    generate.add_arguments(parser, lambda _: None)
+    code = generate.run(parser.parse_args(["--model", model_uri, "--prompt", PROMPT, "--out", str(images)]), config)
+    if code:
+        return code
+
+    uri = config.tracking.uri
+    ui = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    print("\nsubjectforge demo: done")
+    print(f"  dataset         {dataset} ({out / 'dataset' / 'latest'}); contact sheet {sheet}")
+    print(f"  pretrained      {base.checkpoint} (step {base.step}; MLflow run {base.mlflow_run_id})")
+    print(f"                  registered {config.train.register_as} version {base.model_version}")
+    print(f"  fine-tuned      {subject.artifact} ({subject.method}, step {subject.step}, {subject.artifact_bytes / 2**10:.0f} KiB)")
+    print(f"                  registered {subject.model_name} version {subject.model_version}, alias {ft.alias}")
+    print(f"  generated       {images / 'image_000.png'} from {model_uri}, prompt {PROMPT!r}")
+    print(f"  MLflow          {uri}")
+    if ui != uri:
+        print(f"                  look: mlflow ui --backend-store-uri {uri}   (then open the link below)")
+    print(f"                  {ui}/#/models/{quote(subject.model_name)}/versions/{subject.model_version}")
+    print(f"  load it         MLFLOW_TRACKING_URI={uri} python -c \"import mlflow; mlflow.pyfunc.load_model('{model_uri}')\"")
     if config.profile == "tiny":
-        print("note: the tiny profile uses random-weight models; run with --profile real for meaningful mattes.")
+        print("note: the tiny profile uses random-weight models: every step runs for real, and the images are noise.")
     return 0
