@@ -316,7 +316,9 @@ def main(argv: list[str] | None = None) -> None:
         images = torch.from_numpy(images_np).to(device)
         trimaps = torch.from_numpy(trimaps_np).to(device)
         log.info("size %d: %.1f%% unknown", size, 100 * float(((trimaps > 0.1) & (trimaps < 0.9)).float().mean()))
-        estimate_alpha_cf_torch(images[:1], trimaps[:1])  # the batch-of-1 compile, out of the timings
+        # The compile, out of the timings. Two photos, not one: dynamo specialises a batch of 1,
+        # and the first real batch would compile everything again (measured: 50 s twice).
+        estimate_alpha_cf_torch(images[:2], trimaps[:2])
         best_row, best_alphas = None, None
         for batch in args.batch_sizes:
             if best_row is not None and over_budget():
