@@ -45,17 +45,58 @@ def test_reject_fraction_above_limit_exits_1(ray_local, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_runs_offline_and_writes_a_contact_sheet(ray_local, tmp_path, capsys):
-    code = main(["demo", "--out", str(tmp_path), "--set", "data.decode.size=64"])
+def test_demo_runs_the_whole_mission_offline_and_a_rerun_reuses_it(ray_local, tmp_path, capsys, monkeypatch):
+    import base64
+    import io
+
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from pipeline.model import BlipDiffusion
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    argv = ["demo", "--out", str(tmp_path), "--set", "data.decode.size=64"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
-    assert code == 0
-    assert re.search(r"inputs 41 = accepted \d+ \+ rejected \d+", out)
-    assert "contact sheet:" in out and "time per stage" in out
-    sheet = Image.open(tmp_path / "contact_sheet.png")
-    assert sheet.width == 4 * 160 and sheet.height > 160
-    # A second demo run finds nothing new.
-    assert main(["demo", "--out", str(tmp_path), "--set", "data.decode.size=64"]) == 0
-    assert "nothing changed" in capsys.readouterr().out
+    counts = re.search(r"inputs 41 = accepted (\d+) \+ rejected (\d+); rows (\d+)", out)
+    assert counts and int(counts[1]) + int(counts[2]) == 41 and int(counts[3]) == 2 * int(counts[1])  # 2 composites a photo
+    assert "time per stage" in out and "subjectforge demo: done" in out
+
+    # Every artifact the summary names exists and reopens.
+    assert Image.open(tmp_path / "contact_sheet.png").width == 4 * 160
+    checkpoint = tmp_path / "runs" / "pretrain-v0001" / "step-0000010"
+    assert f"{checkpoint} (step 10" in out
+    BlipDiffusion.from_pretrained(checkpoint / "model")
+    subject = tmp_path / "subjects" / "dog-lora"
+    assert {p.name for p in subject.iterdir()} == {"subject.json", "subject_embeds.safetensors", "lora.safetensors"}
+    assert Image.open(tmp_path / "generated" / "image_000.png").size == (64, 64)
+
+    # The registry in the demo's own store, artifacts beside it: the base and the subject on it.
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert f"mlflow ui --backend-store-uri {uri}" in out and "http://127.0.0.1:5000/#/models/subjectforge-dog/versions/1" in out
+    client = MlflowClient(uri)
+    version = client.get_model_version_by_alias("subjectforge-dog", "candidate")
+    assert str(version.version) == "1" and version.tags["base_model"] == "models:/subjectforge-base/1" and version.tags["step"] == "5"
+    assert client.get_run(version.run_id).info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
+    assert client.get_model_version("subjectforge-base", "1").tags["step"] == "10"
+    # ... and loads by alias the way a user loads it.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    model = mlflow.pyfunc.load_model("models:/subjectforge-dog@candidate")
+    [image] = model.predict(pd.DataFrame([{"prompt": "on the beach", "seed": 0, "steps": 2}])).image
+    assert Image.open(io.BytesIO(base64.b64decode(image))).size == (64, 64)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+    # A rerun reuses everything: no new dataset version, runs resumed at their last step, the same registered versions.
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "nothing changed" in out and f"{checkpoint} (step 10" in out
+    assert "registered subjectforge-base version 1" in out and "registered subjectforge-dog version 1, alias candidate" in out
+    assert [str(v.version) for v in client.search_model_versions("name = 'subjectforge-dog'")] == ["1"]
+    # --data-only is the old quick demo: the dataset and its contact sheet, no training.
+    assert main([*argv, "--data-only"]) == 0
+    out = capsys.readouterr().out
+    assert "contact sheet:" in out and "pretraining" not in out
 
 
 def test_unloadable_model_exits_2_before_any_worker(tmp_path, capsys):
