@@ -84,7 +84,8 @@ def encode_image(array: np.ndarray, fmt: str = "png", quality: int = 95) -> byte
     if fmt == "jpeg":
         img.save(buf, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
     else:
-        img.save(buf, format="PNG", compress_level=6)
+        # Level 3: a third of level 6's time on mattes for ~35% more bytes (BENCHMARKS.md).
+        img.save(buf, format="PNG", compress_level=3)
     return buf.getvalue()
 
 
@@ -99,11 +100,19 @@ def encode_batch(
     """Ray Data adapter: arrays -> bytes; keeps the published columns plus reject and timing ones."""
     n = len(batch[SOURCE_URI])
     encoded = {name: np.full(n, b"", dtype=object) for name in (IMAGE, COMPOSITE, ALPHA, TRIMAP)}
+    # A photo's K composite rows share its target, alpha and trimap: encode those once per photo
+    # (the composite stage keeps a photo's rows in one batch), not K times.
+    per_photo: dict[str, tuple[bytes, bytes, bytes]] = {}
     for i in healthy_rows(batch):
-        encoded[IMAGE][i] = encode_image(batch[IMAGE][i], image_format, jpeg_quality)
+        uri = batch[SOURCE_URI][i]
+        if uri not in per_photo:
+            per_photo[uri] = (
+                encode_image(batch[IMAGE][i], image_format, jpeg_quality),
+                encode_image(to_uint8(batch[ALPHA][i])),
+                encode_image(to_uint8(batch[TRIMAP][i])),
+            )
+        encoded[IMAGE][i], encoded[ALPHA][i], encoded[TRIMAP][i] = per_photo[uri]
         encoded[COMPOSITE][i] = encode_image(batch[COMPOSITE][i], image_format, jpeg_quality)
-        encoded[ALPHA][i] = encode_image(to_uint8(batch[ALPHA][i]))
-        encoded[TRIMAP][i] = encode_image(to_uint8(batch[TRIMAP][i]))
     keep = [name for name in DATA_SCHEMA.names if name in batch and name not in encoded]
     out = {name: batch[name] for name in keep}
     out.update(encoded)

@@ -76,3 +76,23 @@ def test_encoded_rows_survive_a_parquet_roundtrip(tmp_path):
     assert back.schema == DATA_SCHEMA and back.num_rows == 2
     img = Image.open(io.BytesIO(back["image"][0].as_py()))
     assert img.size == (6, 4)
+
+
+def test_each_row_gets_its_own_photos_target_and_its_own_composite():
+    # Photo a has two composite rows, photo b one; the target, alpha and trimap are encoded once
+    # per photo, so a mix-up between photos or composites would show here.
+    obj = lambda *xs: np.array(xs, dtype=object)  # noqa: E731
+    pixels = lambda v: np.full((4, 6, 3), v, np.uint8)  # noqa: E731
+    images, composites, alphas = (np.empty(3, dtype=object) for _ in range(3))
+    images[:] = [pixels(10), pixels(10), pixels(200)]
+    composites[:] = [pixels(1), pixels(2), pixels(3)]
+    alphas[:] = [np.full((4, 6), 0.2, np.float32), np.full((4, 6), 0.2, np.float32), np.full((4, 6), 1.0, np.float32)]
+    batch = {
+        "source_uri": obj("s/a.jpg", "s/a.jpg", "s/b.jpg"), "image": images, "composite": composites,
+        "alpha": alphas, "trimap": alphas, "reject_stage": obj("", "", ""), "reject_reason": obj("", "", ""),
+    }
+    out = encode_batch(batch, image_format="png", jpeg_quality=95, dataset_version="v1")
+    decode = lambda b: np.asarray(Image.open(io.BytesIO(b)))  # noqa: E731
+    assert [decode(b)[0, 0, 0] for b in out["image"]] == [10, 10, 200]
+    assert [decode(b)[0, 0, 0] for b in out["composite"]] == [1, 2, 3]
+    assert [decode(b)[0, 0] for b in out["alpha"]] == [51, 51, 255]
