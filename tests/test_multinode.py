@@ -4,9 +4,10 @@ worker node, each a raylet of its own): `data build`, a 2-worker `pretrain` and
 tasks and workers land on both nodes, and every output equals the same runs on a one-node
 cluster of the same size.
 
-Sizes force the spread: each node has 3 logical CPUs and a training worker reserves 2, so no
-node holds two workers; the data tasks (a Parquet read takes 1 CPU) get the one left on each,
-and Ray Data spreads its tasks over the nodes.
+Sizes force the spread: each node has 3 logical CPUs and a training process (a Ray Train
+worker, or a finetune-many subject actor) reserves 2, so no node holds two; the data tasks (a
+Parquet read takes 1 CPU) get the one left on each, and Ray Data spreads its tasks over the
+nodes.
 """
 
 import csv
@@ -38,6 +39,8 @@ DATA = ["profile=tiny", "data.decode.size=64", "data.composite.per_photo=1", "tr
 TRAIN = ["train.cpus_per_worker=2", "train.data_cpus=0.5", "train.resolution=64", "train.crop=center", "train.shuffle_buffer=0"]
 PRETRAIN = ["train.workers=2", "train.batch_size=2", "train.steps=3", "train.lr=1e-3", "train.warmup_steps=0",
             "train.samples.every=0", "train.checkpoint_every=3"]
+# The processes that train: Ray Train's workers, and finetune-many's subject actors.
+TRAINING_ACTORS = {"RayTrainWorker", "SubjectTrainer"}
 FINETUNE = ["finetune.method=lora", "finetune.steps=2", "finetune.lora_rank=2", "finetune.concurrency=2"]
 
 
@@ -89,7 +92,10 @@ def _run_mission(source, out, nodes):
         # Asked by the dashboard's URL: left to find "the" cluster, the state API takes the newest
         # Ray on the machine, which need not be this one.
         state = {"address": f"http://{cluster.webui_url}", "limit": 10_000, "raise_on_missing_output": False}
-        workers = {**state, "filters": [("class_name", "=", "RayTrainWorker")], "detail": True}
+
+        def trainers():
+            return [a for a in list_actors(detail=True, **state) if a.class_name in TRAINING_ACTORS]
+
         data, runs, subjects = out / "data", out / "runs", out / "subjects"
 
         started = time.perf_counter()
@@ -98,12 +104,12 @@ def _run_mission(source, out, nodes):
 
         result = run_training(load_config(overrides=[*DATA, *address, *TRAIN, *PRETRAIN, f"train.data={data}",
                                                      f"train.storage_path={runs}"]))
-        pretrain_nodes = _nodes_of(lambda: list_actors(**workers))
-        workers_before = {a.actor_id for a in list_actors(**workers)}
+        pretrain_nodes = _nodes_of(trainers)
+        trainers_before = {a.actor_id for a in trainers()}
 
         argv = ["finetune-many", "--data", str(data), "--subjects", ",".join(SUBJECTS), "--out", str(subjects)]
         assert main([*argv, *_sets(DATA + address + TRAIN + FINETUNE + [f"train.storage_path={runs}"])]) == 0
-        finetune_nodes = _nodes_of(lambda: [a for a in list_actors(**workers) if a.actor_id not in workers_before])
+        finetune_nodes = _nodes_of(lambda: [a for a in trainers() if a.actor_id not in trainers_before])
         seconds = time.perf_counter() - started
     finally:
         ray.shutdown()
