@@ -85,8 +85,9 @@ def place_outputs(config: Config, out: Path) -> Config:
         tree["train"]["storage_path"] = str(out / "runs")
     if "out" not in config.finetune.model_fields_set:
         tree["finetune"]["out"] = str(out / "subjects")
-    if not config.tracking.enabled:
-        raise ConfigError("tracking.enabled: the demo registers its model in MLflow and loads it back by alias")
+    for key, on in (("tracking.enabled", config.tracking.enabled), ("finetune.register_model", config.finetune.register_model)):
+        if not on:
+            raise ConfigError(f"{key}: the demo registers its subject in MLflow and loads it back by alias")
     if not (config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")):
         out.mkdir(parents=True, exist_ok=True)
         tree["tracking"]["uri"] = f"sqlite:///{out / 'mlflow.db'}"
@@ -125,7 +126,8 @@ def _train_register_generate(config: Config, out: Path, dataset: Path, sheet: Pa
     print("\nsubjectforge demo: done")
     print(f"  dataset         {dataset} ({out / 'dataset' / 'latest'}); contact sheet {sheet}")
     print(f"  pretrained      {base.checkpoint} (step {base.step}; MLflow run {base.mlflow_run_id})")
-    print(f"                  registered {config.train.register_as} version {base.model_version}")
+    if base.model_version:
+        print(f"                  registered {config.train.register_as} version {base.model_version}")
     print(f"  fine-tuned      {subject.artifact} ({subject.method}, step {subject.step}, {subject.artifact_bytes / 2**10:.0f} KiB)")
     print(f"                  registered {subject.model_name} version {subject.model_version}, alias {ft.alias}")
     print(f"  generated       {images / 'image_000.png'} from {model_uri}, prompt {PROMPT!r}")
