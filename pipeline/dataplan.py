@@ -42,6 +42,14 @@ def ensure_ray(cfg: RayConfig) -> None:
     ray.init(address=cfg.address, num_cpus=cfg.num_cpus if cfg.address is None else None, include_dashboard=False, log_to_driver=True)
 
 
+def subject_trainer_options(config: Config) -> dict[str, Any]:
+    """Ray options of a finetune-many actor (pipeline/train/many.py): the CPUs of a training
+    worker and `finetune.num_gpus` of a GPU with `train.gpu` (fractions let subjects share one).
+    No restarts: the pool replaces an actor that died, and the subject it held is retried."""
+    gpus = config.finetune.num_gpus if config.train.gpu else 0
+    return {"num_cpus": config.train.cpus_per_worker, "num_gpus": gpus, "max_restarts": 0, "max_task_retries": 0}
+
+
 def gpus_per_segment_actor(setting: float | str, matte_gpus: float, cluster_gpus: float) -> float:
     """auto: a whole GPU, or what a matting actor leaves of one when matting is on the GPU too
     (a whole one would leave no room for it, and the plan would wait forever)."""

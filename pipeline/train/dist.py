@@ -1,15 +1,20 @@
 """The worker's view of Ray Train, in one place: rank, device, data shard, DDP, checkpoints.
 
 The loop and the hooks call these instead of Ray or torch.distributed, so rank checks go through
-`is_main_process()` and one worker (no process group of size > 1) needs no special case. Only
-valid inside a Ray Train worker (`TorchTrainer`), except `unwrap`.
+`is_main_process()` and one worker (no process group of size > 1) needs no special case. Valid
+inside a Ray Train worker (`TorchTrainer`), or inside `local_run(...)`: one worker without Ray
+Train (finetune-many's actors, which train subject after subject in one process), where the
+checkpoints go to the run folder in the layout Ray Train's storage uses (<run_folder>/<name>/),
+so resuming works across both.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +28,45 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 TRAIN_DATASET = "train"
+_PARTIAL = ".partial-"  # prefix of a checkpoint folder being written (never resumed from)
+
+
+@dataclass
+class LocalRun:
+    """One worker, rank 0 of 1, without Ray Train.
+
+    shard: this worker's data, with Ray's DataIterator.iter_torch_batches (one call per epoch);
+    run_folder: where checkpoints go (<storage_path>/<run_name>); keep: newest checkpoints kept.
+    """
+
+    shard: Any
+    run_folder: Path
+    device: torch.device
+    keep: int = 1
+
+
+_local: LocalRun | None = None
+
+
+@contextlib.contextmanager
+def local_run(run: LocalRun) -> Iterator[None]:
+    """Inside: the functions of this module serve `run` instead of Ray Train."""
+    global _local
+    if _local is not None:
+        raise RuntimeError("a local run is already active in this process")
+    _local = run
+    try:
+        yield
+    finally:
+        _local = None
 
 
 def rank() -> int:
-    return ray.train.get_context().get_world_rank()
+    return 0 if _local is not None else ray.train.get_context().get_world_rank()
 
 
 def world_size() -> int:
-    return ray.train.get_context().get_world_size()
+    return 1 if _local is not None else ray.train.get_context().get_world_size()
 
 
 def is_main_process() -> bool:
@@ -40,7 +76,7 @@ def is_main_process() -> bool:
 
 def device() -> torch.device:
     """This worker's device: its GPU under `use_gpu`, else the CPU."""
-    return ray.train.torch.get_device()
+    return _local.device if _local is not None else ray.train.torch.get_device()
 
 
 def prepare(module: nn.Module, find_unused_parameters: bool) -> nn.Module:
@@ -50,6 +86,8 @@ def prepare(module: nn.Module, find_unused_parameters: bool) -> nn.Module:
     find_unused_parameters: set when a step may leave trainable parameters out of the graph
     (a micro-batch whose subjects are all dropped never reaches the Q-Former).
     """
+    if _local is not None:
+        return module.to(_local.device)
     return ray.train.torch.prepare_model(
         module, parallel_strategy_kwargs={"find_unused_parameters": find_unused_parameters}
     )
@@ -101,7 +139,7 @@ class BatchStream:
 
     @staticmethod
     def _epochs(batch_size: int, shuffle_buffer: int, prefetch: int) -> Iterator[dict[str, Any]]:
-        shard = ray.train.get_dataset_shard(TRAIN_DATASET)
+        shard = _local.shard if _local is not None else ray.train.get_dataset_shard(TRAIN_DATASET)
         while True:
             yield from shard.iter_torch_batches(
                 batch_size=batch_size,
@@ -125,6 +163,9 @@ class BatchStream:
 def resume_folder() -> Iterator[Path | None]:
     """The newest checkpoint of this run as a local folder (a restart after a failure, or a rerun
     with the same run name and storage path), or None for a fresh start."""
+    if _local is not None:
+        yield newest_checkpoint(_local.run_folder)
+        return
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         yield None
@@ -136,5 +177,32 @@ def resume_folder() -> Iterator[Path | None]:
 def report(metrics: dict[str, float], folder: Path | None, name: str | None = None) -> None:
     """Report metrics, and the checkpoint in `folder` (rank 0 passes it, the others None), stored
     as <storage_path>/<run_name>/<name>. Every rank calls it at the same step."""
+    if _local is not None:
+        if folder is not None:
+            _store_checkpoint(folder, _local.run_folder, name or f"checkpoint-{time.time_ns()}", _local.keep)
+        return
     checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if folder is not None else None
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
+def newest_checkpoint(run_folder: Path) -> Path | None:
+    """The newest complete checkpoint folder (step-NNNNNNN) of a run, or None."""
+    found = sorted(p for p in Path(run_folder).glob("step-*") if p.is_dir())
+    return found[-1] if found else None
+
+
+def _store_checkpoint(folder: Path, run_folder: Path, name: str, keep: int) -> None:
+    """Move the files of `folder` (the loop's temporary folder) to <run_folder>/<name>, under a
+    partial name first so a killed move is never resumed from; then delete all but the newest
+    `keep` checkpoints."""
+    run_folder.mkdir(parents=True, exist_ok=True)
+    partial, final = run_folder / f"{_PARTIAL}{name}", run_folder / name
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    for child in Path(folder).iterdir():
+        shutil.move(child, partial / child.name)
+    if final.exists():
+        shutil.rmtree(final)
+    partial.rename(final)
+    for old in sorted(p for p in run_folder.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old)

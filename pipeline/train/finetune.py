@@ -16,7 +16,9 @@ artifact -> the MLflow registry. No math here; the methods are in methods.py.
    subject and, for dreambooth, class-prior images the base model generates (PRIOR_CAPTION);
 4. trains `finetune.method` with the shared loop (`pipeline.train.loop.train_loop`, its hooks
    and checks) on one Ray Train worker holding `finetune.num_gpus` GPUs (fractions let
-   subjects share a GPU);
+   subjects share a GPU), or, with `in_process` (finetune-many's actors), in the calling
+   process on its rows in memory (`dist.local_run`, pipeline/train/inmemory.py), where the
+   base stays loaded from one subject to the next (pipeline/train/bases.py);
 5. copies the final checkpoint's subject folder to <finetune.out>/<subject_id>-<method>/ and,
    with `finetune.register_model`, logs it as a pyfunc registered as <prefix><subject_id>,
    tagged with the key.
@@ -35,6 +37,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -42,8 +45,10 @@ from pipeline import tracking
 from pipeline.config import Config, ConfigError
 from pipeline.dataplan import ensure_ray
 from pipeline.sources import SourcePhoto
+from pipeline.train import dist
 from pipeline.train.data import build_training_plan, open_dataset
 from pipeline.train.hooks import RunInfo
+from pipeline.train.inmemory import InMemoryShard
 from pipeline.train.loop import PROGRESS, train_loop
 from pipeline.train.methods import PRIOR_CAPTION, REFERENCES_FOLDER, get_method
 from pipeline.train.trainer import _storage_path, check_cluster, check_training
@@ -229,8 +234,6 @@ def write_inputs(config: Config, subject: SubjectRows, folder: Path, base: str) 
 def _prior_images(config: Config, category: str, folder: Path, base: str) -> list[bytes]:
     """`finetune.prior_images` PNGs of "a <category>" from the base model, made once per run
     folder (a rerun reuses them once the completion record exists)."""
-    import torch
-
     from pipeline.model import BlipDiffusion
     from pipeline.model.subject import generate_from_text
 
@@ -282,9 +285,10 @@ def training_config(config: Config, inputs: Path, base: str, run_name: str) -> C
     return Config.model_validate(tree)
 
 
-def finetune_subject(config: Config) -> FinetuneResult:
+def finetune_subject(config: Config, in_process: bool = False) -> FinetuneResult:
     """Fine-tune `config.finetune.subject_id`; see the module docstring. Raises ConfigError
-    (bad settings), SubjectError (no usable photo) or Ray Train's TrainingFailedError."""
+    (bad settings), SubjectError (no usable photo), Ray Train's TrainingFailedError or, with
+    `in_process`, what the loop raised."""
     check_finetune(config)
     ft = config.finetune
     start = time.perf_counter()
@@ -309,7 +313,8 @@ def finetune_subject(config: Config) -> FinetuneResult:
             "method": ft.method, "subject_id": ft.subject_id, KEY_TAG: key}
     run_id = tracking.start_run(uri, config.tracking.experiment, run_name, tags) if uri else None
     try:
-        checkpoint, step = _fit(train_config, storage, run_name, uri, run_id)
+        fit = _fit_in_process if in_process else _fit
+        checkpoint, step = fit(train_config, storage, run_name, uri, run_id)
         artifact = Path(ft.out).expanduser().resolve() / f"{ft.subject_id}-{ft.method}"
         if artifact.exists():
             shutil.rmtree(artifact)
@@ -374,8 +379,29 @@ def _fit(config: Config, storage: str, run_name: str, uri: str | None, run_id: s
     return checkpoint, json.loads(progress.read_text())["step"] if progress.is_file() else 0
 
 
+def _fit_in_process(config: Config, storage: str, run_name: str, uri: str | None, run_id: str | None) -> tuple[Path, int]:
+    """Run the shared loop here, as rank 0 of 1 (this process holds the resources: a
+    finetune-many actor); returns the final checkpoint folder and its step."""
+    train = config.train
+    info, processor = check_training(config)
+    if train.gpu and not torch.cuda.is_available():
+        raise ConfigError("train.gpu: no GPU visible to this worker")
+    run = RunInfo(run_name=run_name, run_folder=f"{storage}/{run_name}", tracking_uri=uri, mlflow_run_id=run_id, dataset=info.as_run_input())
+    local = dist.LocalRun(
+        shard=InMemoryShard(info, processor, train.resolution, train.crop),
+        run_folder=Path(run.run_folder),
+        device=torch.device("cuda", torch.cuda.current_device()) if train.gpu else torch.device("cpu"),
+        keep=train.keep_checkpoints,
+    )
+    with dist.local_run(local):
+        train_loop({"config": config.model_dump(mode="json"), "run": asdict(run)})
+    checkpoint = _newest_checkpoint(local.run_folder)
+    progress = checkpoint / PROGRESS
+    return checkpoint, json.loads(progress.read_text())["step"] if progress.is_file() else 0
+
+
 def _newest_checkpoint(run_folder: Path) -> Path:
-    found = sorted(run_folder.glob("step-*"))
-    if not found:
+    found = dist.newest_checkpoint(run_folder)
+    if found is None:
         raise SubjectError(f"no checkpoint in {run_folder}")
-    return found[-1]
+    return found

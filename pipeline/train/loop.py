@@ -58,7 +58,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # The model and the optimizer state: from the newest checkpoint when there is one (a restart
     # after a failure, or a rerun with the same run name), else from the base weights.
     with dist.resume_folder() as folder:
-        method = get_method(train.method).load(config, folder)
+        method = get_method(train.method).load(config, folder, device)
         resumed = torch.load(folder / TRAIN_STATE, map_location="cpu") if folder is not None else None
     params = method.trainable_parameters()
     if train.compile and device.type == "cuda":

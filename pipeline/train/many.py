@@ -1,10 +1,13 @@
 """Fine-tuning every subject of a dataset as one Ray job (`subjectforge finetune-many`).
 
-One Ray task per subject runs `finetune_subject` (which holds no CPU itself: its Ray Train
-worker reserves `train.cpus_per_worker` and `finetune.num_gpus`, so fractional GPUs let several
-subjects share one). At most `finetune.concurrency` subjects are in flight. A subject that
-fails is recorded with its error and resubmitted up to `finetune.max_retries` times while the
-others go on; the result is one row per subject, in the order given.
+A pool of `finetune.concurrency` long-lived Ray actors (`SubjectTrainer`; each holds
+`train.cpus_per_worker` CPUs and, with `train.gpu`, `finetune.num_gpus` of a GPU, so fractions
+let several share one) fine-tunes the subjects one after another: `finetune_subject` runs the
+shared loop inside the actor (no Ray Train run per subject), and the actor keeps the base model
+loaded from one subject to the next, restored exactly before each (pipeline/train/bases.py), so
+only its first subject pays the load. A subject that fails is recorded with its error and
+resubmitted up to `finetune.max_retries` times while the others go on; an actor that dies is
+replaced. The result is one row per subject, in the order given.
 
 With `finetune.affected_only` only the subjects the version's manifest lists as affected (new,
 changed or removed photos relative to its parent: what a scheduled refresh changed) are
@@ -16,6 +19,7 @@ reported as reused and costs no training.
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import logging
 import time
@@ -27,7 +31,8 @@ import ray
 
 from pipeline.build import affected_subjects
 from pipeline.config import Config, ConfigError
-from pipeline.dataplan import ensure_ray
+from pipeline.dataplan import ensure_ray, subject_trainer_options
+from pipeline.train import bases
 from pipeline.train.data import open_dataset
 from pipeline.train.finetune import FinetuneResult, finetune_subject
 from pipeline.versions import MANIFEST
@@ -46,10 +51,22 @@ class SubjectOutcome:
     artifact_bytes: int
     model_version: str | None
     error: str  # the last attempt's error, "" when ok
+    base_loads: int = 0  # bases its actor read from disk for it: 1 for an actor's first subject, else 0
 
 
-def _finetune_task(config_json: dict[str, Any]) -> FinetuneResult:
-    return finetune_subject(Config.model_validate(config_json))
+class SubjectTrainer:
+    """Ray actor: fine-tunes one subject per call in this process, keeping the loaded base."""
+
+    def __init__(self) -> None:
+        bases.keep_bases()
+
+    def finetune(self, config_json: dict[str, Any]) -> tuple[FinetuneResult, int]:
+        """(the result, bases this call loaded from disk: 0 when the kept one served)."""
+        loads = bases.loads
+        try:
+            return finetune_subject(Config.model_validate(config_json), in_process=True), bases.loads - loads
+        finally:
+            gc.collect()  # the subject's optimizer, CUDA graphs and adapters, before the next one
 
 
 def subject_ids(config: Config) -> tuple[list[str], list[str]]:
@@ -83,34 +100,63 @@ def finetune_many(config: Config) -> list[SubjectOutcome]:
     if not subjects:
         return list(skipped.values())
     ensure_ray(config.ray)
-    task = ray.remote(_finetune_task).options(num_cpus=0, max_retries=0)
+    size = min(ft.concurrency, len(subjects))
+    check_pool(config, size)
+    trainer = ray.remote(SubjectTrainer).options(**subject_trainer_options(config))
+    idle = [trainer.remote() for _ in range(size)]
     attempts = dict.fromkeys(subjects, 0)
     outcomes: dict[str, SubjectOutcome] = {}
     queue, running = list(subjects), {}
-    while queue or running:
-        while queue and len(running) < ft.concurrency:
-            subject = queue.pop(0)
-            attempts[subject] += 1
-            subject_config = config.model_copy(update={"finetune": ft.model_copy(update={"subject_id": subject, "category": None})})
-            running[task.remote(subject_config.model_dump(mode="json"))] = (subject, time.perf_counter())
-        [done], _ = ray.wait(list(running), num_returns=1)
-        subject, started = running.pop(done)
-        seconds = time.perf_counter() - started
-        try:
-            result: FinetuneResult = ray.get(done)
-        except ray.exceptions.RayTaskError as exc:
-            error = f"{type(exc.cause).__name__}: {exc.cause}" if exc.cause is not None else str(exc)
-            log.warning("subject %s failed (attempt %d of %d): %s", subject, attempts[subject], ft.max_retries + 1, error)
-            outcomes[subject] = SubjectOutcome(subject, "failed", attempts[subject], seconds, 0, None, error)
-            if attempts[subject] <= ft.max_retries:
-                queue.append(subject)
-            continue
-        status = "reused" if result.reused else "ok"
-        outcomes[subject] = SubjectOutcome(subject, status, attempts[subject], result.seconds, result.artifact_bytes, result.model_version, "")
-        log.info("subject %s done in %.1f s (%d bytes)", subject, result.seconds, result.artifact_bytes)
+    try:
+        while queue or running:
+            while queue and idle:
+                subject, actor = queue.pop(0), idle.pop(0)
+                attempts[subject] += 1
+                subject_config = config.model_copy(update={"finetune": ft.model_copy(update={"subject_id": subject, "category": None})})
+                running[actor.finetune.remote(subject_config.model_dump(mode="json"))] = (subject, actor, time.perf_counter())
+            [done], _ = ray.wait(list(running), num_returns=1)
+            subject, actor, started = running.pop(done)
+            seconds = time.perf_counter() - started
+            try:
+                result, loads = ray.get(done)
+            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
+                if isinstance(exc, ray.exceptions.RayActorError):  # the process died: a new one takes its place
+                    actor = trainer.remote()
+                cause = getattr(exc, "cause", None)
+                error = f"{type(cause).__name__}: {cause}" if cause is not None else f"{type(exc).__name__}: {exc}"
+                log.warning("subject %s failed (attempt %d of %d): %s", subject, attempts[subject], ft.max_retries + 1, error)
+                outcomes[subject] = SubjectOutcome(subject, "failed", attempts[subject], seconds, 0, None, error)
+                if attempts[subject] <= ft.max_retries:
+                    queue.append(subject)
+                idle.append(actor)
+                continue
+            idle.append(actor)
+            status = "reused" if result.reused else "ok"
+            outcomes[subject] = SubjectOutcome(subject, status, attempts[subject], result.seconds, result.artifact_bytes,
+                                               result.model_version, "", loads)
+            log.info("subject %s done in %.1f s (%d bytes)", subject, result.seconds, result.artifact_bytes)
+    finally:
+        for actor in idle + [actor for _, actor, _ in running.values()]:
+            ray.kill(actor)  # their GPUs and the kept bases go back to the cluster now
     rows = [outcomes[s] for s in subjects] + list(skipped.values())
     write_summary(rows, Path(ft.out).expanduser() / SUMMARY)
     return rows
+
+
+def check_pool(config: Config, size: int) -> None:
+    """The cluster can hold `size` actors at once; otherwise the subjects given to the ones Ray
+    cannot place would wait forever. Raises ConfigError."""
+    ft, train = config.finetune, config.train
+    have = ray.cluster_resources()
+    need = {"CPU": size * train.cpus_per_worker} | ({"GPU": size * ft.num_gpus} if train.gpu else {})
+    short = {kind: amount for kind, amount in need.items() if have.get(kind, 0) + 1e-9 < amount}
+    if short:
+        raise ConfigError(
+            f"finetune.concurrency: {size} actors need "
+            + ", ".join(f"{amount:g} {kind}s" for kind, amount in short.items())
+            + " (train.cpus_per_worker, finetune.num_gpus each); the cluster has "
+            + ", ".join(f"{have.get(kind, 0):g} {kind}s" for kind in short)
+        )
 
 
 def write_summary(rows: list[SubjectOutcome], path: Path) -> None:

@@ -7,8 +7,8 @@ is the training forward pass. Methods are picked by name in METHODS (`train.meth
 
 The interface, in the order the loop uses it:
 
-- `Method.load(config, checkpoint)`: the method with its model, from the base weights
-  (`models.blip_diffusion`) or from the folder a checkpoint's `save` wrote (resume).
+- `Method.load(config, checkpoint, device)`: the method with its model on `device`, from the
+  base weights (`models.blip_diffusion`) or from the folder a checkpoint's `save` wrote (resume).
 - `trainable_parameters()`: freezes everything else; the parameters AdamW updates.
 - `build_prompts(categories, captions)`: the prompt text of each sample.
 - `forward(subject, categories, prompts, noisy_latents, timesteps, drop_subject)`: the noise
@@ -32,6 +32,7 @@ from torch import nn
 from pipeline.config import Config, ConfigError
 from pipeline.model import BlipDiffusion, build_prompt
 from pipeline.model.subject import SubjectModel, SubjectSpec, add_lora, apply_subject, dreambooth_prompt, save_subject
+from pipeline.train.bases import load_base
 from pipeline.train.losses import diffusion_loss
 from pipeline.train.speed import GraphedUNet, attention_kernels
 
@@ -49,7 +50,7 @@ class Method(nn.Module):
         self.graphed_unet: GraphedUNet | None = None  # set by the loop with train.cuda_graphs
 
     @classmethod
-    def load(cls, config: Config, checkpoint: Path | None = None) -> Method:
+    def load(cls, config: Config, checkpoint: Path | None = None, device: torch.device | str = "cpu") -> Method:
         raise NotImplementedError
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -120,9 +121,9 @@ class Pretrain(Method):
     name = "pretrain"
 
     @classmethod
-    def load(cls, config: Config, checkpoint: Path | None = None) -> Pretrain:
+    def load(cls, config: Config, checkpoint: Path | None = None, device: torch.device | str = "cpu") -> Pretrain:
         source = checkpoint / cls.MODEL_FOLDER if checkpoint is not None else config.model_path("blip_diffusion")
-        return cls(BlipDiffusion.from_pretrained(source), config)
+        return cls(BlipDiffusion.from_pretrained(source, device=device), config)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         parts = self.config.train.trainable
@@ -174,8 +175,10 @@ class _Subject(Method):
         self.subject_embeds = nn.Parameter(subject_embeds.float()) if subject_embeds is not None else None
 
     @classmethod
-    def load(cls, config: Config, checkpoint: Path | None = None) -> _Subject:
-        model = BlipDiffusion.from_pretrained(config.model_path("blip_diffusion"))
+    def load(cls, config: Config, checkpoint: Path | None = None, device: torch.device | str = "cpu") -> _Subject:
+        # On `device` before the subject is built on it: the mean embedding and LoRA's random
+        # A matrices then come out the same whether the base was just loaded or kept (bases.py).
+        model = load_base(config.model_path("blip_diffusion"), device)
         if checkpoint is not None:
             _, embeds = apply_subject(model, checkpoint / cls.MODEL_FOLDER)
             return cls(model, config, embeds)
