@@ -23,6 +23,18 @@ graphed steps, save; finetune-many's num_gpus=1/K without Ray): subjects/hour/GP
 wall. Registration (MLflow) is not in these numbers; --e2e runs the real commands:
 `finetune_subject` (Ray Train, 1 worker; plus registration with --tracking-uri) for one subject
 per method, and `finetune_many` over --subjects subjects with --num-gpus per subject.
+
+--many runs only `finetune_many` (the real path: a pool of --concurrency Ray actors, each with
+--num-gpus of a GPU, keeping the base between subjects) over --subjects synthetic subjects
+(4 photos each, --size px) with --method (lora), registration off:
+
+    python benchmarks/bench_finetune.py --real --many --subjects 8 --concurrency 2 --num-gpus 0.5
+    python benchmarks/bench_finetune.py --tiny --many --size 32 --steps 3 --subjects 3   # CPU smoke
+
+It reports the wall time of finetune_many after Ray started (actor starts and each actor's
+first base load included), subjects/h/GPU from it, and each subject's seconds and base loads
+(0: its actor's kept base served it); `steady_subjects_per_hour_per_gpu` is the rate once every
+actor holds its base (concurrency x 3600 / mean seconds of those subjects, per GPU).
 Targets: blipd 100 steps <= 15 s on an H100 after load; LoRA artifact <= 50 MB; lora >= 200
 subjects/hour/GPU.
 """
@@ -249,6 +261,42 @@ def bench_e2e(args: argparse.Namespace, work: Path) -> list[dict]:
     return rows
 
 
+def bench_many(args: argparse.Namespace, work: Path, method: str) -> dict:
+    """finetune_many over args.subjects subjects on a pool of args.concurrency actors."""
+    import math
+
+    from pipeline.dataplan import ensure_ray
+    from pipeline.train.many import finetune_many
+    from tests.tinydata import publish_dataset
+
+    subjects = {f"s{i:03d}": "dog" for i in range(args.subjects)}
+    publish_dataset(work / "ds", subjects, per_subject=4, size=(args.size, args.size))
+    gpu = torch.cuda.is_available()
+    overrides = [f"finetune.subject={work / 'ds'}", f"finetune.method={method}", f"finetune.steps={args.steps}",
+                 f"finetune.batch_size={args.batch}", f"train.resolution={args.size}", f"train.gpu={str(gpu).lower()}",
+                 f"finetune.num_gpus={args.num_gpus}", f"finetune.concurrency={args.concurrency}",
+                 f"train.cpus_per_worker={args.cpus_per_worker}", f"finetune.out={work / 'out'}",
+                 f"train.storage_path={work / 'runs'}", "tracking.enabled=false"]
+    overrides += ["profile=tiny"] if args.tiny else [f"models.blip_diffusion={args.model}"]
+    config = load_config(overrides=overrides)
+    start = time.perf_counter()
+    ensure_ray(config.ray)
+    ray_s = time.perf_counter() - start
+    start = time.perf_counter()
+    outcomes = finetune_many(config)
+    wall = time.perf_counter() - start
+    ok = [o for o in outcomes if o.status == "ok"]
+    gpus = math.ceil(args.concurrency * args.num_gpus - 1e-9) if gpu else 1
+    kept = [o.seconds for o in ok if o.base_loads == 0]
+    steady = args.concurrency * 3600 / (sum(kept) / len(kept)) / gpus if kept else None
+    return {"mode": "finetune-many", "method": method, "subjects": len(outcomes), "ok": len(ok), "concurrency": args.concurrency,
+            "num_gpus": args.num_gpus, "gpus": gpus, "ray_start_s": round(ray_s, 1), "wall_s": round(wall, 1),
+            "subjects_per_hour_per_gpu": round(len(ok) * 3600 / wall / gpus, 1),
+            "steady_subjects_per_hour_per_gpu": round(steady, 1) if steady else None,
+            "per_subject": [{"subject": o.subject_id, "status": o.status, "s": round(o.seconds, 1), "base_loads": o.base_loads,
+                             "error": o.error[:200]} for o in outcomes]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="Salesforce/blipdiffusion")
@@ -266,7 +314,11 @@ def main() -> None:
     parser.add_argument("--single", help=argparse.SUPPRESS)  # a --concurrent child
     parser.add_argument("--e2e", action="store_true", help="also time the real finetune and finetune-many jobs")
     parser.add_argument("--subjects", type=int, default=8)
-    parser.add_argument("--num-gpus", type=float, default=0.25)
+    parser.add_argument("--num-gpus", type=float, default=0.25, help="GPUs per subject (finetune.num_gpus)")
+    parser.add_argument("--many", action="store_true", help="time finetune_many alone (actors keeping the base)")
+    parser.add_argument("--concurrency", type=int, default=1, help="--many: actors (finetune.concurrency)")
+    parser.add_argument("--method", default="lora", help="--many: finetune.method")
+    parser.add_argument("--cpus-per-worker", type=float, default=2.0, help="--many: CPUs per actor (train.cpus_per_worker)")
     parser.add_argument("--tracking-uri")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -277,6 +329,19 @@ def main() -> None:
 
     t0 = time.perf_counter()
     results = []
+    if args.many:
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.real:
+                start = time.perf_counter()
+                args.model = save_real_base(Path(tmp) / "base")
+                results.append({"real_base_saved_s": round(time.perf_counter() - start, 1)})
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()  # the actors need the memory building the base took
+            results.append(bench_many(args, Path(tmp), args.method))
+            print(json.dumps(results[-1]), flush=True)
+        _write(args, results)
+        return
     with tempfile.TemporaryDirectory() as base:
         if args.real:
             start = time.perf_counter()

@@ -51,6 +51,7 @@ def test_a_kept_base_comes_back_exactly_as_loaded(monkeypatch):
     assert not kept.training and not hasattr(kept.unet, "extra")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "blipd"])
 def test_a_subject_in_a_reused_actor_equals_it_in_a_fresh_one(ray_local, tmp_path, method):
     data = tmp_path / "ds"
