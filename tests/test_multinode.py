@@ -67,8 +67,8 @@ def no_session_ray():
     ray.shutdown()
     yield
     ray.shutdown()
-    if was_running:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if was_running:  # "local": a new one, never a cluster some other process left running
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 
 
 def _run_mission(source, out, nodes):
