@@ -27,7 +27,6 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import platform
 import sys
 import time
 from collections.abc import Iterator
@@ -40,6 +39,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from machine import describe  # noqa: E402
+
 from stages import matting_torch  # noqa: E402
 from stages.matting_torch import estimate_alpha_cf_torch, estimate_foreground_torch  # noqa: E402
 from tests.matting_fixtures import ellipse_trimap  # noqa: E402
@@ -230,27 +231,6 @@ def profile_solve(images: torch.Tensor, trimaps: torch.Tensor, batch: int) -> di
     }
 
 
-def hardware() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import pymatting
-
-    return {
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "pymatting": pymatting.__version__,
-    }
-
-
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| solver | device | size | batch | tol | photos | photos/s | ms/photo | CG iterations at full size | alpha MAD vs pymatting |",
@@ -295,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     matting_torch.logger.addHandler(iterations)
     matting_torch.logger.setLevel(logging.DEBUG)
     report = {
-        "hardware": hardware(),
+        "hardware": describe("pymatting"),
         "command": " ".join(sys.argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "rows": [],

@@ -24,7 +24,6 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import platform
 import re
 import shutil
 import sys
@@ -40,6 +39,8 @@ from PIL import Image, ImageEnhance
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from machine import describe  # noqa: E402
+
 import pipeline.build as build  # noqa: E402
 from pipeline.config import ASSETS_DIR, load_config  # noqa: E402
 
@@ -187,24 +188,6 @@ def run_build(source: Path, out: Path, overrides: list[str]) -> tuple[dict[str, 
     return result.manifest, seconds
 
 
-def hardware() -> dict[str, Any]:
-    cpu = platform.processor()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    import ray
-
-    return {
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "ray": ray.__version__,
-    }
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", type=int, default=3000)
@@ -223,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_pipeline-"))
     report: dict[str, Any] = {
-        "hardware": hardware(),
+        "hardware": describe("ray"),
         "command": " ".join(sys.argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
