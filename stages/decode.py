@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
 
 import numpy as np
@@ -70,6 +71,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+# What PIL raises on damaged bytes, at open (header) or load (pixels); found by cutting and
+# flipping bytes of JPEG, PNG and WebP files (tests/test_decode.py).
+_CORRUPT = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
+
+
 def decode_image(
     data: bytes,
     *,
@@ -88,6 +94,8 @@ def decode_image(
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise Reject(STAGE, "not an image: the content is not a recognised image format") from None
+    except _CORRUPT as exc:  # a recognised format cut or damaged inside its header
+        raise Reject(STAGE, f"corrupt or truncated image: {exc}") from None
     if img.format not in ACCEPTED_FORMATS:
         raise Reject(STAGE, f"unsupported image format {img.format} (accepted: {', '.join(sorted(ACCEPTED_FORMATS))})")
     w, h = img.size
@@ -106,7 +114,7 @@ def decode_image(
             img.load()
         img = ImageOps.exif_transpose(img)
         img = _to_rgb(img)
-    except (OSError, SyntaxError, ValueError) as exc:
+    except _CORRUPT as exc:
         raise Reject(STAGE, f"corrupt or truncated image: {exc}") from None
     w, h = img.size
     scale = size / min(w, h)

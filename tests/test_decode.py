@@ -102,3 +102,30 @@ def test_batch_adapter_marks_rejects_and_keeps_good_rows(tmp_path):
     assert out[IMAGE][0].shape == (48, 64, 3) and out[IMAGE][1].shape == (1, 1, 3)
     assert list(out[WIDTH]) == [64, 0] and list(out[HEIGHT]) == [48, 0]
     assert out["t_decode"].shape == (2,)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_cut_or_damaged_bytes_are_rejects_never_crashes(fmt):
+    # A file cut inside its header used to raise OSError from Image.open ("Truncated File Read",
+    # WebP's "could not create decoder object") and fail the whole task.
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(buf, fmt)
+    data = buf.getvalue()
+    rng = np.random.default_rng(1)
+    cases = [data[:cut] for cut in range(1, len(data), max(1, len(data) // 150))]
+    for _ in range(150):
+        damaged = bytearray(data)
+        for pos in rng.integers(0, min(len(data), 600), size=rng.integers(1, 12)):
+            damaged[pos] = rng.integers(0, 256)
+        cases.append(bytes(damaged))
+    outcomes = {"ok": 0, "reject": 0}
+    for case in cases:
+        try:
+            decode_image(case, size=32)
+            outcomes["ok"] += 1
+        except Reject as reject:
+            assert reject.stage == "decode" and reject.reason
+            outcomes["reject"] += 1
+    assert outcomes["ok"] + outcomes["reject"] == len(cases) and outcomes["reject"] > 0
