@@ -46,7 +46,12 @@ PROFILE_MODELS: dict[str, dict[str, str]] = {
 # with no notion of the subject: per-photo min-max scaling and no erosion still give trimaps
 # with all three regions, so the tiny profile runs matting end to end (its mattes are noise).
 PROFILE_SETTINGS: dict[str, dict[str, Any]] = {
-    "tiny": {"data": {"segment": {"normalize": "minmax"}, "trimap": {"erode_fg_px": 0, "erode_bg_px": 0}}},
+    # Tiny models train at 64 px: the tiny UNet attends at full latent size, and at 512 px
+    # (4,096 tokens, head dim 8) one CPU step takes minutes in torch's attention backward.
+    "tiny": {
+        "data": {"segment": {"normalize": "minmax"}, "trimap": {"erode_fg_px": 0, "erode_bg_px": 0}},
+        "train": {"resolution": 64},
+    },
     "real": {},
 }
 

@@ -84,3 +84,5 @@ def test_profile_settings_sit_under_the_users_own():
     assert mine.data.trimap.erode_bg_px == 4 and mine.data.segment.normalize == "minmax"
     real = load_config()
     assert real.data.segment.normalize == "none" and real.data.trimap.erode_bg_px == 6
+    assert (tiny.train.resolution, real.train.resolution) == (64, 512)
+    assert load_config(overrides=["profile=tiny", "train.resolution=128"]).train.resolution == 128
