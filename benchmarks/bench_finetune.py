@@ -62,6 +62,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from bench_pretrain import apply_update  # noqa: E402
+
 from pipeline.config import load_config  # noqa: E402
 from pipeline.train.losses import add_noise, diffusion_target, sample_latents, sample_timesteps  # noqa: E402
 from pipeline.train.methods import REFERENCES_FOLDER, get_method  # noqa: E402
@@ -123,11 +125,7 @@ def make_step(method, config, args: argparse.Namespace, device: torch.device, gr
             t = sample_timesteps(args.batch, len(alphas), device)
             pred = method(None, categories, prompts, add_noise(latents, noise, t, alphas), t, None)
             loss = method.loss(pred, diffusion_target(latents, noise, t, alphas, "epsilon"))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+        return apply_update(loss, params, optimizer)
 
     return step
 

@@ -158,13 +158,18 @@ def full_step(method: Pretrain, batch: dict, precomputed: bool, device: torch.de
             target = diffusion_target(latents, noise, t, alphas, "epsilon")
             drop = subject_drop_mask(latents.shape[0], 0.15, torch.device("cpu"))  # as the loop
             loss = method.loss(method(subject, batch["categories"], batch["prompts"], noisy, t, drop), target)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+        return apply_update(loss, params, optimizer)
 
     return step
+
+
+def apply_update(loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """The update every benchmarked step ends with, as the loop's: backward, clip at 1.0, step."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def unet_step(unet: torch.nn.Module, batch: int, size: int, device: torch.device):
@@ -183,11 +188,7 @@ def unet_step(unet: torch.nn.Module, batch: int, size: int, device: torch.device
             t = sample_timesteps(batch, 1000, device)
             pred = unet(add_noise(latents, noise, t, alphas), t, encoder_hidden_states=states).sample
             loss = F.mse_loss(pred.float(), noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+        return apply_update(loss, params, optimizer)
 
     return step
 
