@@ -83,7 +83,13 @@ class IterationLog(logging.Handler):
 
 
 def time_torch(
-    images: torch.Tensor, trimaps: torch.Tensor, batch: int, tol: float, repeats: int, iterations: IterationLog
+    images: torch.Tensor,
+    trimaps: torch.Tensor,
+    batch: int,
+    tol: float,
+    repeats: int,
+    iterations: IterationLog,
+    cg: str = "auto",
 ) -> dict:
     """Warm-up pass, then the best of `repeats` timed passes over all photos in batches."""
 
@@ -92,7 +98,7 @@ def time_torch(
             torch.cuda.synchronize()
         start = time.perf_counter()
         alphas = [
-            estimate_alpha_cf_torch(images[i : i + batch], trimaps[i : i + batch], tol=tol)
+            estimate_alpha_cf_torch(images[i : i + batch], trimaps[i : i + batch], tol=tol, cg=cg)
             for i in range(0, len(images), batch)
         ]
         if images.is_cuda:
@@ -113,6 +119,7 @@ def time_torch(
         "photos": len(images),
         "batch": batch,
         "tol": tol,
+        "cg": matting_torch._resolve_cg(cg, images),
         "best_s": min(times),
         "photos_per_s": len(images) / min(times),
         "warm_up_s": warm_up_s,
@@ -178,16 +185,19 @@ def time_pymatting(pool: mp.pool.Pool, fn, tasks: list) -> tuple[float, list]:
 
 
 def time_torch_foreground(
-    images: np.ndarray, alphas: np.ndarray, device: torch.device, batch: int
+    images: np.ndarray, alphas: np.ndarray, device: torch.device, batch: int, compile: bool | None = None
 ) -> tuple[float, np.ndarray]:
     img = torch.from_numpy(images).to(device)
     alp = torch.from_numpy(alphas).to(device)
-    estimate_foreground_torch(img[:batch], alp[:batch])  # warm-up
+    estimate_foreground_torch(img[:batch], alp[:batch], compile=compile)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     ours = torch.cat(
-        [estimate_foreground_torch(img[i : i + batch], alp[i : i + batch]) for i in range(0, len(img), batch)]
+        [
+            estimate_foreground_torch(img[i : i + batch], alp[i : i + batch], compile=compile)
+            for i in range(0, len(img), batch)
+        ]
     )
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -221,13 +231,46 @@ def profile_solve(images: torch.Tensor, trimaps: torch.Tensor, batch: int) -> di
     cg_s, _ = timed(lambda: matting_torch._solve_pcg(system, rhs, x0, 0.0, steps, steps, kernels.cg_step))
     unknown = float(free.sum()) / batch
     coef_bytes = system.coef.numel() * system.coef.element_size()
-    return {
+    result = {
         "batch": batch,
         "unknown_pixels_per_photo": unknown,
         "build_ms_per_photo": 1e3 * build_s / batch,
         "compact_ms_per_photo": 1e3 * compact_s / batch,
         "cg_us_per_photo_iteration": 1e6 * cg_s / steps / batch,
         "coef_read_gb_per_s": coef_bytes * steps / cg_s / 1e9,
+    }
+    if images.is_cuda:
+        result.update(profile_triton(system, rhs, image.shape[-1], steps, timed))
+    return result
+
+
+def profile_triton(system, rhs: torch.Tensor, width: int, steps: int, timed) -> dict:
+    """The Triton CG iteration on the same system, tol 0 so no photo stops: launched one by one,
+    and replayed from a CUDA graph of 16 iterations."""
+    from stages.matting_triton import TritonPCG
+
+    reach = (int(system.offsets.numel() ** 0.5) - 1) // 2
+    batch = rhs.shape[0]
+
+    def solver() -> TritonPCG:
+        x0 = torch.zeros_like(rhs)
+        return TritonPCG(
+            system.coef, system.inv_diag, system.index, system.scratch_size, width + 2 * reach, rhs, x0, rhs, 0.0
+        )
+
+    launched = solver()
+    launched.iterate(2)  # compiles the kernels
+    launched_s, _ = timed(lambda: launched.iterate(steps))
+    replayed = solver()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed.iterate(16)
+    graph_s, _ = timed(lambda: [graph.replay() for _ in range(steps // 16)])
+    coef_bytes = system.coef.numel() * system.coef.element_size()
+    return {
+        "triton_cg_us_per_photo_iteration": 1e6 * launched_s / steps / batch,
+        "triton_graphs_cg_us_per_photo_iteration": 1e6 * graph_s / (16 * (steps // 16)) / batch,
+        "triton_graphs_coef_read_gb_per_s": coef_bytes * 16 * (steps // 16) / graph_s / 1e9,
     }
 
 
@@ -253,6 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpu-photos", type=int, default=None, help="photos per size for pymatting (2 per worker)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--tols", type=float, nargs="*", default=[1e-4, 1e-5], help="extra tols at the best batch")
+    parser.add_argument(
+        "--cgs", nargs="*", default=["torch", "triton"], help="CG loops to compare at the best batch, beside auto"
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--budget", type=float, default=400.0, help="seconds; optional rows are skipped past it")
@@ -320,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 continue
             alphas = result.pop("alphas")
-            rows.append({"solver": "torch", "device": device.type, "size": size, **result})
+            rows.append({"solver": f"torch, cg {result['cg']}", "device": device.type, "size": size, **result})
             log.info("torch %s size %d batch %d: %.1f photos/s", device.type, size, batch, result["photos_per_s"])
             if best_row is None or result["photos_per_s"] > best_row["photos_per_s"]:
                 best_row, best_alphas = rows[-1], alphas.cpu().numpy()
@@ -364,23 +410,32 @@ def main(argv: list[str] | None = None) -> None:
         best_row["max_photo_mad_vs_pymatting"] = float(mad.max())
         save()
 
-        for tol in args.tols:
+        # The other CG loops on the same batches (the torch loop is the baseline the Triton
+        # kernels replace), then other tolerances with the default loop.
+        variants = [(DEFAULT_TOL, cg) for cg in args.cgs if cg != best_row["cg"]]
+        for tol, cg in [*variants, *((tol, "auto") for tol in args.tols)]:
             if over_budget():
-                log.warning("budget spent: skipping tol %g at %d", tol, size)
+                log.warning("budget spent: skipping tol %g, cg %s at %d", tol, cg, size)
                 break
-            result = time_torch(images, trimaps, best_row["batch"], tol, args.repeats, iterations)
+            try:
+                result = time_torch(images, trimaps, best_row["batch"], tol, args.repeats, iterations, cg=cg)
+            except Exception:
+                log.exception("torch tol %g, cg %s at %d failed", tol, cg, size)
+                continue
             alphas = result.pop("alphas").cpu().numpy()
             mad = np.abs(alphas[:n] - reference[:n]).mean(axis=(1, 2))
             rows.append(
                 {
-                    "solver": "torch",
+                    "solver": f"torch, cg {result['cg']}",
                     "device": device.type,
                     "size": size,
                     **result,
                     "mad_vs_pymatting": float(mad.mean()),
                     "max_photo_mad_vs_pymatting": float(mad.max()),
+                    "max_abs_diff_vs_best_row": float(np.abs(alphas - best_alphas).max()),
                 }
             )
+            log.info("torch %s size %d cg %s tol %g: %.1f photos/s", device.type, size, cg, tol, result["photos_per_s"])
             save()
 
         if size == args.sizes[0] and not over_budget():
@@ -397,22 +452,23 @@ def main(argv: list[str] | None = None) -> None:
                 }
             )
             batch = 32
-            seconds, ours = time_torch_foreground(cpu_images, reference, device, batch)
-            weight = reference[..., None]
-            fg_mad = float((np.abs(ours - np.stack(fgs)) * weight).sum() / (3 * weight.sum()))
-            rows.append(
-                {
-                    "solver": "torch foreground",
-                    "device": device.type,
-                    "size": size,
-                    "batch": batch,
-                    "photos": cpu_photos,
-                    "photos_per_s": cpu_photos / seconds,
-                    "best_s": seconds,
-                    "alpha_weighted_fg_mad_vs_pymatting": fg_mad,
-                }
-            )
-            save()
+            for compiled in (False, None) if device.type == "cuda" else (None,):
+                seconds, ours = time_torch_foreground(cpu_images, reference, device, batch, compile=compiled)
+                weight = reference[..., None]
+                fg_mad = float((np.abs(ours - np.stack(fgs)) * weight).sum() / (3 * weight.sum()))
+                rows.append(
+                    {
+                        "solver": "torch foreground" + (", eager" if compiled is False else ""),
+                        "device": device.type,
+                        "size": size,
+                        "batch": batch,
+                        "photos": cpu_photos,
+                        "photos_per_s": cpu_photos / seconds,
+                        "best_s": seconds,
+                        "alpha_weighted_fg_mad_vs_pymatting": fg_mad,
+                    }
+                )
+                save()
         del images, trimaps
         if device.type == "cuda":
             torch.cuda.empty_cache()

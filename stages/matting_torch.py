@@ -336,15 +336,19 @@ _EAGER = _Kernels(_build_stencil, _cg_step)
 _compile_failed = False  # set once torch.compile has failed in this process
 
 
-@functools.cache
-def _compiled_kernels() -> _Kernels:
+def _compile(fn: Callable) -> Callable:
     # dynamic=True: batch size, photo size and unknown count change between calls (and while
     # the batch shrinks), and each static shape would compile anew. Some guards still
     # specialise (a batch shrunk to one photo, say), and past dynamo's default limit of 8
     # recompiles a function falls back to eager for the rest of the process.
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
-    return _Kernels(torch.compile(_build_stencil, dynamic=True), torch.compile(_cg_step, dynamic=True))
+    return torch.compile(fn, dynamic=True)
+
+
+@functools.cache
+def _compiled_kernels() -> _Kernels:
+    return _Kernels(_compile(_build_stencil), _compile(_cg_step))
 
 
 def _coarsen(
@@ -385,6 +389,7 @@ def _solve_alpha(
     check_every: int,
     coarse_to_fine: bool,
     kernels: _Kernels,
+    cg: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One pyramid level, (B, C, H, W) masks in the working dtype -> (alpha (B, 1, H, W) in
     [0, 1], converged (B,) bool). Starts CG from the next coarser level's alpha, upsampled."""
@@ -401,6 +406,7 @@ def _solve_alpha(
             check_every=check_every,
             coarse_to_fine=coarse_to_fine,
             kernels=kernels,
+            cg=cg,
         )
         up = F.interpolate(coarse_alpha, scale_factor=2.0, mode="bilinear", align_corners=False)
         x0 = up[..., :h, :w].clamp(0.0, 1.0) * free
@@ -411,7 +417,18 @@ def _solve_alpha(
     # A zero right-hand side means the unknowns are 0. Starting there makes r = 0, so the image
     # stops at once instead of chasing a relative tolerance of 0.
     x0 = torch.where(_batch_dot(rhs, rhs) > 0, _gather(x0, system), torch.zeros_like(rhs))
-    x, converged, iterations = _solve_pcg(system, rhs, x0, tol, max_iter, check_every, kernels.cg_step)
+    if cg == "torch":
+        x, converged, iterations = _solve_pcg(system, rhs, x0, tol, max_iter, check_every, kernels.cg_step)
+    else:
+        from stages.matting_triton import solve_pcg_triton
+
+        r0 = rhs - _apply_system(system.coef, system.index, system.offsets, system.scratch_size, x0)
+        reach = (math.isqrt(system.offsets.numel()) - 1) // 2
+        row_stride = w + 2 * reach
+        x, converged, iterations = solve_pcg_triton(
+            system.coef, system.inv_diag, system.index, system.scratch_size, row_stride,
+            rhs, x0, r0, tol, max_iter, check_every, graphs=cg == "triton-graphs",
+        )  # fmt: skip
     logger.debug("closed-form matting: %d photos at %dx%d, %d CG iterations", image.shape[0], h, w, iterations)
     return (fg + _scatter(x, system, fg)).clamp(0.0, 1.0), converged
 
@@ -479,6 +496,7 @@ def estimate_alpha_cf_torch(
     check_every: int = 16,
     coarse_to_fine: bool = True,
     compile: bool | None = None,
+    cg: str = "auto",
     device: torch.device | str | None = None,
 ) -> _ArrayLike | list[_ArrayLike]:
     """Closed-form alpha mattes for a batch of photos. This is pymatting's `estimate_alpha_cf`,
@@ -506,6 +524,11 @@ def estimate_alpha_cf_torch(
         CUDA only. The first call compiles for ~1 min, and the kernels take dynamic shapes, so
         later sizes reuse them. If compiling fails, the process falls back to eager with a
         WARNING.
+    cg: how CG iterates. "torch" is the torch loop (compiled with `compile`); "triton" runs the
+        Triton kernels of stages/matting_triton.py, and "triton-graphs" replays them as CUDA
+        graphs. "auto" takes "triton-graphs" for float32 on CUDA when Triton imports, "torch"
+        otherwise. All solve the same system with the same stopping test. If the Triton kernels
+        fail to build, the process falls back to "torch" with a WARNING.
     device: where to solve. The default is the images' device (CPU for numpy).
 
     Returns alpha in the working dtype (float32, or float64 for float64 input), in [0, 1],
@@ -521,6 +544,7 @@ def estimate_alpha_cf_torch(
         check_every=check_every,
         coarse_to_fine=coarse_to_fine,
         compile=compile,
+        cg=cg,
     )
     if isinstance(images, (list, tuple)):
         if len(images) != len(trimaps):
@@ -552,6 +576,38 @@ def estimate_alpha_cf_torch(
     return _to_output(alpha[0] if single else alpha, images)
 
 
+CG_CHOICES = ("auto", "torch", "triton", "triton-graphs")
+_triton_failed: list[str] = []  # the error, once the Triton kernels have failed in this process
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        import stages.matting_triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a Triton that cannot find its backend
+        logger.info("Triton CG kernels unavailable (%r)", exc)
+        return False
+    return True
+
+
+def _resolve_cg(cg: str, image: torch.Tensor) -> str:
+    if cg not in CG_CHOICES:
+        raise ValueError(f"cg must be one of {CG_CHOICES}, got {cg!r}")
+    if cg == "auto":
+        fast = image.is_cuda and image.dtype == torch.float32 and not _triton_failed and _triton_importable()
+        return "triton-graphs" if fast else "torch"
+    if cg != "torch" and image.dtype != torch.float32:
+        raise ValueError(f"cg={cg!r} solves in float32 only, got {image.dtype} images")
+    if cg == "triton-graphs" and not image.is_cuda:
+        raise ValueError("cg='triton-graphs' needs CUDA tensors (CUDA graphs)")
+    return cg
+
+
+def _is_triton_error(exc: Exception) -> bool:
+    """Errors from building or launching Triton kernels (not out-of-memory or bad input)."""
+    return type(exc).__module__.split(".")[0] == "triton" or isinstance(exc, ImportError)
+
+
 def _estimate_alpha_batch(
     images: torch.Tensor,
     trimaps: torch.Tensor,
@@ -564,6 +620,7 @@ def _estimate_alpha_batch(
     check_every: int,
     coarse_to_fine: bool,
     compile: bool | None,
+    cg: str,
 ) -> torch.Tensor:
     """(B, H, W, 3) colours, (B, H, W) trimaps and photo masks (None: no padding) on the solve
     device -> (B, H, W) alpha in the working dtype."""
@@ -583,6 +640,7 @@ def _estimate_alpha_batch(
 
     use_compile = (image.is_cuda if compile is None else compile) and not _compile_failed
     kernels = _compiled_kernels() if use_compile else _EAGER
+    cg = _resolve_cg(cg, image)
     solve = functools.partial(
         _solve_alpha,
         epsilon=epsilon,
@@ -593,17 +651,24 @@ def _estimate_alpha_batch(
         coarse_to_fine=coarse_to_fine,
     )
     try:
-        alpha, converged = solve(image, fg, bg, inside, kernels=kernels)
+        alpha, converged = solve(image, fg, bg, inside, kernels=kernels, cg=cg)
     except Exception as exc:
-        # torch.compile needs a working Triton / C++ toolchain; anything else (out of memory, bad
-        # input) is not a reason to drop to eager.
+        # torch.compile and Triton need a working toolchain; anything else (out of memory, bad
+        # input) is not a reason to fall back.
         from torch._dynamo.exc import TorchDynamoException
 
+        if cg != "torch" and _is_triton_error(exc):
+            _triton_failed.append(repr(exc))  # a failed build costs its time again, so try once
+            logger.warning("the Triton CG kernels failed (%r); this process now iterates in torch", exc)
+            return _estimate_alpha_batch(
+                images, trimaps, valid, epsilon=epsilon, radius=radius, tol=tol, max_iter=max_iter,
+                check_every=check_every, coarse_to_fine=coarse_to_fine, compile=compile, cg="torch",
+            )  # fmt: skip
         if kernels is _EAGER or not isinstance(exc, TorchDynamoException):
             raise
         _compile_failed = True  # a failed compile costs its full compile time, so try once
         logger.warning("torch.compile of the matting kernels failed (%r); this process now solves eagerly", exc)
-        alpha, converged = solve(image, fg, bg, inside, kernels=_EAGER)
+        alpha, converged = solve(image, fg, bg, inside, kernels=_EAGER, cg=cg)
     if not bool(converged.all()):
         logger.warning(
             "closed-form matting: photos %s did not reach tol=%g in %d iterations",
@@ -698,9 +763,11 @@ def _estimate_foreground_batch(
     n_big_iterations: int,
     small_size: int,
     gradient_weight: float,
+    sweep: Callable[..., tuple[torch.Tensor, torch.Tensor]] = _foreground_sweep,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """image (B, 3, H, W) and alpha (B, 1, H, W) of one size -> foreground, background, each
-    (B, 3, H, W) in [0, 1]. It follows pymatting's `_estimate_fb_ml` level by level."""
+    (B, 3, H, W) in [0, 1]. It follows pymatting's `_estimate_fb_ml` level by level. `sweep` is
+    `_foreground_sweep` or its compiled form."""
     h0, w0 = alpha.shape[-2:]
     # Start from the mean colour of the sure foreground and background.
     is_fg = (alpha > 0.9).to(image.dtype)
@@ -719,7 +786,7 @@ def _estimate_foreground_batch(
         bg = _resize_nearest(bg, h, w)
         small = w <= small_size and h <= small_size
         for _ in range(n_small_iterations if small else n_big_iterations):
-            fg, bg = _foreground_sweep(image_level, alpha_level, fg, bg, regularization, gradient_weight)
+            fg, bg = sweep(image_level, alpha_level, fg, bg, regularization, gradient_weight)
     return fg, bg
 
 
@@ -733,6 +800,7 @@ def estimate_foreground_torch(
     small_size: int = 32,
     gradient_weight: float = 1.0,
     return_background: bool = False,
+    compile: bool | None = None,
     device: torch.device | str | None = None,
 ) -> _ArrayLike | list[_ArrayLike] | tuple[_ArrayLike | list[_ArrayLike], _ArrayLike | list[_ArrayLike]]:
     """Foreground colours for photos and their alpha mattes. This is pymatting's
@@ -746,6 +814,8 @@ def estimate_foreground_torch(
     regularization, n_small_iterations, n_big_iterations, small_size, gradient_weight:
         pymatting's parameters, with its defaults.
     return_background: also return the background colours.
+    compile: fuse each red-black sweep with torch.compile. None means on CUDA only, where the
+        sweeps' ~40 small kernels per level otherwise leave the GPU waiting on launches.
     device: where to solve. The default is the images' device (CPU for numpy).
 
     Returns foreground float32 (float64 for float64 input) shaped like images, in [0, 1]. With
@@ -757,6 +827,7 @@ def estimate_foreground_torch(
         n_big_iterations=n_big_iterations,
         small_size=small_size,
         gradient_weight=gradient_weight,
+        compile=compile,
     )
     if isinstance(images, (list, tuple)):
         if len(images) != len(alphas):
@@ -788,13 +859,34 @@ def estimate_foreground_torch(
 
 
 def _estimate_foreground_tensors(
-    images: torch.Tensor, alphas: torch.Tensor, **options: float
+    images: torch.Tensor, alphas: torch.Tensor, compile: bool | None, **options: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, W, 3) and (B, H, W) on the solve device -> foreground and background (B, H, W, 3)."""
+    global _compile_failed
     if images.dim() != 4 or images.shape[-1] != 3 or alphas.shape != images.shape[:-1]:
         raise ValueError(
             f"expected images (B, H, W, 3) and alphas (B, H, W), got {tuple(images.shape)} and {tuple(alphas.shape)}"
         )
     dtype = _working_dtype(images)
-    fg, bg = _estimate_foreground_batch(images.to(dtype).permute(0, 3, 1, 2), alphas.to(dtype).unsqueeze(1), **options)
+    image, alpha = images.to(dtype).permute(0, 3, 1, 2), alphas.to(dtype).unsqueeze(1)
+    use_compile = (images.is_cuda if compile is None else compile) and not _compile_failed
+    try:
+        fg, bg = _estimate_foreground_batch(image, alpha, sweep=_sweep(use_compile), **options)
+    except Exception as exc:
+        from torch._dynamo.exc import TorchDynamoException
+
+        if not use_compile or not isinstance(exc, TorchDynamoException):
+            raise
+        _compile_failed = True
+        logger.warning("torch.compile of the foreground sweep failed (%r); this process now runs it eagerly", exc)
+        fg, bg = _estimate_foreground_batch(image, alpha, sweep=_foreground_sweep, **options)
     return fg.permute(0, 2, 3, 1).contiguous(), bg.permute(0, 2, 3, 1).contiguous()
+
+
+@functools.cache
+def _compiled_sweep() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    return _compile(_foreground_sweep)
+
+
+def _sweep(compiled: bool) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    return _compiled_sweep() if compiled else _foreground_sweep

@@ -175,3 +175,73 @@ def test_cuda_matches_cpu() -> None:
     fg_cpu = estimate_foreground_torch(images, cpu)
     fg_cuda = estimate_foreground_torch(images, cpu, device="cuda")
     assert np.abs(fg_cuda - fg_cpu).max() < 1e-4
+
+
+_TRITON_CHECK = """
+import json, logging, sys
+import numpy as np
+from stages.matting_torch import estimate_alpha_cf_torch
+from tests.matting_fixtures import make_scene
+
+logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
+scenes = [make_scene(40, 48, seed=19), make_scene(40, 48, seed=20)]
+images = np.stack([s.image for s in scenes])
+trimaps = np.stack([s.trimap for s in scenes])
+trimaps[1, :, :10] = 0.5  # a strip of background made unknown: this photo needs more iterations
+ours = estimate_alpha_cf_torch(images, trimaps, cg="triton", check_every=4)
+loop = estimate_alpha_cf_torch(images, trimaps, cg="torch", check_every=4)
+tight = estimate_alpha_cf_torch(images.astype(np.float64), trimaps, tol=1e-10)
+print(json.dumps({
+    "vs_loop_max": float(np.abs(ours - loop).max()),
+    "vs_tight_mad": float(np.abs(ours - tight).mean()),
+    "known_exact": bool(np.all(ours[trimaps >= 0.9] == 1.0) and np.all(ours[trimaps <= 0.1] == 0.0)),
+}))
+"""
+
+
+def test_triton_cg_takes_the_torch_loops_iterations() -> None:
+    """The Triton kernels, run by Triton's CPU interpreter. It must be switched on before triton
+    is first imported (its own library functions are kernels too), hence a fresh process."""
+    pytest.importorskip("triton")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", _TRITON_CHECK], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "WARNING" not in done.stderr, done.stderr[-3000:]  # no fallback to the torch loop
+    # Two photos of different difficulty, so one stops while the other goes on (the stopped
+    # image's blocks are masked off). Below 128 px there is no pyramid: one level each.
+    levels = [line for line in done.stderr.splitlines() if "CG iterations" in line]
+    assert len(levels) == 3 and levels[0].split(":")[-1] == levels[1].split(":")[-1], levels
+    result = json.loads(done.stdout)
+    assert result["vs_loop_max"] < 1e-4
+    assert result["vs_tight_mad"] < 1e-4
+    assert result["known_exact"]
+
+
+def test_cg_choice_is_checked() -> None:
+    scene = make_scene(32, 32, seed=21)
+    with pytest.raises(ValueError, match="cg must be one of"):
+        estimate_alpha_cf_torch(scene.image, scene.trimap, cg="cuda")
+    with pytest.raises(ValueError, match="float32 only"):
+        estimate_alpha_cf_torch(scene.image.astype(np.float64), scene.trimap, cg="triton")
+    with pytest.raises(ValueError, match="needs CUDA"):
+        estimate_alpha_cf_torch(scene.image, scene.trimap, cg="triton-graphs")
+
+
+def test_compiled_foreground_sweep_equals_eager() -> None:
+    from stages.matting_torch import _compiled_sweep, _foreground_sweep
+
+    scene = make_scene(24, 30, seed=22)
+    image = torch.from_numpy(scene.image).permute(2, 0, 1)[None]
+    alpha = torch.from_numpy(scene.alpha)[None, None]
+    fg, bg = image.clone(), 1.0 - image
+    eager = _foreground_sweep(image, alpha, fg, bg, 1e-5, 1.0)
+    compiled = _compiled_sweep()(image, alpha, fg, bg, 1e-5, 1.0)
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert not torch.equal(eager[0], fg)  # the sweep did move the colours
