@@ -41,6 +41,7 @@ def _matvec_kernel(
     n_blocks,
     row_stride,  # Wp, the scratch's row length
     REACH: tl.constexpr,  # 2 r
+    SIDE: tl.constexpr,  # 2 REACH + 1 (static_range needs a constexpr, not an expression of one)
     BLOCK: tl.constexpr,
 ):
     image = tl.program_id(0)
@@ -49,13 +50,12 @@ def _matvec_kernel(
     mask = cols < tl.where(tl.load(active_ptr + image) != 0, n_rows, 0)  # no rows once stopped
     rows = image * n_rows + cols
     centre = tl.load(index_ptr + rows, mask=mask, other=0)
-    side = 2 * REACH + 1
-    coef_rows = coef_ptr + image * (side * side) * n_rows + cols
+    coef_rows = coef_ptr + image * (SIDE * SIDE) * n_rows + cols
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for dy in tl.static_range(side):
-        for dx in tl.static_range(side):
+    for dy in tl.static_range(SIDE):
+        for dx in tl.static_range(SIDE):
             offset = (dy - REACH) * row_stride + (dx - REACH)
-            c = tl.load(coef_rows + (dy * side + dx) * n_rows, mask=mask, other=0.0)
+            c = tl.load(coef_rows + (dy * SIDE + dx) * n_rows, mask=mask, other=0.0)
             acc += c * tl.load(p_ptr + centre + offset, mask=mask, other=0.0)
     tl.store(q_ptr + rows, acc, mask=mask)
     p = tl.load(p_ptr + centre, mask=mask, other=0.0)
@@ -207,7 +207,7 @@ class TritonPCG:
         for _ in range(count):
             _matvec_kernel[rows_grid](
                 self.coef, self.index, self.p, self.q, self.pq_part, self.active,
-                n, self.n_blocks, self.row_stride, REACH=self.reach, BLOCK=_BLOCK,
+                n, self.n_blocks, self.row_stride, REACH=self.reach, SIDE=2 * self.reach + 1, BLOCK=_BLOCK,
             )  # fmt: skip
             _step_size_kernel[(b,)](self.pq_part, self.rz, self.alpha, self.active, self.n_blocks, PARTS=self.parts)
             _update_kernel[rows_grid](
