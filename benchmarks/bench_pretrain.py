@@ -11,7 +11,7 @@ between CUDA synchronisations; samples/s = timed samples / seconds.
     python benchmarks/bench_pretrain.py --tiny --size 64 --batch 2  # CPU smoke test
     python benchmarks/bench_pretrain.py --e2e --workers 2 ...       # the real job (Ray Data + Ray Train)
 
-Step modes (--modes, in order, until --budget seconds are spent):
+Step modes (--modes, in order, while --budget allows):
   unet-eager            bare UNet, eager                  unet-compiled   + torch.compile, channels_last
   full-raw-eager        whole step from pixels (VAE encode and ViT inside the step)
   full-pre-eager        from precomputed VAE posteriors and ViT features
@@ -24,11 +24,26 @@ Each mode can be suffixed @B for batch B (default --batch), and full-* modes tak
   +cudnn    train.sdpa_backend=default (before: no-cudnn) for the Q-Former and text encoder
   +all      compiled modes: the Q-Former and text encoder compiled too (train.compile)
   +graphs   eager modes: the UNet's forward and backward as CUDA graphs (train.cuda_graphs)
-`data` times the Ray Data decode stage (samples/s per CPU core) and the precompute encoder
-(samples/s on the GPU); `profile` runs torch.profiler over 3 full steps in the state the last
-mode left (tables in <out>.profile.txt). --ablation runs issue 5's list (ABLATION).
+  +mode=M   compiled modes: torch.compile mode M of every compiled part (train.compile_mode;
+            default, reduce-overhead, max-autotune-no-cudagraphs, max-autotune)
+  +uattn=A  the UNet's attention kernel A in training (train.unet_sdpa_backend; auto, flash,
+            efficient, cudnn, no-cudnn, math)
+`attention` times the UNet's own attention calls (their shapes recorded from one forward at
+--size) forward and backward at --batch under each SDPA kernel of --attn-backends, without
+compiling anything: what each kernel costs per UNet step. `data` times the Ray Data decode
+stage (samples/s per CPU core) and the precompute encoder (samples/s on the GPU); `profile`
+runs torch.profiler over 3 full steps in the state the last mode left (tables in
+<out>.profile.txt). --preset NAME runs a named list (PRESETS): `run3` is issue 5's run 3
+(--ablation), `run4` the next candidates on top of its row D, most informative first.
+--budget is the whole run's seconds: a row starts only when its estimated cost (ROW_COST_S:
+compiles it triggers plus steps) still fits; results go to --out after every row.
 --wait-file: timed steps wait until that file exists (another benchmark sharing the GPU is
 done), after the first warm-up step, which holds the compilation.
+
+On the CPU (--tiny) compiled modes use --compile-backend aot_eager (Dynamo and AOTAutograd,
+the same graphs and kernel choices, no Inductor code generation: Inductor takes minutes per
+tiny UNet on 2 cores) and CUDA-graph modes run without CUDA graphs, so a CPU run checks that
+every row runs, not how fast.
 
 --e2e runs `run_training` itself (Ray Data decoding a synthetic 512 px dataset, Ray Train with
 `--workers` GPUs) with and without precompute and reports the job's own samples/s and its
@@ -39,6 +54,8 @@ data-wait share: the 1 -> N GPU scaling run (2-GPU machine) is `--e2e --workers 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import io
 import json
 import logging
@@ -46,6 +63,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -55,6 +73,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -68,18 +88,62 @@ from pipeline.model.text_encoder import ContextCLIPTextModel  # noqa: E402
 from pipeline.model.tokenizers import load_clip_tokenizer, load_qformer_tokenizer  # noqa: E402
 from pipeline.train.losses import add_noise, diffusion_target, sample_latents, sample_timesteps, subject_drop_mask  # noqa: E402
 from pipeline.train.methods import Pretrain  # noqa: E402
-from pipeline.train.speed import COMPILED_PARTS, GraphedUNet, compile_model  # noqa: E402
+from pipeline.train.speed import (  # noqa: E402
+    COMPILE_MODES,
+    COMPILED_PARTS,
+    CUDA_GRAPH_MODES,
+    UNET_SDPA_BACKENDS,
+    GraphedUNet,
+    compile_model,
+    set_unet_attention,
+    step_begin,
+)
 from stages.train_inputs import FrozenEncoder, image_features, latent_params, prepare_batch  # noqa: E402
 
 TINY = REPO / "pipeline" / "assets" / "tiny-blipdiffusion"
 log = logging.getLogger("bench_pretrain")
 
 # Issue 5's ablation, cumulative: the last session's full-pre-compiled step, then each change.
-ABLATION = ("full-pre-compiled+legacy+cudnn,full-pre-compiled+legacy,full-pre-compiled,full-pre-compiled+all,"
-            "profile,full-pre-eager+graphs")
+ABLATION = (
+    "full-pre-compiled+legacy+cudnn,full-pre-compiled+legacy,full-pre-compiled,full-pre-compiled+all,"
+    "profile,full-pre-eager+graphs"
+)
+# Issue 5, after run 3: candidates on top of its row D (full-pre-compiled+all, 89.9 samples/s),
+# most informative first, each row one change, with what it compiles:
+#   attention        the UNet's attention kernels alone: flash vs cuDNN per step (nothing)
+#   D + CUDA graphs  compile_mode reduce-overhead (UNet and encoders, cold cache: the costly row)
+#   + UNet flash     the same with the UNet's attention on flash (the UNet again)
+#   profile          where the time goes in that state (3 steps; nothing)
+#   @48              that state at batch 48 (UNet and encoders again, for the new shapes)
+#   D + UNet flash   without CUDA graphs (all again): flash alone, in this process; also what
+#                    runs when reduce-overhead failed (its other rows are then skipped)
+RUN4 = (
+    "attention,full-pre-compiled+all+mode=reduce-overhead,full-pre-compiled+all+mode=reduce-overhead+uattn=flash,"
+    "profile,full-pre-compiled+all+mode=reduce-overhead+uattn=flash@48,full-pre-compiled+all+uattn=flash"
+)
+PRESETS = {"run3": ABLATION, "run4": RUN4}
+
+# Estimated seconds a row costs on an H100 (its compiles, then warm-up and timed steps), for the
+# --budget check. Run 3 (10 compile threads, cold Inductor cache): UNet compile ~190 s, Q-Former
+# and text encoder ~85 s; a recompile finds most Triton kernels in the cache. Deliberately not
+# pessimistic: a row cut off by the caller's time limit costs only itself (results are written
+# after every row).
+ROW_COST_S = {
+    "unet_first": 180.0,
+    "unet_again": 100.0,
+    "encoders_first": 80.0,
+    "encoders_again": 45.0,
+    "step": 0.6,
+    "fixed": 10.0,
+    "attention": 15.0,
+    "profile": 30.0,
+    "data": 30.0,
+}
 
 
-def legacy_encode_conditioning(model: BlipDiffusion, pixel_values, categories, prompts, drop_subject=None) -> torch.Tensor:
+def legacy_encode_conditioning(
+    model: BlipDiffusion, pixel_values, categories, prompts, drop_subject=None
+) -> torch.Tensor:
     """The conditioning before issue 5's change (commit 3e1bc5b): kept rows through the Q-Former
     and the text encoder with their subject, dropped rows through the text encoder alone, so
     both batch sizes change from step to step. For the ablation's baseline rows only."""
@@ -110,13 +174,22 @@ def build_real(device: torch.device) -> BlipDiffusion:
         text_encoder = ContextCLIPTextModel(text_raw)
         unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64)  # SD 1.5 otherwise
         vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
         )
     return BlipDiffusion(
-        qformer=qformer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler=sd_scheduler(),
+        qformer=qformer,
+        text_encoder=text_encoder,
+        unet=unet,
+        vae=vae,
+        scheduler=sd_scheduler(),
         tokenizer=load_clip_tokenizer(TINY / "tokenizer", 49408),
-        qformer_tokenizer=load_qformer_tokenizer(TINY, None, 30523), image_processor=SubjectImageProcessor(),
+        qformer_tokenizer=load_qformer_tokenizer(TINY, None, 30523),
+        image_processor=SubjectImageProcessor(),
     ).to(device)
 
 
@@ -128,22 +201,32 @@ def random_batch(model: BlipDiffusion, batch: int, size: int, device: torch.devi
         features = image_features(model.qformer, pixels).to(torch.float16)
         posterior = latent_params(model.vae, target).float()
     categories = ["dog", "backpack", "teddy bear", "sneaker"] * (batch // 4 + 1)
-    return {"pixel_values": pixels, "target": target, "image_features": features, "latent_params": posterior,
-            "categories": categories[:batch], "prompts": [f"a {c}" for c in categories[:batch]]}
+    return {
+        "pixel_values": pixels,
+        "target": target,
+        "image_features": features,
+        "latent_params": posterior,
+        "categories": categories[:batch],
+        "prompts": [f"a {c}" for c in categories[:batch]],
+    }
 
 
-def full_step(method: Pretrain, batch: dict, precomputed: bool, device: torch.device):
-    """One optimizer step, exactly the loop's body (one micro-batch, no hooks)."""
+def full_step(method: Pretrain, batch: dict, precomputed: bool, device: torch.device, compile_mode: str | None = None):
+    """One optimizer step, exactly the loop's body (one micro-batch, no hooks). compile_mode: the
+    compiled parts' torch.compile mode (None: eager), for the loop's step-start mark."""
     params = [p for p in method.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, fused=device.type == "cuda")
     schedule = DDPMScheduler.from_config(method.model.scheduler.config)
     alphas = schedule.alphas_cumprod.to(device)
     scaling = method.model.vae.config.scaling_factor
     bf16 = device.type == "cuda"
-    channels_last = method.model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last) and device.type == "cuda"
+    channels_last = (
+        method.model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last) and device.type == "cuda"
+    )
     graphs = method.graphed_unet is not None
 
     def step() -> torch.Tensor:
+        step_begin(compile_mode)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not graphs):
             if precomputed:
                 posterior, subject = batch["latent_params"], batch["image_features"]
@@ -163,7 +246,9 @@ def full_step(method: Pretrain, batch: dict, precomputed: bool, device: torch.de
     return step
 
 
-def apply_update(loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> torch.Tensor:
+def apply_update(
+    loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer
+) -> torch.Tensor:
     """The update every benchmarked step ends with, as the loop's: backward, clip at 1.0, step."""
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -172,7 +257,7 @@ def apply_update(loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer
     return loss
 
 
-def unet_step(unet: torch.nn.Module, batch: int, size: int, device: torch.device):
+def unet_step(unet: torch.nn.Module, batch: int, size: int, device: torch.device, compile_mode: str | None = None):
     """The baseline: the bare SD 1.5 UNet training step on given latents and text states."""
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, fused=device.type == "cuda")
@@ -183,6 +268,7 @@ def unet_step(unet: torch.nn.Module, batch: int, size: int, device: torch.device
     states = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device)
 
     def step() -> torch.Tensor:
+        step_begin(compile_mode)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             noise = torch.randn_like(latents)
             t = sample_timesteps(batch, 1000, device)
@@ -242,10 +328,142 @@ def profile_step(step, device: torch.device, out: Path) -> dict:
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = events.table(sort_by=sort, row_limit=25) + "\n" + events.table(sort_by="self_cpu_time_total", row_limit=25)
     out.with_suffix(".profile.txt").write_text(table)
-    syncs = {e.key: e.count for e in events if "Synchronize" in e.key or e.key in ("cudaMemcpyAsync", "aten::item", "aten::_local_scalar_dense")}
+    syncs = {
+        e.key: e.count
+        for e in events
+        if "Synchronize" in e.key or e.key in ("cudaMemcpyAsync", "aten::item", "aten::_local_scalar_dense")
+    }
     log.info("profile (3 steps): %s", syncs)
     print(events.table(sort_by=sort, row_limit=12))
     return {"calls_in_3_steps": syncs}
+
+
+class _RecordAttention(TorchFunctionMode):
+    """Records (heads, query length, key length, head dim) of every SDPA call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, int, int, int]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            q, k = args[0], args[1]
+            self.calls.append((q.shape[1], q.shape[2], k.shape[2], q.shape[3]))
+        return func(*args, **(kwargs or {}))
+
+
+def unet_attention_calls(unet: torch.nn.Module, size: int, text_len: int, device: torch.device) -> collections.Counter:
+    """The UNet's SDPA calls in one forward at `size` px (batch 1), counted by shape. Runs the
+    module's own forward, past any compiled wrapper, so nothing is traced here."""
+    record = _RecordAttention()
+    latents = torch.randn(1, unet.config.in_channels, size // 8, size // 8, device=device)
+    states = torch.randn(1, text_len, unet.config.cross_attention_dim, device=device)
+    timesteps = torch.tensor([500], device=device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), record:
+        type(unet).forward(unet, latents, timesteps, encoder_hidden_states=states)
+    return collections.Counter(record.calls)
+
+
+def time_attention(
+    shape: tuple[int, int, int, int],
+    batch: int,
+    setting: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    warmup: int = 3,
+    iters: int = 10,
+) -> dict:
+    """ms per call of one attention shape under `setting` (UNET_SDPA_BACKENDS): forward alone, and
+    forward plus backward (autograd.grad, as the training step). q, k, v and the output gradient
+    are laid out as diffusers' processor makes them: (B, L, H, D) memory viewed as (B, H, L, D)."""
+    heads, q_len, kv_len, dim = shape
+    backends = UNET_SDPA_BACKENDS[setting]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (
+        torch.randn(batch, n, heads, dim, generator=gen).to(device, dtype).requires_grad_()
+        for n in (q_len, kv_len, kv_len)
+    )
+    grad = torch.randn(batch, q_len, heads, dim, generator=gen).to(device, dtype).transpose(1, 2)
+
+    def forward() -> torch.Tensor:
+        with sdpa_kernel(backends) if backends is not None else contextlib.nullcontext():
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
+    def forward_backward() -> None:
+        torch.autograd.grad(forward(), (q, k, v), grad)
+
+    def ms(fn) -> float:
+        for _ in range(warmup):
+            fn()
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / iters
+        begin = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return 1000 * (time.perf_counter() - begin) / iters
+
+    with torch.no_grad():
+        fwd = ms(forward)
+    return {"fwd": round(fwd, 3), "fwd_bwd": round(ms(forward_backward), 3)}
+
+
+def bench_attention(
+    unet: torch.nn.Module, size: int, batch: int, text_len: int, settings: list[str], device: torch.device
+) -> dict:
+    """The UNet's attention calls at `size` px and `batch` under each kernel setting: ms per call
+    and per UNet step (the sum over its calls), forward and forward plus backward."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    calls = unet_attention_calls(unet, size, text_len, device)
+    rows, per_step = [], {}
+    for shape, count in sorted(calls.items(), key=lambda item: -item[0][1]):
+        heads, q_len, kv_len, dim = shape
+        probe = [
+            torch.zeros(batch, n, heads, dim, device=device, dtype=dtype, requires_grad=True).transpose(1, 2)
+            for n in (q_len, kv_len, kv_len)
+        ]
+        try:
+            picks = SDPBackend(torch._fused_sdp_choice(*probe)).name  # PyTorch's choice for "auto"
+        except Exception:  # private API: informative only
+            picks = "?"
+        row = {
+            "heads": heads,
+            "q_len": q_len,
+            "kv_len": kv_len,
+            "head_dim": dim,
+            "calls_per_step": count,
+            "auto_picks": picks,
+            "ms": {},
+        }
+        for setting in settings:
+            try:
+                row["ms"][setting] = time_attention(shape, batch, setting, device, dtype)
+            except RuntimeError as exc:  # no kernel of that kind for these inputs or this device
+                row["ms"][setting] = {"error": str(exc).splitlines()[0][:200]}
+        rows.append(row)
+        log.info(
+            "attention %s x%d (auto: %s): %s",
+            shape,
+            count,
+            picks,
+            "  ".join(f"{k} {v.get('fwd_bwd', 'n/a')}" for k, v in row["ms"].items()),
+        )
+    for setting in settings:
+        # A kernel that cannot take some shapes gets the sum over the others, and says how many
+        # calls per step it missed (a strict setting would fail on those in training).
+        timed = [r for r in rows if "fwd_bwd" in r["ms"][setting]]
+        per_step[setting] = {
+            part: round(sum(r["calls_per_step"] * r["ms"][setting][part] for r in timed), 2)
+            for part in ("fwd", "fwd_bwd")
+        }
+        per_step[setting]["calls_without_kernel"] = sum(r["calls_per_step"] for r in rows if r not in timed)
+    log.info("attention per UNet step (ms, fwd / fwd+bwd): %s", per_step)
+    return {"batch": batch, "size": size, "dtype": str(dtype), "calls": rows, "per_unet_step_ms": per_step}
 
 
 def jpeg(array: np.ndarray) -> bytes:
@@ -291,7 +509,89 @@ def bench_data(model: BlipDiffusion, size: int, device: torch.device, rows: int 
     return {"decode_samples_per_s_per_core": round(decode, 1), "precompute_samples_per_s": round(precompute, 1)}
 
 
+STEP_MODES = (
+    "unet-eager",
+    "unet-compiled",
+    "full-raw-eager",
+    "full-pre-eager",
+    "full-pre-compiled",
+    "full-raw-compiled",
+)
+PLAIN_FLAGS = ("legacy", "cudnn", "all", "graphs")
+
+
+@dataclass
+class Row:
+    """One entry of --modes: `name` (a step mode, attention, data or profile), its flags, batch."""
+
+    spec: str
+    mode: str  # the spec without @batch
+    name: str
+    flags: set[str]
+    compile_mode: str  # +mode=, for compiled modes
+    uattn: str  # +uattn=
+    batch: int
+
+    @property
+    def compiled(self) -> dict[str, str]:
+        """The parts this row compiles -> their torch.compile mode."""
+        if not self.name.endswith("compiled"):
+            return {}
+        parts = ("unet",) + (COMPILED_PARTS[1:] if "all" in self.flags else ())
+        return dict.fromkeys(parts, self.compile_mode)
+
+
+def parse_rows(modes: str, default_batch: int) -> list[Row]:
+    """--modes as rows; an unknown mode, flag or setting is an error before any work."""
+    rows = []
+    for spec in modes.split(","):
+        mode, _, batch_text = spec.partition("@")
+        name, *flags = mode.split("+")
+        options = dict(f.split("=", 1) for f in flags if "=" in f)
+        plain = {f for f in flags if "=" not in f}
+        if name not in STEP_MODES + ("attention", "data", "profile"):
+            raise SystemExit(f"unknown mode {name!r} in {spec!r}")
+        if plain - set(PLAIN_FLAGS) or set(options) - {"mode", "uattn"}:
+            raise SystemExit(f"unknown flag in {spec!r} (flags: {', '.join(PLAIN_FLAGS)}, mode=, uattn=)")
+        row = Row(
+            spec,
+            mode,
+            name,
+            plain,
+            options.get("mode", "default"),
+            options.get("uattn", "auto"),
+            int(batch_text or default_batch),
+        )
+        if row.compile_mode not in COMPILE_MODES or row.uattn not in UNET_SDPA_BACKENDS:
+            raise SystemExit(
+                f"unknown setting in {spec!r}: mode one of {COMPILE_MODES}, uattn one of {tuple(UNET_SDPA_BACKENDS)}"
+            )
+        rows.append(row)
+    return rows
+
+
+class _TorchWarnings(logging.Handler):
+    """PyTorch's warnings while a row runs (cudagraph skips, recompile limits), for its record."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.lines) < 20:
+            self.lines.append(record.getMessage().splitlines()[0][:300])
+
+
 def run_modes(args, device: torch.device, results: dict, t0: float) -> None:
+    rows = parse_rows(args.modes, args.batch)
+    backend = args.compile_backend or ("inductor" if device.type == "cuda" else "aot_eager")
+    # A different batch recompiles with static shapes, as a run at that batch would compile; and
+    # the rows' recompiles (modes, kernels, batches) must not reach Dynamo's limit, past which it
+    # would silently run the module eagerly.
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    for limit in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, limit):
+            setattr(torch._dynamo.config, limit, 64)
     if args.tiny:
         model = BlipDiffusion.from_pretrained(TINY, device=device)
     else:
@@ -304,75 +604,158 @@ def run_modes(args, device: torch.device, results: dict, t0: float) -> None:
         "trainable": round(sum(p.numel() for p in method.parameters() if p.requires_grad) / 1e6, 1),
         "total": round(sum(p.numel() for p in method.parameters()) / 1e6, 1),
     }
-    compiled: tuple[str, ...] = ()
-    for spec in args.modes.split(","):
-        mode, _, batch_text = spec.partition("@")
-        name, *flags = mode.split("+")
-        batch_size = int(batch_text or args.batch)
-        if time.perf_counter() - t0 > args.budget:
-            log.info("skip %s: budget spent", spec)
+    results["compile_backend"] = backend
+    warnings = _TorchWarnings()
+    logging.getLogger("torch").addHandler(warnings)
+    compiled: dict[str, str] = {}  # part -> the torch.compile mode it is compiled with now
+    ever: set[str] = set()  # parts compiled at least once (a recompile finds kernels in the cache)
+    state = {"uattn": "auto", "batch": None, "compile_mode": None}
+    failed_modes: set[str] = set()
+    for row in rows:
+        elapsed = time.perf_counter() - t0
+        cost = row_cost(row, compiled, ever, state, args) if device.type == "cuda" else 0.0
+        skip = None
+        if elapsed + cost > args.budget:
+            skip = f"budget: {elapsed:.0f} s spent, the row needs ~{cost:.0f} s of {args.budget:.0f}"
+        elif row.compiled and row.compile_mode in failed_modes:
+            skip = f"compile mode {row.compile_mode} failed in an earlier row"
+        if skip:
+            log.info("skip %s: %s", row.spec, skip)
+            results["runs"].append({"mode": row.mode, "batch": row.batch, "skipped": skip})
+            args.out.write_text(json.dumps(results, indent=2))
             continue
-        if name == "data":
+        if row.name == "attention":
+            settings = (
+                args.attn_backends
+                or ("auto,flash,efficient,cudnn" if device.type == "cuda" else "auto,flash,math,efficient")
+            ).split(",")
+            results["attention"] = bench_attention(
+                model.unet, args.size, row.batch, model.text_encoder.max_positions, settings, device
+            )
+            args.out.write_text(json.dumps(results, indent=2))
+            continue
+        if row.name == "data":
             results["data"] = bench_data(model, args.size, device)
             log.info("data: %s", results["data"])
             continue
-        if name == "profile":
+        if row.name == "profile":
             wait_for(args.wait_file)
-            batch = random_batch(model, batch_size, args.size, device)
-            results["profile"] = profile_step(full_step(method, batch, True, device), device, args.out)
+            batch = random_batch(model, row.batch, args.size, device)
+            results["profile"] = profile_step(
+                full_step(method, batch, True, device, state["compile_mode"]), device, args.out
+            )
+            results["profile"]["state"] = {k: v for k, v in state.items() if k != "batch"} | {
+                "compiled": dict(compiled),
+                "batch": row.batch,
+            }
+            args.out.write_text(json.dumps(results, indent=2))
             continue
-        # The modules compiled for this mode; compiling more (or returning to eager) keeps the rest.
-        want = (("unet",) + (COMPILED_PARTS[1:] if "all" in flags else ())) if name.endswith("compiled") else ()
-        if device.type == "cuda" and want != compiled:
-            set_compiled(model, compiled, want)
-            compiled = want
-        method.config = load_config(overrides=["profile=tiny", f"train.sdpa_backend={'default' if 'cudnn' in flags else 'no-cudnn'}"])
-        method.graphed_unet = GraphedUNet(model.unet) if "graphs" in flags and device.type == "cuda" else None
-        if "legacy" in flags:
+        want = row.compiled
+        if want != compiled:
+            compiled = set_compiled(model, compiled, want, backend)
+            ever |= set(want)
+        state.update(uattn=row.uattn, batch=row.batch, compile_mode=row.compile_mode if want else None)
+        method.config = load_config(
+            overrides=["profile=tiny", f"train.sdpa_backend={'default' if 'cudnn' in row.flags else 'no-cudnn'}"]
+        )
+        method.graphed_unet = GraphedUNet(model.unet) if "graphs" in row.flags and device.type == "cuda" else None
+        if "legacy" in row.flags:
             model.encode_conditioning = partial(legacy_encode_conditioning, model)
         else:
             model.__dict__.pop("encode_conditioning", None)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        counters = torch._dynamo.utils.counters
+        skips_before, graphs_before = counters["inductor"]["cudagraph_skips"], counters["stats"]["unique_graphs"]
+        warnings.lines = []
         try:
-            if name.startswith("unet"):
-                step = unet_step(model.unet, batch_size, args.size, device)
+            set_unet_attention(model.unet, row.uattn)
+            if row.name.startswith("unet"):
+                step = unet_step(model.unet, row.batch, args.size, device, state["compile_mode"])
             else:
-                batch = random_batch(model, batch_size, args.size, device)
-                step = full_step(method, batch, precomputed="-pre-" in name, device=device)
+                batch = random_batch(model, row.batch, args.size, device)
+                step = full_step(
+                    method, batch, precomputed="-pre-" in row.name, device=device, compile_mode=state["compile_mode"]
+                )
             seconds, warm = time_steps(step, device, args.warmup, args.steps, args.wait_file)
         except Exception as exc:  # out of memory, or a failed capture: record it, keep the other rows
-            log.exception("%s failed", spec)
-            results["runs"].append({"mode": mode, "batch": batch_size, "error": f"{type(exc).__name__}: {exc}"[:500]})
+            log.exception("%s failed", row.spec)
+            if want:
+                failed_modes.add(row.compile_mode)
+            results["runs"].append(
+                {
+                    "mode": row.mode,
+                    "batch": row.batch,
+                    "error": f"{type(exc).__name__}: {exc}"[:500],
+                    "torch_warnings": warnings.lines,
+                }
+            )
             args.out.write_text(json.dumps(results, indent=2))
             continue
-        row = {
-            "mode": mode,
-            "batch": batch_size,
-            "samples_per_s": round(args.steps * batch_size / seconds, 1),
+        finally:
+            step = None  # the step's optimizer state goes before the next row allocates its own
+        traced = counters["stats"]["unique_graphs"] - graphs_before  # Dynamo graphs this row compiled
+        skipped = counters["inductor"]["cudagraph_skips"] - skips_before  # graphs left without CUDA graphs
+        record = {
+            "mode": row.mode,
+            "batch": row.batch,
+            "samples_per_s": round(args.steps * row.batch / seconds, 1),
             "step_ms": round(1000 * seconds / args.steps, 1),
             "warmup_s": round(warm, 1),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None,
+            "compiled": dict(compiled),
+            "unet_sdpa_backend": row.uattn,
+            "estimated_s": round(cost),
+            "graphs_compiled": traced,
+            "cudagraph_skips": skipped,
+            "torch_warnings": warnings.lines,
         }
-        results["runs"].append(row)
-        log.info("%-40s batch %3d  %7.1f samples/s  %7.1f ms/step  (warm-up %.0f s, peak %s GiB)", mode,
-                 batch_size, row["samples_per_s"], row["step_ms"], warm, row["peak_mem_gib"])
+        results["runs"].append(record)
+        log.info(
+            "%-60s batch %3d  %7.1f samples/s  %7.1f ms/step  (warm-up %.0f s, peak %s GiB, cudagraph skips %d)",
+            row.mode,
+            row.batch,
+            record["samples_per_s"],
+            record["step_ms"],
+            warm,
+            record["peak_mem_gib"],
+            record["cudagraph_skips"],
+        )
         args.out.write_text(json.dumps(results, indent=2))
 
 
-def set_compiled(model: BlipDiffusion, compiled: tuple[str, ...], want: tuple[str, ...]) -> None:
-    """Compile the parts in `want` not compiled yet; return the others to eager (the bench's
-    way back from nn.Module.compile, which has no public undo)."""
-    torch._inductor.config.conv_1x1_as_mm = True
-    for part in compiled:
-        if part not in want:
+def row_cost(row: Row, compiled: dict[str, str], ever: set[str], state: dict, args) -> float:
+    """Estimated seconds of `row` (ROW_COST_S): the compiles it triggers, then its steps."""
+    if row.name in ("attention", "profile", "data"):
+        return ROW_COST_S[row.name]
+    cost = ROW_COST_S["fixed"] + (args.warmup + args.steps) * ROW_COST_S["step"] * row.batch / 32
+    new_batch = row.batch != state["batch"]
+    want = row.compiled
+    if "unet" in want and (compiled.get("unet") != want["unet"] or new_batch or row.uattn != state["uattn"]):
+        cost += ROW_COST_S["unet_again" if "unet" in ever else "unet_first"]
+    encoders = {part: mode for part, mode in want.items() if part != "unet"}
+    if encoders and (any(compiled.get(part) != mode for part, mode in encoders.items()) or new_batch):
+        cost += ROW_COST_S["encoders_again" if "qformer" in ever else "encoders_first"]
+    return cost
+
+
+def set_compiled(model: BlipDiffusion, compiled: dict[str, str], want: dict[str, str], backend: str) -> dict[str, str]:
+    """Compile the parts of `want` (part -> mode) not compiled with that mode yet; return the
+    others to eager (the bench's way back from nn.Module.compile, which has no public undo)."""
+    for part, mode in compiled.items():
+        if want.get(part) != mode:
             getattr(model, part)._compiled_call_impl = None
-            if part == "unet":
+            if part == "unet" and "unet" not in want:
                 model.unet.to(memory_format=torch.contiguous_format)
-    new = tuple(p for p in want if p not in compiled)
-    if new:
-        compile_model(model, new)
+    if any(m in CUDA_GRAPH_MODES for m in compiled.values()) and not any(m in CUDA_GRAPH_MODES for m in want.values()):
+        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+        reset_cudagraph_trees()  # no CUDA-graph part left: free their memory pool
+    new = {part: mode for part, mode in want.items() if compiled.get(part) != mode}
+    for mode in dict.fromkeys(new.values()):
+        compile_model(model, tuple(p for p in new if new[p] == mode), mode=mode, backend=backend)
+    return dict(want)
 
 
 def write_dataset(root: Path, rows: int, size: int) -> Path:
@@ -392,14 +775,32 @@ def write_dataset(root: Path, rows: int, size: int) -> Path:
     table = []
     for i in range(rows):
         sid = subjects[i % 4]
-        table.append({
-            "subject_id": sid, "category": sid, "source_uri": f"{sid}/{i}.jpg", "source_sha256": f"{i:064d}",
-            "image": jpeg(synthetic_photo(rng, width, size)), "composite": jpeg(synthetic_photo(rng, width, size)),
-            "alpha": b"", "trimap": b"", "background_id": "bg", "seed": i, "composite_index": 0, "placement": "{}",
-            "width": width, "height": size, "alpha_area": 0.5, "dataset_version": "v0001",
-        })
+        table.append(
+            {
+                "subject_id": sid,
+                "category": sid,
+                "source_uri": f"{sid}/{i}.jpg",
+                "source_sha256": f"{i:064d}",
+                "image": jpeg(synthetic_photo(rng, width, size)),
+                "composite": jpeg(synthetic_photo(rng, width, size)),
+                "alpha": b"",
+                "trimap": b"",
+                "background_id": "bg",
+                "seed": i,
+                "composite_index": 0,
+                "placement": "{}",
+                "width": width,
+                "height": size,
+                "alpha_area": 0.5,
+                "dataset_version": "v0001",
+            }
+        )
     for part in range(8):  # 8 shards, so Ray Data reads and decodes in parallel
-        pq.write_table(pa.Table.from_pylist(table[part::8], schema=DATA_SCHEMA), staging / "data" / f"part-{part:05d}.parquet", row_group_size=32)
+        pq.write_table(
+            pa.Table.from_pylist(table[part::8], schema=DATA_SCHEMA),
+            staging / "data" / f"part-{part:05d}.parquet",
+            row_group_size=32,
+        )
     counts = {s: {"category": s, "rows": rows // 4} for s in subjects}
     write_json_atomic(staging / MANIFEST, {"version": "v0001", "rows": rows, "subjects": counts})
     return store.publish(staging, "v0001")
@@ -421,18 +822,36 @@ def run_e2e(args, results: dict) -> None:
     gpu = torch.cuda.is_available()
     for precompute in args.e2e_precompute.split(","):
         overrides = [
-            "profile=tiny", f"models.blip_diffusion={model_path}", f"train.data={work / 'dataset'}",
-            f"train.storage_path={work / 'runs'}", f"train.run_name=e2e-{precompute}-{args.workers}",
-            f"train.workers={args.workers}", f"train.gpu={str(gpu).lower()}", f"train.batch_size={args.batch}",
-            f"train.resolution={args.size}", f"train.steps={args.steps}", f"train.log_every={args.steps // 2}",
-            f"train.checkpoint_every={args.steps}", "train.samples.every=0", "tracking.enabled=false",
-            f"train.precompute={precompute}", f"train.compile={str(args.compile).lower()}", "train.warmup_steps=0",
-            f"train.cpus_per_worker={args.cpus_per_worker}", "train.lr=1e-5",
+            "profile=tiny",
+            f"models.blip_diffusion={model_path}",
+            f"train.data={work / 'dataset'}",
+            f"train.storage_path={work / 'runs'}",
+            f"train.run_name=e2e-{precompute}-{args.workers}",
+            f"train.workers={args.workers}",
+            f"train.gpu={str(gpu).lower()}",
+            f"train.batch_size={args.batch}",
+            f"train.resolution={args.size}",
+            f"train.steps={args.steps}",
+            f"train.log_every={args.steps // 2}",
+            f"train.checkpoint_every={args.steps}",
+            "train.samples.every=0",
+            "tracking.enabled=false",
+            f"train.precompute={precompute}",
+            f"train.compile={str(args.compile).lower()}",
+            "train.warmup_steps=0",
+            f"train.cpus_per_worker={args.cpus_per_worker}",
+            "train.lr=1e-5",
+            *args.set,
         ]
         start = time.perf_counter()
         result = run_training(load_config(overrides=overrides))
-        row = {"precompute": precompute == "true", "workers": args.workers, "batch_per_worker": args.batch,
-               "wall_s": round(time.perf_counter() - start, 1), **{k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)}}
+        row = {
+            "precompute": precompute == "true",
+            "workers": args.workers,
+            "batch_per_worker": args.batch,
+            "wall_s": round(time.perf_counter() - start, 1),
+            **{k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)},
+        }
         results["e2e"].append(row)
         log.info("e2e %s", row)
         args.out.write_text(json.dumps(results, indent=2))
@@ -443,22 +862,47 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="the tiny checkpoint instead of real sizes")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=32, help="samples per step (per worker in --e2e)")
-    parser.add_argument("--modes", default="unet-eager,full-raw-eager,full-pre-eager,data,unet-compiled,full-pre-compiled")
+    parser.add_argument(
+        "--modes", default="unet-eager,full-raw-eager,full-pre-eager,data,unet-compiled,full-pre-compiled"
+    )
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per mode (total steps in --e2e)")
-    parser.add_argument("--budget", type=float, default=420.0, help="start no new mode after this many s")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=420.0,
+        help="seconds for the whole run: a row starts only if its estimated cost still fits",
+    )
     parser.add_argument("--e2e", action="store_true", help="run the training job itself instead of step modes")
     parser.add_argument("--e2e-precompute", default="false,true", help="precompute settings to run, in order")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument("--rows", type=int, default=512, help="synthetic dataset rows (--e2e)")
     parser.add_argument("--compile", action="store_true", help="train.compile in --e2e")
-    parser.add_argument("--ablation", action="store_true", help="--modes ABLATION (issue 5's cumulative changes)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for --e2e, repeatable (train.compile_mode=reduce-overhead)",
+    )
+    parser.add_argument("--ablation", action="store_true", help="--preset run3 (issue 5's cumulative changes)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="--modes from PRESETS (see the module docstring)")
+    parser.add_argument(
+        "--attn-backends",
+        help="attention mode's kernel settings, comma-separated (default: "
+        "auto,flash,efficient,cudnn on a GPU, auto,flash,math,efficient on the CPU)",
+    )
+    parser.add_argument(
+        "--compile-backend", help="torch.compile backend (default: inductor on a GPU, aot_eager on the CPU)"
+    )
     parser.add_argument("--wait-file", type=Path, help="timed steps wait for this file (see the module docstring)")
     parser.add_argument("--out", type=Path, default=Path("bench_pretrain.json"))
     args = parser.parse_args()
     if args.ablation:
-        args.modes = ABLATION
+        args.preset = "run3"
+    if args.preset:
+        args.modes = PRESETS[args.preset]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     t0 = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -471,8 +915,12 @@ def main() -> int:
     results: dict = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
         "settings": {k: str(v) for k, v in vars(args).items()},
         "runs": [],
         "e2e": [],

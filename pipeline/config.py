@@ -263,11 +263,23 @@ class TrainConfig(_Strict):
     compile: bool = Field(
         False, description="torch.compile the UNet, Q-Former and text encoder (GPU; minutes at start, for long runs)"
     )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = Field(
+        "default",
+        description="torch.compile mode with train.compile; reduce-overhead replays the compiled graphs as CUDA graphs "
+        "(removes host launch gaps; needs grad_accum 1, else falls back to default); max-autotune* tune GEMMs and "
+        "convolutions for minutes more at start (pipeline/train/speed.py)",
+    )
     cuda_graphs: bool = Field(
         True, description="replay the eager UNet's forward and backward as CUDA graphs (one GPU worker, no grad_accum)"
     )
     sdpa_backend: Literal["default", "no-cudnn"] = Field(
         "no-cudnn", description="attention kernels of the Q-Former and text encoder; no-cudnn saves cuDNN's host-side planning"
+    )
+    unet_sdpa_backend: Literal["auto", "flash", "efficient", "cudnn", "no-cudnn", "math"] = Field(
+        "auto",
+        description="the UNet's attention kernel in training, also inside a compiled UNet; auto = PyTorch's choice "
+        "(cuDNN on H100); flash, efficient, cudnn and math allow that kernel alone (flash needs bf16 autocast on GPU; "
+        "efficient and cudnn have no CPU kernel); no-cudnn = flash, efficient or math",
     )
     shuffle_buffer: int = Field(256, ge=0, description="rows in each worker's local shuffle buffer; 0 = file order")
     data_cpus: float = Field(1.0, gt=0.0, description="CPUs per Ray Data decode task")
@@ -289,6 +301,10 @@ class TrainConfig(_Strict):
             raise ValueError("prompt_template must contain '{category}'")
         if self.fail_at_step is not None and self.fail_at_step >= self.steps:
             raise ValueError(f"fail_at_step ({self.fail_at_step}) must be below steps ({self.steps})")
+        if not self.gpu and self.unet_sdpa_backend in ("efficient", "cudnn"):
+            raise ValueError(f"unet_sdpa_backend {self.unet_sdpa_backend!r} has no CPU kernel (gpu: false)")
+        if self.gpu and self.mixed_precision == "no" and self.unet_sdpa_backend in ("flash", "cudnn"):
+            raise ValueError(f"unet_sdpa_backend {self.unet_sdpa_backend!r} needs bf16 autocast (mixed_precision: no)")
         return self
 
 

@@ -1,14 +1,36 @@
 """The training step's speed settings (pipeline/train/speed.py) and the fixed-shape conditioning
-they rely on; the CUDA-graph path itself needs a GPU (benchmarks/bench_finetune.py)."""
+they rely on; the CUDA-graph path itself needs a GPU (benchmarks/bench_finetune.py), and so do
+train.compile_mode's CUDA graphs (benchmarks/bench_pretrain.py --preset run4)."""
 
 from __future__ import annotations
 
+import typing
+from dataclasses import asdict
+
+import numpy as np
 import pytest
 import torch
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipeline.config import ASSETS_DIR
+from pipeline.config import ASSETS_DIR, ConfigError, TrainConfig, load_config
 from pipeline.model import BlipDiffusion
-from pipeline.train.speed import attention_kernels, use_cuda_graphs
+from pipeline.train import dist, hooks, loop
+from pipeline.train.hooks import Hook, RunInfo
+from pipeline.train.speed import (
+    COMPILE_MODES,
+    UNET_SDPA_BACKENDS,
+    UNetAttention,
+    attention_kernels,
+    compile_model,
+    resolve_compile_mode,
+    set_unet_attention,
+    step_begin,
+    use_cuda_graphs,
+)
+from stages.records import CATEGORY
+from stages.train_inputs import CAPTION, IMAGE_FEATURES, LATENT_PARAMS
 
 TINY = ASSETS_DIR / "tiny-blipdiffusion"
 
@@ -35,7 +57,9 @@ def test_dropped_rows_give_the_qformer_no_gradient():
     model = BlipDiffusion.from_pretrained(TINY).train()
     size = model.qformer.image_size
     pixels = torch.randn(2, 3, size, size)
-    hidden = model.encode_conditioning(pixels, ["dog", "teddy bear"], ["a dog", "a teddy bear"], torch.tensor([True, False]))
+    hidden = model.encode_conditioning(
+        pixels, ["dog", "teddy bear"], ["a dog", "a teddy bear"], torch.tensor([True, False])
+    )
     hidden[0].sum().backward(retain_graph=True)
     assert model.qformer.query_tokens.grad is not None and model.qformer.query_tokens.grad.abs().sum() == 0
     hidden[1].sum().backward()
@@ -52,3 +76,197 @@ def test_padded_category_text_leaves_subject_embeddings_unchanged():
     assert text.input_ids.shape[1] < 16
     unpadded = model.qformer(pixels, text.input_ids, text.attention_mask)
     torch.testing.assert_close(model.subject_embeddings(pixels, ["teddy bear"]), unpadded, rtol=1e-5, atol=1e-5)
+
+
+# --- train.compile_mode and train.unet_sdpa_backend
+
+CPU_FLASH = "aten._scaled_dot_product_flash_attention_for_cpu"
+
+
+class _Ops(TorchDispatchMode):
+    """Counts the aten ops that run (forward and backward, after autograd)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_config_settings_are_speed_settings():
+    hints = typing.get_type_hints(TrainConfig)
+    assert typing.get_args(hints["compile_mode"]) == COMPILE_MODES
+    assert typing.get_args(hints["unet_sdpa_backend"]) == tuple(UNET_SDPA_BACKENDS)
+    train = load_config().train
+    assert (train.compile_mode, train.unet_sdpa_backend) == ("default", "auto")  # both off by default
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.compile_mode=fast"], r"train\.compile_mode: Input should be 'default', 'reduce-overhead'"),
+        (["train.unet_sdpa_backend=xformers"], r"train\.unet_sdpa_backend: Input should be 'auto', 'flash'"),
+        (["train.unet_sdpa_backend=efficient"], r"unet_sdpa_backend 'efficient' has no CPU kernel"),
+        (["train.gpu=true", "train.mixed_precision='no'", "train.unet_sdpa_backend=flash"], r"needs bf16 autocast"),
+    ],
+)
+def test_bad_speed_settings_are_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides)
+
+
+def _unet_ops(unet: torch.nn.Module, grad: bool = True) -> dict[str, int]:
+    x, t, states = torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), torch.randn(2, 77, unet.config.cross_attention_dim)
+    with _Ops() as ops, torch.set_grad_enabled(grad):
+        out = unet(x, t, encoder_hidden_states=states).sample
+        if grad:
+            out.sum().backward()
+    return ops.counts
+
+
+def test_unet_attention_setting_picks_the_kernel():
+    unet = BlipDiffusion.from_pretrained(TINY).unet
+    layers = sum(isinstance(m, Attention) for m in unet.modules())
+    # On the CPU PyTorch picks its flash kernel for these inputs; "math" must take it away.
+    assert _unet_ops(unet)[CPU_FLASH] == layers
+    assert set_unet_attention(unet, "math") == layers
+    assert all(type(p) is UNetAttention for p in unet.attn_processors.values())
+    ops = _unet_ops(unet)
+    assert CPU_FLASH not in ops and f"{CPU_FLASH}_backward" not in ops and ops["aten._safe_softmax"] == layers
+    # Calls without gradients (samples, generation) keep PyTorch's choice.
+    assert _unet_ops(unet, grad=False)[CPU_FLASH] == layers
+    set_unet_attention(unet, "flash")
+    ops = _unet_ops(unet)
+    assert ops[CPU_FLASH] == ops[f"{CPU_FLASH}_backward"] == layers
+    set_unet_attention(unet, "auto")
+    assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
+    with pytest.raises(ValueError, match="no CPU kernel"):
+        set_unet_attention(unet, "efficient")
+
+
+def test_unet_attention_setting_holds_inside_a_compiled_module():
+    """torch.compile fixes the kernel when it traces: the setting must be in the traced graph,
+    and a new setting must trace again (a context around the call would do neither)."""
+    torch.manual_seed(0)
+    block = BasicTransformerBlock(16, 2, 8, cross_attention_dim=16)
+    graphs: list[set[str]] = []
+
+    def record(gm, example_inputs):
+        from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+
+        def keep(graph, _):
+            graphs.append({str(n.target) for n in graph.graph.nodes if n.op == "call_function"})
+            return make_boxed_func(graph.forward)
+
+        return aot_module_simplified(gm, example_inputs, fw_compiler=keep, bw_compiler=keep)
+
+    compiled = torch.compile(block, backend=record)
+    x, context = torch.randn(2, 6, 16), torch.randn(2, 5, 16)
+    for setting, kernel in (("flash", f"{CPU_FLASH}.default"), ("math", "aten._safe_softmax.default")):
+        set_unet_attention(block, setting)
+        graphs.clear()
+        out = compiled(x, encoder_hidden_states=context)
+        out.sum().backward()
+        assert graphs and kernel in graphs[0], f"{setting}: {graphs}"
+        torch.testing.assert_close(out, block(x, encoder_hidden_states=context), rtol=1e-5, atol=1e-5)
+    graphs.clear()
+    set_unet_attention(block, "flash")  # back to a setting traced before: no new trace, its graph
+    compiled(x, encoder_hidden_states=context)
+    assert graphs == []
+
+
+def test_compile_model_takes_a_mode():
+    model = BlipDiffusion.from_pretrained(TINY)
+    compile_model(model, ("qformer",), mode="reduce-overhead", backend="aot_eager")
+    assert model.qformer._compiled_call_impl is not None and model.unet._compiled_call_impl is None
+    with pytest.raises(ValueError, match="unknown compile mode"):
+        compile_model(model, ("unet",), mode="fast")
+
+
+def test_cuda_graph_modes_need_fresh_gradients_each_step(monkeypatch):
+    assert resolve_compile_mode("reduce-overhead", grad_accum=1) == "reduce-overhead"
+    assert resolve_compile_mode("reduce-overhead", grad_accum=2) == "default"
+    assert resolve_compile_mode("max-autotune", grad_accum=2) == "max-autotune-no-cudagraphs"
+    assert resolve_compile_mode("default", grad_accum=2) == "default"
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    for mode in (None, "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"):
+        step_begin(mode)
+    assert len(marks) == 2
+
+
+class _Shard:
+    """Precomputed rows for the loop, the same on every call (like a Ray Data shard)."""
+
+    def __init__(self, model: BlipDiffusion, rows: int = 4) -> None:
+        rng = np.random.default_rng(0)
+        size = model.qformer.image_size
+        with torch.no_grad():
+            features = model.qformer.image_features(
+                torch.from_numpy(rng.standard_normal((rows, 3, size, size), dtype=np.float32))
+            )
+        self.batch = {
+            CATEGORY: np.array(["dog", "teddy bear"] * (rows // 2), dtype=object),
+            CAPTION: np.array([""] * rows, dtype=object),
+            LATENT_PARAMS: rng.standard_normal((rows, 8, 8, 8), dtype=np.float32),
+            IMAGE_FEATURES: features.numpy().astype(np.float16),
+        }
+
+    def iter_torch_batches(self, *, batch_size, collate_fn, **_):
+        for start in range(0, len(self.batch[CATEGORY]) - batch_size + 1, batch_size):
+            yield collate_fn({k: v[start : start + batch_size] for k, v in self.batch.items()})
+
+
+def _train(tmp_path, name: str, overrides: list[str], monkeypatch) -> tuple[list[float], dict[str, int]]:
+    """The loop itself (one local worker) for 3 steps on precomputed rows: its losses and ops."""
+    config = load_config(
+        overrides=[
+            "profile=tiny",
+            "tracking.enabled=false",
+            "train.steps=3",
+            "train.batch_size=2",
+            "train.warmup_steps=0",
+            "train.lr=1e-3",
+            "train.drop_subject_prob=0.5",
+            *overrides,
+        ]
+    )
+    losses: list[float] = []
+
+    class Losses(Hook):
+        def after_loss(self, state, loss):
+            losses.append(loss.item())
+
+    monkeypatch.setattr(loop, "build_hooks", lambda *a: [*hooks.build_hooks(*a), Losses()])
+    run = RunInfo(
+        run_name=name,
+        run_folder=str(tmp_path / name),
+        tracking_uri=None,
+        mlflow_run_id=None,
+        dataset={"precomputed": True},
+    )
+    shard = _Shard(BlipDiffusion.from_pretrained(config.model_path("blip_diffusion")))
+    with (
+        dist.local_run(dist.LocalRun(shard=shard, run_folder=tmp_path / name, device=torch.device("cpu"))),
+        _Ops() as ops,
+    ):
+        loop.train_loop({"config": config.model_dump(mode="json"), "run": asdict(run)})
+    return losses, ops.counts
+
+
+def test_training_with_the_speed_settings_gives_the_same_losses(tmp_path, monkeypatch):
+    """The UNet's attention on the math kernel (and a CUDA-graph compile mode, which the CPU
+    loop does not compile for) trains like PyTorch's choice, and the loop does apply it."""
+    base, base_ops = _train(tmp_path, "auto", [], monkeypatch)
+    fast, fast_ops = _train(
+        tmp_path, "math", ["train.unet_sdpa_backend=math", "train.compile_mode=reduce-overhead"], monkeypatch
+    )
+    assert len(base) == 3 and base[0] != base[-1]
+    np.testing.assert_allclose(fast, base, rtol=1e-4)
+    unet = BlipDiffusion.from_pretrained(TINY).unet
+    layers = sum(isinstance(m, Attention) for m in unet.modules())
+    # Every UNet attention call of the 3 steps moved from the flash kernel to the math one.
+    assert base_ops[CPU_FLASH] - fast_ops.get(CPU_FLASH, 0) == 3 * layers

@@ -30,7 +30,14 @@ from pipeline.train.losses import (
     warmup_factor,
 )
 from pipeline.train.methods import get_method
-from pipeline.train.speed import GraphedUNet, compile_model, use_cuda_graphs
+from pipeline.train.speed import (
+    GraphedUNet,
+    compile_model,
+    resolve_compile_mode,
+    set_unet_attention,
+    step_begin,
+    use_cuda_graphs,
+)
 from stages.records import CATEGORY
 from stages.train_inputs import CAPTION, IMAGE_FEATURES, LATENT_PARAMS, PIXEL_VALUES, TARGET, latent_params
 
@@ -61,8 +68,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         method = get_method(train.method).load(config, folder, device)
         resumed = torch.load(folder / TRAIN_STATE, map_location="cpu") if folder is not None else None
     params = method.trainable_parameters()
+    set_unet_attention(method.model.unet, train.unet_sdpa_backend)
+    compile_mode = None  # the torch.compile mode in use; None: eager
     if train.compile and device.type == "cuda":
-        compile_model(method.model)
+        compile_mode = resolve_compile_mode(train.compile_mode, train.grad_accum)
+        compile_model(method.model, mode=compile_mode)
     graphs = use_cuda_graphs(train.cuda_graphs, device, dist.world_size(), train.grad_accum, train.compile)
     if graphs:
         method.graphed_unet = GraphedUNet(method.model.unet)
@@ -100,6 +110,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     model.train()
 
     while state.step < train.steps:
+        step_begin(compile_mode)
         for micro in range(train.grad_accum):
             batch = next(batches)
             categories = batch[CATEGORY]
@@ -154,7 +165,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 def _save_checkpoint(folder: Path, method: Any, optimizer: Any, schedule: Any, step: int) -> None:
     """The method's files (the model) plus what resuming needs: optimizer, schedule, step."""
     method.save(folder)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, folder / TRAIN_STATE)
+    torch.save(
+        {"step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, folder / TRAIN_STATE
+    )
     (folder / PROGRESS).write_text(json.dumps({"step": step}) + "\n")
 
 

@@ -3,8 +3,15 @@
 - `attention_kernels(train.sdpa_backend)`: the attention kernels of the Q-Former and the
   text encoder (the methods' forward). "no-cudnn" keeps them off PyTorch's cuDNN backend, which builds an execution
   plan per new shape at ~1-3 ms of host time a call (BENCHMARKS.md, issue 5 profile).
-- `compile_model` (`train.compile`): torch.compile of the UNet (channels-last), the Q-Former
-  and the text encoder. Minutes of compilation at start: for long runs.
+- `set_unet_attention(train.unet_sdpa_backend)`: the UNet's attention kernel in training (flash,
+  memory-efficient, cuDNN...). PyTorch picks cuDNN for the UNet on an H100, and its backward was
+  42 ms of a 356 ms step (issue 5, run 3). Set through the UNet's attention processors so that
+  it holds inside a compiled UNet too (see `UNetAttention`).
+- `compile_model` (`train.compile`, `train.compile_mode`): torch.compile of the UNet
+  (channels-last), the Q-Former and the text encoder. Minutes of compilation at start: for long
+  runs. "reduce-overhead" replays the compiled graphs as CUDA graphs (cudagraph trees), which
+  removes the host's launch gaps between kernels; the loop then marks each step's start
+  (`step_begin`).
 - `GraphedUNet` (`train.cuda_graphs`): the eager UNet's forward and backward captured once as
   CUDA graphs and replayed. Seconds to set up: for fine-tuning's short runs at batch 3, where
   launching ~4,000 kernels a step, not arithmetic, bounds the step (issue 6).
@@ -16,12 +23,32 @@ import contextlib
 import logging
 
 import torch
+import torch._inductor.config
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 log = logging.getLogger(__name__)
 
 COMPILED_PARTS = ("unet", "qformer", "text_encoder")
+
+# torch.compile modes (`train.compile_mode`), and those that replay the compiled graphs as CUDA
+# graphs. Same names as pipeline/config.py's Literal (tests/test_speed.py checks).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+# `train.unet_sdpa_backend`: the SDPA kernels a setting allows (None: PyTorch's choice). A single
+# kernel is strict, so a measurement cannot silently fall back to another: SDPA raises when that
+# kernel cannot take the inputs (flash needs fp16/bf16, i.e. autocast on a GPU).
+UNET_SDPA_BACKENDS: dict[str, list[SDPBackend] | None] = {
+    "auto": None,
+    "flash": [SDPBackend.FLASH_ATTENTION],
+    "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+    "cudnn": [SDPBackend.CUDNN_ATTENTION],
+    "no-cudnn": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+    "math": [SDPBackend.MATH],
+}
+_NO_CPU_KERNEL = ("efficient", "cudnn")
 
 
 def attention_kernels(backend: str) -> contextlib.AbstractContextManager:
@@ -34,13 +61,101 @@ def attention_kernels(backend: str) -> contextlib.AbstractContextManager:
     raise ValueError(f"unknown SDPA backend {backend!r} (default or no-cudnn)")
 
 
-def compile_model(model: nn.Module, parts: tuple[str, ...] = COMPILED_PARTS, mode: str | None = None) -> None:
-    """torch.compile `parts` of a BlipDiffusion in place (parameter names are unchanged). The UNet
-    goes channels-last first: its convolutions then skip layout copies."""
+class UNetAttention(AttnProcessor2_0):
+    """diffusers' SDPA attention processor (the UNet's default) with SDPA limited to the
+    kernels of a `train.unet_sdpa_backend` setting, in calls with gradients on (training).
+
+    Why a processor and not a context around the UNet call: torch.compile picks the SDPA kernel
+    when it traces (AOTAutograd decomposes `scaled_dot_product_attention` into the kernel's op,
+    forward and backward), Dynamo does not guard on the global kernel flags, and the on-disk
+    AOTAutograd cache does not key on them either (torch 2.13; pytorch/pytorch PR 186458 proposed
+    it). A context outside a compiled UNet would hold only for the first trace, and a warm cache
+    could hand back graphs traced under other flags. Inside the processor, Dynamo traces the
+    `sdpa_kernel` block itself (torch >= 2.5; 2.4 breaks the graph there and runs the attention
+    eagerly) and guards on `backends`: the choice is part of the compiled graph, and a new
+    setting recompiles. (Graphs with that block bypass the AOTAutograd cache, so a recompile
+    costs a full trace: pytorch/pytorch issue 194007.)
+
+    Calls without gradients (the loop's sample images, generation) keep PyTorch's choice: a
+    strict kernel could not take their float32 inputs.
+    """
+
+    def __init__(self, setting: str) -> None:
+        super().__init__()
+        self.setting = setting
+        self.backends = UNET_SDPA_BACKENDS[setting]
+
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
+    ):
+        if self.backends is None or not torch.is_grad_enabled():
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        with sdpa_kernel(self.backends):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+
+
+def set_unet_attention(unet: nn.Module, setting: str) -> int:
+    """Give every attention layer of `unet` that runs diffusers' SDPA processor the kernels of
+    `setting` (`UNET_SDPA_BACKENDS`); "auto" puts the plain processor back where one of ours is.
+    Layers with another processor are left alone. Returns the number of layers set."""
+    if setting not in UNET_SDPA_BACKENDS:
+        raise ValueError(f"unknown UNet SDPA backend {setting!r} ({', '.join(UNET_SDPA_BACKENDS)})")
+    param = next(unet.parameters(), None)
+    if param is not None and param.device.type == "cpu" and setting in _NO_CPU_KERNEL:
+        raise ValueError(f"UNet SDPA backend {setting!r} has no CPU kernel (auto, flash, no-cudnn or math run on CPU)")
+    processor = AttnProcessor2_0() if setting == "auto" else UNetAttention(setting)
+    layers = [m for m in unet.modules() if isinstance(m, Attention)]
+    takes = (UNetAttention,) if setting == "auto" else (AttnProcessor2_0, UNetAttention)
+    ours = [m for m in layers if type(m.processor) in takes]
+    for layer in ours:
+        layer.set_processor(processor)
+    if len(ours) < len(layers) and setting != "auto":
+        log.warning(
+            "UNet SDPA backend %s: %d of %d attention layers have another processor and keep it",
+            setting,
+            len(layers) - len(ours),
+            len(layers),
+        )
+    return len(ours)
+
+
+def compile_model(
+    model: nn.Module, parts: tuple[str, ...] = COMPILED_PARTS, mode: str = "default", backend: str = "inductor"
+) -> None:
+    """torch.compile `parts` of a BlipDiffusion in place (parameter names are unchanged), with
+    `mode` (COMPILE_MODES). The UNet goes channels-last first: its convolutions then skip layout
+    copies. `backend` other than inductor (tests and CPU smoke runs: "aot_eager") takes no mode."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r} ({', '.join(COMPILE_MODES)})")
     if "unet" in parts:
         model.unet.to(memory_format=torch.channels_last)
+        # The UNet's 1x1 convolutions (attention in/out projections, skip connections) as matrix
+        # products, as every compiled step in BENCHMARKS.md was measured.
+        torch._inductor.config.conv_1x1_as_mm = True
+    options = {"mode": mode} if backend == "inductor" else {}
     for name in parts:
-        getattr(model, name).compile(mode=mode)
+        getattr(model, name).compile(backend=backend, **options)
+
+
+def resolve_compile_mode(mode: str, grad_accum: int) -> str:
+    """The compile mode the loop can use. CUDA-graph modes need each step's gradients to be new
+    tensors: with gradient accumulation, a replay of the backward would overwrite the buffers
+    that `.grad` accumulates into (cudagraph trees then raise), so those fall back to the mode
+    without CUDA graphs."""
+    if mode in CUDA_GRAPH_MODES and grad_accum > 1:
+        fallback = "max-autotune-no-cudagraphs" if mode == "max-autotune" else "default"
+        log.info("train.compile_mode %s -> %s: no CUDA graphs with grad_accum > 1", mode, fallback)
+        return fallback
+    return mode
+
+
+def step_begin(mode: str | None) -> None:
+    """Call at the start of each optimizer step. Under CUDA-graph modes it tells cudagraph trees
+    that the previous step's graph outputs are dead, so the next replays may reuse their memory.
+    Said explicitly rather than left to the trees' guess (a compiled call with no backward
+    pending starts a new step), which PyTorch's docs say to override where it can be wrong."""
+    if mode in CUDA_GRAPH_MODES:
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 class _UNetCall(nn.Module):
@@ -80,7 +195,8 @@ class GraphedUNet:
             # step's autograd graph (the text encoder's activations) alive.
             sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in (latents, timesteps, states))
             # Flash/efficient attention in the graphs: cuDNN's attention keeps host-side plans,
-            # which we do not rely on under replay.
+            # which we do not rely on under replay (a train.unet_sdpa_backend other than auto
+            # is the user's explicit choice and wins, inside the UNet's processors).
             with attention_kernels("no-cudnn"):
                 self._graphed = torch.cuda.make_graphed_callables(_UNetCall(self.unet), sample)
             self._signature = signature
@@ -101,7 +217,15 @@ def use_cuda_graphs(enabled: bool, device: torch.device, world_size: int, grad_a
     compiled one fuses its kernels instead)."""
     if not enabled or device.type != "cuda":
         return False
-    reasons = [why for why, bad in (("several workers", world_size > 1), ("grad_accum > 1", grad_accum > 1), ("train.compile", compiled)) if bad]
+    reasons = [
+        why
+        for why, bad in (
+            ("several workers", world_size > 1),
+            ("grad_accum > 1", grad_accum > 1),
+            ("train.compile", compiled),
+        )
+        if bad
+    ]
     if reasons:
         log.info("train.cuda_graphs off: %s", ", ".join(reasons))
         return False
