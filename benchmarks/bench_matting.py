@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import inspect
 import json
 import logging
@@ -252,26 +253,31 @@ def profile_triton(system, rhs: torch.Tensor, width: int, steps: int, timed) -> 
     reach = (int(system.offsets.numel() ** 0.5) - 1) // 2
     batch = rhs.shape[0]
 
-    def solver() -> TritonPCG:
+    def solver(symmetric: bool) -> TritonPCG:
         x0 = torch.zeros_like(rhs)
-        return TritonPCG(
-            system.coef, system.inv_diag, system.index, system.scratch_size, width + 2 * reach, rhs, x0, rhs, 0.0
-        )
+        s = system
+        args = (s.coef, s.inv_diag, s.index, s.counts, s.scratch_size, width + 2 * reach, rhs, x0, rhs, 0.0)
+        return TritonPCG(*args, symmetric=symmetric)
 
-    launched = solver()
-    launched.iterate(2)  # compiles the kernels
-    launched_s, _ = timed(lambda: launched.iterate(steps))
-    replayed = solver()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        replayed.iterate(16)
-    graph_s, _ = timed(lambda: [graph.replay() for _ in range(steps // 16)])
-    coef_bytes = system.coef.numel() * system.coef.element_size()
-    return {
-        "triton_cg_us_per_photo_iteration": 1e6 * launched_s / steps / batch,
-        "triton_graphs_cg_us_per_photo_iteration": 1e6 * graph_s / (16 * (steps // 16)) / batch,
-        "triton_graphs_coef_read_gb_per_s": coef_bytes * 16 * (steps // 16) / graph_s / 1e9,
-    }
+    def replay(graph: torch.cuda.CUDAGraph, times: int) -> None:
+        for _ in range(times):
+            graph.replay()
+
+    result = {}
+    for symmetric in (False, True):
+        name = "triton_symmetric" if symmetric else "triton"
+        launched = solver(symmetric)
+        launched.iterate(2)  # compiles the kernels
+        launched_s, _ = timed(functools.partial(launched.iterate, steps))
+        replayed = solver(symmetric)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed.iterate(16)
+        graph_s, _ = timed(functools.partial(replay, graph, steps // 16))
+        result[f"{name}_cg_us_per_photo_iteration"] = 1e6 * launched_s / steps / batch
+        result[f"{name}_graphs_cg_us_per_photo_iteration"] = 1e6 * graph_s / (16 * (steps // 16)) / batch
+        del launched, replayed, graph
+    return result
 
 
 def markdown(rows: list[dict]) -> str:

@@ -185,6 +185,7 @@ class _System(NamedTuple):
     index: torch.Tensor  # (B, N) int64 flat position in the (B, H+2R, W+2R) scratch image
     offsets: torch.Tensor  # (Q,) int64 flat offset of d_j in the scratch image
     scratch_size: int  # B * (H+2R) * (W+2R)
+    counts: torch.Tensor  # (B,) int64 unknown pixels per image: slots [0, count) are rows
 
 
 def _full_offsets(radius: int) -> tuple[tuple[int, int], ...]:
@@ -231,7 +232,7 @@ def _compact_system(
     coef = coef.to(dtype)
     diag = coef[:, full.index((0, 0))].unsqueeze(1)
     inv_diag = torch.where(diag > 0, 1.0 / diag, torch.zeros_like(diag))
-    return _System(coef, inv_diag, index, offsets, b * hp * wp), rhs.to(dtype)
+    return _System(coef, inv_diag, index, offsets, b * hp * wp, counts), rhs.to(dtype)
 
 
 def _apply_system(
@@ -426,7 +427,7 @@ def _solve_alpha(
         reach = (math.isqrt(system.offsets.numel()) - 1) // 2
         row_stride = w + 2 * reach
         x, converged, iterations = solve_pcg_triton(
-            system.coef, system.inv_diag, system.index, system.scratch_size, row_stride,
+            system.coef, system.inv_diag, system.index, system.counts, system.scratch_size, row_stride,
             rhs, x0, r0, tol, max_iter, check_every, graphs=cg == "triton-graphs",
         )  # fmt: skip
     logger.debug("closed-form matting: %d photos at %dx%d, %d CG iterations", image.shape[0], h, w, iterations)

@@ -180,6 +180,7 @@ def test_cuda_matches_cpu() -> None:
 _TRITON_CHECK = """
 import json, logging, sys
 import numpy as np
+from stages import matting_triton
 from stages.matting_torch import estimate_alpha_cf_torch
 from tests.matting_fixtures import make_scene
 
@@ -189,10 +190,13 @@ images = np.stack([s.image for s in scenes])
 trimaps = np.stack([s.trimap for s in scenes])
 trimaps[1, :, :10] = 0.5  # a strip of background made unknown: this photo needs more iterations
 ours = estimate_alpha_cf_torch(images, trimaps, cg="triton", check_every=4)
+matting_triton.SYMMETRIC = False  # the kernel that reads all 25 coefficients
+full = estimate_alpha_cf_torch(images, trimaps, cg="triton", check_every=4)
 loop = estimate_alpha_cf_torch(images, trimaps, cg="torch", check_every=4)
 tight = estimate_alpha_cf_torch(images.astype(np.float64), trimaps, tol=1e-10)
 print(json.dumps({
     "vs_loop_max": float(np.abs(ours - loop).max()),
+    "full_vs_loop_max": float(np.abs(full - loop).max()),
     "vs_tight_mad": float(np.abs(ours - tight).mean()),
     "known_exact": bool(np.all(ours[trimaps >= 0.9] == 1.0) and np.all(ours[trimaps <= 0.1] == 0.0)),
 }))
@@ -216,9 +220,10 @@ def test_triton_cg_takes_the_torch_loops_iterations() -> None:
     # Two photos of different difficulty, so one stops while the other goes on (the stopped
     # image's blocks are masked off). Below 128 px there is no pyramid: one level each.
     levels = [line for line in done.stderr.splitlines() if "CG iterations" in line]
-    assert len(levels) == 3 and levels[0].split(":")[-1] == levels[1].split(":")[-1], levels
+    assert len(levels) == 4 and len({line.split(":")[-1] for line in levels[:3]}) == 1, levels
     result = json.loads(done.stdout)
     assert result["vs_loop_max"] < 1e-4
+    assert result["full_vs_loop_max"] < 1e-4
     assert result["vs_tight_mad"] < 1e-4
     assert result["known_exact"]
 
@@ -232,15 +237,15 @@ def test_triton_kernels_compile_for_hopper() -> None:
 
     from stages import matting_triton
 
-    constexprs = {"REACH": 2, "SIDE": 5, "BLOCK": 1024, "PARTS": 64}
+    constexprs = {"REACH": 2, "SIDE": 5, "HALF": 12, "BLOCK": 1024, "PARTS": 64}
     kernels = [getattr(matting_triton, name) for name in dir(matting_triton) if name.endswith("_kernel")]
-    assert len(kernels) == 5
+    assert len(kernels) == 6
     for kernel in kernels:
         names = kernel.arg_names
         signature = {
             name: "constexpr"
             if name in constexprs
-            else ("*i32" if name in ("index_ptr", "active_ptr") else "*fp32")
+            else ("*i32" if name in ("index_ptr", "active_ptr", "slot_ptr", "count_ptr") else "*fp32")
             if name.endswith("_ptr")
             else "i32"
             for name in names
