@@ -29,18 +29,16 @@ import pyarrow.parquet as pq
 from pipeline import __version__, tracking
 from pipeline.backgrounds import BUNDLED_BACKGROUNDS, backgrounds_digest, list_backgrounds
 from pipeline.config import Config, dump_config
-from pipeline.dataplan import build_dataset_plan, ensure_ray, run_plan
+from pipeline.dataplan import build_dataset_plan, ensure_ray, filter_composite_encode, finish_args, run_plan
 from pipeline.hub import require_model
 from pipeline.sources import SourceError, SourcePhoto, SourceScan, scan_source
 from pipeline.versions import MANIFEST, DatasetStore, utc_now, write_json_atomic
-from stages.composite import composite_batch
 from stages.decode import decode_batch
-from stages.filter import filter_batch
 from stages.matte import matte_batch, resolve_backend
 from stages.records import CATEGORY, REJECT_REASON, REJECT_STAGE, SOURCE_PATH, SOURCE_SHA256, SOURCE_URI, SUBJECT_ID
 from stages.segment import Segmenter
 from stages.trimap import trimap_batch
-from stages.write import DATA_SCHEMA, REJECT_SCHEMA, encode_batch, split_block
+from stages.write import DATA_SCHEMA, REJECT_SCHEMA, split_block
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +117,7 @@ def process_photos(photos: list[SourcePhoto], config: Config, dataset_version: s
     batch = segmenter(batch)
     batch = trimap_batch(batch, **data.trimap.model_dump())
     batch = matte_batch(batch, backend=resolve_backend(data.matte.backend))
-    batch = filter_batch(batch, **data.filter.model_dump())
-    batch = composite_batch(batch, backgrounds=backgrounds, **data.composite.model_dump())
-    batch = encode_batch(batch, image_format=data.write.image_format, jpeg_quality=data.write.jpeg_quality, dataset_version=dataset_version)
+    batch = filter_composite_encode(batch, **finish_args(config, backgrounds, dataset_version))
     rows, rejects, _ = split_block(pa.table({name: pa.array(list(column)) for name, column in batch.items()}))
     return rows, rejects
 

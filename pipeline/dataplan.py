@@ -16,6 +16,7 @@ import logging
 import math
 from typing import Any
 
+import numpy as np
 import ray
 from ray.data import ActorPoolStrategy, DataContext, Dataset
 
@@ -34,12 +35,22 @@ log = logging.getLogger(__name__)
 # Blocks per CPU: enough to keep every core busy while one block is slow to mat.
 _BLOCKS_PER_CPU = 4
 
+# Rows per batch of the CPU task after matting: big enough that slicing batches out of a block
+# costs little (0.5 ms a photo at 4 rows, 0.1 at 16), small enough that a batch's arrays (3.7 MB
+# a photo at 512 px, plus its composites) stay near the core's cache.
+_FINISH_BATCH_SIZE = 8
+
 
 def ensure_ray(cfg: RayConfig) -> None:
     """Join the configured cluster (or RAY_ADDRESS), else start a local Ray; reuse if running."""
     if ray.is_initialized():
         return
-    ray.init(address=cfg.address, num_cpus=cfg.num_cpus if cfg.address is None else None, include_dashboard=False, log_to_driver=True)
+    ray.init(
+        address=cfg.address,
+        num_cpus=cfg.num_cpus if cfg.address is None else None,
+        include_dashboard=False,
+        log_to_driver=True,
+    )
 
 
 def subject_trainer_options(config: Config) -> dict[str, Any]:
@@ -88,6 +99,24 @@ def matte_stage(matte: MatteConfig, cluster_gpus: float) -> dict[str, Any]:
     }
 
 
+def filter_composite_encode(
+    batch: dict[str, np.ndarray],
+    *,
+    filter_args: dict[str, Any],
+    composite_args: dict[str, Any],
+    encode_args: dict[str, Any],
+) -> dict[str, np.ndarray]:
+    """filter -> composite -> encode as one Ray Data function.
+
+    As three map_batches, Ray fused them into one task all the same, but it turned every
+    function's output batch into an Arrow block and back: the composite batch (K rows per photo,
+    each with the photo's arrays) was copied into Arrow only to be encoded next. One function
+    hands the arrays over as they are (BENCHMARKS.md: the CPU task after matting, per photo)."""
+    batch = filter_batch(batch, **filter_args)
+    batch = composite_batch(batch, **composite_args)
+    return encode_batch(batch, **encode_args)
+
+
 def _num_blocks(photos: int, photos_per_shard: int) -> int:
     """Blocks of photos for the plan. Each block ends as one Parquet shard, so blocks hold up
     to a shard's worth of photos, but there are at least a few blocks per CPU to spread over."""
@@ -117,7 +146,9 @@ def build_dataset_plan(
         }
         for p in photos
     ]
-    ds = ray.data.from_items(items, override_num_blocks=_num_blocks(len(items), data.write.rows_per_file // data.composite.per_photo))
+    ds = ray.data.from_items(
+        items, override_num_blocks=_num_blocks(len(items), data.write.rows_per_file // data.composite.per_photo)
+    )
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     matte = matte_stage(data.matte, cluster_gpus)
     ds = ds.map_batches(decode_batch, batch_size=4, num_cpus=1, fn_kwargs=data.decode.model_dump())
@@ -136,24 +167,27 @@ def build_dataset_plan(
     )
     ds = ds.map_batches(trimap_batch, batch_size=4, num_cpus=1, fn_kwargs=data.trimap.model_dump())
     ds = ds.map_batches(**matte)
-    ds = ds.map_batches(filter_batch, batch_size=4, num_cpus=1, fn_kwargs=data.filter.model_dump())
     ds = ds.map_batches(
-        composite_batch,
-        batch_size=4,
+        filter_composite_encode,
+        batch_size=_FINISH_BATCH_SIZE,
         num_cpus=1,
-        fn_kwargs={"backgrounds": backgrounds, **data.composite.model_dump()},
+        fn_kwargs=finish_args(config, backgrounds, dataset_version),
     )
-    ds = ds.map_batches(
-        encode_batch,
-        batch_size=4,
-        num_cpus=1,
-        fn_kwargs={
+    return ds
+
+
+def finish_args(config: Config, backgrounds: list[tuple[str, str]], dataset_version: str) -> dict[str, Any]:
+    """Keyword arguments of `filter_composite_encode` for this config."""
+    data = config.data
+    return {
+        "filter_args": data.filter.model_dump(),
+        "composite_args": {"backgrounds": backgrounds, **data.composite.model_dump()},
+        "encode_args": {
             "image_format": data.write.image_format,
             "jpeg_quality": data.write.jpeg_quality,
             "dataset_version": dataset_version,
         },
-    )
-    return ds
+    }
 
 
 def run_plan(ds: Dataset, staging_root: str, progress: bool = True) -> list[dict[str, Any]]:

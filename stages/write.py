@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +85,10 @@ def encode_image(array: np.ndarray, fmt: str = "png", quality: int = 95) -> byte
     if fmt == "jpeg":
         img.save(buf, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
     else:
-        # Level 3: a third of level 6's time on mattes for ~35% more bytes (BENCHMARKS.md).
-        img.save(buf, format="PNG", compress_level=3)
+        # Level 3 with zlib's run-length strategy: mattes and trimaps are long runs of 0 and 255.
+        # On closed-form mattes of the sample it takes 0.78x the time of plain level 3 and gives
+        # 0.82x the bytes (trimaps 0.61x), less than level 6 takes either way (BENCHMARKS.md).
+        img.save(buf, format="PNG", compress_level=3, compress_type=zlib.Z_RLE)
     return buf.getvalue()
 
 

@@ -7,6 +7,7 @@ from stages.composite import (
     COMPOSITE_INDEX,
     composite_batch,
     composite_subject,
+    cover_background,
     fit_background,
     photo_seed,
     subject_bbox,
@@ -125,3 +126,119 @@ def test_batch_is_reproducible(tmp_path):
         np.testing.assert_array_equal(a[COMPOSITE][i], b[COMPOSITE][i])
     c = composite_batch(dict(batch), backgrounds=backgrounds, per_photo=2, seed=6, scale_min=0.4, scale_max=0.8)
     assert list(a[SEED][:2]) != list(c[SEED][:2])
+
+
+def _float_canvas_composite(foreground, alpha, background, rng, scale_min, scale_max):
+    """The blend as first written: the whole background resized and cropped through PIL, blended
+    on a float32 canvas, the canvas rounded. composite_subject must give the same bytes."""
+    from PIL import Image
+
+    height, width = alpha.shape
+    bh, bw = background.shape[:2]
+    scale = max(height / bh, width / bw)
+    nh, nw = max(height, round(bh * scale)), max(width, round(bw * scale))
+    img = Image.fromarray(background)
+    if (nh, nw) != (bh, bw):
+        img = img.resize((nw, nh), Image.Resampling.BILINEAR)
+    top, left = int(rng.integers(0, nh - height + 1)), int(rng.integers(0, nw - width + 1))
+    canvas = np.asarray(img)[top : top + height, left : left + width].astype(np.float32)
+    rows = np.flatnonzero((alpha > 0.01).any(axis=1))
+    cols = np.flatnonzero((alpha > 0.01).any(axis=0))
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    target = rng.uniform(scale_min, scale_max) * min(height, width)
+    s = min(target / max(y1 - y0, x1 - x0), height / (y1 - y0), width / (x1 - x0))
+    new_h, new_w = max(1, round((y1 - y0) * s)), max(1, round((x1 - x0) * s))
+    fg = Image.fromarray(foreground[y0:y1, x0:x1]).resize((new_w, new_h), Image.Resampling.LANCZOS)
+    a = Image.fromarray(alpha[y0:y1, x0:x1].astype(np.float32), mode="F").resize(
+        (new_w, new_h), Image.Resampling.BILINEAR
+    )
+    y, x = int(rng.integers(0, height - new_h + 1)), int(rng.integers(0, width - new_w + 1))
+    a_arr = np.clip(np.asarray(a, np.float32), 0.0, 1.0)[..., None]
+    region = canvas[y : y + new_h, x : x + new_w]
+    canvas[y : y + new_h, x : x + new_w] = a_arr * np.asarray(fg, np.float32) + (1.0 - a_arr) * region
+    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8), (x, y, new_w, new_h)
+
+
+@pytest.mark.parametrize(
+    "photo_shape, background_shape",
+    [((64, 64), (64, 64)), ((60, 80), (50, 50)), ((96, 72), (200, 130)), ((48, 64), (48, 200))],
+)
+def test_blend_gives_the_bytes_of_a_float_canvas(photo_shape, background_shape):
+    # Noise everywhere, and a soft matte with values all through (0, 1), so any change in the
+    # arithmetic or in the order of the random draws shows up as a different byte.
+    gen = np.random.default_rng(1)
+    h, w = photo_shape
+    fg = gen.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[:h, :w]
+    alpha = np.clip(1.3 - np.hypot((yy - h / 2) / h, (xx - w / 2) / w) * 3.5, 0, 1).astype(np.float32)
+    alpha *= gen.uniform(0.9, 1.0, alpha.shape).astype(np.float32)
+    bg = gen.integers(0, 256, (*background_shape, 3), dtype=np.uint8)
+    for seed in range(12):
+        want, (x, y, bw, bh) = _float_canvas_composite(fg, alpha, bg, np.random.default_rng(seed), 0.3, 0.95)
+        got, p = composite_subject(fg, alpha, bg, np.random.default_rng(seed), scale_min=0.3, scale_max=0.95)
+        assert (p["x"], p["y"], p["width"], p["height"]) == (x, y, bw, bh)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_covered_background_crops_like_the_original():
+    gen = np.random.default_rng(0)
+    for bg_shape, canvas in [((50, 50), (60, 80)), ((200, 130), (96, 72)), ((48, 200), (48, 64)), ((64, 64), (64, 64))]:
+        bg = gen.integers(0, 256, (*bg_shape, 3), dtype=np.uint8)
+        covered = cover_background(bg, *canvas)
+        assert cover_background(covered, *canvas) is covered  # covering twice resizes once
+        for seed in range(5):
+            np.testing.assert_array_equal(
+                fit_background(covered, *canvas, np.random.default_rng(seed)),
+                fit_background(bg, *canvas, np.random.default_rng(seed)),
+            )
+
+
+def test_batch_composites_equal_single_ones_and_stacked_columns_are_not_copied(tmp_path):
+    """What composite_batch makes (cached, covered backgrounds; one bbox per photo) equals
+    composite_subject on the background file as loaded; a stacked column, as Ray hands over
+    same-shape arrays, gives the same rows as an object column, with views instead of copies;
+    FOREGROUND is dropped."""
+    from PIL import Image
+
+    from stages.composite import load_background
+    from stages.records import IMAGE
+
+    gen = np.random.default_rng(3)
+    paths = []
+    for i, shape in enumerate([(50, 50), (120, 90), (70, 200)]):
+        p = tmp_path / f"bg{i}.png"
+        Image.fromarray(gen.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(p)
+        paths.append((f"bg{i}", str(p)))
+    n, h, w = 3, 60, 80
+    fg = gen.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+    _, one_alpha = square_subject(h, w)
+    alpha = np.stack([one_alpha] * n)
+    stacked = {
+        SOURCE_URI: np.array(["a", "b", "c"], dtype=object),
+        SOURCE_SHA256: np.array(["aa", "bb", "cc"], dtype=object),
+        REJECT_STAGE: np.array(["", "", ""], dtype=object),
+        IMAGE: fg,
+        FOREGROUND: fg,
+        ALPHA: alpha,
+    }
+    objects = dict(stacked)
+    for name in (IMAGE, FOREGROUND, ALPHA):
+        objects[name] = np.empty(n, dtype=object)
+        objects[name][:] = list(stacked[name])
+    kwargs = dict(backgrounds=paths, per_photo=2, seed=4, scale_min=0.3, scale_max=0.9)
+    a = composite_batch(dict(stacked), **kwargs)
+    b = composite_batch(objects, **kwargs)
+    assert FOREGROUND not in a and FOREGROUND not in b
+    assert list(a[SOURCE_URI]) == ["a", "a", "b", "b", "c", "c"]
+    for row in range(2 * n):
+        np.testing.assert_array_equal(a[COMPOSITE][row], b[COMPOSITE][row])
+        assert a[PLACEMENT][row] == b[PLACEMENT][row] and a[BACKGROUND_ID][row] == b[BACKGROUND_ID][row]
+        assert np.shares_memory(a[IMAGE][row], fg)  # a view of the photo, not a K-fold copy
+        photo = row // 2
+        rng = np.random.default_rng(a[SEED][row])
+        background_id, path = paths[int(rng.integers(len(paths)))]
+        want, placement = composite_subject(
+            fg[photo], alpha[photo], load_background(path), rng, scale_min=0.3, scale_max=0.9
+        )
+        assert background_id == a[BACKGROUND_ID][row] and json.loads(a[PLACEMENT][row]) == placement
+        np.testing.assert_array_equal(a[COMPOSITE][row], want)

@@ -17,6 +17,17 @@ def test_png_roundtrip_is_lossless_and_jpeg_is_close():
     assert np.abs(back - smooth).mean() < 3
 
 
+def test_mattes_and_trimaps_roundtrip_exactly():
+    # PNG is written with zlib's run-length strategy; whatever the strategy, the decoded matte
+    # must be the 8-bit matte that went in: runs of 0 and 255 around a soft band, and a trimap.
+    yy, xx = np.mgrid[:64, :96]
+    alpha = to_uint8(np.clip(1.5 - np.hypot(yy - 32, xx - 48) / 16, 0, 1))
+    trimap = to_uint8(np.where(alpha == 255, 1.0, np.where(alpha == 0, 0.0, 0.5)))
+    for matte in (alpha, trimap):
+        assert 0 < (matte == 0).mean() < 1 and (matte == 255).any()
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(encode_image(matte)))), matte)
+
+
 def test_to_uint8_rounds():
     np.testing.assert_array_equal(to_uint8(np.array([0.0, 0.5, 1.0, 1.2, -0.1])), [0, 128, 255, 255, 0])
 
