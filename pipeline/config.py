@@ -88,7 +88,8 @@ class SegmentConfig(_Strict):
     batch_size: int = Field(8, ge=1)
     num_actors: int = Field(1, ge=1, description="CLIPSeg actor pool size")
     num_gpus: float | Literal["auto"] = Field(
-        "auto", description="GPUs per CLIPSeg actor; auto = 1 when the cluster has GPUs, else 0"
+        "auto",
+        description="GPUs per CLIPSeg actor; auto = what GPU matting leaves, shared by the CLIPSeg actors (at most 1 each), 0 without GPUs",
     )
     # CLIPSeg's sigmoid is calibrated per prompt; `minmax` rescales each map to [0, 1], which
     # finds *a* foreground in every photo (so it cannot reject subject-less photos).

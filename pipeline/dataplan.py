@@ -17,10 +17,11 @@ import math
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, DataContext, Dataset
 
-from pipeline.config import Config, MatteConfig, RayConfig
+from pipeline.config import Config, ConfigError, MatteConfig, RayConfig
 from stages.composite import composite_batch
 from stages.decode import decode_batch
 from stages.filter import filter_batch
@@ -61,14 +62,18 @@ def subject_trainer_options(config: Config) -> dict[str, Any]:
     return {"num_cpus": config.train.cpus_per_worker, "num_gpus": gpus, "max_restarts": 0, "max_task_retries": 0}
 
 
-def gpus_per_segment_actor(setting: float | str, matte_gpus: float, cluster_gpus: float) -> float:
-    """auto: a whole GPU, or what a matting actor leaves of one when matting is on the GPU too
-    (a whole one would leave no room for it, and the plan would wait forever)."""
+def gpus_per_segment_actor(setting: float | str, matte_gpus: float, cluster_gpus: float, num_actors: int = 1) -> float:
+    """auto: what the matting actors leave of the GPUs, shared by the `num_actors` CLIPSeg
+    actors, and never more than they leave of one GPU (an actor's share sits on one GPU). Two
+    actors beside a 0.5-GPU matting actor on one GPU get 0.25 each: 0.5 each would ask for 1.5
+    GPUs, and the plan would wait forever for the second. Rounded down to Ray's 1e-4 resource
+    unit, so that the shares never add up to more than the GPU."""
     if setting != "auto":
         return float(setting)
     if cluster_gpus <= 0:
         return 0.0
-    return 1.0 - matte_gpus if matte_gpus > 0 else 1.0
+    left = 1.0 - matte_gpus if matte_gpus > 0 else 1.0
+    return math.floor(min(left, left * cluster_gpus / max(1, num_actors)) * 1e4) / 1e4
 
 
 def matte_stage(matte: MatteConfig, cluster_gpus: float) -> dict[str, Any]:
@@ -117,6 +122,32 @@ def filter_composite_encode(
     return encode_batch(batch, **encode_args)
 
 
+def batch_aligned_dataset(items: list[dict[str, Any]], batch_size: int) -> Dataset:
+    """`items` in blocks of exactly `batch_size` rows (the last one shorter), for the plan with
+    `Matter` actors.
+
+    Ray Data hands an actor a bundle of whole blocks holding at least `batch_size` rows. Blocks
+    of ~31 photos (2,000 split over 4 blocks per CPU of 16) made bundles of 93 and batches of 64
+    + 29, and the GPU solves 29 photos at well under the rate of 64. With blocks of one batch,
+    every bundle is one full batch, as long as blocks stay whole up to the matte actor: Ray cuts
+    a task's output once it passes 128 MiB, and 64 photos at 512 px are ~117 MB (the photo with
+    its confidence map or trimap). Bigger batches get cut on the way; `Matter` then solves a
+    bundle in even parts (74 + 74, not 128 + 20)."""
+    chunks = [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
+    return ray.data.from_arrow([pa.Table.from_pylist(chunk) for chunk in chunks])
+
+
+def check_cpus_left(cluster_cpus: float, actor_cpus: float) -> None:
+    """Raise ConfigError when the plan's actors (one CPU each, held for the whole plan) leave no
+    CPU for its tasks: decode would never run and the build would wait forever."""
+    if cluster_cpus - actor_cpus < 1:
+        raise ConfigError(
+            f"the data plan's {actor_cpus:g} actors (data.segment.num_actors, data.matte.num_actors) hold "
+            f"{actor_cpus:g} of the cluster's {cluster_cpus:g} CPUs and leave none for decoding, trimaps "
+            "and writing; use fewer actors or more CPUs (ray.num_cpus)"
+        )
+
+
 def _num_blocks(photos: int, photos_per_shard: int) -> int:
     """Blocks of photos for the plan. Each block ends as one Parquet shard, so blocks hold up
     to a shard's worth of photos, but there are at least a few blocks per CPU to spread over."""
@@ -146,17 +177,25 @@ def build_dataset_plan(
         }
         for p in photos
     ]
-    ds = ray.data.from_items(
-        items, override_num_blocks=_num_blocks(len(items), data.write.rows_per_file // data.composite.per_photo)
-    )
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    resources = ray.cluster_resources()
+    cluster_gpus = resources.get("GPU", 0)
     matte = matte_stage(data.matte, cluster_gpus)
+    actors = data.segment.num_actors + (matte["compute"].max_size if matte["fn"] is Matter else 0)
+    check_cpus_left(resources.get("CPU", 0), actors)
+    if matte["fn"] is Matter:
+        ds = batch_aligned_dataset(items, data.matte.batch_size)
+    else:
+        ds = ray.data.from_items(
+            items, override_num_blocks=_num_blocks(len(items), data.write.rows_per_file // data.composite.per_photo)
+        )
     ds = ds.map_batches(decode_batch, batch_size=4, num_cpus=1, fn_kwargs=data.decode.model_dump())
     ds = ds.map_batches(
         Segmenter,
         batch_size=data.segment.batch_size,
         compute=ActorPoolStrategy(size=data.segment.num_actors),
-        num_gpus=gpus_per_segment_actor(data.segment.num_gpus, matte.get("num_gpus", 0.0), cluster_gpus),
+        num_gpus=gpus_per_segment_actor(
+            data.segment.num_gpus, matte.get("num_gpus", 0.0), cluster_gpus, data.segment.num_actors
+        ),
         num_cpus=1,
         fn_constructor_kwargs={
             "model_path": config.model_path("clipseg"),

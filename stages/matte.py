@@ -9,6 +9,7 @@ photos at once, which is what `Matter`, the GPU actor of the stage, does.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -150,8 +151,13 @@ class Matter:
             rows = [int(i) for i in healthy_rows(batch) if _trimap_refusal(batch[TRIMAP][i]) is None]
             rows.sort(key=lambda i: batch[IMAGE][i].shape)
             results: dict[int, tuple[np.ndarray, np.ndarray] | str] = {}
-            for start in range(0, len(rows), self.batch_size):
-                chunk = rows[start : start + self.batch_size]
+            # As few solves as batch_size allows, of even sizes: a bundle of 148 photos at batch
+            # 128 is solved as 74 + 74, not 128 + 20, since a small batch solves at a fraction of
+            # a full one's rate per photo (Ray Data bundles whole blocks, so a bundle is not one
+            # batch when blocks were split by size on the way).
+            step = math.ceil(len(rows) / max(1, math.ceil(len(rows) / self.batch_size))) if rows else 1
+            for start in range(0, len(rows), step):
+                chunk = rows[start : start + step]
                 solved = self._solve([batch[IMAGE][i] for i in chunk], [batch[TRIMAP][i] for i in chunk])
                 results.update(zip(chunk, solved, strict=True))
 

@@ -1,13 +1,42 @@
-"""The plan's Ray Data wiring: the fused CPU task after matting."""
+"""The plan's Ray Data wiring: batches the GPU matte actor receives, the fused CPU task after it."""
+
+from collections import Counter
 
 import numpy as np
+import pytest
+from ray.data import ActorPoolStrategy
 
 from pipeline.backgrounds import list_backgrounds
-from pipeline.config import load_config
-from pipeline.dataplan import filter_composite_encode, finish_args
+from pipeline.config import ConfigError, load_config
+from pipeline.dataplan import batch_aligned_dataset, build_dataset_plan, filter_composite_encode, finish_args
 from stages.composite import composite_batch
 from stages.filter import filter_batch
 from stages.write import encode_batch
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("photos", [130, 64, 7])
+def test_each_matte_actor_call_is_one_full_batch(ray_local, photos):
+    # Between the input and the matte actor the plan has CPU tasks of 4-row batches and another
+    # actor; none of them may merge or split the blocks, or the matte actor gets 64 + 29.
+    # (Defined here so that Ray pickles them by value: workers cannot import test modules.)
+    class _BatchSizes:
+        """Records the rows of each batch it gets (the last call's count wins)."""
+
+        def __call__(self, batch):
+            return {"id": batch["id"], "rows": np.full(len(batch["id"]), len(batch["id"]))}
+
+    def _pass_through(batch):
+        return batch
+
+    ds = batch_aligned_dataset([{"id": i} for i in range(photos)], 16)
+    ds = ds.map_batches(_pass_through, batch_size=4)
+    ds = ds.map_batches(_BatchSizes, batch_size=8, compute=ActorPoolStrategy(size=1))
+    ds = ds.map_batches(_pass_through, batch_size=4)
+    ds = ds.map_batches(_BatchSizes, batch_size=16, compute=ActorPoolStrategy(size=1))
+    rows_by_batch_size = Counter(ds.to_pandas()["rows"].tolist())
+    full, rest = divmod(photos, 16)
+    assert rows_by_batch_size == Counter({16: 16 * full, rest: rest} if rest else {16: 16 * full})
 
 
 def test_the_fused_cpu_task_is_filter_composite_encode_in_order():
@@ -41,3 +70,30 @@ def test_the_fused_cpu_task_is_filter_composite_encode_in_order():
     for name in fused:
         if not name.startswith("t_"):
             assert list(fused[name]) == list(chained[name]), name
+
+
+@pytest.mark.parametrize(
+    "cpus, gpus, settings, fails",
+    [
+        (2, 1, [], True),  # one CLIPSeg and one matte actor: both CPUs held, decode never runs
+        (3, 1, [], False),
+        (3, 1, ["data.segment.num_actors=2"], True),
+        (2, 0, [], False),  # no GPU: matting is CPU tasks, only CLIPSeg is an actor
+        (1, 0, [], True),
+    ],
+)
+def test_a_plan_whose_actors_hold_every_cpu_is_refused(monkeypatch, cpus, gpus, settings, fails):
+    import pipeline.dataplan as dataplan
+
+    class Accepted(Exception):
+        """The plan got past its checks to building the input dataset."""
+
+    def accepted(*args, **kwargs):
+        raise Accepted
+
+    monkeypatch.setattr(dataplan.ray, "cluster_resources", lambda: {"CPU": float(cpus), "GPU": float(gpus)})
+    monkeypatch.setattr(dataplan, "batch_aligned_dataset", accepted)
+    monkeypatch.setattr(dataplan.ray.data, "from_items", accepted)
+    photo = {"subject_id": "dog", "category": "dog", "source_uri": "a", "source_path": "/a", "source_sha256": "aa"}
+    with pytest.raises(ConfigError if fails else Accepted, match="leave none for decoding" if fails else None):
+        build_dataset_plan([photo], load_config(overrides=settings), [], "v0001")

@@ -128,4 +128,36 @@ def test_matte_stage_shares_the_gpu_with_clipseg():
         assert cpu["fn"] is matte_batch and cpu["batch_size"] == 1 and "num_gpus" not in cpu
         assert cpu["fn_kwargs"]["backend"] == ("pymatting" if backend == "auto" else backend)
     assert gpus_per_segment_actor("auto", 0.0, 1) == 1.0 and gpus_per_segment_actor("auto", 0.0, 0) == 0.0
+    # Several CLIPSeg actors share what matting leaves, in Ray's 1e-4 units, so all of them start.
+    for actors in range(1, 8):
+        share = gpus_per_segment_actor("auto", gpu["num_gpus"], 1, actors)
+        assert 0 < share and round(share * 1e4) * actors + round(gpu["num_gpus"] * 1e4) <= 1e4
+    assert gpus_per_segment_actor("auto", 0.5, 8, 2) == 0.5  # one per GPU beside its matting actor
+    assert gpus_per_segment_actor(0.3, 0.5, 1, 3) == 0.3  # a number is taken as given
     assert config.tol == DEFAULT_TOL  # the config's default is the solver's
+
+
+def test_matter_splits_a_bundle_into_even_solves(monkeypatch):
+    """A bundle of 5 photos at batch_size 4 is two solves of 3 and 2, not 4 and 1 (a batch of one
+    solves at a fraction of a full batch's rate); 8 photos are two full batches."""
+    sizes = []
+
+    def solve(self, images, trimaps):
+        sizes.append(len(images))
+        return [
+            (np.zeros(t.shape, np.float32), np.zeros(i.shape, np.uint8)) for i, t in zip(images, trimaps, strict=True)
+        ]
+
+    monkeypatch.setattr(Matter, "_solve", solve)
+    scene = make_scene(48, 48, seed=1)
+    for photos, want in ((5, [3, 2]), (8, [4, 4]), (4, [4]), (1, [1])):
+        sizes.clear()
+        batch = {
+            SOURCE_URI: np.array([f"p{i}" for i in range(photos)], dtype=object),
+            IMAGE: _column([as_uint8(scene.image)] * photos),
+            TRIMAP: _column([scene.trimap] * photos),
+            REJECT_STAGE: np.full(photos, "", dtype=object),
+            REJECT_REASON: np.full(photos, "", dtype=object),
+        }
+        out = Matter(batch_size=4, warm_up=False)(batch)
+        assert sizes == want and list(out[REJECT_STAGE]) == [""] * photos
