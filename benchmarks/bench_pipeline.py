@@ -8,26 +8,50 @@ CIDAS/clipseg-rd64-refined architecture (ViT-B/16 vision tower, CLIP text tower,
 timings real, not masks: its maps are speckle, so the run uses the tiny profile's trimap settings
 (per-photo min-max scaling, no erosion), which leave all three trimap regions in every photo.
 
-A warm-up build of --warm-up-photos photos goes first. It fills the page cache with CLIPSeg's
-weights and the torch.compile caches of the matting kernels, which a long-running node keeps
-between builds. The timed build starts fresh actors, and its clock includes their start.
+A warm-up build of --warm-up-photos photos goes first (64: one batch of the matte actor). It
+fills the page cache with CLIPSeg's weights and torch.compile's caches with the matting kernels:
+Inductor's FX graph and autograd caches and Triton's kernels, on disk, in folders every process
+of the user shares (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR; exported before Ray starts so the
+workers use the folders the report counts). A long-running node keeps them between builds. The
+timed build starts fresh actors, whose compile loads those caches; the report counts the cache
+files each build added (none: nothing was compiled anew).
 
-    python benchmarks/bench_pipeline.py --out $OUT/bench_pipeline.json            # GPU machine
-    python benchmarks/bench_pipeline.py --photos 24 --warm-up-photos 8 --size 96 \\
-        --clipseg tiny --num-cpus 2 --fake-gpus 1 data.matte.backend=torch     # CPU-only sanity
+What each timed build reports (`builds` in the JSON):
+- end to end: photos over the driver's clock from the start of the plan to the last row
+  written (`end_to_end_photos_per_s`), and over the whole `data build` (scan, hashing, plan,
+  ledger, manifest: `build_photos_per_s`);
+- while rows flow: the rows written after the first shard, over the time from the first shard
+  to the last (`steady_photos_per_s`), and between 10% and 90% of the rows written. Shards are
+  timed as they land: a thread polls the staging folder for finished Parquet files;
+- actor start, from Ray's task events (`ray.timeline()`): each actor's constructor (CLIPSeg
+  load; the matte actor's compile) and its first batch, in seconds from the plan's start, and
+  each operator's tasks, busy seconds and mean and peak number of tasks running at once;
+- per operator, Ray Data's Dataset.stats(): tasks, task wall and CPU time, rows/s.
+
+The JSON is rewritten every 2 s while a build runs, after each build, on SIGTERM (`timeout`),
+and at --budget seconds, where the script stops with status 3. A variant is not started when
+the previous build took longer than the budget has left.
+
+    python benchmarks/bench_pipeline.py --out $OUT/bench_pipeline.json --budget 420   # GPU machine
+    python benchmarks/bench_pipeline.py --photos 48 --warm-up-photos 8 --size 96 \\
+        --clipseg tiny --num-cpus 4 --fake-gpus 1 data.matte.backend=torch \\
+        data.matte.batch_size=8                   # CPU-only sanity (4 CPUs: each actor holds one)
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import multiprocessing as mp
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -137,36 +161,243 @@ def make_source(root: Path, photos: int, size: int, workers: int) -> Path:
     return root
 
 
-class _StatsCapture:
-    """Wraps pipeline.build.run_plan to keep the executed Dataset's Ray Data stats."""
+class Report:
+    """The JSON results, rewritten (atomically) whenever something is added, so that a run cut
+    short by a time limit still leaves what it measured."""
 
-    def __init__(self) -> None:
-        self.text = ""
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.data: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        with self._lock:
+            for _ in range(5):  # another thread may be adding to the report right now
+                try:
+                    text = json.dumps(self.data, indent=2, default=str)
+                    break
+                except RuntimeError:
+                    time.sleep(0.05)
+            else:
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, self.path)
+
+
+class ShardWatch(threading.Thread):
+    """Times written rows from the driver: polls the build's staging folder for data shards whose
+    Parquet footer is written (each write task closes its shard when done), without touching
+    the stages. `shards` holds (seconds since the plan started, rows) per finished shard."""
+
+    def __init__(self, data_dir: Path, started: float, on_progress, interval: float = 0.2, report_every: float = 2.0):
+        super().__init__(daemon=True)
+        self.data_dir, self.started, self.on_progress = data_dir, started, on_progress
+        self.interval, self.report_every = interval, report_every
+        self.shards: list[tuple[float, int]] = []
+        self._seen: set[str] = set()
+        self._done = threading.Event()
+
+    def scan(self) -> None:
+        import pyarrow.parquet as pq
+
+        if not self.data_dir.is_dir():
+            return
+        for path in sorted(self.data_dir.glob("*.parquet")):
+            if path.name in self._seen:
+                continue
+            try:
+                rows = pq.read_metadata(path).num_rows
+            except (OSError, ValueError):  # still being written (no footer yet)
+                continue
+            self._seen.add(path.name)
+            self.shards.append((time.perf_counter() - self.started, rows))
+
+    def run(self) -> None:
+        last_report = 0.0
+        while not self._done.wait(self.interval):
+            self.scan()
+            if time.perf_counter() - last_report >= self.report_every:
+                last_report = time.perf_counter()
+                self.on_progress()
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+        self.scan()
+
+
+def written_rates(shards: list[tuple[float, int]], per_photo: int) -> dict[str, Any]:
+    """From (time, rows) of each finished shard: when the first rows landed, and the rate while
+    rows flow. `steady` counts the rows after the first shard over the span from the first
+    shard to the last (the pipeline is full and draining); `p10_p90` the rows between the
+    moments 10% and 90% of them were written, which leaves out the start and the tail."""
+    if not shards:
+        return {"shards": 0}
+    shards = sorted(shards)
+    times = np.array([t for t, _ in shards])
+    cumulative = np.cumsum([rows for _, rows in shards])
+    total = int(cumulative[-1])
+    out: dict[str, Any] = {
+        "shards": len(shards),
+        "rows": total,
+        "first_rows_s": round(float(times[0]), 3),
+        "last_rows_s": round(float(times[-1]), 3),
+        "curve": [[round(float(t), 2), int(c)] for t, c in zip(times, cumulative, strict=True)],
+    }
+    if times[-1] > times[0]:
+        rows_per_s = (total - cumulative[0]) / (times[-1] - times[0])
+        out["steady_rows_per_s"] = round(float(rows_per_s), 2)
+        out["steady_photos_per_s"] = round(float(rows_per_s) / per_photo, 2)
+    i10, i90 = int(np.searchsorted(cumulative, 0.1 * total)), int(np.searchsorted(cumulative, 0.9 * total))
+    if times[i90] > times[i10]:
+        rows_per_s = (cumulative[i90] - cumulative[i10]) / (times[i90] - times[i10])
+        out["p10_p90_photos_per_s"] = round(float(rows_per_s) / per_photo, 2)
+    return out
+
+
+def ray_timeline(start_wall: float, end_wall: float) -> dict[str, Any]:
+    """Actor start and operator activity between two wall-clock times, from Ray's task events
+    (`ray.timeline()`, which the GCS keeps without a dashboard). Per actor: when its constructor
+    (model load, the matting compile) started and how long it took, and when its first batch
+    started, in seconds since the plan started. Per operator: tasks, busy seconds, and the mean
+    and peak number of its tasks running at once."""
+    import ray
+
+    time.sleep(2.0)  # workers report task events once a second
+    events = [
+        e
+        for e in ray.timeline()
+        if e.get("ph") == "X"
+        and str(e.get("cat", "")).startswith("task::")
+        and start_wall * 1e6 <= e["ts"] <= end_wall * 1e6
+    ]
+    actors: dict[str, dict[str, Any]] = {}
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for e in events:
+        name = e["cat"][len("task::") :]
+        start, end = e["ts"] / 1e6 - start_wall, (e["ts"] + e["dur"]) / 1e6 - start_wall
+        worker = re.match(r"MapWorker\((.+)\)\.(\w+)$", name)
+        if worker:  # a Ray Data actor: its constructor, then one `submit` per bundle
+            operator, method = worker.groups()
+            actor = actors.setdefault(e["tid"], {"operator": operator})
+            if method == "__init__":
+                actor.update(init_start_s=round(start, 3), init_s=round(end - start, 3))
+            elif method == "submit":
+                if "first_batch_start_s" not in actor or start < actor["first_batch_start_s"]:
+                    actor.update(first_batch_start_s=round(start, 3), first_batch_s=round(end - start, 3))
+                spans.setdefault(operator, []).append((start, end))
+        elif name.startswith(("MapBatches(", "ReadRange", "FromArrow", "FromItems", "Write")):
+            spans.setdefault(name, []).append((start, end))
+    operators = {}
+    for name, intervals in spans.items():
+        first, last = min(s for s, _ in intervals), max(e for _, e in intervals)
+        busy = sum(e - s for s, e in intervals)
+        edges = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+        running = peak = 0
+        for _, step in edges:
+            running += step
+            peak = max(peak, running)
+        operators[name] = {
+            "tasks": len(intervals),
+            "first_start_s": round(first, 3),
+            "last_end_s": round(last, 3),
+            "busy_s": round(busy, 3),
+            "mean_concurrency": round(busy / (last - first), 2) if last > first else None,
+            "peak_concurrency": peak,
+        }
+    return {
+        "actors": sorted(actors.values(), key=lambda a: (a["operator"], a.get("init_start_s", 0))),
+        "operators": operators,
+    }
+
+
+def compile_caches() -> dict[str, Any]:
+    """Where torch.compile keeps what it compiled (Inductor's FX graph and autograd caches,
+    Triton's kernels), and how many files each holds. Every process of this user reads the
+    same folders, so a fresh actor loads what an earlier one compiled; a timed build that
+    adds no files compiled nothing new."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        inductor = cache_dir()
+    except ImportError:
+        inductor = os.environ.get(
+            "TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+        )
+    triton = os.environ.get("TRITON_CACHE_DIR", str(Path.home() / ".triton" / "cache"))
+
+    def files(root: str) -> int:
+        return sum(len(names) for _, _, names in os.walk(root)) if os.path.isdir(root) else 0
+
+    return {
+        "inductor_dir": inductor,
+        "inductor_files": files(inductor),
+        "triton_dir": triton,
+        "triton_files": files(triton),
+    }
+
+
+class PlanProbe:
+    """Wraps pipeline.build.run_plan: the plan's clock (from the start of execution to its last
+    shard), the shard watch, and the executed Dataset's Ray Data stats."""
+
+    def __init__(self, on_progress) -> None:
         self._run_plan = build.run_plan
+        self.on_progress = on_progress
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = self.start_wall = self.end = self.end_wall = None
+        self.watch: ShardWatch | None = None
+        self.stats = ""
 
     def __call__(self, ds, staging_root: str, progress: bool = True):
-        results = self._run_plan(ds, staging_root, progress)
+        self.start, self.start_wall = time.perf_counter(), time.time()
+        self.watch = ShardWatch(Path(staging_root) / "data", self.start, self.on_progress)
+        self.watch.start()
+        try:
+            results = self._run_plan(ds, staging_root, progress)
+        finally:
+            self.end, self.end_wall = time.perf_counter(), time.time()
+            self.watch.stop()
         executed = getattr(ds, "_write_ds", None) or ds  # write_datasink keeps its executed plan here
-        self.text = executed.stats()
+        self.stats = executed.stats()
         return results
+
+    def progress(self) -> dict[str, Any]:
+        """Rows written so far, for a report saved while the plan runs."""
+        if self.start is None or self.watch is None:
+            return {}
+        shards = list(self.watch.shards)
+        return {
+            "plan_elapsed_s": round(time.perf_counter() - self.start, 2),
+            "shards": len(shards),
+            "rows": sum(rows for _, rows in shards),
+            "first_rows_s": round(min(t for t, _ in shards), 3) if shards else None,
+        }
 
 
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
 def operator_throughput(stats: str) -> list[dict[str, Any]]:
-    """Each operator's name, tasks, remote wall time (total and mean per task, s) and rows/s
-    from the text of Dataset.stats()."""
+    """Each operator's name, tasks, remote wall and CPU time (total and mean per task, s) and
+    rows/s from the text of Dataset.stats()."""
     operators = []
     for block in re.split(r"\n(?=Operator \d+ )", stats):
         head = re.match(r"Operator \d+ (.+?): (\d+) tasks executed", block)
         if not head:
             continue
         row: dict[str, Any] = {"operator": head.group(1), "tasks": int(head.group(2))}
-        wall = re.search(r"Remote wall time: .*?([\d.]+)(us|ms|s) mean, ([\d.]+)(us|ms|s) total", block)
-        if wall:
-            row["task_wall_mean_s"] = float(wall.group(1)) * _UNITS[wall.group(2)]
-            row["task_wall_total_s"] = float(wall.group(3)) * _UNITS[wall.group(4)]
+        for kind in ("wall", "cpu"):
+            found = re.search(rf"Remote {kind} time: .*?([\d.]+)(us|ms|s) mean, ([\d.]+)(us|ms|s) total", block)
+            if found:
+                row[f"task_{kind}_mean_s"] = float(found.group(1)) * _UNITS[found.group(2)]
+                row[f"task_{kind}_total_s"] = float(found.group(3)) * _UNITS[found.group(4)]
         for key, pattern in (
             ("rows_per_s", r"Ray Data throughput: ([\d.]+) rows/s"),
             ("single_task_rows_per_s", r"Estimated single task throughput: ([\d.]+) rows/s"),
@@ -188,10 +419,62 @@ def run_build(source: Path, out: Path, overrides: list[str]) -> tuple[dict[str, 
     return result.manifest, seconds
 
 
+def build_report(
+    variant: str, manifest: dict[str, Any], wall: float, probe: PlanProbe, per_photo: int
+) -> dict[str, Any]:
+    photos = manifest["inputs"]
+    rows = written_rates(probe.watch.shards if probe.watch else [], per_photo)
+    last_row = rows.get("last_rows_s")
+    result = {
+        "variant": variant,
+        "photos": photos,
+        "accepted": manifest["accepted"],
+        "rejected": manifest["rejected"],
+        "rows": manifest["rows"],
+        "rejects_by_reason": manifest["rejects_by_reason"],
+        "build_wall_s": round(wall, 3),
+        "plan_s": round(probe.end - probe.start, 3),
+        "plan_to_last_row_s": last_row,
+        # End to end: the driver's clock from the start of the plan to the last row written.
+        "end_to_end_photos_per_s": round(photos / last_row, 2) if last_row else None,
+        "build_photos_per_s": round(photos / wall, 2),
+        "first_rows_s": rows.get("first_rows_s"),
+        "steady_photos_per_s": rows.get("steady_photos_per_s"),
+        "p10_p90_photos_per_s": rows.get("p10_p90_photos_per_s"),
+        "written": rows,
+        "stage_seconds": manifest["stage_seconds"],
+        "ray_data_operators": operator_throughput(probe.stats),
+        "ray_data_stats": probe.stats,
+    }
+    try:
+        result["timeline"] = ray_timeline(probe.start_wall, probe.end_wall)
+    except Exception as exc:  # the timings above stand without it
+        result["timeline"] = {"error": repr(exc)}
+    return result
+
+
+def print_build(b: dict[str, Any]) -> None:
+    print(
+        f"\ndata build [{b['variant'] or 'defaults'}]: {b['photos']} photos ({b['accepted']} accepted, "
+        f"{b['rejected']} rejected, {b['rows']} rows)\n"
+        f"  end to end (plan start -> last row): {b['plan_to_last_row_s']} s = {b['end_to_end_photos_per_s']} photos/s; "
+        f"whole build {b['build_wall_s']} s = {b['build_photos_per_s']} photos/s\n"
+        f"  first rows at {b['first_rows_s']} s; steady (first -> last shard) {b['steady_photos_per_s']} photos/s; "
+        f"10-90% {b['p10_p90_photos_per_s']} photos/s\n"
+        f"  compile cache files added: {b.get('compile_cache_files_added')}"
+    )
+    for actor in b["timeline"].get("actors", []):
+        print(f"  actor {actor}")
+    for name, op in b["timeline"].get("operators", {}).items():
+        print(f"  {name}: {op}")
+    for op in b["ray_data_operators"]:
+        print(f"  {op}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--photos", type=int, default=3000)
-    parser.add_argument("--warm-up-photos", type=int, default=192)
+    parser.add_argument("--photos", type=int, default=8192)
+    parser.add_argument("--warm-up-photos", type=int, default=64)
     parser.add_argument("--size", type=int, default=512, help="side of the square source photos, px")
     parser.add_argument("--clipseg", default="random-rd64", help="'random-rd64' (built here), 'tiny', or a path")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray; None = all")
@@ -199,24 +482,68 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=None, help="scratch folder; default a temporary one")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds for the whole script: variants that would not fit are "
+        "skipped, and at the limit the report is saved with the running build's progress and the script exits 3",
+    )
+    parser.add_argument(
         "--variant", action="append", help="overrides ('k=v k=v') of one timed build; repeatable; default one build"
     )
     parser.add_argument("overrides", nargs="*", help="config overrides of every build, key=value")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    work = args.work or Path(tempfile.mkdtemp(prefix="bench_pipeline-"))
-    report: dict[str, Any] = {
-        "hardware": describe("ray"),
-        "command": " ".join(sys.argv),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-
-    def save() -> None:
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(report, indent=2))
-
     started = time.perf_counter()
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_pipeline-"))
+    report = Report(args.out)
+    report.data.update(
+        hardware=describe("ray"),
+        command=" ".join(sys.argv),
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        budget_s=args.budget,
+    )
+    probe = PlanProbe(on_progress=lambda: None)
+    current: dict[str, Any] = {}  # the build running now, as it stands
+
+    def on_progress() -> None:
+        current["progress"] = probe.progress()
+        report.save()
+
+    probe.on_progress = on_progress
+
+    def stop_now(reason: str) -> None:
+        """Save what there is, with the running build's progress, and leave at once."""
+        current["progress"] = probe.progress()
+        current["status"] = f"stopped: {reason}"
+        report.data["stopped"] = {"reason": reason, "at_s": round(time.perf_counter() - started, 1)}
+        report.save()
+        # The actors' start, if Ray answers in time. Not from the signal handler: it runs on the
+        # main thread, inside whatever Ray call the build was making.
+        if reason == "budget" and probe.start_wall is not None and probe.end_wall is None:
+
+            def timeline() -> None:
+                try:
+                    current["timeline"] = ray_timeline(probe.start_wall, time.time())
+                except Exception as exc:
+                    current["timeline"] = {"error": repr(exc)}
+
+            helper = threading.Thread(target=timeline, daemon=True)
+            helper.start()
+            helper.join(timeout=20)
+            report.save()
+        print(f"\nstopped ({reason}); report saved to {args.out}", flush=True)
+        # Stop the local Ray (its agents outlive a bare exit), but never wait long on it.
+        shutdown = threading.Thread(target=lambda: __import__("ray").shutdown(), daemon=True)
+        shutdown.start()
+        shutdown.join(timeout=15)
+        os._exit(3)
+
+    deadline = threading.Timer(max(0.0, args.budget or 0.0), stop_now, args=("budget",))
+    deadline.daemon = True
+    if args.budget is not None:
+        deadline.start()
+
     if args.clipseg == "random-rd64":
         clipseg = str(make_random_clipseg(work / "clipseg-rd64-random"))
     else:
@@ -224,8 +551,8 @@ def main(argv: list[str] | None = None) -> None:
     workers = args.num_cpus or os.cpu_count() or 1
     warm_source = make_source(work / "warm-source", args.warm_up_photos, args.size, workers)
     source = make_source(work / "source", args.photos, args.size, workers)
-    report["setup_s"] = time.perf_counter() - started
-    log.info("setup (CLIPSeg, %d + %d photos): %.1f s", args.warm_up_photos, args.photos, report["setup_s"])
+    report.data["setup_s"] = round(time.perf_counter() - started, 2)
+    log.info("setup (CLIPSeg, %d + %d photos): %.1f s", args.warm_up_photos, args.photos, report.data["setup_s"])
 
     overrides = [
         f"models.clipseg={clipseg}",
@@ -235,63 +562,81 @@ def main(argv: list[str] | None = None) -> None:
         *([f"ray.num_cpus={args.num_cpus}"] if args.num_cpus else []),
         *args.overrides,
     ]
-    report["overrides"] = overrides
+    report.data["overrides"] = overrides
     import ray
 
     from pipeline.dataplan import ensure_ray
 
+    # Name the compile caches in the environment before Ray starts, so that every worker (Ray
+    # passes the driver's environment to the workers of a local cluster) reads the folders the
+    # report counts.
+    caches = compile_caches()
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", caches["inductor_dir"])
+    os.environ.setdefault("TRITON_CACHE_DIR", caches["triton_dir"])
+    report.data["compile_caches"] = {"before_warm_up": caches}
     ray_started = time.perf_counter()
     if args.fake_gpus:  # the GPU plan's actors and shares, solved on CPU
         ray.init(address="local", num_cpus=args.num_cpus, num_gpus=args.fake_gpus, include_dashboard=False)
     else:
         ensure_ray(load_config(overrides=overrides).ray)
+    report.data["ray_init_s"] = round(time.perf_counter() - ray_started, 2)
+    signal.signal(signal.SIGTERM, lambda *_: stop_now("SIGTERM"))  # after ray.init, which sets its own
+    report.data["cluster"] = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    build.run_plan = probe
+    per_photo = load_config(overrides=overrides).data.composite.per_photo
 
-    report["ray_init_s"] = time.perf_counter() - ray_started
-    report["cluster"] = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-
-    capture = _StatsCapture()
-    build.run_plan = capture
-    _, warm_seconds = run_build(warm_source, work / "warm-out", overrides)
-    report["warm_up"] = {"photos": args.warm_up_photos, "wall_s": warm_seconds}
+    report.data["warm_up"] = current
+    current.update(photos=args.warm_up_photos, status="running")
+    try:
+        _, warm_seconds = run_build(warm_source, work / "warm-out", overrides)
+    except BaseException as exc:
+        current.update(status="failed", error=repr(exc))
+        report.save()
+        raise
+    current.update(status="done", build_wall_s=round(warm_seconds, 2), plan_s=round(probe.end - probe.start, 2))
+    try:  # the actors' cold start: CLIPSeg's first load, the matting kernels' first compile
+        current["timeline"] = ray_timeline(probe.start_wall, probe.end_wall)
+    except Exception as exc:
+        current["timeline"] = {"error": repr(exc)}
+    report.data["compile_caches"]["after_warm_up"] = compile_caches()
     log.info("warm-up build: %d photos in %.1f s", args.warm_up_photos, warm_seconds)
-    save()
+    for actor in current["timeline"].get("actors", []):
+        log.info("warm-up actor %s", actor)
+    report.save()
 
-    report["builds"] = []
+    report.data["builds"] = []
+    previous = None
     for n, variant in enumerate(args.variant or [""]):
-        capture.text = ""
+        left = args.budget - (time.perf_counter() - started) if args.budget is not None else None
+        if left is not None and previous is not None and previous > left:
+            log.warning("budget: %.0f s left, the last build took %.0f s; skipping %r", left, previous, variant)
+            report.data["builds"].append({"variant": variant, "status": "skipped: budget"})
+            report.save()
+            continue
+        probe.reset()
+        caches = compile_caches()
+        current = {"variant": variant, "status": "running"}
+        report.data["builds"].append(current)
+        report.save()
         try:
             manifest, seconds = run_build(source, work / f"out-{n}", [*overrides, *variant.split()])
         except Exception as exc:  # record it and go on to the next variant
             log.exception("build with %r failed", variant)
-            report["builds"].append({"variant": variant, "error": repr(exc)})
-            save()
+            current.update(status="failed", error=repr(exc))
+            report.save()
             continue
-        report["builds"].append(
-            {
-                "variant": variant,
-                "photos": manifest["inputs"],
-                "accepted": manifest["accepted"],
-                "rejected": manifest["rejected"],
-                "rows": manifest["rows"],
-                "rejects_by_reason": manifest["rejects_by_reason"],
-                "wall_s": seconds,
-                "photos_per_s": manifest["inputs"] / seconds,
-                "rows_per_s": manifest["rows"] / seconds,
-                "stage_seconds": manifest["stage_seconds"],
-                "ray_data_operators": operator_throughput(capture.text),
-                "ray_data_stats": capture.text,
-            }
-        )
-        save()
-        b = report["builds"][-1]
-        print(
-            f"\ndata build [{variant or 'defaults'}]: {b['photos']} photos ({b['accepted']} accepted, "
-            f"{b['rejected']} rejected, {b['rows']} rows) in {b['wall_s']:.1f} s = {b['photos_per_s']:.1f} photos/s"
-        )
-        for op in b["ray_data_operators"]:
-            print(op)
-        print(capture.text)
-    print(f"\n{report['hardware']}\ncluster {report['cluster']}; date {report['date']}; command: {report['command']}")
+        previous = seconds
+        current.update(build_report(variant, manifest, seconds, probe, per_photo), status="done")
+        after = compile_caches()
+        current["compile_cache_files_added"] = {k: after[k] - caches[k] for k in ("inductor_files", "triton_files")}
+        report.save()
+        print_build(current)
+    print(
+        f"\n{report.data['hardware']}\ncluster {report.data['cluster']}; date {report.data['date']}; "
+        f"command: {report.data['command']}"
+    )
+    deadline.cancel()
+    report.save()
 
 
 if __name__ == "__main__":
