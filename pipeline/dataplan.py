@@ -76,12 +76,13 @@ def gpus_per_segment_actor(setting: float | str, matte_gpus: float, cluster_gpus
     return math.floor(min(left, left * cluster_gpus / max(1, num_actors)) * 1e4) / 1e4
 
 
-def matte_stage(matte: MatteConfig, cluster_gpus: float) -> dict[str, Any]:
+def matte_stage(matte: MatteConfig, cluster_gpus: float, photo_size: int = 512) -> dict[str, Any]:
     """map_batches arguments of the matte stage on a cluster with `cluster_gpus` GPUs.
 
     The backend is resolved here, not in the worker: Ray hides the GPUs from a worker that asked
     for none, so a worker would never see one to pick torch for. torch on GPUs gets the batched
-    `Matter` actors; everything else gets one photo per CPU task, the unit pymatting solves."""
+    `Matter` actors (which compile their kernels on a warm-up at `photo_size`, decode's size);
+    everything else gets one photo per CPU task, the unit pymatting solves."""
     backend = matte.backend
     if backend == "auto":
         backend = "torch" if cluster_gpus > 0 else "pymatting"
@@ -93,7 +94,7 @@ def matte_stage(matte: MatteConfig, cluster_gpus: float) -> dict[str, Any]:
             "compute": ActorPoolStrategy(size=actors),
             "num_gpus": matte.num_gpus,
             "num_cpus": 1,
-            "fn_constructor_kwargs": {"batch_size": matte.batch_size, "tol": matte.tol},
+            "fn_constructor_kwargs": {"batch_size": matte.batch_size, "tol": matte.tol, "photo_size": photo_size},
         }
     return {
         "fn": matte_batch,
@@ -179,7 +180,7 @@ def build_dataset_plan(
     ]
     resources = ray.cluster_resources()
     cluster_gpus = resources.get("GPU", 0)
-    matte = matte_stage(data.matte, cluster_gpus)
+    matte = matte_stage(data.matte, cluster_gpus, photo_size=data.decode.size)
     actors = data.segment.num_actors + (matte["compute"].max_size if matte["fn"] is Matter else 0)
     check_cpus_left(resources.get("CPU", 0), actors)
     if matte["fn"] is Matter:

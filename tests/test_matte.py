@@ -120,6 +120,8 @@ def test_matte_stage_shares_the_gpu_with_clipseg():
     config = MatteConfig()
     gpu = matte_stage(config, cluster_gpus=1)
     assert gpu["fn"] is Matter and gpu["compute"].max_size == 1 and gpu["batch_size"] == 64
+    # The actor compiles on a warm-up at the decoded size, not at a size no photo has.
+    assert matte_stage(config, cluster_gpus=1, photo_size=384)["fn_constructor_kwargs"]["photo_size"] == 384
     # Both actor pools must fit on one GPU, or the plan waits forever for the second.
     assert gpu["num_gpus"] + gpus_per_segment_actor("auto", gpu["num_gpus"], 1) <= 1.0
     assert matte_stage(config, cluster_gpus=4)["compute"].max_size == 4

@@ -189,8 +189,9 @@ scenes = [make_scene(40, 48, seed=19), make_scene(40, 48, seed=20)]
 images = np.stack([s.image for s in scenes])
 trimaps = np.stack([s.trimap for s in scenes])
 trimaps[1, :, :10] = 0.5  # a strip of background made unknown: this photo needs more iterations
+matting_triton.SYMMETRIC = True  # the kernel that reads half the coefficients
 ours = estimate_alpha_cf_torch(images, trimaps, cg="triton", check_every=4)
-matting_triton.SYMMETRIC = False  # the kernel that reads all 25 coefficients
+matting_triton.SYMMETRIC = False  # the kernel that reads all 25 (the default)
 full = estimate_alpha_cf_torch(images, trimaps, cg="triton", check_every=4)
 loop = estimate_alpha_cf_torch(images, trimaps, cg="torch", check_every=4)
 tight = estimate_alpha_cf_torch(images.astype(np.float64), trimaps, tol=1e-10)
