@@ -38,6 +38,17 @@ SYMMETRIC = False
 
 
 @triton.jit
+def _program_rows(active_ptr, count_ptr, n_rows, BLOCK: tl.constexpr):
+    """The rows of program (image, block) of a vector kernel: (image, slots, mask, flat rows).
+    The mask keeps the image's real rows (its empty slots are never touched), and none once the
+    image has stopped."""
+    image = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < tl.where(tl.load(active_ptr + image) != 0, tl.load(count_ptr + image), 0)
+    return image, cols, mask, image * n_rows + cols
+
+
+@triton.jit
 def _matvec_kernel(
     coef_ptr,  # (B, Q, N) float32
     index_ptr,  # (B, N) int32 flat position in the scratch
@@ -53,12 +64,7 @@ def _matvec_kernel(
     SIDE: tl.constexpr,  # 2 REACH + 1 (static_range needs a constexpr, not an expression of one)
     BLOCK: tl.constexpr,
 ):
-    image = tl.program_id(0)
-    block = tl.program_id(1)
-    cols = block * BLOCK + tl.arange(0, BLOCK)
-    # Only the image's real rows (its empty slots are never touched), and none once it stopped.
-    mask = cols < tl.where(tl.load(active_ptr + image) != 0, tl.load(count_ptr + image), 0)
-    rows = image * n_rows + cols
+    image, cols, mask, rows = _program_rows(active_ptr, count_ptr, n_rows, BLOCK)
     centre = tl.load(index_ptr + rows, mask=mask, other=0)
     coef_rows = coef_ptr + image * (SIDE * SIDE) * n_rows + cols
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -69,7 +75,7 @@ def _matvec_kernel(
             acc += c * tl.load(p_ptr + centre + offset, mask=mask, other=0.0)
     tl.store(q_ptr + rows, acc, mask=mask)
     p = tl.load(p_ptr + centre, mask=mask, other=0.0)
-    tl.store(part_ptr + image * n_blocks + block, tl.sum(p * acc, axis=0))
+    tl.store(part_ptr + image * n_blocks + tl.program_id(1), tl.sum(p * acc, axis=0))
 
 
 @triton.jit
@@ -94,12 +100,7 @@ def _matvec_symmetric_kernel(
     in the row of pixel i - d. Where i - d is known its p is 0, so that term is skipped. The
     neighbour rows' coefficients are read a second time, but from cache: they belong to rows
     nearby blocks have just read."""
-    image = tl.program_id(0)
-    block = tl.program_id(1)
-    cols = block * BLOCK + tl.arange(0, BLOCK)
-    # Only the image's real rows (its empty slots are never touched), and none once it stopped.
-    mask = cols < tl.where(tl.load(active_ptr + image) != 0, tl.load(count_ptr + image), 0)
-    rows = image * n_rows + cols
+    image, cols, mask, rows = _program_rows(active_ptr, count_ptr, n_rows, BLOCK)
     centre = tl.load(index_ptr + rows, mask=mask, other=0)
     planes = coef_ptr + image * (HALF + 1) * n_rows
     p = tl.load(p_ptr + centre, mask=mask, other=0.0)
@@ -114,7 +115,7 @@ def _matvec_symmetric_kernel(
         backward = tl.load(planes + t * n_rows + slot, mask=behind, other=0.0)
         acc += backward * tl.load(p_ptr + centre - offset, mask=behind, other=0.0)
     tl.store(q_ptr + rows, acc, mask=mask)
-    tl.store(part_ptr + image * n_blocks + block, tl.sum(p * acc, axis=0))
+    tl.store(part_ptr + image * n_blocks + tl.program_id(1), tl.sum(p * acc, axis=0))
 
 
 @triton.jit
@@ -151,12 +152,7 @@ def _update_kernel(
     n_blocks,
     BLOCK: tl.constexpr,
 ):
-    image = tl.program_id(0)
-    block = tl.program_id(1)
-    cols = block * BLOCK + tl.arange(0, BLOCK)
-    # Only the image's real rows (its empty slots are never touched), and none once it stopped.
-    mask = cols < tl.where(tl.load(active_ptr + image) != 0, tl.load(count_ptr + image), 0)
-    rows = image * n_rows + cols
+    image, cols, mask, rows = _program_rows(active_ptr, count_ptr, n_rows, BLOCK)
     alpha = tl.load(alpha_ptr + image)
     p = tl.load(p_ptr + tl.load(index_ptr + rows, mask=mask, other=0), mask=mask, other=0.0)
     x = tl.load(x_ptr + rows, mask=mask, other=0.0) + alpha * p
@@ -164,8 +160,8 @@ def _update_kernel(
     tl.store(x_ptr + rows, x, mask=mask)
     tl.store(r_ptr + rows, r, mask=mask)
     z = tl.load(inv_diag_ptr + rows, mask=mask, other=0.0) * r
-    tl.store(rz_part_ptr + image * n_blocks + block, tl.sum(r * z, axis=0))
-    tl.store(rr_part_ptr + image * n_blocks + block, tl.sum(r * r, axis=0))
+    tl.store(rz_part_ptr + image * n_blocks + tl.program_id(1), tl.sum(r * z, axis=0))
+    tl.store(rr_part_ptr + image * n_blocks + tl.program_id(1), tl.sum(r * r, axis=0))
 
 
 @triton.jit
@@ -206,12 +202,7 @@ def _direction_kernel(
     n_rows,
     BLOCK: tl.constexpr,
 ):
-    image = tl.program_id(0)
-    block = tl.program_id(1)
-    cols = block * BLOCK + tl.arange(0, BLOCK)
-    # Only the image's real rows (its empty slots are never touched), and none once it stopped.
-    mask = cols < tl.where(tl.load(active_ptr + image) != 0, tl.load(count_ptr + image), 0)
-    rows = image * n_rows + cols
+    image, cols, mask, rows = _program_rows(active_ptr, count_ptr, n_rows, BLOCK)
     centre = tl.load(index_ptr + rows, mask=mask, other=0)
     z = tl.load(inv_diag_ptr + rows, mask=mask, other=0.0) * tl.load(r_ptr + rows, mask=mask, other=0.0)
     p = tl.load(p_ptr + centre, mask=mask, other=0.0)
