@@ -83,8 +83,9 @@ def make_random_clipseg(out: Path) -> Path:
         CLIPSegForImageSegmentation,
         CLIPSegProcessor,
         CLIPTokenizer,
-        ViTImageProcessor,
     )
+
+    from pipeline.tiny_models import clipseg_image_processor
 
     config = CLIPSegConfig(
         text_config={
@@ -114,13 +115,7 @@ def make_random_clipseg(out: Path) -> Path:
     torch.manual_seed(0)
     model = CLIPSegForImageSegmentation(config).eval()
     model.save_pretrained(out)
-    image_processor = ViTImageProcessor(
-        do_resize=True,
-        size={"height": 352, "width": 352},
-        resample=2,
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-    )
+    image_processor = clipseg_image_processor(352)
     tokenizer = CLIPTokenizer(str(TINY_CLIPSEG / "vocab.json"), str(TINY_CLIPSEG / "merges.txt"))
     CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
     log.info(

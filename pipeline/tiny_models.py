@@ -53,6 +53,20 @@ def tiny_clip_text_config(vocab_size: int) -> dict[str, int]:
     }
 
 
+def clipseg_image_processor(side: int):
+    """CLIPSeg's image processor (ImageNet statistics, bilinear resize) at `side` px; the
+    released rd64 models use 352."""
+    from transformers import ViTImageProcessor
+
+    return ViTImageProcessor(
+        do_resize=True,
+        size={"height": side, "width": side},
+        resample=2,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
+
+
 def make_tiny_clipseg(out: Path, seed: int = 0) -> Path:
     import torch
     from transformers import (
@@ -60,18 +74,11 @@ def make_tiny_clipseg(out: Path, seed: int = 0) -> Path:
         CLIPSegForImageSegmentation,
         CLIPSegProcessor,
         CLIPTokenizer,
-        ViTImageProcessor,
     )
 
     vocab_size = write_tiny_clip_tokenizer(out)
     tokenizer = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"))
-    image_processor = ViTImageProcessor(
-        do_resize=True,
-        size={"height": 64, "width": 64},
-        resample=2,
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-    )
+    image_processor = clipseg_image_processor(64)
     config = CLIPSegConfig(
         text_config=tiny_clip_text_config(vocab_size),
         vision_config={
