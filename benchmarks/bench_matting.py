@@ -83,6 +83,18 @@ class IterationLog(logging.Handler):
             self.levels.append((int(height), int(iterations)))
 
 
+@contextlib.contextmanager
+def _symmetric_product(on: bool) -> Iterator[None]:
+    from stages import matting_triton
+
+    before = matting_triton.SYMMETRIC
+    matting_triton.SYMMETRIC = on or before
+    try:
+        yield
+    finally:
+        matting_triton.SYMMETRIC = before
+
+
 def time_torch(
     images: torch.Tensor,
     trimaps: torch.Tensor,
@@ -94,14 +106,20 @@ def time_torch(
 ) -> dict:
     """Warm-up pass, then the best of `repeats` timed passes over all photos in batches."""
 
+    # "triton-graphs-symmetric": the default Triton loop with the half-coefficient product,
+    # which the library switches by a module constant, not by `cg`.
+    symmetric = cg.endswith("-symmetric")
+    cg = cg.removesuffix("-symmetric")
+
     def run_all() -> tuple[float, torch.Tensor]:
         if images.is_cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        alphas = [
-            estimate_alpha_cf_torch(images[i : i + batch], trimaps[i : i + batch], tol=tol, cg=cg)
-            for i in range(0, len(images), batch)
-        ]
+        with _symmetric_product(symmetric):
+            alphas = [
+                estimate_alpha_cf_torch(images[i : i + batch], trimaps[i : i + batch], tol=tol, cg=cg)
+                for i in range(0, len(images), batch)
+            ]
         if images.is_cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - start, torch.cat(alphas)
@@ -120,7 +138,7 @@ def time_torch(
         "photos": len(images),
         "batch": batch,
         "tol": tol,
-        "cg": matting_torch._resolve_cg(cg, images),
+        "cg": matting_torch._resolve_cg(cg, images) + ("-symmetric" if symmetric else ""),
         "best_s": min(times),
         "photos_per_s": len(images) / min(times),
         "warm_up_s": warm_up_s,

@@ -89,3 +89,71 @@ def test_loads_the_released_clipseg_file_layout(tmp_path):
     shipped = Segmenter(str(src))
     img = np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     torch.testing.assert_close(released.predict_logits([img], ["dog"]), shipped.predict_logits([img], ["dog"]))
+
+
+def test_stacked_logits_give_the_same_maps_each_normalised_on_its_own():
+    logits = torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 4.0, 0.2]).view(3, 1, 1)
+    stacked = confidence_from_logits(logits, 9, 11, normalize="minmax")
+    assert stacked.shape == (3, 9, 11)
+    for i in range(3):
+        single = confidence_from_logits(logits[i], 9, 11, normalize="minmax")
+        np.testing.assert_allclose(stacked[i], single, atol=1e-6, rtol=0)
+        assert stacked[i].min() == pytest.approx(0.0, abs=1e-6) and stacked[i].max() == pytest.approx(1.0, abs=1e-6)
+
+
+def _photos() -> list[np.ndarray]:
+    """Real photos at their size, one cropped off-square, and random noise smaller than the model
+    input (an upsample), so both resize directions are checked."""
+    from PIL import Image
+
+    files = sorted(Path(__file__).parents[1].glob("datasets/dreambench-mini/*/0[12].jpg"))[:4]
+    photos = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    photos.append(photos[0][:300, 50:470])
+    photos.append(np.random.default_rng(3).integers(0, 256, (40, 90, 3), dtype=np.uint8))
+    return photos
+
+
+def test_tensor_preprocessing_matches_clipseg_processor_within_one_level():
+    from pipeline.tiny_models import clipseg_image_processor
+    from stages.segment import pixels_for_clipseg
+
+    processor = clipseg_image_processor(352)  # the released models' size
+    photos = _photos()
+    assert len(photos) == 6
+    reference = processor(images=photos, return_tensors="pt")["pixel_values"]
+    ours = pixels_for_clipseg(
+        photos, 352, 352, processor.image_mean, processor.image_std, processor.resample, torch.device("cpu"), torch.float32
+    )
+    levels = (ours - reference).abs() * 255 * torch.tensor(processor.image_std).view(1, 3, 1, 1)
+    assert ours.shape == reference.shape
+    assert levels.max() <= 1.0 + 1e-3  # PIL and torch round some pixels to neighbouring levels
+    assert (levels.mean(dim=(1, 2, 3)) < 0.25).all()
+
+
+def test_segmenter_tensor_path_gives_the_processors_logits(segmenter):
+    assert segmenter.tensor_preprocessing
+    photos = _photos()
+    categories = ["dog", "backpack", "dog", "cat", "dog", "teapot"]
+    fast = segmenter.predict_logits(photos, categories)
+    segmenter.tensor_preprocessing = False
+    try:
+        slow = segmenter.predict_logits(photos, categories)
+    finally:
+        segmenter.tensor_preprocessing = True
+    # The random tiny model turns one-level pixel differences into logit changes of ~1% of
+    # their spread; a wrong channel order or scale changes them by about the spread itself.
+    relative = (fast - slow).abs().mean(dim=(1, 2)) / slow.std(dim=(1, 2))
+    assert (relative < 0.02).all(), relative
+
+
+def test_processors_the_tensor_path_cannot_match_are_left_to_the_processor():
+    from pipeline.tiny_models import clipseg_image_processor
+    from stages.segment import _tensor_preprocessing_matches
+
+    processor = clipseg_image_processor(352)
+    assert _tensor_preprocessing_matches(processor)
+    processor.resample = 0  # nearest
+    assert not _tensor_preprocessing_matches(processor)
+    processor = clipseg_image_processor(352)
+    processor.do_normalize = False
+    assert not _tensor_preprocessing_matches(processor)
