@@ -84,15 +84,18 @@ class IterationLog(logging.Handler):
 
 
 @contextlib.contextmanager
-def _symmetric_product(on: bool) -> Iterator[None]:
+def _float32_coefficients(on: bool) -> Iterator[None]:
+    if not on:
+        yield
+        return
     from stages import matting_triton
 
-    before = matting_triton.SYMMETRIC
-    matting_triton.SYMMETRIC = on or before
+    before = matting_triton.COEFFICIENT_DTYPE
+    matting_triton.COEFFICIENT_DTYPE = torch.float32
     try:
         yield
     finally:
-        matting_triton.SYMMETRIC = before
+        matting_triton.COEFFICIENT_DTYPE = before
 
 
 def time_torch(
@@ -106,16 +109,16 @@ def time_torch(
 ) -> dict:
     """Warm-up pass, then the best of `repeats` timed passes over all photos in batches."""
 
-    # "triton-graphs-symmetric": the default Triton loop with the half-coefficient product,
-    # which the library switches by a module constant, not by `cg`.
-    symmetric = cg.endswith("-symmetric")
-    cg = cg.removesuffix("-symmetric")
+    # "triton-graphs-f32coef": the Triton loop reading its coefficients as float32, the same
+    # values in twice the bytes (the library switches that by a module constant, not by `cg`).
+    wide = cg.endswith("-f32coef")
+    cg = cg.removesuffix("-f32coef")
 
     def run_all() -> tuple[float, torch.Tensor]:
         if images.is_cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        with _symmetric_product(symmetric):
+        with _float32_coefficients(wide):
             alphas = [
                 estimate_alpha_cf_torch(images[i : i + batch], trimaps[i : i + batch], tol=tol, cg=cg)
                 for i in range(0, len(images), batch)
@@ -138,7 +141,7 @@ def time_torch(
         "photos": len(images),
         "batch": batch,
         "tol": tol,
-        "cg": matting_torch._resolve_cg(cg, images) + ("-symmetric" if symmetric else ""),
+        "cg": matting_torch._resolve_cg(cg, images) + ("-f32coef" if wide else ""),
         "best_s": min(times),
         "photos_per_s": len(images) / min(times),
         "warm_up_s": warm_up_s,
@@ -265,29 +268,30 @@ def profile_solve(images: torch.Tensor, trimaps: torch.Tensor, batch: int, torch
 
 def profile_triton(system, rhs: torch.Tensor, width: int, steps: int, timed) -> dict:
     """The Triton CG iteration on the same system, tol 0 so no photo stops: launched one by one,
-    and replayed from a CUDA graph of 16 iterations."""
+    and replayed from a CUDA graph of 16 iterations; coefficients read as float16 (the default)
+    and as float32 (the same values, twice the bytes)."""
     from stages.matting_triton import TritonPCG
 
     reach = (int(system.offsets.numel() ** 0.5) - 1) // 2
     batch = rhs.shape[0]
 
-    def solver(symmetric: bool) -> TritonPCG:
+    def solver(coefficient_dtype: torch.dtype) -> TritonPCG:
         x0 = torch.zeros_like(rhs)
         s = system
         args = (s.coef, s.inv_diag, s.index, s.counts, s.scratch_size, width + 2 * reach, rhs, x0, rhs, 0.0)
-        return TritonPCG(*args, symmetric=symmetric)
+        return TritonPCG(*args, coefficient_dtype=coefficient_dtype)
 
     def replay(graph: torch.cuda.CUDAGraph, times: int) -> None:
         for _ in range(times):
             graph.replay()
 
     result = {}
-    for symmetric in (False, True):
-        name = "triton_symmetric" if symmetric else "triton"
-        launched = solver(symmetric)
+    for coefficient_dtype in (torch.float16, torch.float32):
+        name = "triton" if coefficient_dtype == torch.float16 else "triton_f32coef"
+        launched = solver(coefficient_dtype)
         launched.iterate(2)  # compiles the kernels
         launched_s, _ = timed(functools.partial(launched.iterate, steps))
-        replayed = solver(symmetric)
+        replayed = solver(coefficient_dtype)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             replayed.iterate(16)

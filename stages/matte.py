@@ -9,7 +9,9 @@ photos at once, which is what `Matter`, the GPU actor of the stage, does.
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -28,6 +30,8 @@ from stages.records import (
     healthy_rows,
     timed,
 )
+
+log = logging.getLogger(__name__)
 
 STAGE = "matte"
 
@@ -150,7 +154,19 @@ class Matter:
         edge, middle = size // 8, slice(3 * size // 8, 5 * size // 8)
         trimaps[:, :edge], trimaps[:, middle, middle] = 0.0, 1.0
         # A loose tol: the kernels are what is wanted, and it takes the same ones.
-        estimate_foreground_torch(images, estimate_alpha_cf_torch(images, trimaps, tol=0.5))
+        started = time.perf_counter()
+        alpha = estimate_alpha_cf_torch(images, trimaps, tol=0.5)
+        torch.cuda.synchronize()
+        solved = time.perf_counter()
+        estimate_foreground_torch(images, alpha)
+        torch.cuda.synchronize()
+        # The actor's start decides the rate of small builds: say where it goes.
+        log.warning(
+            "matte actor warm-up at %d px: alpha %.1f s, foreground %.1f s",
+            size,
+            solved - started,
+            time.perf_counter() - solved,
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with timed(batch, STAGE):

@@ -13,9 +13,14 @@ Same system, same Jacobi-preconditioned CG and same per-image stopping test as t
   are captured once as a CUDA graph and replayed (`graphs=True`), which takes the ~15 kernel
   launches per iteration off the host.
 
-A second matrix product reads the 13 coefficients of L's upper half per row (r = 1) and finds
-the others in the neighbours' rows (L is symmetric), which would cut what an iteration reads
-from memory by about a quarter (`SYMMETRIC`, not yet measured on a GPU, so off).
+- The off-diagonal coefficients are read as float16, and the diagonal as float32 from a plane
+  of its own: the coefficients are 100 of the ~165 bytes an iteration moves per unknown pixel
+  in float32. The values are exactly those of the torch loop, which `_compact_system` rounds
+  to float16 values for float32 solves (see `_round_coefficients` there for why that is safe).
+
+A product that read half the coefficients (L is symmetric) and found the rest in the
+neighbours' rows was measured on an H100 (BENCHMARKS.md, fifth matting run): 3% less time per
+iteration, slower solves overall (its slot map costs more than it saves), so it was removed.
 
 One iteration is five kernels: q = L p with the partial p.q; alpha = rz / p.q; x += alpha p,
 r -= alpha q with the partials r.z and r.r; beta and the stopping test; p = z + beta p.
@@ -31,10 +36,9 @@ import triton
 import triton.language as tl
 
 _BLOCK = 1024  # rows per program of the vector kernels
-# The matrix product from half the coefficients (_matvec_symmetric_kernel). Off: it is checked
-# (interpreter and sm_90 compile in the tests) but its GPU run did not happen, and its extra
-# gathers could cost more than the bytes it saves.
-SYMMETRIC = False
+# How the matrix product reads the off-diagonal coefficients. float32 reads the same values
+# with twice the bytes; benchmarks/bench_matting.py sets it to time that.
+COEFFICIENT_DTYPE = torch.float16
 
 
 @triton.jit
@@ -50,7 +54,8 @@ def _program_rows(active_ptr, count_ptr, n_rows, BLOCK: tl.constexpr):
 
 @triton.jit
 def _matvec_kernel(
-    coef_ptr,  # (B, Q, N) float32
+    coef_ptr,  # (B, Q, N) float16 (or float32) off-diagonal coefficients; the centre plane is unused
+    diag_ptr,  # (B, N) float32 L_ii
     index_ptr,  # (B, N) int32 flat position in the scratch
     p_ptr,  # (B * Hp * Wp,) float32 scratch: p at unknown pixels, 0 elsewhere
     q_ptr,  # (B, N) out: L p
@@ -67,53 +72,14 @@ def _matvec_kernel(
     image, cols, mask, rows = _program_rows(active_ptr, count_ptr, n_rows, BLOCK)
     centre = tl.load(index_ptr + rows, mask=mask, other=0)
     coef_rows = coef_ptr + image * (SIDE * SIDE) * n_rows + cols
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    p = tl.load(p_ptr + centre, mask=mask, other=0.0)
+    acc = tl.load(diag_ptr + rows, mask=mask, other=0.0) * p
     for dy in tl.static_range(SIDE):
         for dx in tl.static_range(SIDE):
-            offset = (dy - REACH) * row_stride + (dx - REACH)
-            c = tl.load(coef_rows + (dy * SIDE + dx) * n_rows, mask=mask, other=0.0)
-            acc += c * tl.load(p_ptr + centre + offset, mask=mask, other=0.0)
-    tl.store(q_ptr + rows, acc, mask=mask)
-    p = tl.load(p_ptr + centre, mask=mask, other=0.0)
-    tl.store(part_ptr + image * n_blocks + tl.program_id(1), tl.sum(p * acc, axis=0))
-
-
-@triton.jit
-def _matvec_symmetric_kernel(
-    coef_ptr,  # (B, HALF + 1, N) float32: L(i, i + d) for d = (0, 0) and the HALF offsets d > 0
-    slot_ptr,  # (B * Hp * Wp,) int32 each unknown pixel's slot in its image's rows, -1 elsewhere
-    index_ptr,
-    p_ptr,
-    q_ptr,
-    part_ptr,
-    active_ptr,
-    count_ptr,
-    n_rows,
-    n_blocks,
-    row_stride,
-    REACH: tl.constexpr,
-    SIDE: tl.constexpr,
-    HALF: tl.constexpr,  # (SIDE * SIDE - 1) / 2
-    BLOCK: tl.constexpr,
-):
-    """_matvec_kernel reading half the coefficients: L(i, i - d) is L(i - d, i), which is stored
-    in the row of pixel i - d. Where i - d is known its p is 0, so that term is skipped. The
-    neighbour rows' coefficients are read a second time, but from cache: they belong to rows
-    nearby blocks have just read."""
-    image, cols, mask, rows = _program_rows(active_ptr, count_ptr, n_rows, BLOCK)
-    centre = tl.load(index_ptr + rows, mask=mask, other=0)
-    planes = coef_ptr + image * (HALF + 1) * n_rows
-    p = tl.load(p_ptr + centre, mask=mask, other=0.0)
-    acc = tl.load(planes + cols, mask=mask, other=0.0) * p
-    for t in tl.static_range(1, HALF + 1):
-        # Plane t holds raster offset HALF + t of the SIDE x SIDE window around the pixel.
-        offset = ((HALF + t) // SIDE - REACH) * row_stride + ((HALF + t) % SIDE - REACH)
-        forward = tl.load(planes + t * n_rows + cols, mask=mask, other=0.0)
-        acc += forward * tl.load(p_ptr + centre + offset, mask=mask, other=0.0)
-        slot = tl.load(slot_ptr + centre - offset, mask=mask, other=-1)
-        behind = mask & (slot >= 0)
-        backward = tl.load(planes + t * n_rows + slot, mask=behind, other=0.0)
-        acc += backward * tl.load(p_ptr + centre - offset, mask=behind, other=0.0)
+            if dy != REACH or dx != REACH:
+                offset = (dy - REACH) * row_stride + (dx - REACH)
+                c = tl.load(coef_rows + (dy * SIDE + dx) * n_rows, mask=mask, other=0.0).to(tl.float32)
+                acc += c * tl.load(p_ptr + centre + offset, mask=mask, other=0.0)
     tl.store(q_ptr + rows, acc, mask=mask)
     tl.store(part_ptr + image * n_blocks + tl.program_id(1), tl.sum(p * acc, axis=0))
 
@@ -225,7 +191,7 @@ class TritonPCG:
         x0: torch.Tensor,  # (B, 1, N), 0 in empty slots
         r0: torch.Tensor,  # (B, 1, N) rhs - L x0
         tol: float,
-        symmetric: bool | None = None,
+        coefficient_dtype: torch.dtype | None = None,
     ) -> None:
         if scratch_size >= 2**31:
             raise ValueError(f"batch too large for 32-bit scratch indices ({scratch_size} pixels)")
@@ -236,16 +202,9 @@ class TritonPCG:
         self.inv_diag = inv_diag.reshape(b, n).contiguous()
         self.index = index.to(torch.int32).contiguous()
         self.count = counts.to(torch.int32).contiguous()
-        self.symmetric = SYMMETRIC if symmetric is None else symmetric
-        if self.symmetric:
-            # The centre and the offsets after it in raster order are the half that is kept.
-            self.coef = coef[:, q // 2 :].contiguous()
-            self.slot = torch.full((scratch_size,), -1, dtype=torch.int32, device=coef.device)
-            slots = torch.arange(n, dtype=torch.int32, device=coef.device).expand(b, n)
-            real = slots < self.count.view(b, 1)  # empty slots all point at one border pixel
-            self.slot[self.index[real].long()] = slots[real]
-        else:
-            self.coef = coef.contiguous()
+        # Exact for a float32 solve: _compact_system rounded the off-diagonals to float16 values.
+        self.coef = coef.to(coefficient_dtype or COEFFICIENT_DTYPE).contiguous()
+        self.diag = coef[:, q // 2].contiguous()
         self.x = x0.reshape(b, n).clone()
         self.r = r0.reshape(b, n).clone()
         z = self.inv_diag * self.r
@@ -268,17 +227,10 @@ class TritonPCG:
         rows_grid = (b, self.n_blocks)
         side = 2 * self.reach + 1
         for _ in range(count):
-            if self.symmetric:
-                _matvec_symmetric_kernel[rows_grid](
-                    self.coef, self.slot, self.index, self.p, self.q, self.pq_part, self.active, self.count,
-                    n, self.n_blocks, self.row_stride,
-                    REACH=self.reach, SIDE=side, HALF=side * side // 2, BLOCK=_BLOCK,
-                )  # fmt: skip
-            else:
-                _matvec_kernel[rows_grid](
-                    self.coef, self.index, self.p, self.q, self.pq_part, self.active, self.count,
-                    n, self.n_blocks, self.row_stride, REACH=self.reach, SIDE=side, BLOCK=_BLOCK,
-                )  # fmt: skip
+            _matvec_kernel[rows_grid](
+                self.coef, self.diag, self.index, self.p, self.q, self.pq_part, self.active, self.count,
+                n, self.n_blocks, self.row_stride, REACH=self.reach, SIDE=side, BLOCK=_BLOCK,
+            )  # fmt: skip
             _step_size_kernel[(b,)](self.pq_part, self.rz, self.alpha, self.active, self.n_blocks, PARTS=self.parts)
             _update_kernel[rows_grid](
                 self.index, self.p, self.q, self.x, self.r, self.inv_diag, self.alpha,
@@ -310,12 +262,11 @@ def solve_pcg_triton(
     max_iter: int,
     check_every: int,
     graphs: bool,
-    symmetric: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Returns x (B, 1, N), a (B,) bool tensor of converged images, and the iterations run.
     With graphs, the first group of `check_every` iterations runs eagerly (it also compiles the
     kernels), and later groups replay one CUDA graph captured from it."""
-    solver = TritonPCG(coef, inv_diag, index, counts, scratch_size, row_stride, rhs, x0, r0, tol, symmetric)
+    solver = TritonPCG(coef, inv_diag, index, counts, scratch_size, row_stride, rhs, x0, r0, tol)
     graph = None
     iteration = 0
     while iteration < max_iter and solver.running():

@@ -180,6 +180,7 @@ def test_cuda_matches_cpu() -> None:
 _TRITON_CHECK = """
 import json, logging, sys
 import numpy as np
+import torch
 from stages import matting_triton
 from stages.matting_torch import estimate_alpha_cf_torch
 from tests.matting_fixtures import make_scene
@@ -189,15 +190,14 @@ scenes = [make_scene(40, 48, seed=19), make_scene(40, 48, seed=20)]
 images = np.stack([s.image for s in scenes])
 trimaps = np.stack([s.trimap for s in scenes])
 trimaps[1, :, :10] = 0.5  # a strip of background made unknown: this photo needs more iterations
-matting_triton.SYMMETRIC = True  # the kernel that reads half the coefficients
 ours = estimate_alpha_cf_torch(images, trimaps, cg="triton", check_every=4)
-matting_triton.SYMMETRIC = False  # the kernel that reads all 25 (the default)
-full = estimate_alpha_cf_torch(images, trimaps, cg="triton", check_every=4)
+matting_triton.COEFFICIENT_DTYPE = torch.float32  # the same values, read as 4 bytes
+wide = estimate_alpha_cf_torch(images, trimaps, cg="triton", check_every=4)
 loop = estimate_alpha_cf_torch(images, trimaps, cg="torch", check_every=4)
 tight = estimate_alpha_cf_torch(images.astype(np.float64), trimaps, tol=1e-10)
 print(json.dumps({
     "vs_loop_max": float(np.abs(ours - loop).max()),
-    "full_vs_loop_max": float(np.abs(full - loop).max()),
+    "wide_vs_loop_max": float(np.abs(wide - loop).max()),
     "vs_tight_mad": float(np.abs(ours - tight).mean()),
     "known_exact": bool(np.all(ours[trimaps >= 0.9] == 1.0) and np.all(ours[trimaps <= 0.1] == 0.0)),
 }))
@@ -224,7 +224,7 @@ def test_triton_cg_takes_the_torch_loops_iterations() -> None:
     assert len(levels) == 4 and len({line.split(":")[-1] for line in levels[:3]}) == 1, levels
     result = json.loads(done.stdout)
     assert result["vs_loop_max"] < 1e-4
-    assert result["full_vs_loop_max"] < 1e-4
+    assert result["wide_vs_loop_max"] < 1e-4
     assert result["vs_tight_mad"] < 1e-4
     assert result["known_exact"]
 
@@ -238,15 +238,17 @@ def test_triton_kernels_compile_for_hopper() -> None:
 
     from stages import matting_triton
 
-    constexprs = {"REACH": 2, "SIDE": 5, "HALF": 12, "BLOCK": 1024, "PARTS": 64}
+    constexprs = {"REACH": 2, "SIDE": 5, "BLOCK": 1024, "PARTS": 64}
     kernels = [getattr(matting_triton, name) for name in dir(matting_triton) if name.endswith("_kernel")]
-    assert len(kernels) == 6
-    for kernel in kernels:
+    assert len(kernels) == 5
+    # Each kernel as the solver calls it; the matrix product with both coefficient types.
+    variants = [(kernel, "*fp32") for kernel in kernels] + [(matting_triton._matvec_kernel, "*fp16")]
+    for kernel, coef_type in variants:
         names = kernel.arg_names
         signature = {
             name: "constexpr"
             if name in constexprs
-            else ("*i32" if name in ("index_ptr", "active_ptr", "slot_ptr", "count_ptr") else "*fp32")
+            else ("*i32" if name in ("index_ptr", "active_ptr", "count_ptr") else coef_type if name == "coef_ptr" else "*fp32")
             if name.endswith("_ptr")
             else "i32"
             for name in names
@@ -278,3 +280,35 @@ def test_compiled_foreground_sweep_equals_eager() -> None:
     for a, b in zip(eager, compiled, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert not torch.equal(eager[0], fg)  # the sweep did move the colours
+
+
+def test_float32_systems_round_off_diagonals_to_float16_and_stay_a_laplacian() -> None:
+    """The Triton CG reads the off-diagonals as float16, so float32 solves round them there; the
+    rounded system must still be a symmetric Laplacian (rows summing to 0)."""
+    from stages.matting_torch import _compact_system, _full_offsets
+
+    scene = make_scene(24, 20, seed=23)
+    image = torch.from_numpy(scene.image).permute(2, 0, 1)[None].double()
+    stencil = _build_stencil(image, None, 1e-7, 1)
+    trimap = torch.from_numpy(scene.trimap)[None, None].double()
+    fg = (trimap >= 0.9).double()
+    free = ((trimap > 0.1) & (trimap < 0.9)).double()
+    centre = _full_offsets(1).index((0, 0))
+    exact, _ = _compact_system(stencil, free, fg, torch.float64)
+    rounded, _ = _compact_system(stencil, free, fg, torch.float32)
+    n = int(exact.counts[0])
+    off = torch.ones(exact.coef.shape[1], dtype=torch.bool)
+    off[centre] = False
+    coef = rounded.coef[0, :, :n].double()
+    assert torch.equal(coef[off], coef[off].half().double())  # float16 values
+    assert coef.sum(0).abs().max() < 1e-5  # rows of the full L still sum to 0
+    assert (coef[off] - exact.coef[0, :, :n][off]).abs().max() <= 2**-11 * exact.coef[0, :, :n][off].abs().max()
+    assert not torch.equal(coef[centre], exact.coef[0, centre, :n].float().double())  # it was recomputed
+    # Symmetric: L(i, j) == L(j, i) for every pair of unknown pixels.
+    position = {int(p): k for k, p in enumerate(rounded.index[0, :n])}
+    for k in range(n):
+        for j, shift in enumerate(rounded.offsets.tolist()):
+            other = position.get(int(rounded.index[0, k]) + shift)
+            if other is not None:
+                back = rounded.offsets.tolist().index(-shift)
+                assert rounded.coef[0, j, k] == rounded.coef[0, back, other]
