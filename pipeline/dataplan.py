@@ -1,7 +1,7 @@
 """The Ray Data plan of the prompted-context dataset: the only place that declares resources.
 
-decode (CPU tasks) -> segment (CLIPSeg actor pool, a GPU share each when the cluster has GPUs)
--> trimap (CPU tasks) -> matte -> filter -> composite -> encode (CPU tasks) -> Parquet.
+decode (CPU tasks) -> segment and trimap (CLIPSeg actor pool, a GPU share each when the cluster
+has GPUs) -> matte -> filter -> composite -> encode (CPU tasks) -> Parquet.
 
 Matting runs where its backend is fastest: the torch solver as an actor pool sharing the GPUs with
 CLIPSeg, each actor solving up to `data.matte.batch_size` photos at once; pymatting (or torch on
@@ -105,6 +105,21 @@ def matte_stage(matte: MatteConfig, cluster_gpus: float, photo_size: int = 512) 
     }
 
 
+class SegmentAndTrimap(Segmenter):
+    """The segment stage's actor, then the trimap stage's adapter on its output, in one Ray
+    Data operator. As a task operator of its own, the trimap stage copied every photo and its
+    float32 confidence map (1.8 MB at 512 px) through the object store a second time for ~1 ms
+    of thresholding, and took a share of the CPUs that the task after matting needs (the
+    build's CPU limit on a GPU node; BENCHMARKS.md, fifth pipeline run)."""
+
+    def __init__(self, trimap_args: dict[str, Any], **segment_args: Any):
+        super().__init__(**segment_args)
+        self.trimap_args = trimap_args
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return trimap_batch(super().__call__(batch), **self.trimap_args)
+
+
 def filter_composite_encode(
     batch: dict[str, np.ndarray],
     *,
@@ -191,7 +206,7 @@ def build_dataset_plan(
         )
     ds = ds.map_batches(decode_batch, batch_size=4, num_cpus=1, fn_kwargs=data.decode.model_dump())
     ds = ds.map_batches(
-        Segmenter,
+        SegmentAndTrimap,
         batch_size=data.segment.batch_size,
         compute=ActorPoolStrategy(size=data.segment.num_actors),
         num_gpus=gpus_per_segment_actor(
@@ -203,9 +218,9 @@ def build_dataset_plan(
             "prompt_template": data.segment.prompt_template,
             "batch_size": data.segment.batch_size,
             "normalize": data.segment.normalize,
+            "trimap_args": data.trimap.model_dump(),
         },
     )
-    ds = ds.map_batches(trimap_batch, batch_size=4, num_cpus=1, fn_kwargs=data.trimap.model_dump())
     ds = ds.map_batches(**matte)
     ds = ds.map_batches(
         filter_composite_encode,

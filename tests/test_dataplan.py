@@ -97,3 +97,37 @@ def test_a_plan_whose_actors_hold_every_cpu_is_refused(monkeypatch, cpus, gpus, 
     photo = {"subject_id": "dog", "category": "dog", "source_uri": "a", "source_path": "/a", "source_sha256": "aa"}
     with pytest.raises(ConfigError if fails else Accepted, match="leave none for decoding" if fails else None):
         build_dataset_plan([photo], load_config(overrides=settings), [], "v0001")
+
+
+@pytest.mark.parametrize("high, erode_fg_px, rejected", [(0.9, 0, False), (0.999, 1, True)])
+def test_segment_and_trimap_actor_gives_the_two_stages_in_order(high, erode_fg_px, rejected):
+    """The plan's CLIPSeg actor runs the trimap stage on its output: same rows, rejects and
+    timings as the segment actor and the trimap adapter called one after the other."""
+    from pipeline.config import PROFILE_MODELS
+    from pipeline.dataplan import SegmentAndTrimap
+    from stages.segment import Segmenter
+    from stages.trimap import trimap_batch
+
+    rng = np.random.default_rng(1)
+    images = np.empty(3, dtype=object)
+    images[:] = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((48, 40, 3), (32, 32, 3), (40, 56, 3))]
+    obj = lambda *xs: np.array(xs, dtype=object)  # noqa: E731
+    batch = {
+        "source_uri": obj("a", "b", "c"), "category": obj("dog", "cat", "dog"), "image": images,
+        "reject_stage": obj("", "decode", ""), "reject_reason": obj("", "unreadable", ""),
+    }  # fmt: skip
+    config = load_config(overrides=["profile=tiny"])
+    segment_args = {"model_path": PROFILE_MODELS["tiny"]["clipseg"], "batch_size": 2, "normalize": "minmax"}
+    # high=0.999 leaves the min-max maps a foreground of a few pixels, which erosion removes:
+    # the trimap stage rejects both photos.
+    trimap_args = {**config.data.trimap.model_dump(), "high": high, "erode_fg_px": erode_fg_px}
+    fused = SegmentAndTrimap(trimap_args=trimap_args, **segment_args)({k: v.copy() for k, v in batch.items()})
+    chained = trimap_batch(Segmenter(**segment_args)({k: v.copy() for k, v in batch.items()}), **trimap_args)
+    assert "confidence" not in fused and fused.keys() == chained.keys()
+    assert list(fused["reject_stage"]) == list(chained["reject_stage"])
+    assert list(fused["reject_reason"]) == list(chained["reject_reason"])
+    assert list(fused["reject_stage"]) == (["trimap", "decode", "trimap"] if rejected else ["", "decode", ""])
+    for i in (0, 2):
+        np.testing.assert_array_equal(fused["trimap"][i], chained["trimap"][i])
+        assert rejected or set(np.unique(fused["trimap"][i])) == {0.0, 0.5, 1.0}
+    assert {"t_segment", "t_trimap"} <= fused.keys()
