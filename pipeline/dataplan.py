@@ -110,7 +110,7 @@ class SegmentAndTrimap(Segmenter):
     Data operator. As a task operator of its own, the trimap stage copied every photo and its
     float32 confidence map (1.8 MB at 512 px) through the object store a second time for ~1 ms
     of thresholding, and took a share of the CPUs that the task after matting needs (the
-    build's CPU limit on a GPU node; BENCHMARKS.md, fifth pipeline run)."""
+    build's CPU limit on a GPU node; BENCHMARKS.md, seventh run)."""
 
     def __init__(self, trimap_args: dict[str, Any], **segment_args: Any):
         super().__init__(**segment_args)

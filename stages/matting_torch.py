@@ -527,7 +527,9 @@ def estimate_alpha_cf_torch(
         numpy array. Callers batch photos of one size. A list of (H_i, W_i, 3) photos of
         different sizes is padded to one batch.
         The padding is exact: windows that reach into it are dropped, as at a photo's border.
-        float64 input solves in float64 (slower on GPU, and closer to an exact solve).
+        float64 input solves in float64 (slower on GPU, and closer to an exact solve). A
+        float32 solve rounds L's off-diagonal entries to float16 values (`_round_coefficients`:
+        ~1e-4 MAD on the exact alpha), which the Triton CG then reads in half the bytes.
     trimaps: float (B, H, W), (H, W) or a list to match. A value <= 0.1 is background, >= 0.9 is
         foreground, and anything between is unknown (pymatting's thresholds, BG_THRESHOLD and
         FG_THRESHOLD). Every photo needs both background and foreground pixels.

@@ -1,7 +1,7 @@
 """The closed-form matting CG loop as Triton kernels, for stages/matting_torch.py on CUDA.
 
 Same system, same Jacobi-preconditioned CG and same per-image stopping test as the torch loop
-(`matting_torch._solve_pcg`). Three things make it faster than the compiled torch step:
+(`matting_torch._solve_pcg`). Four things make it faster than the compiled torch step:
 
 - The search direction p lives only in the zero-bordered dense scratch image that the matrix
   product gathers from, so no scatter (and no zeroing of the scratch) is needed per iteration.
@@ -19,7 +19,7 @@ Same system, same Jacobi-preconditioned CG and same per-image stopping test as t
   to float16 values for float32 solves (see `_round_coefficients` there for why that is safe).
 
 A product that read half the coefficients (L is symmetric) and found the rest in the
-neighbours' rows was measured on an H100 (BENCHMARKS.md, fifth matting run): 3% less time per
+neighbours' rows was measured on an H100 (BENCHMARKS.md, fifth run): 3% less time per
 iteration, slower solves overall (its slot map costs more than it saves), so it was removed.
 
 One iteration is five kernels: q = L p with the partial p.q; alpha = rz / p.q; x += alpha p,
