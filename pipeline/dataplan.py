@@ -108,9 +108,9 @@ def matte_stage(matte: MatteConfig, cluster_gpus: float, photo_size: int = 512) 
 class SegmentAndTrimap(Segmenter):
     """The segment stage's actor, then the trimap stage's adapter on its output, in one Ray
     Data operator. As a task operator of its own, the trimap stage copied every photo and its
-    float32 confidence map (1.8 MB at 512 px) through the object store a second time for ~1 ms
-    of thresholding, and took a share of the CPUs that the task after matting needs (the
-    build's CPU limit on a GPU node; BENCHMARKS.md, seventh run)."""
+    float32 confidence map (1.8 MB at 512 px) through the object store a second time for 0.3 ms
+    of thresholding (2-10 ms more where erosion is on), and took a share of the CPUs that the
+    task after matting needs (BENCHMARKS.md, seventh and eighth runs: 61 -> 125 photos/s)."""
 
     def __init__(self, trimap_args: dict[str, Any], **segment_args: Any):
         super().__init__(**segment_args)
