@@ -217,7 +217,9 @@ def _compact_system(
     hp, wp = h + 2 * reach, w + 2 * reach
     image_of, ys, xs = free[:, 0].nonzero(as_tuple=True)  # raster order, image by image
     counts = torch.bincount(image_of, minlength=b)
-    n = max(int(counts.max()), 1)
+    # A multiple of 16, so the Triton kernels see one divisibility of their row count for every
+    # batch instead of compiling again (stages/matting_triton.py). Empty slots cost nothing.
+    n = max(16, -(-int(counts.max()) // 16) * 16)
     slot = torch.arange(image_of.numel(), device=free.device) - (torch.cumsum(counts, 0) - counts)[image_of]
     # Empty slots point at their image's scratch corner, which lies in the zero border.
     index = (torch.arange(b, device=free.device) * (hp * wp)).view(b, 1).repeat(1, n)

@@ -36,6 +36,12 @@ import triton
 import triton.language as tl
 
 _BLOCK = 1024  # rows per program of the vector kernels
+# Triton compiles a kernel again for each divisibility class of its integer arguments (by 16,
+# and 1), and the row count changes with every batch; a build on warm caches still added 16
+# Triton cache files (BENCHMARKS.md, eighth run). So rows come padded to a multiple of 16
+# (`_compact_system`), the block count is not specialised, and the per-image reductions have
+# one width up to 1024 blocks (1M rows per image).
+_MIN_PARTS = 1024
 # How the matrix product reads the off-diagonal coefficients. float32 reads the same values
 # with twice the bytes; benchmarks/bench_matting.py sets it to time that.
 COEFFICIENT_DTYPE = torch.float16
@@ -52,7 +58,7 @@ def _program_rows(active_ptr, count_ptr, n_rows, BLOCK: tl.constexpr):
     return image, cols, mask, image * n_rows + cols
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_blocks"])
 def _matvec_kernel(
     coef_ptr,  # (B, Q, N) float16 (or float32) off-diagonal coefficients; the centre plane is unused
     diag_ptr,  # (B, N) float32 L_ii
@@ -84,7 +90,7 @@ def _matvec_kernel(
     tl.store(part_ptr + image * n_blocks + tl.program_id(1), tl.sum(p * acc, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_blocks"])
 def _step_size_kernel(
     pq_part_ptr,  # (B, n_blocks)
     rz_ptr,  # (B,)
@@ -101,7 +107,7 @@ def _step_size_kernel(
     tl.store(alpha_ptr + image, tl.where(ok, rz / tl.where(ok, pq, 1.0), 0.0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_blocks"])
 def _update_kernel(
     index_ptr,
     p_ptr,
@@ -130,7 +136,7 @@ def _update_kernel(
     tl.store(rr_part_ptr + image * n_blocks + tl.program_id(1), tl.sum(r * r, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_blocks"])
 def _direction_size_kernel(
     rz_part_ptr,
     rr_part_ptr,
@@ -214,35 +220,45 @@ class TritonPCG:
         self.threshold = (tol * tol) * (rhs.reshape(b, n) ** 2).sum(1)
         self.active = ((self.r**2).sum(1) > self.threshold).to(torch.int32)
         self.n_blocks = triton.cdiv(n, _BLOCK)
-        self.parts = max(triton.next_power_of_2(self.n_blocks), 16)
+        self.parts = max(triton.next_power_of_2(self.n_blocks), _MIN_PARTS)
         self.q = torch.empty_like(self.x)
         self.alpha = torch.empty_like(self.rz)
         self.beta = torch.empty_like(self.rz)
         self.pq_part = torch.empty((b, self.n_blocks), dtype=coef.dtype, device=coef.device)
         self.rz_part = torch.empty_like(self.pq_part)
         self.rr_part = torch.empty_like(self.pq_part)
+        self.launches = self._launches()
 
-    def iterate(self, count: int) -> None:
+    def _launches(self) -> list[tuple[triton.JITFunction, tuple[int, ...], tuple, dict[str, int]]]:
+        """One iteration: (kernel, grid, arguments, constexprs) per launch. The buffers are fixed
+        for the solve, so the list is built once."""
         b, n = self.shape
         rows_grid = (b, self.n_blocks)
         side = 2 * self.reach + 1
-        for _ in range(count):
-            _matvec_kernel[rows_grid](
+        rows = {"BLOCK": _BLOCK}
+        parts = {"PARTS": self.parts}
+        return [
+            (_matvec_kernel, rows_grid, (
                 self.coef, self.diag, self.index, self.p, self.q, self.pq_part, self.active, self.count,
-                n, self.n_blocks, self.row_stride, REACH=self.reach, SIDE=side, BLOCK=_BLOCK,
-            )  # fmt: skip
-            _step_size_kernel[(b,)](self.pq_part, self.rz, self.alpha, self.active, self.n_blocks, PARTS=self.parts)
-            _update_kernel[rows_grid](
+                n, self.n_blocks, self.row_stride,
+            ), {"REACH": self.reach, "SIDE": side, **rows}),
+            (_step_size_kernel, (b,), (self.pq_part, self.rz, self.alpha, self.active, self.n_blocks), parts),
+            (_update_kernel, rows_grid, (
                 self.index, self.p, self.q, self.x, self.r, self.inv_diag, self.alpha,
-                self.rz_part, self.rr_part, self.active, self.count, n, self.n_blocks, BLOCK=_BLOCK,
-            )  # fmt: skip
-            _direction_size_kernel[(b,)](
-                self.rz_part, self.rr_part, self.rz, self.beta, self.threshold, self.active,
-                self.n_blocks, PARTS=self.parts,
-            )  # fmt: skip
-            _direction_kernel[rows_grid](
-                self.index, self.p, self.r, self.inv_diag, self.beta, self.active, self.count, n, BLOCK=_BLOCK
-            )
+                self.rz_part, self.rr_part, self.active, self.count, n, self.n_blocks,
+            ), rows),
+            (_direction_size_kernel, (b,), (
+                self.rz_part, self.rr_part, self.rz, self.beta, self.threshold, self.active, self.n_blocks,
+            ), parts),
+            (_direction_kernel, rows_grid, (
+                self.index, self.p, self.r, self.inv_diag, self.beta, self.active, self.count, n,
+            ), rows),
+        ]  # fmt: skip
+
+    def iterate(self, count: int) -> None:
+        for _ in range(count):
+            for kernel, grid, args, constexprs in self.launches:
+                kernel[grid](*args, **constexprs)
 
     def running(self) -> int:
         return int(self.active.sum())

@@ -312,3 +312,53 @@ def test_float32_systems_round_off_diagonals_to_float16_and_stay_a_laplacian() -
             if other is not None:
                 back = rounded.offsets.tolist().index(-shift)
                 assert rounded.coef[0, j, k] == rounded.coef[0, back, other]
+
+
+def test_every_batch_reuses_one_compile_of_each_triton_kernel() -> None:
+    """Triton compiles a kernel again for each divisibility class of its integer arguments (by
+    16, and 1), and the unknown count changes with every batch. How each launch of a solve
+    specialises, for batches of different unknown counts, must not change."""
+    pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    from stages.matting_torch import _compact_system
+    from stages.matting_triton import TritonPCG
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    scene = make_scene(48, 64, seed=24)
+    image = torch.from_numpy(scene.image).permute(2, 0, 1)[None].double()
+    stencil = _build_stencil(image, None, 1e-7, 1)
+    base = torch.from_numpy(scene.trimap.copy())[None, None].double()
+
+    def system_for(keep: int, strip: int):
+        """Unknown pixels right of column `keep` made background; background left of `strip` unknown."""
+        trimap = base.clone()
+        trimap[..., keep:] = torch.where(trimap[..., keep:] == 0.5, 0.0, trimap[..., keep:])
+        trimap[..., :strip] = torch.where(trimap[..., :strip] <= 0.1, 0.5, trimap[..., :strip])
+        free = ((trimap > 0.1) & (trimap < 0.9)).double()
+        return _compact_system(stencil, free, (trimap >= 0.9).double(), torch.float32)
+
+    raw = {keep: int(system_for(keep, 0)[0].counts[0]) for keep in range(8, 64)}
+    # Batches whose unknown counts are and are not multiples of 16, and span one and two blocks.
+    settings = [
+        (next(k for k, c in raw.items() if c % 16 == 0), 0),
+        (next(k for k, c in raw.items() if c % 16 != 0), 0),
+        (64, 9),
+        (64, 40),
+    ]
+    keys: dict[str, set[str]] = {}
+    counts = []
+    for keep, strip in settings:
+        system, rhs = system_for(keep, strip)
+        counts.append(int(system.counts[0]))
+        solver = TritonPCG(system.coef, system.inv_diag, system.index, system.counts, system.scratch_size, 66,
+                           rhs, torch.zeros_like(rhs), rhs, 1e-5)  # fmt: skip
+        for kernel, _, args, constexprs in solver.launches:
+            binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+            _, specialization, _ = binder(*args, **constexprs)
+            keys.setdefault(kernel.fn.__name__, set()).add(str(specialization))
+    # The batches differ in divisibility by 16 and in block count (1024 rows a block).
+    assert counts[0] % 16 == 0 and counts[1] % 16 != 0 and counts[1] < 1024 < counts[-1], counts
+    assert len(keys) == 5 and all(len(k) == 1 for k in keys.values()), {n: len(k) for n, k in keys.items()}
