@@ -29,15 +29,20 @@ import pyarrow.parquet as pq
 from pipeline import __version__, tracking
 from pipeline.backgrounds import BUNDLED_BACKGROUNDS, backgrounds_digest, list_backgrounds
 from pipeline.config import Config, dump_config
-from pipeline.dataplan import build_dataset_plan, ensure_ray, filter_composite_encode, finish_args, run_plan
+from pipeline.dataplan import (
+    SegmentAndTrimap,
+    build_dataset_plan,
+    ensure_ray,
+    filter_composite_encode,
+    finish_args,
+    run_plan,
+)
 from pipeline.hub import require_model
 from pipeline.sources import SourceError, SourcePhoto, SourceScan, scan_source
 from pipeline.versions import MANIFEST, DatasetStore, utc_now, write_json_atomic
 from stages.decode import decode_batch
 from stages.matte import matte_batch, resolve_backend
 from stages.records import CATEGORY, REJECT_REASON, REJECT_STAGE, SOURCE_PATH, SOURCE_SHA256, SOURCE_URI, SUBJECT_ID
-from stages.segment import Segmenter
-from stages.trimap import trimap_batch
 from stages.write import DATA_SCHEMA, REJECT_SCHEMA, split_block
 
 log = logging.getLogger(__name__)
@@ -110,12 +115,12 @@ def process_photos(photos: list[SourcePhoto], config: Config, dataset_version: s
     batch[REJECT_STAGE] = np.full(len(photos), "", dtype=object)
     batch[REJECT_REASON] = np.full(len(photos), "", dtype=object)
     batch = decode_batch(batch, **data.decode.model_dump())
-    segmenter = Segmenter(
-        model_path=config.model_path("clipseg"), prompt_template=data.segment.prompt_template,
-        batch_size=data.segment.batch_size, normalize=data.segment.normalize,
-    )
-    batch = segmenter(batch)
-    batch = trimap_batch(batch, **data.trimap.model_dump())
+    segment_and_trimap = SegmentAndTrimap(
+        trimap_args=data.trimap.model_dump(), model_path=config.model_path("clipseg"),
+        prompt_template=data.segment.prompt_template, batch_size=data.segment.batch_size,
+        normalize=data.segment.normalize,
+    )  # fmt: skip
+    batch = segment_and_trimap(batch)
     batch = matte_batch(batch, backend=resolve_backend(data.matte.backend))
     batch = filter_composite_encode(batch, **finish_args(config, backgrounds, dataset_version))
     rows, rejects, _ = split_block(pa.table({name: pa.array(list(column)) for name, column in batch.items()}))
