@@ -5,8 +5,13 @@ source of --photos photos. They are DreamBench-mini's 40 JPEGs, each copy jitter
 brightness) so that no two files are the same bytes. CLIPSeg is real-sized: the
 CIDAS/clipseg-rd64-refined architecture (ViT-B/16 vision tower, CLIP text tower, rd64 decoder,
 352 px processor) with random weights, saved in the official layout. Its random weights make
-timings real, not masks: its maps are speckle, so the run uses the tiny profile's trimap settings
-(per-photo min-max scaling, no erosion), which leave all three trimap regions in every photo.
+timings real, not masks: its maps are speckle, which leaves 0.15% of a photo unknown, so matting
+would cost nearly nothing. With `--trimaps prior` (the default) the CLIPSeg actor still runs the
+model on every photo, then replaces each map by a subject-shaped one
+(`tests.matting_fixtures.subject_confidence`, seeded by the photo's hash) before the trimap
+stage's real defaults (0.5 / 0.2, eroded 3 / 6 px): 17-36% of each photo unknown, the matting
+load of real subjects. `--trimaps clipseg` keeps the speckle, with the tiny profile's trimap
+settings (per-photo min-max scaling, no erosion) so that all three regions stay in every photo.
 
 A warm-up build of --warm-up-photos photos goes first (64: one batch of the matte actor). It
 fills the page cache with CLIPSeg's weights and torch.compile's caches with the matting kernels:
@@ -66,7 +71,12 @@ sys.path.insert(0, str(REPO))
 from machine import describe  # noqa: E402
 
 import pipeline.build as build  # noqa: E402
+import pipeline.dataplan as dataplan  # noqa: E402
 from pipeline.config import ASSETS_DIR, load_config  # noqa: E402
+from pipeline.dataplan import SegmentAndTrimap  # noqa: E402
+from stages.records import CONFIDENCE, SOURCE_SHA256, healthy_rows  # noqa: E402
+from stages.trimap import trimap_batch  # noqa: E402
+from tests.matting_fixtures import subject_confidence  # noqa: E402
 
 PHOTOS = REPO / "datasets" / "dreambench-mini"
 TINY_CLIPSEG = ASSETS_DIR / "tiny-clipseg"
@@ -122,6 +132,37 @@ def make_random_clipseg(out: Path) -> Path:
         "random CLIPSeg rd64-refined: %.1fM parameters at %s", sum(p.numel() for p in model.parameters()) / 1e6, out
     )
     return out
+
+
+class PriorSegmentAndTrimap(SegmentAndTrimap):
+    """The plan's CLIPSeg actor, with each confidence map replaced by a subject-shaped one after
+    the model has run (see the module docstring). Defined here, it travels to the workers by
+    value; its base class is imported there."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = super(SegmentAndTrimap, self).__call__(batch)  # CLIPSeg alone, at full cost
+        maps = list(batch[CONFIDENCE])
+        for i in healthy_rows(batch):
+            height, width = maps[i].shape
+            maps[i] = subject_confidence(height, width, int(str(batch[SOURCE_SHA256][i])[:12], 16))
+        batch[CONFIDENCE] = np.empty(len(maps), dtype=object)
+        batch[CONFIDENCE][:] = maps
+        return trimap_batch(batch, **self.trimap_args)
+
+
+def with_prior_trimaps(build_plan):
+    """`build_dataset_plan` with `PriorSegmentAndTrimap` as the CLIPSeg actor. The plan builder
+    looks the class up when it builds the (lazy) plan; the module keeps its own class the rest
+    of the time, so that Ray pickles that one by reference and the bench's subclass by value."""
+
+    def build_plan_with_prior(*args: Any, **kwargs: Any):
+        dataplan.SegmentAndTrimap = PriorSegmentAndTrimap
+        try:
+            return build_plan(*args, **kwargs)
+        finally:
+            dataplan.SegmentAndTrimap = SegmentAndTrimap
+
+    return build_plan_with_prior
 
 
 def _jittered_copy(task: tuple[str, str, int, int]) -> None:
@@ -472,6 +513,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warm-up-photos", type=int, default=64)
     parser.add_argument("--size", type=int, default=512, help="side of the square source photos, px")
     parser.add_argument("--clipseg", default="random-rd64", help="'random-rd64' (built here), 'tiny', or a path")
+    parser.add_argument(
+        "--trimaps",
+        choices=("prior", "clipseg"),
+        default="prior",
+        help="subject-shaped maps, or the random CLIPSeg's own",
+    )
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray; None = all")
     parser.add_argument("--fake-gpus", type=int, default=0, help="CPU sanity: tell Ray there are GPUs")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder; default a temporary one")
@@ -549,11 +596,17 @@ def main(argv: list[str] | None = None) -> None:
     report.data["setup_s"] = round(time.perf_counter() - started, 2)
     log.info("setup (CLIPSeg, %d + %d photos): %.1f s", args.warm_up_photos, args.photos, report.data["setup_s"])
 
-    overrides = [
-        f"models.clipseg={clipseg}",
-        "data.segment.normalize=minmax",  # random weights: see the module docstring
+    speckle = [  # random weights: see the module docstring
+        "data.segment.normalize=minmax",
         "data.trimap.erode_fg_px=0",
         "data.trimap.erode_bg_px=0",
+    ]
+    if args.trimaps == "prior":
+        build.build_dataset_plan = with_prior_trimaps(build.build_dataset_plan)
+    report.data["trimaps"] = args.trimaps
+    overrides = [
+        f"models.clipseg={clipseg}",
+        *(speckle if args.trimaps == "clipseg" else []),
         *([f"ray.num_cpus={args.num_cpus}"] if args.num_cpus else []),
         *args.overrides,
     ]
