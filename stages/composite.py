@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+import torch
 from PIL import Image
 
 from stages.records import (
@@ -43,11 +47,20 @@ def photo_seed(seed: int, sha256_hex: str, index: int) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def subject_bbox(alpha: np.ndarray, threshold: float = 0.01) -> tuple[int, int, int, int]:
+# Alpha above this counts as subject when boxing it (subject_bbox).
+BBOX_THRESHOLD = 0.01
+
+
+def subject_bbox(alpha: np.ndarray, threshold: float = BBOX_THRESHOLD) -> tuple[int, int, int, int]:
     """(top, bottom, left, right), half-open, of the pixels with alpha above `threshold`."""
     mask = alpha > threshold
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
+    return bbox_of_profiles(mask.any(axis=1), mask.any(axis=0))
+
+
+def bbox_of_profiles(rows: np.ndarray, cols: np.ndarray) -> tuple[int, int, int, int]:
+    """subject_bbox from which rows and which columns hold a subject pixel (bool (H,), (W,)):
+    all a device needs to send back for the box."""
+    rows, cols = np.flatnonzero(rows), np.flatnonzero(cols)
     if rows.size == 0:
         raise ValueError("alpha has no subject pixels")
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
@@ -66,15 +79,66 @@ def cover_background(background: np.ndarray, height: int, width: int) -> np.ndar
     return np.asarray(Image.fromarray(background).resize((nw, nh), Image.Resampling.BILINEAR))
 
 
+def draw_crop(rng: np.random.Generator, covered: tuple[int, int], height: int, width: int) -> tuple[int, int]:
+    """(top, left) of a random (height, width) crop of a covered background of shape `covered`."""
+    nh, nw = covered
+    top = int(rng.integers(0, nh - height + 1))
+    left = int(rng.integers(0, nw - width + 1))
+    return top, left
+
+
 def fit_background(background: np.ndarray, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
     """uint8 (h, w, 3) background -> uint8 (height, width, 3): scaled to cover, randomly cropped.
 
     The crop is a view of the covered background; copy it before writing to it."""
     covered = cover_background(background, height, width)
-    nh, nw = covered.shape[:2]
-    top = int(rng.integers(0, nh - height + 1))
-    left = int(rng.integers(0, nw - width + 1))
+    top, left = draw_crop(rng, covered.shape[:2], height, width)
     return covered[top : top + height, left : left + width]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One composite's random draws: the crop of the covered background (crop_top, crop_left),
+    and the subject box's top-left `x`, `y` and size `width`, `height` in the composite (px),
+    `scale` being the resize factor applied to the subject."""
+
+    crop_top: int
+    crop_left: int
+    x: int
+    y: int
+    width: int
+    height: int
+    scale: float
+
+    def as_dict(self) -> dict[str, float]:
+        """What the PLACEMENT column holds (as JSON): where the subject went, not the crop."""
+        return {"x": self.x, "y": self.y, "width": self.width, "height": self.height, "scale": self.scale}
+
+
+def draw_placement(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    covered: tuple[int, int],
+    bbox: tuple[int, int, int, int],
+    scale_min: float,
+    scale_max: float,
+) -> Placement:
+    """The random draws of one composite on a (height, width) canvas, from a background covered
+    to shape `covered`, of the subject box `bbox` (subject_bbox). Both the PIL and the torch
+    composites take their draws from here, so they place every subject alike. The order of the
+    draws (crop, scale, y, x) is what fixes every published placement: keep it."""
+    crop_top, crop_left = draw_crop(rng, covered, height, width)
+    top, bottom, left, right = bbox
+    box_h, box_w = bottom - top, right - left
+    # The subject's long side becomes a random fraction of the canvas' short side, but never
+    # more than fits on the canvas.
+    target = rng.uniform(scale_min, scale_max) * min(height, width)
+    scale = min(target / max(box_h, box_w), height / box_h, width / box_w)
+    new_h, new_w = max(1, round(box_h * scale)), max(1, round(box_w * scale))
+    y = int(rng.integers(0, height - new_h + 1))
+    x = int(rng.integers(0, width - new_w + 1))
+    return Placement(crop_top, crop_left, x, y, new_w, new_h, float(scale))
 
 
 def composite_subject(
@@ -91,30 +155,39 @@ def composite_subject(
 
     foreground uint8 (H, W, 3), alpha float32 (H, W) in [0, 1], background uint8 (h, w, 3) of
     any size. Returns the composite uint8 (H, W, 3), on a canvas the size of the photo, and the
-    placement: the subject box's top-left `x`, `y` and `width`, `height` in the composite (px),
-    and `scale`, the resize factor applied to the subject. `bbox` is `subject_bbox(alpha)` when
-    the caller already has it (a photo's K composites share it).
+    placement (Placement.as_dict). `bbox` is `subject_bbox(alpha)` when the caller already has
+    it (a photo's K composites share it).
     """
     height, width = alpha.shape
-    composite = np.array(fit_background(background, height, width, rng))
-    top, bottom, left, right = subject_bbox(alpha) if bbox is None else bbox
-    box_h, box_w = bottom - top, right - left
-    # The subject's long side becomes a random fraction of the canvas' short side, but never
-    # more than fits on the canvas.
-    target = rng.uniform(scale_min, scale_max) * min(height, width)
-    scale = min(target / max(box_h, box_w), height / box_h, width / box_w)
-    new_h, new_w = max(1, round(box_h * scale)), max(1, round(box_w * scale))
-    fg = Image.fromarray(foreground[top:bottom, left:right]).resize((new_w, new_h), Image.Resampling.LANCZOS)
+    covered = cover_background(background, height, width)
+    bbox = subject_bbox(alpha) if bbox is None else bbox
+    placement = draw_placement(rng, height, width, covered.shape[:2], bbox, scale_min, scale_max)
+    return paste_subject(foreground, alpha, covered, bbox, placement), placement.as_dict()
+
+
+def paste_subject(
+    foreground: np.ndarray,
+    alpha: np.ndarray,
+    covered: np.ndarray,
+    bbox: tuple[int, int, int, int],
+    placement: Placement,
+) -> np.ndarray:
+    """The pixel work of composite_subject, with PIL: the subject box of foreground (LANCZOS)
+    and alpha (BILINEAR) resized to the placement and blended onto the placement's crop of the
+    covered background (cover_background at the photo's size). uint8 (H, W, 3)."""
+    height, width = alpha.shape
+    p = placement
+    composite = np.array(covered[p.crop_top : p.crop_top + height, p.crop_left : p.crop_left + width])
+    top, bottom, left, right = bbox
+    fg = Image.fromarray(foreground[top:bottom, left:right]).resize((p.width, p.height), Image.Resampling.LANCZOS)
     a = Image.fromarray(alpha[top:bottom, left:right].astype(np.float32), mode="F").resize(
-        (new_w, new_h), Image.Resampling.BILINEAR
+        (p.width, p.height), Image.Resampling.BILINEAR
     )
-    y = int(rng.integers(0, height - new_h + 1))
-    x = int(rng.integers(0, width - new_w + 1))
     # Only the pasted box is blended, in float32; the rest of the canvas stays uint8. Per pixel
     # this is a * fg + (1 - a) * bg, rounded, as on a float canvas: the same bytes, less work.
     a_arr = np.array(a, np.float32)[..., None]
     np.clip(a_arr, 0.0, 1.0, out=a_arr)
-    region = composite[y : y + new_h, x : x + new_w]
+    region = composite[p.y : p.y + p.height, p.x : p.x + p.width]
     blend = np.asarray(fg, np.float32)
     blend *= a_arr
     rest = region.astype(np.float32)
@@ -123,7 +196,7 @@ def composite_subject(
     np.rint(blend, out=blend)
     np.clip(blend, 0, 255, out=blend)
     region[...] = blend
-    return composite, {"x": x, "y": y, "width": new_w, "height": new_h, "scale": float(scale)}
+    return composite
 
 
 @lru_cache(maxsize=64)
@@ -157,6 +230,44 @@ def _take(column: np.ndarray, index: np.ndarray) -> np.ndarray:
     return taken
 
 
+@dataclass(frozen=True)
+class CompositeDraw:
+    """Everything random about one composite row: its COMPOSITE_INDEX, SEED, background and
+    placement."""
+
+    index: int
+    seed: int
+    background_id: str
+    background_path: str
+    placement: Placement
+
+
+def draw_composites(
+    sha256: str,
+    height: int,
+    width: int,
+    bbox: tuple[int, int, int, int],
+    *,
+    backgrounds: list[tuple[str, str]],
+    per_photo: int,
+    seed: int,
+    scale_min: float,
+    scale_max: float,
+) -> list[CompositeDraw]:
+    """The `per_photo` composites' draws of a (height, width) photo with content hash `sha256`
+    and subject box `bbox`. Each has its own generator (photo_seed), which picks the background
+    first, then draw_placement's draws."""
+    draws = []
+    for k in range(per_photo):
+        row_seed = photo_seed(seed, sha256, k)
+        rng = np.random.default_rng(row_seed)
+        background_id, path = backgrounds[int(rng.integers(len(backgrounds)))]
+        covered = covered_background(path, height, width).shape[:2]
+        placement = draw_placement(rng, height, width, covered, bbox, scale_min, scale_max)
+        draws.append(CompositeDraw(k, row_seed, background_id, path, placement))
+    return draws
+
+
 def composite_batch(
     batch: dict[str, np.ndarray],
     *,
@@ -173,44 +284,52 @@ def composite_batch(
     `backgrounds` is a list of (background_id, path), in a fixed order.
     """
     start = time.perf_counter()
-    n = len(batch[SOURCE_URI])
-    healthy = set(int(i) for i in healthy_rows(batch))
-    take: list[int] = []
-    new: dict[str, list] = {COMPOSITE: [], BACKGROUND_ID: [], SEED: [], PLACEMENT: [], COMPOSITE_INDEX: []}
-    for i in range(n):
-        if i not in healthy:
-            take.append(i)
-            for key, value in (
-                (COMPOSITE, PLACEHOLDER_RGB),
-                (BACKGROUND_ID, ""),
-                (SEED, 0),
-                (PLACEMENT, ""),
-                (COMPOSITE_INDEX, 0),
-            ):
-                new[key].append(value)
-            continue
-        alpha = batch[ALPHA][i]
+    made: dict[int, list[tuple[CompositeDraw, np.ndarray]]] = {}
+    for i in healthy_rows(batch):
+        foreground, alpha = batch[FOREGROUND][i], batch[ALPHA][i]
         height, width = alpha.shape
         bbox = subject_bbox(alpha)
-        for k in range(per_photo):
-            row_seed = photo_seed(seed, str(batch[SOURCE_SHA256][i]), k)
-            rng = np.random.default_rng(row_seed)
-            background_id, path = backgrounds[int(rng.integers(len(backgrounds)))]
-            composite, placement = composite_subject(
-                batch[FOREGROUND][i],
-                alpha,
-                covered_background(path, height, width),
-                rng,
-                scale_min=scale_min,
-                scale_max=scale_max,
-                bbox=bbox,
-            )
+        draws = draw_composites(
+            str(batch[SOURCE_SHA256][i]),
+            height,
+            width,
+            bbox,
+            backgrounds=backgrounds,
+            per_photo=per_photo,
+            seed=seed,
+            scale_min=scale_min,
+            scale_max=scale_max,
+        )
+        made[int(i)] = []
+        for d in draws:
+            covered = covered_background(d.background_path, height, width)
+            made[int(i)].append((d, paste_subject(foreground, alpha, covered, bbox, d.placement)))
+    return composite_rows(batch, made, start)
+
+
+# The columns the composite stage adds, and their values on a row that gets no composite.
+_COMPOSITE_COLUMNS = (COMPOSITE, BACKGROUND_ID, SEED, PLACEMENT, COMPOSITE_INDEX)
+_NO_COMPOSITE = (PLACEHOLDER_RGB, "", 0, "", 0)
+
+
+def composite_rows(
+    batch: dict[str, np.ndarray], made: dict[int, list[tuple[CompositeDraw, np.ndarray]]], start: float
+) -> dict[str, np.ndarray]:
+    """The composite stage's output rows: row i of `batch` becomes one row per composite in
+    `made[i]` (its draw and uint8 (H, W, 3) composite), and a row not in `made` passes once with
+    placeholders. FOREGROUND is dropped. `start` is when the stage's work on the batch began
+    (time.perf_counter), for its per-photo timing."""
+    take: list[int] = []
+    new: dict[str, list] = {name: [] for name in _COMPOSITE_COLUMNS}
+    for i in range(len(batch[SOURCE_URI])):
+        if i in made:
+            rows = [(c, d.background_id, d.seed, json.dumps(d.placement.as_dict()), d.index) for d, c in made[i]]
+        else:
+            rows = [_NO_COMPOSITE]
+        for row in rows:
             take.append(i)
-            new[COMPOSITE].append(composite)
-            new[BACKGROUND_ID].append(background_id)
-            new[SEED].append(row_seed)
-            new[PLACEMENT].append(json.dumps(placement))
-            new[COMPOSITE_INDEX].append(k)
+            for name, value in zip(_COMPOSITE_COLUMNS, row, strict=True):
+                new[name].append(value)
     index = np.asarray(take, dtype=np.int64)
     out = {name: _take(column, index) for name, column in batch.items() if name != FOREGROUND}
     out[COMPOSITE] = np.empty(len(index), dtype=object)
@@ -220,6 +339,135 @@ def composite_batch(
     out[PLACEMENT] = np.asarray(new[PLACEMENT], dtype=object)
     out[COMPOSITE_INDEX] = np.asarray(new[COMPOSITE_INDEX], dtype=np.int64)
     # Per-photo time goes on the photo's first row only, so sums over index-0 rows stay per photo.
-    per_photo_seconds = (time.perf_counter() - start) / max(n, 1)
+    per_photo_seconds = (time.perf_counter() - start) / max(len(batch[SOURCE_URI]), 1)
     out[TIMING_PREFIX + STAGE] = np.where(out[COMPOSITE_INDEX] == 0, per_photo_seconds, 0.0)
     return out
+
+
+# The torch composite: paste_subject's pixel work on the device that holds the matte.
+
+
+def _lanczos3(x: np.ndarray) -> np.ndarray:
+    return np.where(np.abs(x) < 3.0, np.sinc(x) * np.sinc(x / 3.0), 0.0)
+
+
+def _triangle(x: np.ndarray) -> np.ndarray:
+    return np.maximum(0.0, 1.0 - np.abs(x))
+
+
+# PIL's LANCZOS and BILINEAR: support (input pixels either side at scale 1) and filter.
+_FILTERS = {"lanczos3": (3.0, _lanczos3), "triangle": (1.0, _triangle)}
+
+
+@lru_cache(maxsize=4096)
+def resample_weights(in_size: int, out_size: int, kernel: str) -> np.ndarray:
+    """float64 (out_size, in_size): the weights each output pixel gives the input pixels when
+    an axis is resized from in_size to out_size, as PIL weighs them. The filter sits on the
+    output pixel's centre mapped into the input, and when shrinking it is stretched by the
+    shrink factor, so that every input pixel counts (antialiasing: unstretched, a 4x shrink
+    would see 6 of every 12 pixels and alias). Rows sum to 1. An axis that keeps its size is
+    copied, as PIL does. Read-only: the array is shared through the cache."""
+    if in_size == out_size:
+        weights = np.eye(in_size)
+    else:
+        support, filter_fn = _FILTERS[kernel]
+        scale = in_size / out_size
+        stretch = max(scale, 1.0)
+        centres = (np.arange(out_size) + 0.5) * scale
+        # Only the taps within reach of each centre: the matte actor's CPU computes these for
+        # every new (box, size) pair, and a dense evaluation cost 3 ms per axis at 512 px.
+        reach = support * stretch
+        taps = np.floor(centres - reach - 0.5).astype(np.int64)[:, None] + np.arange(math.ceil(2 * reach) + 2)
+        inside = (taps >= 0) & (taps < in_size)
+        values = np.where(inside, filter_fn((taps + 0.5 - centres[:, None]) / stretch), 0.0)
+        weights = np.zeros((out_size, in_size))
+        rows = np.broadcast_to(np.arange(out_size)[:, None], taps.shape)
+        weights[rows[inside], taps[inside]] = values[inside]
+        weights /= weights.sum(axis=1, keepdims=True)
+    weights.flags.writeable = False
+    return weights
+
+
+@dataclass(frozen=True)
+class PasteJob:
+    """One composite for composite_subjects_torch: photo `photo` of the batch, its subject box,
+    the composite's draws, and its background covered to the photo's size (covered_background)
+    as a uint8 (h, w, 3) tensor on the device."""
+
+    photo: int
+    bbox: tuple[int, int, int, int]
+    placement: Placement
+    background: torch.Tensor
+
+
+def composite_subjects_torch(
+    foreground: Sequence[torch.Tensor], alpha: Sequence[torch.Tensor], jobs: Sequence[PasteJob]
+) -> list[torch.Tensor]:
+    """paste_subject for each job, on the device of the tensors: one uint8 (H, W, 3) composite
+    per job. foreground[i] holds photo i's colours as (H, W, 3) 0-255 levels (uint8, or float
+    holding whole levels), alpha[i] its (H, W) float alpha in [0, 1]; a stacked (B, H, W, ...)
+    tensor serves as well as a list.
+
+    The resizes are PIL's filters as weight matrices (resample_weights), two matmuls each, and
+    the colours are rounded to 8 bits after each pass, as PIL stores an RGB image's passes:
+    horizontal first, which is PIL's order for a box whose axes both shrink or both grow by one
+    factor, as a subject's box does (Pillow 13 goes vertical first for some other resizes, and
+    with the rounding in between the two orders can differ by tens of levels on noise). What is
+    left is float32 against PIL's fixed point: a level here and there (tests/test_composite_torch.py).
+    That assumes float32 matmuls in full precision, torch's default: TF32 (a process that turns
+    it on) keeps 10 bits of mantissa, ~0.1 level at 255, and would round many more apart."""
+    if not jobs:
+        return []
+    device = jobs[0].background.device
+    weights = _upload([w for job in jobs for w in _job_weights(job)], device)
+    return [
+        _paste_torch(foreground[job.photo], alpha[job.photo], job, *weights[4 * j : 4 * j + 4])
+        for j, job in enumerate(jobs)
+    ]
+
+
+def _job_weights(job: PasteJob) -> tuple[np.ndarray, ...]:
+    """The job's vertical and horizontal weights for the colours, then for the alpha."""
+    top, bottom, left, right = job.bbox
+    (h, w), p = (bottom - top, right - left), job.placement
+    return (
+        resample_weights(h, p.height, "lanczos3"),
+        resample_weights(w, p.width, "lanczos3"),
+        resample_weights(h, p.height, "triangle"),
+        resample_weights(w, p.width, "triangle"),
+    )
+
+
+def _upload(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """float32 copies of `arrays` on `device`, in one host-to-device copy: a batch needs four
+    small matrices per composite, and a copy each would cost more than the matmuls."""
+    flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]).astype(np.float32)).to(device)
+    return [t.view(a.shape) for t, a in zip(flat.split([a.size for a in arrays]), arrays, strict=True)]
+
+
+def _paste_torch(
+    foreground: torch.Tensor,
+    alpha: torch.Tensor,
+    job: PasteJob,
+    fg_rows: torch.Tensor,
+    fg_cols: torch.Tensor,
+    alpha_rows: torch.Tensor,
+    alpha_cols: torch.Tensor,
+) -> torch.Tensor:
+    """paste_subject for one job, given its weights (_job_weights, on the device)."""
+    height, width = alpha.shape
+    top, bottom, left, right = job.bbox
+    p = job.placement
+    composite = job.background[p.crop_top : p.crop_top + height, p.crop_left : p.crop_left + width].clone()
+    box = foreground[top:bottom, left:right].permute(2, 0, 1).float()  # (3, h, w): a matmul per channel
+    fg = _to_levels(fg_rows @ _to_levels(box @ fg_cols.T)).permute(1, 2, 0)  # (height, width, 3)
+    a = (alpha_rows @ (alpha[top:bottom, left:right].float() @ alpha_cols.T)).clamp_(0.0, 1.0)[..., None]
+    region = composite[p.y : p.y + p.height, p.x : p.x + p.width]
+    # paste_subject's arithmetic, operation for operation, so equal inputs give equal bytes.
+    region.copy_((fg * a + region.float() * (1.0 - a)).round_().clamp_(0, 255))
+    return composite
+
+
+def _to_levels(x: torch.Tensor) -> torch.Tensor:
+    """Rounded and clipped to 0-255, as PIL stores each pass of an 8-bit resize."""
+    return x.round_().clamp_(0, 255)
