@@ -14,9 +14,16 @@ STAGE = "filter"
 
 def check_matte(alpha: np.ndarray, *, min_area: float = 0.01, max_area: float = 0.95) -> float:
     """float32 (H, W) alpha in [0, 1] -> its area (mean alpha); Reject when outside the bounds."""
-    if alpha.size == 0 or float(alpha.max()) < 0.5:
+    if alpha.size == 0:
+        return check_matte_stats(0.0, 0.0, min_area=min_area, max_area=max_area)
+    return check_matte_stats(float(alpha.max()), float(alpha.mean()), min_area=min_area, max_area=max_area)
+
+
+def check_matte_stats(peak: float, area: float, *, min_area: float = 0.01, max_area: float = 0.95) -> float:
+    """check_matte on the two numbers it looks at, the matte's peak (max) and area (mean): what
+    a device that holds the matte sends back."""
+    if peak < 0.5:
         raise Reject(STAGE, "empty matte: no pixel is at least half foreground")
-    area = float(alpha.mean())
     if area < min_area:
         raise Reject(STAGE, f"subject too small: matte covers {area:.1%} of the photo < min_area {min_area:.1%}")
     if area > max_area:

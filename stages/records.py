@@ -30,6 +30,8 @@ REJECT_REASON = "reject_reason"
 # Arrays carried between stages (dropped before writing).
 IMAGE = "image"  # uint8 (H, W, 3)
 CONFIDENCE = "confidence"  # float32 (H, W) in [0, 1]
+# TRIMAP and ALPHA leave a matte actor that composites (stages.matte.Matter with `finish`) as
+# uint8 0-255, the levels the writer stores.
 TRIMAP = "trimap"  # float32 (H, W): 0 background, 0.5 unknown, 1 foreground
 ALPHA = "alpha"  # float32 (H, W) in [0, 1]
 FOREGROUND = "foreground"  # uint8 (H, W, 3)
@@ -73,7 +75,9 @@ class _SkipLog:
     def __call__(self, uri: str, reject: Reject) -> None:
         self.count += 1
         if self.count == 1 or self.count % self.every == 0:
-            log.warning("rejected %s at %s: %s (%d so far in this worker)", uri, reject.stage, reject.reason, self.count)
+            log.warning(
+                "rejected %s at %s: %s (%d so far in this worker)", uri, reject.stage, reject.reason, self.count
+            )
         else:
             log.debug("rejected %s at %s: %s", uri, reject.stage, reject.reason)
 

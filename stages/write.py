@@ -93,7 +93,10 @@ def encode_image(array: np.ndarray, fmt: str = "png", quality: int = 95) -> byte
 
 
 def to_uint8(unit: np.ndarray) -> np.ndarray:
-    """float in [0, 1] -> uint8 in [0, 255], rounded."""
+    """float in [0, 1] -> uint8 in [0, 255], rounded. uint8 is taken as scaled already and
+    returned as is: the matte actor that composites on its device sends ALPHA and TRIMAP so."""
+    if unit.dtype == np.uint8:
+        return unit
     return np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
 
 

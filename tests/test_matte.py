@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from pipeline.config import MatteConfig
 from pipeline.dataplan import gpus_per_segment_actor, matte_stage
@@ -163,3 +164,92 @@ def test_matter_splits_a_bundle_into_even_solves(monkeypatch):
         }
         out = Matter(batch_size=4, warm_up=False)(batch)
         assert sizes == want and list(out[REJECT_STAGE]) == [""] * photos
+
+
+def test_a_finishing_matter_gives_the_rows_of_the_filter_and_composite_stages(monkeypatch):
+    """Matter(finish=...) filters and composites on its device; its rows are those of the plain
+    actor followed by filter_batch and composite_batch: the same rows in the same order, the
+    same rejects and reasons (trimap refused, alpha diverged, filter, decode), the same draws,
+    ALPHA and TRIMAP as the writer's uint8 levels, composites a level or two apart (the torch
+    composite: tests/test_composite_torch.py), and once encoded the same published bytes but
+    for the composites."""
+    import stages.matting_torch as matting_torch
+    from pipeline.backgrounds import list_backgrounds
+    from stages.composite import composite_batch
+    from stages.filter import filter_batch
+    from stages.records import ALPHA_AREA, COMPOSITE, PLACEMENT, SOURCE_SHA256
+    from stages.write import encode_batch, to_uint8
+
+    solve = matting_torch.estimate_alpha_cf_torch
+
+    def first_photo_diverges(images, trimaps, **kwargs):
+        alpha = solve(images, trimaps, **kwargs)
+        alpha[0] = torch.full_like(alpha[0], float("nan"))  # the first of every solve (a list or a stack)
+        return alpha
+
+    monkeypatch.setattr(matting_torch, "estimate_alpha_cf_torch", first_photo_diverges)
+    scenes = [make_scene(48, 48, seed) for seed in (6, 7, 8, 10)] + [make_scene(40, 56, seed=9)]
+    images = [as_uint8(s.image) for s in scenes]
+    trimaps = [s.trimap for s in scenes]
+    speck = np.zeros((48, 48), np.float32)
+    speck[20:23, 20:23] = 1.0  # a 9-pixel subject: the filter's "too small"
+    uris = ["a", "b", "c", "d", "e", "speck", "no-background", "bad-decode"]
+    n = len(uris)
+    batch = {
+        SOURCE_URI: np.array(uris, dtype=object),
+        SOURCE_SHA256: np.array([f"{i:02x}" * 32 for i in range(n)], dtype=object),
+        IMAGE: _column([*images, images[0], images[0], np.zeros((1, 1, 3), np.uint8)]),
+        TRIMAP: _column([*trimaps, speck, np.maximum(trimaps[0], 0.5), np.zeros((1, 1), np.float32)]),
+        REJECT_STAGE: np.array([""] * (n - 1) + ["decode"], dtype=object),
+        REJECT_REASON: np.array([""] * (n - 1) + ["empty file"], dtype=object),
+    }
+    filter_args = {"min_area": 0.01, "max_area": 0.95}
+    composite_args = {
+        "backgrounds": list_backgrounds(None),
+        "per_photo": 2,
+        "seed": 1,
+        "scale_min": 0.3,
+        "scale_max": 1.0,
+    }
+    copy = lambda: {k: v.copy() for k, v in batch.items()}  # noqa: E731
+    finish = {"filter_args": filter_args, "composite_args": composite_args}
+    got = Matter(batch_size=4, warm_up=False, finish=finish)(copy())
+    want = composite_batch(filter_batch(Matter(batch_size=4, warm_up=False)(copy()), **filter_args), **composite_args)
+
+    assert got.keys() == want.keys() and FOREGROUND not in got
+    assert list(got[SOURCE_URI]) == list(want[SOURCE_URI])
+    assert list(got[REJECT_STAGE]) == list(want[REJECT_STAGE])
+    assert list(got[REJECT_REASON]) == list(want[REJECT_REASON])
+    # Sorted by size (e, a, b, c, d, speck), 6 photos are two solves of 3: e and c diverge.
+    reject = {
+        uri: (stage, reason)
+        for uri, stage, reason in zip(*(got[k] for k in (SOURCE_URI, REJECT_STAGE, REJECT_REASON)), strict=True)
+    }
+    assert {uri: stage for uri, (stage, _) in reject.items()} == {
+        "a": "", "b": "", "c": "matte", "d": "", "e": "matte", "speck": "filter", "no-background": "matte",
+        "bad-decode": "decode",
+    }  # fmt: skip
+    assert (
+        "diverged" in reject["c"][1]
+        and "too small" in reject["speck"][1]
+        and "no background" in reject["no-background"][1]
+    )
+    for name in ("background_id", "seed", "placement", "composite_index"):
+        assert list(got[name]) == list(want[name]), name
+    accepted = np.flatnonzero(got[REJECT_STAGE] == "")
+    assert len(accepted) == 6 and len({got[PLACEMENT][r] for r in accepted}) == 6
+    for r in accepted:
+        assert got[ALPHA][r].dtype == np.uint8 and got[TRIMAP][r].dtype == np.uint8
+        np.testing.assert_array_equal(got[ALPHA][r], to_uint8(want[ALPHA][r]))
+        np.testing.assert_array_equal(got[TRIMAP][r], to_uint8(want[TRIMAP][r]))
+        assert got[ALPHA_AREA][r] == pytest.approx(want[ALPHA_AREA][r], rel=1e-6)  # float32 sums, in another order
+        diff = np.abs(got[COMPOSITE][r].astype(int) - want[COMPOSITE][r].astype(int))
+        assert diff.max() <= 2 and diff.mean() < 0.01
+    # Stage times: matte and filter on every row of a photo, the composite's on its first row.
+    assert {"t_matte", "t_filter", "t_composite"} <= got.keys()
+    assert (got["t_composite"][got["composite_index"] > 0] == 0).all() and got["t_composite"][0] > 0
+
+    encode_args = {"image_format": "png", "jpeg_quality": 95, "dataset_version": "v0001"}
+    got_bytes, want_bytes = encode_batch(got, **encode_args), encode_batch(want, **encode_args)
+    for name in ("image", "alpha", "trimap"):
+        assert list(got_bytes[name]) == list(want_bytes[name]), name

@@ -32,6 +32,13 @@ def test_to_uint8_rounds():
     np.testing.assert_array_equal(to_uint8(np.array([0.0, 0.5, 1.0, 1.2, -0.1])), [0, 128, 255, 255, 0])
 
 
+def test_to_uint8_keeps_levels_that_are_uint8_already():
+    # A matte actor that composites on its device sends ALPHA and TRIMAP as uint8: scaling them
+    # again would turn every level above 0 into 255.
+    levels = np.array([[0, 1, 128, 255]], np.uint8)
+    assert to_uint8(levels) is levels
+
+
 def _encoded_batch():
     obj = lambda *xs: np.array(xs, dtype=object)  # noqa: E731
     rgb = np.empty(3, dtype=object)
