@@ -101,7 +101,9 @@ def process_photos(photos: list[SourcePhoto], config: Config, dataset_version: s
     """A handful of photos -> (data rows, reject rows) with the published schemas, through the
     stage adapters of the Ray plan (pipeline.dataplan), in their order, in this process.
 
-    For a subject folder given to `finetune`: 3-6 photos cost less than starting Ray Data.
+    For a subject folder given to `finetune`: 3-6 photos cost less than starting Ray Data. They
+    take the path of the plan without `Matter` actors (matte_batch, photo by photo, then filter,
+    composite and encode on the host): the actor's compile warm-up is a minute.
     Raises ConfigError for a CLIPSeg model or backgrounds folder that cannot be loaded.
     """
     data = config.data

@@ -5,9 +5,10 @@ has GPUs) -> matte -> filter -> composite -> encode (CPU tasks) -> Parquet.
 
 Matting runs where its backend is fastest: the torch solver as an actor pool sharing the GPUs with
 CLIPSeg, each actor solving up to `data.matte.batch_size` photos at once; pymatting (or torch on
-a cluster without GPUs) as CPU tasks of one photo each, spread over every core. Compositing and
-encoding stay on CPU tasks: they are per-pixel numpy and JPEG work that a GPU would have to
-round-trip through host memory anyway.
+a cluster without GPUs) as CPU tasks of one photo each, spread over every core. The filter and
+the composites run where they are cheapest: on the matte actor's GPU when there is one, where
+the alpha and the foreground already are (the actor then sends out the composite rows, and the
+CPU tasks after it only encode), else in the CPU task after matting, with encoding.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ log = logging.getLogger(__name__)
 # Blocks per CPU: enough to keep every core busy while one block is slow to mat.
 _BLOCKS_PER_CPU = 4
 
-# Rows per batch of the CPU task after matting: big enough that slicing batches out of a block
+# Photos per batch of the CPU task after matting: big enough that slicing batches out of a block
 # costs little (0.5 ms a photo at 4 rows, 0.1 at 16), small enough that a batch's arrays (3.7 MB
-# a photo at 512 px, plus its composites) stay near the core's cache.
+# a photo at 512 px, plus its composites) stay near the core's cache. After a matte actor that
+# composites, a photo is `per_photo` rows.
 _FINISH_BATCH_SIZE = 8
 
 
@@ -76,13 +78,16 @@ def gpus_per_segment_actor(setting: float | str, matte_gpus: float, cluster_gpus
     return math.floor(min(left, left * cluster_gpus / max(1, num_actors)) * 1e4) / 1e4
 
 
-def matte_stage(matte: MatteConfig, cluster_gpus: float, photo_size: int = 512) -> dict[str, Any]:
+def matte_stage(
+    matte: MatteConfig, cluster_gpus: float, photo_size: int = 512, finish: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """map_batches arguments of the matte stage on a cluster with `cluster_gpus` GPUs.
 
     The backend is resolved here, not in the worker: Ray hides the GPUs from a worker that asked
     for none, so a worker would never see one to pick torch for. torch on GPUs gets the batched
-    `Matter` actors (which compile their kernels on a warm-up at `photo_size`, decode's size);
-    everything else gets one photo per CPU task, the unit pymatting solves."""
+    `Matter` actors (which compile their kernels on a warm-up at `photo_size`, decode's size, and
+    filter and composite on their GPU when given `finish`, Matter's argument); everything else
+    gets one photo per CPU task, the unit pymatting solves."""
     backend = matte.backend
     if backend == "auto":
         backend = "torch" if cluster_gpus > 0 else "pymatting"
@@ -94,7 +99,12 @@ def matte_stage(matte: MatteConfig, cluster_gpus: float, photo_size: int = 512) 
             "compute": ActorPoolStrategy(size=actors),
             "num_gpus": matte.num_gpus,
             "num_cpus": 1,
-            "fn_constructor_kwargs": {"batch_size": matte.batch_size, "tol": matte.tol, "photo_size": photo_size},
+            "fn_constructor_kwargs": {
+                "batch_size": matte.batch_size,
+                "tol": matte.tol,
+                "photo_size": photo_size,
+                "finish": finish,
+            },
         }
     return {
         "fn": matte_batch,
@@ -195,7 +205,9 @@ def build_dataset_plan(
     ]
     resources = ray.cluster_resources()
     cluster_gpus = resources.get("GPU", 0)
-    matte = matte_stage(data.matte, cluster_gpus, photo_size=data.decode.size)
+    finish = finish_args(config, backgrounds, dataset_version)
+    on_device = {name: finish[name] for name in ("filter_args", "composite_args")}
+    matte = matte_stage(data.matte, cluster_gpus, photo_size=data.decode.size, finish=on_device)
     actors = data.segment.num_actors + (matte["compute"].max_size if matte["fn"] is Matter else 0)
     check_cpus_left(resources.get("CPU", 0), actors)
     if matte["fn"] is Matter:
@@ -222,17 +234,19 @@ def build_dataset_plan(
         },
     )
     ds = ds.map_batches(**matte)
-    ds = ds.map_batches(
-        filter_composite_encode,
-        batch_size=_FINISH_BATCH_SIZE,
-        num_cpus=1,
-        fn_kwargs=finish_args(config, backgrounds, dataset_version),
-    )
-    return ds
+    if matte["fn"] is Matter:  # it filtered and composited on its device
+        return ds.map_batches(
+            encode_batch,
+            batch_size=_FINISH_BATCH_SIZE * data.composite.per_photo,
+            num_cpus=1,
+            fn_kwargs=finish["encode_args"],
+        )
+    return ds.map_batches(filter_composite_encode, batch_size=_FINISH_BATCH_SIZE, num_cpus=1, fn_kwargs=finish)
 
 
 def finish_args(config: Config, backgrounds: list[tuple[str, str]], dataset_version: str) -> dict[str, Any]:
-    """Keyword arguments of `filter_composite_encode` for this config."""
+    """Keyword arguments of `filter_composite_encode` for this config; a `Matter` that finishes
+    on its device takes the filter's and the composite's."""
     data = config.data
     return {
         "filter_args": data.filter.model_dump(),
