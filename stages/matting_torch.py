@@ -374,6 +374,12 @@ def _compiled_kernels() -> _Kernels:
     return _Kernels(_compile(_build_stencil), _compile(_cg_step))
 
 
+def _triton_kernels() -> _Kernels:
+    from stages.laplacian_triton import build_stencil
+
+    return _Kernels(build_stencil, _cg_step)
+
+
 def _coarsen(
     image: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, valid: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -545,10 +551,11 @@ def estimate_alpha_cf_torch(
     check_every: iterations between convergence checks (host syncs).
     coarse_to_fine: start CG from a solve at half resolution (recursively down to
         _MIN_COARSE_SIDE px). It converges to the same system in fewer iterations.
-    compile: fuse the stencil build and each CG iteration with torch.compile. None means on
-        CUDA only. The first call compiles for ~1 min, and the kernels take dynamic shapes, so
-        later sizes reuse them. If compiling fails, the process falls back to eager with a
-        WARNING.
+    compile: fuse the torch loop's stencil build and CG iteration with torch.compile. None
+        means on CUDA only. The first call compiles for ~1 min, and the kernels take dynamic
+        shapes, so later sizes reuse them. If compiling fails, the process falls back to eager
+        with a WARNING. The Triton loop needs no compiling: it builds the stencil with the
+        Triton kernels of stages/laplacian_triton.py, which Triton keeps on disk.
     cg: how CG iterates. "torch" is the torch loop (compiled with `compile`); "triton" runs the
         Triton kernels of stages/matting_triton.py, and "triton-graphs" replays them as CUDA
         graphs. "auto" takes "triton-graphs" for float32 on CUDA when Triton imports, "torch"
@@ -663,9 +670,14 @@ def _estimate_alpha_batch(
             f"trimaps without foreground (>= {FG_THRESHOLD}): {no_fg}; without background (<= {BG_THRESHOLD}): {no_bg}"
         )
 
-    use_compile = (image.is_cuda if compile is None else compile) and not _compile_failed
-    kernels = _compiled_kernels() if use_compile else _EAGER
     cg = _resolve_cg(cg, image)
+    use_compile = (image.is_cuda if compile is None else compile) and not _compile_failed
+    if cg != "torch":
+        # Nothing for torch.compile to do: dynamo re-traced the stencil build at every process
+        # start, 25 s even on warm caches (BENCHMARKS.md, eighth run).
+        kernels = _triton_kernels()
+    else:
+        kernels = _compiled_kernels() if use_compile else _EAGER
     solve = functools.partial(
         _solve_alpha,
         epsilon=epsilon,
@@ -839,8 +851,10 @@ def estimate_foreground_torch(
     regularization, n_small_iterations, n_big_iterations, small_size, gradient_weight:
         pymatting's parameters, with its defaults.
     return_background: also return the background colours.
-    compile: fuse each red-black sweep with torch.compile. None means on CUDA only, where the
-        sweeps' ~40 small kernels per level otherwise leave the GPU waiting on launches.
+    compile: None sweeps float32 on CUDA with the Triton kernel of stages/foreground_triton.py
+        (the torch sweep's ~40 small kernels per level otherwise leave the GPU waiting on
+        launches), and everything else with the torch sweep. True and False force the torch
+        sweep, fused by torch.compile or eager.
     device: where to solve. The default is the images' device (CPU for numpy).
 
     Returns foreground float32 (float64 for float64 input) shaped like images, in [0, 1]. With
@@ -894,6 +908,17 @@ def _estimate_foreground_tensors(
         )
     dtype = _working_dtype(images)
     image, alpha = images.to(dtype).permute(0, 3, 1, 2), alphas.to(dtype).unsqueeze(1)
+    if compile is None and _resolve_cg("auto", image) != "torch":  # float32 on CUDA with Triton
+        try:
+            from stages.foreground_triton import foreground_sweep
+
+            fg, bg = _estimate_foreground_batch(image, alpha, sweep=foreground_sweep, **options)
+            return fg.permute(0, 2, 3, 1).contiguous(), bg.permute(0, 2, 3, 1).contiguous()
+        except Exception as exc:
+            if not _is_triton_error(exc):
+                raise
+            _triton_failed.append(repr(exc))
+            logger.warning("the Triton foreground sweep failed (%r); this process now sweeps in torch", exc)
     use_compile = (images.is_cuda if compile is None else compile) and not _compile_failed
     try:
         fg, bg = _estimate_foreground_batch(image, alpha, sweep=_sweep(use_compile), **options)

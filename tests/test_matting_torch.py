@@ -8,6 +8,10 @@ then come from its cache.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -205,17 +209,9 @@ print(json.dumps({
 
 
 def test_triton_cg_takes_the_torch_loops_iterations() -> None:
-    """The Triton kernels, run by Triton's CPU interpreter. It must be switched on before triton
-    is first imported (its own library functions are kernels too), hence a fresh process."""
+    """The Triton kernels (the stencil's and CG's), run by Triton's CPU interpreter."""
     pytest.importorskip("triton")
-    import json
-    import os
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    done = subprocess.run([sys.executable, "-c", _TRITON_CHECK], cwd=root, env=env, capture_output=True, text=True)
+    done = _run_interpreted(_TRITON_CHECK)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "WARNING" not in done.stderr, done.stderr[-3000:]  # no fallback to the torch loop
     # Two photos of different difficulty, so one stops while the other goes on (the stopped
@@ -248,7 +244,13 @@ def test_triton_kernels_compile_for_hopper() -> None:
         signature = {
             name: "constexpr"
             if name in constexprs
-            else ("*i32" if name in ("index_ptr", "active_ptr", "count_ptr") else coef_type if name == "coef_ptr" else "*fp32")
+            else (
+                "*i32"
+                if name in ("index_ptr", "active_ptr", "count_ptr")
+                else coef_type
+                if name == "coef_ptr"
+                else "*fp32"
+            )
             if name.endswith("_ptr")
             else "i32"
             for name in names
@@ -256,6 +258,113 @@ def test_triton_kernels_compile_for_hopper() -> None:
         fixed = {(names.index(name),): value for name, value in constexprs.items() if name in names}
         compiled = triton.compile(ASTSource(kernel, signature, fixed), target=GPUTarget("cuda", 90, 32))
         assert "ptx" in compiled.asm, kernel.fn.__name__
+
+    from stages import laplacian_triton
+
+    window = {"R": 1, "SIDE": 3, "BLOCK": 128}
+    stencil_variants = [
+        (laplacian_triton._window_kernel, {**window, "HAS_WEIGHT": True}),
+        (laplacian_triton._window_kernel, {**window, "HAS_WEIGHT": False}),
+        (laplacian_triton._stencil_kernel, {**window, "REACH": 2, "SPAN": 5}),
+    ]
+    from stages import foreground_triton
+
+    stencil_variants.append((foreground_triton._sweep_kernel, {"BLOCK": 512}))
+    for kernel, constexprs in stencil_variants:
+        names = kernel.arg_names
+        pointers = {
+            "image_ptr": "*fp32",
+            "weight_ptr": "*fp32",
+            "alpha_ptr": "*fp32",
+            "fg_ptr": "*fp32",
+            "bg_ptr": "*fp32",
+        }
+        signature = {
+            name: "constexpr"
+            if name in constexprs
+            else pointers.get(name, "*fp64")
+            if name.endswith("_ptr")
+            else "fp64"
+            if name == "ridge"
+            else "fp32"
+            if name in ("regularization", "gradient_weight")
+            else "i32"
+            for name in names
+        }
+        fixed = {(names.index(name),): value for name, value in constexprs.items()}
+        compiled = triton.compile(ASTSource(kernel, signature, fixed), target=GPUTarget("cuda", 90, 32))
+        assert "ptx" in compiled.asm, kernel.fn.__name__
+
+
+_STENCIL_CHECK = """
+import json
+import torch
+from stages.laplacian_triton import build_stencil
+from stages.matting_torch import _build_stencil
+from tests.matting_fixtures import make_scene
+
+result = {}
+for radius in (1, 2):
+    scenes = [make_scene(19, 23, seed=25), make_scene(19, 23, seed=26)]
+    image = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1) for s in scenes])
+    image[1, :, :8] = 0.5  # flat grey: windows whose covariance is only the ridge
+    weight = torch.ones(2, 1, 19 - 2 * radius, 23 - 2 * radius)
+    weight[0, :, 10:] = 0.0  # windows dropped, as for a padded photo
+    for name, w in (("plain", None), ("weighted", weight)):
+        ref = _build_stencil(image, w, 1e-7, radius)
+        ours = build_stencil(image, w, 1e-7, radius)
+        result[f"r{radius}_{name}"] = [list(ours.shape) == list(ref.shape), float((ours - ref).abs().max())]
+print(json.dumps(result))
+"""
+
+
+_SWEEP_CHECK = """
+import json
+import numpy as np
+import torch
+from stages.foreground_triton import foreground_sweep
+from stages.matting_torch import _estimate_foreground_batch, _foreground_sweep
+from tests.matting_fixtures import make_scene
+
+scenes = [make_scene(24, 31, seed=27), make_scene(24, 31, seed=28)]
+image = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1) for s in scenes])
+alpha = torch.stack([torch.from_numpy(s.alpha.astype(np.float32))[None] for s in scenes])
+options = dict(regularization=1e-5, n_small_iterations=10, n_big_iterations=2, small_size=8, gradient_weight=1.0)
+ours = _estimate_foreground_batch(image, alpha, sweep=foreground_sweep, **options)
+ref = _estimate_foreground_batch(image, alpha, sweep=_foreground_sweep, **options)
+print(json.dumps({name: float((a - b).abs().max()) for name, a, b in zip(("fg", "bg"), ours, ref)}))
+"""
+
+
+def _run_interpreted(code: str) -> subprocess.CompletedProcess:
+    """`code` in a fresh process with Triton's CPU interpreter on: TRITON_INTERPRET must be set
+    before triton is first imported (its own library functions are kernels too)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    return subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+
+
+def test_triton_stencil_equals_the_torch_build() -> None:
+    """stages/laplacian_triton.py against _build_stencil (itself checked against pymatting's
+    Laplacian above), with and without dropped windows, for r = 1 and 2. Entries reach ~8 where
+    a window is flat, and float64 rounding then differs at ~1e-12."""
+    pytest.importorskip("triton")
+    done = _run_interpreted(_STENCIL_CHECK)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert len(result) == 4
+    for name, (same_shape, max_diff) in result.items():
+        assert same_shape and max_diff < 1e-10, (name, max_diff)
+
+
+def test_triton_foreground_sweep_equals_the_torch_sweep() -> None:
+    """The whole multilevel estimate with the Triton sweep against the torch sweep: the same
+    arithmetic, so float32 rounding apart (fused multiply-adds)."""
+    pytest.importorskip("triton")
+    done = _run_interpreted(_SWEEP_CHECK)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["fg"] < 1e-5 and result["bg"] < 1e-5, result
 
 
 def test_cg_choice_is_checked() -> None:
