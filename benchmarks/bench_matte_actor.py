@@ -13,11 +13,15 @@ a random-weight CLIPSeg's speckle leaves 0.15%). Reported:
 - `start`: the constructor (its warm-up compiles at --size) and the first batch after it, with
   torch.compile's own account of where the time went;
 - `actor`: photos/s of `Matter.__call__` over --batches batches after the first;
-- `phases`: one batch's upload, alpha, foreground and download, each timed after a synchronise,
-  with the stencil build compiled and eager (`compile=False` costs no start: the trade-off);
+- `phases`: one batch's upload, alpha, foreground and download, each timed after a synchronise;
+- `kernels` (CUDA): the stencil build and the foreground estimate as Triton kernels (the
+  default) against torch.compile (before), first call and ms per photo, in the same run;
 - `profile`: torch.profiler's top CUDA kernels and CPU ops over one `__call__`;
-- `finish`: the CPU task after matting (`filter_composite_encode`) on the actor's output, in this
-  process, per photo: what the pipeline's CPU tasks would take without Ray around them.
+- `finish`: the CPU task after the actor (`encode_batch`) on its output, in this process, per
+  photo: what the pipeline's CPU tasks would take without Ray around them.
+
+The actor is made as the plan makes it on a GPU node: it also filters and composites (K rows
+per photo) on its device.
 
     python benchmarks/bench_matte_actor.py --out $OUT/bench_matte_actor.json   # GPU machine
     python benchmarks/bench_matte_actor.py --size 96 --batch-size 4 --batches 2  # CPU sanity
@@ -109,11 +113,22 @@ def dynamo_account() -> dict[str, Any]:
     return {"counters": stats, "compile_times": times}
 
 
+def finish_arguments() -> dict[str, Any]:
+    """What the plan gives the actor and the task after it (pipeline.dataplan), for the bundled
+    backgrounds: the filter's and composite's arguments, and the encoder's."""
+    from pipeline.backgrounds import list_backgrounds
+    from pipeline.dataplan import finish_args
+
+    config = load_config()
+    return finish_args(config, list_backgrounds(config.data.backgrounds), "bench")
+
+
 def time_start(args: argparse.Namespace, first: dict[str, np.ndarray]) -> tuple[Any, dict[str, Any]]:
     from stages.matte import Matter
 
+    finish = {k: v for k, v in finish_arguments().items() if k in ("filter_args", "composite_args")}
     started = time.perf_counter()
-    matter = Matter(batch_size=args.batch_size, tol=args.tol, photo_size=args.size)
+    matter = Matter(batch_size=args.batch_size, tol=args.tol, photo_size=args.size, finish=finish)
     sync()
     constructed = time.perf_counter()
     matter(copy_batch(first))
@@ -148,37 +163,69 @@ def time_actor(matter: Any, batches: list[dict[str, np.ndarray]]) -> dict[str, A
 
 
 def time_phases(batch: dict[str, np.ndarray], tol: float, device: torch.device) -> dict[str, Any]:
-    """One batch through the actor's steps, each timed after a synchronise, compiled and eager."""
+    """One batch through the actor's steps, each timed after a synchronise (second pass)."""
     from stages.matting_torch import estimate_alpha_cf_torch, estimate_foreground_torch
 
-    result: dict[str, Any] = {"photos": len(batch[SOURCE_URI])}
-    for compiled in (True, False):
-        row: dict[str, float] = {}
-        for _repeat in range(2):  # the first pass of the eager variant warms the allocator
-            sync()
-            t0 = time.perf_counter()
-            rgb = torch.from_numpy(batch[IMAGE]).to(device).float() / 255.0
-            tri = torch.from_numpy(batch[TRIMAP].astype(np.float32)).to(device)
-            sync()
-            t1 = time.perf_counter()
-            alpha = estimate_alpha_cf_torch(rgb, tri, tol=tol, compile=compiled)
-            sync()
-            t2 = time.perf_counter()
-            foreground = estimate_foreground_torch(rgb, alpha, compile=compiled)
-            sync()
-            t3 = time.perf_counter()
-            alpha.cpu().numpy(), (foreground * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
-            t4 = time.perf_counter()
-            row = {
-                "upload_ms_per_photo": 1e3 * (t1 - t0),
-                "alpha_ms_per_photo": 1e3 * (t2 - t1),
-                "foreground_ms_per_photo": 1e3 * (t3 - t2),
-                "download_ms_per_photo": 1e3 * (t4 - t3),
-            }
-        n = result["photos"]
-        result["compiled" if compiled else "eager"] = {k: round(v / n, 3) for k, v in row.items()}
-    unknown = float((batch[TRIMAP] == 0.5).mean())
-    result["unknown_fraction"] = round(unknown, 4)
+    n = len(batch[SOURCE_URI])
+    for _ in range(2):
+        sync()
+        t0 = time.perf_counter()
+        rgb = torch.from_numpy(batch[IMAGE]).to(device).float() / 255.0
+        tri = torch.from_numpy(batch[TRIMAP].astype(np.float32)).to(device)
+        sync()
+        t1 = time.perf_counter()
+        alpha = estimate_alpha_cf_torch(rgb, tri, tol=tol)
+        sync()
+        t2 = time.perf_counter()
+        foreground = estimate_foreground_torch(rgb, alpha)
+        sync()
+        t3 = time.perf_counter()
+        alpha.cpu().numpy(), (foreground * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+        t4 = time.perf_counter()
+    ms = lambda seconds: round(1e3 * seconds / n, 3)  # noqa: E731
+    return {
+        "photos": n,
+        "unknown_fraction": round(float((batch[TRIMAP] == 0.5).mean()), 4),
+        "upload_ms_per_photo": ms(t1 - t0),
+        "alpha_ms_per_photo": ms(t2 - t1),
+        "foreground_ms_per_photo": ms(t3 - t2),
+        "download_ms_per_photo": ms(t4 - t3),
+    }
+
+
+def compare_kernels(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, Any]:
+    """The stencil build and the foreground estimate with the Triton kernels (the default on
+    CUDA) against torch.compile (what ran before): first call (the start cost: trace and
+    compile, or load from the caches) and ms per photo after it, on this batch at full size."""
+    from stages import matting_torch
+    from stages.laplacian_triton import build_stencil
+
+    n = len(batch[SOURCE_URI])
+    image = (torch.from_numpy(batch[IMAGE]).to(device).float() / 255.0).permute(0, 3, 1, 2).contiguous()
+    alpha = torch.from_numpy((batch[TRIMAP] > 0.5).astype(np.float32)).to(device)
+    rgb = image.permute(0, 2, 3, 1)
+    candidates = {
+        "stencil_triton": lambda: build_stencil(image, None, 1e-7, 1),
+        "stencil_torch_compile": lambda: matting_torch._compiled_kernels().build_stencil(image, None, 1e-7, 1),
+        "foreground_triton": lambda: matting_torch.estimate_foreground_torch(rgb, alpha),
+        "foreground_torch_compile": lambda: matting_torch.estimate_foreground_torch(rgb, alpha, compile=True),
+    }
+    result = {}
+    for name, fn in candidates.items():
+        sync()
+        started = time.perf_counter()
+        fn()
+        sync()
+        first = time.perf_counter() - started
+        started = time.perf_counter()
+        for _ in range(3):
+            fn()
+        sync()
+        result[name] = {
+            "first_call_s": round(first, 2),
+            "ms_per_photo": round(1e3 * (time.perf_counter() - started) / (3 * n), 3),
+        }
+        log.info("%s: %s", name, result[name])
     return result
 
 
@@ -197,20 +244,20 @@ def profile_call(matter: Any, batch: dict[str, np.ndarray], rows: int) -> dict[s
 
 
 def time_finish(matter: Any, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-    """filter -> composite -> encode in this process, on the actor's output, 8 photos a call."""
-    from pipeline.backgrounds import list_backgrounds
-    from pipeline.dataplan import filter_composite_encode, finish_args
+    """The CPU task after the actor (encode_batch) in this process, on the actor's output, 8
+    photos' rows a call, as the plan batches it."""
+    from stages.write import encode_batch
 
-    config = load_config()
-    kwargs = finish_args(config, list_backgrounds(config.data.backgrounds), "bench")
+    encode_args = finish_arguments()["encode_args"]
     out = matter(copy_batch(batch))
-    n = len(out[SOURCE_URI])
+    rows = len(out[SOURCE_URI])
+    step = 8 * load_config().data.composite.per_photo
     started = time.perf_counter()
-    for start in range(0, n, 8):
-        part = {k: v[start : start + 8] for k, v in out.items()}
-        filter_composite_encode(part, **kwargs)
+    for start in range(0, rows, step):
+        encode_batch({k: v[start : start + step] for k, v in out.items()}, **encode_args)
     seconds = time.perf_counter() - started
-    return {"photos": n, "ms_per_photo": round(1e3 * seconds / n, 2)}
+    photos = len(batch[SOURCE_URI])
+    return {"photos": photos, "rows": rows, "ms_per_photo": round(1e3 * seconds / photos, 2)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -220,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, default=4, help="timed batches after the first")
     parser.add_argument("--tol", type=float, default=None, help="default: data.matte.tol")
     parser.add_argument("--rows", type=int, default=30, help="rows of each profile table")
+    parser.add_argument("--no-compare", action="store_true", help="skip the torch.compile baselines (`kernels`)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -250,6 +298,9 @@ def main(argv: list[str] | None = None) -> None:
     report["phases"] = time_phases(batches[1], args.tol, device)
     log.info("phases: %s", report["phases"])
     save()
+    if device.type == "cuda" and not args.no_compare:
+        report["kernels"] = compare_kernels(batches[1], device)
+        save()
     tables = profile_call(matter, batches[1], args.rows)
     report["profile"] = tables
     for name, table in tables.items():
@@ -259,7 +310,11 @@ def main(argv: list[str] | None = None) -> None:
     log.info("finish (CPU, in process): %s", report["finish"])
     report["dynamo_after"] = dynamo_account()
     save()
-    print(json.dumps({k: report[k] for k in ("start", "actor", "phases", "finish")}, indent=1, default=str)[:6000])
+    print(
+        json.dumps(
+            {k: report.get(k) for k in ("start", "actor", "phases", "kernels", "finish")}, indent=1, default=str
+        )[:6000]
+    )
 
 
 if __name__ == "__main__":
