@@ -148,3 +148,18 @@ def test_torch_composite_takes_lists_of_mixed_sizes_and_float_levels():
     outside[p.y : p.y + p.height, p.x : p.x + p.width] = False
     np.testing.assert_array_equal(composite[outside], crop[outside])
     assert composite_subjects_torch([], [], []) == []
+
+
+def test_device_weights_equal_the_host_ones() -> None:
+    """resample_weights_torch (all of a batch's composites at once, on the device) against
+    resample_weights, for shrinking, growing and same-size axes in one batch."""
+    from stages.composite import resample_weights, resample_weights_torch
+
+    pairs = [(300, 123), (40, 97), (64, 64), (511, 500), (1, 5)]
+    for kernel in ("lanczos3", "triangle"):
+        batch = resample_weights_torch([p[0] for p in pairs], [p[1] for p in pairs], kernel, torch.device("cpu"))
+        assert batch.shape == (len(pairs), 500, 511)
+        for j, (size, out) in enumerate(pairs):
+            expected = resample_weights(size, out, kernel).astype(np.float32)
+            np.testing.assert_allclose(batch[j, :out, :size].numpy(), expected, rtol=0, atol=1e-7)
+            assert not batch[j, out:].any() and not batch[j, :, size:].any()
