@@ -215,6 +215,7 @@ class Matter:
         self.tol = tol
         self.finish = finish
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self._staging = _Staging(self.device)
         # A batch's composites draw from a few backgrounds at one photo size: each is resized and
         # uploaded once, not once per composite.
         self._background = functools.lru_cache(maxsize=64)(self._upload_background)
@@ -319,15 +320,15 @@ class Matter:
     def _solve(self, images: list[np.ndarray], trimaps: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray] | str]:
         """uint8 (H, W, 3) photos and float32 (H, W) trimaps -> per photo (alpha float32 (H, W),
         foreground uint8 (H, W, 3)), or the reason it is rejected."""
-        return _download(self._solve_on_device(images, trimaps))
+        return _download(self._solve_on_device(images, trimaps), self._staging)
 
     def _solve_on_device(self, images: list[np.ndarray], trimaps: list[np.ndarray]) -> _Solved:
         """_solve's photos matted, left on the device."""
         from stages.matting_torch import estimate_alpha_cf_torch, estimate_foreground_torch
 
         if len({image.shape for image in images}) == 1:  # one upload, one stacked solve
-            rgb = _upload(images, torch.uint8, self.device).float() / 255.0  # (B, H, W, 3)
-            tri = _upload(trimaps, torch.float32, self.device)
+            rgb = self._staging.upload(images, torch.uint8, self.device).float() / 255.0  # (B, H, W, 3)
+            tri = self._staging.upload(trimaps, torch.float32, self.device)
         else:  # lists: alpha pads them into one batch, foreground solves each size apart
             rgb = [torch.from_numpy(image).to(self.device).float() / 255.0 for image in images]
             tri = [torch.from_numpy(trimap.astype(np.float32)).to(self.device) for trimap in trimaps]
@@ -354,7 +355,7 @@ class Matter:
         outcomes: dict[int, _Outcome] = {}
         passed: list[_Passed] = []
         with clock(FILTER_STAGE):
-            peaks, areas, profiles = _matte_stats(solved.alpha)
+            peaks, areas, profiles = _matte_stats(solved.alpha, self._staging)
             for j, i in enumerate(chunk):
                 if not solved.finite[j]:
                     outcomes[i] = _DIVERGED
@@ -383,7 +384,7 @@ class Matter:
                 jobs.append(PasteJob(photo.j, photo.bbox, d.placement, background))
         composites = composite_subjects_torch(solved.foreground, solved.alpha, jobs)
         maps = [_to_uint8(m[photo.j]) for photo in passed for m in (solved.alpha, solved.trimap)]
-        fetched = _fetch(maps + composites)
+        fetched = self._staging.fetch(maps + composites)
         back = iter(fetched[len(maps) :])
         return {
             photo.row: _Finished(fetched[2 * n], fetched[2 * n + 1], photo.area, [(d, next(back)) for d in photo_draws])
@@ -411,33 +412,52 @@ class _StageClock:
         self.seconds[stage] += time.perf_counter() - start
 
 
-def _host_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An empty host tensor to copy to or from `device` through: page-locked for CUDA. Copies
-    from pageable memory ran at ~1 GB/s on the H100 node, 1.6 ms per photo for its alpha and
-    foreground (bench_matte_actor.py). torch's pinned allocator caches the blocks, and a numpy
-    view keeps its block alive, so handing the views on is safe."""
-    return torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda")
+class _Staging:
+    """Page-locked host buffers, one per dtype, kept and grown across calls, that every copy
+    between host and device goes through. From pageable memory those copies ran at ~1 GB/s on
+    the H100 node (1.6 ms a photo for alpha and foreground), and pinning fresh buffers for every
+    batch cost more still (cudaHostAlloc, ~15 ms per buffer; bench_matte_actor.py). Downloads
+    are copied out of the buffer into ordinary arrays, which the rows keep."""
+
+    def __init__(self, device: torch.device):
+        self.pinned = device.type == "cuda"
+        self.buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        held = self.buffers.get(dtype)
+        if held is None or held.numel() < numel:
+            held = self.buffers[dtype] = torch.empty(numel, dtype=dtype, pin_memory=self.pinned)
+        return held[:numel]
+
+    def upload(self, arrays: list[np.ndarray], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Same-shape host arrays -> one stacked tensor on `device`, in one copy."""
+        shape = (len(arrays), *arrays[0].shape)
+        host = self.buffer(math.prod(shape), dtype).view(shape)
+        np.stack(arrays, out=host.numpy(), casting="same_kind")
+        return host.to(device)  # synchronous: the buffer is free again once it returns
+
+    def fetch(self, tensors: list[torch.Tensor]) -> list[np.ndarray]:
+        """Host copies of device tensors of one dtype, in one device-to-host copy."""
+        if not tensors:
+            return []
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        host = self.buffer(flat.numel(), flat.dtype).copy_(flat).numpy().copy()
+        parts = np.split(host, np.cumsum([t.numel() for t in tensors])[:-1])
+        return [part.reshape(t.shape) for part, t in zip(parts, tensors, strict=True)]
 
 
-def _upload(arrays: list[np.ndarray], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Same-shape host arrays -> one stacked tensor on `device`, in one copy."""
-    host = _host_buffer((len(arrays), *arrays[0].shape), dtype, device)
-    np.stack(arrays, out=host.numpy(), casting="same_kind")
-    return host.to(device, non_blocking=True)
-
-
-def _download(solved: _Solved) -> list[tuple[np.ndarray, np.ndarray] | str]:
+def _download(solved: _Solved, staging: _Staging) -> list[tuple[np.ndarray, np.ndarray] | str]:
     """Per photo (alpha float32 (H, W), foreground uint8 (H, W, 3)) on the host, or why it is
     rejected; one download per stacked batch."""
     if isinstance(solved.alpha, torch.Tensor):
-        alpha, foreground = _fetch([solved.alpha])[0], _fetch([solved.foreground])[0]
+        alpha, foreground = staging.fetch([solved.alpha])[0], staging.fetch([solved.foreground])[0]
     else:
         alpha, foreground = [a.cpu().numpy() for a in solved.alpha], [f.cpu().numpy() for f in solved.foreground]
     return [(alpha[j], foreground[j]) if ok else _DIVERGED for j, ok in enumerate(solved.finite)]
 
 
 def _matte_stats(
-    alpha: torch.Tensor | list[torch.Tensor],
+    alpha: torch.Tensor | list[torch.Tensor], staging: _Staging
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
     """What the filter and the subject box need of each photo's alpha, on the host: peak (max),
     area (mean), and which rows and which columns hold subject pixels (bbox_of_profiles)."""
@@ -448,18 +468,7 @@ def _matte_stats(
         subject = group > BBOX_THRESHOLD
         profiles += [subject.any(2), subject.any(1)]
     peaks, areas = torch.cat(numbers).cpu().numpy().T
-    fetched = _fetch(profiles)
+    fetched = staging.fetch(profiles)
     rows = [r for group in fetched[0::2] for r in group]
     cols = [c for group in fetched[1::2] for c in group]
     return peaks, areas, list(zip(rows, cols, strict=True))
-
-
-def _fetch(tensors: list[torch.Tensor]) -> list[np.ndarray]:
-    """Host copies of device tensors of one dtype, in one device-to-host copy (views into it)."""
-    if not tensors:
-        return []
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    host = _host_buffer(flat.shape, flat.dtype, flat.device)
-    flat = host.copy_(flat).numpy()
-    parts = np.split(flat, np.cumsum([t.numel() for t in tensors])[:-1])
-    return [part.reshape(t.shape) for part, t in zip(parts, tensors, strict=True)]
