@@ -127,7 +127,7 @@ class SegmentAndTrimap(Segmenter):
         self.trimap_args = trimap_args
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return trimap_batch(super().__call__(batch), **self.trimap_args)
+        return trimap_batch(super().__call__(batch), device=self.device, **self.trimap_args)
 
 
 def filter_composite_encode(

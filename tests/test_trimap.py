@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from stages.records import Reject
 from stages.trimap import BACKGROUND, FOREGROUND, UNKNOWN, check_trimap, make_trimap
@@ -56,3 +57,24 @@ def test_subject_filling_the_photo_is_a_reject():
     conf = np.full((20, 20), 0.9, np.float32)
     with pytest.raises(Reject, match="no background"):
         check_trimap(make_trimap(conf), conf, "dog", 0.5, 0.2)
+
+
+@pytest.mark.parametrize("radius", [0, 1, 3, 6])
+def test_torch_erosion_and_trimaps_equal_scipys(radius: int) -> None:
+    """erode_torch / make_trimap_torch (what the CLIPSeg actor runs on its GPU) against the
+    scipy ones, on blobs that touch the border, speckle and empty and full masks."""
+    import torch
+
+    from stages.trimap import _erode, erode_torch, make_trimap_torch
+
+    rng = np.random.default_rng(radius)
+    blobs = ndimage.gaussian_filter(rng.random((3, 61, 47)), (0, 4, 4))
+    masks = [blobs[0] > blobs[0].mean(), rng.random((61, 47)) > 0.2, np.zeros((61, 47), bool), np.ones((61, 47), bool)]
+    ours = erode_torch(torch.from_numpy(np.stack(masks)), radius).numpy()
+    for mine, mask in zip(ours, masks, strict=True):
+        np.testing.assert_array_equal(mine, _erode(mask, radius))
+    confidence = (blobs - blobs.min()) / (blobs.max() - blobs.min())
+    settings = {"high": 0.6, "low": 0.3, "erode_fg_px": radius, "erode_bg_px": radius + 1}
+    trimaps = make_trimap_torch(torch.from_numpy(confidence.astype(np.float32)), **settings).numpy()
+    for made, conf in zip(trimaps, confidence.astype(np.float32), strict=True):
+        np.testing.assert_array_equal(made, make_trimap(conf, **settings))
