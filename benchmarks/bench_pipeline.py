@@ -147,7 +147,7 @@ class PriorSegmentAndTrimap(SegmentAndTrimap):
             maps[i] = subject_confidence(height, width, int(str(batch[SOURCE_SHA256][i])[:12], 16))
         batch[CONFIDENCE] = np.empty(len(maps), dtype=object)
         batch[CONFIDENCE][:] = maps
-        return trimap_batch(batch, **self.trimap_args)
+        return trimap_batch(batch, device=self.device, **self.trimap_args)
 
 
 def with_prior_trimaps(build_plan):
