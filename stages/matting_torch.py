@@ -625,12 +625,17 @@ def _triton_importable() -> bool:
     return True
 
 
+def _triton_usable(image: torch.Tensor) -> bool:
+    """Whether this process runs the Triton kernels on `image`: float32 on CUDA, with a Triton
+    that imports and has not failed here."""
+    return image.is_cuda and image.dtype == torch.float32 and not _triton_failed and _triton_importable()
+
+
 def _resolve_cg(cg: str, image: torch.Tensor) -> str:
     if cg not in CG_CHOICES:
         raise ValueError(f"cg must be one of {CG_CHOICES}, got {cg!r}")
     if cg == "auto":
-        fast = image.is_cuda and image.dtype == torch.float32 and not _triton_failed and _triton_importable()
-        return "triton-graphs" if fast else "torch"
+        return "triton-graphs" if _triton_usable(image) else "torch"
     if cg != "torch" and image.dtype != torch.float32:
         raise ValueError(f"cg={cg!r} solves in float32 only, got {image.dtype} images")
     if cg == "triton-graphs" and not image.is_cuda:
@@ -911,7 +916,7 @@ def _estimate_foreground_tensors(
         )
     dtype = _working_dtype(images)
     image, alpha = images.to(dtype).permute(0, 3, 1, 2), alphas.to(dtype).unsqueeze(1)
-    if compile is None and _resolve_cg("auto", image) != "torch":  # float32 on CUDA with Triton
+    if compile is None and _triton_usable(image):
         try:
             from stages.foreground_triton import foreground_sweep
 

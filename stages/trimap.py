@@ -34,6 +34,11 @@ def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
     return ndimage.binary_erosion(mask, structure=_disk(radius), border_value=1)
 
 
+def _check_thresholds(high: float, low: float) -> None:
+    if not 0.0 <= low < high <= 1.0:
+        raise ValueError(f"need 0 <= low < high <= 1, got low={low}, high={high}")
+
+
 def make_trimap(
     confidence: np.ndarray, *, high: float = 0.5, low: float = 0.2, erode_fg_px: int = 3, erode_bg_px: int = 6
 ) -> np.ndarray:
@@ -42,8 +47,7 @@ def make_trimap(
     Foreground is confidence >= high eroded by erode_fg_px, background is confidence <= low
     eroded by erode_bg_px, everything else unknown.
     """
-    if not 0.0 <= low < high <= 1.0:
-        raise ValueError(f"need 0 <= low < high <= 1, got low={low}, high={high}")
+    _check_thresholds(high, low)
     fg = _erode(confidence >= high, erode_fg_px)
     bg = _erode(confidence <= low, erode_bg_px)
     trimap = np.full(confidence.shape, UNKNOWN, np.float32)
@@ -70,8 +74,7 @@ def make_trimap_torch(
     The CLIPSeg actor's GPU makes them in a few kernels, where scipy's erosions took ~25 ms of
     the actor's CPU per 512 px photo on the H100 node and capped the build at ~85 photos/s
     (BENCHMARKS.md, eleventh run)."""
-    if not 0.0 <= low < high <= 1.0:
-        raise ValueError(f"need 0 <= low < high <= 1, got low={low}, high={high}")
+    _check_thresholds(high, low)
     fg = erode_torch(confidence >= high, erode_fg_px)
     bg = erode_torch(confidence <= low, erode_bg_px)
     trimap = torch.full(confidence.shape, UNKNOWN, dtype=torch.float32, device=confidence.device)
