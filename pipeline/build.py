@@ -103,7 +103,8 @@ def process_photos(photos: list[SourcePhoto], config: Config, dataset_version: s
 
     For a subject folder given to `finetune`: 3-6 photos cost less than starting Ray Data. They
     take the path of the plan without `Matter` actors (matte_batch, photo by photo, then filter,
-    composite and encode on the host): the actor's compile warm-up is a minute.
+    composite and encode on the host): an actor's warm-up alone builds its Triton kernels
+    (37 s the first time on a machine).
     Raises ConfigError for a CLIPSeg model or backgrounds folder that cannot be loaded.
     """
     data = config.data
