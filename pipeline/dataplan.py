@@ -64,18 +64,28 @@ def subject_trainer_options(config: Config) -> dict[str, Any]:
     return {"num_cpus": config.train.cpus_per_worker, "num_gpus": gpus, "max_restarts": 0, "max_task_retries": 0}
 
 
-def gpus_per_segment_actor(setting: float | str, matte_gpus: float, cluster_gpus: float, num_actors: int = 1) -> float:
-    """auto: what the matting actors leave of the GPUs, shared by the `num_actors` CLIPSeg
-    actors, and never more than they leave of one GPU (an actor's share sits on one GPU). Two
-    actors beside a 0.5-GPU matting actor on one GPU get 0.25 each: 0.5 each would ask for 1.5
-    GPUs, and the plan would wait forever for the second. Rounded down to Ray's 1e-4 resource
-    unit, so that the shares never add up to more than the GPU."""
+def gpus_per_segment_actor(
+    setting: float | str, matte_gpus: float, cluster_gpus: float, num_actors: int = 1, matte_actors: int = 1
+) -> float:
+    """auto: what the `matte_actors` matting actors (`matte_gpus` each) leave of the GPUs, shared
+    by the `num_actors` CLIPSeg actors so that they pack: an actor's share sits on one GPU, so
+    each gets what is left of a GPU divided by the CLIPSeg actors that GPU must hold. Two actors
+    beside a 0.5-GPU matting actor on one GPU get 0.25 each (0.5 each would ask for 1.5 GPUs,
+    and the plan would wait forever for the second); three beside two 0.3-GPU matting actors get
+    0.1333. Rounded down to Ray's 1e-4 resource unit, so that the shares never add up to more
+    than the GPU. Raises ConfigError when the matting actors leave nothing."""
     if setting != "auto":
         return float(setting)
     if cluster_gpus <= 0:
         return 0.0
-    left = 1.0 - matte_gpus if matte_gpus > 0 else 1.0
-    return math.floor(min(left, left * cluster_gpus / max(1, num_actors)) * 1e4) / 1e4
+    gpus = max(1, int(cluster_gpus))
+    left = 1.0 - matte_gpus * math.ceil(matte_actors / gpus) if matte_gpus > 0 else 1.0
+    if left < 1e-4:
+        raise ConfigError(
+            f"{matte_actors} matting actor(s) at {matte_gpus} GPU each leave no GPU for CLIPSeg on "
+            f"{gpus} GPU(s): lower data.matte.num_gpus or data.matte.num_actors"
+        )
+    return math.floor(left / math.ceil(num_actors / gpus) * 1e4) / 1e4
 
 
 def matte_stage(
@@ -222,7 +232,8 @@ def build_dataset_plan(
         batch_size=data.segment.batch_size,
         compute=ActorPoolStrategy(size=data.segment.num_actors),
         num_gpus=gpus_per_segment_actor(
-            data.segment.num_gpus, matte.get("num_gpus", 0.0), cluster_gpus, data.segment.num_actors
+            data.segment.num_gpus, matte.get("num_gpus", 0.0), cluster_gpus, data.segment.num_actors,
+            matte["compute"].max_size if matte["fn"] is Matter else 0,
         ),
         num_cpus=1,
         fn_constructor_kwargs={

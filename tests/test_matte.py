@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import MatteConfig
+from pipeline.config import ConfigError, MatteConfig
 from pipeline.dataplan import gpus_per_segment_actor, matte_stage
 from stages.matte import BACKENDS, Matter, matte_batch, matte_pymatting, resolve_backend
 from stages.matting_torch import DEFAULT_TOL
@@ -137,6 +137,13 @@ def test_matte_stage_shares_the_gpu_with_clipseg():
         assert 0 < share and round(share * 1e4) * actors + round(gpu["num_gpus"] * 1e4) <= 1e4
     assert gpus_per_segment_actor("auto", 0.5, 8, 2) == 0.5  # one per GPU beside its matting actor
     assert gpus_per_segment_actor(0.3, 0.5, 1, 3) == 0.3  # a number is taken as given
+    # Two matting actors at 0.3 on one GPU leave 0.4 for three CLIPSeg actors, not 0.7: the
+    # second matting actor waited for the CLIPSeg actors to finish (GPU run, 8,192 photos).
+    assert gpus_per_segment_actor("auto", 0.3, 1, 3, matte_actors=2) == 0.1333
+    # Shares pack per GPU: 3 CLIPSeg actors on 2 GPUs put two on one GPU beside its matting actor.
+    assert gpus_per_segment_actor("auto", 0.4, 2, 3, matte_actors=2) == 0.3
+    with pytest.raises(ConfigError, match="leave no GPU for CLIPSeg"):
+        gpus_per_segment_actor("auto", 0.5, 1, 1, matte_actors=2)
     assert config.tol == DEFAULT_TOL  # the config's default is the solver's
 
 
