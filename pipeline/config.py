@@ -115,6 +115,9 @@ class TrimapConfig(_Strict):
         return self
 
 
+MATTE_ACTORS_PER_GPU = 3
+
+
 class MatteConfig(_Strict):
     backend: Literal["auto", "pymatting", "torch"] = Field(
         "auto", description="closed-form matting solver; auto = torch where there is a GPU, else pymatting"
@@ -123,9 +126,13 @@ class MatteConfig(_Strict):
         None, ge=1, description="parallel CPU matting tasks (one photo each); None = one per CPU Ray gives the stage"
     )
     num_gpus: float = Field(
-        0.5, gt=0.0, lt=1.0, description="GPU share of each torch matting actor on a GPU cluster; CLIPSeg's auto share takes the rest"
+        0.2, gt=0.0, lt=1.0, description="GPU share of each torch matting actor on a GPU cluster; CLIPSeg's auto share takes the rest"
     )
-    num_actors: int | Literal["auto"] = Field("auto", description="torch matting actors on a GPU cluster; auto = one per GPU")
+    # One actor left the GPU idle while it copied its rows out (~4 MB a photo through Ray's
+    # object store): on an H100 node 1, 2 and 3 actors built 106, 177 and 200 photos/s (BENCHMARKS.md).
+    num_actors: int | Literal["auto"] = Field(
+        "auto", description=f"torch matting actors on a GPU cluster; auto = {MATTE_ACTORS_PER_GPU} per GPU"
+    )
     batch_size: int = Field(64, ge=1, description="photos per batched torch solve")
     tol: float = Field(
         1e-4, gt=0.0, lt=1.0, description="torch solver's relative CG residual (<= 0.002 MAD from pymatting); 3e-5: 1.4x the time, 1/3 the error"

@@ -22,7 +22,7 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, DataContext, Dataset
 
-from pipeline.config import Config, ConfigError, MatteConfig, RayConfig
+from pipeline.config import MATTE_ACTORS_PER_GPU, Config, ConfigError, MatteConfig, RayConfig
 from stages.composite import composite_batch
 from stages.decode import decode_batch
 from stages.filter import filter_batch
@@ -67,25 +67,30 @@ def subject_trainer_options(config: Config) -> dict[str, Any]:
 def gpus_per_segment_actor(
     setting: float | str, matte_gpus: float, cluster_gpus: float, num_actors: int = 1, matte_actors: int = 1
 ) -> float:
-    """auto: what the `matte_actors` matting actors (`matte_gpus` each) leave of the GPUs, shared
-    by the `num_actors` CLIPSeg actors so that they pack: an actor's share sits on one GPU, so
-    each gets what is left of a GPU divided by the CLIPSeg actors that GPU must hold. Two actors
-    beside a 0.5-GPU matting actor on one GPU get 0.25 each (0.5 each would ask for 1.5 GPUs,
-    and the plan would wait forever for the second); three beside two 0.3-GPU matting actors get
-    0.1333. Rounded down to Ray's 1e-4 resource unit, so that the shares never add up to more
-    than the GPU. Raises ConfigError when the matting actors leave nothing."""
-    if setting != "auto":
-        return float(setting)
+    """The GPU share of each CLIPSeg actor. auto: what the `matte_actors` matting actors
+    (`matte_gpus` each) leave of the GPUs, shared by the `num_actors` CLIPSeg actors so that
+    they pack: an actor's share sits on one GPU, so each gets what is left of a GPU divided by
+    the CLIPSeg actors that GPU must hold. Two actors beside a 0.5-GPU matting actor on one GPU
+    get 0.25 each; three beside three 0.2-GPU matting actors get 0.1333. Rounded down to Ray's
+    1e-4 resource unit, so that the shares never add up to more than the GPU. A number is taken
+    as given. Raises ConfigError when the shares of a GPU add up to more than it: Ray would
+    start the actors that fit, and the plan would wait for the others until CLIPSeg finished."""
     if cluster_gpus <= 0:
-        return 0.0
+        return 0.0 if setting == "auto" else float(setting)
     gpus = max(1, int(cluster_gpus))
-    left = 1.0 - matte_gpus * math.ceil(matte_actors / gpus) if matte_gpus > 0 else 1.0
-    if left < 1e-4:
+    matting_per_gpu = matte_gpus * math.ceil(matte_actors / gpus)
+    segment_per_gpu = math.ceil(num_actors / gpus)
+    if setting == "auto":
+        share = math.floor((1.0 - matting_per_gpu) / segment_per_gpu * 1e4) / 1e4
+    else:
+        share = float(setting)
+    if share < 1 and (share <= 0 or matting_per_gpu + share * segment_per_gpu > 1 + 1e-9):
         raise ConfigError(
-            f"{matte_actors} matting actor(s) at {matte_gpus} GPU each leave no GPU for CLIPSeg on "
-            f"{gpus} GPU(s): lower data.matte.num_gpus or data.matte.num_actors"
+            f"on {gpus} GPU(s), {matte_actors} matting actor(s) at {matte_gpus:g} GPU each and {num_actors} "
+            f"CLIPSeg actor(s) at {share:g} ask for more than a GPU: lower data.matte.num_gpus, "
+            "data.matte.num_actors, data.segment.num_actors or data.segment.num_gpus"
         )
-    return math.floor(left / math.ceil(num_actors / gpus) * 1e4) / 1e4
+    return share
 
 
 def matte_stage(
@@ -102,7 +107,8 @@ def matte_stage(
     if backend == "auto":
         backend = "torch" if cluster_gpus > 0 else "pymatting"
     if backend == "torch" and cluster_gpus > 0:
-        actors = max(1, int(cluster_gpus)) if matte.num_actors == "auto" else matte.num_actors
+        gpus = max(1, int(cluster_gpus))
+        actors = MATTE_ACTORS_PER_GPU * gpus if matte.num_actors == "auto" else matte.num_actors
         return {
             "fn": Matter,
             "batch_size": matte.batch_size,

@@ -258,9 +258,12 @@ class Matter:
         """ALPHA and FOREGROUND per row, as matte_batch gives them."""
         with timed(batch, STAGE):
             results: dict[int, tuple[np.ndarray, np.ndarray] | str] = {}
-            for chunk in self._chunks(batch):
+
+            def solve(chunk: list[int]) -> None:
                 solved = self._solve([batch[IMAGE][i] for i in chunk], [batch[TRIMAP][i] for i in chunk])
                 results.update(zip(chunk, solved, strict=True))
+
+            self._each_fitting(self._chunks(batch), solve)
 
             def one(i: int) -> dict[str, object]:
                 refusal = _trimap_refusal(batch[TRIMAP][i])
@@ -277,10 +280,13 @@ class Matter:
         """matte -> filter -> composite, each stage's rejects and time in its own columns."""
         clock = _StageClock(self.device)
         outcomes: dict[int, _Outcome] = {}
-        for chunk in self._chunks(batch):
+
+        def solve_and_finish(chunk: list[int]) -> None:
             with clock(STAGE):
                 solved = self._solve_on_device([batch[IMAGE][i] for i in chunk], [batch[TRIMAP][i] for i in chunk])
             outcomes.update(self._finish_solve(batch, chunk, solved, clock))
+
+        self._each_fitting(self._chunks(batch), solve_and_finish)
 
         def matte_row(i: int) -> dict[str, object]:
             outcome = outcomes[i] if i in outcomes else _trimap_refusal(batch[TRIMAP][i])  # unsolved: refused
@@ -316,6 +322,30 @@ class Matter:
         # batch when blocks were split by size on the way).
         step = math.ceil(len(rows) / max(1, math.ceil(len(rows) / self.batch_size))) if rows else 1
         return [rows[start : start + step] for start in range(0, len(rows), step)]
+
+    def _each_fitting(self, chunks: list[list[int]], work: Callable[[list[int]], None]) -> None:
+        """work(chunk) for each chunk, halving a chunk whose work runs out of device memory
+        (and batch_size with it, for this actor's later batches) and retrying the halves.
+        Several actors share a GPU (data.matte.num_actors), and a batch size that fits an 80 GB
+        H100 three times over need not fit a smaller card. `work` must leave nothing behind
+        when it fails. A single photo that does not fit is an error."""
+        pending = collections.deque(chunks)
+        while pending:
+            chunk = pending.popleft()
+            try:
+                work(chunk)
+            except torch.cuda.OutOfMemoryError:
+                if len(chunk) == 1:
+                    raise
+                half = (len(chunk) + 1) // 2
+                log.warning(
+                    "matte actor: a solve of %d photos ran out of device memory; batch_size %d -> %d",
+                    len(chunk), self.batch_size, min(self.batch_size, half),
+                )  # fmt: skip
+                self.batch_size = min(self.batch_size, half)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                pending.extendleft([chunk[half:], chunk[:half]])
 
     def _solve(self, images: list[np.ndarray], trimaps: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray] | str]:
         """uint8 (H, W, 3) photos and float32 (H, W) trimaps -> per photo (alpha float32 (H, W),

@@ -120,12 +120,13 @@ def test_matter_solves_same_sized_photos_together_like_single_photos():
 def test_matte_stage_shares_the_gpu_with_clipseg():
     config = MatteConfig()
     gpu = matte_stage(config, cluster_gpus=1)
-    assert gpu["fn"] is Matter and gpu["compute"].max_size == 1 and gpu["batch_size"] == 64
+    assert gpu["fn"] is Matter and gpu["compute"].max_size == 3 and gpu["batch_size"] == 64
     # The actor compiles on a warm-up at the decoded size, not at a size no photo has.
     assert matte_stage(config, cluster_gpus=1, photo_size=384)["fn_constructor_kwargs"]["photo_size"] == 384
     # Both actor pools must fit on one GPU, or the plan waits forever for the second.
-    assert gpu["num_gpus"] + gpus_per_segment_actor("auto", gpu["num_gpus"], 1) <= 1.0
-    assert matte_stage(config, cluster_gpus=4)["compute"].max_size == 4
+    assert 3 * gpu["num_gpus"] + gpus_per_segment_actor("auto", gpu["num_gpus"], 1, 1, matte_actors=3) <= 1.0
+    assert matte_stage(config, cluster_gpus=4)["compute"].max_size == 12
+    assert matte_stage(MatteConfig(num_actors=2), cluster_gpus=4)["compute"].max_size == 2
     for backend, gpus in (("auto", 0), ("pymatting", 1), ("torch", 0)):
         cpu = matte_stage(MatteConfig(backend=backend), cluster_gpus=gpus)
         assert cpu["fn"] is matte_batch and cpu["batch_size"] == 1 and "num_gpus" not in cpu
@@ -133,17 +134,18 @@ def test_matte_stage_shares_the_gpu_with_clipseg():
     assert gpus_per_segment_actor("auto", 0.0, 1) == 1.0 and gpus_per_segment_actor("auto", 0.0, 0) == 0.0
     # Several CLIPSeg actors share what matting leaves, in Ray's 1e-4 units, so all of them start.
     for actors in range(1, 8):
-        share = gpus_per_segment_actor("auto", gpu["num_gpus"], 1, actors)
-        assert 0 < share and round(share * 1e4) * actors + round(gpu["num_gpus"] * 1e4) <= 1e4
+        share = gpus_per_segment_actor("auto", gpu["num_gpus"], 1, actors, matte_actors=3)
+        assert 0 < share and round(share * 1e4) * actors + 3 * round(gpu["num_gpus"] * 1e4) <= 1e4
     assert gpus_per_segment_actor("auto", 0.5, 8, 2) == 0.5  # one per GPU beside its matting actor
-    assert gpus_per_segment_actor(0.3, 0.5, 1, 3) == 0.3  # a number is taken as given
+    assert gpus_per_segment_actor(0.1, 0.5, 1, 3) == 0.1  # a number is taken as given
     # Two matting actors at 0.3 on one GPU leave 0.4 for three CLIPSeg actors, not 0.7: the
     # second matting actor waited for the CLIPSeg actors to finish (GPU run, 8,192 photos).
     assert gpus_per_segment_actor("auto", 0.3, 1, 3, matte_actors=2) == 0.1333
     # Shares pack per GPU: 3 CLIPSeg actors on 2 GPUs put two on one GPU beside its matting actor.
     assert gpus_per_segment_actor("auto", 0.4, 2, 3, matte_actors=2) == 0.3
-    with pytest.raises(ConfigError, match="leave no GPU for CLIPSeg"):
-        gpus_per_segment_actor("auto", 0.5, 1, 1, matte_actors=2)
+    for setting, matte_actors in (("auto", 2), (0.3, 1)):  # matting alone fills the GPU; 0.5 + 3 x 0.3 > 1
+        with pytest.raises(ConfigError, match="ask for more than a GPU"):
+            gpus_per_segment_actor(setting, 0.5, 1, 3, matte_actors=matte_actors)
     assert config.tol == DEFAULT_TOL  # the config's default is the solver's
 
 
@@ -171,6 +173,44 @@ def test_matter_splits_a_bundle_into_even_solves(monkeypatch):
         }
         out = Matter(batch_size=4, warm_up=False)(batch)
         assert sizes == want and list(out[REJECT_STAGE]) == [""] * photos
+
+
+def test_matter_halves_a_solve_that_runs_out_of_device_memory(monkeypatch):
+    """A solve of more than `fits` photos raises CUDA's out-of-memory error: the actor halves it
+    until it fits, every photo is still solved once and in its own row, later batches start at
+    the size that fitted, and a photo that does not fit alone is an error, not a reject."""
+    sizes, fits = [], 2
+
+    def solve(self, images, trimaps):
+        sizes.append(len(images))
+        if len(images) > fits:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return [(np.full(t.shape, float(i[0, 0, 0]), np.float32), i.copy()) for i, t in zip(images, trimaps, strict=True)]
+
+    monkeypatch.setattr(Matter, "_solve", solve)
+    scene = make_scene(24, 24, seed=1)
+
+    def batch_of(photos):
+        images = [np.full_like(as_uint8(scene.image), n) for n in range(photos)]
+        return {
+            SOURCE_URI: np.array([f"p{i}" for i in range(photos)], dtype=object),
+            IMAGE: _column(images),
+            TRIMAP: _column([scene.trimap] * photos),
+            REJECT_STAGE: np.full(photos, "", dtype=object),
+            REJECT_REASON: np.full(photos, "", dtype=object),
+        }
+
+    matter = Matter(batch_size=4, warm_up=False)
+    out = matter(batch_of(5))
+    assert sizes == [3, 2, 1, 2] and matter.batch_size == 2
+    assert list(out[REJECT_STAGE]) == [""] * 5
+    assert [float(a[0, 0]) for a in out[ALPHA]] == [0.0, 1.0, 2.0, 3.0, 4.0]  # each photo's own alpha
+    sizes.clear()
+    matter(batch_of(4))
+    assert sizes == [2, 2]
+    fits = 0
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        matter(batch_of(2))
 
 
 def test_a_finishing_matter_gives_the_rows_of_the_filter_and_composite_stages(monkeypatch):
