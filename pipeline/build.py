@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 
 from pipeline import __version__, tracking
 from pipeline.backgrounds import BUNDLED_BACKGROUNDS, backgrounds_digest, list_backgrounds
@@ -120,7 +121,7 @@ def process_photos(photos: list[SourcePhoto], config: Config, dataset_version: s
     batch = decode_batch(batch, **data.decode.model_dump())
     segment_and_trimap = SegmentAndTrimap(
         trimap_args=data.trimap.model_dump(), model_path=config.model_path("clipseg"),
-        prompt_template=data.segment.prompt_template, batch_size=data.segment.batch_size,
+        prompt_template=data.segment.prompt_template, batch_size=data.segment.resolved(torch.cuda.device_count())[1],
         normalize=data.segment.normalize,
     )  # fmt: skip
     batch = segment_and_trimap(batch)

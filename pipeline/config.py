@@ -83,10 +83,21 @@ class DecodeConfig(_Strict):
     max_aspect: float = Field(4.0, ge=1.0, description="reject photos with a longer/shorter ratio above this")
 
 
+SEGMENT_ACTORS_PER_GPU = 3
+SEGMENT_BATCH_GPU = 32
+SEGMENT_BATCH_CPU = 8
+
+
 class SegmentConfig(_Strict):
     prompt_template: str = Field("{category}", description="CLIPSeg text prompt; {category} is filled in")
-    batch_size: int = Field(8, ge=1)
-    num_actors: int = Field(1, ge=1, description="CLIPSeg actor pool size")
+    # CLIPSeg and the trimaps took ~2.5 actors' time at the ~200 photos/s a GPU's matting
+    # actors build (BENCHMARKS.md, sixteenth run): one actor per GPU would starve them.
+    batch_size: int | Literal["auto"] = Field(
+        "auto", description=f"photos per CLIPSeg forward; auto = {SEGMENT_BATCH_GPU} with GPUs, {SEGMENT_BATCH_CPU} without"
+    )
+    num_actors: int | Literal["auto"] = Field(
+        "auto", description=f"CLIPSeg actor pool size; auto = {SEGMENT_ACTORS_PER_GPU} per GPU, 1 without GPUs"
+    )
     num_gpus: float | Literal["auto"] = Field(
         "auto",
         description="GPUs per CLIPSeg actor; auto = what GPU matting leaves, shared by the CLIPSeg actors (at most 1 each), 0 without GPUs",
@@ -99,7 +110,18 @@ class SegmentConfig(_Strict):
     def _check_template(self) -> SegmentConfig:
         if "{category}" not in self.prompt_template:
             raise ValueError("prompt_template must contain '{category}'")
+        for key in ("batch_size", "num_actors"):
+            value = getattr(self, key)
+            if value != "auto" and value < 1:
+                raise ValueError(f"{key} must be >= 1 or auto, got {value}")
         return self
+
+    def resolved(self, cluster_gpus: float) -> tuple[int, int]:
+        """(num_actors, batch_size) on a cluster with `cluster_gpus` GPUs."""
+        gpus = int(cluster_gpus) if cluster_gpus >= 1 else (1 if cluster_gpus > 0 else 0)
+        actors = self.num_actors if self.num_actors != "auto" else max(1, SEGMENT_ACTORS_PER_GPU * gpus)
+        batch = self.batch_size if self.batch_size != "auto" else (SEGMENT_BATCH_GPU if gpus else SEGMENT_BATCH_CPU)
+        return actors, batch
 
 
 class TrimapConfig(_Strict):

@@ -224,8 +224,9 @@ def build_dataset_plan(
     finish = finish_args(config, backgrounds, dataset_version)
     on_device = {name: finish[name] for name in ("filter_args", "composite_args")}
     matte = matte_stage(data.matte, cluster_gpus, photo_size=data.decode.size, finish=on_device)
-    actors = data.segment.num_actors + (matte["compute"].max_size if matte["fn"] is Matter else 0)
-    check_cpus_left(resources.get("CPU", 0), actors)
+    segment_actors, segment_batch = data.segment.resolved(cluster_gpus)
+    matte_actors = matte["compute"].max_size if matte["fn"] is Matter else 0
+    check_cpus_left(resources.get("CPU", 0), segment_actors + matte_actors)
     if matte["fn"] is Matter:
         ds = batch_aligned_dataset(items, data.matte.batch_size)
     else:
@@ -235,17 +236,16 @@ def build_dataset_plan(
     ds = ds.map_batches(decode_batch, batch_size=4, num_cpus=1, fn_kwargs=data.decode.model_dump())
     ds = ds.map_batches(
         SegmentAndTrimap,
-        batch_size=data.segment.batch_size,
-        compute=ActorPoolStrategy(size=data.segment.num_actors),
+        batch_size=segment_batch,
+        compute=ActorPoolStrategy(size=segment_actors),
         num_gpus=gpus_per_segment_actor(
-            data.segment.num_gpus, matte.get("num_gpus", 0.0), cluster_gpus, data.segment.num_actors,
-            matte["compute"].max_size if matte["fn"] is Matter else 0,
+            data.segment.num_gpus, matte.get("num_gpus", 0.0), cluster_gpus, segment_actors, matte_actors
         ),
         num_cpus=1,
         fn_constructor_kwargs={
             "model_path": config.model_path("clipseg"),
             "prompt_template": data.segment.prompt_template,
-            "batch_size": data.segment.batch_size,
+            "batch_size": segment_batch,
             "normalize": data.segment.normalize,
             "trimap_args": data.trimap.model_dump(),
         },

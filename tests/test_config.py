@@ -42,6 +42,8 @@ def test_override_values_are_typed():
         ("data.filter.min_area=0.99", "data.filter"),
         ("profile=huge", "profile"),
         ("data.segment.prompt_template=a photo", "data.segment"),
+        ("data.segment.num_actors=0", "data.segment"),
+        ("data.segment.batch_size=many", "data.segment.batch_size"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
@@ -86,3 +88,12 @@ def test_profile_settings_sit_under_the_users_own():
     assert real.data.segment.normalize == "none" and real.data.trimap.erode_bg_px == 6
     assert (tiny.train.resolution, real.train.resolution) == (64, 512)
     assert load_config(overrides=["profile=tiny", "train.resolution=128"]).train.resolution == 128
+
+
+def test_clipseg_actors_and_batch_follow_the_gpus_unless_set():
+    """auto: one CLIPSeg actor at batch 8 without GPUs (CI, the demo), three per GPU at batch 32
+    with them (they take ~2.5 actors' time beside a GPU's matting actors); a number wins."""
+    segment = load_config().data.segment
+    assert [segment.resolved(gpus) for gpus in (0, 0.5, 1, 2)] == [(1, 8), (3, 32), (3, 32), (6, 32)]
+    mine = load_config(overrides=["data.segment.num_actors=2", "data.segment.batch_size=4"]).data.segment
+    assert mine.resolved(0) == mine.resolved(4) == (2, 4)

@@ -75,11 +75,11 @@ def test_the_fused_cpu_task_is_filter_composite_encode_in_order():
 @pytest.mark.parametrize(
     "cpus, gpus, settings, fails",
     [
-        (4, 1, [], True),  # one CLIPSeg and three matte actors: every CPU held, decode never runs
-        (5, 1, [], False),
-        (2, 1, ["data.matte.num_actors=1"], True),
-        (3, 1, ["data.matte.num_actors=1"], False),
-        (5, 1, ["data.segment.num_actors=2"], True),
+        (6, 1, [], True),  # three CLIPSeg and three matte actors per GPU: every CPU held, decode never runs
+        (7, 1, [], False),
+        (2, 1, ["data.matte.num_actors=1", "data.segment.num_actors=1"], True),
+        (3, 1, ["data.matte.num_actors=1", "data.segment.num_actors=1"], False),
+        (7, 1, ["data.segment.num_actors=4"], True),
         (2, 0, [], False),  # no GPU: matting is CPU tasks, only CLIPSeg is an actor
         (1, 0, [], True),
     ],
@@ -190,7 +190,7 @@ def test_a_build_through_the_finishing_matte_actor_equals_the_cpu_plans(fake_gpu
     source = make_source(tmp_path / "src", {"dog": "dog", "cat": "cat", "backpack": "backpack"}, per_subject=4)
     for name, data in list(broken_files().values())[:2]:
         (source / "cat" / name).write_bytes(data)
-    settings = ["profile=tiny", "data.decode.size=64", "data.matte.backend=torch", "data.matte.batch_size=4", "data.matte.num_actors=1",
+    settings = ["profile=tiny", "data.decode.size=64", "data.matte.backend=torch", "data.matte.batch_size=4", "data.matte.num_actors=1", "data.segment.num_actors=1",
                 "data.filter.max_area=0.58", "tracking.enabled=false"]  # fmt: skip
     matte_stage, stages, builds = dataplan.matte_stage, [], {}
     for plan, gpus_seen in (("gpu", None), ("cpu", 0)):
