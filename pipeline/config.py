@@ -9,7 +9,7 @@ the key (``extra="forbid"``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -22,6 +22,14 @@ REPO_DIR = PACKAGE_DIR.parent
 BUNDLED_DATASETS_DIR = REPO_DIR / "datasets"
 
 Profile = Literal["tiny", "real"]
+
+# A count of actors or photos that may be left to the cluster: "auto" is resolved against its GPUs.
+CountOrAuto = Annotated[int, Field(ge=1)] | Literal["auto"]
+
+
+def whole_gpus(cluster_gpus: float) -> int:
+    """GPUs to place per-GPU actors on: a fraction of one counts as one, none as 0."""
+    return max(1, int(cluster_gpus)) if cluster_gpus > 0 else 0
 
 # Where each model comes from under each profile. `tiny` points at checkpoints shipped in the
 # package (small configs, random weights, real tokenizer/processor files) so tests and the demo
@@ -92,10 +100,10 @@ class SegmentConfig(_Strict):
     prompt_template: str = Field("{category}", description="CLIPSeg text prompt; {category} is filled in")
     # CLIPSeg and the trimaps took ~2.5 actors' time at the ~200 photos/s a GPU's matting
     # actors build (BENCHMARKS.md, sixteenth run): one actor per GPU would starve them.
-    batch_size: int | Literal["auto"] = Field(
+    batch_size: CountOrAuto = Field(
         "auto", description=f"photos per CLIPSeg forward; auto = {SEGMENT_BATCH_GPU} with GPUs, {SEGMENT_BATCH_CPU} without"
     )
-    num_actors: int | Literal["auto"] = Field(
+    num_actors: CountOrAuto = Field(
         "auto", description=f"CLIPSeg actor pool size; auto = {SEGMENT_ACTORS_PER_GPU} per GPU, 1 without GPUs"
     )
     num_gpus: float | Literal["auto"] = Field(
@@ -110,15 +118,11 @@ class SegmentConfig(_Strict):
     def _check_template(self) -> SegmentConfig:
         if "{category}" not in self.prompt_template:
             raise ValueError("prompt_template must contain '{category}'")
-        for key in ("batch_size", "num_actors"):
-            value = getattr(self, key)
-            if value != "auto" and value < 1:
-                raise ValueError(f"{key} must be >= 1 or auto, got {value}")
         return self
 
     def resolved(self, cluster_gpus: float) -> tuple[int, int]:
         """(num_actors, batch_size) on a cluster with `cluster_gpus` GPUs."""
-        gpus = int(cluster_gpus) if cluster_gpus >= 1 else (1 if cluster_gpus > 0 else 0)
+        gpus = whole_gpus(cluster_gpus)
         actors = self.num_actors if self.num_actors != "auto" else max(1, SEGMENT_ACTORS_PER_GPU * gpus)
         batch = self.batch_size if self.batch_size != "auto" else (SEGMENT_BATCH_GPU if gpus else SEGMENT_BATCH_CPU)
         return actors, batch
@@ -152,7 +156,7 @@ class MatteConfig(_Strict):
     )
     # One actor left the GPU idle while it copied its rows out (~4 MB a photo through Ray's
     # object store): on an H100 node 1, 2 and 3 actors built 106, 177 and 200 photos/s (BENCHMARKS.md).
-    num_actors: int | Literal["auto"] = Field(
+    num_actors: CountOrAuto = Field(
         "auto", description=f"torch matting actors on a GPU cluster; auto = {MATTE_ACTORS_PER_GPU} per GPU"
     )
     batch_size: int = Field(64, ge=1, description="photos per batched torch solve")
@@ -160,11 +164,9 @@ class MatteConfig(_Strict):
         1e-4, gt=0.0, lt=1.0, description="torch solver's relative CG residual (MAD from pymatting 0.0008 at 512 px, 0.0021 at 1024); 3e-5: 1.4-1.5x the time, 1/3 the error"
     )
 
-    @model_validator(mode="after")
-    def _check_actors(self) -> MatteConfig:
-        if self.num_actors != "auto" and self.num_actors < 1:
-            raise ValueError(f"num_actors must be >= 1 or auto, got {self.num_actors}")
-        return self
+    def resolved_actors(self, cluster_gpus: float) -> int:
+        """Matting actors on a cluster with `cluster_gpus` (> 0) GPUs."""
+        return MATTE_ACTORS_PER_GPU * whole_gpus(cluster_gpus) if self.num_actors == "auto" else self.num_actors
 
 
 class FilterConfig(_Strict):
@@ -407,7 +409,7 @@ class EvaluateConfig(_Strict):
     subjects: list[str] | None = Field(None, description="subject ids; None = every subject in photos")
     images_per_prompt: int = Field(4, ge=1, le=64, description="images per subject and prompt (DreamBench: 4)")
     out: str | None = Field(None, description="output folder; None = subjectforge-eval/<model name>")
-    num_actors: int | Literal["auto"] = Field("auto", description="generator actors; auto = one per GPU, else 1")
+    num_actors: CountOrAuto = Field("auto", description="generator actors; auto = one per GPU, else 1")
     num_gpus: float | Literal["auto"] = Field("auto", description="GPUs per generator actor; auto = 1 with GPUs, else 0")
     batch_size: int | None = Field(None, ge=1, description="images per denoising batch; None = a prompt's images at once")
     score_batch_size: int = Field(32, ge=1, description="images per DINO/CLIP forward pass")
@@ -416,8 +418,6 @@ class EvaluateConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> EvaluateConfig:
-        if self.num_actors != "auto" and self.num_actors < 1:
-            raise ValueError(f"num_actors must be >= 1 or auto, got {self.num_actors}")
         if self.num_gpus != "auto" and self.num_gpus < 0:
             raise ValueError(f"num_gpus must be >= 0 or auto, got {self.num_gpus}")
         return self

@@ -22,7 +22,7 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, DataContext, Dataset
 
-from pipeline.config import MATTE_ACTORS_PER_GPU, Config, ConfigError, MatteConfig, RayConfig
+from pipeline.config import Config, ConfigError, MatteConfig, RayConfig, whole_gpus
 from stages.composite import composite_batch
 from stages.decode import decode_batch
 from stages.filter import filter_batch
@@ -77,7 +77,7 @@ def gpus_per_segment_actor(
     start the actors that fit, and the plan would wait for the others until CLIPSeg finished."""
     if cluster_gpus <= 0:
         return 0.0 if setting == "auto" else float(setting)
-    gpus = max(1, int(cluster_gpus))
+    gpus = whole_gpus(cluster_gpus)
     matting_per_gpu = matte_gpus * math.ceil(matte_actors / gpus)
     segment_per_gpu = math.ceil(num_actors / gpus)
     if setting == "auto":
@@ -107,12 +107,10 @@ def matte_stage(
     if backend == "auto":
         backend = "torch" if cluster_gpus > 0 else "pymatting"
     if backend == "torch" and cluster_gpus > 0:
-        gpus = max(1, int(cluster_gpus))
-        actors = MATTE_ACTORS_PER_GPU * gpus if matte.num_actors == "auto" else matte.num_actors
         return {
             "fn": Matter,
             "batch_size": matte.batch_size,
-            "compute": ActorPoolStrategy(size=actors),
+            "compute": ActorPoolStrategy(size=matte.resolved_actors(cluster_gpus)),
             "num_gpus": matte.num_gpus,
             "num_cpus": 1,
             "fn_constructor_kwargs": {
