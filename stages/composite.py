@@ -466,7 +466,7 @@ def resample_weights_torch(
     eye = torch.arange(values.shape[1], device=device)[:, None] == torch.arange(values.shape[2], device=device)
     values = torch.where((n_in == n_out)[:, None, None], eye.to(values.dtype), values)
     rows = torch.arange(values.shape[1], **f64)[None, :, None] < n_out[:, None, None]
-    return (values * rows * (taps[None, None] < n_in[:, None, None])).float()
+    return (values * rows).float()
 
 
 def _paste_torch(
