@@ -33,8 +33,9 @@ Each mode can be suffixed @B for batch B (default --batch), and full-* modes tak
 compiling anything: what each kernel costs per UNet step. `data` times the Ray Data decode
 stage (samples/s per CPU core) and the precompute encoder (samples/s on the GPU); `profile`
 runs torch.profiler over 3 full steps in the state the last mode left (tables in
-<out>.profile.txt). --preset NAME runs a named list (PRESETS): `run3` is issue 5's run 3
-(--ablation), `run4` the next candidates on top of its row D, most informative first.
+<out>.profile.txt). --preset NAME runs a named list (PRESETS): `run3` is the host-side ablation (--ablation, rows
+A-D of BENCHMARKS.md's "Pretraining step"), `run4` the next candidates on top of its row D, most
+informative first.
 --budget is the whole run's seconds: a row starts only when its estimated cost (ROW_COST_S:
 compiles it triggers plus steps) still fits; results go to --out after every row.
 --wait-file: timed steps wait until that file exists (another benchmark sharing the GPU is
@@ -108,7 +109,7 @@ ABLATION = (
     "full-pre-compiled+legacy+cudnn,full-pre-compiled+legacy,full-pre-compiled,full-pre-compiled+all,"
     "profile,full-pre-eager+graphs"
 )
-# Issue 5, after run 3: candidates on top of its row D (full-pre-compiled+all, 89.9 samples/s),
+# After the ablation: candidates on top of its row D (full-pre-compiled+all, 89.9 samples/s),
 # most informative first, each row one change, with what it compiles:
 #   attention        the UNet's attention kernels alone: flash vs cuDNN per step (nothing)
 #   D + CUDA graphs  compile_mode reduce-overhead (UNet and encoders, cold cache: the costly row)
@@ -124,7 +125,7 @@ RUN4 = (
 PRESETS = {"run3": ABLATION, "run4": RUN4}
 
 # Estimated seconds a row costs on an H100 (its compiles, then warm-up and timed steps), for the
-# --budget check. Run 3 (10 compile threads, cold Inductor cache): UNet compile ~190 s, Q-Former
+# --budget check. The ablation (10 compile threads, cold Inductor cache): UNet compile ~190 s, Q-Former
 # and text encoder ~85 s; a recompile finds most Triton kernels in the cache. Deliberately not
 # pessimistic: a row cut off by the caller's time limit costs only itself (results are written
 # after every row).

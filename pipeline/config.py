@@ -99,7 +99,7 @@ SEGMENT_BATCH_CPU = 8
 class SegmentConfig(_Strict):
     prompt_template: str = Field("{category}", description="CLIPSeg text prompt; {category} is filled in")
     # CLIPSeg and the trimaps took ~2.5 actors' time at the ~200 photos/s a GPU's matting
-    # actors build (BENCHMARKS.md, sixteenth run): one actor per GPU would starve them.
+    # actors build (BENCHMARKS.md, "Matting actors per GPU"): one actor per GPU would starve them.
     batch_size: CountOrAuto = Field(
         "auto", description=f"photos per CLIPSeg forward; auto = {SEGMENT_BATCH_GPU} with GPUs, {SEGMENT_BATCH_CPU} without"
     )
@@ -155,7 +155,8 @@ class MatteConfig(_Strict):
         0.2, gt=0.0, lt=1.0, description="GPU share of each torch matting actor on a GPU cluster; CLIPSeg's auto share takes the rest"
     )
     # One actor left the GPU idle while it copied its rows out (~4 MB a photo through Ray's
-    # object store): on an H100 node 1, 2 and 3 actors built 106, 177 and 200 photos/s (BENCHMARKS.md).
+    # object store): on an H100 node 1, 2 and 3 actors built 106, 177 and 200 photos/s
+    # (BENCHMARKS.md, "Matting actors per GPU").
     num_actors: CountOrAuto = Field(
         "auto", description=f"torch matting actors on a GPU cluster; auto = {MATTE_ACTORS_PER_GPU} per GPU"
     )

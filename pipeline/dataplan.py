@@ -134,7 +134,7 @@ class SegmentAndTrimap(Segmenter):
     Data operator. As a task operator of its own, the trimap stage copied every photo and its
     float32 confidence map (1.8 MB at 512 px) through the object store a second time for 0.3 ms
     of thresholding (2-10 ms more where erosion is on), and took a share of the CPUs that the
-    task after matting needs (BENCHMARKS.md, seventh and eighth runs: 61 -> 125 photos/s)."""
+    task after matting needs (BENCHMARKS.md, "CLIPSeg and trimap actor": 61 -> 125 photos/s)."""
 
     def __init__(self, trimap_args: dict[str, Any], **segment_args: Any):
         super().__init__(**segment_args)
@@ -156,7 +156,7 @@ def filter_composite_encode(
     As three map_batches, Ray fused them into one task all the same, but it turned every
     function's output batch into an Arrow block and back: the composite batch (K rows per photo,
     each with the photo's arrays) was copied into Arrow only to be encoded next. One function
-    hands the arrays over as they are (BENCHMARKS.md: the CPU task after matting, per photo)."""
+    hands the arrays over as they are (BENCHMARKS.md, "The CPU task after matting")."""
     batch = filter_batch(batch, **filter_args)
     batch = composite_batch(batch, **composite_args)
     return encode_batch(batch, **encode_args)

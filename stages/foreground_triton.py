@@ -3,7 +3,7 @@
 
 Why: the torch sweep is ~40 small kernels per level, so on CUDA it was compiled with
 torch.compile, and dynamo re-traced it at every process start (10 s on warm caches, 40 s cold:
-BENCHMARKS.md, eighth run). Triton keeps its compiled kernel on disk.
+BENCHMARKS.md, "Matte actor"). Triton keeps its compiled kernel on disk.
 
 One launch updates the cells of one colour in place: a cell's four neighbours all have the
 other colour, so no lane reads what another writes, and the result is what

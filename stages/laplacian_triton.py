@@ -2,7 +2,7 @@
 torch.compile, for the solver on CUDA.
 
 Why: compiled by torch.compile, the stencil build cost the matte actor 25 s of dynamo tracing
-at every start even with warm caches (BENCHMARKS.md, eighth run), and eager it is hundreds of
+at every start even with warm caches (BENCHMARKS.md, "Matte actor"), and eager it is hundreds of
 float64 kernels per pyramid level. Triton keeps its compiled kernels on disk, so a process
 after the first loads them in milliseconds.
 

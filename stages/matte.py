@@ -199,7 +199,8 @@ class Matter:
     composite_batch would, with the filter's rejects and timings: K rows per accepted photo,
     ALPHA and TRIMAP as uint8 (what the writer makes of them), no FOREGROUND. Only the encoding
     is left for the CPU tasks. On the H100 node, compositing in the CPU task after matting took
-    25-29 ms of CPU per photo (PIL's Lanczos resize and the blend; BENCHMARKS.md), and the
+    25-29 ms of CPU per photo (PIL's Lanczos resize and the blend; BENCHMARKS.md, "The CPU task
+    after matting"), and the
     float32 alpha and the foreground crossed the object store only to be composited there.
     """
 

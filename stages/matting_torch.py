@@ -682,7 +682,7 @@ def _estimate_alpha_batch(
     use_compile = (image.is_cuda if compile is None else compile) and not _compile_failed
     if cg != "torch":
         # Nothing for torch.compile to do: dynamo re-traced the stencil build at every process
-        # start, 25 s even on warm caches (BENCHMARKS.md, eighth run).
+        # start, 25 s even on warm caches (BENCHMARKS.md, "Matte actor").
         kernels = _triton_kernels()
     else:
         kernels = _compiled_kernels() if use_compile else _EAGER

@@ -19,7 +19,7 @@ Same system, same Jacobi-preconditioned CG and same per-image stopping test as t
   to float16 values for float32 solves (see `_round_coefficients` there for why that is safe).
 
 A product that read half the coefficients (L is symmetric) and found the rest in the
-neighbours' rows was measured on an H100 (BENCHMARKS.md, fifth run): 3% less time per
+neighbours' rows was measured on an H100 (BENCHMARKS.md, "Solver choices"): 3% less time per
 iteration, slower solves overall (its slot map costs more than it saves), so it was removed.
 
 One iteration is five kernels: q = L p with the partial p.q; alpha = rz / p.q; x += alpha p,
@@ -38,7 +38,7 @@ import triton.language as tl
 _BLOCK = 1024  # rows per program of the vector kernels
 # Triton compiles a kernel again for each divisibility class of its integer arguments (by 16,
 # and 1), and the row count changes with every batch; a build on warm caches still added 16
-# Triton cache files (BENCHMARKS.md, eighth run). So rows come padded to a multiple of 16
+# Triton cache files (BENCHMARKS.md, "Solver choices"). So rows come padded to a multiple of 16
 # (`_compact_system`), the block count is not specialised, and the per-image reductions have
 # one width up to 1024 blocks (1M rows per image).
 _MIN_PARTS = 1024

@@ -73,7 +73,7 @@ def make_trimap_torch(
     """`make_trimap` for a (B, H, W) batch of confidence maps, on their device: the same trimaps.
     The CLIPSeg actor's GPU makes them in a few kernels, where scipy's erosions took ~25 ms of
     the actor's CPU per 512 px photo on the H100 node and capped the build at ~85 photos/s
-    (BENCHMARKS.md, eleventh run)."""
+    (BENCHMARKS.md, "CLIPSeg and trimap actor")."""
     _check_thresholds(high, low)
     fg = erode_torch(confidence >= high, erode_fg_px)
     bg = erode_torch(confidence <= low, erode_bg_px)

@@ -87,7 +87,7 @@ def encode_image(array: np.ndarray, fmt: str = "png", quality: int = 95) -> byte
     else:
         # Level 3 with zlib's run-length strategy: mattes and trimaps are long runs of 0 and 255.
         # On closed-form mattes of the sample it takes 0.78x the time of plain level 3 and gives
-        # 0.82x the bytes (trimaps 0.61x), less than level 6 takes either way (BENCHMARKS.md).
+        # 0.82x the bytes (trimaps 0.61x), less than level 6 takes either way (BENCHMARKS.md, "The CPU task after matting").
         img.save(buf, format="PNG", compress_level=3, compress_type=zlib.Z_RLE)
     return buf.getvalue()
 

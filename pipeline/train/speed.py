@@ -2,10 +2,10 @@
 
 - `attention_kernels(train.sdpa_backend)`: the attention kernels of the Q-Former and the
   text encoder (the methods' forward). "no-cudnn" keeps them off PyTorch's cuDNN backend, which builds an execution
-  plan per new shape at ~1-3 ms of host time a call (BENCHMARKS.md, issue 5 profile).
+  plan per new shape at ~1-3 ms of host time a call (BENCHMARKS.md, "Pretraining step").
 - `set_unet_attention(train.unet_sdpa_backend)`: the UNet's attention kernel in training (flash,
   memory-efficient, cuDNN...). PyTorch picks cuDNN for the UNet on an H100, and its backward was
-  42 ms of a 356 ms step (issue 5, run 3). Set through the UNet's attention processors so that
+  42 ms of a 356 ms step (BENCHMARKS.md, "Pretraining step"). Set through the UNet's attention processors so that
   it holds inside a compiled UNet too (see `UNetAttention`).
 - `compile_model` (`train.compile`, `train.compile_mode`): torch.compile of the UNet
   (channels-last), the Q-Former and the text encoder. Minutes of compilation at start: for long
