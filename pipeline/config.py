@@ -424,6 +424,14 @@ class EvaluateConfig(_Strict):
         return self
 
 
+class SubmitConfig(_Strict):
+    """`subjectforge submit`: the upload of a job's code (pipeline/jobs.py)."""
+
+    max_upload_mb: float = Field(
+        100, gt=0, description="refuse an upload larger than this, MB (Ray itself refuses packages over 512 MiB)"
+    )
+
+
 class Config(_Strict):
     # `real` by default, so a production job never quietly runs on random weights.
     profile: Profile = "real"
@@ -435,6 +443,7 @@ class Config(_Strict):
     train: TrainConfig = TrainConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     tracking: TrackingConfig = TrackingConfig()
+    submit: SubmitConfig = SubmitConfig()
 
     def model_path(self, name: str) -> str:
         """The id or path of model `name`: the explicit setting, else the profile's default."""
