@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
@@ -30,6 +30,22 @@ CountOrAuto = Annotated[int, Field(ge=1)] | Literal["auto"]
 def whole_gpus(cluster_gpus: float) -> int:
     """GPUs to place per-GPU actors on: a fraction of one counts as one, none as 0."""
     return max(1, int(cluster_gpus)) if cluster_gpus > 0 else 0
+
+
+def check_name(value: str) -> str:
+    """`value` if it may name a subject, a run or a registered model; ValueError otherwise.
+
+    Each such name becomes one folder under an output root (<finetune.out>/<subject_id>-<method>,
+    <storage_path>/<run_name>) or one segment of models:/NAME/VERSION, so it must be a plain
+    folder name: a '/' or '..' would reach outside the root, and an absolute id replaces it.
+    """
+    if not value or "/" in value or "\0" in value or value in (".", ".."):
+        raise ValueError(f"{value!r} must be a plain folder name (not empty, no '/', not '.' or '..')")
+    return value
+
+
+# A subject id, run name or registered model name (subjects.csv ids follow the same rule).
+Name = Annotated[str, AfterValidator(check_name)]
 
 # Where each model comes from under each profile. `tiny` points at checkpoints shipped in the
 # package (small configs, random weights, real tokenizer/processor files) so tests and the demo
@@ -270,7 +286,7 @@ class TrainConfig(_Strict):
         "pretrain", description="what trains and is saved (pipeline.train.methods); fine-tuning sets it from finetune.method"
     )
     data: str | None = Field(None, description="dataset version folder, or a dataset root (its `latest` is used)")
-    run_name: str | None = Field(
+    run_name: Name | None = Field(
         None, description="Ray Train run name; rerunning with the same name resumes. None = '<method>-<dataset version>'"
     )
     storage_path: str = Field("subjectforge-runs", description="checkpoints go in <storage_path>/<run_name>/ (local path or URI)")
@@ -322,7 +338,7 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1, description="steps between progress lines and MLflow metrics")
     samples: SamplesConfig = SamplesConfig()
     seed: int = Field(0, ge=0)
-    register_as: str | None = Field("subjectforge-base", description="MLflow registered model name; None = do not register")
+    register_as: Name | None = Field("subjectforge-base", description="MLflow registered model name; None = do not register")
     step_log: str | None = Field(None, description="folder where each rank appends the steps it trained (audits, tests)")
     fail_at_step: int | None = Field(
         None, ge=1, description="fault injection: kill one worker once after this step (tests of resume)"
@@ -355,7 +371,7 @@ class FinetuneConfig(_Strict):
     method: FinetuneMethod = Field("blipd", description="blipd, lora, textual-inversion or dreambooth")
     base: str | None = Field(None, description="base model: folder, Hub id or models:/NAME/VERSION; None = models.blip_diffusion")
     subject: str | None = Field(None, description="a dataset (root or version folder) or a folder of the subject's photos")
-    subject_id: str | None = Field(None, description="the subject's id in the dataset; registered as <register_prefix><subject_id>")
+    subject_id: Name | None = Field(None, description="the subject's id in the dataset; registered as <register_prefix><subject_id>")
     category: str | None = Field(None, description="the subject's class noun; None = the dataset's")
     steps: int = Field(100, ge=1, description="optimizer steps (BLIP-Diffusion: 40-150)")
     batch_size: int = Field(3, ge=1, description="samples per step")
@@ -371,9 +387,9 @@ class FinetuneConfig(_Strict):
     prior_steps: int = Field(25, ge=1, description="dreambooth: denoising steps per class image")
     out: str = Field("subjectforge-subjects", description="each subject's artifact goes to <out>/<subject_id>-<method>/")
     register_model: bool = Field(True, description="log the subject as an MLflow pyfunc model and register it")
-    register_prefix: str = Field("subjectforge-", description="registered model name = prefix + subject_id")
+    register_prefix: Name | Literal[""] = Field("subjectforge-", description="registered model name = prefix + subject_id")
     alias: str = Field("candidate", min_length=1, description="alias set on the new registered version")
-    subjects: list[str] | None = Field(None, description="finetune-many: subject ids; None = every subject of the dataset")
+    subjects: list[Name] | None = Field(None, description="finetune-many: subject ids; None = every subject of the dataset")
     affected_only: bool = Field(False, description="finetune-many: only the subjects the version's refresh added, changed or removed photos of")
     num_gpus: float = Field(1.0, gt=0.0, le=1.0, description="GPUs of a subject's worker with train.gpu; fractions share a GPU")
     concurrency: int = Field(1, ge=1, description="finetune-many: subjects trained at once")
@@ -407,7 +423,7 @@ class EvaluateConfig(_Strict):
         None, description="folder with subjects.csv, prompts_object.txt, prompts_live.txt; None = datasets/dreambench"
     )
     prompts: str | None = Field(None, description="one prompt file for every subject; None = the object/live lists")
-    subjects: list[str] | None = Field(None, description="subject ids; None = every subject in photos")
+    subjects: list[Name] | None = Field(None, description="subject ids; None = every subject in photos")
     images_per_prompt: int = Field(4, ge=1, le=64, description="images per subject and prompt (DreamBench: 4)")
     out: str | None = Field(None, description="output folder; None = subjectforge-eval/<model name>")
     num_actors: CountOrAuto = Field("auto", description="generator actors; auto = one per GPU, else 1")

@@ -15,6 +15,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.config import check_name
+
 log = logging.getLogger(__name__)
 
 SUBJECTS_CSV = "subjects.csv"
@@ -78,8 +80,10 @@ def read_subjects_csv(path: Path) -> dict[str, str]:
             category = (row["category"] or "").strip()
             if not subject_id or not category:
                 raise SourceError(f"{path} line {line_no}: subject_id and category must both be non-empty")
-            if "/" in subject_id or subject_id in (".", ".."):
-                raise SourceError(f"{path} line {line_no}: subject_id {subject_id!r} must be a plain folder name")
+            try:
+                check_name(subject_id)
+            except ValueError as exc:
+                raise SourceError(f"{path} line {line_no}: subject_id {exc}") from None
             if subject_id in subjects:
                 raise SourceError(f"{path} line {line_no}: duplicate subject_id {subject_id!r}")
             subjects[subject_id] = category
