@@ -1,0 +1,66 @@
+"""Deleting and replacing folders under an output root, and nowhere else.
+
+Every `rmtree` of an artifact or checkpoint goes through `remove_tree`, which refuses a path
+that does not resolve strictly inside the root it belongs to (a '..' or an absolute name, or a
+link that leads out). `replace_tree` publishes a finished folder so that a crash leaves either
+the old complete folder or the new one in place, never a half-copied one or none.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_PARTIAL = ".partial"  # suffix of a copy being written beside its final name
+_OLD = ".old"  # suffix of the previous folder between the two renames of a replacement
+
+
+class OutsideRootError(ValueError):
+    """A path to delete or replace does not resolve inside its configured root."""
+
+
+def inside(path: str | Path, root: str | Path) -> Path:
+    """Where `path` is, after checking it lies strictly inside `root`. Its folders are resolved
+    (links count where they lead) but not its last part, so a link is itself what is deleted or
+    replaced. Raises OutsideRootError naming both."""
+    path = Path(path)
+    location, base = path.parent.resolve() / path.name, Path(root).resolve()
+    if path.name in ("", ".", "..") or location == base or not location.is_relative_to(base):
+        raise OutsideRootError(f"refusing to delete or replace {path}: it is not inside {base}")
+    return location
+
+
+def remove_tree(path: str | Path, root: str | Path) -> None:
+    """Delete folder `path`, once it is known to lie inside `root`; nothing when it does not exist."""
+    location = inside(path, root)
+    if location.is_symlink() or location.is_file():
+        location.unlink()
+    elif location.exists():
+        shutil.rmtree(location)
+
+
+def replace_tree(src: str | Path, dst: str | Path, root: str | Path) -> Path:
+    """Copy folder `src` to `dst` (inside `root`), replacing what `dst` held; returns `dst`.
+
+    The copy is written beside `dst` and renamed into place: the old folder moves aside to
+    <dst>.old, the new one takes its name, then the old one is deleted. A crash during the copy
+    leaves the old folder untouched; one between the two renames leaves it as <dst>.old, which
+    the next replacement puts back before it starts.
+    """
+    dst = inside(dst, root)
+    partial, old = dst.with_name(dst.name + _PARTIAL), dst.with_name(dst.name + _OLD)
+    if old.is_dir() and not dst.exists():
+        log.warning("restoring %s, left aside by an interrupted replacement", dst)
+        os.rename(old, dst)
+    remove_tree(partial, root)
+    remove_tree(old, root)
+    shutil.copytree(src, partial)
+    if dst.exists():
+        os.rename(dst, old)
+    os.rename(partial, dst)
+    remove_tree(old, root)
+    return dst

@@ -1,0 +1,66 @@
+"""Deleting and replacing folders only inside their output root."""
+
+import shutil
+
+import pytest
+
+from pipeline import paths
+
+
+def _folder(path, text="x"):
+    path.mkdir(parents=True)
+    (path / "keep.txt").write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", ["../victim", "..", ".", "sub/../../victim"])
+def test_remove_tree_refuses_paths_that_leave_the_root(tmp_path, name):
+    root, victim = _folder(tmp_path / "out"), _folder(tmp_path / "victim")
+    with pytest.raises(paths.OutsideRootError, match="not inside"):
+        paths.remove_tree(root / name, root)
+    with pytest.raises(paths.OutsideRootError):
+        paths.remove_tree(victim, root)  # an absolute path elsewhere
+    assert (victim / "keep.txt").is_file() and (root / "keep.txt").is_file()
+
+
+def test_remove_tree_deletes_inside_and_a_link_never_its_target(tmp_path):
+    root, victim = _folder(tmp_path / "out"), _folder(tmp_path / "victim")
+    _folder(root / "a" / "b")
+    paths.remove_tree(root / "a", root)
+    assert not (root / "a").exists()
+    paths.remove_tree(root / "missing", root)  # nothing to do
+    (root / "link").symlink_to(victim)
+    paths.remove_tree(root / "link", root)
+    assert not (root / "link").exists() and (victim / "keep.txt").is_file()
+    (root / "via").symlink_to(tmp_path)  # a folder inside reached through a link that leads out
+    with pytest.raises(paths.OutsideRootError):
+        paths.remove_tree(root / "via" / "victim", root)
+    assert (victim / "keep.txt").is_file()
+
+
+def test_replace_tree_keeps_the_old_folder_when_the_copy_fails(tmp_path, monkeypatch):
+    root, new = _folder(tmp_path / "out"), _folder(tmp_path / "new", "new")
+    dst = _folder(root / "dog-lora", "old")
+
+    def copy_then_fail(src, dst, **kwargs):
+        dst.mkdir()
+        (dst / "half").write_text("")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(shutil, "copytree", copy_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        paths.replace_tree(new, dst, root)
+    assert (dst / "keep.txt").read_text() == "old"
+    monkeypatch.undo()
+    assert paths.replace_tree(new, dst, root) == dst
+    assert (dst / "keep.txt").read_text() == "new"
+    assert sorted(p.name for p in root.iterdir()) == ["dog-lora", "keep.txt"]  # no partial or old copy left
+
+
+def test_replace_tree_restores_a_folder_left_aside_between_the_renames(tmp_path):
+    root, new = _folder(tmp_path / "out"), _folder(tmp_path / "new", "new")
+    _folder(root / "dog-lora.old", "old")  # a crash after moving the old folder aside
+    paths.replace_tree(new, root / "dog-lora", root)
+    assert (root / "dog-lora" / "keep.txt").read_text() == "new" and not (root / "dog-lora.old").exists()
+    with pytest.raises(paths.OutsideRootError):
+        paths.replace_tree(new, tmp_path / "victim", root)
