@@ -2,41 +2,49 @@
 
 The entrypoint is the same command line a user types locally, prefixed with `python -m
 pipeline` (code uploaded as the job's working directory) or `subjectforge` (the cluster's image
-has the package installed). Token authentication (Ray's default for new clusters): the token comes from
+has the package installed). The upload is staged from an allow-list (UPLOAD_PATHS), so nothing
+else in the checkout can leave the machine, and secrets are never sent as job env values: the
+cluster provides them (`--env NAME`). Token authentication (Ray's default for new clusters): the token comes from
 `--auth-token-file`, else RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
 import os
+import re
 import shlex
+import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from pipeline.config import REPO_DIR
+from pipeline.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-# Never uploaded with the working directory: history, local outputs, wheels, caches.
-UPLOAD_EXCLUDES = [
-    ".git",
-    ".whl",
-    "**/__pycache__",
-    "*.egg-info",
-    "subjectforge-demo",
-    "mlruns",
-    "mlruns.db",
-    ".venv*",
-    ".pytest_cache",
-    ".ruff_cache",
-]
+# What a job's upload holds, relative to the checkout: the packages (with pipeline/configs/ and
+# the tiny models in pipeline/assets/), the bundled data and the project file. An allow-list,
+# so secrets (.env, keys), outputs (runs, checkpoints, mlartifacts) and environments (venv/)
+# never leave the machine because nobody thought to exclude them. .dockerignore allows the same.
+UPLOAD_PATHS = ("pipeline", "stages", "datasets", "pyproject.toml")
+# Never uploaded from inside those folders, nor named by --include: hidden files (.env, .git)
+# and Python's caches.
+UPLOAD_SKIPPED = (".*", "__pycache__", "*.pyc")
+# Files that hold keys or credentials: one inside an uploaded folder stops the upload.
+SECRET_FILES = ("id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", "*.pem", "*.key", "*.p12", "credentials*.json")
 # Variables a job inherits from the submitter's environment when set there.
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE", "HF_HOME")
+# Names whose values are secrets: a job's runtime env is shown by the dashboard and stored with
+# the job, so these come from the cluster (`--env NAME`), never from the command line.
+SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|PRIVATE|(^|_)KEY$", re.IGNORECASE)
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_WAIT_SECONDS = 60.0
@@ -44,6 +52,122 @@ AGENT_WAIT_SECONDS = 60.0
 
 class JobError(RuntimeError):
     """The cluster could not be reached or refused the request."""
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A staged upload: `root` holds exactly the files that are sent."""
+
+    root: Path
+    files: int
+    size_bytes: int
+
+    def describe(self) -> str:
+        return f"{self.files} files, {self.size_bytes / 1e6:.1f} MB"
+
+
+@dataclass(frozen=True)
+class JobEnv:
+    """`--env` split in two: values sent with the job, and names the cluster must provide."""
+
+    values: dict[str, str] = field(default_factory=dict)
+    from_cluster: tuple[str, ...] = ()
+
+
+def looks_secret(name: str) -> bool:
+    """Whether an environment variable's name says its value is a secret (e.g. *_TOKEN)."""
+    return bool(SECRET_NAME.search(name))
+
+
+def parse_env(items: Sequence[str]) -> JobEnv:
+    """`--env KEY=VALUE` sends a value; `--env KEY` says the cluster's nodes provide KEY (from a
+    Kubernetes secret, say), and the job checks that it is set before the command starts.
+
+    Raises ConfigError for a bad name, and for a value under a secret-looking name.
+    """
+    values: dict[str, str] = {}
+    from_cluster: list[str] = []
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not ENV_NAME.fullmatch(name):
+            raise ConfigError(f"--env {item!r}: {name!r} is not a variable name (KEY=VALUE, or KEY alone)")
+        if not sep:
+            from_cluster.append(name)
+        elif looks_secret(name):
+            raise ConfigError(
+                f"--env {name}=...: refusing to put a secret in the job's runtime env, which the Ray "
+                f"dashboard shows to anyone who can reach it. Give it to the cluster's pods (a Kubernetes "
+                f"secret, as infra/raycluster.yaml does for MLflow) and pass --env {name} to require it"
+            )
+        else:
+            values[name] = value
+    return JobEnv(values, tuple(dict.fromkeys(from_cluster)))
+
+
+def _skipped(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in UPLOAD_SKIPPED)
+
+
+def _checked_include(project: Path, item: str) -> Path:
+    """`--include` as a path relative to the project; ConfigError if it leaves the project,
+    is missing, or names a hidden or cached file."""
+    rel = Path(item)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise ConfigError(f"--include {item}: give a path inside the project, relative to {project}, without '..'")
+    if not (project / rel).resolve().is_relative_to(project.resolve()):
+        raise ConfigError(f"--include {item}: it leads outside the project {project}")
+    if any(_skipped(part) for part in rel.parts):
+        raise ConfigError(f"--include {item}: hidden files and caches are never uploaded")
+    if not (project / rel).exists():
+        raise ConfigError(f"--include {item}: not found in {project}")
+    return rel
+
+
+def _upload_files(project: Path, rel: Path) -> Iterator[Path]:
+    """The files under project/rel (relative paths), skipping hidden files and caches. A link
+    is uploaded as the file it points to, and only when that file is inside the project."""
+    path = project / rel
+    if path.is_symlink():
+        target = path.resolve()
+        if not target.is_relative_to(project.resolve()) or not target.is_file():
+            raise ConfigError(f"{path} is a link to {target}; only links to files inside the project are uploaded")
+    if path.is_file():
+        if any(fnmatch.fnmatchcase(path.name, pattern) for pattern in SECRET_FILES):
+            raise ConfigError(f"{path} looks like a key or credentials file; refusing to upload it (move it out)")
+        yield rel
+    elif path.is_dir():
+        for child in sorted(path.iterdir()):
+            if not _skipped(child.name):
+                yield from _upload_files(project, rel / child.name)
+    else:
+        raise ConfigError(f"{path} is not a file or folder; it cannot be uploaded")
+
+
+def stage_upload(project: Path, includes: Sequence[str], dest: Path, max_mb: float) -> Upload:
+    """Copy the allowed files of `project` (UPLOAD_PATHS, then `includes`) into the empty folder
+    `dest`, which then becomes the job's working directory.
+
+    Raises ConfigError when `project` is not a checkout, an include is not allowed, or the files
+    add up to more than `max_mb` (checked before anything is copied).
+    """
+    missing = [p for p in UPLOAD_PATHS if not (project / p).exists()]
+    if missing:
+        raise ConfigError(
+            f"{project} is not a subjectforge checkout (no {', '.join(missing)}); "
+            "use --no-upload where the cluster has it installed"
+        )
+    roots = [Path(p) for p in UPLOAD_PATHS] + [_checked_include(project, item) for item in includes]
+    files = sorted({f for root in roots for f in _upload_files(project, root)})
+    size = sum((project / f).stat().st_size for f in files)
+    if size > max_mb * 1e6:
+        raise ConfigError(
+            f"the upload is {size / 1e6:.1f} MB in {len(files)} files, over submit.max_upload_mb={max_mb:g}; "
+            "put data on storage the cluster sees, or raise the limit with --set submit.max_upload_mb=..."
+        )
+    for rel in files:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(project / rel, dest / rel)
+    return Upload(dest, len(files), size)
 
 
 def read_auth_token(path: str | Path | None) -> str | None:
@@ -76,27 +200,40 @@ def connect(address: str, token: str | None = None):
         raise JobError(f"cannot reach the Ray dashboard at {address}: {exc}") from None
 
 
-def build_entrypoint(command: Sequence[str], upload: bool) -> str:
-    program = "python -m pipeline" if upload else "subjectforge"
-    return f"{program} {shlex.join(command)}"
+def build_entrypoint(command: Sequence[str], uploaded: bool, from_cluster: Sequence[str] = ()) -> str:
+    """The job's shell command: a check for each variable the cluster must provide (exit 2 with
+    its name when unset), then the command, run from the upload or the installed package."""
+    checks = [
+        f'[ -n "${{{name}:-}}" ] || {{ echo "subjectforge: {name} is not set on the cluster (submit --env {name})" >&2; exit 2; }}; '
+        for name in from_cluster
+    ]
+    program = "python -m pipeline" if uploaded else "subjectforge"
+    return "".join(checks) + f"{program} {shlex.join(command)}"
 
 
-def build_runtime_env(upload: bool, env: dict[str, str], working_dir: Path | None = None) -> dict[str, Any]:
-    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    env_vars.update(env)
-    runtime_env: dict[str, Any] = {"env_vars": env_vars}
-    if upload:
-        root = working_dir or REPO_DIR
-        if not (root / "pyproject.toml").is_file():
-            raise JobError(f"{root} is not a subjectforge checkout; use --no-upload where the cluster has it installed")
-        runtime_env["working_dir"] = str(root)
-        runtime_env["excludes"] = UPLOAD_EXCLUDES
+def forwarded_env() -> dict[str, str]:
+    """FORWARDED_ENV as set here. Raises ConfigError for a tracking URI with a password in it."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    if urlsplit(env.get("MLFLOW_TRACKING_URI", "")).password:
+        raise ConfigError(
+            "MLFLOW_TRACKING_URI holds a password, which submit will not send with the job: give the "
+            "cluster MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD from a secret, and the URI without them"
+        )
+    return env
+
+
+def build_runtime_env(env: JobEnv, working_dir: Path | None = None) -> dict[str, Any]:
+    """Ray's runtime env: the forwarded and --env values, and the staged upload if any."""
+    runtime_env: dict[str, Any] = {"env_vars": {**forwarded_env(), **env.values}}
+    if working_dir is not None:
+        runtime_env["working_dir"] = str(working_dir)
     return runtime_env
 
 
-def submit(client, command: Sequence[str], *, upload: bool, env: dict[str, str], submission_id: str | None = None) -> str:
-    entrypoint = build_entrypoint(command, upload)
-    runtime_env = build_runtime_env(upload, env)
+def submit(client, command: Sequence[str], *, upload: Upload | None, env: JobEnv, submission_id: str | None = None) -> str:
+    """Send the job; `upload` is the staged working directory, None to run the installed package."""
+    entrypoint = build_entrypoint(command, upload is not None, env.from_cluster)
+    runtime_env = build_runtime_env(env, upload.root if upload else None)
     # A freshly started head answers HTTP before its job agent is up, and says "try again later".
     deadline = time.monotonic() + AGENT_WAIT_SECONDS
     while True:

@@ -1,6 +1,7 @@
 """Job submission against a real Ray head started here (with token authentication on)."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -8,24 +9,146 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import zipfile
+from pathlib import Path
 
 import pytest
 
 from pipeline.cli import main
 from pipeline.commands.submit import validate_command
 from pipeline.config import ConfigError
-from pipeline.jobs import UPLOAD_EXCLUDES, build_entrypoint, build_runtime_env
+from pipeline.jobs import JobEnv, build_entrypoint, build_runtime_env, forwarded_env, parse_env, stage_upload
 from tests.imagefiles import make_source
+
+# What a checkout may hold beside the code: none of it may reach the cluster.
+KEPT_HOME = [
+    ".env", "id_rsa", "credentials.json", "subjectforge-runs/pretrain/checkpoint_000001/model.pt",
+    "subjectforge-subjects/dog/model.safetensors", "mlartifacts/1/model.pkl", "venv/bin/python",
+    ".git/config", ".venv/lib/site.py", "mlruns/0/meta.yaml", "notes.txt", "README.md",
+    "pipeline/__pycache__/cli.cpython-311.pyc", "pipeline/.env", "datasets/.DS_Store",
+]
+ALLOWED = {"pyproject.toml", "pipeline/__init__.py", "pipeline/configs/cluster.yaml", "stages/decode.py", "datasets/dogs/1.jpg"}
+
+
+def make_project(root: Path) -> Path:
+    for rel in [*ALLOWED, *KEPT_HOME]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(f"contents of {rel}\n")
+    return root
+
+
+def packed_files(runtime_env: dict) -> set[str]:
+    """The files Ray's own packager zips for the runtime env's working_dir (what is sent)."""
+    from ray._private.runtime_env.packaging import _zip_files
+
+    zip_path = Path(runtime_env["working_dir"]).parent / "package.zip"
+    _zip_files(runtime_env["working_dir"], runtime_env.get("excludes", []), str(zip_path), include_gitignore=True)
+    with zipfile.ZipFile(zip_path) as z:
+        return {name for name in z.namelist() if not name.endswith("/")}
+
+
+def test_upload_holds_exactly_the_allowed_files(tmp_path):
+    project = make_project(tmp_path / "project")
+    staging = tmp_path / "up" / "staging"
+    staging.mkdir(parents=True)
+    upload = stage_upload(project, [], staging, max_mb=1)
+    assert packed_files(build_runtime_env(JobEnv(), upload.root)) == ALLOWED
+    assert upload.files == len(ALLOWED)
+    assert upload.size_bytes == sum((project / rel).stat().st_size for rel in ALLOWED)
+
+
+def test_include_adds_paths_inside_the_project_only(tmp_path):
+    project = make_project(tmp_path / "project")
+    (tmp_path / "outside.yaml").write_text("secret: 1\n")
+    (project / "link.yaml").symlink_to(tmp_path / "outside.yaml")
+    (project / "extra").mkdir()
+    (project / "extra" / "my.yaml").write_text("a: 1\n")
+    staging = tmp_path / "ok"
+    staging.mkdir()
+    upload = stage_upload(project, ["notes.txt", "extra"], staging, max_mb=1)
+    assert packed_files(build_runtime_env(JobEnv(), upload.root)) == ALLOWED | {"notes.txt", "extra/my.yaml"}
+    for bad, reason in [
+        ("../outside.yaml", "without '..'"), (str(tmp_path / "outside.yaml"), "without '..'"),
+        ("pipeline/../../outside.yaml", "without '..'"), ("link.yaml", "outside the project"),
+        (".env", "hidden"), (".git", "hidden"), ("missing.yaml", "not found"),
+    ]:
+        staging = tmp_path / f"bad{abs(hash(bad))}"
+        staging.mkdir()
+        with pytest.raises(ConfigError, match=re.escape(reason)):
+            stage_upload(project, [bad], staging, max_mb=1)
+        assert not any(staging.iterdir()), f"--include {bad} copied files before it was refused"
+
+
+def test_upload_refuses_key_files_links_out_and_oversize(tmp_path):
+    project = make_project(tmp_path / "project")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    with pytest.raises(ConfigError, match=r"over submit.max_upload_mb=1e-05"):
+        stage_upload(project, [], staging, max_mb=0.00001)
+    (project / "datasets" / "id_ed25519").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    with pytest.raises(ConfigError, match="key or credentials"):
+        stage_upload(project, [], staging, max_mb=1)
+    (project / "datasets" / "id_ed25519").unlink()
+    (project / "datasets" / "etc").symlink_to("/etc")
+    with pytest.raises(ConfigError, match="link to /etc"):
+        stage_upload(project, [], staging, max_mb=1)
+    assert not any(staging.iterdir())
+    with pytest.raises(ConfigError, match="not a subjectforge checkout"):
+        stage_upload(tmp_path / "staging", [], staging, max_mb=1)
+
+
+def test_submit_prints_the_upload_and_refuses_it_over_the_limit(tmp_path, capsys):
+    # Port 9 answers nothing: the upload is staged (and printed) before the cluster is asked.
+    assert main(["submit", "--address", "http://127.0.0.1:9", "--", "demo"]) == 2
+    printed = capsys.readouterr()
+    assert re.search(r"upload: \d+ files, [\d.]+ MB from ", printed.out) and "cannot reach" in printed.err
+    assert main(["submit", "--address", "http://127.0.0.1:9", "--set", "submit.max_upload_mb=0.5", "--", "demo"]) == 2
+    printed = capsys.readouterr()
+    assert "over submit.max_upload_mb=0.5" in printed.err and "upload:" not in printed.out
+    assert main(["submit", "--address", "http://127.0.0.1:9", "--include", "../x", "--", "demo"]) == 2
+    assert "--include ../x" in capsys.readouterr().err
+
+
+def test_secrets_stay_on_the_cluster(monkeypatch, capsys):
+    env = parse_env(["X=1", "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN", "X=2"])
+    assert env.values == {"X": "2"} and env.from_cluster == ("MLFLOW_TRACKING_PASSWORD", "HF_TOKEN")
+    for item in ["MLFLOW_TRACKING_PASSWORD=hunter2", "HF_TOKEN=hf_x", "AWS_SECRET_ACCESS_KEY=k", "OPENAI_API_KEY=k",
+                 "db_password=p", "RAY_AUTH_TOKEN=t", "1X=1", "A B=1", "=1", "X;rm -rf /"]:
+        with pytest.raises(ConfigError, match=re.escape(item.partition("=")[0] or "=")):
+            parse_env([item])
+    # Refused before anything is staged or sent, with the alternative named.
+    assert main(["submit", "--address", "http://127.0.0.1:9", "--env", "MLFLOW_TRACKING_PASSWORD=hunter2", "--", "demo"]) == 2
+    printed = capsys.readouterr()
+    assert "refusing to put a secret" in printed.err and "--env MLFLOW_TRACKING_PASSWORD " in printed.err
+    assert "hunter2" not in printed.err + printed.out and "upload:" not in printed.out
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://admin:hunter2@mlflow:5000")
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI holds a password"):
+        forwarded_env()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    runtime_env = build_runtime_env(parse_env(["X=1", "MLFLOW_TRACKING_PASSWORD"]))
+    assert runtime_env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "X": "1"}
+
+
+def test_the_job_stops_when_the_cluster_lacks_a_variable_it_must_provide():
+    entrypoint = build_entrypoint(["demo"], uploaded=False, from_cluster=["SF_TEST_SECRET", "SF_TEST_OTHER"])
+    assert entrypoint.endswith("; subjectforge demo")
+    script = entrypoint.removesuffix("subjectforge demo") + "echo ran"
+    env = {"PATH": os.environ["PATH"], "SF_TEST_OTHER": "x"}
+    missing = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True)
+    assert missing.returncode == 2 and "SF_TEST_SECRET is not set on the cluster" in missing.stderr
+    assert missing.stdout == ""
+    ok = subprocess.run(["sh", "-c", script], env={**env, "SF_TEST_SECRET": "s"}, capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout == "ran\n"
 
 
 def test_entrypoint_and_runtime_env(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
-    assert build_entrypoint(["data", "build", "--source", "a b"], upload=True) == "python -m pipeline data build --source 'a b'"
-    assert build_entrypoint(["demo"], upload=False) == "subjectforge demo"
-    env = build_runtime_env(upload=True, env={"X": "1"})
-    assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "X": "1"}
-    assert os.path.isfile(os.path.join(env["working_dir"], "pyproject.toml")) and ".git" in env["excludes"] == UPLOAD_EXCLUDES
-    assert "working_dir" not in build_runtime_env(upload=False, env={})
+    assert build_entrypoint(["data", "build", "--source", "a b"], uploaded=True) == "python -m pipeline data build --source 'a b'"
+    assert build_entrypoint(["demo"], uploaded=False) == "subjectforge demo"
+    env = build_runtime_env(JobEnv({"X": "1"}), Path("/staged"))
+    assert env == {"env_vars": {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "X": "1"}, "working_dir": "/staged"}
+    assert "working_dir" not in build_runtime_env(JobEnv())
 
 
 def test_submitted_command_is_checked_locally():

@@ -3,18 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
 
-from pipeline.config import Config, ConfigError
-from pipeline.jobs import JobError, connect, exit_code, follow_logs, read_auth_token, submit, wait
+from pipeline.config import REPO_DIR, Config, ConfigError
+from pipeline.jobs import (
+    JobError,
+    connect,
+    exit_code,
+    follow_logs,
+    parse_env,
+    read_auth_token,
+    stage_upload,
+    submit,
+    wait,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     parser.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")
     parser.add_argument("--wait", action="store_true", help="stream the job's log and exit with its exit code")
     parser.add_argument("--no-upload", action="store_true", help="do not upload this checkout; run the installed `subjectforge` on the cluster")
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable for the job (repeatable)")
+    parser.add_argument(
+        "--include", action="append", default=[], metavar="PATH",
+        help="also upload this file or folder of the checkout, e.g. a config file (repeatable)",
+    )
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="KEY[=VALUE]",
+        help="KEY=VALUE: a variable sent with the job; KEY alone: the cluster provides it (secrets) and the job "
+        "stops if it is unset (repeatable)",
+    )
     parser.add_argument("--submission-id", help="job id to use (default: Ray picks one)")
     parser.add_argument("--auth-token-file", help="token file for a cluster with token authentication (else RAY_AUTH_TOKEN / ~/.ray/auth_token)")
+    add_common(parser)
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then a subjectforge command, e.g. -- data refresh --source ...")
 
 
@@ -36,25 +57,26 @@ def validate_command(command: list[str]) -> list[str]:
     return command
 
 
-def parse_env(pairs: list[str]) -> dict[str, str]:
-    env = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--env {pair!r} is not KEY=VALUE")
-        env[key] = value
-    return env
-
-
 def run(args: argparse.Namespace, config: Config) -> int:
     command = validate_command(args.command)
+    env = parse_env(args.env)
+    if args.no_upload and args.include:
+        raise ConfigError("--include needs the upload; drop --no-upload")
+    with tempfile.TemporaryDirectory(prefix="subjectforge-upload-") as staging:
+        upload = None
+        if not args.no_upload:
+            upload = stage_upload(REPO_DIR, args.include, Path(staging), config.submit.max_upload_mb)
+            print(f"upload: {upload.describe()} from {REPO_DIR}")
+        try:
+            client = connect(args.address, read_auth_token(args.auth_token_file))
+            job_id = submit(client, command, upload=upload, env=env, submission_id=args.submission_id)
+        except JobError as exc:
+            raise ConfigError(str(exc)) from None
+    print(f"job: {job_id}")
+    if not args.wait:
+        print(f"follow it with: subjectforge job logs {job_id} --address {args.address} --follow")
+        return 0
     try:
-        client = connect(args.address, read_auth_token(args.auth_token_file))
-        job_id = submit(client, command, upload=not args.no_upload, env=parse_env(args.env), submission_id=args.submission_id)
-        print(f"job: {job_id}")
-        if not args.wait:
-            print(f"follow it with: subjectforge job logs {job_id} --address {args.address} --follow")
-            return 0
         follow_logs(client, job_id)
         status = wait(client, job_id)
         code = exit_code(client, job_id)
