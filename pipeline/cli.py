@@ -46,7 +46,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="override one config key, e.g. --set data.trimap.low=0.2 (repeatable)",
     )
-    group.add_argument("--profile", choices=["tiny", "real"], help="model profile (default: tiny)")
+    group.add_argument(
+        "--profile",
+        choices=["tiny", "real"],
+        help=(
+            "model profile: real (published ids or local paths) or tiny (random-weight models shipped "
+            f"in the package; the demo's own default). Default: {Config.model_fields['profile'].default}"
+        ),
+    )
     group.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 

@@ -120,3 +120,13 @@ def test_console_script_is_installed():
     assert exe, "pip install -e . should install the subjectforge script"
     result = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "data" in result.stdout and "demo" in result.stdout
+
+
+def test_profile_help_names_the_real_default(capsys):
+    from pipeline.config import Config
+
+    with pytest.raises(SystemExit):
+        main(["data", "build", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert Config().profile == "real"
+    assert "Default: real" in help_text and "default: tiny" not in help_text
