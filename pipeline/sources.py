@@ -1,17 +1,23 @@
 """Scan a source folder of subject photos: which files are inputs, their subject and hash.
 
 Layout: SRC/subjects.csv (columns subject_id,category) and one folder per subject holding its
-photos (nested folders are walked). Every non-hidden file in a subject folder is an input; one
-in a folder that subjects.csv does not list is rejected here with stage `scan`. Problems with
-subjects.csv itself are SourceErrors (the job cannot start); subjects listed without a folder
-are warnings.
+photos (nested folders are walked). Every non-hidden entry in a subject folder is an input; one
+in a folder that subjects.csv does not list is rejected here with stage `scan`. So is anything
+that is not a photo file the scan may read: a link that leaves the source (unless
+`data.source.follow_links`), a dangling link, a link loop, a FIFO, socket or device, and a file
+over `data.decode.max_bytes` (checked before hashing, so a huge file costs no read). A reject
+that was not read has an empty hash. Problems with subjects.csv itself are SourceErrors (the job
+cannot start); subjects listed without a folder are warnings.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import logging
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,47 +98,143 @@ def read_subjects_csv(path: Path) -> dict[str, str]:
     return subjects
 
 
-def _is_hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
+def _is_hidden(name: str) -> bool:
+    """Dot files and folders are hidden; a name of dots only (`...`) is an ordinary name."""
+    return name.startswith(".") and name.strip(".") != ""
 
 
-def scan_source(root: str | Path) -> SourceScan:
-    """Walk `root` and hash every input photo. Raises SourceError if `root` is not a source."""
+_NOT_FILES = {stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket", stat.S_IFBLK: "block device", stat.S_IFCHR: "character device"}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """What a path in the source is, links followed: `kind` is dir, file or reject."""
+
+    kind: str
+    real: Path  # the path itself, or where its links lead
+    size: int = 0
+    reason: str = ""
+    inode: tuple[int, int] = (0, 0)
+
+
+def _inspect(path: Path, root: Path, follow_links: bool) -> _Entry:
+    """Classify `path` by a stat, which reads no file content."""
+    is_link = path.is_symlink()
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if is_link and exc.errno == errno.ELOOP:
+            return _Entry("reject", path, reason="link loop")
+        if is_link and exc.errno == errno.ENOENT:
+            return _Entry("reject", path, reason="dangling link")
+        return _Entry("reject", path, reason=f"cannot read: {exc.strerror}")
+    real = Path(os.path.realpath(path)) if is_link else path
+    if is_link and not follow_links and not real.is_relative_to(root):
+        return _Entry("reject", real, reason="link outside the source")
+    if stat.S_ISDIR(st.st_mode):
+        return _Entry("dir", real, inode=(st.st_dev, st.st_ino))
+    if stat.S_ISREG(st.st_mode):
+        return _Entry("file", real, size=st.st_size)
+    kind = _NOT_FILES.get(stat.S_IFMT(st.st_mode), "unknown type")
+    return _Entry("reject", real, reason=f"not a regular file ({kind})")
+
+
+class _Walker:
+    """Walks subject folders, hashing the files it may read and rejecting what it may not."""
+
+    def __init__(self, scan: SourceScan, subjects: dict[str, str], follow_links: bool, max_bytes: int | None):
+        self.scan = scan
+        self.subjects = subjects
+        self.follow_links = follow_links
+        self.max_bytes = max_bytes
+        self.hidden = 0
+
+    def add(self, path: Path, entry: _Entry, subject_id: str) -> None:
+        """Record one input: a photo, or a reject with its reason."""
+        reason, digest = entry.reason, ""
+        if entry.kind == "file" and self.max_bytes is not None and entry.size > self.max_bytes:
+            reason = f"file too large: {entry.size} bytes > limit {self.max_bytes} (data.decode.max_bytes)"
+        elif entry.kind == "file":
+            try:
+                digest = sha256_file(entry.real)
+            except OSError as exc:
+                reason = f"cannot read: {exc.strerror}"
+        if not reason and subject_id not in self.subjects:
+            reason = f"subject folder {subject_id!r} is not listed in subjects.csv"
+        photo = SourcePhoto(
+            subject_id=subject_id,
+            category=self.subjects.get(subject_id, ""),
+            source_uri=path.relative_to(self.scan.root).as_posix(),
+            source_path=str(entry.real),
+            sha256=digest,
+        )
+        if reason:
+            self.scan.rejects.append((photo, reason))
+        else:
+            self.scan.photos.append(photo)
+
+    def walk(self, folder: Path, subject_id: str, chain: frozenset[tuple[int, int]]) -> None:
+        """Every input under `folder` (a subject folder or one inside it), in path order.
+
+        `chain` holds the folders from the source root down to `folder` (device, inode): a link
+        back to one of them is a loop.
+        """
+        found: list[tuple[Path, _Entry]] = []
+        for path in folder.iterdir():
+            if _is_hidden(path.name):
+                self.hidden += _count_files(path)
+                continue
+            entry = _inspect(path, self.scan.root, self.follow_links)
+            if entry.kind == "dir" and entry.inode in chain:
+                entry = _Entry("reject", entry.real, reason="link loop")
+            found.append((path, entry))
+        for path, entry in sorted(found, key=lambda item: item[0]):
+            if entry.kind == "dir":
+                self.walk(path, subject_id, chain | {entry.inode})
+            else:
+                self.add(path, entry, subject_id)
+
+
+def _count_files(path: Path) -> int:
+    """Files at or under `path`, links not followed."""
+    if path.is_symlink() or not path.is_dir():
+        return 1
+    return sum(1 for p in path.rglob("*") if not p.is_dir() or p.is_symlink())
+
+
+def scan_source(root: str | Path, *, follow_links: bool = False, max_bytes: int | None = None) -> SourceScan:
+    """Walk `root` and hash every input photo. Raises SourceError if `root` is not a source.
+
+    follow_links: read links that lead outside `root` (`data.source.follow_links`).
+    max_bytes: files larger than this are rejected unread (`data.decode.max_bytes`).
+    """
     root = Path(root).resolve()
     if not root.is_dir():
         raise SourceError(f"source folder not found: {root}")
     subjects = read_subjects_csv(root / SUBJECTS_CSV)
     scan = SourceScan(root=root)
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    walker = _Walker(scan, subjects, follow_links, max_bytes)
+    top = {p: _inspect(p, root, follow_links) for p in sorted(root.iterdir()) if not _is_hidden(p.name)}
+    # Documents beside subjects.csv (README, licence) are normal; a photo there is a mistake.
+    # Anything else at the top is a subject folder, or an input that cannot be one.
+    documents = sorted(p.name for p, entry in top.items() if entry.kind == "file")
+    folders = {p: entry for p, entry in top.items() if entry.kind != "file"}
     for name in sorted(set(subjects) - {p.name for p in folders}):
         scan.warnings.append(f"subjects.csv lists {name!r} but the source has no folder {name}/")
-    # Documents beside subjects.csv (README, licence) are normal; a photo there is a mistake.
-    for stray in sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES):
+    for stray in (name for name in documents if Path(name).suffix.lower() in _IMAGE_SUFFIXES):
         scan.warnings.append(f"photo {stray!r} at the source root is not in a subject folder; ignored")
-    hidden = 0
-    for folder in folders:
-        category = subjects.get(folder.name, "")
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            if _is_hidden(path, root):
-                hidden += 1
-                continue
-            photo = SourcePhoto(
-                subject_id=folder.name,
-                category=category,
-                source_uri=path.relative_to(root).as_posix(),
-                source_path=str(path),
-                sha256=sha256_file(path),
-            )
-            if folder.name in subjects:
-                scan.photos.append(photo)
-            else:
-                scan.rejects.append((photo, f"subject folder {folder.name!r} is not listed in subjects.csv"))
+    root_inode = (root.stat().st_dev, root.stat().st_ino)
+    for folder, entry in folders.items():
+        if entry.kind == "dir" and entry.inode != root_inode:
+            walker.walk(folder, folder.name, frozenset({root_inode, entry.inode}))
+        else:
+            walker.add(folder, entry if entry.kind == "reject" else _Entry("reject", entry.real, reason="link loop"), folder.name)
     counts = {p.subject_id for p in scan.photos}
-    for folder in folders:
-        if folder.name in subjects and folder.name not in counts:
+    for folder, entry in folders.items():
+        if entry.kind == "dir" and folder.name in subjects and folder.name not in counts:
             scan.warnings.append(f"subject {folder.name!r} has no photos in {folder.name}/")
-    if hidden:
-        scan.warnings.append(f"{hidden} hidden file(s) (names starting with '.') ignored")
+    if walker.hidden:
+        scan.warnings.append(f"{walker.hidden} hidden file(s) (names starting with '.') ignored")
     for warning in scan.warnings:
         log.warning("source: %s", warning)
     return scan

@@ -1,7 +1,10 @@
 import hashlib
+import os
+from pathlib import Path
 
 import pytest
 
+from pipeline import sources
 from pipeline.sources import SourceError, read_subjects_csv, scan_source, sha256_file
 from tests.imagefiles import jpeg_bytes, make_source, photo
 
@@ -72,3 +75,72 @@ def test_digest_tracks_content_and_category(tmp_path):
     assert second != first
     (root / "subjects.csv").write_text("subject_id,category\ndog,puppy\n")
     assert scan_source(root).digest() != second
+
+
+def _reject_reasons(scan):
+    return {photo.source_uri: reason for photo, reason in scan.rejects}
+
+
+def test_links_leaving_the_source_are_rejects_unless_followed(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.jpg").write_bytes(jpeg_bytes(photo(4)))
+    root = make_source(tmp_path / "src", {"dog": "dog", "rex": "dog"}, per_subject=1)
+    (root / "rex").rmdir()
+    (root / "rex").symlink_to(outside, target_is_directory=True)
+    (root / "dog" / "leak.jpg").symlink_to(outside / "secret.jpg")
+    (root / "dog" / "inside.jpg").symlink_to(root / "dog" / "00.jpg")  # stays in the source: followed
+
+    scan = scan_source(root)
+    assert _reject_reasons(scan) == {"rex": "link outside the source", "dog/leak.jpg": "link outside the source"}
+    # Nothing outside the source is read: its rejects carry no hash.
+    assert all(photo.sha256 == "" for photo, _ in scan.rejects)
+    assert sorted(p.source_uri for p in scan.photos) == ["dog/00.jpg", "dog/inside.jpg"]
+    assert len(scan.inputs) == 4
+
+    followed = scan_source(root, follow_links=True)
+    assert followed.rejects == []
+    assert sorted(p.source_uri for p in followed.photos) == ["dog/00.jpg", "dog/inside.jpg", "dog/leak.jpg", "rex/secret.jpg"]
+
+
+def test_dangling_links_loops_and_fifos_are_reject_rows(tmp_path):
+    root = make_source(tmp_path / "src", {"dog": "dog"}, per_subject=1)
+    dog = root / "dog"
+    (dog / "gone.jpg").symlink_to(tmp_path / "nothing-here.jpg")
+    (dog / "a.jpg").symlink_to(dog / "b.jpg")
+    (dog / "b.jpg").symlink_to(dog / "a.jpg")
+    (dog / "nested").mkdir()
+    (dog / "nested" / "up").symlink_to(dog, target_is_directory=True)  # a folder loop
+    os.mkfifo(dog / "pipe.jpg")
+
+    scan = scan_source(root)  # must not hang on the FIFO or recurse forever
+    reasons = _reject_reasons(scan)
+    assert set(reasons) == {"dog/gone.jpg", "dog/a.jpg", "dog/b.jpg", "dog/nested/up", "dog/pipe.jpg"}
+    assert reasons["dog/gone.jpg"] == "dangling link"
+    assert reasons["dog/a.jpg"] == reasons["dog/b.jpg"] == "link loop"
+    assert reasons["dog/nested/up"] == "link loop"
+    assert reasons["dog/pipe.jpg"] == "not a regular file (fifo)"
+    assert [p.source_uri for p in scan.photos] == ["dog/00.jpg"]
+    assert len(scan.inputs) == len(scan.photos) + len(scan.rejects) == 6
+
+
+def test_file_size_is_checked_before_hashing(tmp_path, monkeypatch):
+    root = make_source(tmp_path / "src", {"dog": "dog"}, sample=False)
+    (root / "dog" / "00.jpg").write_bytes(jpeg_bytes(photo(size=(32, 32))))
+    with open(root / "dog" / "huge.jpg", "wb") as fh:
+        fh.truncate(5000)
+    hashed = []
+    real = sources.sha256_file
+    monkeypatch.setattr(sources, "sha256_file", lambda path: hashed.append(Path(path).name) or real(path))
+    scan = scan_source(root, max_bytes=4096)
+    assert _reject_reasons(scan) == {"dog/huge.jpg": "file too large: 5000 bytes > limit 4096 (data.decode.max_bytes)"}
+    assert hashed == ["00.jpg"]
+
+
+def test_a_folder_named_three_dots_is_a_subject_not_hidden(tmp_path):
+    root = make_source(tmp_path / "src", {"...": "dog"}, sample=False)
+    (root / "..." / "a.jpg").write_bytes(jpeg_bytes(photo()))
+    (root / "..." / ".hidden.jpg").write_bytes(jpeg_bytes(photo(1)))
+    scan = scan_source(root)
+    assert [(p.subject_id, p.source_uri) for p in scan.photos] == [("...", ".../a.jpg")]
+    assert "1 hidden file" in "\n".join(scan.warnings)
