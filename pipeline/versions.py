@@ -2,8 +2,11 @@
 
 A version is built in OUT/.staging/ and renamed into place only when complete (same
 filesystem, so the rename is atomic), then `latest` is switched by replacing a symlink. A build
-killed at any point leaves only a staging folder, which the next build removes. One build at a
-time holds OUT/.lock (an advisory flock), so concurrent refreshes queue instead of racing.
+killed at any point leaves a staging folder, or a version newer than `latest` and a `.latest-*`
+link when killed between the rename and the switch; the next build removes both (`recover`).
+One build at a time holds OUT/.lock (an advisory flock), so concurrent refreshes queue instead
+of racing. A build that fails its own check goes to OUT/failed/, outside the version sequence,
+where only the newest few are kept.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,12 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
+FAILED = "failed"
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
+
+
+class StoreError(ValueError):
+    """OUT cannot hold datasets (e.g. it is read-only)."""
 
 
 class DatasetStore:
@@ -56,9 +65,14 @@ class DatasetStore:
 
     @contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold OUT/.lock for the duration; waits (and says so) if another build holds it."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+") as fh:
+        """Hold OUT/.lock for the duration; waits (and says so) if another build holds it.
+        StoreError when OUT cannot be written."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fh = open(self.root / ".lock", "a+")  # closed by the with below
+        except OSError as exc:
+            raise StoreError(f"cannot write to the dataset folder {self.root}: {exc.strerror}") from None
+        with fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -85,18 +99,53 @@ class DatasetStore:
         path.mkdir(parents=True)
         return path
 
-    def publish(self, staging: Path, version: str, make_latest: bool = True) -> Path:
-        """Move a complete staging folder to OUT/<version>; point `latest` at it if asked."""
+    def recover(self) -> None:
+        """Undo what a build killed while publishing left; call under lock(), before next_version().
+
+        A version newer than `latest` whose manifest says ok was renamed into place by a build
+        killed before it switched `latest`. That job never finished, so its lineage was never
+        recorded (pipeline.build.run_data_job): the version is removed rather than adopted, and
+        the next build makes it again. Versions marked failed (older releases kept them in the
+        sequence) stay, as does anything whose manifest cannot be read.
+        """
+        for tmp in self.root.glob(".latest-*"):
+            log.warning("removing %s left by an interrupted build", tmp)
+            tmp.unlink(missing_ok=True)
+        latest = self.latest_version()
+        newest = int(latest[1:]) if latest and _VERSION_RE.match(latest) else 0
+        for version in self.versions():
+            if int(version[1:]) > newest and _manifest_status(self.path(version)) == "ok":
+                log.warning("removing %s: its build was killed before it became `latest`", self.path(version))
+                shutil.rmtree(self.path(version))
+
+    def publish(self, staging: Path, version: str) -> Path:
+        """Move a complete staging folder to OUT/<version> and point `latest` at it."""
         final = self.path(version)
         if final.exists():
             raise FileExistsError(f"{final} already exists; refusing to overwrite a published version")
         os.rename(staging, final)
-        if make_latest:
-            tmp = self.root / f".latest-{uuid.uuid4().hex[:8]}"
-            os.symlink(version, tmp)
-            os.replace(tmp, self.root / LATEST)
+        tmp = self.root / f".latest-{uuid.uuid4().hex[:8]}"
+        os.symlink(version, tmp)
+        os.replace(tmp, self.root / LATEST)
         _fsync_dir(self.root)
         return final
+
+    def publish_failed(self, staging: Path, version: str, keep: int) -> Path | None:
+        """Move a build that failed its check to OUT/failed/<version>-<UTC time>, outside the
+        version sequence, and delete all but the newest `keep` there (with keep 0 this one too,
+        and None is returned). Each nightly failure would otherwise keep a full copy."""
+        failed = self.root / FAILED
+        failed.mkdir(exist_ok=True)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        final = failed / f"{version}-{stamp}"
+        os.rename(staging, final)
+        # Oldest first by time: the version part can repeat (it is the next version's number).
+        kept = sorted(failed.iterdir(), key=lambda p: p.name.partition("-")[2])
+        for old in kept[: max(len(kept) - keep, 0)]:
+            log.info("removing %s (data.keep_failed=%d)", old, keep)
+            shutil.rmtree(old)
+        _fsync_dir(self.root)
+        return final if final.exists() else None
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -107,6 +156,13 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _manifest_status(version_dir: Path) -> str | None:
+    try:
+        return json.loads((version_dir / MANIFEST).read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,10 +1,14 @@
+import json
 import multiprocessing as mp
 import os
+import subprocess
 import time
+from contextlib import contextmanager
 
 import pytest
 
-from pipeline.versions import DatasetStore
+from pipeline import versions
+from pipeline.versions import DatasetStore, StoreError
 
 
 def test_version_numbers_and_publish(tmp_path):
@@ -17,8 +21,8 @@ def test_version_numbers_and_publish(tmp_path):
     assert store.latest_version() == "v0001" and store.read_manifest("v0001")["version"] == "v0001"
     assert not staging.exists() and store.next_version() == "v0002"
     staging = store.new_staging("v0002")
-    store.publish(staging, "v0002", make_latest=False)
-    assert store.versions() == ["v0001", "v0002"] and store.latest_version() == "v0001"
+    store.publish(staging, "v0002")
+    assert store.versions() == ["v0001", "v0002"] and store.latest_version() == "v0002"
     with pytest.raises(FileExistsError):
         store.publish(store.new_staging("v0002"), "v0002")
 
@@ -51,3 +55,82 @@ def test_lock_serialises_builds(tmp_path):
     proc.join()
     assert waited > 0.5  # blocked until the other holder let go
     assert os.path.exists(tmp_path / ".lock")
+
+
+def _publish(store, version, manifest=None):
+    staging = store.new_staging(version)
+    (staging / "manifest.json").write_text(json.dumps(manifest or {"version": version, "status": "ok"}))
+    return store.publish(staging, version)
+
+
+def test_a_kill_between_rename_and_latest_switch_is_cleaned_up(tmp_path, monkeypatch):
+    store = DatasetStore(tmp_path)
+    _publish(store, "v0001")
+
+    def killed(*args):
+        raise KeyboardInterrupt  # stands in for SIGKILL after the version's rename
+
+    monkeypatch.setattr(versions.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _publish(store, "v0002", {"version": "v0002", "status": "ok", "parent_version": "v0001"})
+    monkeypatch.undo()
+    assert store.versions() == ["v0001", "v0002"] and store.latest_version() == "v0001"
+    assert [p.name for p in tmp_path.glob(".latest-*")]
+
+    store.recover()
+    # The orphan's job never finished (no lineage was recorded), so it is removed, not adopted.
+    assert store.versions() == ["v0001"] and store.latest_version() == "v0001"
+    assert not list(tmp_path.glob(".latest-*")) and store.next_version() == "v0002"
+
+
+def test_recover_keeps_older_versions_and_versions_that_failed_their_check(tmp_path):
+    store = DatasetStore(tmp_path)
+    _publish(store, "v0001")
+    old_failed = store.path("v0002")
+    old_failed.mkdir()  # a failed build of an older release, kept in the sequence
+    (old_failed / "manifest.json").write_text(json.dumps({"version": "v0002", "status": "failed"}))
+    store.recover()
+    assert store.versions() == ["v0001", "v0002"]
+
+
+def test_failed_builds_stay_out_of_the_sequence_and_are_bounded(tmp_path):
+    store = DatasetStore(tmp_path)
+    _publish(store, "v0001")
+    kept = []
+    for _ in range(3):
+        staging = store.new_staging("v0002")
+        (staging / "manifest.json").write_text('{"status": "failed"}')
+        kept.append(store.publish_failed(staging, "v0002", keep=2))
+    assert store.versions() == ["v0001"] and store.next_version() == "v0002" and store.latest_version() == "v0001"
+    assert sorted(p.name for p in (tmp_path / "failed").iterdir()) == sorted(p.name for p in kept[1:])
+    assert all(p.parent == tmp_path / "failed" and p.name.startswith("v0002-") for p in kept)
+
+
+def test_an_unwritable_out_is_a_clear_error(tmp_path):
+    store = DatasetStore(tmp_path / "out")
+    store.root.mkdir()
+    with read_only(store.root), pytest.raises(StoreError, match="cannot write to the dataset folder .*out"):
+        with store.lock():
+            pass
+
+
+@contextmanager
+def read_only(path):
+    """`path` read-only, for root too (a read-only bind mount), or skip where neither works."""
+    if os.geteuid() != 0:
+        os.chmod(path, 0o555)
+        try:
+            yield
+        finally:
+            os.chmod(path, 0o755)
+        return
+    if subprocess.run(["mount", "--bind", "-o", "ro", str(path), str(path)], capture_output=True).returncode:
+        pytest.skip("cannot make a read-only folder here")
+    subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], capture_output=True)
+    if os.access(path, os.W_OK):
+        subprocess.run(["umount", str(path)], check=True)
+        pytest.skip("cannot make a read-only folder here")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
