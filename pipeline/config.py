@@ -218,11 +218,21 @@ class WriteConfig(_Strict):
     )
 
 
+class SourceConfig(_Strict):
+    follow_links: bool = Field(
+        False, description="read links that lead outside the source folder; off, each is a reject at `scan`"
+    )
+
+
 class DataConfig(_Strict):
     backgrounds: str | None = Field(None, description="folder of background images; None = bundled set")
     max_reject_fraction: float = Field(
         0.5, ge=0.0, le=1.0, description="the job fails when more of its inputs are rejected"
     )
+    keep_failed: int = Field(
+        1, ge=0, description="builds that failed max_reject_fraction kept in OUT/failed/ (the newest); 0 = none"
+    )
+    source: SourceConfig = SourceConfig()
     decode: DecodeConfig = DecodeConfig()
     segment: SegmentConfig = SegmentConfig()
     trimap: TrimapConfig = TrimapConfig()
