@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
+INPUTS_FILE = "inputs.parquet"  # the ledger: one row per input, accepted or rejected
+REJECTS_FILE = "rejects.parquet"
 FAILED = "failed"
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
 

@@ -1,6 +1,7 @@
 """End to end on a local Ray: build, reopen, refresh, kill and resume."""
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -16,9 +17,11 @@ from PIL import Image
 
 from pipeline.build import INPUTS_FILE, build_dataset
 from pipeline.config import load_config
+from pipeline.sources import SourceError
 from pipeline.versions import DatasetStore
 from stages.write import DATA_SCHEMA
 from tests.imagefiles import EXPECTED_REASON, broken_files, jpeg_bytes, make_source, photo, tricky_files
+from tests.tinydata import publish_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -182,3 +185,44 @@ def test_torch_matting_backend_end_to_end(ray_local, tmp_path):
     m = result.manifest
     assert result.status == "built" and m["inputs"] == m["accepted"] + m["rejected"] == 2
     assert m["config"]["data"]["matte"]["backend"] == "torch"
+
+
+def _all_rejected_at_scan(root):
+    """A source whose every input is a scan reject, so a build of it fails its reject limit
+    without starting Ray."""
+    make_source(root, {"dog": "dog"}, sample=False)
+    (root / "stray").mkdir()
+    for i in range(2):
+        (root / "stray" / f"{i}.jpg").write_bytes(jpeg_bytes(photo(i)))
+    return root
+
+
+def test_failed_refreshes_stay_out_of_the_sequence_and_are_bounded(tmp_path):
+    source = _all_rejected_at_scan(tmp_path / "src")
+    out = tmp_path / "out"
+    config = load_config(overrides=[*SETTINGS, "data.keep_failed=2"])
+    paths = [build_dataset(source, out, config, incremental=True, progress=False).path for _ in range(3)]
+    store = DatasetStore(out)
+    assert store.versions() == [] and store.latest_version() is None and store.next_version() == "v0001"
+    assert sorted((out / "failed").iterdir()) == sorted(paths[1:])
+    assert all(json.loads((p / "manifest.json").read_text())["status"] == "failed" for p in paths[1:])
+
+
+def test_an_out_inside_the_source_is_refused(tmp_path):
+    source = _all_rejected_at_scan(tmp_path / "src")
+    with pytest.raises(SourceError, match="inside the source"):
+        build_dataset(source, source / "dataset", load_config(overrides=SETTINGS), incremental=False, progress=False)
+    assert not (source / "dataset").exists()
+
+
+def test_the_next_build_removes_a_version_orphaned_by_a_kill(tmp_path):
+    # A build killed after renaming its version into place but before switching `latest`.
+    out = tmp_path / "out"
+    publish_dataset(out, {"dog": "dog"})
+    orphan = out / "v0002"
+    shutil.copytree(out / "v0001", orphan)
+    (orphan / "manifest.json").write_text(json.dumps({"version": "v0002", "status": "ok", "parent_version": "v0001"}))
+    os.symlink("v0002", out / ".latest-0123abcd")
+    result = build_dataset(_all_rejected_at_scan(tmp_path / "src"), out, load_config(overrides=SETTINGS), incremental=False, progress=False)
+    assert result.status == "failed" and not orphan.exists() and not list(out.glob(".latest-*"))
+    assert DatasetStore(out).versions() == ["v0001"] and os.readlink(out / "latest") == "v0001"

@@ -1,20 +1,27 @@
-"""`subjectforge data build|refresh`: build or incrementally refresh the dataset.
+"""`subjectforge data build|refresh|verify`: build or incrementally refresh the dataset, or
+check a version against its manifest.
 
-Each run is an MLflow run in `tracking.data_experiment` when a tracking server is configured
-(pipeline.build.run_data_job); an unreachable one exits 2 before any work.
+Each build or refresh is an MLflow run in `tracking.data_experiment` when a tracking server is
+configured (pipeline.build.run_data_job); an unreachable one exits 2 before any work. A damaged
+parent, an OUT that cannot be written or lies inside the source, and a version that fails
+`verify` exit 2 with the reason on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 from pipeline.build import run_data_job
 from pipeline.config import Config, ConfigError
 from pipeline.report import format_summary
 from pipeline.sources import SourceError
 from pipeline.tracking import TrackingUnavailable
+from pipeline.verify import DamagedVersion, check_version
+from pipeline.versions import LATEST, StoreError
 
 
 def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
@@ -28,7 +35,16 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
         cmd.add_argument("--out", required=True, help="dataset root; versions go in OUT/<version>, OUT/latest names the newest")
         cmd.add_argument("--backgrounds", help="folder of background images (default: the bundled procedural set)")
         cmd.add_argument("--no-progress", action="store_true", help="hide Ray Data progress bars")
+        if action == "refresh":
+            cmd.add_argument(
+                "--reprocess-damaged", action="store_true",
+                help="process again the photos whose rows in the latest version fail its checksums, instead of stopping",
+            )  # fmt: skip
         add_common(cmd)
+    help_text = "check a version's files against its manifest's checksums"
+    cmd = sub.add_parser("verify", help=help_text, description=help_text)
+    cmd.add_argument("out", metavar="OUT", help="a dataset root (its `latest` is checked) or a version folder")
+    cmd.add_argument("--version", help="the version under OUT to check, e.g. v0003 (default: latest)")
 
 
 def apply_arguments(args: argparse.Namespace) -> None:
@@ -38,9 +54,14 @@ def apply_arguments(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
+    if args.action == "verify":
+        return verify(Path(args.out), args.version)
     try:
-        result = run_data_job(args.source, args.out, config, incremental=args.action == "refresh", progress=not args.no_progress)
-    except SourceError as exc:
+        result = run_data_job(
+            args.source, args.out, config, incremental=args.action == "refresh", progress=not args.no_progress,
+            reprocess_damaged=getattr(args, "reprocess_damaged", False),
+        )  # fmt: skip
+    except (SourceError, StoreError, DamagedVersion) as exc:
         raise ConfigError(str(exc)) from None
     except TrackingUnavailable as exc:
         raise ConfigError(f"{exc}; set tracking.uri / $MLFLOW_TRACKING_URI to a live server, or --set tracking.enabled=false") from None
@@ -50,4 +71,24 @@ def run(args: argparse.Namespace, config: Config) -> int:
     if result.status == "failed":
         print(f"subjectforge: error: {result.message}", file=sys.stderr)
         return 1
+    return 0
+
+
+def verify(out: Path, version: str | None) -> int:
+    """Check one version (OUT/<version>, OUT/latest, or OUT itself as a version folder)."""
+    if version:
+        version_dir = out / version
+    elif (out / LATEST).is_symlink():
+        version_dir = out / os.readlink(out / LATEST)
+    else:
+        version_dir = out
+    check = check_version(version_dir)
+    if not check.ok:
+        raise ConfigError(check.describe())
+    m = check.manifest
+    what = (
+        f"{check.files_checked} files match their checksums" if check.has_checksums
+        else "no checksums recorded (an older release built it); its files open and hold the rows its manifest says"
+    )  # fmt: skip
+    print(f"{version_dir} ({m['version']}): {what}; {m['rows']} rows, {m['inputs']} inputs")
     return 0
