@@ -231,6 +231,7 @@ def test_submit_wait_streams_logs_and_returns_the_exit_code(ray_head, tmp_path, 
     printed = captured.out
     assert code == 0, captured.err
     assert "v0001: 2 accepted" in printed and "SUCCEEDED" in printed
+    assert re.search(r"upload: \d+ files", printed)
     assert os.readlink(out / "latest") == "v0001"
 
     # A job whose command fails reports that command's own exit code (2: bad source).
@@ -240,6 +241,11 @@ def test_submit_wait_streams_logs_and_returns_the_exit_code(ray_head, tmp_path, 
     ])
     printed = capsys.readouterr().out
     assert code == 2 and "source folder not found" in printed
+
+    # A variable the cluster must provide but lacks: the job stops before its command, exit 2.
+    code = main(["submit", "--address", address, "--wait", "--auth-token-file", str(token),
+                 "--env", "SF_TEST_UNSET_SECRET", "--", "demo"])
+    assert code == 2 and "SF_TEST_UNSET_SECRET is not set on the cluster" in capsys.readouterr().out
 
     assert main(["job", "status", "sf-test-ok", "--address", address, "--auth-token-file", str(token)]) == 0
     assert "sf-test-ok: SUCCEEDED" in capsys.readouterr().out
