@@ -1,4 +1,4 @@
-"""The matte stage's GPU actor (`stages.matte.Matter`) on its own: start, photos/s, and where a
+"""The matte stage's GPU actor (`stages.matte_composite.MatteFilterComposite`) on its own: start, photos/s, and where a
 batch's time goes, with the batches the pipeline hands it but no Ray around it.
 
 `bench_pipeline.py` measures the actor inside the whole build, where it shares the GPU with the
@@ -12,7 +12,7 @@ a random-weight CLIPSeg's speckle leaves 0.15%). Reported:
 
 - `start`: the constructor (its warm-up compiles at --size) and the first batch after it, with
   torch.compile's own account of where the time went;
-- `actor`: photos/s of `Matter.__call__` over --batches batches after the first;
+- `actor`: photos/s of the actor's `__call__` over --batches batches after the first;
 - `phases`: one batch's upload, alpha, foreground and download, each timed after a synchronise;
 - `kernels` (CUDA): the stencil build and the foreground estimate as Triton kernels (the
   default) against torch.compile (before), first call and ms per photo, in the same run;
@@ -124,11 +124,13 @@ def finish_arguments() -> dict[str, Any]:
 
 
 def time_start(args: argparse.Namespace, first: dict[str, np.ndarray]) -> tuple[Any, dict[str, Any]]:
-    from stages.matte import Matter
+    from stages.matte_composite import MatteFilterComposite
 
-    finish = {k: v for k, v in finish_arguments().items() if k in ("filter_args", "composite_args")}
+    finish = finish_arguments()
     started = time.perf_counter()
-    matter = Matter(batch_size=args.batch_size, tol=args.tol, photo_size=args.size, finish=finish)
+    matter = MatteFilterComposite(
+        finish["filter_args"], finish["composite_args"], batch_size=args.batch_size, tol=args.tol, photo_size=args.size
+    )
     sync()
     constructed = time.perf_counter()
     matter(copy_batch(first))
@@ -164,7 +166,7 @@ def time_actor(matter: Any, batches: list[dict[str, np.ndarray]]) -> dict[str, A
 
 def time_phases(batch: dict[str, np.ndarray], tol: float, device: torch.device) -> dict[str, Any]:
     """One batch through the actor's steps, each timed after a synchronise (second pass)."""
-    from stages.matting_torch import estimate_alpha_cf_torch, estimate_foreground_torch
+    from stages.matting import estimate_alpha_cf_torch, estimate_foreground_torch
 
     n = len(batch[SOURCE_URI])
     for _ in range(2):
@@ -197,8 +199,9 @@ def compare_kernels(batch: dict[str, np.ndarray], device: torch.device) -> dict[
     """The stencil build and the foreground estimate with the Triton kernels (the default on
     CUDA) against torch.compile (what ran before): first call (the start cost: trace and
     compile, or load from the caches) and ms per photo after it, on this batch at full size."""
-    from stages import matting_torch
-    from stages.laplacian_triton import build_stencil
+    from stages.matting import estimate_foreground_torch, laplacian
+    from stages.matting._kernels import compiled
+    from stages.matting.laplacian_triton import build_stencil
 
     n = len(batch[SOURCE_URI])
     image = (torch.from_numpy(batch[IMAGE]).to(device).float() / 255.0).permute(0, 3, 1, 2).contiguous()
@@ -206,9 +209,9 @@ def compare_kernels(batch: dict[str, np.ndarray], device: torch.device) -> dict[
     rgb = image.permute(0, 2, 3, 1)
     candidates = {
         "stencil_triton": lambda: build_stencil(image, None, 1e-7, 1),
-        "stencil_torch_compile": lambda: matting_torch._compiled_kernels().build_stencil(image, None, 1e-7, 1),
-        "foreground_triton": lambda: matting_torch.estimate_foreground_torch(rgb, alpha),
-        "foreground_torch_compile": lambda: matting_torch.estimate_foreground_torch(rgb, alpha, compile=True),
+        "stencil_torch_compile": lambda: compiled(laplacian.build_stencil)(image, None, 1e-7, 1),
+        "foreground_triton": lambda: estimate_foreground_torch(rgb, alpha),
+        "foreground_torch_compile": lambda: estimate_foreground_torch(rgb, alpha, compile=True),
     }
     result = {}
     for name, fn in candidates.items():

@@ -42,8 +42,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from machine import describe  # noqa: E402
 
-from stages import matting_torch  # noqa: E402
-from stages.matting_torch import estimate_alpha_cf_torch, estimate_foreground_torch  # noqa: E402
+import stages.matting.alpha as matting_alpha  # noqa: E402
+import stages.matting.cg as matting_cg  # noqa: E402
+import stages.matting.laplacian as matting_laplacian  # noqa: E402
+from stages.matting import BG_THRESHOLD, FG_THRESHOLD, estimate_alpha_cf_torch, estimate_foreground_torch  # noqa: E402
+from stages.matting._kernels import COMPILED, EAGER, kernel_choice  # noqa: E402
 from tests.matting_fixtures import ellipse_trimap  # noqa: E402
 
 PHOTOS = REPO / "datasets" / "dreambench-mini"
@@ -88,14 +91,14 @@ def _float32_coefficients(on: bool) -> Iterator[None]:
     if not on:
         yield
         return
-    from stages import matting_triton
+    from stages.matting import cg_triton
 
-    before = matting_triton.COEFFICIENT_DTYPE
-    matting_triton.COEFFICIENT_DTYPE = torch.float32
+    before = cg_triton.COEFFICIENT_DTYPE
+    cg_triton.COEFFICIENT_DTYPE = torch.float32
     try:
         yield
     finally:
-        matting_triton.COEFFICIENT_DTYPE = before
+        cg_triton.COEFFICIENT_DTYPE = before
 
 
 def time_torch(
@@ -141,7 +144,7 @@ def time_torch(
         "photos": len(images),
         "batch": batch,
         "tol": tol,
-        "cg": matting_torch._resolve_cg(cg, images) + ("-f32coef" if wide else ""),
+        "cg": kernel_choice().resolve_cg(cg, images) + ("-f32coef" if wide else ""),
         "best_s": min(times),
         "photos_per_s": len(images) / min(times),
         "warm_up_s": warm_up_s,
@@ -229,11 +232,11 @@ def time_torch_foreground(
 def profile_solve(images: torch.Tensor, trimaps: torch.Tensor, batch: int, torch_loop: bool = True) -> dict:
     """Where a full-size solve's time goes, for one batch: stencil build, compaction, and CG
     iterations (200, none converging, so the batch never shrinks)."""
-    kernels = matting_torch._compiled_kernels() if images.is_cuda else matting_torch._EAGER
+    kernels = matting_alpha._kernels_for(COMPILED if images.is_cuda else EAGER)
     image = images[:batch].permute(0, 3, 1, 2).float()
     trimap = trimaps[:batch].unsqueeze(1).float()
-    fg = (trimap >= matting_torch.FG_THRESHOLD).float()
-    free = ((trimap > matting_torch.BG_THRESHOLD) & (trimap < matting_torch.FG_THRESHOLD)).float()
+    fg = (trimap >= FG_THRESHOLD).float()
+    free = ((trimap > BG_THRESHOLD) & (trimap < FG_THRESHOLD)).float()
 
     def timed(fn):
         if images.is_cuda:
@@ -246,7 +249,7 @@ def profile_solve(images: torch.Tensor, trimaps: torch.Tensor, batch: int, torch
 
     kernels.build_stencil(image, None, 1e-7, 1)  # warm-up
     build_s, stencil = timed(lambda: kernels.build_stencil(image, None, 1e-7, 1))
-    compact_s, (system, rhs) = timed(lambda: matting_torch._compact_system(stencil, free, fg, torch.float32))
+    compact_s, (system, rhs) = timed(lambda: matting_laplacian.compact_system(stencil, free, fg, torch.float32))
     steps = 200
     result = {
         "batch": batch,
@@ -256,8 +259,8 @@ def profile_solve(images: torch.Tensor, trimaps: torch.Tensor, batch: int, torch
     }
     if torch_loop:  # the compiled torch step (its compile takes ~50 s on a fresh machine)
         x0 = torch.zeros_like(rhs)
-        matting_torch._solve_pcg(system, rhs, x0, 0.0, 10, steps, kernels.cg_step)  # warm-up
-        cg_s, _ = timed(lambda: matting_torch._solve_pcg(system, rhs, x0, 0.0, steps, steps, kernels.cg_step))
+        matting_cg.solve_pcg(system, rhs, x0, 0.0, 10, steps, kernels.cg_step)  # warm-up
+        cg_s, _ = timed(lambda: matting_cg.solve_pcg(system, rhs, x0, 0.0, steps, steps, kernels.cg_step))
         coef_bytes = system.coef.numel() * system.coef.element_size()
         result["cg_us_per_photo_iteration"] = 1e6 * cg_s / steps / batch
         result["coef_read_gb_per_s"] = coef_bytes * steps / cg_s / 1e9
@@ -270,7 +273,7 @@ def profile_triton(system, rhs: torch.Tensor, width: int, steps: int, timed) -> 
     """The Triton CG iteration on the same system, tol 0 so no photo stops: launched one by one,
     and replayed from a CUDA graph of 16 iterations; coefficients read as float16 (the default)
     and as float32 (the same values, twice the bytes)."""
-    from stages.matting_triton import TritonPCG
+    from stages.matting.cg_triton import TritonPCG
 
     reach = (int(system.offsets.numel() ** 0.5) - 1) // 2
     batch = rhs.shape[0]
@@ -347,8 +350,8 @@ def main(argv: list[str] | None = None) -> None:
     pool = None
 
     iterations = IterationLog()
-    matting_torch.logger.addHandler(iterations)
-    matting_torch.logger.setLevel(logging.DEBUG)
+    matting_alpha.logger.addHandler(iterations)
+    matting_alpha.logger.setLevel(logging.DEBUG)
     report = {
         "hardware": describe("pymatting"),
         "command": " ".join(sys.argv),

@@ -1,7 +1,14 @@
-"""The Ray Data plan of the prompted-context dataset: the only place that declares resources.
+"""The data build's stage chain, declared once (`data_stages`), and its Ray Data plan.
 
 decode (CPU tasks) -> segment and trimap (CLIPSeg actor pool, a GPU share each when the cluster
 has GPUs) -> matte -> filter -> composite -> encode (CPU tasks) -> Parquet.
+
+`data_stages` is the one place that declares the data build's stages and resources (actor
+pools, GPU shares, batch sizes): `build_dataset_plan` folds the list over Ray Data's
+`map_batches`, and `pipeline.build.process_photos` folds the same list over one batch in its own
+process. Training and evaluation declare their own Ray resources, beside their plans
+(pipeline/train/data.py, pipeline/train/trainer.py, pipeline/train/finetune.py,
+pipeline/evaluation/plan.py), and `subject_trainer_options` below those of finetune-many's actors.
 
 Matting runs where its backend is fastest: the torch solver as an actor pool sharing the GPUs with
 CLIPSeg, each actor solving up to `data.matte.batch_size` photos at once; pymatting (or torch on
@@ -13,8 +20,11 @@ CPU tasks after it only encode), else in the CPU task after matting, with encodi
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,7 +36,8 @@ from pipeline.config import Config, ConfigError, MatteConfig, RayConfig, whole_g
 from stages.composite import composite_batch
 from stages.decode import decode_batch
 from stages.filter import filter_batch
-from stages.matte import Matter, matte_batch
+from stages.matte import matte_batch
+from stages.matte_composite import MatteFilterComposite
 from stages.records import CATEGORY, REJECT_REASON, REJECT_STAGE, SOURCE_PATH, SOURCE_SHA256, SOURCE_URI, SUBJECT_ID
 from stages.segment import Segmenter
 from stages.trimap import trimap_batch
@@ -42,6 +53,54 @@ _BLOCKS_PER_CPU = 4
 # a photo at 512 px, plus its composites) stay near the core's cache. After a matte actor that
 # composites, a photo is `per_photo` rows.
 _FINISH_BATCH_SIZE = 8
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What the stages are laid out on: a cluster's CPUs and GPUs, or, with `pools` False, this
+    process, where every stage maps the one batch in turn and no actor pool is started."""
+
+    cpus: float
+    gpus: float
+    pools: bool = True
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of the data build: a function that maps a batch, or an actor class whose
+    instances do, with its arguments and what Ray gives it."""
+
+    name: str
+    fn: Callable[..., dict[str, np.ndarray]] | type
+    args: dict[str, Any]  # the function's keyword arguments, or the actor's constructor's
+    batch_size: int
+    num_cpus: float = 1
+    num_gpus: float = 0.0  # per actor; tasks take none
+    actors: int = 0  # the actor pool's size; 0 for a function, run as tasks
+    concurrency: int | None = None  # tasks at once; None: as many as the CPUs allow
+
+    def map_batches(self, ds: Dataset) -> Dataset:
+        """`ds` mapped by this stage on the Ray cluster."""
+        if self.actors:
+            return ds.map_batches(
+                self.fn,
+                batch_size=self.batch_size,
+                compute=ActorPoolStrategy(size=self.actors),
+                num_gpus=self.num_gpus,
+                num_cpus=self.num_cpus,
+                fn_constructor_kwargs=self.args,
+            )
+        return ds.map_batches(
+            self.fn,
+            batch_size=self.batch_size,
+            num_cpus=self.num_cpus,
+            concurrency=self.concurrency,
+            fn_kwargs=self.args,
+        )
+
+    def in_process(self) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+        """The stage as a function of one batch in this process (an actor is made here)."""
+        return self.fn(**self.args) if isinstance(self.fn, type) else functools.partial(self.fn, **self.args)
 
 
 def ensure_ray(cfg: RayConfig) -> None:
@@ -93,40 +152,73 @@ def gpus_per_segment_actor(
     return share
 
 
-def matte_stage(
-    matte: MatteConfig, cluster_gpus: float, photo_size: int = 512, finish: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """map_batches arguments of the matte stage on a cluster with `cluster_gpus` GPUs.
+def matte_backend(setting: str, cluster_gpus: float) -> str:
+    """data.matte.backend with "auto" resolved, once for the whole plan: torch where the stages
+    are laid out with GPUs, else pymatting. Resolved here, not in the worker: Ray hides the GPUs
+    from a worker that asked for none, so a worker would never see one to pick torch for."""
+    if setting != "auto":
+        return setting
+    return "torch" if cluster_gpus > 0 else "pymatting"
 
-    The backend is resolved here, not in the worker: Ray hides the GPUs from a worker that asked
-    for none, so a worker would never see one to pick torch for. torch on GPUs gets the batched
-    `Matter` actors (which compile their kernels on a warm-up at `photo_size`, decode's size, and
-    filter and composite on their GPU when given `finish`, Matter's argument); everything else
-    gets one photo per CPU task, the unit pymatting solves."""
-    backend = matte.backend
-    if backend == "auto":
-        backend = "torch" if cluster_gpus > 0 else "pymatting"
-    if backend == "torch" and cluster_gpus > 0:
-        return {
-            "fn": Matter,
-            "batch_size": matte.batch_size,
-            "compute": ActorPoolStrategy(size=matte.resolved_actors(cluster_gpus)),
-            "num_gpus": matte.num_gpus,
-            "num_cpus": 1,
-            "fn_constructor_kwargs": {
-                "batch_size": matte.batch_size,
-                "tol": matte.tol,
-                "photo_size": photo_size,
-                "finish": finish,
-            },
-        }
-    return {
-        "fn": matte_batch,
-        "batch_size": 1,
-        "num_cpus": 1,
-        "concurrency": matte.concurrency,
-        "fn_kwargs": {"backend": backend, "tol": matte.tol},
-    }
+
+def matte_stage(
+    matte: MatteConfig, cluster: Cluster, photo_size: int = 512, finish: dict[str, Any] | None = None
+) -> StageSpec:
+    """The matte stage on `cluster`. torch on a cluster with GPUs gets the batched
+    `MatteFilterComposite` actors, which build their kernels on a warm-up at `photo_size`
+    (decode's size) and filter and composite on their GPU with `finish` ({"filter_args",
+    "composite_args"}); everything else, and every backend in one process, gets one photo per
+    CPU task, the unit pymatting solves, and leaves the filter and composites to the task after."""
+    backend = matte_backend(matte.backend, cluster.gpus)
+    if backend == "torch" and cluster.gpus > 0 and cluster.pools:
+        return StageSpec(
+            "matte",
+            MatteFilterComposite,
+            {"batch_size": matte.batch_size, "tol": matte.tol, "photo_size": photo_size, **(finish or {})},
+            batch_size=matte.batch_size,
+            num_gpus=matte.num_gpus,
+            actors=matte.resolved_actors(cluster.gpus),
+        )
+    return StageSpec(
+        "matte", matte_batch, {"backend": backend, "tol": matte.tol}, batch_size=1, concurrency=matte.concurrency
+    )
+
+
+def data_stages(
+    config: Config, cluster: Cluster, backgrounds: list[tuple[str, str]], dataset_version: str
+) -> list[StageSpec]:
+    """The data build's stages, in order, laid out on `cluster`: decode, CLIPSeg and trimap,
+    matte, then what is left of filter, composite and encode. Raises ConfigError when the actors'
+    GPU shares add up to more than a GPU."""
+    data = config.data
+    finish = finish_args(config, backgrounds, dataset_version)
+    on_device = {name: finish[name] for name in ("filter_args", "composite_args")}
+    matte = matte_stage(data.matte, cluster, photo_size=data.decode.size, finish=on_device)
+    segment_actors, segment_batch = data.segment.resolved(cluster.gpus)
+    segment = StageSpec(
+        "segment",
+        SegmentAndTrimap,
+        {
+            "model_path": config.model_path("clipseg"),
+            "prompt_template": data.segment.prompt_template,
+            "batch_size": segment_batch,
+            "normalize": data.segment.normalize,
+            "trimap_args": data.trimap.model_dump(),
+        },
+        batch_size=segment_batch,
+        num_gpus=gpus_per_segment_actor(
+            data.segment.num_gpus, matte.num_gpus, cluster.gpus, segment_actors, matte.actors
+        ),
+        actors=segment_actors,
+    )
+    if matte.actors:  # they filtered and composited on their device
+        rest = StageSpec(
+            "encode", encode_batch, finish["encode_args"], batch_size=_FINISH_BATCH_SIZE * data.composite.per_photo
+        )
+    else:
+        rest = StageSpec("filter_composite_encode", filter_composite_encode, finish, batch_size=_FINISH_BATCH_SIZE)
+    decode = StageSpec("decode", decode_batch, data.decode.model_dump(), batch_size=4)
+    return [decode, segment, matte, rest]
 
 
 class SegmentAndTrimap(Segmenter):
@@ -164,14 +256,14 @@ def filter_composite_encode(
 
 def batch_aligned_dataset(items: list[dict[str, Any]], batch_size: int) -> Dataset:
     """`items` in blocks of exactly `batch_size` rows (the last one shorter), for the plan with
-    `Matter` actors.
+    `MatteFilterComposite` actors.
 
     Ray Data hands an actor a bundle of whole blocks holding at least `batch_size` rows. Blocks
     of ~31 photos (2,000 split over 4 blocks per CPU of 16) made bundles of 93 and batches of 64
     + 29, and the GPU solves 29 photos at well under the rate of 64. With blocks of one batch,
     every bundle is one full batch, as long as blocks stay whole up to the matte actor: Ray cuts
     a task's output once it passes 128 MiB, and 64 photos at 512 px are ~117 MB (the photo with
-    its confidence map or trimap). Bigger batches get cut on the way; `Matter` then solves a
+    its confidence map or trimap). Bigger batches get cut on the way; the actor then solves a
     bundle in even parts (74 + 74, not 128 + 20)."""
     chunks = [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
     return ray.data.from_arrow([pa.Table.from_pylist(chunk) for chunk in chunks])
@@ -218,50 +310,23 @@ def build_dataset_plan(
         for p in photos
     ]
     resources = ray.cluster_resources()
-    cluster_gpus = resources.get("GPU", 0)
-    finish = finish_args(config, backgrounds, dataset_version)
-    on_device = {name: finish[name] for name in ("filter_args", "composite_args")}
-    matte = matte_stage(data.matte, cluster_gpus, photo_size=data.decode.size, finish=on_device)
-    segment_actors, segment_batch = data.segment.resolved(cluster_gpus)
-    matte_actors = matte["compute"].max_size if matte["fn"] is Matter else 0
-    check_cpus_left(resources.get("CPU", 0), segment_actors + matte_actors)
-    if matte["fn"] is Matter:
+    cluster = Cluster(cpus=resources.get("CPU", 0), gpus=resources.get("GPU", 0))
+    stages = data_stages(config, cluster, backgrounds, dataset_version)
+    check_cpus_left(cluster.cpus, sum(stage.actors for stage in stages))
+    if any(stage.actors for stage in stages if stage.name == "matte"):
         ds = batch_aligned_dataset(items, data.matte.batch_size)
     else:
         ds = ray.data.from_items(
             items, override_num_blocks=_num_blocks(len(items), data.write.rows_per_file // data.composite.per_photo)
         )
-    ds = ds.map_batches(decode_batch, batch_size=4, num_cpus=1, fn_kwargs=data.decode.model_dump())
-    ds = ds.map_batches(
-        SegmentAndTrimap,
-        batch_size=segment_batch,
-        compute=ActorPoolStrategy(size=segment_actors),
-        num_gpus=gpus_per_segment_actor(
-            data.segment.num_gpus, matte.get("num_gpus", 0.0), cluster_gpus, segment_actors, matte_actors
-        ),
-        num_cpus=1,
-        fn_constructor_kwargs={
-            "model_path": config.model_path("clipseg"),
-            "prompt_template": data.segment.prompt_template,
-            "batch_size": segment_batch,
-            "normalize": data.segment.normalize,
-            "trimap_args": data.trimap.model_dump(),
-        },
-    )
-    ds = ds.map_batches(**matte)
-    if matte["fn"] is Matter:  # it filtered and composited on its device
-        return ds.map_batches(
-            encode_batch,
-            batch_size=_FINISH_BATCH_SIZE * data.composite.per_photo,
-            num_cpus=1,
-            fn_kwargs=finish["encode_args"],
-        )
-    return ds.map_batches(filter_composite_encode, batch_size=_FINISH_BATCH_SIZE, num_cpus=1, fn_kwargs=finish)
+    for stage in stages:
+        ds = stage.map_batches(ds)
+    return ds
 
 
 def finish_args(config: Config, backgrounds: list[tuple[str, str]], dataset_version: str) -> dict[str, Any]:
-    """Keyword arguments of `filter_composite_encode` for this config; a `Matter` that finishes
-    on its device takes the filter's and the composite's."""
+    """Keyword arguments of `filter_composite_encode` for this config; a `MatteFilterComposite`
+    actor takes the filter's and the composite's."""
     data = config.data
     return {
         "filter_args": data.filter.model_dump(),

@@ -30,7 +30,7 @@ REJECT_REASON = "reject_reason"
 # Arrays carried between stages (dropped before writing).
 IMAGE = "image"  # uint8 (H, W, 3)
 CONFIDENCE = "confidence"  # float32 (H, W) in [0, 1]
-# TRIMAP and ALPHA leave a matte actor that composites (stages.matte.Matter with `finish`) as
+# TRIMAP and ALPHA leave the matte actor that composites (stages.matte_composite) as
 # uint8 0-255, the levels the writer stores.
 TRIMAP = "trimap"  # float32 (H, W): 0 background, 0.5 unknown, 1 foreground
 ALPHA = "alpha"  # float32 (H, W) in [0, 1]

@@ -1,4 +1,4 @@
-"""The torch composite (stages.composite.composite_subjects_torch) against the PIL one
+"""The torch composite (stages.composite_torch) against the PIL one
 (paste_subject, as composite_batch runs it): the same draws, and pixels a level apart at most."""
 
 import json
@@ -10,14 +10,13 @@ import torch
 from PIL import Image
 
 from pipeline.backgrounds import list_backgrounds
-from stages.composite import (
+from stages.composite import composite_batch, covered_background, draw_composites, subject_bbox
+from stages.composite_torch import (
     PasteJob,
-    composite_batch,
+    Subject,
+    composite_photos_torch,
     composite_subjects_torch,
-    covered_background,
-    draw_composites,
     resample_weights,
-    subject_bbox,
 )
 from stages.records import (
     ALPHA,
@@ -42,17 +41,18 @@ def real_photos(count: int, size: int) -> list[np.ndarray]:
 
 
 def torch_composites(photos, alphas, sha256s, **composite_args):
-    """Per photo, its composites as the finishing matte actor makes them: composite_batch's
-    draws, the pixels from composite_subjects_torch (on the CPU here)."""
-    jobs, draws = [], []
-    for j, (alpha, sha256) in enumerate(zip(alphas, sha256s, strict=True)):
-        bbox = subject_bbox(alpha)
-        draws.append(draw_composites(sha256, *alpha.shape, bbox, **composite_args))
-        for d in draws[-1]:
-            background = torch.tensor(covered_background(d.background_path, *alpha.shape))
-            jobs.append(PasteJob(j, bbox, d.placement, background))
-    pixels = composite_subjects_torch(torch.from_numpy(np.stack(photos)), torch.from_numpy(np.stack(alphas)), jobs)
-    return [d for photo_draws in draws for d in photo_draws], [p.numpy() for p in pixels]
+    """The composites of all photos as the matte actor that composites makes them
+    (composite_photos_torch, on the CPU here): their draws and pixels, in order."""
+    pairs = enumerate(zip(alphas, sha256s, strict=True))
+    subjects = [Subject(j, sha256, subject_bbox(alpha)) for j, (alpha, sha256) in pairs]
+    made = composite_photos_torch(
+        torch.from_numpy(np.stack(photos)),
+        torch.from_numpy(np.stack(alphas)),
+        subjects,
+        lambda path, height, width: torch.tensor(covered_background(path, height, width)),
+        **composite_args,
+    )
+    return [d for photo in made for d, _ in photo], [pixels.numpy() for photo in made for _, pixels in photo]
 
 
 def test_torch_composites_match_pil_on_real_photos():
@@ -153,7 +153,7 @@ def test_torch_composite_takes_lists_of_mixed_sizes_and_float_levels():
 def test_device_weights_equal_the_host_ones() -> None:
     """resample_weights_torch (all of a batch's composites at once, on the device) against
     resample_weights, for shrinking, growing and same-size axes in one batch."""
-    from stages.composite import resample_weights, resample_weights_torch
+    from stages.composite_torch import resample_weights, resample_weights_torch
 
     pairs = [(300, 123), (40, 97), (64, 64), (511, 500), (1, 5)]
     for kernel in ("lanczos3", "triangle"):

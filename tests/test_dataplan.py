@@ -137,20 +137,39 @@ def test_segment_and_trimap_actor_gives_the_two_stages_in_order(high, erode_fg_p
 
 def test_the_gpu_matte_stage_gets_the_filter_and_composite_arguments():
     from pipeline.config import MatteConfig
-    from pipeline.dataplan import matte_stage
-    from stages.matte import Matter, matte_batch
+    from pipeline.dataplan import Cluster, matte_stage
+    from stages.matte import matte_batch
+    from stages.matte_composite import MatteFilterComposite
 
     finish = {"filter_args": {"min_area": 0.1, "max_area": 0.9}, "composite_args": {"per_photo": 3}}
-    gpu = matte_stage(MatteConfig(backend="torch"), cluster_gpus=1, finish=finish)
-    assert gpu["fn"] is Matter and gpu["fn_constructor_kwargs"]["finish"] is finish
-    cpu = matte_stage(MatteConfig(backend="torch"), cluster_gpus=0, finish=finish)
-    assert cpu["fn"] is matte_batch and "finish" not in cpu["fn_kwargs"]  # filter_composite_encode follows
+    gpu = matte_stage(MatteConfig(backend="torch"), Cluster(cpus=16, gpus=1), finish=finish)
+    assert gpu.fn is MatteFilterComposite and {k: gpu.args[k] for k in finish} == finish
+    cpu = matte_stage(MatteConfig(backend="torch"), Cluster(cpus=16, gpus=0), finish=finish)
+    assert cpu.fn is matte_batch and not set(finish) & set(cpu.args)  # filter_composite_encode follows
+
+
+def test_the_plan_and_process_photos_fold_one_stage_list():
+    """data_stages declares the chain once: on a GPU cluster the matting actors composite and
+    only encoding follows; in one process (process_photos) the same stages, with the same
+    arguments, but matting photo by photo and filter, composite and encode after it. The tol
+    reaches the matte stage either way."""
+    from pipeline.dataplan import Cluster, data_stages, filter_composite_encode
+
+    config = load_config(overrides=["profile=tiny", "data.matte.tol=3e-5"])
+    cluster = data_stages(config, Cluster(cpus=16, gpus=1), list_backgrounds(None), "v0001")
+    here = data_stages(config, Cluster(cpus=1, gpus=1, pools=False), list_backgrounds(None), "v0001")
+    assert [s.name for s in cluster] == ["decode", "segment", "matte", "encode"]
+    assert [s.name for s in here] == ["decode", "segment", "matte", "filter_composite_encode"]
+    assert here[-1].fn is filter_composite_encode and here[2].args == {"backend": "torch", "tol": 3e-5}
+    assert cluster[2].args["tol"] == 3e-5 and cluster[2].actors == 3
+    for ours, theirs in zip(cluster[:2], here[:2], strict=True):
+        assert (ours.fn, ours.args, ours.batch_size) == (theirs.fn, theirs.args, theirs.batch_size)
 
 
 @pytest.fixture(scope="module")
 def fake_gpu_ray():
     """A local Ray with a GPU it does not have (benchmarks/bench_pipeline.py's CPU sanity mode):
-    the plan takes its GPU branch, `Matter` actors and all, and they run on the CPU. 4 CPUs: the
+    the plan takes its GPU branch, matting actors and all, and they run on the CPU. 4 CPUs: the
     CLIPSeg and the matte actor hold one each. The session's Ray (conftest's ray_local) is
     stopped for it and started again after."""
     import ray
@@ -166,7 +185,7 @@ def fake_gpu_ray():
 
 @pytest.mark.slow
 def test_a_build_through_the_finishing_matte_actor_equals_the_cpu_plans(fake_gpu_ray, tmp_path, monkeypatch):
-    """The same source built twice on a cluster with a GPU: through `Matter` actors that filter
+    """The same source built twice on a cluster with a GPU: through the matting actors that filter
     and composite on their device, and through the CPU plan (the matte stage told there is no
     GPU: torch matting per photo, then filter_composite_encode). Both solve each photo alone
     (the sample's photos are square, so the actor's batches stack, and a stacked solve equals a
@@ -176,6 +195,7 @@ def test_a_build_through_the_finishing_matte_actor_equals_the_cpu_plans(fake_gpu
     the rejects and their reasons, and per row the draws, the area and the published photo,
     alpha and trimap bytes. max_area 0.58 sits among the sample's areas (0.54-0.61 at 64 px with
     the tiny CLIPSeg), so that the filter rejects some photos and passes the others."""
+    import dataclasses
     import io
 
     import pyarrow.parquet as pq
@@ -183,7 +203,7 @@ def test_a_build_through_the_finishing_matte_actor_equals_the_cpu_plans(fake_gpu
 
     import pipeline.dataplan as dataplan
     from pipeline.build import build_dataset
-    from stages.matte import Matter
+    from stages.matte_composite import MatteFilterComposite
     from stages.write import DATA_SCHEMA
     from tests.imagefiles import broken_files, make_source
 
@@ -195,17 +215,16 @@ def test_a_build_through_the_finishing_matte_actor_equals_the_cpu_plans(fake_gpu
     matte_stage, stages, builds = dataplan.matte_stage, [], {}
     for plan, gpus_seen in (("gpu", None), ("cpu", 0)):
 
-        def recorded(matte, cluster_gpus, gpus_seen=gpus_seen, **kwargs):
-            stages.append(matte_stage(matte, cluster_gpus if gpus_seen is None else gpus_seen, **kwargs))
+        def recorded(matte, cluster, gpus_seen=gpus_seen, **kwargs):
+            seen = cluster if gpus_seen is None else dataclasses.replace(cluster, gpus=gpus_seen)
+            stages.append(matte_stage(matte, seen, **kwargs))
             return stages[-1]
 
         monkeypatch.setattr(dataplan, "matte_stage", recorded)
         config = load_config(overrides=settings)
         builds[plan] = build_dataset(source, tmp_path / plan, config, incremental=False, progress=False)
-    assert (
-        stages[0]["fn"] is Matter and stages[0]["fn_constructor_kwargs"]["finish"]["composite_args"]["per_photo"] == 2
-    )
-    assert stages[1]["fn"] is not Matter
+    assert stages[0].fn is MatteFilterComposite and stages[0].args["composite_args"]["per_photo"] == 2
+    assert stages[1].fn is not MatteFilterComposite
 
     gpu, cpu = builds["gpu"], builds["cpu"]
     counts = ("inputs", "accepted", "rejected", "rows", "rejects_by_stage")

@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, MatteConfig
-from pipeline.dataplan import gpus_per_segment_actor, matte_stage
-from stages.matte import BACKENDS, Matter, matte_batch, matte_pymatting, resolve_backend
-from stages.matting_torch import DEFAULT_TOL
+from pipeline.dataplan import Cluster, gpus_per_segment_actor, matte_backend, matte_stage
+from stages.matte import BACKENDS, Matter, matte_batch, matte_pymatting
+from stages.matte_composite import MatteFilterComposite
+from stages.matting import DEFAULT_TOL
 from stages.records import ALPHA, FOREGROUND, IMAGE, REJECT_REASON, REJECT_STAGE, SOURCE_URI, TRIMAP, Reject
 from tests.matting_fixtures import make_scene
 
@@ -60,10 +61,10 @@ def test_batch_adapter_skips_rejected_rows():
 
 
 def test_backend_names():
-    assert resolve_backend("pymatting") == "pymatting"
-    assert resolve_backend("auto") in ("pymatting", "torch")
+    assert matte_backend("pymatting", 1) == "pymatting" and matte_backend("torch", 0) == "torch"
+    assert matte_backend("auto", 0) == "pymatting" and matte_backend("auto", 1) == "torch"
     with pytest.raises(ValueError, match="unknown matting backend"):
-        resolve_backend("magic")
+        matte_batch({}, backend="magic")
 
 
 def test_torch_backend_matches_pymatting_on_cpu():
@@ -119,23 +120,26 @@ def test_matter_solves_same_sized_photos_together_like_single_photos():
 
 def test_matte_stage_shares_the_gpu_with_clipseg():
     config = MatteConfig()
-    gpu = matte_stage(config, cluster_gpus=1)
-    assert gpu["fn"] is Matter and gpu["compute"].max_size == 3 and gpu["batch_size"] == 64
+    gpu = matte_stage(config, Cluster(cpus=16, gpus=1))
+    assert gpu.fn is MatteFilterComposite and gpu.actors == 3 and gpu.batch_size == 64
     # The actor compiles on a warm-up at the decoded size, not at a size no photo has.
-    assert matte_stage(config, cluster_gpus=1, photo_size=384)["fn_constructor_kwargs"]["photo_size"] == 384
+    assert matte_stage(config, Cluster(cpus=16, gpus=1), photo_size=384).args["photo_size"] == 384
     # Both actor pools must fit on one GPU, or the plan waits forever for the second.
-    assert 3 * gpu["num_gpus"] + gpus_per_segment_actor("auto", gpu["num_gpus"], 1, 1, matte_actors=3) <= 1.0
-    assert matte_stage(config, cluster_gpus=4)["compute"].max_size == 12
-    assert matte_stage(MatteConfig(num_actors=2), cluster_gpus=4)["compute"].max_size == 2
+    assert 3 * gpu.num_gpus + gpus_per_segment_actor("auto", gpu.num_gpus, 1, 1, matte_actors=3) <= 1.0
+    assert matte_stage(config, Cluster(cpus=64, gpus=4)).actors == 12
+    assert matte_stage(MatteConfig(num_actors=2), Cluster(cpus=64, gpus=4)).actors == 2
     for backend, gpus in (("auto", 0), ("pymatting", 1), ("torch", 0)):
-        cpu = matte_stage(MatteConfig(backend=backend), cluster_gpus=gpus)
-        assert cpu["fn"] is matte_batch and cpu["batch_size"] == 1 and "num_gpus" not in cpu
-        assert cpu["fn_kwargs"]["backend"] == ("pymatting" if backend == "auto" else backend)
+        cpu = matte_stage(MatteConfig(backend=backend), Cluster(cpus=16, gpus=gpus))
+        assert cpu.fn is matte_batch and cpu.batch_size == 1 and cpu.actors == 0 and cpu.num_gpus == 0
+        assert cpu.args["backend"] == ("pymatting" if backend == "auto" else backend)
+    # In one process (process_photos) there are no actors: torch on the GPU, photo by photo.
+    here = matte_stage(MatteConfig(), Cluster(cpus=1, gpus=1, pools=False))
+    assert here.fn is matte_batch and here.args["backend"] == "torch"
     assert gpus_per_segment_actor("auto", 0.0, 1) == 1.0 and gpus_per_segment_actor("auto", 0.0, 0) == 0.0
     # Several CLIPSeg actors share what matting leaves, in Ray's 1e-4 units, so all of them start.
     for actors in range(1, 8):
-        share = gpus_per_segment_actor("auto", gpu["num_gpus"], 1, actors, matte_actors=3)
-        assert 0 < share and round(share * 1e4) * actors + 3 * round(gpu["num_gpus"] * 1e4) <= 1e4
+        share = gpus_per_segment_actor("auto", gpu.num_gpus, 1, actors, matte_actors=3)
+        assert 0 < share and round(share * 1e4) * actors + 3 * round(gpu.num_gpus * 1e4) <= 1e4
     assert gpus_per_segment_actor("auto", 0.5, 8, 2) == 0.5  # one per GPU beside its matting actor
     assert gpus_per_segment_actor(0.1, 0.5, 1, 3) == 0.1  # a number is taken as given
     # Two matting actors at 0.3 on one GPU leave 0.4 for three CLIPSeg actors, not 0.7: the
@@ -214,27 +218,27 @@ def test_matter_halves_a_solve_that_runs_out_of_device_memory(monkeypatch):
 
 
 def test_a_finishing_matter_gives_the_rows_of_the_filter_and_composite_stages(monkeypatch):
-    """Matter(finish=...) filters and composites on its device; its rows are those of the plain
+    """MatteFilterComposite filters and composites on its device; its rows are those of the plain
     actor followed by filter_batch and composite_batch: the same rows in the same order, the
     same rejects and reasons (trimap refused, alpha diverged, filter, decode), the same draws,
     ALPHA and TRIMAP as the writer's uint8 levels, composites a level or two apart (the torch
     composite: tests/test_composite_torch.py), and once encoded the same published bytes but
     for the composites."""
-    import stages.matting_torch as matting_torch
+    import stages.matting as matting
     from pipeline.backgrounds import list_backgrounds
     from stages.composite import composite_batch
     from stages.filter import filter_batch
     from stages.records import ALPHA_AREA, COMPOSITE, PLACEMENT, SOURCE_SHA256
     from stages.write import encode_batch, to_uint8
 
-    solve = matting_torch.estimate_alpha_cf_torch
+    solve = matting.estimate_alpha_cf_torch
 
     def first_photo_diverges(images, trimaps, **kwargs):
         alpha = solve(images, trimaps, **kwargs)
         alpha[0] = torch.full_like(alpha[0], float("nan"))  # the first of every solve (a list or a stack)
         return alpha
 
-    monkeypatch.setattr(matting_torch, "estimate_alpha_cf_torch", first_photo_diverges)
+    monkeypatch.setattr(matting, "estimate_alpha_cf_torch", first_photo_diverges)
     scenes = [make_scene(48, 48, seed) for seed in (6, 7, 8, 10)] + [make_scene(40, 56, seed=9)]
     images = [as_uint8(s.image) for s in scenes]
     trimaps = [s.trimap for s in scenes]
@@ -259,8 +263,7 @@ def test_a_finishing_matter_gives_the_rows_of_the_filter_and_composite_stages(mo
         "scale_max": 1.0,
     }
     copy = lambda: {k: v.copy() for k, v in batch.items()}  # noqa: E731
-    finish = {"filter_args": filter_args, "composite_args": composite_args}
-    got = Matter(batch_size=4, warm_up=False, finish=finish)(copy())
+    got = MatteFilterComposite(filter_args, composite_args, batch_size=4, warm_up=False)(copy())
     want = composite_batch(filter_batch(Matter(batch_size=4, warm_up=False)(copy()), **filter_args), **composite_args)
 
     assert got.keys() == want.keys() and FOREGROUND not in got

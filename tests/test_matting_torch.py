@@ -1,4 +1,4 @@
-"""stages/matting_torch.py against pymatting, the ground truth of synthetic scenes, and itself.
+"""stages/matting/ against pymatting, the ground truth of synthetic scenes, and itself.
 
 Tolerances: alpha from float32 CG at the default tol sits ~1e-4 MAD from pymatting on these
 scenes. The bounds below (0.005 MAD, SAD within 2% of pymatting's) are the issue's acceptance
@@ -19,12 +19,8 @@ import pytest
 import torch
 from pymatting import cf_laplacian, estimate_alpha_cf, estimate_foreground_ml
 
-from stages.matting_torch import (
-    _build_stencil,
-    _half_offsets,
-    estimate_alpha_cf_torch,
-    estimate_foreground_torch,
-)
+from stages.matting import estimate_alpha_cf_torch, estimate_foreground_torch
+from stages.matting.laplacian import build_stencil, half_offsets
 from tests.matting_fixtures import ellipse_trimap, make_scene
 
 PHOTO = Path(__file__).resolve().parents[1] / "datasets" / "dreambench-mini" / "dog" / "00.jpg"
@@ -38,7 +34,7 @@ def _stencil_to_dense(stencil: np.ndarray, radius: int) -> np.ndarray:
     """(P, H, W) half stencil -> dense (HW, HW) Laplacian, by the definition of the planes."""
     _, h, w = stencil.shape
     dense = np.zeros((h * w, h * w))
-    for j, (dy, dx) in enumerate(_half_offsets(radius)):
+    for j, (dy, dx) in enumerate(half_offsets(radius)):
         for y in range(max(0, -dy), min(h, h - dy)):
             for x in range(max(0, -dx), min(w, w - dx)):
                 i, k = y * w + x, (y + dy) * w + x + dx
@@ -49,7 +45,7 @@ def _stencil_to_dense(stencil: np.ndarray, radius: int) -> np.ndarray:
 @pytest.mark.parametrize("radius", [1, 2])
 def test_laplacian_matches_pymatting(radius: int) -> None:
     scene = make_scene(14, 19, seed=3)  # small and not square: transposed offsets would show
-    stencil = _build_stencil(torch.from_numpy(scene.image).permute(2, 0, 1)[None], None, 1e-7, radius)
+    stencil = build_stencil(torch.from_numpy(scene.image).permute(2, 0, 1)[None], None, 1e-7, radius)
     ours = _stencil_to_dense(stencil[0].numpy(), radius)
     theirs = cf_laplacian(scene.image.astype(np.float64), epsilon=1e-7, radius=radius).toarray()
     assert np.abs(ours - theirs).max() < 1e-8
@@ -63,8 +59,8 @@ def test_padding_drops_only_the_padded_windows() -> None:
     inside = torch.zeros(1, 1, 27, 30, dtype=torch.float64)
     inside[:, :, :20, :24] = 1
     windows = -torch.nn.functional.max_pool2d(-inside, 3, stride=1)  # windows fully inside
-    alone = _build_stencil(image, None, 1e-7, 1)
-    with_padding = _build_stencil(padded, windows, 1e-7, 1)
+    alone = build_stencil(image, None, 1e-7, 1)
+    with_padding = build_stencil(padded, windows, 1e-7, 1)
     assert torch.allclose(with_padding[..., :20, :24], alone, rtol=0, atol=1e-12)
 
 
@@ -185,8 +181,7 @@ _TRITON_CHECK = """
 import json, logging, sys
 import numpy as np
 import torch
-from stages import matting_triton
-from stages.matting_torch import estimate_alpha_cf_torch
+from stages.matting import cg_triton, estimate_alpha_cf_torch
 from tests.matting_fixtures import make_scene
 
 logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
@@ -197,7 +192,7 @@ trimaps[1, :, :10] = 0.5  # a strip of background made unknown: this photo needs
 # A tol at which no photo stops within float32 rounding of the threshold, so that the loops'
 # iteration counts can be compared exactly.
 ours = estimate_alpha_cf_torch(images, trimaps, cg="triton", check_every=4, tol=3e-5)
-matting_triton.COEFFICIENT_DTYPE = torch.float32  # the same values, read as 4 bytes
+cg_triton.COEFFICIENT_DTYPE = torch.float32  # the same values, read as 4 bytes
 wide = estimate_alpha_cf_torch(images, trimaps, cg="triton", check_every=4, tol=3e-5)
 loop = estimate_alpha_cf_torch(images, trimaps, cg="torch", check_every=4, tol=3e-5)
 tight = estimate_alpha_cf_torch(images.astype(np.float64), trimaps, tol=1e-10)
@@ -234,13 +229,13 @@ def test_triton_kernels_compile_for_hopper() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from stages import matting_triton
+    from stages.matting import cg_triton
 
     constexprs = {"REACH": 2, "SIDE": 5, "BLOCK": 1024, "PARTS": 64}
-    kernels = [getattr(matting_triton, name) for name in dir(matting_triton) if name.endswith("_kernel")]
+    kernels = [getattr(cg_triton, name) for name in dir(cg_triton) if name.endswith("_kernel")]
     assert len(kernels) == 5
     # Each kernel as the solver calls it; the matrix product with both coefficient types.
-    variants = [(kernel, "*fp32") for kernel in kernels] + [(matting_triton._matvec_kernel, "*fp16")]
+    variants = [(kernel, "*fp32") for kernel in kernels] + [(cg_triton._matvec_kernel, "*fp16")]
     for kernel, coef_type in variants:
         names = kernel.arg_names
         signature = {
@@ -261,7 +256,7 @@ def test_triton_kernels_compile_for_hopper() -> None:
         compiled = triton.compile(ASTSource(kernel, signature, fixed), target=GPUTarget("cuda", 90, 32))
         assert "ptx" in compiled.asm, kernel.fn.__name__
 
-    from stages import laplacian_triton
+    from stages.matting import laplacian_triton
 
     window = {"R": 1, "SIDE": 3, "BLOCK": 128}
     stencil_variants = [
@@ -269,7 +264,7 @@ def test_triton_kernels_compile_for_hopper() -> None:
         (laplacian_triton._window_kernel, {**window, "HAS_WEIGHT": False}),
         (laplacian_triton._stencil_kernel, {**window, "REACH": 2, "SPAN": 5}),
     ]
-    from stages import foreground_triton
+    from stages.matting import foreground_triton
 
     stencil_variants.append((foreground_triton._sweep_kernel, {"BLOCK": 512}))
     for kernel, constexprs in stencil_variants:
@@ -301,8 +296,7 @@ def test_triton_kernels_compile_for_hopper() -> None:
 _STENCIL_CHECK = """
 import json
 import torch
-from stages.laplacian_triton import build_stencil
-from stages.matting_torch import _build_stencil
+from stages.matting import laplacian, laplacian_triton
 from tests.matting_fixtures import make_scene
 
 result = {}
@@ -313,8 +307,8 @@ for radius in (1, 2):
     weight = torch.ones(2, 1, 19 - 2 * radius, 23 - 2 * radius)
     weight[0, :, 10:] = 0.0  # windows dropped, as for a padded photo
     for name, w in (("plain", None), ("weighted", weight)):
-        ref = _build_stencil(image, w, 1e-7, radius)
-        ours = build_stencil(image, w, 1e-7, radius)
+        ref = laplacian.build_stencil(image, w, 1e-7, radius)
+        ours = laplacian_triton.build_stencil(image, w, 1e-7, radius)
         result[f"r{radius}_{name}"] = [list(ours.shape) == list(ref.shape), float((ours - ref).abs().max())]
 print(json.dumps(result))
 """
@@ -324,8 +318,8 @@ _SWEEP_CHECK = """
 import json
 import numpy as np
 import torch
-from stages.foreground_triton import foreground_sweep
-from stages.matting_torch import _estimate_foreground_batch, _foreground_sweep
+from stages.matting.foreground import _estimate_foreground_batch, _foreground_sweep
+from stages.matting.foreground_triton import foreground_sweep
 from tests.matting_fixtures import make_scene
 
 scenes = [make_scene(24, 31, seed=27), make_scene(24, 31, seed=28)]
@@ -347,7 +341,7 @@ def _run_interpreted(code: str) -> subprocess.CompletedProcess:
 
 
 def test_triton_stencil_equals_the_torch_build() -> None:
-    """stages/laplacian_triton.py against _build_stencil (itself checked against pymatting's
+    """stages/matting/laplacian_triton.py against laplacian.build_stencil (itself checked against pymatting's
     Laplacian above), with and without dropped windows, for r = 1 and 2. Entries reach ~8 where
     a window is flat, and float64 rounding then differs at ~1e-12."""
     pytest.importorskip("triton")
@@ -380,15 +374,16 @@ def test_cg_choice_is_checked() -> None:
 
 
 def test_compiled_foreground_sweep_equals_eager() -> None:
-    from stages.matting_torch import _compiled_sweep, _foreground_sweep
+    from stages.matting._kernels import compiled
+    from stages.matting.foreground import _foreground_sweep
 
     scene = make_scene(24, 30, seed=22)
     image = torch.from_numpy(scene.image).permute(2, 0, 1)[None]
     alpha = torch.from_numpy(scene.alpha)[None, None]
     fg, bg = image.clone(), 1.0 - image
     eager = _foreground_sweep(image, alpha, fg, bg, 1e-5, 1.0)
-    compiled = _compiled_sweep()(image, alpha, fg, bg, 1e-5, 1.0)
-    for a, b in zip(eager, compiled, strict=True):
+    fused = compiled(_foreground_sweep)(image, alpha, fg, bg, 1e-5, 1.0)
+    for a, b in zip(eager, fused, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert not torch.equal(eager[0], fg)  # the sweep did move the colours
 
@@ -396,17 +391,17 @@ def test_compiled_foreground_sweep_equals_eager() -> None:
 def test_float32_systems_round_off_diagonals_to_float16_and_stay_a_laplacian() -> None:
     """The Triton CG reads the off-diagonals as float16, so float32 solves round them there; the
     rounded system must still be a symmetric Laplacian (rows summing to 0)."""
-    from stages.matting_torch import _compact_system, _full_offsets
+    from stages.matting.laplacian import compact_system, full_offsets
 
     scene = make_scene(24, 20, seed=23)
     image = torch.from_numpy(scene.image).permute(2, 0, 1)[None].double()
-    stencil = _build_stencil(image, None, 1e-7, 1)
+    stencil = build_stencil(image, None, 1e-7, 1)
     trimap = torch.from_numpy(scene.trimap)[None, None].double()
     fg = (trimap >= 0.9).double()
     free = ((trimap > 0.1) & (trimap < 0.9)).double()
-    centre = _full_offsets(1).index((0, 0))
-    exact, _ = _compact_system(stencil, free, fg, torch.float64)
-    rounded, _ = _compact_system(stencil, free, fg, torch.float32)
+    centre = full_offsets(1).index((0, 0))
+    exact, _ = compact_system(stencil, free, fg, torch.float64)
+    rounded, _ = compact_system(stencil, free, fg, torch.float32)
     n = int(exact.counts[0])
     off = torch.ones(exact.coef.shape[1], dtype=torch.bool)
     off[centre] = False
@@ -434,13 +429,13 @@ def test_every_batch_reuses_one_compile_of_each_triton_kernel() -> None:
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    from stages.matting_torch import _compact_system
-    from stages.matting_triton import TritonPCG
+    from stages.matting.cg_triton import TritonPCG
+    from stages.matting.laplacian import compact_system
 
     backend = make_backend(GPUTarget("cuda", 90, 32))
     scene = make_scene(48, 64, seed=24)
     image = torch.from_numpy(scene.image).permute(2, 0, 1)[None].double()
-    stencil = _build_stencil(image, None, 1e-7, 1)
+    stencil = build_stencil(image, None, 1e-7, 1)
     base = torch.from_numpy(scene.trimap.copy())[None, None].double()
 
     def system_for(keep: int, strip: int):
@@ -449,7 +444,7 @@ def test_every_batch_reuses_one_compile_of_each_triton_kernel() -> None:
         trimap[..., keep:] = torch.where(trimap[..., keep:] == 0.5, 0.0, trimap[..., keep:])
         trimap[..., :strip] = torch.where(trimap[..., :strip] <= 0.1, 0.5, trimap[..., :strip])
         free = ((trimap > 0.1) & (trimap < 0.9)).double()
-        return _compact_system(stencil, free, (trimap >= 0.9).double(), torch.float32)
+        return compact_system(stencil, free, (trimap >= 0.9).double(), torch.float32)
 
     raw = {keep: int(system_for(keep, 0)[0].counts[0]) for keep in range(8, 64)}
     # Batches whose unknown counts are and are not multiples of 16, and span one and two blocks.

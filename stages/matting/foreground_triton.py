@@ -1,5 +1,5 @@
 """The foreground estimation's red-black sweep as one Triton kernel, for
-`matting_torch.estimate_foreground_torch` on CUDA.
+`foreground.estimate_foreground_torch` on CUDA.
 
 Why: the torch sweep is ~40 small kernels per level, so on CUDA it was compiled with
 torch.compile, and dynamo re-traced it at every process start (10 s on warm caches, 40 s cold:
@@ -7,7 +7,7 @@ BENCHMARKS.md, "Matte actor"). Triton keeps its compiled kernel on disk.
 
 One launch updates the cells of one colour in place: a cell's four neighbours all have the
 other colour, so no lane reads what another writes, and the result is what
-`matting_torch._foreground_sweep` computes, in the same order of operations.
+`foreground._foreground_sweep` computes, in the same order of operations.
 
 Triton is imported lazily by the caller; the tests run the kernel under Triton's interpreter.
 """
@@ -100,7 +100,7 @@ def foreground_sweep(
     regularization: float,
     gradient_weight: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`matting_torch._foreground_sweep`: image, fg, bg (B, 3, h, w) and alpha (B, 1, h, w) ->
+    """`foreground._foreground_sweep`: image, fg, bg (B, 3, h, w) and alpha (B, 1, h, w) ->
     the swept (fg, bg). fg and bg are updated in place when contiguous."""
     b, _, h, w = alpha.shape
     image, alpha = image.contiguous(), alpha.contiguous()

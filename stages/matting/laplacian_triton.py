@@ -1,4 +1,4 @@
-"""The matting Laplacian's stencil as two Triton kernels: `matting_torch._build_stencil` without
+"""The matting Laplacian's stencil as two Triton kernels: `laplacian.build_stencil` without
 torch.compile, for the solver on CUDA.
 
 Why: compiled by torch.compile, the stencil build cost the matte actor 25 s of dynamo tracing
@@ -6,7 +6,7 @@ at every start even with warm caches (BENCHMARKS.md, "Matte actor"), and eager i
 float64 kernels per pyramid level. Triton keeps its compiled kernels on disk, so a process
 after the first loads them in milliseconds.
 
-Same arithmetic as `_build_stencil`, in float64:
+Same arithmetic as `laplacian.build_stencil`, in float64:
 1. `_window_kernel`, one lane per window centre: the window's colour mean and the Cholesky
    factor C of S_k = cov_k(I) + eps/|w| Id, and its weight (0 where the window leaves the
    photo or the caller's window_weight drops it).
@@ -15,7 +15,7 @@ Same arithmetic as `_build_stencil`, in float64:
    entry delta_{d,0} - (1 + z_i . z_{i+d}) / |w|, summed over the windows. Each pixel writes its
    own planes, so there are no atomics and the sums are deterministic.
 
-Triton is imported lazily by the caller, as for stages/matting_triton.py; the tests run these
+Triton is imported lazily by the caller, as for cg_triton.py; the tests run these
 kernels under Triton's interpreter on CPU.
 """
 
@@ -68,7 +68,7 @@ def _window_kernel(
             q11, q12, q22 = q11 + c1 * c1, q12 + c1 * c2, q22 + c2 * c2
     area = SIDE * SIDE
     m0, m1, m2 = s0 / area, s1 / area, s2 / area
-    # S + ridge and its closed-form Cholesky factor, as in _build_stencil. Windows that leave
+    # S + ridge and its closed-form Cholesky factor, as in laplacian.build_stencil. Windows that leave
     # the photo get C = Id (weight 0), so that nothing downstream divides by 0.
     l00 = tl.sqrt(tl.where(inside, q00 / area - m0 * m0 + ridge, 1.0))
     l10 = tl.where(inside, (q01 / area - m0 * m1) / l00, 0.0)
@@ -162,7 +162,7 @@ def _stencil_kernel(
 
 
 def build_stencil(image: torch.Tensor, window_weight: torch.Tensor | None, epsilon: float, radius: int) -> torch.Tensor:
-    """`matting_torch._build_stencil` on the image's CUDA device (or Triton's interpreter):
+    """`laplacian.build_stencil` on the image's CUDA device (or Triton's interpreter):
     colours (B, 3, H, W) -> the stencil (B, P, H, W), float64. window_weight (B, 1, H-2r,
     W-2r) or None, as there."""
     b, _, h, w = image.shape

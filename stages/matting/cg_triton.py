@@ -1,7 +1,7 @@
-"""The closed-form matting CG loop as Triton kernels, for stages/matting_torch.py on CUDA.
+"""The closed-form matting CG loop as Triton kernels, for cg.py on CUDA.
 
 Same system, same Jacobi-preconditioned CG and same per-image stopping test as the torch loop
-(`matting_torch._solve_pcg`). Four things make it faster than the compiled torch step:
+(`cg.solve_pcg`). Four things make it faster than the compiled torch step:
 
 - The search direction p lives only in the zero-bordered dense scratch image that the matrix
   product gathers from, so no scatter (and no zeroing of the scratch) is needed per iteration.
@@ -15,7 +15,7 @@ Same system, same Jacobi-preconditioned CG and same per-image stopping test as t
 
 - The off-diagonal coefficients are read as float16, and the diagonal as float32 from a plane
   of its own: the coefficients are 100 of the ~165 bytes an iteration moves per unknown pixel
-  in float32. The values are exactly those of the torch loop, which `_compact_system` rounds
+  in float32. The values are exactly those of the torch loop, which `laplacian.compact_system` rounds
   to float16 values for float32 solves (see `_round_coefficients` there for why that is safe).
 
 A product that read half the coefficients (L is symmetric) and found the rest in the
@@ -39,7 +39,7 @@ _BLOCK = 1024  # rows per program of the vector kernels
 # Triton compiles a kernel again for each divisibility class of its integer arguments (by 16,
 # and 1), and the row count changes with every batch; a build on warm caches still added 16
 # Triton cache files (BENCHMARKS.md, "Solver choices"). So rows come padded to a multiple of 16
-# (`_compact_system`), the block count is not specialised, and the per-image reductions have
+# (`laplacian.compact_system`), the block count is not specialised, and the per-image reductions have
 # one width up to 1024 blocks (1M rows per image).
 _MIN_PARTS = 1024
 # How the matrix product reads the off-diagonal coefficients. float32 reads the same values
@@ -208,7 +208,7 @@ class TritonPCG:
         self.inv_diag = inv_diag.reshape(b, n).contiguous()
         self.index = index.to(torch.int32).contiguous()
         self.count = counts.to(torch.int32).contiguous()
-        # Exact for a float32 solve: _compact_system rounded the off-diagonals to float16 values.
+        # Exact for a float32 solve: laplacian.compact_system rounded the off-diagonals to float16 values.
         self.coef = coef.to(coefficient_dtype or COEFFICIENT_DTYPE).contiguous()
         self.diag = coef[:, q // 2].contiguous()
         self.x = x0.reshape(b, n).clone()
