@@ -263,6 +263,27 @@ class GenerateConfig(_Strict):
     )
 
 
+class ServeLimits(_Strict):
+    """What one generation request may ask for, checked before any model work (`mlflow models
+    serve`, `subjectforge generate`; pipeline/serving/requests.py). A request's cost grows with
+    images x steps x pixels, and a model server runs one at a time: unbounded values let a
+    single request hold it for hours."""
+
+    max_num_images: int = Field(8, ge=1, le=64, description="images of one request, all its prompts together")
+    max_steps: int = Field(150, ge=1, le=1000, description="denoising steps of a request")
+    max_size: int = Field(1024, ge=8, le=2048, multiple_of=8, description="height and width, px (multiples of 8)")
+    max_prompt_chars: int = Field(2000, ge=1, le=100_000, description="characters of prompt and negative_prompt")
+    max_seed: int = Field(2**32 - 1, ge=0, le=2**63 - 1, description="seeds are 0..max_seed")
+    max_guidance_scale: float = Field(30.0, ge=0.0, le=1000.0, description="guidance_scale is 0..max_guidance_scale")
+
+
+class ServeConfig(_Strict):
+    """Serving a model to other programs. The limits are saved with each registered subject
+    model, so the model server enforces the values of the config that logged it."""
+
+    limits: ServeLimits = ServeLimits()
+
+
 class TrainableConfig(_Strict):
     """Which parts of BLIP-Diffusion learn; the ViT and the VAE are always frozen."""
 
@@ -465,6 +486,7 @@ class Config(_Strict):
     data: DataConfig = DataConfig()
     ray: RayConfig = RayConfig()
     generate: GenerateConfig = GenerateConfig()
+    serve: ServeConfig = ServeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     train: TrainConfig = TrainConfig()
     finetune: FinetuneConfig = FinetuneConfig()

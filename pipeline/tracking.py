@@ -362,22 +362,20 @@ class RegistryError(LookupError):
     """A registry URI, model name, version or alias that does not resolve."""
 
 
+LIMITS_CONFIG_KEY = "serve_limits"  # the pyfunc's model_config key: serve.limits of the config that logged it
+
+
 def subject_signature() -> Any:
-    """Input: one row per prompt (`prompt`; optional `negative_prompt`, `num_images`, `seed`,
-    `guidance_scale`, `steps`). Output: one row per image (`prompt_index`, `image`: PNG bytes
-    as base64 text, so the model server's JSON carries them)."""
+    """Output: one row per image (`prompt_index`, `image`: PNG bytes as base64 text, so the model
+    server's JSON carries them). Input: one row per prompt, fields as in
+    pipeline/serving/requests.py (`prompt`; optional `negative_prompt`, `num_images`, `seed`,
+    `guidance_scale`, `steps`, `height`, `width`). The input has no MLflow schema on purpose:
+    MLflow would cast 1.5 or true to a seed of 1 and drop unknown columns before `predict`
+    saw them; `predict` checks the rows itself."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    inputs = Schema([
-        ColSpec("string", "prompt"),
-        ColSpec("string", "negative_prompt", required=False),
-        ColSpec("long", "num_images", required=False),
-        ColSpec("long", "seed", required=False),
-        ColSpec("double", "guidance_scale", required=False),
-        ColSpec("long", "steps", required=False),
-    ])
-    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("long", "prompt_index"), ColSpec("string", "image")]))
+    return ModelSignature(inputs=None, outputs=Schema([ColSpec("long", "prompt_index"), ColSpec("string", "image")]))
 
 
 def _make_subject_pyfunc() -> type:
@@ -389,8 +387,11 @@ def _make_subject_pyfunc() -> type:
         def load_context(self, context: Any) -> None:
             import torch
 
+            from pipeline.config import ServeLimits
             from pipeline.model.subject import SubjectModel, SubjectSpec
 
+            # A model logged before the limits were saved with it gets the default limits.
+            self.limits = ServeLimits.model_validate((context.model_config or {}).get(LIMITS_CONFIG_KEY, {}))
             folder = Path(context.artifacts[SUBJECT_ARTIFACT])
             base = SubjectSpec.read(folder).base
             if base.startswith("models:/"):  # the registered base: fetched from this process's tracking server
@@ -405,23 +406,31 @@ def _make_subject_pyfunc() -> type:
             import io
 
             import pandas as pd
+            from mlflow.exceptions import MlflowException
+            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-            from pipeline.config import GenerateConfig
+            from pipeline.serving.requests import RequestError, records_from_frame, validate_requests
 
-            defaults = GenerateConfig()
+            # Every row is checked before any image is made. The scoring server answers an
+            # MlflowException with INVALID_PARAMETER_VALUE as HTTP 400 with its message and no
+            # stack trace (mlflow/pyfunc/scoring_server: invocations, _async_catch_mlflow_exception).
+            try:
+                if params:
+                    raise RequestError("params", "are not used; give the fields in each row")
+                requests = validate_requests(records_from_frame(model_input), self.limits)
+            except RequestError as exc:
+                raise MlflowException(f"invalid request: {exc}", error_code=INVALID_PARAMETER_VALUE) from None
             out = []
-            for index, row in enumerate(model_input.to_dict("records")):
-                def get(key: str, default: Any, row: dict = row) -> Any:
-                    value = row.get(key)
-                    return default if value is None or (isinstance(value, float) and value != value) else value
-
+            for index, request in enumerate(requests):
                 images = self.subject.generate(
-                    str(row["prompt"]),
-                    num_images=int(get("num_images", 1)),
-                    seed=int(get("seed", defaults.seed)),
-                    guidance_scale=float(get("guidance_scale", defaults.guidance_scale)),
-                    steps=int(get("steps", defaults.steps)),
-                    negative_prompt=get("negative_prompt", None),
+                    request.prompt,
+                    num_images=request.num_images,
+                    seed=request.seed,
+                    guidance_scale=request.guidance_scale,
+                    steps=request.steps,
+                    negative_prompt=request.negative_prompt,
+                    height=request.height,
+                    width=request.width,
                 )
                 for image in images:
                     buffer = io.BytesIO()
@@ -447,14 +456,20 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def log_subject_model(uri: str, run_id: str, folder: Path, name: str, tags: Mapping[str, str], alias: str | None) -> str:
+def log_subject_model(
+    uri: str, run_id: str, folder: Path, name: str, tags: Mapping[str, str], alias: str | None, limits: Any = None
+) -> str:
     """Save the subject in `folder` as a pyfunc (its files only, plus the base's reference in
     subject.json), log it into the run, register it as a new version of `name` with `tags`,
-    and point `alias` at it. Returns the version."""
+    and point `alias` at it. Returns the version. `limits` (a ServeLimits; None = the
+    defaults) is saved with the model: whatever serves it refuses requests beyond them."""
     import tempfile
 
     import mlflow.pyfunc
 
+    from pipeline.config import ServeLimits
+
+    limits = limits if limits is not None else ServeLimits()
     with tempfile.TemporaryDirectory(prefix="subjectforge-pyfunc-") as tmp:
         path = Path(tmp) / PYFUNC_FOLDER
         mlflow.pyfunc.save_model(
@@ -462,6 +477,7 @@ def log_subject_model(uri: str, run_id: str, folder: Path, name: str, tags: Mapp
             python_model=__getattr__("SubjectPyfunc")(),
             artifacts={SUBJECT_ARTIFACT: str(folder)},
             signature=subject_signature(),
+            model_config={LIMITS_CONFIG_KEY: limits.model_dump()},
             pip_requirements=["subjectforge"],
         )
         version = register_model(uri, run_id, path, name, tags, artifact_path=PYFUNC_FOLDER)

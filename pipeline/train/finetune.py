@@ -325,7 +325,7 @@ def finetune_subject(config: Config, in_process: bool = False) -> FinetuneResult
             name = f"{ft.register_prefix}{ft.subject_id}"
             version_tags = tags | {"category": subject.category, "base_model": base_ref,
                                    "step": str(step), "artifact_bytes": str(size), "run_name": run_name}
-            version = tracking.log_subject_model(uri, run_id, artifact, name, version_tags, ft.alias)
+            version = tracking.log_subject_model(uri, run_id, artifact, name, version_tags, ft.alias, config.serve.limits)
     except BaseException:
         if run_id:
             tracking.finish_run(uri, run_id, "FAILED")

@@ -1,0 +1,133 @@
+"""Requests checked against `serve.limits`: each bad field is a RequestError naming it, before
+any model work; a model server's DataFrame rows come back as the JSON values that were sent."""
+
+import pandas as pd
+import pytest
+
+from pipeline.config import ConfigError, GenerateConfig, ServeLimits, load_config
+from pipeline.serving.requests import (
+    FIELDS,
+    GenerationRequest,
+    RequestError,
+    records_from_frame,
+    validate_request,
+    validate_requests,
+)
+
+LIMITS = ServeLimits()
+
+
+def test_defaults_fill_what_is_missing_or_null():
+    request = validate_request({"prompt": "on the beach", "seed": None}, LIMITS)
+    defaults = GenerateConfig()
+    assert request == GenerationRequest(
+        prompt="on the beach", num_images=1, seed=defaults.seed, steps=defaults.steps, guidance_scale=defaults.guidance_scale,
+        negative_prompt=None, height=None, width=None,
+    )
+    full = {"prompt": "p", "negative_prompt": "", "num_images": 8, "seed": 2**32 - 1, "guidance_scale": 7, "steps": 150, "height": 1024, "width": 64}
+    assert validate_request(full, LIMITS) == GenerationRequest("p", 8, 2**32 - 1, 150, 7.0, "", 1024, 64)
+    assert set(full) == set(FIELDS)
+
+
+@pytest.mark.parametrize("row, field, words", [
+    ({"prompt": "x", "steps": 100_000}, "steps", "1..150, got 100000"),
+    ({"prompt": "x", "steps": 0}, "steps", "1..150, got 0"),
+    ({"prompt": "x", "num_images": 10_000}, "num_images", "1..8"),
+    ({"prompt": "x", "num_images": 0}, "num_images", "1..8"),
+    ({"prompt": "x", "num_images": -1}, "num_images", "1..8"),
+    ({"prompt": "x" * 2**20}, "prompt", "1048576 characters; at most 2000"),
+    ({"prompt": "x", "negative_prompt": "n" * 2001}, "negative_prompt", "at most 2000"),
+    ({"prompt": None}, "prompt", "must be a string, got null"),
+    ({}, "prompt", "is required"),
+    ({"prompt": 5}, "prompt", "got integer"),
+    ({"prompt": "  "}, "prompt", "blank"),
+    ({"prompt": "x", "negative_prompt": 3.5}, "negative_prompt", "got number"),
+    ({"prompt": "x", "seed": "5"}, "seed", "got string '5'"),
+    ({"prompt": "x", "seed": 1.5}, "seed", "got number 1.5"),
+    ({"prompt": "x", "seed": 2.0}, "seed", "got number"),
+    ({"prompt": "x", "seed": True}, "seed", "got boolean"),
+    ({"prompt": "x", "seed": -1}, "seed", "0..4294967295"),
+    ({"prompt": "x", "seed": 2**32}, "seed", "0..4294967295"),
+    ({"prompt": "x", "steps": [5]}, "steps", "got array"),
+    ({"prompt": "x", "guidance_scale": "7"}, "guidance_scale", "got string"),
+    ({"prompt": "x", "guidance_scale": float("inf")}, "guidance_scale", "0..30"),
+    ({"prompt": "x", "guidance_scale": float("nan")}, "guidance_scale", "0..30"),
+    ({"prompt": "x", "guidance_scale": -1}, "guidance_scale", "0..30"),
+    ({"prompt": "x", "height": 60}, "height", "multiple of 8"),
+    ({"prompt": "x", "width": 2048}, "width", "8..1024"),
+    ({"prompt": "x", "width": 0}, "width", "8..1024"),
+    ({"prompt": "x", "step": 5}, "'step'", "unknown field;"),
+    ({"prompt": "x", "a": 1, "b": 2}, "'a', 'b'", "unknown fields"),
+])
+def test_each_bad_field_is_named(row, field, words):
+    with pytest.raises(RequestError) as caught:
+        validate_request(row, LIMITS)
+    assert caught.value.field == field and words in caught.value.message
+
+
+def test_messages_stay_short_whatever_was_sent():
+    with pytest.raises(RequestError) as caught:
+        validate_request({"prompt": "x", **{f"k{'y' * 1000}{i}": 1 for i in range(10_000)}}, LIMITS)
+    assert "and 9995 more" in str(caught.value) and len(str(caught.value)) < 1000
+    with pytest.raises(RequestError) as caught:
+        validate_request({"prompt": "x", "seed": "9" * 10_000}, LIMITS)
+    assert len(str(caught.value)) < 300
+
+
+def test_a_request_is_an_object():
+    with pytest.raises(RequestError, match="request: must be an object of fields, got array"):
+        validate_request(["x"], LIMITS)
+
+
+def test_configured_limits_and_defaults_apply():
+    limits = load_config(overrides=["serve.limits.max_steps=20", "serve.limits.max_prompt_chars=5"]).serve.limits
+    with pytest.raises(RequestError, match="steps: must be 1..20, got 21"):
+        validate_request({"prompt": "x", "steps": 21}, limits)
+    with pytest.raises(RequestError, match=r"at most 5"):
+        validate_request({"prompt": "xxxxxx"}, limits)
+    # A default beyond the limits is refused too, and the message says it was the default.
+    with pytest.raises(RequestError, match=r"got 50 \(the configured default\)"):
+        validate_request({"prompt": "x"}, limits)
+    assert validate_request({"prompt": "x"}, limits, GenerateConfig(steps=20)).steps == 20
+
+
+@pytest.mark.parametrize("override, key", [
+    ("serve.limits.max_num_images=0", "serve.limits.max_num_images"),
+    ("serve.limits.max_size=1001", "serve.limits.max_size"),
+    ("serve.limits.max_seed=-1", "serve.limits.max_seed"),
+    ("serve.limits.max_step=3", "serve.limits.max_step"),
+])
+def test_bad_limits_are_config_errors_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(overrides=[override])
+
+
+def test_rows_together_stay_within_the_image_limit():
+    assert len(validate_requests([{"prompt": "a", "num_images": 4}, {"prompt": "b", "num_images": 4}], LIMITS)) == 2
+    with pytest.raises(RequestError, match="num_images: 9 images in all; at most 8"):
+        validate_requests([{"prompt": "a", "num_images": 8}, {"prompt": "b"}], LIMITS)
+    with pytest.raises(RequestError, match="num_images: 10000 prompts"):
+        validate_requests([{"prompt": "a"}] * 10_000, LIMITS)
+    with pytest.raises(RequestError, match=r"steps: must be 1..150, got 151 \(row 1\)"):
+        validate_requests([{"prompt": "a"}, {"prompt": "b", "steps": 151}], LIMITS)
+    with pytest.raises(RequestError, match="request: holds no prompts"):
+        validate_requests([], LIMITS)
+
+
+def test_frame_rows_are_the_values_that_were_sent():
+    # What `mlflow models serve` makes of {"dataframe_records": [...]} (pd.DataFrame(records)).
+    frame = pd.DataFrame([{"prompt": "a", "seed": 5, "guidance_scale": 2.0}, {"prompt": "b", "steps": 3}])
+    rows = records_from_frame(frame)
+    assert rows[0] == {"prompt": "a", "seed": 5, "guidance_scale": 2.0, "steps": None}
+    assert rows[1] == {"prompt": "b", "seed": None, "guidance_scale": None, "steps": 3}
+    assert type(rows[0]["seed"]) is int and type(rows[1]["steps"]) is int
+    assert [r.seed for r in validate_requests(rows, LIMITS)] == [5, GenerateConfig().seed]
+    # A float or a string stays what it was, so the check refuses it.
+    assert records_from_frame(pd.DataFrame([{"prompt": "a", "seed": 1.5}, {"prompt": "b"}]))[0]["seed"] == 1.5
+    assert records_from_frame(pd.DataFrame([{"prompt": "a", "seed": "abc"}, {"prompt": "b", "seed": 3}]))[0]["seed"] == "abc"
+    assert records_from_frame(pd.DataFrame([{"prompt": "a", "seed": True}]))[0]["seed"] is True
+    assert records_from_frame(pd.DataFrame([{"prompt": None}])) == [{"prompt": None}]
+    assert records_from_frame([{"prompt": "a"}]) == [{"prompt": "a"}]
+    assert records_from_frame({"prompt": "a"}) == [{"prompt": "a"}]
+    with pytest.raises(RequestError, match="request: must be a table of prompts"):
+        records_from_frame(42)
