@@ -41,7 +41,7 @@ def test_generate_bad_input_exits_2(tmp_path, capsys):
     assert main([*base, "--subject-image", str(notes), "--prompt", "on grass"]) == 2
     assert "not a readable image" in capsys.readouterr().err
     assert main([*base, "--subject-image", str(_photo(tmp_path / "a.png")), "--prompt", " "]) == 2
-    assert "prompt must not be empty" in capsys.readouterr().err
+    assert "prompt: must not be empty" in capsys.readouterr().err
     assert main([*base, "--subject-image", str(tmp_path / "a.png"), "--prompt", "x", "--height", "60"]) == 2
     assert "generate.height" in capsys.readouterr().err
     assert main([*base, "--subject-image", str(tmp_path / "a.png"), "--prompt", "x", "--model", str(tmp_path)]) == 2

@@ -40,7 +40,7 @@ def test_defaults_fill_what_is_missing_or_null():
     ({"prompt": None}, "prompt", "must be a string, got null"),
     ({}, "prompt", "is required"),
     ({"prompt": 5}, "prompt", "got integer"),
-    ({"prompt": "  "}, "prompt", "blank"),
+    ({"prompt": "  "}, "prompt", "must not be empty"),
     ({"prompt": "x", "negative_prompt": 3.5}, "negative_prompt", "got number"),
     ({"prompt": "x", "seed": "5"}, "seed", "got string '5'"),
     ({"prompt": "x", "seed": 1.5}, "seed", "got number 1.5"),
@@ -131,3 +131,26 @@ def test_frame_rows_are_the_values_that_were_sent():
     assert records_from_frame({"prompt": "a"}) == [{"prompt": "a"}]
     with pytest.raises(RequestError, match="request: must be a table of prompts"):
         records_from_frame(42)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["-n", "9"], "-n: must be 1..8, got 9 (the limit is serve.limits.max_num_images)"),
+    (["-n", "0"], "-n: must be 1..8, got 0"),
+    (["--steps", "151"], "--steps: must be 1..150, got 151"),
+    (["--seed", str(2**32)], "--seed: must be 0..4294967295"),
+    (["--prompt", "x" * 2001], "--prompt: has 2001 characters"),
+    (["--height", "1032"], "--height: must be 8..1024"),
+    (["--model", "models:/subjectforge-dog@champion", "--steps", "151"], "--steps: must be 1..150"),
+])
+def test_generate_refuses_what_a_model_server_refuses_before_loading_a_model(tmp_path, capsys, flags, words):
+    from pipeline.cli import main
+
+    argv = ["generate", "--profile", "tiny", "--prompt", "on the beach", "--category", "dog", "--out", str(tmp_path / "o")]
+    argv += ["--subject-image", str(tmp_path / "missing.png"), "--set", f"tracking.uri=http://127.0.0.1:9/{tmp_path.name}", *flags]
+    assert main(argv) == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    # The limits are config keys: raised, the same flags pass the check (and fail later, on the missing photo).
+    if "--steps" in flags and "--model" not in flags:
+        assert main([*argv, "--set", "serve.limits.max_steps=200"]) == 2
+        assert "missing.png" in capsys.readouterr().err

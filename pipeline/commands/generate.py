@@ -77,12 +77,11 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
     config = _settings(args, config)
     gen = config.generate
-    if args.num_images < 1:
-        raise ConfigError(f"-n must be >= 1, got {args.num_images}")
+    request = _request(args, config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
     dtype_name = gen.dtype if gen.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
     if args.model and args.model.startswith("models:/"):
-        outputs, elapsed = _generate_registered(args, config, device, getattr(torch, dtype_name))
+        outputs, elapsed = _generate_registered(args, config, request, device, getattr(torch, dtype_name))
         return _write(args, config, outputs, elapsed, device, dtype_name)
     if not args.subject_image or not args.category:
         raise ConfigError("--subject-image and --category are needed unless --model is a registered subject (models:/...)")
@@ -96,17 +95,17 @@ def run(args: argparse.Namespace, config: Config) -> int:
         )
         start = time.perf_counter()
         outputs = model.generate(
-            args.prompt,
+            request.prompt,
             subject_images=images,
             category=args.category,
             target_category=args.target_category,
-            num_images=args.num_images,
-            steps=gen.steps,
-            guidance_scale=gen.guidance_scale,
-            negative_prompt=gen.negative_prompt if gen.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT,
-            height=gen.height,
-            width=gen.width,
-            seed=gen.seed,
+            num_images=request.num_images,
+            steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            negative_prompt=request.negative_prompt if request.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT,
+            height=request.height,
+            width=request.width,
+            seed=request.seed,
             batch_size=args.batch_size,
         )
     except (CheckpointError, ValueError) as exc:
@@ -115,7 +114,28 @@ def run(args: argparse.Namespace, config: Config) -> int:
     return _write(args, config, outputs, elapsed, device, dtype_name)
 
 
-def _generate_registered(args: argparse.Namespace, config: Config, device, dtype) -> tuple[list, float]:
+def _request(args: argparse.Namespace, config: Config):
+    """This run's prompt and settings as a GenerationRequest: the checks and `serve.limits` a
+    model server applies (pipeline/serving/requests.py). A registered subject draws at its
+    training resolution unless --height/--width are given."""
+    from pipeline.serving.requests import RequestError, validate_request
+
+    gen = config.generate
+    registered = bool(args.model and args.model.startswith("models:/"))
+    fields = {
+        "prompt": args.prompt, "negative_prompt": gen.negative_prompt, "num_images": args.num_images, "seed": gen.seed,
+        "guidance_scale": gen.guidance_scale, "steps": gen.steps,
+        "height": args.height if registered else gen.height, "width": args.width if registered else gen.width,
+    }
+    try:
+        return validate_request(fields, config.serve.limits, gen)
+    except RequestError as exc:
+        flag = "-n" if exc.field == "num_images" else f"--{exc.field.replace('_', '-')}"
+        limit = f" (the limit is serve.limits.{exc.limit})" if exc.limit else ""
+        raise ConfigError(f"{flag}: {exc.message}{limit}") from None
+
+
+def _generate_registered(args: argparse.Namespace, config: Config, request, device, dtype) -> tuple[list, float]:
     """Images of a fine-tuned subject from the registry (the base it names, plus its files)."""
     from pipeline import tracking
     from pipeline.model import CheckpointError
@@ -123,14 +143,13 @@ def _generate_registered(args: argparse.Namespace, config: Config, device, dtype
 
     if args.subject_image:
         raise ConfigError("--subject-image is not used with a registered subject: the subject is in the model")
-    gen = config.generate
     try:
         folder = tracking.subject_folder(tracking.resolve_tracking_uri(config.tracking.uri), args.model)
         subject = SubjectModel.load(folder, _registered_base(folder, config), dtype=dtype, device=device)
         start = time.perf_counter()
         outputs = subject.generate(
-            args.prompt, num_images=args.num_images, seed=gen.seed, guidance_scale=gen.guidance_scale, steps=gen.steps,
-            negative_prompt=gen.negative_prompt, height=args.height, width=args.width,
+            request.prompt, num_images=request.num_images, seed=request.seed, guidance_scale=request.guidance_scale,
+            steps=request.steps, negative_prompt=request.negative_prompt, height=request.height, width=request.width,
         )
     except (tracking.RegistryError, CheckpointError, ValueError) as exc:
         raise ConfigError(str(exc)) from exc

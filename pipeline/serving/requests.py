@@ -23,11 +23,12 @@ _SHOWN_CHARS = 40  # of a value or an unknown key quoted back in a message
 
 
 class RequestError(ValueError):
-    """A request the server refuses: `field` is the offending field (or `request` for the whole)."""
+    """A request the server refuses: `field` is the offending field (or `request` for the whole);
+    `limit` the ServeLimits key it went past, if any."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, limit: str | None = None) -> None:
         super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
+        self.field, self.message, self.limit = field, message, limit
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,9 @@ def validate_request(row: Mapping[str, Any], limits: ServeLimits, defaults: Gene
     defaults = defaults or GenerateConfig()
     return GenerationRequest(
         prompt=_text(row, "prompt", limits.max_prompt_chars, required=True),
-        num_images=_whole(row, "num_images", 1, limits.max_num_images, default=1),
-        seed=_whole(row, "seed", 0, limits.max_seed, default=defaults.seed),
-        steps=_whole(row, "steps", 1, limits.max_steps, default=defaults.steps),
+        num_images=_whole(row, "num_images", 1, limits.max_num_images, default=1, limit="max_num_images"),
+        seed=_whole(row, "seed", 0, limits.max_seed, default=defaults.seed, limit="max_seed"),
+        steps=_whole(row, "steps", 1, limits.max_steps, default=defaults.steps, limit="max_steps"),
         guidance_scale=_number(row, "guidance_scale", 0.0, limits.max_guidance_scale, default=defaults.guidance_scale),
         negative_prompt=_text(row, "negative_prompt", limits.max_prompt_chars, default=defaults.negative_prompt),
         height=_size(row, "height", limits.max_size),
@@ -75,16 +76,16 @@ def validate_requests(rows: Sequence[Mapping[str, Any]], limits: ServeLimits, de
     if not rows:
         raise RequestError("request", "holds no prompts")
     if len(rows) > limits.max_num_images:  # each row makes at least one image
-        raise RequestError("num_images", f"{len(rows)} prompts make more than {limits.max_num_images} images")
+        raise RequestError("num_images", f"{len(rows)} prompts make more than {limits.max_num_images} images", "max_num_images")
     requests = []
     for index, row in enumerate(rows):
         try:
             requests.append(validate_request(row, limits, defaults))
         except RequestError as exc:
-            raise RequestError(exc.field, f"{exc.message} (row {index})") from None
+            raise RequestError(exc.field, f"{exc.message} (row {index})", exc.limit) from None
     total = sum(r.num_images for r in requests)
     if total > limits.max_num_images:
-        raise RequestError("num_images", f"{total} images in all; at most {limits.max_num_images} a request")
+        raise RequestError("num_images", f"{total} images in all; at most {limits.max_num_images} a request", "max_num_images")
     return requests
 
 
@@ -130,20 +131,20 @@ def _text(row: Mapping[str, Any], name: str, max_chars: int, required: bool = Fa
     if not isinstance(value, str):
         raise RequestError(name, f"must be a string, got {_kind(value)}")
     if len(value) > max_chars:
-        raise RequestError(name, f"has {len(value)} characters; at most {max_chars}")
+        raise RequestError(name, f"has {len(value)} characters; at most {max_chars}", "max_prompt_chars")
     if required and not value.strip():
-        raise RequestError(name, "must not be blank")
+        raise RequestError(name, "must not be empty")
     return value
 
 
-def _whole(row: Mapping[str, Any], name: str, low: int, high: int, default: int) -> int:
+def _whole(row: Mapping[str, Any], name: str, low: int, high: int, default: int, limit: str) -> int:
     value = row.get(name)
     if value is None:
         value = default
     if isinstance(value, bool) or not isinstance(value, int):
         raise RequestError(name, f"must be a whole number {low}..{high}, got {_kind(value)} {_shown(value)}")
     if not low <= value <= high:
-        raise RequestError(name, f"must be {low}..{high}, got {_shown(value)}{_default_note(row, name)}")
+        raise RequestError(name, f"must be {low}..{high}, got {_shown(value)}{_default_note(row, name)}", limit)
     return value
 
 
@@ -154,14 +155,14 @@ def _number(row: Mapping[str, Any], name: str, low: float, high: float, default:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise RequestError(name, f"must be a number {low:g}..{high:g}, got {_kind(value)} {_shown(value)}")
     if not (math.isfinite(value) and low <= value <= high):
-        raise RequestError(name, f"must be {low:g}..{high:g}, got {_shown(value)}{_default_note(row, name)}")
+        raise RequestError(name, f"must be {low:g}..{high:g}, got {_shown(value)}{_default_note(row, name)}", "max_guidance_scale")
     return float(value)
 
 
 def _size(row: Mapping[str, Any], name: str, max_size: int) -> int | None:
     if row.get(name) is None:
         return None
-    value = _whole(row, name, SIZE_MULTIPLE, max_size, default=0)
+    value = _whole(row, name, SIZE_MULTIPLE, max_size, default=0, limit="max_size")
     if value % SIZE_MULTIPLE:
         raise RequestError(name, f"must be a multiple of {SIZE_MULTIPLE}, got {value}")
     return value
