@@ -1,0 +1,54 @@
+"""`subjectforge serve`: the Ray Serve app for zero-shot and registered subjects, until Ctrl-C.
+
+Joins the configured Ray cluster (ray.address) or starts a local one, starts Serve's HTTP
+proxy on serve.host:serve.port and runs the app (pipeline/serving/app.py). On a cluster that
+runs it for good, deploy infra/rayservice.yaml instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+
+from pipeline.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
+    parser.add_argument("--host", help="address to listen on (config: serve.host; 0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, help="HTTP port (config: serve.port)")
+    parser.add_argument("--replicas", type=int, help="model replicas, one per GPU (config: serve.num_replicas)")
+    add_common(parser)
+
+
+def apply_arguments(args: argparse.Namespace) -> None:
+    """The flags as config overrides, validated with the rest of the config."""
+    for key, value in (("host", args.host), ("port", args.port), ("num_replicas", args.replicas)):
+        if value is not None:
+            args.overrides.append(f"serve.{key}={value}")
+
+
+def run(args: argparse.Namespace, config: Config) -> int:
+    from ray import serve
+
+    from pipeline import tracking
+    from pipeline.dataplan import ensure_ray
+    from pipeline.serving.app import APP_NAME, build_app
+
+    tracking.reachable_uri(config.tracking.uri)  # registered subjects come from it: fail now, not per request
+    cfg = config.serve
+    ensure_ray(config.ray)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s})
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        print(f"serving on http://{cfg.host}:{cfg.port}/ (POST /v1/generate, GET /v1/subjects, /healthz); Ctrl-C stops")
+        stop.wait()
+    finally:
+        serve.delete(APP_NAME)
+    return 0

@@ -1,0 +1,107 @@
+"""The HTTP API of `subjectforge serve`, without the server: request bodies in, answers out.
+
+POST /v1/generate takes a JSON object: the fields of pipeline/serving/requests.py (`prompt`,
+`negative_prompt`, `num_images`, `seed`, `guidance_scale`, `steps`, `height`, `width`) plus a
+subject: `subject` (a registered one) or `reference_images` (1..6 base64 photos) with
+`category` (zero-shot). Every field is checked here, before anything reaches the model, and
+each violation is an ApiError with its HTTP status and the field it names.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.serving.requests import FIELDS, GenerationRequest, RequestError, validate_request
+from pipeline.serving.subjects import (
+    CATEGORY_FIELD,
+    REFERENCE_FIELD,
+    SUBJECT_FIELD,
+    SubjectRef,
+    ZeroShotSubject,
+    decode_reference_images,
+    parse_subject_ref,
+)
+
+GENERATE_FIELDS = (*FIELDS, SUBJECT_FIELD, REFERENCE_FIELD, CATEGORY_FIELD)
+ZERO_SHOT = "zero-shot"  # the subject name of zero-shot requests in answers and metrics
+
+
+class ApiError(Exception):
+    """An answer other than 200: `status` (4xx/5xx) and the `field` it is about."""
+
+    def __init__(self, status: int, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.status, self.field, self.message = status, field, message
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.message, "field": self.field, "status": self.status}
+
+
+@dataclass(frozen=True)
+class GenerateCall:
+    """A checked POST /v1/generate: what to draw, and of which subject."""
+
+    request: GenerationRequest
+    subject: SubjectRef | ZeroShotSubject
+
+
+def read_json(body: bytes, max_bytes: int) -> Any:
+    """The JSON value of a request body; ApiError 413 over `max_bytes`, 400 when malformed."""
+    if len(body) > max_bytes:
+        raise ApiError(413, "request", f"body of {len(body)} bytes; at most {max_bytes} (serve.max_request_mb)")
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, "request", f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "request", "malformed JSON: nested too deeply") from None
+
+
+def parse_generate(value: Any, config: Config) -> GenerateCall:
+    """`value` (a parsed JSON body) as a GenerateCall; ApiError 400 naming the field otherwise."""
+    try:
+        if not isinstance(value, dict):
+            raise RequestError("request", "must be a JSON object of fields")
+        unknown = [key for key in value if key not in GENERATE_FIELDS]
+        if unknown:
+            raise RequestError(str(unknown[0])[:40], f"unknown field; the fields are {', '.join(GENERATE_FIELDS)}")
+        request = validate_request({k: v for k, v in value.items() if k in FIELDS}, config.serve.limits, config.generate)
+        has_subject, has_photos = value.get(SUBJECT_FIELD) is not None, value.get(REFERENCE_FIELD) is not None
+        if has_subject == has_photos:
+            raise RequestError(SUBJECT_FIELD, f"give {SUBJECT_FIELD} (a registered subject) or {REFERENCE_FIELD} with {CATEGORY_FIELD}, not both")
+        if has_subject:
+            if value.get(CATEGORY_FIELD) is not None:
+                raise RequestError(CATEGORY_FIELD, f"goes with {REFERENCE_FIELD}; a registered subject has its own")
+            return GenerateCall(request, parse_subject_ref(value[SUBJECT_FIELD]))
+        subject = decode_reference_images(value[REFERENCE_FIELD], value.get(CATEGORY_FIELD), config.data.decode,
+                                          config.serve.max_reference_images)
+        return GenerateCall(request, subject)
+    except RequestError as exc:
+        raise ApiError(400, exc.field, exc.message) from None
+
+
+def image_answer(images: list[Any], request: GenerationRequest, subject: str, version: str | None, base: str) -> dict[str, Any]:
+    """The 200 answer of POST /v1/generate: base64 PNGs in order, with what made them. The
+    images come from one noise generator seeded with `seed`, as `subjectforge generate -n`
+    draws them: the same request gives the same images."""
+    encoded = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        encoded.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+    return {
+        "images": encoded,
+        "seed": request.seed,
+        "seeds": [request.seed] * len(images),
+        "subject": subject,
+        "model_version": version,
+        "base_model": base,
+        "steps": request.steps,
+        "guidance_scale": request.guidance_scale,
+        "size": [images[0].height, images[0].width] if images else None,
+    }

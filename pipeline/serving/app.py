@@ -1,0 +1,220 @@
+"""`subjectforge serve`: a Ray Serve application drawing zero-shot and registered subjects.
+
+One deployment, SubjectServer; each replica (one per GPU) holds the base model once and
+answers HTTP itself, with no web framework:
+
+| route              | answer                                                           |
+| ------------------ | ---------------------------------------------------------------- |
+| POST /v1/generate  | base64 PNGs, the seed and the subject's version (api.py)         |
+| GET /v1/subjects   | registered subjects (finetune.register_prefix) and their aliases |
+| GET /healthz       | the replica's base model, device and memory                      |
+| GET /, /app.js     | the page for people (static/)                                    |
+
+A request is checked (api.py), its subject resolved and fetched (subjects.py) on the event
+loop's worker threads; then it joins the batch queue (`serve.batch`) and the Engine draws the
+batch on the replica's one compute thread, so no two batches touch the model at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from pipeline.config import Config, load_config
+from pipeline.serving.api import ZERO_SHOT, ApiError, image_answer, parse_generate, read_json
+from pipeline.serving.engine import Engine, Job, is_out_of_memory
+from pipeline.serving.metrics import ServeMetrics
+from pipeline.serving.subjects import SubjectLibrary, SubjectNotFound, SubjectRef, SubjectUnusable, ZeroShotSubject
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "subjectforge"
+STATIC = Path(__file__).parent / "static"
+PAGES = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript; charset=utf-8")}
+
+
+class SubjectServer:
+    """One replica: the base model, its subjects and the batch queue."""
+
+    def __init__(self, config: Config) -> None:
+        import torch
+        from PIL import Image
+
+        from pipeline import tracking
+        from pipeline.model import BlipDiffusion
+
+        self.config = config
+        cfg = config.serve
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = cfg.dtype if cfg.dtype != "auto" else ("float16" if self.device.type == "cuda" else "float32")
+        self.uri = tracking.resolve_tracking_uri(config.tracking.uri)
+        self.base = config.model_path("blip_diffusion")
+        path = str(tracking.download_model(self.uri, self.base)) if self.base.startswith("models:/") else self.base
+        model = BlipDiffusion.from_pretrained(path, dtype=getattr(torch, dtype), device=self.device)
+        if cfg.compile:
+            model.compile_for_inference()
+        self.engine = Engine(model, cfg.max_batch_images, cfg.max_subjects, cfg.max_lora_adapters)
+        self.library = SubjectLibrary(self.uri, cfg.max_subjects, cfg.full_unet_budget_gb * 1e9)
+        self.metrics = ServeMetrics()
+        self.pages = {route: ((STATIC / name).read_bytes(), kind) for route, (name, kind) in PAGES.items()}
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="subjectforge-compute")
+        self.generate_batch.set_max_batch_size(cfg.max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        if cfg.compile or self.device.type == "cuda":
+            # Compiling and CUDA's first kernels take the first request's time otherwise; Serve
+            # routes no request to a replica before its constructor returns.
+            from pipeline.serving.requests import GenerationRequest
+
+            gen = config.generate
+            warm = GenerationRequest("a photo", 1, 0, cfg.warmup_steps, gen.guidance_scale, None, gen.height, gen.width)
+            [job] = self.engine.run([Job(warm, ZeroShotSubject((Image.new("RGB", (224, 224), "gray"),), "dog"), gen.height, gen.width)])
+            if job.error is not None:
+                raise job.error
+        log.info("serving %s on %s (%s)", self.base, self.device, dtype)
+
+    async def __call__(self, request: Request) -> Response:
+        path = request.url.path.rstrip("/") or "/"
+        try:
+            if path == "/v1/generate":
+                if request.method != "POST":
+                    raise ApiError(405, "method", f"{path} takes POST")
+                return await self._generate(request)
+            if request.method not in ("GET", "HEAD"):
+                raise ApiError(405, "method", f"{path} takes GET")
+            if path == "/healthz":
+                return JSONResponse(self._health())
+            if path == "/v1/subjects":
+                return JSONResponse(await self._subjects())
+            if path in self.pages:
+                body, kind = self.pages[path]
+                return Response(body, media_type=kind)
+            raise ApiError(404, "path", f"no page {path[:100]}; the routes are /, /healthz, /v1/subjects, /v1/generate")
+        except ApiError as exc:
+            return JSONResponse(exc.body(), status_code=exc.status)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)  # set from serve.* in __init__
+    async def generate_batch(self, jobs: list[Job]) -> list[Job]:
+        await asyncio.get_running_loop().run_in_executor(self._compute, self.engine.run, jobs)
+        self.metrics.batch_images.observe(sum(job.request.num_images for job in jobs))
+        return jobs
+
+    async def _generate(self, request: Request) -> Response:
+        subject_name = "invalid"
+        try:
+            body = await _read_body(request, int(self.config.serve.max_request_mb * 2**20))
+            call = await asyncio.to_thread(parse_generate, read_json(body, len(body)), self.config)
+            r, version = call.request, None
+            if isinstance(call.subject, SubjectRef):
+                subject_name = call.subject.name
+                subject, version = await asyncio.to_thread(self._registered, call.subject)
+                size = subject.spec.resolution
+            else:
+                subject_name, subject = ZERO_SHOT, call.subject
+                size = None
+            gen = self.config.generate
+            job = Job(r, subject, r.height or size or gen.height, r.width or size or gen.width)
+            await self.generate_batch(job)
+            if job.error is not None:
+                raise _api_error(job.error)
+            done = time.monotonic()
+            self.metrics.record_job(subject_name, job.started - job.enqueued, (done - job.started) / r.num_images)
+            answer = image_answer(job.images, r, subject_name, version, self.base)
+        except ApiError as exc:
+            self.metrics.record_request(subject_name, exc.status)
+            return JSONResponse(exc.body(), status_code=exc.status)
+        self.metrics.record_request(subject_name, 200)
+        return JSONResponse(answer)
+
+    def _registered(self, ref: SubjectRef) -> tuple[Any, str]:
+        """The subject `ref` names, at the version its alias points at now (read once)."""
+        try:
+            version = self.library.resolve(ref)
+            subject = self.library.load(ref.name, version)
+        except SubjectNotFound as exc:
+            raise ApiError(404, "subject", str(exc)) from None
+        except SubjectUnusable as exc:
+            raise ApiError(422, "subject", str(exc)) from None
+        log.info("%s: version %s", ref.uri, version)
+        return subject, version
+
+    async def _subjects(self) -> dict[str, Any]:
+        from pipeline import tracking
+
+        try:
+            found = await asyncio.to_thread(tracking.registered_models, self.uri, self.config.finetune.register_prefix)
+        except Exception as exc:  # the registry is down: say so, keep serving
+            raise ApiError(503, "registry", f"the registry at {self.uri} did not answer: {str(exc)[:300]}") from None
+        return {"subjects": found, "adapters_loaded": len(self.engine.adapters)}
+
+    def _health(self) -> dict[str, Any]:
+        import psutil
+
+        return {
+            "status": "ok", "base_model": self.base, "device": str(self.device), "dtype": str(self.engine.model.dtype),
+            "pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss, "adapters_loaded": len(self.engine.adapters),
+        }
+
+
+def _api_error(exc: BaseException) -> ApiError:
+    """The answer to a request whose batch failed on the model."""
+    if is_out_of_memory(exc):
+        return ApiError(503, "request", "out of memory on the replica; retry, or ask for fewer or smaller images")
+    if isinstance(exc, SubjectUnusable):
+        return ApiError(422, "subject", str(exc))
+    log.error("generation failed", exc_info=exc)
+    return ApiError(500, "request", f"generation failed: {type(exc).__name__}")
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, read no further than `max_bytes` (ApiError 413 beyond)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise ApiError(413, "request", f"body of {int(declared)} bytes; at most {max_bytes} (serve.max_request_mb)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise ApiError(413, "request", f"body over {max_bytes} bytes (serve.max_request_mb)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def replica_gpus(config: Config) -> float:
+    """serve.num_gpus, with auto = one GPU per replica when the Ray cluster has any."""
+    import ray
+
+    if config.serve.num_gpus != "auto":
+        return float(config.serve.num_gpus)
+    return 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def build_app(config: Config) -> serve.Application:
+    """The Serve application of `config` (serve.* places and sizes it)."""
+    cfg = config.serve
+    deployment = serve.deployment(
+        SubjectServer,
+        name="SubjectServer",
+        num_replicas=cfg.num_replicas,
+        ray_actor_options={"num_gpus": replica_gpus(config), "num_cpus": 1},
+        # Enough requests in a replica to fill a batch while the previous one runs.
+        max_ongoing_requests=2 * cfg.max_batch_size,
+        max_queued_requests=cfg.max_queued_requests,
+        health_check_period_s=10,
+        health_check_timeout_s=60,
+    )
+    return deployment.bind(config)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """The application for a Serve config file or a RayService's serveConfigV2
+    (import_path: pipeline.serving.app:app_builder); args: {config: FILE, set: [KEY=VALUE, ...]}."""
+    return build_app(load_config(args.get("config"), list(args.get("set") or [])))

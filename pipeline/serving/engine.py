@@ -1,0 +1,241 @@
+"""The model side of a serving replica: one base BLIP-Diffusion, many subjects, batched jobs.
+
+`Engine.run(jobs)` draws a batch of requests from any callers. Jobs are grouped by what must be
+equal inside one denoising batch: steps, size, whether guidance runs, and the UNet that draws
+them. The base UNet draws zero-shot and textual-inversion subjects together (only their
+embeddings differ, row by row); a LoRA subject's group runs with its named peft adapter active
+(switched per group, never merged, so no other group sees its weights); a blipd or dreambooth
+subject's group runs on a spare UNet holding that subject's full weights. A request's noise
+comes from a CPU generator seeded with its own seed, as `subjectforge generate` makes it, so a
+seed gives the same images whatever it is batched with (up to float rounding of the batch).
+
+Everything here runs on one thread (the replica's compute thread): adapters are added and
+switched only between groups. No Ray, HTTP or MLflow here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import PIL.Image
+import torch
+
+from pipeline.model import BlipDiffusion
+from pipeline.model.prompts import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT_REPS, build_prompt, check_text
+from pipeline.model.schedulers import fresh_scheduler
+from pipeline.serving.cache import LruBudget
+from pipeline.serving.requests import GenerationRequest
+from pipeline.serving.subjects import RegisteredSubject, SubjectUnusable, ZeroShotSubject
+
+log = logging.getLogger(__name__)
+
+BASE = ("base",)  # the group key part of subjects drawn by the base UNet
+
+
+@dataclass
+class Job:
+    """One request's images: its checked fields, its subject and the size it is drawn at."""
+
+    request: GenerationRequest
+    subject: RegisteredSubject | ZeroShotSubject
+    height: int
+    width: int
+    enqueued: float = field(default_factory=time.monotonic)  # when the request joined the queue
+    started: float | None = None  # when its group began denoising
+    images: list[PIL.Image.Image] | None = None
+    error: BaseException | None = None  # set instead of images when its group failed
+
+    @property
+    def unet_key(self) -> tuple[str, ...]:
+        """Which UNet draws it: the base, a LoRA adapter of it, or a full subject UNet."""
+        subject = self.subject
+        if isinstance(subject, ZeroShotSubject) or subject.spec.method == "textual-inversion":
+            return BASE
+        if subject.spec.method == "lora":
+            return ("lora", subject.key)
+        return ("full", subject.key)
+
+    @property
+    def group_key(self) -> tuple[Any, ...]:
+        r = self.request
+        return (r.steps, self.height, self.width, r.guidance_scale > 1.0, self.unet_key)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A failure that more memory would have avoided (the replica frees its cache and goes on)."""
+    return isinstance(exc, torch.OutOfMemoryError | MemoryError) or "out of memory" in str(exc).lower()
+
+
+class Engine:
+    """Draws Jobs with one base model. `max_subjects` registered subjects keep their
+    embeddings on the device; `max_lora_adapters` LoRA subjects stay loaded as adapters."""
+
+    def __init__(self, model: BlipDiffusion, max_batch_images: int, max_subjects: int, max_lora_adapters: int) -> None:
+        self.model = model
+        self.max_batch_images = max_batch_images
+        self._embeds = LruBudget(max_subjects)  # subject key -> (1, Q, D) on the device
+        self._adapters = LruBudget(max_lora_adapters, on_evict=self._delete_adapter)  # subject key -> adapter name
+        self._adapter_count = 0
+        self._full_view: BlipDiffusion | None = None  # the base's parts with a spare UNet
+        self._full_key: str | None = None  # the subject whose weights the spare UNet holds
+        self._spare_text_encoder: torch.nn.Module | None = None  # for subjects that trained theirs
+
+    @property
+    def adapters(self) -> list[str]:
+        """Subject keys with a loaded LoRA adapter, least recently used first."""
+        return [str(k) for k in self._adapters.keys()]
+
+    def run(self, jobs: list[Job]) -> list[Job]:
+        """Fill each job's `images` (or `error`, for the jobs of a group that failed) in place."""
+        groups: dict[tuple, list[Job]] = defaultdict(list)
+        for job in jobs:
+            groups[job.group_key].append(job)
+        for group in groups.values():
+            try:
+                self._run_group(group)
+            except Exception as exc:  # each failure goes back to the group's callers; the replica goes on
+                if is_out_of_memory(exc) and torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                log.warning("a batch of %d request(s) failed: %s", len(group), exc)
+                for job in group:
+                    job.images, job.error = None, exc
+        return jobs
+
+    @torch.no_grad()
+    def _run_group(self, jobs: list[Job]) -> None:
+        first = jobs[0]
+        model = self._activate(first)
+        steps, height, width = first.request.steps, first.height, first.width
+        cond, uncond, latents, scales = [], [], [], []
+        for job in jobs:
+            r = job.request
+            cond.append(self._condition(model, job))
+            if r.guidance_scale > 1.0:
+                negative = r.negative_prompt if r.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
+                uncond.append(model.encode_prompts([negative], None).expand(r.num_images, -1, -1))
+            latents.append(model.prepare_latents(r.num_images, height, width, seed=r.seed))
+            scales += [r.guidance_scale] * r.num_images
+        cond_all = torch.cat(cond)  # (N, 77, D)
+        uncond_all = torch.cat(uncond) if uncond else None
+        noise = torch.cat(latents).to(device=model.device, dtype=model.unet.dtype)  # (N, C, h, w)
+        # One guidance value is a Python float, as in BlipDiffusion.generate; several are a
+        # (N, 1, 1, 1) tensor in the UNet's dtype, so each row is guided by its own request.
+        guidance: float | torch.Tensor = scales[0] if len(set(scales)) == 1 else torch.tensor(
+            scales, device=model.device, dtype=model.unet.dtype).view(-1, 1, 1, 1)
+        started = time.monotonic()
+        for job in jobs:
+            job.started = started
+        images: list[PIL.Image.Image] = []
+        for start in range(0, len(scales), self.max_batch_images):
+            stop = min(start + self.max_batch_images, len(scales))
+            scheduler = fresh_scheduler(model.scheduler)
+            scheduler.set_timesteps(steps, device=model.device)
+            chunk = noise[start:stop] * scheduler.init_noise_sigma
+            part = guidance if isinstance(guidance, float) else guidance[start:stop]
+            null = None if uncond_all is None else uncond_all[start:stop]
+            chunk = model._denoise(chunk, cond_all[start:stop], null, scheduler, part, progress=False)
+            decoded = model.vae.decode(chunk / model.vae.config.scaling_factor).sample
+            images += model.image_processor.postprocess(decoded.to(torch.float32, copy=True), "pil")
+        for job in jobs:
+            job.images, images = images[: job.request.num_images], images[job.request.num_images:]
+
+    def _condition(self, model: BlipDiffusion, job: Job) -> torch.Tensor:
+        """Text-encoder states (n, 77, D) of one job's prompt with its subject, n = num_images."""
+        r, subject = job.request, job.subject
+        prompt = check_text(r.prompt, "prompt")
+        if isinstance(subject, ZeroShotSubject):
+            embeds = model.encode_subject(list(subject.images), subject.category)  # (1, Q, D)
+            category = subject.category
+        elif subject.embeds is None:  # dreambooth: the subject is a rare token of the prompt
+            from pipeline.model.subject import dreambooth_prompt
+
+            text = dreambooth_prompt(subject.spec.identifier or "sks", subject.spec.category, prompt)
+            return model.encode_prompts([check_text(text, "prompt")] * r.num_images, None)
+        else:
+            embeds, category = self._device_embeds(subject), subject.spec.category
+        texts = [build_prompt(category, prompt, 1.0, DEFAULT_PROMPT_REPS)] * r.num_images
+        return model.encode_prompts(texts, embeds.expand(r.num_images, -1, -1))
+
+    def _device_embeds(self, subject: RegisteredSubject) -> torch.Tensor:
+        embeds = self._embeds.get(subject.key)
+        if embeds is None:
+            embeds = subject.embeds.to(self.model.device)
+            self._embeds.put(subject.key, embeds)
+        return embeds
+
+    # -----------------------------------------------------------------------------------------
+    # Which UNet draws a group
+
+    def _activate(self, job: Job) -> BlipDiffusion:
+        """The model that draws `job`'s group, its UNet set up for the job's subject."""
+        kind = job.unet_key[0]
+        if kind == "full":
+            return self._full_model(job.subject)
+        unet = self.model.unet
+        if kind == "lora":
+            name = self._adapters.get(job.subject.key) or self._add_adapter(job.subject)
+            unet.enable_adapters()
+            unet.set_adapter(name)
+        elif len(self._adapters):
+            unet.disable_adapters()
+        return self.model
+
+    def _add_adapter(self, subject: RegisteredSubject) -> str:
+        """Load `subject`'s LoRA into the base UNet as a new named adapter (in the model's dtype)."""
+        from peft import LoraConfig, set_peft_model_state_dict
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        from pipeline.model.subject import LORA_TARGETS
+
+        self._adapter_count += 1
+        name = f"subject{self._adapter_count}"  # peft names become module keys: no '.' or '/'
+        rank = subject.spec.lora_rank or 4
+        unet = self.model.unet
+        with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the point
+            warnings.simplefilter("ignore", UserWarning)
+            unet.add_adapter(LoraConfig(r=rank, lora_alpha=subject.spec.lora_alpha or rank, target_modules=list(LORA_TARGETS)), adapter_name=name)
+        result = set_peft_model_state_dict(unet, subject.lora, adapter_name=name)
+        if result.unexpected_keys:
+            unet.delete_adapters(name)
+            raise SubjectUnusable(f"models:/{subject.key}: LoRA weights that the base UNet has no place for ({result.unexpected_keys[0]})")
+        for module in unet.modules():
+            if isinstance(module, BaseTunerLayer) and name in getattr(module, "lora_A", {}):
+                # As SubjectModel.load does: the adapter computes in the model's dtype.
+                module.lora_A[name].to(device=self.model.device, dtype=self.model.dtype)
+                module.lora_B[name].to(device=self.model.device, dtype=self.model.dtype)
+        self._adapters.put(subject.key, name)
+        return name
+
+    def _delete_adapter(self, key: Any, name: str) -> None:
+        self.model.unet.delete_adapters(name)
+        log.info("dropped the LoRA adapter of models:/%s (serve.max_lora_adapters)", key)
+
+    def _full_model(self, subject: RegisteredSubject) -> BlipDiffusion:
+        """The base's parts around a spare UNet (and text encoder) holding `subject`'s weights."""
+        import copy
+
+        from diffusers import UNet2DConditionModel
+
+        base = self.model
+        if self._full_view is None:
+            spare = UNet2DConditionModel.from_config(base.unet.config).to(device=base.device, dtype=base.dtype).eval()
+            self._full_view = BlipDiffusion(base.qformer, base.text_encoder, spare, base.vae, base.scheduler, base.tokenizer,
+                                            base.qformer_tokenizer, base.image_processor, base.model_index)
+        view = self._full_view
+        if self._full_key != subject.key:
+            self._full_key = None  # half-loaded weights must never be taken for a subject's
+            view.unet.load_state_dict(subject.unet)
+            if subject.text_encoder is not None:
+                if self._spare_text_encoder is None:
+                    self._spare_text_encoder = copy.deepcopy(base.text_encoder)
+                self._spare_text_encoder.load_state_dict(subject.text_encoder)
+                view.text_encoder = self._spare_text_encoder
+            else:
+                view.text_encoder = base.text_encoder
+            self._full_key = subject.key
+        return view

@@ -1,0 +1,274 @@
+"""The subjects a serving replica draws: registered ones from the MLflow registry, or zero-shot
+ones from the reference photos of a request.
+
+A request names a registered subject as `models:/NAME@ALIAS`, `models:/NAME/VERSION` or
+{"name": NAME, "version": V} / {"name": NAME, "alias": A}. The alias is resolved once per
+request; the subject's files are fetched on first use and kept in host memory (an LRU counted
+in subjects, and one counted in bytes for the full UNets of blipd and dreambooth subjects).
+What goes onto the device is the engine's business (pipeline/serving/engine.py).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tempfile
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import torch
+
+from pipeline.config import DecodeConfig, check_name
+from pipeline.serving.cache import LruBudget
+from pipeline.serving.requests import RequestError
+
+log = logging.getLogger(__name__)
+
+SUBJECT_FIELD = "subject"
+REFERENCE_FIELD = "reference_images"
+CATEGORY_FIELD = "category"
+MAX_CATEGORY_CHARS = 100  # a class noun ("dog", "teapot"); CLIP reads a few words of it
+
+
+class SubjectNotFound(LookupError):
+    """A registered subject, version or alias that does not resolve (HTTP 404)."""
+
+
+class SubjectUnusable(ValueError):
+    """A registered model this server cannot draw (not a subject, or beyond the memory budget; HTTP 422)."""
+
+
+@dataclass(frozen=True)
+class SubjectRef:
+    """A registered subject as a request names it: an alias or a version of `name`."""
+
+    name: str
+    alias: str | None = None
+    version: str | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}@{self.alias}" if self.alias is not None else f"models:/{self.name}/{self.version}"
+
+
+@dataclass
+class RegisteredSubject:
+    """One registered subject version's tensors in host memory (CPU, float32 as saved).
+
+    key: "NAME/VERSION", unique per version, also the name of its peft adapter;
+    embeds: (1, Q, D) or None (dreambooth); lora: peft's adapter state dict (lora);
+    unet / text_encoder: full state dicts (blipd, dreambooth; a text encoder only when trained).
+    """
+
+    key: str
+    name: str
+    version: str
+    spec: Any  # pipeline.model.subject.SubjectSpec
+    embeds: torch.Tensor | None
+    lora: dict[str, torch.Tensor] | None
+    unet: dict[str, torch.Tensor] | None
+    text_encoder: dict[str, torch.Tensor] | None
+
+    @property
+    def full_bytes(self) -> int:
+        """Bytes of the full weights this subject holds (0 for embeddings and LoRA)."""
+        return sum(t.numel() * t.element_size() for part in (self.unet, self.text_encoder) if part for t in part.values())
+
+
+@dataclass(frozen=True)
+class ZeroShotSubject:
+    """Reference photos (PIL, as decoded) and the class noun of a zero-shot request."""
+
+    images: tuple[PIL.Image.Image, ...]
+    category: str
+
+
+def parse_subject_ref(value: Any) -> SubjectRef:
+    """`value` of the request's `subject` field as a SubjectRef; RequestError naming it otherwise."""
+    if isinstance(value, str):
+        if not value.startswith("models:/"):
+            raise RequestError(SUBJECT_FIELD, f"must be models:/NAME@ALIAS or models:/NAME/VERSION, got {value[:80]!r}")
+        rest = value[len("models:/"):]
+        name, at, alias = rest.partition("@")
+        if at:
+            return _ref(name, alias=alias)
+        name, slash, version = rest.rpartition("/")
+        return _ref(name if slash else rest, version=version if slash else None)
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - {"name", "alias", "version"})
+        if unknown:
+            raise RequestError(f"{SUBJECT_FIELD}.{unknown[0][:40]}", "unknown field; a subject is {name, version} or {name, alias}")
+        version = value.get("version")
+        if isinstance(version, int) and not isinstance(version, bool):
+            version = str(version)
+        return _ref(value.get("name"), alias=value.get("alias"), version=version)
+    raise RequestError(SUBJECT_FIELD, "must be a models:/ URI or an object {name, version} or {name, alias}")
+
+
+def _ref(name: Any, alias: Any = None, version: Any = None) -> SubjectRef:
+    for field, text in (("name", name), ("alias", alias), ("version", version)):
+        if text is not None and (not isinstance(text, str) or len(text) > 256):
+            raise RequestError(f"{SUBJECT_FIELD}.{field}", "must be a string of at most 256 characters")
+    try:
+        check_name(name or "")
+    except ValueError as exc:
+        raise RequestError(f"{SUBJECT_FIELD}.name", str(exc)) from None
+    if (alias is None) == (version is None):
+        raise RequestError(SUBJECT_FIELD, "give an alias or a version (models:/NAME@ALIAS or models:/NAME/VERSION)")
+    if version is not None and not version.isdigit():
+        raise RequestError(f"{SUBJECT_FIELD}.version", f"must be a version number, got {version[:40]!r}")
+    if alias is not None and not alias:
+        raise RequestError(f"{SUBJECT_FIELD}.alias", "must not be empty")
+    return SubjectRef(name, alias, version)
+
+
+def decode_reference_images(values: Any, category: Any, decode: DecodeConfig, max_images: int) -> ZeroShotSubject:
+    """The zero-shot subject of a request: `values`, a list of 1..max_images base64 photos, each
+    within the dataset's decode limits (bytes, header pixels, short side, aspect, format), and
+    `category`, a short class noun. RequestError naming the field and photo otherwise."""
+    import base64
+    import binascii
+
+    from stages.decode import decode_image
+    from stages.records import Reject
+
+    if not isinstance(values, list) or not 1 <= len(values) <= max_images:
+        got = f"{len(values)} photos" if isinstance(values, list) else type(values).__name__
+        raise RequestError(REFERENCE_FIELD, f"must be a list of 1..{max_images} base64 photos, got {got}")
+    if not isinstance(category, str) or not category.strip() or len(category) > MAX_CATEGORY_CHARS:
+        raise RequestError(CATEGORY_FIELD, f"must be a class noun of 1..{MAX_CATEGORY_CHARS} characters (e.g. dog) with reference_images")
+    images = []
+    for i, value in enumerate(values):
+        field = f"{REFERENCE_FIELD}[{i}]"
+        if not isinstance(value, str):
+            raise RequestError(field, "must be a base64 string")
+        if len(value) > decode.max_bytes * 4 // 3 + 4:  # before decoding: base64 is 4 characters per 3 bytes
+            raise RequestError(field, f"is larger than {decode.max_bytes} bytes (data.decode.max_bytes)")
+        try:
+            data = base64.b64decode(value.split(",", 1)[1] if value.startswith("data:") else value, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(field, "is not valid base64") from None
+        if not data:
+            raise RequestError(field, "is empty")
+        try:
+            images.append(PIL.Image.fromarray(decode_image(
+                data, size=_short_side(data), min_side=decode.min_side, max_pixels=decode.max_pixels, max_aspect=decode.max_aspect,
+            )))
+        except Reject as exc:
+            raise RequestError(field, exc.reason) from None
+    return ZeroShotSubject(tuple(images), category.strip())
+
+
+def _short_side(data: bytes) -> int:
+    """The photo's short side from its header (so decode_image keeps its size), or 1 when the
+    header is unreadable (decode_image then rejects it with its own reason)."""
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as img:
+            return max(1, min(img.size))
+    except Exception:  # any damage is decode_image's to name
+        return 1
+
+
+class SubjectLibrary:
+    """Registered subjects fetched from the registry at `uri` and kept in host memory.
+
+    Thread-safe: request handlers call `resolve` and `load` from worker threads.
+    """
+
+    def __init__(self, uri: str, max_subjects: int, full_budget_bytes: float) -> None:
+        self.uri = uri
+        self._light = LruBudget(max_subjects)
+        self._full = LruBudget(full_budget_bytes)
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+
+    def resolve(self, ref: SubjectRef) -> str:
+        """The version `ref` names now (an alias is read once, here). SubjectNotFound otherwise."""
+        from pipeline import tracking
+
+        try:
+            return tracking.registered_version(self.uri, ref.name, alias=ref.alias, version=ref.version)
+        except tracking.RegistryError as exc:
+            raise SubjectNotFound(f"{ref.uri} is not registered: {exc}") from None
+
+    def load(self, name: str, version: str) -> RegisteredSubject:
+        """The subject's tensors, fetched from the registry on first use."""
+        key = f"{name}/{version}"
+        with self._lock:
+            found = self._light.get(key) or self._full.get(key)
+            if found is not None:
+                return found
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:  # one download per version, however many requests ask at once
+            with self._lock:
+                found = self._light.get(key) or self._full.get(key)
+            if found is not None:
+                return found
+            subject = _fetch(self.uri, name, version)
+            with self._lock:
+                if subject.full_bytes:
+                    try:
+                        self._full.put(key, subject, subject.full_bytes)
+                    except ValueError:
+                        raise SubjectUnusable(
+                            f"models:/{key} holds a full UNet of {subject.full_bytes / 1e9:.2f} GB, more than "
+                            f"serve.full_unet_budget_gb ({self._full.budget / 1e9:g} GB)"
+                        ) from None
+                else:
+                    self._light.put(key, subject)
+                self._loading.pop(key, None)
+            log.info("loaded subject models:/%s (%s, %s)", key, subject.spec.method, subject.spec.category)
+            return subject
+
+
+def _fetch(uri: str, name: str, version: str) -> RegisteredSubject:
+    """Download version `version` of `name` and read its subject folder's tensors."""
+    from pipeline import tracking
+
+    key = f"{name}/{version}"
+    with tempfile.TemporaryDirectory(prefix="subjectforge-serve-") as tmp:
+        try:
+            root = tracking.download_model_version(uri, name, version, Path(tmp))
+        except tracking.RegistryError as exc:
+            raise SubjectNotFound(str(exc)) from None
+        folders = sorted(p.parent for p in root.glob("artifacts/*/subject.json"))
+        if not folders:
+            raise SubjectUnusable(f"models:/{key} is not a fine-tuned subject (no subject.json in its artifacts)")
+        return read_subject(folders[0], name, version)
+
+
+def read_subject(folder: Path, name: str, version: str) -> RegisteredSubject:
+    """The tensors of the subject folder `folder` (pipeline/model/subject.py's layout) in memory."""
+    from safetensors.torch import load_file
+
+    from pipeline.model.checkpoint import CheckpointError
+    from pipeline.model.subject import (
+        EMBEDS_FILE,
+        LORA_FILE,
+        METHODS_WITH_EMBEDS,
+        TEXT_ENCODER_FILE,
+        UNET_FILE,
+        SubjectSpec,
+    )
+
+    key = f"{name}/{version}"
+    try:
+        spec = SubjectSpec.read(folder)
+
+        def read(filename: str, wanted: bool) -> dict[str, torch.Tensor] | None:
+            return load_file(str(Path(folder) / filename)) if wanted else None
+
+        embeds = read(EMBEDS_FILE, spec.method in METHODS_WITH_EMBEDS)
+        return RegisteredSubject(
+            key=key, name=name, version=version, spec=spec,
+            embeds=embeds["subject_embeds"] if embeds else None,
+            lora=read(LORA_FILE, spec.method == "lora"),
+            unet=read(UNET_FILE, spec.method in ("blipd", "dreambooth")),
+            text_encoder=read(TEXT_ENCODER_FILE, spec.text_encoder),
+        )
+    except (CheckpointError, OSError, TypeError, KeyError) as exc:
+        raise SubjectUnusable(f"models:/{key} cannot be read: {exc}") from None

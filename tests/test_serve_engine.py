@@ -1,0 +1,110 @@
+"""The serving engine on the tiny model, without Serve: a batch mixing subjects draws each
+request as its subject alone draws it (`SubjectModel.generate`, what `subjectforge generate`
+runs), LoRA subjects never see each other's adapters, and a failed group fails only its own
+requests."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.model import BlipDiffusion
+from pipeline.model.subject import SubjectModel
+from pipeline.serving.engine import Engine, Job
+from pipeline.serving.requests import GenerationRequest
+from pipeline.serving.subjects import ZeroShotSubject, read_subject
+from tests.serve_subjects import TINY, make_subject
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def subjects(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    folders = {
+        "a": make_subject(root / "a", "lora", 1),
+        "b": make_subject(root / "b", "lora", 2),
+        "ti": make_subject(root / "ti", "textual-inversion", 3),
+        "full": make_subject(root / "full", "blipd", 4),
+    }
+    return {name: (folder, read_subject(folder, name, "1")) for name, folder in folders.items()}
+
+
+def request(seed, num_images=1, guidance=7.5):
+    return GenerationRequest("on the beach", num_images, seed, STEPS, guidance, None, None, None)
+
+
+def job(subject, seed, **kwargs):
+    return Job(request(seed, **kwargs), subject, 64, 64)
+
+
+def pixels(images):
+    return np.stack([np.asarray(image, dtype=np.int16) for image in images])
+
+
+def alone(folder, seed, num_images=1, guidance=7.5):
+    """What `subjectforge generate --model models:/...` draws: the subject on its own base."""
+    return pixels(SubjectModel.load(folder).generate("on the beach", num_images=num_images, seed=seed, steps=STEPS,
+                                                     guidance_scale=guidance))
+
+
+def test_a_mixed_batch_draws_each_subject_as_it_is_drawn_alone(subjects):
+    engine = Engine(BlipDiffusion.from_pretrained(TINY), max_batch_images=3, max_subjects=8, max_lora_adapters=8)
+    (a_dir, a), (b_dir, b), (ti_dir, ti), (full_dir, full) = (subjects[k] for k in ("a", "b", "ti", "full"))
+    photo = Image.new("RGB", (64, 64), "red")
+    jobs = engine.run([
+        job(b, 5), job(a, 5), job(ti, 7, num_images=2), job(ZeroShotSubject((photo,), "dog"), 5),
+        job(a, 9, guidance=3.0), job(full, 5), job(b, 6, num_images=2),
+    ])
+    assert all(j.error is None for j in jobs)
+    zero_shot = BlipDiffusion.from_pretrained(TINY).generate(
+        "on the beach", subject_images=[photo], category="dog", seed=5, steps=STEPS, height=64, width=64, progress=False)
+    expected = [alone(b_dir, 5), alone(a_dir, 5), alone(ti_dir, 7, 2), pixels(zero_shot), alone(a_dir, 9, guidance=3.0),
+                alone(full_dir, 5), alone(b_dir, 6, 2)]
+    for got, want in zip(jobs, expected, strict=True):
+        # The same images up to float rounding of a different batch (at most one level of 255).
+        assert np.abs(pixels(got.images) - want).max() <= 1
+    assert np.abs(expected[0] - expected[1]).max() > 20  # A and B draw visibly different images
+
+
+def test_lora_subjects_never_see_each_others_weights(subjects):
+    engine = Engine(BlipDiffusion.from_pretrained(TINY), max_batch_images=8, max_subjects=8, max_lora_adapters=8)
+    a, b = subjects["a"][1], subjects["b"][1]
+    [first] = engine.run([job(a, 11)])
+    interleaved = engine.run([job(b, 11), job(a, 11), job(b, 12)])
+    [last] = engine.run([job(a, 11)])
+    assert np.array_equal(pixels(first.images), pixels(interleaved[1].images))
+    assert np.array_equal(pixels(first.images), pixels(last.images))
+    assert np.abs(pixels(first.images) - pixels(interleaved[0].images)).max() > 20
+
+
+def test_an_evicted_adapter_is_loaded_again_and_draws_the_same(subjects):
+    engine = Engine(BlipDiffusion.from_pretrained(TINY), max_batch_images=8, max_subjects=1, max_lora_adapters=1)
+    a, b = subjects["a"][1], subjects["b"][1]
+    [first] = engine.run([job(a, 3)])
+    engine.run([job(b, 3)])
+    assert engine.adapters == ["b/1"]
+    [again] = engine.run([job(a, 3)])
+    assert engine.adapters == ["a/1"]
+    assert np.array_equal(pixels(first.images), pixels(again.images))
+    peft_names = {name for module in engine.model.unet.modules() for name in getattr(module, "lora_A", {})}
+    assert len(peft_names) == 1  # the evicted adapter's weights are gone from the UNet
+
+
+def test_out_of_memory_fails_its_group_only_and_the_engine_goes_on(subjects, monkeypatch):
+    engine = Engine(BlipDiffusion.from_pretrained(TINY), max_batch_images=8, max_subjects=8, max_lora_adapters=8)
+    a, ti = subjects["a"][1], subjects["ti"][1]
+    denoise = engine.model._denoise
+    calls = []
+
+    def fail_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return denoise(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "_denoise", fail_once)
+    jobs = engine.run([job(ti, 1), job(ti, 2), job(a, 1)])
+    assert [type(j.error).__name__ for j in jobs] == ["OutOfMemoryError", "OutOfMemoryError", "NoneType"]
+    [retry] = engine.run([job(ti, 1)])
+    assert retry.error is None and len(retry.images) == 1
