@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -32,6 +31,7 @@ from pipeline.config import BUNDLED_DATASETS_DIR, Config, ConfigError, dump_conf
 from pipeline.evaluation import benchmark, plan, report
 from pipeline.evaluation.metrics import summarize_scores
 from pipeline.evaluation.workers import load_rgb
+from pipeline.paths import remove_tree
 
 if TYPE_CHECKING:
     from pipeline.model.subject import SubjectSpec
@@ -141,7 +141,7 @@ def _download_once(uri: str, name: str, version: str, dst: Path) -> Path:
 
     if not dst.is_dir():
         partial = dst.with_name(dst.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
+        remove_tree(partial, dst.parent)
         tracking.download_model_version(uri, name, version, partial)
         partial.rename(dst)
         log.info("downloaded models:/%s/%s to %s", name, version, dst)

@@ -27,6 +27,8 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pipeline.paths import remove_tree
+
 TRAIN_DATASET = "train"
 _PARTIAL = ".partial-"  # prefix of a checkpoint folder being written (never resumed from)
 
@@ -197,12 +199,11 @@ def _store_checkpoint(folder: Path, run_folder: Path, name: str, keep: int) -> N
     `keep` checkpoints."""
     run_folder.mkdir(parents=True, exist_ok=True)
     partial, final = run_folder / f"{_PARTIAL}{name}", run_folder / name
-    shutil.rmtree(partial, ignore_errors=True)
+    remove_tree(partial, run_folder)
     partial.mkdir()
     for child in Path(folder).iterdir():
         shutil.move(child, partial / child.name)
-    if final.exists():
-        shutil.rmtree(final)
+    remove_tree(final, run_folder)
     partial.rename(final)
     for old in sorted(p for p in run_folder.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old)
+        remove_tree(old, run_folder)

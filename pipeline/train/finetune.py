@@ -19,9 +19,10 @@ artifact -> the MLflow registry. No math here; the methods are in methods.py.
    subjects share a GPU), or, with `in_process` (finetune-many's actors), in the calling
    process on its rows in memory (`dist.local_run`, pipeline/train/inmemory.py), where the
    base stays loaded from one subject to the next (pipeline/train/bases.py);
-5. copies the final checkpoint's subject folder to <finetune.out>/<subject_id>-<method>/ and,
-   with `finetune.register_model`, logs it as a pyfunc registered as <prefix><subject_id>,
-   tagged with the key.
+5. copies the final checkpoint's subject folder beside <finetune.out>/<subject_id>-<method>/
+   and renames it into place (pipeline/paths.py: the previous artifact stays whole until then)
+   and, with `finetune.register_model`, logs it as a pyfunc registered as
+   <prefix><subject_id>, tagged with the key.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +44,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from pipeline import tracking
 from pipeline.config import Config, ConfigError
 from pipeline.dataplan import ensure_ray
+from pipeline.paths import replace_tree
 from pipeline.sources import SourcePhoto
 from pipeline.train import dist
 from pipeline.train.data import build_training_plan, open_dataset
@@ -68,6 +69,7 @@ _KEY_IGNORES = ("subject", "base", "category", "out", "register_model", "registe
 _KEY_TRAIN = ("resolution", "crop", "prompt_template", "trainable", "mixed_precision", "max_grad_norm", "shuffle_buffer", "seed")
 _PRIOR_BATCH = 4  # class-prior images per generation batch
 _DONE = "prior-done.json"  # written after the last prior image: the prior set counts only then
+_LISTED = 20  # subject ids an error message lists before "and N more"
 
 
 class SubjectError(RuntimeError):
@@ -111,7 +113,8 @@ def check_finetune(config: Config) -> None:
 
 def read_subject(config: Config) -> SubjectRows:
     """The subject's usable rows; undecodable ones are counted by reason. Raises SubjectError
-    when none is usable and ConfigError for a missing source or category."""
+    when none is usable and ConfigError for a missing source or category, or a subject the
+    dataset does not hold."""
     ft = config.finetune
     source = Path(ft.subject).expanduser()
     if not source.exists():
@@ -123,8 +126,13 @@ def read_subject(config: Config) -> SubjectRows:
         for file in info.files:
             table = pq.read_table(file, columns=[SUBJECT_ID, CATEGORY, IMAGE, COMPOSITE], filters=[(SUBJECT_ID, "=", ft.subject_id)])
             candidates += table.to_pylist()
+        if not candidates:
+            raise ConfigError(
+                f"finetune.subject_id: subject {ft.subject_id!r} is not in dataset {info.version} ({info.path}); "
+                f"its subjects: {_bounded_list(info.subjects)}"
+            )
         version, digest = info.version, info.digest
-        category = ft.category or (candidates[0][CATEGORY] if candidates else None)
+        category = ft.category or candidates[0][CATEGORY]
         if not category:
             raise ConfigError("finetune.category: give --category (the subject's class noun, e.g. dog)")
     else:
@@ -151,6 +159,11 @@ def read_subject(config: Config) -> SubjectRows:
             f"skipped: {skipped or 'none'}{', rejected: ' + rejected if rejected else ''})"
         )
     return SubjectRows(ft.subject_id, category, rows, skipped, rejects, version, digest)
+
+
+def _bounded_list(names: list[str]) -> str:
+    shown = ", ".join(names[:_LISTED]) or "none"
+    return shown + (f" and {len(names) - _LISTED} more" if len(names) > _LISTED else "")
 
 
 def _rows_from_photos(config: Config, folder: Path, category: str) -> tuple[list[dict[str, Any]], list[dict[str, str]], str, str]:
@@ -315,10 +328,8 @@ def finetune_subject(config: Config, in_process: bool = False) -> FinetuneResult
     try:
         fit = _fit_in_process if in_process else _fit
         checkpoint, step = fit(train_config, storage, run_name, uri, run_id)
-        artifact = Path(ft.out).expanduser().resolve() / f"{ft.subject_id}-{ft.method}"
-        if artifact.exists():
-            shutil.rmtree(artifact)
-        shutil.copytree(checkpoint / get_method(ft.method).MODEL_FOLDER, artifact)
+        out = Path(ft.out).expanduser().resolve()
+        artifact = replace_tree(checkpoint / get_method(ft.method).MODEL_FOLDER, out / f"{ft.subject_id}-{ft.method}", out)
         size = sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file())
         name = version = None
         if ft.register_model and run_id:

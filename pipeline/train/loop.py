@@ -66,7 +66,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # after a failure, or a rerun with the same run name), else from the base weights.
     with dist.resume_folder() as folder:
         method = get_method(train.method).load(config, folder, device)
-        resumed = torch.load(folder / TRAIN_STATE, map_location="cpu") if folder is not None else None
+        resumed = read_train_state(folder) if folder is not None else None
     params = method.trainable_parameters()
     set_unet_attention(method.model.unet, train.unet_sdpa_backend)
     compile_mode = None  # the torch.compile mode in use; None: eager
@@ -169,6 +169,12 @@ def _save_checkpoint(folder: Path, method: Any, optimizer: Any, schedule: Any, s
         {"step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, folder / TRAIN_STATE
     )
     (folder / PROGRESS).write_text(json.dumps({"step": step}) + "\n")
+
+
+def read_train_state(folder: Path) -> dict[str, Any]:
+    """The optimizer, schedule and step `_save_checkpoint` wrote. Tensors and plain containers
+    only (weights_only): a checkpoint in shared storage must not be able to run code here."""
+    return torch.load(folder / TRAIN_STATE, map_location="cpu", weights_only=True)
 
 
 def _setup_worker_logging() -> None:
