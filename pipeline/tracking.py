@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import REPO_DIR
+from pipeline.config import REPO_DIR, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,38 @@ def _client(uri: str):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _like(value: str) -> str:
+    """A LIKE pattern, quoted for a filter string, that matches `value` (and maybe others).
+
+    MLflow's filter grammar strips a string literal's outer quotes and has no escape for a quote
+    inside it (a trailing backslash also ends the parse), so a name such as o'neil cannot be
+    written as an `=` literal. Each of those characters becomes `_` (any one character) instead,
+    and callers keep only the exact matches.
+    """
+    return "'" + re.sub(r"['\"\\]", "_", value) + "'"
+
+
+def _run_named(client: Any, experiment_id: str, run_name: str) -> str | None:
+    """The id of the newest run in the experiment tagged with `run_name`, or None."""
+    token = None
+    while True:
+        page = client.search_runs(
+            [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` LIKE {_like(run_name)}",
+            order_by=["attributes.start_time DESC"], max_results=100, page_token=token,
+        )
+        for run in page:
+            if run.data.tags.get(RUN_NAME_TAG) == run_name:
+                return run.info.run_id
+        token = page.token
+        if not token:
+            return None
+
+
+def _model_versions(client: Any, name: str) -> list[Any]:
+    """Every version of registered model `name` (none when it is not registered)."""
+    return [v for v in client.search_model_versions(f"name LIKE {_like(name)}") if v.name == name]
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -81,11 +114,8 @@ def start_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str] 
     client = _client(uri)
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found is not None else client.create_experiment(experiment)
-    existing = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", order_by=["attributes.start_time DESC"], max_results=1
-    )
-    if existing:
-        run_id = existing[0].info.run_id
+    run_id = _run_named(client, experiment_id, run_name)
+    if run_id is not None:
         client.update_run(run_id, status="RUNNING")
         log.info("MLflow: reopened run %s (%s) in %s", run_id, run_name, uri)
     else:
@@ -134,12 +164,16 @@ def register_model(uri: str, run_id: str, folder: Path, name: str, tags: Mapping
 
 def find_model_version(uri: str, name: str, tags: Mapping[str, str]) -> str | None:
     """The newest version of `name` whose tags include all of `tags` (so a rerun does not
-    register twice); None when there is none or `name` is not registered."""
+    register twice); None when there is none or `name` is not registered. Any other failure
+    (a server that stopped answering) is raised: taken as "not registered", it would make the
+    caller train and register a duplicate."""
     from mlflow.exceptions import MlflowException
 
     try:
-        versions = _client(uri).search_model_versions(f"name = '{name}'")
-    except MlflowException:
+        versions = _model_versions(_client(uri), name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
         return None
     for version in sorted(versions, key=lambda v: int(v.version), reverse=True):
         if all(version.tags.get(k) == v for k, v in tags.items()):
@@ -170,6 +204,11 @@ def log_params(uri: str, run_id: str, params: Mapping[str, str]) -> None:
     new = [Param(k, v) for k, v in params.items() if k not in logged]
     for start in range(0, len(new), 100):  # log_batch takes at most 100 params
         client.log_batch(run_id, params=new[start : start + 100])
+
+
+def last_metric_step(uri: str, run_id: str, key: str) -> int:
+    """The highest step at which the run has metric `key`, or -1 when it has none."""
+    return max((m.step for m in _client(uri).get_metric_history(run_id, key)), default=-1)
 
 
 def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
@@ -255,6 +294,19 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
     except (OSError, urllib.error.URLError) as exc:
         problem = str(getattr(exc, "reason", exc))
     raise TrackingUnavailable(f"MLflow tracking server {uri} does not answer ({problem})")
+
+
+def reachable_uri(setting: str | None, optional: bool = False) -> str:
+    """The tracking URI (resolve_tracking_uri) once its server answers. Every command that talks
+    to MLflow calls this before any work: ConfigError (exit 2) in seconds instead of MLflow's
+    minutes of retries. `optional`: the command can run without MLflow, and the message says how."""
+    uri = resolve_tracking_uri(setting)
+    try:
+        check_reachable(uri)
+    except TrackingUnavailable as exc:
+        without = ", or run without MLflow: --set tracking.enabled=false" if optional else ""
+        raise ConfigError(f"{exc}; set tracking.uri / $MLFLOW_TRACKING_URI to a live server{without}") from None
+    return uri
 
 
 def start_data_run(uri: str, experiment: str, run_name: str, action: str) -> str:
@@ -496,7 +548,7 @@ def set_alias(uri: str, name: str, alias: str, version: str | None = None, from_
         if version is None and from_alias is not None:
             version = str(client.get_model_version_by_alias(name, from_alias).version)
         elif version is None:
-            versions = client.search_model_versions(f"name = '{name}'")
+            versions = _model_versions(client, name)
             if not versions:
                 raise RegistryError(f"registered model {name!r} has no versions at {uri}")
             version = str(max(int(v.version) for v in versions))

@@ -67,3 +67,65 @@ def test_dataset_input_is_logged_once_and_model_registered_with_tags(store, tmp_
     assert tracking.find_model_version(store, "sf-base", {"run_name": "r", "step": "6"}) is None
     assert tracking.find_model_version(store, "missing", {}) is None
     assert MlflowClient(store).get_model_version("sf-base", version).tags["git_commit"] == "deadbeef"
+
+
+def _model_folder(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    (model / "model_index.json").write_text("{}")
+    return model
+
+
+@pytest.mark.parametrize("name", ["o'neil", 'say "hi"', "it's \"both\" \\"])
+def test_names_with_quotes_reopen_their_run_and_find_their_versions(store, tmp_path, name):
+    similar = "".join("_" if c in "'\"\\" else c for c in name)  # what a LIKE search also matches
+    run_id = tracking.start_run(store, "exp", name)
+    other_run = tracking.start_run(store, "exp", similar)
+    assert other_run != run_id and tracking.start_run(store, "exp", name) == run_id
+
+    model = _model_folder(tmp_path)
+    for _ in range(2):
+        tracking.register_model(store, other_run, model, f"sf-{similar}", {"step": "1"})
+    version = tracking.register_model(store, run_id, model, f"sf-{name}", {"step": "2"})
+    assert tracking.find_model_version(store, f"sf-{name}", {"step": "2"}) == version == "1"
+    assert tracking.find_model_version(store, f"sf-{name}", {"step": "1"}) is None  # the similar name's tags
+    assert tracking.set_alias(store, f"sf-{name}", "champion") == "1"  # its own newest, not the similar one's 2
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_server_that_does_not_answer_is_an_error_not_an_unregistered_model(monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries take minutes
+    with pytest.raises(MlflowException, match="127.0.0.1"):
+        tracking.find_model_version(f"http://127.0.0.1:{_closed_port()}", "sf-dog", {"finetune_key": "abc"})
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["pretrain", "--data", "nowhere"],
+        ["finetune", "--subject", "nowhere", "--subject-id", "dog"],
+        ["finetune-many", "--data", "nowhere"],
+        ["evaluate", "--model", "models:/sf-dog@candidate"],
+        ["generate", "--model", "models:/sf-dog@candidate", "--prompt", "on the beach", "--out", "images"],
+        ["promote", "sf-dog", "--alias", "champion"],
+    ],
+)
+def test_every_command_stops_before_any_work_when_the_server_does_not_answer(argv, monkeypatch, tmp_path, capsys):
+    from pipeline.cli import main
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # without the check each command waited minutes
+    monkeypatch.chdir(tmp_path)
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    assert main([*argv, "--profile", "tiny", "--set", f"tracking.uri={uri}"]) == 2
+    err = capsys.readouterr().err
+    assert f"MLflow tracking server {uri} does not answer" in err and "not found" not in err
+    assert list(tmp_path.iterdir()) == []

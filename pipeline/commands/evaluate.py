@@ -42,9 +42,13 @@ def apply_arguments(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
+    from pipeline import tracking
     from pipeline.evaluation.job import log_to_mlflow, run_evaluation
     from pipeline.evaluation.report import METRIC_TITLES
 
+    registered = (config.evaluate.model or config.model_path("blip_diffusion")).startswith("models:/")
+    if config.tracking.enabled or registered:
+        tracking.reachable_uri(config.tracking.uri, optional=not registered)
     result = run_evaluation(config, logger=log_to_mlflow if config.tracking.enabled else None)
     print(f"{result.out}: {result.generated} image(s) generated, {result.reused} reused")
     if result.mlflow_run_id:

@@ -51,8 +51,12 @@ def apply_arguments(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace, config: Config) -> int:
     from ray.train import TrainingFailedError
 
+    from pipeline import tracking
     from pipeline.train.finetune import SubjectError, finetune_subject
 
+    registered = (config.finetune.base or config.model_path("blip_diffusion")).startswith("models:/")
+    if config.tracking.enabled or registered:
+        tracking.reachable_uri(config.tracking.uri, optional=not registered)
     try:
         result = finetune_subject(config)
     except (SubjectError, TrainingFailedError) as exc:

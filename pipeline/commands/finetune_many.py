@@ -39,8 +39,12 @@ def apply_arguments(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
+    from pipeline import tracking
     from pipeline.train.many import finetune_many, format_table
 
+    registered = (config.finetune.base or config.model_path("blip_diffusion")).startswith("models:/")
+    if config.tracking.enabled or registered:
+        tracking.reachable_uri(config.tracking.uri, optional=not registered)
     rows = finetune_many(config)
     if not rows:
         print(f"no affected subjects in {config.finetune.subject}: nothing to fine-tune")

@@ -81,6 +81,9 @@ def run(args: argparse.Namespace, config: Config) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
     dtype_name = gen.dtype if gen.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
     if args.model and args.model.startswith("models:/"):
+        from pipeline import tracking
+
+        tracking.reachable_uri(config.tracking.uri)
         outputs, elapsed = _generate_registered(args, config, request, device, getattr(torch, dtype_name))
         return _write(args, config, outputs, elapsed, device, dtype_name)
     if not args.subject_image or not args.category:

@@ -31,8 +31,11 @@ def apply_arguments(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace, config: Config) -> int:
     from ray.train import TrainingFailedError
 
+    from pipeline import tracking
     from pipeline.train.trainer import run_training
 
+    if config.tracking.enabled:
+        tracking.reachable_uri(config.tracking.uri, optional=True)
     try:
         result = run_training(config)
     except TrainingFailedError as exc:

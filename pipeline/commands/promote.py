@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
 def run(args: argparse.Namespace, config: Config) -> int:
     from pipeline import tracking
 
-    uri = tracking.resolve_tracking_uri(config.tracking.uri)
+    uri = tracking.reachable_uri(config.tracking.uri)
     from_alias = None if args.version else (args.from_alias or config.finetune.alias)
     try:
         version = tracking.set_alias(uri, args.name, args.alias, args.version, from_alias)

@@ -141,13 +141,28 @@ class ProgressLog(Hook):
 
 
 class MetricsLog(Hook):
-    """MLflow metrics with step= on every logging step (rank 0)."""
+    """MLflow metrics with step= on every logging step (rank 0), each step once.
+
+    A restarted worker group resumes from the newest checkpoint, so the steps between it and the
+    failure run again. MLflow can neither replace nor delete a logged point, and a second point
+    at a step would make the history double back. So each attempt reads once, at its start, the
+    last step the run has logged, and logs only the steps after it: a replayed step keeps the
+    values its first run logged, and the history has one point per step.
+    """
+
+    KEY = "loss"  # IntervalStats reports it at every logging step
 
     def __init__(self, run: RunInfo) -> None:
         self.run = run
+        self.logged_through = -1
+
+    def on_start(self, state: TrainState) -> None:
+        self.logged_through = tracking.last_metric_step(self.run.tracking_uri, self.run.mlflow_run_id, self.KEY)
+        if self.logged_through > state.step:
+            log.info("MLflow already holds metrics up to step %d: replayed steps are not logged again", self.logged_through)
 
     def after_step(self, state: TrainState) -> None:
-        if state.stats is not None:
+        if state.stats is not None and state.step > self.logged_through:
             tracking.log_metrics(self.run.tracking_uri, self.run.mlflow_run_id, state.stats, state.step)
 
 
