@@ -386,7 +386,7 @@ def registered_version(uri: str, name: str, alias: str | None = None, version: s
         found = client.get_model_version_by_alias(name, alias) if alias is not None else client.get_model_version(name, str(version))
     except MlflowException as exc:
         ref = f"models:/{name}@{alias}" if alias is not None else f"models:/{name}/{version}"
-        raise RegistryError(f"{ref} not found in the registry at {uri}: {exc.message}") from None
+        raise _registry_error(ref, uri, exc) from None
     return str(found.version)
 
 
@@ -412,6 +412,18 @@ PYFUNC_FOLDER = "subject_model"  # where the pyfunc is logged in the run's artif
 
 class RegistryError(LookupError):
     """A registry URI, model name, version or alias that does not resolve."""
+
+
+# What the registry answers for a model, version or alias it does not hold (a missing alias is
+# INVALID_PARAMETER_VALUE); anything else, a server that stopped answering included, is not "not found".
+_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+def _registry_error(ref: str, uri: str, exc: Any) -> RegistryError:
+    """The RegistryError for MlflowException `exc` of a lookup of `ref`."""
+    if exc.error_code in _NOT_FOUND:
+        return RegistryError(f"{ref} not found in the registry at {uri}: {exc.message}")
+    return RegistryError(f"{ref}: the registry at {uri} failed ({exc.error_code}): {exc.message}")
 
 
 LIMITS_CONFIG_KEY = "serve_limits"  # the pyfunc's model_config key: serve.limits of the config that logged it
@@ -578,7 +590,7 @@ def download_model(uri: str, model_uri: str) -> Path:
         source = client.get_model_version_download_uri(name, version)
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri))
     except MlflowException as exc:
-        raise RegistryError(f"{model_uri} not found in the registry at {uri}: {exc.message}") from None
+        raise _registry_error(model_uri, uri, exc) from None
 
 
 def subject_folder(uri: str, model_uri: str) -> Path:

@@ -104,8 +104,24 @@ def test_a_server_that_does_not_answer_is_an_error_not_an_unregistered_model(mon
     from mlflow.exceptions import MlflowException
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries take minutes
+    down = f"http://127.0.0.1:{_closed_port()}"
     with pytest.raises(MlflowException, match="127.0.0.1"):
-        tracking.find_model_version(f"http://127.0.0.1:{_closed_port()}", "sf-dog", {"finetune_key": "abc"})
+        tracking.find_model_version(down, "sf-dog", {"finetune_key": "abc"})
+    for lookup in (lambda: tracking.registered_version(down, "sf-dog", alias="candidate"),
+                   lambda: tracking.download_model(down, "models:/sf-dog@candidate")):
+        with pytest.raises(tracking.RegistryError) as caught:
+            lookup()
+        assert "not found" not in str(caught.value) and "failed" in str(caught.value)
+
+
+def test_a_missing_alias_or_version_is_not_found(store):
+    run_id = tracking.start_run(store, "exp", "r")
+    tracking.register_model(store, run_id, _model_folder(Path.cwd()), "sf-dog", {})
+    for lookup in (lambda: tracking.registered_version(store, "sf-dog", alias="nope"),
+                   lambda: tracking.registered_version(store, "sf-dog", version="7"),
+                   lambda: tracking.download_model(store, "models:/sf-cat@candidate")):
+        with pytest.raises(tracking.RegistryError, match="not found in the registry"):
+            lookup()
 
 
 @pytest.mark.parametrize(
