@@ -5,6 +5,11 @@ parent (latest) version, copies the parent's rows of unchanged photos into the n
 that it reads as a complete dataset on its own, and records removed photos. A change of any
 setting that affects the output (see `processing_digest`) reprocesses everything.
 
+Before any work a refresh checks its parent against the parent's manifest (pipeline.verify):
+a damaged file is an error that names it and the photos whose rows it held, unless
+`reprocess_damaged`, which processes those photos again instead of carrying their rows. The
+manifest records the sha256 of each file of the new version for the next check.
+
 The manifest lists the subjects a build affects (new, changed or removed photos, or all of them
 after a settings change), which `finetune-many --affected` fine-tunes. `run_data_job` records
 each build or refresh as an MLflow run (see its docstring for when tracking is on).
@@ -15,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -33,14 +39,12 @@ from pipeline.config import Config, dump_config
 from pipeline.dataplan import Cluster, build_dataset_plan, data_stages, ensure_ray, run_plan
 from pipeline.hub import require_model
 from pipeline.sources import SourceError, SourcePhoto, SourceScan, scan_source
-from pipeline.versions import MANIFEST, DatasetStore, utc_now, write_json_atomic
+from pipeline.verify import CHECKSUMS, CONFIG_FILE, DamagedVersion, VersionCheck, check_version, record_checksums
+from pipeline.versions import INPUTS_FILE, MANIFEST, REJECTS_FILE, DatasetStore, utc_now, write_json_atomic
 from stages.records import CATEGORY, REJECT_REASON, REJECT_STAGE, SOURCE_PATH, SOURCE_SHA256, SOURCE_URI, SUBJECT_ID
 from stages.write import DATA_SCHEMA, REJECT_SCHEMA, split_block
 
 log = logging.getLogger(__name__)
-
-INPUTS_FILE = "inputs.parquet"
-REJECTS_FILE = "rejects.parquet"
 
 INPUTS_SCHEMA = pa.schema(
     [
@@ -73,7 +77,10 @@ def processing_digest(config: Config, backgrounds_hash: str) -> str:
     for section, key in runtime_only:
         data[section].pop(key)
     data.pop("max_reject_fraction")
+    data.pop("keep_failed")
     data.pop("backgrounds")
+    # Which links are read changes the inputs, which the source digest follows, not their rows.
+    data.pop("source")
     data["write"].pop("rows_per_file")
     payload = {"data": data, "clipseg": config.model_path("clipseg"), "backgrounds": backgrounds_hash}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -116,20 +123,20 @@ def process_photos(photos: list[SourcePhoto], config: Config, dataset_version: s
     return rows, rejects
 
 
-def _read_ledger(version_dir: Path) -> dict[str, dict[str, Any]]:
-    table = pq.read_table(version_dir / INPUTS_FILE)
-    return {row["source_uri"]: row for row in table.to_pylist()}
-
-
-def _carry_forward(parent_dir: Path, staging: Path, accepted_uris: set[str], rejected_uris: set[str]) -> pa.Table:
+def _carry_forward(parent: VersionCheck, staging: Path, accepted_uris: set[str], rejected_uris: set[str]) -> pa.Table:
     """Copy the parent's data rows of `accepted_uris` into staging/data; return its reject rows
-    for `rejected_uris`."""
+    for `rejected_uris`. Damaged files are never read: their photos are not in either set."""
+    parent_dir = parent.version_dir
     keep = pa.array(sorted(accepted_uris), pa.string())
     for index, part in enumerate(sorted((parent_dir / "data").glob("*.parquet"))):
+        if f"data/{part.name}" in parent.damaged_data:
+            continue
         table = pq.read_table(part)
         kept = table.filter(pc.is_in(table["source_uri"], value_set=keep))
         if kept.num_rows:
             pq.write_table(kept, staging / "data" / f"carried-{index:05d}.parquet", row_group_size=64)
+    if not rejected_uris:
+        return REJECT_SCHEMA.empty_table()
     rejects = pq.read_table(parent_dir / REJECTS_FILE)
     return rejects.filter(pc.is_in(rejects["source_uri"], value_set=pa.array(sorted(rejected_uris), pa.string())))
 
@@ -199,17 +206,21 @@ class RefreshPlan:
     affected: dict[str, dict[str, int]]  # subject_id -> {new, changed, removed, reprocessed} photo counts
 
 
-def plan_refresh(scan: SourceScan, parent_ledger: dict[str, dict[str, Any]], reuse: bool) -> RefreshPlan:
+def plan_refresh(
+    scan: SourceScan, parent_ledger: dict[str, dict[str, Any]], reuse: bool, damaged: set[str] | None = None
+) -> RefreshPlan:
     """Compare the scan with the parent's ledger. With `reuse` False (no parent, a full build, or
-    changed settings) every photo is processed; new/changed/removed are still reported."""
+    changed settings) every photo is processed; new/changed/removed are still reported. Photos in
+    `damaged` (their parent rows or reject records cannot be trusted) are processed again."""
     current = {p.source_uri: p for p in scan.inputs}
+    damaged = damaged or set()
 
     def same(uri: str) -> bool:
         old = parent_ledger.get(uri)
         return old is not None and (old["source_sha256"], old["category"]) == (current[uri].sha256, current[uri].category)
 
     # Scan rejects are re-derived from subjects.csv every time, so they are never carried.
-    unchanged = {p.source_uri for p in scan.photos if reuse and same(p.source_uri)}
+    unchanged = {p.source_uri for p in scan.photos if reuse and same(p.source_uri) and p.source_uri not in damaged}
     removed = sorted(set(parent_ledger) - set(current))
     affected: dict[str, dict[str, int]] = {}
 
@@ -221,7 +232,7 @@ def plan_refresh(scan: SourceScan, parent_ledger: dict[str, dict[str, Any]], reu
             mark(photo.subject_id, "new")
         elif not same(uri):
             mark(photo.subject_id, "changed")
-        elif not reuse:  # same photo, new settings: its rows differ all the same
+        elif not reuse or uri in damaged:  # same photo, new settings or damaged rows: processed again
             mark(photo.subject_id, "reprocessed")
     for uri in removed:
         mark(parent_ledger[uri]["subject_id"], "removed")
@@ -249,7 +260,9 @@ def dataset_digest(version_dir: Path) -> str:
     return hashlib.sha256((Path(version_dir) / MANIFEST).read_bytes()).hexdigest()[:16]
 
 
-def run_data_job(source: str | Path, out: str | Path, config: Config, *, incremental: bool, progress: bool = True) -> BuildResult:
+def run_data_job(
+    source: str | Path, out: str | Path, config: Config, *, incremental: bool, progress: bool = True, reprocess_damaged: bool = False
+) -> BuildResult:
     """`build_dataset`, recorded as one MLflow run in `tracking.data_experiment`.
 
     Tracking is on when `tracking.enabled` and a server is configured (`tracking.uri` or
@@ -261,12 +274,12 @@ def run_data_job(source: str | Path, out: str | Path, config: Config, *, increme
     uri = tracking.configured_tracking_uri(config.tracking.uri) if config.tracking.enabled else None
     if uri is None:
         log.info("MLflow: not tracking this data job (tracking.enabled is false or no tracking.uri / $MLFLOW_TRACKING_URI)")
-        return build_dataset(source, out, config, incremental=incremental, progress=progress)
+        return build_dataset(source, out, config, incremental=incremental, progress=progress, reprocess_damaged=reprocess_damaged)
     tracking.check_reachable(uri)
     action = "refresh" if incremental else "build"
     run_id = tracking.start_data_run(uri, config.tracking.data_experiment, f"data-{action}-{utc_now()}", action)
     try:
-        result = build_dataset(source, out, config, incremental=incremental, progress=progress)
+        result = build_dataset(source, out, config, incremental=incremental, progress=progress, reprocess_damaged=reprocess_damaged)
     except BaseException as exc:
         tracking.finish_data_run(uri, run_id, status="error", message=f"{type(exc).__name__}: {exc}")
         raise
@@ -279,10 +292,18 @@ def run_data_job(source: str | Path, out: str | Path, config: Config, *, increme
     return result
 
 
-def build_dataset(source: str | Path, out: str | Path, config: Config, *, incremental: bool, progress: bool = True) -> BuildResult:
-    """Build (incremental=False) or refresh (incremental=True) the dataset at `out` from `source`."""
+def build_dataset(
+    source: str | Path, out: str | Path, config: Config, *, incremental: bool, progress: bool = True, reprocess_damaged: bool = False
+) -> BuildResult:
+    """Build (incremental=False) or refresh (incremental=True) the dataset at `out` from `source`.
+
+    Raises SourceError for an unusable source or an `out` inside it, StoreError for an `out`
+    that cannot be written, and DamagedVersion for a parent that fails its check (unless
+    `reprocess_damaged` and only its rows or reject records are damaged).
+    """
     started = time.perf_counter()
-    scan = scan_source(source)
+    _check_out_outside_source(source, out)
+    scan = scan_source(source, follow_links=config.data.source.follow_links, max_bytes=config.data.decode.max_bytes)
     if not scan.inputs:
         raise SourceError(f"no input photos found under {scan.root}")
     scan_seconds = time.perf_counter() - started
@@ -291,64 +312,146 @@ def build_dataset(source: str | Path, out: str | Path, config: Config, *, increm
     require_model("clipseg", config.model_path("clipseg"))
     digest = processing_digest(config, backgrounds_hash)
     store = DatasetStore(out)
+    # A refresh with nothing to write needs no lock, so it also succeeds on a read-only OUT.
+    # Under the lock the question is asked again: another build may have published meanwhile.
+    if incremental and not reprocess_damaged and (quiet := _nothing_new(store, scan, digest)):
+        return quiet
 
     with store.lock():
+        store.recover()
         parent = store.latest_version() if incremental else None
-        parent_manifest = store.read_manifest(parent) if parent else None
-        if parent_manifest and parent_manifest["source_digest"] == scan.digest() and parent_manifest["processing_digest"] == digest:
-            message = f"nothing changed since {parent}: processed 0 photos, no new version"
-            log.info(message)
-            return BuildResult("unchanged", parent, store.path(parent), parent_manifest, message)
+        parent_check = _checked_parent(store, parent, reprocess_damaged)
+        if parent_check and parent_check.ok and (quiet := _nothing_new(store, scan, digest)):
+            return quiet
+        parent_manifest = parent_check.manifest if parent_check else None
 
         warnings = list(scan.warnings)
         settings_changed = parent_manifest is not None and parent_manifest["processing_digest"] != digest
         if settings_changed:
             warnings.append(f"settings that change the output differ from {parent}: every photo is reprocessed")
-        parent_ledger = _read_ledger(store.path(parent)) if parent_manifest else {}
-        plan = plan_refresh(scan, parent_ledger, reuse=not settings_changed)
+        damaged = _damaged_inputs(parent_check)
+        if damaged:
+            warnings.append(f"{len(damaged)} photo(s) whose rows or reject records in {parent} are damaged: processed again")
+        parent_ledger = parent_check.ledger if parent_check else {}
+        plan = plan_refresh(scan, parent_ledger, reuse=not settings_changed, damaged=damaged)
 
         version = store.next_version()
         staging = store.new_staging(version)
-        (staging / "data").mkdir()
-        log.info(
-            "%s: %d inputs, %d to process, %d unchanged, %d removed%s", version, len(scan.inputs),
-            len(plan.to_process), len(plan.unchanged), len(plan.removed), f" (parent {parent})" if parent else "",
-        )
-        task_stats: list[dict[str, Any]] = []
-        if plan.to_process:
-            ensure_ray(config.ray)
-            dataset = build_dataset_plan([_photo_dict(p) for p in plan.to_process], config, backgrounds, version)
-            task_stats = run_plan(dataset, str(staging), progress=progress)
-        extra_rejects = [_scan_rejects(scan)]
-        if plan.unchanged:
-            carried_rejected = plan.unchanged - plan.carried_accepted
-            extra_rejects.append(_carry_forward(store.path(parent), staging, plan.carried_accepted, carried_rejected))
-        rejects = _collect_rejects(staging, extra_rejects)
-        pq.write_table(rejects, staging / REJECTS_FILE)
-        subjects = _write_ledger(staging, scan, rejects)
-        (staging / "config.yaml").write_text(dump_config(config))
-
-        seconds: Counter[str] = Counter({"scan": scan_seconds})
-        for stats in task_stats:
-            seconds.update(stats["seconds"])
-        manifest = _manifest(
-            version, parent, scan, plan, subjects, rejects, staging, config,
-            digest=digest, warnings=warnings, seconds=seconds, started=started,
-            backgrounds={"folder": str(config.data.backgrounds or BUNDLED_BACKGROUNDS), "count": len(backgrounds), "digest": backgrounds_hash},
-        )
-        write_json_atomic(staging / MANIFEST, manifest)
+        try:
+            manifest = _write_version(
+                staging, version, parent, parent_check, scan, plan, config, backgrounds,
+                digest=digest, backgrounds_hash=backgrounds_hash, warnings=warnings, scan_seconds=scan_seconds,
+                started=started, progress=progress,
+            )  # fmt: skip
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         ok = manifest["status"] == "ok"
-        path = store.publish(staging, version, make_latest=ok)
+        path = store.publish(staging, version) if ok else store.publish_failed(staging, version, keep=config.data.keep_failed)
 
     if not ok:
+        kept = f"kept at {path}" if path else "not kept (data.keep_failed is 0)"
         message = (
             f"{manifest['rejected']} of {manifest['inputs']} inputs rejected "
             f"({manifest['rejected'] / manifest['inputs']:.0%}) > data.max_reject_fraction "
-            f"{config.data.max_reject_fraction:.0%}; {version} written to {path} but `latest` not moved"
+            f"{config.data.max_reject_fraction:.0%}; no new version, `latest` not moved; the failed build is {kept}"
         )
         return BuildResult("failed", version, path, manifest, message)
     message = f"{version}: {manifest['accepted']} accepted, {manifest['rejected']} rejected, {manifest['rows']} rows at {path}"
     return BuildResult("built", version, path, manifest, message)
+
+
+def _check_out_outside_source(source: str | Path, out: str | Path) -> None:
+    """SourceError for an OUT inside SOURCE: each build would scan the last one as photos."""
+    source_dir, out_dir = Path(source).resolve(), Path(out).resolve()
+    if out_dir.is_relative_to(source_dir):
+        raise SourceError(f"--out {out_dir} is inside the source {source_dir}: choose a dataset folder outside it")
+
+
+def _nothing_new(store: DatasetStore, scan: SourceScan, digest: str) -> BuildResult | None:
+    """The `unchanged` result when the latest version has the same inputs and settings."""
+    parent = store.latest_version()
+    try:
+        manifest = store.read_manifest(parent) if parent else None
+    except (OSError, ValueError):
+        return None  # the parent's check says what is wrong with it
+    if not manifest or (manifest.get("source_digest"), manifest.get("processing_digest")) != (scan.digest(), digest):
+        return None
+    message = f"nothing changed since {parent}: processed 0 photos, no new version"
+    log.info(message)
+    return BuildResult("unchanged", parent, store.path(parent), manifest, message)
+
+
+def _checked_parent(store: DatasetStore, parent: str | None, reprocess_damaged: bool) -> VersionCheck | None:
+    """The parent's check, before any work; DamagedVersion unless it passed, or its damage is
+    confined to rows and reject records that `reprocess_damaged` lets the build make again."""
+    if parent is None:
+        return None
+    check = check_version(store.path(parent))
+    if not check.ok and not (reprocess_damaged and check.repairable):
+        raise DamagedVersion(check.describe())
+    if not check.has_checksums:
+        log.warning("%s records no checksums (an older release built it): its files were checked for size and shape only", parent)
+    return check
+
+
+def _damaged_inputs(parent: VersionCheck | None) -> set[str]:
+    """Photos whose parent rows or reject records cannot be carried."""
+    if parent is None or parent.ok:
+        return set()
+    damaged = set(parent.damaged_uris)
+    if parent.rejects_damaged:
+        damaged |= {uri for uri, row in parent.ledger.items() if row["status"] == "rejected"}
+    return damaged
+
+
+def _write_version(
+    staging: Path,
+    version: str,
+    parent: str | None,
+    parent_check: VersionCheck | None,
+    scan: SourceScan,
+    plan: RefreshPlan,
+    config: Config,
+    backgrounds: list[tuple[str, str]],
+    *,
+    digest: str,
+    backgrounds_hash: str,
+    warnings: list[str],
+    scan_seconds: float,
+    started: float,
+    progress: bool,
+) -> dict[str, Any]:
+    """Process, carry forward and write everything of `version` into `staging`; its manifest."""
+    (staging / "data").mkdir()
+    log.info(
+        "%s: %d inputs, %d to process, %d unchanged, %d removed%s", version, len(scan.inputs),
+        len(plan.to_process), len(plan.unchanged), len(plan.removed), f" (parent {parent})" if parent else "",
+    )
+    task_stats: list[dict[str, Any]] = []
+    if plan.to_process:
+        ensure_ray(config.ray)
+        dataset = build_dataset_plan([_photo_dict(p) for p in plan.to_process], config, backgrounds, version)
+        task_stats = run_plan(dataset, str(staging), progress=progress)
+    extra_rejects = [_scan_rejects(scan)]
+    if plan.unchanged:
+        carried_rejected = plan.unchanged - plan.carried_accepted
+        extra_rejects.append(_carry_forward(parent_check, staging, plan.carried_accepted, carried_rejected))
+    rejects = _collect_rejects(staging, extra_rejects)
+    pq.write_table(rejects, staging / REJECTS_FILE)
+    subjects = _write_ledger(staging, scan, rejects)
+    (staging / CONFIG_FILE).write_text(dump_config(config))
+
+    seconds: Counter[str] = Counter({"scan": scan_seconds})
+    for stats in task_stats:
+        seconds.update(stats["seconds"])
+    manifest = _manifest(
+        version, parent, scan, plan, subjects, rejects, staging, config,
+        digest=digest, warnings=warnings, seconds=seconds, started=started,
+        backgrounds={"folder": str(config.data.backgrounds or BUNDLED_BACKGROUNDS), "count": len(backgrounds), "digest": backgrounds_hash},
+    )  # fmt: skip
+    write_json_atomic(staging / MANIFEST, manifest)
+    return manifest
 
 
 def _manifest(
@@ -402,5 +505,6 @@ def _manifest(
         "models": {"clipseg": config.model_path("clipseg")},
         "schema": {"data": DATA_SCHEMA.names, "rejects": REJECT_SCHEMA.names},
         "files": data_files,
+        CHECKSUMS: record_checksums(staging),
         "config": config.model_dump(mode="json"),
     }

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from pipeline.versions import INPUTS_FILE, MANIFEST, REJECTS_FILE
 
 CHECKSUMS = "checksums"  # manifest key: {path relative to the version: sha256}
+CONFIG_FILE = "config.yaml"
 _REQUIRED_KEYS = ("version", "status", "inputs", "rows", "rejected", "source_digest", "processing_digest", "files")
 _HASH_CHUNK = 1 << 22
 _SHOW_URIS = 20
@@ -78,8 +79,10 @@ class VersionCheck:
 
     @property
     def repairable(self) -> bool:
-        """Damage confined to data rows and reject records: the photos can be processed again."""
-        return self.manifest is not None and self.ledger is not None and set(self.problems) <= self.damaged_data | {REJECTS_FILE}
+        """Damage confined to what a refresh makes anew: data rows and reject records (their
+        photos can be processed again) and config.yaml (each version writes its own)."""
+        rebuilt = self.damaged_data | {REJECTS_FILE, CONFIG_FILE}
+        return self.manifest is not None and self.ledger is not None and set(self.problems) <= rebuilt
 
     def describe(self) -> str:
         lines = [f"dataset version {self.version_dir} is damaged:"]
