@@ -73,7 +73,9 @@ def test_lora_subjects_never_see_each_others_weights(subjects):
     [first] = engine.run([job(a, 11)])
     interleaved = engine.run([job(b, 11), job(a, 11), job(b, 12)])
     [last] = engine.run([job(a, 11)])
-    assert np.array_equal(pixels(first.images), pixels(interleaved[1].images))
+    # Interleaved rows share one UNet call, each with its own adapter: A's image stays A's, up
+    # to float rounding of the bigger batch; alone again, it is A's exactly.
+    assert np.abs(pixels(first.images) - pixels(interleaved[1].images)).max() <= 1
     assert np.array_equal(pixels(first.images), pixels(last.images))
     assert np.abs(pixels(first.images) - pixels(interleaved[0].images)).max() > 20
 
@@ -104,7 +106,7 @@ def test_out_of_memory_fails_its_group_only_and_the_engine_goes_on(subjects, mon
         return denoise(*args, **kwargs)
 
     monkeypatch.setattr(engine.model, "_denoise", fail_once)
-    jobs = engine.run([job(ti, 1), job(ti, 2), job(a, 1)])
+    jobs = engine.run([job(ti, 1), job(a, 2), Job(request(1), a, 32, 32)])  # two groups: two sizes
     assert [type(j.error).__name__ for j in jobs] == ["OutOfMemoryError", "OutOfMemoryError", "NoneType"]
     [retry] = engine.run([job(ti, 1)])
     assert retry.error is None and len(retry.images) == 1

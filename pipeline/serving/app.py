@@ -175,16 +175,18 @@ def _api_error(exc: BaseException) -> ApiError:
 
 
 async def _read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, read no further than `max_bytes` (ApiError 413 beyond)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise ApiError(413, "request", f"body of {int(declared)} bytes; at most {max_bytes} (serve.max_request_mb)")
+    """The request body, kept no further than `max_bytes` (ApiError 413 beyond). The rest of a
+    body that is too large is read and dropped, so the client, still sending, gets the 413
+    rather than a connection cut under it; serve.request_timeout_s bounds how long that takes."""
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > max_bytes:
-            raise ApiError(413, "request", f"body over {max_bytes} bytes (serve.max_request_mb)")
-        chunks.append(chunk)
+        if size <= max_bytes:
+            chunks.append(chunk)
+        else:
+            chunks.clear()
+    if size > max_bytes:
+        raise ApiError(413, "request", f"body of {size} bytes; at most {max_bytes} (serve.max_request_mb)")
     return b"".join(chunks)
 
 

@@ -2,9 +2,11 @@
 
 `Engine.run(jobs)` draws a batch of requests from any callers. Jobs are grouped by what must be
 equal inside one denoising batch: steps, size, whether guidance runs, and the UNet that draws
-them. The base UNet draws zero-shot and textual-inversion subjects together (only their
-embeddings differ, row by row); a LoRA subject's group runs with its named peft adapter active
-(switched per group, never merged, so no other group sees its weights); a blipd or dreambooth
+them. The base UNet draws zero-shot, textual-inversion and LoRA subjects together: embeddings
+differ row by row, and each LoRA subject is a named peft adapter of the base UNet, never merged.
+A batch of one adapter switches to it; a batch of several passes each LoRA layer the adapter
+of each row (peft's mixed-batch forward: the base output for all rows, each adapter's update
+added to its own rows only), so no request sees another's weights. A blipd or dreambooth
 subject's group runs on a spare UNet holding that subject's full weights. A request's noise
 comes from a CPU generator seeded with its own seed, as `subjectforge generate` makes it, so a
 seed gives the same images whatever it is batched with (up to float rounding of the batch).
@@ -19,6 +21,7 @@ import logging
 import time
 import warnings
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +38,7 @@ from pipeline.serving.subjects import RegisteredSubject, SubjectUnusable, ZeroSh
 log = logging.getLogger(__name__)
 
 BASE = ("base",)  # the group key part of subjects drawn by the base UNet
+BASE_ROW = "__base__"  # peft's adapter name for rows drawn without an adapter
 
 
 @dataclass
@@ -54,11 +58,15 @@ class Job:
     def unet_key(self) -> tuple[str, ...]:
         """Which UNet draws it: the base, a LoRA adapter of it, or a full subject UNet."""
         subject = self.subject
-        if isinstance(subject, ZeroShotSubject) or subject.spec.method == "textual-inversion":
+        if isinstance(subject, ZeroShotSubject) or subject.spec.method in ("textual-inversion", "lora"):
             return BASE
-        if subject.spec.method == "lora":
-            return ("lora", subject.key)
         return ("full", subject.key)
+
+    @property
+    def adapter_key(self) -> str | None:
+        """The subject whose LoRA adapter draws it, or None (the UNet's own weights)."""
+        subject = self.subject
+        return subject.key if isinstance(subject, RegisteredSubject) and subject.spec.method == "lora" else None
 
     @property
     def group_key(self) -> tuple[Any, ...]:
@@ -109,11 +117,12 @@ class Engine:
     @torch.no_grad()
     def _run_group(self, jobs: list[Job]) -> None:
         first = jobs[0]
-        model = self._activate(first)
+        model, adapters = self._activate(jobs)
         steps, height, width = first.request.steps, first.height, first.width
-        cond, uncond, latents, scales = [], [], [], []
+        cond, uncond, latents, scales, rows = [], [], [], [], []
         for job in jobs:
             r = job.request
+            rows += [adapters.get(job.adapter_key, BASE_ROW)] * r.num_images
             cond.append(self._condition(model, job))
             if r.guidance_scale > 1.0:
                 negative = r.negative_prompt if r.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
@@ -138,7 +147,10 @@ class Engine:
             chunk = noise[start:stop] * scheduler.init_noise_sigma
             part = guidance if isinstance(guidance, float) else guidance[start:stop]
             null = None if uncond_all is None else uncond_all[start:stop]
-            chunk = model._denoise(chunk, cond_all[start:stop], null, scheduler, part, progress=False)
+            # With guidance the UNet sees [uncond rows; cond rows]: both halves use the row's adapter.
+            names = rows[start:stop] * (2 if null is not None else 1)
+            with _row_adapters(model.unet, names if len(set(rows)) > 1 else None):
+                chunk = model._denoise(chunk, cond_all[start:stop], null, scheduler, part, progress=False)
             decoded = model.vae.decode(chunk / model.vae.config.scaling_factor).sample
             images += model.image_processor.postprocess(decoded.to(torch.float32, copy=True), "pil")
         for job in jobs:
@@ -171,19 +183,26 @@ class Engine:
     # -----------------------------------------------------------------------------------------
     # Which UNet draws a group
 
-    def _activate(self, job: Job) -> BlipDiffusion:
-        """The model that draws `job`'s group, its UNet set up for the job's subject."""
-        kind = job.unet_key[0]
-        if kind == "full":
-            return self._full_model(job.subject)
+    def _activate(self, jobs: list[Job]) -> tuple[BlipDiffusion, dict[str | None, str]]:
+        """The model that draws the group `jobs`, and the adapter name of each LoRA subject in it.
+        One adapter is switched on for the whole UNet; several are picked row by row."""
+        if jobs[0].unet_key[0] == "full":
+            return self._full_model(jobs[0].subject), {}
+        subjects = {job.adapter_key: job.subject for job in jobs if job.adapter_key is not None}
+        # Load them all before using any: loading one may evict another this group needs.
+        if len(subjects) > self._adapters.budget:
+            raise SubjectUnusable(f"{len(subjects)} LoRA subjects in one batch; serve.max_lora_adapters is {self._adapters.budget:g}")
+        names = {key: self._adapters.get(key) or self._add_adapter(subject) for key, subject in subjects.items()}
         unet = self.model.unet
-        if kind == "lora":
-            name = self._adapters.get(job.subject.key) or self._add_adapter(job.subject)
+        plain = any(job.adapter_key is None for job in jobs)
+        if len(names) == 1 and not plain:
             unet.enable_adapters()
-            unet.set_adapter(name)
+            unet.set_adapter(next(iter(names.values())))
+        elif names:
+            unet.enable_adapters()  # the rows' adapter names pick the adapter of each row
         elif len(self._adapters):
             unet.disable_adapters()
-        return self.model
+        return self.model, names
 
     def _add_adapter(self, subject: RegisteredSubject) -> str:
         """Load `subject`'s LoRA into the base UNet as a new named adapter (in the model's dtype)."""
@@ -239,3 +258,23 @@ class Engine:
                 view.text_encoder = base.text_encoder
             self._full_key = subject.key
         return view
+
+
+@contextmanager
+def _row_adapters(unet: torch.nn.Module, names: list[str] | None):
+    """Within the block, every LoRA layer of `unet` uses adapter names[i] for batch row i
+    (BASE_ROW: none), as peft's PeftModel passes `adapter_names`; nothing changes with None."""
+    if names is None:
+        yield
+        return
+    from peft.tuners.lora import LoraLayer
+
+    def add_names(module, args, kwargs):
+        return args, {**kwargs, "adapter_names": names}
+
+    hooks = [m.register_forward_pre_hook(add_names, with_kwargs=True) for m in unet.modules() if isinstance(m, LoraLayer)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
