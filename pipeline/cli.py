@@ -28,6 +28,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("finetune", "pipeline.commands.finetune", "fine-tune one subject (blipd, lora, dreambooth, textual-inversion)"),
     ("finetune-many", "pipeline.commands.finetune_many", "fine-tune every subject of a dataset as one Ray job"),
     ("promote", "pipeline.commands.promote", "point a registry alias (e.g. champion) at a model version"),
+    ("serve", "pipeline.commands.serve", "serve zero-shot and registered subjects over HTTP (Ray Serve)"),
     ("submit", "pipeline.commands.submit", "run a subjectforge command as a job on a Ray cluster"),
     ("job", "pipeline.commands.job", "status, logs or stop of a submitted job"),
 ]

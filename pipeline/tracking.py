@@ -600,3 +600,20 @@ def subject_folder(uri: str, model_uri: str) -> Path:
     if not found:
         raise RegistryError(f"{model_uri} is not a fine-tuned subject (no subject.json in its artifacts)")
     return found[0]
+
+
+def registered_models(uri: str, prefix: str = "") -> list[dict[str, Any]]:
+    """Registered models whose name starts with `prefix`, by name: [{"name", "aliases":
+    {alias: version}, "latest_version"}] (what `subjectforge serve` lists at /v1/subjects)."""
+    client = _client(uri)
+    found, token = [], None
+    while True:
+        page = client.search_registered_models(max_results=200, page_token=token)
+        for model in page:
+            if model.name.startswith(prefix):
+                versions = [int(v.version) for v in model.latest_versions or []]
+                found.append({"name": model.name, "aliases": {k: str(v) for k, v in sorted((model.aliases or {}).items())},
+                              "latest_version": str(max(versions)) if versions else None})
+        token = page.token
+        if not token:
+            return sorted(found, key=lambda m: m["name"])
