@@ -114,3 +114,18 @@ def test_a_subject_not_in_the_dataset_is_named_with_the_ones_that_are(tmp_path, 
     assert main(_argv(many, out, "cow")) == 2
     assert "its subjects: s00, s01" in (err := capsys.readouterr().err) and "s19 and 5 more" in err and "s20" not in err
     assert not fake_fit
+
+
+def test_finetune_many_names_subjects_missing_from_the_dataset_before_starting_ray(tmp_path, monkeypatch, capsys):
+    import pipeline.train.many as many
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(many, "ensure_ray", no_ray)
+    dataset = tmp_path / "ds"
+    publish_dataset(dataset, {"dog": "dog", "cat": "cat"}, per_subject=1)
+    argv = ["finetune-many", "--profile", "tiny", "--data", str(dataset), "--subjects", "dog,cow", "--out", str(tmp_path / "out"),
+            "--set", "tracking.enabled=false"]
+    assert main(argv) == 2
+    assert "finetune.subjects: cow not in dataset v0001" in (err := capsys.readouterr().err) and "its subjects: cat, dog" in err

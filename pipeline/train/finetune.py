@@ -129,7 +129,7 @@ def read_subject(config: Config) -> SubjectRows:
         if not candidates:
             raise ConfigError(
                 f"finetune.subject_id: subject {ft.subject_id!r} is not in dataset {info.version} ({info.path}); "
-                f"its subjects: {_bounded_list(info.subjects)}"
+                f"its subjects: {list_subjects(info.subjects)}"
             )
         version, digest = info.version, info.digest
         category = ft.category or candidates[0][CATEGORY]
@@ -161,7 +161,8 @@ def read_subject(config: Config) -> SubjectRows:
     return SubjectRows(ft.subject_id, category, rows, skipped, rejects, version, digest)
 
 
-def _bounded_list(names: list[str]) -> str:
+def list_subjects(names: list[str]) -> str:
+    """"a, b, c" for an error message, at most _LISTED of them, then "and N more"."""
     shown = ", ".join(names[:_LISTED]) or "none"
     return shown + (f" and {len(names) - _LISTED} more" if len(names) > _LISTED else "")
 

@@ -34,7 +34,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.dataplan import ensure_ray, subject_trainer_options
 from pipeline.train import bases
 from pipeline.train.data import open_dataset
-from pipeline.train.finetune import FinetuneResult, finetune_subject
+from pipeline.train.finetune import FinetuneResult, finetune_subject, list_subjects
 from pipeline.versions import MANIFEST
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,12 @@ def subject_ids(config: Config) -> tuple[list[str], list[str]]:
     ones among them (possibly none)."""
     ft = config.finetune
     info = open_dataset(ft.subject)
+    missing = [s for s in ft.subjects or [] if s not in info.subjects]
+    if missing and not ft.affected_only:
+        raise ConfigError(
+            f"finetune.subjects: {list_subjects(missing)} not in dataset {info.version} ({info.path}); "
+            f"its subjects: {list_subjects(info.subjects)}"
+        )
     wanted = ft.subjects or info.subjects
     if not ft.affected_only:
         if not wanted:
