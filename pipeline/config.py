@@ -282,6 +282,27 @@ class ServeConfig(_Strict):
     model, so the model server enforces the values of the config that logged it."""
 
     limits: ServeLimits = ServeLimits()
+    # `subjectforge serve` (pipeline/serving/app.py): one Ray Serve replica per GPU holds the base
+    # model (models.blip_diffusion) once and draws zero-shot and registered subjects.
+    host: str = Field("127.0.0.1", description="address the HTTP proxy listens on (0.0.0.0 in a pod)")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of `subjectforge serve`")
+    num_replicas: int = Field(1, ge=1, description="model replicas (one per GPU)")
+    num_gpus: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="GPUs of a replica; auto = 1 when the cluster has GPUs, else 0"
+    )
+    max_batch_size: int = Field(8, ge=1, le=256, description="requests of one batch (serve.batch), across callers")
+    batch_wait_timeout_s: float = Field(0.02, ge=0.0, le=10.0, description="how long a batch waits to fill, s")
+    max_batch_images: int = Field(16, ge=1, le=512, description="images denoised together; a bigger batch runs in parts")
+    max_queued_requests: int = Field(64, ge=1, description="requests waiting for a replica; more are answered 503")
+    request_timeout_s: float = Field(300.0, gt=0, description="a request not answered by then gets a 5xx (a hung replica)")
+    max_request_mb: float = Field(48.0, gt=0, le=1024, description="largest request body, MB (reference photos are base64)")
+    max_reference_images: int = Field(6, ge=1, le=32, description="reference photos of a zero-shot request")
+    max_subjects: int = Field(512, ge=1, description="registered subjects kept loaded (embeddings on the device)")
+    max_lora_adapters: int = Field(128, ge=1, description="LoRA subjects kept as named adapters in the UNet")
+    full_unet_budget_gb: float = Field(16.0, ge=0, description="host memory for full (blipd, dreambooth) subject UNets, GB")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto = float16 on CUDA, float32 on CPU")
+    compile: bool = Field(False, description="torch.compile the UNet and VAE decoder; warmed up before the replica is ready")
+    warmup_steps: int = Field(2, ge=1, description="steps of the warm-up generation at each batch size a replica starts with")
 
 
 class TrainableConfig(_Strict):
