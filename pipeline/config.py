@@ -302,7 +302,7 @@ class ServeConfig(_Strict):
     full_unet_budget_gb: float = Field(16.0, ge=0, description="host memory for full (blipd, dreambooth) subject UNets, GB")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto = float16 on CUDA, float32 on CPU")
     compile: bool = Field(False, description="torch.compile the UNet and VAE decoder; warmed up before the replica is ready")
-    warmup_steps: int = Field(2, ge=1, description="steps of the warm-up generation at each batch size a replica starts with")
+    warmup_steps: int = Field(2, ge=1, description="steps of the one-image warm-up generation a replica runs before it is ready (with compile or on a GPU)")
 
 
 class TrainableConfig(_Strict):
