@@ -5,7 +5,7 @@ sample's photos resized to SIZE px, each with K composite rows (the composite is
 shifted, so it compresses like a photo), a radial alpha and its trimap. Prints milliseconds of
 encoding per photo and bytes per row for each K, best of 3 passes.
 
-`--post-matte`: the whole CPU task that follows the matte actor in `pipeline.dataplan` (filter ->
+`--post-matte`: the whole CPU task that follows the matte actor in `pipeline.data.plan` (filter ->
 composite -> encode -> Parquet write), run the way a Ray Data task runs it: the matte actor's
 output block (photo, trimap, alpha, foreground as tensor columns) is cut into batches of 4 rows,
 each function's output batch becomes an Arrow block again, and the blocks go to a Parquet file.
@@ -164,7 +164,7 @@ def post_matte_pass(blocks: list, args: argparse.Namespace, backgrounds, work: P
 def post_matte(args: argparse.Namespace, photos: list[np.ndarray]) -> None:
     from ray.data.block import BlockAccessor
 
-    from pipeline.backgrounds import list_backgrounds
+    from pipeline.data.backgrounds import list_backgrounds
 
     backgrounds = list_backgrounds(BACKGROUNDS)
     batch = matte_output(photos, args.size)
@@ -226,7 +226,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.batch_size is None:
         try:
-            from pipeline.dataplan import _FINISH_BATCH_SIZE as plan_batch_size
+            from pipeline.data.plan import _FINISH_BATCH_SIZE as plan_batch_size
         except ImportError:  # a checkout from before filter_composite_encode: 4 rows a batch
             plan_batch_size = 4
         args.batch_size = plan_batch_size

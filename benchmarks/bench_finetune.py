@@ -263,7 +263,7 @@ def bench_many(args: argparse.Namespace, work: Path, method: str) -> dict:
     """finetune_many over args.subjects subjects on a pool of args.concurrency actors."""
     import math
 
-    from pipeline.dataplan import ensure_ray
+    from pipeline.raycluster import ensure_ray
     from pipeline.train.many import finetune_many
     from tests.tinydata import publish_dataset
 

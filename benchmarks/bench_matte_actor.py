@@ -114,10 +114,10 @@ def dynamo_account() -> dict[str, Any]:
 
 
 def finish_arguments() -> dict[str, Any]:
-    """What the plan gives the actor and the task after it (pipeline.dataplan), for the bundled
+    """What the plan gives the actor and the task after it (pipeline.data.plan), for the bundled
     backgrounds: the filter's and composite's arguments, and the encoder's."""
-    from pipeline.backgrounds import list_backgrounds
-    from pipeline.dataplan import finish_args
+    from pipeline.data.backgrounds import list_backgrounds
+    from pipeline.data.plan import finish_args
 
     config = load_config()
     return finish_args(config, list_backgrounds(config.data.backgrounds), "bench")

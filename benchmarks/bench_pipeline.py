@@ -1,6 +1,6 @@
 """Whole `data build` throughput on one node: photos/s end to end, and Ray Data's per-stage stats.
 
-The build runs `pipeline.build.build_dataset`, which is what `subjectforge data build` calls, on a
+The build runs `pipeline.data.build.build_dataset`, which is what `subjectforge data build` calls, on a
 source of --photos photos. They are DreamBench-mini's 40 JPEGs, each copy jittered (crop, flip,
 brightness) so that no two files are the same bytes. CLIPSeg is real-sized: the
 CIDAS/clipseg-rd64-refined architecture (ViT-B/16 vision tower, CLIP text tower, rd64 decoder,
@@ -70,10 +70,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from machine import describe  # noqa: E402
 
-import pipeline.build as build  # noqa: E402
-import pipeline.dataplan as dataplan  # noqa: E402
+import pipeline.data.build as build  # noqa: E402
+import pipeline.data.plan as dataplan  # noqa: E402
 from pipeline.config import ASSETS_DIR, load_config  # noqa: E402
-from pipeline.dataplan import SegmentAndTrimap  # noqa: E402
+from pipeline.data.plan import SegmentAndTrimap  # noqa: E402
 from stages.records import CONFIDENCE, SOURCE_SHA256, healthy_rows  # noqa: E402
 from stages.trimap import trimap_batch  # noqa: E402
 from tests.matting_fixtures import subject_confidence  # noqa: E402
@@ -378,7 +378,7 @@ def compile_caches() -> dict[str, Any]:
 
 
 class PlanProbe:
-    """Wraps pipeline.build.run_plan: the plan's clock (from the start of execution to its last
+    """Wraps pipeline.data.build.run_plan: the plan's clock (from the start of execution to its last
     shard), the shard watch, and the executed Dataset's Ray Data stats."""
 
     def __init__(self, on_progress) -> None:
@@ -613,7 +613,7 @@ def main(argv: list[str] | None = None) -> None:
     report.data["overrides"] = overrides
     import ray
 
-    from pipeline.dataplan import ensure_ray
+    from pipeline.raycluster import ensure_ray
 
     # Name the compile caches in the environment before Ray starts, so that every worker (Ray
     # passes the driver's environment to the workers of a local cluster) reads the folders the

@@ -764,7 +764,7 @@ def write_dataset(root: Path, rows: int, size: int) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.versions import MANIFEST, DatasetStore, write_json_atomic
+    from pipeline.data.versions import MANIFEST, DatasetStore, write_json_atomic
     from stages.write import DATA_SCHEMA
 
     rng = np.random.default_rng(0)

@@ -4,7 +4,7 @@ Backends are picked by name from BACKENDS. The pymatting backend solves one phot
 a CPU core (`matte_batch`, one photo per Ray task); the torch backend (stages/matting/) solves
 the same system for many photos at once, which is what `Matter`, the GPU actor of the stage,
 does. The actor that also filters and composites on its device is in stages/matte_composite.py.
-The backend comes here resolved: "auto" is the plan's to decide (pipeline/dataplan.py), by the
+The backend comes here resolved: "auto" is the plan's to decide (pipeline/data/plan.py), by the
 GPUs it lays the stages on.
 """
 

@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.build import INPUTS_FILE, build_dataset
 from pipeline.config import load_config
-from pipeline.sources import SourceError
-from pipeline.versions import DatasetStore
+from pipeline.data.build import INPUTS_FILE, build_dataset
+from pipeline.data.sources import SourceError
+from pipeline.data.versions import DatasetStore
 from stages.write import DATA_SCHEMA
 from tests.imagefiles import EXPECTED_REASON, broken_files, jpeg_bytes, make_source, photo, tricky_files
 from tests.tinydata import publish_dataset

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.backgrounds import list_backgrounds
+from pipeline.data.backgrounds import list_backgrounds
 from stages.composite import composite_batch, covered_background, draw_composites, subject_bbox
 from stages.composite_torch import (
     PasteJob,

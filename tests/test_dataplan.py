@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from ray.data import ActorPoolStrategy
 
-from pipeline.backgrounds import list_backgrounds
 from pipeline.config import ConfigError, load_config
-from pipeline.dataplan import batch_aligned_dataset, build_dataset_plan, filter_composite_encode, finish_args
+from pipeline.data.backgrounds import list_backgrounds
+from pipeline.data.plan import batch_aligned_dataset, build_dataset_plan, filter_composite_encode, finish_args
 from stages.composite import composite_batch
 from stages.filter import filter_batch
 from stages.write import encode_batch
@@ -85,7 +85,7 @@ def test_the_fused_cpu_task_is_filter_composite_encode_in_order():
     ],
 )
 def test_a_plan_whose_actors_hold_every_cpu_is_refused(monkeypatch, cpus, gpus, settings, fails):
-    import pipeline.dataplan as dataplan
+    import pipeline.data.plan as dataplan
 
     class Accepted(Exception):
         """The plan got past its checks to building the input dataset."""
@@ -106,7 +106,7 @@ def test_segment_and_trimap_actor_gives_the_two_stages_in_order(high, erode_fg_p
     """The plan's CLIPSeg actor runs the trimap stage on its output: same rows, rejects and
     timings as the segment actor and the trimap adapter called one after the other."""
     from pipeline.config import PROFILE_MODELS
-    from pipeline.dataplan import SegmentAndTrimap
+    from pipeline.data.plan import SegmentAndTrimap
     from stages.segment import Segmenter
     from stages.trimap import trimap_batch
 
@@ -137,7 +137,7 @@ def test_segment_and_trimap_actor_gives_the_two_stages_in_order(high, erode_fg_p
 
 def test_the_gpu_matte_stage_gets_the_filter_and_composite_arguments():
     from pipeline.config import MatteConfig
-    from pipeline.dataplan import Cluster, matte_stage
+    from pipeline.data.plan import Cluster, matte_stage
     from stages.matte import matte_batch
     from stages.matte_composite import MatteFilterComposite
 
@@ -153,7 +153,7 @@ def test_the_plan_and_process_photos_fold_one_stage_list():
     only encoding follows; in one process (process_photos) the same stages, with the same
     arguments, but matting photo by photo and filter, composite and encode after it. The tol
     reaches the matte stage either way."""
-    from pipeline.dataplan import Cluster, data_stages, filter_composite_encode
+    from pipeline.data.plan import Cluster, data_stages, filter_composite_encode
 
     config = load_config(overrides=["profile=tiny", "data.matte.tol=3e-5"])
     cluster = data_stages(config, Cluster(cpus=16, gpus=1), list_backgrounds(None), "v0001")
@@ -201,8 +201,8 @@ def test_a_build_through_the_finishing_matte_actor_equals_the_cpu_plans(fake_gpu
     import pyarrow.parquet as pq
     from PIL import Image
 
-    import pipeline.dataplan as dataplan
-    from pipeline.build import build_dataset
+    import pipeline.data.plan as dataplan
+    from pipeline.data.build import build_dataset
     from stages.matte_composite import MatteFilterComposite
     from stages.write import DATA_SCHEMA
     from tests.imagefiles import broken_files, make_source

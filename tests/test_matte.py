@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, MatteConfig
-from pipeline.dataplan import Cluster, gpus_per_segment_actor, matte_backend, matte_stage
+from pipeline.data.plan import Cluster, gpus_per_segment_actor, matte_backend, matte_stage
 from stages.matte import BACKENDS, Matter, matte_batch, matte_pymatting
 from stages.matte_composite import MatteFilterComposite
 from stages.matting import DEFAULT_TOL
@@ -225,7 +225,7 @@ def test_a_finishing_matter_gives_the_rows_of_the_filter_and_composite_stages(mo
     composite: tests/test_composite_torch.py), and once encoded the same published bytes but
     for the composites."""
     import stages.matting as matting
-    from pipeline.backgrounds import list_backgrounds
+    from pipeline.data.backgrounds import list_backgrounds
     from stages.composite import composite_batch
     from stages.filter import filter_batch
     from stages.records import ALPHA_AREA, COMPOSITE, PLACEMENT, SOURCE_SHA256

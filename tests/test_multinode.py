@@ -24,9 +24,9 @@ from safetensors.torch import load_file
 
 from pipeline.cli import main
 from pipeline.config import load_config
+from pipeline.data.versions import MANIFEST
 from pipeline.model import BlipDiffusion
 from pipeline.train.trainer import run_training
-from pipeline.versions import MANIFEST
 from tests.imagefiles import make_source
 
 pytestmark = pytest.mark.slow

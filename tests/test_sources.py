@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import sources
-from pipeline.sources import SourceError, read_subjects_csv, scan_source, sha256_file
+from pipeline.data import sources
+from pipeline.data.sources import SourceError, read_subjects_csv, scan_source, sha256_file
 from tests.imagefiles import jpeg_bytes, make_source, photo
 
 

@@ -7,11 +7,11 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.build import INPUTS_FILE, build_dataset
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.verify import record_checksums
-from pipeline.versions import DatasetStore
+from pipeline.data.build import INPUTS_FILE, build_dataset
+from pipeline.data.verify import record_checksums
+from pipeline.data.versions import DatasetStore
 from tests.imagefiles import jpeg_bytes, make_source, photo
 from tests.test_versions import read_only
 

@@ -7,8 +7,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from pipeline import versions
-from pipeline.versions import DatasetStore, StoreError
+from pipeline.data import versions
+from pipeline.data.versions import DatasetStore, StoreError
 
 
 def test_version_numbers_and_publish(tmp_path):

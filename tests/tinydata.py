@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.versions import MANIFEST, DatasetStore, write_json_atomic
+from pipeline.data.versions import MANIFEST, DatasetStore, write_json_atomic
 from stages.write import DATA_SCHEMA, encode_image
 from tests.imagefiles import photo
 

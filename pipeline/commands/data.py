@@ -2,7 +2,7 @@
 check a version against its manifest.
 
 Each build or refresh is an MLflow run in `tracking.data_experiment` when a tracking server is
-configured (pipeline.build.run_data_job); an unreachable one exits 2 before any work. A damaged
+configured (pipeline.data.build.run_data_job); an unreachable one exits 2 before any work. A damaged
 parent, an OUT that cannot be written or lies inside the source, and a version that fails
 `verify` exit 2 with the reason on stderr.
 """
@@ -15,13 +15,13 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.build import run_data_job
 from pipeline.config import Config, ConfigError
-from pipeline.report import format_summary
-from pipeline.sources import SourceError
+from pipeline.data.build import run_data_job
+from pipeline.data.report import format_summary
+from pipeline.data.sources import SourceError
+from pipeline.data.verify import DamagedVersion, check_version
+from pipeline.data.versions import LATEST, StoreError
 from pipeline.tracking import TrackingUnavailable
-from pipeline.verify import DamagedVersion, check_version
-from pipeline.versions import LATEST, StoreError
 
 
 def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:

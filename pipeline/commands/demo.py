@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 from urllib.parse import quote
 
-from pipeline.build import build_dataset
 from pipeline.config import BUNDLED_DATASETS_DIR, Config, ConfigError
-from pipeline.report import format_summary, make_contact_sheet
+from pipeline.data.build import build_dataset
+from pipeline.data.report import format_summary, make_contact_sheet
 
 SAMPLE = BUNDLED_DATASETS_DIR / "dreambench-mini"
 PROMPT = "on the beach"

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     from ray import serve
 
     from pipeline import tracking
-    from pipeline.dataplan import ensure_ray
+    from pipeline.raycluster import ensure_ray
     from pipeline.serving.app import APP_NAME, build_app
 
     tracking.reachable_uri(config.tracking.uri)  # registered subjects come from it: fail now, not per request

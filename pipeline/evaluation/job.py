@@ -192,8 +192,8 @@ def _check_fingerprint(out: Path, fingerprint: dict[str, Any]) -> None:
 
 def run_evaluation(config: Config, *, logger: ResultLogger | None = None, progress: bool = True) -> EvaluationResult:
     """Generate what is missing, score everything, write the report and log it (see module doc)."""
-    from pipeline.dataplan import ensure_ray
     from pipeline.hub import require_model
+    from pipeline.raycluster import ensure_ray
 
     ev = config.evaluate
     ref = resolve_model(ev.model or config.model_path("blip_diffusion"), config.tracking.uri)

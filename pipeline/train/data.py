@@ -21,7 +21,7 @@ import ray
 from ray.data import ActorPoolStrategy, Dataset
 
 from pipeline.config import Config, ConfigError
-from pipeline.versions import LATEST, MANIFEST
+from pipeline.data.versions import LATEST, MANIFEST
 from stages.records import CATEGORY, COMPOSITE, SUBJECT_ID
 from stages.train_inputs import CAPTION, INPUT_COLUMNS, FrozenEncoder, prepare_batch
 

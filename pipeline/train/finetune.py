@@ -4,7 +4,7 @@ artifact -> the MLflow registry. No math here; the methods are in methods.py.
 `finetune_subject(config)`:
 1. reads the subject's usable rows (target photo and composite) from a dataset version, or makes
    them from a folder of its photos through the dataset's stages (decode, CLIPSeg, trimap,
-   matte, filter, composite; pipeline.build.process_photos), each bad photo a reject with a
+   matte, filter, composite; pipeline.data.build.process_photos), each bad photo a reject with a
    reason;
 2. computes the fine-tune's key (`finetune_key`: base version, method, subject, dataset digest
    and the settings that change the weights). With registration on, a version of
@@ -43,9 +43,10 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline import tracking
 from pipeline.config import Config, ConfigError
-from pipeline.dataplan import ensure_ray
+from pipeline.data.sources import SourcePhoto
+from pipeline.data.versions import LATEST, MANIFEST
 from pipeline.paths import replace_tree
-from pipeline.sources import SourcePhoto
+from pipeline.raycluster import ensure_ray
 from pipeline.train import dist
 from pipeline.train.data import build_training_plan, open_dataset
 from pipeline.train.hooks import RunInfo
@@ -53,7 +54,6 @@ from pipeline.train.inmemory import InMemoryShard
 from pipeline.train.loop import PROGRESS, train_loop
 from pipeline.train.methods import PRIOR_CAPTION, REFERENCES_FOLDER, get_method
 from pipeline.train.trainer import _storage_path, check_cluster, check_training
-from pipeline.versions import LATEST, MANIFEST
 from stages.records import CATEGORY, COMPOSITE, IMAGE, SUBJECT_ID
 from stages.train_inputs import CAPTION, decode_rgb
 
@@ -170,9 +170,9 @@ def list_subjects(names: list[str]) -> str:
 def _rows_from_photos(config: Config, folder: Path, category: str) -> tuple[list[dict[str, Any]], list[dict[str, str]], str, str]:
     """The photos under `folder` through the dataset's stages: (rows with IMAGE and COMPOSITE
     bytes, rejects with source_uri/stage/reason, version label, digest of photos and settings)."""
-    from pipeline.backgrounds import backgrounds_digest, list_backgrounds
-    from pipeline.build import process_photos, processing_digest
-    from pipeline.sources import sha256_file
+    from pipeline.data.backgrounds import backgrounds_digest, list_backgrounds
+    from pipeline.data.build import process_photos, processing_digest
+    from pipeline.data.sources import sha256_file
 
     subject_id = config.finetune.subject_id
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)

@@ -29,13 +29,14 @@ from typing import Any
 
 import ray
 
-from pipeline.build import affected_subjects
 from pipeline.config import Config, ConfigError
-from pipeline.dataplan import ensure_ray, subject_trainer_options
+from pipeline.data.build import affected_subjects
+from pipeline.data.plan import subject_trainer_options
+from pipeline.data.versions import MANIFEST
+from pipeline.raycluster import ensure_ray
 from pipeline.train import bases
 from pipeline.train.data import open_dataset
 from pipeline.train.finetune import FinetuneResult, finetune_subject, list_subjects
-from pipeline.versions import MANIFEST
 
 log = logging.getLogger(__name__)
 

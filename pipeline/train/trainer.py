@@ -22,9 +22,9 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline import tracking
 from pipeline.config import Config, ConfigError
-from pipeline.dataplan import ensure_ray
 from pipeline.model import CheckpointError, SubjectImageProcessor
 from pipeline.model.checkpoint import MODEL_INDEX, read_json, resolve_checkpoint
+from pipeline.raycluster import ensure_ray
 from pipeline.train.data import DatasetInfo, build_training_plan, open_dataset, precompute_inputs, sample_subjects
 from pipeline.train.hooks import RunInfo
 from pipeline.train.loop import PROGRESS, train_loop

@@ -5,7 +5,7 @@ has GPUs) -> matte -> filter -> composite -> encode (CPU tasks) -> Parquet.
 
 `data_stages` is the one place that declares the data build's stages and resources (actor
 pools, GPU shares, batch sizes): `build_dataset_plan` folds the list over Ray Data's
-`map_batches`, and `pipeline.build.process_photos` folds the same list over one batch in its own
+`map_batches`, and `pipeline.data.build.process_photos` folds the same list over one batch in its own
 process. Training and evaluation declare their own Ray resources, beside their plans
 (pipeline/train/data.py, pipeline/train/trainer.py, pipeline/train/finetune.py,
 pipeline/evaluation/plan.py), and `subject_trainer_options` below those of finetune-many's actors.
@@ -32,7 +32,7 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, DataContext, Dataset
 
-from pipeline.config import Config, ConfigError, MatteConfig, RayConfig, whole_gpus
+from pipeline.config import Config, ConfigError, MatteConfig, whole_gpus
 from stages.composite import composite_batch
 from stages.decode import decode_batch
 from stages.filter import filter_batch
@@ -101,18 +101,6 @@ class StageSpec:
     def in_process(self) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
         """The stage as a function of one batch in this process (an actor is made here)."""
         return self.fn(**self.args) if isinstance(self.fn, type) else functools.partial(self.fn, **self.args)
-
-
-def ensure_ray(cfg: RayConfig) -> None:
-    """Join the configured cluster (or RAY_ADDRESS), else start a local Ray; reuse if running."""
-    if ray.is_initialized():
-        return
-    ray.init(
-        address=cfg.address,
-        num_cpus=cfg.num_cpus if cfg.address is None else None,
-        include_dashboard=False,
-        log_to_driver=True,
-    )
 
 
 def subject_trainer_options(config: Config) -> dict[str, Any]:

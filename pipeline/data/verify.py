@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.versions import INPUTS_FILE, MANIFEST, REJECTS_FILE
+from pipeline.data.versions import INPUTS_FILE, MANIFEST, REJECTS_FILE
 
 CHECKSUMS = "checksums"  # manifest key: {path relative to the version: sha256}
 CONFIG_FILE = "config.yaml"

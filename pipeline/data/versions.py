@@ -106,7 +106,7 @@ class DatasetStore:
 
         A version newer than `latest` whose manifest says ok was renamed into place by a build
         killed before it switched `latest`. That job never finished, so its lineage was never
-        recorded (pipeline.build.run_data_job): the version is removed rather than adopted, and
+        recorded (pipeline.data.build.run_data_job): the version is removed rather than adopted, and
         the next build makes it again. Versions marked failed (older releases kept them in the
         sequence) stay, as does anything whose manifest cannot be read.
         """

@@ -5,7 +5,7 @@ parent (latest) version, copies the parent's rows of unchanged photos into the n
 that it reads as a complete dataset on its own, and records removed photos. A change of any
 setting that affects the output (see `processing_digest`) reprocesses everything.
 
-Before any work a refresh checks its parent against the parent's manifest (pipeline.verify):
+Before any work a refresh checks its parent against the parent's manifest (pipeline.data.verify):
 a damaged file is an error that names it and the photos whose rows it held, unless
 `reprocess_damaged`, which processes those photos again instead of carrying their rows. The
 manifest records the sha256 of each file of the new version for the next check.
@@ -34,13 +34,14 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import __version__, tracking
-from pipeline.backgrounds import BUNDLED_BACKGROUNDS, backgrounds_digest, list_backgrounds
 from pipeline.config import Config, dump_config
-from pipeline.dataplan import Cluster, build_dataset_plan, data_stages, ensure_ray, run_plan
+from pipeline.data.backgrounds import BUNDLED_BACKGROUNDS, backgrounds_digest, list_backgrounds
+from pipeline.data.plan import Cluster, build_dataset_plan, data_stages, run_plan
+from pipeline.data.sources import SourceError, SourcePhoto, SourceScan, scan_source
+from pipeline.data.verify import CHECKSUMS, CONFIG_FILE, DamagedVersion, VersionCheck, check_version, record_checksums
+from pipeline.data.versions import INPUTS_FILE, MANIFEST, REJECTS_FILE, DatasetStore, utc_now, write_json_atomic
 from pipeline.hub import require_model
-from pipeline.sources import SourceError, SourcePhoto, SourceScan, scan_source
-from pipeline.verify import CHECKSUMS, CONFIG_FILE, DamagedVersion, VersionCheck, check_version, record_checksums
-from pipeline.versions import INPUTS_FILE, MANIFEST, REJECTS_FILE, DatasetStore, utc_now, write_json_atomic
+from pipeline.raycluster import ensure_ray
 from stages.records import CATEGORY, REJECT_REASON, REJECT_STAGE, SOURCE_PATH, SOURCE_SHA256, SOURCE_URI, SUBJECT_ID
 from stages.write import DATA_SCHEMA, REJECT_SCHEMA, split_block
 
@@ -98,7 +99,7 @@ def _photo_dict(photo: SourcePhoto) -> dict[str, str]:
 
 def process_photos(photos: list[SourcePhoto], config: Config, dataset_version: str) -> tuple[pa.Table, pa.Table]:
     """A handful of photos -> (data rows, reject rows) with the published schemas, through the
-    Ray plan's stages (pipeline.dataplan.data_stages), in their order, in this process.
+    Ray plan's stages (pipeline.data.plan.data_stages), in their order, in this process.
 
     For a subject folder given to `finetune`: 3-6 photos cost less than starting Ray Data. They
     take the path of the plan without matting actors (matte_batch, photo by photo, then filter,
