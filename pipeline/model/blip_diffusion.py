@@ -36,6 +36,7 @@ from pipeline.model.checkpoint import (
     write_json,
     write_weights,
 )
+from pipeline.model.control import Control, check_controlnet
 from pipeline.model.image_processing import ImageLike, SubjectImageProcessor
 from pipeline.model.prompts import (
     CONTEXT_BEGIN_POS,
@@ -337,6 +338,7 @@ class BlipDiffusion(nn.Module):
         output_type: str = "pil",
         progress: bool = True,
         step_callback: StepCallback | None = None,
+        control: Control | None = None,
     ) -> list[PIL.Image.Image] | np.ndarray | torch.Tensor:
         """Zero-shot subject-driven generation, `num_images` per prompt.
 
@@ -349,7 +351,9 @@ class BlipDiffusion(nn.Module):
         images on any device), else is random; `latents` (N, C, h, w) replaces it. Images are
         made `batch_size` at a time (default: all at once); the result changes only by float
         rounding. `step_callback(i, t, noise, latents)` sees each step's guided noise
-        prediction and the latents it produced (per batch).
+        prediction and the latents it produced (per batch). `control` adds a ControlNet's
+        residuals to every UNet call (its map is shared by all images; see
+        pipeline/model/control.py).
 
         Returns N = len(prompts) * num_images images: PIL images, a float32 array
         (N, H, W, 3) in [0, 1] ("np") or a tensor (N, 3, H, W) in [0, 1] ("pt").
@@ -367,6 +371,10 @@ class BlipDiffusion(nn.Module):
         if target is None:
             raise ValueError("give category (or target_category) to build the prompt")
         subject = self._resolve_subject(subject_images, category, subject_embeds)  # (1, Q, D)
+        if control is not None:
+            check_controlnet(control.controlnet, self.unet)
+            if tuple(control.image.shape) != (1, 3, height, width):
+                raise ValueError(f"the control image must be (1, 3, {height}, {width}), got {tuple(control.image.shape)}")
 
         texts = [build_prompt(target, p, prompt_strength, prompt_reps) for p in prompts for _ in range(num_images)]
         total = len(texts)
@@ -387,7 +395,7 @@ class BlipDiffusion(nn.Module):
             sched.set_timesteps(steps, device=self.device)
             chunk = latents[start:stop] * sched.init_noise_sigma
             null = None if uncond is None else uncond.expand(stop - start, -1, -1)
-            chunk = self._denoise(chunk, cond[start:stop], null, sched, guidance_scale, progress, step_callback)
+            chunk = self._denoise(chunk, cond[start:stop], null, sched, guidance_scale, progress, step_callback, control)
             decoded = self.vae.decode(chunk / self.vae.config.scaling_factor).sample
             # A copy: a CUDA-graph-compiled decoder reuses its output buffer on the next batch.
             images.append(decoded.to(torch.float32, copy=True))
@@ -439,6 +447,7 @@ class BlipDiffusion(nn.Module):
         guidance_scale: float,
         progress: bool,
         step_callback: StepCallback | None = None,
+        control: Control | None = None,
     ) -> torch.Tensor:
         """Run the scheduler's timesteps on latents (b, C, h, w); cond/uncond (b, 77, D)."""
         embeds = cond if uncond is None else torch.cat([uncond, cond]).to(self.unet.dtype)
@@ -446,7 +455,7 @@ class BlipDiffusion(nn.Module):
         for i, t in enumerate(timesteps):
             model_input = latents if uncond is None else torch.cat([latents, latents])
             model_input = scheduler.scale_model_input(model_input, t)
-            noise = self.unet(model_input, t, encoder_hidden_states=embeds).sample
+            noise = self._predict_step_noise(model_input, t, embeds, control)
             if uncond is None:
                 # A CUDA-graph-compiled UNet reuses its output buffer; PNDM keeps past outputs.
                 noise = noise.clone()
@@ -457,6 +466,23 @@ class BlipDiffusion(nn.Module):
             if step_callback is not None:
                 step_callback(i, t, noise, latents)
         return latents
+
+    def _predict_step_noise(
+        self, model_input: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, control: Control | None
+    ) -> torch.Tensor:
+        """One UNet call (b, C, h, w) -> noise (b, C, h, w); with `control`, the ControlNet sees the
+        same latents, timestep and text states, and its residuals are added to the UNet's
+        down-block outputs and mid block (LAVIS `_predict_noise`)."""
+        if control is None:
+            return self.unet(model_input, t, encoder_hidden_states=embeds).sample
+        down, mid = control.residuals(model_input, t, embeds)
+        return self.unet(
+            model_input,
+            t,
+            encoder_hidden_states=embeds,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        ).sample
 
     def compile_for_inference(self, mode: str | None = "max-autotune-no-cudagraphs", fullgraph: bool = False) -> None:
         """torch.compile the UNet and the VAE decoder in place (weight names are unchanged)."""

@@ -1,8 +1,9 @@
 """Write the tiny BLIP-Diffusion checkpoint: the released layout, small configs, random weights.
 
-    python -m pipeline.model.make_tiny [--out DIR]
+    python -m pipeline.model.make_tiny [--out DIR] [--controlnet-out DIR]
 
-The default output is the one the `tiny` profile loads (pipeline/assets/tiny-blipdiffusion).
+The default outputs are the ones the `tiny` profile loads (pipeline/assets/tiny-blipdiffusion,
+and beside it tiny-controlnet, a ControlNet made from that checkpoint's UNet).
 It keeps the real model's structure where behaviour depends on it (16 query tokens, 77 text
 positions, a 224 px ViT input, a VAE that downsamples 8x) and shrinks every width and depth.
 The tokenizer files are written here too: a byte-level CLIP BPE vocabulary (every byte, so any
@@ -20,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import Blip2QFormerConfig, Blip2VisionConfig, CLIPTextConfig
 
@@ -234,14 +235,41 @@ def make_tiny(out: Path) -> Path:
     return out
 
 
+def make_tiny_controlnet(checkpoint: Path, out: Path) -> Path:
+    """A ControlNet for the UNet in `checkpoint`, written to `out` (diffusers layout).
+
+    It starts as a copy of the UNet's encoder, as ControlNet training does; the layers that
+    training starts at zero (the conditioning embedding's last conv and the zero convolutions
+    into the UNet) get small random values, so the control map changes the output. The
+    conditioning embedding downsamples 8x (three strided convs), matching the latents.
+    """
+    torch.manual_seed(SEED)
+    unet = UNet2DConditionModel.from_pretrained(str(checkpoint / "unet"))
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+    zero_initialised = ("controlnet_cond_embedding.conv_out", "controlnet_down_blocks", "controlnet_mid_block")
+    for name, param in controlnet.named_parameters():
+        if name.startswith(zero_initialised):
+            nn.init.normal_(param, std=0.1)
+    if out.exists():
+        shutil.rmtree(out)
+    controlnet.save_pretrained(out, safe_serialization=True)
+    config = json.loads((out / "config.json").read_text())
+    if config.pop("_name_or_path", None) is not None:  # a machine-specific path
+        write_json(out / "config.json", config)
+    log.info("wrote %s", out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import ASSETS_DIR
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ASSETS_DIR / "tiny-blipdiffusion")
+    parser.add_argument("--controlnet-out", type=Path, default=ASSETS_DIR / "tiny-controlnet")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     make_tiny(args.out)
+    make_tiny_controlnet(args.out, args.controlnet_out)
     return 0
 
 

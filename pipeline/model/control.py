@@ -1,0 +1,229 @@
+"""Structure control for generation: control maps and the ControlNet that reads them.
+
+A control map is an RGB image the size of the output whose structure the generated image
+follows: Canny edges of a photo, its depth, its HED soft edges, or a map given as is. A
+ControlNet (diffusers' `ControlNetModel`, a trainable copy of the UNet's encoder) turns the map
+into residuals that are added to the UNet's skip connections at every denoising step, as in
+LAVIS `BlipDiffusion._predict_noise` and diffusers' `BlipDiffusionControlNetPipeline`.
+
+Maps are made here, in process: Canny with OpenCV, depth with a transformers depth-estimation
+model, HED with a TorchScript edge detector. Detector and ControlNet weights are loaded from a
+folder or the Hub cache; nothing here downloads unless the caller allows it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+
+from pipeline.model.image_processing import ImageLike, SubjectImageProcessor
+
+# What `--control` accepts; "none" generates without a ControlNet.
+CONTROL_KINDS = ("none", "canny", "depth", "hed", "map")
+# Kinds whose map is computed from a photo by a model the user names.
+DETECTOR_KINDS = ("depth", "hed")
+
+
+class ControlError(ValueError):
+    """A control image, map, detector or ControlNet that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class Control:
+    """What one generation is steered by.
+
+    controlnet: the loaded ControlNet (same device and dtype as the UNet);
+    image: (1, 3, H, W) float in [0, 1], the map at the output size (`prepare_control_image`);
+    scale: multiplies every residual; 0 leaves the UNet's output unchanged.
+    """
+
+    controlnet: Any  # diffusers.ControlNetModel (imported lazily: diffusers is slow to import)
+    image: torch.Tensor
+    scale: float = 1.0
+
+    def residuals(
+        self, latents: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """ControlNet residuals for one UNet call on latents (b, C, h, w) with text states
+        (b, 77, D): one per down-block output, plus the mid block's."""
+        cond = self.image.to(device=latents.device, dtype=latents.dtype)
+        cond = cond.expand(latents.shape[0], -1, -1, -1)
+        down, mid = self.controlnet(
+            latents,
+            timestep,
+            encoder_hidden_states=embeds,
+            controlnet_cond=cond,
+            conditioning_scale=self.scale,
+            return_dict=False,
+        )
+        return tuple(down), mid
+
+
+def load_controlnet(path_or_id: str | Path, *, dtype: torch.dtype, device: str | torch.device, local_files_only: bool = True):
+    """diffusers' ControlNetModel from a folder or a Hub id (offline by default)."""
+    from diffusers import ControlNetModel
+
+    try:
+        model = ControlNetModel.from_pretrained(str(path_or_id), torch_dtype=dtype, local_files_only=local_files_only)
+    except (OSError, ValueError) as exc:
+        raise ControlError(f"cannot load the ControlNet {str(path_or_id)!r}: {exc}") from exc
+    return model.to(device).eval()
+
+
+def check_controlnet(controlnet: Any, unet: Any) -> None:
+    """A ControlNet built for another UNet layout would fail deep inside the UNet; say so here."""
+    want = tuple(unet.config.block_out_channels)
+    have = tuple(controlnet.config.block_out_channels)
+    if have != want or controlnet.config.cross_attention_dim != unet.config.cross_attention_dim:
+        raise ControlError(
+            f"the ControlNet (blocks {have}, cross-attention {controlnet.config.cross_attention_dim}) does not fit "
+            f"the UNet (blocks {want}, cross-attention {unet.config.cross_attention_dim})"
+        )
+
+
+def read_control_image(path: ImageLike) -> PIL.Image.Image:
+    """The control photo or map as RGB; ControlError naming the file when it is not an image."""
+    if isinstance(path, PIL.Image.Image):
+        return path.convert("RGB")
+    try:
+        with PIL.Image.open(path) as opened:
+            return opened.convert("RGB")
+    except (OSError, PIL.UnidentifiedImageError, ValueError) as exc:
+        raise ControlError(f"control image {path} is not a readable image: {exc}") from exc
+
+
+def canny_map(image: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
+    """Canny edges of an RGB image (H, W, 3) uint8 -> (H, W, 3) uint8, 255 on edges, 0 elsewhere.
+
+    OpenCV's Canny on the colour image (the gradient is the largest over the channels), with
+    hysteresis thresholds `low` < `high` on the Sobel gradient magnitude (L1 norm), which is
+    what the released canny ControlNets were trained on (controlnet_aux's CannyDetector).
+    """
+    import cv2
+
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ControlError(f"canny needs an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
+    if not 0 <= low <= high:
+        raise ControlError(f"canny thresholds must satisfy 0 <= low <= high, got {low} and {high}")
+    edges = cv2.Canny(np.ascontiguousarray(image), low, high)
+    return np.repeat(edges[:, :, None], 3, axis=2)
+
+
+def depth_map(image: np.ndarray, detector: str | Path, local_files_only: bool = True) -> np.ndarray:
+    """Relative depth of an RGB image (H, W, 3) uint8 -> (H, W, 3) uint8, near = bright.
+
+    detector: a transformers depth-estimation model (id or folder), e.g. Intel/dpt-hybrid-midas,
+    the estimator the released depth ControlNet was trained with. Its output is scaled to
+    0..255 per image.
+    """
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(str(detector), local_files_only=local_files_only)
+        model = AutoModelForDepthEstimation.from_pretrained(str(detector), local_files_only=local_files_only).eval()
+    except (OSError, ValueError) as exc:
+        raise ControlError(f"cannot load the depth model {detector!r} (generate.control.detector): {exc}") from exc
+    with torch.no_grad():
+        depth = model(**processor(images=PIL.Image.fromarray(image), return_tensors="pt")).predicted_depth
+    depth = torch.nn.functional.interpolate(depth[:, None].float(), size=image.shape[:2], mode="bicubic")[0, 0]
+    return _to_map(depth)
+
+
+def hed_map(image: np.ndarray, detector: str | Path) -> np.ndarray:
+    """Soft edges of an RGB image (H, W, 3) uint8 -> (H, W, 3) uint8.
+
+    detector: a TorchScript file of an HED network taking (1, 3, H, W) float in [0, 255] and
+    returning edge probabilities (1, 1, H, W) in [0, 1] (HED has no transformers class, so the
+    network comes as a scripted file; export one with `torch.jit.script(model).save(path)`).
+    """
+    path = Path(detector)
+    if not path.is_file():
+        raise ControlError(f"the HED model {str(detector)!r} (generate.control.detector) is not a file")
+    try:
+        model = torch.jit.load(str(path), map_location="cpu").eval()
+    except (RuntimeError, ValueError) as exc:
+        raise ControlError(f"cannot load the HED model {str(detector)!r} as TorchScript: {exc}") from exc
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    with torch.no_grad():
+        edges = model(pixels)
+    if not torch.is_tensor(edges) or edges.shape[-2:] != image.shape[:2]:
+        raise ControlError(f"the HED model {str(detector)!r} must return (1, 1, H, W) edges for an (H, W) image")
+    return _to_map(edges.reshape(image.shape[:2]).clamp(0, 1) * 255, normalize=False)
+
+
+def make_control_map(
+    kind: str,
+    image: PIL.Image.Image,
+    height: int,
+    width: int,
+    *,
+    detector: str | Path | None = None,
+    canny_low: int = 100,
+    canny_high: int = 200,
+    local_files_only: bool = True,
+) -> PIL.Image.Image:
+    """The control map of `kind` for an output of height x width, as an RGB image of that size.
+
+    A photo is first resized to the output size (PIL bicubic, aspect ratio not kept), so edges
+    stay one pixel thin in the output. A `map` is returned unchanged: `prepare_control_image`
+    resizes it the same way.
+    """
+    if kind == "map":
+        return image
+    if kind in DETECTOR_KINDS and detector is None:
+        raise ControlError(f"--control {kind} needs a detector model (generate.control.detector: an id or a path)")
+    photo = np.asarray(image.convert("RGB").resize((width, height), resample=PIL.Image.Resampling.BICUBIC))
+    if kind == "canny":
+        result = canny_map(photo, canny_low, canny_high)
+    elif kind == "depth":
+        result = depth_map(photo, detector, local_files_only)
+    elif kind == "hed":
+        result = hed_map(photo, detector)
+    else:
+        raise ControlError(f"unknown control kind {kind!r}; choose one of {', '.join(CONTROL_KINDS[1:])}")
+    return PIL.Image.fromarray(result)
+
+
+def prepare_control_image(image: PIL.Image.Image, processor: SubjectImageProcessor, height: int, width: int) -> torch.Tensor:
+    """Control map -> (1, 3, height, width) float32 in [0, 1]: RGB, PIL bicubic resize to the
+    output size (aspect ratio not kept), times 1/255; no normalisation and no crop. This is the
+    reference's `prepare_control_image` (its image processor with those options)."""
+    config = {
+        **processor.config,
+        "size": {"height": height, "width": width},
+        "do_normalize": False,
+        "do_center_crop": False,
+        "do_resize": True,
+        "do_rescale": True,
+    }
+    return SubjectImageProcessor(config).preprocess(image)
+
+
+def _to_map(values: torch.Tensor, normalize: bool = True) -> np.ndarray:
+    """(H, W) float -> (H, W, 3) uint8, min-max scaled to 0..255 when `normalize`."""
+    values = values.float()
+    if normalize:
+        low, high = values.min(), values.max()
+        values = (values - low) / (high - low).clamp_min(1e-8) * 255
+    gray = values.round().clamp(0, 255).to(torch.uint8).numpy()
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+__all__ = [
+    "CONTROL_KINDS",
+    "Control",
+    "ControlError",
+    "canny_map",
+    "check_controlnet",
+    "depth_map",
+    "hed_map",
+    "load_controlnet",
+    "make_control_map",
+    "prepare_control_image",
+    "read_control_image",
+]
