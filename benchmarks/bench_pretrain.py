@@ -47,9 +47,17 @@ tiny UNet on 2 cores) and CUDA-graph modes run without CUDA graphs, so a CPU run
 every row runs, not how fast.
 
 --e2e runs `run_training` itself (Ray Data decoding a synthetic 512 px dataset, Ray Train with
-`--workers` GPUs) with and without precompute and reports the job's own samples/s and its
-data-wait share: the 1 -> N GPU scaling run (2-GPU machine) is `--e2e --workers 1` then
-`--workers 2`.
+`--workers` GPUs), one `--job NAME:STEPS:LOG_EVERY[:overrides]` after another in one storage
+path, and reports each job's own figures over its last logging interval (samples/s, data-wait
+share, peak GPU memory) and its time from the job's start to the first step (a later job with
+the same shapes finds the compile cache of an earlier one):
+
+    python benchmarks/bench_pretrain.py --e2e --rows 1024 --cpus-per-worker 8 \
+        --job cold:600:300 --job warm:20:10 --job raw:300:150:train.precompute=false
+
+The 1 -> N GPU scaling run is the same jobs with `--workers 1` then `--workers N`.
+BENCH_CODE_ROOT=<folder> imports `pipeline` from another checkout (a baseline commit; give its
+workers the same folder on PYTHONPATH).
 """
 
 from __future__ import annotations
@@ -60,6 +68,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import platform
 import sys
 import tempfile
@@ -78,7 +87,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, os.environ.get("BENCH_CODE_ROOT", str(REPO)))
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.model import BlipDiffusion, SubjectImageProcessor  # noqa: E402
@@ -807,54 +816,183 @@ def write_dataset(root: Path, rows: int, size: int) -> Path:
     return store.publish(staging, "v0001")
 
 
+@dataclass
+class Job:
+    """One --job of --e2e: `name` (its run name is e2e-NAME), total `steps`, `log_every` (the
+    job's figures are its last logging interval: steps - log_every is the warm-up left out), and
+    config overrides on top of the defaults plus --gpu."""
+
+    name: str
+    steps: int
+    log_every: int
+    overrides: list[str]
+
+
+def parse_job(spec: str) -> Job:
+    """NAME:STEPS:LOG_EVERY[:KEY=VALUE,KEY=VALUE...]"""
+    name, steps, every, *rest = spec.split(":", 3)
+    return Job(name, int(steps), int(every), [o for o in (rest[0].split(",") if rest else []) if o])
+
+
 def run_e2e(args, results: dict) -> None:
-    """`run_training` on a synthetic dataset with and without precompute."""
+    """`run_training` itself on a synthetic dataset, one --job after another in one storage
+    path (so later jobs find the compile cache and the precomputed inputs of earlier ones)."""
     from pipeline.train.trainer import run_training
 
-    work = Path(tempfile.mkdtemp(prefix="bench-pretrain-"))
-    write_dataset(work / "dataset", args.rows, args.size)
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-pretrain-"))
+    if not (work / "dataset").exists():
+        start = time.perf_counter()
+        write_dataset(work / "dataset", args.rows, args.size)
+        log.info("wrote %d rows in %.0f s", args.rows, time.perf_counter() - start)
     if args.tiny:
         model_path = str(TINY)
     else:
-        start = time.perf_counter()
-        build_real(torch.device("cpu")).save_pretrained(work / "model")
         model_path = str(work / "model")
-        log.info("saved the real-size model in %.0f s", time.perf_counter() - start)
+        if not (work / "model").exists():
+            start = time.perf_counter()
+            build_real(torch.device("cpu")).save_pretrained(work / "model")
+            log.info("saved the real-size model in %.0f s", time.perf_counter() - start)
     gpu = torch.cuda.is_available()
-    for precompute in args.e2e_precompute.split(","):
+    jobs = [parse_job(spec) for spec in args.job] or [Job("defaults", args.steps, args.steps // 2, [])]
+    for job in jobs:
         overrides = [
             "profile=tiny",
             f"models.blip_diffusion={model_path}",
             f"train.data={work / 'dataset'}",
             f"train.storage_path={work / 'runs'}",
-            f"train.run_name=e2e-{precompute}-{args.workers}",
+            f"train.run_name=e2e-{job.name}",
             f"train.workers={args.workers}",
             f"train.gpu={str(gpu).lower()}",
             f"train.batch_size={args.batch}",
             f"train.resolution={args.size}",
-            f"train.steps={args.steps}",
-            f"train.log_every={args.steps // 2}",
-            f"train.checkpoint_every={args.steps}",
+            f"train.steps={job.steps}",
+            f"train.log_every={job.log_every}",
+            f"train.checkpoint_every={job.steps}",
             "train.samples.every=0",
             "tracking.enabled=false",
-            f"train.precompute={precompute}",
-            f"train.compile={str(args.compile).lower()}",
             "train.warmup_steps=0",
             f"train.cpus_per_worker={args.cpus_per_worker}",
             "train.lr=1e-5",
             *args.set,
+            *job.overrides,
         ]
+        if gpu:
+            torch.cuda.empty_cache()
         start = time.perf_counter()
-        result = run_training(load_config(overrides=overrides))
+        try:
+            result = run_training(load_config(overrides=overrides))
+        except Exception as exc:  # record it and go on with the next job
+            log.exception("job %s failed", job.name)
+            results["e2e"].append({"job": job.name, "error": f"{type(exc).__name__}: {exc}"[:500]})
+            args.out.write_text(json.dumps(results, indent=2))
+            continue
         row = {
-            "precompute": precompute == "true",
+            "job": job.name,
+            "overrides": job.overrides,
             "workers": args.workers,
             "batch_per_worker": args.batch,
+            "steps": job.steps,
+            "window_steps": job.log_every if job.steps % job.log_every == 0 else job.steps % job.log_every,
+            "precomputed": result.dataset.precomputed,
             "wall_s": round(time.perf_counter() - start, 1),
             **{k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, float)},
         }
         results["e2e"].append(row)
         log.info("e2e %s", row)
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+def run_feed(args, results: dict) -> None:
+    """The job's data feed alone, on this machine's CPUs, against a simulated step of --feed-step-s
+    seconds (the GPU's time for one batch; 0.246 s is 130 samples/s at batch 32): Ray Data reads
+    and maps --rows rows, batches reach the device through the loop's collate, and the wait in
+    `next()` is the data-wait share the job would log. Feeds (--feeds, in order):
+      pre-list    precomputed rows as Ray's tensor columns (Parquet lists), the old collate
+                  (unpinned), 2 batches prefetched, one pass per Ray Data epoch
+      pre-binary  precomputed rows as fixed-size binary (pipeline/train/data.py), FeedCollate
+                  (page-locked), 4 prefetched, MAX_PASSES passes per epoch (the job's feed now)
+      FEED@P      that feed with P passes per Ray Data epoch
+      raw-old / raw-new  JPEG rows decoded by `prepare_batch` tasks (--data-cpus CPUs), old / new
+    """
+    import pyarrow.parquet as pq
+    import ray
+
+    from pipeline.train.data import MAX_PASSES, FeedCollate, pack_tensor_columns, read_tensor_layout, repeat_passes
+    from pipeline.train.dist import _Collate
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-feed-"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ray.init(num_cpus=args.data_cpus, include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if not (work / "dataset").exists():
+        write_dataset(work / "dataset", args.rows, args.size)
+    files = sorted(str(p) for p in (work / "dataset" / "latest" / "data").glob("*.parquet"))
+    latent = args.size // 8
+
+    def encoded(batch: dict) -> dict:
+        n, rng = len(batch["category"]), np.random.default_rng(len(batch["category"]))
+        return {
+            "category": batch["category"],
+            "caption": np.array([""] * n, dtype=object),
+            "latent_params": rng.standard_normal((n, 8, latent, latent), dtype=np.float32),
+            "image_features": rng.standard_normal((n, 257, 1024), dtype=np.float32).astype(np.float16),
+        }
+
+    rows = ray.data.read_parquet(files, columns=["category"]).map_batches(encoded, batch_size=args.batch)
+    caches = {"pre-list": work / "pre-list", "pre-binary": work / "pre-binary"}
+    if not caches["pre-list"].exists():
+        rows.write_parquet(str(caches["pre-list"]))
+        rows.map_batches(pack_tensor_columns, batch_format="numpy", zero_copy_batch=True).write_parquet(
+            str(caches["pre-binary"]), use_dictionary=["category", "caption"]
+        )
+    processor = SubjectImageProcessor()
+    for spec in args.feeds.split(","):
+        feed, _, at = spec.partition("@")  # FEED@P: P passes per Ray Data epoch
+        new = feed in ("pre-binary", "raw-new")
+        passes = int(at) if at else MAX_PASSES if new else 1
+        if feed.startswith("pre"):
+            cached = sorted(str(p) for p in caches[feed].glob("*.parquet"))
+            layout = read_tensor_layout(pq.read_schema(cached[0])) if new else {}
+            ds = repeat_passes(ray.data.read_parquet(cached), passes)
+        else:
+            layout = {}
+            ds = ray.data.read_parquet(files, columns=["category", "image", "composite"]).map_batches(
+                prepare_batch, fn_kwargs={"processor": processor, "resolution": args.size, "crop": "random"}, batch_size=16
+            )
+            ds = repeat_passes(ds, passes)
+        collate = FeedCollate(layout, pin=device.type == "cuda") if new else _Collate()
+        waits, start, count = 0.0, time.perf_counter(), 0
+        first, step_end = None, 0.0
+        while count < args.steps:
+            for batch in ds.iter_torch_batches(
+                batch_size=args.batch, collate_fn=collate, local_shuffle_buffer_size=256, drop_last=True, prefetch_batches=4 if new else 2
+            ):
+                waited = time.perf_counter()
+                if count == 0:
+                    first = waited - start
+                    start = time.perf_counter()  # the window starts after the first batch
+                else:
+                    waits += waited - step_end
+                tensors = [v.to(device, non_blocking=True) for v in batch.values() if isinstance(v, torch.Tensor)]
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                time.sleep(max(0.0, args.feed_step_s - (time.perf_counter() - waited)))
+                del tensors
+                step_end = time.perf_counter()
+                count += 1
+                if count >= args.steps:
+                    break
+        seconds = time.perf_counter() - start
+        row = {
+            "feed": spec,
+            "passes": passes,
+            "batches": count - 1,
+            "first_batch_s": round(first, 2),
+            "samples_per_s": round((count - 1) * args.batch / seconds, 1),
+            "data_wait_share": round(waits / seconds, 4),
+        }
+        results["feed"].append(row)
+        log.info("feed %s", row)
         args.out.write_text(json.dumps(results, indent=2))
 
 
@@ -882,11 +1020,21 @@ def main() -> int:
         help="seconds for the whole run: a row starts only if its estimated cost still fits",
     )
     parser.add_argument("--e2e", action="store_true", help="run the training job itself instead of step modes")
-    parser.add_argument("--e2e-precompute", default="false,true", help="precompute settings to run, in order")
+    parser.add_argument(
+        "--job",
+        action="append",
+        default=[],
+        metavar="NAME:STEPS:LOG_EVERY[:KEY=VALUE,...]",
+        help="--e2e job, repeatable, run in order in one storage path (default: one job of the defaults)",
+    )
+    parser.add_argument("--feed", action="store_true", help="time the job's data feed alone (see run_feed)")
+    parser.add_argument("--feeds", default="pre-list,pre-binary,raw-old,raw-new")
+    parser.add_argument("--feed-step-s", type=float, default=0.246, help="--feed: the simulated step's seconds")
+    parser.add_argument("--data-cpus", type=int, default=8, help="--feed: CPUs for Ray Data tasks")
+    parser.add_argument("--work", help="--e2e folder for the dataset, model and runs (reused when it exists)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument("--rows", type=int, default=512, help="synthetic dataset rows (--e2e)")
-    parser.add_argument("--compile", action="store_true", help="train.compile in --e2e")
     parser.add_argument(
         "--set",
         action="append",
@@ -932,8 +1080,11 @@ def main() -> int:
         "settings": {k: str(v) for k, v in vars(args).items()},
         "runs": [],
         "e2e": [],
+        "feed": [],
     }
-    if args.e2e:
+    if args.feed:
+        run_feed(args, results)
+    elif args.e2e:
         run_e2e(args, results)
     else:
         run_modes(args, device, results, t0)

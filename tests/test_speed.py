@@ -4,6 +4,7 @@ train.compile_mode's CUDA graphs (benchmarks/bench_pretrain.py --preset run4).""
 
 from __future__ import annotations
 
+import os
 import typing
 from dataclasses import asdict
 
@@ -24,7 +25,9 @@ from pipeline.train.speed import (
     UNetAttention,
     attention_kernels,
     compile_model,
-    resolve_compile_mode,
+    resolve_compile,
+    resolve_precompute,
+    resolve_speed_settings,
     set_unet_attention,
     step_begin,
     use_cuda_graphs,
@@ -98,16 +101,17 @@ class _Ops(TorchDispatchMode):
 
 def test_config_settings_are_speed_settings():
     hints = typing.get_type_hints(TrainConfig)
-    assert typing.get_args(hints["compile_mode"]) == COMPILE_MODES
+    assert typing.get_args(hints["compile_mode"]) == ("auto", *COMPILE_MODES)
     assert typing.get_args(hints["unet_sdpa_backend"]) == tuple(UNET_SDPA_BACKENDS)
     train = load_config().train
-    assert (train.compile_mode, train.unet_sdpa_backend) == ("default", "auto")  # both off by default
+    assert (train.compile, train.compile_mode, train.precompute, train.unet_sdpa_backend) == ("auto",) * 4
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["train.compile_mode=fast"], r"train\.compile_mode: Input should be 'default', 'reduce-overhead'"),
+        (["train.compile_mode=fast"], r"train\.compile_mode: Input should be 'auto', 'default', 'reduce-overhead'"),
+        (["train.compile=sometimes"], r"train\.compile"),
         (["train.unet_sdpa_backend=xformers"], r"train\.unet_sdpa_backend: Input should be 'auto', 'flash'"),
         (["train.unet_sdpa_backend=efficient"], r"unet_sdpa_backend 'efficient' has no CPU kernel"),
         (["train.gpu=true", "train.mixed_precision='no'", "train.unet_sdpa_backend=flash"], r"needs bf16 autocast"),
@@ -186,16 +190,57 @@ def test_compile_model_takes_a_mode():
         compile_model(model, ("unet",), mode="fast")
 
 
+def _mode(setting=True, mode="auto", cuda=True, world_size=1, grad_accum=1, steps=1000):
+    return resolve_compile(setting, mode, cuda=cuda, world_size=world_size, grad_accum=grad_accum, steps=steps)
+
+
 def test_cuda_graph_modes_need_fresh_gradients_each_step(monkeypatch):
-    assert resolve_compile_mode("reduce-overhead", grad_accum=1) == "reduce-overhead"
-    assert resolve_compile_mode("reduce-overhead", grad_accum=2) == "default"
-    assert resolve_compile_mode("max-autotune", grad_accum=2) == "max-autotune-no-cudagraphs"
-    assert resolve_compile_mode("default", grad_accum=2) == "default"
+    assert _mode(mode="reduce-overhead") == "reduce-overhead"
+    assert _mode(mode="reduce-overhead", grad_accum=2) == "default"
+    assert _mode(mode="max-autotune", grad_accum=2) == "max-autotune-no-cudagraphs"
+    assert _mode(mode="default", grad_accum=2) == "default"
     marks = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     for mode in (None, "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"):
         step_begin(mode)
     assert len(marks) == 2
+
+
+def test_auto_compile_resolves_per_device_and_worker_count(caplog):
+    # CPU: never compiled, whatever the mode; tiny GPU runs stay eager too.
+    assert _mode("auto", cuda=False) is None and _mode(True, cuda=False) is None
+    assert _mode("auto", steps=50) is None and _mode(False) is None
+    # One GPU: CUDA graphs over the compiled parts.
+    assert _mode("auto") == "reduce-overhead"
+    # N GPUs (DDP) or accumulation: the compiled step without CUDA graphs; an explicit CUDA-graph
+    # mode under DDP falls back with its reason logged.
+    assert _mode("auto", world_size=8) == "default" and _mode("auto", grad_accum=4) == "default"
+    with caplog.at_level("WARNING", logger="pipeline.train.speed"):
+        assert _mode(True, "reduce-overhead", world_size=2) == "default"
+    assert "no CUDA graphs with DDP over several workers" in caplog.text
+    assert _mode(True, "max-autotune-no-cudagraphs", world_size=2) == "max-autotune-no-cudagraphs"
+
+
+def test_auto_precompute_pays_from_five_planned_epochs():
+    def chosen(gpu=True, rows=1000, samples_per_step=32, steps=1000, setting="auto"):
+        return resolve_precompute(setting, gpu=gpu, rows=rows, samples_per_step=samples_per_step, steps=steps)
+
+    assert chosen()  # 32 epochs
+    assert not chosen(steps=150)  # 4.8 epochs
+    assert not chosen(gpu=False) and chosen(gpu=False, setting=True) and not chosen(setting=False)
+
+
+def test_the_driver_resolves_every_auto_setting():
+    def resolved(*overrides, rows=1024):
+        train = load_config(overrides=["train.steps=1000", "train.batch_size=32", *overrides]).train
+        train = resolve_speed_settings(train, rows)
+        return train.compile, train.compile_mode, train.precompute
+
+    assert resolved() == (False, "default", False)  # CPU: as before
+    assert resolved("train.gpu=true") == (True, "reduce-overhead", True)
+    assert resolved("train.gpu=true", "train.workers=4") == (True, "default", True)
+    assert resolved("train.gpu=true", rows=10**6) == (True, "reduce-overhead", False)
+    assert resolved("train.gpu=true", "train.compile=false", "train.precompute=false") == (False, "default", False)
 
 
 class _Shard:
@@ -270,3 +315,26 @@ def test_training_with_the_speed_settings_gives_the_same_losses(tmp_path, monkey
     layers = sum(isinstance(m, Attention) for m in unet.modules())
     # Every UNet attention call of the 3 steps moved from the flash kernel to the math one.
     assert base_ops[CPU_FLASH] - fast_ops.get(CPU_FLASH, 0) == 3 * layers
+
+
+def test_a_resumed_job_compiles_with_the_cache_beside_its_checkpoints(tmp_path, monkeypatch):
+    """Every attempt of a run (and every run in the same storage path) points Inductor's and
+    Triton's caches at <storage_path>/compile-cache before it compiles: checked on the CPU with
+    aot_eager, which runs the loop's compile path without Inductor."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "elsewhere"))
+    seen: list[tuple[str, str]] = []
+
+    def compile_on_cpu(model, mode="default"):
+        seen.append((os.environ["TORCHINDUCTOR_CACHE_DIR"], mode))
+        compile_model(model, ("qformer",), mode=mode, backend="aot_eager")
+
+    monkeypatch.setattr(loop, "compile_model", compile_on_cpu)
+    monkeypatch.setattr(loop, "resolve_compile", lambda *a, **k: "default")  # as on a GPU
+    first, _ = _train(tmp_path, "cached", [], monkeypatch)
+    assert (tmp_path / "cached" / "step-0000003").is_dir()
+    resumed, _ = _train(tmp_path, "cached", ["train.steps=5"], monkeypatch)
+    assert len(first) == 3 and len(resumed) == 2  # the second attempt resumed at step 3
+    cache = str(tmp_path / "compile-cache")
+    assert seen == [(cache, "default"), (cache, "default")]
+    assert os.environ["TRITON_CACHE_DIR"] == f"{cache}/triton" and (tmp_path / "compile-cache").is_dir()

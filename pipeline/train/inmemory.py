@@ -43,6 +43,7 @@ class InMemoryShard:
         batch_size: int,
         collate_fn: Callable[[dict[str, np.ndarray]], dict[str, Any]],
         local_shuffle_buffer_size: int | None = None,
+        local_shuffle_seed: int | None = None,  # unused: the order comes from the loop's torch seed
         drop_last: bool = False,
         prefetch_batches: int = 0,
     ) -> Iterator[dict[str, Any]]:

@@ -7,6 +7,11 @@
   memory-efficient, cuDNN...). PyTorch picks cuDNN for the UNet on an H100, and its backward was
   42 ms of a 356 ms step (BENCHMARKS.md, "Pretraining step"). Set through the UNet's attention processors so that
   it holds inside a compiled UNet too (see `UNetAttention`).
+- `resolve_compile` / `resolve_precompute` / `resolve_speed_settings`: the one place where
+  `train.compile`, `train.compile_mode` and `train.precompute` set to "auto" become values
+  (the rules are in `resolve_compile` and `resolve_precompute`; each choice is logged).
+- `use_compile_cache`: Inductor's and Triton's on-disk caches under `train.storage_path`, so a
+  restart, a resume or a second job with the same shapes skips the code generation.
 - `compile_model` (`train.compile`, `train.compile_mode`): torch.compile of the UNet
   (channels-last), the Q-Former and the text encoder. Minutes of compilation at start: for long
   runs. "reduce-overhead" replays the compiled graphs as CUDA graphs (cudagraph trees), which
@@ -21,6 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch._inductor.config
@@ -137,16 +145,88 @@ def compile_model(
         getattr(model, name).compile(backend=backend, **options)
 
 
-def resolve_compile_mode(mode: str, grad_accum: int) -> str:
-    """The compile mode the loop can use. CUDA-graph modes need each step's gradients to be new
-    tensors: with gradient accumulation, a replay of the backward would overwrite the buffers
-    that `.grad` accumulates into (cudagraph trees then raise), so those fall back to the mode
-    without CUDA graphs."""
-    if mode in CUDA_GRAPH_MODES and grad_accum > 1:
+# `train.compile: auto` compiles on a GPU for runs of at least this many steps: a compile costs
+# ~5 min cold and ~0.5 min from a warm cache on an H100, and saves 0.2-0.5 s per step at batch 32.
+COMPILE_MIN_STEPS = 200
+# `train.precompute: auto` precomputes on GPUs when the run plans at least this many epochs:
+# encoding a row once costs about what 4-5 epochs of encoding it in the step cost (BENCHMARKS.md).
+PRECOMPUTE_MIN_EPOCHS = 5.0
+
+
+def resolve_compile(setting: bool | str, mode: str, *, cuda: bool, world_size: int, grad_accum: int, steps: int) -> str | None:
+    """The torch.compile mode a worker uses, or None for eager. `setting` is `train.compile`
+    (True, False or "auto"), `mode` `train.compile_mode` (a COMPILE_MODES name or "auto").
+
+    - compile "auto": on a GPU for runs of COMPILE_MIN_STEPS steps or more; never on the CPU
+      (Inductor's CPU code is no faster here, and tiny CPU runs would pay minutes to start).
+    - mode "auto": "reduce-overhead" (the compiled graphs replayed as CUDA graphs: the fastest
+      measured step) with one worker and no gradient accumulation, else "default".
+    - A CUDA-graph mode falls back to one without CUDA graphs, with the reason logged, under
+      gradient accumulation (a replayed backward would overwrite the gradients being summed)
+      and under DDP (its gradient hooks inside replayed graphs were never verified on GPUs).
+    """
+    if setting == "auto":
+        setting = cuda and steps >= COMPILE_MIN_STEPS
+        log.info("train.compile auto -> %s (%s, %d steps)", setting, "GPU" if cuda else "CPU", steps)
+    if not setting or not cuda:
+        return None
+    if mode == "auto":
+        mode = "reduce-overhead" if world_size == 1 and grad_accum == 1 else "default"
+        log.info("train.compile_mode auto -> %s (%d worker(s), grad_accum %d)", mode, world_size, grad_accum)
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r} ({', '.join(COMPILE_MODES)} or auto)")
+    reasons = [why for why, bad in (("grad_accum > 1", grad_accum > 1), ("DDP over several workers", world_size > 1)) if bad]
+    if mode in CUDA_GRAPH_MODES and reasons:
         fallback = "max-autotune-no-cudagraphs" if mode == "max-autotune" else "default"
-        log.info("train.compile_mode %s -> %s: no CUDA graphs with grad_accum > 1", mode, fallback)
+        log.warning("train.compile_mode %s -> %s: no CUDA graphs with %s", mode, fallback, " and ".join(reasons))
         return fallback
     return mode
+
+
+def resolve_precompute(setting: bool | str, *, gpu: bool, rows: int, samples_per_step: int, steps: int) -> bool:
+    """`train.precompute`: "auto" precomputes on GPUs when the run's planned epochs
+    (steps x samples per step / rows) reach PRECOMPUTE_MIN_EPOCHS; never on the CPU. A
+    precomputed target is centre-cropped for the whole run (no random crops)."""
+    if setting != "auto":
+        return bool(setting)
+    epochs = steps * samples_per_step / max(rows, 1)
+    chosen = gpu and epochs >= PRECOMPUTE_MIN_EPOCHS
+    log.info("train.precompute auto -> %s (%s, %.1f planned epochs)", chosen, "GPU" if gpu else "CPU", epochs)
+    return chosen
+
+
+def resolve_speed_settings(train: Any, rows: int) -> Any:
+    """`train` (a TrainConfig) with its "auto" speed settings resolved for its workers and a
+    dataset of `rows` rows: what the driver logs with the run and hands to the workers."""
+    cuda, workers = train.gpu, train.workers
+    mode = resolve_compile(
+        train.compile, train.compile_mode, cuda=cuda, world_size=workers, grad_accum=train.grad_accum, steps=train.steps
+    )
+    precompute = resolve_precompute(
+        train.precompute, gpu=cuda, rows=rows, samples_per_step=train.batch_size * train.grad_accum * workers, steps=train.steps
+    )
+    return train.model_copy(
+        update={
+            "compile": mode is not None,
+            "compile_mode": mode or ("default" if train.compile_mode == "auto" else train.compile_mode),
+            "precompute": precompute,
+        }
+    )
+
+
+def use_compile_cache(storage_path: str) -> str | None:
+    """Point Inductor's cache (its FX graphs, AOTAutograd entries and Triton kernels) at
+    <storage_path>/compile-cache, shared by every run there: a restart, a resume or a second job
+    with the same shapes then skips the code generation. Call before the first compile. Local
+    storage only (the caches are plain folders); returns the folder, or None."""
+    if "://" in storage_path:
+        log.info("compile cache stays on the node: train.storage_path %s is not a local folder", storage_path)
+        return None
+    folder = Path(storage_path).expanduser().resolve() / "compile-cache"
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    os.environ["TRITON_CACHE_DIR"] = str(folder / "triton")
+    return str(folder)
 
 
 def step_begin(mode: str | None) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,10 +26,18 @@ from pipeline.config import Config, ConfigError
 from pipeline.model import CheckpointError, SubjectImageProcessor
 from pipeline.model.checkpoint import MODEL_INDEX, read_json, resolve_checkpoint
 from pipeline.raycluster import ensure_ray
-from pipeline.train.data import DatasetInfo, build_training_plan, open_dataset, precompute_inputs, sample_subjects
+from pipeline.train.data import (
+    DatasetInfo,
+    build_training_plan,
+    open_dataset,
+    precompute_inputs,
+    sample_subjects,
+    training_passes,
+)
 from pipeline.train.hooks import RunInfo
 from pipeline.train.loop import PROGRESS, train_loop
 from pipeline.train.methods import get_method
+from pipeline.train.speed import resolve_speed_settings
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +96,11 @@ def _storage_path(setting: str) -> str:
 
 def run_training(config: Config) -> TrainResult:
     """Train `config.train.method` on `config.train.data`; see the module docstring."""
-    train = config.train
+    job_start = time.time()
     info, processor = check_training(config)
+    # "auto" speed settings become values here, once, so the run records what it used.
+    config = config.model_copy(update={"train": resolve_speed_settings(config.train, info.rows)})
+    train = config.train
     ensure_ray(config.ray)
     check_cluster(config)
     run_name = train.run_name or f"{train.method}-{info.version}"
@@ -99,10 +111,12 @@ def run_training(config: Config) -> TrainResult:
     run_id = tracking.start_run(uri, config.tracking.experiment, run_name, tags) if uri else None
 
     try:
-        dataset = build_training_plan(info, config, processor)
+        passes = training_passes(info, config)
         if train.precompute:
-            dataset = precompute_inputs(dataset, info, config, run_folder)
+            dataset = precompute_inputs(build_training_plan(info, config, processor), info, config, storage, passes)
             info.precomputed = True
+        else:
+            dataset = build_training_plan(info, config, processor, passes)
         run = RunInfo(
             run_name=run_name,
             run_folder=run_folder,
@@ -113,7 +127,7 @@ def run_training(config: Config) -> TrainResult:
         )
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"config": config.model_dump(mode="json"), "run": asdict(run)},
+            train_loop_config={"config": config.model_dump(mode="json"), "run": asdict(run), "job_start": job_start},
             torch_config=TorchConfig(backend="nccl" if train.gpu else "gloo"),
             scaling_config=ScalingConfig(
                 num_workers=train.workers, use_gpu=train.gpu, resources_per_worker={"CPU": train.cpus_per_worker}
