@@ -135,21 +135,28 @@ class BatchStream:
     a batch (the data pipeline's share of the wall time when it cannot keep up).
     """
 
-    def __init__(self, batch_size: int, shuffle_buffer: int, prefetch: int = 2) -> None:
+    def __init__(
+        self, batch_size: int, shuffle_buffer: int, collate_fn: Any = None, prefetch: int = 2, seed: int | None = None
+    ) -> None:
+        """collate_fn: rows -> batch (default `_Collate`); prefetch: batches made ahead in Ray
+        Data's threads; seed: the local shuffle's, plus the epoch (None: a new order each run)."""
         self.wait_s = 0.0
-        self._batches = self._epochs(batch_size, shuffle_buffer, prefetch)
+        self._batches = self._epochs(batch_size, shuffle_buffer, collate_fn or _Collate(), prefetch, seed)
 
     @staticmethod
-    def _epochs(batch_size: int, shuffle_buffer: int, prefetch: int) -> Iterator[dict[str, Any]]:
+    def _epochs(batch_size: int, shuffle_buffer: int, collate_fn: Any, prefetch: int, seed: int | None) -> Iterator[dict[str, Any]]:
         shard = _local.shard if _local is not None else ray.train.get_dataset_shard(TRAIN_DATASET)
+        epoch = 0
         while True:
             yield from shard.iter_torch_batches(
                 batch_size=batch_size,
-                collate_fn=_Collate(),
+                collate_fn=collate_fn,
                 local_shuffle_buffer_size=shuffle_buffer or None,
+                local_shuffle_seed=None if seed is None or not shuffle_buffer else seed + epoch,
                 drop_last=True,
                 prefetch_batches=prefetch,
             )
+            epoch += 1
 
     def __iter__(self) -> BatchStream:
         return self

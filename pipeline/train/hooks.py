@@ -52,6 +52,7 @@ class TrainState:
     lr: float = 0.0
     grad_norm: torch.Tensor | None = None
     stats: dict[str, float] | None = None
+    first_step_s: float | None = None  # the job's start to this attempt's first step done, s
 
 
 class Hook:
@@ -120,6 +121,8 @@ class IntervalStats(Hook):
         }
         if state.grad_norm is not None:
             state.stats["grad_norm"] = float(state.grad_norm)
+        if state.first_step_s is not None:
+            state.stats["time_to_first_step_s"] = state.first_step_s
         if torch.cuda.is_available() and dist.device().type == "cuda":
             state.stats["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.loss_sum, self.count = None, 0

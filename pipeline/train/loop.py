@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from diffusers import DDPMScheduler
 
 from pipeline.config import Config
 from pipeline.train import dist
+from pipeline.train.data import FeedCollate
 from pipeline.train.hooks import RunInfo, TrainState, build_hooks
 from pipeline.train.losses import (
     add_noise,
@@ -33,9 +35,10 @@ from pipeline.train.methods import get_method
 from pipeline.train.speed import (
     GraphedUNet,
     compile_model,
-    resolve_compile_mode,
+    resolve_compile,
     set_unet_attention,
     step_begin,
+    use_compile_cache,
     use_cuda_graphs,
 )
 from stages.records import CATEGORY
@@ -50,7 +53,8 @@ PROGRESS = "progress.json"  # {"step": N}: small, so the driver need not load th
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
-    """Ray Train worker function. loop_config: {"config": resolved Config as JSON, "run": RunInfo fields}."""
+    """Ray Train worker function. loop_config: {"config": resolved Config as JSON, "run": RunInfo
+    fields, "job_start": the driver's time.time() at the job's start (optional)}."""
     _setup_worker_logging()
     config = Config.model_validate(loop_config["config"])
     run = RunInfo(**loop_config["run"])
@@ -69,11 +73,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         resumed = read_train_state(folder) if folder is not None else None
     params = method.trainable_parameters()
     set_unet_attention(method.model.unet, train.unet_sdpa_backend)
-    compile_mode = None  # the torch.compile mode in use; None: eager
-    if train.compile and device.type == "cuda":
-        compile_mode = resolve_compile_mode(train.compile_mode, train.grad_accum)
+    # The torch.compile mode in use (None: eager); "auto" settings resolve here when the driver
+    # did not resolve them (fine-tuning).
+    compile_mode = resolve_compile(
+        train.compile, train.compile_mode, cuda=device.type == "cuda", world_size=dist.world_size(),
+        grad_accum=train.grad_accum, steps=train.steps,
+    )
+    if compile_mode is not None:
+        use_compile_cache(run.run_folder.rsplit("/", 1)[0])
         compile_model(method.model, mode=compile_mode)
-    graphs = use_cuda_graphs(train.cuda_graphs, device, dist.world_size(), train.grad_accum, train.compile)
+    graphs = use_cuda_graphs(train.cuda_graphs, device, dist.world_size(), train.grad_accum, compile_mode is not None)
     if graphs:
         method.graphed_unet = GraphedUNet(method.model.unet)
     model = dist.prepare(method, find_unused_parameters=train.drop_subject_prob > 0)
@@ -95,7 +104,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     scaling_factor = method.model.vae.config.scaling_factor
     precomputed = run.dataset.get("precomputed", False)
 
-    batches = dist.BatchStream(train.batch_size, train.shuffle_buffer)
+    # Batches made ahead in Ray Data's threads, into page-locked memory on a GPU; the shuffle
+    # is seeded like the noise, so the same settings give the same order.
+    feed = FeedCollate(run.dataset.get("tensor_layout"), pin=device.type == "cuda")
+    batches = dist.BatchStream(
+        train.batch_size, train.shuffle_buffer, feed, prefetch=4, seed=train.seed + 1_000_003 * dist.rank() + step
+    )
     state = TrainState(
         method=method,
         batches=batches,
@@ -125,7 +139,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                         posterior = latent_params(method.model.vae, batch[TARGET].to(device, non_blocking=True))
                         subject = batch[PIXEL_VALUES].to(device, non_blocking=True)
                     latents = sample_latents(posterior, scaling_factor)  # (B, C, h, w) float32
-                    if train.compile and device.type == "cuda":
+                    if compile_mode is not None:
                         latents = latents.contiguous(memory_format=torch.channels_last)
                     noise = torch.randn_like(latents)
                     timesteps = sample_timesteps(latents.shape[0], num_timesteps, device)
@@ -145,6 +159,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
+        if state.first_step_s is None:
+            state.first_step_s = _first_step_seconds(loop_config.get("job_start"), device)
         for hook in hooks:
             hook.after_step(state)
 
@@ -175,6 +191,18 @@ def read_train_state(folder: Path) -> dict[str, Any]:
     """The optimizer, schedule and step `_save_checkpoint` wrote. Tensors and plain containers
     only (weights_only): a checkpoint in shared storage must not be able to run code here."""
     return torch.load(folder / TRAIN_STATE, map_location="cpu", weights_only=True)
+
+
+def _first_step_seconds(job_start: float | None, device: torch.device) -> float | None:
+    """Seconds from the job's start to the end of this attempt's first step (model load,
+    compilation or cache reads, first batch and step), logged once; None without a start time."""
+    if job_start is None:
+        return None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # once: the step's kernels are done, not only queued
+    seconds = time.time() - job_start
+    log.info("first step done %.1f s after the job started", seconds)
+    return seconds
 
 
 def _setup_worker_logging() -> None:
