@@ -357,18 +357,23 @@ class TrainConfig(_Strict):
     prompt_template: str = Field("a {category}", description="prompt of rows without a caption; {category} is filled in")
     drop_subject_prob: float = Field(0.15, ge=0.0, le=1.0, description="share of samples trained without the subject")
     trainable: TrainableConfig = TrainableConfig()
-    precompute: bool = Field(
-        False, description="encode targets (VAE) and composites (ViT) once in Ray Data and train from those"
+    precompute: bool | Literal["auto"] = Field(
+        "auto",
+        description="encode targets (VAE) and composites (ViT) once in Ray Data and train from those (centre crops); "
+        "auto = on GPUs when the run plans 5 epochs or more (pipeline/train/speed.py resolve_precompute)",
     )
     mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
-    compile: bool = Field(
-        False, description="torch.compile the UNet, Q-Former and text encoder (GPU; minutes at start, for long runs)"
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="torch.compile the UNet, Q-Former and text encoder (GPU only; minutes at start from a cold cache); "
+        "auto = on GPUs for runs of 200 steps or more (pipeline/train/speed.py resolve_compile)",
     )
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = Field(
-        "default",
+    compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = Field(
+        "auto",
         description="torch.compile mode with train.compile; reduce-overhead replays the compiled graphs as CUDA graphs "
-        "(removes host launch gaps; needs grad_accum 1, else falls back to default); max-autotune* tune GEMMs and "
-        "convolutions for minutes more at start (pipeline/train/speed.py)",
+        "(removes host launch gaps; with grad_accum > 1 or several workers it falls back to default, logged); "
+        "max-autotune* tune GEMMs and convolutions for minutes more at start; auto = reduce-overhead with one worker "
+        "and grad_accum 1, else default",
     )
     cuda_graphs: bool = Field(
         True, description="replay the eager UNet's forward and backward as CUDA graphs (one GPU worker, no grad_accum)"
