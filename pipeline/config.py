@@ -8,11 +8,13 @@ the key (``extra="forbid"``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
@@ -46,6 +48,46 @@ def check_name(value: str) -> str:
 
 # A subject id, run name or registered model name (subjects.csv ids follow the same rule).
 Name = Annotated[str, AfterValidator(check_name)]
+
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class _NotIdentity:
+    """Field metadata: identities (the data build's processing digest, the fine-tune key) leave
+    the field out. Every field without it counts, so a new setting changes them by default."""
+
+    kind: str
+
+
+# Where, how fast and on what the work runs, and where its results and logs go; never what it
+# produces (resources, actor counts, inference batch sizes, paths, tracking, logging).
+Runtime = Annotated[_T, _NotIdentity("runtime")]
+# What the work reads, named by a path, model id or selection: an identity records it resolved
+# instead (the photos' and backgrounds' digests, the base model's pinned version, the category).
+Input = Annotated[_T, _NotIdentity("input")]
+
+
+def field_identity(field: FieldInfo) -> str:
+    """How a field counts in identities: "runtime", "input" or, unmarked, "identity"."""
+    marks = [mark.kind for mark in field.metadata if isinstance(mark, _NotIdentity)]
+    return marks[0] if marks else "identity"
+
+
+def identity_settings(model: BaseModel) -> dict[str, Any]:
+    """`model`'s settings as JSON values, less the fields marked Runtime or Input, in nested
+    sections too; a section left with no setting is dropped."""
+    tree = model.model_dump(mode="json")
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if field_identity(field) != "identity":
+            del tree[name]
+        elif isinstance(value, BaseModel):
+            tree[name] = identity_settings(value)
+            if not tree[name]:
+                del tree[name]
+    return tree
 
 # Where each model comes from under each profile. `tiny` points at checkpoints shipped in the
 # package (small configs, random weights, real tokenizer/processor files) so tests and the demo
@@ -91,10 +133,10 @@ class _Strict(BaseModel):
 class ModelsConfig(_Strict):
     """Model ids or local paths; ``None`` takes the profile's default (see PROFILE_MODELS)."""
 
-    clipseg: str | None = None
-    blip_diffusion: str | None = None
-    dino: str | None = Field(None, description="DINO ViT-S/16 of the DINO score (evaluate)")
-    clip: str | None = Field(None, description="CLIP ViT-B/32 of the CLIP-I and CLIP-T scores (evaluate)")
+    clipseg: Input[str | None] = None
+    blip_diffusion: Input[str | None] = None
+    dino: Input[str | None] = Field(None, description="DINO ViT-S/16 of the DINO score (evaluate)")
+    clip: Input[str | None] = Field(None, description="CLIP ViT-B/32 of the CLIP-I and CLIP-T scores (evaluate)")
 
 
 class DecodeConfig(_Strict):
@@ -116,13 +158,13 @@ class SegmentConfig(_Strict):
     prompt_template: str = Field("{category}", description="CLIPSeg text prompt; {category} is filled in")
     # CLIPSeg and the trimaps took ~2.5 actors' time at the ~200 photos/s a GPU's matting
     # actors build (BENCHMARKS.md, "Matting actors per GPU"): one actor per GPU would starve them.
-    batch_size: CountOrAuto = Field(
+    batch_size: Runtime[CountOrAuto] = Field(
         "auto", description=f"photos per CLIPSeg forward; auto = {SEGMENT_BATCH_GPU} with GPUs, {SEGMENT_BATCH_CPU} without"
     )
-    num_actors: CountOrAuto = Field(
+    num_actors: Runtime[CountOrAuto] = Field(
         "auto", description=f"CLIPSeg actor pool size; auto = {SEGMENT_ACTORS_PER_GPU} per GPU, 1 without GPUs"
     )
-    num_gpus: float | Literal["auto"] = Field(
+    num_gpus: Runtime[float | Literal["auto"]] = Field(
         "auto",
         description="GPUs per CLIPSeg actor; auto = what GPU matting leaves, shared by the CLIPSeg actors (at most 1 each), 0 without GPUs",
     )
@@ -164,19 +206,19 @@ class MatteConfig(_Strict):
     backend: Literal["auto", "pymatting", "torch"] = Field(
         "auto", description="closed-form matting solver; auto = torch where there is a GPU, else pymatting"
     )
-    concurrency: int | None = Field(
+    concurrency: Runtime[int | None] = Field(
         None, ge=1, description="parallel CPU matting tasks (one photo each); None = one per CPU Ray gives the stage"
     )
-    num_gpus: float = Field(
+    num_gpus: Runtime[float] = Field(
         0.2, gt=0.0, lt=1.0, description="GPU share of each torch matting actor on a GPU cluster; CLIPSeg's auto share takes the rest"
     )
     # One actor left the GPU idle while it copied its rows out (~4 MB a photo through Ray's
     # object store): on an H100 node 1, 2 and 3 actors built 106, 177 and 200 photos/s
     # (BENCHMARKS.md, "Matting actors per GPU").
-    num_actors: CountOrAuto = Field(
+    num_actors: Runtime[CountOrAuto] = Field(
         "auto", description=f"torch matting actors on a GPU cluster; auto = {MATTE_ACTORS_PER_GPU} per GPU"
     )
-    batch_size: int = Field(64, ge=1, description="photos per batched torch solve")
+    batch_size: Runtime[int] = Field(64, ge=1, description="photos per batched torch solve")
     tol: float = Field(
         1e-4, gt=0.0, lt=1.0, description="torch solver's relative CG residual (MAD from pymatting 0.0008 at 512 px, 0.0021 at 1024); 3e-5: 1.4-1.5x the time, 1/3 the error"
     )
@@ -213,23 +255,23 @@ class CompositeConfig(_Strict):
 class WriteConfig(_Strict):
     image_format: Literal["jpeg", "png"] = Field("jpeg", description="encoding of `image` and `composite`")
     jpeg_quality: int = Field(95, ge=50, le=100)
-    rows_per_file: int = Field(
+    rows_per_file: Runtime[int] = Field(
         512, ge=1, description="target rows per Parquet shard; small jobs get smaller shards to use every CPU"
     )
 
 
 class SourceConfig(_Strict):
-    follow_links: bool = Field(
+    follow_links: Input[bool] = Field(
         False, description="read links that lead outside the source folder; off, each is a reject at `scan`"
     )
 
 
 class DataConfig(_Strict):
-    backgrounds: str | None = Field(None, description="folder of background images; None = bundled set")
-    max_reject_fraction: float = Field(
+    backgrounds: Input[str | None] = Field(None, description="folder of background images; None = bundled set")
+    max_reject_fraction: Runtime[float] = Field(
         0.5, ge=0.0, le=1.0, description="the job fails when more of its inputs are rejected"
     )
-    keep_failed: int = Field(
+    keep_failed: Runtime[int] = Field(
         1, ge=0, description="builds that failed max_reject_fraction kept in OUT/failed/ (the newest); 0 = none"
     )
     source: SourceConfig = SourceConfig()
@@ -243,8 +285,8 @@ class DataConfig(_Strict):
 
 
 class RayConfig(_Strict):
-    address: str | None = Field(None, description="Ray cluster address; None starts or joins a local one")
-    num_cpus: int | None = Field(None, ge=1, description="CPUs of a locally started Ray; None = all")
+    address: Runtime[str | None] = Field(None, description="Ray cluster address; None starts or joins a local one")
+    num_cpus: Runtime[int | None] = Field(None, ge=1, description="CPUs of a locally started Ray; None = all")
 
 
 class GenerateConfig(_Strict):
@@ -269,12 +311,12 @@ class ServeLimits(_Strict):
     images x steps x pixels, and a model server runs one at a time: unbounded values let a
     single request hold it for hours."""
 
-    max_num_images: int = Field(8, ge=1, le=64, description="images of one request, all its prompts together")
-    max_steps: int = Field(150, ge=1, le=1000, description="denoising steps of a request")
-    max_size: int = Field(1024, ge=8, le=2048, multiple_of=8, description="height and width, px (multiples of 8)")
-    max_prompt_chars: int = Field(2000, ge=1, le=100_000, description="characters of prompt and negative_prompt")
-    max_seed: int = Field(2**32 - 1, ge=0, le=2**63 - 1, description="seeds are 0..max_seed")
-    max_guidance_scale: float = Field(30.0, ge=0.0, le=1000.0, description="guidance_scale is 0..max_guidance_scale")
+    max_num_images: Runtime[int] = Field(8, ge=1, le=64, description="images of one request, all its prompts together")
+    max_steps: Runtime[int] = Field(150, ge=1, le=1000, description="denoising steps of a request")
+    max_size: Runtime[int] = Field(1024, ge=8, le=2048, multiple_of=8, description="height and width, px (multiples of 8)")
+    max_prompt_chars: Runtime[int] = Field(2000, ge=1, le=100_000, description="characters of prompt and negative_prompt")
+    max_seed: Runtime[int] = Field(2**32 - 1, ge=0, le=2**63 - 1, description="seeds are 0..max_seed")
+    max_guidance_scale: Runtime[float] = Field(30.0, ge=0.0, le=1000.0, description="guidance_scale is 0..max_guidance_scale")
 
 
 class ServeConfig(_Strict):
@@ -284,25 +326,25 @@ class ServeConfig(_Strict):
     limits: ServeLimits = ServeLimits()
     # `subjectforge serve` (pipeline/serving/app.py): one Ray Serve replica per GPU holds the base
     # model (models.blip_diffusion) once and draws zero-shot and registered subjects.
-    host: str = Field("127.0.0.1", description="address the HTTP proxy listens on (0.0.0.0 in a pod)")
-    port: int = Field(8000, ge=1, le=65535, description="HTTP port of `subjectforge serve`")
-    num_replicas: int = Field(1, ge=1, description="model replicas (one per GPU)")
-    num_gpus: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
+    host: Runtime[str] = Field("127.0.0.1", description="address the HTTP proxy listens on (0.0.0.0 in a pod)")
+    port: Runtime[int] = Field(8000, ge=1, le=65535, description="HTTP port of `subjectforge serve`")
+    num_replicas: Runtime[int] = Field(1, ge=1, description="model replicas (one per GPU)")
+    num_gpus: Runtime[Annotated[float, Field(ge=0)] | Literal["auto"]] = Field(
         "auto", description="GPUs of a replica; auto = 1 when the cluster has GPUs, else 0"
     )
-    max_batch_size: int = Field(8, ge=1, le=256, description="requests of one batch (serve.batch), across callers")
-    batch_wait_timeout_s: float = Field(0.02, ge=0.0, le=10.0, description="how long a batch waits to fill, s")
-    max_batch_images: int = Field(16, ge=1, le=512, description="images denoised together; a bigger batch runs in parts")
-    max_queued_requests: int = Field(64, ge=1, description="requests waiting for a replica; more are answered 503")
-    request_timeout_s: float = Field(300.0, gt=0, description="a request not answered by then gets a 5xx (a hung replica)")
-    max_request_mb: float = Field(48.0, gt=0, le=1024, description="largest request body, MB (reference photos are base64)")
-    max_reference_images: int = Field(6, ge=1, le=32, description="reference photos of a zero-shot request")
-    max_subjects: int = Field(512, ge=1, description="registered subjects kept loaded (embeddings on the device)")
-    max_lora_adapters: int = Field(128, ge=1, description="LoRA subjects kept as named adapters in the UNet")
-    full_unet_budget_gb: float = Field(16.0, ge=0, description="host memory for full (blipd, dreambooth) subject UNets, GB")
+    max_batch_size: Runtime[int] = Field(8, ge=1, le=256, description="requests of one batch (serve.batch), across callers")
+    batch_wait_timeout_s: Runtime[float] = Field(0.02, ge=0.0, le=10.0, description="how long a batch waits to fill, s")
+    max_batch_images: Runtime[int] = Field(16, ge=1, le=512, description="images denoised together; a bigger batch runs in parts")
+    max_queued_requests: Runtime[int] = Field(64, ge=1, description="requests waiting for a replica; more are answered 503")
+    request_timeout_s: Runtime[float] = Field(300.0, gt=0, description="a request not answered by then gets a 5xx (a hung replica)")
+    max_request_mb: Runtime[float] = Field(48.0, gt=0, le=1024, description="largest request body, MB (reference photos are base64)")
+    max_reference_images: Runtime[int] = Field(6, ge=1, le=32, description="reference photos of a zero-shot request")
+    max_subjects: Runtime[int] = Field(512, ge=1, description="registered subjects kept loaded (embeddings on the device)")
+    max_lora_adapters: Runtime[int] = Field(128, ge=1, description="LoRA subjects kept as named adapters in the UNet")
+    full_unet_budget_gb: Runtime[float] = Field(16.0, ge=0, description="host memory for full (blipd, dreambooth) subject UNets, GB")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto = float16 on CUDA, float32 on CPU")
-    compile: bool = Field(False, description="torch.compile the UNet and VAE decoder; warmed up before the replica is ready")
-    warmup_steps: int = Field(2, ge=1, description="steps of the one-image warm-up generation a replica runs before it is ready (with compile or on a GPU)")
+    compile: Runtime[bool] = Field(False, description="torch.compile the UNet and VAE decoder; warmed up before the replica is ready")
+    warmup_steps: Runtime[int] = Field(2, ge=1, description="steps of the one-image warm-up generation a replica runs before it is ready (with compile or on a GPU)")
 
 
 class TrainableConfig(_Strict):
@@ -323,11 +365,11 @@ class TrainableConfig(_Strict):
 class SamplesConfig(_Strict):
     """Sample generations logged to MLflow while training (rank 0, with the in-memory model)."""
 
-    every: int = Field(1000, ge=0, description="generate every this many steps (and at the end); 0 = never")
-    subjects: int = Field(4, ge=1, description="fixed subjects: the first in subject_id order, one composite each")
-    prompt: str = Field("on the beach", min_length=1, description="what to draw the subjects in")
-    steps: int = Field(25, ge=1, le=1000, description="denoising steps")
-    guidance_scale: float = Field(7.5, ge=0.0)
+    every: Runtime[int] = Field(1000, ge=0, description="generate every this many steps (and at the end); 0 = never")
+    subjects: Runtime[int] = Field(4, ge=1, description="fixed subjects: the first in subject_id order, one composite each")
+    prompt: Runtime[str] = Field("on the beach", min_length=1, description="what to draw the subjects in")
+    steps: Runtime[int] = Field(25, ge=1, le=1000, description="denoising steps")
+    guidance_scale: Runtime[float] = Field(7.5, ge=0.0)
 
 
 class TrainConfig(_Strict):
@@ -337,14 +379,14 @@ class TrainConfig(_Strict):
     method: Literal["pretrain", "blipd", "lora", "textual-inversion", "dreambooth"] = Field(
         "pretrain", description="what trains and is saved (pipeline.train.methods); fine-tuning sets it from finetune.method"
     )
-    data: str | None = Field(None, description="dataset version folder, or a dataset root (its `latest` is used)")
-    run_name: Name | None = Field(
+    data: Input[str | None] = Field(None, description="dataset version folder, or a dataset root (its `latest` is used)")
+    run_name: Runtime[Name | None] = Field(
         None, description="Ray Train run name; rerunning with the same name resumes. None = '<method>-<dataset version>'"
     )
-    storage_path: str = Field("subjectforge-runs", description="checkpoints go in <storage_path>/<run_name>/ (local path or URI)")
+    storage_path: Runtime[str] = Field("subjectforge-runs", description="checkpoints go in <storage_path>/<run_name>/ (local path or URI)")
     workers: int = Field(1, ge=1, description="data-parallel workers (one GPU each with gpu: true)")
-    gpu: bool = Field(False, description="one GPU per worker, NCCL, bf16 autocast")
-    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs Ray reserves per worker (fractions allowed)")
+    gpu: Runtime[bool] = Field(False, description="one GPU per worker, NCCL, bf16 autocast")
+    cpus_per_worker: Runtime[float] = Field(1.0, gt=0.0, description="CPUs Ray reserves per worker (fractions allowed)")
     steps: int = Field(100_000, ge=1, description="optimizer steps in all (a resumed run stops at the same step)")
     batch_size: int = Field(16, ge=1, description="samples per worker per micro-batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
@@ -363,41 +405,41 @@ class TrainConfig(_Strict):
         "auto = on GPUs when the run plans 5 epochs or more (pipeline/train/speed.py resolve_precompute)",
     )
     mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
-    compile: bool | Literal["auto"] = Field(
+    compile: Runtime[bool | Literal["auto"]] = Field(
         "auto",
         description="torch.compile the UNet, Q-Former and text encoder (GPU only; minutes at start from a cold cache); "
         "auto = on GPUs for runs of 200 steps or more (pipeline/train/speed.py resolve_compile)",
     )
-    compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = Field(
+    compile_mode: Runtime[Literal["auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]] = Field(
         "auto",
         description="torch.compile mode with train.compile; reduce-overhead replays the compiled graphs as CUDA graphs "
         "(removes host launch gaps; with grad_accum > 1 or several workers it falls back to default, logged); "
         "max-autotune* tune GEMMs and convolutions for minutes more at start; auto = reduce-overhead with one worker "
         "and grad_accum 1, else default",
     )
-    cuda_graphs: bool = Field(
+    cuda_graphs: Runtime[bool] = Field(
         True, description="replay the eager UNet's forward and backward as CUDA graphs (one GPU worker, no grad_accum)"
     )
-    sdpa_backend: Literal["default", "no-cudnn"] = Field(
+    sdpa_backend: Runtime[Literal["default", "no-cudnn"]] = Field(
         "no-cudnn", description="attention kernels of the Q-Former and text encoder; no-cudnn saves cuDNN's host-side planning"
     )
-    unet_sdpa_backend: Literal["auto", "flash", "efficient", "cudnn", "no-cudnn", "math"] = Field(
+    unet_sdpa_backend: Runtime[Literal["auto", "flash", "efficient", "cudnn", "no-cudnn", "math"]] = Field(
         "auto",
         description="the UNet's attention kernel in training, also inside a compiled UNet; auto = PyTorch's choice "
         "(cuDNN on H100); flash, efficient, cudnn and math allow that kernel alone (flash needs bf16 autocast on GPU; "
         "efficient and cudnn have no CPU kernel); no-cudnn = flash, efficient or math",
     )
     shuffle_buffer: int = Field(256, ge=0, description="rows in each worker's local shuffle buffer; 0 = file order")
-    data_cpus: float = Field(1.0, gt=0.0, description="CPUs per Ray Data decode task")
-    checkpoint_every: int = Field(1000, ge=1, description="optimizer steps between checkpoints (and one at the end)")
-    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept in storage")
-    max_failures: int = Field(2, ge=0, description="worker-group restarts from the newest checkpoint before the run fails")
-    log_every: int = Field(10, ge=1, description="steps between progress lines and MLflow metrics")
+    data_cpus: Runtime[float] = Field(1.0, gt=0.0, description="CPUs per Ray Data decode task")
+    checkpoint_every: Runtime[int] = Field(1000, ge=1, description="optimizer steps between checkpoints (and one at the end)")
+    keep_checkpoints: Runtime[int] = Field(2, ge=1, description="newest checkpoints kept in storage")
+    max_failures: Runtime[int] = Field(2, ge=0, description="worker-group restarts from the newest checkpoint before the run fails")
+    log_every: Runtime[int] = Field(10, ge=1, description="steps between progress lines and MLflow metrics")
     samples: SamplesConfig = SamplesConfig()
     seed: int = Field(0, ge=0)
-    register_as: Name | None = Field("subjectforge-base", description="MLflow registered model name; None = do not register")
-    step_log: str | None = Field(None, description="folder where each rank appends the steps it trained (audits, tests)")
-    fail_at_step: int | None = Field(
+    register_as: Runtime[Name | None] = Field("subjectforge-base", description="MLflow registered model name; None = do not register")
+    step_log: Runtime[str | None] = Field(None, description="folder where each rank appends the steps it trained (audits, tests)")
+    fail_at_step: Runtime[int | None] = Field(
         None, ge=1, description="fault injection: kill one worker once after this step (tests of resume)"
     )
 
@@ -426,10 +468,10 @@ class FinetuneConfig(_Strict):
     training loop (`train.*` supplies resolution, crop, precision, workers' CPUs and storage)."""
 
     method: FinetuneMethod = Field("blipd", description="blipd, lora, textual-inversion or dreambooth")
-    base: str | None = Field(None, description="base model: folder, Hub id or models:/NAME/VERSION; None = models.blip_diffusion")
-    subject: str | None = Field(None, description="a dataset (root or version folder) or a folder of the subject's photos")
+    base: Input[str | None] = Field(None, description="base model: folder, Hub id or models:/NAME/VERSION; None = models.blip_diffusion")
+    subject: Input[str | None] = Field(None, description="a dataset (root or version folder) or a folder of the subject's photos")
     subject_id: Name | None = Field(None, description="the subject's id in the dataset; registered as <register_prefix><subject_id>")
-    category: str | None = Field(None, description="the subject's class noun; None = the dataset's")
+    category: Input[str | None] = Field(None, description="the subject's class noun; None = the dataset's")
     steps: int = Field(100, ge=1, description="optimizer steps (BLIP-Diffusion: 40-150)")
     batch_size: int = Field(3, ge=1, description="samples per step")
     lr: float | None = Field(None, gt=0.0, description="AdamW learning rate; None = the method's (FINETUNE_LR)")
@@ -442,15 +484,15 @@ class FinetuneConfig(_Strict):
     prior_images: int = Field(100, ge=1, description="dreambooth: class images generated by the base model")
     prior_weight: float = Field(1.0, ge=0.0, description="dreambooth: weight of the class-prior loss")
     prior_steps: int = Field(25, ge=1, description="dreambooth: denoising steps per class image")
-    out: str = Field("subjectforge-subjects", description="each subject's artifact goes to <out>/<subject_id>-<method>/")
-    register_model: bool = Field(True, description="log the subject as an MLflow pyfunc model and register it")
-    register_prefix: Name | Literal[""] = Field("subjectforge-", description="registered model name = prefix + subject_id")
-    alias: str = Field("candidate", min_length=1, description="alias set on the new registered version")
-    subjects: list[Name] | None = Field(None, description="finetune-many: subject ids; None = every subject of the dataset")
-    affected_only: bool = Field(False, description="finetune-many: only the subjects the version's refresh added, changed or removed photos of")
-    num_gpus: float = Field(1.0, gt=0.0, le=1.0, description="GPUs of a subject's worker with train.gpu; fractions share a GPU")
-    concurrency: int = Field(1, ge=1, description="finetune-many: subjects trained at once")
-    max_retries: int = Field(1, ge=0, description="finetune-many: retries of a failed subject")
+    out: Runtime[str] = Field("subjectforge-subjects", description="each subject's artifact goes to <out>/<subject_id>-<method>/")
+    register_model: Runtime[bool] = Field(True, description="log the subject as an MLflow pyfunc model and register it")
+    register_prefix: Runtime[Name | Literal[""]] = Field("subjectforge-", description="registered model name = prefix + subject_id")
+    alias: Runtime[str] = Field("candidate", min_length=1, description="alias set on the new registered version")
+    subjects: Input[list[Name] | None] = Field(None, description="finetune-many: subject ids; None = every subject of the dataset")
+    affected_only: Input[bool] = Field(False, description="finetune-many: only the subjects the version's refresh added, changed or removed photos of")
+    num_gpus: Runtime[float] = Field(1.0, gt=0.0, le=1.0, description="GPUs of a subject's worker with train.gpu; fractions share a GPU")
+    concurrency: Runtime[int] = Field(1, ge=1, description="finetune-many: subjects trained at once")
+    max_retries: Runtime[int] = Field(1, ge=0, description="finetune-many: retries of a failed subject")
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else FINETUNE_LR[self.method]
@@ -459,35 +501,35 @@ class FinetuneConfig(_Strict):
 class TrackingConfig(_Strict):
     """MLflow. pipeline/tracking.py is the only module that talks to it."""
 
-    enabled: bool = True
-    uri: str | None = Field(None, description="None = $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db")
-    experiment: str = Field("subjectforge", min_length=1)
-    data_experiment: str = Field("subjectforge-data", min_length=1, description="experiment of `data build|refresh` runs")
-    system_metrics: bool = Field(True, description="CPU/GPU/memory metrics of rank 0's node")
+    enabled: Runtime[bool] = True
+    uri: Runtime[str | None] = Field(None, description="None = $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db")
+    experiment: Runtime[str] = Field("subjectforge", min_length=1)
+    data_experiment: Runtime[str] = Field("subjectforge-data", min_length=1, description="experiment of `data build|refresh` runs")
+    system_metrics: Runtime[bool] = Field(True, description="CPU/GPU/memory metrics of rank 0's node")
 
 
 class EvaluateConfig(_Strict):
     """`subjectforge evaluate`: DINO, CLIP-I and CLIP-T on DreamBench (pipeline/evaluation/).
     Images are made with the `generate:` settings; feature models are `models.dino`/`models.clip`."""
 
-    model: str | None = Field(
+    model: Input[str | None] = Field(
         None, description="checkpoint folder, Hub id or models:/NAME@ALIAS; None = models.blip_diffusion"
     )
-    photos: str | None = Field(
+    photos: Input[str | None] = Field(
         None, description="real photos, one folder per subject; None = the bundled datasets/dreambench-mini"
     )
-    benchmark: str | None = Field(
+    benchmark: Input[str | None] = Field(
         None, description="folder with subjects.csv, prompts_object.txt, prompts_live.txt; None = datasets/dreambench"
     )
-    prompts: str | None = Field(None, description="one prompt file for every subject; None = the object/live lists")
-    subjects: list[Name] | None = Field(None, description="subject ids; None = every subject in photos")
+    prompts: Input[str | None] = Field(None, description="one prompt file for every subject; None = the object/live lists")
+    subjects: Input[list[Name] | None] = Field(None, description="subject ids; None = every subject in photos")
     images_per_prompt: int = Field(4, ge=1, le=64, description="images per subject and prompt (DreamBench: 4)")
-    out: str | None = Field(None, description="output folder; None = subjectforge-eval/<model name>")
-    num_actors: CountOrAuto = Field("auto", description="generator actors; auto = one per GPU, else 1")
-    num_gpus: float | Literal["auto"] = Field("auto", description="GPUs per generator actor; auto = 1 with GPUs, else 0")
-    batch_size: int | None = Field(None, ge=1, description="images per denoising batch; None = a prompt's images at once")
-    score_batch_size: int = Field(32, ge=1, description="images per DINO/CLIP forward pass")
-    qformer_tokenizer: str | None = Field(None, description="folder of the Q-Former's BERT tokenizer (offline use)")
+    out: Runtime[str | None] = Field(None, description="output folder; None = subjectforge-eval/<model name>")
+    num_actors: Runtime[CountOrAuto] = Field("auto", description="generator actors; auto = one per GPU, else 1")
+    num_gpus: Runtime[float | Literal["auto"]] = Field("auto", description="GPUs per generator actor; auto = 1 with GPUs, else 0")
+    batch_size: Runtime[int | None] = Field(None, ge=1, description="images per denoising batch; None = a prompt's images at once")
+    score_batch_size: Runtime[int] = Field(32, ge=1, description="images per DINO/CLIP forward pass")
+    qformer_tokenizer: Input[str | None] = Field(None, description="folder of the Q-Former's BERT tokenizer (offline use)")
     thumbnail: int = Field(128, ge=16, le=1024, description="side of each image in the per-subject grids, px")
 
     @model_validator(mode="after")
@@ -500,14 +542,14 @@ class EvaluateConfig(_Strict):
 class SubmitConfig(_Strict):
     """`subjectforge submit`: the upload of a job's code (pipeline/jobs.py)."""
 
-    max_upload_mb: float = Field(
+    max_upload_mb: Runtime[float] = Field(
         100, gt=0, description="refuse an upload larger than this, MB (Ray itself refuses packages over 512 MiB)"
     )
 
 
 class Config(_Strict):
     # `real` by default, so a production job never quietly runs on random weights.
-    profile: Profile = "real"
+    profile: Input[Profile] = "real"
     models: ModelsConfig = ModelsConfig()
     data: DataConfig = DataConfig()
     ray: RayConfig = RayConfig()

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import __version__, tracking
-from pipeline.config import Config, dump_config
+from pipeline.config import Config, dump_config, identity_settings
 from pipeline.data.backgrounds import BUNDLED_BACKGROUNDS, backgrounds_digest, list_backgrounds
 from pipeline.data.plan import Cluster, build_dataset_plan, data_stages, run_plan
 from pipeline.data.sources import SourceError, SourcePhoto, SourceScan, scan_source
@@ -69,21 +69,10 @@ class BuildResult:
 
 
 def processing_digest(config: Config, backgrounds_hash: str) -> str:
-    """Hash of every setting that changes the rows a photo produces (not batch sizes or pools)."""
-    data = config.data.model_dump(mode="json")
-    runtime_only = (
-        ("segment", "batch_size"), ("segment", "num_actors"), ("segment", "num_gpus"),
-        ("matte", "concurrency"), ("matte", "num_gpus"), ("matte", "num_actors"), ("matte", "batch_size"),
-    )
-    for section, key in runtime_only:
-        data[section].pop(key)
-    data.pop("max_reject_fraction")
-    data.pop("keep_failed")
-    data.pop("backgrounds")
-    # Which links are read changes the inputs, which the source digest follows, not their rows.
-    data.pop("source")
-    data["write"].pop("rows_per_file")
-    payload = {"data": data, "clipseg": config.model_path("clipseg"), "backgrounds": backgrounds_hash}
+    """Hash of every data.* setting that may change the rows a photo produces: all but those
+    config.py marks Runtime (pools, batch sizes, thresholds) or Input (the backgrounds folder and
+    which links are read, whose effect the backgrounds' and the source's digests record)."""
+    payload = {"data": identity_settings(config.data), "clipseg": config.model_path("clipseg"), "backgrounds": backgrounds_hash}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

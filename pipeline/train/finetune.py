@@ -42,7 +42,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline import tracking
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, FinetuneConfig, identity_settings
 from pipeline.data.sources import SourcePhoto
 from pipeline.data.versions import LATEST, MANIFEST
 from pipeline.paths import replace_tree
@@ -61,12 +61,6 @@ log = logging.getLogger(__name__)
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 KEY_TAG = "finetune_key"  # registered version tag: the finetune_key it was trained with
-# finetune.* settings that do not change the weights (where and how often, not what is trained).
-_KEY_IGNORES = ("subject", "base", "category", "out", "register_model", "register_prefix", "alias", "subjects", "affected_only",
-                "num_gpus", "concurrency", "max_retries")
-# train.* settings a fine-tune takes from the user's config that change the weights (the rest
-# are set by training_config or only place and pace the work).
-_KEY_TRAIN = ("resolution", "crop", "prompt_template", "trainable", "mixed_precision", "max_grad_norm", "shuffle_buffer", "seed")
 _PRIOR_BATCH = 4  # class-prior images per generation batch
 _DONE = "prior-done.json"  # written after the last prior image: the prior set counts only then
 _LISTED = 20  # subject ids an error message lists before "and N more"
@@ -202,15 +196,15 @@ def base_reference(config: Config, uri: str | None) -> str:
 
 
 def finetune_key(config: Config, category: str, dataset_digest: str, base: str) -> str:
-    """16 hex digits naming what a fine-tune produces: the same base model, method, subject,
-    category, dataset digest and weight-changing settings give the same key (and the model the
-    registry already holds for it)."""
-    ft = config.finetune.model_dump(mode="json")
-    for key in _KEY_IGNORES:
-        ft.pop(key)
-    train = config.train.model_dump(mode="json")
-    payload = {"base": base, "category": category, "dataset_digest": dataset_digest, "finetune": ft,
-               "train": {key: train[key] for key in _KEY_TRAIN}}
+    """16 hex digits naming what a fine-tune produces: the same base model, subject, category,
+    dataset digest and settings give the same key (and the model the registry already holds for
+    it). The settings are every finetune.* and train.* field config.py does not mark Runtime or
+    Input, less the train.* fields the method's recipe sets from finetune.* (_recipe)."""
+    train = identity_settings(config.train)
+    for key in _recipe(config.finetune):
+        train.pop(key, None)
+    payload = {"base": base, "category": category, "dataset_digest": dataset_digest,
+               "finetune": identity_settings(config.finetune), "train": train}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -285,17 +279,23 @@ def resolve_base(config: Config) -> str:
     return base
 
 
+def _recipe(ft: FinetuneConfig) -> dict[str, Any]:
+    """The train.* values every fine-tune sets from finetune.* (its other train.* settings are
+    the user's): one worker, the method's steps, batch and learning rate, no warm-up, no subject
+    dropout, one checkpoint at the end, no registration as a base, no sample images."""
+    return {
+        "method": ft.method, "workers": 1, "steps": ft.steps, "batch_size": ft.batch_size, "grad_accum": 1,
+        "lr": ft.learning_rate(), "weight_decay": ft.weight_decay, "warmup_steps": 0, "drop_subject_prob": 0.0,
+        "precompute": False, "checkpoint_every": ft.steps, "keep_checkpoints": 1, "register_as": None, "fail_at_step": None,
+    }
+
+
 def training_config(config: Config, inputs: Path, base: str, run_name: str) -> Config:
     """The `train:` settings of a fine-tune: the method's recipe on the one-subject inputs."""
-    ft = config.finetune
     tree = config.model_dump(mode="json")
     tree["models"]["blip_diffusion"] = base
-    tree["train"].update(
-        method=ft.method, data=str(inputs), run_name=run_name, workers=1, steps=ft.steps, batch_size=ft.batch_size, grad_accum=1,
-        lr=ft.learning_rate(), weight_decay=ft.weight_decay, warmup_steps=0, drop_subject_prob=0.0, precompute=False,
-        checkpoint_every=ft.steps, keep_checkpoints=1, register_as=None, fail_at_step=None,
-        samples={**tree["train"]["samples"], "every": 0},
-    )
+    tree["train"].update(_recipe(config.finetune), data=str(inputs), run_name=run_name)
+    tree["train"]["samples"]["every"] = 0
     return Config.model_validate(tree)
 
 
