@@ -289,6 +289,54 @@ class RayConfig(_Strict):
     num_cpus: Runtime[int | None] = Field(None, ge=1, description="CPUs of a locally started Ray; None = all")
 
 
+# What `generate --control` accepts (pipeline/model/control.py makes the maps): none, Canny edges
+# (OpenCV), depth or HED soft edges from a detector model, or a map used as is.
+CONTROL_KINDS: tuple[str, ...] = ("none", "canny", "depth", "hed", "map")
+ControlKind = Literal[CONTROL_KINDS]
+# The ControlNet each kind uses when generate.control.controlnet is None. The tiny profile's
+# random ControlNet fits the tiny UNet; the real ones are SD 1.5's, which BLIP-Diffusion's UNet
+# keeps (LAVIS's blip_diffusion_controlnet_*.yaml). A given map has no default: name its ControlNet.
+PROFILE_CONTROLNETS: dict[str, dict[str, str]] = {
+    "tiny": {kind: str(ASSETS_DIR / "tiny-controlnet") for kind in CONTROL_KINDS[1:]},
+    "real": {
+        "canny": "lllyasviel/sd-controlnet-canny",
+        "depth": "lllyasviel/sd-controlnet-depth",
+        "hed": "lllyasviel/sd-controlnet-hed",
+    },
+}
+
+
+class ControlConfig(_Strict):
+    """Structure control of `subjectforge generate` by a ControlNet (`--control` and friends)."""
+
+    kind: ControlKind = Field("none", description=", ".join(CONTROL_KINDS))
+    image: str | None = Field(None, description="photo the map is made from (canny, depth, hed) or the map itself (map)")
+    scale: float = Field(1.0, ge=0.0, le=10.0, description="multiplies the ControlNet's residuals; 0 = plain generation")
+    controlnet: str | None = Field(None, description="ControlNet id or folder; None = the profile's for the kind")
+    detector: str | None = Field(
+        None, description="depth: a transformers depth-estimation model (id or folder); hed: a TorchScript HED file"
+    )
+    canny_low: int = Field(100, ge=0, le=255, description="Canny hysteresis: weaker gradients are never edges")
+    canny_high: int = Field(200, ge=0, le=255, description="Canny hysteresis: stronger gradients are always edges")
+
+    @model_validator(mode="after")
+    def _check(self) -> ControlConfig:
+        if self.kind != "none" and self.image is None:
+            raise ValueError(f"generate.control.image is needed with generate.control.kind={self.kind}")
+        if self.canny_low > self.canny_high:
+            raise ValueError(f"generate.control.canny_low ({self.canny_low}) is above canny_high ({self.canny_high})")
+        return self
+
+    def controlnet_path(self, profile: str) -> str:
+        """The ControlNet of this kind: the explicit setting, else the profile's default."""
+        if self.controlnet is not None:
+            return self.controlnet
+        default = PROFILE_CONTROLNETS[profile].get(self.kind)
+        if default is None:
+            raise ConfigError(f"generate.control.controlnet (--controlnet) is needed with --control {self.kind}")
+        return default
+
+
 class GenerateConfig(_Strict):
     """Zero-shot generation defaults (`subjectforge generate`); the reference's values."""
 
@@ -303,6 +351,7 @@ class GenerateConfig(_Strict):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto = float16 on CUDA, float32 on CPU"
     )
+    control: ControlConfig = ControlConfig()
 
 
 class ServeLimits(_Strict):
