@@ -16,7 +16,7 @@ import logging
 import sys
 
 from pipeline import __version__
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import FINETUNE_METHODS, Config, ConfigError, load_config
 
 # (name, module, help): the subcommands, in the order `--help` lists them.
 COMMANDS: list[tuple[str, str, str]] = [
@@ -25,7 +25,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("generate", "pipeline.commands.generate", "generate images of a subject from reference photos"),
     ("evaluate", "pipeline.commands.evaluate", "DreamBench scores (DINO, CLIP-I, CLIP-T) of a model"),
     ("pretrain", "pipeline.commands.pretrain", "subject-representation pretraining on Ray Train"),
-    ("finetune", "pipeline.commands.finetune", "fine-tune one subject (blipd, lora, dreambooth, textual-inversion)"),
+    ("finetune", "pipeline.commands.finetune", f"fine-tune one subject ({', '.join(FINETUNE_METHODS)})"),
     ("finetune-many", "pipeline.commands.finetune_many", "fine-tune every subject of a dataset as one Ray job"),
     ("promote", "pipeline.commands.promote", "point a registry alias (e.g. champion) at a model version"),
     ("serve", "pipeline.commands.serve", "serve zero-shot and registered subjects over HTTP (Ray Serve)"),

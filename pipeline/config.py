@@ -421,11 +421,22 @@ class SamplesConfig(_Strict):
     guidance_scale: Runtime[float] = Field(7.5, ge=0.0)
 
 
+# The training methods by name: the one list the config's choices, the CLI's --method and
+# pipeline/train/methods.py's METHODS (a class per name) follow. Each fine-tuning method's learning
+# rate when `finetune.lr` is None: BLIP-Diffusion's fine-tuning recipe (5e-6) where full UNet
+# weights train, the usual LoRA and textual-inversion rates otherwise.
+FINETUNE_LR: dict[str, float] = {"blipd": 5e-6, "lora": 1e-4, "textual-inversion": 5e-3, "dreambooth": 5e-6}
+FINETUNE_METHODS: tuple[str, ...] = tuple(FINETUNE_LR)
+TRAIN_METHODS: tuple[str, ...] = ("pretrain", *FINETUNE_METHODS)
+FinetuneMethod = Literal[FINETUNE_METHODS]
+TrainMethod = Literal[TRAIN_METHODS]
+
+
 class TrainConfig(_Strict):
     """`subjectforge pretrain` (Ray Train). Defaults follow BLIP-Diffusion's pretraining: AdamW,
     constant LR 2e-6 after warm-up, subject embeddings dropped 15% of the time, 512 px."""
 
-    method: Literal["pretrain", "blipd", "lora", "textual-inversion", "dreambooth"] = Field(
+    method: TrainMethod = Field(
         "pretrain", description="what trains and is saved (pipeline.train.methods); fine-tuning sets it from finetune.method"
     )
     data: Input[str | None] = Field(None, description="dataset version folder, or a dataset root (its `latest` is used)")
@@ -505,18 +516,11 @@ class TrainConfig(_Strict):
         return self
 
 
-FinetuneMethod = Literal["blipd", "lora", "textual-inversion", "dreambooth"]
-
-# Each method's learning rate when `finetune.lr` is None: BLIP-Diffusion's fine-tuning recipe
-# (5e-6) where full UNet weights train, the usual LoRA and textual-inversion rates otherwise.
-FINETUNE_LR: dict[str, float] = {"blipd": 5e-6, "dreambooth": 5e-6, "lora": 1e-4, "textual-inversion": 5e-3}
-
-
 class FinetuneConfig(_Strict):
     """`subjectforge finetune` / `finetune-many`: one subject on top of a base model, through the
     training loop (`train.*` supplies resolution, crop, precision, workers' CPUs and storage)."""
 
-    method: FinetuneMethod = Field("blipd", description="blipd, lora, textual-inversion or dreambooth")
+    method: FinetuneMethod = Field("blipd", description=", ".join(FINETUNE_METHODS))
     base: Input[str | None] = Field(None, description="base model: folder, Hub id or models:/NAME/VERSION; None = models.blip_diffusion")
     subject: Input[str | None] = Field(None, description="a dataset (root or version folder) or a folder of the subject's photos")
     subject_id: Name | None = Field(None, description="the subject's id in the dataset; registered as <register_prefix><subject_id>")

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from pipeline.config import ConfigError, load_config
+from pipeline.cli import build_parser
+from pipeline.config import FINETUNE_METHODS, TRAIN_METHODS, ConfigError, load_config
 from pipeline.model import BlipDiffusion
 from pipeline.train.losses import add_noise, diffusion_target
 from pipeline.train.methods import METHODS, Pretrain, get_method
@@ -73,3 +74,12 @@ def test_methods_are_chosen_by_name():
     assert get_method("pretrain") is Pretrain and "pretrain" in METHODS
     with pytest.raises(ConfigError, match="train.method"):
         get_method("nonsense")
+
+
+def test_method_names_come_from_one_list():
+    assert tuple(METHODS) == TRAIN_METHODS == ("pretrain", *FINETUNE_METHODS)
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for command in ("finetune", "finetune-many"):
+        (method,) = [a for a in commands[command]._actions if a.dest == "method"]
+        assert tuple(method.choices) == FINETUNE_METHODS, command
+

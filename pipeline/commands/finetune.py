@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from pipeline.config import Config
+from pipeline.config import FINETUNE_METHODS, Config
 
 # flag destination -> config key
 _FLAGS = {
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     parser.add_argument("--subject", help="dataset (root or version) or a folder of the subject's photos (finetune.subject)")
     parser.add_argument("--subject-id", help="the subject's id; registered as subjectforge-<id> (finetune.subject_id)")
     parser.add_argument("--category", help="the subject's class noun, e.g. dog (finetune.category)")
-    parser.add_argument("--method", choices=("blipd", "lora", "dreambooth", "textual-inversion"), help="finetune.method")
+    parser.add_argument("--method", choices=FINETUNE_METHODS, help="finetune.method")
     parser.add_argument("--steps", type=int, help="optimizer steps (finetune.steps)")
     parser.add_argument("--out", help="folder of the subject artifacts (finetune.out)")
     parser.add_argument("--alias", help="registry alias of the new version (finetune.alias)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.config import Config
+from pipeline.config import FINETUNE_METHODS, Config
 
 
 def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
         "--affected", action="store_true", default=None,
         help="only subjects whose photos the version's build added, changed or removed (finetune.affected_only)",
     )
-    parser.add_argument("--method", choices=("blipd", "lora", "dreambooth", "textual-inversion"), help="finetune.method")
+    parser.add_argument("--method", choices=FINETUNE_METHODS, help="finetune.method")
     parser.add_argument("--steps", type=int, help="optimizer steps per subject (finetune.steps)")
     parser.add_argument("--out", help="folder of the subject artifacts (finetune.out)")
     parser.add_argument("--gpu", action="store_true", default=None, help="train on GPUs (train.gpu; finetune.num_gpus each)")

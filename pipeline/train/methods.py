@@ -303,7 +303,8 @@ class DreamBooth(_Subject):
         return prior_preserving_loss(prediction, target, prior, self.config.finetune.prior_weight)
 
 
-# Name -> method class: the one place a training method is chosen (`train.method`).
+# Name -> method class: the one place a training method is chosen (`train.method`); its names
+# are config.py's TRAIN_METHODS.
 METHODS: dict[str, type[Method]] = {
     m.name: m for m in (Pretrain, BlipdFinetune, LoraFinetune, TextualInversion, DreamBooth)
 }
