@@ -44,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     parser.add_argument("--device", default="auto", help="cuda, cpu, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--batch-size", type=int, help="images per denoising batch (default: all)")
     parser.add_argument("--qformer-tokenizer", help="folder of the Q-Former's BERT tokenizer, for offline use")
+    control = parser.add_argument_group("structure control (ControlNet)")
+    control.add_argument("--control", help="canny, depth, hed, map or none (config: generate.control.kind)")
+    control.add_argument("--control-image", help="photo to take the map from, or the map (config: generate.control.image)")
+    control.add_argument("--control-scale", type=float, help="ControlNet strength, 0 = off (config: generate.control.scale)")
+    control.add_argument("--controlnet", help="ControlNet id or folder (config: generate.control.controlnet)")
+    control.add_argument("--control-detector", help="depth/hed detector model (config: generate.control.detector)")
     add_common(parser)
 
 
@@ -61,6 +67,9 @@ def _settings(args: argparse.Namespace, config: Config) -> Config:
     overrides = {k: v for k, v in flags.items() if v is not None}
     tree = config.model_dump()
     tree["generate"].update(overrides)
+    control = {"kind": args.control, "image": args.control_image, "scale": args.control_scale,
+               "controlnet": args.controlnet, "detector": args.control_detector}
+    tree["generate"]["control"].update({k: v for k, v in control.items() if v is not None})
     if args.model:
         tree["models"]["blip_diffusion"] = args.model
     try:
@@ -73,6 +82,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     import torch
 
     from pipeline.model import DEFAULT_NEGATIVE_PROMPT, BlipDiffusion, CheckpointError
+    from pipeline.model.control import build_control
     from pipeline.model.image_processing import load_image
 
     config = _settings(args, config)
@@ -96,6 +106,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
             dtype=getattr(torch, dtype_name),
             device=device,
         )
+        control = None if gen.control.kind == "none" else build_control(
+            gen.control, gen.control.controlnet_path(config.profile), model.image_processor,
+            request.height, request.width, dtype=model.dtype, device=device, local_files_only=False,
+        )
         start = time.perf_counter()
         outputs = model.generate(
             request.prompt,
@@ -110,6 +124,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
             width=request.width,
             seed=request.seed,
             batch_size=args.batch_size,
+            control=control,
         )
     except (CheckpointError, ValueError) as exc:
         raise ConfigError(str(exc)) from exc
@@ -146,6 +161,8 @@ def _generate_registered(args: argparse.Namespace, config: Config, request, devi
 
     if args.subject_image:
         raise ConfigError("--subject-image is not used with a registered subject: the subject is in the model")
+    if config.generate.control.kind != "none":
+        raise ConfigError("--control is not available with a registered subject (models:/...) yet; use --subject-image")
     try:
         folder = tracking.subject_folder(tracking.resolve_tracking_uri(config.tracking.uri), args.model)
         subject = SubjectModel.load(folder, _registered_base(folder, config), dtype=dtype, device=device)

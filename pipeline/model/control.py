@@ -21,10 +21,9 @@ import numpy as np
 import PIL.Image
 import torch
 
+from pipeline.config import CONTROL_KINDS
 from pipeline.model.image_processing import ImageLike, SubjectImageProcessor
 
-# What `--control` accepts; "none" generates without a ControlNet.
-CONTROL_KINDS = ("none", "canny", "depth", "hed", "map")
 # Kinds whose map is computed from a photo by a model the user names.
 DETECTOR_KINDS = ("depth", "hed")
 
@@ -204,6 +203,35 @@ def prepare_control_image(image: PIL.Image.Image, processor: SubjectImageProcess
     return SubjectImageProcessor(config).preprocess(image)
 
 
+def build_control(
+    settings: Any,
+    controlnet: str | Path,
+    processor: SubjectImageProcessor,
+    height: int,
+    width: int,
+    *,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    local_files_only: bool = True,
+) -> Control:
+    """The Control of one generation from `generate.control` settings (pipeline.config
+    ControlConfig, a kind other than "none") and the ControlNet's id or folder."""
+    photo = read_control_image(settings.image)
+    control_map = make_control_map(
+        settings.kind,
+        photo,
+        height,
+        width,
+        detector=settings.detector,
+        canny_low=settings.canny_low,
+        canny_high=settings.canny_high,
+        local_files_only=local_files_only,
+    )
+    image = prepare_control_image(control_map, processor, height, width)
+    model = load_controlnet(controlnet, dtype=dtype, device=device, local_files_only=local_files_only)
+    return Control(model, image, settings.scale)
+
+
 def _to_map(values: torch.Tensor, normalize: bool = True) -> np.ndarray:
     """(H, W) float -> (H, W, 3) uint8, min-max scaled to 0..255 when `normalize`."""
     values = values.float()
@@ -217,6 +245,7 @@ def _to_map(values: torch.Tensor, normalize: bool = True) -> np.ndarray:
 __all__ = [
     "CONTROL_KINDS",
     "Control",
+    "build_control",
     "ControlError",
     "canny_map",
     "check_controlnet",
