@@ -30,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
         "--subject-image", nargs="+", metavar="IMG", help="reference photo(s) of the subject (not with a models:/ subject)"
     )
     parser.add_argument("--category", help="the subject's class, e.g. dog (not with a models:/ subject)")
+    parser.add_argument(
+        "--subject", action="append", metavar="CATEGORY[:IMG,...]=WEIGHT",
+        help="mix subjects with weights (repeat it); CATEGORY alone means --category's --subject-image photos",
+    )
     parser.add_argument("--prompt", required=True, help='what to make, e.g. "on the beach"')
     parser.add_argument("--target-category", help="category written in the prompt (default: --category)")
     parser.add_argument("-n", "--num-images", type=int, default=1, help="images to generate (default: 1)")
@@ -96,10 +100,10 @@ def run(args: argparse.Namespace, config: Config) -> int:
         tracking.reachable_uri(config.tracking.uri)
         outputs, elapsed = _generate_registered(args, config, request, device, getattr(torch, dtype_name))
         return _write(args, config, outputs, elapsed, device, dtype_name)
-    if not args.subject_image or not args.category:
+    if not args.subject and (not args.subject_image or not args.category):
         raise ConfigError("--subject-image and --category are needed unless --model is a registered subject (models:/...)")
     try:
-        images = [load_image(path, i) for i, path in enumerate(args.subject_image)]
+        images = [load_image(path, i) for i, path in enumerate(args.subject_image or [])]
         model = BlipDiffusion.from_pretrained(
             config.model_path("blip_diffusion"),
             qformer_tokenizer=args.qformer_tokenizer,
@@ -110,11 +114,13 @@ def run(args: argparse.Namespace, config: Config) -> int:
             gen.control, gen.control.controlnet_path(config.profile), model.image_processor,
             request.height, request.width, dtype=model.dtype, device=device, local_files_only=False,
         )
+        mixed = _mix_subjects(args, model) if args.subject else None
         start = time.perf_counter()
         outputs = model.generate(
             request.prompt,
-            subject_images=images,
-            category=args.category,
+            subject_images=None if mixed is not None else images,
+            subject_embeds=mixed,
+            category=args.category or args.subject[0].rpartition("=")[0].partition(":")[0],
             target_category=args.target_category,
             num_images=request.num_images,
             steps=request.steps,
@@ -130,6 +136,33 @@ def run(args: argparse.Namespace, config: Config) -> int:
         raise ConfigError(str(exc)) from exc
     elapsed = time.perf_counter() - start
     return _write(args, config, outputs, elapsed, device, dtype_name)
+
+
+def _mix_subjects(args: argparse.Namespace, model):
+    """One subject embedding (1, Q, D) from the --subject CATEGORY[:IMG,...]=WEIGHT mix."""
+    from pipeline.model.blip_diffusion import mix_subjects
+    from pipeline.model.image_processing import load_image
+
+    embeds, weights = [], []
+    for text in args.subject:
+        spec, sep, weight = text.rpartition("=")
+        category, _, photos = spec.partition(":")
+        if not sep or not category:
+            raise ConfigError(f"--subject {text!r}: expected CATEGORY[:IMG,...]=WEIGHT, e.g. dog=0.7")
+        if spec.startswith("models:/"):
+            raise ConfigError(f"--subject {text!r}: registered subjects cannot be mixed yet; give CATEGORY:IMG,...")
+        if not photos and (category != args.category or not args.subject_image):
+            raise ConfigError(f"--subject {text!r}: give its photos (CATEGORY:IMG,...) or --category {category} with --subject-image")
+        try:
+            weights.append(float(weight))
+        except ValueError:
+            raise ConfigError(f"--subject {text!r}: the weight {weight!r} is not a number") from None
+        paths = photos.split(",") if photos else args.subject_image
+        embeds.append(model.encode_subject([load_image(p, i) for i, p in enumerate(paths)], category))
+    try:
+        return mix_subjects(embeds, weights)
+    except ValueError as exc:
+        raise ConfigError(f"--subject: {exc}") from None
 
 
 def _request(args: argparse.Namespace, config: Config):
@@ -196,6 +229,7 @@ def _write(args: argparse.Namespace, config: Config, outputs: list, elapsed: flo
     run_info = {
         "model": config.model_path("blip_diffusion"),
         "subject_images": [str(p) for p in args.subject_image or []],
+        "subjects": args.subject or [],
         "category": args.category,
         "target_category": args.target_category or args.category,
         "prompt": args.prompt,

@@ -490,6 +490,30 @@ class BlipDiffusion(nn.Module):
         self.vae.decoder.compile(mode=mode, fullgraph=fullgraph)
 
 
+def mix_subjects(embeds: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """One subject from several: sum_i w_i * e_i / sum_i w_i over subject embeddings (1, Q, D).
+
+    LAVIS `forward_ctx_embeddings(ratio=...)` takes the same weighted sum with weights that
+    must add up to 1; here any weights with a positive sum are scaled to add up to 1 (0.7/0.3
+    and 7/3 mix alike). A single weight may be negative (pushing away from that subject),
+    which the released model never saw in training. Raises ValueError for mismatched lengths,
+    shapes, non-finite weights or a sum that is not positive.
+    """
+    if not embeds or len(embeds) != len(weights):
+        raise ValueError(f"give one weight per subject: {len(embeds)} subjects, {len(weights)} weights")
+    values = [float(w) for w in weights]
+    total = sum(values)
+    if not all(np.isfinite(values)) or not total > 0:
+        raise ValueError(f"subject weights must be finite and add up to a positive number, got {values}")
+    shape = tuple(embeds[0].shape)
+    if any(tuple(e.shape) != shape for e in embeds):
+        raise ValueError(f"subject embeddings differ in shape: {[tuple(e.shape) for e in embeds]}")
+    mixed = torch.zeros_like(embeds[0])
+    for value, embed in zip(values, embeds, strict=True):
+        mixed += (value / total) * embed
+    return mixed
+
+
 def _load_diffusers(cls: type, folder: Path) -> Any:
     try:
         return cls.from_pretrained(str(folder))

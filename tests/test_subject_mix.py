@@ -1,0 +1,60 @@
+"""Mixing subject embeddings with weights (`mix_subjects`, `generate --subject`), tiny profile."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.model.blip_diffusion import mix_subjects
+
+BASE = ["generate", "--profile", "tiny", "--prompt", "on the grass", "--steps", "2", "--height", "64", "--width", "64"]
+BASE += ["--seed", "5", "--dtype", "float32", "--device", "cpu"]
+
+
+def _photo(path, seed):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def test_weights_are_scaled_to_sum_one():
+    a, b = torch.randn(1, 16, 32), torch.randn(1, 16, 32)
+    torch.testing.assert_close(mix_subjects([a, b], [0.7, 0.3]), 0.7 * a + 0.3 * b)
+    torch.testing.assert_close(mix_subjects([a, b], [7, 3]), mix_subjects([a, b], [0.7, 0.3]))
+    assert torch.equal(mix_subjects([a, a], [0.5, 0.5]), a)
+
+
+@pytest.mark.parametrize("weights", [[0.5, -0.5], [0.0, 0.0], [-1.0, 0.2], [float("nan"), 1.0]])
+def test_weights_without_a_positive_sum_are_refused(weights):
+    a = torch.randn(1, 16, 32)
+    with pytest.raises(ValueError, match="positive"):
+        mix_subjects([a, a], weights)
+
+
+def test_mix_of_a_subject_with_itself_equals_the_subject(tmp_path):
+    photo = _photo(tmp_path / "dog.png", 0)
+    assert main([*BASE, "--subject-image", photo, "--category", "dog", "--out", str(tmp_path / "alone")]) == 0
+    mix = ["--subject-image", photo, "--category", "dog", "--subject", "dog=0.5", "--subject", f"dog:{photo}=0.5"]
+    assert main([*BASE, *mix, "--out", str(tmp_path / "mix")]) == 0
+    other = ["--subject", f"dog:{photo}=0.6", "--subject", f"cat:{_photo(tmp_path / 'cat.png', 1)}=0.4"]
+    assert main([*BASE, *other, "--out", str(tmp_path / "other")]) == 0
+    alone, mixed = (np.asarray(Image.open(tmp_path / d / "image_000.png")) for d in ("alone", "mix"))
+    np.testing.assert_array_equal(mixed, alone)
+    assert np.abs(np.asarray(Image.open(tmp_path / "other" / "image_000.png")).astype(int) - alone).max() > 0
+
+
+def test_bad_subject_mixes_exit_2(tmp_path, capsys):
+    photo = _photo(tmp_path / "dog.png", 0)
+    out = ["--out", str(tmp_path / "o")]
+    assert main([*BASE, *out, "--subject", f"dog:{photo}=0.5", "--subject", f"cat:{photo}=-0.5"]) == 2
+    assert "positive" in capsys.readouterr().err
+    assert main([*BASE, *out, "--subject", f"dog:{photo}=lots"]) == 2
+    assert "'lots' is not a number" in capsys.readouterr().err
+    assert main([*BASE, *out, "--subject", "dog=1"]) == 2
+    assert "give its photos" in capsys.readouterr().err
+    assert main([*BASE, *out, "--subject", "models:/cat@champion=1"]) == 2
+    assert "cannot be mixed yet" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
