@@ -9,10 +9,14 @@ call; times are wall clock with the GPU synchronised, in seconds per image.
 
     python benchmarks/bench_generate.py --out results.json          # on the GPU machine
     python benchmarks/bench_generate.py --tiny --steps 2 --size 64   # CPU smoke test
+    python benchmarks/bench_generate.py --control --out control.json  # ControlNet cost (target <= 1.35x)
 
 Modes run in order until --budget seconds are spent: eager (fp16, bf16, 4 images per call),
 the SD pipeline eager, then torch.compile of the UNet and VAE decoder with CUDA graphs
 ("reduce-overhead") and channels-last, ours then the SD pipeline with the same compiled UNet.
+With --control, the modes are ours plain and ours with a canny ControlNet (an SD 1.5-sized
+ControlNet copied from the random UNet), eager then compiled alike, and `control_ratio` is
+ControlNet time over plain time per mode.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from PIL import Image
 from transformers import Blip2QFormerConfig, Blip2VisionConfig, CLIPTextConfig, CLIPTextModel
 
 from pipeline.model import BlipDiffusion, SubjectImageProcessor
+from pipeline.model.control import Control, make_control_map, prepare_control_image
 from pipeline.model.make_tiny import sd_scheduler
 from pipeline.model.qformer import SubjectQFormer
 from pipeline.model.text_encoder import ContextCLIPTextModel
@@ -114,6 +119,41 @@ def timed(fn, device: torch.device, repeats: int) -> list[float]:
     return out
 
 
+def bench_control(args, model: BlipDiffusion, photo: Image.Image, ours, record, results: dict, t0: float) -> int:
+    """Plain against ControlNet generation, eager then compiled (both compiled the same way)."""
+    from diffusers import ControlNetModel
+
+    device, dtype = model.device, model.dtype
+    if args.tiny:
+        controlnet = ControlNetModel.from_pretrained(str(REPO / "pipeline" / "assets" / "tiny-controlnet"))
+    else:
+        controlnet = ControlNetModel.from_unet(model.unet)
+    controlnet = controlnet.to(device=device, dtype=dtype).eval()
+    image = prepare_control_image(make_control_map("canny", photo, args.size, args.size), model.image_processor, args.size, args.size)
+    control = Control(controlnet, image, 1.0)
+    record("ours eager, 1 image", ours(1), 1)
+    record("ours+controlnet eager, 1 image", ours(1, control), 1)
+    if time.perf_counter() - t0 < args.budget:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        torch._inductor.config.conv_1x1_as_mm = True
+        for module in (model.unet, model.vae, controlnet):
+            module.to(memory_format=torch.channels_last)
+        model.compile_for_inference(mode=mode)
+        controlnet.compile(mode=mode)
+        record("ours compiled, 1 image", ours(1), 1)
+        record("ours+controlnet compiled, 1 image", ours(1, control), 1)
+    best = {run["name"]: run["best_s_per_image"] for run in results["runs"]}
+    results["control_ratio"] = {
+        mode: round(best[f"ours+controlnet {mode}, 1 image"] / best[f"ours {mode}, 1 image"], 3)
+        for mode in ("eager", "compiled")
+        if f"ours+controlnet {mode}, 1 image" in best and f"ours {mode}, 1 image" in best
+    }
+    results["total_s"] = round(time.perf_counter() - t0, 1)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny checkpoint instead of real sizes")
@@ -122,6 +162,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget", type=float, default=420.0, help="stop starting new modes after this many s")
     parser.add_argument("--out", type=Path, default=Path("bench_generate.json"))
+    parser.add_argument("--control", action="store_true", help="time ControlNet generation against plain")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     t0 = time.perf_counter()
@@ -142,10 +183,10 @@ def main() -> int:
     model, sd = build(device, torch.float16 if device.type == "cuda" else torch.float32)
     results["build_s"] = round(time.perf_counter() - t0, 1)
 
-    def ours(n: int):
+    def ours(n: int, control: Control | None = None):
         return lambda: model.generate(
             PROMPT, subject_images=[photo], category="dog", num_images=n, steps=args.steps,
-            height=args.size, width=args.size, seed=0, output_type="pt", progress=False,
+            height=args.size, width=args.size, seed=0, output_type="pt", progress=False, control=control,
         )
 
     def theirs(n: int):
@@ -172,6 +213,8 @@ def main() -> int:
         args.out.write_text(json.dumps(results, indent=2))  # partial results survive a timeout
 
     is_cuda = device.type == "cuda"
+    if args.control:
+        return bench_control(args, model, photo, ours, record, results, t0)
     record("ours eager fp16, 1 image", ours(1), 1)
     record("sd-pipeline eager fp16, 1 image", theirs(1), 1)
     record("ours eager fp16, 4 images/call", ours(4), 4)
