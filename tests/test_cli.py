@@ -1,8 +1,10 @@
 """The command line as a user meets it: exit codes, messages, the demo."""
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,8 +59,22 @@ def test_demo_runs_the_whole_mission_offline_and_a_rerun_reuses_it(ray_local, tm
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     argv = ["demo", "--out", str(tmp_path), "--set", "data.decode.size=64"]
-    assert main(argv) == 0
-    out = capsys.readouterr().out
+    # The first run as a user's terminal shows it: its own Ray, stdout and stderr in the order written.
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_DATA_DISABLE_PROGRESS_BARS")}
+    first = subprocess.run(
+        [sys.executable, "-m", "pipeline", *argv], cwd=ROOT, env={**env, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1500,
+    )  # fmt: skip
+    out = first.stdout
+    assert first.returncode == 0, out[-3000:]
+    # Workers' output stays in Ray's logs, linked from the run folder, and the summary comes last.
+    assert "pid=" not in out and "Running Dataset train" not in out, out
+    assert len(out.splitlines()) < 150, out
+    summary = out[out.index("subjectforge demo: done") :].splitlines()[1:]
+    assert summary and all(line.startswith(("  ", "note: ")) for line in summary), summary
+    assert f"Ray logs        {tmp_path / 'ray-logs'}" in out
+    worker_logs = [p.read_text(errors="replace") for p in (tmp_path / "ray-logs").glob("worker-*.err")]
+    assert any("step 10/10" in text for text in worker_logs)
     counts = re.search(r"inputs 41 = accepted (\d+) \+ rejected (\d+); rows (\d+)", out)
     assert counts and int(counts[1]) + int(counts[2]) == 41 and int(counts[3]) == 2 * int(counts[1])  # 2 composites a photo
     assert "time per stage" in out and "subjectforge demo: done" in out
@@ -91,6 +107,9 @@ def test_demo_runs_the_whole_mission_offline_and_a_rerun_reuses_it(ray_local, tm
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "nothing changed" in out and f"{checkpoint} (step 10" in out
+    # ... and says it processed nothing: the version's build figures are labelled as that build's.
+    assert "processed 0 photos" in out and "reused: this run processed 0 photos" in out
+    assert not re.search(r"^\s*processed [1-9]", out, re.M) and "that build processed 41" in out
     assert "registered subjectforge-base version 1" in out and "registered subjectforge-dog version 1, alias candidate" in out
     assert [str(v.version) for v in client.search_model_versions("name = 'subjectforge-dog'")] == ["1"]
     # --data-only is the old quick demo: the dataset and its contact sheet, no training.

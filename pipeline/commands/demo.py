@@ -8,6 +8,10 @@ the user did not place elsewhere go under --out, MLflow included (a SQLite store
 `tracking.uri` or $MLFLOW_TRACKING_URI names one). A rerun reuses everything: the dataset is
 unchanged, the pretraining and fine-tuning runs resume at their last step and keep their
 registered versions, and only the image is made again.
+
+What the terminal shows: one line per phase, the dataset's summary, and the mission's summary
+last. The workers' own output (Ray Train's and its datasets' progress, every training step's
+line) stays in Ray's log files, linked from OUT/ray-logs.
 """
 
 from __future__ import annotations
@@ -18,12 +22,17 @@ import sys
 from pathlib import Path
 from urllib.parse import quote
 
+import ray
+from ray.data import DataContext
+
 from pipeline.config import BUNDLED_DATASETS_DIR, Config, ConfigError
 from pipeline.data.build import build_dataset
 from pipeline.data.report import format_summary, make_contact_sheet
+from pipeline.raycluster import ensure_ray
 
 SAMPLE = BUNDLED_DATASETS_DIR / "dreambench-mini"
 PROMPT = "on the beach"
+RAY_LOGS = "ray-logs"  # under --out: a link to Ray's log folder
 
 # Embedded defaults, layered under --config/--set: offline on the shipped tiny models, and
 # small enough for a laptop: 64 px crops, 10 pretraining steps on 2 workers that together
@@ -57,10 +66,20 @@ def run(args: argparse.Namespace, config: Config) -> int:
     # Checked before the build; the build itself logs where the user's settings say (the
     # demo's own store only holds what it trains).
     mission = None if args.data_only else place_outputs(config, out)
+    own_ray = mission is not None and ensure_ray(mission.ray, logs=out / RAY_LOGS)
+    if mission is not None:
+        # One bar for the build: Ray Data's bar of each operator is the data engineer's view.
+        DataContext.get_current().enable_operator_progress_bars = False
+        print(f"Ray's logs (every worker's output, each training step's line): {out / RAY_LOGS}")
     result = build_dataset(args.source, out / "dataset", config, incremental=True)
+    reused = result.status == "unchanged"
     print()
-    print(format_summary(result.manifest, result.path))
-    print(result.message)
+    if reused:
+        print(result.message)
+        print(format_summary(result.manifest, result.path, reused=True))
+    else:
+        print(format_summary(result.manifest, result.path))
+        print(result.message)
     if result.status == "failed":
         print(f"subjectforge: error: {result.message}", file=sys.stderr)
         return 1
@@ -70,7 +89,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         if sheet:
             print(f"contact sheet: {sheet}")
         return 0
-    return _train_register_generate(mission, out, result.path, sheet)
+    return _train_register_generate(mission, out, result.path, sheet, reused, own_ray)
 
 
 def place_outputs(config: Config, out: Path) -> Config:
@@ -96,7 +115,9 @@ def place_outputs(config: Config, out: Path) -> Config:
     return Config.model_validate(tree)
 
 
-def _train_register_generate(config: Config, out: Path, dataset: Path, sheet: Path | None) -> int:
+def _train_register_generate(
+    config: Config, out: Path, dataset: Path, sheet: Path | None, dataset_reused: bool, own_ray: bool
+) -> int:
     from ray.train import TrainingFailedError
 
     from pipeline.commands import generate
@@ -107,9 +128,11 @@ def _train_register_generate(config: Config, out: Path, dataset: Path, sheet: Pa
     try:
         print(f"\npretraining {config.train.steps} steps on {config.train.workers} workers ...")
         base = run_training(config)
+        print(f"pretrained to step {base.step}" + (f", loss {base.metrics['loss']:.4f}" if "loss" in base.metrics else ""))
         base_ref = f"models:/{config.train.register_as}/{base.model_version}" if base.model_version else f"{base.checkpoint}/model"
         print(f"fine-tuning {ft.subject_id} ({ft.method}, {ft.steps} steps) from {base_ref} ...")
         subject = finetune_subject(config.model_copy(update={"finetune": ft.model_copy(update={"base": base_ref})}))
+        print(f"fine-tuned {ft.subject_id}: " + ("reused the registered version" if subject.reused else f"step {subject.step}"))
     except (SubjectError, TrainingFailedError) as exc:
         print(f"subjectforge: error: {exc}", file=sys.stderr)
         return 1
@@ -121,20 +144,25 @@ def _train_register_generate(config: Config, out: Path, dataset: Path, sheet: Pa
     if code:
         return code
 
+    if own_ray:
+        ray.shutdown()  # its raylet's warnings would otherwise print after the summary
     uri = config.tracking.uri
     ui = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     print("\nsubjectforge demo: done")
-    print(f"  dataset         {dataset} ({out / 'dataset' / 'latest'}); contact sheet {sheet}")
+    reuse = "; reused: nothing changed in the source" if dataset_reused else ""
+    print(f"  dataset         {dataset} ({out / 'dataset' / 'latest'}{reuse}); contact sheet {sheet}")
     print(f"  pretrained      {base.checkpoint} (step {base.step}; MLflow run {base.mlflow_run_id})")
     if base.model_version:
         print(f"                  registered {config.train.register_as} version {base.model_version}")
     print(f"  fine-tuned      {subject.artifact} ({subject.method}, step {subject.step}, {subject.artifact_bytes / 2**10:.0f} KiB)")
-    print(f"                  registered {subject.model_name} version {subject.model_version}, alias {ft.alias}")
+    reuse = " (reused: the registry held this fine-tune)" if subject.reused else ""
+    print(f"                  registered {subject.model_name} version {subject.model_version}, alias {ft.alias}{reuse}")
     print(f"  generated       {images / 'image_000.png'} from {model_uri}, prompt {PROMPT!r}")
     print(f"  MLflow          {uri}")
     if ui != uri:
         print(f"                  look: mlflow ui --backend-store-uri {uri}   (then open the link below)")
     print(f"                  {ui}/#/models/{quote(subject.model_name)}/versions/{subject.model_version}")
+    print(f"  Ray logs        {out / RAY_LOGS} (every worker's output, each training step's line)")
     print(f"  load it         MLFLOW_TRACKING_URI={uri} python -c \"import mlflow; mlflow.pyfunc.load_model('{model_uri}')\"")
     if config.profile == "tiny":
         print("note: the tiny profile uses random-weight models: every step runs for real, and the images are noise.")

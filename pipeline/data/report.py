@@ -14,13 +14,17 @@ _THUMB = 160
 _COLUMNS = ("image", "trimap", "alpha", "composite")
 
 
-def format_summary(manifest: dict[str, Any], path: Path | str | None = None) -> str:
+def format_summary(manifest: dict[str, Any], path: Path | str | None = None, *, reused: bool = False) -> str:
+    """The version's manifest on one screen. `reused`: this run found nothing to do and built no
+    version, so the figures of work done (processed, timings) are labelled as the earlier build's."""
     m = manifest
+    by, of = ("that build ", " of that build") if reused else ("", "")
     lines = [
-        f"dataset {m['version']} ({m['status']})" + (f" at {path}" if path else ""),
+        f"dataset {m['version']} ({m['status']})" + (f" at {path}" if path else "")
+        + (", reused: this run processed 0 photos; the figures are those of the build that made it" if reused else ""),
         f"  parent {m['parent_version'] or '-'}; inputs {m['inputs']} = accepted {m['accepted']} + rejected {m['rejected']}; "
         f"rows {m['rows']}",
-        f"  processed {m['processed']}, unchanged {m['unchanged']}, new {m['new']}, changed {m['changed']}, removed {m['removed']}",
+        f"  {by}processed {m['processed']}, unchanged {m['unchanged']}, new {m['new']}, changed {m['changed']}, removed {m['removed']}",
         "",
         f"  {'subject':<20} {'category':<16} {'inputs':>6} {'accepted':>8} {'rejected':>8} {'rows':>5}",
     ]
@@ -32,8 +36,8 @@ def format_summary(manifest: dict[str, Any], path: Path | str | None = None) -> 
         if len(m["rejects_by_reason"]) > 10:
             lines.append(f"         ... {len(m['rejects_by_reason']) - 10} more reasons in rejects.parquet")
     if m["stage_seconds"]:
-        lines += ["", "  time per stage (s, summed over workers): " + ", ".join(f"{k} {v:.1f}" for k, v in m["stage_seconds"].items())]
-        lines.append(f"  wall time: {m['wall_seconds']:.1f} s")
+        lines += ["", f"  time per stage{of} (s, summed over workers): " + ", ".join(f"{k} {v:.1f}" for k, v in m["stage_seconds"].items())]
+        lines.append(f"  wall time{of}: {m['wall_seconds']:.1f} s")
     for warning in m["warnings"]:
         lines.append(f"  warning: {warning}")
     return "\n".join(lines)
