@@ -1,22 +1,28 @@
 """The `subjectforge` command line: thin subcommands around one function each.
 
 Each command module exposes ``add_arguments(parser)`` and ``run(args, config) -> int`` and is
-listed in COMMANDS. This module only parses, loads and validates the config, sets up logging and
+listed in COMMANDS; a module's ``FLAGS`` maps its flags to the config keys they set
+(`flag_overrides`). This module only parses, loads and validates the config, sets up logging and
 maps failures to exit codes, so every command can also be called from a test as ``main(argv)``.
 
-Exit codes: 0 success, 1 the job ran and failed its own check (e.g. too many rejects),
-2 bad usage or invalid configuration.
+Exit codes: 0 success; 1 the job ran and failed (its own check, e.g. too many rejects, or
+pipeline.errors.JobFailed, or Ray Train's TrainingFailedError); 2 bad usage, invalid
+configuration or another pipeline.errors.UserError (a missing input, a server that does not
+answer), with the message on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
+from collections.abc import Mapping
 
 from pipeline import __version__
-from pipeline.config import FINETUNE_METHODS, Config, ConfigError, load_config
+from pipeline.config import FINETUNE_METHODS, Config, load_config
+from pipeline.errors import JobFailed, UserError
 
 # (name, module, help): the subcommands, in the order `--help` lists them.
 COMMANDS: list[tuple[str, str, str]] = [
@@ -73,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def flag_overrides(args: argparse.Namespace, flags: Mapping[str, str]) -> list[str]:
+    """`--set` overrides for the flags given: `flags` maps an argument's dest to its config key.
+    Values are written as JSON, which is YAML, so a string stays a string (a subject named `123`
+    or `yes`, a folder named `null`)."""
+    given = {key: getattr(args, dest, None) for dest, key in flags.items()}
+    return [f"{key}={json.dumps(value)}" for key, value in given.items() if value is not None]
+
+
 def resolve_config(args: argparse.Namespace) -> Config:
     overrides = list(getattr(args, "overrides", []))
     if getattr(args, "profile", None):
@@ -92,15 +106,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(getattr(args, "verbose", False))
+    # A command's flags are config overrides, applied after --set.
+    args.overrides = [*getattr(args, "overrides", []), *flag_overrides(args, getattr(args._module, "FLAGS", {}))]
     try:
-        # A command may turn its own flags (e.g. --backgrounds) into config overrides first.
-        if hasattr(args._module, "apply_arguments"):
-            args._module.apply_arguments(args)
         config = resolve_config(args)
         return int(args._module.run(args, config) or 0)
-    except ConfigError as exc:
+    except UserError as exc:
         print(f"subjectforge: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        failure = _job_failure(exc)
+        if failure is None:
+            raise
+        print(f"subjectforge: error: {failure}", file=sys.stderr)
+        return 1
+
+
+def _job_failure(exc: Exception) -> str | None:
+    """What to say of a job that ran and failed (JobFailed, or Ray Train's TrainingFailedError,
+    looked up only where a command loaded ray.train: importing it takes seconds); None for any
+    other exception, a bug that keeps its stack trace."""
+    if isinstance(exc, JobFailed):
+        return str(exc)
+    train = sys.modules.get("ray.train")
+    if train is not None and isinstance(exc, train.TrainingFailedError):
+        return f"training failed: {exc}"
+    return None
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 
+from pipeline.errors import UserError
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
 CONFIGS_DIR = PACKAGE_DIR / "configs"
@@ -122,7 +124,7 @@ PROFILE_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message names the offending key."""
 
 
@@ -310,10 +312,10 @@ class ControlConfig(_Strict):
     """Structure control of `subjectforge generate` by a ControlNet (`--control` and friends)."""
 
     kind: ControlKind = Field("none", description=", ".join(CONTROL_KINDS))
-    image: str | None = Field(None, description="photo the map is made from (canny, depth, hed) or the map itself (map)")
+    image: Input[str | None] = Field(None, description="photo the map is made from (canny, depth, hed) or the map itself (map)")
     scale: float = Field(1.0, ge=0.0, le=10.0, description="multiplies the ControlNet's residuals; 0 = plain generation")
-    controlnet: str | None = Field(None, description="ControlNet id or folder; None = the profile's for the kind")
-    detector: str | None = Field(
+    controlnet: Input[str | None] = Field(None, description="ControlNet id or folder; None = the profile's for the kind")
+    detector: Input[str | None] = Field(
         None, description="depth: a transformers depth-estimation model (id or folder); hed: a TorchScript HED file"
     )
     canny_low: int = Field(100, ge=0, le=255, description="Canny hysteresis: weaker gradients are never edges")

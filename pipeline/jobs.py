@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline.config import ConfigError
+from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_WAIT_SECONDS = 60.0
 
 
-class JobError(RuntimeError):
+class JobError(UserError, RuntimeError):
     """The cluster could not be reached or refused the request."""
 
 

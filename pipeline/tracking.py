@@ -13,11 +13,13 @@ import logging
 import os
 import re
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import REPO_DIR, ConfigError
+from pipeline.config import REPO_DIR, TrackingConfig
+from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -26,22 +28,18 @@ RUN_NAME_TAG = "subjectforge.run_name"  # the Ray Train run name; a rerun with i
 _PARAM_LIMIT = 6000  # MLflow's longest param value
 
 
-def resolve_tracking_uri(setting: str | None) -> str:
-    """`tracking.uri`, else $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db; a relative SQLite
-    path is made absolute against the current directory, so workers find the same file."""
-    uri = setting or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+def resolve_tracking_uri(setting: str | None, local_store: bool = True) -> str | None:
+    """The tracking URI, by one policy: `tracking.uri`, else $MLFLOW_TRACKING_URI, else the local
+    store sqlite:///mlruns.db. A relative SQLite path is made absolute against the current
+    directory, so workers find the same file. A job that may run anywhere and can run untracked
+    (a data build) passes `local_store=False` and gets None rather than leave an mlruns.db
+    wherever it ran. Whether a job tracks at all is `tracking.enabled`, checked by its caller:
+    a registry URI (models:/...) is read through this store even with tracking off."""
+    uri = setting or os.environ.get("MLFLOW_TRACKING_URI") or (DEFAULT_TRACKING_URI if local_store else None)
     prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+    if uri and uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
         uri = prefix + str(Path(uri[len(prefix) :]).resolve())
     return uri
-
-
-def configured_tracking_uri(setting: str | None) -> str | None:
-    """Like resolve_tracking_uri, but None when neither `tracking.uri` nor $MLFLOW_TRACKING_URI
-    names a store (no fallback to a local sqlite file)."""
-    if not (setting or os.environ.get("MLFLOW_TRACKING_URI")):
-        return None
-    return resolve_tracking_uri(setting)
 
 
 def _client(uri: str):
@@ -129,6 +127,24 @@ def start_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str] 
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     """status: FINISHED, FAILED or KILLED."""
     _client(uri).set_terminated(run_id, status=status)
+
+
+@contextmanager
+def open_run(settings: TrackingConfig, name: str, tags: Mapping[str, str]) -> Iterator[str | None]:
+    """The block inside the MLflow run `name` of `settings.experiment` (start_run: a rerun reopens
+    it); yields its id, or None with tracking off, where the block runs untracked. The run ends
+    FINISHED, or FAILED when the block raises (the exception propagates)."""
+    if not settings.enabled:
+        yield None
+        return
+    uri = resolve_tracking_uri(settings.uri)
+    run_id = start_run(uri, settings.experiment, name, tags)
+    try:
+        yield run_id
+    except BaseException:
+        finish_run(uri, run_id, "FAILED")
+        raise
+    finish_run(uri, run_id)
 
 
 def ensure_experiment(uri: str, experiment: str, artifact_location: str) -> None:
@@ -273,7 +289,7 @@ DATA_STATUS_TAG = "subjectforge.data.status"  # built | unchanged | failed | err
 NOTHING_NEW_TAG = "subjectforge.data.nothing_new"  # "true" when a refresh found nothing to do
 
 
-class TrackingUnavailable(RuntimeError):
+class TrackingUnavailable(UserError, RuntimeError):
     """The configured tracking server does not answer."""
 
 
@@ -298,14 +314,14 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
 
 def reachable_uri(setting: str | None, optional: bool = False) -> str:
     """The tracking URI (resolve_tracking_uri) once its server answers. Every command that talks
-    to MLflow calls this before any work: ConfigError (exit 2) in seconds instead of MLflow's
+    to MLflow calls this before any work: TrackingUnavailable (exit 2) in seconds instead of MLflow's
     minutes of retries. `optional`: the command can run without MLflow, and the message says how."""
     uri = resolve_tracking_uri(setting)
     try:
         check_reachable(uri)
     except TrackingUnavailable as exc:
         without = ", or run without MLflow: --set tracking.enabled=false" if optional else ""
-        raise ConfigError(f"{exc}; set tracking.uri / $MLFLOW_TRACKING_URI to a live server{without}") from None
+        raise TrackingUnavailable(f"{exc}; set tracking.uri / $MLFLOW_TRACKING_URI to a live server{without}") from None
     return uri
 
 
@@ -410,7 +426,7 @@ SUBJECT_ARTIFACT = "subject"  # the pyfunc's artifact key: the subject folder (p
 PYFUNC_FOLDER = "subject_model"  # where the pyfunc is logged in the run's artifacts
 
 
-class RegistryError(LookupError):
+class RegistryError(UserError, LookupError):
     """A registry URI, model name, version or alias that does not resolve."""
 
 

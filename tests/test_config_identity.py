@@ -17,7 +17,8 @@ IDENTITY = """
     data.trimap.erode_bg_px data.matte.backend data.matte.tol data.filter.min_area data.filter.max_area
     data.composite.per_photo data.composite.scale_min data.composite.scale_max data.composite.seed
     data.write.image_format data.write.jpeg_quality generate.steps generate.guidance_scale generate.negative_prompt
-    generate.height generate.width generate.seed generate.dtype serve.dtype evaluate.images_per_prompt
+    generate.height generate.width generate.seed generate.dtype generate.control.kind generate.control.scale
+    generate.control.canny_low generate.control.canny_high serve.dtype evaluate.images_per_prompt
     evaluate.thumbnail train.method train.workers train.steps train.batch_size train.grad_accum train.lr
     train.weight_decay train.warmup_steps train.max_grad_norm train.resolution train.crop train.prompt_template
     train.drop_subject_prob train.trainable.qformer train.trainable.projection train.trainable.text_encoder
@@ -45,7 +46,7 @@ RUNTIME = """
 """
 INPUT = """
     profile models.clipseg models.blip_diffusion models.dino models.clip data.backgrounds data.source.follow_links
-    evaluate.model evaluate.photos evaluate.benchmark evaluate.prompts evaluate.subjects evaluate.qformer_tokenizer
+    generate.control.image generate.control.controlnet generate.control.detector evaluate.model evaluate.photos evaluate.benchmark evaluate.prompts evaluate.subjects evaluate.qformer_tokenizer
     train.data finetune.base finetune.subject finetune.category finetune.subjects finetune.affected_only
 """
 

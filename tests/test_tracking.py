@@ -3,8 +3,10 @@
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
 from pipeline import tracking
+from pipeline.config import TrackingConfig
 
 
 def test_tracking_uri_from_setting_env_or_default(monkeypatch, tmp_path):
@@ -145,3 +147,27 @@ def test_every_command_stops_before_any_work_when_the_server_does_not_answer(arg
     err = capsys.readouterr().err
     assert f"MLflow tracking server {uri} does not answer" in err and "not found" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_open_run_is_a_no_op_with_tracking_off_and_marks_a_failed_block(tmp_path):
+    off = TrackingConfig(enabled=False, uri=f"sqlite:///{tmp_path / 'off.db'}")
+    with tracking.open_run(off, "r", {}) as run_id:
+        assert run_id is None
+    assert not (tmp_path / "off.db").exists()
+    on = TrackingConfig(uri=f"sqlite:///{tmp_path / 'on.db'}")
+    with pytest.raises(KeyError), tracking.open_run(on, "broken", {"k": "v"}) as run_id:
+        raise KeyError("boom")
+    client = MlflowClient(on.uri)
+    assert client.get_run(run_id).info.status == "FAILED"
+    with tracking.open_run(on, "fine", {}) as run_id:
+        pass
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_one_uri_policy_with_and_without_the_local_store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_tracking_uri(None, local_store=False) is None
+    assert tracking.resolve_tracking_uri("sqlite:///x.db", local_store=False) == f"sqlite:///{tmp_path / 'x.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert tracking.resolve_tracking_uri(None, local_store=False) == "http://mlflow:5000"

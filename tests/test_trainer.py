@@ -219,3 +219,17 @@ def test_bad_config_is_refused_before_any_worker_starts(dataset, tmp_path, monke
         assert main(base + flags) == 2, flags
         assert message in capsys.readouterr().err, flags
     assert not runs.exists()
+
+
+def test_a_finished_run_is_found_before_ray_train_starts(tmp_path):
+    from pipeline.train.loop import PROGRESS
+    from pipeline.train.trainer import finished_checkpoint
+
+    run = tmp_path / "run"
+    for step in (8, 10):
+        (run / f"step-{step:07d}").mkdir(parents=True)
+        (run / f"step-{step:07d}" / PROGRESS).write_text(json.dumps({"step": step}))
+    assert finished_checkpoint(str(run), 10) == run / "step-0000010"
+    assert finished_checkpoint(str(run), 11) is None  # more steps to train: Ray Train resumes
+    assert finished_checkpoint(str(tmp_path / "new"), 10) is None
+    assert finished_checkpoint("s3://bucket/run", 10) is None  # remote storage: Ray Train decides

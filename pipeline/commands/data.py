@@ -10,18 +10,18 @@ parent, an OUT that cannot be written or lies inside the source, and a version t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config
 from pipeline.data.build import run_data_job
 from pipeline.data.report import format_summary
-from pipeline.data.sources import SourceError
 from pipeline.data.verify import DamagedVersion, check_version
-from pipeline.data.versions import LATEST, StoreError
-from pipeline.tracking import TrackingUnavailable
+from pipeline.data.versions import LATEST
+
+# flag destination -> config key (pipeline.cli.flag_overrides)
+FLAGS = {"backgrounds": "data.backgrounds"}
 
 
 def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
@@ -47,24 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     cmd.add_argument("--version", help="the version under OUT to check, e.g. v0003 (default: latest)")
 
 
-def apply_arguments(args: argparse.Namespace) -> None:
-    if getattr(args, "backgrounds", None):
-        # JSON is YAML: the path stays a string even if it reads like a number or a boolean.
-        args.overrides.append(f"data.backgrounds={json.dumps(args.backgrounds)}")
-
-
 def run(args: argparse.Namespace, config: Config) -> int:
     if args.action == "verify":
         return verify(Path(args.out), args.version)
-    try:
-        result = run_data_job(
-            args.source, args.out, config, incremental=args.action == "refresh", progress=not args.no_progress,
-            reprocess_damaged=getattr(args, "reprocess_damaged", False),
-        )  # fmt: skip
-    except (SourceError, StoreError, DamagedVersion) as exc:
-        raise ConfigError(str(exc)) from None
-    except TrackingUnavailable as exc:
-        raise ConfigError(f"{exc}; set tracking.uri / $MLFLOW_TRACKING_URI to a live server, or --set tracking.enabled=false") from None
+    result = run_data_job(
+        args.source, args.out, config, incremental=args.action == "refresh", progress=not args.no_progress,
+        reprocess_damaged=getattr(args, "reprocess_damaged", False),
+    )  # fmt: skip
     if result.manifest is not None and result.status != "unchanged":
         print(format_summary(result.manifest, result.path))
     print(result.message)
@@ -84,7 +73,7 @@ def verify(out: Path, version: str | None) -> int:
         version_dir = out
     check = check_version(version_dir)
     if not check.ok:
-        raise ConfigError(check.describe())
+        raise DamagedVersion(check.describe())
     m = check.manifest
     what = (
         f"{check.files_checked} files match their checksums" if check.has_checksums

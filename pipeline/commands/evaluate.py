@@ -8,12 +8,14 @@ resumes: images already in the output folder are not made again.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 
 from pipeline.config import Config
 
 log = logging.getLogger(__name__)
+
+# flag destination -> config key (pipeline.cli.flag_overrides)
+FLAGS = {dest: f"evaluate.{dest}" for dest in ("model", "subjects", "prompts", "images_per_prompt", "photos", "out")}
 
 
 def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
@@ -26,19 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     parser.add_argument("--photos", metavar="DIR", help="real photos, a folder per subject (evaluate.photos)")
     parser.add_argument("--out", metavar="DIR", help="output folder (evaluate.out; default: subjectforge-eval/<model>)")
     add_common(parser)
-
-
-def apply_arguments(args: argparse.Namespace) -> None:
-    flags = {
-        "evaluate.model": args.model,
-        "evaluate.subjects": args.subjects,
-        "evaluate.prompts": args.prompts,
-        "evaluate.images_per_prompt": args.images_per_prompt,
-        "evaluate.photos": args.photos,
-        "evaluate.out": args.out,
-    }
-    # JSON is YAML: a quoted string stays a string (a subject named `123` or `yes` included).
-    args.overrides.extend(f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None)
 
 
 def run(args: argparse.Namespace, config: Config) -> int:

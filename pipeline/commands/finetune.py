@@ -9,13 +9,11 @@ registry holds for it: nothing is trained or registered, the alias moves to it.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 from pipeline.config import FINETUNE_METHODS, Config
 
-# flag destination -> config key
-_FLAGS = {
+# flag destination -> config key (pipeline.cli.flag_overrides)
+FLAGS = {
     "base": "finetune.base",
     "subject": "finetune.subject",
     "subject_id": "finetune.subject_id",
@@ -41,27 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     add_common(parser)
 
 
-def apply_arguments(args: argparse.Namespace) -> None:
-    # JSON is YAML: a quoted string stays a string (a subject named `123` or `yes` included).
-    args.overrides.extend(
-        f"{key}={json.dumps(getattr(args, dest))}" for dest, key in _FLAGS.items() if getattr(args, dest, None) is not None
-    )
-
-
 def run(args: argparse.Namespace, config: Config) -> int:
-    from ray.train import TrainingFailedError
-
     from pipeline import tracking
-    from pipeline.train.finetune import SubjectError, finetune_subject
+    from pipeline.train.finetune import finetune_subject
 
     registered = (config.finetune.base or config.model_path("blip_diffusion")).startswith("models:/")
     if config.tracking.enabled or registered:
         tracking.reachable_uri(config.tracking.uri, optional=not registered)
-    try:
-        result = finetune_subject(config)
-    except (SubjectError, TrainingFailedError) as exc:
-        print(f"subjectforge: error: {exc}", file=sys.stderr)
-        return 1
+    result = finetune_subject(config)
     if result.reused:
         print(f"{result.subject_id} ({result.method}): already registered for this base, data and settings; nothing trained")
     else:

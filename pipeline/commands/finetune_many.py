@@ -8,15 +8,20 @@ With `--affected` and no affected subject it says so and exits 0 without startin
 from __future__ import annotations
 
 import argparse
-import json
 
 from pipeline.config import FINETUNE_METHODS, Config
+
+# flag destination -> config key (pipeline.cli.flag_overrides)
+FLAGS = {
+    "base": "finetune.base", "data": "finetune.subject", "subjects": "finetune.subjects", "affected": "finetune.affected_only",
+    "method": "finetune.method", "steps": "finetune.steps", "out": "finetune.out", "gpu": "train.gpu",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     parser.add_argument("--base", help="base model: folder, Hub id or models:/NAME/VERSION (finetune.base)")
     parser.add_argument("--data", required=True, help="dataset root or version folder, e.g. OUT/latest (finetune.subject)")
-    parser.add_argument("--subjects", help="comma-separated subject ids (finetune.subjects; default: all)")
+    parser.add_argument("--subjects", type=_ids, help="comma-separated subject ids (finetune.subjects; default: all)")
     parser.add_argument(
         "--affected", action="store_true", default=None,
         help="only subjects whose photos the version's build added, changed or removed (finetune.affected_only)",
@@ -28,14 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     add_common(parser)
 
 
-def apply_arguments(args: argparse.Namespace) -> None:
-    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
-    flags = {
-        "finetune.base": args.base, "finetune.subject": args.data, "finetune.subjects": subjects, "finetune.affected_only": args.affected,
-        "finetune.method": args.method,
-        "finetune.steps": args.steps, "finetune.out": args.out, "train.gpu": args.gpu,
-    }
-    args.overrides.extend(f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None)
+def _ids(text: str) -> list[str] | None:
+    """--subjects a,b: the ids, or None (every subject) when none is named."""
+    return [s.strip() for s in text.split(",") if s.strip()] or None
 
 
 def run(args: argparse.Namespace, config: Config) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config
 from pipeline.jobs import JobError, connect, follow_logs, read_auth_token
 
 
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         stopped = client.stop_job(args.job_id)
         print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
         return 0
-    except JobError as exc:
-        raise ConfigError(str(exc)) from None
+    except JobError:
+        raise
     except RuntimeError as exc:  # the client raises RuntimeError for unknown job ids
-        raise ConfigError(f"job {args.job_id}: {exc}") from None
+        raise JobError(f"job {args.job_id}: {exc}") from None

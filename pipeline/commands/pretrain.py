@@ -8,10 +8,11 @@ Flags are shorthands for config keys (`--data` is `train.data`, `--workers` `tra
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 from pipeline.config import Config
+
+# flag destination -> config key (pipeline.cli.flag_overrides)
+FLAGS = {dest: f"train.{dest}" for dest in ("data", "workers", "gpu", "run_name")}
 
 
 def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
@@ -22,25 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     add_common(parser)
 
 
-def apply_arguments(args: argparse.Namespace) -> None:
-    flags = {"train.data": args.data, "train.workers": args.workers, "train.gpu": args.gpu, "train.run_name": args.run_name}
-    # JSON is YAML: a quoted string stays a string (a folder named `123` or `yes` included).
-    args.overrides.extend(f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None)
-
-
 def run(args: argparse.Namespace, config: Config) -> int:
-    from ray.train import TrainingFailedError
-
     from pipeline import tracking
     from pipeline.train.trainer import run_training
 
     if config.tracking.enabled:
         tracking.reachable_uri(config.tracking.uri, optional=True)
-    try:
-        result = run_training(config)
-    except TrainingFailedError as exc:
-        print(f"subjectforge: error: training failed: {exc}", file=sys.stderr)
-        return 1
+    result = run_training(config)
     print(f"{result.run_name}: step {result.step} on dataset {result.dataset.version} ({result.dataset.digest})")
     print(f"checkpoint: {result.checkpoint}")
     if result.model_version:

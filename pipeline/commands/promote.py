@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config
 
 
 def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
@@ -24,9 +24,6 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
     uri = tracking.reachable_uri(config.tracking.uri)
     from_alias = None if args.version else (args.from_alias or config.finetune.alias)
-    try:
-        version = tracking.set_alias(uri, args.name, args.alias, args.version, from_alias)
-    except tracking.RegistryError as exc:
-        raise ConfigError(str(exc)) from None
+    version = tracking.set_alias(uri, args.name, args.alias, args.version, from_alias)
     print(f"{args.name}@{args.alias} -> version {version}")
     return 0

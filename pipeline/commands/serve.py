@@ -16,19 +16,15 @@ from pipeline.config import Config
 
 log = logging.getLogger(__name__)
 
+# flag destination -> config key (pipeline.cli.flag_overrides)
+FLAGS = {"host": "serve.host", "port": "serve.port", "replicas": "serve.num_replicas"}
+
 
 def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     parser.add_argument("--host", help="address to listen on (config: serve.host; 0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, help="HTTP port (config: serve.port)")
     parser.add_argument("--replicas", type=int, help="model replicas, one per GPU (config: serve.num_replicas)")
     add_common(parser)
-
-
-def apply_arguments(args: argparse.Namespace) -> None:
-    """The flags as config overrides, validated with the rest of the config."""
-    for key, value in (("host", args.host), ("port", args.port), ("num_replicas", args.replicas)):
-        if value is not None:
-            args.overrides.append(f"serve.{key}={value}")
 
 
 def run(args: argparse.Namespace, config: Config) -> int:

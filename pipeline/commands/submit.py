@@ -8,7 +8,6 @@ from pathlib import Path
 
 from pipeline.config import REPO_DIR, Config, ConfigError
 from pipeline.jobs import (
-    JobError,
     connect,
     exit_code,
     follow_logs,
@@ -67,20 +66,14 @@ def run(args: argparse.Namespace, config: Config) -> int:
         if not args.no_upload:
             upload = stage_upload(REPO_DIR, args.include, Path(staging), config.submit.max_upload_mb)
             print(f"upload: {upload.describe()} from {REPO_DIR}")
-        try:
-            client = connect(args.address, read_auth_token(args.auth_token_file))
-            job_id = submit(client, command, upload=upload, env=env, submission_id=args.submission_id)
-        except JobError as exc:
-            raise ConfigError(str(exc)) from None
+        client = connect(args.address, read_auth_token(args.auth_token_file))
+        job_id = submit(client, command, upload=upload, env=env, submission_id=args.submission_id)
     print(f"job: {job_id}")
     if not args.wait:
         print(f"follow it with: subjectforge job logs {job_id} --address {args.address} --follow")
         return 0
-    try:
-        follow_logs(client, job_id)
-        status = wait(client, job_id)
-        code = exit_code(client, job_id)
-    except JobError as exc:
-        raise ConfigError(str(exc)) from None
+    follow_logs(client, job_id)
+    status = wait(client, job_id)
+    code = exit_code(client, job_id)
     print(f"job {job_id}: {status} (exit {code})")
     return code

@@ -261,11 +261,11 @@ def run_data_job(
     not answer raises tracking.TrackingUnavailable before any photo is read, so a refresh never
     publishes a version whose lineage is missing.
     """
-    uri = tracking.configured_tracking_uri(config.tracking.uri) if config.tracking.enabled else None
+    uri = tracking.resolve_tracking_uri(config.tracking.uri, local_store=False) if config.tracking.enabled else None
     if uri is None:
         log.info("MLflow: not tracking this data job (tracking.enabled is false or no tracking.uri / $MLFLOW_TRACKING_URI)")
         return build_dataset(source, out, config, incremental=incremental, progress=progress, reprocess_damaged=reprocess_damaged)
-    tracking.check_reachable(uri)
+    tracking.reachable_uri(uri, optional=True)
     action = "refresh" if incremental else "build"
     run_id = tracking.start_data_run(uri, config.tracking.data_experiment, f"data-{action}-{utc_now()}", action)
     try:

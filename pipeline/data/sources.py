@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import check_name
+from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ _HASH_CHUNK = 1 << 20
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic"}
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """The source folder cannot be read as a dataset source."""
 
 

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.data.versions import INPUTS_FILE, MANIFEST, REJECTS_FILE
+from pipeline.errors import UserError
 
 CHECKSUMS = "checksums"  # manifest key: {path relative to the version: sha256}
 CONFIG_FILE = "config.yaml"
@@ -34,7 +35,7 @@ _HASH_CHUNK = 1 << 22
 _SHOW_URIS = 20
 
 
-class DamagedVersion(ValueError):
+class DamagedVersion(UserError, ValueError):
     """A version's files do not match its manifest."""
 
 

@@ -25,6 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import UserError
+
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
@@ -35,7 +37,7 @@ FAILED = "failed"
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
 
 
-class StoreError(ValueError):
+class StoreError(UserError, ValueError):
     """OUT cannot hold datasets (e.g. it is read-only)."""
 
 

@@ -98,7 +98,7 @@ def resolve_model(uri: str, tracking_uri: str | None = None) -> ModelRef:
     try:
         version = tracking.registered_version(tracking.resolve_tracking_uri(tracking_uri), name, alias, version)
     except tracking.RegistryError as exc:
-        raise ConfigError(f"--model: {exc}") from None
+        raise tracking.RegistryError(f"--model: {exc}") from None
     return ModelRef(uri=uri, path=f"{REGISTRY_SCHEME}{name}/{version}", registered_name=name, registered_version=version)
 
 
@@ -130,7 +130,7 @@ def fetch_registered(ref: ModelRef, out: Path, tracking_uri: str | None = None) 
                 raise ConfigError(f"the base of {ref.uri}, {base}, is not a BLIP-Diffusion checkpoint (no {MODEL_INDEX})")
             base = str(indexes[0].parent)
     except tracking.RegistryError as exc:
-        raise ConfigError(f"--model: {exc}") from None
+        raise tracking.RegistryError(f"--model: {exc}") from None
     return replace(ref, path=base, subject=str(found[0].parent)), spec
 
 
@@ -157,7 +157,7 @@ def _check_model(ref: ModelRef) -> None:
         try:
             check_layout(local)
         except CheckpointError as exc:
-            raise ConfigError(f"--model: {exc}") from None
+            raise CheckpointError(f"--model: {exc}") from None
     else:
         require_model("blip_diffusion", ref.path, marker=MODEL_INDEX)
 

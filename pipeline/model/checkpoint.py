@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.errors import UserError
+
 log = logging.getLogger(__name__)
 
 MODEL_INDEX = "model_index.json"
@@ -38,7 +40,7 @@ TRANSFORMERS_WEIGHTS = ("model", "pytorch_model")
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model",)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint folder that cannot be loaded; the message names the missing or wrong part."""
 
 

@@ -38,22 +38,21 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline import tracking
 from pipeline.config import Config, ConfigError, FinetuneConfig, identity_settings
 from pipeline.data.sources import SourcePhoto
 from pipeline.data.versions import LATEST, MANIFEST
+from pipeline.errors import JobFailed
 from pipeline.paths import replace_tree
 from pipeline.raycluster import ensure_ray
 from pipeline.train import dist
 from pipeline.train.data import build_training_plan, open_dataset
 from pipeline.train.hooks import RunInfo
 from pipeline.train.inmemory import InMemoryShard
-from pipeline.train.loop import PROGRESS, train_loop
+from pipeline.train.loop import train_loop
 from pipeline.train.methods import PRIOR_CAPTION, REFERENCES_FOLDER, get_method
-from pipeline.train.trainer import _storage_path, check_cluster, check_training
+from pipeline.train.trainer import check_cluster, check_training, checkpoint_step, fit, storage_path
 from stages.records import CATEGORY, COMPOSITE, IMAGE, SUBJECT_ID
 from stages.train_inputs import CAPTION, decode_rgb
 
@@ -66,7 +65,7 @@ _DONE = "prior-done.json"  # written after the last prior image: the prior set c
 _LISTED = 20  # subject ids an error message lists before "and N more"
 
 
-class SubjectError(RuntimeError):
+class SubjectError(JobFailed):
     """This subject cannot be fine-tuned (no usable photo); other subjects are unaffected."""
 
 
@@ -315,7 +314,7 @@ def finetune_subject(config: Config, in_process: bool = False) -> FinetuneResult
         return _reuse(config, uri, reused, start)
     base = resolve_base(config)
     run_name = f"finetune-{ft.subject_id}-{ft.method}-{key[:8]}"
-    storage = _storage_path(config.train.storage_path)
+    storage = storage_path(config.train.storage_path)
     if "://" in storage:
         raise ConfigError("train.storage_path: fine-tuning writes its inputs locally; give a local or shared folder")
     inputs = Path(storage) / run_name / "inputs"
@@ -325,10 +324,9 @@ def finetune_subject(config: Config, in_process: bool = False) -> FinetuneResult
     train_config = training_config(config, inputs, base, run_name)
     tags = {"dataset_version": subject.dataset_version, "dataset_digest": subject.dataset_digest, "git_commit": tracking.git_commit(),
             "method": ft.method, "subject_id": ft.subject_id, KEY_TAG: key}
-    run_id = tracking.start_run(uri, config.tracking.experiment, run_name, tags) if uri else None
-    try:
-        fit = _fit_in_process if in_process else _fit
-        checkpoint, step = fit(train_config, storage, run_name, uri, run_id)
+    with tracking.open_run(config.tracking, run_name, tags) as run_id:
+        train_fn = _fit_in_process if in_process else _fit
+        checkpoint, step = train_fn(train_config, storage, run_name, uri, run_id)
         out = Path(ft.out).expanduser().resolve()
         artifact = replace_tree(checkpoint / get_method(ft.method).MODEL_FOLDER, out / f"{ft.subject_id}-{ft.method}", out)
         size = sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file())
@@ -338,12 +336,6 @@ def finetune_subject(config: Config, in_process: bool = False) -> FinetuneResult
             version_tags = tags | {"category": subject.category, "base_model": base_ref,
                                    "step": str(step), "artifact_bytes": str(size), "run_name": run_name}
             version = tracking.log_subject_model(uri, run_id, artifact, name, version_tags, ft.alias, config.serve.limits)
-    except BaseException:
-        if run_id:
-            tracking.finish_run(uri, run_id, "FAILED")
-        raise
-    if run_id:
-        tracking.finish_run(uri, run_id)
     return FinetuneResult(ft.subject_id, ft.method, str(artifact), size, step, time.perf_counter() - start, run_id, name, version)
 
 
@@ -373,22 +365,10 @@ def _fit(config: Config, storage: str, run_name: str, uri: str | None, run_id: s
     check_cluster(config)
     run = RunInfo(run_name=run_name, run_folder=f"{storage}/{run_name}", tracking_uri=uri, mlflow_run_id=run_id, dataset=info.as_run_input())
     resources = {"CPU": train.cpus_per_worker} | ({"GPU": config.finetune.num_gpus} if train.gpu else {})
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"config": config.model_dump(mode="json"), "run": asdict(run)},
-        torch_config=TorchConfig(backend="nccl" if train.gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=train.gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=run_name, storage_path=storage, failure_config=FailureConfig(max_failures=train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-        ),
-        datasets={"train": build_training_plan(info, config, processor)},
-    )
-    result = trainer.fit()
+    result = fit(config, run_name, resources, {"train": build_training_plan(info, config, processor)}, run)
     # A rerun of a finished run trains nothing new and may report no checkpoint: take the newest.
     checkpoint = Path(result.checkpoint.path) if result.checkpoint is not None else _newest_checkpoint(Path(storage) / run_name)
-    progress = checkpoint / PROGRESS
-    return checkpoint, json.loads(progress.read_text())["step"] if progress.is_file() else 0
+    return checkpoint, checkpoint_step(checkpoint)
 
 
 def _fit_in_process(config: Config, storage: str, run_name: str, uri: str | None, run_id: str | None) -> tuple[Path, int]:
@@ -408,8 +388,7 @@ def _fit_in_process(config: Config, storage: str, run_name: str, uri: str | None
     with dist.local_run(local):
         train_loop({"config": config.model_dump(mode="json"), "run": asdict(run)})
     checkpoint = _newest_checkpoint(local.run_folder)
-    progress = checkpoint / PROGRESS
-    return checkpoint, json.loads(progress.read_text())["step"] if progress.is_file() else 0
+    return checkpoint, checkpoint_step(checkpoint)
 
 
 def _newest_checkpoint(run_folder: Path) -> Path:

@@ -16,9 +16,10 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline import tracking
@@ -26,6 +27,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.model import CheckpointError, SubjectImageProcessor
 from pipeline.model.checkpoint import MODEL_INDEX, read_json, resolve_checkpoint
 from pipeline.raycluster import ensure_ray
+from pipeline.train import dist
 from pipeline.train.data import (
     DatasetInfo,
     build_training_plan,
@@ -90,8 +92,47 @@ def check_cluster(config: Config) -> None:
         )
 
 
-def _storage_path(setting: str) -> str:
+def storage_path(setting: str) -> str:
+    """`train.storage_path` as Ray Train takes it: a URI as given, a local path made absolute."""
     return setting if "://" in setting else str(Path(setting).expanduser().resolve())
+
+
+def fit(config: Config, run_name: str, resources: dict[str, float], datasets: dict[str, Any], run: RunInfo, **loop_config: Any) -> Result:
+    """Run `train_loop` on Ray Train: `train.workers` workers of `resources` each, DDP over gloo
+    (CPU) or NCCL (GPUs), FailureConfig(max_failures) restarts from the newest checkpoint,
+    CheckpointConfig(keep_checkpoints) bounds storage, and RunConfig(run_name, storage_path)
+    makes a rerun resume where the last one stopped. The one TorchTrainer of pretraining and
+    fine-tuning; `loop_config` goes to the loop beside the config and `run`."""
+    train = config.train
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config.model_dump(mode="json"), "run": asdict(run), **loop_config},
+        torch_config=TorchConfig(backend="nccl" if train.gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path(train.storage_path),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
+        ),
+        datasets=datasets,
+    )
+    return trainer.fit()
+
+
+def finished_checkpoint(run_folder: str, steps: int) -> Path | None:
+    """The run's newest checkpoint when it is at `steps` already (a rerun of a finished run, which
+    need not start Ray Train, about a minute, to train nothing), else None. Only local storage is
+    looked at."""
+    if "://" in run_folder or (newest := dist.newest_checkpoint(Path(run_folder))) is None:
+        return None
+    return newest if checkpoint_step(newest) >= steps else None
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The step a checkpoint folder was saved at (0 when it holds no progress record)."""
+    progress = Path(folder) / PROGRESS
+    return json.loads(progress.read_text())["step"] if progress.is_file() else 0
 
 
 def run_training(config: Config) -> TrainResult:
@@ -104,58 +145,49 @@ def run_training(config: Config) -> TrainResult:
     ensure_ray(config.ray)
     check_cluster(config)
     run_name = train.run_name or f"{train.method}-{info.version}"
-    storage = _storage_path(train.storage_path)
-    run_folder = f"{storage}/{run_name}"
+    run_folder = f"{storage_path(train.storage_path)}/{run_name}"
     uri = tracking.resolve_tracking_uri(config.tracking.uri) if config.tracking.enabled else None
     tags = {"dataset_version": info.version, "dataset_digest": info.digest, "git_commit": tracking.git_commit(), "method": train.method}
-    run_id = tracking.start_run(uri, config.tracking.experiment, run_name, tags) if uri else None
-
-    try:
-        passes = training_passes(info, config)
-        if train.precompute:
-            dataset = precompute_inputs(build_training_plan(info, config, processor), info, config, storage, passes)
-            info.precomputed = True
+    with tracking.open_run(config.tracking, run_name, tags) as run_id:
+        done = finished_checkpoint(run_folder, train.steps)
+        if done is not None:
+            log.info("%s is at step %d already (%s): nothing to train", run_name, train.steps, done)
+            checkpoint, metrics = Checkpoint.from_directory(str(done)), {}
         else:
-            dataset = build_training_plan(info, config, processor, passes)
-        run = RunInfo(
-            run_name=run_name,
-            run_folder=run_folder,
-            tracking_uri=uri,
-            mlflow_run_id=run_id,
-            dataset=info.as_run_input(),
-            samples=sample_subjects(info, train.samples.subjects) if train.samples.every else [],
-        )
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config={"config": config.model_dump(mode="json"), "run": asdict(run), "job_start": job_start},
-            torch_config=TorchConfig(backend="nccl" if train.gpu else "gloo"),
-            scaling_config=ScalingConfig(
-                num_workers=train.workers, use_gpu=train.gpu, resources_per_worker={"CPU": train.cpus_per_worker}
-            ),
-            run_config=RunConfig(
-                name=run_name,
-                storage_path=storage,
-                failure_config=FailureConfig(max_failures=train.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
-            ),
-            datasets={"train": dataset},
-        )
-        log.info("training %s on %s (%d rows) with %d worker(s); checkpoints in %s", train.method, info.version, info.rows, train.workers, run_folder)
-        result = trainer.fit()
-        checkpoint, step, version = None, 0, None
-        if result.checkpoint is not None:
-            checkpoint = result.checkpoint.path
-            with result.checkpoint.as_directory() as folder:
-                step = json.loads((Path(folder) / PROGRESS).read_text())["step"] if (Path(folder) / PROGRESS).is_file() else 0
+            result = _train(config, info, processor, run_name, run_folder, uri, run_id, job_start)
+            checkpoint, metrics = result.checkpoint, dict(result.metrics or {})
+        step, version = 0, None
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                step = checkpoint_step(Path(folder))
                 if uri and train.register_as:
-                    version = _register(uri, run_id, Path(folder) / get_method(train.method).MODEL_FOLDER, train.register_as, tags | {"run_name": run_name, "step": str(step)})
-    except BaseException:
-        if run_id:
-            tracking.finish_run(uri, run_id, "FAILED")
-        raise
-    if run_id:
-        tracking.finish_run(uri, run_id)
-    return TrainResult(run_name, checkpoint, step, info, run_id, version, dict(result.metrics or {}))
+                    model = Path(folder) / get_method(train.method).MODEL_FOLDER
+                    version = _register(uri, run_id, model, train.register_as, tags | {"run_name": run_name, "step": str(step)})
+    return TrainResult(run_name, checkpoint.path if checkpoint is not None else None, step, info, run_id, version, metrics)
+
+
+def _train(
+    config: Config, info: DatasetInfo, processor: SubjectImageProcessor, run_name: str, run_folder: str, uri: str | None,
+    run_id: str | None, job_start: float,
+) -> Result:
+    """Build the data plan and fit (Ray Train's result: the final checkpoint and metrics)."""
+    train = config.train
+    passes = training_passes(info, config)
+    if train.precompute:
+        dataset = precompute_inputs(build_training_plan(info, config, processor), info, config, storage_path(train.storage_path), passes)
+        info.precomputed = True
+    else:
+        dataset = build_training_plan(info, config, processor, passes)
+    run = RunInfo(
+        run_name=run_name,
+        run_folder=run_folder,
+        tracking_uri=uri,
+        mlflow_run_id=run_id,
+        dataset=info.as_run_input(),
+        samples=sample_subjects(info, train.samples.subjects) if train.samples.every else [],
+    )
+    log.info("training %s on %s (%d rows) with %d worker(s); checkpoints in %s", train.method, info.version, info.rows, train.workers, run_folder)
+    return fit(config, run_name, {"CPU": train.cpus_per_worker}, {"train": dataset}, run, job_start=job_start)
 
 
 def _register(uri: str, run_id: str, folder: Path, name: str, tags: dict[str, str]) -> str:

@@ -1,0 +1,40 @@
+"""pipeline/cli.py: flags become --set overrides in one helper, and failures become exit codes
+in one place (UserError 2, a failed job 1, both with the message on stderr)."""
+
+import argparse
+
+import pytest
+
+from pipeline import cli
+from pipeline.errors import JobFailed, UserError
+
+
+def test_flag_overrides_writes_given_flags_as_json():
+    args = argparse.Namespace(subject="123", gpu=True, steps=None, subjects=["yes", "b"])
+    flags = {"subject": "finetune.subject", "gpu": "train.gpu", "steps": "finetune.steps", "subjects": "finetune.subjects",
+             "missing": "finetune.out"}
+    assert cli.flag_overrides(args, flags) == ['finetune.subject="123"', "train.gpu=true", 'finetune.subjects=["yes", "b"]']
+
+
+@pytest.mark.parametrize(("error", "code"), [(UserError("no such thing"), 2), (JobFailed("no usable photo"), 1)])
+def test_main_maps_user_errors_to_2_and_failed_jobs_to_1(monkeypatch, capsys, error, code):
+    def run(args, config):
+        raise error
+
+    monkeypatch.setattr("pipeline.commands.promote.run", run)
+    assert cli.main(["promote", "m", "--alias", "a"]) == code
+    assert capsys.readouterr().err == f"subjectforge: error: {error}\n"
+
+
+def test_main_keeps_the_stack_trace_of_a_bug(monkeypatch):
+    def run(args, config):
+        raise KeyError("bug")
+
+    monkeypatch.setattr("pipeline.commands.promote.run", run)
+    with pytest.raises(KeyError):
+        cli.main(["promote", "m", "--alias", "a"])
+
+
+def test_a_command_flag_is_validated_with_the_config(capsys):
+    assert cli.main(["serve", "--port", "0"]) == 2
+    assert "serve.port" in capsys.readouterr().err
