@@ -5,7 +5,7 @@
 This is the on-device twin of the CPU path in stages/composite.py, kept apart so that torch
 stays out of the CPU path: the draws are composite.py's own (draw_composites), and the pixels
 follow paste_subject operation for operation. A change to one path is a change to the other;
-tests/test_composite_torch.py holds them a level apart at most.
+tests/stages/test_composite_torch.py holds them a level apart at most.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def composite_subjects_torch(
     horizontal first, which is PIL's order for a box whose axes both shrink or both grow by one
     factor, as a subject's box does (Pillow 13 goes vertical first for some other resizes, and
     with the rounding in between the two orders can differ by tens of levels on noise). What is
-    left is float32 against PIL's fixed point: a level here and there (tests/test_composite_torch.py).
+    left is float32 against PIL's fixed point: a level here and there (tests/stages/test_composite_torch.py).
     That assumes float32 matmuls in full precision, torch's default: TF32 (a process that turns
     it on) keeps 10 bits of mantissa, ~0.1 level at 255, and would round many more apart."""
     if not jobs:

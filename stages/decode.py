@@ -72,7 +72,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 # What PIL raises on damaged bytes, at open (header) or load (pixels); found by cutting and
-# flipping bytes of JPEG, PNG and WebP files (tests/test_decode.py).
+# flipping bytes of JPEG, PNG and WebP files (tests/stages/test_decode.py).
 _CORRUPT = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 
 

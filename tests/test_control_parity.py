@@ -4,7 +4,7 @@
 plus a tiny ControlNet (see tests/golden/README.md). We load both with our own loaders (current
 diffusers) and recompute every recorded tensor, float32 on the CPU, to |ours - reference| <=
 1e-5 + 1e-5 * |reference|. The reference's own float32 rounding is ~2e-6 per pass
-(tests/test_model_parity.py); measured here, the largest difference is 8e-6 in the noise
+(tests/model/test_model_parity.py); measured here, the largest difference is 8e-6 in the noise
 predictions (magnitude ~2) and 1.5e-5 in the step latents (magnitude ~14, about 15 float32
 ulps), hence the relative term. A wrong residual, a missing scale or a different control-image
 resize moves these tensors by 1e-3 or more. Timesteps must match exactly.

@@ -19,7 +19,7 @@ entries are O(1), so float32 rounds them harmlessly.
 pymatting forms S_k^-1 from the adjugate in float64. In those same rank-deficient windows this
 loses up to ~1e-3 of the entries. On one DreamBench photo its alpha sits 0.015 MAD (max 1.0)
 away from an 80-bit reference, while this module's float64 path sits 1e-5 away. Where pymatting
-is accurate, the two agree to ~1e-4 (see tests/test_matting_torch.py).
+is accurate, the two agree to ~1e-4 (see tests/stages/test_matting.py).
 
 `build_stencil` has a Triton twin for CUDA (laplacian_triton.py) that computes the same entries.
 """

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from pipeline.model import BlipDiffusion, build_prompt
 from pipeline.model.schedulers import fresh_scheduler
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 ATOL = 1e-5
 STEP_ATOL = 1e-4
 

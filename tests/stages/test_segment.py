@@ -106,7 +106,7 @@ def _photos() -> list[np.ndarray]:
     input (an upsample), so both resize directions are checked."""
     from PIL import Image
 
-    files = sorted(Path(__file__).parents[1].glob("datasets/dreambench-mini/*/0[12].jpg"))[:4]
+    files = sorted(Path(__file__).parents[2].glob("datasets/dreambench-mini/*/0[12].jpg"))[:4]
     photos = [np.asarray(Image.open(f).convert("RGB")) for f in files]
     photos.append(photos[0][:300, 50:470])
     photos.append(np.random.default_rng(3).integers(0, 256, (40, 90, 3), dtype=np.uint8))

@@ -190,7 +190,7 @@ def test_a_build_through_the_finishing_matte_actor_equals_the_cpu_plans(fake_gpu
     GPU: torch matting per photo, then filter_composite_encode). Both solve each photo alone
     (the sample's photos are square, so the actor's batches stack, and a stacked solve equals a
     single one), so the two builds must agree on everything but the composites' pixels (the
-    torch composite, a level apart here and there: tests/test_composite_torch.py; measured, 13 of
+    torch composite, a level apart here and there: tests/stages/test_composite_torch.py; measured, 13 of
     the 14 decoded JPEG composites equal, the other 0.004 levels apart on average): the counts,
     the rejects and their reasons, and per row the draws, the area and the published photo,
     alpha and trimap bytes. max_area 0.58 sits among the sample's areas (0.54-0.61 at 64 px with

@@ -31,7 +31,7 @@ from stages.records import (
 )
 from tests.matting_fixtures import make_alpha
 
-SAMPLE = Path(__file__).resolve().parent.parent / "datasets" / "dreambench-mini"
+SAMPLE = Path(__file__).resolve().parents[2] / "datasets" / "dreambench-mini"
 
 
 def real_photos(count: int, size: int) -> list[np.ndarray]:

@@ -222,7 +222,7 @@ def test_a_finishing_matter_gives_the_rows_of_the_filter_and_composite_stages(mo
     actor followed by filter_batch and composite_batch: the same rows in the same order, the
     same rejects and reasons (trimap refused, alpha diverged, filter, decode), the same draws,
     ALPHA and TRIMAP as the writer's uint8 levels, composites a level or two apart (the torch
-    composite: tests/test_composite_torch.py), and once encoded the same published bytes but
+    composite: tests/stages/test_composite_torch.py), and once encoded the same published bytes but
     for the composites."""
     import stages.matting as matting
     from pipeline.data.backgrounds import list_backgrounds

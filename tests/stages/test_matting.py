@@ -23,7 +23,7 @@ from stages.matting import estimate_alpha_cf_torch, estimate_foreground_torch
 from stages.matting.laplacian import build_stencil, half_offsets
 from tests.matting_fixtures import ellipse_trimap, make_scene
 
-PHOTO = Path(__file__).resolve().parents[1] / "datasets" / "dreambench-mini" / "dog" / "00.jpg"
+PHOTO = Path(__file__).resolve().parents[2] / "datasets" / "dreambench-mini" / "dog" / "00.jpg"
 
 
 def _pymatting_alpha(image: np.ndarray, trimap: np.ndarray) -> np.ndarray:
@@ -335,7 +335,7 @@ print(json.dumps({name: float((a - b).abs().max()) for name, a, b in zip(("fg", 
 def _run_interpreted(code: str) -> subprocess.CompletedProcess:
     """`code` in a fresh process with Triton's CPU interpreter on: TRITON_INTERPRET must be set
     before triton is first imported (its own library functions are kernels too)."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
     return subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
 

@@ -12,8 +12,8 @@ from pipeline.config import load_config
 from pipeline.data.build import INPUTS_FILE, build_dataset
 from pipeline.data.verify import record_checksums
 from pipeline.data.versions import DatasetStore
+from tests.data.test_versions import read_only
 from tests.imagefiles import jpeg_bytes, make_source, photo
-from tests.test_versions import read_only
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from pipeline.config import ASSETS_DIR
 from pipeline.model import BlipDiffusion, CheckpointError, build_prompt
 from pipeline.model.make_tiny import make_tiny
 
-GOLDEN_CKPT = Path(__file__).resolve().parent / "golden" / "tiny-blipdiffusion"
+GOLDEN_CKPT = Path(__file__).resolve().parents[1] / "golden" / "tiny-blipdiffusion"
 TINY = ASSETS_DIR / "tiny-blipdiffusion"
 SIZE = 64  # px; 8x8 latents keep CPU generation in the milliseconds
 
