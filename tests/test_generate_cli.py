@@ -47,3 +47,17 @@ def test_generate_bad_input_exits_2(tmp_path, capsys):
     assert main([*base, "--subject-image", str(tmp_path / "a.png"), "--prompt", "x", "--model", str(tmp_path)]) == 2
     assert "model_index.json is missing" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_generate_yaml_records_the_size_the_images_were_drawn_at(tmp_path):
+    # A registered subject draws at its training resolution (64 px here) while generate.height
+    # and generate.width still hold their 512 px defaults.
+    import argparse
+
+    from pipeline.commands.generate import _write
+    from pipeline.config import load_config
+
+    args = argparse.Namespace(out=str(tmp_path), subject_image=None, subject=None, category=None, target_category=None, prompt="p", num_images=1)
+    _write(args, load_config(overrides=["profile=tiny"]), [Image.new("RGB", (64, 48))], 0.1, "cpu", "float32")
+    settings = yaml.safe_load((tmp_path / "generate.yaml").read_text())
+    assert (settings["generate"]["width"], settings["generate"]["height"]) == (64, 48)

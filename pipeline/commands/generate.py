@@ -220,6 +220,10 @@ def _registered_base(folder: Path, config: Config) -> str | None:
 
 def _write(args: argparse.Namespace, config: Config, outputs: list, elapsed: float, device, dtype_name: str) -> int:
     out = Path(args.out)
+    # The size the images were drawn at: a registered subject's training resolution unless
+    # --height/--width were given, so generate.yaml reproduces the run as it was.
+    width, height = outputs[0].size
+    config = config.model_copy(update={"generate": config.generate.model_copy(update={"height": height, "width": width})})
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(outputs):
