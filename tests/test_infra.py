@@ -342,6 +342,8 @@ def test_the_manifests_auth_config_refuses_anonymous_writes(tmp_path):
         **os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"),
         "MLFLOW_AUTH_ADMIN_USERNAME": "subjectforge", "MLFLOW_AUTH_ADMIN_PASSWORD": "test-password-" + os.urandom(6).hex(),
         "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(16).hex(),
+        # No job runners: the server would start ~7 Huey consumer processes this test never uses.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
     cmd = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
            "--port", str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",

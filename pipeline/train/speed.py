@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 COMPILED_PARTS = ("unet", "qformer", "text_encoder")
 
 # torch.compile modes (`train.compile_mode`), and those that replay the compiled graphs as CUDA
-# graphs. Same names as pipeline/config.py's Literal (tests/test_speed.py checks).
+# graphs. Same names as pipeline/config.py's Literal (tests/train/test_speed.py checks).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 

@@ -15,7 +15,7 @@ from pipeline.cli import main
 from pipeline.data.build import dataset_digest
 from pipeline.train.data import open_dataset
 from tests.imagefiles import jpeg_bytes, make_source, photo
-from tests.test_trainer import mlflow_server  # noqa: F401  (the module-scoped server fixture)
+from tests.train.test_trainer import mlflow_server  # noqa: F401  (the module-scoped server fixture)
 from tests.tinydata import publish_dataset
 
 pytestmark = pytest.mark.slow

@@ -24,7 +24,7 @@ from pipeline.config import load_config
 from pipeline.train.data import open_dataset
 from pipeline.train.finetune import finetune_subject
 from tests.imagefiles import photo
-from tests.test_trainer import mlflow_server  # noqa: F401  (the module-scoped server fixture)
+from tests.train.test_trainer import mlflow_server  # noqa: F401  (the module-scoped server fixture)
 from tests.tinydata import publish_dataset
 
 pytestmark = pytest.mark.slow

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from pipeline.model import BlipDiffusion
 from pipeline.model.control import Control, load_controlnet, prepare_control_image, read_control_image
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 ATOL = 1e-5
 RTOL = 1e-5
 
