@@ -169,15 +169,21 @@ class BatchStream:
 
 
 @contextlib.contextmanager
-def resume_folder() -> Iterator[Path | None]:
+def resume_folder(run_folder: str | None = None) -> Iterator[Path | None]:
     """The newest checkpoint of this run as a local folder (a restart after a failure, or a rerun
-    with the same run name and storage path), or None for a fresh start."""
+    with the same run name and storage path), or None for a fresh start. run_folder:
+    <storage_path>/<run_name>, looked in when Ray Train hands no checkpoint."""
     if _local is not None:
         yield newest_checkpoint(_local.run_folder)
         return
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        yield None
+        # Ray Train hands a worker group restarted after a failure no checkpoint when its
+        # dataset is a union of passes (`training_passes` > 1; tests/train/test_trainer.py's kill
+        # test), though the run folder holds the ones it reported. On local or mounted storage
+        # the folder is the record; a URI (cloud storage) is left to Ray.
+        local = run_folder is not None and "://" not in run_folder
+        yield newest_checkpoint(Path(run_folder)) if local else None
         return
     with checkpoint.as_directory() as folder:
         yield Path(folder)

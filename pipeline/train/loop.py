@@ -68,7 +68,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(train.seed)
     # The model and the optimizer state: from the newest checkpoint when there is one (a restart
     # after a failure, or a rerun with the same run name), else from the base weights.
-    with dist.resume_folder() as folder:
+    with dist.resume_folder(run.run_folder) as folder:
         method = get_method(train.method).load(config, folder, device)
         resumed = read_train_state(folder) if folder is not None else None
     params = method.trainable_parameters()
