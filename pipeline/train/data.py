@@ -128,8 +128,13 @@ def training_passes(info: DatasetInfo, config: Config) -> int:
     MAX_PASSES. Each Ray Data epoch starts its execution anew, and the workers wait for its first
     batch (seconds: ~30% of the job's time on one H100 at 1,024 rows, whose epoch lasted 32 steps);
     a union of several passes in one epoch pays that once per MAX_PASSES passes. (Not a
-    repeated file list: Ray Data reads a file once however often it is listed.)"""
+    repeated file list: Ray Data reads a file once however often it is listed.) One pass on CPU
+    runs: a union's row order follows which node's tasks finish first, so the same settings on
+    one node and on two trained on different batches (tests/test_multinode.py); a GPU run, whose
+    kernels are not bit-reproducible across layouts anyway, takes the throughput."""
     train = config.train
+    if not train.gpu:
+        return 1
     planned = train.steps * train.batch_size * train.grad_accum * train.workers / max(info.rows, 1)
     return max(1, min(MAX_PASSES, math.ceil(planned)))
 

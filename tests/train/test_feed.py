@@ -66,3 +66,16 @@ def test_the_feed_gives_every_row_once_per_pass_in_a_seeded_order(ray_local, tmp
         np.testing.assert_array_equal(latent.numpy(), rows[LATENT_PARAMS][int(name.split("-")[1])])
     assert epoch(seed=7)[0] == names  # the same seed, the same order
     assert names != list(rows[CATEGORY]) * 2  # and shuffled
+
+
+def test_passes_per_epoch_are_the_planned_epochs_on_gpus_and_one_on_cpu():
+    from pipeline.config import load_config
+    from pipeline.train.data import MAX_PASSES, DatasetInfo, training_passes
+
+    info = DatasetInfo(name="d", version="v0001", path="/d", digest="x", rows=100, files=[], subjects=[], has_caption=False)
+    gpu = ["train.gpu=true", "train.batch_size=10", "train.workers=1", "train.grad_accum=1"]
+    assert training_passes(info, load_config(overrides=[*gpu, "train.steps=25"])) == 3  # 2.5 epochs planned
+    assert training_passes(info, load_config(overrides=[*gpu, "train.steps=1000"])) == MAX_PASSES
+    assert training_passes(info, load_config(overrides=[*gpu, "train.steps=1"])) == 1
+    # CPU runs keep one pass: a union's row order depends on which node finishes first.
+    assert training_passes(info, load_config(overrides=["train.steps=1000", "train.batch_size=10"])) == 1
