@@ -19,6 +19,7 @@ from pipeline.data.build import run_data_job
 from pipeline.data.report import format_summary
 from pipeline.data.verify import DamagedVersion, check_version
 from pipeline.data.versions import LATEST
+from pipeline.errors import UserError
 
 # flag destination -> config key (pipeline.cli.flag_overrides)
 FLAGS = {"backgrounds": "data.backgrounds"}
@@ -71,6 +72,8 @@ def verify(out: Path, version: str | None) -> int:
         version_dir = out / os.readlink(out / LATEST)
     else:
         version_dir = out
+    if not version_dir.is_dir():
+        raise UserError(f"no dataset version at {version_dir}: give a dataset root (its latest is checked), a version folder, or --version")
     check = check_version(version_dir)
     if not check.ok:
         raise DamagedVersion(check.describe())

@@ -155,3 +155,9 @@ def test_read_only_out(copy, capsys):
     err = capsys.readouterr().err
     assert "cannot write to the dataset folder" in err and str(out) in err
 
+
+
+def test_verify_of_a_folder_that_is_not_there_says_so(tmp_path, capsys):
+    assert main(["data", "verify", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "no dataset version at" in err and "damaged" not in err
