@@ -662,7 +662,11 @@ def _format_validation_error(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(root)"
-        lines.append(f"{key}: {err['msg']}")
+        given = err.get("input")
+        # The value as given, when it is a plain one: a typo is found faster (cut, so a huge
+        # value cannot flood the terminal).
+        got = f" (got {given!r:.80})" if isinstance(given, str | int | float | bool) else ""
+        lines.append(f"{key}: {err['msg']}{got}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 

@@ -140,6 +140,9 @@ def _train_register_generate(
     images = out / "generated"
     parser = argparse.ArgumentParser(prog="subjectforge generate")
     generate.add_arguments(parser, lambda _: None)
+    # `generate`'s --model flag is the config key models.blip_diffusion (generate.FLAGS), which
+    # cli.main applies; called directly, the demo sets it.
+    config = config.model_copy(update={"models": config.models.model_copy(update={"blip_diffusion": model_uri})})
     code = generate.run(parser.parse_args(["--model", model_uri, "--prompt", PROMPT, "--out", str(images)]), config)
     if code:
         return code

@@ -21,6 +21,24 @@ log = logging.getLogger(__name__)
 _DTYPES = ("float32", "float16", "bfloat16")
 
 
+# flag destination -> config key (pipeline.cli.flag_overrides)
+FLAGS = {
+    "model": "models.blip_diffusion",
+    "steps": "generate.steps",
+    "guidance_scale": "generate.guidance_scale",
+    "negative_prompt": "generate.negative_prompt",
+    "height": "generate.height",
+    "width": "generate.width",
+    "seed": "generate.seed",
+    "dtype": "generate.dtype",
+    "control": "generate.control.kind",
+    "control_image": "generate.control.image",
+    "control_scale": "generate.control.scale",
+    "controlnet": "generate.control.controlnet",
+    "control_detector": "generate.control.detector",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     parser.add_argument(
         "--model",
@@ -57,31 +75,6 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     add_common(parser)
 
 
-def _settings(args: argparse.Namespace, config: Config) -> Config:
-    """The config with this run's flags applied to `generate:` (validated like any override)."""
-    flags = {
-        "steps": args.steps,
-        "guidance_scale": args.guidance_scale,
-        "negative_prompt": args.negative_prompt,
-        "height": args.height,
-        "width": args.width,
-        "seed": args.seed,
-        "dtype": args.dtype,
-    }
-    overrides = {k: v for k, v in flags.items() if v is not None}
-    tree = config.model_dump()
-    tree["generate"].update(overrides)
-    control = {"kind": args.control, "image": args.control_image, "scale": args.control_scale,
-               "controlnet": args.controlnet, "detector": args.control_detector}
-    tree["generate"]["control"].update({k: v for k, v in control.items() if v is not None})
-    if args.model:
-        tree["models"]["blip_diffusion"] = args.model
-    try:
-        return Config.model_validate(tree)
-    except ValueError as exc:
-        raise ConfigError(f"invalid generate settings: {exc}") from None
-
-
 def run(args: argparse.Namespace, config: Config) -> int:
     import torch
 
@@ -89,7 +82,6 @@ def run(args: argparse.Namespace, config: Config) -> int:
     from pipeline.model.control import build_control
     from pipeline.model.image_processing import load_image
 
-    config = _settings(args, config)
     gen = config.generate
     request = _request(args, config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
