@@ -15,6 +15,7 @@ import re
 import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -502,16 +503,7 @@ def _make_subject_pyfunc() -> type:
                 raise MlflowException(f"invalid request: {exc}", error_code=INVALID_PARAMETER_VALUE) from None
             out = []
             for index, request in enumerate(requests):
-                images = self.subject.generate(
-                    request.prompt,
-                    num_images=request.num_images,
-                    seed=request.seed,
-                    guidance_scale=request.guidance_scale,
-                    steps=request.steps,
-                    negative_prompt=request.negative_prompt,
-                    height=request.height,
-                    width=request.width,
-                )
+                images = self.subject.generate(**asdict(request))
                 for image in images:
                     buffer = io.BytesIO()
                     image.save(buffer, format="PNG")

@@ -10,6 +10,7 @@ import argparse
 import logging
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
@@ -192,10 +193,7 @@ def _generate_registered(args: argparse.Namespace, config: Config, request, devi
         folder = tracking.subject_folder(tracking.resolve_tracking_uri(config.tracking.uri), args.model)
         subject = SubjectModel.load(folder, _registered_base(folder, config), dtype=dtype, device=device)
         start = time.perf_counter()
-        outputs = subject.generate(
-            request.prompt, num_images=request.num_images, seed=request.seed, guidance_scale=request.guidance_scale,
-            steps=request.steps, negative_prompt=request.negative_prompt, height=request.height, width=request.width,
-        )
+        outputs = subject.generate(**asdict(request))
     except (tracking.RegistryError, CheckpointError, ValueError) as exc:
         raise ConfigError(str(exc)) from exc
     return outputs, time.perf_counter() - start

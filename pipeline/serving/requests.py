@@ -33,7 +33,8 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One prompt's images, every value within the limits."""
+    """One prompt's images, every value within the limits; its fields are SubjectModel.generate's
+    arguments (`generate(**asdict(request))`)."""
 
     prompt: str
     num_images: int
