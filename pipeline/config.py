@@ -268,8 +268,22 @@ class SourceConfig(_Strict):
     )
 
 
+class BackgroundsConfig(_Strict):
+    """Where the composites' backgrounds come from, and what `data backgrounds` keeps in a pool.
+    The reject settings shape the pool, whose digest records them: they are Input to a build."""
+
+    folder: Input[str | None] = Field(
+        None, description="a pool built by `data backgrounds` or any folder of images; None = bundled procedural set"
+    )
+    reject_prompts: Input[list[str] | None] = Field(
+        None, description="`data backgrounds` drops photos where CLIPSeg finds one of these; None = the dataset's categories and 'person'"
+    )
+    reject_threshold: Input[float] = Field(0.5, gt=0.0, lt=1.0, description="CLIPSeg confidence above which a pixel shows the prompt")
+    reject_area: Input[float] = Field(0.02, ge=0.0, le=1.0, description="drop a photo where a prompt's pixels cover more than this share")
+
+
 class DataConfig(_Strict):
-    backgrounds: Input[str | None] = Field(None, description="folder of background images; None = bundled set")
+    backgrounds: BackgroundsConfig = BackgroundsConfig()
     max_reject_fraction: Runtime[float] = Field(
         0.5, ge=0.0, le=1.0, description="the job fails when more of its inputs are rejected"
     )
@@ -284,6 +298,14 @@ class DataConfig(_Strict):
     filter: FilterConfig = FilterConfig()
     composite: CompositeConfig = CompositeConfig()
     write: WriteConfig = WriteConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _backgrounds_folder(cls, values: Any) -> Any:
+        """`data.backgrounds: FOLDER`, the older spelling, means `data.backgrounds.folder: FOLDER`."""
+        if isinstance(values, dict) and (isinstance(values.get("backgrounds"), str) or values.get("backgrounds", {}) is None):
+            values = {**values, "backgrounds": {"folder": values["backgrounds"]}}
+        return values
 
 
 class RayConfig(_Strict):
@@ -458,6 +480,12 @@ class TrainConfig(_Strict):
     max_grad_norm: float = Field(1.0, ge=0.0, description="gradient clipping; 0 = off")
     resolution: int = Field(512, ge=8, le=2048, multiple_of=8, description="target crop side, px")
     crop: Literal["random", "center"] = Field("random", description="how the target photo is cropped to resolution")
+    composite: Literal["auto", "stored", "online"] = Field(
+        "auto",
+        description="the subject's input image: the build's stored composites, or the row's cutout pasted onto a random "
+        "pool background every epoch, seeded by (seed, epoch, row) (no ViT precompute); auto = online for pretraining "
+        "on a dataset with cutouts, else stored",
+    )
     prompt_template: str = Field("a {category}", description="prompt of rows without a caption; {category} is filled in")
     drop_subject_prob: float = Field(0.15, ge=0.0, le=1.0, description="share of samples trained without the subject")
     trainable: TrainableConfig = TrainableConfig()
@@ -511,6 +539,10 @@ class TrainConfig(_Strict):
             raise ValueError("prompt_template must contain '{category}'")
         if self.fail_at_step is not None and self.fail_at_step >= self.steps:
             raise ValueError(f"fail_at_step ({self.fail_at_step}) must be below steps ({self.steps})")
+        if self.composite == "online" and self.precompute is True:
+            raise ValueError("composite online makes a new input image every epoch: its ViT features cannot be precomputed (precompute: false or auto)")
+        if self.composite == "online" and self.method != "pretrain":
+            raise ValueError(f"composite online is pretraining's; {self.method} trains on the subject's stored composites")
         if not self.gpu and self.unet_sdpa_backend in ("efficient", "cudnn"):
             raise ValueError(f"unet_sdpa_backend {self.unet_sdpa_backend!r} has no CPU kernel (gpu: false)")
         if self.gpu and self.mixed_precision == "no" and self.unet_sdpa_backend in ("flash", "cudnn"):

@@ -20,7 +20,7 @@ IDENTITY = """
     generate.height generate.width generate.seed generate.dtype generate.control.kind generate.control.scale
     generate.control.canny_low generate.control.canny_high serve.dtype evaluate.images_per_prompt
     evaluate.thumbnail train.method train.workers train.steps train.batch_size train.grad_accum train.lr
-    train.weight_decay train.warmup_steps train.max_grad_norm train.resolution train.crop train.prompt_template
+    train.weight_decay train.warmup_steps train.max_grad_norm train.resolution train.crop train.composite train.prompt_template
     train.drop_subject_prob train.trainable.qformer train.trainable.projection train.trainable.text_encoder
     train.trainable.unet train.precompute train.mixed_precision train.shuffle_buffer train.seed finetune.method
     finetune.subject_id finetune.steps finetune.batch_size finetune.lr finetune.weight_decay finetune.max_references
@@ -45,7 +45,8 @@ RUNTIME = """
     tracking.data_experiment tracking.system_metrics submit.max_upload_mb
 """
 INPUT = """
-    profile models.clipseg models.blip_diffusion models.dino models.clip data.backgrounds data.source.follow_links
+    profile models.clipseg models.blip_diffusion models.dino models.clip data.backgrounds.folder data.backgrounds.reject_prompts
+    data.backgrounds.reject_threshold data.backgrounds.reject_area data.source.follow_links
     generate.control.image generate.control.controlnet generate.control.detector evaluate.model evaluate.photos evaluate.benchmark evaluate.prompts evaluate.subjects evaluate.qformer_tokenizer
     train.data finetune.base finetune.subject finetune.category finetune.subjects finetune.affected_only
 """

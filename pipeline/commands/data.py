@@ -22,7 +22,7 @@ from pipeline.data.versions import LATEST
 from pipeline.errors import UserError
 
 # flag destination -> config key (pipeline.cli.flag_overrides)
-FLAGS = {"backgrounds": "data.backgrounds"}
+FLAGS = {"backgrounds": "data.backgrounds.folder"}
 
 
 def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:

@@ -98,7 +98,7 @@ def process_photos(photos: list[SourcePhoto], config: Config, dataset_version: s
     """
     data = config.data
     require_model("clipseg", config.model_path("clipseg"))
-    backgrounds = list_backgrounds(data.backgrounds)
+    backgrounds = list_backgrounds(data.backgrounds.folder)
     batch = {
         name: np.array([getattr(p, attr) for p in photos], dtype=object)
         for name, attr in ((SUBJECT_ID, "subject_id"), (CATEGORY, "category"), (SOURCE_URI, "source_uri"),
@@ -297,7 +297,7 @@ def build_dataset(
     if not scan.inputs:
         raise SourceError(f"no input photos found under {scan.root}")
     scan_seconds = time.perf_counter() - started
-    backgrounds = list_backgrounds(config.data.backgrounds)
+    backgrounds = list_backgrounds(config.data.backgrounds.folder)
     backgrounds_hash = backgrounds_digest(backgrounds)
     require_model("clipseg", config.model_path("clipseg"))
     digest = processing_digest(config, backgrounds_hash)
@@ -438,7 +438,7 @@ def _write_version(
     manifest = _manifest(
         version, parent, scan, plan, subjects, rejects, staging, config,
         digest=digest, warnings=warnings, seconds=seconds, started=started,
-        backgrounds={"folder": str(config.data.backgrounds or BUNDLED_BACKGROUNDS), "count": len(backgrounds), "digest": backgrounds_hash},
+        backgrounds={"folder": str(config.data.backgrounds.folder or BUNDLED_BACKGROUNDS), "count": len(backgrounds), "digest": backgrounds_hash},
     )  # fmt: skip
     write_json_atomic(staging / MANIFEST, manifest)
     return manifest

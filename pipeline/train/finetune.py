@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import tracking
-from pipeline.config import Config, ConfigError, FinetuneConfig, identity_settings
+from pipeline.config import FINETUNE_TRAITS, Config, ConfigError, FinetuneConfig, identity_settings
 from pipeline.data.sources import SourcePhoto
 from pipeline.data.versions import LATEST, MANIFEST
 from pipeline.errors import JobFailed
@@ -177,7 +177,7 @@ def _rows_from_photos(config: Config, folder: Path, category: str) -> tuple[list
     rejects = [{"source_uri": r["source_uri"], "stage": r["stage"], "reason": r["reason"]} for r in rejected.to_pylist()]
     for r in rejects:
         log.warning("subject %s: photo %s rejected at %s: %s", subject_id, r["source_uri"], r["stage"], r["reason"])
-    settings = processing_digest(config, backgrounds_digest(list_backgrounds(config.data.backgrounds)))
+    settings = processing_digest(config, backgrounds_digest(list_backgrounds(config.data.backgrounds.folder)))
     identity = "".join(f"{p.source_uri}\t{p.sha256}\n" for p in photos) + settings
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
     log.info("subject %s: %d of %d photos usable, %d rows", subject_id, len(photos) - len(rejects), len(photos), data.num_rows)
@@ -225,7 +225,7 @@ def write_inputs(config: Config, subject: SubjectRows, folder: Path, base: str) 
     for i, row in enumerate(subject.rows[: ft.max_references]):
         _to_png(row[COMPOSITE], references / f"{i:02d}.png")
     rows = list(subject.rows)
-    if ft.method == "dreambooth":
+    if FINETUNE_TRAITS[ft.method].class_prior:
         rows += [
             {CATEGORY: subject.category, IMAGE: png, COMPOSITE: png, CAPTION: PRIOR_CAPTION}
             for png in _prior_images(config, subject.category, folder / "prior", base)
@@ -281,11 +281,12 @@ def resolve_base(config: Config) -> str:
 def _recipe(ft: FinetuneConfig) -> dict[str, Any]:
     """The train.* values every fine-tune sets from finetune.* (its other train.* settings are
     the user's): one worker, the method's steps, batch and learning rate, no warm-up, no subject
-    dropout, one checkpoint at the end, no registration as a base, no sample images."""
+    dropout, the subject's stored composites, one checkpoint at the end, no registration as a base,
+    no sample images."""
     return {
         "method": ft.method, "workers": 1, "steps": ft.steps, "batch_size": ft.batch_size, "grad_accum": 1,
         "lr": ft.learning_rate(), "weight_decay": ft.weight_decay, "warmup_steps": 0, "drop_subject_prob": 0.0,
-        "precompute": False, "checkpoint_every": ft.steps, "keep_checkpoints": 1, "register_as": None, "fail_at_step": None,
+        "precompute": False, "composite": "stored", "checkpoint_every": ft.steps, "keep_checkpoints": 1, "register_as": None, "fail_at_step": None,
     }
 
 
