@@ -64,6 +64,30 @@ def load_rgb(path: str | Path) -> PIL.Image.Image:
         return image.convert("RGB")
 
 
+def draw_prompt(
+    model: Any, embeds: torch.Tensor | None, identifier: str | None, category: str, prompt: str, template: str,
+    seeds: list[int], settings: dict[str, Any],
+) -> list[PIL.Image.Image]:
+    """One image per seed of a subject in a DreamBench prompt, as the benchmark scores it: the
+    subject embeddings (1, Q, D) where the prompt names the subject ("a [subject] dog in the
+    jungle"), or, with none (DreamBooth), the rare token there ("a sks dog in the jungle").
+    Image k starts from the noise of seeds[k] (drawn on the CPU), so an image does not depend on
+    the others made with it. settings: steps, guidance_scale, negative_prompt, height, width and
+    batch_size (None = all at once). The training loop's validation draws through here too."""
+    shared = {key: settings[key] for key in ("steps", "guidance_scale", "negative_prompt", "height", "width")}
+    if embeds is None:  # DreamBooth: the subject is a word, one image per seed
+        from pipeline.model.subject import generate_from_text
+
+        text = template.replace(CLASS_FIELD, f"{identifier or 'sks'} {category}")
+        return [generate_from_text(model, [text], num_images=1, seed=seed, **shared)[0] for seed in seeds]
+    head, tail = split_prompt(prompt)
+    latents = torch.cat([model.prepare_latents(1, settings["height"], settings["width"], seed=seed) for seed in seeds])
+    return model.generate(
+        tail, subject_embeds=embeds, target_category=head, num_images=len(seeds), latents=latents,
+        batch_size=settings.get("batch_size"), progress=False, **shared,
+    )
+
+
 class ImageGenerator:
     """Ray Data actor: BLIP-Diffusion. One row per (subject, prompt) with the image indices to
     make; writes each as a PNG under `out_dir` and returns one row per image.
@@ -112,32 +136,9 @@ class ImageGenerator:
         return self._subjects[subject_id]
 
     def _generate(self, subject_id: str, category: str, prompt: str, template: str, indices: list[int]) -> list[PIL.Image.Image]:
-        s = self.settings
-        embeds = self._subject(subject_id, category)
-        shared = {
-            "steps": s["steps"],
-            "guidance_scale": s["guidance_scale"],
-            "negative_prompt": s["negative_prompt"],
-            "height": s["height"],
-            "width": s["width"],
-        }
-        if embeds is None:  # DreamBooth: the subject is a word, one image per seed
-            from pipeline.model.subject import generate_from_text
-
-            text = template.replace(CLASS_FIELD, f"{self.spec.identifier or 'sks'} {category}")
-            return [generate_from_text(self.model, [text], num_images=1, seed=s["seed"] + k, **shared)[0] for k in indices]
-        head, tail = split_prompt(prompt)
-        latents = torch.cat([self.model.prepare_latents(1, s["height"], s["width"], seed=s["seed"] + k) for k in indices])
-        return self.model.generate(
-            tail,
-            subject_embeds=embeds,
-            target_category=head,
-            num_images=len(indices),
-            latents=latents,
-            batch_size=s["batch_size"],
-            progress=False,
-            **shared,
-        )
+        identifier = self.spec.identifier if self.spec is not None else None
+        seeds = [self.settings["seed"] + k for k in indices]
+        return draw_prompt(self.model, self._subject(subject_id, category), identifier, category, prompt, template, seeds, self.settings)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list] = {SUBJECT_ID: [], PATH: []}
