@@ -417,7 +417,7 @@ def download_model_version(uri: str, name: str, version: str, dst: Path) -> Path
         source = _client(uri).get_model_version_download_uri(name, version)
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=uri))
     except MlflowException as exc:
-        raise RegistryError(f"models:/{name}/{version} cannot be downloaded from {uri}: {exc.message}") from None
+        raise _registry_error(f"models:/{name}/{version}", uri, exc) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,6 +431,11 @@ class RegistryError(UserError, LookupError):
     """A registry URI, model name, version or alias that does not resolve."""
 
 
+class RegistryNotFound(RegistryError):
+    """The registry answered, and holds no such model, version or alias (a server that did not
+    answer is a plain RegistryError: a caller must not report it as an unknown model)."""
+
+
 # What the registry answers for a model, version or alias it does not hold (a missing alias is
 # INVALID_PARAMETER_VALUE); anything else, a server that stopped answering included, is not "not found".
 _NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
@@ -439,7 +444,7 @@ _NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 def _registry_error(ref: str, uri: str, exc: Any) -> RegistryError:
     """The RegistryError for MlflowException `exc` of a lookup of `ref`."""
     if exc.error_code in _NOT_FOUND:
-        return RegistryError(f"{ref} not found in the registry at {uri}: {exc.message}")
+        return RegistryNotFound(f"{ref} not found in the registry at {uri}: {exc.message}")
     return RegistryError(f"{ref}: the registry at {uri} failed ({exc.error_code}): {exc.message}")
 
 

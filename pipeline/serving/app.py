@@ -33,7 +33,14 @@ from pipeline.config import Config, load_config
 from pipeline.serving.api import ZERO_SHOT, ApiError, image_answer, parse_generate, read_json
 from pipeline.serving.engine import Engine, Job, is_out_of_memory
 from pipeline.serving.metrics import ServeMetrics
-from pipeline.serving.subjects import SubjectLibrary, SubjectNotFound, SubjectRef, SubjectUnusable, ZeroShotSubject
+from pipeline.serving.subjects import (
+    RegistryUnavailable,
+    SubjectLibrary,
+    SubjectNotFound,
+    SubjectRef,
+    SubjectUnusable,
+    ZeroShotSubject,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +150,8 @@ class SubjectServer:
             raise ApiError(404, "subject", str(exc)) from None
         except SubjectUnusable as exc:
             raise ApiError(422, "subject", str(exc)) from None
+        except RegistryUnavailable as exc:
+            raise ApiError(503, "registry", str(exc)) from None
         log.info("%s: version %s", ref.uri, version)
         return subject, version
 

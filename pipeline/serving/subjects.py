@@ -38,6 +38,11 @@ class SubjectNotFound(LookupError):
     """A registered subject, version or alias that does not resolve (HTTP 404)."""
 
 
+class RegistryUnavailable(RuntimeError):
+    """The registry did not answer, or failed, while a subject was looked up (HTTP 503): the
+    subject may well exist, so this is never reported as an unknown subject."""
+
+
 class SubjectUnusable(ValueError):
     """A registered model this server cannot draw (not a subject, or beyond the memory budget; HTTP 422)."""
 
@@ -187,13 +192,16 @@ class SubjectLibrary:
         self._loading: dict[str, threading.Lock] = {}
 
     def resolve(self, ref: SubjectRef) -> str:
-        """The version `ref` names now (an alias is read once, here). SubjectNotFound otherwise."""
+        """The version `ref` names now (an alias is read once, here). SubjectNotFound when the
+        registry holds no such subject, RegistryUnavailable when it did not answer."""
         from pipeline import tracking
 
         try:
             return tracking.registered_version(self.uri, ref.name, alias=ref.alias, version=ref.version)
-        except tracking.RegistryError as exc:
+        except tracking.RegistryNotFound as exc:
             raise SubjectNotFound(f"{ref.uri} is not registered: {exc}") from None
+        except tracking.RegistryError as exc:
+            raise RegistryUnavailable(_unavailable(exc)) from None
 
     def load(self, name: str, version: str) -> RegisteredSubject:
         """The subject's tensors, fetched from the registry on first use."""
@@ -233,12 +241,18 @@ def _fetch(uri: str, name: str, version: str) -> RegisteredSubject:
     with tempfile.TemporaryDirectory(prefix="subjectforge-serve-") as tmp:
         try:
             root = tracking.download_model_version(uri, name, version, Path(tmp))
-        except tracking.RegistryError as exc:
+        except tracking.RegistryNotFound as exc:
             raise SubjectNotFound(str(exc)) from None
+        except tracking.RegistryError as exc:
+            raise RegistryUnavailable(_unavailable(exc)) from None
         folders = sorted(p.parent for p in root.glob("artifacts/*/subject.json"))
         if not folders:
             raise SubjectUnusable(f"models:/{key} is not a fine-tuned subject (no subject.json in its artifacts)")
         return read_subject(folders[0], name, version)
+
+
+def _unavailable(exc: Exception) -> str:
+    return f"the subject registry could not be read; retry later ({str(exc)[:300]})"
 
 
 def read_subject(folder: Path, name: str, version: str) -> RegisteredSubject:
@@ -249,7 +263,6 @@ def read_subject(folder: Path, name: str, version: str) -> RegisteredSubject:
     from pipeline.model.subject import (
         EMBEDS_FILE,
         LORA_FILE,
-        METHODS_WITH_EMBEDS,
         TEXT_ENCODER_FILE,
         UNET_FILE,
         SubjectSpec,
@@ -262,12 +275,12 @@ def read_subject(folder: Path, name: str, version: str) -> RegisteredSubject:
         def read(filename: str, wanted: bool) -> dict[str, torch.Tensor] | None:
             return load_file(str(Path(folder) / filename)) if wanted else None
 
-        embeds = read(EMBEDS_FILE, spec.method in METHODS_WITH_EMBEDS)
+        embeds = read(EMBEDS_FILE, spec.traits.embeds)
         return RegisteredSubject(
             key=key, name=name, version=version, spec=spec,
             embeds=embeds["subject_embeds"] if embeds else None,
-            lora=read(LORA_FILE, spec.method == "lora"),
-            unet=read(UNET_FILE, spec.method in ("blipd", "dreambooth")),
+            lora=read(LORA_FILE, spec.traits.unet == "lora"),
+            unet=read(UNET_FILE, spec.traits.unet == "full"),
             text_encoder=read(TEXT_ENCODER_FILE, spec.text_encoder),
         )
     except (CheckpointError, OSError, TypeError, KeyError) as exc:

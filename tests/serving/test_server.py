@@ -1,0 +1,130 @@
+"""The replica's request handling (pipeline/serving/app.py SubjectServer._generate) without Ray:
+the batch queue is replaced by a direct engine call, so the tests are cheap and need no Serve.
+
+An out-of-memory during generation is a 503 and the next request is answered; a registry that
+does not answer is a 503 naming the registry, never a 404 "unknown subject"; each answer is
+counted per subject with its status, and each drawn request's queue and image times recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import socket
+
+import pytest
+import torch
+from PIL import Image
+from starlette.requests import Request
+
+from pipeline.config import load_config
+from pipeline.model import BlipDiffusion
+from pipeline.serving.app import SubjectServer
+from pipeline.serving.engine import Engine
+from pipeline.serving.subjects import SubjectLibrary
+from tests.serve_subjects import TINY
+
+
+class RecordedMetrics:
+    """ServeMetrics' recording calls, kept in lists."""
+
+    def __init__(self) -> None:
+        self.requests, self.jobs = [], []
+
+    def record_request(self, subject, status):
+        self.requests.append((subject, status))
+
+    def record_job(self, subject, queue_s, image_s):
+        self.jobs.append((subject, queue_s, image_s))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return BlipDiffusion.from_pretrained(TINY)
+
+
+def make_server(model, tracking_uri="sqlite:///unused.db"):
+    """A SubjectServer on the tiny model whose batch queue draws each request at once."""
+    server = object.__new__(SubjectServer)
+    server.config = load_config(overrides=["profile=tiny"])
+    server.base = TINY
+    server.engine = Engine(model, max_batch_images=8, max_subjects=4, max_lora_adapters=4)
+    server.library = SubjectLibrary(tracking_uri, 4, 1e9)
+    server.metrics = RecordedMetrics()
+
+    async def generate_batch(job):  # what serve.batch does with a batch of one
+        server.engine.run([job])
+        return job
+
+    server.generate_batch = generate_batch
+    return server
+
+
+def post(payload: dict) -> Request:
+    body, sent = json.dumps(payload).encode(), []
+
+    async def receive():
+        if sent:
+            return {"type": "http.disconnect"}
+        sent.append(True)
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/generate", "headers": [], "query_string": b"",
+             "scheme": "http", "server": ("127.0.0.1", 80), "root_path": ""}
+    return Request(scope, receive)
+
+
+def answer(server, payload):
+    response = asyncio.run(server(post(payload)))
+    return response.status_code, json.loads(response.body)
+
+
+def zero_shot(seed=0):
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 120, 40)).save(buffer, format="PNG")
+    return {"prompt": "on the beach", "steps": 2, "seed": seed, "height": 32, "width": 32,
+            "reference_images": [base64.b64encode(buffer.getvalue()).decode()], "category": "dog"}
+
+
+def test_out_of_memory_is_a_503_and_the_next_request_is_answered(model, monkeypatch):
+    server = make_server(model)
+    denoise, calls = model._denoise, []
+
+    def fail_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return denoise(*args, **kwargs)
+
+    monkeypatch.setattr(model, "_denoise", fail_once)
+    status, body = answer(server, zero_shot())
+    assert status == 503 and "out of memory" in body["error"], body
+    status, body = answer(server, zero_shot(seed=1))
+    assert status == 200 and len(body["images"]) == 1, body
+    assert server.metrics.requests == [("zero-shot", 503), ("zero-shot", 200)]
+    [(subject, queue_s, image_s)] = server.metrics.jobs  # only the drawn request has times
+    assert subject == "zero-shot" and queue_s >= 0 and image_s > 0
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_registry_that_does_not_answer_is_a_503_not_an_unknown_subject(model, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries take minutes
+    server = make_server(model, f"http://127.0.0.1:{_closed_port()}")
+    status, body = answer(server, {"prompt": "on the beach", "steps": 2, "subject": "models:/subjectforge-dog@champion"})
+    assert (status, body["field"]) == (503, "registry"), body
+    assert "not registered" not in body["error"] and "retry" in body["error"]
+    assert server.metrics.requests == [("subjectforge-dog", 503)]
+
+
+def test_a_subject_the_registry_does_not_hold_stays_a_404(model, tmp_path):
+    server = make_server(model, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    status, body = answer(server, {"prompt": "on the beach", "steps": 2, "subject": "models:/subjectforge-nobody@champion"})
+    assert (status, body["field"]) == (404, "subject"), body
+    assert "subjectforge-nobody" in body["error"]
