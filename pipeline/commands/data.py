@@ -1,5 +1,5 @@
-"""`subjectforge data build|refresh|verify`: build or incrementally refresh the dataset, or
-check a version against its manifest.
+"""`subjectforge data build|refresh|verify|backgrounds`: build or incrementally refresh the
+dataset, check a version against its manifest, or build a pool of background photos.
 
 Each build or refresh is an MLflow run in `tracking.data_experiment` when a tracking server is
 configured (pipeline.data.build.run_data_job); an unreachable one exits 2 before any work. A damaged
@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import Config
+from pipeline.data.bgpool import build_background_pool
 from pipeline.data.build import run_data_job
 from pipeline.data.report import format_summary
 from pipeline.data.verify import DamagedVersion, check_version
@@ -34,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
         cmd = sub.add_parser(action, help=help_text, description=help_text)
         cmd.add_argument("--source", required=True, help="folder with subjects.csv and one subfolder of photos per subject")
         cmd.add_argument("--out", required=True, help="dataset root; versions go in OUT/<version>, OUT/latest names the newest")
-        cmd.add_argument("--backgrounds", help="folder of background images (default: the bundled procedural set)")
+        cmd.add_argument(
+            "--backgrounds", help="a pool built by `data backgrounds`, or a folder of images (default: the bundled procedural set)"
+        )
         cmd.add_argument("--no-progress", action="store_true", help="hide Ray Data progress bars")
         if action == "refresh":
             cmd.add_argument(
@@ -42,6 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
                 help="process again the photos whose rows in the latest version fail its checksums, instead of stopping",
             )  # fmt: skip
         add_common(cmd)
+    help_text = "build a versioned pool of background photos: decoded, cropped, de-duplicated, salient objects dropped"
+    cmd = sub.add_parser("backgrounds", help=help_text, description=help_text)
+    cmd.add_argument("--source", required=True, help="folder of background photos (every file under it is an input)")
+    cmd.add_argument("--out", required=True, help="pool root; versions go in OUT/<version>, OUT/latest names the newest")
+    cmd.add_argument(
+        "--categories-from", metavar="SOURCE",
+        help="a dataset source whose subjects.csv categories (and 'person') are looked for, when data.backgrounds.reject_prompts is unset",
+    )  # fmt: skip
+    add_common(cmd)
     help_text = "check a version's files against its manifest's checksums"
     cmd = sub.add_parser("verify", help=help_text, description=help_text)
     cmd.add_argument("out", metavar="OUT", help="a dataset root (its `latest` is checked) or a version folder")
@@ -51,6 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
 def run(args: argparse.Namespace, config: Config) -> int:
     if args.action == "verify":
         return verify(Path(args.out), args.version)
+    if args.action == "backgrounds":
+        pool = build_background_pool(args.source, args.out, config, categories_from=args.categories_from)
+        for reject in pool.manifest["rejects"]:
+            print(f"rejected {reject['source_uri']}: {reject['reason']}")
+        print(pool.message)
+        return 0
     result = run_data_job(
         args.source, args.out, config, incremental=args.action == "refresh", progress=not args.no_progress,
         reprocess_damaged=getattr(args, "reprocess_damaged", False),
