@@ -445,12 +445,33 @@ class SamplesConfig(_Strict):
     guidance_scale: Runtime[float] = Field(7.5, ge=0.0)
 
 
-# The training methods by name: the one list the config's choices, the CLI's --method and
-# pipeline/train/methods.py's METHODS (a class per name) follow. Each fine-tuning method's learning
-# rate when `finetune.lr` is None: BLIP-Diffusion's fine-tuning recipe (5e-6) where full UNet
-# weights train, the usual LoRA and textual-inversion rates otherwise.
-FINETUNE_LR: dict[str, float] = {"blipd": 5e-6, "lora": 1e-4, "textual-inversion": 5e-3, "dreambooth": 5e-6}
-FINETUNE_METHODS: tuple[str, ...] = tuple(FINETUNE_LR)
+@dataclass(frozen=True)
+class MethodTraits:
+    """What a fine-tuning method learns, and so what its subject folder holds (pipeline/model/subject.py),
+    which UNet draws it (pipeline/serving/engine.py) and what trains (pipeline/train/methods.py)."""
+
+    lr: float  # AdamW learning rate when finetune.lr is None
+    embeds: bool  # subject embeddings (1, Q, D); without them a rare token (finetune.identifier) names the subject
+    unet: Literal["base", "lora", "full"]  # the base UNet as is, LoRA adapters on it, or a full UNet of its own
+    class_prior: bool = False  # also trains on class images the base model draws (finetune.prior_*)
+
+    @property
+    def text_encoder(self) -> bool:
+        """Whether finetune.train_text_encoder applies: the text encoder learns beside a full UNet."""
+        return self.unet == "full"
+
+
+# The fine-tuning methods by name: the one table the config's choices, the CLI's --method,
+# pipeline/train/methods.py's METHODS (a class per name), subject folders and serving follow.
+# Learning rates: BLIP-Diffusion's fine-tuning recipe (5e-6) where full UNet weights train, the
+# usual LoRA and textual-inversion rates otherwise.
+FINETUNE_TRAITS: dict[str, MethodTraits] = {
+    "blipd": MethodTraits(lr=5e-6, embeds=True, unet="full"),
+    "lora": MethodTraits(lr=1e-4, embeds=True, unet="lora"),
+    "textual-inversion": MethodTraits(lr=5e-3, embeds=True, unet="base"),
+    "dreambooth": MethodTraits(lr=5e-6, embeds=False, unet="full", class_prior=True),
+}
+FINETUNE_METHODS: tuple[str, ...] = tuple(FINETUNE_TRAITS)
 TRAIN_METHODS: tuple[str, ...] = ("pretrain", *FINETUNE_METHODS)
 FinetuneMethod = Literal[FINETUNE_METHODS]
 TrainMethod = Literal[TRAIN_METHODS]
@@ -561,7 +582,7 @@ class FinetuneConfig(_Strict):
     category: Input[str | None] = Field(None, description="the subject's class noun; None = the dataset's")
     steps: int = Field(100, ge=1, description="optimizer steps (BLIP-Diffusion: 40-150)")
     batch_size: int = Field(3, ge=1, description="samples per step")
-    lr: float | None = Field(None, gt=0.0, description="AdamW learning rate; None = the method's (FINETUNE_LR)")
+    lr: float | None = Field(None, gt=0.0, description="AdamW learning rate; None = the method's (FINETUNE_TRAITS)")
     weight_decay: float = Field(0.01, ge=0.0)
     max_references: int = Field(6, ge=1, description="photos whose mean subject embedding initialises the subject")
     train_text_encoder: bool = Field(False, description="blipd/dreambooth: the text encoder learns too (the reference keeps it frozen)")
@@ -582,7 +603,7 @@ class FinetuneConfig(_Strict):
     max_retries: Runtime[int] = Field(1, ge=0, description="finetune-many: retries of a failed subject")
 
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else FINETUNE_LR[self.method]
+        return self.lr if self.lr is not None else FINETUNE_TRAITS[self.method].lr
 
 
 class TrackingConfig(_Strict):

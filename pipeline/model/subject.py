@@ -25,6 +25,7 @@ import PIL.Image
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.config import FINETUNE_TRAITS, MethodTraits
 from pipeline.model.blip_diffusion import BlipDiffusion
 from pipeline.model.checkpoint import CheckpointError, read_json, write_json
 from pipeline.model.prompts import DEFAULT_NEGATIVE_PROMPT, check_text
@@ -36,8 +37,6 @@ UNET_FILE = "unet.safetensors"  # the UNet's full state dict (blipd, dreambooth)
 TEXT_ENCODER_FILE = "text_encoder.safetensors"  # only with finetune.train_text_encoder
 LORA_FILE = "lora.safetensors"  # peft's adapter state dict of the UNet
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the UNet's attention projections
-
-METHODS_WITH_EMBEDS = ("blipd", "lora", "textual-inversion")
 
 
 @dataclass
@@ -59,7 +58,16 @@ class SubjectSpec:
         path = Path(folder) / SUBJECT_FILE
         if not path.is_file():
             raise CheckpointError(f"{folder} is not a subject folder (no {SUBJECT_FILE})")
-        return cls(**read_json(path))
+        spec = cls(**read_json(path))
+        if spec.method not in FINETUNE_TRAITS:
+            raise CheckpointError(f"{path}: unknown method {spec.method!r}; one of {', '.join(FINETUNE_TRAITS)}")
+        return spec
+
+    @property
+    def traits(self) -> MethodTraits:
+        """Which files the folder holds: EMBEDS_FILE with `embeds`, UNET_FILE with a full UNet,
+        LORA_FILE with LoRA adapters."""
+        return FINETUNE_TRAITS[self.method]
 
 
 def add_lora(unet: torch.nn.Module, rank: int, alpha: float | None) -> None:
@@ -89,9 +97,9 @@ def save_subject(
     meta = {"format": "pt"}
     if subject_embeds is not None:
         save_file({"subject_embeds": subject_embeds.detach().float().cpu().contiguous()}, str(folder / EMBEDS_FILE), metadata=meta)
-    if spec.method in ("blipd", "dreambooth"):
+    if spec.traits.unet == "full":
         save_file(_cpu(model.unet.state_dict()), str(folder / UNET_FILE), metadata=meta)
-    if spec.method == "lora":
+    if spec.traits.unet == "lora":
         save_file(_cpu(lora_state(model.unet)), str(folder / LORA_FILE), metadata=meta)
     if spec.text_encoder:
         save_file(_cpu(model.text_encoder.state_dict()), str(folder / TEXT_ENCODER_FILE), metadata=meta)
@@ -103,9 +111,9 @@ def apply_subject(model: BlipDiffusion, folder: Path) -> tuple[SubjectSpec, torc
     subject embeddings (1, Q, D) float32 on the CPU, or None for dreambooth."""
     folder = Path(folder)
     spec = SubjectSpec.read(folder)
-    if spec.method in ("blipd", "dreambooth"):
+    if spec.traits.unet == "full":
         model.unet.load_state_dict(load_file(str(folder / UNET_FILE)))
-    if spec.method == "lora":
+    if spec.traits.unet == "lora":
         from peft import set_peft_model_state_dict
 
         add_lora(model.unet, spec.lora_rank or 4, spec.lora_alpha)
@@ -114,7 +122,7 @@ def apply_subject(model: BlipDiffusion, folder: Path) -> tuple[SubjectSpec, torc
             raise CheckpointError(f"{folder / LORA_FILE}: unexpected LoRA weights {result.unexpected_keys[:3]}")
     if spec.text_encoder:
         model.text_encoder.load_state_dict(load_file(str(folder / TEXT_ENCODER_FILE)))
-    embeds = load_file(str(folder / EMBEDS_FILE))["subject_embeds"] if spec.method in METHODS_WITH_EMBEDS else None
+    embeds = load_file(str(folder / EMBEDS_FILE))["subject_embeds"] if spec.traits.embeds else None
     return spec, embeds
 
 

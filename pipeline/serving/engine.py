@@ -58,7 +58,7 @@ class Job:
     def unet_key(self) -> tuple[str, ...]:
         """Which UNet draws it: the base, a LoRA adapter of it, or a full subject UNet."""
         subject = self.subject
-        if isinstance(subject, ZeroShotSubject) or subject.spec.method in ("textual-inversion", "lora"):
+        if isinstance(subject, ZeroShotSubject) or subject.spec.traits.unet != "full":
             return BASE
         return ("full", subject.key)
 
@@ -66,7 +66,7 @@ class Job:
     def adapter_key(self) -> str | None:
         """The subject whose LoRA adapter draws it, or None (the UNet's own weights)."""
         subject = self.subject
-        return subject.key if isinstance(subject, RegisteredSubject) and subject.spec.method == "lora" else None
+        return subject.key if isinstance(subject, RegisteredSubject) and subject.spec.traits.unet == "lora" else None
 
     @property
     def group_key(self) -> tuple[Any, ...]:

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import tracking
-from pipeline.config import Config, ConfigError, FinetuneConfig, identity_settings
+from pipeline.config import FINETUNE_TRAITS, Config, ConfigError, FinetuneConfig, identity_settings
 from pipeline.data.sources import SourcePhoto
 from pipeline.data.versions import LATEST, MANIFEST
 from pipeline.errors import JobFailed
@@ -225,7 +225,7 @@ def write_inputs(config: Config, subject: SubjectRows, folder: Path, base: str) 
     for i, row in enumerate(subject.rows[: ft.max_references]):
         _to_png(row[COMPOSITE], references / f"{i:02d}.png")
     rows = list(subject.rows)
-    if ft.method == "dreambooth":
+    if FINETUNE_TRAITS[ft.method].class_prior:
         rows += [
             {CATEGORY: subject.category, IMAGE: png, COMPOSITE: png, CAPTION: PRIOR_CAPTION}
             for png in _prior_images(config, subject.category, folder / "prior", base)

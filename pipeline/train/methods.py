@@ -14,9 +14,11 @@ The interface, in the order the loop uses it:
 - `forward(subject, categories, prompts, noisy_latents, timesteps, drop_subject)`: the noise
   prediction (B, C, h, w); `subject` is composite pixels (B, 3, S, S) or their precomputed ViT
   features (B, 1 + N, Dv).
-- `loss(prediction, target)`: the training loss (MSE; DreamBooth adds its prior term here).
+- `loss(prediction, target, weights)`: the training loss (MSE, per-sample `weights` (B,) with
+  train.snr_gamma; DreamBooth adds its prior term here).
 - `save(folder)`: what a checkpoint holds; `folder/MODEL_FOLDER` is what the registry gets.
-- `sample(...)`: images for the sample hook.
+- `sample(...)`: images for the sample hook, drawn with the EMA weights when the loop keeps
+  an EMA (`train.ema_decay`, set as `ema`)."
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import PIL.Image
 import torch
 from torch import nn
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import FINETUNE_TRAITS, Config, ConfigError, MethodTraits
 from pipeline.model import BlipDiffusion, build_prompt
 from pipeline.model.subject import SubjectModel, SubjectSpec, add_lora, apply_subject, dreambooth_prompt, save_subject
 from pipeline.train.bases import load_base
@@ -165,10 +167,14 @@ def prior_preserving_loss(prediction: torch.Tensor, target: torch.Tensor, prior:
 
 class _Subject(Method):
     """Shared by the fine-tuning methods: load the base (or a checkpoint's subject on it), the
-    subject embeddings (1, Q, D) as a parameter, their forward pass and `save`."""
+    subject embeddings (1, Q, D) as a parameter, their forward pass and `save`. What trains
+    follows the method's traits (config.py FINETUNE_TRAITS)."""
 
     MODEL_FOLDER = "subject"
-    trains_embeds: ClassVar[bool] = True
+
+    @classmethod
+    def traits(cls) -> MethodTraits:
+        return FINETUNE_TRAITS[cls.name]
 
     def __init__(self, model: BlipDiffusion, config: Config, subject_embeds: torch.Tensor | None) -> None:
         super().__init__(model, config)
@@ -187,11 +193,16 @@ class _Subject(Method):
 
     @classmethod
     def prepare(cls, model: BlipDiffusion, config: Config) -> None:
-        """Changes to the base model before training (LoRA adapters)."""
+        """Changes to the base model before training: LoRA adapters for a LoRA method."""
+        if cls.traits().unet == "lora":
+            add_lora(model.unet, config.finetune.lora_rank, config.finetune.lora_alpha)
 
     @classmethod
     def initial_embeds(cls, model: BlipDiffusion, config: Config) -> torch.Tensor | None:
-        """The mean subject embedding (1, Q, D) over the subject's first `finetune.max_references` photos."""
+        """The mean subject embedding (1, Q, D) over the subject's first `finetune.max_references`
+        photos; None for a method without subject embeddings."""
+        if not cls.traits().embeds:
+            return None
         folder = Path(config.train.data or "") / REFERENCES_FOLDER
         paths = sorted(folder.glob("*.png"))[: config.finetune.max_references]
         if not paths:
@@ -201,13 +212,22 @@ class _Subject(Method):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         self.requires_grad_(False)
-        if self.subject_embeds is not None and self.trains_embeds:
+        if self.subject_embeds is not None:
             self.subject_embeds.requires_grad_(True)
         self.unfreeze()
         return [p for p in self.parameters() if p.requires_grad]
 
     def unfreeze(self) -> None:
-        """What trains besides the subject embeddings."""
+        """What trains besides the subject embeddings: a full UNet (and the text encoder with
+        `finetune.train_text_encoder`), or the LoRA adapters."""
+        unet = self.traits().unet
+        if unet == "full":
+            self.model.unet.requires_grad_(True)
+            self.model.text_encoder.requires_grad_(self.config.finetune.train_text_encoder)
+        if unet == "lora":
+            for name, param in self.model.unet.named_parameters():
+                if "lora_" in name:
+                    param.requires_grad_(True)
 
     def forward(self, subject, categories, prompts, noisy_latents, timesteps, drop_subject) -> torch.Tensor:
         """The noise prediction (B, C, h, w) with the learned subject embeddings in every prompt
@@ -218,12 +238,13 @@ class _Subject(Method):
         return self.predict(noisy_latents, timesteps, hidden)
 
     def spec(self) -> SubjectSpec:
-        ft, train = self.config.finetune, self.config.train
+        ft, train, traits = self.config.finetune, self.config.train, self.traits()
+        lora = traits.unet == "lora"
         return SubjectSpec(
             method=self.name, subject_id=ft.subject_id or "", category=ft.category or "", base=ft.base or self.config.model_path("blip_diffusion"),
-            resolution=train.resolution, identifier=ft.identifier if self.name == "dreambooth" else None,
-            lora_rank=ft.lora_rank if self.name == "lora" else None, lora_alpha=ft.lora_alpha if self.name == "lora" else None,
-            text_encoder=ft.train_text_encoder and self.name in ("blipd", "dreambooth"),
+            resolution=train.resolution, identifier=None if traits.embeds else ft.identifier,
+            lora_rank=ft.lora_rank if lora else None, lora_alpha=ft.lora_alpha if lora else None,
+            text_encoder=ft.train_text_encoder and traits.text_encoder,
         )
 
     def save(self, folder: Path) -> None:
@@ -246,25 +267,12 @@ class BlipdFinetune(_Subject):
 
     name = "blipd"
 
-    def unfreeze(self) -> None:
-        self.model.unet.requires_grad_(True)
-        self.model.text_encoder.requires_grad_(self.config.finetune.train_text_encoder)
-
 
 class LoraFinetune(_Subject):
     """The subject embeddings and LoRA adapters (rank `finetune.lora_rank`) on the UNet's
     attention projections; every base weight stays as it was."""
 
     name = "lora"
-
-    @classmethod
-    def prepare(cls, model: BlipDiffusion, config: Config) -> None:
-        add_lora(model.unet, config.finetune.lora_rank, config.finetune.lora_alpha)
-
-    def unfreeze(self) -> None:
-        for name, param in self.model.unet.named_parameters():
-            if "lora_" in name:
-                param.requires_grad_(True)
 
 
 class TextualInversion(_Subject):
@@ -281,14 +289,6 @@ class DreamBooth(_Subject):
     name = "dreambooth"
     _prior: torch.Tensor | None = None
 
-    @classmethod
-    def initial_embeds(cls, model: BlipDiffusion, config: Config) -> None:
-        return None
-
-    def unfreeze(self) -> None:
-        self.model.unet.requires_grad_(True)
-        self.model.text_encoder.requires_grad_(self.config.finetune.train_text_encoder)
-
     def build_prompts(self, categories: Sequence[str], captions: Sequence[str]) -> list[str]:
         """Instance rows: "a sks dog"; prior rows: "a dog". Remembers which rows are prior for `loss`."""
         self._prior = torch.tensor([c == PRIOR_CAPTION for c in captions], dtype=torch.bool)
@@ -304,7 +304,7 @@ class DreamBooth(_Subject):
 
 
 # Name -> method class: the one place a training method is chosen (`train.method`); its names
-# are config.py's TRAIN_METHODS.
+# are config.py's TRAIN_METHODS, and the fine-tuning ones' traits config.py's FINETUNE_TRAITS.
 METHODS: dict[str, type[Method]] = {
     m.name: m for m in (Pretrain, BlipdFinetune, LoraFinetune, TextualInversion, DreamBooth)
 }
