@@ -275,8 +275,8 @@ def composite_batch(
     scale_max: float,
 ) -> dict[str, np.ndarray]:
     """Ray Data adapter: each healthy row becomes `per_photo` rows with COMPOSITE, BACKGROUND_ID,
-    SEED, PLACEMENT (JSON) and COMPOSITE_INDEX; rejected rows pass through once. FOREGROUND,
-    used up here, is dropped.
+    SEED, PLACEMENT (JSON) and COMPOSITE_INDEX; rejected rows pass through once. FOREGROUND stays:
+    with ALPHA it is the row's cutout, which training composites anew (train.composite online).
 
     `backgrounds` is a list of (background_id, path), in a fixed order.
     """
@@ -314,8 +314,8 @@ def composite_rows(
 ) -> dict[str, np.ndarray]:
     """The composite stage's output rows: row i of `batch` becomes one row per composite in
     `made[i]` (its draw and uint8 (H, W, 3) composite), and a row not in `made` passes once with
-    placeholders. FOREGROUND is dropped. `start` is when the stage's work on the batch began
-    (time.perf_counter), for its per-photo timing."""
+    placeholders. `start` is when the stage's work on the batch began (time.perf_counter), for
+    its per-photo timing."""
     take: list[int] = []
     new: dict[str, list] = {name: [] for name in _COMPOSITE_COLUMNS}
     for i in range(len(batch[SOURCE_URI])):
@@ -328,7 +328,7 @@ def composite_rows(
             for name, value in zip(_COMPOSITE_COLUMNS, row, strict=True):
                 new[name].append(value)
     index = np.asarray(take, dtype=np.int64)
-    out = {name: _take(column, index) for name, column in batch.items() if name != FOREGROUND}
+    out = {name: _take(column, index) for name, column in batch.items()}
     out[COMPOSITE] = np.empty(len(index), dtype=object)
     out[COMPOSITE][:] = new[COMPOSITE]
     out[BACKGROUND_ID] = np.asarray(new[BACKGROUND_ID], dtype=object)

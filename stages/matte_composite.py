@@ -2,8 +2,8 @@
 
 `MatteFilterComposite` is `Matter` (stages/matte.py) followed by the filter and composite stages
 on the actor's device: the photos do not leave it after matting. It returns the rows
-composite_batch would, with the filter's rejects and timings: K rows per accepted photo, ALPHA
-and TRIMAP as uint8 (what the writer makes of them), no FOREGROUND. Only the encoding is left
+composite_batch would, with the filter's rejects and timings: K rows per accepted photo, ALPHA,
+TRIMAP and FOREGROUND as uint8 (what the writer makes of them). Only the encoding is left
 for the CPU tasks. On the H100 node, compositing in the CPU task after matting took 25-29 ms of
 CPU per photo (PIL's Lanczos resize and the blend; BENCHMARKS.md, "The CPU task after
 matting"), and the float32 alpha and the foreground crossed the object store only to be
@@ -32,7 +32,9 @@ from stages.matte import DIVERGED, STAGE, Matter, Solved, Staging, to_uint8_torc
 from stages.records import (
     ALPHA,
     ALPHA_AREA,
+    FOREGROUND,
     IMAGE,
+    PLACEHOLDER_RGB,
     SOURCE_SHA256,
     SOURCE_URI,
     TIMING_PREFIX,
@@ -52,6 +54,7 @@ class _Finished:
 
     alpha: np.ndarray  # uint8 (H, W)
     trimap: np.ndarray  # uint8 (H, W)
+    foreground: np.ndarray  # uint8 (H, W, 3): with alpha, the row's cutout
     area: float
     composites: list[tuple[CompositeDraw, np.ndarray]]
 
@@ -104,8 +107,8 @@ class MatteFilterComposite(Matter):
             if isinstance(outcome, str):
                 raise Reject(STAGE, outcome)
             if isinstance(outcome, _Finished):
-                return {ALPHA: outcome.alpha, TRIMAP: outcome.trimap}
-            return {ALPHA: _PLACEHOLDER_UINT8, TRIMAP: _PLACEHOLDER_UINT8}
+                return {ALPHA: outcome.alpha, TRIMAP: outcome.trimap, FOREGROUND: outcome.foreground}
+            return {ALPHA: _PLACEHOLDER_UINT8, TRIMAP: _PLACEHOLDER_UINT8, FOREGROUND: PLACEHOLDER_RGB}
 
         def filter_row(i: int) -> dict[str, object]:
             outcome = outcomes[i]
@@ -113,7 +116,7 @@ class MatteFilterComposite(Matter):
                 raise outcome
             return {ALPHA_AREA: outcome.area}
 
-        placeholders = {ALPHA: _PLACEHOLDER_UINT8, TRIMAP: _PLACEHOLDER_UINT8}
+        placeholders = {ALPHA: _PLACEHOLDER_UINT8, TRIMAP: _PLACEHOLDER_UINT8, FOREGROUND: PLACEHOLDER_RGB}
         batch = apply_per_row(batch, matte_row, placeholders)
         batch = apply_per_row(batch, filter_row, {ALPHA_AREA: 0.0})
         n = len(batch[SOURCE_URI])
@@ -148,17 +151,20 @@ class MatteFilterComposite(Matter):
 
     def _composite(self, batch: dict[str, np.ndarray], passed: list[_Passed], solved: Solved) -> dict[int, _Finished]:
         """The composites of the photos that passed the filter, made on the device and brought
-        back with their uint8 alphas and trimaps in one download."""
+        back with their uint8 alphas, trimaps and foregrounds in one download."""
         subjects = [Subject(photo.j, str(batch[SOURCE_SHA256][photo.row]), photo.bbox) for photo in passed]
         made = composite_photos_torch(
             solved.foreground, solved.alpha, subjects, self._background, **self.composite_args
         )
-        maps = [to_uint8_torch(m[photo.j]) for photo in passed for m in (solved.alpha, solved.trimap)]
+        maps = [
+            m for photo in passed for m in (to_uint8_torch(solved.alpha[photo.j]), to_uint8_torch(solved.trimap[photo.j]),
+                                            solved.foreground[photo.j])
+        ]  # fmt: skip
         fetched = self._staging.fetch(maps + [pixels for composites in made for _, pixels in composites])
         back = iter(fetched[len(maps) :])
         return {
             photo.row: _Finished(
-                fetched[2 * n], fetched[2 * n + 1], photo.area, [(d, next(back)) for d, _ in composites]
+                *fetched[3 * n : 3 * n + 3], photo.area, [(d, next(back)) for d, _ in composites]
             )
             for n, (photo, composites) in enumerate(zip(passed, made, strict=True))
         }

@@ -28,6 +28,7 @@ from stages.records import (
     BACKGROUND_ID,
     CATEGORY,
     COMPOSITE,
+    FOREGROUND,
     HEIGHT,
     IMAGE,
     PLACEMENT,
@@ -54,6 +55,9 @@ DATA_SCHEMA = pa.schema(
         (IMAGE, pa.binary()),  # the target: the decoded, resized original photo
         (COMPOSITE, pa.binary()),  # the model input: the subject on a new background
         (ALPHA, pa.binary()),  # 8-bit PNG, the subject's matte in the target's frame
+        # The subject's colours (estimate_foreground) in the target's frame, as `image` is
+        # encoded: with ALPHA, the cutout that training pastes anew (train.composite online).
+        (FOREGROUND, pa.binary()),
         (TRIMAP, pa.binary()),  # 8-bit PNG: 0 background, 128 unknown, 255 foreground
         (BACKGROUND_ID, pa.string()),
         (SEED, pa.int64()),
@@ -105,10 +109,10 @@ def encode_batch(
 ) -> dict[str, np.ndarray]:
     """Ray Data adapter: arrays -> bytes; keeps the published columns plus reject and timing ones."""
     n = len(batch[SOURCE_URI])
-    encoded = {name: np.full(n, b"", dtype=object) for name in (IMAGE, COMPOSITE, ALPHA, TRIMAP)}
-    # A photo's K composite rows share its target, alpha and trimap: encode those once per photo
-    # (the composite stage keeps a photo's rows in one batch), not K times.
-    per_photo: dict[str, tuple[bytes, bytes, bytes]] = {}
+    encoded = {name: np.full(n, b"", dtype=object) for name in (IMAGE, COMPOSITE, ALPHA, TRIMAP, FOREGROUND)}
+    # A photo's K composite rows share its target, alpha, trimap and foreground: encode those
+    # once per photo (the composite stage keeps a photo's rows in one batch), not K times.
+    per_photo: dict[str, tuple[bytes, bytes, bytes, bytes]] = {}
     for i in healthy_rows(batch):
         uri = batch[SOURCE_URI][i]
         if uri not in per_photo:
@@ -116,8 +120,9 @@ def encode_batch(
                 encode_image(batch[IMAGE][i], image_format, jpeg_quality),
                 encode_image(to_uint8(batch[ALPHA][i])),
                 encode_image(to_uint8(batch[TRIMAP][i])),
+                encode_image(batch[FOREGROUND][i], image_format, jpeg_quality),
             )
-        encoded[IMAGE][i], encoded[ALPHA][i], encoded[TRIMAP][i] = per_photo[uri]
+        encoded[IMAGE][i], encoded[ALPHA][i], encoded[TRIMAP][i], encoded[FOREGROUND][i] = per_photo[uri]
         encoded[COMPOSITE][i] = encode_image(batch[COMPOSITE][i], image_format, jpeg_quality)
     keep = [name for name in DATA_SCHEMA.names if name in batch and name not in encoded]
     out = {name: batch[name] for name in keep}

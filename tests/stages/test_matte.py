@@ -266,7 +266,7 @@ def test_a_finishing_matter_gives_the_rows_of_the_filter_and_composite_stages(mo
     got = MatteFilterComposite(filter_args, composite_args, batch_size=4, warm_up=False)(copy())
     want = composite_batch(filter_batch(Matter(batch_size=4, warm_up=False)(copy()), **filter_args), **composite_args)
 
-    assert got.keys() == want.keys() and FOREGROUND not in got
+    assert got.keys() == want.keys() and FOREGROUND in got
     assert list(got[SOURCE_URI]) == list(want[SOURCE_URI])
     assert list(got[REJECT_STAGE]) == list(want[REJECT_STAGE])
     assert list(got[REJECT_REASON]) == list(want[REJECT_REASON])
@@ -292,6 +292,8 @@ def test_a_finishing_matter_gives_the_rows_of_the_filter_and_composite_stages(mo
         assert got[ALPHA][r].dtype == np.uint8 and got[TRIMAP][r].dtype == np.uint8
         np.testing.assert_array_equal(got[ALPHA][r], to_uint8(want[ALPHA][r]))
         np.testing.assert_array_equal(got[TRIMAP][r], to_uint8(want[TRIMAP][r]))
+        assert got[FOREGROUND][r].dtype == np.uint8 and got[FOREGROUND][r].shape == want[FOREGROUND][r].shape
+        np.testing.assert_array_equal(got[FOREGROUND][r], want[FOREGROUND][r])
         assert got[ALPHA_AREA][r] == pytest.approx(want[ALPHA_AREA][r], rel=1e-6)  # float32 sums, in another order
         diff = np.abs(got[COMPOSITE][r].astype(int) - want[COMPOSITE][r].astype(int))
         assert diff.max() <= 2 and diff.mean() < 0.01

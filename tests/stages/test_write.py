@@ -52,6 +52,7 @@ def _encoded_batch():
         "source_sha256": obj("aa", "aa", "bb"),
         "image": rgb,
         "composite": rgb,
+        "foreground": rgb,
         "alpha": maps,
         "trimap": maps,
         "background_id": obj("g", "h", ""),
@@ -107,10 +108,11 @@ def test_each_row_gets_its_own_photos_target_and_its_own_composite():
     alphas[:] = [np.full((4, 6), 0.2, np.float32), np.full((4, 6), 0.2, np.float32), np.full((4, 6), 1.0, np.float32)]
     batch = {
         "source_uri": obj("s/a.jpg", "s/a.jpg", "s/b.jpg"), "image": images, "composite": composites,
-        "alpha": alphas, "trimap": alphas, "reject_stage": obj("", "", ""), "reject_reason": obj("", "", ""),
+        "foreground": composites[[0, 0, 2]], "alpha": alphas, "trimap": alphas, "reject_stage": obj("", "", ""), "reject_reason": obj("", "", ""),
     }
     out = encode_batch(batch, image_format="png", jpeg_quality=95, dataset_version="v1")
     decode = lambda b: np.asarray(Image.open(io.BytesIO(b)))  # noqa: E731
     assert [decode(b)[0, 0, 0] for b in out["image"]] == [10, 10, 200]
     assert [decode(b)[0, 0, 0] for b in out["composite"]] == [1, 2, 3]
     assert [decode(b)[0, 0] for b in out["alpha"]] == [51, 51, 255]
+    assert [decode(b)[0, 0, 0] for b in out["foreground"]] == [1, 1, 3]
