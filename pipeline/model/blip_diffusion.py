@@ -12,9 +12,9 @@ T prompt tokens, C latent channels (4), h x w latent size (image size / 8).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import PIL.Image
@@ -43,17 +43,29 @@ from pipeline.model.prompts import (
     DEFAULT_NEGATIVE_PROMPT,
     DEFAULT_PROMPT_REPS,
     build_prompt,
+    build_slot_prompt,
     check_text,
+    split_subject_slots,
 )
 from pipeline.model.qformer import SubjectQFormer
 from pipeline.model.schedulers import fresh_scheduler, load_scheduler
-from pipeline.model.text_encoder import ContextCLIPTextModel
+from pipeline.model.text_encoder import ContextCLIPTextModel, SubjectSlots
 from pipeline.model.tokenizers import load_clip_tokenizer, load_qformer_tokenizer
 
 log = logging.getLogger(__name__)
 
 # step_callback(step index, timestep, guided noise prediction (b, C, h, w), latents after the step)
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+class Editor(Protocol):
+    """Hooks an edit adds to the denoising loop (pipeline/model/editing.py AttentionEdit)."""
+
+    def guide(self, noise_uncond: torch.Tensor, noise_cond: torch.Tensor, scale: float) -> torch.Tensor:
+        """Classifier-free guidance of (b, C, h, w) predictions, row by row as the edit needs."""
+
+    def after_step(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (b, C, h, w) after a scheduler step -> the latents the next step starts from."""
 
 # Buffers the reference serialises but we rebuild from the config.
 _QFORMER_OPTIONAL = ("embeddings.position_ids",)
@@ -257,6 +269,47 @@ class BlipDiffusion(nn.Module):
             subject_embeds = subject_embeds.to(device=self.device, dtype=self.text_encoder.dtype)
         return self.text_encoder(ids, subject_embeds, self.ctx_begin_pos)
 
+    def encode_slot_prompts(
+        self,
+        prompts: Sequence[str],
+        subjects: Mapping[str, torch.Tensor],
+        num_images: int = 1,
+        prompt_strength: float = 1.0,
+        prompt_reps: int = DEFAULT_PROMPT_REPS,
+    ) -> torch.Tensor:
+        """Text-encoder states (len(prompts) * num_images, 77, D) of prompts that name subjects in
+        slots ("a [dog] next to a [cat]"): each slot's subject embeddings (1, Q, D), from
+        `subjects` by name, go before its name's first token, as the single subject goes before
+        its category word after "a". K slots leave 77 - K * Q positions for the text.
+
+        ValueError names a slot with no subject, a subject no prompt names, or a slot that falls
+        beyond the tokens the text encoder reads.
+        """
+        rows, named = [], set()
+        for prompt in prompts:
+            slots = split_subject_slots(prompt)
+            missing = [name for name in slots.names if name not in subjects]
+            if missing:
+                raise ValueError(f"the prompt names subject [{missing[0]}], which is not given; the subjects are {', '.join(subjects)}")
+            named.update(slots.names)
+            embeds = torch.cat([self._resolve_subject(None, None, subjects[name]) for name in slots.names], dim=1)  # (1, K*Q, D)
+            length = self.text_encoder.max_positions - embeds.shape[1]
+            positions = [1 + len(self.tokenizer(prefix, add_special_tokens=False).input_ids) for prefix in slots.prefixes]
+            if positions[-1] >= length - 1:  # the last position of the ids is the end token
+                raise ValueError(
+                    f"subject [{slots.names[-1]}] stands after the {length - 2} prompt tokens the text encoder reads "
+                    f"beside {len(slots.names)} subjects; name it earlier or shorten the prompt"
+                )
+            ids = self.tokenizer([build_slot_prompt(slots, prompt_strength, prompt_reps)], padding="max_length",
+                                 truncation=True, max_length=length, return_tensors="pt").input_ids
+            embeds = embeds.to(device=self.device, dtype=self.text_encoder.dtype)
+            hidden = self.text_encoder(_to_device(ids, self.device), embeds, SubjectSlots(tuple(positions)))
+            rows.append(hidden.expand(num_images, -1, -1))
+        unused = [name for name in subjects if name not in named]
+        if unused:
+            raise ValueError(f"subject {unused[0]!r} is given but no prompt names it as [{unused[0]}]")
+        return torch.cat(rows)
+
     def encode_conditioning(
         self,
         pixel_values: torch.Tensor,
@@ -339,6 +392,7 @@ class BlipDiffusion(nn.Module):
         progress: bool = True,
         step_callback: StepCallback | None = None,
         control: Control | None = None,
+        subjects: Mapping[str, torch.Tensor] | None = None,
     ) -> list[PIL.Image.Image] | np.ndarray | torch.Tensor:
         """Zero-shot subject-driven generation, `num_images` per prompt.
 
@@ -353,7 +407,9 @@ class BlipDiffusion(nn.Module):
         rounding. `step_callback(i, t, noise, latents)` sees each step's guided noise
         prediction and the latents it produced (per batch). `control` adds a ControlNet's
         residuals to every UNet call (its map is shared by all images; see
-        pipeline/model/control.py).
+        pipeline/model/control.py). With `subjects` ({name: (1, Q, D)}), the prompts name them
+        in slots instead ("a [dog] next to a [cat]", `encode_slot_prompts`), and the single
+        subject's arguments and the category are not used.
 
         Returns N = len(prompts) * num_images images: PIL images, a float32 array
         (N, H, W, 3) in [0, 1] ("np") or a tensor (N, 3, H, W) in [0, 1] ("pt").
@@ -368,16 +424,22 @@ class BlipDiffusion(nn.Module):
         if height % factor or width % factor or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
         target = target_category if target_category is not None else category
-        if target is None:
+        if subjects is not None:
+            if subject_images is not None or subject_embeds is not None:
+                raise ValueError("give subjects (named in prompt slots) or one subject, not both")
+            cond = self.encode_slot_prompts(prompts, subjects, num_images, prompt_strength, prompt_reps)  # (N, 77, D)
+        elif target is None:
             raise ValueError("give category (or target_category) to build the prompt")
-        subject = self._resolve_subject(subject_images, category, subject_embeds)  # (1, Q, D)
+        else:
+            subject = self._resolve_subject(subject_images, category, subject_embeds)  # (1, Q, D)
+            texts = [build_prompt(target, p, prompt_strength, prompt_reps) for p in prompts for _ in range(num_images)]
+            cond = self.encode_prompts(texts, subject.expand(len(texts), -1, -1))  # (N, 77, D)
         if control is not None:
             check_controlnet(control.controlnet, self.unet)
             if tuple(control.image.shape) != (1, 3, height, width):
                 raise ValueError(f"the control image must be (1, 3, {height}, {width}), got {tuple(control.image.shape)}")
 
-        texts = [build_prompt(target, p, prompt_strength, prompt_reps) for p in prompts for _ in range(num_images)]
-        total = len(texts)
+        total = cond.shape[0]
         if latents is None:
             latents = self.prepare_latents(total, height, width, seed=seed, generator=generator)
         shape = (total, self.unet.config.in_channels, height // factor, width // factor)
@@ -385,7 +447,6 @@ class BlipDiffusion(nn.Module):
             raise ValueError(f"latents must be {shape}, got {tuple(latents.shape)}")
         latents = latents.to(device=self.device, dtype=self.unet.dtype)
 
-        cond = self.encode_prompts(texts, subject.expand(total, -1, -1))  # (N, 77, D)
         uncond = self.encode_prompts([negative_prompt], None) if guidance_scale > 1.0 else None  # (1, 77, D)
         step = batch_size or total
         images = []
@@ -438,6 +499,24 @@ class BlipDiffusion(nn.Module):
             raise ValueError("category is needed to encode subject_images")
         return self.encode_subject(subject_images, category)
 
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None,
+        scheduler: SchedulerMixin,
+        guidance_scale: float,
+        *,
+        progress: bool = True,
+        editor: Editor | None = None,
+    ) -> torch.Tensor:
+        """The denoising loop of `generate` for callers that build their own conditioning:
+        latents (b, C, h, w), already scaled by the scheduler's initial sigma, with cond (b, 77, D)
+        and uncond (b, 77, D) or None, through `scheduler` (its timesteps set) -> clean latents.
+        `editor` (pipeline/model/editing.py) may combine each row's guidance and change the
+        latents after every step."""
+        return self._denoise(latents, cond, uncond, scheduler, guidance_scale, progress, editor=editor)
+
     def _denoise(
         self,
         latents: torch.Tensor,
@@ -448,6 +527,7 @@ class BlipDiffusion(nn.Module):
         progress: bool,
         step_callback: StepCallback | None = None,
         control: Control | None = None,
+        editor: Editor | None = None,
     ) -> torch.Tensor:
         """Run the scheduler's timesteps on latents (b, C, h, w); cond/uncond (b, 77, D)."""
         embeds = cond if uncond is None else torch.cat([uncond, cond]).to(self.unet.dtype)
@@ -461,8 +541,13 @@ class BlipDiffusion(nn.Module):
                 noise = noise.clone()
             else:
                 noise_uncond, noise_cond = noise.chunk(2)
-                noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+                if editor is None:
+                    noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+                else:
+                    noise = editor.guide(noise_uncond, noise_cond, guidance_scale)
             latents = scheduler.step(noise, t, latents).prev_sample
+            if editor is not None:
+                latents = editor.after_step(latents)
             if step_callback is not None:
                 step_callback(i, t, noise, latents)
         return latents

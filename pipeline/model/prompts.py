@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 # The negative prompt used with the released model in the reference examples (LAVIS notebooks and
 # the diffusers 0.33 BlipDiffusionPipeline docstring). diffusers' `__call__` itself defaults to "".
@@ -47,6 +48,72 @@ def build_prompt(
         raise ValueError(f"prompt_strength * prompt_reps must be >= 1, got {prompt_strength} * {prompt_reps}")
     text = truncate_prompt(f"a {category} {prompt.strip()}")
     return ", ".join([text] * repeats)
+
+
+# A subject slot of a prompt: "a [dog] next to a [cat]" names two subjects, each drawn where
+# its name stands. The name is the subject's category word, which stays in the text.
+_SLOT = re.compile(r"\[([^\[\]]*)\]")
+
+
+@dataclass(frozen=True)
+class SlotPrompt:
+    """A prompt with subject slots, split for the text encoder.
+
+    text: the prompt with the brackets removed ("a dog next to a cat");
+    names: each slot's name in order of appearance (("dog", "cat"));
+    prefixes: the text before each slot's name ("a ", "a dog next to a "), whose token count
+    is where that subject's embeddings go.
+    """
+
+    text: str
+    names: tuple[str, ...]
+    prefixes: tuple[str, ...]
+
+
+def has_subject_slots(prompt: str) -> bool:
+    """Whether `prompt` names subjects in brackets ("a [dog] next to a [cat]")."""
+    return bool(_SLOT.search(prompt))
+
+
+def split_subject_slots(prompt: str) -> SlotPrompt:
+    """`prompt` with [name] slots as a SlotPrompt. ValueError for an empty or nested slot, or
+    a bracket left open.
+
+    >>> split_subject_slots(" a [dog] next to a [cat] ")
+    SlotPrompt(text='a dog next to a cat', names=('dog', 'cat'), prefixes=('a ', 'a dog next to a '))
+    """
+    check_text(prompt, "prompt")
+    text, names, prefixes, end = "", [], [], 0
+    source = " ".join(_WORD.findall(prompt))  # one space between words, as the tokenizer reads them
+    for match in _SLOT.finditer(source):
+        name = " ".join(match.group(1).split())
+        if not name:
+            raise ValueError(f"prompt {source[:80]!r}: an empty subject slot []")
+        text += source[end : match.start()]
+        prefixes.append(text)
+        names.append(name)
+        text += name
+        end = match.end()
+    text += source[end:]
+    if "[" in text or "]" in text:
+        raise ValueError(f"prompt {source[:80]!r}: a bracket that does not close one subject slot [name]")
+    if not names:
+        raise ValueError(f"prompt {source[:80]!r} has no subject slot [name]")
+    return SlotPrompt(text, tuple(names), tuple(prefixes))
+
+
+def build_slot_prompt(slots: SlotPrompt, prompt_strength: float = 1.0, prompt_reps: int = DEFAULT_PROMPT_REPS) -> str:
+    """The reference's repetition of a prompt with slots: its text joined with ", " `strength
+    * reps` times. Only the first copy carries the subjects (their embeddings take Q positions
+    each), so the slots' prefixes are prefixes of the result.
+
+    >>> build_slot_prompt(split_subject_slots("a [dog] and a [cat]"), prompt_reps=2)
+    'a dog and a cat, a dog and a cat'
+    """
+    repeats = int(prompt_strength * prompt_reps)
+    if repeats < 1:
+        raise ValueError(f"prompt_strength * prompt_reps must be >= 1, got {prompt_strength} * {prompt_reps}")
+    return ", ".join([truncate_prompt(slots.text)] * repeats)
 
 
 def truncate_prompt(text: str, max_tokens: int = MAX_PROMPT_TOKENS) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,7 +48,7 @@ class ContextTextEmbeddings(nn.Module):
         self,
         input_ids: torch.Tensor,
         ctx: torch.Tensor | None,
-        ctx_begin_pos: int | Sequence[int],
+        ctx_begin_pos: int | Sequence[int] | SubjectSlots,
         plain_ids: torch.Tensor | None = None,
         plain_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -69,15 +70,36 @@ class ContextTextEmbeddings(nn.Module):
         return tokens + self.position_embedding(self.position_ids[:, :length])
 
 
-def insert_context(tokens: torch.Tensor, ctx: torch.Tensor, ctx_begin_pos: int | Sequence[int]) -> torch.Tensor:
+@dataclass(frozen=True)
+class SubjectSlots:
+    """Where several subjects go in every row: K token positions, ascending, each before the
+    token the subject's Q embeddings precede ("a [dog] next to a [cat]": after "<bos> a" and
+    after "<bos> a dog next to a"). The context is then (B, K * Q, D), the K subjects in order."""
+
+    positions: tuple[int, ...]
+
+
+def insert_context(
+    tokens: torch.Tensor, ctx: torch.Tensor, ctx_begin_pos: int | Sequence[int] | SubjectSlots
+) -> torch.Tensor:
     """Splice ctx (B, Q, D) into tokens (B, T, D) before position `ctx_begin_pos` -> (B, T + Q, D).
 
-    `ctx_begin_pos` is one position for the batch or one per row.
+    `ctx_begin_pos` is one position for the batch, one per row, or SubjectSlots: then ctx is
+    (B, K * Q, D) and its K parts go before their K positions -> (B, T + K * Q, D).
     """
     if ctx.ndim != 3 or ctx.shape[0] != tokens.shape[0] or ctx.shape[2] != tokens.shape[2]:
         raise ValueError(
             f"subject embeddings must be (B={tokens.shape[0]}, Q, D={tokens.shape[2]}), got {tuple(ctx.shape)}"
         )
+    if isinstance(ctx_begin_pos, SubjectSlots):
+        positions = ctx_begin_pos.positions
+        if not positions or ctx.shape[1] % len(positions) or list(positions) != sorted(positions):
+            raise ValueError(f"{ctx.shape[1]} subject embeddings do not split over ascending slots {positions}")
+        parts, pieces, start = ctx.split(ctx.shape[1] // len(positions), dim=1), [], 0
+        for part, position in zip(parts, positions, strict=True):
+            pieces += [tokens[:, start:position], part]
+            start = position
+        return torch.cat([*pieces, tokens[:, start:]], dim=1)
     if isinstance(ctx_begin_pos, int):
         return torch.cat([tokens[:, :ctx_begin_pos], ctx, tokens[:, ctx_begin_pos:]], dim=1)
     if len(ctx_begin_pos) != tokens.shape[0]:
@@ -99,7 +121,7 @@ class ContextTextTransformer(nn.Module):
         self,
         input_ids: torch.Tensor,
         ctx: torch.Tensor | None,
-        ctx_begin_pos: int | Sequence[int],
+        ctx_begin_pos: int | Sequence[int] | SubjectSlots,
         plain_ids: torch.Tensor | None = None,
         plain_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -139,7 +161,7 @@ class ContextCLIPTextModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         ctx_embeddings: torch.Tensor | None = None,
-        ctx_begin_pos: int | Sequence[int] = CONTEXT_BEGIN_POS,
+        ctx_begin_pos: int | Sequence[int] | SubjectSlots = CONTEXT_BEGIN_POS,
         plain_ids: torch.Tensor | None = None,
         plain_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:

@@ -223,6 +223,31 @@ def test_lora_subjects_alone_and_interleaved_draw_the_same(server):
     assert np.abs(decoded(answers[0][1]) - decoded(alone)).max() > 20
 
 
+METRICS_S = 60  # Ray's metrics agent exports what replicas recorded every few seconds
+
+
+def test_the_apps_metrics_are_exported_in_prometheus_text(server, ray_local):
+    """Per-subject request counts, queue time, batch size and image latency reach the node's
+    Prometheus endpoint (Ray prefixes ray_; counters end in _total, histograms in _bucket)."""
+    assert call(server, "/v1/generate", valid(seed=3, height=32, width=32))[0] == 200
+    assert call(server, "/v1/generate", valid(subject="models:/subjectforge-nobody@champion"))[0] == 404
+    port = ray_local._private.worker._global_node.metrics_export_port
+    wanted = [f'subject="{LORAS[0]}"', "ray_subjectforge_requests_total", "ray_subjectforge_queue_seconds_bucket",
+              "ray_subjectforge_batch_images_bucket", "ray_subjectforge_image_seconds_bucket"]
+    deadline = time.monotonic() + METRICS_S
+    while True:
+        status, text = call(f"http://127.0.0.1:{port}", "/metrics", timeout=10)
+        found = [line for line in (text if isinstance(text, str) else "").splitlines() if "subjectforge_" in line]
+        if all(any(w in line for line in found) for w in wanted):
+            break
+        assert time.monotonic() < deadline, (status, [w for w in wanted if not any(w in line for line in found)])
+        time.sleep(1.0)  # polling interval of the export
+    [requests] = [line for line in found if line.startswith("ray_subjectforge_requests_total")
+                  and f'subject="{LORAS[0]}"' in line and 'status="200"' in line]
+    assert float(requests.rsplit(" ", 1)[1]) >= 1
+    assert any(line.startswith("ray_subjectforge_requests_total") and 'status="404"' in line for line in found)
+
+
 @pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
                     reason="needs Debian's chromium and chromium-driver packages")
 def test_the_page_makes_an_image_in_headless_chromium(server, tmp_path):
