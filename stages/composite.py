@@ -252,17 +252,31 @@ def draw_composites(
     scale_max: float,
 ) -> list[CompositeDraw]:
     """The `per_photo` composites' draws of a (height, width) photo with content hash `sha256`
-    and subject box `bbox`. Each has its own generator (photo_seed), which picks the background
-    first, then draw_placement's draws."""
-    draws = []
-    for k in range(per_photo):
-        row_seed = photo_seed(seed, sha256, k)
-        rng = np.random.default_rng(row_seed)
-        background_id, path = backgrounds[int(rng.integers(len(backgrounds)))]
-        covered = covered_background(path, height, width).shape[:2]
-        placement = draw_placement(rng, height, width, covered, bbox, scale_min, scale_max)
-        draws.append(CompositeDraw(k, row_seed, background_id, path, placement))
-    return draws
+    and subject box `bbox`, each from its own seed (photo_seed)."""
+    return [
+        draw_composite(k, photo_seed(seed, sha256, k), height, width, bbox, backgrounds, scale_min, scale_max)
+        for k in range(per_photo)
+    ]
+
+
+def draw_composite(
+    index: int,
+    row_seed: int,
+    height: int,
+    width: int,
+    bbox: tuple[int, int, int, int],
+    backgrounds: list[tuple[str, str]],
+    scale_min: float,
+    scale_max: float,
+) -> CompositeDraw:
+    """One composite's draws from a generator seeded by `row_seed`: the background first, then
+    draw_placement's. The build's composites (draw_composites) and training's online ones
+    (stages/online_composite.py) both draw here, with their own seeds."""
+    rng = np.random.default_rng(row_seed)
+    background_id, path = backgrounds[int(rng.integers(len(backgrounds)))]
+    covered = covered_background(path, height, width).shape[:2]
+    placement = draw_placement(rng, height, width, covered, bbox, scale_min, scale_max)
+    return CompositeDraw(index, row_seed, background_id, path, placement)
 
 
 def composite_batch(

@@ -18,6 +18,13 @@ from stages.write import DATA_SCHEMA, encode_image
 from tests.imagefiles import photo
 
 
+def _blob_alpha(size: tuple[int, int]) -> np.ndarray:
+    """uint8 (H, W): an opaque ellipse in the middle of a W x H = `size` photo, the subject's matte."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.where(((yy - h / 2) / (h / 3)) ** 2 + ((xx - w / 2) / (w / 3)) ** 2 < 1, 255, 0).astype(np.uint8)
+
+
 def publish_dataset(
     root: Path, subjects: dict[str, str], per_subject: int = 2, size: tuple[int, int] = (80, 64)
 ) -> Path:
@@ -38,7 +45,8 @@ def publish_dataset(
                     "source_sha256": f"{s:032d}{i:032d}",
                     "image": encode_image(np.asarray(photo(10 * s + i, size))),
                     "composite": encode_image(np.asarray(photo(1000 + 10 * s + i, size))),
-                    "alpha": b"",
+                    "foreground": encode_image(np.asarray(photo(10 * s + i, size))),
+                    "alpha": encode_image(_blob_alpha(size)),
                     "trimap": b"",
                     "background_id": "bg",
                     "seed": i,

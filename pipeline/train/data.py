@@ -15,6 +15,7 @@ device is asynchronous.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -33,9 +34,11 @@ from ray.data import ActorPoolStrategy, Dataset
 from ray.data.collate_fn import ArrowBatchCollateFn
 
 from pipeline.config import Config, ConfigError
+from pipeline.data.backgrounds import backgrounds_digest, list_backgrounds
 from pipeline.data.versions import LATEST, MANIFEST
-from stages.records import CATEGORY, COMPOSITE, SUBJECT_ID
-from stages.train_inputs import CAPTION, INPUT_COLUMNS, FrozenEncoder, prepare_batch
+from stages.online_composite import CUTOUT_COLUMNS, PASS_INDEX, ROW_KEY, OnlineCompositor, prepare_cutout_batch
+from stages.records import ALPHA, CATEGORY, COMPOSITE, FOREGROUND, SUBJECT_ID
+from stages.train_inputs import CAPTION, INPUT_COLUMNS, PIXEL_VALUES, FrozenEncoder, prepare_batch, subject_pixels
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,7 @@ class DatasetInfo:
     files: list[str]
     subjects: list[str]  # subject ids with rows, sorted
     has_caption: bool
+    has_cutout: bool = False  # rows carry FOREGROUND and ALPHA (train.composite online can paste them)
     precomputed: bool = False
     tensor_layout: dict[str, Any] = field(default_factory=dict)  # of the precomputed cache (TensorLayout)
 
@@ -100,6 +104,7 @@ def open_dataset(location: str | None) -> DatasetInfo:
         files=files,
         subjects=subjects,
         has_caption=CAPTION in schema.names,
+        has_cutout=FOREGROUND in schema.names and ALPHA in schema.names,
     )
 
 
@@ -141,25 +146,67 @@ def training_passes(info: DatasetInfo, config: Config) -> int:
 
 def build_training_plan(info: DatasetInfo, config: Config, processor: Any, passes: int = 1) -> Dataset:
     """Lazy Dataset of category, caption, pixel_values (3, S, S) and target (3, R, R) rows,
-    `passes` times over the rows (each pass with new random crops)."""
+    `passes` times over the rows (each pass with new random crops). With `train.composite`
+    online, rows carry the cutout (FOREGROUND, ALPHA), ROW_KEY and PASS_INDEX instead of
+    pixel_values: FeedCollate composites them, knowing the epoch."""
     train = config.train
-    columns = list(INPUT_COLUMNS) + ([CAPTION] if info.has_caption else [])
+    online = train.composite == "online"
+    columns = list(CUTOUT_COLUMNS if online else INPUT_COLUMNS) + ([CAPTION] if info.has_caption else [])
     ds = ray.data.read_parquet(info.files, columns=columns)
     crop = "center" if train.precompute else train.crop  # a cached crop cannot be random
-    return repeat_passes(
-        ds.map_batches(
-            prepare_batch,
-            fn_kwargs={"processor": processor, "resolution": train.resolution, "crop": crop},
-            batch_size=_MAP_BATCH,
-            num_cpus=train.data_cpus,
-        ),
-        passes,
-    )
+    if online:
+        fn, kwargs = prepare_cutout_batch, {"resolution": train.resolution, "crop": crop}
+    else:
+        fn, kwargs = prepare_batch, {"processor": processor, "resolution": train.resolution, "crop": crop}
+    ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_size=_MAP_BATCH, num_cpus=train.data_cpus)
+    return repeat_passes(ds, passes, tag=online)
 
 
-def repeat_passes(ds: Dataset, passes: int) -> Dataset:
-    """`ds` `passes` times over, as one Dataset (each pass runs the plan again: new crops)."""
-    return ds.union(*[ds] * (passes - 1)) if passes > 1 else ds
+def repeat_passes(ds: Dataset, passes: int, tag: bool = False) -> Dataset:
+    """`ds` `passes` times over, as one Dataset (each pass runs the plan again: new crops).
+    With `tag`, each row gets its pass's number in PASS_INDEX (online composites count a pass
+    as an epoch)."""
+    copies = [ds.map_batches(_tag_pass, fn_kwargs={"index": p}, batch_format="pyarrow") if tag else ds for p in range(passes)]
+    return copies[0].union(*copies[1:]) if passes > 1 else copies[0]
+
+
+def _tag_pass(table: pa.Table, *, index: int) -> pa.Table:
+    return table.append_column(PASS_INDEX, pa.array(np.full(table.num_rows, index, np.int64)))
+
+
+def online_settings(info: DatasetInfo, config: Config, passes: int) -> dict[str, Any]:
+    """What a worker needs to composite online (OnlineFeed.build): the pool the dataset was built
+    with (`data.backgrounds.folder` when set, else the manifest's), its composites' scale range,
+    the run's seed, and the layout of an epoch (rows, passes) to find where a resumed run is.
+    ConfigError when the dataset has no cutouts or the pool cannot be listed."""
+    if not info.has_cutout:
+        raise ConfigError(
+            f"train.composite online: dataset {info.version} has no cutout columns ({FOREGROUND}, {ALPHA}); "
+            "rebuild it with `subjectforge data build`, or set train.composite stored"
+        )
+    manifest = json.loads((Path(info.path) / MANIFEST).read_text())
+    recorded = manifest.get("backgrounds", {})
+    folder = config.data.backgrounds.folder or recorded.get("folder")
+    backgrounds = list_backgrounds(folder)
+    if recorded.get("digest") and backgrounds_digest(backgrounds) != recorded["digest"]:
+        log.warning("train.composite online: the backgrounds in %s differ from those %s was built with", folder, info.version)
+    composite = manifest.get("config", {}).get("data", {}).get("composite", {})
+    defaults = config.data.composite
+    return {
+        "backgrounds": backgrounds,
+        "seed": config.train.seed,
+        "scale_min": composite.get("scale_min", defaults.scale_min),
+        "scale_max": composite.get("scale_max", defaults.scale_max),
+        "rows": info.rows,
+        "passes": passes,
+    }
+
+
+def epoch_at_step(step: int, *, rows: int, passes: int, workers: int, batch_size: int, grad_accum: int) -> int:
+    """The Ray Data epoch that optimizer step `step` falls in: a worker's equal share of an epoch
+    (rows x passes / workers rows) makes share // batch_size batches, grad_accum a step."""
+    batches = max(1, (rows * passes // workers) // batch_size)
+    return step * grad_accum // batches
 
 
 def precompute_inputs(ds: Dataset, info: DatasetInfo, config: Config, storage: str, passes: int = 1) -> Dataset:
@@ -225,6 +272,41 @@ def read_tensor_layout(schema: pa.Schema) -> TensorLayout:
     }
 
 
+@dataclass
+class OnlineFeed:
+    """The worker's side of online composites: the compositor, the model's image processor,
+    and passes per Ray Data epoch (a row's composite epoch is epoch x passes + its pass)."""
+
+    compositor: OnlineCompositor
+    processor: Any
+    passes: int = 1
+
+    @classmethod
+    def build(cls, settings: dict[str, Any] | None, processor: Any, device: torch.device) -> OnlineFeed | None:
+        """From `online_settings` (None: stored composites, no feed)."""
+        if settings is None:
+            return None
+        compositor = OnlineCompositor(
+            settings["backgrounds"], settings["seed"], settings["scale_min"], settings["scale_max"], device
+        )
+        return cls(compositor, processor, settings["passes"])
+
+    def pixel_values(self, table: pa.Table, epoch: int) -> np.ndarray:
+        """float32 (B, 3, S, S): each row's composite for its epoch, through the processor."""
+        rows = table.num_rows
+        passes = table.column(PASS_INDEX).to_numpy() if PASS_INDEX in table.column_names else np.zeros(rows, np.int64)
+        composites = self.compositor.composites(
+            _ragged(table.column(FOREGROUND)), _ragged(table.column(ALPHA)), table.column(ROW_KEY).to_numpy(),
+            epoch * self.passes + passes,
+        )  # fmt: skip
+        return np.stack([subject_pixels(c, self.processor) for c in composites])
+
+
+def _ragged(column: pa.ChunkedArray) -> list[np.ndarray]:
+    """A (variable-shaped) tensor column as one array per row."""
+    return [row for chunk in column.chunks for row in chunk.to_numpy(zero_copy_only=False)]
+
+
 class FeedCollate(ArrowBatchCollateFn):
     """Rows -> the loop's batch: numeric columns as one (B, ...) CPU tensor each, page-locked when
     `pin` (so the loop's `.to(device, non_blocking=True)` does not wait for the GPU), strings as
@@ -232,15 +314,26 @@ class FeedCollate(ArrowBatchCollateFn):
     columns, plain numbers) and in-memory shards' dicts of numpy arrays. Runs in Ray Data's
     prefetch threads, not the loop's."""
 
-    def __init__(self, layout: TensorLayout | None = None, pin: bool = False) -> None:
+    def __init__(self, layout: TensorLayout | None = None, pin: bool = False, online: OnlineFeed | None = None) -> None:
         super().__init__()
         self.layout = {name: (np.dtype(dtype), tuple(shape)) for name, (dtype, shape) in (layout or {}).items()}
         self.pin = pin
+        self.online = online
+        self.epoch = 0
+
+    def at_epoch(self, epoch: int) -> FeedCollate:
+        """This collate for Ray Data epoch `epoch` (BatchStream asks before each epoch)."""
+        feed = copy.copy(self)
+        feed.epoch = epoch
+        return feed
 
     def __call__(self, batch: pa.Table | dict[str, np.ndarray]) -> dict[str, Any]:
         if isinstance(batch, dict):
             return {name: column.tolist() if column.dtype == object else self._stack([column]) for name, column in batch.items()}
         out: dict[str, Any] = {}
+        if self.online is not None and FOREGROUND in batch.column_names:
+            out[PIXEL_VALUES] = self._stack([self.online.pixel_values(batch, self.epoch)])
+            batch = batch.drop_columns([c for c in (FOREGROUND, ALPHA, ROW_KEY, PASS_INDEX) if c in batch.column_names])
         for name in batch.column_names:
             column = batch.column(name)
             if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):

@@ -136,21 +136,26 @@ class BatchStream:
     """
 
     def __init__(
-        self, batch_size: int, shuffle_buffer: int, collate_fn: Any = None, prefetch: int = 2, seed: int | None = None
-    ) -> None:
-        """collate_fn: rows -> batch (default `_Collate`); prefetch: batches made ahead in Ray
-        Data's threads; seed: the local shuffle's, plus the epoch (None: a new order each run)."""
+        self, batch_size: int, shuffle_buffer: int, collate_fn: Any = None, prefetch: int = 2, seed: int | None = None,
+        first_epoch: int = 0,
+    ) -> None:  # fmt: skip
+        """collate_fn: rows -> batch (default `_Collate`; one with `at_epoch(epoch)` is asked for
+        each epoch's); prefetch: batches made ahead in Ray Data's threads; seed: the local
+        shuffle's, plus the epoch (None: a new order each run); first_epoch: the epoch the stream
+        starts in (a resumed run's, pipeline.train.data.epoch_at_step)."""
         self.wait_s = 0.0
-        self._batches = self._epochs(batch_size, shuffle_buffer, collate_fn or _Collate(), prefetch, seed)
+        self._batches = self._epochs(batch_size, shuffle_buffer, collate_fn or _Collate(), prefetch, seed, first_epoch)
 
     @staticmethod
-    def _epochs(batch_size: int, shuffle_buffer: int, collate_fn: Any, prefetch: int, seed: int | None) -> Iterator[dict[str, Any]]:
+    def _epochs(
+        batch_size: int, shuffle_buffer: int, collate_fn: Any, prefetch: int, seed: int | None, first_epoch: int
+    ) -> Iterator[dict[str, Any]]:
         shard = _local.shard if _local is not None else ray.train.get_dataset_shard(TRAIN_DATASET)
-        epoch = 0
+        epoch = first_epoch
         while True:
             yield from shard.iter_torch_batches(
                 batch_size=batch_size,
-                collate_fn=collate_fn,
+                collate_fn=collate_fn.at_epoch(epoch) if hasattr(collate_fn, "at_epoch") else collate_fn,
                 local_shuffle_buffer_size=shuffle_buffer or None,
                 local_shuffle_seed=None if seed is None or not shuffle_buffer else seed + epoch,
                 drop_last=True,

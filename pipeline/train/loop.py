@@ -21,7 +21,7 @@ from diffusers import DDPMScheduler
 
 from pipeline.config import Config
 from pipeline.train import dist
-from pipeline.train.data import FeedCollate
+from pipeline.train.data import FeedCollate, OnlineFeed, epoch_at_step
 from pipeline.train.hooks import RunInfo, TrainState, build_hooks
 from pipeline.train.losses import (
     add_noise,
@@ -54,7 +54,8 @@ PROGRESS = "progress.json"  # {"step": N}: small, so the driver need not load th
 
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train worker function. loop_config: {"config": resolved Config as JSON, "run": RunInfo
-    fields, "job_start": the driver's time.time() at the job's start (optional)}."""
+    fields, "job_start": the driver's time.time() at the job's start (optional), "online":
+    pipeline.train.data.online_settings with train.composite online (optional)}."""
     _setup_worker_logging()
     config = Config.model_validate(loop_config["config"])
     run = RunInfo(**loop_config["run"])
@@ -105,11 +106,21 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     precomputed = run.dataset.get("precomputed", False)
 
     # Batches made ahead in Ray Data's threads, into page-locked memory on a GPU; the shuffle
-    # is seeded like the noise, so the same settings give the same order.
-    feed = FeedCollate(run.dataset.get("tensor_layout"), pin=device.type == "cuda")
+    # is seeded like the noise, so the same settings give the same order. Online composites are
+    # made there too, for the epoch a resumed run is in, so it sees what it would have seen.
+    online = loop_config.get("online")
+    feed = FeedCollate(
+        run.dataset.get("tensor_layout"), pin=device.type == "cuda",
+        online=OnlineFeed.build(online, method.model.image_processor, device),
+    )  # fmt: skip
+    first_epoch = 0 if online is None else epoch_at_step(
+        step, rows=online["rows"], passes=online["passes"], workers=dist.world_size(), batch_size=train.batch_size,
+        grad_accum=train.grad_accum,
+    )  # fmt: skip
     batches = dist.BatchStream(
-        train.batch_size, train.shuffle_buffer, feed, prefetch=4, seed=train.seed + 1_000_003 * dist.rank() + step
-    )
+        train.batch_size, train.shuffle_buffer, feed, prefetch=4, seed=train.seed + 1_000_003 * dist.rank() + step,
+        first_epoch=first_epoch,
+    )  # fmt: skip
     state = TrainState(
         method=method,
         batches=batches,

@@ -7,9 +7,9 @@
   memory-efficient, cuDNN...). PyTorch picks cuDNN for the UNet on an H100, and its backward was
   42 ms of a 356 ms step (BENCHMARKS.md, "Pretraining step"). Set through the UNet's attention processors so that
   it holds inside a compiled UNet too (see `UNetAttention`).
-- `resolve_compile` / `resolve_precompute` / `resolve_speed_settings`: the one place where
-  `train.compile`, `train.compile_mode` and `train.precompute` set to "auto" become values
-  (the rules are in `resolve_compile` and `resolve_precompute`; each choice is logged).
+- `resolve_compile` / `resolve_composite` / `resolve_precompute` / `resolve_speed_settings`: the
+  one place where `train.compile`, `train.compile_mode`, `train.composite` and `train.precompute`
+  set to "auto" become values (the rules are in each resolve_*; each choice is logged).
 - `use_compile_cache`: Inductor's and Triton's on-disk caches under `train.storage_path`, so a
   restart, a resume or a second job with the same shapes skips the code generation.
 - `compile_model` (`train.compile`, `train.compile_mode`): torch.compile of the UNet
@@ -183,32 +183,55 @@ def resolve_compile(setting: bool | str, mode: str, *, cuda: bool, world_size: i
     return mode
 
 
-def resolve_precompute(setting: bool | str, *, gpu: bool, rows: int, samples_per_step: int, steps: int) -> bool:
+def resolve_composite(setting: str, *, method: str, has_cutout: bool, precompute: bool | str) -> str:
+    """`train.composite`: "auto" is online (fresh composites every epoch, as BLIP-Diffusion's
+    pretraining makes them) for pretraining on a dataset whose rows carry the cutout, unless
+    precompute is asked for (the ViT features of a composite made each epoch cannot be cached);
+    stored otherwise."""
+    if setting != "auto":
+        return setting
+    chosen = "online" if method == "pretrain" and has_cutout and precompute is not True else "stored"
+    log.info("train.composite auto -> %s (%s, %s)", chosen, method, "rows with cutouts" if has_cutout else "no cutouts")
+    return chosen
+
+
+def resolve_precompute(
+    setting: bool | str, *, gpu: bool, rows: int, samples_per_step: int, steps: int, online: bool = False
+) -> bool:
     """`train.precompute`: "auto" precomputes on GPUs when the run's planned epochs
-    (steps x samples per step / rows) reach PRECOMPUTE_MIN_EPOCHS; never on the CPU. A
-    precomputed target is centre-cropped for the whole run (no random crops)."""
+    (steps x samples per step / rows) reach PRECOMPUTE_MIN_EPOCHS; never on the CPU, and never
+    with online composites (each epoch's composite is new: its ViT features are made in the
+    step; benchmarks/bench_pretrain.py --composite measures what that costs). A precomputed
+    target is centre-cropped for the whole run (no random crops)."""
     if setting != "auto":
         return bool(setting)
+    if online:
+        log.info("train.precompute auto -> False (train.composite online)")
+        return False
     epochs = steps * samples_per_step / max(rows, 1)
     chosen = gpu and epochs >= PRECOMPUTE_MIN_EPOCHS
     log.info("train.precompute auto -> %s (%s, %.1f planned epochs)", chosen, "GPU" if gpu else "CPU", epochs)
     return chosen
 
 
-def resolve_speed_settings(train: Any, rows: int) -> Any:
+def resolve_speed_settings(train: Any, rows: int, has_cutout: bool = False) -> Any:
     """`train` (a TrainConfig) with its "auto" speed settings resolved for its workers and a
-    dataset of `rows` rows: what the driver logs with the run and hands to the workers."""
+    dataset of `rows` rows (`has_cutout`: rows carry the cutout for online composites): what the
+    driver logs with the run and hands to the workers."""
     cuda, workers = train.gpu, train.workers
     mode = resolve_compile(
         train.compile, train.compile_mode, cuda=cuda, world_size=workers, grad_accum=train.grad_accum, steps=train.steps
     )
+    composite = resolve_composite(train.composite, method=train.method, has_cutout=has_cutout, precompute=train.precompute)
     precompute = resolve_precompute(
-        train.precompute, gpu=cuda, rows=rows, samples_per_step=train.batch_size * train.grad_accum * workers, steps=train.steps
-    )
+        train.precompute, gpu=cuda, rows=rows, samples_per_step=train.batch_size * train.grad_accum * workers, steps=train.steps,
+        online=composite == "online",
+    )  # fmt: skip
     return train.model_copy(
         update={
             "compile": mode is not None,
             "compile_mode": mode or ("default" if train.compile_mode == "auto" else train.compile_mode),
+            "composite": composite,
             "precompute": precompute,
         }
     )

@@ -31,6 +31,7 @@ from pipeline.train import dist
 from pipeline.train.data import (
     DatasetInfo,
     build_training_plan,
+    online_settings,
     open_dataset,
     precompute_inputs,
     sample_subjects,
@@ -140,7 +141,7 @@ def run_training(config: Config) -> TrainResult:
     job_start = time.time()
     info, processor = check_training(config)
     # "auto" speed settings become values here, once, so the run records what it used.
-    config = config.model_copy(update={"train": resolve_speed_settings(config.train, info.rows)})
+    config = config.model_copy(update={"train": resolve_speed_settings(config.train, info.rows, info.has_cutout)})
     train = config.train
     ensure_ray(config.ray)
     check_cluster(config)
@@ -173,6 +174,7 @@ def _train(
     """Build the data plan and fit (Ray Train's result: the final checkpoint and metrics)."""
     train = config.train
     passes = training_passes(info, config)
+    online = online_settings(info, config, passes) if train.composite == "online" else None
     if train.precompute:
         dataset = precompute_inputs(build_training_plan(info, config, processor), info, config, storage_path(train.storage_path), passes)
         info.precomputed = True
@@ -187,7 +189,7 @@ def _train(
         samples=sample_subjects(info, train.samples.subjects) if train.samples.every else [],
     )
     log.info("training %s on %s (%d rows) with %d worker(s); checkpoints in %s", train.method, info.version, info.rows, train.workers, run_folder)
-    return fit(config, run_name, {"CPU": train.cpus_per_worker}, {"train": dataset}, run, job_start=job_start)
+    return fit(config, run_name, {"CPU": train.cpus_per_worker}, {"train": dataset}, run, job_start=job_start, online=online)
 
 
 def _register(uri: str, run_id: str, folder: Path, name: str, tags: dict[str, str]) -> str:
