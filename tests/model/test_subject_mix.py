@@ -55,6 +55,41 @@ def test_bad_subject_mixes_exit_2(tmp_path, capsys):
     assert "'lots' is not a number" in capsys.readouterr().err
     assert main([*BASE, *out, "--subject", "dog=1"]) == 2
     assert "give its photos" in capsys.readouterr().err
-    assert main([*BASE, *out, "--subject", "models:/cat@champion=1"]) == 2
-    assert "cannot be mixed yet" in capsys.readouterr().err
+    assert main([*BASE, *out, "--subject", f"dog:{photo}", "--subject", f"cat:{photo}", "--prompt", "a [dog] and a [horse]"]) == 2
+    assert "[horse], which is not given" in capsys.readouterr().err
+    assert main([*BASE, *out, "--subject", f"dog:{photo}", "--subject", f"cat:{photo}", "--prompt", "a [dog] on the grass"]) == 2
+    assert "'cat' is given but no prompt names it" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def _image(folder):
+    return np.asarray(Image.open(folder / "image_000.png"))
+
+
+def test_a_slot_named_by_the_category_draws_the_subject_as_without_slots(tmp_path):
+    photo, cat = _photo(tmp_path / "dog.png", 0), _photo(tmp_path / "cat.png", 1)
+    subject = ["--subject-image", photo, "--category", "dog"]
+    assert main([*BASE, *subject, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*BASE, *subject, "--prompt", "a [dog] on the grass", "--out", str(tmp_path / "slot")]) == 0
+    np.testing.assert_array_equal(_image(tmp_path / "slot"), _image(tmp_path / "plain"))
+    two = ["--prompt", "a [dog] next to a [cat]", "--subject", f"dog:{photo}", "--subject", f"cat:{cat}"]
+    swapped = ["--prompt", "a [dog] next to a [cat]", "--subject", f"dog:{cat}", "--subject", f"cat:{photo}"]
+    assert main([*BASE, *two, "--out", str(tmp_path / "two")]) == 0
+    assert main([*BASE, *swapped, "--out", str(tmp_path / "swapped")]) == 0
+    assert np.abs(_image(tmp_path / "two").astype(int) - _image(tmp_path / "swapped")).max() > 0
+
+
+def test_a_registered_subject_mixes_by_its_embeddings(tmp_path, capsys):
+    from tests.serve_subjects import make_subject, register_subject
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    register_subject(uri, make_subject(tmp_path / "tea", "textual-inversion", 9, category="teapot"), "sf-tea")
+    registry = ["--set", f"tracking.uri={uri}"]
+    assert main([*BASE, *registry, "--model", "models:/sf-tea@champion", "--out", str(tmp_path / "alone")]) == 0
+    mix = ["--subject", "models:/sf-tea@champion=0.5", "--subject", "models:/sf-tea/1=0.5"]
+    assert main([*BASE, *registry, *mix, "--out", str(tmp_path / "mix")]) == 0
+    np.testing.assert_array_equal(_image(tmp_path / "mix"), _image(tmp_path / "alone"))
+    slot = ["--subject", "models:/sf-tea@champion", "--subject", f"dog:{_photo(tmp_path / 'dog.png', 0)}"]
+    assert main([*BASE, *registry, *slot, "--prompt", "a [dog] beside a [teapot]", "--out", str(tmp_path / "slots")]) == 0
+    assert main([*BASE, *registry, "--subject", "models:/sf-nobody@champion=1", "--out", str(tmp_path / "o")]) == 2
+    assert "sf-nobody" in capsys.readouterr().err and not (tmp_path / "o").exists()
