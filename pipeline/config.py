@@ -584,7 +584,26 @@ class FinetuneConfig(_Strict):
     batch_size: int = Field(3, ge=1, description="samples per step")
     lr: float | None = Field(None, gt=0.0, description="AdamW learning rate; None = the method's (FINETUNE_TRAITS)")
     weight_decay: float = Field(0.01, ge=0.0)
-    max_references: int = Field(6, ge=1, description="photos whose mean subject embedding initialises the subject")
+    init_from: Literal["photos", "composites"] = Field(
+        "photos", description="what the subject embedding starts as the mean over: the subject's distinct original photos "
+        "(BLIP-Diffusion's fine-tuning) or its first composites (the training inputs)"
+    )
+    init_photos: int = Field(6, ge=1, description="at most this many photos (or composites) in that mean")
+    validate_every: int = Field(
+        20, ge=0, description="steps between validations (and one at the end), each a kept checkpoint; 0 = no validation"
+    )
+    validation_prompts: list[str] | None = Field(
+        None, min_length=1, description="DreamBench-style templates ('a {class} in the snow') drawn and scored at each "
+        "validation; None = 4 of DreamBench's prompts for the subject's kind (object or live; pipeline/train/validation.py)"
+    )
+    validation_steps: int = Field(50, ge=1, description="denoising steps of each validation image")
+    select: Literal["last", "dino", "clip_i", "clip_t", "balanced"] = Field(
+        "balanced", description="the validated checkpoint registered: the last, the best DINO, CLIP-I or CLIP-T, or "
+        "balanced = the best DINO among those whose CLIP-T is within 0.01 of the best CLIP-T"
+    )
+    patience: int | None = Field(
+        None, ge=1, description="end the run after this many validations in a row without a new best (by select); None = never"
+    )
     train_text_encoder: bool = Field(False, description="blipd/dreambooth: the text encoder learns too (the reference keeps it frozen)")
     lora_rank: int = Field(4, ge=1, description="LoRA rank on the UNet attention projections")
     lora_alpha: float | None = Field(None, gt=0.0, description="LoRA scale numerator; None = lora_rank (scale 1)")
@@ -604,6 +623,17 @@ class FinetuneConfig(_Strict):
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else FINETUNE_TRAITS[self.method].lr
+
+    @model_validator(mode="after")
+    def _check_validation(self) -> FinetuneConfig:
+        if self.validate_every == 0 and self.select != "last":
+            raise ValueError(f"select {self.select!r} picks among validated checkpoints: set validate_every > 0, or select: last")
+        if self.patience is not None and (self.validate_every == 0 or self.select == "last"):
+            raise ValueError("patience counts validations without a new best: it needs validate_every > 0 and a select other than last")
+        for template in self.validation_prompts or []:
+            if not template.startswith("a ") or "{class}" not in template:
+                raise ValueError(f"validation_prompts: a prompt must start with 'a ' and contain {{class}}, got {template!r}")
+        return self
 
 
 class TrackingConfig(_Strict):

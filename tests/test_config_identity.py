@@ -23,7 +23,7 @@ IDENTITY = """
     train.weight_decay train.warmup_steps train.max_grad_norm train.resolution train.crop train.composite train.prompt_template
     train.drop_subject_prob train.trainable.qformer train.trainable.projection train.trainable.text_encoder
     train.trainable.unet train.precompute train.mixed_precision train.shuffle_buffer train.seed finetune.method
-    finetune.subject_id finetune.steps finetune.batch_size finetune.lr finetune.weight_decay finetune.max_references
+    finetune.subject_id finetune.steps finetune.batch_size finetune.lr finetune.weight_decay finetune.init_from finetune.init_photos finetune.validate_every finetune.validation_prompts finetune.validation_steps finetune.select finetune.patience
     finetune.train_text_encoder finetune.lora_rank finetune.lora_alpha finetune.identifier finetune.prior_images
     finetune.prior_weight finetune.prior_steps
 """
@@ -73,10 +73,12 @@ def test_every_field_has_a_decision():
 # Digests of the settings before they were derived from the schema (computed with the code of
 # 07cfdd3): an upgrade must not reprocess every existing dataset or retrain every registered
 # subject. CLIPSeg is pinned to one path: the tiny profile's is the clone's own folder, which
-# the processing digest includes.
+# the processing digest includes. The fine-tune keys are those since the photo initialisation
+# and validation settings (finetune.init_from to finetune.patience), which change what a
+# fine-tune registers.
 _DIGESTS = {
-    "real": ("5b1f9b8fd6a8b6af49979f44c886aa1f64a59975683926511f99726166b084ca", "85626663c047fbeb"),
-    "tiny": ("c051a128745b0d653b4da96b390a3945fa423fdd6db6aa9a384329bab48759b1", "f65796a3644c50df"),
+    "real": ("5b1f9b8fd6a8b6af49979f44c886aa1f64a59975683926511f99726166b084ca", "fafa8f43d1a50bf9"),
+    "tiny": ("c051a128745b0d653b4da96b390a3945fa423fdd6db6aa9a384329bab48759b1", "e2cd1562b72154c3"),
 }
 
 

@@ -41,7 +41,7 @@ PRETRAIN = ["train.workers=2", "train.batch_size=2", "train.steps=3", "train.lr=
             "train.samples.every=0", "train.checkpoint_every=3"]
 # The processes that train: Ray Train's workers, and finetune-many's subject actors.
 TRAINING_ACTORS = {"RayTrainWorker", "SubjectTrainer"}
-FINETUNE = ["finetune.method=lora", "finetune.steps=2", "finetune.lora_rank=2", "finetune.concurrency=2"]
+FINETUNE = ["finetune.method=lora", "finetune.steps=2", "finetune.lora_rank=2", "finetune.concurrency=2", "finetune.validation_steps=1"]
 
 
 def _sets(keys):

@@ -38,13 +38,14 @@ class LocalRun:
     """One worker, rank 0 of 1, without Ray Train.
 
     shard: this worker's data, with Ray's DataIterator.iter_torch_batches (one call per epoch);
-    run_folder: where checkpoints go (<storage_path>/<run_name>); keep: newest checkpoints kept.
+    run_folder: where checkpoints go (<storage_path>/<run_name>); keep: newest checkpoints kept
+    (None: all, where a hook bounds them: a validating fine-tune keeps its best).
     """
 
     shard: Any
     run_folder: Path
     device: torch.device
-    keep: int = 1
+    keep: int | None = 1
 
 
 _local: LocalRun | None = None
@@ -211,10 +212,10 @@ def newest_checkpoint(run_folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _store_checkpoint(folder: Path, run_folder: Path, name: str, keep: int) -> None:
+def _store_checkpoint(folder: Path, run_folder: Path, name: str, keep: int | None) -> None:
     """Move the files of `folder` (the loop's temporary folder) to <run_folder>/<name>, under a
     partial name first so a killed move is never resumed from; then delete all but the newest
-    `keep` checkpoints."""
+    `keep` checkpoints (None: none deleted)."""
     run_folder.mkdir(parents=True, exist_ok=True)
     partial, final = run_folder / f"{_PARTIAL}{name}", run_folder / name
     remove_tree(partial, run_folder)
@@ -223,5 +224,7 @@ def _store_checkpoint(folder: Path, run_folder: Path, name: str, keep: int) -> N
         shutil.move(child, partial / child.name)
     remove_tree(final, run_folder)
     partial.rename(final)
+    if keep is None:
+        return
     for old in sorted(p for p in run_folder.glob("step-*") if p.is_dir())[:-keep]:
         remove_tree(old, run_folder)

@@ -12,17 +12,23 @@ artifact -> the MLflow registry. No math here; the methods are in methods.py.
    registered); the run is named finetune-<subject_id>-<method>-<key[:8]>, so a rerun with the
    same key resumes its run and one with new data or settings starts its own;
 3. writes the rows as a one-subject dataset version under <storage_path>/<run_name>/inputs/
-   (rows repeated up to a batch), with the reference photos whose mean embedding starts the
-   subject and, for dreambooth, class-prior images the base model generates (PRIOR_CAPTION);
+   (rows repeated up to a batch), with the subject's distinct original photos (photos/, what
+   validation scores against), the ones whose mean embedding starts the subject (references/:
+   up to `finetune.init_photos` distinct photos, as BLIP-Diffusion's fine-tuning, or composites
+   with `finetune.init_from: composites`) and, for dreambooth, class-prior images the base
+   model generates (PRIOR_CAPTION);
 4. trains `finetune.method` with the shared loop (`pipeline.train.loop.train_loop`, its hooks
    and checks) on one Ray Train worker holding `finetune.num_gpus` GPUs (fractions let
    subjects share a GPU), or, with `in_process` (finetune-many's actors), in the calling
    process on its rows in memory (`dist.local_run`, pipeline/train/inmemory.py), where the
    base stays loaded from one subject to the next (pipeline/train/bases.py);
-5. copies the final checkpoint's subject folder beside <finetune.out>/<subject_id>-<method>/
-   and renames it into place (pipeline/paths.py: the previous artifact stays whole until then)
-   and, with `finetune.register_model`, logs it as a pyfunc registered as
-   <prefix><subject_id>, tagged with the key.
+   validating every `finetune.validate_every` steps and at the end (pipeline/train/validation.py:
+   images, DINO, CLIP-I and CLIP-T logged with step=; `finetune.patience` stops early);
+5. picks a checkpoint (`finetune.select` over the validations, else the final one), copies its
+   subject folder beside <finetune.out>/<subject_id>-<method>/ and renames it into place
+   (pipeline/paths.py: the previous artifact stays whole until then) and, with
+   `finetune.register_model`, logs it as a pyfunc registered as <prefix><subject_id>, tagged
+   with the key, its step and its scores.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import tracking
-from pipeline.config import FINETUNE_TRAITS, Config, ConfigError, FinetuneConfig, identity_settings
+from pipeline.config import FINETUNE_TRAITS, Config, ConfigError, identity_settings
 from pipeline.data.sources import SourcePhoto
 from pipeline.data.versions import LATEST, MANIFEST
 from pipeline.errors import JobFailed
@@ -53,7 +59,8 @@ from pipeline.train.inmemory import InMemoryShard
 from pipeline.train.loop import train_loop
 from pipeline.train.methods import PRIOR_CAPTION, REFERENCES_FOLDER, get_method
 from pipeline.train.trainer import check_cluster, check_training, checkpoint_step, fit, storage_path
-from stages.records import CATEGORY, COMPOSITE, IMAGE, SUBJECT_ID
+from pipeline.train.validation import plan_validation, rank_records, read_records
+from stages.records import CATEGORY, COMPOSITE, IMAGE, SOURCE_SHA256, SUBJECT_ID
 from stages.train_inputs import CAPTION, decode_rgb
 
 log = logging.getLogger(__name__)
@@ -63,6 +70,8 @@ KEY_TAG = "finetune_key"  # registered version tag: the finetune_key it was trai
 _PRIOR_BATCH = 4  # class-prior images per generation batch
 _DONE = "prior-done.json"  # written after the last prior image: the prior set counts only then
 _LISTED = 20  # subject ids an error message lists before "and N more"
+PHOTOS_FOLDER = "photos"  # beside the inputs' data: the subject's distinct original photos (PNG)
+SCORE_TAGS = ("dino", "clip_i", "clip_t")  # registered version tags: the chosen checkpoint's validation scores
 
 
 class SubjectError(JobFailed):
@@ -74,6 +83,7 @@ class SubjectRows:
     subject_id: str
     category: str
     rows: list[dict[str, Any]]  # usable rows: category, image, composite (encoded bytes), caption
+    photos: list[bytes]  # the distinct original photos among the rows (encoded), in row order
     skipped: dict[str, int]  # reason -> rows that could not be used
     rejects: list[dict[str, str]]  # photo folder: source_uri, stage, reason of each photo not used
     dataset_version: str
@@ -92,6 +102,7 @@ class FinetuneResult:
     model_name: str | None
     model_version: str | None
     reused: bool = False  # True: the registry already held this fine-tune (same key); nothing was trained
+    scores: dict[str, float] | None = None  # dino, clip_i, clip_t of the chosen step; None without validation
 
 
 def check_finetune(config: Config) -> None:
@@ -117,7 +128,8 @@ def read_subject(config: Config) -> SubjectRows:
         info = open_dataset(str(source))
         candidates = []
         for file in info.files:
-            table = pq.read_table(file, columns=[SUBJECT_ID, CATEGORY, IMAGE, COMPOSITE], filters=[(SUBJECT_ID, "=", ft.subject_id)])
+            columns = [SUBJECT_ID, CATEGORY, IMAGE, COMPOSITE, *([SOURCE_SHA256] if SOURCE_SHA256 in pq.read_schema(file).names else [])]
+            table = pq.read_table(file, columns=columns, filters=[(SUBJECT_ID, "=", ft.subject_id)])
             candidates += table.to_pylist()
         if not candidates:
             raise ConfigError(
@@ -133,7 +145,7 @@ def read_subject(config: Config) -> SubjectRows:
             raise ConfigError("finetune.category: give --category (the subject's class noun, e.g. dog)")
         category = ft.category
         candidates, rejects, version, digest = _rows_from_photos(config, source, category)
-    rows, skipped = [], {}
+    rows, skipped, photos = [], {}, {}
     for row in candidates:
         try:
             decode_rgb(row[IMAGE])
@@ -145,13 +157,20 @@ def read_subject(config: Config) -> SubjectRows:
                 log.warning("subject %s: skipping an undecodable photo (%s)", ft.subject_id, reason)
             continue
         rows.append({CATEGORY: category, IMAGE: row[IMAGE], COMPOSITE: row[COMPOSITE], CAPTION: ""})
+        photos.setdefault(photo_id(row), row[IMAGE])
     if not rows:
         rejected = "; ".join(f"{r['source_uri']}: {r['stage']}: {r['reason']}" for r in rejects)
         raise SubjectError(
             f"subject {ft.subject_id!r}: no usable photo in {source} ({len(candidates) + len(rejects)} found, "
             f"skipped: {skipped or 'none'}{', rejected: ' + rejected if rejected else ''})"
         )
-    return SubjectRows(ft.subject_id, category, rows, skipped, rejects, version, digest)
+    return SubjectRows(ft.subject_id, category, rows, list(photos.values()), skipped, rejects, version, digest)
+
+
+def photo_id(row: dict[str, Any]) -> str:
+    """Which original photo a row was made from: its source's SHA-256 (each composite of a photo
+    shares it), else the photo bytes' own."""
+    return row.get(SOURCE_SHA256) or hashlib.sha256(row[IMAGE]).hexdigest()
 
 
 def list_subjects(names: list[str]) -> str:
@@ -181,7 +200,8 @@ def _rows_from_photos(config: Config, folder: Path, category: str) -> tuple[list
     identity = "".join(f"{p.source_uri}\t{p.sha256}\n" for p in photos) + settings
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
     log.info("subject %s: %d of %d photos usable, %d rows", subject_id, len(photos) - len(rejects), len(photos), data.num_rows)
-    return data.select([IMAGE, COMPOSITE]).to_pylist(), rejects, version, digest
+    columns = [IMAGE, COMPOSITE, *([SOURCE_SHA256] if SOURCE_SHA256 in data.column_names else [])]
+    return data.select(columns).to_pylist(), rejects, version, digest
 
 
 def base_reference(config: Config, uri: str | None) -> str:
@@ -200,7 +220,7 @@ def finetune_key(config: Config, category: str, dataset_digest: str, base: str) 
     it). The settings are every finetune.* and train.* field config.py does not mark Runtime or
     Input, less the train.* fields the method's recipe sets from finetune.* (_recipe)."""
     train = identity_settings(config.train)
-    for key in _recipe(config.finetune):
+    for key in _recipe(config):
         train.pop(key, None)
     payload = {"base": base, "category": category, "dataset_digest": dataset_digest,
                "finetune": identity_settings(config.finetune), "train": train}
@@ -217,13 +237,13 @@ def registered_for(config: Config, uri: str | None, key: str) -> str | None:
 
 
 def write_inputs(config: Config, subject: SubjectRows, folder: Path, base: str) -> int:
-    """A one-subject dataset version in `folder` (manifest, data/, references/); returns its rows."""
+    """A one-subject dataset version in `folder` (manifest, data/, photos/, references/); returns
+    its rows."""
     ft = config.finetune
     (folder / "data").mkdir(parents=True, exist_ok=True)
-    references = folder / REFERENCES_FOLDER
-    references.mkdir(exist_ok=True)
-    for i, row in enumerate(subject.rows[: ft.max_references]):
-        _to_png(row[COMPOSITE], references / f"{i:02d}.png")
+    _write_pngs(subject.photos, folder / PHOTOS_FOLDER)
+    starts = subject.photos if ft.init_from == "photos" else [row[COMPOSITE] for row in subject.rows]
+    _write_pngs(starts[: ft.init_photos], folder / REFERENCES_FOLDER)
     rows = list(subject.rows)
     if FINETUNE_TRAITS[ft.method].class_prior:
         rows += [
@@ -262,10 +282,16 @@ def _prior_images(config: Config, category: str, folder: Path, base: str) -> lis
     return [p.read_bytes() for p in sorted(folder.glob("*.png"))[: ft.prior_images]]
 
 
-def _to_png(data: bytes, path: Path) -> None:
+def _write_pngs(images: list[bytes], folder: Path) -> None:
+    """`folder` holds exactly `images` (encoded) as 00.png, 01.png, ...: a rerun with other
+    settings leaves none of the last run's behind."""
     import PIL.Image
 
-    PIL.Image.fromarray(decode_rgb(data)).save(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.png"):
+        old.unlink()
+    for i, data in enumerate(images):
+        PIL.Image.fromarray(decode_rgb(data)).save(folder / f"{i:02d}.png")
 
 
 def resolve_base(config: Config) -> str:
@@ -278,15 +304,18 @@ def resolve_base(config: Config) -> str:
     return base
 
 
-def _recipe(ft: FinetuneConfig) -> dict[str, Any]:
+def _recipe(config: Config) -> dict[str, Any]:
     """The train.* values every fine-tune sets from finetune.* (its other train.* settings are
     the user's): one worker, the method's steps, batch and learning rate, no warm-up, no subject
-    dropout, the subject's stored composites, one checkpoint at the end, no registration as a base,
-    no sample images."""
+    dropout, the subject's stored composites, no registration as a base, no sample images; a
+    checkpoint at each validation (train.keep_checkpoints of them kept, the best first) or,
+    without validation, one at the end."""
+    ft = config.finetune
+    every, keep = (min(ft.validate_every, ft.steps), config.train.keep_checkpoints) if ft.validate_every else (ft.steps, 1)
     return {
         "method": ft.method, "workers": 1, "steps": ft.steps, "batch_size": ft.batch_size, "grad_accum": 1,
         "lr": ft.learning_rate(), "weight_decay": ft.weight_decay, "warmup_steps": 0, "drop_subject_prob": 0.0,
-        "precompute": False, "composite": "stored", "checkpoint_every": ft.steps, "keep_checkpoints": 1, "register_as": None, "fail_at_step": None,
+        "precompute": False, "composite": "stored", "checkpoint_every": every, "keep_checkpoints": keep, "register_as": None, "fail_at_step": None,
     }
 
 
@@ -294,7 +323,7 @@ def training_config(config: Config, inputs: Path, base: str, run_name: str) -> C
     """The `train:` settings of a fine-tune: the method's recipe on the one-subject inputs."""
     tree = config.model_dump(mode="json")
     tree["models"]["blip_diffusion"] = base
-    tree["train"].update(_recipe(config.finetune), data=str(inputs), run_name=run_name)
+    tree["train"].update(_recipe(config), data=str(inputs), run_name=run_name)
     tree["train"]["samples"]["every"] = 0
     return Config.model_validate(tree)
 
@@ -323,11 +352,15 @@ def finetune_subject(config: Config, in_process: bool = False) -> FinetuneResult
     log.info("fine-tuning %s (%s, %d rows, %s) with %s for %d steps", ft.subject_id, subject.category, rows, subject.dataset_version, ft.method, ft.steps)
     config = config.model_copy(update={"finetune": ft.model_copy(update={"category": subject.category})})
     train_config = training_config(config, inputs, base, run_name)
+    plan = asdict(plan_validation(config, subject.category, inputs / PHOTOS_FOLDER)) if ft.validate_every else None
     tags = {"dataset_version": subject.dataset_version, "dataset_digest": subject.dataset_digest, "git_commit": tracking.git_commit(),
             "method": ft.method, "subject_id": ft.subject_id, KEY_TAG: key}
     with tracking.open_run(config.tracking, run_name, tags) as run_id:
         train_fn = _fit_in_process if in_process else _fit
-        checkpoint, step = train_fn(train_config, storage, run_name, uri, run_id)
+        final = train_fn(train_config, storage, run_name, uri, run_id, plan)
+        checkpoint, step, scores = choose_checkpoint(Path(storage) / run_name, ft.select, final)
+        if run_id and scores is not None:
+            tracking.set_tag(uri, run_id, "selected_step", str(step))
         out = Path(ft.out).expanduser().resolve()
         artifact = replace_tree(checkpoint / get_method(ft.method).MODEL_FOLDER, out / f"{ft.subject_id}-{ft.method}", out)
         size = sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file())
@@ -335,9 +368,26 @@ def finetune_subject(config: Config, in_process: bool = False) -> FinetuneResult
         if ft.register_model and run_id:
             name = f"{ft.register_prefix}{ft.subject_id}"
             version_tags = tags | {"category": subject.category, "base_model": base_ref,
-                                   "step": str(step), "artifact_bytes": str(size), "run_name": run_name}
+                                   "step": str(step), "artifact_bytes": str(size), "run_name": run_name,
+                                   **{k: f"{v:.6f}" for k, v in (scores or {}).items()}}
             version = tracking.log_subject_model(uri, run_id, artifact, name, version_tags, ft.alias, config.serve.limits)
-    return FinetuneResult(ft.subject_id, ft.method, str(artifact), size, step, time.perf_counter() - start, run_id, name, version)
+    return FinetuneResult(ft.subject_id, ft.method, str(artifact), size, step, time.perf_counter() - start, run_id, name, version,
+                          scores=scores)
+
+
+def choose_checkpoint(run_folder: Path, rule: str, final: Path) -> tuple[Path, int, dict[str, float] | None]:
+    """(checkpoint folder, step, scores) to register: the validation `rule` ranks first among the
+    run's records, or `final` (the run's last checkpoint) with no scores when it has none."""
+    records = read_records(run_folder)
+    if not records:
+        return final, checkpoint_step(final), None
+    best = rank_records(records, rule)[0]
+    folder = run_folder / best["checkpoint"]
+    if not folder.is_dir():  # the Validation hook keeps the best; a missing one is a bug, not a choice
+        raise SubjectError(f"the selected checkpoint {folder} (finetune.select {rule}) is gone")
+    log.info("selected step %d of %s (finetune.select %s): %s", best["step"], run_folder.name, rule,
+             ", ".join(f"{k} {best[k]:.4f}" for k in SCORE_TAGS))
+    return folder, best["step"], {k: float(best[k]) for k in SCORE_TAGS}
 
 
 def _reuse(config: Config, uri: str, version: str, start: float) -> FinetuneResult:
@@ -353,43 +403,45 @@ def _reuse(config: Config, uri: str, version: str, start: float) -> FinetuneResu
     return FinetuneResult(
         ft.subject_id, ft.method, str(artifact) if artifact.is_dir() else "", int(found["tags"].get("artifact_bytes", 0)),
         int(found["tags"].get("step", 0)), time.perf_counter() - start, found["run_id"], name, version, reused=True,
+        scores={k: float(found["tags"][k]) for k in SCORE_TAGS if k in found["tags"]} or None,
     )
 
 
-def _fit(config: Config, storage: str, run_name: str, uri: str | None, run_id: str | None) -> tuple[Path, int]:
+def _fit(config: Config, storage: str, run_name: str, uri: str | None, run_id: str | None, validation: dict | None) -> Path:
     """Run the shared loop on one Ray Train worker (CPUs `train.cpus_per_worker`, GPUs
-    `finetune.num_gpus` with `train.gpu`, so several subjects can share a GPU); returns the
-    final checkpoint folder and its step."""
+    `finetune.num_gpus` with `train.gpu`, so several subjects can share a GPU), validating with
+    the `validation` plan; returns the final checkpoint folder."""
     train = config.train
     info, processor = check_training(config)
     ensure_ray(config.ray)
     check_cluster(config)
-    run = RunInfo(run_name=run_name, run_folder=f"{storage}/{run_name}", tracking_uri=uri, mlflow_run_id=run_id, dataset=info.as_run_input())
+    run = RunInfo(run_name=run_name, run_folder=f"{storage}/{run_name}", tracking_uri=uri, mlflow_run_id=run_id, dataset=info.as_run_input(),
+                  validation=validation)
     resources = {"CPU": train.cpus_per_worker} | ({"GPU": config.finetune.num_gpus} if train.gpu else {})
     result = fit(config, run_name, resources, {"train": build_training_plan(info, config, processor)}, run)
     # A rerun of a finished run trains nothing new and may report no checkpoint: take the newest.
-    checkpoint = Path(result.checkpoint.path) if result.checkpoint is not None else _newest_checkpoint(Path(storage) / run_name)
-    return checkpoint, checkpoint_step(checkpoint)
+    return Path(result.checkpoint.path) if result.checkpoint is not None else _newest_checkpoint(Path(storage) / run_name)
 
 
-def _fit_in_process(config: Config, storage: str, run_name: str, uri: str | None, run_id: str | None) -> tuple[Path, int]:
+def _fit_in_process(config: Config, storage: str, run_name: str, uri: str | None, run_id: str | None, validation: dict | None) -> Path:
     """Run the shared loop here, as rank 0 of 1 (this process holds the resources: a
-    finetune-many actor); returns the final checkpoint folder and its step."""
+    finetune-many actor), validating with the `validation` plan; returns the final checkpoint
+    folder."""
     train = config.train
     info, processor = check_training(config)
     if train.gpu and not torch.cuda.is_available():
         raise ConfigError("train.gpu: no GPU visible to this worker")
-    run = RunInfo(run_name=run_name, run_folder=f"{storage}/{run_name}", tracking_uri=uri, mlflow_run_id=run_id, dataset=info.as_run_input())
+    run = RunInfo(run_name=run_name, run_folder=f"{storage}/{run_name}", tracking_uri=uri, mlflow_run_id=run_id, dataset=info.as_run_input(),
+                  validation=validation)
     local = dist.LocalRun(
         shard=InMemoryShard(info, processor, train.resolution, train.crop),
         run_folder=Path(run.run_folder),
         device=torch.device("cuda", torch.cuda.current_device()) if train.gpu else torch.device("cpu"),
-        keep=train.keep_checkpoints,
+        keep=None if validation else train.keep_checkpoints,  # the Validation hook keeps the best
     )
     with dist.local_run(local):
         train_loop({"config": config.model_dump(mode="json"), "run": asdict(run)})
-    checkpoint = _newest_checkpoint(local.run_folder)
-    return checkpoint, checkpoint_step(checkpoint)
+    return _newest_checkpoint(local.run_folder)
 
 
 def _newest_checkpoint(run_folder: Path) -> Path:

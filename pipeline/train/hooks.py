@@ -22,7 +22,8 @@ import torch
 
 from pipeline import tracking
 from pipeline.config import Config
-from pipeline.train import dist
+from pipeline.evaluation.report import make_subject_grid
+from pipeline.train import dist, validation
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class RunInfo:
     mlflow_run_id: str | None
     dataset: dict[str, Any]  # name, version, digest, path, rows, precomputed
     samples: list[dict[str, Any]] = field(default_factory=list)  # subject_id, category, composite (bytes)
+    validation: dict[str, Any] | None = None  # a fine-tune's validation.ValidationPlan fields; None = no validation
 
 
 @dataclass
@@ -53,6 +55,9 @@ class TrainState:
     grad_norm: torch.Tensor | None = None
     stats: dict[str, float] | None = None
     first_step_s: float | None = None  # the job's start to this attempt's first step done, s
+    # Set by a hook to end the run after this step (early stopping). Only rank 0's hooks may set
+    # it, so only one-worker runs (fine-tunes) have such a hook.
+    stop: bool = False
 
 
 class Hook:
@@ -224,6 +229,66 @@ class SampleImages(Hook):
             self._log(state)
 
 
+class Validation(Hook):
+    """A fine-tune's validation (pipeline/train/validation.py), at each checkpoint: the prompts
+    drawn with fixed seeds and scored (DINO, CLIP-I, CLIP-T), a grid and the scores logged with
+    step=, a record in the run folder; then checkpoints beyond `keep` are deleted, the best kept,
+    and after `patience` validations without a new best the run stops. A resumed checkpoint that
+    was never validated (the run died in between) is validated first."""
+
+    def __init__(self, run: RunInfo, config: Config, device: torch.device) -> None:
+        self.run, self.config, self.device = run, config, device
+        self.plan = validation.ValidationPlan(**run.validation)
+        self.records: list[dict[str, Any]] = []
+        self.scorer: validation.Scorer | None = None
+        self.photos: list[PIL.Image.Image] = []
+
+    def on_start(self, state: TrainState) -> None:
+        recorded = validation.read_records(self.run.run_folder)
+        self.records = [r for r in recorded if r[validation.STEP] <= state.step]  # later ones are replayed
+        if len(self.records) < len(recorded):
+            validation.write_records(self.run.run_folder, self.records)
+        if state.step > 0 and all(r[validation.STEP] != state.step for r in self.records):
+            self._validate(state, checkpoint_name(state.step))
+        else:
+            self._check_patience(state)
+
+    def on_checkpoint(self, state: TrainState, name: str) -> None:
+        self._validate(state, name)
+
+    def _validate(self, state: TrainState, name: str) -> None:
+        if self.scorer is None:
+            self.photos = validation.read_photos(self.plan.photos)
+            self.scorer = validation.Scorer(self.config, self.photos, self.device)
+        images = validation.draw_images(state.method, self.plan)
+        scores = self.scorer.score(images, self.plan.prompts)
+        self.records.append({validation.STEP: state.step, validation.CHECKPOINT: name, **scores})
+        validation.write_records(self.run.run_folder, self.records)
+        log.info("validation at step %d: DINO %.4f  CLIP-I %.4f  CLIP-T %.4f", state.step, scores["dino"], scores["clip_i"], scores["clip_t"])
+        if self.run.tracking_uri is not None:
+            uri, run_id = self.run.tracking_uri, self.run.mlflow_run_id
+            tracking.log_metrics(uri, run_id, {f"validation/{k}": v for k, v in scores.items()}, state.step)
+            grid = make_subject_grid(self.photos, [images], thumbnail=min(self.plan.size, 256))
+            tracking.log_image(uri, run_id, grid, "validation", state.step)
+        kept = validation.checkpoints_to_keep(self.records, self.plan.select, self.plan.keep, newest=name)
+        deleted = validation.prune_checkpoints(self.run.run_folder, kept)
+        if deleted:
+            log.info("deleted checkpoints %s (kept %s)", ", ".join(deleted), ", ".join(sorted(kept)))
+        self._check_patience(state)
+
+    def _check_patience(self, state: TrainState) -> None:
+        stale = validation.validations_since_best(self.records, self.plan.select)
+        if self.plan.patience is not None and stale >= self.plan.patience:
+            best = validation.rank_records(self.records, self.plan.select)[0][validation.STEP]
+            log.info("early stop at step %d: %d validations since the best (step %d, finetune.select %s)", state.step, stale, best, self.plan.select)
+            state.stop = True
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder name of the checkpoint at `step` (<run_folder>/<name>)."""
+    return f"step-{step:07d}"
+
+
 class CheckpointLog(Hook):
     """Names the newest checkpoint in the log and as an MLflow tag (rank 0). Ray Train keeps the
     newest `train.keep_checkpoints` and deletes older ones (CheckpointConfig(num_to_keep))."""
@@ -280,6 +345,8 @@ def build_hooks(config: Config, run: RunInfo, device: torch.device) -> list[Hook
                 hooks.append(SystemMetrics(run))
             if run.samples and train.samples.every:
                 hooks.append(SampleImages(run, config))
+        if run.validation is not None:
+            hooks.append(Validation(run, config, device))
     if train.step_log:
         hooks.append(StepLedger(train.step_log))
     if train.fail_at_step is not None:

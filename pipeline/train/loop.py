@@ -134,7 +134,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         hook.on_start(state)
     model.train()
 
-    while state.step < train.steps:
+    while state.step < train.steps and not state.stop:  # a hook may stop early (finetune.patience)
         step_begin(compile_mode)
         for micro in range(train.grad_accum):
             batch = next(batches)

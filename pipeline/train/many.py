@@ -53,6 +53,10 @@ class SubjectOutcome:
     model_version: str | None
     error: str  # the last attempt's error, "" when ok
     base_loads: int = 0  # bases its actor read from disk for it: 1 for an actor's first subject, else 0
+    step: int | None = None  # the registered checkpoint's step (finetune.select)
+    dino: float | None = None  # its validation scores; None without validation
+    clip_i: float | None = None
+    clip_t: float | None = None
 
 
 class SubjectTrainer:
@@ -139,8 +143,10 @@ def finetune_many(config: Config) -> list[SubjectOutcome]:
                 continue
             idle.append(actor)
             status = "reused" if result.reused else "ok"
+            scores = result.scores or {}
             outcomes[subject] = SubjectOutcome(subject, status, attempts[subject], result.seconds, result.artifact_bytes,
-                                               result.model_version, "", loads)
+                                               result.model_version, "", loads, result.step, scores.get("dino"),
+                                               scores.get("clip_i"), scores.get("clip_t"))
             log.info("subject %s done in %.1f s (%d bytes)", subject, result.seconds, result.artifact_bytes)
     finally:
         for actor in idle + [actor for _, actor, _ in running.values()]:
@@ -175,11 +181,14 @@ def write_summary(rows: list[SubjectOutcome], path: Path) -> None:
 
 
 def format_table(rows: list[SubjectOutcome]) -> str:
-    """The final table: subject, status, attempts, time, artifact size, version, error."""
-    lines = [f"{'subject':<20} {'status':<7} {'tries':>5} {'time_s':>8} {'artifact_MiB':>12} {'version':>7}  error"]
+    """The final table: subject, status, attempts, time, artifact size, version, the registered
+    checkpoint's step and validation scores, error."""
+    lines = [f"{'subject':<20} {'status':<7} {'tries':>5} {'time_s':>8} {'artifact_MiB':>12} {'version':>7} {'step':>5} "
+             f"{'DINO':>6} {'CLIP-I':>6} {'CLIP-T':>6}  error"]
     for r in rows:
+        scores = " ".join(f"{'-' if v is None else f'{v:.3f}':>6}" for v in (r.dino, r.clip_i, r.clip_t))
         lines.append(
             f"{r.subject_id:<20} {r.status:<7} {r.attempts:>5} {r.seconds:>8.1f} {r.artifact_bytes / 2**20:>12.2f} "
-            f"{r.model_version or '-':>7}  {r.error[:120]}"
+            f"{r.model_version or '-':>7} {'-' if r.step is None else r.step:>5} {scores}  {r.error[:120]}"
         )
     return "\n".join(lines)

@@ -199,12 +199,13 @@ class _Subject(Method):
 
     @classmethod
     def initial_embeds(cls, model: BlipDiffusion, config: Config) -> torch.Tensor | None:
-        """The mean subject embedding (1, Q, D) over the subject's first `finetune.max_references`
-        photos; None for a method without subject embeddings."""
+        """The mean subject embedding (1, Q, D) over the images in <train.data>/references/ (the
+        fine-tune writes up to `finetune.init_photos` distinct photos there, or composites with
+        `finetune.init_from: composites`); None for a method without subject embeddings."""
         if not cls.traits().embeds:
             return None
         folder = Path(config.train.data or "") / REFERENCES_FOLDER
-        paths = sorted(folder.glob("*.png"))[: config.finetune.max_references]
+        paths = sorted(folder.glob("*.png"))[: config.finetune.init_photos]
         if not paths:
             raise ConfigError(f"finetune.subject: no reference photos in {folder}")
         images = [PIL.Image.open(p).convert("RGB") for p in paths]

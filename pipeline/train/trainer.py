@@ -101,7 +101,8 @@ def storage_path(setting: str) -> str:
 def fit(config: Config, run_name: str, resources: dict[str, float], datasets: dict[str, Any], run: RunInfo, **loop_config: Any) -> Result:
     """Run `train_loop` on Ray Train: `train.workers` workers of `resources` each, DDP over gloo
     (CPU) or NCCL (GPUs), FailureConfig(max_failures) restarts from the newest checkpoint,
-    CheckpointConfig(keep_checkpoints) bounds storage, and RunConfig(run_name, storage_path)
+    CheckpointConfig(keep_checkpoints) bounds storage (a validating fine-tune's hook does instead),
+    and RunConfig(run_name, storage_path)
     makes a rerun resume where the last one stopped. The one TorchTrainer of pretraining and
     fine-tuning; `loop_config` goes to the loop beside the config and `run`."""
     train = config.train
@@ -114,7 +115,9 @@ def fit(config: Config, run_name: str, resources: dict[str, float], datasets: di
             name=run_name,
             storage_path=storage_path(train.storage_path),
             failure_config=FailureConfig(max_failures=train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
+            # A validating fine-tune keeps its best checkpoints itself (hooks.Validation); Ray Train
+            # would delete them by age.
+            checkpoint_config=CheckpointConfig(num_to_keep=None if run.validation else train.keep_checkpoints),
         ),
         datasets=datasets,
     )

@@ -15,14 +15,14 @@ from pipeline.cli import main
 from pipeline.data.build import dataset_digest
 from pipeline.train.data import open_dataset
 from tests.imagefiles import jpeg_bytes, make_source, photo
-from tests.train.test_trainer import mlflow_server  # noqa: F401  (the module-scoped server fixture)
 from tests.tinydata import publish_dataset
+from tests.train.test_trainer import mlflow_server  # noqa: F401  (the module-scoped server fixture)
 
 pytestmark = pytest.mark.slow
 
 DATA = ["profile=tiny", "data.decode.size=64", "data.composite.per_photo=1", "tracking.data_experiment=test-data"]
 TRAIN = ["train.resolution=64", "train.cpus_per_worker=0.5", "train.data_cpus=0.5", "tracking.system_metrics=false",
-         "finetune.batch_size=2", "tracking.experiment=test-refresh-finetune"]
+         "finetune.batch_size=2", "finetune.validation_steps=1", "tracking.experiment=test-refresh-finetune"]
 
 
 def _sets(*keys):

@@ -24,13 +24,14 @@ from pipeline.config import load_config
 from pipeline.train.data import open_dataset
 from pipeline.train.finetune import finetune_subject
 from tests.imagefiles import photo
-from tests.train.test_trainer import mlflow_server  # noqa: F401  (the module-scoped server fixture)
 from tests.tinydata import publish_dataset
+from tests.train.test_trainer import mlflow_server  # noqa: F401  (the module-scoped server fixture)
 
 pytestmark = pytest.mark.slow
 
 # One Ray Train worker and its data tasks on the 2-CPU test Ray; 64 px, 2 steps.
-TRAIN = ["train.resolution=64", "train.cpus_per_worker=0.5", "train.data_cpus=0.5", "tracking.system_metrics=false", "finetune.lora_rank=2"]
+TRAIN = ["train.resolution=64", "train.cpus_per_worker=0.5", "train.data_cpus=0.5", "tracking.system_metrics=false", "finetune.lora_rank=2",
+         "finetune.validation_steps=1"]
 
 
 def _sets(*keys):
@@ -69,6 +70,9 @@ def test_lora_subject_is_small_and_registered_with_tags_and_alias(registered, da
     assert tags["base_model"].endswith("tiny-blipdiffusion") and len(tags["git_commit"]) >= 7 and tags["step"] == "2"
     run = client.get_run(version.run_id)
     assert run.info.status == "FINISHED" and run.data.params["train.method"] == "lora" and "loss" in run.data.metrics
+    # Validated at the end (finetune.validate_every 20 > 2 steps): the version carries its scores.
+    assert {f"validation/{m}" for m in ("dino", "clip_i", "clip_t")} <= set(run.data.metrics)
+    assert all(-1 <= float(tags[m]) <= 1 for m in ("dino", "clip_i", "clip_t")) and run.data.tags["selected_step"] == "2"
     # Only the subject's files are in the registry, not a copy of the base.
     files = [a.path for a in client.list_artifacts(version.run_id, "subject_model/artifacts/dog-lora")]
     assert sorted(p.rsplit("/", 1)[1] for p in files) == ["lora.safetensors", "subject.json", "subject_embeds.safetensors"]
@@ -186,6 +190,7 @@ def test_finetune_many_finishes_the_others_and_reports_a_failed_subject(ray_loca
     assert "1 of 2 subjects fine-tuned; failed: broken" in printed
     rows = {r["subject_id"]: r for r in csv.DictReader((out / "finetune-many.csv").open())}
     assert rows["dog"]["status"] == "ok" and rows["dog"]["attempts"] == "1" and int(rows["dog"]["artifact_bytes"]) > 0
+    assert rows["dog"]["step"] == "2" and -1 <= float(rows["dog"]["dino"]) <= 1 and rows["broken"]["dino"] == ""
     assert rows["broken"]["status"] == "failed" and rows["broken"]["attempts"] == "2"  # retried once
     assert "no usable photo" in rows["broken"]["error"]
     assert (out / "dog-textual-inversion" / "subject_embeds.safetensors").is_file()

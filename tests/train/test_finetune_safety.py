@@ -20,12 +20,12 @@ def fake_fit(monkeypatch, tmp_path):
     """`_fit` returns a checkpoint whose subject folder holds `weights` = the call's number."""
     calls = []
 
-    def fit(config, storage, run_name, uri, run_id):
+    def fit(config, storage, run_name, uri, run_id, validation):
         calls.append(run_name)
         checkpoint = tmp_path / "ckpt" / str(len(calls))
         (checkpoint / "subject").mkdir(parents=True)
         (checkpoint / "subject" / "weights").write_text(str(len(calls)))
-        return checkpoint, 2
+        return checkpoint
 
     monkeypatch.setattr(finetune, "_fit", fit)
     return calls

@@ -16,7 +16,7 @@ from pipeline.train.many import finetune_many
 from tests.tinydata import publish_dataset
 
 TRAIN = ["profile=tiny", "train.resolution=32", "train.cpus_per_worker=1", "tracking.enabled=false", "finetune.lora_rank=2",
-         "finetune.steps=3", "finetune.concurrency=1"]
+         "finetune.steps=3", "finetune.concurrency=1", "finetune.validation_steps=1"]
 
 
 def test_a_kept_base_comes_back_exactly_as_loaded(monkeypatch):
