@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from PIL import Image
 
@@ -47,6 +48,19 @@ def test_generate_bad_input_exits_2(tmp_path, capsys):
     assert main([*base, "--subject-image", str(tmp_path / "a.png"), "--prompt", "x", "--model", str(tmp_path)]) == 2
     assert "model_index.json is missing" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_bug_in_generation_keeps_its_stack_trace(tmp_path, monkeypatch):
+    # Only the errors a user can fix exit 2: a ValueError from inside the model is a bug.
+    from pipeline.model import BlipDiffusion
+
+    def broken(self, *args, **kwargs):
+        raise ValueError("an internal shape check")
+
+    monkeypatch.setattr(BlipDiffusion, "generate", broken)
+    args = ["generate", "--profile", "tiny", "--category", "dog", "--subject-image", str(_photo(tmp_path / "a.png"))]
+    with pytest.raises(ValueError, match="an internal shape check"):
+        main([*args, "--prompt", "x", "--steps", "1", "--height", "64", "--width", "64", "--out", str(tmp_path / "o")])
 
 
 def test_generate_yaml_records_the_size_the_images_were_drawn_at(tmp_path):

@@ -17,6 +17,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.commands.submit import validate_command
 from pipeline.config import ConfigError
+from pipeline.errors import UserError
 from pipeline.jobs import JobEnv, build_entrypoint, build_runtime_env, forwarded_env, parse_env, stage_upload
 from tests.imagefiles import make_source
 
@@ -154,7 +155,7 @@ def test_entrypoint_and_runtime_env(monkeypatch):
 def test_submitted_command_is_checked_locally():
     assert validate_command(["--", "demo", "--out", "x"]) == ["demo", "--out", "x"]
     for bad in ([], ["--"], ["--", "dat", "build"], ["--", "data", "build"], ["--", "submit", "--address", "x", "--", "demo"]):
-        with pytest.raises(ConfigError):
+        with pytest.raises(UserError):
             validate_command(bad)
 
 

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline.config import REPO_DIR, Config, ConfigError
+from pipeline.errors import UserError
 from pipeline.jobs import (
     connect,
     exit_code,
@@ -40,19 +41,19 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
 
 def validate_command(command: list[str]) -> list[str]:
     """Drop the leading `--` and parse the command with the real parser, so a typo fails here
-    rather than minutes later on the cluster."""
+    (UserError) rather than minutes later on the cluster."""
     from pipeline.cli import build_parser
 
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        raise ConfigError("submit needs a command after --, e.g. subjectforge submit --address URL -- data build ...")
+        raise UserError("submit needs a command after --, e.g. subjectforge submit --address URL -- data build ...")
     if command[0] in ("submit", "job"):
-        raise ConfigError(f"`{command[0]}` cannot be submitted as a job")
+        raise UserError(f"`{command[0]}` cannot be submitted as a job")
     try:
         build_parser().parse_args(command)
     except SystemExit as exc:
-        raise ConfigError(f"the submitted command is not valid: subjectforge {' '.join(command)}") from exc
+        raise UserError(f"the submitted command is not valid: subjectforge {' '.join(command)}") from exc
     return command
 
 

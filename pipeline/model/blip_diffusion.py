@@ -42,6 +42,7 @@ from pipeline.model.prompts import (
     CONTEXT_BEGIN_POS,
     DEFAULT_NEGATIVE_PROMPT,
     DEFAULT_PROMPT_REPS,
+    PromptError,
     build_prompt,
     build_slot_prompt,
     check_text,
@@ -282,7 +283,7 @@ class BlipDiffusion(nn.Module):
         `subjects` by name, go before its name's first token, as the single subject goes before
         its category word after "a". K slots leave 77 - K * Q positions for the text.
 
-        ValueError names a slot with no subject, a subject no prompt names, or a slot that falls
+        PromptError names a slot with no subject, a subject no prompt names, or a slot that falls
         beyond the tokens the text encoder reads.
         """
         rows, named = [], set()
@@ -290,13 +291,13 @@ class BlipDiffusion(nn.Module):
             slots = split_subject_slots(prompt)
             missing = [name for name in slots.names if name not in subjects]
             if missing:
-                raise ValueError(f"the prompt names subject [{missing[0]}], which is not given; the subjects are {', '.join(subjects)}")
+                raise PromptError(f"the prompt names subject [{missing[0]}], which is not given; the subjects are {', '.join(subjects)}")
             named.update(slots.names)
             embeds = torch.cat([self._resolve_subject(None, None, subjects[name]) for name in slots.names], dim=1)  # (1, K*Q, D)
             length = self.text_encoder.max_positions - embeds.shape[1]
             positions = [1 + len(self.tokenizer(prefix, add_special_tokens=False).input_ids) for prefix in slots.prefixes]
             if positions[-1] >= length - 1:  # the last position of the ids is the end token
-                raise ValueError(
+                raise PromptError(
                     f"subject [{slots.names[-1]}] stands after the {length - 2} prompt tokens the text encoder reads "
                     f"beside {len(slots.names)} subjects; name it earlier or shorten the prompt"
                 )
@@ -307,7 +308,7 @@ class BlipDiffusion(nn.Module):
             rows.append(hidden.expand(num_images, -1, -1))
         unused = [name for name in subjects if name not in named]
         if unused:
-            raise ValueError(f"subject {unused[0]!r} is given but no prompt names it as [{unused[0]}]")
+            raise PromptError(f"subject {unused[0]!r} is given but no prompt names it as [{unused[0]}]")
         return torch.cat(rows)
 
     def encode_conditioning(

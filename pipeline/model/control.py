@@ -22,13 +22,14 @@ import PIL.Image
 import torch
 
 from pipeline.config import CONTROL_KINDS
+from pipeline.errors import UserError
 from pipeline.model.image_processing import ImageLike, SubjectImageProcessor
 
 # Kinds whose map is computed from a photo by a model the user names.
 DETECTOR_KINDS = ("depth", "hed")
 
 
-class ControlError(ValueError):
+class ControlError(UserError, ValueError):
     """A control image, map, detector or ControlNet that cannot be used; the message names it."""
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from pipeline.errors import UserError
 from pipeline.model.checkpoint import CheckpointError
 
 # OpenAI CLIP statistics: the reference's defaults when the config names none.
@@ -133,8 +134,13 @@ class SubjectImageProcessor:
         return [PIL.Image.fromarray(img) for img in (array * 255).round().astype(np.uint8)]
 
 
+class ImageError(UserError, ValueError):
+    """A reference image file that cannot be read; the message names the file."""
+
+
 def load_image(image: ImageLike, index: int = 0) -> PIL.Image.Image:
-    """A PIL image from an image or a path; ValueError that names the item otherwise."""
+    """A PIL image from an image or a path; ImageError naming an unreadable file, ValueError for
+    anything else."""
     if isinstance(image, PIL.Image.Image):
         return image
     if isinstance(image, str | Path):
@@ -143,7 +149,7 @@ def load_image(image: ImageLike, index: int = 0) -> PIL.Image.Image:
                 opened.load()
                 return opened.copy()
         except (OSError, PIL.UnidentifiedImageError) as exc:
-            raise ValueError(f"reference image {index} ({image}) is not a readable image: {exc}") from exc
+            raise ImageError(f"reference image {index} ({image}) is not a readable image: {exc}") from exc
     raise ValueError(f"reference image {index} must be a PIL image or a path, got {type(image).__name__}")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from pipeline.errors import UserError
+
 # The negative prompt used with the released model in the reference examples (LAVIS notebooks and
 # the diffusers 0.33 BlipDiffusionPipeline docstring). diffusers' `__call__` itself defaults to "".
 DEFAULT_NEGATIVE_PROMPT = (
@@ -18,6 +20,10 @@ DEFAULT_NEGATIVE_PROMPT = (
 # the 61 positions left next to the subject tokens. The text is cut to what the tokenizer can
 # read before it is repeated: a 200,000-word prompt repeated 20 times took gigabytes to tokenize.
 DEFAULT_PROMPT_REPS = 20
+
+
+class PromptError(UserError, ValueError):
+    """A prompt whose [subject slots] cannot be drawn as written; the message names the slot."""
 
 # The subject embeddings go in after "<bos> a", i.e. the prompt reads "a [subject] <category> ...".
 CONTEXT_BEGIN_POS = 2
@@ -76,7 +82,7 @@ def has_subject_slots(prompt: str) -> bool:
 
 
 def split_subject_slots(prompt: str) -> SlotPrompt:
-    """`prompt` with [name] slots as a SlotPrompt. ValueError for an empty or nested slot, or
+    """`prompt` with [name] slots as a SlotPrompt. PromptError for an empty or nested slot, or
     a bracket left open.
 
     >>> split_subject_slots(" a [dog] next to a [cat] ")
@@ -88,7 +94,7 @@ def split_subject_slots(prompt: str) -> SlotPrompt:
     for match in _SLOT.finditer(source):
         name = " ".join(match.group(1).split())
         if not name:
-            raise ValueError(f"prompt {source[:80]!r}: an empty subject slot []")
+            raise PromptError(f"prompt {source[:80]!r}: an empty subject slot []")
         text += source[end : match.start()]
         prefixes.append(text)
         names.append(name)
@@ -96,9 +102,9 @@ def split_subject_slots(prompt: str) -> SlotPrompt:
         end = match.end()
     text += source[end:]
     if "[" in text or "]" in text:
-        raise ValueError(f"prompt {source[:80]!r}: a bracket that does not close one subject slot [name]")
+        raise PromptError(f"prompt {source[:80]!r}: a bracket that does not close one subject slot [name]")
     if not names:
-        raise ValueError(f"prompt {source[:80]!r} has no subject slot [name]")
+        raise PromptError(f"prompt {source[:80]!r} has no subject slot [name]")
     return SlotPrompt(text, tuple(names), tuple(prefixes))
 
 
