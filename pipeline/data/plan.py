@@ -8,7 +8,7 @@ pools, GPU shares, batch sizes): `build_dataset_plan` folds the list over Ray Da
 `map_batches`, and `pipeline.data.build.process_photos` folds the same list over one batch in its own
 process. Training and evaluation declare their own Ray resources, beside their plans
 (pipeline/train/data.py, pipeline/train/trainer.py, pipeline/train/finetune.py,
-pipeline/evaluation/plan.py), and `subject_trainer_options` below those of finetune-many's actors.
+pipeline/train/many.py, pipeline/evaluation/plan.py).
 
 Matting runs where its backend is fastest: the torch solver as an actor pool sharing the GPUs with
 CLIPSeg, each actor solving up to `data.matte.batch_size` photos at once; pymatting (or torch on
@@ -101,14 +101,6 @@ class StageSpec:
     def in_process(self) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
         """The stage as a function of one batch in this process (an actor is made here)."""
         return self.fn(**self.args) if isinstance(self.fn, type) else functools.partial(self.fn, **self.args)
-
-
-def subject_trainer_options(config: Config) -> dict[str, Any]:
-    """Ray options of a finetune-many actor (pipeline/train/many.py): the CPUs of a training
-    worker and `finetune.num_gpus` of a GPU with `train.gpu` (fractions let subjects share one).
-    No restarts: the pool replaces an actor that died, and the subject it held is retried."""
-    gpus = config.finetune.num_gpus if config.train.gpu else 0
-    return {"num_cpus": config.train.cpus_per_worker, "num_gpus": gpus, "max_restarts": 0, "max_task_retries": 0}
 
 
 def gpus_per_segment_actor(

@@ -31,7 +31,6 @@ import ray
 
 from pipeline.config import Config, ConfigError
 from pipeline.data.build import affected_subjects
-from pipeline.data.plan import subject_trainer_options
 from pipeline.data.versions import MANIFEST
 from pipeline.raycluster import ensure_ray
 from pipeline.train import bases
@@ -57,6 +56,14 @@ class SubjectOutcome:
     dino: float | None = None  # its validation scores; None without validation
     clip_i: float | None = None
     clip_t: float | None = None
+
+
+def subject_trainer_options(config: Config) -> dict[str, Any]:
+    """Ray options of a finetune-many actor (SubjectTrainer): the CPUs of a training
+    worker and `finetune.num_gpus` of a GPU with `train.gpu` (fractions let subjects share one).
+    No restarts: the pool replaces an actor that died, and the subject it held is retried."""
+    gpus = config.finetune.num_gpus if config.train.gpu else 0
+    return {"num_cpus": config.train.cpus_per_worker, "num_gpus": gpus, "max_restarts": 0, "max_task_retries": 0}
 
 
 class SubjectTrainer:
