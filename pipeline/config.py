@@ -100,12 +100,15 @@ PROFILE_MODELS: dict[str, dict[str, str]] = {
         "blip_diffusion": str(ASSETS_DIR / "tiny-blipdiffusion"),
         "dino": str(ASSETS_DIR / "tiny-dino"),
         "clip": str(ASSETS_DIR / "tiny-clip"),
+        "captioner": str(ASSETS_DIR / "tiny-captioner"),
     },
     "real": {
         "clipseg": "CIDAS/clipseg-rd64-refined",
         "blip_diffusion": "Salesforce/blipdiffusion",
         "dino": "facebook/dino-vits16",
         "clip": "openai/clip-vit-base-patch32",
+        # The paper captioned with BLIP-2 OPT-6.7B; the 2.7B one is half the memory and time.
+        "captioner": "Salesforce/blip2-opt-2.7b",
     },
 }
 
@@ -116,8 +119,15 @@ PROFILE_MODELS: dict[str, dict[str, str]] = {
 PROFILE_SETTINGS: dict[str, dict[str, Any]] = {
     # Tiny models train at 64 px: the tiny UNet attends at full latent size, and at 512 px
     # (4,096 tokens, head dim 8) one CPU step takes minutes in torch's attention backward.
+    # Its CLIPSeg's raw scores for data.filter.exclude_prompts would reject photos at random, and
+    # its captioner's random text needs no more than a few tokens.
     "tiny": {
-        "data": {"segment": {"normalize": "minmax"}, "trimap": {"erode_fg_px": 0, "erode_bg_px": 0}},
+        "data": {
+            "segment": {"normalize": "minmax"},
+            "trimap": {"erode_fg_px": 0, "erode_bg_px": 0},
+            "filter": {"exclude_prompts": []},
+            "caption": {"max_new_tokens": 8},
+        },
         "train": {"resolution": 64},
     },
     "real": {},
@@ -139,6 +149,9 @@ class ModelsConfig(_Strict):
     blip_diffusion: Input[str | None] = None
     dino: Input[str | None] = Field(None, description="DINO ViT-S/16 of the DINO score (evaluate)")
     clip: Input[str | None] = Field(None, description="CLIP ViT-B/32 of the CLIP-I and CLIP-T scores (evaluate)")
+    captioner: Input[str | None] = Field(
+        None, description="image captioner of the data build's caption stage (transformers image-text-to-text: BLIP-2, BLIP)"
+    )
 
 
 class DecodeConfig(_Strict):
@@ -233,12 +246,53 @@ class MatteConfig(_Strict):
 class FilterConfig(_Strict):
     min_area: float = Field(0.01, ge=0.0, le=1.0, description="reject mattes covering less of the photo")
     max_area: float = Field(0.95, ge=0.0, le=1.0, description="reject mattes covering more of the photo")
+    # BLIP-Diffusion's pretraining removes human-related images. CLIPSeg (the segment stage's
+    # model) scores each prompt too; a prompt equal to the photo's category is not applied.
+    exclude_prompts: list[str] = Field(
+        ["person"], description="reject a photo where CLIPSeg finds one of these; [] = off (the tiny profile's)"
+    )
+    exclude_area: float = Field(
+        0.05, ge=0.0, le=1.0, description="reject when a prompt's CLIPSeg confidence >= 0.5 covers more of the photo"
+    )
 
     @model_validator(mode="after")
     def _check_order(self) -> FilterConfig:
         if not self.min_area < self.max_area:
             raise ValueError(f"min_area ({self.min_area}) must be below max_area ({self.max_area})")
         return self
+
+
+CAPTION_BATCH_GPU = 64
+CAPTION_BATCH_CPU = 8
+CAPTION_GPUS = 0.25
+
+
+class CaptionConfig(_Strict):
+    """The caption stage (stages/caption.py): `models.captioner` writes each accepted photo's
+    caption, the text of BLIP-Diffusion's prompted context generation. A photo's own caption
+    (captions.csv beside subjects.csv) is kept instead."""
+
+    enabled: bool = Field(True, description="caption photos without a caption of their own; off, they train on train.prompt_template")
+    prompt: str = Field(
+        "", description="text the captioner continues (BLIP-2: '' captions plainly, 'a photo of' also works); cut from the caption"
+    )
+    max_new_tokens: int = Field(30, ge=1, le=512, description="caption length limit, tokens (LAVIS's BLIP-2 captions: 30)")
+    num_beams: int = Field(1, ge=1, le=16, description="beam search width; 1 = greedy (LAVIS's BLIP-2 captions use 5, at several times the cost)")
+    batch_size: Runtime[CountOrAuto] = Field(
+        "auto", description=f"photos per captioner generate(); auto = {CAPTION_BATCH_GPU} with GPUs, {CAPTION_BATCH_CPU} without"
+    )
+    num_actors: Runtime[CountOrAuto] = Field("auto", description="captioner actor pool size; auto = one per GPU, 1 without GPUs")
+    num_gpus: Runtime[float | Literal["auto"]] = Field(
+        "auto", description=f"GPUs per captioner actor; auto = {CAPTION_GPUS} with GPUs (CLIPSeg's auto share takes what is left), 0 without"
+    )
+
+    def resolved(self, cluster_gpus: float) -> tuple[int, int, float]:
+        """(num_actors, batch_size, num_gpus) on a cluster with `cluster_gpus` GPUs."""
+        gpus = whole_gpus(cluster_gpus)
+        actors = self.num_actors if self.num_actors != "auto" else max(1, gpus)
+        batch = self.batch_size if self.batch_size != "auto" else (CAPTION_BATCH_GPU if gpus else CAPTION_BATCH_CPU)
+        share = self.num_gpus if self.num_gpus != "auto" else (CAPTION_GPUS if gpus else 0.0)
+        return actors, batch, share
 
 
 class CompositeConfig(_Strict):
@@ -296,6 +350,7 @@ class DataConfig(_Strict):
     trimap: TrimapConfig = TrimapConfig()
     matte: MatteConfig = MatteConfig()
     filter: FilterConfig = FilterConfig()
+    caption: CaptionConfig = CaptionConfig()
     composite: CompositeConfig = CompositeConfig()
     write: WriteConfig = WriteConfig()
 
@@ -495,7 +550,12 @@ class TrainConfig(_Strict):
     steps: int = Field(100_000, ge=1, description="optimizer steps in all (a resumed run stops at the same step)")
     batch_size: int = Field(16, ge=1, description="samples per worker per micro-batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    lr: float = Field(2e-6, gt=0.0, description="AdamW learning rate after warm-up (constant)")
+    lr: float = Field(2e-6, gt=0.0, description="AdamW learning rate after warm-up (constant), at reference_batch samples per step")
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
+        "none", description="scale lr to the run's samples per step (batch_size x workers x grad_accum) / reference_batch: "
+        "none = lr as given, linear = times the ratio, sqrt = times its square root (learning_rate())"
+    )
+    reference_batch: int = Field(16, ge=1, description="samples per step that lr is given for (BLIP-Diffusion's pretraining: 16)")
     weight_decay: float = Field(0.01, ge=0.0)
     warmup_steps: int = Field(1000, ge=0, description="linear warm-up from 0 to lr, in optimizer steps")
     max_grad_norm: float = Field(1.0, ge=0.0, description="gradient clipping; 0 = off")
@@ -569,6 +629,13 @@ class TrainConfig(_Strict):
         if self.gpu and self.mixed_precision == "no" and self.unet_sdpa_backend in ("flash", "cudnn"):
             raise ValueError(f"unet_sdpa_backend {self.unet_sdpa_backend!r} needs bf16 autocast (mixed_precision: no)")
         return self
+
+    def learning_rate(self) -> float:
+        """The AdamW rate after warm-up: `lr`, given for `reference_batch` samples per optimizer
+        step, scaled to this run's by `lr_scaling`. At 256 samples per step (32 x 8 workers) and
+        lr 2e-6: none 2e-6, sqrt 8e-6, linear 3.2e-5."""
+        ratio = self.batch_size * self.workers * self.grad_accum / self.reference_batch
+        return self.lr * {"none": 1.0, "linear": ratio, "sqrt": ratio**0.5}[self.lr_scaling]
 
 
 class FinetuneConfig(_Strict):

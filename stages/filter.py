@@ -1,15 +1,44 @@
-"""Filter stage: reject photos whose matte is unusable for compositing.
+"""Filter stage: reject photos whose matte is unusable for compositing, and photos of what the
+dataset must not hold (`data.filter.exclude_prompts`: BLIP-Diffusion's pretraining removes
+human-related images).
 
-Runs before compositing (the issue lists it after) because a rejected photo needs no composites.
+The matte checks run before compositing (the issue lists them after) because a rejected photo
+needs no composites. The exclusion check runs in the segment actor, on the CLIPSeg pass that
+scores the prompts (stages/segment.py), so that an excluded photo is never matted or captioned.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
+import torch
 
 from stages.records import ALPHA, ALPHA_AREA, Reject, apply_per_row, timed
 
 STAGE = "filter"
+
+# A pixel shows an excluded prompt where CLIPSeg's confidence for it (its sigmoid) reaches this:
+# CLIPSeg's own decision boundary, the trimap's default foreground threshold.
+EXCLUDE_CONFIDENCE = 0.5
+
+
+def prompt_areas(logits: torch.Tensor) -> np.ndarray:
+    """CLIPSeg logits (..., h, w) -> float64 (...): the fraction of each map whose confidence is
+    at least EXCLUDE_CONFIDENCE. Taken at model resolution: CLIPSeg stretches the photo to its
+    square input, and a stretch keeps fractions of the area."""
+    return (torch.sigmoid(logits.float()) >= EXCLUDE_CONFIDENCE).double().mean(dim=(-2, -1)).cpu().numpy()
+
+
+def check_excluded(areas: Mapping[str, float], category: str, exclude_area: float) -> None:
+    """Reject when an excluded prompt covers more than `exclude_area` of the photo. `areas` maps
+    each prompt to its fraction (prompt_areas); a prompt equal to the photo's category is not
+    applied, so a dataset of people may still exclude them from other subjects' photos."""
+    for prompt, area in areas.items():
+        if area > exclude_area and prompt.strip().lower() != category.strip().lower():
+            raise Reject(
+                STAGE, f"excluded content: CLIPSeg finds {prompt!r} on {area:.1%} of the photo > exclude_area {exclude_area:.1%}"
+            )
 
 
 def check_matte(alpha: np.ndarray, *, min_area: float = 0.01, max_area: float = 0.95) -> float:

@@ -22,6 +22,12 @@ CATEGORY = "category"
 SOURCE_URI = "source_uri"  # path relative to the source root, POSIX separators
 SOURCE_PATH = "source_path"  # absolute path read by the decode stage
 SOURCE_SHA256 = "source_sha256"
+# The photo's caption, the text of its training prompt (stages/caption.py), and where it came
+# from: CAPTION_USER (the source's captions.csv), CAPTION_MODEL (the captioner), or "" (none).
+CAPTION = "caption"
+CAPTION_SOURCE = "caption_source"
+CAPTION_USER = "user"
+CAPTION_MODEL = "model"
 
 # Reject bookkeeping: empty strings while the row is healthy.
 REJECT_STAGE = "reject_stage"
@@ -46,7 +52,7 @@ PLACEMENT = "placement"  # JSON: where and how large the subject was pasted
 # Seconds spent per stage, summed per row so the writer can report time per stage.
 TIMING_PREFIX = "t_"
 
-STAGES = ("scan", "decode", "segment", "trimap", "matte", "filter", "composite", "write")
+STAGES = ("scan", "decode", "segment", "trimap", "caption", "matte", "filter", "composite", "write")
 
 # Stand-in for an array column of a rejected row: Ray Data needs every row of a tensor column
 # to have the same number of dimensions, and a 1x1 placeholder costs nothing.

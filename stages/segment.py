@@ -1,17 +1,21 @@
 """Segment stage: CLIPSeg, prompted with the subject's category, gives a confidence map.
 
 The pure core turns CLIPSeg logits into a confidence map at the photo's resolution; the
-`Segmenter` class loads the model once per actor and runs batched forward passes.
+`Segmenter` class loads the model once per actor and runs batched forward passes. The same pass
+scores `data.filter.exclude_prompts` ("person"), and the filter stage's `check_excluded` rejects
+a photo they cover (stages/filter.py): such a photo is never matted or captioned.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stages.filter import check_excluded, prompt_areas
 from stages.records import (
     CATEGORY,
     CONFIDENCE,
@@ -83,7 +87,7 @@ def pixels_for_clipseg(
     return ((out - shift) / scale).to(dtype)
 
 
-def _fixed_size(image_processor: object) -> tuple[int, int] | None:
+def fixed_size(image_processor: object) -> tuple[int, int] | None:
     """(height, width) of a fixed-size resize; `size` is a SizeDict or a plain dict by version."""
     size = getattr(image_processor, "size", None)
     get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
@@ -91,12 +95,12 @@ def _fixed_size(image_processor: object) -> tuple[int, int] | None:
     return (int(height), int(width)) if height and width else None
 
 
-def _tensor_preprocessing_matches(image_processor: object) -> bool:
+def tensor_preprocessing_matches(image_processor: object) -> bool:
     """Whether pixels_for_clipseg reproduces this image processor (the released CLIPSeg ones: a
     fixed-size bilinear resize, 1/255, mean/std); anything else stays with the processor."""
     return (
         getattr(image_processor, "do_resize", False)
-        and _fixed_size(image_processor) is not None
+        and fixed_size(image_processor) is not None
         and getattr(image_processor, "resample", None) in _INTERPOLATION
         and getattr(image_processor, "do_rescale", False)
         and abs(float(getattr(image_processor, "rescale_factor", 0.0)) - 1 / 255) < 1e-9
@@ -112,10 +116,19 @@ def pick_device(prefer_gpu: bool = True) -> torch.device:
 class Segmenter:
     """Ray Data actor: CLIPSeg loaded once, applied to batches of photos.
 
-    Adds CONFIDENCE (float32 HxW in [0, 1]) to each healthy row.
+    Adds CONFIDENCE (float32 HxW in [0, 1]) to each healthy row. With `exclude_prompts`, a row
+    where one of them covers more than `exclude_area` of the photo is rejected at `filter`.
     """
 
-    def __init__(self, model_path: str, prompt_template: str = "{category}", batch_size: int = 8, normalize: str = "none"):
+    def __init__(
+        self,
+        model_path: str,
+        prompt_template: str = "{category}",
+        batch_size: int = 8,
+        normalize: str = "none",
+        exclude_prompts: Sequence[str] = (),
+        exclude_area: float = 1.0,
+    ):
         # Imported here so that modules which only need the pure function do not pay for it.
         from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
         from transformers.utils import logging as hf_logging
@@ -129,7 +142,9 @@ class Segmenter:
         self.prompt_template = prompt_template
         self.batch_size = batch_size
         self.normalize = normalize
-        self.tensor_preprocessing = _tensor_preprocessing_matches(self.processor.image_processor)
+        self.exclude_prompts = list(exclude_prompts)
+        self.exclude_area = exclude_area
+        self.tensor_preprocessing = tensor_preprocessing_matches(self.processor.image_processor)
         log.info(
             "CLIPSeg %s on %s (%s), images preprocessed %s",
             model_path,
@@ -141,20 +156,28 @@ class Segmenter:
     @torch.inference_mode()
     def predict_logits(self, images: list[np.ndarray], categories: list[str]) -> torch.Tensor:
         """Photos (uint8 HxWx3) and their categories -> logits (B, h, w) at model resolution."""
-        prompts = [self.prompt_template.format(category=c) for c in categories]
+        return self.prompt_logits(images, [[self.prompt_template.format(category=c) for c in categories]])[0]
+
+    @torch.inference_mode()
+    def prompt_logits(self, images: list[np.ndarray], prompt_sets: list[list[str]]) -> torch.Tensor:
+        """Photos (uint8 HxWx3) and S sets of one prompt per photo -> logits (S, B, h, w) at
+        model resolution, in one forward pass: the photos are preprocessed once and repeated."""
+        prompts = [prompt for prompts in prompt_sets for prompt in prompts]
         if self.tensor_preprocessing:
             inputs = self._tokens(prompts)
             ip = self.processor.image_processor
-            inputs["pixel_values"] = pixels_for_clipseg(
-                images, *_fixed_size(ip), ip.image_mean, ip.image_std, ip.resample, self.device, self.dtype
+            pixels = pixels_for_clipseg(
+                images, *fixed_size(ip), ip.image_mean, ip.image_std, ip.resample, self.device, self.dtype
             )
+            inputs["pixel_values"] = pixels.repeat(len(prompt_sets), 1, 1, 1)
         else:
-            inputs = self.processor(text=prompts, images=images, return_tensors="pt", padding=True)
+            repeated = list(images) * len(prompt_sets)
+            inputs = self.processor(text=prompts, images=repeated, return_tensors="pt", padding=True)
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         logits = self.model(**inputs).logits
         # CLIPSeg squeezes the batch axis away when the batch has one photo.
-        return logits.reshape(len(images), *logits.shape[-2:])
+        return logits.reshape(len(prompt_sets), len(images), *logits.shape[-2:])
 
     def _tokens(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Each distinct prompt tokenized once; a batch holds few categories."""
@@ -167,9 +190,18 @@ class Segmenter:
         with timed(batch, STAGE):
             ok = healthy_rows(batch)
             maps: dict[int, np.ndarray] = {}
+            excluded: dict[int, dict[str, float]] = {}
             for start in range(0, len(ok), self.batch_size):
                 rows = [int(i) for i in ok[start : start + self.batch_size]]
-                logits = self.predict_logits([batch[IMAGE][i] for i in rows], [str(batch[CATEGORY][i]) for i in rows])
+                categories = [str(batch[CATEGORY][i]) for i in rows]
+                prompt_sets = [[self.prompt_template.format(category=c) for c in categories]]
+                prompt_sets += [[prompt] * len(rows) for prompt in self.exclude_prompts]
+                all_logits = self.prompt_logits([batch[IMAGE][i] for i in rows], prompt_sets)
+                logits = all_logits[0]
+                if self.exclude_prompts:
+                    areas = prompt_areas(all_logits[1:])  # (P, B)
+                    for k, i in enumerate(rows):
+                        excluded[i] = dict(zip(self.exclude_prompts, areas[:, k].tolist(), strict=True))
                 by_size: dict[tuple[int, int], list[int]] = {}
                 for k, i in enumerate(rows):
                     by_size.setdefault(batch[IMAGE][i].shape[:2], []).append(k)
@@ -182,6 +214,7 @@ class Segmenter:
                 conf = maps[i]
                 if not np.isfinite(conf).all():
                     raise Reject(STAGE, "CLIPSeg produced non-finite confidences")
+                check_excluded(excluded.get(i, {}), str(batch[CATEGORY][i]), self.exclude_area)
                 return {CONFIDENCE: conf}
 
             return apply_per_row(batch, one, {CONFIDENCE: PLACEHOLDER_MAP})

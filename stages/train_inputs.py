@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stages.records import CATEGORY, COMPOSITE, IMAGE
+# CAPTION: a column of datasets the caption stage wrote; rows without one (or an empty one) get
+# the prompt template.
+from stages.records import CAPTION, CATEGORY, COMPOSITE, IMAGE
 
-CAPTION = "caption"  # optional dataset column; rows without one get the prompt template
 PIXEL_VALUES = "pixel_values"  # float32 (3, S, S), the composite as Q-Former input
 TARGET = "target"  # float32 (3, R, R) in [-1, 1], the photo to reconstruct
 LATENT_PARAMS = "latent_params"  # float32 (2C, R/8, R/8): VAE posterior mean and log-variance

@@ -26,6 +26,8 @@ from stages.records import (
     ALPHA,
     ALPHA_AREA,
     BACKGROUND_ID,
+    CAPTION,
+    CAPTION_SOURCE,
     CATEGORY,
     COMPOSITE,
     FOREGROUND,
@@ -66,6 +68,8 @@ DATA_SCHEMA = pa.schema(
         (WIDTH, pa.int32()),
         (HEIGHT, pa.int32()),
         (ALPHA_AREA, pa.float32()),
+        (CAPTION, pa.string()),  # the training prompt's text; "" = none (train.prompt_template)
+        (CAPTION_SOURCE, pa.string()),  # user (captions.csv), model (the captioner) or ""
         (DATASET_VERSION, pa.string()),  # the version that produced the row (carried rows keep theirs)
     ]
 )
@@ -127,6 +131,8 @@ def encode_batch(
     keep = [name for name in DATA_SCHEMA.names if name in batch and name not in encoded]
     out = {name: batch[name] for name in keep}
     out.update(encoded)
+    for name in (CAPTION, CAPTION_SOURCE):  # a plan without the caption columns wrote no captions
+        out.setdefault(name, np.full(n, "", dtype=object))
     out[DATASET_VERSION] = np.full(n, dataset_version, dtype=object)
     for name in batch:
         if name.startswith(TIMING_PREFIX) or name in (REJECT_STAGE, REJECT_REASON):

@@ -26,6 +26,8 @@ IDENTITY = """
     finetune.subject_id finetune.steps finetune.batch_size finetune.lr finetune.weight_decay finetune.init_from finetune.init_photos finetune.validate_every finetune.validation_prompts finetune.validation_steps finetune.select finetune.patience
     finetune.train_text_encoder finetune.lora_rank finetune.lora_alpha finetune.identifier finetune.prior_images
     finetune.prior_weight finetune.prior_steps
+    data.filter.exclude_prompts data.filter.exclude_area data.caption.enabled data.caption.prompt
+    data.caption.max_new_tokens data.caption.num_beams train.lr_scaling train.reference_batch
 """
 RUNTIME = """
     data.max_reject_fraction data.keep_failed data.segment.batch_size data.segment.num_actors data.segment.num_gpus
@@ -43,12 +45,14 @@ RUNTIME = """
     finetune.out finetune.register_model finetune.register_prefix finetune.alias finetune.num_gpus
     finetune.concurrency finetune.max_retries tracking.enabled tracking.uri tracking.experiment
     tracking.data_experiment tracking.system_metrics submit.max_upload_mb
+    data.caption.batch_size data.caption.num_actors data.caption.num_gpus
 """
 INPUT = """
     profile models.clipseg models.blip_diffusion models.dino models.clip data.backgrounds.folder data.backgrounds.reject_prompts
     data.backgrounds.reject_threshold data.backgrounds.reject_area data.source.follow_links
     generate.control.image generate.control.controlnet generate.control.detector evaluate.model evaluate.photos evaluate.benchmark evaluate.prompts evaluate.subjects evaluate.qformer_tokenizer
     train.data finetune.base finetune.subject finetune.category finetune.subjects finetune.affected_only
+    models.captioner
 """
 
 
@@ -72,19 +76,21 @@ def test_every_field_has_a_decision():
 
 # Digests of the settings before they were derived from the schema (computed with the code of
 # 07cfdd3): an upgrade must not reprocess every existing dataset or retrain every registered
-# subject. CLIPSeg is pinned to one path: the tiny profile's is the clone's own folder, which
-# the processing digest includes. The fine-tune keys are those since the photo initialisation
+# subject. The processing digests changed once since, on purpose, when the build gained captions
+# and the people filter (data.caption.*, data.filter.exclude_*): datasets without captions are
+# built again. CLIPSeg and the captioner are pinned to one path: the tiny profile's are the
+# clone's own folders, which the processing digest includes. The fine-tune keys are those since the photo initialisation
 # and validation settings (finetune.init_from to finetune.patience), which change what a
 # fine-tune registers.
 _DIGESTS = {
-    "real": ("5b1f9b8fd6a8b6af49979f44c886aa1f64a59975683926511f99726166b084ca", "fafa8f43d1a50bf9"),
-    "tiny": ("c051a128745b0d653b4da96b390a3945fa423fdd6db6aa9a384329bab48759b1", "e2cd1562b72154c3"),
+    "real": ("6392d183c5e7c12cf8b1d01d022415ef490cfdd9ae99dad8ad83e85f8e7bd0bc", "fafa8f43d1a50bf9"),
+    "tiny": ("d4b2215abd0ddb311fc5253a44d01a46bd88ed0c22f427b1522a9012bb215958", "e2cd1562b72154c3"),
 }
 
 
 def test_digests_of_the_default_configs_are_unchanged():
     for profile, (processing, key) in _DIGESTS.items():
-        config = load_config(overrides=[f"profile={profile}", "models.clipseg=/models/clipseg"])
+        config = load_config(overrides=[f"profile={profile}", "models.clipseg=/models/clipseg", "models.captioner=/models/captioner"])
         assert processing_digest(config, "bghash") == processing, profile
         assert finetune_key(config, "dog", "abc123", "base") == key, profile
 

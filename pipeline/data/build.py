@@ -42,7 +42,18 @@ from pipeline.data.verify import CHECKSUMS, CONFIG_FILE, DamagedVersion, Version
 from pipeline.data.versions import INPUTS_FILE, MANIFEST, REJECTS_FILE, DatasetStore, utc_now, write_json_atomic
 from pipeline.hub import require_model
 from pipeline.raycluster import ensure_ray
-from stages.records import CATEGORY, REJECT_REASON, REJECT_STAGE, SOURCE_PATH, SOURCE_SHA256, SOURCE_URI, SUBJECT_ID
+from stages.records import (
+    CAPTION,
+    CAPTION_SOURCE,
+    CAPTION_USER,
+    CATEGORY,
+    REJECT_REASON,
+    REJECT_STAGE,
+    SOURCE_PATH,
+    SOURCE_SHA256,
+    SOURCE_URI,
+    SUBJECT_ID,
+)
 from stages.write import DATA_SCHEMA, REJECT_SCHEMA, split_block
 
 log = logging.getLogger(__name__)
@@ -55,6 +66,7 @@ INPUTS_SCHEMA = pa.schema(
         ("source_sha256", pa.string()),
         ("status", pa.string()),  # accepted | rejected
         ("rows", pa.int32()),
+        ("caption", pa.string()),  # the photo's own caption (captions.csv), "" = none
     ]
 )
 
@@ -71,8 +83,11 @@ class BuildResult:
 def processing_digest(config: Config, backgrounds_hash: str) -> str:
     """Hash of every data.* setting that may change the rows a photo produces: all but those
     config.py marks Runtime (pools, batch sizes, thresholds) or Input (the backgrounds folder and
-    which links are read, whose effect the backgrounds' and the source's digests record)."""
+    which links are read, whose effect the backgrounds' and the source's digests record), and the
+    models that make the rows: CLIPSeg, and the captioner when captions are on."""
     payload = {"data": identity_settings(config.data), "clipseg": config.model_path("clipseg"), "backgrounds": backgrounds_hash}
+    if config.data.caption.enabled:
+        payload["captioner"] = config.model_path("captioner")
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -83,6 +98,7 @@ def _photo_dict(photo: SourcePhoto) -> dict[str, str]:
         "source_uri": photo.source_uri,
         "source_path": photo.source_path,
         "source_sha256": photo.sha256,
+        "caption": photo.caption,
     }
 
 
@@ -94,16 +110,17 @@ def process_photos(photos: list[SourcePhoto], config: Config, dataset_version: s
     take the path of the plan without matting actors (matte_batch, photo by photo, then filter,
     composite and encode on the host): an actor's warm-up alone builds its Triton kernels
     (37 s the first time on a machine).
-    Raises ConfigError for a CLIPSeg model or backgrounds folder that cannot be loaded.
+    Raises ConfigError for a CLIPSeg model, captioner or backgrounds folder that cannot be loaded.
     """
     data = config.data
-    require_model("clipseg", config.model_path("clipseg"))
+    require_models(config)
     backgrounds = list_backgrounds(data.backgrounds.folder)
     batch = {
         name: np.array([getattr(p, attr) for p in photos], dtype=object)
         for name, attr in ((SUBJECT_ID, "subject_id"), (CATEGORY, "category"), (SOURCE_URI, "source_uri"),
-                           (SOURCE_PATH, "source_path"), (SOURCE_SHA256, "sha256"))
+                           (SOURCE_PATH, "source_path"), (SOURCE_SHA256, "sha256"), (CAPTION, "caption"))
     }
+    batch[CAPTION_SOURCE] = np.array([CAPTION_USER if p.caption else "" for p in photos], dtype=object)
     batch[REJECT_STAGE] = np.full(len(photos), "", dtype=object)
     batch[REJECT_REASON] = np.full(len(photos), "", dtype=object)
     here = Cluster(cpus=1, gpus=torch.cuda.device_count(), pools=False)
@@ -111,6 +128,13 @@ def process_photos(photos: list[SourcePhoto], config: Config, dataset_version: s
         batch = stage.in_process()(batch)
     rows, rejects, _ = split_block(pa.table({name: pa.array(list(column)) for name, column in batch.items()}))
     return rows, rejects
+
+
+def require_models(config: Config) -> None:
+    """ConfigError unless the build's models load: CLIPSeg, and the captioner with captions on."""
+    require_model("clipseg", config.model_path("clipseg"))
+    if config.data.caption.enabled:
+        require_model("captioner", config.model_path("captioner"))
 
 
 def _carry_forward(parent: VersionCheck, staging: Path, accepted_uris: set[str], rejected_uris: set[str]) -> pa.Table:
@@ -172,7 +196,7 @@ def _write_ledger(staging: Path, scan: SourceScan, rejects: pa.Table) -> dict[st
         if bool(rows) == is_rejected:
             raise RuntimeError(f"accounting error for {photo.source_uri}: rows={rows}, rejected={is_rejected}")
         status = "rejected" if is_rejected else "accepted"
-        records.append({**{k: getattr(photo, k) for k in ("source_uri", "subject_id", "category")}, "source_sha256": photo.sha256, "status": status, "rows": rows})
+        records.append({**{k: getattr(photo, k) for k in ("source_uri", "subject_id", "category", "caption")}, "source_sha256": photo.sha256, "status": status, "rows": rows})
         entry = subjects.setdefault(photo.subject_id, {"category": photo.category, "inputs": 0, "accepted": 0, "rejected": 0, "rows": 0})
         entry["inputs"] += 1
         entry[status] += 1
@@ -207,7 +231,10 @@ def plan_refresh(
 
     def same(uri: str) -> bool:
         old = parent_ledger.get(uri)
-        return old is not None and (old["source_sha256"], old["category"]) == (current[uri].sha256, current[uri].category)
+        # A ledger from before captions.csv has no caption column: its photos had none of their own.
+        return old is not None and (old["source_sha256"], old["category"], old.get("caption") or "") == (
+            current[uri].sha256, current[uri].category, current[uri].caption
+        )  # fmt: skip
 
     # Scan rejects are re-derived from subjects.csv every time, so they are never carried.
     unchanged = {p.source_uri for p in scan.photos if reuse and same(p.source_uri) and p.source_uri not in damaged}
@@ -299,7 +326,7 @@ def build_dataset(
     scan_seconds = time.perf_counter() - started
     backgrounds = list_backgrounds(config.data.backgrounds.folder)
     backgrounds_hash = backgrounds_digest(backgrounds)
-    require_model("clipseg", config.model_path("clipseg"))
+    require_models(config)
     digest = processing_digest(config, backgrounds_hash)
     store = DatasetStore(out)
     # A refresh with nothing to write needs no lock, so it also succeeds on a read-only OUT.
@@ -492,7 +519,7 @@ def _manifest(
         "stage_seconds": {k: round(v, 3) for k, v in seconds.items()},
         "wall_seconds": round(time.perf_counter() - started, 3),
         "backgrounds": backgrounds,
-        "models": {"clipseg": config.model_path("clipseg")},
+        "models": {"clipseg": config.model_path("clipseg"), **({"captioner": config.model_path("captioner")} if config.data.caption.enabled else {})},
         "schema": {"data": DATA_SCHEMA.names, "rejects": REJECT_SCHEMA.names},
         "files": data_files,
         CHECKSUMS: record_checksums(staging),

@@ -1,7 +1,8 @@
 """The data build's stage chain, declared once (`data_stages`), and its Ray Data plan.
 
 decode (CPU tasks) -> segment and trimap (CLIPSeg actor pool, a GPU share each when the cluster
-has GPUs) -> matte -> filter -> composite -> encode (CPU tasks) -> Parquet.
+has GPUs) -> caption (captioner actor pool, likewise) -> matte -> filter -> composite -> encode
+(CPU tasks) -> Parquet.
 
 `data_stages` is the one place that declares the data build's stages and resources (actor
 pools, GPU shares, batch sizes): `build_dataset_plan` folds the list over Ray Data's
@@ -32,13 +33,25 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, DataContext, Dataset
 
-from pipeline.config import Config, ConfigError, MatteConfig, whole_gpus
+from pipeline.config import CaptionConfig, Config, ConfigError, MatteConfig, whole_gpus
+from stages.caption import Captioner
 from stages.composite import composite_batch
 from stages.decode import decode_batch
 from stages.filter import filter_batch
 from stages.matte import matte_batch
 from stages.matte_composite import MatteFilterComposite
-from stages.records import CATEGORY, REJECT_REASON, REJECT_STAGE, SOURCE_PATH, SOURCE_SHA256, SOURCE_URI, SUBJECT_ID
+from stages.records import (
+    CAPTION,
+    CAPTION_SOURCE,
+    CAPTION_USER,
+    CATEGORY,
+    REJECT_REASON,
+    REJECT_STAGE,
+    SOURCE_PATH,
+    SOURCE_SHA256,
+    SOURCE_URI,
+    SUBJECT_ID,
+)
 from stages.segment import Segmenter
 from stages.trimap import trimap_batch
 from stages.write import ShardSink, encode_batch
@@ -104,20 +117,27 @@ class StageSpec:
 
 
 def gpus_per_segment_actor(
-    setting: float | str, matte_gpus: float, cluster_gpus: float, num_actors: int = 1, matte_actors: int = 1
+    setting: float | str,
+    matte_gpus: float,
+    cluster_gpus: float,
+    num_actors: int = 1,
+    matte_actors: int = 1,
+    caption_gpus: float = 0.0,
+    caption_actors: int = 0,
 ) -> float:
     """The GPU share of each CLIPSeg actor. auto: what the `matte_actors` matting actors
-    (`matte_gpus` each) leave of the GPUs, shared by the `num_actors` CLIPSeg actors so that
-    they pack: an actor's share sits on one GPU, so each gets what is left of a GPU divided by
-    the CLIPSeg actors that GPU must hold. Two actors beside a 0.5-GPU matting actor on one GPU
-    get 0.25 each; three beside three 0.2-GPU matting actors get 0.1333. Rounded down to Ray's
-    1e-4 resource unit, so that the shares never add up to more than the GPU. A number is taken
-    as given. Raises ConfigError when the shares of a GPU add up to more than it: Ray would
-    start the actors that fit, and the plan would wait for the others until CLIPSeg finished."""
+    (`matte_gpus` each) and the `caption_actors` captioner actors (`caption_gpus` each) leave of
+    the GPUs, shared by the `num_actors` CLIPSeg actors so that they pack: an actor's share sits
+    on one GPU, so each gets what is left of a GPU divided by the CLIPSeg actors that GPU must
+    hold. Two actors beside a 0.5-GPU matting actor on one GPU get 0.25 each; three beside three
+    0.2-GPU matting actors get 0.1333. Rounded down to Ray's 1e-4 resource unit, so that the
+    shares never add up to more than the GPU. A number is taken as given. Raises ConfigError
+    when the shares of a GPU add up to more than it: Ray would start the actors that fit, and
+    the plan would wait for the others until CLIPSeg finished."""
     if cluster_gpus <= 0:
         return 0.0 if setting == "auto" else float(setting)
     gpus = whole_gpus(cluster_gpus)
-    matting_per_gpu = matte_gpus * math.ceil(matte_actors / gpus)
+    matting_per_gpu = matte_gpus * math.ceil(matte_actors / gpus) + caption_gpus * math.ceil(caption_actors / gpus)
     segment_per_gpu = math.ceil(num_actors / gpus)
     if setting == "auto":
         share = math.floor((1.0 - matting_per_gpu) / segment_per_gpu * 1e4) / 1e4
@@ -125,9 +145,10 @@ def gpus_per_segment_actor(
         share = float(setting)
     if share < 1 and (share <= 0 or matting_per_gpu + share * segment_per_gpu > 1 + 1e-9):
         raise ConfigError(
-            f"on {gpus} GPU(s), {matte_actors} matting actor(s) at {matte_gpus:g} GPU each and {num_actors} "
-            f"CLIPSeg actor(s) at {share:g} ask for more than a GPU: lower data.matte.num_gpus, "
-            "data.matte.num_actors, data.segment.num_actors or data.segment.num_gpus"
+            f"on {gpus} GPU(s), {matte_actors} matting actor(s) at {matte_gpus:g} GPU each, {caption_actors} "
+            f"captioner actor(s) at {caption_gpus:g} and {num_actors} CLIPSeg actor(s) at {share:g} ask for more "
+            "than a GPU: lower data.matte.num_gpus, data.matte.num_actors, data.caption.num_gpus, "
+            "data.caption.num_actors, data.segment.num_actors or data.segment.num_gpus"
         )
     return share
 
@@ -164,16 +185,33 @@ def matte_stage(
     )
 
 
+def caption_stage(caption: CaptionConfig, model_path: str, cluster: Cluster) -> StageSpec:
+    """The captioner's actor pool on `cluster`. It runs after CLIPSeg, so that photos the filter's
+    exclude_prompts reject there are never captioned, and before matting, on photos alone: after
+    it, rows carry each photo's composites too."""
+    actors, batch_size, gpus = caption.resolved(cluster.gpus)
+    args = {"prompt": caption.prompt, "max_new_tokens": caption.max_new_tokens, "num_beams": caption.num_beams}
+    return StageSpec(
+        "caption",
+        Captioner,
+        {"model_path": model_path, "batch_size": batch_size, **args},
+        batch_size=batch_size,
+        num_gpus=gpus,
+        actors=actors,
+    )
+
+
 def data_stages(
     config: Config, cluster: Cluster, backgrounds: list[tuple[str, str]], dataset_version: str
 ) -> list[StageSpec]:
     """The data build's stages, in order, laid out on `cluster`: decode, CLIPSeg and trimap,
-    matte, then what is left of filter, composite and encode. Raises ConfigError when the actors'
-    GPU shares add up to more than a GPU."""
+    caption (with data.caption.enabled), matte, then what is left of filter, composite and
+    encode. Raises ConfigError when the actors' GPU shares add up to more than a GPU."""
     data = config.data
     finish = finish_args(config, backgrounds, dataset_version)
     on_device = {name: finish[name] for name in ("filter_args", "composite_args")}
     matte = matte_stage(data.matte, cluster, photo_size=data.decode.size, finish=on_device)
+    caption = [caption_stage(data.caption, config.model_path("captioner"), cluster)] if data.caption.enabled else []
     segment_actors, segment_batch = data.segment.resolved(cluster.gpus)
     segment = StageSpec(
         "segment",
@@ -183,12 +221,15 @@ def data_stages(
             "prompt_template": data.segment.prompt_template,
             "batch_size": segment_batch,
             "normalize": data.segment.normalize,
+            "exclude_prompts": data.filter.exclude_prompts,
+            "exclude_area": data.filter.exclude_area,
             "trimap_args": data.trimap.model_dump(),
         },
         batch_size=segment_batch,
         num_gpus=gpus_per_segment_actor(
-            data.segment.num_gpus, matte.num_gpus, cluster.gpus, segment_actors, matte.actors
-        ),
+            data.segment.num_gpus, matte.num_gpus, cluster.gpus, segment_actors, matte.actors,
+            sum(c.num_gpus for c in caption), sum(c.actors for c in caption),
+        ),  # fmt: skip
         actors=segment_actors,
     )
     if matte.actors:  # they filtered and composited on their device
@@ -198,7 +239,7 @@ def data_stages(
     else:
         rest = StageSpec("filter_composite_encode", filter_composite_encode, finish, batch_size=_FINISH_BATCH_SIZE)
     decode = StageSpec("decode", decode_batch, data.decode.model_dump(), batch_size=4)
-    return [decode, segment, matte, rest]
+    return [decode, segment, *caption, matte, rest]
 
 
 class SegmentAndTrimap(Segmenter):
@@ -273,8 +314,9 @@ def build_dataset_plan(
 ) -> Dataset:
     """A lazy Dataset of encoded rows (data and rejects together) for `photos`.
 
-    `photos` holds one dict per input with subject_id, category, source_uri, source_path and
-    source_sha256. Nothing runs until the dataset is written.
+    `photos` holds one dict per input with subject_id, category, source_uri, source_path,
+    source_sha256, and caption when the photo has one of its own. Nothing runs until the dataset
+    is written.
     """
     data = config.data
     items = [
@@ -284,6 +326,8 @@ def build_dataset_plan(
             SOURCE_URI: p[SOURCE_URI],
             SOURCE_PATH: p[SOURCE_PATH],
             SOURCE_SHA256: p[SOURCE_SHA256],
+            CAPTION: p.get(CAPTION, ""),
+            CAPTION_SOURCE: CAPTION_USER if p.get(CAPTION) else "",
             REJECT_STAGE: "",
             REJECT_REASON: "",
         }
@@ -309,7 +353,7 @@ def finish_args(config: Config, backgrounds: list[tuple[str, str]], dataset_vers
     actor takes the filter's and the composite's."""
     data = config.data
     return {
-        "filter_args": data.filter.model_dump(),
+        "filter_args": data.filter.model_dump(include={"min_area", "max_area"}),  # exclude_*: the segment actor's
         "composite_args": {"backgrounds": backgrounds, **data.composite.model_dump()},
         "encode_args": {
             "image_format": data.write.image_format,

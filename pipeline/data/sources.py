@@ -8,6 +8,11 @@ that is not a photo file the scan may read: a link that leaves the source (unles
 over `data.decode.max_bytes` (checked before hashing, so a huge file costs no read). A reject
 that was not read has an empty hash. Problems with subjects.csv itself are SourceErrors (the job
 cannot start); subjects listed without a folder are warnings.
+
+SRC/captions.csv (optional; columns photo,caption) gives photos captions of their own: `photo` is
+the path under SRC (dog/01.jpg). Such a caption is the photo's training text, in place of the
+captioner's (stages/caption.py), and part of the photo's identity: editing it reprocesses the
+photo. A row naming no input photo is a warning; a blank caption leaves the photo to the captioner.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipeline.config import check_name
@@ -27,6 +33,7 @@ from pipeline.errors import UserError
 log = logging.getLogger(__name__)
 
 SUBJECTS_CSV = "subjects.csv"
+CAPTIONS_CSV = "captions.csv"
 _HASH_CHUNK = 1 << 20
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic"}
 
@@ -42,6 +49,7 @@ class SourcePhoto:
     source_uri: str  # relative to the source root, POSIX separators
     source_path: str  # absolute
     sha256: str
+    caption: str = ""  # the photo's own caption (captions.csv), white space collapsed; "" = none
 
 
 @dataclass
@@ -57,10 +65,12 @@ class SourceScan:
         return self.photos + [photo for photo, _ in self.rejects]
 
     def digest(self) -> str:
-        """sha256 over every input's (uri, content hash, category): equal iff nothing changed."""
+        """sha256 over every input's (uri, content hash, category, own caption): equal iff nothing
+        changed. A photo without a caption of its own hashes as before captions existed."""
         h = hashlib.sha256()
         for photo in sorted(self.inputs, key=lambda p: p.source_uri):
-            h.update(f"{photo.source_uri}\t{photo.sha256}\t{photo.category}\n".encode())
+            caption = f"\t{photo.caption}" if photo.caption else ""
+            h.update(f"{photo.source_uri}\t{photo.sha256}\t{photo.category}{caption}\n".encode())
         return h.hexdigest()
 
 
@@ -97,6 +107,35 @@ def read_subjects_csv(path: Path) -> dict[str, str]:
     if not subjects:
         raise SourceError(f"{path} lists no subjects")
     return subjects
+
+
+def read_captions_csv(path: Path) -> dict[str, str]:
+    """captions.csv -> {photo path under the source: caption}, blank captions left out; {} when
+    there is no such file. SourceError naming the line for a missing column, an empty or
+    repeated photo path."""
+    if not path.is_file():
+        return {}
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"photo", "caption"} - set(reader.fieldnames or [])
+        if missing:
+            raise SourceError(f"{path}: missing column(s) {', '.join(sorted(missing))} (header: {reader.fieldnames})")
+        captions: dict[str, str] = {}
+        seen: set[str] = set()
+        for line_no, row in enumerate(reader, start=2):
+            photo = Path((row["photo"] or "").strip()).as_posix()
+            if photo in ("", "."):
+                raise SourceError(f"{path} line {line_no}: photo must name a file under the source (subject/photo.jpg)")
+            if photo in seen:
+                raise SourceError(f"{path} line {line_no}: duplicate photo {photo!r}")
+            seen.add(photo)
+            caption = _SPACES.sub(" ", row["caption"] or "").strip()
+            if caption:
+                captions[photo] = caption
+    return captions
+
+
+_SPACES = re.compile(r"\s+")
 
 
 def _is_hidden(name: str) -> bool:
@@ -203,6 +242,13 @@ def _count_files(path: Path) -> int:
     return sum(1 for p in path.rglob("*") if not p.is_dir() or p.is_symlink())
 
 
+def _apply_captions(scan: SourceScan, captions: dict[str, str]) -> None:
+    """Give each photo its captions.csv caption; warn about rows that name no input photo."""
+    scan.photos = [replace(p, caption=captions.get(p.source_uri, "")) for p in scan.photos]
+    for photo in sorted(set(captions) - {p.source_uri for p in scan.inputs}):
+        scan.warnings.append(f"{CAPTIONS_CSV} names {photo!r}, which is not an input photo; its caption is unused")
+
+
 def scan_source(root: str | Path, *, follow_links: bool = False, max_bytes: int | None = None) -> SourceScan:
     """Walk `root` and hash every input photo. Raises SourceError if `root` is not a source.
 
@@ -230,6 +276,7 @@ def scan_source(root: str | Path, *, follow_links: bool = False, max_bytes: int 
             walker.walk(folder, folder.name, frozenset({root_inode, entry.inode}))
         else:
             walker.add(folder, entry if entry.kind == "reject" else _Entry("reject", entry.real, reason="link loop"), folder.name)
+    _apply_captions(scan, read_captions_csv(root / CAPTIONS_CSV))
     counts = {p.subject_id for p in scan.photos}
     for folder, entry in folders.items():
         if entry.kind == "dir" and folder.name in subjects and folder.name not in counts:

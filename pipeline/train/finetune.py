@@ -187,6 +187,10 @@ def _rows_from_photos(config: Config, folder: Path, category: str) -> tuple[list
     from pipeline.data.sources import sha256_file
 
     subject_id = config.finetune.subject_id
+    # A fine-tune trains on its method's prompt, never on a caption: no captioner is loaded.
+    tree = config.model_dump(mode="json")
+    tree["data"]["caption"]["enabled"] = False
+    config = Config.model_validate(tree)
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
     photos = [SourcePhoto(subject_id, category, p.relative_to(folder).as_posix(), str(p), sha256_file(p)) for p in paths]
     if not photos:
@@ -314,7 +318,7 @@ def _recipe(config: Config) -> dict[str, Any]:
     every, keep = (min(ft.validate_every, ft.steps), config.train.keep_checkpoints) if ft.validate_every else (ft.steps, 1)
     return {
         "method": ft.method, "workers": 1, "steps": ft.steps, "batch_size": ft.batch_size, "grad_accum": 1,
-        "lr": ft.learning_rate(), "weight_decay": ft.weight_decay, "warmup_steps": 0, "drop_subject_prob": 0.0,
+        "lr": ft.learning_rate(), "lr_scaling": "none", "reference_batch": Config.model_fields["train"].default.reference_batch, "weight_decay": ft.weight_decay, "warmup_steps": 0, "drop_subject_prob": 0.0,
         "precompute": False, "composite": "stored", "checkpoint_every": every, "keep_checkpoints": keep, "register_as": None, "fail_at_step": None,
     }
 

@@ -75,13 +75,14 @@ def test_the_fused_cpu_task_is_filter_composite_encode_in_order():
 @pytest.mark.parametrize(
     "cpus, gpus, settings, fails",
     [
-        (6, 1, [], True),  # three CLIPSeg and three matte actors per GPU: every CPU held, decode never runs
-        (7, 1, [], False),
-        (2, 1, ["data.matte.num_actors=1", "data.segment.num_actors=1"], True),
-        (3, 1, ["data.matte.num_actors=1", "data.segment.num_actors=1"], False),
-        (7, 1, ["data.segment.num_actors=4"], True),
-        (2, 0, [], False),  # no GPU: matting is CPU tasks, only CLIPSeg is an actor
-        (1, 0, [], True),
+        (7, 1, [], True),  # three CLIPSeg, three matte and one captioner actor per GPU: every CPU held, decode never runs
+        (8, 1, [], False),
+        (3, 1, ["data.matte.num_actors=1", "data.segment.num_actors=1"], True),
+        (4, 1, ["data.matte.num_actors=1", "data.segment.num_actors=1"], False),
+        (3, 1, ["data.matte.num_actors=1", "data.segment.num_actors=1", "data.caption.enabled=false"], False),
+        (8, 1, ["data.segment.num_actors=4"], True),
+        (3, 0, [], False),  # no GPU: matting is CPU tasks, CLIPSeg and the captioner are actors
+        (2, 0, [], True),
     ],
 )
 def test_a_plan_whose_actors_hold_every_cpu_is_refused(monkeypatch, cpus, gpus, settings, fails):
@@ -158,11 +159,11 @@ def test_the_plan_and_process_photos_fold_one_stage_list():
     config = load_config(overrides=["profile=tiny", "data.matte.tol=3e-5"])
     cluster = data_stages(config, Cluster(cpus=16, gpus=1), list_backgrounds(None), "v0001")
     here = data_stages(config, Cluster(cpus=1, gpus=1, pools=False), list_backgrounds(None), "v0001")
-    assert [s.name for s in cluster] == ["decode", "segment", "matte", "encode"]
-    assert [s.name for s in here] == ["decode", "segment", "matte", "filter_composite_encode"]
-    assert here[-1].fn is filter_composite_encode and here[2].args == {"backend": "torch", "tol": 3e-5}
-    assert cluster[2].args["tol"] == 3e-5 and cluster[2].actors == 3
-    for ours, theirs in zip(cluster[:2], here[:2], strict=True):
+    assert [s.name for s in cluster] == ["decode", "segment", "caption", "matte", "encode"]
+    assert [s.name for s in here] == ["decode", "segment", "caption", "matte", "filter_composite_encode"]
+    assert here[-1].fn is filter_composite_encode and here[3].args == {"backend": "torch", "tol": 3e-5}
+    assert cluster[3].args["tol"] == 3e-5 and cluster[3].actors == 3
+    for ours, theirs in zip(cluster[:3], here[:3], strict=True):
         assert (ours.fn, ours.args, ours.batch_size) == (theirs.fn, theirs.args, theirs.batch_size)
 
 
@@ -253,3 +254,45 @@ def test_a_build_through_the_finishing_matte_actor_equals_the_cpu_plans(fake_gpu
             assert got[name] == want[name], (name, got["source_uri"])
         composites = [np.asarray(Image.open(io.BytesIO(r["composite"])), int) for r in (got, want)]
         assert composites[0].shape == (64, 64, 3) and np.abs(composites[0] - composites[1]).mean() < 0.1
+
+
+def test_process_photos_captions_every_accepted_photo_and_rejects_a_planted_person(tmp_path, monkeypatch):
+    """The chain in one process (the plan's stages, in order): the photos of a planted person
+    (CLIPSeg's 'person' map of the cat photos replaced by a figure covering 12.5%) are rejected at
+    `filter` naming the prompt, before matting; every other photo is accepted with a caption, its
+    own (captions.csv) where it has one. Every input is a row or a reject."""
+    import torch
+
+    from pipeline.data.build import process_photos
+    from pipeline.data.sources import scan_source
+    from stages.segment import Segmenter
+    from tests.imagefiles import make_source
+    from tests.stages.test_filter import planted_figure_logits
+
+    source = make_source(tmp_path / "src", {"dog": "dog", "cat": "cat"}, per_subject=2)
+    dog = sorted(p.name for p in (source / "dog").iterdir())
+    (source / "captions.csv").write_text(f"photo,caption\ndog/{dog[0]},\"a dog  on a red sofa\"\ndog/{dog[1]},\n")
+    scan = scan_source(source)
+    predict = Segmenter.prompt_logits
+
+    def planted(self, images, prompt_sets):
+        logits = predict(self, images, prompt_sets)
+        with torch.inference_mode():
+            for b, category in enumerate(prompt_sets[0]):
+                person = planted_figure_logits(*logits.shape[-2:]) if category == "cat" else torch.full(logits.shape[-2:], -8.0)
+                logits[1, b] = person
+        return logits
+
+    monkeypatch.setattr(Segmenter, "prompt_logits", planted)
+    config = load_config(overrides=["profile=tiny", "data.decode.size=64", "data.filter.exclude_prompts=[person]"])
+    rows, rejects = process_photos(scan.photos, config, "v0001")
+
+    rejected = {r["source_uri"]: r for r in rejects.to_pylist()}
+    assert sorted(rejected) == [f"cat/{p.name}" for p in sorted((source / "cat").iterdir())]
+    assert {(r["stage"], r["reason"]) for r in rejected.values()} == {
+        ("filter", "excluded content: CLIPSeg finds 'person' on 12.5% of the photo > exclude_area 5.0%")
+    }
+    accepted = {r["source_uri"]: r for r in rows.to_pylist()}
+    assert set(accepted) | set(rejected) == {p.source_uri for p in scan.inputs} and not set(accepted) & set(rejected)
+    assert (accepted[f"dog/{dog[0]}"]["caption"], accepted[f"dog/{dog[0]}"]["caption_source"]) == ("a dog on a red sofa", "user")
+    assert accepted[f"dog/{dog[1]}"]["caption_source"] == "model" and accepted[f"dog/{dog[1]}"]["caption"].strip()

@@ -113,7 +113,7 @@ def _photos() -> list[np.ndarray]:
     return photos
 
 
-def test_tensor_preprocessing_matches_clipseg_processor_within_one_level():
+def testtensor_preprocessing_matches_clipseg_processor_within_one_level():
     from pipeline.tiny_models import clipseg_image_processor
     from stages.segment import pixels_for_clipseg
 
@@ -148,12 +148,12 @@ def test_segmenter_tensor_path_gives_the_processors_logits(segmenter):
 
 def test_processors_the_tensor_path_cannot_match_are_left_to_the_processor():
     from pipeline.tiny_models import clipseg_image_processor
-    from stages.segment import _tensor_preprocessing_matches
+    from stages.segment import tensor_preprocessing_matches
 
     processor = clipseg_image_processor(352)
-    assert _tensor_preprocessing_matches(processor)
+    assert tensor_preprocessing_matches(processor)
     processor.resample = 0  # nearest
-    assert not _tensor_preprocessing_matches(processor)
+    assert not tensor_preprocessing_matches(processor)
     processor = clipseg_image_processor(352)
     processor.do_normalize = False
-    assert not _tensor_preprocessing_matches(processor)
+    assert not tensor_preprocessing_matches(processor)
