@@ -3,7 +3,8 @@
 POST /v1/generate takes a JSON object: the fields of pipeline/serving/requests.py (`prompt`,
 `negative_prompt`, `num_images`, `seed`, `guidance_scale`, `steps`, `height`, `width`) plus a
 subject: `subject` (a registered one) or `reference_images` (1..6 base64 photos) with
-`category` (zero-shot). Every field is checked here, before anything reaches the model, and
+`category` (zero-shot), and optionally a structure control (`control_image`, `control`,
+`control_scale`: pipeline/serving/controls.py). Every field is checked here, before anything reaches the model, and
 each violation is an ApiError with its HTTP status and the field it names.
 """
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import Config
+from pipeline.serving.controls import CONTROL_FIELDS, ControlRequest, validate_control
 from pipeline.serving.requests import FIELDS, GenerationRequest, RequestError, validate_request
 from pipeline.serving.subjects import (
     CATEGORY_FIELD,
@@ -27,7 +29,7 @@ from pipeline.serving.subjects import (
     parse_subject_ref,
 )
 
-GENERATE_FIELDS = (*FIELDS, SUBJECT_FIELD, REFERENCE_FIELD, CATEGORY_FIELD)
+GENERATE_FIELDS = (*FIELDS, SUBJECT_FIELD, REFERENCE_FIELD, CATEGORY_FIELD, *CONTROL_FIELDS)
 ZERO_SHOT = "zero-shot"  # the subject name of zero-shot requests in answers and metrics
 
 
@@ -48,6 +50,7 @@ class GenerateCall:
 
     request: GenerationRequest
     subject: SubjectRef | ZeroShotSubject
+    control: ControlRequest | None = None
 
 
 def read_json(body: bytes, max_bytes: int) -> Any:
@@ -71,16 +74,17 @@ def parse_generate(value: Any, config: Config) -> GenerateCall:
         if unknown:
             raise RequestError(str(unknown[0])[:40], f"unknown field; the fields are {', '.join(GENERATE_FIELDS)}")
         request = validate_request({k: v for k, v in value.items() if k in FIELDS}, config.serve.limits, config.generate)
+        control = validate_control(value, config.data.decode)
         has_subject, has_photos = value.get(SUBJECT_FIELD) is not None, value.get(REFERENCE_FIELD) is not None
         if has_subject == has_photos:
             raise RequestError(SUBJECT_FIELD, f"give {SUBJECT_FIELD} (a registered subject) or {REFERENCE_FIELD} with {CATEGORY_FIELD}, not both")
         if has_subject:
             if value.get(CATEGORY_FIELD) is not None:
                 raise RequestError(CATEGORY_FIELD, f"goes with {REFERENCE_FIELD}; a registered subject has its own")
-            return GenerateCall(request, parse_subject_ref(value[SUBJECT_FIELD]))
+            return GenerateCall(request, parse_subject_ref(value[SUBJECT_FIELD]), control)
         subject = decode_reference_images(value[REFERENCE_FIELD], value.get(CATEGORY_FIELD), config.data.decode,
                                           config.serve.max_reference_images)
-        return GenerateCall(request, subject)
+        return GenerateCall(request, subject, control)
     except RequestError as exc:
         raise ApiError(400, exc.field, exc.message) from None
 

@@ -69,7 +69,7 @@ class SubjectServer:
         model = BlipDiffusion.from_pretrained(path, dtype=getattr(torch, dtype), device=self.device)
         if cfg.compile:
             model.compile_for_inference()
-        self.engine = Engine(model, cfg.max_batch_images, cfg.max_subjects, cfg.max_lora_adapters)
+        self.engine = Engine(model, cfg.max_batch_images, cfg.max_subjects, cfg.max_lora_adapters, serve_controlnet(config))
         self.library = SubjectLibrary(self.uri, cfg.max_subjects, cfg.full_unet_budget_gb * 1e9)
         self.metrics = ServeMetrics()
         self.pages = {route: ((STATIC / name).read_bytes(), kind) for route, (name, kind) in PAGES.items()}
@@ -127,8 +127,10 @@ class SubjectServer:
             else:
                 subject_name, subject = ZERO_SHOT, call.subject
                 size = None
+            if call.control is not None and self.engine.controlnet_path is None:
+                raise ApiError(422, "control_image", "this server has no ControlNet: set generate.control.controlnet")
             gen = self.config.generate
-            job = Job(r, subject, r.height or size or gen.height, r.width or size or gen.width)
+            job = Job(r, subject, r.height or size or gen.height, r.width or size or gen.width, control=call.control)
             await self.generate_batch(job)
             if job.error is not None:
                 raise _api_error(job.error)
@@ -197,6 +199,14 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
     if size > max_bytes:
         raise ApiError(413, "request", f"body of {size} bytes; at most {max_bytes} (serve.max_request_mb)")
     return b"".join(chunks)
+
+
+def serve_controlnet(config: Config) -> str | None:
+    """The ControlNet that draws requests with a control_image: generate.control.controlnet,
+    else the profile's canny ControlNet (the served kinds, canny and map, are edge maps)."""
+    from pipeline.config import PROFILE_CONTROLNETS
+
+    return config.generate.control.controlnet or PROFILE_CONTROLNETS.get(config.profile, {}).get("canny")
 
 
 def replica_gpus(config: Config) -> float:

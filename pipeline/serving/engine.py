@@ -32,6 +32,7 @@ from pipeline.model import BlipDiffusion
 from pipeline.model.prompts import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT_REPS, build_prompt, check_text
 from pipeline.model.schedulers import fresh_scheduler
 from pipeline.serving.cache import LruBudget
+from pipeline.serving.controls import ControlRequest, control_tensor
 from pipeline.serving.requests import GenerationRequest
 from pipeline.serving.subjects import RegisteredSubject, SubjectUnusable, ZeroShotSubject
 
@@ -53,6 +54,7 @@ class Job:
     started: float | None = None  # when its group began denoising
     images: list[PIL.Image.Image] | None = None
     error: BaseException | None = None  # set instead of images when its group failed
+    control: ControlRequest | None = None  # a structure control: drawn in a group of its own
 
     @property
     def unet_key(self) -> tuple[str, ...]:
@@ -71,7 +73,10 @@ class Job:
     @property
     def group_key(self) -> tuple[Any, ...]:
         r = self.request
-        return (r.steps, self.height, self.width, r.guidance_scale > 1.0, self.unet_key)
+        # A ControlNet's map is shared by its batch (pipeline/model/control.py Control), so a job
+        # with a control is a group of one.
+        alone = id(self) if self.control is not None else None
+        return (r.steps, self.height, self.width, r.guidance_scale > 1.0, self.unet_key, alone)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -83,8 +88,12 @@ class Engine:
     """Draws Jobs with one base model. `max_subjects` registered subjects keep their
     embeddings on the device; `max_lora_adapters` LoRA subjects stay loaded as adapters."""
 
-    def __init__(self, model: BlipDiffusion, max_batch_images: int, max_subjects: int, max_lora_adapters: int) -> None:
+    def __init__(
+        self, model: BlipDiffusion, max_batch_images: int, max_subjects: int, max_lora_adapters: int, controlnet: str | None = None
+    ) -> None:
         self.model = model
+        self.controlnet_path = controlnet  # the canny ControlNet's id or folder, loaded on the first control job
+        self._controlnet: Any = None
         self.max_batch_images = max_batch_images
         self._embeds = LruBudget(max_subjects)  # subject key -> (1, Q, D) on the device
         self._adapters = LruBudget(max_lora_adapters, on_evict=self._delete_adapter)  # subject key -> adapter name
@@ -118,6 +127,7 @@ class Engine:
     def _run_group(self, jobs: list[Job]) -> None:
         first = jobs[0]
         model, adapters = self._activate(jobs)
+        control = None if first.control is None else self._control(model, first)
         steps, height, width = first.request.steps, first.height, first.width
         cond, uncond, latents, scales, rows = [], [], [], [], []
         for job in jobs:
@@ -150,11 +160,20 @@ class Engine:
             # With guidance the UNet sees [uncond rows; cond rows]: both halves use the row's adapter.
             names = rows[start:stop] * (2 if null is not None else 1)
             with _row_adapters(model.unet, names if len(set(rows)) > 1 else None):
-                chunk = model._denoise(chunk, cond_all[start:stop], null, scheduler, part, progress=False)
+                chunk = model._denoise(chunk, cond_all[start:stop], null, scheduler, part, progress=False, control=control)
             decoded = model.vae.decode(chunk / model.vae.config.scaling_factor).sample
             images += model.image_processor.postprocess(decoded.to(torch.float32, copy=True), "pil")
         for job in jobs:
             job.images, images = images[: job.request.num_images], images[job.request.num_images:]
+
+    def _control(self, model: BlipDiffusion, job: Job) -> Any:
+        """The pipeline.model.control.Control of `job`'s control request, at its size."""
+        from pipeline.model.control import Control, load_controlnet
+
+        if self._controlnet is None:
+            self._controlnet = load_controlnet(self.controlnet_path, dtype=model.dtype, device=model.device, local_files_only=False)
+        image = control_tensor(job.control, model.image_processor, job.height, job.width)
+        return Control(self._controlnet, image, job.control.scale)
 
     def _condition(self, model: BlipDiffusion, job: Job) -> torch.Tensor:
         """Text-encoder states (n, 77, D) of one job's prompt with its subject, n = num_images."""

@@ -135,37 +135,41 @@ def decode_reference_images(values: Any, category: Any, decode: DecodeConfig, ma
     """The zero-shot subject of a request: `values`, a list of 1..max_images base64 photos, each
     within the dataset's decode limits (bytes, header pixels, short side, aspect, format), and
     `category`, a short class noun. RequestError naming the field and photo otherwise."""
+    if not isinstance(values, list) or not 1 <= len(values) <= max_images:
+        got = f"{len(values)} photos" if isinstance(values, list) else type(values).__name__
+        raise RequestError(REFERENCE_FIELD, f"must be a list of 1..{max_images} base64 photos, got {got}")
+    if not isinstance(category, str) or not category.strip() or len(category) > MAX_CATEGORY_CHARS:
+        raise RequestError(CATEGORY_FIELD, f"must be a class noun of 1..{MAX_CATEGORY_CHARS} characters (e.g. dog) with reference_images")
+    images = [decode_photo(value, f"{REFERENCE_FIELD}[{i}]", decode) for i, value in enumerate(values)]
+    return ZeroShotSubject(tuple(images), category.strip())
+
+
+def decode_photo(value: Any, field: str, decode: DecodeConfig) -> PIL.Image.Image:
+    """One base64 photo of a request (a data: URL too) as decoded RGB, at its own size, within
+    the dataset's decode limits (bytes, header pixels, short side, aspect, format); RequestError
+    naming `field` otherwise."""
     import base64
     import binascii
 
     from stages.decode import decode_image
     from stages.records import Reject
 
-    if not isinstance(values, list) or not 1 <= len(values) <= max_images:
-        got = f"{len(values)} photos" if isinstance(values, list) else type(values).__name__
-        raise RequestError(REFERENCE_FIELD, f"must be a list of 1..{max_images} base64 photos, got {got}")
-    if not isinstance(category, str) or not category.strip() or len(category) > MAX_CATEGORY_CHARS:
-        raise RequestError(CATEGORY_FIELD, f"must be a class noun of 1..{MAX_CATEGORY_CHARS} characters (e.g. dog) with reference_images")
-    images = []
-    for i, value in enumerate(values):
-        field = f"{REFERENCE_FIELD}[{i}]"
-        if not isinstance(value, str):
-            raise RequestError(field, "must be a base64 string")
-        if len(value) > decode.max_bytes * 4 // 3 + 4:  # before decoding: base64 is 4 characters per 3 bytes
-            raise RequestError(field, f"is larger than {decode.max_bytes} bytes (data.decode.max_bytes)")
-        try:
-            data = base64.b64decode(value.split(",", 1)[1] if value.startswith("data:") else value, validate=True)
-        except (binascii.Error, ValueError):
-            raise RequestError(field, "is not valid base64") from None
-        if not data:
-            raise RequestError(field, "is empty")
-        try:
-            images.append(PIL.Image.fromarray(decode_image(
-                data, size=_short_side(data), min_side=decode.min_side, max_pixels=decode.max_pixels, max_aspect=decode.max_aspect,
-            )))
-        except Reject as exc:
-            raise RequestError(field, exc.reason) from None
-    return ZeroShotSubject(tuple(images), category.strip())
+    if not isinstance(value, str):
+        raise RequestError(field, "must be a base64 string")
+    if len(value) > decode.max_bytes * 4 // 3 + 4:  # before decoding: base64 is 4 characters per 3 bytes
+        raise RequestError(field, f"is larger than {decode.max_bytes} bytes (data.decode.max_bytes)")
+    try:
+        data = base64.b64decode(value.split(",", 1)[1] if value.startswith("data:") else value, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(field, "is not valid base64") from None
+    if not data:
+        raise RequestError(field, "is empty")
+    try:
+        return PIL.Image.fromarray(decode_image(
+            data, size=_short_side(data), min_side=decode.min_side, max_pixels=decode.max_pixels, max_aspect=decode.max_aspect,
+        ))
+    except Reject as exc:
+        raise RequestError(field, exc.reason) from None
 
 
 def _short_side(data: bytes) -> int:

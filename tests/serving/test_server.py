@@ -21,7 +21,7 @@ from starlette.requests import Request
 
 from pipeline.config import load_config
 from pipeline.model import BlipDiffusion
-from pipeline.serving.app import SubjectServer
+from pipeline.serving.app import SubjectServer, serve_controlnet
 from pipeline.serving.engine import Engine
 from pipeline.serving.subjects import SubjectLibrary
 from tests.serve_subjects import TINY
@@ -50,7 +50,8 @@ def make_server(model, tracking_uri="sqlite:///unused.db"):
     server = object.__new__(SubjectServer)
     server.config = load_config(overrides=["profile=tiny"])
     server.base = TINY
-    server.engine = Engine(model, max_batch_images=8, max_subjects=4, max_lora_adapters=4)
+    server.engine = Engine(model, max_batch_images=8, max_subjects=4, max_lora_adapters=4,
+                           controlnet=serve_controlnet(server.config))
     server.library = SubjectLibrary(tracking_uri, 4, 1e9)
     server.metrics = RecordedMetrics()
 
@@ -128,3 +129,37 @@ def test_a_subject_the_registry_does_not_hold_stays_a_404(model, tmp_path):
     status, body = answer(server, {"prompt": "on the beach", "steps": 2, "subject": "models:/subjectforge-nobody@champion"})
     assert (status, body["field"]) == (404, "subject"), body
     assert "subjectforge-nobody" in body["error"]
+
+
+def _png_b64(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+EDGES = Image.new("RGB", (48, 48), (10, 10, 10))
+EDGES.paste((255, 255, 255), (12, 12, 36, 36))
+
+
+def test_a_control_image_steers_the_request_and_scale_zero_changes_nothing(model):
+    server = make_server(model)
+    _, plain = answer(server, zero_shot(seed=2))
+    status, steered = answer(server, {**zero_shot(seed=2), "control_image": _png_b64(EDGES)})
+    assert status == 200, steered
+    status, unsteered = answer(server, {**zero_shot(seed=2), "control_image": _png_b64(EDGES), "control": "map", "control_scale": 0})
+    assert status == 200, unsteered
+    assert unsteered["images"] == plain["images"] and steered["images"] != plain["images"]
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"control": "canny"}, "control"),
+    ({"control_scale": 0.5}, "control_scale"),
+    ({"control_image": _png_b64(EDGES), "control": "depth"}, "control"),
+    ({"control_image": _png_b64(EDGES), "control_scale": 5}, "control_scale"),
+    ({"control_image": _png_b64(EDGES), "control_scale": "strong"}, "control_scale"),
+    ({"control_image": "not base64!"}, "control_image"),
+    ({"control_image": base64.b64encode(b"just some notes").decode()}, "control_image"),
+])
+def test_a_bad_control_is_a_400_naming_the_field(model, fields, field):
+    status, body = answer(make_server(model), {**zero_shot(), **fields})
+    assert (status, body["field"]) == (400, field), body
