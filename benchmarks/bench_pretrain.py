@@ -55,6 +55,15 @@ the same shapes finds the compile cache of an earlier one):
     python benchmarks/bench_pretrain.py --e2e --rows 1024 --cpus-per-worker 8 \
         --job cold:600:300 --job warm:20:10 --job raw:300:150:train.precompute=false
 
+--composite (with --e2e, no --job) runs composite_jobs: stored composites with precompute, stored
+from pixels, and online composites (train.composite online), --steps each; the difference of
+their samples/s is what fresh composites every epoch cost a step. --smoke is a CPU check that
+every path of a command runs (tiny model, 64 px, batch 2, 16 rows), not how fast:
+
+    python benchmarks/bench_pretrain.py --e2e --composite --rows 1024 --cpus-per-worker 8 --steps 300
+    python benchmarks/bench_pretrain.py --feed --feeds pre-binary,raw-new,online --rows 1024 --steps 200
+    python benchmarks/bench_pretrain.py --smoke --e2e --composite --steps 4
+
 The 1 -> N GPU scaling run is the same jobs with `--workers 1` then `--workers N`.
 BENCH_CODE_ROOT=<folder> imports `pipeline` from another checkout (a baseline commit; give its
 workers the same folder on PYTHONPATH).
@@ -774,7 +783,7 @@ def write_dataset(root: Path, rows: int, size: int) -> Path:
     import pyarrow.parquet as pq
 
     from pipeline.data.versions import MANIFEST, DatasetStore, write_json_atomic
-    from stages.write import DATA_SCHEMA
+    from stages.write import DATA_SCHEMA, encode_image
 
     rng = np.random.default_rng(0)
     store = DatasetStore(root)
@@ -782,18 +791,25 @@ def write_dataset(root: Path, rows: int, size: int) -> Path:
     (staging / "data").mkdir()
     subjects = ["dog", "backpack", "teddy", "sneaker"]
     width = size * 4 // 3
+    # The cutout for train.composite online: the photo's colours and an ellipse of the frame's
+    # middle half as the subject's alpha (a matte's soft edge costs the paste nothing more).
+    yy, xx = np.mgrid[0:size, 0:width]
+    ellipse = (((yy - size / 2) / (size / 4)) ** 2 + ((xx - width / 2) / (width / 4)) ** 2 < 1).astype(np.uint8) * 255
+    alpha = encode_image(ellipse)
     table = []
     for i in range(rows):
         sid = subjects[i % 4]
+        photo = jpeg(synthetic_photo(rng, width, size))
         table.append(
             {
                 "subject_id": sid,
                 "category": sid,
                 "source_uri": f"{sid}/{i}.jpg",
                 "source_sha256": f"{i:064d}",
-                "image": jpeg(synthetic_photo(rng, width, size)),
+                "image": photo,
                 "composite": jpeg(synthetic_photo(rng, width, size)),
-                "alpha": b"",
+                "foreground": photo,
+                "alpha": alpha,
                 "trimap": b"",
                 "background_id": "bg",
                 "seed": i,
@@ -834,6 +850,19 @@ def parse_job(spec: str) -> Job:
     return Job(name, int(steps), int(every), [o for o in (rest[0].split(",") if rest else []) if o])
 
 
+def composite_jobs(steps: int) -> list[Job]:
+    """--composite: what train.composite online costs a step. The stored composites with
+    precomputed VAE posteriors and ViT features (the fastest job before online composites), the
+    stored ones from pixels (ViT and VAE in the step), and online (the composite pasted in the
+    collate, its ViT features in the step). Each job's samples/s is over its last half."""
+    half = max(1, steps // 2)
+    return [
+        Job("stored-pre", steps, half, ["train.composite=stored", "train.precompute=true"]),
+        Job("stored-raw", steps, half, ["train.composite=stored", "train.precompute=false"]),
+        Job("online", steps, half, ["train.composite=online"]),
+    ]
+
+
 def run_e2e(args, results: dict) -> None:
     """`run_training` itself on a synthetic dataset, one --job after another in one storage
     path (so later jobs find the compile cache and the precomputed inputs of earlier ones)."""
@@ -853,7 +882,9 @@ def run_e2e(args, results: dict) -> None:
             build_real(torch.device("cpu")).save_pretrained(work / "model")
             log.info("saved the real-size model in %.0f s", time.perf_counter() - start)
     gpu = torch.cuda.is_available()
-    jobs = [parse_job(spec) for spec in args.job] or [Job("defaults", args.steps, args.steps // 2, [])]
+    jobs = [parse_job(spec) for spec in args.job] or (
+        composite_jobs(args.steps) if args.composite else [Job("defaults", args.steps, args.steps // 2, [])]
+    )
     for job in jobs:
         overrides = [
             "profile=tiny",
@@ -913,12 +944,23 @@ def run_feed(args, results: dict) -> None:
                   (page-locked), 4 prefetched, MAX_PASSES passes per epoch (the job's feed now)
       FEED@P      that feed with P passes per Ray Data epoch
       raw-old / raw-new  JPEG rows decoded by `prepare_batch` tasks (--data-cpus CPUs), old / new
+      online      the cutouts decoded by `prepare_cutout_batch` tasks and composited in the
+                  collate (train.composite online: on the GPU's side stream where there is one)
     """
     import pyarrow.parquet as pq
     import ray
 
-    from pipeline.train.data import MAX_PASSES, FeedCollate, pack_tensor_columns, read_tensor_layout, repeat_passes
+    from pipeline.data.backgrounds import list_backgrounds
+    from pipeline.train.data import (
+        MAX_PASSES,
+        FeedCollate,
+        OnlineFeed,
+        pack_tensor_columns,
+        read_tensor_layout,
+        repeat_passes,
+    )
     from pipeline.train.dist import _Collate
+    from stages.online_composite import CUTOUT_COLUMNS, OnlineCompositor, prepare_cutout_batch
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-feed-"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -948,9 +990,18 @@ def run_feed(args, results: dict) -> None:
     processor = SubjectImageProcessor()
     for spec in args.feeds.split(","):
         feed, _, at = spec.partition("@")  # FEED@P: P passes per Ray Data epoch
-        new = feed in ("pre-binary", "raw-new")
+        new = feed in ("pre-binary", "raw-new", "online")
         passes = int(at) if at else MAX_PASSES if new else 1
-        if feed.startswith("pre"):
+        online = None
+        if feed == "online":
+            layout = {}
+            ds = ray.data.read_parquet(files, columns=list(CUTOUT_COLUMNS)).map_batches(
+                prepare_cutout_batch, fn_kwargs={"resolution": args.size, "crop": "random"}, batch_size=16
+            )
+            ds = repeat_passes(ds, passes, tag=True)
+            compositor = OnlineCompositor(list_backgrounds(None), seed=0, scale_min=0.4, scale_max=0.9, device=device)
+            online = OnlineFeed(compositor, processor, passes)
+        elif feed.startswith("pre"):
             cached = sorted(str(p) for p in caches[feed].glob("*.parquet"))
             layout = read_tensor_layout(pq.read_schema(cached[0])) if new else {}
             ds = repeat_passes(ray.data.read_parquet(cached), passes)
@@ -960,7 +1011,7 @@ def run_feed(args, results: dict) -> None:
                 prepare_batch, fn_kwargs={"processor": processor, "resolution": args.size, "crop": "random"}, batch_size=16
             )
             ds = repeat_passes(ds, passes)
-        collate = FeedCollate(layout, pin=device.type == "cuda") if new else _Collate()
+        collate = FeedCollate(layout, pin=device.type == "cuda", online=online).at_epoch(0) if new else _Collate()
         waits, start, count = 0.0, time.perf_counter(), 0
         first, step_end = None, 0.0
         while count < args.steps:
@@ -1021,6 +1072,10 @@ def main() -> int:
     )
     parser.add_argument("--e2e", action="store_true", help="run the training job itself instead of step modes")
     parser.add_argument(
+        "--composite", action="store_true", help="--e2e without --job: stored+precompute, stored from pixels, online composites"
+    )
+    parser.add_argument("--smoke", action="store_true", help="CPU check that the command runs: --tiny, 64 px, batch 2, 16 rows")
+    parser.add_argument(
         "--job",
         action="append",
         default=[],
@@ -1055,6 +1110,8 @@ def main() -> int:
     parser.add_argument("--wait-file", type=Path, help="timed steps wait for this file (see the module docstring)")
     parser.add_argument("--out", type=Path, default=Path("bench_pretrain.json"))
     args = parser.parse_args()
+    if args.smoke:
+        args.tiny, args.size, args.batch, args.rows = True, 64, 2, min(args.rows, 16)
     if args.ablation:
         args.preset = "run3"
     if args.preset:
