@@ -25,7 +25,8 @@ IDENTITY = """
     train.trainable.unet train.precompute train.mixed_precision train.shuffle_buffer train.seed finetune.method
     finetune.subject_id finetune.steps finetune.batch_size finetune.lr finetune.weight_decay finetune.init_from finetune.init_photos finetune.validate_every finetune.validation_prompts finetune.validation_steps finetune.select finetune.patience
     finetune.train_text_encoder finetune.lora_rank finetune.lora_alpha finetune.identifier finetune.prior_images
-    finetune.prior_weight finetune.prior_steps
+    finetune.prior_weight finetune.prior_steps train.optimizer train.ema_decay train.snr_gamma train.noise_offset
+    finetune.ti_vectors finetune.ti_property
     data.filter.exclude_prompts data.filter.exclude_area data.caption.enabled data.caption.prompt
     data.caption.max_new_tokens data.caption.num_beams train.lr_scaling train.reference_batch
 """
@@ -42,6 +43,7 @@ RUNTIME = """
     train.sdpa_backend train.unet_sdpa_backend train.data_cpus train.checkpoint_every train.keep_checkpoints
     train.max_failures train.log_every train.samples.every train.samples.subjects train.samples.prompt
     train.samples.steps train.samples.guidance_scale train.register_as train.step_log train.fail_at_step
+    train.gradient_checkpointing
     finetune.out finetune.register_model finetune.register_prefix finetune.alias finetune.num_gpus
     finetune.concurrency finetune.max_retries tracking.enabled tracking.uri tracking.experiment
     tracking.data_experiment tracking.system_metrics submit.max_upload_mb
@@ -83,8 +85,8 @@ def test_every_field_has_a_decision():
 # and validation settings (finetune.init_from to finetune.patience), which change what a
 # fine-tune registers.
 _DIGESTS = {
-    "real": ("6392d183c5e7c12cf8b1d01d022415ef490cfdd9ae99dad8ad83e85f8e7bd0bc", "fafa8f43d1a50bf9"),
-    "tiny": ("d4b2215abd0ddb311fc5253a44d01a46bd88ed0c22f427b1522a9012bb215958", "e2cd1562b72154c3"),
+    "real": ("6392d183c5e7c12cf8b1d01d022415ef490cfdd9ae99dad8ad83e85f8e7bd0bc", "49fef38857dc1355"),
+    "tiny": ("d4b2215abd0ddb311fc5253a44d01a46bd88ed0c22f427b1522a9012bb215958", "3f92ff87b203f438"),
 }
 
 
@@ -113,7 +115,7 @@ class _Data(DataConfig):
 
 
 class _Train(TrainConfig):
-    ema_decay: float | None = Field(None, description="a weight-changing setting added later")
+    caption_dropout: float = Field(0.0, description="a weight-changing setting added later")
 
 
 class _Config(Config):
@@ -122,11 +124,11 @@ class _Config(Config):
 
 
 def test_a_new_field_changes_the_digests_by_default():
-    def config(sharpen=0.0, ema_decay=None):
-        return _Config(profile="tiny", data=_Data(decode=_Decode(sharpen=sharpen)), train=_Train(ema_decay=ema_decay))
+    def config(sharpen=0.0, caption_dropout=0.0):
+        return _Config(profile="tiny", data=_Data(decode=_Decode(sharpen=sharpen)), train=_Train(caption_dropout=caption_dropout))
 
     assert processing_digest(config(sharpen=0.5), "bg") != processing_digest(config(), "bg")
-    assert finetune_key(config(ema_decay=0.999), "dog", "d", "b") != finetune_key(config(), "dog", "d", "b")
+    assert finetune_key(config(caption_dropout=0.1), "dog", "d", "b") != finetune_key(config(), "dog", "d", "b")
 
 
 def test_weight_changing_train_settings_change_the_finetune_key():
@@ -138,3 +140,14 @@ def test_weight_changing_train_settings_change_the_finetune_key():
     assert len({key(), *changed}) == 1 + len(changed)
     # train.* values a fine-tune's recipe sets from finetune.* count through finetune.*.
     assert key("train.lr=0.5") == key() != key("finetune.lr=0.5")
+
+
+def test_memory_and_quality_settings_change_the_finetune_key_unless_they_change_no_weight():
+    def key(*overrides):
+        return finetune_key(load_config(overrides=["profile=tiny", *overrides]), "dog", "d", "b")
+
+    changed = [key("train.optimizer=adamw8bit"), key("train.ema_decay=0.999"), key("train.snr_gamma=5"),
+               key("train.noise_offset=0.05"), key("finetune.ti_vectors=2"), key("finetune.ti_property=style")]
+    assert len({key(), *changed}) == 1 + len(changed)
+    # Same loss and gradients (tests/train/test_memory.py): a checkpointed fine-tune is the same fine-tune.
+    assert key("train.gradient_checkpointing=true") == key()

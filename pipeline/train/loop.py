@@ -1,7 +1,7 @@
 """The training loop: one function, the same on every worker, read top to bottom.
 
-shard -> noise the target latents -> predict the noise -> MSE -> backward -> clip -> step ->
-hooks -> checkpoint. What trains, what is saved and the prompt text come from the method
+shard -> noise the target latents -> predict the noise -> MSE (min-SNR weighted with
+train.snr_gamma) -> backward -> clip -> step -> EMA -> hooks -> checkpoint. What trains, what is saved and the prompt text come from the method
 (pipeline/train/methods.py); side jobs are hooks (hooks.py); everything Ray Train does for us
 is behind pipeline/train/dist.py. `trainer.py` starts this function on N workers.
 """
@@ -22,15 +22,19 @@ from diffusers import DDPMScheduler
 from pipeline.config import Config
 from pipeline.train import dist
 from pipeline.train.data import FeedCollate, OnlineFeed, epoch_at_step
+from pipeline.train.ema import EMA, EMA_FOLDER
 from pipeline.train.hooks import RunInfo, TrainState, build_hooks
 from pipeline.train.losses import (
     add_noise,
     diffusion_target,
+    min_snr_weights,
+    offset_noise,
     sample_latents,
     sample_timesteps,
     subject_drop_mask,
     warmup_factor,
 )
+from pipeline.train.memory import build_optimizer, enable_gradient_checkpointing
 from pipeline.train.methods import get_method
 from pipeline.train.speed import (
     GraphedUNet,
@@ -74,6 +78,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         resumed = read_train_state(folder) if folder is not None else None
     params = method.trainable_parameters()
     set_unet_attention(method.model.unet, train.unet_sdpa_backend)
+    if train.gradient_checkpointing:
+        enable_gradient_checkpointing(method.model.unet, method.model.text_encoder)
     # The torch.compile mode in use (None: eager); "auto" settings resolve here when the driver
     # did not resolve them (fine-tuning).
     compile_mode = resolve_compile(
@@ -83,16 +89,22 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if compile_mode is not None:
         use_compile_cache(run.run_folder.rsplit("/", 1)[0])
         compile_model(method.model, mode=compile_mode)
-    graphs = use_cuda_graphs(train.cuda_graphs, device, dist.world_size(), train.grad_accum, compile_mode is not None)
+    graphs = use_cuda_graphs(
+        train.cuda_graphs, device, dist.world_size(), train.grad_accum, compile_mode is not None, train.gradient_checkpointing
+    )
     if graphs:
         method.graphed_unet = GraphedUNet(method.model.unet)
     model = dist.prepare(method, find_unused_parameters=train.drop_subject_prob > 0)
-    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=device.type == "cuda")
+    optimizer = build_optimizer(params, train, device)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_factor, warmup_steps=train.warmup_steps))
+    # The method samples with the averaged weights when there are some (Method.sample).
+    method.ema = ema = EMA(params, train.ema_decay) if train.ema_decay is not None else None
     step = 0
     if resumed is not None:
         optimizer.load_state_dict(resumed["optimizer"])
         schedule.load_state_dict(resumed["schedule"])
+        if ema is not None and "ema" in resumed:  # else the average starts from the resumed weights
+            ema.load_state_dict(resumed["ema"])
         step = resumed["step"]
         log.info("resuming at step %d", step)
     # Noise per worker, and new noise after a restart rather than a replay of the first attempt's.
@@ -152,13 +164,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     latents = sample_latents(posterior, scaling_factor)  # (B, C, h, w) float32
                     if compile_mode is not None:
                         latents = latents.contiguous(memory_format=torch.channels_last)
-                    noise = torch.randn_like(latents)
+                    noise = offset_noise(torch.randn_like(latents), train.noise_offset)
                     timesteps = sample_timesteps(latents.shape[0], num_timesteps, device)
                     noisy = add_noise(latents, noise, timesteps, alphas_cumprod)
                     target = diffusion_target(latents, noise, timesteps, alphas_cumprod, prediction_type)
+                    weights = None if train.snr_gamma is None else min_snr_weights(alphas_cumprod, timesteps, train.snr_gamma, prediction_type)
                     drop = subject_drop_mask(latents.shape[0], train.drop_subject_prob, CPU)  # indexes on the host
                     prediction = model(subject, categories, prompts, noisy, timesteps, drop)
-                    loss = method.loss(prediction, target)
+                    loss = method.loss(prediction, target, weights)
                 for hook in hooks:
                     hook.after_loss(state, loss)
                 (loss / train.grad_accum).backward()
@@ -169,6 +182,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update()
         state.step += 1
         if state.first_step_s is None:
             state.first_step_s = _first_step_seconds(loop_config.get("job_start"), device)
@@ -180,7 +195,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory(prefix="subjectforge-ckpt-") as tmp:
                 folder = Path(tmp) if dist.is_main_process() else None
                 if folder is not None:
-                    _save_checkpoint(folder, method, optimizer, schedule, state.step)
+                    _save_checkpoint(folder, method, optimizer, schedule, state.step, ema)
                 dist.report({"step": state.step, **(state.stats or {})}, folder, name)
             for hook in hooks:
                 hook.on_checkpoint(state, name)
@@ -189,12 +204,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         hook.on_end(state)
 
 
-def _save_checkpoint(folder: Path, method: Any, optimizer: Any, schedule: Any, step: int) -> None:
-    """The method's files (the model) plus what resuming needs: optimizer, schedule, step."""
+def _save_checkpoint(folder: Path, method: Any, optimizer: Any, schedule: Any, step: int, ema: EMA | None = None) -> None:
+    """The method's files (the model) plus what resuming needs: optimizer, schedule, step; with
+    an EMA, the method's files of the averaged weights in EMA_FOLDER and the average itself."""
     method.save(folder)
-    torch.save(
-        {"step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, folder / TRAIN_STATE
-    )
+    state = {"step": step, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
+    if ema is not None:
+        with ema.applied():
+            method.save(folder / EMA_FOLDER)
+        state["ema"] = ema.state_dict()
+    torch.save(state, folder / TRAIN_STATE)
     (folder / PROGRESS).write_text(json.dumps({"step": step}) + "\n")
 
 

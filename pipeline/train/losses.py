@@ -1,4 +1,5 @@
-"""The diffusion objective as pure functions: noise, target, loss, subject drop, LR warm-up.
+"""The diffusion objective as pure functions: noise (and its offset), target, loss (and its min-SNR
+weights), subject drop, LR warm-up.
 
 Everything here runs on any device (CPU in the tests) and takes its randomness from an explicit
 `torch.Generator` where it draws any. Shapes: B batch, C latent channels (4), h x w latent size
@@ -57,9 +58,43 @@ def diffusion_target(
     raise ValueError(f"unsupported prediction_type {prediction_type!r} (epsilon or v_prediction)")
 
 
-def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over every element, in float32 (a bf16 prediction is upcast): scalar."""
-    return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+def offset_noise(noise: torch.Tensor, offset: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Noise offset (Guttenberg, "Diffusion with Offset Noise", 2023): eps + offset * n with one
+    n ~ N(0, 1) per sample and channel, (B, C, 1, 1), so the model also learns to shift an
+    image's mean brightness. `offset` 0 returns `noise` itself and draws nothing."""
+    if offset == 0.0:
+        return noise
+    shift = torch.randn(noise.shape[:2], generator=generator, device=noise.device, dtype=noise.dtype)
+    return noise + offset * shift[:, :, None, None]
+
+
+def signal_to_noise(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """SNR(t) = a_t / (1 - a_t) per sample, (B,) float32."""
+    a = alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
+    return a / (1.0 - a)
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al., 2023), (B,) float32: min(SNR, gamma) / SNR for
+    an epsilon target, min(SNR, gamma) / (SNR + 1) for a velocity target (the same weighting of
+    the x_0 error). Low-noise steps, whose SNR is large, stop dominating the gradient."""
+    snr = signal_to_noise(alphas_cumprod, timesteps)
+    clipped = snr.clamp(max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1.0)
+    raise ValueError(f"unsupported prediction_type {prediction_type!r} (epsilon or v_prediction)")
+
+
+def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error in float32 (a bf16 prediction is upcast): scalar. Without `weights`,
+    over every element; with per-sample weights (B,), the mean over samples of each sample's
+    weight times its own mean squared error (equal to the plain mean when every weight is 1)."""
+    if weights is None:
+        return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(dim=1)  # (B,)
+    return (weights.to(per_sample.device, torch.float32) * per_sample).mean()
 
 
 def subject_drop_mask(batch: int, prob: float, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -18,12 +18,13 @@ The interface, in the order the loop uses it:
   train.snr_gamma; DreamBooth adds its prior term here).
 - `save(folder)`: what a checkpoint holds; `folder/MODEL_FOLDER` is what the registry gets.
 - `sample(...)`: images for the sample hook, drawn with the EMA weights when the loop keeps
-  an EMA (`train.ema_decay`, set as `ema`)."
+  an EMA (`train.ema_decay`, set as `ema`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,6 +36,7 @@ from pipeline.config import FINETUNE_TRAITS, Config, ConfigError, MethodTraits
 from pipeline.model import BlipDiffusion, build_prompt
 from pipeline.model.subject import SubjectModel, SubjectSpec, add_lora, apply_subject, dreambooth_prompt, save_subject
 from pipeline.train.bases import load_base
+from pipeline.train.ema import EMA
 from pipeline.train.losses import diffusion_loss
 from pipeline.train.speed import GraphedUNet, attention_kernels
 
@@ -50,6 +52,7 @@ class Method(nn.Module):
         self.model = model
         self.config = config
         self.graphed_unet: GraphedUNet | None = None  # set by the loop with train.cuda_graphs
+        self.ema: EMA | None = None  # set by the loop with train.ema_decay
 
     @classmethod
     def load(cls, config: Config, checkpoint: Path | None = None, device: torch.device | str = "cpu") -> Method:
@@ -91,8 +94,12 @@ class Method(nn.Module):
             return self.graphed_unet(noisy_latents, timesteps, hidden)
         return self.model.unet(noisy_latents, timesteps, encoder_hidden_states=hidden).sample
 
-    def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return diffusion_loss(prediction, target)
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        return diffusion_loss(prediction, target, weights)
+
+    def averaged(self) -> AbstractContextManager[None]:
+        """The EMA weights in the model for the block (sampling), when the loop keeps an EMA."""
+        return self.ema.applied() if self.ema is not None else nullcontext()
 
     def save(self, folder: Path) -> None:
         raise NotImplementedError
@@ -103,7 +110,8 @@ class Method(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            return self.model.generate(prompt, subject_images=[subject_image], category=category, progress=False, **kwargs)[0]
+            with self.averaged():
+                return self.model.generate(prompt, subject_images=[subject_image], category=category, progress=False, **kwargs)[0]
         finally:
             self.train(was_training)
 
@@ -153,15 +161,18 @@ REFERENCES_FOLDER = "references"  # the subject's photos (PNG), beside its train
 PRIOR_CAPTION = "<class-prior>"  # dreambooth: the caption that marks a class-prior row
 
 
-def prior_preserving_loss(prediction: torch.Tensor, target: torch.Tensor, prior: torch.Tensor, weight: float) -> torch.Tensor:
+def prior_preserving_loss(
+    prediction: torch.Tensor, target: torch.Tensor, prior: torch.Tensor, weight: float, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """DreamBooth's loss: MSE over the subject's rows plus `weight` x MSE over the class-prior
-    rows (B,) bool `prior`; a term without rows in the batch is 0. Scalar float32."""
+    rows (B,) bool `prior`, each row weighted by `weights` (B,) when given; a term without rows
+    in the batch is 0. Scalar float32."""
     prior = prior.to(prediction.device)
     loss = prediction.new_zeros((), dtype=torch.float32)
-    if (~prior).any():
-        loss = loss + diffusion_loss(prediction[~prior], target[~prior])
-    if prior.any():
-        loss = loss + weight * diffusion_loss(prediction[prior], target[prior])
+    for rows, scale in ((~prior, 1.0), (prior, weight)):
+        if rows.any():
+            row_weights = weights[rows.to(weights.device)] if weights is not None else None
+            loss = loss + scale * diffusion_loss(prediction[rows], target[rows], row_weights)
     return loss
 
 
@@ -257,7 +268,8 @@ class _Subject(Method):
         self.eval()
         try:
             subject = SubjectModel(self.model, self.spec(), self.subject_embeds)
-            return subject.generate(prompt, num_images=1, **kwargs)[0]
+            with self.averaged():
+                return subject.generate(prompt, num_images=1, **kwargs)[0]
         finally:
             self.train(was_training)
 
@@ -299,9 +311,9 @@ class DreamBooth(_Subject):
             for category, c in zip(categories, captions, strict=True)
         ]
 
-    def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         prior = self._prior if self._prior is not None else torch.zeros(prediction.shape[0], dtype=torch.bool)
-        return prior_preserving_loss(prediction, target, prior, self.config.finetune.prior_weight)
+        return prior_preserving_loss(prediction, target, prior, self.config.finetune.prior_weight, weights)
 
 
 # Name -> method class: the one place a training method is chosen (`train.method`); its names

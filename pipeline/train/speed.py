@@ -314,10 +314,13 @@ def _signature(*tensors: torch.Tensor) -> tuple:
     return parts + (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
 
 
-def use_cuda_graphs(enabled: bool, device: torch.device, world_size: int, grad_accum: int, compiled: bool) -> bool:
+def use_cuda_graphs(
+    enabled: bool, device: torch.device, world_size: int, grad_accum: int, compiled: bool, checkpointing: bool = False
+) -> bool:
     """Whether `train.cuda_graphs` applies: a GPU, one worker (DDP's gradient hooks were not
-    checked under replay), no gradient accumulation (see GraphedUNet) and an eager UNet (a
-    compiled one fuses its kernels instead)."""
+    checked under replay), no gradient accumulation (see GraphedUNet), an eager UNet (a
+    compiled one fuses its kernels instead) and no gradient checkpointing (its recomputation
+    in the backward pass was not checked under capture)."""
     if not enabled or device.type != "cuda":
         return False
     reasons = [
@@ -326,6 +329,7 @@ def use_cuda_graphs(enabled: bool, device: torch.device, world_size: int, grad_a
             ("several workers", world_size > 1),
             ("grad_accum > 1", grad_accum > 1),
             ("train.compile", compiled),
+            ("train.gradient_checkpointing", checkpointing),
         )
         if bad
     ]

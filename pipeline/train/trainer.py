@@ -39,6 +39,7 @@ from pipeline.train.data import (
 )
 from pipeline.train.hooks import RunInfo
 from pipeline.train.loop import PROGRESS, train_loop
+from pipeline.train.memory import check_optimizer
 from pipeline.train.methods import get_method
 from pipeline.train.speed import resolve_speed_settings
 
@@ -58,9 +59,11 @@ class TrainResult:
 
 def check_training(config: Config) -> tuple[DatasetInfo, SubjectImageProcessor]:
     """Everything that can be checked without the cluster: the dataset has enough rows for the
-    workers, the method exists and the base model loads. Raises ConfigError naming the key."""
+    workers, the method exists, the optimizer's package is installed and the base model loads.
+    Raises ConfigError naming the key."""
     train = config.train
     get_method(train.method)
+    check_optimizer(train)
     info = open_dataset(train.data)
     if info.rows // train.workers < train.batch_size:
         raise ConfigError(

@@ -9,6 +9,8 @@ from pipeline.train.losses import (
     add_noise,
     diffusion_loss,
     diffusion_target,
+    min_snr_weights,
+    offset_noise,
     sample_latents,
     sample_timesteps,
     subject_drop_mask,
@@ -71,3 +73,27 @@ def test_timesteps_cover_the_schedule():
 def test_warmup_is_linear_then_constant():
     assert [warmup_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert warmup_factor(0, 0) == 1.0
+
+
+def test_noise_offset_adds_one_shift_per_sample_and_channel():
+    noise = torch.zeros(2, 3, 2, 2)
+    shifted = offset_noise(noise, 0.1, torch.Generator().manual_seed(0))
+    shift = 0.1 * torch.randn(2, 3, generator=torch.Generator().manual_seed(0))  # the formula's n, (B, C)
+    assert torch.allclose(shifted, shift[:, :, None, None].expand(2, 3, 2, 2))
+    assert offset_noise(noise, 0.0) is noise  # off: the noise itself, no draw
+
+
+def test_min_snr_weights_match_hand_computed_values():
+    alphas_cumprod = torch.tensor([0.5, 0.8, 0.2])  # SNR a/(1-a) = 1, 4, 0.25
+    t = torch.tensor([0, 1, 2])
+    assert torch.allclose(min_snr_weights(alphas_cumprod, t, 2.0, "epsilon"), torch.tensor([1.0, 0.5, 1.0]))
+    assert torch.allclose(min_snr_weights(alphas_cumprod, t, 2.0, "v_prediction"), torch.tensor([0.5, 0.4, 0.2]))
+    with pytest.raises(ValueError, match="sample"):
+        min_snr_weights(alphas_cumprod, t, 2.0, "sample")
+
+
+def test_weighted_loss_is_the_mean_of_weighted_per_sample_errors():
+    target = torch.tensor([1.0, 1.0, 2.0, 2.0]).view(2, 1, 1, 2)  # per-sample MSE against 0: 1 and 4
+    prediction = torch.zeros(2, 1, 1, 2)
+    assert diffusion_loss(prediction, target, torch.tensor([1.0, 0.5])).item() == pytest.approx((1 * 1 + 0.5 * 4) / 2)
+    assert diffusion_loss(prediction, target, torch.ones(2)).item() == pytest.approx(diffusion_loss(prediction, target).item())

@@ -1,0 +1,73 @@
+"""Memory options: gradient checkpointing changes no loss or gradient, and 8-bit AdamW without
+bitsandbytes is a config error naming the extra."""
+
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import ConfigError, TrainConfig, load_config
+from pipeline.model import BlipDiffusion
+from pipeline.train.losses import add_noise, diffusion_loss
+from pipeline.train.memory import build_optimizer, enable_gradient_checkpointing
+
+
+def _loss_and_grads(model, embeds):
+    """One training forward and backward of the tiny model (subject embeddings spliced into the
+    prompt, text encoder and UNet learning): the loss and every gradient by name."""
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 700])
+    hidden = model.encode_prompts(["a dog on the beach", "a dog"], embeds.expand(2, -1, -1))
+    noisy = add_noise(latents, noise, t, model.scheduler.alphas_cumprod)
+    loss = diffusion_loss(model.unet(noisy, t, encoder_hidden_states=hidden).sample, noise)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    grads["embeds"] = embeds.grad.clone()
+    model.zero_grad(set_to_none=True)
+    embeds.grad = None
+    return loss.detach(), grads
+
+
+def _calls(module: nn.Module) -> list[int]:
+    """How often `module` starts a forward pass (a pre-hook: a checkpointed recomputation stops
+    as soon as it has the tensors the backward pass needs, before forward hooks would run)."""
+    count = [0]
+    module.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+    return count
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    model = BlipDiffusion.from_pretrained(load_config(overrides=["profile=tiny"]).model_path("blip_diffusion"))
+    model.requires_grad_(False)
+    model.unet.requires_grad_(True)
+    model.text_encoder.requires_grad_(True)
+    model.unet.train()
+    model.text_encoder.train()
+    embeds = torch.randn(1, model.num_query_tokens, model.text_encoder.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    embeds.requires_grad_(True)
+    loss, grads = _loss_and_grads(model, embeds)
+
+    enable_gradient_checkpointing(model.unet, model.text_encoder)
+    text_attention = _calls(model.text_encoder.text_model.encoder.layers[0].self_attn)
+    unet_resnet = _calls(model.unet.down_blocks[0].resnets[0])
+    checkpointed_loss, checkpointed = _loss_and_grads(model, embeds)
+    # Checkpointing is on: each layer ran again in the backward pass.
+    assert text_attention[0] == 2 and unet_resnet[0] == 2
+    assert torch.allclose(checkpointed_loss, loss, atol=1e-5, rtol=0)
+    assert checkpointed.keys() == grads.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        assert torch.allclose(checkpointed[name], grad, atol=1e-5, rtol=1e-5), name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
+def test_adamw8bit_without_bitsandbytes_names_the_extra():
+    with pytest.raises(ConfigError, match=r"train\.optimizer.*subjectforge\[gpu\]"):
+        build_optimizer([nn.Parameter(torch.zeros(2))], TrainConfig(optimizer="adamw8bit"), torch.device("cpu"))
+
+
+def test_adamw_is_torch_adamw_with_the_configured_rate():
+    optimizer = build_optimizer([nn.Parameter(torch.zeros(2))], TrainConfig(lr=0.5, weight_decay=0.1), torch.device("cpu"))
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.defaults["lr"] == 0.5 and optimizer.defaults["weight_decay"] == 0.1
