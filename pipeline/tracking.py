@@ -449,13 +449,15 @@ def _registry_error(ref: str, uri: str, exc: Any) -> RegistryError:
 
 
 LIMITS_CONFIG_KEY = "serve_limits"  # the pyfunc's model_config key: serve.limits of the config that logged it
+CONTROLNET_CONFIG_KEY = "controlnet"  # the canny ControlNet (id or folder) that draws rows with a control_image
 
 
 def subject_signature() -> Any:
     """Output: one row per image (`prompt_index`, `image`: PNG bytes as base64 text, so the model
     server's JSON carries them). Input: one row per prompt, fields as in
     pipeline/serving/requests.py (`prompt`; optional `negative_prompt`, `num_images`, `seed`,
-    `guidance_scale`, `steps`, `height`, `width`). The input has no MLflow schema on purpose:
+    `guidance_scale`, `steps`, `height`, `width`; a structure control `control_image`, `control`,
+    `control_scale` as in pipeline/serving/controls.py). The input has no MLflow schema on purpose:
     MLflow would cast 1.5 or true to a seed of 1 and drop unknown columns before `predict`
     saw them; `predict` checks the rows itself."""
     from mlflow.models import ModelSignature
@@ -473,11 +475,13 @@ def _make_subject_pyfunc() -> type:
         def load_context(self, context: Any) -> None:
             import torch
 
-            from pipeline.config import ServeLimits
+            from pipeline.config import PROFILE_CONTROLNETS, ServeLimits
             from pipeline.model.subject import SubjectModel, SubjectSpec
 
             # A model logged before the limits were saved with it gets the default limits.
             self.limits = ServeLimits.model_validate((context.model_config or {}).get(LIMITS_CONFIG_KEY, {}))
+            self.controlnet_path = (context.model_config or {}).get(CONTROLNET_CONFIG_KEY) or PROFILE_CONTROLNETS["real"]["canny"]
+            self._controlnet = None  # loaded on the first row with a control_image
             folder = Path(context.artifacts[SUBJECT_ARTIFACT])
             base = SubjectSpec.read(folder).base
             if base.startswith("models:/"):  # the registered base: fetched from this process's tracking server
@@ -495,7 +499,9 @@ def _make_subject_pyfunc() -> type:
             from mlflow.exceptions import MlflowException
             from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-            from pipeline.serving.requests import RequestError, records_from_frame, validate_requests
+            from pipeline.config import DecodeConfig
+            from pipeline.serving.controls import IMAGE_FIELD, validate_rows
+            from pipeline.serving.requests import RequestError, records_from_frame
 
             # Every row is checked before any image is made. The scoring server answers an
             # MlflowException with INVALID_PARAMETER_VALUE as HTTP 400 with its message and no
@@ -503,17 +509,33 @@ def _make_subject_pyfunc() -> type:
             try:
                 if params:
                     raise RequestError("params", "are not used; give the fields in each row")
-                requests = validate_requests(records_from_frame(model_input), self.limits)
+                rows = validate_rows(records_from_frame(model_input), self.limits, DecodeConfig())
+                if self.subject.subject_embeds is None and any(control is not None for _, control in rows):
+                    raise RequestError(IMAGE_FIELD, f"is not available for a {self.subject.spec.method} subject (it has no subject embeddings)")
             except RequestError as exc:
                 raise MlflowException(f"invalid request: {exc}", error_code=INVALID_PARAMETER_VALUE) from None
             out = []
-            for index, request in enumerate(requests):
-                images = self.subject.generate(**asdict(request))
+            for index, (request, control) in enumerate(rows):
+                images = self.subject.generate(**asdict(request), control=self._control(control, request))
                 for image in images:
                     buffer = io.BytesIO()
                     image.save(buffer, format="PNG")
                     out.append({"prompt_index": index, "image": base64.b64encode(buffer.getvalue()).decode("ascii")})
             return pd.DataFrame(out, columns=["prompt_index", "image"])
+
+        def _control(self, control: Any, request: Any) -> Any:
+            """The model's Control of a row's checked control (None without one), at the row's size."""
+            if control is None:
+                return None
+            from pipeline.model.control import Control, load_controlnet
+            from pipeline.serving.controls import control_tensor
+
+            model = self.subject.model
+            if self._controlnet is None:
+                self._controlnet = load_controlnet(self.controlnet_path, dtype=model.dtype, device=model.device, local_files_only=False)
+            size = self.subject.spec.resolution
+            image = control_tensor(control, model.image_processor, request.height or size, request.width or size)
+            return Control(self._controlnet, image, control.scale)
 
     SubjectPyfunc.__module__ = __name__
     return SubjectPyfunc
@@ -534,12 +556,14 @@ def __getattr__(name: str) -> Any:
 
 
 def log_subject_model(
-    uri: str, run_id: str, folder: Path, name: str, tags: Mapping[str, str], alias: str | None, limits: Any = None
+    uri: str, run_id: str, folder: Path, name: str, tags: Mapping[str, str], alias: str | None, limits: Any = None,
+    controlnet: str | None = None,
 ) -> str:
     """Save the subject in `folder` as a pyfunc (its files only, plus the base's reference in
     subject.json), log it into the run, register it as a new version of `name` with `tags`,
     and point `alias` at it. Returns the version. `limits` (a ServeLimits; None = the
-    defaults) is saved with the model: whatever serves it refuses requests beyond them."""
+    defaults) is saved with the model: whatever serves it refuses requests beyond them; so is
+    `controlnet`, the canny ControlNet for rows with a control_image (None: the real profile's)."""
     import tempfile
 
     import mlflow.pyfunc
@@ -554,7 +578,7 @@ def log_subject_model(
             python_model=__getattr__("SubjectPyfunc")(),
             artifacts={SUBJECT_ARTIFACT: str(folder)},
             signature=subject_signature(),
-            model_config={LIMITS_CONFIG_KEY: limits.model_dump()},
+            model_config={LIMITS_CONFIG_KEY: limits.model_dump(), **({CONTROLNET_CONFIG_KEY: controlnet} if controlnet else {})},
             pip_requirements=["subjectforge"],
         )
         version = register_model(uri, run_id, path, name, tags, artifact_path=PYFUNC_FOLDER)

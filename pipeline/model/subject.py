@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.config import FINETUNE_TRAITS, MethodTraits
 from pipeline.model.blip_diffusion import BlipDiffusion
 from pipeline.model.checkpoint import CheckpointError, read_json, write_json
+from pipeline.model.control import Control
 from pipeline.model.prompts import DEFAULT_NEGATIVE_PROMPT, check_text
 from pipeline.model.schedulers import fresh_scheduler
 
@@ -186,9 +187,11 @@ class SubjectModel:
         negative_prompt: str | None = None,
         height: int | None = None,
         width: int | None = None,
+        control: Control | None = None,
     ) -> list[PIL.Image.Image]:
         """`num_images` images of the subject in `prompt` ("on the beach"), PIL RGB of
-        height x width (default: the training resolution)."""
+        height x width (default: the training resolution); `control` steers them with a
+        ControlNet (its map at that size; not for a subject without embeddings)."""
         kwargs: dict[str, Any] = {
             "num_images": num_images,
             "steps": steps,
@@ -199,10 +202,12 @@ class SubjectModel:
             "seed": seed,
         }
         if self.subject_embeds is None:
+            if control is not None:
+                raise ValueError(f"a {self.spec.method} subject draws from text alone: structure control is not available")
             text = dreambooth_prompt(self.spec.identifier or "sks", self.spec.category, prompt)
             return generate_from_text(self.model, [text], **kwargs)
         return self.model.generate(
-            prompt, subject_embeds=self.subject_embeds, category=self.spec.category, progress=False, **kwargs
+            prompt, subject_embeds=self.subject_embeds, category=self.spec.category, progress=False, control=control, **kwargs
         )
 
 

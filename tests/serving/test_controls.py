@@ -1,0 +1,63 @@
+"""Control fields of requests from outside (pipeline/serving/controls.py) and the subject pyfunc's
+control columns, tiny profile: a row with a control_image is drawn steered, scale 0 draws what
+the row without it draws, and bad control columns are refused naming the field and row."""
+
+from __future__ import annotations
+
+import base64
+import io
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+from PIL import Image
+
+from pipeline import tracking
+from pipeline.config import PROFILE_CONTROLNETS, DecodeConfig, ServeLimits
+from pipeline.serving.controls import validate_rows
+from pipeline.serving.requests import RequestError
+from tests.serve_subjects import make_subject
+
+
+def _png_b64(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+EDGES = Image.new("RGB", (48, 48), (10, 10, 10))
+EDGES.paste((255, 255, 255), (12, 12, 36, 36))
+ROW = {"prompt": "on the beach", "steps": 2, "seed": 1}
+
+
+def test_rows_split_into_requests_and_controls():
+    [(plain, none), (steered, control)] = validate_rows([ROW, {**ROW, "control_image": _png_b64(EDGES)}],
+                                                         ServeLimits(), DecodeConfig())
+    assert plain == steered and none is None
+    assert (control.kind, control.scale, control.image.size) == ("canny", 1.0, (48, 48))
+    with pytest.raises(RequestError, match=r"control_scale: .*\(row 1\)"):
+        validate_rows([ROW, {**ROW, "control_image": _png_b64(EDGES), "control_scale": -1}], ServeLimits(), DecodeConfig())
+    with pytest.raises(RequestError, match="control: goes with control_image"):
+        validate_rows([{**ROW, "control": "canny"}], ServeLimits(), DecodeConfig())
+
+
+@pytest.fixture(scope="module")
+def pyfunc(tmp_path_factory):
+    folder = make_subject(tmp_path_factory.mktemp("pyfunc") / "rex", "textual-inversion", 5)
+    model = tracking.SubjectPyfunc()
+    model.load_context(SimpleNamespace(artifacts={tracking.SUBJECT_ARTIFACT: str(folder)},
+                                       model_config={tracking.CONTROLNET_CONFIG_KEY: PROFILE_CONTROLNETS["tiny"]["canny"]}))
+    return model
+
+
+def test_the_pyfunc_draws_rows_with_a_control_image(pyfunc):
+    frame = pd.DataFrame([ROW, {**ROW, "control_image": _png_b64(EDGES)},
+                          {**ROW, "control_image": _png_b64(EDGES), "control": "map", "control_scale": 0.0}])
+    images = pyfunc.predict(None, frame)["image"].tolist()
+    assert len(images) == 3 and images[1] != images[0] and images[2] == images[0]
+
+
+def test_the_pyfunc_refuses_a_bad_control_column(pyfunc):
+    with pytest.raises(MlflowException, match=r"control_image: is not valid base64 \(row 0\)"):
+        pyfunc.predict(None, pd.DataFrame([{**ROW, "control_image": "not base64!"}]))
