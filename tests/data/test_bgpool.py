@@ -111,3 +111,20 @@ def test_cli_builds_a_pool_with_clipseg(backgrounds_source, tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "rejected notes.txt: decode:" in out and "4 backgrounds, 2 of 6 inputs rejected" in out
+
+
+def test_a_build_composites_onto_the_pool(backgrounds_source, tmp_path):
+    """`data build --backgrounds BG` with a pool: its composites' backgrounds are the pool's
+    images, by their ids (process_photos runs the build's stages in this process)."""
+    from pipeline.data.build import process_photos
+    from pipeline.data.sources import SourcePhoto, sha256_file
+    from tests.imagefiles import SAMPLE
+
+    src, subjects = backgrounds_source
+    pool = build_background_pool(src, tmp_path / "bg", _config(), categories_from=subjects, scorer=red_scorer)
+    path = sorted((SAMPLE / "dog").glob("*.jpg"))[0]
+    photo_in = SourcePhoto("dog", "dog", f"dog/{path.name}", str(path), sha256_file(path))
+    rows, rejects = process_photos([photo_in], _config(f"data.backgrounds.folder={tmp_path / 'bg'}"), "v-test")
+    assert rows.num_rows == 2 and rejects.num_rows == 0  # data.composite.per_photo rows
+    pool_ids = {image["id"] for image in pool.manifest["images"]}
+    assert set(rows["background_id"].to_pylist()) <= pool_ids
