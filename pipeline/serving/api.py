@@ -3,7 +3,7 @@
 POST /v1/generate takes a JSON object: the fields of pipeline/serving/requests.py (`prompt`,
 `negative_prompt`, `num_images`, `seed`, `guidance_scale`, `steps`, `height`, `width`) plus a
 subject: `subject` (a registered one) or `reference_images` (1..6 base64 photos) with
-`category` (zero-shot), and optionally a structure control (`control_image`, `control`,
+`category` (zero-shot), or `mix`, a weighted list of such subjects mixed into one, and optionally a structure control (`control_image`, `control`,
 `control_scale`: pipeline/serving/controls.py). Every field is checked here, before anything reaches the model, and
 each violation is an ApiError with its HTTP status and the field it names.
 """
@@ -21,15 +21,19 @@ from pipeline.serving.controls import CONTROL_FIELDS, ControlRequest, validate_c
 from pipeline.serving.requests import FIELDS, GenerationRequest, RequestError, validate_request
 from pipeline.serving.subjects import (
     CATEGORY_FIELD,
+    MIX_FIELD,
     REFERENCE_FIELD,
     SUBJECT_FIELD,
+    MixedSubject,
     SubjectRef,
     ZeroShotSubject,
     decode_reference_images,
+    parse_mix,
     parse_subject_ref,
 )
 
-GENERATE_FIELDS = (*FIELDS, SUBJECT_FIELD, REFERENCE_FIELD, CATEGORY_FIELD, *CONTROL_FIELDS)
+GENERATE_FIELDS = (*FIELDS, SUBJECT_FIELD, REFERENCE_FIELD, CATEGORY_FIELD, MIX_FIELD, *CONTROL_FIELDS)
+MIX = "mix"  # the subject name of mixed requests in answers and metrics
 ZERO_SHOT = "zero-shot"  # the subject name of zero-shot requests in answers and metrics
 
 
@@ -49,7 +53,7 @@ class GenerateCall:
     """A checked POST /v1/generate: what to draw, and of which subject."""
 
     request: GenerationRequest
-    subject: SubjectRef | ZeroShotSubject
+    subject: SubjectRef | ZeroShotSubject | MixedSubject
     control: ControlRequest | None = None
 
 
@@ -75,6 +79,12 @@ def parse_generate(value: Any, config: Config) -> GenerateCall:
             raise RequestError(str(unknown[0])[:40], f"unknown field; the fields are {', '.join(GENERATE_FIELDS)}")
         request = validate_request({k: v for k, v in value.items() if k in FIELDS}, config.serve.limits, config.generate)
         control = validate_control(value, config.data.decode)
+        if value.get(MIX_FIELD) is not None:
+            given = [name for name in (SUBJECT_FIELD, REFERENCE_FIELD, CATEGORY_FIELD) if value.get(name) is not None]
+            if given:
+                raise RequestError(given[0], f"goes inside {MIX_FIELD}'s parts, not beside {MIX_FIELD}")
+            mix = parse_mix(value[MIX_FIELD], config.data.decode, config.serve.max_reference_images)
+            return GenerateCall(request, mix, control)
         has_subject, has_photos = value.get(SUBJECT_FIELD) is not None, value.get(REFERENCE_FIELD) is not None
         if has_subject == has_photos:
             raise RequestError(SUBJECT_FIELD, f"give {SUBJECT_FIELD} (a registered subject) or {REFERENCE_FIELD} with {CATEGORY_FIELD}, not both")

@@ -30,10 +30,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from pipeline.config import Config, load_config
-from pipeline.serving.api import ZERO_SHOT, ApiError, image_answer, parse_generate, read_json
+from pipeline.serving.api import MIX, ZERO_SHOT, ApiError, image_answer, parse_generate, read_json
 from pipeline.serving.engine import Engine, Job, is_out_of_memory
 from pipeline.serving.metrics import ServeMetrics
 from pipeline.serving.subjects import (
+    MixedSubject,
     RegistryUnavailable,
     SubjectLibrary,
     SubjectNotFound,
@@ -124,6 +125,9 @@ class SubjectServer:
                 subject_name = call.subject.name
                 subject, version = await asyncio.to_thread(self._registered, call.subject)
                 size = subject.spec.resolution
+            elif isinstance(call.subject, MixedSubject):
+                subject_name, size = MIX, None
+                subject, version = await asyncio.to_thread(self._mixed, call.subject)
             else:
                 subject_name, subject = ZERO_SHOT, call.subject
                 size = None
@@ -156,6 +160,19 @@ class SubjectServer:
             raise ApiError(503, "registry", str(exc)) from None
         log.info("%s: version %s", ref.uri, version)
         return subject, version
+
+    def _mixed(self, mix: MixedSubject) -> tuple[MixedSubject, str | None]:
+        """`mix` with its registered parts resolved and fetched, and their "NAME/VERSION"s. Each
+        takes part by its embeddings (a subject without them, dreambooth, is a 422)."""
+        parts, versions = [], []
+        for i, part in enumerate(mix.parts):
+            if isinstance(part, SubjectRef):
+                part, version = self._registered(part)
+                if part.embeds is None:
+                    raise ApiError(422, f"mix[{i}].subject", f"models:/{part.key} is a {part.spec.method} subject: it has no embeddings to mix")
+                versions.append(part.key)
+            parts.append(part)
+        return MixedSubject(tuple(parts), mix.weights), ",".join(versions) or None
 
     async def _subjects(self) -> dict[str, Any]:
         from pipeline import tracking

@@ -34,7 +34,7 @@ from pipeline.model.schedulers import fresh_scheduler
 from pipeline.serving.cache import LruBudget
 from pipeline.serving.controls import ControlRequest, control_tensor
 from pipeline.serving.requests import GenerationRequest
-from pipeline.serving.subjects import RegisteredSubject, SubjectUnusable, ZeroShotSubject
+from pipeline.serving.subjects import MixedSubject, RegisteredSubject, SubjectUnusable, ZeroShotSubject
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class Job:
     def unet_key(self) -> tuple[str, ...]:
         """Which UNet draws it: the base, a LoRA adapter of it, or a full subject UNet."""
         subject = self.subject
-        if isinstance(subject, ZeroShotSubject) or subject.spec.traits.unet != "full":
+        if isinstance(subject, ZeroShotSubject | MixedSubject) or subject.spec.traits.unet != "full":
             return BASE
         return ("full", subject.key)
 
@@ -179,18 +179,32 @@ class Engine:
         """Text-encoder states (n, 77, D) of one job's prompt with its subject, n = num_images."""
         r, subject = job.request, job.subject
         prompt = check_text(r.prompt, "prompt")
-        if isinstance(subject, ZeroShotSubject):
-            embeds = model.encode_subject(list(subject.images), subject.category)  # (1, Q, D)
-            category = subject.category
+        if isinstance(subject, ZeroShotSubject | MixedSubject):
+            embeds, category = self._mixed_embeds(model, subject), subject.category  # (1, Q, D)
         elif subject.embeds is None:  # dreambooth: the subject is a rare token of the prompt
             from pipeline.model.subject import dreambooth_prompt
 
             text = dreambooth_prompt(subject.spec.identifier or "sks", subject.spec.category, prompt)
             return model.encode_prompts([check_text(text, "prompt")] * r.num_images, None)
+        elif subject.spec.ti_property is not None:  # textual inversion: its word [S] in the prompt
+            from pipeline.model.pseudoword import compose_prompt, encode_pseudoword_prompts
+
+            text = compose_prompt(prompt, subject.spec.ti_property)
+            return encode_pseudoword_prompts(model, [text] * r.num_images, self._device_embeds(subject))
         else:
             embeds, category = self._device_embeds(subject), subject.spec.category
         texts = [build_prompt(category, prompt, 1.0, DEFAULT_PROMPT_REPS)] * r.num_images
         return model.encode_prompts(texts, embeds.expand(r.num_images, -1, -1))
+
+    def _mixed_embeds(self, model: BlipDiffusion, subject: ZeroShotSubject | MixedSubject) -> torch.Tensor:
+        """Subject embeddings (1, Q, D) of a zero-shot subject, or the weighted mix of a MixedSubject's."""
+        from pipeline.model.blip_diffusion import mix_subjects
+
+        if isinstance(subject, ZeroShotSubject):
+            return model.encode_subject(list(subject.images), subject.category)
+        parts = [self._mixed_embeds(model, part) if isinstance(part, ZeroShotSubject) else self._device_embeds(part)
+                 for part in subject.parts]
+        return mix_subjects(parts, subject.weights)
 
     def _device_embeds(self, subject: RegisteredSubject) -> torch.Tensor:
         embeds = self._embeds.get(subject.key)

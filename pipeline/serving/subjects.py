@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 SUBJECT_FIELD = "subject"
 REFERENCE_FIELD = "reference_images"
 CATEGORY_FIELD = "category"
+MIX_FIELD = "mix"
+MAX_MIX_PARTS = 4  # subjects of one mix: each costs a fetch or a Q-Former pass
 MAX_CATEGORY_CHARS = 100  # a class noun ("dog", "teapot"); CLIP reads a few words of it
 
 
@@ -90,6 +93,53 @@ class ZeroShotSubject:
 
     images: tuple[PIL.Image.Image, ...]
     category: str
+
+
+@dataclass(frozen=True)
+class MixedSubject:
+    """Subjects mixed into one by weight (LAVIS `forward_ctx_embeddings(ratio=...)`): each part a
+    registered subject (a SubjectRef until it is resolved) or a zero-shot one; the prompt names
+    the first part's category. Drawn by the base UNet with the mixed embeddings only."""
+
+    parts: tuple[Any, ...]  # SubjectRef | RegisteredSubject | ZeroShotSubject
+    weights: tuple[float, ...]
+
+    @property
+    def category(self) -> str:
+        first = self.parts[0]
+        return first.category if isinstance(first, ZeroShotSubject) else first.spec.category
+
+
+def parse_mix(value: Any, decode: DecodeConfig, max_images: int) -> MixedSubject:
+    """The request's `mix` field: a list of 1..MAX_MIX_PARTS objects, each {"subject": a registered
+    subject, "weight": w} or {"reference_images": [...], "category": c, "weight": w}; the weights
+    are finite and add up to a positive number. RequestError naming the field otherwise."""
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_MIX_PARTS:
+        raise RequestError(MIX_FIELD, f"must be a list of 1..{MAX_MIX_PARTS} weighted subjects")
+    parts, weights = [], []
+    for i, entry in enumerate(value):
+        field = f"{MIX_FIELD}[{i}]"
+        if not isinstance(entry, Mapping):
+            raise RequestError(field, 'must be an object {"subject", "weight"} or {"reference_images", "category", "weight"}')
+        unknown = sorted(set(entry) - {SUBJECT_FIELD, REFERENCE_FIELD, CATEGORY_FIELD, "weight"})
+        if unknown:
+            raise RequestError(f"{field}.{str(unknown[0])[:40]}", "unknown field; a part is a subject or reference_images with category, and a weight")
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+            raise RequestError(f"{field}.weight", "must be a finite number")
+        if (entry.get(SUBJECT_FIELD) is None) == (entry.get(REFERENCE_FIELD) is None):
+            raise RequestError(field, f"give {SUBJECT_FIELD} or {REFERENCE_FIELD} with {CATEGORY_FIELD}")
+        try:
+            if entry.get(SUBJECT_FIELD) is not None:
+                parts.append(parse_subject_ref(entry[SUBJECT_FIELD]))
+            else:
+                parts.append(decode_reference_images(entry[REFERENCE_FIELD], entry.get(CATEGORY_FIELD), decode, max_images))
+        except RequestError as exc:
+            raise RequestError(f"{field}.{exc.field}", exc.message) from None
+        weights.append(float(weight))
+    if not sum(weights) > 0:
+        raise RequestError(MIX_FIELD, f"the weights must add up to a positive number, got {weights}")
+    return MixedSubject(tuple(parts), tuple(weights))
 
 
 def parse_subject_ref(value: Any) -> SubjectRef:

@@ -223,6 +223,17 @@ def test_lora_subjects_alone_and_interleaved_draw_the_same(server):
     assert np.abs(decoded(answers[0][1]) - decoded(alone)).max() > 20
 
 
+def test_a_registered_subject_mixed_with_itself_draws_the_subject(server):
+    alone = valid(seed=4, subject=f"models:/{TI}@champion", height=64, width=64)
+    status, expected = call(server, "/v1/generate", alone)
+    assert status == 200, expected
+    part = {"subject": f"models:/{TI}@champion", "weight": 0.5}
+    mix = {k: v for k, v in alone.items() if k != "subject"} | {"mix": [part, {**part, "subject": {"name": TI, "version": "1"}}]}
+    status, mixed = call(server, "/v1/generate", mix)
+    assert status == 200 and (mixed["subject"], mixed["model_version"]) == ("mix", f"{TI}/1,{TI}/1"), mixed
+    assert np.abs(decoded(mixed) - decoded(expected)).max() <= 1
+
+
 METRICS_S = 60  # Ray's metrics agent exports what replicas recorded every few seconds
 
 

@@ -163,3 +163,36 @@ def test_a_control_image_steers_the_request_and_scale_zero_changes_nothing(model
 def test_a_bad_control_is_a_400_naming_the_field(model, fields, field):
     status, body = answer(make_server(model), {**zero_shot(), **fields})
     assert (status, body["field"]) == (400, field), body
+
+
+def test_a_mix_of_a_subject_with_itself_draws_the_subject_and_other_mixes_differ(model):
+    server = make_server(model)
+    alone = zero_shot(seed=5)
+    part = {"reference_images": alone["reference_images"], "category": "dog"}
+    other = {"reference_images": [_png_b64(EDGES)], "category": "cat", "weight": 0.5}
+    base = {k: v for k, v in alone.items() if k not in ("reference_images", "category")}
+    _, expected = answer(server, alone)
+    status, same = answer(server, {**base, "mix": [{**part, "weight": 0.5}, {**part, "weight": 0.5}]})
+    assert status == 200 and same["subject"] == "mix", same
+    _, mixed = answer(server, {**base, "mix": [{**part, "weight": 0.5}, other]})
+    assert same["images"] == expected["images"] and mixed["images"] != expected["images"]
+
+
+@pytest.mark.parametrize("mix, field", [
+    ([], "mix"),
+    ([{"subject": "models:/subjectforge-dog@champion", "weight": 1}] * 5, "mix"),
+    ([{"subject": "models:/subjectforge-dog@champion", "weight": 0.5}, {"subject": "models:/x@y", "weight": -0.5}], "mix"),
+    ([{"subject": "models:/subjectforge-dog@champion", "weight": "lots"}], "mix[0].weight"),
+    ([{"subject": "models:/subjectforge-dog@champion", "wieght": 1}], "mix[0].wieght"),
+    ([{"weight": 1}], "mix[0]"),
+    ([{"reference_images": ["not base64!"], "category": "dog"}], "mix[0].reference_images[0]"),
+    ([{"subject": "dog"}], "mix[0].subject"),
+])
+def test_a_bad_mix_is_a_400_naming_the_field(model, mix, field):
+    status, body = answer(make_server(model), {"prompt": "on the beach", "steps": 2, "mix": mix})
+    assert (status, body["field"]) == (400, field), body
+
+
+def test_a_mix_goes_alone(model):
+    status, body = answer(make_server(model), {**zero_shot(), "mix": [{"subject": "models:/subjectforge-dog@champion"}]})
+    assert (status, body["field"]) == (400, "reference_images"), body
