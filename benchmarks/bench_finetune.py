@@ -239,7 +239,9 @@ def bench_e2e(args: argparse.Namespace, work: Path) -> list[dict]:
     subjects = {f"s{i:03d}": "dog" for i in range(args.subjects)}
     publish_dataset(work / "ds", subjects, per_subject=4, size=(args.size, args.size))
     gpu = torch.cuda.is_available()
+    # Training time alone: validation (DINO and CLIP, maybe not on the benchmark machine) is off.
     common = [f"finetune.subject={work / 'ds'}", f"finetune.steps={args.steps}", f"train.resolution={args.size}",
+              "finetune.validate_every=0", "finetune.select=last",
               f"train.gpu={str(gpu).lower()}", f"finetune.out={work / 'out'}", f"train.storage_path={work / 'runs'}"]
     common += ["profile=tiny"] if args.tiny else [f"models.blip_diffusion={args.model}"]
     common += [f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else ["tracking.enabled=false"]
@@ -271,6 +273,7 @@ def bench_many(args: argparse.Namespace, work: Path, method: str) -> dict:
     publish_dataset(work / "ds", subjects, per_subject=4, size=(args.size, args.size))
     gpu = torch.cuda.is_available()
     overrides = [f"finetune.subject={work / 'ds'}", f"finetune.method={method}", f"finetune.steps={args.steps}",
+                 "finetune.validate_every=0", "finetune.select=last",  # training time alone, as before validation
                  f"finetune.batch_size={args.batch}", f"train.resolution={args.size}", f"train.gpu={str(gpu).lower()}",
                  f"finetune.num_gpus={args.num_gpus}", f"finetune.concurrency={args.concurrency}",
                  f"train.cpus_per_worker={args.cpus_per_worker}", f"finetune.out={work / 'out'}",

@@ -113,6 +113,21 @@ def check_finetune(config: Config) -> None:
     if not ft.subject_id:
         raise ConfigError("finetune.subject_id: give --subject-id")
     get_method(ft.method)
+    if ft.validate_every:
+        check_scorers(config)
+
+
+def check_scorers(config: Config) -> None:
+    """Validation's DINO and CLIP load (models.dino, models.clip), checked before any training:
+    otherwise the first validation would fail after `finetune.validate_every` steps."""
+    from pipeline.hub import require_model
+
+    for key in ("dino", "clip"):
+        try:
+            require_model(key, config.model_path(key))
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (fine-tuning validates with it; finetune.validate_every=0 and finetune.select=last "
+                              "train without validation)") from None
 
 
 def read_subject(config: Config) -> SubjectRows:

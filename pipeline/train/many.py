@@ -35,7 +35,7 @@ from pipeline.data.versions import MANIFEST
 from pipeline.raycluster import ensure_ray
 from pipeline.train import bases
 from pipeline.train.data import open_dataset
-from pipeline.train.finetune import FinetuneResult, finetune_subject, list_subjects
+from pipeline.train.finetune import FinetuneResult, check_scorers, finetune_subject, list_subjects
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,8 @@ def finetune_many(config: Config) -> list[SubjectOutcome]:
         log.warning("subject %s: affected, but has no rows in this version (photos removed or rejected); not fine-tuned", s)
     if not subjects:
         return list(skipped.values())
+    if ft.validate_every:
+        check_scorers(config)  # before any actor starts, not at each subject's first validation
     ensure_ray(config.ray)
     size = min(ft.concurrency, len(subjects))
     check_pool(config, size)

@@ -91,17 +91,20 @@ def draw_images(method: Any, plan: ValidationPlan) -> list[PIL.Image.Image]:
     from pipeline.evaluation.workers import draw_prompt
 
     spec = method.spec()
-    embeds = method.subject_embeds.detach() if method.subject_embeds is not None else None
     settings = {"steps": plan.steps, "guidance_scale": GUIDANCE_SCALE, "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
                 "height": plan.size, "width": plan.size, "batch_size": None}
     was_training = method.training
     method.eval()
     try:
-        return [
-            image
-            for seed, (prompt, template) in enumerate(zip(plan.prompts, plan.templates, strict=True))
-            for image in draw_prompt(method.model, embeds, spec.identifier, spec.category, prompt, template, [seed], settings)
-        ]
+        with method.averaged():  # the EMA weights when the run keeps them: what would be registered
+            embeds = method.subject_embeds.detach() if method.subject_embeds is not None else None
+            return [
+                image
+                for seed, (prompt, template) in enumerate(zip(plan.prompts, plan.templates, strict=True))
+                for image in draw_prompt(
+                    method.model, embeds, spec.identifier, spec.category, prompt, template, [seed], settings, spec.ti_property
+                )
+            ]
     finally:
         method.train(was_training)
 

@@ -17,7 +17,7 @@ from pipeline.evaluation.benchmark import LIVE_PROMPTS_FILE, OBJECT_PROMPTS_FILE
 from pipeline.evaluation.job import DEFAULT_BENCHMARK
 from pipeline.model import BlipDiffusion
 from pipeline.train import validation
-from pipeline.train.finetune import finetune_key, finetune_subject, read_subject, write_inputs
+from pipeline.train.finetune import check_finetune, finetune_key, finetune_subject, read_subject, write_inputs
 from pipeline.train.many import SubjectOutcome, format_table
 from pipeline.train.methods import get_method
 from pipeline.train.validation import checkpoints_to_keep, prune_checkpoints, rank_records, validations_since_best
@@ -135,6 +135,13 @@ def test_validation_settings_are_checked_and_change_the_finetune_key():
         with pytest.raises(ConfigError, match=named):
             load_config(overrides=[*TINY, *bad.split()])
     load_config(overrides=[*TINY, "finetune.validate_every=0", "finetune.select=last"])  # no validation at all
+
+
+def test_missing_scoring_models_are_an_error_before_training(tmp_path):
+    overrides = [*TINY, f"finetune.subject={tmp_path}", f"models.dino={tmp_path / 'no-dino'}"]
+    with pytest.raises(ConfigError, match=r"models.dino: .*no-dino.*finetune.validate_every=0"):
+        check_finetune(load_config(overrides=overrides))
+    check_finetune(load_config(overrides=[*overrides, "finetune.validate_every=0", "finetune.select=last"]))
 
 
 def test_finetune_many_table_shows_the_chosen_step_and_scores():
