@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import yaml
 
 from pipeline import __version__
 from pipeline.cli import build_parser, resolve_config
+from tests.processes import stop_process_group
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
@@ -378,9 +378,4 @@ def test_the_manifests_auth_config_refuses_anonymous_writes(tmp_path):
         assert create_experiment("wrong", (admin[0], "not-the-password")) == 401
         assert create_experiment("admin", admin) == 200
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc)

@@ -2,7 +2,6 @@
 
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pipeline.config import ConfigError
 from pipeline.errors import UserError
 from pipeline.jobs import JobEnv, build_entrypoint, build_runtime_env, forwarded_env, parse_env, stage_upload
 from tests.imagefiles import make_source
+from tests.processes import stop_process_group
 
 # What a checkout may hold beside the code: none of it may reach the cluster.
 KEPT_HOME = [
@@ -168,13 +168,7 @@ def _free_port() -> int:
 def _stop_head(proc: subprocess.Popen, temp_dir) -> None:
     """SIGTERM to `ray start --block`'s process group, then make sure nothing of it survives
     (`ray stop` would also stop the tests' own local Ray)."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-    except ProcessLookupError:
-        pass  # it already exited
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    stop_process_group(proc, grace_s=30)
     subprocess.run(["pkill", "-9", "-f", f"temp-dir={temp_dir}"], check=False)
 
 

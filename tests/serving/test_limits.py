@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from PIL import Image
 
 from pipeline import tracking
 from pipeline.config import PROFILE_MODELS, ServeLimits
+from tests.processes import stop_process_group
 
 pytestmark = pytest.mark.slow
 
@@ -69,12 +69,7 @@ def server(store):
             time.sleep(0.5)  # polling interval while the server loads the model
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop_process_group(proc)
 
 
 def _pings(url):

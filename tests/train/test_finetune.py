@@ -8,7 +8,6 @@ import csv
 import io
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pipeline.config import load_config
 from pipeline.train.data import open_dataset
 from pipeline.train.finetune import finetune_subject
 from tests.imagefiles import photo
+from tests.processes import stop_process_group
 from tests.tinydata import publish_dataset
 from tests.train.test_trainer import mlflow_server  # noqa: F401  (the module-scoped server fixture)
 
@@ -136,11 +136,7 @@ def test_served_model_answers_invocations(registered, mlflow_server, tmp_path): 
                     pytest.fail(f"model server did not answer: {(tmp_path / 'serve.log').read_text()[-3000:]}")
                 time.sleep(1)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc)
         log.close()
     [prediction] = answer["predictions"]
     assert prediction["prompt_index"] == 0

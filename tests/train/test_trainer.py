@@ -3,7 +3,6 @@ checkpoints, a killed worker and a rerun that resumes, and configs refused befor
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.model import BlipDiffusion
 from pipeline.train.trainer import run_training
+from tests.processes import stop_process_group
 from tests.tinydata import publish_dataset
 
 pytestmark = pytest.mark.slow
@@ -48,16 +48,11 @@ def mlflow_server(tmp_path_factory):
         except OSError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGTERM)
+            stop_process_group(proc)
             pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
     yield uri
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:  # uvicorn waits for idle keep-alive connections to close
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    stop_process_group(proc)
     log.close()
 
 
@@ -184,6 +179,7 @@ def test_a_killed_worker_resumes_from_the_newest_checkpoint_and_a_rerun_continue
     assert (runs / "resume" / "fault-injected-at-step-5").is_file()
     # Beside the runs, so other run names over the same data and model reuse it.
     assert list(runs.glob("precomputed-*/_PRECOMPUTE_DONE.json"))
+    assert list(runs.glob("precomputed-*/arrays/index.json"))  # each worker memory-maps them
 
     for rank, attempts in _attempts(step_log).items():
         (_, start1, first), (_, start2, second) = attempts
