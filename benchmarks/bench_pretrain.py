@@ -999,7 +999,10 @@ def run_feed(args, results: dict) -> None:
                 prepare_cutout_batch, fn_kwargs={"resolution": args.size, "crop": "random"}, batch_size=16
             )
             ds = repeat_passes(ds, passes, tag=True)
-            compositor = OnlineCompositor(list_backgrounds(None), seed=0, scale_min=0.4, scale_max=0.9, device=device)
+            # --backgrounds: a pool of thousands, as a real run draws from, rather than the bundled 12
+            # (whose covered copies all stay in the compositor's caches).
+            pool = list_backgrounds(args.backgrounds)
+            compositor = OnlineCompositor(pool, seed=0, scale_min=0.4, scale_max=0.9, device=device)
             online = OnlineFeed(compositor, processor, passes)
         elif feed.startswith("pre"):
             cached = sorted(str(p) for p in caches[feed].glob("*.parquet"))
@@ -1086,6 +1089,7 @@ def main() -> int:
     parser.add_argument("--feeds", default="pre-list,pre-binary,raw-old,raw-new")
     parser.add_argument("--feed-step-s", type=float, default=0.246, help="--feed: the simulated step's seconds")
     parser.add_argument("--data-cpus", type=int, default=8, help="--feed: CPUs for Ray Data tasks")
+    parser.add_argument("--backgrounds", help="--feed online: a background pool or folder (default: the bundled set)")
     parser.add_argument("--work", help="--e2e folder for the dataset, model and runs (reused when it exists)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
