@@ -36,6 +36,7 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 from pipeline.config import Config, ConfigError
 from pipeline.data.backgrounds import backgrounds_digest, list_backgrounds
 from pipeline.data.versions import LATEST, MANIFEST
+from pipeline.train.arraycache import array_cache
 from stages.online_composite import CUTOUT_COLUMNS, PASS_INDEX, ROW_KEY, OnlineCompositor, prepare_cutout_batch
 from stages.records import ALPHA, CATEGORY, COMPOSITE, FOREGROUND, SUBJECT_ID
 from stages.train_inputs import CAPTION, INPUT_COLUMNS, PIXEL_VALUES, FrozenEncoder, prepare_batch, subject_pixels
@@ -69,6 +70,7 @@ class DatasetInfo:
     has_cutout: bool = False  # rows carry FOREGROUND and ALPHA (train.composite online can paste them)
     precomputed: bool = False
     tensor_layout: dict[str, Any] = field(default_factory=dict)  # of the precomputed cache (TensorLayout)
+    array_cache: str | None = None  # the precomputed cache as memory-mapped arrays (pipeline.train.arraycache)
 
     def as_run_input(self) -> dict[str, Any]:
         return asdict(self) | {"files": len(self.files), "subjects": len(self.subjects)}
@@ -243,6 +245,8 @@ def precompute_inputs(ds: Dataset, info: DatasetInfo, config: Config, storage: s
     selector = pyarrow.fs.FileSelector(root, recursive=False)
     files = sorted(f.path for f in fs.get_file_info(selector) if f.path.endswith(".parquet"))
     info.tensor_layout = read_tensor_layout(pq.read_schema(files[0], filesystem=fs))
+    arrays = array_cache(cache, info.tensor_layout)
+    info.array_cache = str(arrays) if arrays is not None else None
     return repeat_passes(ray.data.read_parquet(files, filesystem=fs), passes)
 
 

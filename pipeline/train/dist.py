@@ -164,6 +164,9 @@ class BatchStream:
             )
             epoch += 1
 
+    def close(self) -> None:
+        """Nothing to stop: Ray Data's prefetch threads end with its iterator."""
+
     def __iter__(self) -> BatchStream:
         return self
 

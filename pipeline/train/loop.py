@@ -21,6 +21,7 @@ from diffusers import DDPMScheduler
 
 from pipeline.config import Config
 from pipeline.train import dist
+from pipeline.train.arraycache import ArrayStream
 from pipeline.train.data import FeedCollate, OnlineFeed, epoch_at_step
 from pipeline.train.ema import EMA, EMA_FOLDER
 from pipeline.train.hooks import RunInfo, TrainState, build_hooks
@@ -129,10 +130,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         step, rows=online["rows"], passes=online["passes"], workers=dist.world_size(), batch_size=train.batch_size,
         grad_accum=train.grad_accum,
     )  # fmt: skip
-    batches = dist.BatchStream(
-        train.batch_size, train.shuffle_buffer, feed, prefetch=4, seed=train.seed + 1_000_003 * dist.rank() + step,
-        first_epoch=first_epoch,
-    )  # fmt: skip
+    if run.dataset.get("array_cache"):  # precomputed inputs, memory-mapped: no Ray Data in the way
+        batches = ArrayStream(
+            run.dataset["array_cache"], train.batch_size, rank=dist.rank(), world_size=dist.world_size(), seed=train.seed,
+            consumed=step * train.grad_accum, pin=device.type == "cuda",
+        )  # fmt: skip
+    else:
+        batches = dist.BatchStream(
+            train.batch_size, train.shuffle_buffer, feed, prefetch=4, seed=train.seed + 1_000_003 * dist.rank() + step,
+            first_epoch=first_epoch,
+        )  # fmt: skip
     state = TrainState(
         method=method,
         batches=batches,
@@ -202,6 +209,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     for hook in hooks:
         hook.on_end(state)
+    batches.close()
 
 
 def _save_checkpoint(folder: Path, method: Any, optimizer: Any, schedule: Any, step: int, ema: EMA | None = None) -> None:

@@ -37,6 +37,7 @@ from pipeline.train.data import (
     sample_subjects,
     training_passes,
 )
+from pipeline.train.ema import model_folder
 from pipeline.train.hooks import RunInfo
 from pipeline.train.loop import PROGRESS, train_loop
 from pipeline.train.memory import check_optimizer
@@ -168,7 +169,7 @@ def run_training(config: Config) -> TrainResult:
             with checkpoint.as_directory() as folder:
                 step = checkpoint_step(Path(folder))
                 if uri and train.register_as:
-                    model = Path(folder) / get_method(train.method).MODEL_FOLDER
+                    model = model_folder(Path(folder), get_method(train.method).MODEL_FOLDER)  # the EMA copy when kept
                     version = _register(uri, run_id, model, train.register_as, tags | {"run_name": run_name, "step": str(step)})
     return TrainResult(run_name, checkpoint.path if checkpoint is not None else None, step, info, run_id, version, metrics)
 
@@ -195,7 +196,9 @@ def _train(
         samples=sample_subjects(info, train.samples.subjects) if train.samples.every else [],
     )
     log.info("training %s on %s (%d rows) with %d worker(s); checkpoints in %s", train.method, info.version, info.rows, train.workers, run_folder)
-    return fit(config, run_name, {"CPU": train.cpus_per_worker}, {"train": dataset}, run, job_start=job_start, online=online)
+    # Memory-mapped precomputed inputs are read by each worker itself (pipeline.train.arraycache).
+    datasets = {} if info.array_cache else {"train": dataset}
+    return fit(config, run_name, {"CPU": train.cpus_per_worker}, datasets, run, job_start=job_start, online=online)
 
 
 def _register(uri: str, run_id: str, folder: Path, name: str, tags: dict[str, str]) -> str:
