@@ -97,3 +97,36 @@ def test_clipseg_actors_and_batch_follow_the_gpus_unless_set():
     assert [segment.resolved(gpus) for gpus in (0, 0.5, 1, 2)] == [(1, 8), (3, 32), (3, 32), (6, 32)]
     mine = load_config(overrides=["data.segment.num_actors=2", "data.segment.batch_size=4"]).data.segment
     assert mine.resolved(0) == mine.resolved(4) == (2, 4)
+
+
+@pytest.mark.parametrize(
+    "scaling, workers, grad_accum, rate",
+    [("none", 8, 1, 2e-6), ("linear", 8, 1, 3.2e-5), ("sqrt", 8, 1, 8e-6), ("linear", 1, 1, 4e-6), ("sqrt", 2, 4, 8e-6)],
+)
+def test_lr_scaling_gives_the_documented_rates(scaling, workers, grad_accum, rate):
+    """train.lr is given for reference_batch (16) samples per step; the run's are batch_size x
+    workers x grad_accum (32 x 8 = 256 on the cluster: 16 times the paper's)."""
+    train = load_config(
+        overrides=["train.batch_size=32", f"train.workers={workers}", f"train.grad_accum={grad_accum}", f"train.lr_scaling={scaling}"]
+    ).train
+    assert train.learning_rate() == pytest.approx(rate, rel=1e-12)
+    assert load_config(overrides=["train.lr_scaling=linear"]).train.learning_rate() == 2e-6  # 16 per step: the paper's
+    assert load_config(overrides=["train.lr_scaling=linear", "train.reference_batch=32"]).train.learning_rate() == 1e-6
+
+
+def test_a_fine_tune_keeps_its_methods_learning_rate_under_lr_scaling(tmp_path):
+    from pipeline.train.finetune import training_config
+
+    config = load_config(overrides=["profile=tiny", "finetune.subject_id=dog", "train.lr_scaling=linear", "train.workers=8"])
+    train = training_config(config, tmp_path, "base", "run").train
+    assert train.learning_rate() == config.finetune.learning_rate()
+
+
+def test_cluster_pretraining_states_its_lr_scaling():
+    from pipeline.config import CONFIGS_DIR
+
+    # infra/rayjob-pretrain.yaml runs it with --workers 8.
+    train = load_config(CONFIGS_DIR / "cluster-pretrain.yaml", ["train.workers=8"]).train
+    assert train.batch_size * train.workers * train.grad_accum == 256 and train.steps * 256 == 500_000 * 16
+    assert (train.lr_scaling, train.reference_batch) == ("sqrt", 16)
+    assert train.learning_rate() == pytest.approx(8e-6)
