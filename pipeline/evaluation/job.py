@@ -286,8 +286,7 @@ def log_to_mlflow(result: EvaluationResult, config: Config) -> str:
     if ref.registered_name is not None:
         tags |= {"subjectforge.model_name": ref.registered_name, "subjectforge.model_version": str(ref.registered_version)}
     run_name = f"eval-{result.out.name}"
-    run_id = tracking.start_run(uri, config.tracking.experiment, run_name, tags)
-    try:
+    with tracking.open_run(config.tracking, run_name, tags) as run_id:  # FAILED if logging fails
         tracking.log_params(uri, run_id, tracking.flatten(config.model_dump(mode="json")))
         per_subject = {f"{m}/{s}": v for s, scores in result.per_subject.items() for m, v in scores.items()}
         tracking.log_metrics(uri, run_id, {**result.overall, **per_subject}, step=0)
@@ -299,9 +298,5 @@ def log_to_mlflow(result: EvaluationResult, config: Config) -> str:
             tracking.set_model_version_tags(
                 uri, ref.registered_name, str(ref.registered_version), {**scores, "eval.run_id": run_id, "eval.images": str(len(result.images))}
             )
-    except BaseException:
-        tracking.finish_run(uri, run_id, "FAILED")
-        raise
-    tracking.finish_run(uri, run_id)
     log.info("MLflow: evaluation run %s (%s) at %s", run_id, run_name, uri)
     return run_id
