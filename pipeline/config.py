@@ -754,6 +754,10 @@ class EvaluateConfig(_Strict):
     score_batch_size: Runtime[int] = Field(32, ge=1, description="images per DINO/CLIP forward pass")
     qformer_tokenizer: Input[str | None] = Field(None, description="folder of the Q-Former's BERT tokenizer (offline use)")
     thumbnail: int = Field(128, ge=16, le=1024, description="side of each image in the per-subject grids, px")
+    control: bool = Field(
+        False, description="also draw every image steered by the canny ControlNet (generate.control.controlnet or the "
+        "profile's) on the Canny edges of one of the subject's real photos, scored as a table of its own (control/)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> EvaluateConfig:

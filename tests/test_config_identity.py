@@ -19,7 +19,7 @@ IDENTITY = """
     data.write.image_format data.write.jpeg_quality generate.steps generate.guidance_scale generate.negative_prompt
     generate.height generate.width generate.seed generate.dtype generate.control.kind generate.control.scale
     generate.control.canny_low generate.control.canny_high serve.dtype evaluate.images_per_prompt
-    evaluate.thumbnail train.method train.workers train.steps train.batch_size train.grad_accum train.lr
+    evaluate.thumbnail evaluate.control train.method train.workers train.steps train.batch_size train.grad_accum train.lr
     train.weight_decay train.warmup_steps train.max_grad_norm train.resolution train.crop train.composite train.prompt_template
     train.drop_subject_prob train.trainable.qformer train.trainable.projection train.trainable.text_encoder
     train.trainable.unet train.precompute train.mixed_precision train.shuffle_buffer train.seed finetune.method

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 REGISTRY_SCHEME = "models:/"
 FINGERPRINT_FILE = "generation.json"
 CONFIG_FILE = "evaluate.yaml"
+CONTROL_DIR = "control"  # evaluate.control: the ControlNet-steered images, their tables and fingerprint
 DEFAULT_OUT_ROOT = "subjectforge-eval"
 DEFAULT_BENCHMARK = BUNDLED_DATASETS_DIR / "dreambench"
 DEFAULT_PHOTOS = BUNDLED_DATASETS_DIR / "dreambench-mini"
@@ -71,6 +72,7 @@ class EvaluationResult:
     reused: int  # images found on disk from an earlier run
     params: dict[str, Any] = field(default_factory=dict)  # settings worth logging with the scores
     mlflow_run_id: str | None = None
+    control: dict[str, float] | None = None  # evaluate.control: the steered images' overall scores
 
 
 # Logs a finished evaluation somewhere (`log_to_mlflow`, or a test's stand-in); returns a run id.
@@ -206,6 +208,8 @@ def run_evaluation(config: Config, *, logger: ResultLogger | None = None, progre
         if subject_ids not in (None, [spec.subject_id]):
             raise ConfigError(f"--model {ref.uri} draws one subject, {spec.subject_id!r}, not {', '.join(subject_ids)}")
         subject_ids = [spec.subject_id]
+        if ev.control and (spec.method == "dreambooth" or getattr(spec, "ti_property", None)):
+            raise ConfigError(f"evaluate.control: a {spec.method} subject is drawn from text alone; the ControlNet table needs subject embeddings")
     bench = Path(ev.benchmark) if ev.benchmark else DEFAULT_BENCHMARK
     subjects = benchmark.load_subjects(
         ev.photos or DEFAULT_PHOTOS, benchmark.read_class_table(bench / benchmark.SUBJECTS_FILE), subject_ids
@@ -236,6 +240,7 @@ def run_evaluation(config: Config, *, logger: ResultLogger | None = None, progre
         raise RuntimeError(f"{len(still_missing)} images were not written, e.g. {still_missing[0]}")
     rows = plan.score_images(tasks, photos, config, str(out), progress=progress)
     per_subject, overall = summarize_scores(rows)
+    control = _score_with_control(config, ref, tasks, photos, out, progress) if ev.control else None
 
     info = {
         "model": ref.uri if ref.registered_name is None else f"{ref.uri} (version {ref.registered_version})",
@@ -250,6 +255,9 @@ def run_evaluation(config: Config, *, logger: ResultLogger | None = None, progre
         "dino": config.model_path("dino"),
         "clip": config.model_path("clip"),
     }
+    if control is not None:
+        scores = ", ".join(f"{metric} {value:.4f}" for metric, value in control.items())
+        info["with ControlNet"] = f"{scores} (canny maps of the real photos; tables in {CONTROL_DIR}/)"
     report.write_image_scores(out / report.IMAGES_CSV, rows)
     report.write_subject_scores(out / report.SCORES_CSV, per_subject, overall, Counter(r["subject_id"] for r in rows))
     (out / report.SUMMARY_MD).write_text(report.summary_markdown(per_subject, overall, info, tiny=config.profile == "tiny"))
@@ -262,10 +270,30 @@ def run_evaluation(config: Config, *, logger: ResultLogger | None = None, progre
         grid.save(out / report.GRIDS_DIR / f"{subject.subject_id}.png")
     (out / CONFIG_FILE).write_text(yaml.safe_dump({"run": info}, sort_keys=False) + dump_config(config))
 
-    result = EvaluationResult(out, ref, per_subject, overall, rows, generated, len(tasks) - len(missing), info)
+    result = EvaluationResult(out, ref, per_subject, overall, rows, generated, len(tasks) - len(missing), info, control=control)
     if logger is not None:
         result.mlflow_run_id = logger(result, config)
     return result
+
+
+def _score_with_control(
+    config: Config, ref: ModelRef, tasks: list[benchmark.ImageTask], photos: dict[str, list[str]], out: Path, progress: bool
+) -> dict[str, float]:
+    """evaluate.control: the same images again, each steered by the canny ControlNet on the edges
+    of one of its subject's real photos, under out/control/ with their own tables; returns the
+    overall scores."""
+    folder = out / CONTROL_DIR
+    control = plan.control_settings(config)
+    _check_fingerprint(folder, control)
+    missing = [t for t in tasks if not (folder / t.path).is_file()]
+    log.info("with ControlNet %s: %d images, %d to generate", control["controlnet"], len(tasks), len(missing))
+    plan.generate_images(missing, photos, config, plan.absolute_if_local(ref.path), str(folder), ref.subject,
+                         progress=progress, control=control)
+    rows = plan.score_images(tasks, photos, config, str(folder), progress=progress)
+    per_subject, overall = summarize_scores(rows)
+    report.write_image_scores(folder / report.IMAGES_CSV, rows)
+    report.write_subject_scores(folder / report.SCORES_CSV, per_subject, overall, Counter(r["subject_id"] for r in rows))
+    return overall
 
 
 def log_to_mlflow(result: EvaluationResult, config: Config) -> str:
@@ -289,7 +317,10 @@ def log_to_mlflow(result: EvaluationResult, config: Config) -> str:
     with tracking.open_run(config.tracking, run_name, tags) as run_id:  # FAILED if logging fails
         tracking.log_params(uri, run_id, tracking.flatten(config.model_dump(mode="json")))
         per_subject = {f"{m}/{s}": v for s, scores in result.per_subject.items() for m, v in scores.items()}
-        tracking.log_metrics(uri, run_id, {**result.overall, **per_subject}, step=0)
+        control = {f"control/{m}": v for m, v in (result.control or {}).items()}
+        tracking.log_metrics(uri, run_id, {**result.overall, **per_subject, **control}, step=0)
+        if result.control is not None:
+            tracking.log_artifacts(uri, run_id, result.out / CONTROL_DIR / report.SCORES_CSV, CONTROL_DIR)
         for name in (report.SCORES_CSV, report.IMAGES_CSV, report.SUMMARY_MD, CONFIG_FILE, FINGERPRINT_FILE):
             tracking.log_artifacts(uri, run_id, result.out / name)
         tracking.log_artifacts(uri, run_id, result.out / report.GRIDS_DIR, report.GRIDS_DIR)

@@ -19,7 +19,7 @@ import ray
 from ray.data import ActorPoolStrategy, DataContext
 from tqdm.auto import tqdm
 
-from pipeline.config import Config, EvaluateConfig
+from pipeline.config import PROFILE_CONTROLNETS, Config, EvaluateConfig
 from pipeline.evaluation.benchmark import ImageTask
 from pipeline.evaluation.workers import (
     CATEGORY,
@@ -98,6 +98,13 @@ def generation_settings(config: Config) -> dict[str, Any]:
     }
 
 
+def control_settings(config: Config) -> dict[str, Any]:
+    """The ControlNet of `evaluate.control`: the canny one of generate.control, and its settings."""
+    ctl = config.generate.control
+    controlnet = ctl.controlnet if ctl.controlnet is not None else PROFILE_CONTROLNETS[config.profile]["canny"]
+    return {"controlnet": absolute_if_local(controlnet), "scale": ctl.scale, "canny_low": ctl.canny_low, "canny_high": ctl.canny_high}
+
+
 def generate_images(
     missing: Sequence[ImageTask],
     subject_photos: dict[str, list[str]],
@@ -106,9 +113,11 @@ def generate_images(
     out_dir: str,
     subject_folder: str | None = None,
     progress: bool = True,
+    control: dict[str, Any] | None = None,
 ) -> int:
     """Make the `missing` images under `out_dir` on Ray with the model at `model_path` (and the
-    fine-tuned subject in `subject_folder` applied to it); returns how many were written."""
+    fine-tuned subject in `subject_folder` applied to it); returns how many were written.
+    `control` (control_settings) steers every image with a ControlNet."""
     if not missing:
         return 0
     rows = group_missing(missing)
@@ -125,7 +134,7 @@ def generate_images(
                 "model_path": model_path,
                 "out_dir": out_dir,
                 "subject_photos": subject_photos,
-                "settings": generation_settings(config),
+                "settings": {**generation_settings(config), "control": control},
                 "qformer_tokenizer": config.evaluate.qformer_tokenizer,
                 "subject_folder": subject_folder,
             },

@@ -128,6 +128,13 @@ class ImageGenerator:
         self.out_dir = Path(out_dir)
         self.subject_photos = subject_photos
         self.settings = settings
+        self.controlnet = None  # with settings["control"]: the ControlNet every image is steered by
+        if settings.get("control"):
+            from pipeline.model.control import load_controlnet
+
+            self.controlnet = load_controlnet(
+                settings["control"]["controlnet"], dtype=self.model.dtype, device=self.device, local_files_only=False
+            )
         log.info("BLIP-Diffusion %s%s on %s (%s)", model_path, f" + subject {subject_folder}" if subject_folder else "", self.device, dtype)
 
     def _subject(self, subject_id: str, category: str) -> torch.Tensor | None:
@@ -138,7 +145,29 @@ class ImageGenerator:
     def _generate(self, subject_id: str, category: str, prompt: str, template: str, indices: list[int]) -> list[PIL.Image.Image]:
         identifier = self.spec.identifier if self.spec is not None else None
         seeds = [self.settings["seed"] + k for k in indices]
+        if self.controlnet is not None:
+            return self._generate_controlled(subject_id, category, prompt, indices)
         return draw_prompt(self.model, self._subject(subject_id, category), identifier, category, prompt, template, seeds, self.settings)
+
+    def _generate_controlled(self, subject_id: str, category: str, prompt: str, indices: list[int]) -> list[PIL.Image.Image]:
+        """Image k of the prompt steered by the Canny map of the subject's real photo k (cycling
+        through them), from the noise of seed + k as the plain images."""
+        from pipeline.model.control import Control, make_control_map, prepare_control_image
+
+        settings, control = self.settings, self.settings["control"]
+        shared = {key: settings[key] for key in ("steps", "guidance_scale", "negative_prompt", "height", "width")}
+        photos = self.subject_photos[subject_id]
+        head, tail = split_prompt(prompt)
+        images = []
+        for k in indices:
+            edges = make_control_map("canny", load_rgb(photos[k % len(photos)]), shared["height"], shared["width"],
+                                     canny_low=control["canny_low"], canny_high=control["canny_high"])
+            image = prepare_control_image(edges, self.model.image_processor, shared["height"], shared["width"])
+            images += self.model.generate(
+                tail, subject_embeds=self._subject(subject_id, category), target_category=head, num_images=1,
+                seed=settings["seed"] + k, progress=False, control=Control(self.controlnet, image, control["scale"]), **shared,
+            )
+        return images
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list] = {SUBJECT_ID: [], PATH: []}

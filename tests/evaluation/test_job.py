@@ -160,6 +160,21 @@ def test_a_registered_subject_is_evaluated_and_its_version_tagged(first_run, tmp
         run_evaluation(load_config(overrides=[*overrides, "evaluate.subjects=[teapot]"]), progress=False)
 
 
+def test_controlnet_images_are_scored_as_a_table_of_their_own(first_run):
+    """evaluate.control on a finished folder: the plain images stay, the steered ones (canny maps
+    of the real photos) go under control/ with their own tables, and the summary lists them."""
+    out, _, _ = first_run
+    overrides = ["profile=tiny", "evaluate.subjects=[dog]", f"evaluate.prompts={out.parent / 'prompts.txt'}",
+                 "evaluate.images_per_prompt=1", f"evaluate.out={out}", "evaluate.control=true", *GENERATE]
+    result = run_evaluation(load_config(overrides=overrides), progress=False)
+    assert result.generated == 0 and set(result.control) == {"dino", "clip_i", "clip_t"}
+    table = _read_csv(out / "control" / "scores.csv")
+    assert [row["subject_id"] for row in table] == ["dog", "overall"]
+    plain, steered = (np.asarray(Image.open(out / folder / "images/dog/a-red-class/0.png"), dtype=int) for folder in ("", "control"))
+    assert np.abs(plain - steered).max() > 0
+    assert "with ControlNet" in (out / "summary.md").read_text()
+
+
 def test_other_settings_in_the_same_folder_are_refused(first_run, capsys):
     _, args, _ = first_run
     assert main([*args, "--set", "generate.seed=7"]) == 2
