@@ -60,8 +60,8 @@ from pixels, and online composites (train.composite online), --steps each; the d
 their samples/s is what fresh composites every epoch cost a step. --smoke is a CPU check that
 every path of a command runs (tiny model, 64 px, batch 2, 16 rows), not how fast:
 
-    python benchmarks/bench_pretrain.py --e2e --composite --rows 1024 --cpus-per-worker 8 --steps 300
-    python benchmarks/bench_pretrain.py --feed --feeds pre-binary,raw-new,online --rows 1024 --steps 200
+    python benchmarks/bench_pretrain.py --e2e --composite --pool 2000 --rows 1024 --cpus-per-worker 8 --steps 300
+    python benchmarks/bench_pretrain.py --feed --feeds pre-binary,raw-new,online --pool 2000 --rows 1024 --steps 200
     python benchmarks/bench_pretrain.py --smoke --e2e --composite --steps 4
 
 The 1 -> N GPU scaling run is the same jobs with `--workers 1` then `--workers N`.
@@ -497,6 +497,18 @@ def synthetic_photo(rng: np.random.Generator, width: int, height: int) -> np.nda
     return np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC))
 
 
+def synthetic_pool(folder: Path, count: int, size: int) -> str:
+    """A folder of `count` synthetic size x size JPEG backgrounds (made once), standing in for a
+    pool of photos where none can be downloaded: what matters to the online feed's speed is how
+    many there are (its caches hold 64), not what they show."""
+    if not folder.is_dir() or len(list(folder.glob("*.jpg"))) != count:
+        folder.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(1)
+        for i in range(count):
+            (folder / f"bg{i:05d}.jpg").write_bytes(jpeg(synthetic_photo(rng, size, size)))
+    return str(folder)
+
+
 def bench_data(model: BlipDiffusion, size: int, device: torch.device, rows: int = 64) -> dict:
     """Decode stage on one CPU core, and the precompute encoder on the device."""
     rng = np.random.default_rng(0)
@@ -869,6 +881,8 @@ def run_e2e(args, results: dict) -> None:
     from pipeline.train.trainer import run_training
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-pretrain-"))
+    if args.pool:
+        args.set.append(f"data.backgrounds.folder={synthetic_pool(work / f'pool-{args.pool}', args.pool, args.size)}")
     if not (work / "dataset").exists():
         start = time.perf_counter()
         write_dataset(work / "dataset", args.rows, args.size)
@@ -963,6 +977,8 @@ def run_feed(args, results: dict) -> None:
     from stages.online_composite import CUTOUT_COLUMNS, OnlineCompositor, prepare_cutout_batch
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-feed-"))
+    if args.pool:
+        args.backgrounds = synthetic_pool(work / f"pool-{args.pool}", args.pool, args.size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ray.init(num_cpus=args.data_cpus, include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -1090,6 +1106,9 @@ def main() -> int:
     parser.add_argument("--feed-step-s", type=float, default=0.246, help="--feed: the simulated step's seconds")
     parser.add_argument("--data-cpus", type=int, default=8, help="--feed: CPUs for Ray Data tasks")
     parser.add_argument("--backgrounds", help="--feed online: a background pool or folder (default: the bundled set)")
+    parser.add_argument(
+        "--pool", type=int, default=0, help="online composites draw from N synthetic backgrounds made under --work (0: the bundled 12)"
+    )
     parser.add_argument("--work", help="--e2e folder for the dataset, model and runs (reused when it exists)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
