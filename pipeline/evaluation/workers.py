@@ -66,15 +66,23 @@ def load_rgb(path: str | Path) -> PIL.Image.Image:
 
 def draw_prompt(
     model: Any, embeds: torch.Tensor | None, identifier: str | None, category: str, prompt: str, template: str,
-    seeds: list[int], settings: dict[str, Any],
+    seeds: list[int], settings: dict[str, Any], learned_word: str | None = None,
 ) -> list[PIL.Image.Image]:
     """One image per seed of a subject in a DreamBench prompt, as the benchmark scores it: the
     subject embeddings (1, Q, D) where the prompt names the subject ("a [subject] dog in the
     jungle"), or, with none (DreamBooth), the rare token there ("a sks dog in the jungle").
     Image k starts from the noise of seeds[k] (drawn on the CPU), so an image does not depend on
     the others made with it. settings: steps, guidance_scale, negative_prompt, height, width and
-    batch_size (None = all at once). The training loop's validation draws through here too."""
+    batch_size (None = all at once). A textual inversion (`learned_word`: its subject.json's
+    ti_property) is its word [S] in place of the class noun ("a [S] in the jungle"), `embeds`
+    (1, V, D) its vectors. The training loop's validation draws through here too."""
     shared = {key: settings[key] for key in ("steps", "guidance_scale", "negative_prompt", "height", "width")}
+    if learned_word is not None:
+        from pipeline.model.pseudoword import PLACEHOLDER
+        from pipeline.model.subject import generate_from_text
+
+        text = template.replace(CLASS_FIELD, PLACEHOLDER)
+        return [generate_from_text(model, [text], num_images=1, seed=seed, learned_word=embeds, **shared)[0] for seed in seeds]
     if embeds is None:  # DreamBooth: the subject is a word, one image per seed
         from pipeline.model.subject import generate_from_text
 
@@ -144,10 +152,13 @@ class ImageGenerator:
 
     def _generate(self, subject_id: str, category: str, prompt: str, template: str, indices: list[int]) -> list[PIL.Image.Image]:
         identifier = self.spec.identifier if self.spec is not None else None
+        learned_word = self.spec.ti_property if self.spec is not None and self.spec.subject_id == subject_id else None
         seeds = [self.settings["seed"] + k for k in indices]
         if self.controlnet is not None:
             return self._generate_controlled(subject_id, category, prompt, indices)
-        return draw_prompt(self.model, self._subject(subject_id, category), identifier, category, prompt, template, seeds, self.settings)
+        return draw_prompt(
+            self.model, self._subject(subject_id, category), identifier, category, prompt, template, seeds, self.settings, learned_word
+        )
 
     def _generate_controlled(self, subject_id: str, category: str, prompt: str, indices: list[int]) -> list[PIL.Image.Image]:
         """Image k of the prompt steered by the Canny map of the subject's real photo k (cycling

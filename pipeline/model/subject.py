@@ -7,12 +7,14 @@ plus `subject.json` naming the base (a folder, Hub id or `models:/NAME/VERSION`)
 | ------------------- | ------------------------------------------------------------ |
 | `blipd`             | subject_embeds (1, Q, D), the full UNet (and text encoder)    |
 | `lora`              | subject_embeds, LoRA adapters of the UNet attention (a few MB) |
-| `textual-inversion` | subject_embeds only (Q pseudo-token embeddings)               |
+| `textual-inversion` | subject_embeds only: the learned word [S], (1, V, D)           |
 | `dreambooth`        | the full UNet (and text encoder); the subject is a rare token |
 
 The subject embeddings live in the text encoder's token-embedding space (the Q-Former's
-output is spliced in after "a"), so a textual inversion here is a Q-vector pseudo-word that
-starts at the mean Q-Former embedding of the subject's photos.
+output is spliced in after "a"). A textual inversion is a word of its own, written [S] in a
+prompt (pipeline/model/pseudoword.py; subject.json's `ti_property` says whether it learned an
+object or a style); one saved before that field existed is a Q-vector pseudo-word drawn like
+the Q-Former's embeddings.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pipeline.model.blip_diffusion import BlipDiffusion
 from pipeline.model.checkpoint import CheckpointError, read_json, write_json
 from pipeline.model.control import Control
 from pipeline.model.prompts import DEFAULT_NEGATIVE_PROMPT, check_text
+from pipeline.model.pseudoword import compose_prompt, encode_pseudoword_prompts
 from pipeline.model.schedulers import fresh_scheduler
 
 SUBJECT_FILE = "subject.json"
@@ -53,6 +56,7 @@ class SubjectSpec:
     lora_rank: int | None = None
     lora_alpha: float | None = None
     text_encoder: bool = False  # TEXT_ENCODER_FILE is present
+    ti_property: str | None = None  # textual inversion's word [S]: "object" or "style" (pseudoword.py)
 
     @classmethod
     def read(cls, folder: Path) -> SubjectSpec:
@@ -144,12 +148,17 @@ def generate_from_text(
     height: int = 512,
     width: int = 512,
     seed: int | None = None,
+    learned_word: torch.Tensor | None = None,
 ) -> list[PIL.Image.Image]:
     """Text-only generation with the model's UNet and text encoder (no subject embeddings):
-    DreamBooth subjects and the class-prior images. `num_images` per prompt, PIL RGB."""
+    DreamBooth subjects, the class-prior images and, with `learned_word` (1, V, D), textual
+    inversion's word in place of each prompt's [S]. `num_images` per prompt, PIL RGB."""
     texts = [check_text(p, "prompt") for p in prompts for _ in range(num_images)]
     latents = model.prepare_latents(len(texts), height, width, seed=seed).to(device=model.device, dtype=model.unet.dtype)
-    cond = model.encode_prompts(texts, None)  # (N, 77, D)
+    if learned_word is not None:
+        cond = encode_pseudoword_prompts(model, texts, learned_word)  # (N, 77, D)
+    else:
+        cond = model.encode_prompts(texts, None)
     uncond = model.encode_prompts([negative_prompt], None).expand(len(texts), -1, -1) if guidance_scale > 1.0 else None
     scheduler = fresh_scheduler(model.scheduler)
     scheduler.set_timesteps(steps, device=model.device)
@@ -189,9 +198,10 @@ class SubjectModel:
         width: int | None = None,
         control: Control | None = None,
     ) -> list[PIL.Image.Image]:
-        """`num_images` images of the subject in `prompt` ("on the beach"), PIL RGB of
+        """`num_images` images of the subject in `prompt` ("on the beach"; for a textual
+        inversion, a prompt may place its word: "a painting of [S] in the snow"), PIL RGB of
         height x width (default: the training resolution); `control` steers them with a
-        ControlNet (its map at that size; not for a subject without embeddings)."""
+        ControlNet (its map at that size; not for a subject drawn from text alone)."""
         kwargs: dict[str, Any] = {
             "num_images": num_images,
             "steps": steps,
@@ -201,9 +211,12 @@ class SubjectModel:
             "width": width or self.spec.resolution,
             "seed": seed,
         }
-        if self.subject_embeds is None:
+        if self.subject_embeds is None or self.spec.ti_property is not None:
             if control is not None:
                 raise ValueError(f"a {self.spec.method} subject draws from text alone: structure control is not available")
+            if self.spec.ti_property is not None:
+                text = compose_prompt(prompt, self.spec.ti_property)
+                return generate_from_text(self.model, [text], learned_word=self.subject_embeds, **kwargs)
             text = dreambooth_prompt(self.spec.identifier or "sks", self.spec.category, prompt)
             return generate_from_text(self.model, [text], **kwargs)
         return self.model.generate(

@@ -54,6 +54,7 @@ from pipeline.paths import replace_tree
 from pipeline.raycluster import ensure_ray
 from pipeline.train import dist
 from pipeline.train.data import build_training_plan, open_dataset
+from pipeline.train.ema import model_folder
 from pipeline.train.hooks import RunInfo
 from pipeline.train.inmemory import InMemoryShard
 from pipeline.train.loop import train_loop
@@ -381,7 +382,8 @@ def finetune_subject(config: Config, in_process: bool = False) -> FinetuneResult
         if run_id and scores is not None:
             tracking.set_tag(uri, run_id, "selected_step", str(step))
         out = Path(ft.out).expanduser().resolve()
-        artifact = replace_tree(checkpoint / get_method(ft.method).MODEL_FOLDER, out / f"{ft.subject_id}-{ft.method}", out)
+        # The EMA copy when the run kept one (train.ema_decay), else the trained weights.
+        artifact = replace_tree(model_folder(checkpoint, get_method(ft.method).MODEL_FOLDER), out / f"{ft.subject_id}-{ft.method}", out)
         size = sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file())
         name = version = None
         if ft.register_model and run_id:

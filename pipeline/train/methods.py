@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,6 +35,7 @@ from torch import nn
 
 from pipeline.config import FINETUNE_TRAITS, Config, ConfigError, MethodTraits
 from pipeline.model import BlipDiffusion, build_prompt
+from pipeline.model.pseudoword import TEMPLATES, encode_pseudoword_prompts, initial_vectors
 from pipeline.model.subject import SubjectModel, SubjectSpec, add_lora, apply_subject, dreambooth_prompt, save_subject
 from pipeline.train.bases import load_base
 from pipeline.train.ema import EMA
@@ -289,9 +291,33 @@ class LoraFinetune(_Subject):
 
 
 class TextualInversion(_Subject):
-    """The subject embeddings alone (a Q-token pseudo-word in the token-embedding space)."""
+    """Textual inversion as its paper: a new word [S] of `finetune.ti_vectors` embedding vectors
+    (pipeline/model/pseudoword.py), started at the category word's embedding, learns from the
+    paper's neutral templates ("a photo of a [S]"; the style templates with `finetune.ti_property:
+    style`), one drawn per row; every model weight stays as it was."""
 
     name = "textual-inversion"
+
+    @classmethod
+    def initial_embeds(cls, model: BlipDiffusion, config: Config) -> torch.Tensor:
+        ft = config.finetune
+        if not ft.category:
+            raise ConfigError("finetune.category: textual inversion starts its word at the category's embedding")
+        return initial_vectors(model, ft.category, ft.ti_vectors)
+
+    def build_prompts(self, categories: Sequence[str], captions: Sequence[str]) -> list[str]:
+        """A template per row, drawn from torch's generator (which the loop seeds)."""
+        templates = TEMPLATES[self.config.finetune.ti_property]
+        return [templates[i] for i in torch.randint(len(templates), (len(categories),)).tolist()]
+
+    def forward(self, subject, categories, prompts, noisy_latents, timesteps, drop_subject) -> torch.Tensor:
+        """The noise prediction (B, C, h, w) with the learned word where each prompt has [S]."""
+        with attention_kernels(self.config.train.sdpa_backend):
+            hidden = encode_pseudoword_prompts(self.model, prompts, self.subject_embeds)
+        return self.predict(noisy_latents, timesteps, hidden)
+
+    def spec(self) -> SubjectSpec:
+        return replace(super().spec(), ti_property=self.config.finetune.ti_property)
 
 
 class DreamBooth(_Subject):

@@ -73,8 +73,9 @@ def base():
 def test_method_trains_only_its_parts_and_reloads_on_a_fresh_base(subject_dir, base, tmp_path, name, parts, files):
     method = get_method(name).load(_config(subject_dir, name))
     start = None if method.subject_embeds is None else method.subject_embeds.detach().clone()
-    if start is not None:  # the mean Q-Former embedding of the photos
-        assert start.shape == (1, base.num_query_tokens, base.text_encoder.config.hidden_size)
+    if start is not None:  # the mean Q-Former embedding of the photos; textual inversion's one word vector
+        vectors = 1 if name == "textual-inversion" else base.num_query_tokens
+        assert start.shape == (1, vectors, base.text_encoder.config.hidden_size)
     _train(method, captions=("", PRIOR_CAPTION, "") if name == "dreambooth" else ("", "", ""))
     assert _changed(method, base) == parts  # lora and textual-inversion: base bit-identical
     if start is not None:
