@@ -43,6 +43,9 @@ log = logging.getLogger("subjectforge")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
+    # The profile a run without --profile gets: the command's own config base (the demo's is
+    # tiny) or the config's default.
+    profile = (parser.get_default("_config_base") or {}).get("profile", Config.model_fields["profile"].default)
     group = parser.add_argument_group("configuration")
     group.add_argument("--config", metavar="FILE", help="YAML config file (layered over defaults)")
     group.add_argument(
@@ -58,7 +61,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         choices=["tiny", "real"],
         help=(
             "model profile: real (published ids or local paths) or tiny (random-weight models shipped "
-            f"in the package; the demo's own default). Default: {Config.model_fields['profile'].default}"
+            f"in the package). Default: {profile}"
         ),
     )
     group.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -1,5 +1,6 @@
 """The command line as a user meets it: exit codes, messages, the demo."""
 
+import argparse
 import os
 import re
 import shutil
@@ -149,3 +150,25 @@ def test_profile_help_names_the_real_default(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert Config().profile == "real"
     assert "Default: real" in help_text and "default: tiny" not in help_text
+
+
+def _commands_with_profile(parser, path=()):
+    """(command words, its parser) of every command and data subcommand that takes --profile."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands_with_profile(sub, (*path, name))
+    if any("--profile" in action.option_strings for action in parser._actions):
+        yield path, parser
+
+
+def test_every_help_states_the_profile_a_run_gets_without_the_flag():
+    from pipeline.cli import build_parser, resolve_config
+
+    commands = dict(_commands_with_profile(build_parser()))
+    assert ("demo",) in commands and ("data", "build") in commands
+    for words, parser in commands.items():
+        help_text = " ".join(parser.format_help().split())
+        expected = "tiny" if words == ("demo",) else "real"
+        assert f"Default: {expected}" in help_text, words
+    assert resolve_config(build_parser().parse_args(["demo"])).profile == "tiny"

@@ -55,8 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     parser.add_argument("--out", default="subjectforge-demo", help="where the demo writes (default: ./subjectforge-demo)")
     parser.add_argument("--source", default=str(SAMPLE), help="photos to use (default: the bundled DreamBench sample)")
     parser.add_argument("--data-only", action="store_true", help="only build the dataset and its contact sheet (seconds)")
+    parser.set_defaults(_config_base=DEMO_DEFAULTS)  # before add_common, whose --profile help reads it
     add_common(parser)
-    parser.set_defaults(_config_base=DEMO_DEFAULTS)
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
