@@ -71,7 +71,8 @@ def test_generate_yaml_records_the_size_the_images_were_drawn_at(tmp_path):
     from pipeline.commands.generate import _write
     from pipeline.config import load_config
 
-    args = argparse.Namespace(out=str(tmp_path), subject_image=None, subject=None, category=None, target_category=None, prompt="p", num_images=1)
+    args = argparse.Namespace(out=str(tmp_path), subject_image=None, style_image=None, subject=None, category=None,
+                              target_category=None, prompt="p", num_images=1)
     _write(args, load_config(overrides=["profile=tiny"]), [Image.new("RGB", (64, 48))], 0.1, "cpu", "float32")
     settings = yaml.safe_load((tmp_path / "generate.yaml").read_text())
     assert (settings["generate"]["width"], settings["generate"]["height"]) == (64, 48)
