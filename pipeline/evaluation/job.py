@@ -208,7 +208,7 @@ def run_evaluation(config: Config, *, logger: ResultLogger | None = None, progre
         if subject_ids not in (None, [spec.subject_id]):
             raise ConfigError(f"--model {ref.uri} draws one subject, {spec.subject_id!r}, not {', '.join(subject_ids)}")
         subject_ids = [spec.subject_id]
-        if ev.control and (spec.method == "dreambooth" or getattr(spec, "ti_property", None)):
+        if ev.control and (not spec.traits.embeds or getattr(spec, "ti_property", None)):
             raise ConfigError(f"evaluate.control: a {spec.method} subject is drawn from text alone; the ControlNet table needs subject embeddings")
     bench = Path(ev.benchmark) if ev.benchmark else DEFAULT_BENCHMARK
     subjects = benchmark.load_subjects(
