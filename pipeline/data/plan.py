@@ -196,6 +196,9 @@ def caption_stage(caption: CaptionConfig, model_path: str, cluster: Cluster) -> 
         Captioner,
         {"model_path": model_path, "batch_size": batch_size, **args},
         batch_size=batch_size,
+        # Without GPUs it holds no CPU of its own and shares the tasks' cores: on 2 (CI, the
+        # demo on a laptop), CLIPSeg's actor and the tasks take one each and would leave none.
+        num_cpus=1 if cluster.gpus > 0 else 0,
         num_gpus=gpus,
         actors=actors,
     )
@@ -291,11 +294,11 @@ def batch_aligned_dataset(items: list[dict[str, Any]], batch_size: int) -> Datas
 
 
 def check_cpus_left(cluster_cpus: float, actor_cpus: float) -> None:
-    """Raise ConfigError when the plan's actors (one CPU each, held for the whole plan) leave no
-    CPU for its tasks: decode would never run and the build would wait forever."""
+    """Raise ConfigError when the plan's actors (`actor_cpus` CPUs in all, held for the whole
+    plan) leave no CPU for its tasks: decode would never run and the build would wait forever."""
     if cluster_cpus - actor_cpus < 1:
         raise ConfigError(
-            f"the data plan's {actor_cpus:g} actors (data.segment.num_actors, data.matte.num_actors) hold "
+            f"the data plan's actors (data.segment.num_actors, data.caption.num_actors, data.matte.num_actors) hold "
             f"{actor_cpus:g} of the cluster's {cluster_cpus:g} CPUs and leave none for decoding, trimaps "
             "and writing; use fewer actors or more CPUs (ray.num_cpus)"
         )
@@ -336,7 +339,7 @@ def build_dataset_plan(
     resources = ray.cluster_resources()
     cluster = Cluster(cpus=resources.get("CPU", 0), gpus=resources.get("GPU", 0))
     stages = data_stages(config, cluster, backgrounds, dataset_version)
-    check_cpus_left(cluster.cpus, sum(stage.actors for stage in stages))
+    check_cpus_left(cluster.cpus, sum(stage.actors * stage.num_cpus for stage in stages))
     if any(stage.actors for stage in stages if stage.name == "matte"):
         ds = batch_aligned_dataset(items, data.matte.batch_size)
     else:

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.config import load_config
+from pipeline.config import PROFILE_MODELS, load_config
 from pipeline.data.build import INPUTS_FILE, build_dataset
 from pipeline.data.sources import SourceError
 from pipeline.data.versions import DatasetStore
@@ -42,6 +42,7 @@ def source(tmp_path_factory):
         (root / "cat" / name).write_bytes(data)
     (root / "unlisted").mkdir()
     (root / "unlisted" / "x.jpg").write_bytes(jpeg_bytes(photo(7)))
+    (root / "captions.csv").write_text("photo,caption\ndog/00.jpg,a dog on the grass\n")
     return root
 
 
@@ -81,6 +82,18 @@ def test_each_broken_file_has_its_reason_and_tricky_ones_are_accepted(built):
     accepted = set(read_rows(result.path)["source_uri"].to_pylist())
     for name, _ in tricky_files().values():
         assert f"dog/{name}" in accepted or rejects[f"dog/{name}"]["stage"] != "decode"
+
+
+def test_every_accepted_row_has_a_caption_and_the_users_win(built):
+    _, result = built
+    rows = read_rows(result.path).to_pylist()
+    assert rows and all(r["caption"].strip() for r in rows)
+    by_source = Counter((r["source_uri"] == "dog/00.jpg", r["caption_source"]) for r in rows)
+    assert set(by_source) == {(True, "user"), (False, "model")}
+    assert {r["caption"] for r in rows if r["source_uri"] == "dog/00.jpg"} == {"a dog on the grass"}
+    ledger = {r["source_uri"]: r for r in pq.read_table(result.path / INPUTS_FILE).to_pylist()}
+    assert ledger["dog/00.jpg"]["caption"] == "a dog on the grass" and ledger["dog/01.jpg"]["caption"] == ""
+    assert result.manifest["models"]["captioner"].endswith("tiny-captioner")
 
 
 def test_parquet_reopens_and_images_decode(built):
@@ -164,6 +177,20 @@ def test_changed_settings_reprocess_everything(ray_local, source, tmp_path):
     m = result.manifest
     assert m["processed"] == 2 and m["unchanged"] == 0 and m["rows"] == 2
     assert any("every photo is reprocessed" in w for w in m["warnings"])
+    # Another captioner (the same files in another folder) reprocesses; the same one again does not.
+    captioner = shutil.copytree(PROFILE_MODELS["tiny"]["captioner"], tmp_path / "captioner")
+    recaptioned = load_config(overrides=[*SETTINGS, "data.composite.per_photo=1", f"models.captioner={captioner}"])
+    result = build_dataset(small, out, recaptioned, incremental=True, progress=False)
+    assert (result.status, result.manifest["processed"], result.manifest["version"]) == ("built", 2, "v0003")
+    again = build_dataset(small, out, recaptioned, incremental=True, progress=False)
+    assert again.status == "unchanged" and "processed 0 photos" in again.message
+    # An edited caption of the user's reprocesses that photo alone.
+    (small / "captions.csv").write_text("photo,caption\ndog/01.jpg,a dog by the sea\n")
+    result = build_dataset(small, out, recaptioned, incremental=True, progress=False)
+    m = result.manifest
+    assert (m["processed"], m["unchanged"], m["inputs"]) == (1, 1, m["accepted"] + m["rejected"])
+    rows = {r["source_uri"]: r for r in read_rows(result.path).to_pylist()}
+    assert (rows["dog/01.jpg"]["caption"], rows["dog/01.jpg"]["caption_source"]) == ("a dog by the sea", "user")
 
 
 def test_too_many_rejects_fails_without_moving_latest(ray_local, tmp_path):

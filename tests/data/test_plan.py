@@ -81,8 +81,8 @@ def test_the_fused_cpu_task_is_filter_composite_encode_in_order():
         (4, 1, ["data.matte.num_actors=1", "data.segment.num_actors=1"], False),
         (3, 1, ["data.matte.num_actors=1", "data.segment.num_actors=1", "data.caption.enabled=false"], False),
         (8, 1, ["data.segment.num_actors=4"], True),
-        (3, 0, [], False),  # no GPU: matting is CPU tasks, CLIPSeg and the captioner are actors
-        (2, 0, [], True),
+        (2, 0, [], False),  # no GPU: matting is CPU tasks, only CLIPSeg holds a CPU (the captioner shares the tasks')
+        (1, 0, [], True),
     ],
 )
 def test_a_plan_whose_actors_hold_every_cpu_is_refused(monkeypatch, cpus, gpus, settings, fails):
