@@ -37,6 +37,21 @@ first base load included), subjects/h/GPU from it, and each subject's seconds an
 actor holds its base (concurrency x 3600 / mean seconds of those subjects, per GPU).
 Targets: blipd 100 steps <= 15 s on an H100 after load; LoRA artifact <= 50 MB; lora >= 200
 subjects/hour/GPU.
+
+--memory measures the memory options (issue 21): for each method of --methods (blipd,dreambooth
+on the command below) and each combination of train.gradient_checkpointing (off, on),
+train.optimizer (adamw, adamw8bit) and finetune.train_text_encoder (off, on), a fresh load of the
+base, --warmup steps, then --eager-steps timed eager steps (the loop turns CUDA graphs off with
+checkpointing, so every row is eager): peak_allocated_gib / peak_reserved_gib (the base, the
+optimizer state and the step's activations; torch.cuda max_memory_*), s_per_100_steps, and
+fits_gb, the card sizes (16, 24, 40 GB) whose memory holds peak_reserved plus CUDA_CONTEXT_GIB:
+
+    python benchmarks/bench_finetune.py --real --memory --methods blipd,dreambooth --eager-steps 20 --out memory.json
+    python benchmarks/bench_finetune.py --memory --smoke                                        # CPU check
+
+--smoke is the tiny model at 64 px, batch 2, one warm-up and 2 timed steps (adamw8bit rows
+record the error without bitsandbytes). A combination that runs out of memory is a row with
+its error.
 """
 
 from __future__ import annotations
@@ -66,6 +81,7 @@ from bench_pretrain import apply_update  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.train.losses import add_noise, diffusion_target, sample_latents, sample_timesteps  # noqa: E402
+from pipeline.train.memory import build_optimizer, enable_gradient_checkpointing  # noqa: E402
 from pipeline.train.methods import REFERENCES_FOLDER, get_method  # noqa: E402
 from pipeline.train.speed import GraphedUNet  # noqa: E402
 from stages.train_inputs import latent_params  # noqa: E402
@@ -96,10 +112,10 @@ def save_real_base(folder: Path) -> str:
     return str(folder)
 
 
-def _config(args: argparse.Namespace, method_name: str, work: Path):
+def _config(args: argparse.Namespace, method_name: str, work: Path, extra: list[str] | None = None):
     _photos(work / REFERENCES_FOLDER, 4, args.size)
     overrides = [f"train.data={work}", f"train.resolution={args.size}", f"finetune.method={method_name}",
-                 f"train.method={method_name}", "finetune.subject_id=bench", "finetune.category=dog"]
+                 f"train.method={method_name}", "finetune.subject_id=bench", "finetune.category=dog", *(extra or [])]
     overrides += ["profile=tiny"] if args.tiny else [f"models.blip_diffusion={args.model}"]
     return load_config(overrides=overrides)
 
@@ -107,7 +123,7 @@ def _config(args: argparse.Namespace, method_name: str, work: Path):
 def make_step(method, config, args: argparse.Namespace, device: torch.device, graphs: bool):
     """One optimizer step of the loop for a fine-tune (batch args.batch, fresh AdamW)."""
     params = [p for p in method.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.finetune.learning_rate(), weight_decay=0.01, fused=device.type == "cuda")
+    optimizer = build_optimizer(params, config.train.model_copy(update={"lr": config.finetune.learning_rate(), "weight_decay": 0.01}), device)
     alphas = method.model.scheduler.alphas_cumprod.to(device)
     scaling = method.model.vae.config.scaling_factor
     bf16 = device.type == "cuda"
@@ -197,6 +213,61 @@ def bench_method(args: argparse.Namespace, method_name: str, work: Path, t0: flo
         rows.append({"method": method_name, "estimate": "serial", "unet": best["unet"], "seconds_per_subject": round(one, 1),
                      "subjects_per_hour_per_gpu": round(3600 / one, 1)})
     return rows
+
+
+CARDS_GB = (16, 24, 40)
+CUDA_CONTEXT_GIB = 0.6  # what the CUDA context and cuBLAS workspaces hold outside torch's allocator
+
+
+def bench_memory(args: argparse.Namespace, method_name: str, work: Path) -> list[dict]:
+    """One row per memory option combination: a fresh base on the device, then eager steps."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+    for checkpointing in (False, True):
+        for optimizer in ("adamw", "adamw8bit"):
+            for text_encoder in (False, True):
+                row = {"method": method_name, "gradient_checkpointing": checkpointing, "optimizer": optimizer,
+                       "train_text_encoder": text_encoder, "batch": args.batch, "size": args.size}
+                extra = [f"train.optimizer={optimizer}", f"finetune.train_text_encoder={text_encoder}"]
+                try:
+                    row.update(_memory_row(args, _config(args, method_name, work, extra), method_name, device, checkpointing))
+                except Exception as exc:  # out of memory, or no bitsandbytes: a row with its error
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    return rows
+
+
+def _memory_row(args: argparse.Namespace, config, method_name: str, device: torch.device, checkpointing: bool) -> dict:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    method = get_method(method_name).load(config).to(device)
+    method.trainable_parameters()
+    method.train()
+    if checkpointing:
+        enable_gradient_checkpointing(method.model.unet, method.model.text_encoder)
+    step = make_step(method, config, args, device, graphs=False)
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(args.eager_steps):
+        loss = step()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss {loss.item()}")
+    row = {"trainable_m": round(sum(p.numel() for p in method.parameters() if p.requires_grad) / 1e6, 1),
+           "s_per_100_steps": round(100 * seconds / args.eager_steps, 2)}
+    if device.type == "cuda":
+        allocated, reserved = torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
+        row.update(peak_allocated_gib=round(allocated, 2), peak_reserved_gib=round(reserved, 2),
+                   fits_gb=[gb for gb in CARDS_GB if reserved + CUDA_CONTEXT_GIB <= gb * 1e9 / 2**30])
+    del method, step
+    return row
 
 
 def one_subject(args: argparse.Namespace) -> None:
@@ -320,9 +391,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=1, help="--many: actors (finetune.concurrency)")
     parser.add_argument("--method", default="lora", help="--many: finetune.method")
     parser.add_argument("--cpus-per-worker", type=float, default=2.0, help="--many: CPUs per actor (train.cpus_per_worker)")
+    parser.add_argument("--memory", action="store_true", help="peak memory and s/100 steps of each memory option combination")
+    parser.add_argument("--smoke", action="store_true", help="CPU check: tiny model, 64 px, batch 2, 1 warm-up and 2 timed steps")
     parser.add_argument("--tracking-uri")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.smoke:
+        args.tiny, args.real, args.size, args.batch, args.warmup, args.eager_steps = True, False, 64, 2, 1, 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.single:
         one_subject(args)
@@ -348,6 +423,15 @@ def main() -> None:
             start = time.perf_counter()
             args.model = save_real_base(Path(base) / "base")
             results.append({"real_base_saved_s": round(time.perf_counter() - start, 1)})
+        if args.memory:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # building the base must not count in the first row's peak
+            for method in [m for m in args.methods.split(",") if m]:
+                with tempfile.TemporaryDirectory() as tmp:
+                    results += bench_memory(args, method, Path(tmp))
+                _write(args, results)
+            return
         for method in [m for m in args.methods.split(",") if m]:  # --methods "": concurrency alone
             with tempfile.TemporaryDirectory() as tmp:
                 results += bench_method(args, method, Path(tmp), t0)
