@@ -10,6 +10,7 @@ call; times are wall clock with the GPU synchronised, in seconds per image.
     python benchmarks/bench_generate.py --out results.json          # on the GPU machine
     python benchmarks/bench_generate.py --tiny --steps 2 --size 64   # CPU smoke test
     python benchmarks/bench_generate.py --control --out control.json  # ControlNet cost (target <= 1.35x)
+    python benchmarks/bench_generate.py --edit --out edit.json  # real-photo edit cost (target <= 2.5x)
 
 Modes run in order until --budget seconds are spent: eager (fp16, bf16, 4 images per call),
 the SD pipeline eager, then torch.compile of the UNet and VAE decoder with CUDA graphs
@@ -17,6 +18,10 @@ the SD pipeline eager, then torch.compile of the UNet and VAE decoder with CUDA 
 With --control, the modes are ours plain and ours with a canny ControlNet (an SD 1.5-sized
 ControlNet copied from the random UNet), eager then compiled alike, and `control_ratio` is
 ControlNet time over plain time per mode.
+With --edit, the modes are one generation and one real-photo edit (VAE encoding, DDIM inversion
+and the attention-controlled two-row generation, pipeline/model/editing.py) of a 512 px photo,
+eager then both compiled the same way (--compile-mode), and `edit_ratio` is edit time over
+generation time per mode.
 """
 
 from __future__ import annotations
@@ -154,6 +159,40 @@ def bench_control(args, model: BlipDiffusion, photo: Image.Image, ours, record, 
     return 0
 
 
+def bench_edit(args, model: BlipDiffusion, photo: Image.Image, ours, record, results: dict, t0: float) -> int:
+    """One generation against one real-photo edit (inversion + controlled generation), the same
+    steps, size and guidance, eager then compiled alike."""
+    from pipeline.model.editing import edit
+
+    def photo_edit():
+        return edit(
+            model, f"a dog {PROMPT}", "dog", subject_images=[photo], category="cat", image=photo,
+            steps=args.steps, height=args.size, width=args.size, seed=0, progress=False,
+        )
+
+    results["settings"]["edit"] = {"prompt": f"a dog {PROMPT}", "replace": "dog", "compile_mode": args.compile_mode}
+    record("ours eager, 1 image", ours(1), 1)
+    record("edit eager, 1 image", photo_edit, 1)
+    if time.perf_counter() - t0 < args.budget:
+        mode = None if args.compile_mode == "default" else args.compile_mode
+        torch._inductor.config.conv_1x1_as_mm = True
+        for module in (model.unet, model.vae):
+            module.to(memory_format=torch.channels_last)
+        model.compile_for_inference(mode=mode)
+        record("ours compiled, 1 image", ours(1), 1)
+        record("edit compiled, 1 image", photo_edit, 1)
+    best = {run["name"]: run["best_s_per_image"] for run in results["runs"]}
+    results["edit_ratio"] = {
+        mode: round(best[f"edit {mode}, 1 image"] / best[f"ours {mode}, 1 image"], 3)
+        for mode in ("eager", "compiled")
+        if f"edit {mode}, 1 image" in best and f"ours {mode}, 1 image" in best
+    }
+    results["total_s"] = round(time.perf_counter() - t0, 1)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny checkpoint instead of real sizes")
@@ -163,7 +202,12 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=420.0, help="stop starting new modes after this many s")
     parser.add_argument("--out", type=Path, default=Path("bench_generate.json"))
     parser.add_argument("--control", action="store_true", help="time ControlNet generation against plain")
+    parser.add_argument("--edit", action="store_true", help="time a real-photo edit (inversion + generation) against one generation")
+    parser.add_argument("--compile-mode", default="default", help="--edit: torch.compile mode of both (default, reduce-overhead, ...)")
+    parser.add_argument("--smoke", action="store_true", help="CPU smoke test: the tiny checkpoint, 2 steps, 64 px, 1 repeat")
     args = parser.parse_args()
+    if args.smoke:
+        args.tiny, args.steps, args.size, args.repeats = True, 2, 64, 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     t0 = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -215,6 +259,8 @@ def main() -> int:
     is_cuda = device.type == "cuda"
     if args.control:
         return bench_control(args, model, photo, ours, record, results, t0)
+    if args.edit:
+        return bench_edit(args, model, photo, ours, record, results, t0)
     record("ours eager fp16, 1 image", ours(1), 1)
     record("sd-pipeline eager fp16, 1 image", theirs(1), 1)
     record("ours eager fp16, 4 images/call", ours(4), 4)

@@ -29,6 +29,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("data", "pipeline.commands.data", "build or refresh the prompted-context dataset"),
     ("demo", "pipeline.commands.demo", "run the pipeline offline on the bundled sample"),
     ("generate", "pipeline.commands.generate", "generate images of a subject from reference photos"),
+    ("edit", "pipeline.commands.edit", "put a subject in place of an object of a generated image or a photo"),
     ("evaluate", "pipeline.commands.evaluate", "DreamBench scores (DINO, CLIP-I, CLIP-T) of a model"),
     ("pretrain", "pipeline.commands.pretrain", "subject-representation pretraining on Ray Train"),
     ("finetune", "pipeline.commands.finetune", f"fine-tune one subject ({', '.join(FINETUNE_METHODS)})"),

@@ -433,6 +433,25 @@ class GenerateConfig(_Strict):
     control: ControlConfig = ControlConfig()
 
 
+class EditConfig(_Strict):
+    """`subjectforge edit`: prompt-to-prompt editing (pipeline/model/editing.py), LAVIS's values.
+    Steps, guidance, size, seed, negative prompt and dtype are the `generate:` settings."""
+
+    cross_replace_steps: float = Field(
+        0.8, ge=0.0, le=1.0, description="share of the steps in which the edited row takes the source's cross-attention"
+    )
+    self_replace_steps: float = Field(
+        0.4, ge=0.0, le=1.0, description="share of the steps in which it takes the source's coarse self-attention (layout)"
+    )
+    threshold: float = Field(
+        0.3, ge=0.0, le=1.0, description="edit region: where the replaced word's attention is above this share of its peak"
+    )
+    mask_threshold: float = Field(0.5, ge=0.0, le=1.0, description="--mask-prompt: CLIPSeg confidence that counts as inside")
+    keep_outside: bool = Field(
+        True, description="outside the edit region the result is the source's pixels exactly; false = the decoded edit (LAVIS)"
+    )
+
+
 class ServeLimits(_Strict):
     """What one generation request may ask for, checked before any model work (`mlflow models
     serve`, `subjectforge generate`; pipeline/serving/requests.py). A request's cost grows with
@@ -781,6 +800,7 @@ class Config(_Strict):
     data: DataConfig = DataConfig()
     ray: RayConfig = RayConfig()
     generate: GenerateConfig = GenerateConfig()
+    edit: EditConfig = EditConfig()
     serve: ServeConfig = ServeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     train: TrainConfig = TrainConfig()

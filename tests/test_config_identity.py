@@ -29,6 +29,7 @@ IDENTITY = """
     finetune.ti_vectors finetune.ti_property
     data.filter.exclude_prompts data.filter.exclude_area data.caption.enabled data.caption.prompt
     data.caption.max_new_tokens data.caption.num_beams train.lr_scaling train.reference_batch
+    edit.cross_replace_steps edit.self_replace_steps edit.threshold edit.mask_threshold edit.keep_outside
 """
 RUNTIME = """
     data.max_reject_fraction data.keep_failed data.segment.batch_size data.segment.num_actors data.segment.num_gpus

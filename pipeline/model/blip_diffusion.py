@@ -62,9 +62,6 @@ StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 class Editor(Protocol):
     """Hooks an edit adds to the denoising loop (pipeline/model/editing.py AttentionEdit)."""
 
-    def guide(self, noise_uncond: torch.Tensor, noise_cond: torch.Tensor, scale: float) -> torch.Tensor:
-        """Classifier-free guidance of (b, C, h, w) predictions, row by row as the edit needs."""
-
     def after_step(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (b, C, h, w) after a scheduler step -> the latents the next step starts from."""
 
@@ -513,9 +510,9 @@ class BlipDiffusion(nn.Module):
     ) -> torch.Tensor:
         """The denoising loop of `generate` for callers that build their own conditioning:
         latents (b, C, h, w), already scaled by the scheduler's initial sigma, with cond (b, 77, D)
-        and uncond (b, 77, D) or None, through `scheduler` (its timesteps set) -> clean latents.
-        `editor` (pipeline/model/editing.py) may combine each row's guidance and change the
-        latents after every step."""
+        and uncond (u, 77, D) for the last u <= b rows or None, through `scheduler` (its timesteps
+        set) -> clean latents. `editor` (pipeline/model/editing.py) may change the latents after
+        every step."""
         return self._denoise(latents, cond, uncond, scheduler, guidance_scale, progress, editor=editor)
 
     def _denoise(
@@ -530,22 +527,27 @@ class BlipDiffusion(nn.Module):
         control: Control | None = None,
         editor: Editor | None = None,
     ) -> torch.Tensor:
-        """Run the scheduler's timesteps on latents (b, C, h, w); cond/uncond (b, 77, D)."""
+        """Run the scheduler's timesteps on latents (b, C, h, w); cond (b, 77, D), uncond (u, 77, D).
+
+        Guidance applies to the last u rows; the first b - u rows (an inverted photo's source row
+        in an edit) take the conditional prediction alone, and the UNet skips their
+        unconditional pass.
+        """
         embeds = cond if uncond is None else torch.cat([uncond, cond]).to(self.unet.dtype)
+        unguided = 0 if uncond is None else latents.shape[0] - uncond.shape[0]
         timesteps = tqdm(scheduler.timesteps, disable=not progress, desc="denoising", leave=False)
         for i, t in enumerate(timesteps):
-            model_input = latents if uncond is None else torch.cat([latents, latents])
+            model_input = latents if uncond is None else torch.cat([latents[unguided:], latents])
             model_input = scheduler.scale_model_input(model_input, t)
             noise = self._predict_step_noise(model_input, t, embeds, control)
             if uncond is None:
                 # A CUDA-graph-compiled UNet reuses its output buffer; PNDM keeps past outputs.
                 noise = noise.clone()
             else:
-                noise_uncond, noise_cond = noise.chunk(2)
-                if editor is None:
-                    noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
-                else:
-                    noise = editor.guide(noise_uncond, noise_cond, guidance_scale)
+                noise_uncond, noise_cond = noise.split([uncond.shape[0], latents.shape[0]])
+                noise = noise_uncond + guidance_scale * (noise_cond[unguided:] - noise_uncond)
+                if unguided:
+                    noise = torch.cat([noise_cond[:unguided], noise])
             latents = scheduler.step(noise, t, latents).prev_sample
             if editor is not None:
                 latents = editor.after_step(latents)

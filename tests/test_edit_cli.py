@@ -1,0 +1,57 @@
+"""`subjectforge edit` on the tiny profile, offline: outputs, and bad input as exit 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from pipeline.cli import main
+
+BASE = ["edit", "--profile", "tiny", "--prompt", "a dog on the grass", "--replace", "dog", "--category", "cat"]
+BASE += ["--steps", "2", "--height", "64", "--width", "64", "--device", "cpu"]
+
+
+def _photo(path: Path, seed: int = 0) -> str:
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def test_edit_of_a_generated_image_writes_source_edit_mask_and_settings(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([*BASE, "--subject-image", _photo(tmp_path / "cat.png"), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["edit.yaml", "edited.png", "mask.png", "source.png"]
+    assert Image.open(out / "edited.png").size == (64, 64)
+    settings = yaml.safe_load((out / "edit.yaml").read_text())
+    assert settings["run"]["replace"] == "dog" and settings["edit"]["cross_replace_steps"] == 0.8
+    assert "edited.png" in capsys.readouterr().out
+
+
+def test_edit_of_a_photo_with_a_clipseg_mask(tmp_path):
+    out = tmp_path / "out"
+    args = [*BASE, "--subject-image", _photo(tmp_path / "cat.png"), "--image", _photo(tmp_path / "photo.jpg", 1)]
+    assert main([*args, "--mask-prompt", "shirt", "--mask-threshold", "0.5", "--out", str(out)]) == 0
+    assert (out / "reconstruction.png").is_file()
+    mask = np.asarray(Image.open(out / "mask.png")) > 0
+    source, edited = np.asarray(Image.open(out / "source.png")), np.asarray(Image.open(out / "edited.png"))
+    assert np.array_equal(source[~mask], edited[~mask])  # the photo stays outside CLIPSeg's region
+
+
+def test_edit_bad_input_exits_2(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    cat, out = _photo(tmp_path / "cat.png"), str(tmp_path / "o")
+    base = [*BASE, "--out", out]
+    assert main([*base, "--subject-image", cat, "--replace", "horse"]) == 2
+    assert "'horse': the word is not in the prompt" in capsys.readouterr().err
+    assert main([*base, "--subject-image", cat, "--image", str(notes)]) == 2
+    assert "notes.txt is not a readable image" in capsys.readouterr().err
+    assert main([*base, "--subject-image", str(notes)]) == 2
+    assert "notes.txt" in capsys.readouterr().err
+    assert main([*base, "--subject-image", cat, "--mask-prompt", "shirt"]) == 2
+    assert "--mask-prompt needs --image" in capsys.readouterr().err
+    assert main([*base, "--subject-image", cat, "--threshold", "1.5"]) == 2
+    assert "edit.threshold" in capsys.readouterr().err
+    assert not Path(out).exists()
