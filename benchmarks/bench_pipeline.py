@@ -33,11 +33,25 @@ What each timed build reports (`builds` in the JSON):
   each operator's tasks, busy seconds and mean and peak number of tasks running at once;
 - per operator, Ray Data's Dataset.stats(): tasks, task wall and CPU time, rows/s.
 
+The captioner (`--captioner`, the caption stage's actors after CLIPSeg) is by default
+Salesforce/blip2-opt-2.7b's architecture (ViT-g/14, a 32-query Q-Former, OPT-2.7B) with random
+weights, saved in the official layout, loaded in float16 as the real one is. Its tokenizer is
+the tiny captioner's byte-level one (a 321-token vocabulary, so its LM head is 2560 x 321, not
+2560 x 50272: about 5% of OPT-2.7B's per-token work less), and random weights never write the end
+of a caption: every photo gets data.caption.max_new_tokens tokens (30 by default, where real
+BLIP-2 captions end after 10-15): an upper bound on the stage's cost; add
+`--variant "data.caption.max_new_tokens=12"` for a realistic one. `--captioner off` builds without
+captions, the plan before the caption stage. Each build reports the caption stage's photos/s per
+actor and every stage's share of the summed stage time (`caption`). The people filter's CLIPSeg
+prompt ("person") runs on every photo, but with `data.filter.exclude_area` 1.0, so that the random
+model's maps reject nothing.
+
 The JSON is rewritten every 2 s while a build runs, after each build, on SIGTERM (`timeout`),
 and at --budget seconds, where the script stops with status 3. A variant is not started when
 the previous build took longer than the budget has left.
 
     python benchmarks/bench_pipeline.py --out $OUT/bench_pipeline.json --budget 420   # GPU machine
+    python benchmarks/bench_pipeline.py --smoke --out /tmp/bench_pipeline.json   # CPU sanity of the script, captions on
     python benchmarks/bench_pipeline.py --photos 48 --warm-up-photos 8 --size 96 \\
         --clipseg tiny --num-cpus 4 --fake-gpus 1 data.matte.backend=torch \\
         data.matte.num_actors=1 data.segment.num_actors=1 data.matte.batch_size=8   # CPU-only sanity (4 CPUs: each actor holds one)
@@ -80,8 +94,81 @@ from tests.matting_fixtures import subject_confidence  # noqa: E402
 
 PHOTOS = REPO / "datasets" / "dreambench-mini"
 TINY_CLIPSEG = ASSETS_DIR / "tiny-clipseg"
+TINY_CAPTIONER = ASSETS_DIR / "tiny-captioner"
 
 log = logging.getLogger("bench_pipeline")
+
+
+def make_random_blip2(out: Path) -> Path:
+    """Salesforce/blip2-opt-2.7b's architecture with random weights in float16, written by
+    save_pretrained with a Blip2Processor (224 px, 32 query tokens) around the tiny captioner's
+    tokenizer (see the module docstring). Made on the GPU when there is one: 3.8B parameters
+    take minutes to initialise on a CPU."""
+    from transformers import (
+        AutoProcessor,
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        BlipImageProcessor,
+    )
+
+    tiny = AutoProcessor.from_pretrained(TINY_CAPTIONER)
+    tokenizer = tiny.tokenizer
+    queries = 32
+    processor = Blip2Processor(
+        image_processor=BlipImageProcessor(
+            size={"height": 224, "width": 224}, resample=3,
+            image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+        ),
+        tokenizer=tokenizer,
+        num_query_tokens=queries,
+    )  # fmt: skip
+    config = Blip2Config(
+        vision_config={  # EVA ViT-g/14
+            "hidden_size": 1408, "intermediate_size": 6144, "num_hidden_layers": 39, "num_attention_heads": 16,
+            "image_size": 224, "patch_size": 14, "qkv_bias": True,
+        },
+        qformer_config={"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+                        "cross_attention_frequency": 2, "encoder_hidden_size": 1408},
+        text_config={  # OPT-2.7B
+            "model_type": "opt", "vocab_size": len(tokenizer), "hidden_size": 2560, "ffn_dim": 10240,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "word_embed_proj_dim": 2560,
+            "max_position_embeddings": 2048, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1,
+        },
+        num_query_tokens=queries,
+    )  # fmt: skip
+    config.image_token_index = tokenizer.convert_tokens_to_ids(str(processor.image_token))
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = Blip2ForConditionalGeneration(config).to(torch.float16).eval()
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    log.info("random BLIP-2 OPT-2.7B: %.2fB parameters at %s", sum(p.numel() for p in model.parameters()) / 1e9, out)
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def captioner_overrides(setting: str, work: Path) -> list[str]:
+    """--captioner as config overrides: off, the random BLIP-2 (built in `work`), tiny, or a path."""
+    if setting == "off":
+        return ["data.caption.enabled=false"]
+    if setting == "random-blip2":
+        return [f"models.captioner={make_random_blip2(work / 'blip2-opt-2.7b-random')}"]
+    return [f"models.captioner={TINY_CAPTIONER if setting == 'tiny' else setting}"]
+
+
+def stage_shares(stage_seconds: dict[str, float], photos_captioned: int) -> dict[str, Any]:
+    """Each stage's share of the summed stage seconds (the manifest's, summed over photos), and
+    the caption stage's photos/s per actor (photos over its actors' summed batch time)."""
+    total = sum(v for k, v in stage_seconds.items() if k != "scan") or 1.0
+    caption = stage_seconds.get("caption", 0.0)
+    return {
+        "share": {k: round(v / total, 4) for k, v in stage_seconds.items() if k != "scan"},
+        "caption_photos": photos_captioned,
+        "caption_photos_per_s_per_actor": round(photos_captioned / caption, 2) if caption else None,
+    }
 
 
 def make_random_clipseg(out: Path) -> Path:
@@ -479,6 +566,11 @@ def build_report(
         "p10_p90_photos_per_s": rows.get("p10_p90_photos_per_s"),
         "written": rows,
         "stage_seconds": manifest["stage_seconds"],
+        # Photos that reached the caption stage: accepted, or rejected after it.
+        "caption": stage_shares(
+            manifest["stage_seconds"],
+            manifest["accepted"] + sum(n for s, n in manifest["rejects_by_stage"].items() if s in ("matte", "filter", "composite")),
+        ),
         "ray_data_operators": operator_throughput(probe.stats),
         "ray_data_stats": probe.stats,
     }
@@ -497,7 +589,8 @@ def print_build(b: dict[str, Any]) -> None:
         f"whole build {b['build_wall_s']} s = {b['build_photos_per_s']} photos/s\n"
         f"  first rows at {b['first_rows_s']} s; steady (first -> last shard) {b['steady_photos_per_s']} photos/s; "
         f"10-90% {b['p10_p90_photos_per_s']} photos/s\n"
-        f"  compile cache files added: {b.get('compile_cache_files_added')}"
+        f"  compile cache files added: {b.get('compile_cache_files_added')}\n"
+        f"  caption: {b['caption']['caption_photos_per_s_per_actor']} photos/s per actor; stage shares {b['caption']['share']}"
     )
     for actor in b["timeline"].get("actors", []):
         print(f"  actor {actor}")
@@ -513,6 +606,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warm-up-photos", type=int, default=64)
     parser.add_argument("--size", type=int, default=512, help="side of the square source photos, px")
     parser.add_argument("--clipseg", default="random-rd64", help="'random-rd64' (built here), 'tiny', or a path")
+    parser.add_argument(
+        "--captioner", default="random-blip2", help="'random-blip2' (built here), 'tiny', 'off' (no caption stage), or a path"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true",
+        help="CPU sanity of the script: 32 photos of 96 px, tiny CLIPSeg and captioner, pymatting, 3 CPUs (the GPU plan's "
+        "matting actors compile their kernels for minutes on a CPU: see the fake-GPU command above for that plan)",
+    )  # fmt: skip
     parser.add_argument(
         "--trimaps",
         choices=("prior", "clipseg"),
@@ -535,6 +636,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("overrides", nargs="*", help="config overrides of every build, key=value")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.photos, args.warm_up_photos, args.size, args.num_cpus, args.fake_gpus = 32, 8, 96, 3, 0
+        args.clipseg = "tiny"
+        args.captioner = "tiny" if args.captioner == "random-blip2" else args.captioner
+        args.overrides = ["data.matte.backend=pymatting", "data.caption.max_new_tokens=8", *args.overrides]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     started = time.perf_counter()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_pipeline-"))
@@ -590,11 +696,12 @@ def main(argv: list[str] | None = None) -> None:
         clipseg = str(make_random_clipseg(work / "clipseg-rd64-random"))
     else:
         clipseg = str(TINY_CLIPSEG if args.clipseg == "tiny" else args.clipseg)
+    captioner = captioner_overrides(args.captioner, work)
     workers = args.num_cpus or os.cpu_count() or 1
     warm_source = make_source(work / "warm-source", args.warm_up_photos, args.size, workers)
     source = make_source(work / "source", args.photos, args.size, workers)
     report.data["setup_s"] = round(time.perf_counter() - started, 2)
-    log.info("setup (CLIPSeg, %d + %d photos): %.1f s", args.warm_up_photos, args.photos, report.data["setup_s"])
+    log.info("setup (CLIPSeg, captioner, %d + %d photos): %.1f s", args.warm_up_photos, args.photos, report.data["setup_s"])
 
     speckle = [  # random weights: see the module docstring
         "data.segment.normalize=minmax",
@@ -606,6 +713,10 @@ def main(argv: list[str] | None = None) -> None:
     report.data["trimaps"] = args.trimaps
     overrides = [
         f"models.clipseg={clipseg}",
+        *captioner,
+        # The people filter's CLIPSeg pass runs at full cost, but a random CLIPSeg's "person" maps
+        # must not reject photos: no share of a photo is more than all of it.
+        "data.filter.exclude_area=1.0",
         *(speckle if args.trimaps == "clipseg" else []),
         *([f"ray.num_cpus={args.num_cpus}"] if args.num_cpus else []),
         *args.overrides,
