@@ -108,6 +108,9 @@ ABUSIVE = [
     pytest.param(records({"prompt": "a", "seed": 1}, {"prompt": "b", "seed": True}), "seed: must be a whole number", id="bool-seed"),
     pytest.param({"dataframe_split": {"columns": ["prompt", "seed"], "data": [["a", 1.5]]}}, "seed: must be a whole number", id="float-seed"),
     pytest.param(records({"prompt": "on the beach", "stepz": 2}), "'stepz': unknown field", id="unknown-column"),
+    pytest.param(records({"prompt": "a"}, {"prompt": "b", "control_image": "not base64!"}), "control_image: is not valid base64 (row 1)",
+                 id="bad-control-image"),
+    pytest.param(records({"prompt": "a", "control": "canny"}), "control: goes with control_image", id="control-without-image"),
 ]
 
 
