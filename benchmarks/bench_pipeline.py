@@ -36,7 +36,7 @@ What each timed build reports (`builds` in the JSON):
 The captioner (`--captioner`, the caption stage's actors after CLIPSeg) is by default
 Salesforce/blip2-opt-2.7b's architecture (ViT-g/14, a 32-query Q-Former, OPT-2.7B) with random
 weights, saved in the official layout, loaded in float16 as the real one is. Its tokenizer is
-the tiny captioner's byte-level one (a 321-token vocabulary, so its LM head is 2560 x 321, not
+the tiny captioner's byte-level one (a 165-token vocabulary, so its LM head is 2560 x 165, not
 2560 x 50272: about 5% of OPT-2.7B's per-token work less), and random weights never write the end
 of a caption: every photo gets data.caption.max_new_tokens tokens (30 by default, where real
 BLIP-2 captions end after 10-15): an upper bound on the stage's cost; add
