@@ -457,7 +457,8 @@ def subject_signature() -> Any:
     server's JSON carries them). Input: one row per prompt, fields as in
     pipeline/serving/requests.py (`prompt`; optional `negative_prompt`, `num_images`, `seed`,
     `guidance_scale`, `steps`, `height`, `width`; a structure control `control_image`, `control`,
-    `control_scale` as in pipeline/serving/controls.py). The input has no MLflow schema on purpose:
+    `control_scale` as in pipeline/serving/controls.py; an edit `replace`, `edit_image` as in
+    pipeline/serving/edits.py). The input has no MLflow schema on purpose:
     MLflow would cast 1.5 or true to a seed of 1 and drop unknown columns before `predict`
     saw them; `predict` checks the rows itself."""
     from mlflow.models import ModelSignature
@@ -499,9 +500,10 @@ def _make_subject_pyfunc() -> type:
             from mlflow.exceptions import MlflowException
             from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-            from pipeline.config import DecodeConfig
-            from pipeline.serving.controls import IMAGE_FIELD, validate_rows
+            from pipeline.config import DecodeConfig, EditConfig
+            from pipeline.serving.edits import REPLACE_FIELD, draw_edit
             from pipeline.serving.requests import RequestError, records_from_frame
+            from pipeline.serving.rows import validate_rows
 
             # Every row is checked before any image is made. The scoring server answers an
             # MlflowException with INVALID_PARAMETER_VALUE as HTTP 400 with its message and no
@@ -510,13 +512,19 @@ def _make_subject_pyfunc() -> type:
                 if params:
                     raise RequestError("params", "are not used; give the fields in each row")
                 rows = validate_rows(records_from_frame(model_input), self.limits, DecodeConfig())
-                if self.subject.subject_embeds is None and any(control is not None for _, control in rows):
-                    raise RequestError(IMAGE_FIELD, f"is not available for a {self.subject.spec.method} subject (it has no subject embeddings)")
+                if self.subject.subject_embeds is None and any(control or edit for _, control, edit in rows):
+                    field = "control_image" if any(control for _, control, _ in rows) else REPLACE_FIELD
+                    raise RequestError(field, f"is not available for a {self.subject.spec.method} subject (it has no subject embeddings)")
             except RequestError as exc:
                 raise MlflowException(f"invalid request: {exc}", error_code=INVALID_PARAMETER_VALUE) from None
             out = []
-            for index, (request, control) in enumerate(rows):
-                images = self.subject.generate(**asdict(request), control=self._control(control, request))
+            for index, (request, control, edit) in enumerate(rows):
+                if edit is not None:
+                    size = self.subject.spec.resolution
+                    images = [draw_edit(self.subject.model, edit, request, self.subject.subject_embeds, self.subject.spec.category,
+                                        request.height or size, request.width or size, EditConfig())]
+                else:
+                    images = self.subject.generate(**asdict(request), control=self._control(control, request))
                 for image in images:
                     buffer = io.BytesIO()
                     image.save(buffer, format="PNG")

@@ -4,7 +4,8 @@ POST /v1/generate takes a JSON object: the fields of pipeline/serving/requests.p
 `negative_prompt`, `num_images`, `seed`, `guidance_scale`, `steps`, `height`, `width`) plus a
 subject: `subject` (a registered one) or `reference_images` (1..6 base64 photos) with
 `category` (zero-shot), or `mix`, a weighted list of such subjects mixed into one, and optionally a structure control (`control_image`, `control`,
-`control_scale`: pipeline/serving/controls.py). Every field is checked here, before anything reaches the model, and
+`control_scale`: pipeline/serving/controls.py) or an edit (`replace`, `edit_image`:
+pipeline/serving/edits.py). Every field is checked here, before anything reaches the model, and
 each violation is an ApiError with its HTTP status and the field it names.
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.serving.controls import CONTROL_FIELDS, ControlRequest, validate_control
+from pipeline.serving.edits import EDIT_FIELDS, EditRequest, validate_edit
 from pipeline.serving.requests import FIELDS, GenerationRequest, RequestError, validate_request
 from pipeline.serving.subjects import (
     CATEGORY_FIELD,
@@ -32,7 +34,7 @@ from pipeline.serving.subjects import (
     parse_subject_ref,
 )
 
-GENERATE_FIELDS = (*FIELDS, SUBJECT_FIELD, REFERENCE_FIELD, CATEGORY_FIELD, MIX_FIELD, *CONTROL_FIELDS)
+GENERATE_FIELDS = (*FIELDS, SUBJECT_FIELD, REFERENCE_FIELD, CATEGORY_FIELD, MIX_FIELD, *CONTROL_FIELDS, *EDIT_FIELDS)
 MIX = "mix"  # the subject name of mixed requests in answers and metrics
 ZERO_SHOT = "zero-shot"  # the subject name of zero-shot requests in answers and metrics
 
@@ -55,6 +57,7 @@ class GenerateCall:
     request: GenerationRequest
     subject: SubjectRef | ZeroShotSubject | MixedSubject
     control: ControlRequest | None = None
+    edit: EditRequest | None = None
 
 
 def read_json(body: bytes, max_bytes: int) -> Any:
@@ -79,22 +82,25 @@ def parse_generate(value: Any, config: Config) -> GenerateCall:
             raise RequestError(str(unknown[0])[:40], f"unknown field; the fields are {', '.join(GENERATE_FIELDS)}")
         request = validate_request({k: v for k, v in value.items() if k in FIELDS}, config.serve.limits, config.generate)
         control = validate_control(value, config.data.decode)
+        edit = validate_edit(value, request, config.data.decode)
+        if control is not None and edit is not None:
+            raise RequestError(CONTROL_FIELDS[0], "cannot be combined with an edit (replace)")
         if value.get(MIX_FIELD) is not None:
             given = [name for name in (SUBJECT_FIELD, REFERENCE_FIELD, CATEGORY_FIELD) if value.get(name) is not None]
             if given:
                 raise RequestError(given[0], f"goes inside {MIX_FIELD}'s parts, not beside {MIX_FIELD}")
             mix = parse_mix(value[MIX_FIELD], config.data.decode, config.serve.max_reference_images)
-            return GenerateCall(request, mix, control)
+            return GenerateCall(request, mix, control, edit)
         has_subject, has_photos = value.get(SUBJECT_FIELD) is not None, value.get(REFERENCE_FIELD) is not None
         if has_subject == has_photos:
             raise RequestError(SUBJECT_FIELD, f"give {SUBJECT_FIELD} (a registered subject) or {REFERENCE_FIELD} with {CATEGORY_FIELD}, not both")
         if has_subject:
             if value.get(CATEGORY_FIELD) is not None:
                 raise RequestError(CATEGORY_FIELD, f"goes with {REFERENCE_FIELD}; a registered subject has its own")
-            return GenerateCall(request, parse_subject_ref(value[SUBJECT_FIELD]), control)
+            return GenerateCall(request, parse_subject_ref(value[SUBJECT_FIELD]), control, edit)
         subject = decode_reference_images(value[REFERENCE_FIELD], value.get(CATEGORY_FIELD), config.data.decode,
                                           config.serve.max_reference_images)
-        return GenerateCall(request, subject, control)
+        return GenerateCall(request, subject, control, edit)
     except RequestError as exc:
         raise ApiError(400, exc.field, exc.message) from None
 

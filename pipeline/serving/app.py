@@ -70,7 +70,7 @@ class SubjectServer:
         model = BlipDiffusion.from_pretrained(path, dtype=getattr(torch, dtype), device=self.device)
         if cfg.compile:
             model.compile_for_inference()
-        self.engine = Engine(model, cfg.max_batch_images, cfg.max_subjects, cfg.max_lora_adapters, serve_controlnet(config))
+        self.engine = Engine(model, cfg.max_batch_images, cfg.max_subjects, cfg.max_lora_adapters, serve_controlnet(config), config.edit)
         self.library = SubjectLibrary(self.uri, cfg.max_subjects, cfg.full_unet_budget_gb * 1e9)
         self.metrics = ServeMetrics()
         self.pages = {route: ((STATIC / name).read_bytes(), kind) for route, (name, kind) in PAGES.items()}
@@ -134,7 +134,7 @@ class SubjectServer:
             if call.control is not None and self.engine.controlnet_path is None:
                 raise ApiError(422, "control_image", "this server has no ControlNet: set generate.control.controlnet")
             gen = self.config.generate
-            job = Job(r, subject, r.height or size or gen.height, r.width or size or gen.width, control=call.control)
+            job = Job(r, subject, r.height or size or gen.height, r.width or size or gen.width, control=call.control, edit=call.edit)
             await self.generate_batch(job)
             if job.error is not None:
                 raise _api_error(job.error)

@@ -16,8 +16,8 @@ from typing import Any
 
 import PIL.Image
 
-from pipeline.config import DecodeConfig, ServeLimits
-from pipeline.serving.requests import GenerationRequest, RequestError, validate_requests
+from pipeline.config import DecodeConfig
+from pipeline.serving.requests import RequestError
 from pipeline.serving.subjects import decode_photo
 
 IMAGE_FIELD, KIND_FIELD, SCALE_FIELD = "control_image", "control", "control_scale"
@@ -54,23 +54,6 @@ def validate_control(row: Mapping[str, Any], decode: DecodeConfig) -> ControlReq
     if isinstance(scale, bool) or not isinstance(scale, int | float) or not (math.isfinite(scale) and 0 <= scale <= MAX_SCALE):
         raise RequestError(SCALE_FIELD, f"must be a number 0..{MAX_SCALE:g}, got {str(scale)[:40]}")
     return ControlRequest(decode_photo(image, IMAGE_FIELD, decode), kind, float(scale))
-
-
-def validate_rows(
-    rows: list[Mapping[str, Any]], limits: ServeLimits, decode: DecodeConfig
-) -> list[tuple[GenerationRequest, ControlRequest | None]]:
-    """The rows of a model server's input (the subject pyfunc's columns), each as its request and
-    its control: `validate_requests` on the request fields, `validate_control` on the control
-    columns. The RequestError of a bad control says which row (from 0)."""
-    plain = [{k: v for k, v in row.items() if k not in CONTROL_FIELDS} if isinstance(row, Mapping) else row for row in rows]
-    requests = validate_requests(plain, limits)  # a row that is not an object is refused here
-    controls = []
-    for index, row in enumerate(rows):
-        try:
-            controls.append(validate_control(row, decode))
-        except RequestError as exc:
-            raise RequestError(exc.field, f"{exc.message} (row {index})", exc.limit) from None
-    return list(zip(requests, controls, strict=True))
 
 
 def control_tensor(control: ControlRequest, processor: Any, height: int, width: int) -> Any:

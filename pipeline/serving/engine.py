@@ -28,11 +28,13 @@ from typing import Any
 import PIL.Image
 import torch
 
+from pipeline.config import EditConfig
 from pipeline.model import BlipDiffusion
 from pipeline.model.prompts import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT_REPS, build_prompt, check_text
 from pipeline.model.schedulers import fresh_scheduler
 from pipeline.serving.cache import LruBudget
 from pipeline.serving.controls import ControlRequest, control_tensor
+from pipeline.serving.edits import EditRequest, draw_edit
 from pipeline.serving.requests import GenerationRequest
 from pipeline.serving.subjects import MixedSubject, RegisteredSubject, SubjectUnusable, ZeroShotSubject
 
@@ -55,6 +57,7 @@ class Job:
     images: list[PIL.Image.Image] | None = None
     error: BaseException | None = None  # set instead of images when its group failed
     control: ControlRequest | None = None  # a structure control: drawn in a group of its own
+    edit: EditRequest | None = None  # an edit of a generated image or a photo: drawn in a group of its own
 
     @property
     def unet_key(self) -> tuple[str, ...]:
@@ -75,7 +78,7 @@ class Job:
         r = self.request
         # A ControlNet's map is shared by its batch (pipeline/model/control.py Control), so a job
         # with a control is a group of one.
-        alone = id(self) if self.control is not None else None
+        alone = id(self) if self.control is not None or self.edit is not None else None
         return (r.steps, self.height, self.width, r.guidance_scale > 1.0, self.unet_key, alone)
 
 
@@ -89,9 +92,11 @@ class Engine:
     embeddings on the device; `max_lora_adapters` LoRA subjects stay loaded as adapters."""
 
     def __init__(
-        self, model: BlipDiffusion, max_batch_images: int, max_subjects: int, max_lora_adapters: int, controlnet: str | None = None
+        self, model: BlipDiffusion, max_batch_images: int, max_subjects: int, max_lora_adapters: int, controlnet: str | None = None,
+        edit: EditConfig | None = None,
     ) -> None:
         self.model = model
+        self.edit_settings = edit or EditConfig()  # prompt-to-prompt settings of edit jobs
         self.controlnet_path = controlnet  # the canny ControlNet's id or folder, loaded on the first control job
         self._controlnet: Any = None
         self.max_batch_images = max_batch_images
@@ -127,6 +132,10 @@ class Engine:
     def _run_group(self, jobs: list[Job]) -> None:
         first = jobs[0]
         model, adapters = self._activate(jobs)
+        if first.edit is not None:
+            first.started = time.monotonic()
+            first.images = [self._edit(model, first)]
+            return
         control = None if first.control is None else self._control(model, first)
         steps, height, width = first.request.steps, first.height, first.width
         cond, uncond, latents, scales, rows = [], [], [], [], []
@@ -165,6 +174,17 @@ class Engine:
             images += model.image_processor.postprocess(decoded.to(torch.float32, copy=True), "pil")
         for job in jobs:
             job.images, images = images[: job.request.num_images], images[job.request.num_images:]
+
+    def _edit(self, model: BlipDiffusion, job: Job) -> PIL.Image.Image:
+        """The edited image of an edit job: its subject's embeddings take the replaced word's place."""
+        subject = job.subject
+        if isinstance(subject, ZeroShotSubject | MixedSubject):
+            embeds, category = self._mixed_embeds(model, subject), subject.category
+        elif subject.embeds is None:
+            raise SubjectUnusable(f"models:/{subject.key} is a {subject.spec.method} subject: it has no embeddings to edit with")
+        else:
+            embeds, category = self._device_embeds(subject), subject.spec.category
+        return draw_edit(model, job.edit, job.request, embeds, category, job.height, job.width, self.edit_settings)
 
     def _control(self, model: BlipDiffusion, job: Job) -> Any:
         """The pipeline.model.control.Control of `job`'s control request, at its size."""

@@ -1,6 +1,7 @@
-"""Control fields of requests from outside (pipeline/serving/controls.py) and the subject pyfunc's
-control columns, tiny profile: a row with a control_image is drawn steered, scale 0 draws what
-the row without it draws, and bad control columns are refused naming the field and row."""
+"""Control and edit fields of requests from outside (pipeline/serving/controls.py, edits.py,
+rows.py) and the subject pyfunc's columns, tiny profile: a row with a control_image is drawn
+steered, scale 0 draws what the row without it draws, a row with `replace` is an edit, and bad
+columns are refused naming the field and row."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from PIL import Image
 
 from pipeline import tracking
 from pipeline.config import PROFILE_CONTROLNETS, DecodeConfig, ServeLimits
-from pipeline.serving.controls import validate_rows
 from pipeline.serving.requests import RequestError
+from pipeline.serving.rows import validate_rows
 from tests.serve_subjects import make_subject
 
 
@@ -32,7 +33,7 @@ ROW = {"prompt": "on the beach", "steps": 2, "seed": 1}
 
 
 def test_rows_split_into_requests_and_controls():
-    [(plain, none), (steered, control)] = validate_rows([ROW, {**ROW, "control_image": _png_b64(EDGES)}],
+    [(plain, none, _), (steered, control, _)] = validate_rows([ROW, {**ROW, "control_image": _png_b64(EDGES)}],
                                                          ServeLimits(), DecodeConfig())
     assert plain == steered and none is None
     assert (control.kind, control.scale, control.image.size) == ("canny", 1.0, (48, 48))
@@ -61,3 +62,30 @@ def test_the_pyfunc_draws_rows_with_a_control_image(pyfunc):
 def test_the_pyfunc_refuses_a_bad_control_column(pyfunc):
     with pytest.raises(MlflowException, match=r"control_image: is not valid base64 \(row 0\)"):
         pyfunc.predict(None, pd.DataFrame([{**ROW, "control_image": "not base64!"}]))
+
+
+def test_the_pyfunc_edits_a_row_with_replace(pyfunc):
+    from pipeline.config import EditConfig
+    from pipeline.model.editing import edit
+
+    row = {"prompt": "a dog on the grass", "steps": 2, "seed": 3, "replace": "dog"}
+    [image] = pyfunc.predict(None, pd.DataFrame([row]))["image"].tolist()
+    subject, settings = pyfunc.subject, EditConfig()
+    expected = edit(subject.model, row["prompt"], "dog", subject_embeds=subject.subject_embeds, category=subject.spec.category,
+                    steps=2, seed=3, height=subject.spec.resolution, width=subject.spec.resolution, progress=False,
+                    cross_replace_steps=settings.cross_replace_steps, self_replace_steps=settings.self_replace_steps,
+                    threshold=settings.threshold).edited
+    assert image == _png_b64(expected)
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"replace": "cat"}, "replace: 'cat' is not a word of the prompt (row 0)"),
+    ({"edit_image": _png_b64(EDGES)}, "edit_image: goes with replace"),
+    ({"replace": "dog", "num_images": 2}, "num_images: an edit makes one image"),
+    ({"replace": "dog", "control_image": _png_b64(EDGES)}, "control_image: cannot be combined with an edit"),
+    ({"replace": "dog", "edit_image": "not base64!"}, "edit_image: is not valid base64"),
+])
+def test_bad_edit_columns_are_refused(fields, words):
+    with pytest.raises(RequestError) as caught:
+        validate_rows([{"prompt": "a dog on the grass", **fields}], ServeLimits(), DecodeConfig())
+    assert words in str(caught.value)

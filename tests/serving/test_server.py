@@ -196,3 +196,26 @@ def test_a_bad_mix_is_a_400_naming_the_field(model, mix, field):
 def test_a_mix_goes_alone(model):
     status, body = answer(make_server(model), {**zero_shot(), "mix": [{"subject": "models:/subjectforge-dog@champion"}]})
     assert (status, body["field"]) == (400, "reference_images"), body
+
+
+def test_replace_edits_the_image_and_an_edit_image_is_edited(model):
+    server = make_server(model)
+    base = {k: v for k, v in zero_shot(seed=6).items() if k != "prompt"} | {"prompt": "a dog on the grass"}
+    status, edited = answer(server, {**base, "replace": "dog"})
+    assert status == 200 and len(edited["images"]) == 1, edited
+    _, plain = answer(server, base)
+    assert edited["images"] != plain["images"]
+    status, photo = answer(server, {**base, "replace": "dog", "edit_image": _png_b64(EDGES)})
+    assert status == 200 and photo["size"] == [32, 32], photo
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"replace": "cat"}, "replace"),
+    ({"edit_image": _png_b64(EDGES)}, "edit_image"),
+    ({"replace": "dog", "num_images": 2}, "num_images"),
+    ({"replace": "dog", "control_image": _png_b64(EDGES)}, "control_image"),
+])
+def test_a_bad_edit_is_a_400_naming_the_field(model, fields, field):
+    request = {**zero_shot(), "prompt": "a dog on the grass", **fields}
+    status, body = answer(make_server(model), request)
+    assert (status, body["field"]) == (400, field), body
