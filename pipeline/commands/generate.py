@@ -51,9 +51,16 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     )
     parser.add_argument("--category", help="the subject's class, e.g. dog (not with a models:/ subject)")
     parser.add_argument(
-        "--subject", action="append", metavar="CATEGORY[:IMG,...]=WEIGHT",
-        help="mix subjects with weights (repeat it); CATEGORY alone means --category's --subject-image photos",
+        "--subject", action="append", metavar="SUBJECT[=WEIGHT]",
+        help="a subject to mix or to name in a [slot] of the prompt (repeat it): CATEGORY:IMG,..., CATEGORY alone "
+        "(--category's --subject-image photos) or a registered models:/NAME@ALIAS; WEIGHT defaults to 1",
     )
+    parser.add_argument(
+        "--style-image", nargs="+", metavar="IMG",
+        help="stylization: reference photo(s) of the style, drawn through the subject path; the structure comes from "
+        "--control canny --control-image SUBJECT_PHOTO and --category names what is drawn",
+    )
+    parser.add_argument("--style-category", default="style", help="the style image's class noun, e.g. flower (default: style)")
     parser.add_argument("--prompt", required=True, help='what to make, e.g. "on the beach"')
     parser.add_argument("--target-category", help="category written in the prompt (default: --category)")
     parser.add_argument("-n", "--num-images", type=int, default=1, help="images to generate (default: 1)")
@@ -83,6 +90,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     from pipeline.model import DEFAULT_NEGATIVE_PROMPT, BlipDiffusion
     from pipeline.model.control import build_control
     from pipeline.model.image_processing import load_image
+    from pipeline.model.prompts import has_subject_slots
 
     gen = config.generate
     request = _request(args, config)
@@ -94,9 +102,11 @@ def run(args: argparse.Namespace, config: Config) -> int:
         tracking.reachable_uri(config.tracking.uri)
         outputs, elapsed = _generate_registered(args, config, request, device, getattr(torch, dtype_name))
         return _write(args, config, outputs, elapsed, device, dtype_name)
-    if not args.subject and (not args.subject_image or not args.category):
+    if args.style_image:
+        _check_style(args, config)
+    elif not args.subject and (not args.subject_image or not args.category):
         raise ConfigError("--subject-image and --category are needed unless --model is a registered subject (models:/...)")
-    images = [load_image(path, i) for i, path in enumerate(args.subject_image or [])]
+    images = [load_image(path, i) for i, path in enumerate(args.style_image or args.subject_image or [])]
     model = BlipDiffusion.from_pretrained(
         config.model_path("blip_diffusion"),
         qformer_tokenizer=args.qformer_tokenizer,
@@ -107,14 +117,18 @@ def run(args: argparse.Namespace, config: Config) -> int:
         gen.control, gen.control.controlnet_path(config.profile), model.image_processor,
         request.height, request.width, dtype=model.dtype, device=device, local_files_only=False,
     )
-    mixed = _mix_subjects(args, model) if args.subject else None
+    category, target = args.category, args.target_category
+    if args.style_image:  # LAVIS's stylization: the style is the subject, the prompt names --category
+        category, target = args.style_category, args.category
+    mixed, category, subjects = _subjects(args, config, model, images, category, has_subject_slots(request.prompt))
     start = time.perf_counter()
     outputs = model.generate(
         request.prompt,
-        subject_images=None if mixed is not None else images,
+        subject_images=None if mixed is not None or subjects is not None else images,
         subject_embeds=mixed,
-        category=args.category or args.subject[0].rpartition("=")[0].partition(":")[0],
-        target_category=args.target_category,
+        subjects=subjects,
+        category=category,
+        target_category=target,
         num_images=request.num_images,
         steps=request.steps,
         guidance_scale=request.guidance_scale,
@@ -129,31 +143,80 @@ def run(args: argparse.Namespace, config: Config) -> int:
     return _write(args, config, outputs, elapsed, device, dtype_name)
 
 
-def _mix_subjects(args: argparse.Namespace, model):
-    """One subject embedding (1, Q, D) from the --subject CATEGORY[:IMG,...]=WEIGHT mix."""
-    from pipeline.model.blip_diffusion import mix_subjects
-    from pipeline.model.image_processing import load_image
+def _check_style(args: argparse.Namespace, config: Config) -> None:
+    """Stylization takes its subject from the style photo and its structure from a control map."""
+    if args.subject_image or args.subject:
+        raise ConfigError("--style-image is the subject of a stylization: leave out --subject-image and --subject")
+    if not args.category:
+        raise ConfigError("--style-image needs --category: the class noun of what is drawn, e.g. teapot")
+    if config.generate.control.kind == "none":
+        raise ConfigError("--style-image needs --control (e.g. canny) with --control-image, the photo whose structure is drawn")
 
-    embeds, weights = [], []
-    for text in args.subject:
-        spec, sep, weight = text.rpartition("=")
-        category, _, photos = spec.partition(":")
-        if not sep or not category:
-            raise ConfigError(f"--subject {text!r}: expected CATEGORY[:IMG,...]=WEIGHT, e.g. dog=0.7")
-        if spec.startswith("models:/"):
-            raise ConfigError(f"--subject {text!r}: registered subjects cannot be mixed yet; give CATEGORY:IMG,...")
-        if not photos and (category != args.category or not args.subject_image):
-            raise ConfigError(f"--subject {text!r}: give its photos (CATEGORY:IMG,...) or --category {category} with --subject-image")
-        try:
-            weights.append(float(weight))
-        except ValueError:
-            raise UserError(f"--subject {text!r}: the weight {weight!r} is not a number") from None
-        paths = photos.split(",") if photos else args.subject_image
-        embeds.append(model.encode_subject([load_image(p, i) for i, p in enumerate(paths)], category))
+
+def _subjects(args: argparse.Namespace, config: Config, model, images: list, category: str | None, slotted: bool):
+    """What the prompt draws: (mixed (1, Q, D) or None, the category, {slot name: (1, Q, D)} or None).
+
+    Without [slots] in the prompt the --subject entries mix into one subject; with slots, the
+    entries of each category mix into that category's slot, and --subject-image/--category
+    alone fill the slot named by the category.
+    """
+    from pipeline.model.blip_diffusion import mix_subjects
+
+    if not args.subject:
+        if slotted:
+            return None, category, {category: model.encode_subject(images, category)}
+        return None, category, None
+    entries = [_subject_entry(text, args, config, model) for text in args.subject]
+    groups: dict[str, list] = {}
+    for name, embeds, weight in entries:
+        groups.setdefault(name if slotted else "", []).append((embeds, weight))
     try:
-        return mix_subjects(embeds, weights)
+        mixed = {name: mix_subjects([e for e, _ in group], [w for _, w in group]) for name, group in groups.items()}
     except ValueError as exc:
         raise UserError(f"--subject: {exc}") from None
+    if slotted:
+        return None, category, mixed
+    return mixed[""], category or entries[0][0], None
+
+
+def _subject_entry(text: str, args: argparse.Namespace, config: Config, model):
+    """One --subject SUBJECT[=WEIGHT] as (its category, its embeddings (1, Q, D), its weight)."""
+    from pipeline.model.image_processing import load_image
+
+    spec, sep, weight_text = text.rpartition("=")
+    if not sep:
+        spec, weight_text = text, "1"
+    try:
+        weight = float(weight_text)
+    except ValueError:
+        raise UserError(f"--subject {text!r}: the weight {weight_text!r} is not a number") from None
+    if spec.startswith("models:/"):
+        category, embeds = _registered_embeds(spec, config)
+        return category, embeds, weight
+    category, _, photos = spec.partition(":")
+    if not category:
+        raise ConfigError(f"--subject {text!r}: expected CATEGORY[:IMG,...][=WEIGHT] or models:/NAME@ALIAS[=WEIGHT], e.g. dog=0.7")
+    if not photos and (category != args.category or not args.subject_image):
+        raise ConfigError(f"--subject {text!r}: give its photos (CATEGORY:IMG,...) or --category {category} with --subject-image")
+    paths = photos.split(",") if photos else args.subject_image
+    return category, model.encode_subject([load_image(p, i) for i, p in enumerate(paths)], category), weight
+
+
+def _registered_embeds(model_uri: str, config: Config):
+    """(category, subject embeddings (1, Q, D)) of a registered subject, for a mix or a slot.
+    Only its embeddings take part: a LoRA or blipd subject's UNet weights are not applied."""
+    from safetensors.torch import load_file
+
+    from pipeline import tracking
+    from pipeline.model.subject import EMBEDS_FILE, SubjectSpec
+
+    folder = tracking.subject_folder(tracking.reachable_uri(config.tracking.uri), model_uri)
+    spec = SubjectSpec.read(folder)
+    if not spec.traits.embeds:
+        raise ConfigError(f"--subject {model_uri}: a {spec.method} subject has no subject embeddings to mix; draw it alone with --model")
+    if spec.traits.unet != "base":
+        log.warning("--subject %s: a %s subject mixes by its embeddings only; its fine-tuned UNet is not applied", model_uri, spec.method)
+    return spec.category, load_file(str(folder / EMBEDS_FILE))["subject_embeds"]
 
 
 def _request(args: argparse.Namespace, config: Config):
@@ -217,6 +280,7 @@ def _write(args: argparse.Namespace, config: Config, outputs: list, elapsed: flo
     run_info = {
         "model": config.model_path("blip_diffusion"),
         "subject_images": [str(p) for p in args.subject_image or []],
+        "style_images": [str(p) for p in args.style_image or []],
         "subjects": args.subject or [],
         "category": args.category,
         "target_category": args.target_category or args.category,
