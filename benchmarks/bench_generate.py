@@ -206,8 +206,8 @@ def main() -> int:
     parser.add_argument("--compile-mode", default="default", help="--edit: torch.compile mode of both (default, reduce-overhead, ...)")
     parser.add_argument("--smoke", action="store_true", help="CPU smoke test: the tiny checkpoint, 2 steps, 64 px, 1 repeat")
     args = parser.parse_args()
-    if args.smoke:
-        args.tiny, args.steps, args.size, args.repeats = True, 2, 64, 1
+    if args.smoke:  # every mode runs, however slow the CPU
+        args.tiny, args.steps, args.size, args.repeats, args.budget = True, 2, 64, 1, float("inf")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     t0 = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
