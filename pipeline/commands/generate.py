@@ -212,8 +212,9 @@ def _registered_embeds(model_uri: str, config: Config):
 
     folder = tracking.subject_folder(tracking.reachable_uri(config.tracking.uri), model_uri)
     spec = SubjectSpec.read(folder)
-    if not spec.traits.embeds:
-        raise ConfigError(f"--subject {model_uri}: a {spec.method} subject has no subject embeddings to mix; draw it alone with --model")
+    if not spec.traits.embeds or spec.ti_property is not None:
+        what = "a learned word [S], not subject embeddings" if spec.ti_property is not None else "no subject embeddings"
+        raise ConfigError(f"--subject {model_uri}: a {spec.method} subject has {what} to mix; draw it alone with --model")
     if spec.traits.unet != "base":
         log.warning("--subject %s: a %s subject mixes by its embeddings only; its fine-tuned UNet is not applied", model_uri, spec.method)
     return spec.category, load_file(str(folder / EMBEDS_FILE))["subject_embeds"]

@@ -163,13 +163,13 @@ class SubjectServer:
 
     def _mixed(self, mix: MixedSubject) -> tuple[MixedSubject, str | None]:
         """`mix` with its registered parts resolved and fetched, and their "NAME/VERSION"s. Each
-        takes part by its embeddings (a subject without them, dreambooth, is a 422)."""
+        takes part by its embeddings (a subject without them, dreambooth or a textual-inversion word, is a 422)."""
         parts, versions = [], []
         for i, part in enumerate(mix.parts):
             if isinstance(part, SubjectRef):
                 part, version = self._registered(part)
-                if part.embeds is None:
-                    raise ApiError(422, f"mix[{i}].subject", f"models:/{part.key} is a {part.spec.method} subject: it has no embeddings to mix")
+                if part.embeds is None or part.spec.ti_property is not None:  # dreambooth; textual inversion's word [S]
+                    raise ApiError(422, f"mix[{i}].subject", f"models:/{part.key} is a {part.spec.method} subject: it has no subject embeddings to mix")
                 versions.append(part.key)
             parts.append(part)
         return MixedSubject(tuple(parts), mix.weights), ",".join(versions) or None

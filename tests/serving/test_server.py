@@ -219,3 +219,19 @@ def test_a_bad_edit_is_a_400_naming_the_field(model, fields, field):
     request = {**zero_shot(), "prompt": "a dog on the grass", **fields}
     status, body = answer(make_server(model), request)
     assert (status, body["field"]) == (400, field), body
+
+
+def test_a_textual_inversion_subject_in_a_mix_is_a_422_not_a_crash(model):
+    """Its embeddings are a learned word (1, V, D), not the Q subject embeddings a mix weighs."""
+    from types import SimpleNamespace
+
+    server = make_server(model)
+    word = SimpleNamespace(key="subjectforge-word/1", embeds=torch.zeros(1, 1, 32),
+                           spec=SimpleNamespace(method="textual-inversion", ti_property="object"))
+    server._registered = lambda ref: (word, "subjectforge-word/1")
+    mix = [{"subject": "models:/subjectforge-word@champion", "weight": 0.5}, {**zero_shot(), "weight": 0.5}]
+    for part in mix[1:]:
+        del part["prompt"], part["steps"], part["seed"], part["height"], part["width"]
+    status, body = answer(server, {"prompt": "on the beach", "steps": 2, "height": 32, "width": 32, "mix": mix})
+    assert (status, body["field"]) == (422, "mix[0].subject"), body
+    assert "subject embeddings" in body["error"]
