@@ -39,6 +39,7 @@ from pipeline.train.memory import build_optimizer, enable_gradient_checkpointing
 from pipeline.train.methods import get_method
 from pipeline.train.speed import (
     GraphedUNet,
+    compile_cache_counts,
     compile_model,
     resolve_compile,
     set_unet_attention,
@@ -239,7 +240,7 @@ def _first_step_seconds(job_start: float | None, device: torch.device) -> float 
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # once: the step's kernels are done, not only queued
     seconds = time.time() - job_start
-    log.info("first step done %.1f s after the job started", seconds)
+    log.info("first step done %.1f s after the job started (compile caches: %s)", seconds, compile_cache_counts() or "unused")
     return seconds
 
 

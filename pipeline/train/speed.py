@@ -252,6 +252,15 @@ def use_compile_cache(storage_path: str) -> str | None:
     return str(folder)
 
 
+def compile_cache_counts() -> dict[str, int]:
+    """This process's hits, misses and bypasses of Inductor's FX graph cache and the AOTAutograd
+    cache so far (torch's dynamo counters; empty before any compile): what a warm start reused."""
+    from torch._dynamo.utils import counters
+
+    wanted = {"inductor": "fxgraph_cache_", "aot_autograd": "autograd_cache_"}
+    return {f"{group}.{name}": count for group, prefix in wanted.items() for name, count in counters[group].items() if name.startswith(prefix)}
+
+
 def step_begin(mode: str | None) -> None:
     """Call at the start of each optimizer step. Under CUDA-graph modes it tells cudagraph trees
     that the previous step's graph outputs are dead, so the next replays may reuse their memory.
