@@ -34,4 +34,9 @@ def fresh_scheduler(scheduler: SchedulerMixin, name: str | None = None) -> Sched
         return type(scheduler).from_config(scheduler.config)
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    return SCHEDULERS[name].from_config(scheduler.config)
+    cls = SCHEDULERS[name]
+    if cls is DDIMScheduler and "clip_sample" not in scheduler.config:
+        # DDIM's default clips each x0 estimate to [-1, 1], which suits pixels, not SD latents;
+        # the released PNDM config does not say, and LAVIS samples DDIM with clip_sample=False.
+        return cls.from_config(scheduler.config, clip_sample=False)
+    return cls.from_config(scheduler.config)

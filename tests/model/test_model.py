@@ -228,3 +228,13 @@ def test_wrong_pixel_shape(model):
         model.subject_embeddings(torch.zeros(1, 3, 32, 32), ["dog"])
     with pytest.raises(ValueError, match="2 categories"):
         model.subject_embeddings(torch.zeros(1, 3, 224, 224), ["dog", "cat"])
+
+
+def test_ddim_from_the_released_pndm_config_does_not_clip_latents():
+    """diffusers' DDIM clips each x0 estimate to [-1, 1] unless told otherwise; SD latents are not
+    in that range, and the released scheduler config (PNDM) does not mention clip_sample."""
+    from pipeline.model.schedulers import fresh_scheduler, load_scheduler
+
+    pndm = load_scheduler(ASSETS_DIR / "tiny-blipdiffusion" / "scheduler")
+    assert "clip_sample" not in pndm.config
+    assert fresh_scheduler(pndm, "ddim").config.clip_sample is False
