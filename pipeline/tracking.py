@@ -458,7 +458,7 @@ def subject_signature() -> Any:
     pipeline/serving/requests.py (`prompt`; optional `negative_prompt`, `num_images`, `seed`,
     `guidance_scale`, `steps`, `height`, `width`; a structure control `control_image`, `control`,
     `control_scale` as in pipeline/serving/controls.py; an edit `replace`, `edit_image` as in
-    pipeline/serving/edits.py). The input has no MLflow schema on purpose:
+    pipeline/serving/edits.py; a subject `mix` as in pipeline/serving/rows.py). The input has no MLflow schema on purpose:
     MLflow would cast 1.5 or true to a seed of 1 and drop unknown columns before `predict`
     saw them; `predict` checks the rows itself."""
     from mlflow.models import ModelSignature
@@ -504,6 +504,7 @@ def _make_subject_pyfunc() -> type:
             from pipeline.serving.edits import REPLACE_FIELD, draw_edit
             from pipeline.serving.requests import RequestError, records_from_frame
             from pipeline.serving.rows import validate_rows
+            from pipeline.serving.subjects import MIX_FIELD
 
             # Every row is checked before any image is made. The scoring server answers an
             # MlflowException with INVALID_PARAMETER_VALUE as HTTP 400 with its message and no
@@ -512,24 +513,50 @@ def _make_subject_pyfunc() -> type:
                 if params:
                     raise RequestError("params", "are not used; give the fields in each row")
                 rows = validate_rows(records_from_frame(model_input), self.limits, DecodeConfig())
-                if self.subject.subject_embeds is None and any(control or edit for _, control, edit in rows):
-                    field = "control_image" if any(control for _, control, _ in rows) else REPLACE_FIELD
+                if self.subject.subject_embeds is None and any(row.control or row.edit for row in rows):
+                    field = "control_image" if any(row.control for row in rows) else REPLACE_FIELD
                     raise RequestError(field, f"is not available for a {self.subject.spec.method} subject (it has no subject embeddings)")
+                mixed = [index for index, row in enumerate(rows) if row.mix is not None]
+                if mixed and (self.subject.subject_embeds is None or self.subject.spec.ti_property is not None):
+                    # dreambooth has no embeddings; a textual inversion's are its learned word [S], (1, V, D)
+                    raise RequestError(MIX_FIELD, f"a {self.subject.spec.method} subject has no subject embeddings to mix; "
+                                       f"send the row without {MIX_FIELD} (row {mixed[0]})")
             except RequestError as exc:
                 raise MlflowException(f"invalid request: {exc}", error_code=INVALID_PARAMETER_VALUE) from None
             out = []
-            for index, (request, control, edit) in enumerate(rows):
+            for index, (request, control, edit, mix) in enumerate(rows):
+                subject = self._mixed(mix)
                 if edit is not None:
-                    size = self.subject.spec.resolution
-                    images = [draw_edit(self.subject.model, edit, request, self.subject.subject_embeds, self.subject.spec.category,
+                    size = subject.spec.resolution
+                    images = [draw_edit(subject.model, edit, request, subject.subject_embeds, subject.spec.category,
                                         request.height or size, request.width or size, EditConfig())]
                 else:
-                    images = self.subject.generate(**asdict(request), control=self._control(control, request))
+                    images = subject.generate(**asdict(request), control=self._control(control, request))
                 for image in images:
                     buffer = io.BytesIO()
                     image.save(buffer, format="PNG")
                     out.append({"prompt_index": index, "image": base64.b64encode(buffer.getvalue()).decode("ascii")})
             return pd.DataFrame(out, columns=["prompt_index", "image"])
+
+        def _mixed(self, mix: Any) -> Any:
+            """The SubjectModel a row draws: the model's own subject, or with a mix (a checked
+            MixedSubject) the same model and UNet with the parts' weighted embeddings (1, Q, D),
+            named by the first part's category, as serve and `generate --subject` mix them."""
+            if mix is None:
+                return self.subject
+            from dataclasses import replace
+
+            from pipeline.model.blip_diffusion import mix_subjects
+            from pipeline.model.subject import SubjectModel
+            from pipeline.serving.subjects import OwnSubject
+
+            own, model = self.subject, self.subject.model
+            embeds = [own.subject_embeds if isinstance(part, OwnSubject)
+                      else model.encode_subject(list(part.images), part.category).to(own.subject_embeds)
+                      for part in mix.parts]
+            first = mix.parts[0]
+            category = own.spec.category if isinstance(first, OwnSubject) else first.category
+            return SubjectModel(model, replace(own.spec, category=category), mix_subjects(embeds, mix.weights))
 
         def _control(self, control: Any, request: Any) -> Any:
             """The model's Control of a row's checked control (None without one), at the row's size."""

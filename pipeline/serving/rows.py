@@ -1,24 +1,37 @@
 """A model server's input rows (the subject pyfunc's columns): each row's request fields
-(requests.py), its control columns (controls.py) and its edit columns (edits.py), all checked
-before any image is made."""
+(requests.py), its control columns (controls.py), its edit columns (edits.py) and its subject
+mix (subjects.py parse_mix, with the model's own subject as a part), all checked before any
+image is made."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
-from pipeline.config import DecodeConfig, ServeLimits
+from pipeline.config import DecodeConfig, ServeConfig, ServeLimits
 from pipeline.serving.controls import CONTROL_FIELDS, ControlRequest, validate_control
 from pipeline.serving.edits import EDIT_FIELDS, EditRequest, validate_edit
 from pipeline.serving.requests import GenerationRequest, RequestError, validate_requests
+from pipeline.serving.subjects import MIX_FIELD, MixedSubject, parse_mix
 
-Row = tuple[GenerationRequest, ControlRequest | None, EditRequest | None]
+
+class Row(NamedTuple):
+    """One checked row: its request, and its control, edit and mix when it has them."""
+
+    request: GenerationRequest
+    control: ControlRequest | None
+    edit: EditRequest | None
+    mix: MixedSubject | None
 
 
-def validate_rows(rows: list[Any], limits: ServeLimits, decode: DecodeConfig) -> list[Row]:
-    """Each row as (request, control or None, edit or None). The RequestError of a bad control
-    or edit says which row (from 0); a row may not have both."""
-    extra = (*CONTROL_FIELDS, *EDIT_FIELDS)
+def validate_rows(rows: list[Any], limits: ServeLimits, decode: DecodeConfig, max_reference_images: int | None = None) -> list[Row]:
+    """Each row as a Row. The RequestError of a bad control, edit or mix says which row (from
+    0); a row may not have both a control and an edit. `max_reference_images` bounds the photos
+    of each mix part (default: serve.max_reference_images' default)."""
+    if max_reference_images is None:
+        max_reference_images = ServeConfig().max_reference_images
+    extra = (*CONTROL_FIELDS, *EDIT_FIELDS, MIX_FIELD)
     plain = [{k: v for k, v in row.items() if k not in extra} if isinstance(row, Mapping) else row for row in rows]
     requests = validate_requests(plain, limits)  # a row that is not an object is refused here
     checked = []
@@ -27,7 +40,20 @@ def validate_rows(rows: list[Any], limits: ServeLimits, decode: DecodeConfig) ->
             control, edit = validate_control(row, decode), validate_edit(row, request, decode)
             if control is not None and edit is not None:
                 raise RequestError(CONTROL_FIELDS[0], "cannot be combined with an edit (replace)")
+            mix = row.get(MIX_FIELD)
+            mix = None if mix is None else parse_mix(_json_list(mix), decode, max_reference_images, own=True)
         except RequestError as exc:
             raise RequestError(exc.field, f"{exc.message} (row {index})", exc.limit) from None
-        checked.append((request, control, edit))
+        checked.append(Row(request, control, edit, mix))
     return checked
+
+
+def _json_list(value: Any) -> Any:
+    """A mix column's value: a list as JSON gives it, or its JSON text (a table cell of a
+    CSV or a DataFrame built from strings)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except (json.JSONDecodeError, RecursionError):
+        raise RequestError(MIX_FIELD, "must be a list of weighted subjects, or its JSON text; got text that is not JSON") from None

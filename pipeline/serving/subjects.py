@@ -96,12 +96,18 @@ class ZeroShotSubject:
 
 
 @dataclass(frozen=True)
+class OwnSubject:
+    """A mix part that names no subject: the one a subject pyfunc was fine-tuned for (a pyfunc
+    has no registry to fetch others from)."""
+
+
+@dataclass(frozen=True)
 class MixedSubject:
     """Subjects mixed into one by weight (LAVIS `forward_ctx_embeddings(ratio=...)`): each part a
     registered subject (a SubjectRef until it is resolved) or a zero-shot one; the prompt names
     the first part's category. Drawn by the base UNet with the mixed embeddings only."""
 
-    parts: tuple[Any, ...]  # SubjectRef | RegisteredSubject | ZeroShotSubject
+    parts: tuple[Any, ...]  # SubjectRef | RegisteredSubject | ZeroShotSubject | OwnSubject (pyfunc)
     weights: tuple[float, ...]
 
     @property
@@ -110,10 +116,12 @@ class MixedSubject:
         return first.category if isinstance(first, ZeroShotSubject) else first.spec.category
 
 
-def parse_mix(value: Any, decode: DecodeConfig, max_images: int) -> MixedSubject:
+def parse_mix(value: Any, decode: DecodeConfig, max_images: int, own: bool = False) -> MixedSubject:
     """The request's `mix` field: a list of 1..MAX_MIX_PARTS objects, each {"subject": a registered
     subject, "weight": w} or {"reference_images": [...], "category": c, "weight": w}; the weights
-    are finite and add up to a positive number. RequestError naming the field otherwise."""
+    are finite and add up to a positive number. With `own` (a subject pyfunc), a part is
+    {"weight": w}, the model's own subject, or reference photos, never a registered subject.
+    RequestError naming the field otherwise."""
     if not isinstance(value, list) or not 1 <= len(value) <= MAX_MIX_PARTS:
         raise RequestError(MIX_FIELD, f"must be a list of 1..{MAX_MIX_PARTS} weighted subjects")
     parts, weights = [], []
@@ -127,13 +135,18 @@ def parse_mix(value: Any, decode: DecodeConfig, max_images: int) -> MixedSubject
         weight = entry.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
             raise RequestError(f"{field}.weight", "must be a finite number")
-        if (entry.get(SUBJECT_FIELD) is None) == (entry.get(REFERENCE_FIELD) is None):
+        if own and entry.get(SUBJECT_FIELD) is not None:
+            raise RequestError(f"{field}.{SUBJECT_FIELD}", f"this model cannot fetch registered subjects: leave {SUBJECT_FIELD} "
+                               f"out for its own subject, or give {REFERENCE_FIELD} with {CATEGORY_FIELD}")
+        if not own and (entry.get(SUBJECT_FIELD) is None) == (entry.get(REFERENCE_FIELD) is None):
             raise RequestError(field, f"give {SUBJECT_FIELD} or {REFERENCE_FIELD} with {CATEGORY_FIELD}")
+        if own and entry.get(REFERENCE_FIELD) is None and entry.get(CATEGORY_FIELD) is not None:
+            raise RequestError(f"{field}.{CATEGORY_FIELD}", f"goes with {REFERENCE_FIELD}; the model's own subject has its own")
         try:
-            if entry.get(SUBJECT_FIELD) is not None:
-                parts.append(parse_subject_ref(entry[SUBJECT_FIELD]))
-            else:
+            if entry.get(REFERENCE_FIELD) is not None:
                 parts.append(decode_reference_images(entry[REFERENCE_FIELD], entry.get(CATEGORY_FIELD), decode, max_images))
+            else:
+                parts.append(OwnSubject() if own else parse_subject_ref(entry[SUBJECT_FIELD]))
         except RequestError as exc:
             raise RequestError(f"{field}.{exc.field}", exc.message) from None
         weights.append(float(weight))

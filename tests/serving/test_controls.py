@@ -33,7 +33,7 @@ ROW = {"prompt": "on the beach", "steps": 2, "seed": 1}
 
 
 def test_rows_split_into_requests_and_controls():
-    [(plain, none, _), (steered, control, _)] = validate_rows([ROW, {**ROW, "control_image": _png_b64(EDGES)}],
+    [(plain, none, *_), (steered, control, *_)] = validate_rows([ROW, {**ROW, "control_image": _png_b64(EDGES)}],
                                                          ServeLimits(), DecodeConfig())
     assert plain == steered and none is None
     assert (control.kind, control.scale, control.image.size) == ("canny", 1.0, (48, 48))
