@@ -6,7 +6,8 @@ subject: `subject` (a registered one) or `reference_images` (1..6 base64 photos)
 `category` (zero-shot), or `mix`, a weighted list of such subjects mixed into one, and optionally a structure control (`control_image`, `control`,
 `control_scale`: pipeline/serving/controls.py) or an edit (`replace`, `edit_image`:
 pipeline/serving/edits.py). Every field is checked here, before anything reaches the model, and
-each violation is an ApiError with its HTTP status and the field it names.
+each violation is an ApiError with its HTTP status and the field it names; a prompt that names
+its subjects in [slots] is matched to them once they are resolved (pipeline/serving/slots.py).
 """
 
 from __future__ import annotations

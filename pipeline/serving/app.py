@@ -33,6 +33,8 @@ from pipeline.config import Config, load_config
 from pipeline.serving.api import MIX, ZERO_SHOT, ApiError, image_answer, parse_generate, read_json
 from pipeline.serving.engine import Engine, Job, is_out_of_memory
 from pipeline.serving.metrics import ServeMetrics
+from pipeline.serving.requests import RequestError
+from pipeline.serving.slots import match_slots
 from pipeline.serving.subjects import (
     MixedSubject,
     RegistryUnavailable,
@@ -134,7 +136,8 @@ class SubjectServer:
             if call.control is not None and self.engine.controlnet_path is None:
                 raise ApiError(422, "control_image", "this server has no ControlNet: set generate.control.controlnet")
             gen = self.config.generate
-            job = Job(r, subject, r.height or size or gen.height, r.width or size or gen.width, control=call.control, edit=call.edit)
+            job = Job(r, subject, r.height or size or gen.height, r.width or size or gen.width, control=call.control, edit=call.edit,
+                      slots=_slotted(call, subject))
             await self.generate_batch(job)
             if job.error is not None:
                 raise _api_error(job.error)
@@ -192,8 +195,27 @@ class SubjectServer:
         }
 
 
+def _slotted(call: Any, subject: Any) -> bool:
+    """Whether the request's prompt names its (resolved) subjects in [slots]; ApiError 400 naming
+    the field when a slot has no subject or a subject no slot (serving/slots.py), 422 for a
+    subject without embeddings to put in one."""
+    try:
+        slots = match_slots(call.request.prompt, subject)
+    except RequestError as exc:
+        raise ApiError(400, exc.field, exc.message) from None
+    except SubjectUnusable as exc:
+        raise ApiError(422, "subject", str(exc)) from None
+    if slots is not None and call.edit is not None:
+        raise ApiError(400, "replace", "cannot be combined with [slot] prompts: an edit puts one subject in place of a word")
+    return slots is not None
+
+
 def _api_error(exc: BaseException) -> ApiError:
     """The answer to a request whose batch failed on the model."""
+    from pipeline.model.prompts import PromptError
+
+    if isinstance(exc, PromptError):  # a [slot] past the tokens the text encoder reads
+        return ApiError(400, "prompt", str(exc))
     if is_out_of_memory(exc):
         return ApiError(503, "request", "out of memory on the replica; retry, or ask for fewer or smaller images")
     if isinstance(exc, SubjectUnusable):

@@ -30,12 +30,13 @@ import torch
 
 from pipeline.config import EditConfig
 from pipeline.model import BlipDiffusion
-from pipeline.model.prompts import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT_REPS, build_prompt, check_text
+from pipeline.model.prompts import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT_REPS, PromptError, build_prompt, check_text
 from pipeline.model.schedulers import fresh_scheduler
 from pipeline.serving.cache import LruBudget
 from pipeline.serving.controls import ControlRequest, control_tensor
 from pipeline.serving.edits import EditRequest, draw_edit
 from pipeline.serving.requests import GenerationRequest
+from pipeline.serving.slots import slot_parts
 from pipeline.serving.subjects import MixedSubject, RegisteredSubject, SubjectUnusable, ZeroShotSubject
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Job:
     error: BaseException | None = None  # set instead of images when its group failed
     control: ControlRequest | None = None  # a structure control: drawn in a group of its own
     edit: EditRequest | None = None  # an edit of a generated image or a photo: drawn in a group of its own
+    slots: bool = False  # the prompt names its subjects in [slots] (serving/slots.py match_slots)
 
     @property
     def unet_key(self) -> tuple[str, ...]:
@@ -138,16 +140,23 @@ class Engine:
             return
         control = None if first.control is None else self._control(model, first)
         steps, height, width = first.request.steps, first.height, first.width
-        cond, uncond, latents, scales, rows = [], [], [], [], []
+        cond, uncond, latents, scales, rows, drawn = [], [], [], [], [], []
         for job in jobs:
+            try:
+                cond.append(self._condition(model, job))
+            except PromptError as exc:  # a [slot] beyond the tokens the text encoder reads: this request's fault alone
+                job.images, job.error = None, exc
+                continue
+            drawn.append(job)
             r = job.request
             rows += [adapters.get(job.adapter_key, BASE_ROW)] * r.num_images
-            cond.append(self._condition(model, job))
             if r.guidance_scale > 1.0:
                 negative = r.negative_prompt if r.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
                 uncond.append(model.encode_prompts([negative], None).expand(r.num_images, -1, -1))
             latents.append(model.prepare_latents(r.num_images, height, width, seed=r.seed))
             scales += [r.guidance_scale] * r.num_images
+        if not drawn:
+            return
         cond_all = torch.cat(cond)  # (N, 77, D)
         uncond_all = torch.cat(uncond) if uncond else None
         noise = torch.cat(latents).to(device=model.device, dtype=model.unet.dtype)  # (N, C, h, w)
@@ -156,7 +165,7 @@ class Engine:
         guidance: float | torch.Tensor = scales[0] if len(set(scales)) == 1 else torch.tensor(
             scales, device=model.device, dtype=model.unet.dtype).view(-1, 1, 1, 1)
         started = time.monotonic()
-        for job in jobs:
+        for job in drawn:
             job.started = started
         images: list[PIL.Image.Image] = []
         for start in range(0, len(scales), self.max_batch_images):
@@ -172,7 +181,7 @@ class Engine:
                 chunk = model._denoise(chunk, cond_all[start:stop], null, scheduler, part, progress=False, control=control)
             decoded = model.vae.decode(chunk / model.vae.config.scaling_factor).sample
             images += model.image_processor.postprocess(decoded.to(torch.float32, copy=True), "pil")
-        for job in jobs:
+        for job in drawn:
             job.images, images = images[: job.request.num_images], images[job.request.num_images:]
 
     def _edit(self, model: BlipDiffusion, job: Job) -> PIL.Image.Image:
@@ -199,6 +208,8 @@ class Engine:
         """Text-encoder states (n, 77, D) of one job's prompt with its subject, n = num_images."""
         r, subject = job.request, job.subject
         prompt = check_text(r.prompt, "prompt")
+        if job.slots:
+            return model.encode_slot_prompts([prompt], self._slot_embeds(model, subject), r.num_images, 1.0, DEFAULT_PROMPT_REPS)
         if isinstance(subject, ZeroShotSubject | MixedSubject):
             embeds, category = self._mixed_embeds(model, subject), subject.category  # (1, Q, D)
         elif subject.embeds is None:  # dreambooth: the subject is a rare token of the prompt
@@ -225,6 +236,16 @@ class Engine:
         parts = [self._mixed_embeds(model, part) if isinstance(part, ZeroShotSubject) else self._device_embeds(part)
                  for part in subject.parts]
         return mix_subjects(parts, subject.weights)
+
+    def _slot_embeds(self, model: BlipDiffusion, subject: Any) -> dict[str, torch.Tensor]:
+        """{slot name: subject embeddings (1, Q, D)}: the subjects of each category mixed by their weights."""
+        from pipeline.model.blip_diffusion import mix_subjects
+
+        groups: dict[str, list[tuple[torch.Tensor, float]]] = defaultdict(list)
+        for part in slot_parts(subject):
+            embeds = self._mixed_embeds(model, part.subject) if isinstance(part.subject, ZeroShotSubject) else self._device_embeds(part.subject)
+            groups[part.category].append((embeds, part.weight))
+        return {name: mix_subjects([e for e, _ in group], [w for _, w in group]) for name, group in groups.items()}
 
     def _device_embeds(self, subject: RegisteredSubject) -> torch.Tensor:
         embeds = self._embeds.get(subject.key)

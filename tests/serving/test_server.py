@@ -235,3 +235,60 @@ def test_a_textual_inversion_subject_in_a_mix_is_a_422_not_a_crash(model):
     status, body = answer(server, {"prompt": "on the beach", "steps": 2, "height": 32, "width": 32, "mix": mix})
     assert (status, body["field"]) == (422, "mix[0].subject"), body
     assert "subject embeddings" in body["error"]
+
+
+def _photo_part(image, category, **fields):
+    return {"reference_images": [_png_b64(image)], "category": category, **fields}
+
+
+DOG_PHOTO = Image.new("RGB", (64, 64), (200, 120, 40))
+SLOTTED = {"steps": 2, "seed": 7, "height": 32, "width": 32, "guidance_scale": 7.5, "negative_prompt": "blurry"}
+
+
+def test_a_slot_prompt_draws_each_subject_in_its_place(model):
+    server = make_server(model)
+    status, one = answer(server, {**SLOTTED, "prompt": "a [dog] next to a cat", **_photo_part(DOG_PHOTO, "dog")})
+    assert status == 200, one
+    expected = model.generate("a [dog] next to a cat", subjects={"dog": model.encode_subject(DOG_PHOTO, "dog")}, progress=False,
+                              **{k: v for k, v in SLOTTED.items() if k != "seed"}, seed=SLOTTED["seed"])
+    assert one["images"] == [_png_b64(expected[0])]
+    mix = [_photo_part(DOG_PHOTO, "dog"), _photo_part(EDGES, "cat")]
+    status, two = answer(server, {**SLOTTED, "prompt": "a [dog] next to a [cat]", "mix": mix})
+    assert status == 200 and two["subject"] == "mix", two
+    assert two["images"] != one["images"]
+
+
+@pytest.mark.parametrize("prompt, fields, field", [
+    ("a [dog] next to a [cat]", _photo_part(DOG_PHOTO, "dog"), "prompt"),
+    ("a [] on the beach", _photo_part(DOG_PHOTO, "dog"), "prompt"),
+    ("a [cat] on the beach", _photo_part(DOG_PHOTO, "dog"), "category"),
+    ("a [dog] on the beach", {"mix": [_photo_part(DOG_PHOTO, "dog"), _photo_part(EDGES, "cat")]}, "mix[1].category"),
+    ("a [dog] and a [cat]", {"mix": [_photo_part(DOG_PHOTO, "dog"), _photo_part(EDGES, "cat"), _photo_part(EDGES, "cat", weight=-1)]}, "mix"),
+    ("a [dog] on the grass", {**_photo_part(DOG_PHOTO, "dog"), "replace": "grass"}, "replace"),
+])
+def test_a_slot_without_a_subject_or_a_subject_without_a_slot_is_a_400_naming_the_field(model, prompt, fields, field):
+    status, body = answer(make_server(model), {**SLOTTED, "prompt": prompt, **fields})
+    assert (status, body["field"]) == (400, field), body
+
+
+def test_a_slot_past_the_tokens_the_text_encoder_reads_is_a_400_and_the_next_request_is_answered(model):
+    server = make_server(model)
+    status, body = answer(server, {**SLOTTED, "prompt": "on the beach " * 30 + "a [dog]", **_photo_part(DOG_PHOTO, "dog")})
+    assert (status, body["field"]) == (400, "prompt"), body
+    assert "[dog]" in body["error"]
+    status, body = answer(server, {**SLOTTED, "prompt": "a [dog] on the beach", **_photo_part(DOG_PHOTO, "dog")})
+    assert status == 200, body
+
+
+def test_a_dreambooth_subject_in_a_slot_is_a_422(model):
+    from types import SimpleNamespace
+
+    from pipeline.serving.subjects import RegisteredSubject
+
+    server = make_server(model)
+    spec = SimpleNamespace(method="dreambooth", ti_property=None, category="dog", resolution=32)
+    subject = RegisteredSubject("subjectforge-sks/1", "subjectforge-sks", "1", spec, None, None, None, None)
+    server._registered = lambda ref: (subject, "1")
+    status, body = answer(server, {**SLOTTED, "prompt": "a [dog] on the beach", "subject": "models:/subjectforge-sks@champion"})
+    assert (status, body["field"]) == (422, "subject"), body
+    assert "no subject embeddings" in body["error"]
