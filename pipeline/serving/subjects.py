@@ -104,8 +104,9 @@ class OwnSubject:
 @dataclass(frozen=True)
 class MixedSubject:
     """Subjects mixed into one by weight (LAVIS `forward_ctx_embeddings(ratio=...)`): each part a
-    registered subject (a SubjectRef until it is resolved) or a zero-shot one; the prompt names
-    the first part's category. Drawn by the base UNet with the mixed embeddings only."""
+    registered subject (a SubjectRef until it is resolved) or a zero-shot one, or in a subject
+    pyfunc its own subject; the prompt names the first part's category. Drawn by the base UNet
+    with the mixed embeddings only (a pyfunc's by its own UNet)."""
 
     parts: tuple[Any, ...]  # SubjectRef | RegisteredSubject | ZeroShotSubject | OwnSubject (pyfunc)
     weights: tuple[float, ...]
