@@ -244,7 +244,7 @@ def test_the_apps_metrics_are_exported_in_prometheus_text(server, ray_local):
     assert call(server, "/v1/generate", valid(subject="models:/subjectforge-nobody@champion"))[0] == 404
     port = ray_local._private.worker._global_node.metrics_export_port
     wanted = [f'subject="{LORAS[0]}"', "ray_subjectforge_requests_total", "ray_subjectforge_queue_seconds_bucket",
-              "ray_subjectforge_batch_images_bucket", "ray_subjectforge_image_seconds_bucket"]
+              "ray_subjectforge_batch_images_bucket", "ray_subjectforge_image_seconds_bucket", 'status="404"']
     deadline = time.monotonic() + METRICS_S
     while True:
         status, text = call(f"http://127.0.0.1:{port}", "/metrics", timeout=10)

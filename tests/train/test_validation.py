@@ -62,7 +62,8 @@ def test_initial_embedding_is_the_mean_over_distinct_photos(tmp_path, init_from)
     assert len(subject.rows) == 6 and len(subject.photos) == 3  # each photo once
     write_inputs(config, subject, tmp_path / "inputs", base="unused")
     model = BlipDiffusion.from_pretrained(config.model_path("blip_diffusion"))
-    initial = get_method("textual-inversion").initial_embeds(model, config)
+    # blipd, lora: the methods with subject embeddings (textual inversion starts at the category word)
+    initial = get_method("blipd").initial_embeds(model, config)
     photos = [Image.fromarray(decode_rgb(rows[i]["image"])) for i in (0, 2, 4)]
     composites = [Image.fromarray(decode_rgb(r["composite"])) for r in rows]
     expected = photos if init_from == "photos" else composites  # init_photos (6) caps the composites
