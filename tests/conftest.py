@@ -1,3 +1,4 @@
+import logging
 import os
 
 import pytest
@@ -20,3 +21,14 @@ def ray_local():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def pipeline_logs_reach_caplog():
+    """An in-process training run sets up worker logging (pipeline.train.loop), which stops the
+    `pipeline` logger propagating to the root, where caplog listens: undo it for each test, so a
+    test's log assertions do not depend on which tests ran before it in the same process."""
+    package = logging.getLogger("pipeline")
+    package.propagate = True
+    yield
+    package.propagate = True
