@@ -114,6 +114,8 @@ class ArrayStream:
         pin: bool = False, prefetch: int = 4,
     ) -> None:  # fmt: skip
         folder = Path(folder)
+        if not (folder / _INDEX).is_file():  # made on the driver's node: storage must be shared
+            raise ConfigError(f"train.storage_path: {folder} is not on this worker's node; use storage every node mounts")
         index = json.loads((folder / _INDEX).read_text())
         self.rows = index["rows"]
         share = self.rows // world_size

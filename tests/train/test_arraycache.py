@@ -85,3 +85,8 @@ def test_a_batch_larger_than_a_share_is_a_config_error(cache):
     _, folder = cache
     with pytest.raises(ConfigError, match="train.batch_size"):
         ArrayStream(folder, 16, rank=0, world_size=4, seed=0)
+
+
+def test_a_worker_without_the_arrays_is_told_the_storage_is_not_shared(tmp_path):
+    with pytest.raises(ConfigError, match="train.storage_path"):
+        ArrayStream(tmp_path / "arrays", 4, rank=0, world_size=1, seed=0)
