@@ -28,6 +28,7 @@ from pipeline.data.backgrounds import POOL_KIND
 from pipeline.data.sources import SourceError, read_subjects_csv
 from pipeline.data.verify import record_checksums
 from pipeline.data.versions import MANIFEST, DatasetStore, utc_now, write_json_atomic
+from pipeline.errors import JobFailed
 from pipeline.hub import require_model
 from stages.decode import decode_image, read_bytes
 from stages.records import Reject
@@ -109,7 +110,8 @@ def build_background_pool(
 ) -> PoolResult:
     """Build a new pool version at `out` from every file under `source`; see the module
     docstring. `scorer` defaults to CLIPSeg (models.clipseg). Raises SourceError for a source that
-    is not a folder or an `out` inside it, StoreError for an `out` that cannot be written."""
+    is not a folder or an `out` inside it, StoreError for an `out` that cannot be written, JobFailed
+    when no photo is kept (nothing is published)."""
     root = Path(source)
     if not root.is_dir():
         raise SourceError(f"--source {root}: not a folder")
@@ -121,6 +123,9 @@ def build_background_pool(
         scorer = ClipSegScorer(config.model_path("clipseg"))
     inputs = sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
     accepted, rejects = _select(root, inputs, config, prompts, scorer)
+    if not accepted:  # an empty pool would only fail later, in `data build --backgrounds`
+        reasons = "; ".join(f"{uri}: {reason}" for uri, reason in list(rejects.items())[:5]) or "no files"
+        raise JobFailed(f"no background kept from {len(inputs)} input(s) under {root}, nothing published ({reasons})")
     store = DatasetStore(out)
     with store.lock():
         store.recover()

@@ -113,6 +113,18 @@ def test_cli_builds_a_pool_with_clipseg(backgrounds_source, tmp_path, capsys):
     assert "rejected notes.txt: decode:" in out and "4 backgrounds, 2 of 6 inputs rejected" in out
 
 
+def test_a_pool_with_nothing_kept_fails_and_publishes_nothing(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "notes.txt").write_text("not a photo")
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    code = main(["data", "backgrounds", "--source", str(src), "--out", str(tmp_path / "bg"), "--profile", "tiny"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "no background kept from 2 input(s)" in err and "notes.txt: decode" in err
+    assert not (tmp_path / "bg" / "v0001").exists() and not (tmp_path / "bg" / "latest").exists()
+
+
 def test_a_build_composites_onto_the_pool(backgrounds_source, tmp_path):
     """`data build --backgrounds BG` with a pool: its composites' backgrounds are the pool's
     images, by their ids (process_photos runs the build's stages in this process)."""
