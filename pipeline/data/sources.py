@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -82,28 +83,40 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _csv_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, row) of a UTF-8 CSV file with a header naming `columns`; SourceError naming
+    the file (and the line) for a missing column, bytes that are not UTF-8 or a malformed row."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        try:
+            missing = set(columns) - set(reader.fieldnames or [])
+            if missing:
+                raise SourceError(f"{path}: missing column(s) {', '.join(sorted(missing))} (header: {reader.fieldnames})")
+            for row in reader:
+                yield reader.line_num, row
+        except UnicodeDecodeError as exc:
+            raise SourceError(f"{path}: not UTF-8 text near line {reader.line_num + 1} ({exc.reason})") from None
+        except csv.Error as exc:
+            raise SourceError(f"{path}: malformed row after line {reader.line_num}: {exc}") from None
+
+
 def read_subjects_csv(path: Path) -> dict[str, str]:
     """subjects.csv -> {subject_id: category}; SourceError naming the line for any problem."""
     if not path.is_file():
         raise SourceError(f"{path} not found: the source needs a subjects.csv with columns subject_id,category")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"subject_id", "category"} - set(reader.fieldnames or [])
-        if missing:
-            raise SourceError(f"{path}: missing column(s) {', '.join(sorted(missing))} (header: {reader.fieldnames})")
-        subjects: dict[str, str] = {}
-        for line_no, row in enumerate(reader, start=2):
-            subject_id = (row["subject_id"] or "").strip()
-            category = (row["category"] or "").strip()
-            if not subject_id or not category:
-                raise SourceError(f"{path} line {line_no}: subject_id and category must both be non-empty")
-            try:
-                check_name(subject_id)
-            except ValueError as exc:
-                raise SourceError(f"{path} line {line_no}: subject_id {exc}") from None
-            if subject_id in subjects:
-                raise SourceError(f"{path} line {line_no}: duplicate subject_id {subject_id!r}")
-            subjects[subject_id] = category
+    subjects: dict[str, str] = {}
+    for line_no, row in _csv_rows(path, ("subject_id", "category")):
+        subject_id = (row["subject_id"] or "").strip()
+        category = (row["category"] or "").strip()
+        if not subject_id or not category:
+            raise SourceError(f"{path} line {line_no}: subject_id and category must both be non-empty")
+        try:
+            check_name(subject_id)
+        except ValueError as exc:
+            raise SourceError(f"{path} line {line_no}: subject_id {exc}") from None
+        if subject_id in subjects:
+            raise SourceError(f"{path} line {line_no}: duplicate subject_id {subject_id!r}")
+        subjects[subject_id] = category
     if not subjects:
         raise SourceError(f"{path} lists no subjects")
     return subjects
@@ -115,23 +128,18 @@ def read_captions_csv(path: Path) -> dict[str, str]:
     repeated photo path."""
     if not path.is_file():
         return {}
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"photo", "caption"} - set(reader.fieldnames or [])
-        if missing:
-            raise SourceError(f"{path}: missing column(s) {', '.join(sorted(missing))} (header: {reader.fieldnames})")
-        captions: dict[str, str] = {}
-        seen: set[str] = set()
-        for line_no, row in enumerate(reader, start=2):
-            photo = Path((row["photo"] or "").strip()).as_posix()
-            if photo in ("", "."):
-                raise SourceError(f"{path} line {line_no}: photo must name a file under the source (subject/photo.jpg)")
-            if photo in seen:
-                raise SourceError(f"{path} line {line_no}: duplicate photo {photo!r}")
-            seen.add(photo)
-            caption = _SPACES.sub(" ", row["caption"] or "").strip()
-            if caption:
-                captions[photo] = caption
+    captions: dict[str, str] = {}
+    seen: set[str] = set()
+    for line_no, row in _csv_rows(path, ("photo", "caption")):
+        photo = Path((row["photo"] or "").strip()).as_posix()
+        if photo in ("", "."):
+            raise SourceError(f"{path} line {line_no}: photo must name a file under the source (subject/photo.jpg)")
+        if photo in seen:
+            raise SourceError(f"{path} line {line_no}: duplicate photo {photo!r}")
+        seen.add(photo)
+        caption = _SPACES.sub(" ", row["caption"] or "").strip()
+        if caption:
+            captions[photo] = caption
     return captions
 
 

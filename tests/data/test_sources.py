@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.data import sources
-from pipeline.data.sources import SourceError, read_subjects_csv, scan_source, sha256_file
+from pipeline.data.sources import SourceError, read_captions_csv, read_subjects_csv, scan_source, sha256_file
 from tests.imagefiles import jpeg_bytes, make_source, photo
 
 
@@ -30,6 +30,19 @@ def test_bad_subjects_csv_is_a_clear_error(tmp_path, text, match):
     (tmp_path / "subjects.csv").write_text(text)
     with pytest.raises(SourceError, match=match):
         read_subjects_csv(tmp_path / "subjects.csv")
+
+
+@pytest.mark.parametrize("reader, name, header", [(read_subjects_csv, "subjects.csv", b"subject_id,category"),
+                                                  (read_captions_csv, "captions.csv", b"photo,caption")])
+@pytest.mark.parametrize("row, match", [
+    (b"dog,caf\xe9 \xff\n", "not UTF-8 text"),  # Latin-1 bytes
+    (b"dog/a.jpg," + b"x" * 200_000 + b"\n", "malformed row after line 1: field larger than field limit"),
+])
+def test_csv_files_that_are_not_utf8_or_malformed_are_clear_errors(tmp_path, reader, name, header, row, match):
+    """Before: a UnicodeDecodeError or csv.Error stack trace from the data build."""
+    (tmp_path / name).write_bytes(header + b"\n" + row)
+    with pytest.raises(SourceError, match=match):
+        reader(tmp_path / name)
 
 
 def test_missing_subjects_csv_and_missing_folder(tmp_path):
