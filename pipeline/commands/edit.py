@@ -20,23 +20,15 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.commands.generate import SAMPLING_FLAGS, add_sampling_arguments
 from pipeline.config import Config, dump_config
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
-_DTYPES = ("float32", "float16", "bfloat16")
-
 # flag destination -> config key (pipeline.cli.flag_overrides)
 FLAGS = {
-    "model": "models.blip_diffusion",
-    "steps": "generate.steps",
-    "guidance_scale": "generate.guidance_scale",
-    "negative_prompt": "generate.negative_prompt",
-    "height": "generate.height",
-    "width": "generate.width",
-    "seed": "generate.seed",
-    "dtype": "generate.dtype",
+    **SAMPLING_FLAGS,
     "cross_replace_steps": "edit.cross_replace_steps",
     "self_replace_steps": "edit.self_replace_steps",
     "threshold": "edit.threshold",
@@ -55,14 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     parser.add_argument("--mask-prompt", help='edit where CLIPSeg finds this (e.g. "shirt"), not where --replace attends')
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--model", help="checkpoint folder or Hub id (default: the profile's blip_diffusion)")
-    parser.add_argument("--steps", type=int, help="denoising (and inversion) steps (config: generate.steps)")
-    parser.add_argument("--guidance-scale", type=float, help="config: generate.guidance_scale")
-    parser.add_argument("--negative-prompt", help="config: generate.negative_prompt")
-    parser.add_argument("--height", type=int, help="config: generate.height")
-    parser.add_argument("--width", type=int, help="config: generate.width")
-    parser.add_argument("--seed", type=int, help="noise of a generated source (config: generate.seed)")
-    parser.add_argument("--dtype", choices=("auto", *_DTYPES), help="config: generate.dtype")
-    parser.add_argument("--device", default="auto", help="cuda, cpu, cuda:1, ... (default: cuda if available)")
+    add_sampling_arguments(parser, steps_help="denoising (and inversion) steps", seed_help="noise of a generated source")
     parser.add_argument("--qformer-tokenizer", help="folder of the Q-Former's BERT tokenizer, for offline use")
     control = parser.add_argument_group("attention control (config: edit.*)")
     control.add_argument("--cross-replace-steps", type=float, help="config: edit.cross_replace_steps")

@@ -22,9 +22,9 @@ log = logging.getLogger(__name__)
 
 _DTYPES = ("float32", "float16", "bfloat16")
 
-
-# flag destination -> config key (pipeline.cli.flag_overrides)
-FLAGS = {
+# The sampling flags `generate` and `edit` share (add_sampling_arguments): flag destination ->
+# config key (pipeline.cli.flag_overrides).
+SAMPLING_FLAGS = {
     "model": "models.blip_diffusion",
     "steps": "generate.steps",
     "guidance_scale": "generate.guidance_scale",
@@ -33,12 +33,29 @@ FLAGS = {
     "width": "generate.width",
     "seed": "generate.seed",
     "dtype": "generate.dtype",
+}
+FLAGS = {
+    **SAMPLING_FLAGS,
     "control": "generate.control.kind",
     "control_image": "generate.control.image",
     "control_scale": "generate.control.scale",
     "controlnet": "generate.control.controlnet",
     "control_detector": "generate.control.detector",
 }
+
+
+def add_sampling_arguments(
+    parser: argparse.ArgumentParser, steps_help: str = "denoising steps", seed_help: str = "noise seed"
+) -> None:
+    """--steps ... --dtype (SAMPLING_FLAGS, less --model) and --device."""
+    parser.add_argument("--steps", type=int, help=f"{steps_help} (config: generate.steps)")
+    parser.add_argument("--guidance-scale", type=float, help="config: generate.guidance_scale")
+    parser.add_argument("--negative-prompt", help="config: generate.negative_prompt")
+    parser.add_argument("--height", type=int, help="config: generate.height")
+    parser.add_argument("--width", type=int, help="config: generate.width")
+    parser.add_argument("--seed", type=int, help=f"{seed_help} (config: generate.seed)")
+    parser.add_argument("--dtype", choices=("auto", *_DTYPES), help="config: generate.dtype")
+    parser.add_argument("--device", default="auto", help="cuda, cpu, cuda:1, ... (default: cuda if available)")
 
 
 def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
@@ -65,14 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     parser.add_argument("--target-category", help="category written in the prompt (default: --category)")
     parser.add_argument("-n", "--num-images", type=int, default=1, help="images to generate (default: 1)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--steps", type=int, help="denoising steps (config: generate.steps)")
-    parser.add_argument("--guidance-scale", type=float, help="config: generate.guidance_scale")
-    parser.add_argument("--negative-prompt", help="config: generate.negative_prompt")
-    parser.add_argument("--height", type=int, help="config: generate.height")
-    parser.add_argument("--width", type=int, help="config: generate.width")
-    parser.add_argument("--seed", type=int, help="config: generate.seed")
-    parser.add_argument("--dtype", choices=("auto", *_DTYPES), help="config: generate.dtype")
-    parser.add_argument("--device", default="auto", help="cuda, cpu, cuda:1, ... (default: cuda if available)")
+    add_sampling_arguments(parser)
     parser.add_argument("--batch-size", type=int, help="images per denoising batch (default: all)")
     parser.add_argument("--qformer-tokenizer", help="folder of the Q-Former's BERT tokenizer, for offline use")
     control = parser.add_argument_group("structure control (ControlNet)")
