@@ -23,7 +23,7 @@ import torch
 
 from pipeline.config import CONTROL_KINDS
 from pipeline.errors import UserError
-from pipeline.model.image_processing import ImageLike, SubjectImageProcessor
+from pipeline.model.image_processing import ImageLike, SubjectImageProcessor, read_rgb
 
 # Kinds whose map is computed from a photo by a model the user names.
 DETECTOR_KINDS = ("depth", "hed")
@@ -88,13 +88,7 @@ def check_controlnet(controlnet: Any, unet: Any) -> None:
 
 def read_control_image(path: ImageLike) -> PIL.Image.Image:
     """The control photo or map as RGB; ControlError naming the file when it is not an image."""
-    if isinstance(path, PIL.Image.Image):
-        return path.convert("RGB")
-    try:
-        with PIL.Image.open(path) as opened:
-            return opened.convert("RGB")
-    except (OSError, PIL.UnidentifiedImageError, ValueError) as exc:
-        raise ControlError(f"control image {path} is not a readable image: {exc}") from exc
+    return read_rgb(path, ControlError, "control image")
 
 
 def canny_map(image: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from pipeline.errors import UserError
 from pipeline.model.blip_diffusion import BlipDiffusion
-from pipeline.model.image_processing import ImageLike, SubjectImageProcessor
+from pipeline.model.image_processing import ImageLike, SubjectImageProcessor, read_rgb
 from pipeline.model.inversion import editing_scheduler, invert_ddim
 from pipeline.model.prompts import DEFAULT_NEGATIVE_PROMPT, check_text
 from pipeline.model.schedulers import fresh_scheduler
@@ -335,13 +335,7 @@ def fit_photo(image: ImageLike, height: int, width: int) -> PIL.Image.Image:
 
 
 def _read_photo(image: ImageLike) -> PIL.Image.Image:
-    if isinstance(image, PIL.Image.Image):
-        return image.convert("RGB")
-    try:
-        with PIL.Image.open(image) as opened:
-            return opened.convert("RGB")
-    except (OSError, PIL.UnidentifiedImageError, ValueError) as exc:
-        raise EditError(f"image {image} is not a readable image: {exc}") from exc
+    return read_rgb(image, EditError, "image")
 
 
 def _to_pixels(photo: PIL.Image.Image) -> torch.Tensor:

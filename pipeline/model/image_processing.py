@@ -153,6 +153,18 @@ def load_image(image: ImageLike, index: int = 0) -> PIL.Image.Image:
     raise ValueError(f"reference image {index} must be a PIL image or a path, got {type(image).__name__}")
 
 
+def read_rgb(image: ImageLike, error: type[Exception], label: str) -> PIL.Image.Image:
+    """`image` (a PIL image or a path) as RGB; `error` naming it as `label` when the file is not
+    a readable image."""
+    if isinstance(image, PIL.Image.Image):
+        return image.convert("RGB")
+    try:
+        with PIL.Image.open(image) as opened:
+            return opened.convert("RGB")
+    except (OSError, PIL.UnidentifiedImageError, ValueError) as exc:
+        raise error(f"{label} {image} is not a readable image: {exc}") from exc
+
+
 def _center_crop(array: np.ndarray, height: int, width: int) -> np.ndarray:
     """Crop (H, W, C) to (height, width) about the centre, zero-padding a side that is too small
     (transformers' `center_crop`)."""
