@@ -24,10 +24,9 @@ import json
 import platform
 import shutil
 import sys
-from pathlib import Path
 
-import make_golden as base  # noqa: E402  (this folder; sets the HF offline variables first)
 import diffusers
+import make_golden as base  # noqa: E402  (this folder; sets the HF offline variables first)
 import numpy as np
 import torch
 import transformers
