@@ -501,6 +501,7 @@ def _make_subject_pyfunc() -> type:
             from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
             from pipeline.config import DecodeConfig, EditConfig
+            from pipeline.model.editing import EditError
             from pipeline.serving.edits import REPLACE_FIELD, draw_edit
             from pipeline.serving.requests import RequestError, records_from_frame
             from pipeline.serving.rows import validate_rows
@@ -528,8 +529,12 @@ def _make_subject_pyfunc() -> type:
                 subject = self._mixed(mix)
                 if edit is not None:
                     size = subject.spec.resolution
-                    images = [draw_edit(subject.model, edit, request, subject.subject_embeds, subject.spec.category,
-                                        request.height or size, request.width or size, EditConfig())]
+                    try:  # the replaced word is located in the tokens before any step
+                        images = [draw_edit(subject.model, edit, request, subject.subject_embeds, subject.spec.category,
+                                            request.height or size, request.width or size, EditConfig())]
+                    except EditError as exc:  # a word past the tokens left beside the subject's
+                        raise MlflowException(f"invalid request: {REPLACE_FIELD}: {exc} (row {index})",
+                                              error_code=INVALID_PARAMETER_VALUE) from None
                 else:
                     images = subject.generate(**asdict(request), control=self._control(control, request))
                 for image in images:

@@ -21,7 +21,7 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.serving.controls import CONTROL_FIELDS, ControlRequest, validate_control
 from pipeline.serving.edits import EDIT_FIELDS, EditRequest, validate_edit
-from pipeline.serving.requests import FIELDS, GenerationRequest, RequestError, validate_request
+from pipeline.serving.requests import FIELDS, GenerationRequest, RequestError, check_unicode, validate_request
 from pipeline.serving.subjects import (
     CATEGORY_FIELD,
     MIX_FIELD,
@@ -67,7 +67,7 @@ def read_json(body: bytes, max_bytes: int) -> Any:
         raise ApiError(413, "request", f"body of {len(body)} bytes; at most {max_bytes} (serve.max_request_mb)")
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of more digits than int() converts
         raise ApiError(400, "request", f"malformed JSON: {exc}") from None
     except RecursionError:
         raise ApiError(400, "request", "malformed JSON: nested too deeply") from None
@@ -78,6 +78,7 @@ def parse_generate(value: Any, config: Config) -> GenerateCall:
     try:
         if not isinstance(value, dict):
             raise RequestError("request", "must be a JSON object of fields")
+        check_unicode(value)
         unknown = [key for key in value if key not in GENERATE_FIELDS]
         if unknown:
             raise RequestError(str(unknown[0])[:40], f"unknown field; the fields are {', '.join(GENERATE_FIELDS)}")

@@ -212,10 +212,13 @@ def _slotted(call: Any, subject: Any) -> bool:
 
 def _api_error(exc: BaseException) -> ApiError:
     """The answer to a request whose batch failed on the model."""
+    from pipeline.model.editing import EditError
     from pipeline.model.prompts import PromptError
 
     if isinstance(exc, PromptError):  # a [slot] past the tokens the text encoder reads
         return ApiError(400, "prompt", str(exc))
+    if isinstance(exc, EditError):  # a replaced word past the tokens left beside the subject's (found before any step)
+        return ApiError(400, "replace", str(exc))
     if is_out_of_memory(exc):
         return ApiError(503, "request", "out of memory on the replica; retry, or ask for fewer or smaller images")
     if isinstance(exc, SubjectUnusable):

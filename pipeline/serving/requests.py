@@ -90,6 +90,33 @@ def validate_requests(rows: Sequence[Mapping[str, Any]], limits: ServeLimits, de
     return requests
 
 
+def check_unicode(value: Any, field: str = "request") -> None:
+    """RequestError naming the first string of JSON `value` (a field name too) that is not text:
+    a lone surrogate such as "\\ud800", which a JSON escape can write but neither the tokenizer
+    nor a UTF-8 answer can take. `value` is the request (its fields are named by their keys,
+    "prompt") or the field `field`; below, fields are "field.key" and list items "field[i]"."""
+    stack = [(value, field)]
+    while stack:  # a loop, not recursion: json.loads nests as deep as the stack allows, leaving no room to recurse
+        item, where = stack.pop()
+        if isinstance(item, str) and not _encodes(item):
+            raise RequestError(where, "is not valid Unicode text (a lone surrogate such as \\ud800)")
+        if isinstance(item, Mapping):
+            for key, child in item.items():
+                if isinstance(key, str) and not _encodes(key):
+                    raise RequestError(where, "has a field name that is not valid Unicode text (a lone surrogate such as \\ud800)")
+                stack.append((child, str(key) if where == "request" else f"{where}.{key}"))
+        elif isinstance(item, list | tuple):
+            stack.extend((child, f"{where}[{i}]") for i, child in enumerate(item))
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def records_from_frame(frame: Any) -> list[Any]:
     """The rows of a model server's input as plain Python values, for validate_requests.
 

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 from pipeline.config import DecodeConfig, ServeConfig, ServeLimits
 from pipeline.serving.controls import CONTROL_FIELDS, ControlRequest, validate_control
 from pipeline.serving.edits import EDIT_FIELDS, EditRequest, validate_edit
-from pipeline.serving.requests import GenerationRequest, RequestError, validate_requests
+from pipeline.serving.requests import GenerationRequest, RequestError, check_unicode, validate_requests
 from pipeline.serving.subjects import MIX_FIELD, MixedSubject, parse_mix
 
 
@@ -37,6 +37,7 @@ def validate_rows(rows: list[Any], limits: ServeLimits, decode: DecodeConfig, ma
     checked = []
     for index, (row, request) in enumerate(zip(rows, requests, strict=True)):
         try:
+            check_unicode(row)
             control, edit = validate_control(row, decode), validate_edit(row, request, decode)
             if control is not None and edit is not None:
                 raise RequestError(CONTROL_FIELDS[0], "cannot be combined with an edit (replace)")
@@ -55,5 +56,5 @@ def _json_list(value: Any) -> Any:
         return value
     try:
         return json.loads(value)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # JSONDecodeError, or an integer of more digits than int() converts
         raise RequestError(MIX_FIELD, "must be a list of weighted subjects, or its JSON text; got text that is not JSON") from None

@@ -20,6 +20,7 @@ from pipeline.serving.subjects import (
     RegisteredSubject,
     SubjectUnusable,
     ZeroShotSubject,
+    weights_add_up,
 )
 
 PROMPT_FIELD = "prompt"
@@ -60,7 +61,7 @@ def match_slots(prompt: str, subject: Any) -> SlotPrompt | None:
         if name not in given:
             raise RequestError(PROMPT_FIELD, f"names subject [{name}], which no subject fills; the subjects' categories are "
                                f"{', '.join(sorted(given))}")
-        if not sum(part.weight for part in parts if part.category == name) > 0:
+        if not weights_add_up([part.weight for part in parts if part.category == name]):
             raise RequestError(MIX_FIELD, f"the weights of the [{name}] parts must add up to a positive number")
     return slots
 

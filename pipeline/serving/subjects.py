@@ -35,6 +35,7 @@ CATEGORY_FIELD = "category"
 MIX_FIELD = "mix"
 MAX_MIX_PARTS = 4  # subjects of one mix: each costs a fetch or a Q-Former pass
 MAX_CATEGORY_CHARS = 100  # a class noun ("dog", "teapot"); CLIP reads a few words of it
+MAX_VERSION = 2**31 - 1  # registries keep a version in a 32-bit integer column (MLflow's SQL stores)
 
 
 class SubjectNotFound(LookupError):
@@ -151,9 +152,16 @@ def parse_mix(value: Any, decode: DecodeConfig, max_images: int, own: bool = Fal
         except RequestError as exc:
             raise RequestError(f"{field}.{exc.field}", exc.message) from None
         weights.append(float(weight))
-    if not sum(weights) > 0:
+    if not weights_add_up(weights):
         raise RequestError(MIX_FIELD, f"the weights must add up to a positive number, got {weights}")
     return MixedSubject(tuple(parts), tuple(weights))
+
+
+def weights_add_up(weights: list[float]) -> bool:
+    """Whether mix weights add up to a positive, finite number: 1e308 + 1e308 is inf, and every
+    part would weigh 0 in it (pipeline.model.blip_diffusion.mix_subjects scales them by the sum)."""
+    total = sum(weights)
+    return math.isfinite(total) and total > 0
 
 
 def parse_subject_ref(value: Any) -> SubjectRef:
@@ -188,8 +196,8 @@ def _ref(name: Any, alias: Any = None, version: Any = None) -> SubjectRef:
         raise RequestError(f"{SUBJECT_FIELD}.name", str(exc)) from None
     if (alias is None) == (version is None):
         raise RequestError(SUBJECT_FIELD, "give an alias or a version (models:/NAME@ALIAS or models:/NAME/VERSION)")
-    if version is not None and not version.isdigit():
-        raise RequestError(f"{SUBJECT_FIELD}.version", f"must be a version number, got {version[:40]!r}")
+    if version is not None and not (version.isascii() and version.isdigit() and int(version) <= MAX_VERSION):
+        raise RequestError(f"{SUBJECT_FIELD}.version", f"must be a version number 1..{MAX_VERSION}, got {version[:40]!r}")
     if alias is not None and not alias:
         raise RequestError(f"{SUBJECT_FIELD}.alias", "must not be empty")
     return SubjectRef(name, alias, version)
@@ -223,7 +231,7 @@ def decode_photo(value: Any, field: str, decode: DecodeConfig) -> PIL.Image.Imag
     if len(value) > decode.max_bytes * 4 // 3 + 4:  # before decoding: base64 is 4 characters per 3 bytes
         raise RequestError(field, f"is larger than {decode.max_bytes} bytes (data.decode.max_bytes)")
     try:
-        data = base64.b64decode(value.split(",", 1)[1] if value.startswith("data:") else value, validate=True)
+        data = base64.b64decode(value.partition(",")[2] if value.startswith("data:") else value, validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(field, "is not valid base64") from None
     if not data:

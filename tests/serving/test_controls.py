@@ -84,8 +84,16 @@ def test_the_pyfunc_edits_a_row_with_replace(pyfunc):
     ({"replace": "dog", "num_images": 2}, "num_images: an edit makes one image"),
     ({"replace": "dog", "control_image": _png_b64(EDGES)}, "control_image: cannot be combined with an edit"),
     ({"replace": "dog", "edit_image": "not base64!"}, "edit_image: is not valid base64"),
+    ({"replace": "dog", "edit_image": "data:image/png;base64"}, "edit_image: is empty"),  # a data: URL without its data
 ])
 def test_bad_edit_columns_are_refused(fields, words):
     with pytest.raises(RequestError) as caught:
         validate_rows([{"prompt": "a dog on the grass", **fields}], ServeLimits(), DecodeConfig())
     assert words in str(caught.value)
+
+
+def test_the_pyfunc_refuses_a_replaced_word_past_the_tokens_the_text_encoder_reads(pyfunc):
+    row = {"prompt": "on the beach " * 40 + "a dog", "steps": 2, "replace": "dog"}
+    with pytest.raises(MlflowException, match=r"replace: .*too far into the prompt.*\(row 1\)") as caught:
+        pyfunc.predict(None, pd.DataFrame([ROW, row]))
+    assert caught.value.error_code == "INVALID_PARAMETER_VALUE"

@@ -70,6 +70,11 @@ def test_mix_parts_are_the_own_subject_or_reference_photos():
     ([{"reference_images": ["not base64!"], "category": "cat"}], "mix[0].reference_images[0]: is not valid base64"),
     ([{"reference_images": [CAT["reference_images"][0]] * 7, "category": "cat"}], "mix[0].reference_images: must be a list of 1..6"),
     ([{"weight": 1, "wieght": 1}], "mix[0].wieght: unknown field"),
+    pytest.param('[{"weight": ' + "9" * 5000 + "}]", "mix: must be a list of weighted subjects, or its JSON text",
+                 id="5000-digit-weight"),  # more digits than json.loads converts: a ValueError
+    ([{"weight": 1e308}, {**CAT, "weight": 1e308}], "mix: the weights must add up to a positive number"),  # inf
+    ([{"reference_images": ["data:image/png;base64"], "category": "cat"}], "mix[0].reference_images[0]: is empty"),
+    ([{**CAT, "category": "c\ud800t"}], "mix[0].category: is not valid Unicode text"),  # a lone surrogate
 ])
 def test_a_bad_mix_names_the_field_and_row(mix, words):
     with pytest.raises(RequestError) as caught:

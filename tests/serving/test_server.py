@@ -63,8 +63,8 @@ def make_server(model, tracking_uri="sqlite:///unused.db"):
     return server
 
 
-def post(payload: dict) -> Request:
-    body, sent = json.dumps(payload).encode(), []
+def post(payload: dict | bytes) -> Request:
+    body, sent = payload if isinstance(payload, bytes) else json.dumps(payload).encode(), []
 
     async def receive():
         if sent:
@@ -292,3 +292,36 @@ def test_a_dreambooth_subject_in_a_slot_is_a_422(model):
     status, body = answer(server, {**SLOTTED, "prompt": "a [dog] on the beach", "subject": "models:/subjectforge-sks@champion"})
     assert (status, body["field"]) == (422, "subject"), body
     assert "no subject embeddings" in body["error"]
+
+
+def _hostile(**fields):
+    """A zero-shot request with `fields` changed: a JSON body a hostile client could send."""
+    return {**zero_shot(), **fields}
+
+
+_PART = {"reference_images": zero_shot()["reference_images"], "category": "dog"}
+_NO_SUBJECT = {k: v for k, v in zero_shot().items() if k not in ("reference_images", "category")}
+
+
+@pytest.mark.parametrize("payload, field", [
+    # An integer of more digits than Python converts (sys.get_int_max_str_digits) is a ValueError of json.loads.
+    pytest.param(b'{"prompt": "on the beach", "seed": ' + b"9" * 5000 + b"}", "request", id="5000-digit-integer"),
+    # A lone surrogate (json.dumps sends it as the escape \\ud800) is valid JSON but no text: the tokenizer and the answer's UTF-8 cannot take it.
+    pytest.param(_hostile(prompt="on the \ud800 beach"), "prompt", id="surrogate-prompt"),
+    pytest.param(_hostile(negative_prompt="\udfff"), "negative_prompt", id="surrogate-negative-prompt"),
+    pytest.param(_hostile(category="d\ud800g"), "category", id="surrogate-category"),
+    pytest.param(_hostile(**{"\ud800": 1}), "request", id="surrogate-field-name"),
+    pytest.param({**_NO_SUBJECT, "subject": "models:/subjectforge-dog@\ud800"}, "subject", id="surrogate-alias"),
+    pytest.param({**_NO_SUBJECT, "mix": [{**_PART, "category": "\ud800"}]}, "mix[0].category", id="surrogate-mix-category"),
+    pytest.param(_hostile(reference_images=["data:image/png;base64"]), "reference_images[0]", id="data-url-without-comma"),
+    pytest.param({**_NO_SUBJECT, "mix": [{**_PART, "reference_images": ["data:"]}]}, "mix[0].reference_images[0]", id="mix-data-url"),
+    pytest.param({**_NO_SUBJECT, "subject": "models:/subjectforge-dog/" + "9" * 30}, "subject.version", id="30-digit-version"),
+    pytest.param({**_NO_SUBJECT, "mix": [{**_PART, "weight": 1e308}, {**_PART, "weight": 1e308}]}, "mix", id="weights-add-up-to-inf"),
+    pytest.param(_hostile(prompt="on the beach " * 40 + "a dog", replace="dog"), "replace", id="replace-past-the-tokens"),
+])
+def test_a_hostile_body_is_a_400_naming_the_field_and_the_next_request_is_answered(model, payload, field):
+    server = make_server(model)
+    status, body = answer(server, payload)
+    assert (status, body["field"]) == (400, field), body
+    status, body = answer(server, zero_shot(seed=1))
+    assert status == 200, body
