@@ -9,7 +9,6 @@ is already the map). How a ControlNet then steers generation is pipeline/model/c
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import PIL.Image
 
 from pipeline.config import DecodeConfig
-from pipeline.serving.requests import RequestError
+from pipeline.serving.requests import RequestError, finite_number
 from pipeline.serving.subjects import decode_photo
 
 IMAGE_FIELD, KIND_FIELD, SCALE_FIELD = "control_image", "control", "control_scale"
@@ -50,10 +49,10 @@ def validate_control(row: Mapping[str, Any], decode: DecodeConfig) -> ControlReq
     kind = DEFAULT_KIND if kind is None else kind
     if kind not in SERVED_KINDS:
         raise RequestError(KIND_FIELD, f"must be one of {', '.join(SERVED_KINDS)}, got {str(kind)[:40]!r}")
-    scale = 1.0 if scale is None else scale
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or not (math.isfinite(scale) and 0 <= scale <= MAX_SCALE):
+    number = 1.0 if scale is None else finite_number(scale)
+    if number is None or not 0 <= number <= MAX_SCALE:
         raise RequestError(SCALE_FIELD, f"must be a number 0..{MAX_SCALE:g}, got {str(scale)[:40]}")
-    return ControlRequest(decode_photo(image, IMAGE_FIELD, decode), kind, float(scale))
+    return ControlRequest(decode_photo(image, IMAGE_FIELD, decode), kind, number)
 
 
 def control_tensor(control: ControlRequest, processor: Any, height: int, width: int) -> Any:

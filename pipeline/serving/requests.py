@@ -182,9 +182,22 @@ def _number(row: Mapping[str, Any], name: str, low: float, high: float, default:
         value = default
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise RequestError(name, f"must be a number {low:g}..{high:g}, got {_kind(value)} {_shown(value)}")
-    if not (math.isfinite(value) and low <= value <= high):
+    number = finite_number(value)
+    if number is None or not low <= number <= high:
         raise RequestError(name, f"must be {low:g}..{high:g}, got {_shown(value)}{_default_note(row, name)}", "max_guidance_scale")
-    return float(value)
+    return number
+
+
+def finite_number(value: Any) -> float | None:
+    """`value` as a float when it is a finite JSON number, else None: a boolean, a string, NaN, inf
+    or a whole number past float's range (JSON's 10**400, on which math.isfinite overflows)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _size(row: Mapping[str, Any], name: str, max_size: int) -> int | None:

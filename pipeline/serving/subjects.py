@@ -25,7 +25,7 @@ import torch
 
 from pipeline.config import DecodeConfig, check_name
 from pipeline.serving.cache import LruBudget
-from pipeline.serving.requests import RequestError
+from pipeline.serving.requests import RequestError, finite_number
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,8 @@ def parse_mix(value: Any, decode: DecodeConfig, max_images: int, own: bool = Fal
         unknown = sorted(set(entry) - {SUBJECT_FIELD, REFERENCE_FIELD, CATEGORY_FIELD, "weight"})
         if unknown:
             raise RequestError(f"{field}.{str(unknown[0])[:40]}", "unknown field; a part is a subject or reference_images with category, and a weight")
-        weight = entry.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+        weight = finite_number(entry.get("weight", 1.0))
+        if weight is None:
             raise RequestError(f"{field}.weight", "must be a finite number")
         if own and entry.get(SUBJECT_FIELD) is not None:
             raise RequestError(f"{field}.{SUBJECT_FIELD}", f"this model cannot fetch registered subjects: leave {SUBJECT_FIELD} "
@@ -151,7 +151,7 @@ def parse_mix(value: Any, decode: DecodeConfig, max_images: int, own: bool = Fal
                 parts.append(OwnSubject() if own else parse_subject_ref(entry[SUBJECT_FIELD]))
         except RequestError as exc:
             raise RequestError(f"{field}.{exc.field}", exc.message) from None
-        weights.append(float(weight))
+        weights.append(weight)
     if not weights_add_up(weights):
         raise RequestError(MIX_FIELD, f"the weights must add up to a positive number, got {weights}")
     return MixedSubject(tuple(parts), tuple(weights))

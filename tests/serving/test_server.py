@@ -318,6 +318,10 @@ _NO_SUBJECT = {k: v for k, v in zero_shot().items() if k not in ("reference_imag
     pytest.param({**_NO_SUBJECT, "subject": "models:/subjectforge-dog/" + "9" * 30}, "subject.version", id="30-digit-version"),
     pytest.param({**_NO_SUBJECT, "mix": [{**_PART, "weight": 1e308}, {**_PART, "weight": 1e308}]}, "mix", id="weights-add-up-to-inf"),
     pytest.param(_hostile(prompt="on the beach " * 40 + "a dog", replace="dog"), "replace", id="replace-past-the-tokens"),
+    # Whole numbers past float's range: math.isfinite(10**400) raises OverflowError.
+    pytest.param(_hostile(guidance_scale=10**400), "guidance_scale", id="guidance-10**400"),
+    pytest.param(_hostile(control_image=_png_b64(EDGES), control_scale=10**400), "control_scale", id="control-scale-10**400"),
+    pytest.param({**_NO_SUBJECT, "mix": [{**_PART, "weight": 10**400}]}, "mix[0].weight", id="mix-weight-10**400"),
 ])
 def test_a_hostile_body_is_a_400_naming_the_field_and_the_next_request_is_answered(model, payload, field):
     server = make_server(model)
