@@ -867,7 +867,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        # Bytes, so that a file in another encoding is a YAMLError naming the byte (PyYAML
+        # reads UTF-8 and UTF-16 with a BOM), not a UnicodeDecodeError.
+        tree = yaml.safe_load(path.read_bytes()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if not isinstance(tree, dict):

@@ -63,6 +63,10 @@ def test_yaml_problems_are_config_errors(tmp_path):
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(listy)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"data:\n  caption:\n    prompt: caf\xe9\n")  # saved as Latin-1, not UTF-8
+    with pytest.raises(ConfigError, match="latin1.yaml is not valid YAML"):
+        load_config(latin1)
 
 
 def test_override_into_a_value_is_an_error():
