@@ -50,6 +50,17 @@ def test_generate_bad_input_exits_2(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("batch", ["0", "-3"])
+def test_batch_size_below_one_exits_2(tmp_path, capsys, batch):
+    args = ["generate", "--profile", "tiny", "--category", "dog", "--subject-image", str(_photo(tmp_path / "a.png"))]
+    args += ["--prompt", "x", "--steps", "1", "--height", "64", "--width", "64", "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--batch-size", batch])
+    assert info.value.code == 2
+    assert f"--batch-size: must be at least 1, got {batch}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_bug_in_generation_keeps_its_stack_trace(tmp_path, monkeypatch):
     # Only the errors a user can fix exit 2: a ValueError from inside the model is a bug.
     from pipeline.model import BlipDiffusion

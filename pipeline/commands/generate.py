@@ -58,6 +58,17 @@ def add_sampling_arguments(
     parser.add_argument("--device", default="auto", help="cuda, cpu, cuda:1, ... (default: cuda if available)")
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type for a count of 1 or more (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     parser.add_argument(
         "--model",
@@ -83,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     parser.add_argument("-n", "--num-images", type=int, default=1, help="images to generate (default: 1)")
     parser.add_argument("--out", required=True, help="output folder")
     add_sampling_arguments(parser)
-    parser.add_argument("--batch-size", type=int, help="images per denoising batch (default: all)")
+    parser.add_argument("--batch-size", type=_positive_int, help="images per denoising batch (default: all)")
     parser.add_argument("--qformer-tokenizer", help="folder of the Q-Former's BERT tokenizer, for offline use")
     control = parser.add_argument_group("structure control (ControlNet)")
     control.add_argument("--control", help="canny, depth, hed, map or none (config: generate.control.kind)")
