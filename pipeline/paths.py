@@ -1,4 +1,5 @@
-"""Deleting and replacing folders under an output root, and nowhere else.
+"""Output folders: checking and making a command's --out, and deleting and replacing folders
+under an output root, and nowhere else.
 
 Every `rmtree` of an artifact or checkpoint goes through `remove_tree`, which refuses a path
 that does not resolve strictly inside the root it belongs to (a '..' or an absolute name, or a
@@ -13,10 +14,34 @@ import os
 import shutil
 from pathlib import Path
 
+from pipeline.errors import UserError
+
 log = logging.getLogger(__name__)
 
 _PARTIAL = ".partial"  # suffix of a copy being written beside its final name
 _OLD = ".old"  # suffix of the previous folder between the two renames of a replacement
+
+
+def check_output_folder(path: str | Path, flag: str = "--out") -> None:
+    """UserError naming `flag` unless `path` is a folder or could be made one (its nearest
+    existing part is a folder we may write in). Nothing is created, so a command checks its
+    output before loading a model and leaves nothing behind when a later input is refused."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write in {existing}")
+
+
+def make_output_folder(path: str | Path, flag: str = "--out") -> Path:
+    """`path`, made a folder (with its parents); UserError naming `flag` when it cannot be."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{flag} {path}: cannot make the folder: {exc.strerror or exc}") from None
+    return path
 
 
 class OutsideRootError(ValueError):

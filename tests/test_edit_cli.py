@@ -55,3 +55,10 @@ def test_edit_bad_input_exits_2(tmp_path, capsys):
     assert main([*base, "--subject-image", cat, "--threshold", "1.5"]) == 2
     assert "edit.threshold" in capsys.readouterr().err
     assert not Path(out).exists()
+
+
+def test_an_out_that_is_a_file_exits_2(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.write_text("not a folder")
+    assert main([*BASE, "--subject-image", _photo(tmp_path / "cat.png"), "--out", str(out)]) == 2
+    assert f"--out {out}: {out} is not a folder" in capsys.readouterr().err

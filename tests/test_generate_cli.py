@@ -61,6 +61,17 @@ def test_batch_size_below_one_exits_2(tmp_path, capsys, batch):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("out", ["file", "file/sub"])
+def test_an_out_that_cannot_be_a_folder_exits_2_before_any_model_work(tmp_path, capsys, monkeypatch, out):
+    from pipeline.model import BlipDiffusion
+
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setattr(BlipDiffusion, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
+    args = ["generate", "--profile", "tiny", "--category", "dog", "--subject-image", str(_photo(tmp_path / "a.png"))]
+    assert main([*args, "--prompt", "x", "--out", str(tmp_path / out)]) == 2
+    assert f"--out {tmp_path / out}: {tmp_path / 'file'} is not a folder" in capsys.readouterr().err
+
+
 def test_a_bug_in_generation_keeps_its_stack_trace(tmp_path, monkeypatch):
     # Only the errors a user can fix exit 2: a ValueError from inside the model is a bug.
     from pipeline.model import BlipDiffusion

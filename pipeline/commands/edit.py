@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from pathlib import Path
 
 import yaml
 
 from pipeline.commands.generate import SAMPLING_FLAGS, add_sampling_arguments
 from pipeline.config import Config, dump_config
 from pipeline.errors import UserError
+from pipeline.paths import check_output_folder, make_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
     gen, settings = config.generate, config.edit
     request = _request(args, config)
+    check_output_folder(args.out)
     if args.model and args.model.startswith("models:/"):
         raise UserError("edit takes a base model (folder or Hub id); registered subjects (models:/...) are not supported yet")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
@@ -134,8 +135,7 @@ def _write(args: argparse.Namespace, config: Config, result, elapsed: float, dev
     import numpy as np
     import PIL.Image
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_folder(args.out)
     result.source.save(out / "source.png")
     result.edited.save(out / "edited.png")
     PIL.Image.fromarray((result.mask * 255).astype(np.uint8)).save(out / "mask.png")

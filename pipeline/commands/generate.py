@@ -17,6 +17,7 @@ import yaml
 
 from pipeline.config import Config, ConfigError, dump_config
 from pipeline.errors import UserError
+from pipeline.paths import check_output_folder, make_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
     gen = config.generate
     request = _request(args, config)
+    check_output_folder(args.out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
     dtype_name = gen.dtype if gen.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
     if args.model and args.model.startswith("models:/"):
@@ -293,7 +295,7 @@ def _write(args: argparse.Namespace, config: Config, outputs: list, elapsed: flo
     # --height/--width were given, so generate.yaml reproduces the run as it was.
     width, height = outputs[0].size
     config = config.model_copy(update={"generate": config.generate.model_copy(update={"height": height, "width": width})})
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out)
     paths = []
     for i, image in enumerate(outputs):
         paths.append(out / f"image_{i:03d}.png")
