@@ -63,6 +63,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     fields, "job_start": the driver's time.time() at the job's start (optional), "online":
     pipeline.train.data.online_settings with train.composite online (optional)}."""
     _setup_worker_logging()
+    started = {"worker": time.time()}  # the startup's phases, for the first step's log line
     config = Config.model_validate(loop_config["config"])
     run = RunInfo(**loop_config["run"])
     train = config.train
@@ -97,6 +98,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if graphs:
         method.graphed_unet = GraphedUNet(method.model.unet)
     model = dist.prepare(method, find_unused_parameters=train.drop_subject_prob > 0)
+    started["model"] = time.time()
     optimizer = build_optimizer(params, train, device)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_factor, warmup_steps=train.warmup_steps))
     # The method samples with the averaged weights when there are some (Method.sample).
@@ -194,7 +196,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             ema.update()
         state.step += 1
         if state.first_step_s is None:
-            state.first_step_s = _first_step_seconds(loop_config.get("job_start"), device)
+            state.first_step_s = _first_step_seconds(loop_config.get("job_start"), device, started)
         for hook in hooks:
             hook.after_step(state)
 
@@ -232,15 +234,20 @@ def read_train_state(folder: Path) -> dict[str, Any]:
     return torch.load(folder / TRAIN_STATE, map_location="cpu", weights_only=True)
 
 
-def _first_step_seconds(job_start: float | None, device: torch.device) -> float | None:
+def _first_step_seconds(job_start: float | None, device: torch.device, started: dict[str, float]) -> float | None:
     """Seconds from the job's start to the end of this attempt's first step (model load,
-    compilation or cache reads, first batch and step), logged once; None without a start time."""
+    compilation or cache reads, first batch and step), logged once with when the worker started
+    and when its model was ready (the rest is the first batch, compilation and the step); None
+    without a start time."""
     if job_start is None:
         return None
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # once: the step's kernels are done, not only queued
     seconds = time.time() - job_start
-    log.info("first step done %.1f s after the job started (compile caches: %s)", seconds, compile_cache_counts() or "unused")
+    log.info(
+        "first step done %.1f s after the job started (worker up at %.1f s, model ready at %.1f s; compile caches: %s)",
+        seconds, started["worker"] - job_start, started["model"] - job_start, compile_cache_counts() or "unused",
+    )  # fmt: skip
     return seconds
 
 

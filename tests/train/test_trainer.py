@@ -130,8 +130,9 @@ def test_mlflow_run_has_params_metrics_dataset_images_and_registered_model(train
     assert run.info.status == "FINISHED"
     assert run.data.params["train.lr"] == "0.001" and run.data.params["train.workers"] == "2"
     assert run.data.params["models.blip_diffusion"] == "None" and run.data.params["profile"] == "tiny"
-    for key in ("loss", "lr", "grad_norm", "samples_per_s", "eta_s"):
+    for key in ("loss", "lr", "grad_norm", "samples_per_s", "eta_s", "time_to_first_step_s", "data_wait_share"):
         assert key in run.data.metrics, key
+    assert 0 < run.data.metrics["time_to_first_step_s"] < 600
     assert run.data.tags["dataset_version"] == "v0001"
 
     [inp] = run.inputs.dataset_inputs
