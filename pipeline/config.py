@@ -464,6 +464,10 @@ class ServeLimits(_Strict):
     max_prompt_chars: Runtime[int] = Field(2000, ge=1, le=100_000, description="characters of prompt and negative_prompt")
     max_seed: Runtime[int] = Field(2**32 - 1, ge=0, le=2**63 - 1, description="seeds are 0..max_seed")
     max_guidance_scale: Runtime[float] = Field(30.0, ge=0.0, le=1000.0, description="guidance_scale is 0..max_guidance_scale")
+    max_request_pixels: Runtime[int] = Field(
+        150_000_000, ge=1, description="pixels of a request's photos together (reference, mix, control and edit photos; "
+        "each is within data.decode.max_pixels), read from their headers before any is decoded"
+    )
 
 
 class ServeConfig(_Strict):

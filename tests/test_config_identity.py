@@ -35,7 +35,8 @@ RUNTIME = """
     data.max_reject_fraction data.keep_failed data.segment.batch_size data.segment.num_actors data.segment.num_gpus
     data.matte.concurrency data.matte.num_gpus data.matte.num_actors data.matte.batch_size data.write.rows_per_file
     ray.address ray.num_cpus serve.limits.max_num_images serve.limits.max_steps serve.limits.max_size
-    serve.limits.max_prompt_chars serve.limits.max_seed serve.limits.max_guidance_scale serve.host serve.port
+    serve.limits.max_prompt_chars serve.limits.max_seed serve.limits.max_guidance_scale serve.limits.max_request_pixels
+    serve.host serve.port
     serve.num_replicas serve.num_gpus serve.max_batch_size serve.batch_wait_timeout_s serve.max_batch_images
     serve.max_queued_requests serve.request_timeout_s serve.max_request_mb serve.max_reference_images
     serve.max_subjects serve.max_lora_adapters serve.full_unet_budget_gb serve.compile serve.warmup_steps

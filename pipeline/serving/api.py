@@ -21,6 +21,7 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.serving.controls import CONTROL_FIELDS, ControlRequest, validate_control
 from pipeline.serving.edits import EDIT_FIELDS, EditRequest, validate_edit
+from pipeline.serving.photos import count_photo_pixels
 from pipeline.serving.requests import FIELDS, GenerationRequest, RequestError, check_unicode, validate_request
 from pipeline.serving.subjects import (
     CATEGORY_FIELD,
@@ -83,6 +84,7 @@ def parse_generate(value: Any, config: Config) -> GenerateCall:
         if unknown:
             raise RequestError(str(unknown[0])[:40], f"unknown field; the fields are {', '.join(GENERATE_FIELDS)}")
         request = validate_request({k: v for k, v in value.items() if k in FIELDS}, config.serve.limits, config.generate)
+        count_photo_pixels(value, config.data.decode, config.serve.limits.max_request_pixels)  # before any photo is decoded
         control = validate_control(value, config.data.decode)
         edit = validate_edit(value, request, config.data.decode)
         if control is not None and edit is not None:

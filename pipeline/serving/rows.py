@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 from pipeline.config import DecodeConfig, ServeConfig, ServeLimits
 from pipeline.serving.controls import CONTROL_FIELDS, ControlRequest, validate_control
 from pipeline.serving.edits import EDIT_FIELDS, EditRequest, validate_edit
+from pipeline.serving.photos import count_photo_pixels
 from pipeline.serving.requests import GenerationRequest, RequestError, check_unicode, validate_requests
 from pipeline.serving.subjects import MIX_FIELD, MixedSubject, parse_mix
 
@@ -27,26 +28,38 @@ class Row(NamedTuple):
 
 def validate_rows(rows: list[Any], limits: ServeLimits, decode: DecodeConfig, max_reference_images: int | None = None) -> list[Row]:
     """Each row as a Row. The RequestError of a bad control, edit or mix says which row (from
-    0); a row may not have both a control and an edit. `max_reference_images` bounds the photos
+    0); a row may not have both a control and an edit, and the photos of all rows together stay
+    within `limits.max_request_pixels` (photos.py). `max_reference_images` bounds the photos
     of each mix part (default: serve.max_reference_images' default)."""
     if max_reference_images is None:
         max_reference_images = ServeConfig().max_reference_images
     extra = (*CONTROL_FIELDS, *EDIT_FIELDS, MIX_FIELD)
     plain = [{k: v for k, v in row.items() if k not in extra} if isinstance(row, Mapping) else row for row in rows]
     requests = validate_requests(plain, limits)  # a row that is not an object is refused here
-    checked = []
-    for index, (row, request) in enumerate(zip(rows, requests, strict=True)):
+    parsed, pixels = [], 0
+    for index, row in enumerate(rows):  # every row's photos are counted before any is decoded
         try:
             check_unicode(row)
+            row = {**row, MIX_FIELD: None if row.get(MIX_FIELD) is None else _json_list(row[MIX_FIELD])}
+            pixels = count_photo_pixels(row, decode, limits.max_request_pixels, pixels)
+        except RequestError as exc:
+            raise _in_row(exc, index) from None
+        parsed.append(row)
+    checked = []
+    for index, (row, request) in enumerate(zip(parsed, requests, strict=True)):
+        try:
             control, edit = validate_control(row, decode), validate_edit(row, request, decode)
             if control is not None and edit is not None:
                 raise RequestError(CONTROL_FIELDS[0], "cannot be combined with an edit (replace)")
-            mix = row.get(MIX_FIELD)
-            mix = None if mix is None else parse_mix(_json_list(mix), decode, max_reference_images, own=True)
+            mix = None if row[MIX_FIELD] is None else parse_mix(row[MIX_FIELD], decode, max_reference_images, own=True)
         except RequestError as exc:
-            raise RequestError(exc.field, f"{exc.message} (row {index})", exc.limit) from None
+            raise _in_row(exc, index) from None
         checked.append(Row(request, control, edit, mix))
     return checked
+
+
+def _in_row(exc: RequestError, index: int) -> RequestError:
+    return RequestError(exc.field, f"{exc.message} (row {index})", exc.limit)
 
 
 def _json_list(value: Any) -> Any:

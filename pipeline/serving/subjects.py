@@ -220,11 +220,23 @@ def decode_photo(value: Any, field: str, decode: DecodeConfig) -> PIL.Image.Imag
     """One base64 photo of a request (a data: URL too) as decoded RGB, at its own size, within
     the dataset's decode limits (bytes, header pixels, short side, aspect, format); RequestError
     naming `field` otherwise."""
-    import base64
-    import binascii
-
     from stages.decode import decode_image
     from stages.records import Reject
+
+    data = photo_bytes(value, field, decode)
+    try:
+        return PIL.Image.fromarray(decode_image(
+            data, size=_short_side(data), min_side=decode.min_side, max_pixels=decode.max_pixels, max_aspect=decode.max_aspect,
+        ))
+    except Reject as exc:
+        raise RequestError(field, exc.reason) from None
+
+
+def photo_bytes(value: Any, field: str, decode: DecodeConfig) -> bytes:
+    """The encoded bytes of one base64 photo of a request (a data: URL too), within
+    data.decode.max_bytes; RequestError naming `field` otherwise."""
+    import base64
+    import binascii
 
     if not isinstance(value, str):
         raise RequestError(field, "must be a base64 string")
@@ -236,12 +248,17 @@ def decode_photo(value: Any, field: str, decode: DecodeConfig) -> PIL.Image.Imag
         raise RequestError(field, "is not valid base64") from None
     if not data:
         raise RequestError(field, "is empty")
+    return data
+
+
+def header_pixels(data: bytes) -> int:
+    """The pixels an encoded photo's header claims (width x height), or 0 when the header is
+    unreadable (decode_photo then names the damage)."""
     try:
-        return PIL.Image.fromarray(decode_image(
-            data, size=_short_side(data), min_side=decode.min_side, max_pixels=decode.max_pixels, max_aspect=decode.max_aspect,
-        ))
-    except Reject as exc:
-        raise RequestError(field, exc.reason) from None
+        with PIL.Image.open(io.BytesIO(data)) as img:
+            return img.size[0] * img.size[1]
+    except Exception:  # any damage is decode_image's to name
+        return 0
 
 
 def _short_side(data: bytes) -> int:

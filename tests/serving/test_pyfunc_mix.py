@@ -93,3 +93,16 @@ def test_a_subject_without_subject_embeddings_cannot_be_mixed(method, embeds, ti
     model.subject = SimpleNamespace(subject_embeds=embeds, spec=SimpleNamespace(method=method, ti_property=ti_property))
     with pytest.raises(MlflowException, match=rf"mix: a {method} subject has no subject embeddings to mix.*\(row 1\)"):
         model.predict(None, pd.DataFrame([ROW, {**ROW, "mix": [{"weight": 1}]}]))
+
+
+def test_the_photos_of_all_rows_together_stay_within_max_request_pixels():
+    """Counted from the headers before any photo is decoded: each 49 MP photo is within
+    data.decode.max_pixels, 4 together are past serve.limits.max_request_pixels (150 MP)."""
+    from tests.imagefiles import png_header_only
+
+    photo = base64.b64encode(png_header_only(7000, 7000)).decode()
+    rows = [{**ROW, "control_image": photo}, {**ROW, "mix": json.dumps([{"reference_images": [photo] * 3, "category": "cat"}])}]
+    with pytest.raises(RequestError) as caught:
+        validate_rows(rows, ServeLimits(), DecodeConfig())
+    assert "mix[0].reference_images[2]:" in str(caught.value) and "max_request_pixels" in str(caught.value)
+    assert "(row 1)" in str(caught.value)

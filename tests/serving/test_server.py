@@ -24,6 +24,7 @@ from pipeline.model import BlipDiffusion
 from pipeline.serving.app import SubjectServer, serve_controlnet
 from pipeline.serving.engine import Engine
 from pipeline.serving.subjects import SubjectLibrary
+from tests.imagefiles import png_header_only
 from tests.serve_subjects import TINY
 
 
@@ -300,6 +301,9 @@ def _hostile(**fields):
 
 
 _PART = {"reference_images": zero_shot()["reference_images"], "category": "dog"}
+# A 49 MP photo by its header, within data.decode.max_pixels alone: 4 of them are past
+# serve.limits.max_request_pixels together (a 6 MB body of such photos held 7 GB once decoded).
+_49MP = base64.b64encode(png_header_only(7000, 7000)).decode()
 _NO_SUBJECT = {k: v for k, v in zero_shot().items() if k not in ("reference_images", "category")}
 
 
@@ -322,6 +326,9 @@ _NO_SUBJECT = {k: v for k, v in zero_shot().items() if k not in ("reference_imag
     pytest.param(_hostile(guidance_scale=10**400), "guidance_scale", id="guidance-10**400"),
     pytest.param(_hostile(control_image=_png_b64(EDGES), control_scale=10**400), "control_scale", id="control-scale-10**400"),
     pytest.param({**_NO_SUBJECT, "mix": [{**_PART, "weight": 10**400}]}, "mix[0].weight", id="mix-weight-10**400"),
+    pytest.param(_hostile(reference_images=[_49MP] * 4), "reference_images[3]", id="4x49MP-photos"),
+    pytest.param({**_NO_SUBJECT, "mix": [{**_PART, "reference_images": [_49MP]}] * 4}, "mix[3].reference_images[0]", id="mix-4x49MP"),
+    pytest.param(_hostile(reference_images=[_49MP] * 3, control_image=_49MP), "reference_images[2]", id="control-and-3x49MP"),
 ])
 def test_a_hostile_body_is_a_400_naming_the_field_and_the_next_request_is_answered(model, payload, field):
     server = make_server(model)
