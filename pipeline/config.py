@@ -158,7 +158,7 @@ class DecodeConfig(_Strict):
     size: int = Field(512, ge=32, le=4096, description="short side after resizing, px")
     min_side: int = Field(32, ge=1, description="reject photos whose short side is smaller, px")
     max_pixels: int = Field(
-        60_000_000, ge=1, description="reject photos whose header claims more pixels (bombs)"
+        60_000_000, ge=1, description="reject photos whose header claims more pixels (bombs); PIL refuses above 179 MP regardless"
     )
     max_bytes: int = Field(64 * 2**20, ge=1, description="reject files larger than this")
     max_aspect: float = Field(4.0, ge=1.0, description="reject photos with a longer/shorter ratio above this")

@@ -31,9 +31,6 @@ STAGE = "decode"
 # rather than decoded into surprises.
 ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"})
 
-# We enforce our own, tighter pixel limit from the header; PIL's global guard would otherwise
-# raise first for the biggest bombs, with a less useful message.
-Image.MAX_IMAGE_PIXELS = None
 
 
 def read_bytes(path: str, max_bytes: int) -> bytes:
@@ -92,6 +89,10 @@ def decode_image(
     """
     try:
         img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        # PIL's own guard (2 x Image.MAX_IMAGE_PIXELS, 179 MP) stays on: it is process-wide, and
+        # the CLI, the model and the server read photos with plain PIL in this same process.
+        raise Reject(STAGE, f"image too large: {exc}") from None
     except UnidentifiedImageError:
         raise Reject(STAGE, "not an image: the content is not a recognised image format") from None
     except _CORRUPT as exc:  # a recognised format cut or damaged inside its header

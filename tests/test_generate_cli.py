@@ -10,6 +10,7 @@ import yaml
 from PIL import Image
 
 from pipeline.cli import COMMANDS, main
+from tests.imagefiles import png_header_only
 
 
 def _photo(path: Path) -> Path:
@@ -41,6 +42,10 @@ def test_generate_bad_input_exits_2(tmp_path, capsys):
     base += ["--height", "64", "--width", "64"]
     assert main([*base, "--subject-image", str(notes), "--prompt", "on grass"]) == 2
     assert "not a readable image" in capsys.readouterr().err
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header_only(30000, 30000))  # past PIL's own 179 MP guard
+    assert main([*base, "--subject-image", str(bomb), "--prompt", "on grass"]) == 2
+    assert "bomb.png) is not a readable image" in capsys.readouterr().err
     assert main([*base, "--subject-image", str(_photo(tmp_path / "a.png")), "--prompt", " "]) == 2
     assert "prompt: must not be empty" in capsys.readouterr().err
     assert main([*base, "--subject-image", str(tmp_path / "a.png"), "--prompt", "x", "--height", "60"]) == 2

@@ -71,7 +71,7 @@ def _folder_images(root: Path) -> list[tuple[str, str]]:
         try:
             with Image.open(path) as img:
                 img.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
             raise ConfigError(f"data.backgrounds.folder: {path} is not a readable image: {exc}") from None
         found.append((path.relative_to(root).with_suffix("").as_posix(), str(path.resolve())))
     return found

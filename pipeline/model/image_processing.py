@@ -148,7 +148,7 @@ def load_image(image: ImageLike, index: int = 0) -> PIL.Image.Image:
             with PIL.Image.open(image) as opened:
                 opened.load()
                 return opened.copy()
-        except (OSError, PIL.UnidentifiedImageError) as exc:
+        except (OSError, PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError) as exc:
             raise ImageError(f"reference image {index} ({image}) is not a readable image: {exc}") from exc
     raise ValueError(f"reference image {index} must be a PIL image or a path, got {type(image).__name__}")
 
@@ -161,7 +161,7 @@ def read_rgb(image: ImageLike, error: type[Exception], label: str) -> PIL.Image.
     try:
         with PIL.Image.open(image) as opened:
             return opened.convert("RGB")
-    except (OSError, PIL.UnidentifiedImageError, ValueError) as exc:
+    except (OSError, PIL.UnidentifiedImageError, ValueError, PIL.Image.DecompressionBombError) as exc:
         raise error(f"{label} {image} is not a readable image: {exc}") from exc
 
 

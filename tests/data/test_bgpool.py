@@ -13,7 +13,7 @@ from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
 from pipeline.data.backgrounds import backgrounds_digest, list_backgrounds
 from pipeline.data.bgpool import build_background_pool, salient_prompt
-from tests.imagefiles import photo
+from tests.imagefiles import photo, png_header_only
 
 SIZE = 64
 
@@ -92,6 +92,14 @@ def test_a_damaged_pool_image_is_refused(backgrounds_source, tmp_path):
     image.write_bytes(image.read_bytes()[:-10])
     with pytest.raises(ConfigError, match="differs from its pool's manifest"):
         list_backgrounds(tmp_path / "bg")
+
+
+def test_a_plain_folder_with_a_bomb_is_refused_naming_it(tmp_path):
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    (folder / "bomb.png").write_bytes(png_header_only(30000, 30000))  # past PIL's own 179 MP guard
+    with pytest.raises(ConfigError, match="bomb.png is not a readable image"):
+        list_backgrounds(folder)
 
 
 def test_salient_prompt_needs_more_than_the_area():

@@ -1,10 +1,13 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from stages.decode import decode_batch, decode_image, read_bytes
 from stages.records import HEIGHT, IMAGE, REJECT_REASON, REJECT_STAGE, SOURCE_PATH, SOURCE_URI, WIDTH, Reject
-from tests.imagefiles import EXPECTED_REASON, broken_files, jpeg_bytes, photo, tricky_files
+from tests.imagefiles import EXPECTED_REASON, broken_files, jpeg_bytes, photo, png_header_only, tricky_files
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_REASON))
@@ -16,6 +19,19 @@ def test_broken_file_is_rejected_with_reason(tmp_path, name):
         decode_image(read_bytes(str(path), max_bytes=10**8), size=64)
     assert info.value.stage == "decode"
     assert EXPECTED_REASON[name] in info.value.reason
+
+
+def test_importing_decode_keeps_pils_bomb_guard_for_every_other_reader():
+    # The CLI imports this module for every command, and generate/edit read their photos with
+    # plain PIL: a 1 MB PNG claiming 40000x40000 px must still be refused there, not decoded.
+    code = "import PIL.Image, stages.decode; print(PIL.Image.MAX_IMAGE_PIXELS)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() != "None"
+
+
+def test_header_beyond_pils_own_limit_is_rejected_as_too_large():
+    with pytest.raises(Reject, match="image too large"):
+        decode_image(png_header_only(100_000, 100_000), max_pixels=10**12)
 
 
 def test_file_over_byte_limit_is_rejected(tmp_path):
