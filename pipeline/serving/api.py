@@ -39,6 +39,7 @@ from pipeline.serving.subjects import (
 GENERATE_FIELDS = (*FIELDS, SUBJECT_FIELD, REFERENCE_FIELD, CATEGORY_FIELD, MIX_FIELD, *CONTROL_FIELDS, *EDIT_FIELDS)
 MIX = "mix"  # the subject name of mixed requests in answers and metrics
 ZERO_SHOT = "zero-shot"  # the subject name of zero-shot requests in answers and metrics
+JSON_TYPE = "application/json"
 
 
 class ApiError(Exception):
@@ -60,6 +61,15 @@ class GenerateCall:
     subject: SubjectRef | ZeroShotSubject | MixedSubject
     control: ControlRequest | None = None
     edit: EditRequest | None = None
+
+
+def check_content_type(header: str | None) -> None:
+    """ApiError 415 unless the body is sent as JSON (`Content-Type: application/json`, with any
+    parameters). A browser posts a form or text/plain to another site without asking it first,
+    so without this check any page a user of the server opens could make it draw."""
+    kind = (header or "").split(";", 1)[0].strip().lower()
+    if kind != JSON_TYPE:
+        raise ApiError(415, "Content-Type", f"must be {JSON_TYPE}, got {(header or 'none')[:60]!r}")
 
 
 def read_json(body: bytes, max_bytes: int) -> Any:

@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from pipeline.config import Config, load_config
-from pipeline.serving.api import MIX, ZERO_SHOT, ApiError, image_answer, parse_generate, read_json
+from pipeline.serving.api import MIX, ZERO_SHOT, ApiError, check_content_type, image_answer, parse_generate, read_json
 from pipeline.serving.engine import Engine, Job, is_out_of_memory
 from pipeline.serving.metrics import ServeMetrics
 from pipeline.serving.requests import RequestError
@@ -121,6 +121,7 @@ class SubjectServer:
         subject_name = "invalid"
         try:
             body = await _read_body(request, int(self.config.serve.max_request_mb * 2**20))
+            check_content_type(request.headers.get("content-type"))
             call = await asyncio.to_thread(parse_generate, read_json(body, len(body)), self.config)
             r, version = call.request, None
             if isinstance(call.subject, SubjectRef):

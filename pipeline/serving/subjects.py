@@ -142,8 +142,9 @@ def parse_mix(value: Any, decode: DecodeConfig, max_images: int, own: bool = Fal
                                f"out for its own subject, or give {REFERENCE_FIELD} with {CATEGORY_FIELD}")
         if not own and (entry.get(SUBJECT_FIELD) is None) == (entry.get(REFERENCE_FIELD) is None):
             raise RequestError(field, f"give {SUBJECT_FIELD} or {REFERENCE_FIELD} with {CATEGORY_FIELD}")
-        if own and entry.get(REFERENCE_FIELD) is None and entry.get(CATEGORY_FIELD) is not None:
-            raise RequestError(f"{field}.{CATEGORY_FIELD}", f"goes with {REFERENCE_FIELD}; the model's own subject has its own")
+        if entry.get(REFERENCE_FIELD) is None and entry.get(CATEGORY_FIELD) is not None:
+            whose = "the model's own subject" if own else "a registered subject"
+            raise RequestError(f"{field}.{CATEGORY_FIELD}", f"goes with {REFERENCE_FIELD}; {whose} has its own")
         try:
             if entry.get(REFERENCE_FIELD) is not None:
                 parts.append(decode_reference_images(entry[REFERENCE_FIELD], entry.get(CATEGORY_FIELD), decode, max_images))

@@ -64,8 +64,9 @@ def make_server(model, tracking_uri="sqlite:///unused.db"):
     return server
 
 
-def post(payload: dict | bytes) -> Request:
+def post(payload: dict | bytes, content_type: str | None = "application/json") -> Request:
     body, sent = payload if isinstance(payload, bytes) else json.dumps(payload).encode(), []
+    headers = [] if content_type is None else [(b"content-type", content_type.encode())]
 
     async def receive():
         if sent:
@@ -73,13 +74,13 @@ def post(payload: dict | bytes) -> Request:
         sent.append(True)
         return {"type": "http.request", "body": body, "more_body": False}
 
-    scope = {"type": "http", "method": "POST", "path": "/v1/generate", "headers": [], "query_string": b"",
+    scope = {"type": "http", "method": "POST", "path": "/v1/generate", "headers": headers, "query_string": b"",
              "scheme": "http", "server": ("127.0.0.1", 80), "root_path": ""}
     return Request(scope, receive)
 
 
-def answer(server, payload):
-    response = asyncio.run(server(post(payload)))
+def answer(server, payload, content_type="application/json"):
+    response = asyncio.run(server(post(payload, content_type)))
     return response.status_code, json.loads(response.body)
 
 
@@ -188,6 +189,7 @@ def test_a_mix_of_a_subject_with_itself_draws_the_subject_and_other_mixes_differ
     ([{"weight": 1}], "mix[0]"),
     ([{"reference_images": ["not base64!"], "category": "dog"}], "mix[0].reference_images[0]"),
     ([{"subject": "dog"}], "mix[0].subject"),
+    ([{"subject": "models:/subjectforge-dog@champion", "category": "cat"}], "mix[0].category"),  # was silently dropped
 ])
 def test_a_bad_mix_is_a_400_naming_the_field(model, mix, field):
     status, body = answer(make_server(model), {"prompt": "on the beach", "steps": 2, "mix": mix})
@@ -336,3 +338,17 @@ def test_a_hostile_body_is_a_400_naming_the_field_and_the_next_request_is_answer
     assert (status, body["field"]) == (400, field), body
     status, body = answer(server, zero_shot(seed=1))
     assert status == 200, body
+
+
+@pytest.mark.parametrize("content_type, status", [
+    ("text/plain", 415),  # what a form or another site's page sends without asking the browser first
+    ("application/x-www-form-urlencoded", 415),  # curl -d without -H
+    (None, 415),
+    ("application/json; charset=utf-8", 200),
+    ("Application/JSON", 200),
+])
+def test_a_body_that_is_not_sent_as_json_is_a_415(model, content_type, status):
+    status_got, body = answer(make_server(model), zero_shot(), content_type)
+    assert status_got == status, body
+    if status == 415:
+        assert body["field"] == "Content-Type" and "application/json" in body["error"], body
