@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from PIL import Image
 
 from pipeline.config import Config
 from pipeline.data.backgrounds import POOL_KIND
-from pipeline.data.sources import SourceError, read_subjects_csv
+from pipeline.data.sources import SourceError, not_a_file_reason, read_subjects_csv
 from pipeline.data.verify import record_checksums
 from pipeline.data.versions import MANIFEST, DatasetStore, utc_now, write_json_atomic
 from pipeline.errors import JobFailed
@@ -121,7 +122,7 @@ def build_background_pool(
     if scorer is None:
         require_model("clipseg", config.model_path("clipseg"))
         scorer = ClipSegScorer(config.model_path("clipseg"))
-    inputs = sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
+    inputs = sorted(p for p in root.rglob("*") if p.is_symlink() or not p.is_dir())  # FIFOs and devices too
     accepted, rejects = _select(root, inputs, config, prompts, scorer)
     if not accepted:  # an empty pool would only fail later, in `data build --backgrounds`
         reasons = "; ".join(f"{uri}: {reason}" for uri, reason in list(rejects.items())[:5]) or "no files"
@@ -157,6 +158,10 @@ def _select(
         uri = path.relative_to(root).as_posix()
         if path.is_symlink():
             rejects[uri] = "a link: links are not followed"
+            continue
+        mode = path.lstat().st_mode
+        if not stat.S_ISREG(mode):  # reading a FIFO would wait for a writer forever
+            rejects[uri] = not_a_file_reason(mode)
             continue
         try:
             photo = decode_image(

@@ -154,6 +154,11 @@ def _is_hidden(name: str) -> bool:
 _NOT_FILES = {stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket", stat.S_IFBLK: "block device", stat.S_IFCHR: "character device"}
 
 
+def not_a_file_reason(mode: int) -> str:
+    """The reject reason of an entry whose st_mode is neither a folder nor a regular file."""
+    return f"not a regular file ({_NOT_FILES.get(stat.S_IFMT(mode), 'unknown type')})"
+
+
 @dataclass(frozen=True)
 class _Entry:
     """What a path in the source is, links followed: `kind` is dir, file or reject."""
@@ -183,8 +188,7 @@ def _inspect(path: Path, root: Path, follow_links: bool) -> _Entry:
         return _Entry("dir", real, inode=(st.st_dev, st.st_ino))
     if stat.S_ISREG(st.st_mode):
         return _Entry("file", real, size=st.st_size)
-    kind = _NOT_FILES.get(stat.S_IFMT(st.st_mode), "unknown type")
-    return _Entry("reject", real, reason=f"not a regular file ({kind})")
+    return _Entry("reject", real, reason=not_a_file_reason(st.st_mode))
 
 
 class _Walker:

@@ -3,6 +3,7 @@ dropped, a digest that follows the pool's photos, and `data build --backgrounds 
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -69,6 +70,14 @@ def test_pool_rejects_a_salient_subject_and_a_duplicate_and_accounts_for_every_i
     assert len(listed) == 3
     for _, path in listed:
         assert np.asarray(Image.open(path)).shape == (SIZE, SIZE, 3)
+
+
+def test_a_fifo_in_the_source_is_a_reject_not_a_hang_or_a_silent_drop(backgrounds_source, tmp_path):
+    src, subjects = backgrounds_source
+    os.mkfifo(src / "pipe.jpg")  # opening it to read would wait for a writer forever
+    m = build_background_pool(src, tmp_path / "bg", _config(), categories_from=subjects, scorer=red_scorer).manifest
+    assert {r["source_uri"]: r["reason"] for r in m["rejects"]}["pipe.jpg"] == "not a regular file (fifo)"
+    assert m["inputs"] == 7 == m["accepted"] + m["rejected"]
 
 
 def test_pool_digest_changes_when_a_photo_is_added(backgrounds_source, tmp_path):
