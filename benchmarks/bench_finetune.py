@@ -225,7 +225,7 @@ def bench_memory(args: argparse.Namespace, method_name: str, work: Path) -> list
     rows = []
     for checkpointing in (False, True):
         for optimizer in ("adamw", "adamw8bit"):
-            for text_encoder in (False, True):
+            for text_encoder in (choice == "on" for choice in args.text_encoder.split(",")):
                 row = {"method": method_name, "gradient_checkpointing": checkpointing, "optimizer": optimizer,
                        "train_text_encoder": text_encoder, "batch": args.batch, "size": args.size}
                 extra = [f"train.optimizer={optimizer}", f"finetune.train_text_encoder={text_encoder}"]
@@ -391,6 +391,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=1, help="--many: actors (finetune.concurrency)")
     parser.add_argument("--method", default="lora", help="--many: finetune.method")
     parser.add_argument("--cpus-per-worker", type=float, default=2.0, help="--many: CPUs per actor (train.cpus_per_worker)")
+    parser.add_argument("--text-encoder", default="off,on", help="--memory: finetune.train_text_encoder settings to run")
     parser.add_argument("--memory", action="store_true", help="peak memory and s/100 steps of each memory option combination")
     parser.add_argument("--smoke", action="store_true", help="CPU check: tiny model, 64 px, batch 2, 1 warm-up and 2 timed steps")
     parser.add_argument("--tracking-uri")
