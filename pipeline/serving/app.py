@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ray import serve
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from pipeline.config import Config, load_config
@@ -233,12 +233,15 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
     body that is too large is read and dropped, so the client, still sending, gets the 413
     rather than a connection cut under it; serve.request_timeout_s bounds how long that takes."""
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size <= max_bytes:
-            chunks.append(chunk)
-        else:
-            chunks.clear()
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= max_bytes:
+                chunks.append(chunk)
+            else:
+                chunks.clear()
+    except ClientDisconnect:  # nobody reads this answer: it is counted, and no stack trace is logged for it
+        raise ApiError(400, "request", f"the client left after {size} bytes of the body") from None
     if size > max_bytes:
         raise ApiError(413, "request", f"body of {size} bytes; at most {max_bytes} (serve.max_request_mb)")
     return b"".join(chunks)

@@ -66,7 +66,6 @@ def make_server(model, tracking_uri="sqlite:///unused.db"):
 
 def post(payload: dict | bytes, content_type: str | None = "application/json") -> Request:
     body, sent = payload if isinstance(payload, bytes) else json.dumps(payload).encode(), []
-    headers = [] if content_type is None else [(b"content-type", content_type.encode())]
 
     async def receive():
         if sent:
@@ -74,6 +73,12 @@ def post(payload: dict | bytes, content_type: str | None = "application/json") -
         sent.append(True)
         return {"type": "http.request", "body": body, "more_body": False}
 
+    return request_of(receive, content_type)
+
+
+def request_of(receive, content_type: str | None = "application/json") -> Request:
+    """A POST /v1/generate whose body comes from ASGI `receive`."""
+    headers = [] if content_type is None else [(b"content-type", content_type.encode())]
     scope = {"type": "http", "method": "POST", "path": "/v1/generate", "headers": headers, "query_string": b"",
              "scheme": "http", "server": ("127.0.0.1", 80), "root_path": ""}
     return Request(scope, receive)
@@ -352,3 +357,17 @@ def test_a_body_that_is_not_sent_as_json_is_a_415(model, content_type, status):
     assert status_got == status, body
     if status == 415:
         assert body["field"] == "Content-Type" and "application/json" in body["error"], body
+
+
+def test_a_client_that_leaves_mid_body_is_answered_and_counted_not_a_stack_trace(model):
+    """Starlette raises ClientDisconnect from the body's stream; a slow client that gives up
+    (or a flood of them) must not log a stack trace each."""
+    server, messages = make_server(model), [{"type": "http.request", "body": b'{"prompt": ', "more_body": True},
+                                            {"type": "http.disconnect"}]
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    response = asyncio.run(server(request_of(receive)))
+    assert response.status_code == 400 and json.loads(response.body)["field"] == "request"
+    assert server.metrics.requests == [("invalid", 400)]
