@@ -493,16 +493,13 @@ def _make_subject_pyfunc() -> type:
             )
 
         def predict(self, context, model_input, params=None):  # no type hints: MLflow would read them as a schema
-            import base64
-            import io
-
-            import pandas as pd
+            import torch
             from mlflow.exceptions import MlflowException
-            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
-            from pipeline.config import DecodeConfig, EditConfig
-            from pipeline.model.editing import EditError
-            from pipeline.serving.edits import REPLACE_FIELD, draw_edit
+            from pipeline.config import DecodeConfig
+            from pipeline.serving.edits import REPLACE_FIELD
+            from pipeline.serving.engine import is_out_of_memory
             from pipeline.serving.requests import RequestError, records_from_frame
             from pipeline.serving.rows import validate_rows
             from pipeline.serving.subjects import MIX_FIELD
@@ -524,6 +521,29 @@ def _make_subject_pyfunc() -> type:
                                        f"send the row without {MIX_FIELD} (row {mixed[0]})")
             except RequestError as exc:
                 raise MlflowException(f"invalid request: {exc}", error_code=INVALID_PARAMETER_VALUE) from None
+            try:
+                return self._draw(rows)
+            except Exception as exc:  # the scoring server answers any but an MlflowException as a 400 with its stack trace
+                if not is_out_of_memory(exc):
+                    raise
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                raise MlflowException("out of memory on the model server; retry, or ask for fewer or smaller images",
+                                      error_code=TEMPORARILY_UNAVAILABLE) from None
+
+        def _draw(self, rows: list[Any]) -> Any:
+            """The output frame (see subject_signature) of checked rows (pipeline/serving/rows.py Row)."""
+            import base64
+            import io
+
+            import pandas as pd
+            from mlflow.exceptions import MlflowException
+            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+            from pipeline.config import EditConfig
+            from pipeline.model.editing import EditError
+            from pipeline.serving.edits import REPLACE_FIELD, draw_edit
+
             out = []
             for index, (request, control, edit, mix) in enumerate(rows):
                 subject = self._mixed(mix)

@@ -106,3 +106,23 @@ def test_the_photos_of_all_rows_together_stay_within_max_request_pixels():
         validate_rows(rows, ServeLimits(), DecodeConfig())
     assert "mix[0].reference_images[2]:" in str(caught.value) and "max_request_pixels" in str(caught.value)
     assert "(row 1)" in str(caught.value)
+
+
+def test_out_of_memory_is_a_503_without_a_stack_trace_and_the_next_request_is_drawn(pyfunc, monkeypatch):
+    """MLflow's scoring server answers any other exception from predict as a 400 blaming the
+    input, with the stack trace in the body."""
+    model, calls = pyfunc.subject.model, []
+    denoise = model._denoise
+
+    def fail_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return denoise(*args, **kwargs)
+
+    monkeypatch.setattr(model, "_denoise", fail_once)
+    row = {**ROW, "height": 32, "width": 32}
+    with pytest.raises(MlflowException, match="out of memory") as caught:
+        pyfunc.predict(None, pd.DataFrame([row]))
+    assert caught.value.get_http_status_code() == 503 and "stack_trace" not in caught.value.json_kwargs
+    assert len(pyfunc.predict(None, pd.DataFrame([row]))) == 1
