@@ -145,7 +145,11 @@ class SubjectServer:
             done = time.monotonic()
             self.metrics.record_job(subject_name, job.started - job.enqueued, (done - job.started) / r.num_images)
             answer = image_answer(job.images, r, subject_name, version, self.base)
-        except ApiError as exc:
+        except Exception as exc:  # an ApiError, or memory run out before the batch (decoding photos, loading a subject)
+            if not isinstance(exc, ApiError):
+                if not is_out_of_memory(exc):
+                    raise
+                exc = _api_error(exc)  # a 503; the replica goes on
             self.metrics.record_request(subject_name, exc.status)
             return JSONResponse(exc.body(), status_code=exc.status)
         self.metrics.record_request(subject_name, 200)

@@ -371,3 +371,23 @@ def test_a_client_that_leaves_mid_body_is_answered_and_counted_not_a_stack_trace
     response = asyncio.run(server(request_of(receive)))
     assert response.status_code == 400 and json.loads(response.body)["field"] == "request"
     assert server.metrics.requests == [("invalid", 400)]
+
+
+def test_out_of_memory_before_the_batch_is_a_503_and_the_next_request_is_answered(model, monkeypatch):
+    """Decoding the photos (or loading a subject) can run out of memory too, before any batch."""
+    import pipeline.serving.api as api
+
+    server, decode, calls = make_server(model), api.decode_reference_images, []
+
+    def fail_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryError()
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(api, "decode_reference_images", fail_once)
+    status, body = answer(server, zero_shot())
+    assert status == 503 and "out of memory" in body["error"], body
+    status, body = answer(server, zero_shot(seed=1))
+    assert status == 200, body
+    assert server.metrics.requests == [("invalid", 503), ("zero-shot", 200)]
