@@ -261,6 +261,22 @@ def _apply_captions(scan: SourceScan, captions: dict[str, str]) -> None:
         scan.warnings.append(f"{CAPTIONS_CSV} names {photo!r}, which is not an input photo; its caption is unused")
 
 
+def scan_photo_folder(
+    folder: str | Path, subject_id: str, category: str, suffixes: tuple[str, ...], *, follow_links: bool = False,
+    max_bytes: int | None = None,
+) -> SourceScan:
+    """The files named `*<suffix>` under `folder`, one subject's photos without a subjects.csv,
+    judged as scan_source judges a subject folder: a link leading outside `folder`, a dangling or
+    looping link and a FIFO or device are rejects with their reason; hidden files are ignored."""
+    root = Path(folder).resolve()
+    scan = SourceScan(root=root)
+    walker = _Walker(scan, {subject_id: category}, follow_links, max_bytes)
+    walker.walk(root, subject_id, frozenset({(root.stat().st_dev, root.stat().st_ino)}))
+    scan.photos = [p for p in scan.photos if Path(p.source_uri).suffix.lower() in suffixes]
+    scan.rejects = [(p, reason) for p, reason in scan.rejects if Path(p.source_uri).suffix.lower() in suffixes]
+    return scan
+
+
 def scan_source(root: str | Path, *, follow_links: bool = False, max_bytes: int | None = None) -> SourceScan:
     """Walk `root` and hash every input photo. Raises SourceError if `root` is not a source.
 

@@ -47,7 +47,6 @@ import torch
 
 from pipeline import tracking
 from pipeline.config import FINETUNE_TRAITS, Config, ConfigError, identity_settings
-from pipeline.data.sources import SourcePhoto
 from pipeline.data.versions import LATEST, MANIFEST
 from pipeline.errors import JobFailed
 from pipeline.paths import replace_tree
@@ -200,26 +199,32 @@ def _rows_from_photos(config: Config, folder: Path, category: str) -> tuple[list
     bytes, rejects with source_uri/stage/reason, version label, digest of photos and settings)."""
     from pipeline.data.backgrounds import backgrounds_digest, list_backgrounds
     from pipeline.data.build import process_photos, processing_digest
-    from pipeline.data.sources import sha256_file
+    from pipeline.data.sources import scan_photo_folder
 
     subject_id = config.finetune.subject_id
     # A fine-tune trains on its method's prompt, never on a caption: no captioner is loaded.
     tree = config.model_dump(mode="json")
     tree["data"]["caption"]["enabled"] = False
     config = Config.model_validate(tree)
-    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
-    photos = [SourcePhoto(subject_id, category, p.relative_to(folder).as_posix(), str(p), sha256_file(p)) for p in paths]
+    scan = scan_photo_folder(
+        folder, subject_id, category, PHOTO_SUFFIXES, follow_links=config.data.source.follow_links,
+        max_bytes=config.data.decode.max_bytes,
+    )
+    photos = scan.photos
+    rejects = [{"source_uri": p.source_uri, "stage": "scan", "reason": reason} for p, reason in scan.rejects]
     if not photos:
-        raise SubjectError(f"subject {subject_id!r}: no photo ({', '.join(PHOTO_SUFFIXES)}) in {folder}")
+        found = "; ".join(f"{r['source_uri']}: {r['reason']}" for r in rejects) or "none found"
+        raise SubjectError(f"subject {subject_id!r}: no photo ({', '.join(PHOTO_SUFFIXES)}) in {folder} ({found})")
     version = f"photos:{folder.name}"
     data, rejected = process_photos(photos, config, version)
-    rejects = [{"source_uri": r["source_uri"], "stage": r["stage"], "reason": r["reason"]} for r in rejected.to_pylist()]
+    rejects += [{"source_uri": r["source_uri"], "stage": r["stage"], "reason": r["reason"]} for r in rejected.to_pylist()]
     for r in rejects:
         log.warning("subject %s: photo %s rejected at %s: %s", subject_id, r["source_uri"], r["stage"], r["reason"])
     settings = processing_digest(config, backgrounds_digest(list_backgrounds(config.data.backgrounds.folder)))
     identity = "".join(f"{p.source_uri}\t{p.sha256}\n" for p in photos) + settings
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
-    log.info("subject %s: %d of %d photos usable, %d rows", subject_id, len(photos) - len(rejects), len(photos), data.num_rows)
+    log.info("subject %s: %d of %d photos usable, %d rows", subject_id, len(photos) + len(scan.rejects) - len(rejects),
+             len(photos) + len(scan.rejects), data.num_rows)
     columns = [IMAGE, COMPOSITE, *([SOURCE_SHA256] if SOURCE_SHA256 in data.column_names else [])]
     return data.select(columns).to_pylist(), rejects, version, digest
 

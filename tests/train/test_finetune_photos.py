@@ -2,6 +2,8 @@
 are rejects with a stage and a reason), and the fine-tune's key says when a rerun is the same
 fine-tune (and reuses the registered version) and when it is a new one."""
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -33,6 +35,24 @@ def test_photo_folder_goes_through_the_stages_with_bad_photos_as_rejects(tmp_pat
     # Other composite settings give other rows, hence another digest (and fine-tune key).
     other = read_subject(load_config(overrides=[*TINY, f"finetune.subject={tmp_path}", "data.composite.per_photo=1"]))
     assert other.dataset_digest != subject.dataset_digest and len(other.rows) == 2
+
+
+def test_links_and_special_files_in_a_photo_folder_are_rejects_as_in_a_data_build(tmp_path):
+    folder, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    folder.mkdir(), elsewhere.mkdir()
+    sample = sorted((SAMPLE / "dog").glob("*.jpg"))[0]
+    (folder / sample.name).write_bytes(sample.read_bytes())
+    (elsewhere / "private.jpg").write_bytes(sample.read_bytes())
+    (folder / "outside.jpg").symlink_to(elsewhere / "private.jpg")
+    (folder / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    os.mkfifo(folder / "pipe.jpg")
+    subject = read_subject(load_config(overrides=[*TINY, f"finetune.subject={folder}", "data.composite.per_photo=1"]))
+    assert {r["source_uri"]: (r["stage"], r["reason"]) for r in subject.rejects} == {
+        "outside.jpg": ("scan", "link outside the source"),
+        "dangling.jpg": ("scan", "dangling link"),
+        "pipe.jpg": ("scan", "not a regular file (fifo)"),
+    }
+    assert len(subject.rows) == 1  # the photo in the folder, not the one the link leads to
 
 
 def test_folder_without_a_usable_photo_is_a_clear_error(tmp_path):
