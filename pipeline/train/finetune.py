@@ -49,7 +49,7 @@ from pipeline import tracking
 from pipeline.config import FINETUNE_TRAITS, Config, ConfigError, identity_settings
 from pipeline.data.versions import LATEST, MANIFEST
 from pipeline.errors import JobFailed
-from pipeline.paths import replace_tree
+from pipeline.paths import check_output_folder, replace_tree
 from pipeline.raycluster import ensure_ray
 from pipeline.train import dist
 from pipeline.train.data import build_training_plan, open_dataset
@@ -359,6 +359,7 @@ def finetune_subject(config: Config, in_process: bool = False) -> FinetuneResult
     `in_process`, what the loop raised."""
     check_finetune(config)
     ft = config.finetune
+    check_output_folder(Path(ft.out).expanduser(), "finetune.out")  # before the training, not after it
     start = time.perf_counter()
     subject = read_subject(config)
     uri = tracking.resolve_tracking_uri(config.tracking.uri) if config.tracking.enabled else None

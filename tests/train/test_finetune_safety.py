@@ -79,6 +79,15 @@ def test_a_subject_id_outside_out_is_refused_and_the_sibling_survives(tmp_path, 
     assert (victim / "keep.txt").read_text() == "not yours" and not fake_fit
 
 
+def test_an_out_that_is_a_file_is_refused_before_training(tmp_path, fake_fit, capsys):
+    dataset, out = tmp_path / "ds", tmp_path / "out"
+    publish_dataset(dataset, {"dog": "dog"}, per_subject=1)
+    out.write_text("not a folder")
+    assert main(_argv(dataset, out, "dog")) == 2
+    assert f"finetune.out {out}: {out} is not a folder" in capsys.readouterr().err
+    assert not fake_fit
+
+
 def test_a_new_artifact_replaces_the_old_only_once_complete(tmp_path, fake_fit, monkeypatch):
     dataset, out = tmp_path / "ds", tmp_path / "out"
     publish_dataset(dataset, {"dog": "dog"}, per_subject=1)
