@@ -32,6 +32,7 @@ import ray
 from pipeline.config import Config, ConfigError
 from pipeline.data.build import affected_subjects
 from pipeline.data.versions import MANIFEST
+from pipeline.paths import check_output_folder
 from pipeline.raycluster import ensure_ray
 from pipeline.train import bases
 from pipeline.train.data import open_dataset
@@ -119,6 +120,7 @@ def finetune_many(config: Config) -> list[SubjectOutcome]:
         return list(skipped.values())
     if ft.validate_every:
         check_scorers(config)  # before any actor starts, not at each subject's first validation
+    check_output_folder(Path(ft.out).expanduser(), "finetune.out")  # else every subject fails, then the summary
     ensure_ray(config.ray)
     size = min(ft.concurrency, len(subjects))
     check_pool(config, size)

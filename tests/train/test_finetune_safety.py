@@ -138,3 +138,15 @@ def test_finetune_many_names_subjects_missing_from_the_dataset_before_starting_r
             "--set", "tracking.enabled=false"]
     assert main(argv) == 2
     assert "finetune.subjects: cow not in dataset v0001" in (err := capsys.readouterr().err) and "its subjects: cat, dog" in err
+
+
+def test_finetune_many_refuses_an_out_that_is_a_file_before_starting_ray(tmp_path, monkeypatch, capsys):
+    import pipeline.train.many as many
+
+    monkeypatch.setattr(many, "ensure_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    dataset, out = tmp_path / "ds", tmp_path / "out"
+    publish_dataset(dataset, {"dog": "dog"}, per_subject=1)
+    out.write_text("not a folder")
+    argv = ["finetune-many", "--profile", "tiny", "--data", str(dataset), "--out", str(out), "--set", "tracking.enabled=false"]
+    assert main(argv) == 2
+    assert f"finetune.out {out}: {out} is not a folder" in capsys.readouterr().err
