@@ -9,6 +9,7 @@ the inputs is a ConfigError that names the file (and line), raised before any wo
 from __future__ import annotations
 
 import csv
+import io
 import re
 import zlib
 from collections.abc import Sequence
@@ -52,12 +53,20 @@ class ImageTask:
     template: str  # the prompt as listed, e.g. "a {class} in the jungle"
 
 
+def _read_text(path: Path) -> str:
+    """A UTF-8 text file's text; ConfigError naming it when it is in another encoding."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
 def read_class_table(path: str | Path) -> dict[str, tuple[str, bool]]:
     """`subjects.csv` (subject_id,class,live) -> {subject_id: (class noun, live)}."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"evaluate.benchmark: {path} not found")
-    with path.open(newline="") as handle:
+    with io.StringIO(_read_text(path), newline="") as handle:
         reader = csv.DictReader(handle)
         missing = {"subject_id", "class", "live"} - set(reader.fieldnames or ())
         if missing:
@@ -82,7 +91,7 @@ def read_prompts(path: str | Path) -> list[str]:
     if not path.is_file():
         raise ConfigError(f"prompt file {path} not found")
     prompts, slugs = [], {}
-    for line, raw in enumerate(path.read_text().splitlines(), start=1):
+    for line, raw in enumerate(_read_text(path).splitlines(), start=1):
         text = " ".join(raw.split())
         if not text or text.startswith("#"):
             continue
@@ -134,7 +143,7 @@ def _check_image(path: str) -> None:
     try:
         with PIL.Image.open(path) as image:
             image.verify()
-    except (OSError, SyntaxError, PIL.UnidentifiedImageError) as exc:
+    except (OSError, SyntaxError, PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError) as exc:
         raise ConfigError(f"evaluate.photos: {path} is not a readable image: {exc}") from None
 
 

@@ -10,6 +10,7 @@ from pipeline.evaluation.benchmark import (
     read_class_table,
     read_prompts,
 )
+from tests.imagefiles import png_header_only
 
 BENCH = BUNDLED_DATASETS_DIR / "dreambench"
 MINI = BUNDLED_DATASETS_DIR / "dreambench-mini"
@@ -74,6 +75,15 @@ def test_bad_inputs_name_the_problem(tmp_path):
         read_prompts(bad)
     (tmp_path / "t.csv").write_text("subject_id,class\ndog,dog\n")
     with pytest.raises(ConfigError, match="missing column"):
+        read_class_table(tmp_path / "t.csv")
+    (tmp_path / "dog" / "broken.jpg").write_bytes(png_header_only(30000, 30000))  # past PIL's bomb guard
+    with pytest.raises(ConfigError, match="broken.jpg is not a readable image"):
+        load_subjects(tmp_path, table, ["dog"])
+    bad.write_bytes(b"a {class} in a caf\xe9\n")  # Latin-1, not UTF-8
+    with pytest.raises(ConfigError, match="prompts.txt: not UTF-8 text"):
+        read_prompts(bad)
+    (tmp_path / "t.csv").write_bytes(b"subject_id,class,live\ndog,chien \xe0 poil,true\n")
+    with pytest.raises(ConfigError, match="t.csv: not UTF-8 text"):
         read_class_table(tmp_path / "t.csv")
 
 
