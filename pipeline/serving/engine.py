@@ -30,7 +30,7 @@ import torch
 
 from pipeline.config import EditConfig
 from pipeline.model import BlipDiffusion
-from pipeline.model.prompts import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT_REPS, PromptError, build_prompt, check_text
+from pipeline.model.prompts import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT_REPS, build_prompt, check_text
 from pipeline.model.schedulers import fresh_scheduler
 from pipeline.serving.cache import LruBudget
 from pipeline.serving.controls import ControlRequest, control_tensor
@@ -142,17 +142,22 @@ class Engine:
         steps, height, width = first.request.steps, first.height, first.width
         cond, uncond, latents, scales, rows, drawn = [], [], [], [], [], []
         for job in jobs:
-            try:
-                cond.append(self._condition(model, job))
-            except PromptError as exc:  # a [slot] beyond the tokens the text encoder reads: this request's fault alone
+            r = job.request
+            try:  # the request's own prompts and subject: a failure here is its alone, not its batch's
+                job_cond, job_uncond = self._condition(model, job), None
+                if r.guidance_scale > 1.0:
+                    negative = r.negative_prompt if r.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
+                    job_uncond = model.encode_prompts([negative], None).expand(r.num_images, -1, -1)
+            except Exception as exc:  # a [slot] beyond the tokens the text encoder reads (PromptError), text it cannot read
+                if is_out_of_memory(exc):
+                    raise
                 job.images, job.error = None, exc
                 continue
             drawn.append(job)
-            r = job.request
+            cond.append(job_cond)
+            if job_uncond is not None:
+                uncond.append(job_uncond)
             rows += [adapters.get(job.adapter_key, BASE_ROW)] * r.num_images
-            if r.guidance_scale > 1.0:
-                negative = r.negative_prompt if r.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
-                uncond.append(model.encode_prompts([negative], None).expand(r.num_images, -1, -1))
             latents.append(model.prepare_latents(r.num_images, height, width, seed=r.seed))
             scales += [r.guidance_scale] * r.num_images
         if not drawn:

@@ -110,3 +110,14 @@ def test_out_of_memory_fails_its_group_only_and_the_engine_goes_on(subjects, mon
     assert [type(j.error).__name__ for j in jobs] == ["OutOfMemoryError", "OutOfMemoryError", "NoneType"]
     [retry] = engine.run([job(ti, 1)])
     assert retry.error is None and len(retry.images) == 1
+
+
+def test_a_request_whose_prompt_cannot_be_encoded_fails_alone_not_its_batch(subjects):
+    """A lone surrogate (refused by the API's checks) made the tokenizer raise TypeError for one
+    request, and every request batched with it got a 500: conditioning is each request's own."""
+    engine = Engine(BlipDiffusion.from_pretrained(TINY), max_batch_images=8, max_subjects=8, max_lora_adapters=8)
+    a = subjects["a"][1]
+    bad = Job(GenerationRequest("on the \ud800 beach", 1, 1, STEPS, 7.5, None, None, None), a, 64, 64)
+    good, poisoned, after = engine.run([job(a, 2), bad, job(a, 3)])
+    assert isinstance(poisoned.error, TypeError) and poisoned.images is None
+    assert good.error is None and after.error is None and len(good.images) == len(after.images) == 1
