@@ -31,7 +31,7 @@ from pipeline.config import BUNDLED_DATASETS_DIR, Config, ConfigError, dump_conf
 from pipeline.evaluation import benchmark, plan, report
 from pipeline.evaluation.metrics import summarize_scores
 from pipeline.evaluation.workers import load_rgb
-from pipeline.paths import remove_tree
+from pipeline.paths import check_output_folder, remove_tree
 
 if TYPE_CHECKING:
     from pipeline.model.subject import SubjectSpec
@@ -201,6 +201,7 @@ def run_evaluation(config: Config, *, logger: ResultLogger | None = None, progre
     ref = resolve_model(ev.model or config.model_path("blip_diffusion"), config.tracking.uri)
     # Absolute, because the actors that write and read the images have their own working directory.
     out = (Path(ev.out) if ev.out else default_out(ref)).expanduser().resolve()
+    check_output_folder(out, "evaluate.out")
     subject_ids = ev.subjects
     model_id = ref.path if ref.registered_name is not None else plan.absolute_if_local(ref.path)
     if ref.registered_name is not None:

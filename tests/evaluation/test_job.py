@@ -193,6 +193,9 @@ def test_bad_subject_and_registry_uris_fail_before_any_work(tmp_path, capsys):
     assert main([*base, "--model", str(tmp_path)]) == 2
     assert "model_index.json is missing" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    (tmp_path / "file").write_text("not a folder")
+    assert main([*base, "--out", str(tmp_path / "file" / "eval")]) == 2
+    assert f"evaluate.out {tmp_path / 'file' / 'eval'}: {tmp_path / 'file'} is not a folder" in capsys.readouterr().err
 
 
 def test_model_references():
