@@ -290,13 +290,14 @@ class BlipDiffusion(nn.Module):
             if missing:
                 raise PromptError(f"the prompt names subject [{missing[0]}], which is not given; the subjects are {', '.join(subjects)}")
             named.update(slots.names)
+            self._check_slot_count(len(slots.names))
             embeds = torch.cat([self._resolve_subject(None, None, subjects[name]) for name in slots.names], dim=1)  # (1, K*Q, D)
             length = self.text_encoder.max_positions - embeds.shape[1]
             positions = [1 + len(self.tokenizer(prefix, add_special_tokens=False).input_ids) for prefix in slots.prefixes]
             if positions[-1] >= length - 1:  # the last position of the ids is the end token
                 raise PromptError(
-                    f"subject [{slots.names[-1]}] stands after the {length - 2} prompt tokens the text encoder reads "
-                    f"beside {len(slots.names)} subjects; name it earlier or shorten the prompt"
+                    f"subject [{slots.names[-1]}] is prompt token {positions[-1]}, past the {length - 2} prompt tokens "
+                    f"the text encoder reads beside {len(slots.names)} subjects; name it earlier or shorten the prompt"
                 )
             ids = self.tokenizer([build_slot_prompt(slots, prompt_strength, prompt_reps)], padding="max_length",
                                  truncation=True, max_length=length, return_tensors="pt").input_ids
@@ -307,6 +308,21 @@ class BlipDiffusion(nn.Module):
         if unused:
             raise PromptError(f"subject {unused[0]!r} is given but no prompt names it as [{unused[0]}]")
         return torch.cat(rows)
+
+    def _check_slot_count(self, count: int) -> None:
+        """PromptError when `count` slots cannot fit the text encoder however the prompt is worded.
+
+        Each slot takes Q positions for its embeddings and at least one token for its name, and
+        the begin and end tokens take two, so at most (positions - 2) // (Q + 1) slots fit (4 of
+        77 at Q = 16). Checked before the prompt is tokenized: past it, the tokens left for the
+        text would be a negative count.
+        """
+        most = (self.text_encoder.max_positions - 2) // (self.num_query_tokens + 1)
+        if count > most:
+            raise PromptError(
+                f"the prompt names {count} subjects, which take {self.num_query_tokens} positions each and a word; "
+                f"at most {most} fit in one prompt ({self.text_encoder.max_positions} positions)"
+            )
 
     def encode_conditioning(
         self,

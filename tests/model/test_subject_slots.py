@@ -64,8 +64,11 @@ def test_two_slots_draw_each_subject_in_its_place(model, embeds):
 @pytest.mark.parametrize("prompt, subjects, words", [
     ("a [dog] next to a [horse]", ("dog", "cat"), "[horse], which is not given"),
     ("a [dog] on the grass", ("dog", "cat"), "'cat' is given but no prompt names it"),
-    (" ".join(["word"] * 40) + " a [dog] and a [cat]", ("dog", "cat"), "name it earlier or shorten the prompt"),
-])
+    (" ".join(["word"] * 40) + " a [dog] and a [cat]", ("dog", "cat"),
+     "[cat] is prompt token 165, past the 43 prompt tokens the text encoder reads beside 2 subjects; name it earlier"),
+    # 300 slots take 4,800 of the 77 positions: the message once counted -4725 tokens left for the text.
+    (" ".join(["[dog]"] * 300), ("dog",), "names 300 subjects, which take 16 positions each and a word; at most 4 fit in one prompt"),
+], ids=["unknown-slot", "unused-subject", "slot-too-late", "too-many-slots"])
 def test_slots_and_subjects_that_do_not_match_are_errors(model, embeds, prompt, subjects, words):
     with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("]", r"\]")):
         model.generate(prompt, subjects={name: embeds[name] for name in subjects}, **SETTINGS)
