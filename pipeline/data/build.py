@@ -392,7 +392,9 @@ def _nothing_new(store: DatasetStore, scan: SourceScan, digest: str) -> BuildRes
         manifest = store.read_manifest(parent) if parent else None
     except (OSError, ValueError):
         return None  # the parent's check says what is wrong with it
-    if not manifest or (manifest.get("source_digest"), manifest.get("processing_digest")) != (scan.digest(), digest):
+    if not isinstance(manifest, dict):  # none, or damaged: the parent's check names the damage
+        return None
+    if (manifest.get("source_digest"), manifest.get("processing_digest")) != (scan.digest(), digest):
         return None
     message = f"nothing changed since {parent}: processed 0 photos, no new version"
     log.info(message)

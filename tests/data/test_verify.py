@@ -131,8 +131,9 @@ def _truncate(path):
         (lambda out: _first_data_file(out).unlink(), lambda out: _first_data_file(out).name),
         (lambda out: _truncate(out / "v0001" / "manifest.json"), lambda out: "manifest.json"),
         (lambda out: _truncate(out / "v0001" / INPUTS_FILE), lambda out: INPUTS_FILE),
+        (lambda out: (out / "v0001" / "manifest.json").write_text("[1, 2]\n"), lambda out: "manifest.json"),
     ],
-    ids=["truncated-parquet", "missing-data-file", "truncated-manifest", "truncated-inputs"],
+    ids=["truncated-parquet", "missing-data-file", "truncated-manifest", "truncated-inputs", "manifest-not-an-object"],
 )
 def test_a_damaged_parent_is_a_clear_error_before_any_work(copy, capsys, damage, named):
     source, out = copy
