@@ -253,6 +253,8 @@ def test_network_policies_select_the_pods_the_manifests_make():
     expected = {  # policy -> (pods it guards, {pod: ports it may reach there}; other pods: none)
         "mlflow": ({"deployment/mlflow"}, dict.fromkeys(ray_pods, {mlflow_port})),
         "subjectforge-ray": (ray_pods, {**dict.fromkeys(ray_pods, ALL_PORTS), **dict.fromkeys(submitters, {8265})}),
+        # The RayService's pods alone, for the ingress controller (tests/test_serve_infra.py): none of these.
+        "subjectforge-serve-ingress": (set(), {}),
     }
     assert set(policies) == set(expected)
     for policy_name, (guarded, reach) in expected.items():
@@ -261,13 +263,16 @@ def test_network_policies_select_the_pods_the_manifests_make():
         assert {name for name, labels, _ in pods if selects(policy["spec"]["podSelector"], labels)} == guarded
         for name, labels, _ in pods:
             assert reachable_ports(policy, labels) == frozenset(reach.get(name, ())), f"{policy_name}: {name}"
-    # Peers in other namespaces: only the KubeRay operator, and only on the dashboard's port.
+    # Peers in other namespaces: only the KubeRay operator, on the dashboard's port, and the
+    # ingress controller, on Serve's.
+    other_namespaces = {"kuberay-operator": [{"port": head_ports["dashboard"]}], "ingress-nginx": [{"port": 8000}]}
     for policy in policies.values():
         for rule in policy["spec"]["ingress"]:
             for peer in rule["from"]:
                 if "namespaceSelector" in peer:
-                    assert peer["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}
-                    assert rule["ports"] == [{"port": head_ports["dashboard"]}]
+                    [name] = peer["podSelector"]["matchLabels"].values()
+                    assert peer["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": name}}
+                    assert rule["ports"] == other_namespaces[name]
 
 
 def test_no_secret_is_written_in_a_manifest():
