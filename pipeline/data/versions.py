@@ -115,12 +115,18 @@ class DatasetStore:
         for tmp in self.root.glob(".latest-*"):
             log.warning("removing %s left by an interrupted build", tmp)
             tmp.unlink(missing_ok=True)
-        latest = self.latest_version()
-        newest = int(latest[1:]) if latest and _VERSION_RE.match(latest) else 0
-        for version in self.versions():
-            if int(version[1:]) > newest and _manifest_status(self.path(version)) == "ok":
-                log.warning("removing %s: its build was killed before it became `latest`", self.path(version))
-                shutil.rmtree(self.path(version))
+        # Each build publishes after the version before it and first removes any orphan, so only
+        # the newest version can be one, and only while `latest` names the version before it (or,
+        # after a first build, is absent with no version before it). A `latest` that is missing or
+        # leads elsewhere beside older versions (a copy that dropped links, a link made by hand) is
+        # no state a build leaves: the versions are the user's and nothing is deleted.
+        sequence = [v for v in self.versions() if _manifest_status(self.path(v)) != "failed"]
+        if not sequence:
+            return
+        newest, before = sequence[-1], (sequence[-2] if len(sequence) > 1 else None)
+        if self.latest_version() == before and _manifest_status(self.path(newest)) == "ok":
+            log.warning("removing %s: its build was killed before it became `latest`", self.path(newest))
+            shutil.rmtree(self.path(newest))
 
     def publish(self, staging: Path, version: str) -> Path:
         """Move a complete staging folder to OUT/<version> and point `latest` at it."""

@@ -93,6 +93,31 @@ def test_recover_keeps_older_versions_and_versions_that_failed_their_check(tmp_p
     assert store.versions() == ["v0001", "v0002"]
 
 
+def test_a_first_build_killed_before_latest_is_cleaned_up(tmp_path):
+    store = DatasetStore(tmp_path)
+    _publish(store, "v0001")
+    (tmp_path / "latest").unlink()  # killed before `latest` was made
+    store.recover()
+    assert store.versions() == []
+
+
+@pytest.mark.parametrize("latest", [None, "outside", "v0007"], ids=["no-latest", "link-outside", "not-a-version"])
+def test_recover_deletes_no_published_version_when_latest_is_not_what_a_build_leaves(tmp_path, latest):
+    # A copy that dropped its links, or a `latest` made by hand: the versions are the user's
+    # history, not a killed build's, and a build used to delete every one of them.
+    store = DatasetStore(tmp_path / "out")
+    for version in ("v0001", "v0002", "v0003"):
+        _publish(store, version)
+    (tmp_path / "out" / "latest").unlink()
+    if latest == "outside":
+        (tmp_path / "elsewhere").mkdir()
+        os.symlink(tmp_path / "elsewhere", tmp_path / "out" / "latest")
+    elif latest:
+        os.symlink(latest, tmp_path / "out" / "latest")
+    store.recover()
+    assert store.versions() == ["v0001", "v0002", "v0003"]
+
+
 def test_failed_builds_stay_out_of_the_sequence_and_are_bounded(tmp_path):
     store = DatasetStore(tmp_path)
     _publish(store, "v0001")
