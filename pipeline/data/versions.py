@@ -54,8 +54,16 @@ class DatasetStore:
         return sorted(found, key=lambda name: int(name[1:]))
 
     def latest_version(self) -> str | None:
+        """What `latest` links to, or None without one. StoreError when it is a folder or file (a
+        copy that followed links): publishing could not replace it, after a whole build."""
         link = self.root / LATEST
         if not link.is_symlink():
+            if link.exists():
+                kind = "folder" if link.is_dir() else "file"
+                raise StoreError(
+                    f"{link} is a {kind}, not a link to a version (a copy that followed links?): "
+                    f"replace it with one, e.g. ln -sfn {self.versions()[-1] if self.versions() else 'vNNNN'} {link}"
+                )
             return None
         return os.readlink(link)
 

@@ -118,6 +118,21 @@ def test_recover_deletes_no_published_version_when_latest_is_not_what_a_build_le
     assert store.versions() == ["v0001", "v0002", "v0003"]
 
 
+def test_a_latest_that_is_a_folder_is_refused_before_any_work(tmp_path):
+    # A copy made following links (cp -rL, rsync -L) turns `latest` into a folder: publishing
+    # cannot replace it, so a build would run, place its version and fail without `latest`.
+    store = DatasetStore(tmp_path)
+    _publish(store, "v0001")
+    (tmp_path / "latest").unlink()
+    (tmp_path / "latest").mkdir()
+    with pytest.raises(StoreError, match="latest is a folder, not a link"):
+        store.latest_version()
+    with pytest.raises(StoreError, match="latest is a folder, not a link"):
+        with store.lock():
+            store.recover()
+    assert store.versions() == ["v0001"]
+
+
 def test_failed_builds_stay_out_of_the_sequence_and_are_bounded(tmp_path):
     store = DatasetStore(tmp_path)
     _publish(store, "v0001")
