@@ -55,6 +55,28 @@ def test_generate_bad_input_exits_2(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--target-category", " "], "--target-category: must not be empty"),
+        (["--device", "bogus"], "--device 'bogus': not a device"),
+        (["--device", "cpu:abc"], "--device 'cpu:abc': not a device"),
+        (["--device", "cuda:0"], "--device 'cuda:0': no such CUDA device"),
+    ],
+    ids=["blank-target-category", "unknown-device", "bad-index", "absent-cuda"],
+)
+def test_bad_category_or_device_exits_2_before_the_model_loads(tmp_path, capsys, monkeypatch, flags, message):
+    import torch
+
+    from pipeline.model import BlipDiffusion
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # also on a machine with GPUs
+    monkeypatch.setattr(BlipDiffusion, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
+    args = ["generate", "--profile", "tiny", "--category", "dog", "--subject-image", str(_photo(tmp_path / "a.png"))]
+    assert main([*args, "--prompt", "x", "--out", str(tmp_path / "o"), *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("batch", ["0", "-3"])
 def test_batch_size_below_one_exits_2(tmp_path, capsys, batch):
     args = ["generate", "--profile", "tiny", "--category", "dog", "--subject-image", str(_photo(tmp_path / "a.png"))]

@@ -19,7 +19,7 @@ import time
 
 import yaml
 
-from pipeline.commands.generate import SAMPLING_FLAGS, add_sampling_arguments
+from pipeline.commands.generate import SAMPLING_FLAGS, add_sampling_arguments, resolve_device
 from pipeline.config import Config, dump_config
 from pipeline.errors import UserError
 from pipeline.paths import check_output_folder, make_output_folder
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     check_output_folder(args.out)
     if args.model and args.model.startswith("models:/"):
         raise UserError("edit takes a base model (folder or Hub id); registered subjects (models:/...) are not supported yet")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    device = resolve_device(args.device)
     dtype_name = gen.dtype if gen.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
     # Every input is read before the model loads, so a typo costs no loading time.
     find_words(request.prompt, args.replace)

@@ -117,7 +117,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
     gen = config.generate
     request = _request(args, config)
     check_output_folder(args.out)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    _check_categories(args)
+    device = resolve_device(args.device)
     dtype_name = gen.dtype if gen.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
     if args.model and args.model.startswith("models:/"):
         from pipeline import tracking
@@ -164,6 +165,29 @@ def run(args: argparse.Namespace, config: Config) -> int:
     )
     elapsed = time.perf_counter() - start
     return _write(args, config, outputs, elapsed, device, dtype_name)
+
+
+def resolve_device(text: str):
+    """--device as a torch.device ("auto": cuda when there is a GPU, else cpu); UserError for a
+    name torch does not read or a CUDA device this machine does not have."""
+    import torch
+
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        raise UserError(f"--device {text!r}: not a device ({exc})") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {text!r}: no such CUDA device (this machine has {torch.cuda.device_count()})")
+    return device
+
+
+def _check_categories(args: argparse.Namespace) -> None:
+    """A class noun given as a flag is a word: blank ones are refused here, not in the model."""
+    for flag, value in (("--target-category", args.target_category), ("--style-category", args.style_category)):
+        if value is not None and not value.strip():
+            raise UserError(f"{flag}: must not be empty")
 
 
 def _check_style(args: argparse.Namespace, config: Config) -> None:
