@@ -154,6 +154,21 @@ def _is_hidden(name: str) -> bool:
 _NOT_FILES = {stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket", stat.S_IFBLK: "block device", stat.S_IFCHR: "character device"}
 
 
+def _is_utf8(name: str) -> bool:
+    """Whether a file name read from the disk was valid UTF-8 (Python keeps other bytes as
+    surrogates, which no UTF-8 writer accepts)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(name: str) -> str:
+    """A file name with its non-UTF-8 bytes written as \\xNN, for a reject record."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def not_a_file_reason(mode: int) -> str:
     """The reject reason of an entry whose st_mode is neither a folder nor a regular file."""
     return f"not a regular file ({_NOT_FILES.get(stat.S_IFMT(mode), 'unknown type')})"
@@ -213,10 +228,13 @@ class _Walker:
                 reason = f"cannot read: {exc.strerror}"
         if not reason and subject_id not in self.subjects:
             reason = f"subject folder {subject_id!r} is not listed in subjects.csv"
+        uri = path.relative_to(self.scan.root).as_posix()
+        if not _is_utf8(uri):  # rows and rejects are Parquet strings, which must be UTF-8
+            reason, uri, subject_id = "file name is not UTF-8: rename it", _printable(uri), _printable(subject_id)
         photo = SourcePhoto(
             subject_id=subject_id,
             category=self.subjects.get(subject_id, ""),
-            source_uri=path.relative_to(self.scan.root).as_posix(),
+            source_uri=uri,
             source_path=str(entry.real),
             sha256=digest,
         )

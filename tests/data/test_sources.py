@@ -150,6 +150,24 @@ def test_file_size_is_checked_before_hashing(tmp_path, monkeypatch):
     assert hashed == ["00.jpg"]
 
 
+def test_a_file_name_that_is_not_utf8_is_a_reject_with_a_printable_uri(tmp_path):
+    # Parquet strings are UTF-8: such a name as a row or reject crashed the build's write.
+    root = make_source(tmp_path / "src", {"dog": "dog"}, sample=False)
+    (root / "dog" / "00.jpg").write_bytes(jpeg_bytes(photo(size=(32, 32))))
+    with open(os.path.join(os.fsencode(root / "dog"), b"caf\xe9.jpg"), "wb") as fh:
+        fh.write(jpeg_bytes(photo(size=(32, 32))))
+    folder = os.path.join(os.fsencode(root), b"chien\xe9")
+    os.mkdir(folder)
+    with open(os.path.join(folder, b"p.jpg"), "wb") as fh:
+        fh.write(jpeg_bytes(photo(size=(32, 32))))
+    scan = scan_source(root)
+    not_utf8 = "file name is not UTF-8: rename it"
+    assert _reject_reasons(scan) == {"dog/caf\\xe9.jpg": not_utf8, "chien\\xe9/p.jpg": not_utf8}
+    assert [p.source_uri for p in scan.photos] == ["dog/00.jpg"]
+    for rejected, _ in scan.rejects:  # what a Parquet writer needs
+        assert rejected.source_uri.encode("utf-8") and rejected.subject_id.encode("utf-8")
+
+
 def test_a_folder_named_three_dots_is_a_subject_not_hidden(tmp_path):
     root = make_source(tmp_path / "src", {"...": "dog"}, sample=False)
     (root / "..." / "a.jpg").write_bytes(jpeg_bytes(photo()))
