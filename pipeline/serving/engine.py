@@ -18,6 +18,7 @@ switched only between groups. No Ray, HTTP or MLflow here.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import warnings
 from collections import defaultdict
@@ -30,6 +31,7 @@ import torch
 
 from pipeline.config import EditConfig
 from pipeline.model import BlipDiffusion
+from pipeline.model.blip_diffusion import StepCallback
 from pipeline.model.prompts import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT_REPS, build_prompt, check_text
 from pipeline.model.schedulers import fresh_scheduler
 from pipeline.serving.cache import LruBudget
@@ -60,6 +62,8 @@ class Job:
     control: ControlRequest | None = None  # a structure control: drawn in a group of its own
     edit: EditRequest | None = None  # an edit of a generated image or a photo: drawn in a group of its own
     slots: bool = False  # the prompt names its subjects in [slots] (serving/slots.py match_slots)
+    # Set by the event loop when the request's client left (app.py); read by the compute thread between steps.
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
     @property
     def unet_key(self) -> tuple[str, ...]:
@@ -82,6 +86,26 @@ class Job:
         # with a control is a group of one.
         alone = id(self) if self.control is not None or self.edit is not None else None
         return (r.steps, self.height, self.width, r.guidance_scale > 1.0, self.unet_key, alone)
+
+
+class BatchCancelled(Exception):
+    """Every request of a group left before its images were done: its denoising stopped."""
+
+
+def all_cancelled(jobs: list[Job]) -> bool:
+    return all(job.cancelled.is_set() for job in jobs)
+
+
+def stop_when_all_cancelled(jobs: list[Job]) -> StepCallback:
+    """A step_callback for BlipDiffusion._denoise that raises BatchCancelled after the step in
+    which the last of `jobs` was cancelled. While any of them still waits, the batch goes on: its
+    rows share every UNet call, and a cancelled request's rows cost no more than padding would."""
+
+    def check(step: int, *_: Any) -> None:
+        if all_cancelled(jobs):
+            raise BatchCancelled(f"all {len(jobs)} request(s) of the batch were cancelled; stopped after step {step + 1}")
+
+    return check
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -122,6 +146,11 @@ class Engine:
         for group in groups.values():
             try:
                 self._run_group(group)
+            except BatchCancelled as exc:  # nobody waits for these images; a job that failed alone keeps its error
+                log.info("%s", exc)
+                for job in group:
+                    if job.cancelled.is_set():
+                        job.images, job.error = None, exc
             except Exception as exc:  # each failure goes back to the group's callers; the replica goes on
                 if is_out_of_memory(exc) and torch.cuda.is_available():
                     torch.cuda.empty_cache()
@@ -132,6 +161,8 @@ class Engine:
 
     @torch.no_grad()
     def _run_group(self, jobs: list[Job]) -> None:
+        if all_cancelled(jobs):  # they all left while an earlier group was drawn
+            raise BatchCancelled(f"all {len(jobs)} request(s) of the batch were cancelled before it started")
         first = jobs[0]
         model, adapters = self._activate(jobs)
         if first.edit is not None:
@@ -172,6 +203,7 @@ class Engine:
         started = time.monotonic()
         for job in drawn:
             job.started = started
+        stop_if_cancelled = stop_when_all_cancelled(drawn)
         images: list[PIL.Image.Image] = []
         for start in range(0, len(scales), self.max_batch_images):
             stop = min(start + self.max_batch_images, len(scales))
@@ -183,7 +215,8 @@ class Engine:
             # With guidance the UNet sees [uncond rows; cond rows]: both halves use the row's adapter.
             names = rows[start:stop] * (2 if null is not None else 1)
             with _row_adapters(model.unet, names if len(set(rows)) > 1 else None):
-                chunk = model._denoise(chunk, cond_all[start:stop], null, scheduler, part, progress=False, control=control)
+                chunk = model._denoise(chunk, cond_all[start:stop], null, scheduler, part, progress=False,
+                                       step_callback=stop_if_cancelled, control=control)
             decoded = model.vae.decode(chunk / model.vae.config.scaling_factor).sample
             images += model.image_processor.postprocess(decoded.to(torch.float32, copy=True), "pil")
         for job in drawn:

@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 from pipeline.model import BlipDiffusion
+from pipeline.model.schedulers import fresh_scheduler
 from pipeline.model.subject import SubjectModel
-from pipeline.serving.engine import Engine, Job
+from pipeline.serving.engine import BatchCancelled, Engine, Job
 from pipeline.serving.requests import GenerationRequest
 from pipeline.serving.subjects import ZeroShotSubject, read_subject
 from tests.serve_subjects import TINY, make_subject
@@ -121,3 +122,66 @@ def test_a_request_whose_prompt_cannot_be_encoded_fails_alone_not_its_batch(subj
     good, poisoned, after = engine.run([job(a, 2), bad, job(a, 3)])
     assert isinstance(poisoned.error, TypeError) and poisoned.images is None
     assert good.error is None and after.error is None and len(good.images) == len(after.images) == 1
+
+
+def count_unet_calls(engine, then=None):
+    """A list that gets an entry per UNet call of `engine`; `then(calls)` runs after each."""
+    calls = []
+
+    def hook(*_):
+        calls.append(1)
+        if then is not None:
+            then(len(calls))
+
+    engine.model.unet.register_forward_hook(hook)
+    return calls
+
+
+def test_a_batch_whose_requests_all_left_stops_after_the_current_step(subjects, monkeypatch):
+    """Clients that leave a running batch of 8 images x 150 steps made it run to the end: a batch
+    whose requests are all cancelled (app.py marks them) now stops between two steps."""
+    engine = Engine(BlipDiffusion.from_pretrained(TINY), max_batch_images=8, max_subjects=8, max_lora_adapters=8)
+    a = subjects["a"][1]
+    jobs = [Job(GenerationRequest("on the beach", 2, seed, 10, 7.5, None, None, None), a, 64, 64) for seed in (1, 2)]
+    decode, decodes = engine.model.vae.decode, []
+
+    def counted_decode(*args, **kwargs):
+        decodes.append(1)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model.vae, "decode", counted_decode)
+
+    def leave(calls):  # during step 3 the first client leaves, during step 4 the second
+        if calls >= 3:
+            jobs[0].cancelled.set()
+        if calls >= 4:
+            jobs[1].cancelled.set()
+
+    calls = count_unet_calls(engine, then=leave)
+    engine.run(jobs)
+    assert len(calls) == 4 and not decodes  # step 4 finished, then nothing more: no step 5, no decoding
+    for j in jobs:
+        assert j.images is None and isinstance(j.error, BatchCancelled) and "stopped after step 4" in str(j.error)
+    # One request left, the other still waits: the batch draws every step for it (PNDM's
+    # timesteps, one more than STEPS).
+    scheduler = fresh_scheduler(engine.model.scheduler)
+    scheduler.set_timesteps(STEPS)
+    every_step = len(scheduler.timesteps)
+    waiting = [job(a, 3), job(a, 4)]
+    waiting[0].cancelled.set()
+    calls.clear()
+    engine.run(waiting)
+    assert len(calls) == every_step and all(j.error is None and len(j.images) == 1 for j in waiting)
+    # A group whose requests all left before it started draws nothing, and the engine goes on.
+    gone = job(a, 5)
+    gone.cancelled.set()
+    calls.clear()
+    left, after = engine.run([gone, Job(request(6), a, 32, 32)])  # two groups: two sizes
+    assert left.images is None and isinstance(left.error, BatchCancelled) and len(calls) == every_step
+    assert after.error is None and len(after.images) == 1
+    # A request that failed alone (its prompt) keeps its own error when the rest of its group left.
+    bad = Job(GenerationRequest("on the \ud800 beach", 1, 1, STEPS, 7.5, None, None, None), a, 64, 64)
+    gone = job(a, 7)
+    gone.cancelled.set()
+    poisoned, left = engine.run([bad, gone])
+    assert isinstance(poisoned.error, TypeError) and isinstance(left.error, BatchCancelled)
