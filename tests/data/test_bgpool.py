@@ -111,6 +111,14 @@ def test_a_plain_folder_with_a_bomb_is_refused_naming_it(tmp_path):
         list_backgrounds(folder)
 
 
+def test_a_plain_folder_with_a_name_that_is_not_utf8_is_refused_naming_it(tmp_path):
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    photo(1).save(os.path.join(os.fsencode(folder), b"caf\xe9.png"))  # its id would be a row's background_id
+    with pytest.raises(ConfigError, match=r"caf\\xe9.png.*not UTF-8"):
+        list_backgrounds(folder)
+
+
 def test_salient_prompt_needs_more_than_the_area():
     conf = np.zeros((10, 10), np.float32)
     conf[:2, :5] = 0.9  # 10% of the photo
