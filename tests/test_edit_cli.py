@@ -62,3 +62,10 @@ def test_an_out_that_is_a_file_exits_2(tmp_path, capsys):
     out.write_text("not a folder")
     assert main([*BASE, "--subject-image", _photo(tmp_path / "cat.png"), "--out", str(out)]) == 2
     assert f"--out {out}: {out} is not a folder" in capsys.readouterr().err
+
+
+def test_a_prompt_that_is_not_utf8_exits_2(tmp_path, capsys):
+    # Python keeps a Latin-1 terminal's bytes as surrogates, which the tokenizer refuses.
+    args = [*BASE, "--subject-image", _photo(tmp_path / "cat.png"), "--out", str(tmp_path / "o")]
+    assert main([*args, "--prompt", "a dog in a caf\udce9"]) == 2
+    assert "--prompt: not UTF-8 text" in capsys.readouterr().err

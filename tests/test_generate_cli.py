@@ -59,11 +59,14 @@ def test_generate_bad_input_exits_2(tmp_path, capsys):
     ("flags", "message"),
     [
         (["--target-category", " "], "--target-category: must not be empty"),
+        (["--target-category", "caf\udce9"], "--target-category: not UTF-8 text"),  # a Latin-1 terminal's bytes
+        (["--negative-prompt", "caf\udce9"], "--negative-prompt: not UTF-8 text"),
         (["--device", "bogus"], "--device 'bogus': not a device"),
         (["--device", "cpu:abc"], "--device 'cpu:abc': not a device"),
         (["--device", "cuda:0"], "--device 'cuda:0': no such CUDA device"),
     ],
-    ids=["blank-target-category", "unknown-device", "bad-index", "absent-cuda"],
+    ids=["blank-target-category", "latin1-target-category", "latin1-negative-prompt", "unknown-device", "bad-index",
+         "absent-cuda"],
 )
 def test_bad_category_or_device_exits_2_before_the_model_loads(tmp_path, capsys, monkeypatch, flags, message):
     import torch

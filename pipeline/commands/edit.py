@@ -19,7 +19,7 @@ import time
 
 import yaml
 
-from pipeline.commands.generate import SAMPLING_FLAGS, add_sampling_arguments, resolve_device
+from pipeline.commands.generate import SAMPLING_FLAGS, add_sampling_arguments, check_text_flags, resolve_device
 from pipeline.config import Config, dump_config
 from pipeline.errors import UserError
 from pipeline.paths import check_output_folder, make_output_folder
@@ -68,6 +68,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
     gen, settings = config.generate, config.edit
     request = _request(args, config)
     check_output_folder(args.out)
+    check_text_flags({"--prompt": args.prompt, "--negative-prompt": gen.negative_prompt, "--replace": args.replace,
+                      "--category": args.category, "--target-category": args.target_category, "--mask-prompt": args.mask_prompt})
     if args.model and args.model.startswith("models:/"):
         raise UserError("edit takes a base model (folder or Hub id); registered subjects (models:/...) are not supported yet")
     device = resolve_device(args.device)

@@ -117,7 +117,11 @@ def run(args: argparse.Namespace, config: Config) -> int:
     gen = config.generate
     request = _request(args, config)
     check_output_folder(args.out)
-    _check_categories(args)
+    check_text_flags(
+        {"--prompt": args.prompt, "--negative-prompt": gen.negative_prompt, "--category": args.category,
+         "--target-category": args.target_category, "--style-category": args.style_category},
+        nouns=("--target-category", "--style-category"),
+    )
     device = resolve_device(args.device)
     dtype_name = gen.dtype if gen.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
     if args.model and args.model.startswith("models:/"):
@@ -183,10 +187,19 @@ def resolve_device(text: str):
     return device
 
 
-def _check_categories(args: argparse.Namespace) -> None:
-    """A class noun given as a flag is a word: blank ones are refused here, not in the model."""
-    for flag, value in (("--target-category", args.target_category), ("--style-category", args.style_category)):
-        if value is not None and not value.strip():
+def check_text_flags(texts: dict[str, str | None], nouns: tuple[str, ...] = ()) -> None:
+    """UserError naming the flag of a text that is not UTF-8 (Python keeps the bytes of a terminal
+    in another encoding as surrogates, which the tokenizer refuses) or of a class noun in `nouns`
+    that is blank; refused here, before the model loads, not inside it."""
+    for flag, text in texts.items():
+        if text is None:
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = text.encode("utf-8", "backslashreplace").decode()
+            raise UserError(f"{flag}: not UTF-8 text ({shown!r}); use a UTF-8 terminal or locale") from None
+        if flag in nouns and not text.strip():
             raise UserError(f"{flag}: must not be empty")
 
 
