@@ -147,7 +147,7 @@ def bench_control(args, model: BlipDiffusion, photo: Image.Image, ours, record, 
         controlnet.compile(mode=mode)
         record("ours compiled, 1 image", ours(1), 1)
         record("ours+controlnet compiled, 1 image", ours(1, control), 1)
-    best = {run["name"]: run["best_s_per_image"] for run in results["runs"]}
+    best = {run["name"]: run["best_s_per_image"] for run in results["runs"] if "error" not in run}
     results["control_ratio"] = {
         mode: round(best[f"ours+controlnet {mode}, 1 image"] / best[f"ours {mode}, 1 image"], 3)
         for mode in ("eager", "compiled")
@@ -181,7 +181,7 @@ def bench_edit(args, model: BlipDiffusion, photo: Image.Image, ours, record, res
         model.compile_for_inference(mode=mode)
         record("ours compiled, 1 image", ours(1), 1)
         record("edit compiled, 1 image", photo_edit, 1)
-    best = {run["name"]: run["best_s_per_image"] for run in results["runs"]}
+    best = {run["name"]: run["best_s_per_image"] for run in results["runs"] if "error" not in run}
     results["edit_ratio"] = {
         mode: round(best[f"edit {mode}, 1 image"] / best[f"ours {mode}, 1 image"], 3)
         for mode in ("eager", "compiled")
@@ -245,7 +245,13 @@ def main() -> int:
             log.info("skip %s: budget spent", name)
             return
         start = time.perf_counter()
-        seconds = timed(fn, device, args.repeats)
+        try:
+            seconds = timed(fn, device, args.repeats)
+        except Exception as exc:  # record the failure and go on: the modes after it still count
+            log.exception("%s failed", name)
+            results["runs"].append({"name": name, "error": f"{type(exc).__name__}: {exc}"[:500]})
+            args.out.write_text(json.dumps(results, indent=2))
+            return
         per_image = min(seconds) / n
         results["runs"].append({
             "name": name, "images_per_call": n, "seconds_per_call": [round(s, 4) for s in seconds],

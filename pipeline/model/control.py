@@ -61,7 +61,11 @@ class Control:
             conditioning_scale=self.scale,
             return_dict=False,
         )
-        return tuple(down), mid
+        # Copies: a ControlNet compiled with CUDA graphs ("reduce-overhead") hands out its graph's
+        # own output buffers, and recording the UNet's graph, which reads them, replays graphs
+        # that overwrite them (torch's "accessing tensor output of CUDAGraphs that has been
+        # overwritten" on an H100). 13 latent-sized tensors a step: negligible beside the UNet.
+        return tuple(r.clone() for r in down), mid.clone()
 
 
 def load_controlnet(path_or_id: str | Path, *, dtype: torch.dtype, device: str | torch.device, local_files_only: bool = True):

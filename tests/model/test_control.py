@@ -133,3 +133,28 @@ def test_bad_control_input_exits_2(tmp_path, capsys, photo):
     assert main([*args, "--control", "canny", "--control-image", str(photo), "--control-scale", "-1"]) == 2
     assert "generate.control.scale" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+class _ReplayedBuffers(torch.nn.Module):
+    """A ControlNet as CUDA graphs run it: every call writes its outputs into the same buffers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down, self.mid = [torch.zeros(1, 4, 8, 8) for _ in range(3)], torch.zeros(1, 4, 4, 4)
+
+    def forward(self, latents, timestep, **kwargs):
+        for buffer in (*self.down, self.mid):
+            buffer.fill_(float(timestep))
+        return self.down, self.mid
+
+
+def test_residuals_outlive_the_controlnets_next_call():
+    """Reproduces 'accessing tensor output of CUDAGraphs that has been overwritten' (the compiled
+    ControlNet on an H100): the residuals a step hands to the UNet must be its own tensors."""
+    from pipeline.model.control import Control
+
+    control = Control(_ReplayedBuffers(), torch.zeros(1, 3, 64, 64))
+    latents, embeds = torch.zeros(1, 4, 8, 8), torch.zeros(1, 77, 32)
+    down, mid = control.residuals(latents, torch.tensor(1.0), embeds)
+    control.residuals(latents, torch.tensor(2.0), embeds)  # the next step's call replays the graph
+    assert all(torch.all(r == 1.0) for r in down) and torch.all(mid == 1.0)
