@@ -58,7 +58,7 @@ from pipeline.train.hooks import RunInfo
 from pipeline.train.inmemory import InMemoryShard
 from pipeline.train.loop import train_loop
 from pipeline.train.methods import PRIOR_CAPTION, REFERENCES_FOLDER, get_method
-from pipeline.train.trainer import check_cluster, check_training, checkpoint_step, fit, storage_path
+from pipeline.train.trainer import check_cluster, check_storage, check_training, checkpoint_step, fit, storage_path
 from pipeline.train.validation import plan_validation, rank_records, read_records
 from stages.records import CATEGORY, COMPOSITE, IMAGE, SOURCE_SHA256, SUBJECT_ID
 from stages.train_inputs import CAPTION, decode_rgb
@@ -360,6 +360,7 @@ def finetune_subject(config: Config, in_process: bool = False) -> FinetuneResult
     check_finetune(config)
     ft = config.finetune
     check_output_folder(Path(ft.out).expanduser(), "finetune.out")  # before the training, not after it
+    check_storage(config.train.storage_path)
     start = time.perf_counter()
     subject = read_subject(config)
     uri = tracking.resolve_tracking_uri(config.tracking.uri) if config.tracking.enabled else None

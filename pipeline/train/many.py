@@ -37,6 +37,7 @@ from pipeline.raycluster import ensure_ray
 from pipeline.train import bases
 from pipeline.train.data import open_dataset
 from pipeline.train.finetune import FinetuneResult, check_scorers, finetune_subject, list_subjects
+from pipeline.train.trainer import check_storage
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ def finetune_many(config: Config) -> list[SubjectOutcome]:
     if ft.validate_every:
         check_scorers(config)  # before any actor starts, not at each subject's first validation
     check_output_folder(Path(ft.out).expanduser(), "finetune.out")  # else every subject fails, then the summary
+    check_storage(config.train.storage_path)
     ensure_ray(config.ray)
     size = min(ft.concurrency, len(subjects))
     check_pool(config, size)

@@ -26,6 +26,7 @@ from pipeline import tracking
 from pipeline.config import Config, ConfigError
 from pipeline.model import CheckpointError, SubjectImageProcessor
 from pipeline.model.checkpoint import MODEL_INDEX, read_json, resolve_checkpoint
+from pipeline.paths import check_output_folder
 from pipeline.raycluster import ensure_ray
 from pipeline.train import dist
 from pipeline.train.data import (
@@ -65,6 +66,7 @@ def check_training(config: Config) -> tuple[DatasetInfo, SubjectImageProcessor]:
     train = config.train
     get_method(train.method)
     check_optimizer(train)
+    check_storage(train.storage_path)
     info = open_dataset(train.data)
     if info.rows // train.workers < train.batch_size:
         raise ConfigError(
@@ -100,6 +102,13 @@ def check_cluster(config: Config) -> None:
 def storage_path(setting: str) -> str:
     """`train.storage_path` as Ray Train takes it: a URI as given, a local path made absolute."""
     return setting if "://" in setting else str(Path(setting).expanduser().resolve())
+
+
+def check_storage(setting: str) -> None:
+    """UserError naming train.storage_path when it is a local path that cannot be a folder (a
+    file, or under one): Ray Train would fail on it only once the cluster and the data are up."""
+    if "://" not in setting:
+        check_output_folder(storage_path(setting), "train.storage_path")
 
 
 def fit(config: Config, run_name: str, resources: dict[str, float], datasets: dict[str, Any], run: RunInfo, **loop_config: Any) -> Result:

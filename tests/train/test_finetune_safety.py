@@ -140,6 +140,15 @@ def test_finetune_many_names_subjects_missing_from_the_dataset_before_starting_r
     assert "finetune.subjects: cow not in dataset v0001" in (err := capsys.readouterr().err) and "its subjects: cat, dog" in err
 
 
+def test_a_storage_path_that_is_a_file_is_refused_before_training(tmp_path, fake_fit, capsys):
+    dataset, out = tmp_path / "ds", tmp_path / "out"
+    publish_dataset(dataset, {"dog": "dog"}, per_subject=1)
+    (tmp_path / "runs").write_text("not a folder")
+    assert main(_argv(dataset, out, "dog")) == 2  # _argv puts train.storage_path at tmp_path / "runs"
+    assert f"train.storage_path {tmp_path / 'runs'}: {tmp_path / 'runs'} is not a folder" in capsys.readouterr().err
+    assert not fake_fit
+
+
 def test_finetune_many_refuses_an_out_that_is_a_file_before_starting_ray(tmp_path, monkeypatch, capsys):
     import pipeline.train.many as many
 
@@ -150,3 +159,6 @@ def test_finetune_many_refuses_an_out_that_is_a_file_before_starting_ray(tmp_pat
     argv = ["finetune-many", "--profile", "tiny", "--data", str(dataset), "--out", str(out), "--set", "tracking.enabled=false"]
     assert main(argv) == 2
     assert f"finetune.out {out}: {out} is not a folder" in capsys.readouterr().err
+    argv[argv.index(str(out))] = str(tmp_path / "subjects")
+    assert main([*argv, "--set", f"train.storage_path={out}"]) == 2
+    assert f"train.storage_path {out}: {out} is not a folder" in capsys.readouterr().err

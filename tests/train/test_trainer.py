@@ -213,6 +213,7 @@ def test_bad_config_is_refused_before_any_worker_starts(dataset, tmp_path, monke
         (["--data", str(tmp_path / "nowhere")], "dataset not found"),
         (["--data", str(empty / "latest")], "has no rows"),
         (["--data", str(dataset), "--workers", "2", "--set", "train.batch_size=4"], "fewer than train.workers"),
+        (["--data", str(dataset), "--set", f"train.storage_path={dataset / 'latest' / 'manifest.json'}"], "is not a folder"),
     ]
     for flags, message in cases:
         assert main(base + flags) == 2, flags
