@@ -11,6 +11,8 @@ so resuming works across both.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import shutil
 import time
 from collections.abc import Iterator
@@ -29,8 +31,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.paths import remove_tree
 
+log = logging.getLogger(__name__)
+
 TRAIN_DATASET = "train"
 _PARTIAL = ".partial-"  # prefix of a checkpoint folder being written (never resumed from)
+# {"step": N, "files": {relative path: bytes}}, written last into a checkpoint: small, so the
+# driver need not load the optimizer state, and the record that every other file is whole.
+PROGRESS = "progress.json"
 
 
 @dataclass
@@ -210,9 +217,40 @@ def report(metrics: dict[str, float], folder: Path | None, name: str | None = No
 
 
 def newest_checkpoint(run_folder: Path) -> Path | None:
-    """The newest complete checkpoint folder (step-NNNNNNN) of a run, or None."""
-    found = sorted(p for p in Path(run_folder).glob("step-*") if p.is_dir())
-    return found[-1] if found else None
+    """The newest complete checkpoint folder (step-NNNNNNN) of a run, or None. Ray Train copies a
+    reported checkpoint straight into its final folder, so one whose copy was killed has files
+    missing or short: it is skipped, with a warning, for the one before."""
+    for folder in sorted((p for p in Path(run_folder).glob("step-*") if p.is_dir()), reverse=True):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        log.warning("skipping %s: incomplete checkpoint (%s; a save or upload killed midway?)", folder, problem)
+    return None
+
+
+def write_progress(folder: Path, step: int) -> None:
+    """Record `step` and the size of every file under `folder`, last, so that
+    `checkpoint_problem` can tell a whole checkpoint from a partly copied one."""
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / PROGRESS).write_text(json.dumps({"step": step, "files": files}) + "\n")
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """What is missing or short in a checkpoint folder, or None when it is whole. A progress
+    record without a file list (older releases) is taken as whole."""
+    try:
+        files = json.loads((folder / PROGRESS).read_text()).get("files", {})
+    except FileNotFoundError:
+        return f"no {PROGRESS}"
+    except (OSError, ValueError, AttributeError) as exc:
+        return f"unreadable {PROGRESS}: {exc}"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} of {size} bytes"
+    return None
 
 
 def _store_checkpoint(folder: Path, run_folder: Path, name: str, keep: int | None) -> None:

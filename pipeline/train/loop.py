@@ -8,7 +8,6 @@ is behind pipeline/train/dist.py. `trainer.py` starts this function on N workers
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
@@ -55,7 +54,7 @@ log = logging.getLogger(__name__)
 CPU = torch.device("cpu")
 
 TRAIN_STATE = "train_state.pt"  # optimizer, LR schedule and step, beside the method's files
-PROGRESS = "progress.json"  # {"step": N}: small, so the driver need not load the optimizer state
+PROGRESS = dist.PROGRESS  # {"step": N, "files": ...}, written last (dist.write_progress)
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -225,7 +224,7 @@ def _save_checkpoint(folder: Path, method: Any, optimizer: Any, schedule: Any, s
             method.save(folder / EMA_FOLDER)
         state["ema"] = ema.state_dict()
     torch.save(state, folder / TRAIN_STATE)
-    (folder / PROGRESS).write_text(json.dumps({"step": step}) + "\n")
+    dist.write_progress(folder, step)
 
 
 def read_train_state(folder: Path) -> dict[str, Any]:
