@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import math
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,6 +225,10 @@ def precompute_inputs(ds: Dataset, info: DatasetInfo, config: Config, storage: s
     fs, root = pyarrow.fs.FileSystem.from_uri(cache)
     done = f"{root}/{_PRECOMPUTE_DONE}"
     if fs.get_file_info(done).type == pyarrow.fs.FileType.NotFound:
+        # Each attempt writes its own parts folder, which the completion record names: Ray Data
+        # appends to a folder, so the parts of a killed attempt (or of a job writing the same
+        # cache at once) would otherwise be read as rows beside the complete set.
+        parts = f"parts-{uuid.uuid4().hex[:12]}"
         log.info("precomputing VAE latents and ViT features of %d rows into %s", info.rows, cache)
         bf16 = train.gpu and train.mixed_precision != "no"
         encoded = ds.map_batches(
@@ -237,15 +242,17 @@ def precompute_inputs(ds: Dataset, info: DatasetInfo, config: Config, storage: s
         # Dictionary pages only for the strings: random-looking floats never repeat, and a
         # dictionary-encoded binary column reads ~7x slower.
         packed = encoded.map_batches(pack_tensor_columns, batch_format="numpy", zero_copy_batch=True)
-        packed.write_parquet(cache, use_dictionary=[CATEGORY, CAPTION])
+        packed.write_parquet(f"{cache}/{parts}", use_dictionary=[CATEGORY, CAPTION])
         with fs.open_output_stream(done) as out:
-            out.write(json.dumps({"rows": info.rows, "key": key_source}).encode())
+            out.write(json.dumps({"rows": info.rows, "key": key_source, "parts": parts}).encode())
     else:
         log.info("training from precomputed inputs in %s", cache)
-    selector = pyarrow.fs.FileSelector(root, recursive=False)
+    with fs.open_input_stream(done) as record:
+        parts = json.loads(record.read()).get("parts", "")  # "": older releases wrote into the cache itself
+    selector = pyarrow.fs.FileSelector(f"{root}/{parts}".rstrip("/"), recursive=False)
     files = sorted(f.path for f in fs.get_file_info(selector) if f.path.endswith(".parquet"))
     info.tensor_layout = read_tensor_layout(pq.read_schema(files[0], filesystem=fs))
-    arrays = array_cache(cache, info.tensor_layout)
+    arrays = array_cache(f"{cache}/{parts}".rstrip("/"), info.tensor_layout)
     info.array_cache = str(arrays) if arrays is not None else None
     return repeat_passes(ray.data.read_parquet(files, filesystem=fs), passes)
 

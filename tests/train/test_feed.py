@@ -79,3 +79,52 @@ def test_passes_per_epoch_are_the_planned_epochs_on_gpus_and_one_on_cpu():
     assert training_passes(info, load_config(overrides=[*gpu, "train.steps=1"])) == 1
     # CPU runs keep one pass: a union's row order depends on which node finishes first.
     assert training_passes(info, load_config(overrides=["train.steps=1000", "train.batch_size=10"])) == 1
+
+
+class _FakePlan:
+    """Stands in for the encode plan: write_parquet appends a part of `rows` rows with a new
+    name, as Ray Data's default SaveMode.APPEND does (the files already there stay)."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+
+    def map_batches(self, *args, **kwargs):
+        return self
+
+    def write_parquet(self, path, **kwargs):
+        import uuid
+        from pathlib import Path
+
+        ids = np.arange(self.rows)
+        batch = {"category": np.array(["dog"] * self.rows, dtype=object), "latent_params": ids[:, None].astype(np.float32)}
+        Path(path).mkdir(parents=True, exist_ok=True)
+        pq.write_table(pack_tensor_columns(batch), Path(path) / f"{uuid.uuid4().hex}.parquet")
+
+
+class _KilledPlan(_FakePlan):
+    def write_parquet(self, path, **kwargs):
+        super().write_parquet(path)
+        raise KeyboardInterrupt  # the job dies after its first part
+
+
+def test_a_precompute_killed_midway_leaves_no_rows_in_the_next_runs_cache(tmp_path, monkeypatch):
+    # The killed run wrote some parts and no completion record. The rerun must not count them:
+    # Ray Data appends, so the cache would hold those rows twice (and the arrays too).
+    import ray.data
+
+    from pipeline.config import load_config
+    from pipeline.train import data as feed
+
+    monkeypatch.setattr(ray.data, "read_parquet", lambda files, filesystem=None: list(files))
+    monkeypatch.setattr(feed, "repeat_passes", lambda files, passes: files)
+    config = load_config(None)
+    info = feed.DatasetInfo(name="d", version="v0001", path=str(tmp_path), digest="0" * 16, rows=6, files=[], subjects=[], has_caption=False)
+
+    with pytest.raises(KeyboardInterrupt):
+        feed.precompute_inputs(_KilledPlan(4), info, config, str(tmp_path))
+    files = feed.precompute_inputs(_FakePlan(6), info, config, str(tmp_path))
+    assert sum(pq.ParquetFile(f).metadata.num_rows for f in files) == 6
+    arrays = np.load(f"{info.array_cache}/latent_params.npy")
+    assert arrays.shape == (6, 1)
+    # A third run reuses the completed cache as it is.
+    assert feed.precompute_inputs(_FakePlan(6), info, config, str(tmp_path)) == files
