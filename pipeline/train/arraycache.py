@@ -24,6 +24,7 @@ import os
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,9 +56,8 @@ def array_cache(cache: str, layout: dict[str, tuple[str, tuple[int, ...]]]) -> P
     if (folder / _INDEX).is_file():
         return folder
     start = time.perf_counter()
-    staging = root / f"{ARRAYS}.tmp-{os.getpid()}"
-    if staging.exists():
-        remove_tree(staging, root)
+    # A name no other job takes: drivers on two nodes (containers) can have the same pid.
+    staging = root / f"{ARRAYS}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     _write_arrays(sorted(root.glob("*.parquet")), staging, layout)
     try:

@@ -90,3 +90,30 @@ def test_a_batch_larger_than_a_share_is_a_config_error(cache):
 def test_a_worker_without_the_arrays_is_told_the_storage_is_not_shared(tmp_path):
     with pytest.raises(ConfigError, match="train.storage_path"):
         ArrayStream(tmp_path / "arrays", 4, rank=0, world_size=1, seed=0)
+
+
+def test_two_jobs_making_the_arrays_at_once_on_nodes_with_the_same_pid(cache, tmp_path, monkeypatch):
+    # Two drivers in containers often have the same pid: the second must not take the first's
+    # staging folder (deleting its files and renaming its own half-written ones into place).
+    import shutil
+
+    from pipeline.train import arraycache
+
+    root = tmp_path / "precomputed"
+    shutil.copytree(cache[0], root, ignore=shutil.ignore_patterns(ARRAYS))
+    layout = read_tensor_layout(pq.read_schema(root / "part-0.parquet"))
+    monkeypatch.setattr(arraycache.os, "getpid", lambda: 7)
+    write = arraycache._write_arrays
+    other_job: list = []
+
+    def first_job_writes(files, folder, columns):
+        if not other_job:  # the other node's job runs whole between this one's mkdir and its writes
+            other_job.append(None)
+            other_job[0] = array_cache(str(root), layout)
+        write(files, folder, columns)
+
+    monkeypatch.setattr(arraycache, "_write_arrays", first_job_writes)
+    folder = array_cache(str(root), layout)
+    assert folder == other_job[0] == root / ARRAYS
+    assert (np.load(folder / "latent_params.npy")[:, 0, 0, 0] == np.arange(ROWS)).all()
+    assert [p.name for p in root.iterdir() if p.name.startswith(ARRAYS)] == [ARRAYS]  # no staging left
