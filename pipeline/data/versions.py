@@ -2,8 +2,9 @@
 
 A version is built in OUT/.staging/ and renamed into place only when complete (same
 filesystem, so the rename is atomic), then `latest` is switched by replacing a symlink. A build
-killed at any point leaves a staging folder, or a version newer than `latest` and a `.latest-*`
-link when killed between the rename and the switch; the next build removes both (`recover`).
+killed at any point leaves a staging folder, or a version newer than `latest`, its
+`.publishing-<version>` record and a `.latest-*` link when killed between the rename and the
+switch; the next build removes them (`recover`).
 One build at a time holds OUT/.lock (an advisory flock), so concurrent refreshes queue instead
 of racing. A build that fails its own check goes to OUT/failed/, outside the version sequence,
 where only the newest few are kept.
@@ -34,6 +35,7 @@ MANIFEST = "manifest.json"
 INPUTS_FILE = "inputs.parquet"  # the ledger: one row per input, accepted or rejected
 REJECTS_FILE = "rejects.parquet"
 FAILED = "failed"
+_PUBLISHING = ".publishing-"  # + version: exists from just before its rename until `latest` names it
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
 
 
@@ -114,37 +116,38 @@ class DatasetStore:
     def recover(self) -> None:
         """Undo what a build killed while publishing left; call under lock(), before next_version().
 
-        A version newer than `latest` whose manifest says ok was renamed into place by a build
-        killed before it switched `latest`. That job never finished, so its lineage was never
-        recorded (pipeline.data.build.run_data_job): the version is removed rather than adopted, and
-        the next build makes it again. Versions marked failed (older releases kept them in the
-        sequence) stay, as does anything whose manifest cannot be read.
+        A version whose `.publishing-<version>` record is there and which `latest` does not name
+        was renamed into place by a build killed before it switched `latest`. That job never
+        finished, so its lineage was never recorded (pipeline.data.build.run_data_job): the version
+        is removed rather than adopted, and the next build makes it again. Only that record marks
+        a version as a killed build's: a version newer than `latest` without one is the user's
+        (`latest` moved back by hand, a copy that dropped links) and stays.
         """
+        latest = self.latest_version()  # a StoreError before any work for one publish could not replace
         for tmp in self.root.glob(".latest-*"):
             log.warning("removing %s left by an interrupted build", tmp)
             tmp.unlink(missing_ok=True)
-        # Each build publishes after the version before it and first removes any orphan, so only
-        # the newest version can be one, and only while `latest` names the version before it (or,
-        # after a first build, is absent with no version before it). A `latest` that is missing or
-        # leads elsewhere beside older versions (a copy that dropped links, a link made by hand) is
-        # no state a build leaves: the versions are the user's and nothing is deleted.
-        sequence = [v for v in self.versions() if _manifest_status(self.path(v)) != "failed"]
-        if not sequence:
-            return
-        newest, before = sequence[-1], (sequence[-2] if len(sequence) > 1 else None)
-        if self.latest_version() == before and _manifest_status(self.path(newest)) == "ok":
-            log.warning("removing %s: its build was killed before it became `latest`", self.path(newest))
-            shutil.rmtree(self.path(newest))
+        for record in self.root.glob(f"{_PUBLISHING}*"):
+            version = record.name.removeprefix(_PUBLISHING)
+            if _VERSION_RE.match(version) and self.path(version).is_dir() and latest != version:
+                log.warning("removing %s: its build was killed before it became `latest`", self.path(version))
+                shutil.rmtree(self.path(version))
+            record.unlink()
+        _fsync_dir(self.root)
 
     def publish(self, staging: Path, version: str) -> Path:
         """Move a complete staging folder to OUT/<version> and point `latest` at it."""
         final = self.path(version)
         if final.exists():
             raise FileExistsError(f"{final} already exists; refusing to overwrite a published version")
+        record = self.root / f"{_PUBLISHING}{version}"
+        record.touch()
+        _fsync_dir(self.root)  # on disk before the version is: `recover` must find it after a crash
         os.rename(staging, final)
         tmp = self.root / f".latest-{uuid.uuid4().hex[:8]}"
         os.symlink(version, tmp)
         os.replace(tmp, self.root / LATEST)
+        record.unlink()
         _fsync_dir(self.root)
         return final
 
@@ -174,13 +177,6 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def _manifest_status(version_dir: Path) -> str | None:
-    try:
-        return json.loads((version_dir / MANIFEST).read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def _fsync_dir(path: Path) -> None:

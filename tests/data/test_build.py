@@ -250,6 +250,8 @@ def test_the_next_build_removes_a_version_orphaned_by_a_kill(tmp_path):
     shutil.copytree(out / "v0001", orphan)
     (orphan / "manifest.json").write_text(json.dumps({"version": "v0002", "status": "ok", "parent_version": "v0001"}))
     os.symlink("v0002", out / ".latest-0123abcd")
+    (out / ".publishing-v0002").touch()  # DatasetStore.publish's record, made before the rename
     result = build_dataset(_all_rejected_at_scan(tmp_path / "src"), out, load_config(overrides=SETTINGS), incremental=False, progress=False)
     assert result.status == "failed" and not orphan.exists() and not list(out.glob(".latest-*"))
     assert DatasetStore(out).versions() == ["v0001"] and os.readlink(out / "latest") == "v0001"
+    assert not list(out.glob(".publishing-*"))

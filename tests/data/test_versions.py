@@ -93,12 +93,32 @@ def test_recover_keeps_older_versions_and_versions_that_failed_their_check(tmp_p
     assert store.versions() == ["v0001", "v0002"]
 
 
-def test_a_first_build_killed_before_latest_is_cleaned_up(tmp_path):
+def test_a_first_build_killed_before_latest_is_cleaned_up(tmp_path, monkeypatch):
     store = DatasetStore(tmp_path)
-    _publish(store, "v0001")
-    (tmp_path / "latest").unlink()  # killed before `latest` was made
+
+    def killed(*args):
+        raise KeyboardInterrupt  # killed before `latest` was made
+
+    monkeypatch.setattr(versions.os, "symlink", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _publish(store, "v0001")
+    monkeypatch.undo()
+    assert store.versions() == ["v0001"] and store.latest_version() is None
     store.recover()
     assert store.versions() == []
+
+
+def test_recover_keeps_a_version_latest_was_rolled_back_from(tmp_path):
+    # `ln -sfn v0002 latest` to go back from a bad v0003 looks like a build killed before it
+    # switched `latest`, but v0003 was published (and trained on): it is not the build's to delete.
+    store = DatasetStore(tmp_path)
+    for version in ("v0001", "v0002", "v0003"):
+        _publish(store, version)
+    os.symlink("v0002", tmp_path / "rollback")
+    os.replace(tmp_path / "rollback", tmp_path / "latest")
+    store.recover()
+    assert store.versions() == ["v0001", "v0002", "v0003"] and store.latest_version() == "v0002"
+    assert store.next_version() == "v0004"
 
 
 @pytest.mark.parametrize("latest", [None, "outside", "v0007"], ids=["no-latest", "link-outside", "not-a-version"])
