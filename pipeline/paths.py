@@ -9,6 +9,7 @@ the old complete folder or the new one in place, never a half-copied one or none
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
@@ -20,6 +21,14 @@ log = logging.getLogger(__name__)
 
 _PARTIAL = ".partial"  # suffix of a copy being written beside its final name
 _OLD = ".old"  # suffix of the previous folder between the two renames of a replacement
+
+
+def folder_flag(text: str) -> str:
+    """An argparse type for a folder flag (--out, --source): an empty one, from an unset shell
+    variable, would otherwise mean the current folder, and write or read there."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty (an unset variable?); give . for the current folder")
+    return text
 
 
 def check_output_folder(path: str | Path, flag: str = "--out") -> None:

@@ -38,3 +38,26 @@ def test_main_keeps_the_stack_trace_of_a_bug(monkeypatch):
 def test_a_command_flag_is_validated_with_the_config(capsys):
     assert cli.main(["serve", "--port", "0"]) == 2
     assert "serve.port" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["data", "build", "--source", "src", "--out", ""],
+        ["data", "refresh", "--source", "", "--out", "o"],
+        ["data", "backgrounds", "--source", "src", "--out", " "],
+        ["generate", "--prompt", "x", "--out", ""],
+        ["edit", "--prompt", "a dog", "--replace", "dog", "--subject-image", "a.jpg", "--category", "cat", "--out", ""],
+        ["demo", "--out", ""],
+        ["finetune", "--out", ""],
+        ["finetune-many", "--out", ""],
+        ["evaluate", "--out", ""],
+    ],
+    ids=lambda argv: " ".join(argv[:2]),
+)
+def test_an_empty_folder_flag_is_a_usage_error_not_the_current_folder(argv, capsys):
+    # `--out "$OUT"` with OUT unset would write a dataset or images wherever the command ran.
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    assert "must not be empty" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from pipeline.data.report import format_summary
 from pipeline.data.verify import DamagedVersion, check_version
 from pipeline.data.versions import LATEST
 from pipeline.errors import UserError
+from pipeline.paths import folder_flag
 
 # flag destination -> config key (pipeline.cli.flag_overrides)
 FLAGS = {"backgrounds": "data.backgrounds.folder"}
@@ -33,8 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
         ("refresh", "process only new or changed photos; carry the rest forward from the latest version"),
     ):
         cmd = sub.add_parser(action, help=help_text, description=help_text)
-        cmd.add_argument("--source", required=True, help="folder with subjects.csv and one subfolder of photos per subject")
-        cmd.add_argument("--out", required=True, help="dataset root; versions go in OUT/<version>, OUT/latest names the newest")
+        cmd.add_argument("--source", required=True, type=folder_flag, help="folder with subjects.csv and one subfolder of photos per subject")
+        cmd.add_argument("--out", required=True, type=folder_flag, help="dataset root; versions go in OUT/<version>, OUT/latest names the newest")
         cmd.add_argument(
             "--backgrounds", help="a pool built by `data backgrounds`, or a folder of images (default: the bundled procedural set)"
         )
@@ -47,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
         add_common(cmd)
     help_text = "build a versioned pool of background photos: decoded, cropped, de-duplicated, salient objects dropped"
     cmd = sub.add_parser("backgrounds", help=help_text, description=help_text)
-    cmd.add_argument("--source", required=True, help="folder of background photos (every file under it is an input)")
-    cmd.add_argument("--out", required=True, help="pool root; versions go in OUT/<version>, OUT/latest names the newest")
+    cmd.add_argument("--source", required=True, type=folder_flag, help="folder of background photos (every file under it is an input)")
+    cmd.add_argument("--out", required=True, type=folder_flag, help="pool root; versions go in OUT/<version>, OUT/latest names the newest")
     cmd.add_argument(
         "--categories-from", metavar="SOURCE",
         help="a dataset source whose subjects.csv categories (and 'person') are looked for, when data.backgrounds.reject_prompts is unset",

@@ -28,6 +28,7 @@ from ray.data import DataContext
 from pipeline.config import BUNDLED_DATASETS_DIR, Config, ConfigError
 from pipeline.data.build import build_dataset
 from pipeline.data.report import format_summary, make_contact_sheet
+from pipeline.paths import folder_flag
 from pipeline.raycluster import ensure_ray
 
 SAMPLE = BUNDLED_DATASETS_DIR / "dreambench-mini"
@@ -52,7 +53,7 @@ DEMO_DEFAULTS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
-    parser.add_argument("--out", default="subjectforge-demo", help="where the demo writes (default: ./subjectforge-demo)")
+    parser.add_argument("--out", default="subjectforge-demo", type=folder_flag, help="where the demo writes (default: ./subjectforge-demo)")
     parser.add_argument("--source", default=str(SAMPLE), help="photos to use (default: the bundled DreamBench sample)")
     parser.add_argument("--data-only", action="store_true", help="only build the dataset and its contact sheet (seconds)")
     parser.set_defaults(_config_base=DEMO_DEFAULTS)  # before add_common, whose --profile help reads it

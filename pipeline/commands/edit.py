@@ -22,7 +22,7 @@ import yaml
 from pipeline.commands.generate import SAMPLING_FLAGS, add_sampling_arguments, check_text_flags, resolve_device
 from pipeline.config import Config, dump_config
 from pipeline.errors import UserError
-from pipeline.paths import check_output_folder, make_output_folder
+from pipeline.paths import check_output_folder, folder_flag, make_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     parser.add_argument("--target-category", help="word for the subject in the edited prompt (default: --category)")
     parser.add_argument("--image", help="a photo to edit (default: generate the source from --prompt)")
     parser.add_argument("--mask-prompt", help='edit where CLIPSeg finds this (e.g. "shirt"), not where --replace attends')
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, type=folder_flag, help="output folder")
     parser.add_argument("--model", help="checkpoint folder or Hub id (default: the profile's blip_diffusion)")
     add_sampling_arguments(parser, steps_help="denoising (and inversion) steps", seed_help="noise of a generated source")
     parser.add_argument("--qformer-tokenizer", help="folder of the Q-Former's BERT tokenizer, for offline use")

@@ -11,6 +11,7 @@ import argparse
 import logging
 
 from pipeline.config import Config
+from pipeline.paths import folder_flag
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     parser.add_argument("--prompts", metavar="FILE", help="one prompt file for every subject (evaluate.prompts)")
     parser.add_argument("--images-per-prompt", type=int, metavar="N", help="evaluate.images_per_prompt (default: 4)")
     parser.add_argument("--photos", metavar="DIR", help="real photos, a folder per subject (evaluate.photos)")
-    parser.add_argument("--out", metavar="DIR", help="output folder (evaluate.out; default: subjectforge-eval/<model>)")
+    parser.add_argument("--out", metavar="DIR", type=folder_flag, help="output folder (evaluate.out; default: subjectforge-eval/<model>)")
     add_common(parser)
 
 

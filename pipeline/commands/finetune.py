@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.config import FINETUNE_METHODS, Config
+from pipeline.paths import folder_flag
 
 # flag destination -> config key (pipeline.cli.flag_overrides)
 FLAGS = {
@@ -33,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     parser.add_argument("--category", help="the subject's class noun, e.g. dog (finetune.category)")
     parser.add_argument("--method", choices=FINETUNE_METHODS, help="finetune.method")
     parser.add_argument("--steps", type=int, help="optimizer steps (finetune.steps)")
-    parser.add_argument("--out", help="folder of the subject artifacts (finetune.out)")
+    parser.add_argument("--out", type=folder_flag, help="folder of the subject artifacts (finetune.out)")
     parser.add_argument("--alias", help="registry alias of the new version (finetune.alias)")
     parser.add_argument("--gpu", action="store_true", default=None, help="train on a GPU (train.gpu)")
     add_common(parser)

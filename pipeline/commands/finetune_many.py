@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.config import FINETUNE_METHODS, Config
+from pipeline.paths import folder_flag
 
 # flag destination -> config key (pipeline.cli.flag_overrides)
 FLAGS = {
@@ -28,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     )
     parser.add_argument("--method", choices=FINETUNE_METHODS, help="finetune.method")
     parser.add_argument("--steps", type=int, help="optimizer steps per subject (finetune.steps)")
-    parser.add_argument("--out", help="folder of the subject artifacts (finetune.out)")
+    parser.add_argument("--out", type=folder_flag, help="folder of the subject artifacts (finetune.out)")
     parser.add_argument("--gpu", action="store_true", default=None, help="train on GPUs (train.gpu; finetune.num_gpus each)")
     add_common(parser)
 

@@ -17,7 +17,7 @@ import yaml
 
 from pipeline.config import Config, ConfigError, dump_config
 from pipeline.errors import UserError
-from pipeline.paths import check_output_folder, make_output_folder
+from pipeline.paths import check_output_folder, folder_flag, make_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     parser.add_argument("--prompt", required=True, help='what to make, e.g. "on the beach"')
     parser.add_argument("--target-category", help="category written in the prompt (default: --category)")
     parser.add_argument("-n", "--num-images", type=int, default=1, help="images to generate (default: 1)")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, type=folder_flag, help="output folder")
     add_sampling_arguments(parser)
     parser.add_argument("--batch-size", type=_positive_int, help="images per denoising batch (default: all)")
     parser.add_argument("--qformer-tokenizer", help="folder of the Q-Former's BERT tokenizer, for offline use")
