@@ -55,9 +55,12 @@ def test_a_command_flag_is_validated_with_the_config(capsys):
     ],
     ids=lambda argv: " ".join(argv[:2]),
 )
-def test_an_empty_folder_flag_is_a_usage_error_not_the_current_folder(argv, capsys):
-    # `--out "$OUT"` with OUT unset would write a dataset or images wherever the command ran.
+def test_an_empty_folder_flag_is_a_usage_error_not_the_current_folder(argv, capsys, tmp_path, monkeypatch):
+    # `--out "$OUT"` with OUT unset would write a dataset or images wherever the command ran
+    # (here tmp_path: without the check, `demo --out ""` ran the whole demo there).
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as info:
         cli.main(argv)
     assert info.value.code == 2
     assert "must not be empty" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
