@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 
 from pipeline.errors import UserError
@@ -147,7 +148,7 @@ def load_image(image: ImageLike, index: int = 0) -> PIL.Image.Image:
         try:
             with PIL.Image.open(image) as opened:
                 opened.load()
-                return opened.copy()
+                return PIL.ImageOps.exif_transpose(opened)  # a copy, upright as the camera meant it
         except (OSError, PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError) as exc:
             raise ImageError(f"reference image {index} ({image}) is not a readable image: {exc}") from exc
     raise ValueError(f"reference image {index} must be a PIL image or a path, got {type(image).__name__}")
@@ -160,7 +161,7 @@ def read_rgb(image: ImageLike, error: type[Exception], label: str) -> PIL.Image.
         return image.convert("RGB")
     try:
         with PIL.Image.open(image) as opened:
-            return opened.convert("RGB")
+            return PIL.ImageOps.exif_transpose(opened).convert("RGB")
     except (OSError, PIL.UnidentifiedImageError, ValueError, PIL.Image.DecompressionBombError) as exc:
         raise error(f"{label} {image} is not a readable image: {exc}") from exc
 
