@@ -14,6 +14,7 @@ answer), with the message on stderr.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import logging
@@ -126,12 +127,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a full disk, a quota, a read-only mount
+
+
 def _job_failure(exc: Exception) -> str | None:
-    """What to say of a job that ran and failed (JobFailed, or Ray Train's TrainingFailedError,
-    looked up only where a command loaded ray.train: importing it takes seconds); None for any
-    other exception, a bug that keeps its stack trace."""
+    """What to say of a job that ran and failed (JobFailed, a disk that is full or read-only, or
+    Ray Train's TrainingFailedError, looked up only where a command loaded ray.train: importing it
+    takes seconds); None for any other exception, a bug that keeps its stack trace."""
     if isinstance(exc, JobFailed):
         return str(exc)
+    cause = getattr(exc, "cause", exc)  # a Ray task's error carries the worker's exception
+    if isinstance(cause, OSError) and cause.errno in _NO_ROOM:
+        # Jobs write into staging first, so what was published stays as it was.
+        where = f": {cause.filename}" if cause.filename else ""
+        return f"cannot write{where}: {cause.strerror or cause}"
     train = sys.modules.get("ray.train")
     if train is not None and isinstance(exc, train.TrainingFailedError):
         return f"training failed: {exc}"

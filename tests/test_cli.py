@@ -172,3 +172,26 @@ def test_every_help_states_the_profile_a_run_gets_without_the_flag():
         expected = "tiny" if words == ("demo",) else "real"
         assert f"Default: {expected}" in help_text, words
     assert resolve_config(build_parser().parse_args(["demo"])).profile == "tiny"
+
+
+@pytest.mark.parametrize("where", ["driver", "ray-task"])
+def test_a_full_disk_exits_1_with_the_reason_not_a_stack_trace(tmp_path, capsys, monkeypatch, where):
+    # A dataset folder on a disk that fills midway: the build removes its staging and fails.
+    import errno
+
+    from ray.exceptions import RayTaskError
+
+    from pipeline.commands import data
+
+    full = OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+    if where == "ray-task":  # Ray Data's write task fails on a worker: the driver gets this
+        full = RayTaskError("Write", "Traceback (most recent call last): ...", full).as_instanceof_cause()
+
+    def fills(args, config):
+        raise full
+
+    monkeypatch.setattr(data, "run", fills)
+    code = main(["data", "build", "--source", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
