@@ -18,6 +18,7 @@ import errno
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Mapping
 
@@ -140,7 +141,7 @@ def _job_failure(exc: Exception) -> str | None:
     if isinstance(cause, OSError) and cause.errno in _NO_ROOM:
         # Jobs write into staging first, so what was published stays as it was.
         where = f": {cause.filename}" if cause.filename else ""
-        return f"cannot write{where}: {cause.strerror or cause}"
+        return f"cannot write{where}: {os.strerror(cause.errno)}"  # Ray's wording buries it in retry advice
     train = sys.modules.get("ray.train")
     if train is not None and isinstance(exc, train.TrainingFailedError):
         return f"training failed: {exc}"
