@@ -47,18 +47,24 @@ def read_bytes(path: str, max_bytes: int) -> bytes:
         raise Reject(STAGE, f"cannot read file: {exc.strerror or exc}") from None
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB. Transparency is flattened onto white; 16/32-bit gray is rescaled."""
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16/32-bit integer and float gray as 8-bit gray ("L"), rescaled; any other mode as it is.
+    PIL's own convert('RGB') clips 16-bit values at 255 (a white photo). Also the CLI's reader
+    (pipeline/model/image_processing.py)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # PIL's own convert('RGB') clips 16-bit values at 255 (a white photo); scale instead.
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        gray = np.clip(np.rint(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
+        return Image.fromarray(np.clip(np.rint(arr * (255.0 / peak)), 0, 255).astype(np.uint8), "L")
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         scale = 255.0 if arr.max() <= 1.0 else 1.0
-        return Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), "L")
+    return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. Transparency is flattened onto white; 16/32-bit gray is rescaled."""
+    img = to_8bit(img)
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

@@ -19,6 +19,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.model.checkpoint import CheckpointError
+from stages.decode import to_8bit
 
 # OpenAI CLIP statistics: the reference's defaults when the config names none.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -148,7 +149,7 @@ def load_image(image: ImageLike, index: int = 0) -> PIL.Image.Image:
         try:
             with PIL.Image.open(image) as opened:
                 opened.load()
-                return PIL.ImageOps.exif_transpose(opened)  # a copy, upright as the camera meant it
+                return to_8bit(PIL.ImageOps.exif_transpose(opened))  # a copy, upright as the camera meant it
         except (OSError, PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError) as exc:
             raise ImageError(f"reference image {index} ({image}) is not a readable image: {exc}") from exc
     raise ValueError(f"reference image {index} must be a PIL image or a path, got {type(image).__name__}")
@@ -161,7 +162,7 @@ def read_rgb(image: ImageLike, error: type[Exception], label: str) -> PIL.Image.
         return image.convert("RGB")
     try:
         with PIL.Image.open(image) as opened:
-            return PIL.ImageOps.exif_transpose(opened).convert("RGB")
+            return to_8bit(PIL.ImageOps.exif_transpose(opened)).convert("RGB")
     except (OSError, PIL.UnidentifiedImageError, ValueError, PIL.Image.DecompressionBombError) as exc:
         raise error(f"{label} {image} is not a readable image: {exc}") from exc
 
