@@ -396,9 +396,18 @@ def _nothing_new(store: DatasetStore, scan: SourceScan, digest: str) -> BuildRes
         return None
     if (manifest.get("source_digest"), manifest.get("processing_digest")) != (scan.digest(), digest):
         return None
+    if _missing_files(store.path(parent), manifest):  # the digests match, but the rows are gone
+        return None
     message = f"nothing changed since {parent}: processed 0 photos, no new version"
     log.info(message)
     return BuildResult("unchanged", parent, store.path(parent), manifest, message)
+
+
+def _missing_files(version_dir: Path, manifest: dict[str, Any]) -> list[str]:
+    """Files the manifest lists that are not in `version_dir`: a stat each, no hashing, so that
+    a refresh with nothing new stays cheap; the parent's check says what is wrong."""
+    listed = manifest.get(CHECKSUMS) or {f.get("path", "") for f in manifest.get("files", []) if isinstance(f, dict)}
+    return sorted(name for name in listed if not (version_dir / name).is_file())
 
 
 def _checked_parent(store: DatasetStore, parent: str | None, reprocess_damaged: bool) -> VersionCheck | None:

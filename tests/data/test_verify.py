@@ -145,6 +145,19 @@ def test_a_damaged_parent_is_a_clear_error_before_any_work(copy, capsys, damage,
     _no_new_work(out)
 
 
+def test_a_refresh_with_nothing_new_still_sees_a_missing_data_file(copy, capsys):
+    # The quiet path reads only the manifest: its digests alone said "nothing changed" and
+    # exited 0 over a version whose rows were gone.
+    source, out = copy
+    (source / "dog" / "new.jpg").unlink()
+    path = _first_data_file(out)
+    path.unlink()
+    assert _refresh(source, out) == 2
+    err = capsys.readouterr().err
+    assert path.name in err and "data build" in err and "Traceback" not in err
+    _no_new_work(out)
+
+
 def test_read_only_out(copy, capsys):
     source, out = copy
     (source / "dog" / "new.jpg").unlink()
