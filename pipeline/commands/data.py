@@ -10,7 +10,6 @@ parent, an OUT that cannot be written or lies inside the source, and a version t
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from pipeline.data.bgpool import build_background_pool
 from pipeline.data.build import run_data_job
 from pipeline.data.report import format_summary
 from pipeline.data.verify import DamagedVersion, check_version
-from pipeline.data.versions import LATEST
+from pipeline.data.versions import DatasetStore
 from pipeline.errors import UserError
 from pipeline.paths import folder_flag
 
@@ -85,10 +84,11 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 def verify(out: Path, version: str | None) -> int:
     """Check one version (OUT/<version>, OUT/latest, or OUT itself as a version folder)."""
+    latest = DatasetStore(out).latest_version()  # StoreError when `latest` is a folder or file
     if version:
         version_dir = out / version
-    elif (out / LATEST).is_symlink():
-        version_dir = out / os.readlink(out / LATEST)
+    elif latest:
+        version_dir = out / latest
     else:
         version_dir = out
     if not version_dir.is_dir():

@@ -171,6 +171,14 @@ def test_read_only_out(copy, capsys):
 
 
 
+def test_verify_of_a_root_whose_latest_is_a_folder_says_so(tmp_path, capsys):
+    # A copy made following links: `latest` is a second copy of a version, not a link to one.
+    (tmp_path / "v0001").mkdir()
+    (tmp_path / "latest").mkdir()
+    assert main(["data", "verify", str(tmp_path)]) == 2
+    assert "latest is a folder, not a link to a version" in capsys.readouterr().err
+
+
 def test_verify_of_a_folder_that_is_not_there_says_so(tmp_path, capsys):
     assert main(["data", "verify", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
