@@ -267,5 +267,8 @@ def _store_checkpoint(folder: Path, run_folder: Path, name: str, keep: int | Non
     partial.rename(final)
     if keep is None:
         return
-    for old in sorted(p for p in run_folder.glob("step-*") if p.is_dir())[:-keep]:
+    # Only whole ones count: a half-copied newer one (a killed Ray Train upload) must not push the
+    # last one a restart can resume from out of the newest `keep`.
+    whole = [p for p in sorted(run_folder.glob("step-*")) if p.is_dir() and checkpoint_problem(p) is None]
+    for old in whole[:-keep]:
         remove_tree(old, run_folder)

@@ -71,3 +71,16 @@ def test_a_checkpoint_from_an_older_release_without_a_file_list_still_counts(tmp
     (run / "step-0000004").mkdir(parents=True)
     (run / "step-0000004" / PROGRESS).write_text(json.dumps({"step": 4}))
     assert dist.newest_checkpoint(run) == run / "step-0000004"
+
+
+def test_pruning_never_counts_an_incomplete_checkpoint_among_the_ones_kept(tmp_path):
+    # A Ray Train run killed while copying step-10, then the same run folder trained one worker
+    # without Ray Train (finetune-many's actors): keeping the newest one must keep step-8, the
+    # newest that can be resumed from, not the half-copied step-10.
+    run = tmp_path / "run"
+    _checkpoint(run, 5)
+    broken = _checkpoint(run, 10)
+    (broken / TRAIN_STATE).unlink()
+    saved = _checkpoint(tmp_path / "tmp", 8)
+    dist._store_checkpoint(saved, run, "step-0000008", keep=1)
+    assert dist.newest_checkpoint(run) == run / "step-0000008"
