@@ -84,10 +84,9 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 def verify(out: Path, version: str | None) -> int:
     """Check one version (OUT/<version>, OUT/latest, or OUT itself as a version folder)."""
-    latest = DatasetStore(out).latest_version()  # StoreError when `latest` is a folder or file
     if version:
         version_dir = out / version
-    elif latest:
+    elif latest := DatasetStore(out).latest_version():  # StoreError when `latest` is a folder or file
         version_dir = out / latest
     else:
         version_dir = out
