@@ -243,8 +243,9 @@ def precompute_inputs(ds: Dataset, info: DatasetInfo, config: Config, storage: s
         # dictionary-encoded binary column reads ~7x slower.
         packed = encoded.map_batches(pack_tensor_columns, batch_format="numpy", zero_copy_batch=True)
         packed.write_parquet(f"{cache}/{parts}", use_dictionary=[CATEGORY, CAPTION])
-        with fs.open_output_stream(done) as out:
+        with fs.open_output_stream(f"{done}.{parts}") as out:  # then renamed: a half-written record is never read
             out.write(json.dumps({"rows": info.rows, "key": key_source, "parts": parts}).encode())
+        fs.move(f"{done}.{parts}", done)
     else:
         log.info("training from precomputed inputs in %s", cache)
     with fs.open_input_stream(done) as record:

@@ -128,3 +128,44 @@ def test_a_precompute_killed_midway_leaves_no_rows_in_the_next_runs_cache(tmp_pa
     assert arrays.shape == (6, 1)
     # A third run reuses the completed cache as it is.
     assert feed.precompute_inputs(_FakePlan(6), info, config, str(tmp_path)) == files
+
+
+def test_a_precompute_killed_while_writing_its_completion_record_is_made_again(tmp_path, monkeypatch):
+    # The record is read now (it names the parts): a half-written one must never be in place.
+    from types import SimpleNamespace
+
+    import pyarrow.fs
+    import ray.data
+
+    from pipeline.config import load_config
+    from pipeline.train import data as feed
+
+    class _DiesInRecord:
+        def __init__(self, fs):
+            self.fs = fs
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+        def open_output_stream(self, path):
+            stream = self.fs.open_output_stream(path)
+            stream.write(b'{"rows": 6, "ke')
+            stream.close()
+            raise KeyboardInterrupt  # killed midway through the record
+
+    from_uri = pyarrow.fs.FileSystem.from_uri
+    monkeypatch.setattr(ray.data, "read_parquet", lambda files, filesystem=None: list(files))
+    monkeypatch.setattr(feed, "repeat_passes", lambda files, passes: files)
+    config = load_config(None)
+    info = feed.DatasetInfo(name="d", version="v0001", path=str(tmp_path), digest="0" * 16, rows=6, files=[], subjects=[], has_caption=False)
+    def dying_from_uri(uri):
+        fs, root = from_uri(uri)
+        return _DiesInRecord(fs), root
+
+    dying = SimpleNamespace(FileSystem=SimpleNamespace(from_uri=dying_from_uri), FileType=pyarrow.fs.FileType)
+    with monkeypatch.context() as patch:
+        patch.setattr(feed.pyarrow, "fs", dying)
+        with pytest.raises(KeyboardInterrupt):
+            feed.precompute_inputs(_FakePlan(6), info, config, str(tmp_path))
+    files = feed.precompute_inputs(_FakePlan(6), info, config, str(tmp_path))
+    assert sum(pq.ParquetFile(f).metadata.num_rows for f in files) == 6
