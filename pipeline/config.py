@@ -899,10 +899,34 @@ def load_config(
         _set_path(tree, key_path, value)
     profile = tree.get("profile", Config.model_fields["profile"].default)
     tree = _deep_merge(PROFILE_SETTINGS.get(profile, {}), tree)
+    _check_utf8(tree)
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc)) from None
+
+
+def check_utf8(text: str, name: str) -> None:
+    """ConfigError naming `name` (a key or flag) when `text` is not UTF-8: Python keeps the bytes
+    of a terminal or file in another encoding as surrogates, which the tokenizer, MLflow and
+    Parquet refuse, far into a job."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = text.encode("utf-8", "backslashreplace").decode()
+        raise ConfigError(f"{name}: not UTF-8 text ({shown!r}); use a UTF-8 terminal or locale") from None
+
+
+def _check_utf8(value: Any, key: str = "") -> None:
+    """check_utf8 on every string of a config tree, naming its key."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _check_utf8(item, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_utf8(item, f"{key}.{i}")
+    elif isinstance(value, str):
+        check_utf8(value, key)
 
 
 def dump_config(config: Config) -> str:

@@ -1,6 +1,9 @@
+import argparse
+
 import pytest
 import yaml
 
+from pipeline import cli
 from pipeline.config import PROFILE_MODELS, Config, ConfigError, dump_config, load_config, parse_override
 
 
@@ -67,6 +70,16 @@ def test_yaml_problems_are_config_errors(tmp_path):
     latin1.write_bytes(b"data:\n  caption:\n    prompt: caf\xe9\n")  # saved as Latin-1, not UTF-8
     with pytest.raises(ConfigError, match="latin1.yaml is not valid YAML"):
         load_config(latin1)
+
+
+def test_text_that_is_not_utf8_is_an_error_naming_the_key():
+    # `--category $'chi\xe9n'` from a Latin-1 terminal: Python keeps the byte as a surrogate,
+    # which the tokenizer (in a Ray worker, after the data work) and MLflow refuse.
+    flag = cli.flag_overrides(argparse.Namespace(category="chi\udce9n"), {"category": "finetune.category"})
+    with pytest.raises(ConfigError, match=r"finetune.category: not UTF-8 text \('chi\\\\udce9n'\)"):
+        load_config(overrides=flag)
+    with pytest.raises(ConfigError, match=r"data.filter.exclude_prompts.1: not UTF-8 text"):
+        load_config(overrides=['data.filter.exclude_prompts=["person", "caf\\udce9"]'])
 
 
 def test_override_into_a_value_is_an_error():

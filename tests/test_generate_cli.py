@@ -60,7 +60,7 @@ def test_generate_bad_input_exits_2(tmp_path, capsys):
     [
         (["--target-category", " "], "--target-category: must not be empty"),
         (["--target-category", "caf\udce9"], "--target-category: not UTF-8 text"),  # a Latin-1 terminal's bytes
-        (["--negative-prompt", "caf\udce9"], "--negative-prompt: not UTF-8 text"),
+        (["--negative-prompt", "caf\udce9"], "generate.negative_prompt: not UTF-8 text"),  # a config key
         (["--device", "bogus"], "--device 'bogus': not a device"),
         (["--device", "cpu:abc"], "--device 'cpu:abc': not a device"),
         (["--device", "cuda:0"], "--device 'cuda:0': no such CUDA device"),

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     gen, settings = config.generate, config.edit
     request = _request(args, config)
     check_output_folder(args.out)
-    check_text_flags({"--prompt": args.prompt, "--negative-prompt": gen.negative_prompt, "--replace": args.replace,
+    check_text_flags({"--prompt": args.prompt, "--replace": args.replace,
                       "--category": args.category, "--target-category": args.target_category, "--mask-prompt": args.mask_prompt})
     if args.model and args.model.startswith("models:/"):
         raise UserError("edit takes a base model (folder or Hub id); registered subjects (models:/...) are not supported yet")

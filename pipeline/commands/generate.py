@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import Config, ConfigError, dump_config
+from pipeline.config import Config, ConfigError, check_utf8, dump_config
 from pipeline.errors import UserError
 from pipeline.paths import check_output_folder, folder_flag, make_output_folder
 
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
     request = _request(args, config)
     check_output_folder(args.out)
     check_text_flags(
-        {"--prompt": args.prompt, "--negative-prompt": gen.negative_prompt, "--category": args.category,
+        {"--prompt": args.prompt, "--category": args.category,
          "--target-category": args.target_category, "--style-category": args.style_category},
         nouns=("--target-category", "--style-category"),
     )
@@ -188,17 +188,12 @@ def resolve_device(text: str):
 
 
 def check_text_flags(texts: dict[str, str | None], nouns: tuple[str, ...] = ()) -> None:
-    """UserError naming the flag of a text that is not UTF-8 (Python keeps the bytes of a terminal
-    in another encoding as surrogates, which the tokenizer refuses) or of a class noun in `nouns`
-    that is blank; refused here, before the model loads, not inside it."""
+    """UserError naming the flag of a text that is not UTF-8 (config.check_utf8) or of a class
+    noun in `nouns` that is blank; refused here, before the model loads, not inside it."""
     for flag, text in texts.items():
         if text is None:
             continue
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            shown = text.encode("utf-8", "backslashreplace").decode()
-            raise UserError(f"{flag}: not UTF-8 text ({shown!r}); use a UTF-8 terminal or locale") from None
+        check_utf8(text, flag)
         if flag in nouns and not text.strip():
             raise UserError(f"{flag}: must not be empty")
 
