@@ -10,9 +10,12 @@ the old complete folder or the new one in place, never a half-copied one or none
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.errors import UserError
@@ -83,18 +86,33 @@ def replace_tree(src: str | Path, dst: str | Path, root: str | Path) -> Path:
     The copy is written beside `dst` and renamed into place: the old folder moves aside to
     <dst>.old, the new one takes its name, then the old one is deleted. A crash during the copy
     leaves the old folder untouched; one between the two renames leaves it as <dst>.old, which
-    the next replacement puts back before it starts.
+    the next replacement puts back before it starts. Replacements in one folder take turns (a
+    flock on it), so two jobs finishing together each publish a whole copy.
     """
     dst = inside(dst, root)
     partial, old = dst.with_name(dst.name + _PARTIAL), dst.with_name(dst.name + _OLD)
-    if old.is_dir() and not dst.exists():
-        log.warning("restoring %s, left aside by an interrupted replacement", dst)
-        os.rename(old, dst)
-    remove_tree(partial, root)
-    remove_tree(old, root)
-    shutil.copytree(src, partial)
-    if dst.exists():
-        os.rename(dst, old)
-    os.rename(partial, dst)
-    remove_tree(old, root)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with _holding(dst.parent):  # another job replacing it at once would take over our partial copy
+        if old.is_dir() and not dst.exists():
+            log.warning("restoring %s, left aside by an interrupted replacement", dst)
+            os.rename(old, dst)
+        remove_tree(partial, root)
+        remove_tree(old, root)
+        shutil.copytree(src, partial)
+        if dst.exists():
+            os.rename(dst, old)
+        os.rename(partial, dst)
+        remove_tree(old, root)
     return dst
+
+
+@contextlib.contextmanager
+def _holding(folder: Path) -> Iterator[None]:
+    """An exclusive flock on `folder` itself (waits for the holder): no lock file is left among
+    the outputs, and the kernel lets go when a holder dies."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

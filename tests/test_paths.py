@@ -64,3 +64,37 @@ def test_replace_tree_restores_a_folder_left_aside_between_the_renames(tmp_path)
     assert (root / "dog-lora" / "keep.txt").read_text() == "new" and not (root / "dog-lora.old").exists()
     with pytest.raises(paths.OutsideRootError):
         paths.replace_tree(new, tmp_path / "victim", root)
+
+
+def test_two_replacements_of_one_folder_at_once_leave_a_whole_one(tmp_path, monkeypatch):
+    # Two fine-tunes of one subject finishing together (a retried job beside the first) shared
+    # dog-lora.partial: the second deleted and refilled it while the first was copying, and the
+    # first renamed the half it had copied since into place.
+    import threading
+
+    root = _folder(tmp_path / "out")
+    first, second = _folder(tmp_path / "first", "first"), _folder(tmp_path / "second", "second")
+    for i in range(3):
+        (first / f"weights-{i}").write_text("first")
+        (second / f"weights-{i}").write_text("second")
+    dst = root / "dog-lora"
+    copy = shutil.copytree
+    second_done = threading.Event()
+
+    def first_copies_slowly(src, to, **kwargs):
+        if src != first:
+            return copy(src, to, **kwargs)
+        to.mkdir()
+        shutil.copy(src / "keep.txt", to / "keep.txt")
+        threading.Thread(target=lambda: (paths.replace_tree(second, dst, root), second_done.set())).start()
+        second_done.wait(timeout=1)  # the other job's whole replacement, when nothing holds it back
+        for name in sorted(p.name for p in src.iterdir() if not (to / p.name).exists()):
+            shutil.copy(src / name, to / name)
+        return to
+
+    monkeypatch.setattr(shutil, "copytree", first_copies_slowly)
+    paths.replace_tree(first, dst, root)
+    assert second_done.wait(timeout=10)
+    contents = {p.name: p.read_text() for p in dst.iterdir()}
+    assert sorted(contents) == ["keep.txt", "weights-0", "weights-1", "weights-2"]
+    assert len(set(contents.values())) == 1  # one job's folder, whole
