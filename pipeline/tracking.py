@@ -398,11 +398,11 @@ def registered_version(uri: str, name: str, alias: str | None = None, version: s
     RegistryError names the model and the server when it does not resolve."""
     from mlflow.exceptions import MlflowException
 
-    client = _client(uri)
+    ref = f"models:/{name}@{alias}" if alias is not None else f"models:/{name}/{version}"
+    client = _reading_client(uri, ref)
     try:
         found = client.get_model_version_by_alias(name, alias) if alias is not None else client.get_model_version(name, str(version))
     except MlflowException as exc:
-        ref = f"models:/{name}@{alias}" if alias is not None else f"models:/{name}/{version}"
         raise _registry_error(ref, uri, exc) from None
     return str(found.version)
 
@@ -414,7 +414,7 @@ def download_model_version(uri: str, name: str, version: str, dst: Path) -> Path
 
     dst.mkdir(parents=True, exist_ok=True)
     try:
-        source = _client(uri).get_model_version_download_uri(name, version)
+        source = _reading_client(uri, f"models:/{name}/{version}").get_model_version_download_uri(name, version)
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=uri))
     except MlflowException as exc:
         raise _registry_error(f"models:/{name}/{version}", uri, exc) from None
@@ -446,6 +446,18 @@ def _registry_error(ref: str, uri: str, exc: Any) -> RegistryError:
     if exc.error_code in _NOT_FOUND:
         return RegistryNotFound(f"{ref} not found in the registry at {uri}: {exc.message}")
     return RegistryError(f"{ref}: the registry at {uri} failed ({exc.error_code}): {exc.message}")
+
+
+def _reading_client(uri: str, ref: str):
+    """The client for a lookup of `ref` that only reads. A local SQLite store that does not
+    exist holds no model, and opening it would create it (an mlruns.db left in the current
+    folder by a mistyped models:/ URI), so that is RegistryNotFound without touching the disk."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not Path(uri[len(prefix) :]).exists():
+        raise RegistryNotFound(
+            f"{ref} not found in the registry at {uri}: the file does not exist (set tracking.uri or $MLFLOW_TRACKING_URI to the registry)"
+        )
+    return _client(uri)
 
 
 LIMITS_CONFIG_KEY = "serve_limits"  # the pyfunc's model_config key: serve.limits of the config that logged it
@@ -652,7 +664,7 @@ def set_alias(uri: str, name: str, alias: str, version: str | None = None, from_
     names, else at the newest version; returns the version. RegistryError when none resolves."""
     from mlflow.exceptions import MlflowException
 
-    client = _client(uri)
+    client = _reading_client(uri, f"models:/{name}")  # the model must exist: never create a store to set an alias
     try:
         if version is None and from_alias is not None:
             version = str(client.get_model_version_by_alias(name, from_alias).version)
@@ -681,7 +693,7 @@ def download_model(uri: str, model_uri: str) -> Path:
         name, _, version = ref.rpartition("/")
     if not name or not (alias if sep else version):
         raise RegistryError(f"{model_uri!r} is not a registry URI (models:/NAME/VERSION or models:/NAME@ALIAS)")
-    client = _client(uri)
+    client = _reading_client(uri, model_uri)
     try:
         version = str(client.get_model_version_by_alias(name, alias).version) if sep else version
         source = client.get_model_version_download_uri(name, version)

@@ -149,6 +149,26 @@ def test_every_command_stops_before_any_work_when_the_server_does_not_answer(arg
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "--subject", "models:/sf-dog@champion", "--prompt", "on the beach", "--out", "images"],
+        ["generate", "--model", "models:/sf-dog/3", "--prompt", "on the beach", "--out", "images"],
+        ["promote", "sf-dog", "--alias", "champion"],
+        ["evaluate", "--model", "models:/sf-dog@candidate"],
+    ],
+)
+def test_a_lookup_in_a_local_store_that_does_not_exist_creates_none(argv, monkeypatch, tmp_path, capsys):
+    """A mistyped or unconfigured registry left an mlruns.db in the current folder, tracking off or not."""
+    from pipeline.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "--profile", "tiny", "--set", "tracking.enabled=false"]) == 2
+    assert "the file does not exist (set tracking.uri" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_open_run_is_a_no_op_with_tracking_off_and_marks_a_failed_block(tmp_path):
     off = TrackingConfig(enabled=False, uri=f"sqlite:///{tmp_path / 'off.db'}")
     with tracking.open_run(off, "r", {}) as run_id:
