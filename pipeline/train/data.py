@@ -214,10 +214,11 @@ def epoch_at_step(step: int, *, rows: int, passes: int, workers: int, batch_size
 
 def precompute_inputs(ds: Dataset, info: DatasetInfo, config: Config, storage: str, passes: int = 1) -> Dataset:
     """Encode every row once with the frozen VAE and ViT (one actor per training GPU, or one on
-    the CPU) into <storage>/precomputed-<key>/, which every run of the same dataset, model and
-    resolution reuses (restarts, reruns, other run names); returns the Dataset of category,
-    caption, latent_params and image_features rows (`passes` times over them), and sets
-    `info.tensor_layout`. `ds` is the plan of one pass."""
+    the CPU) into <storage>/precomputed-<key>/parts-<id>/ (the one its _PRECOMPUTE_DONE.json
+    names), which every run of the same dataset, model and resolution reuses (restarts, reruns,
+    other run names); returns the Dataset of category, caption, latent_params and
+    image_features rows (`passes` times over them), and sets `info.tensor_layout`. `ds` is the
+    plan of one pass. ConfigError for a cache whose rows are not the dataset's."""
     train = config.train
     model = config.model_path("blip_diffusion")
     key_source = json.dumps([info.digest, model, train.resolution, "center", "binary-v1"])
@@ -252,6 +253,12 @@ def precompute_inputs(ds: Dataset, info: DatasetInfo, config: Config, storage: s
         parts = json.loads(record.read()).get("parts", "")  # "": older releases wrote into the cache itself
     selector = pyarrow.fs.FileSelector(f"{root}/{parts}".rstrip("/"), recursive=False)
     files = sorted(f.path for f in fs.get_file_info(selector) if f.path.endswith(".parquet"))
+    rows = sum(pq.ParquetFile(f, filesystem=fs).metadata.num_rows for f in files)
+    if rows != info.rows:
+        raise ConfigError(
+            f"train.storage_path: the precomputed inputs in {cache} hold {rows} rows, not the dataset's {info.rows} "
+            "(an older release's precompute killed midway leaves its rows beside the rerun's): delete that folder and rerun"
+        )
     info.tensor_layout = read_tensor_layout(pq.read_schema(files[0], filesystem=fs))
     arrays = array_cache(f"{cache}/{parts}".rstrip("/"), info.tensor_layout)
     info.array_cache = str(arrays) if arrays is not None else None

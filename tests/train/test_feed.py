@@ -169,3 +169,27 @@ def test_a_precompute_killed_while_writing_its_completion_record_is_made_again(t
             feed.precompute_inputs(_FakePlan(6), info, config, str(tmp_path))
     files = feed.precompute_inputs(_FakePlan(6), info, config, str(tmp_path))
     assert sum(pq.ParquetFile(f).metadata.num_rows for f in files) == 6
+
+
+def test_a_cache_holding_other_rows_than_the_dataset_is_refused(tmp_path, monkeypatch):
+    # One an older release made after a precompute killed midway: its parts and the rerun's,
+    # all in the cache folder, every row of the first attempt there twice.
+    import json
+
+    import ray.data
+
+    from pipeline.config import ConfigError, load_config
+    from pipeline.train import data as feed
+
+    monkeypatch.setattr(ray.data, "read_parquet", lambda files, filesystem=None: list(files))
+    monkeypatch.setattr(feed, "repeat_passes", lambda files, passes: files)
+    config = load_config(None)
+    info = feed.DatasetInfo(name="d", version="v0001", path=str(tmp_path), digest="0" * 16, rows=6, files=[], subjects=[], has_caption=False)
+    feed.precompute_inputs(_FakePlan(6), info, config, str(tmp_path))
+    [cache] = tmp_path.glob("precomputed-*")
+    for part in cache.glob("parts-*/*.parquet"):
+        part.rename(cache / part.name)
+    _FakePlan(4).write_parquet(cache)
+    (cache / "_PRECOMPUTE_DONE.json").write_text(json.dumps({"rows": 6, "key": "old"}))
+    with pytest.raises(ConfigError, match=f"{cache.name}.*10 rows.*6"):
+        feed.precompute_inputs(_FakePlan(6), info, config, str(tmp_path))

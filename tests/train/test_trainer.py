@@ -180,7 +180,7 @@ def test_a_killed_worker_resumes_from_the_newest_checkpoint_and_a_rerun_continue
     assert (runs / "resume" / "fault-injected-at-step-5").is_file()
     # Beside the runs, so other run names over the same data and model reuse it.
     assert list(runs.glob("precomputed-*/_PRECOMPUTE_DONE.json"))
-    assert list(runs.glob("precomputed-*/arrays/index.json"))  # each worker memory-maps them
+    assert list(runs.glob("precomputed-*/parts-*/arrays/index.json"))  # each worker memory-maps them
 
     for rank, attempts in _attempts(step_log).items():
         (_, start1, first), (_, start2, second) = attempts
