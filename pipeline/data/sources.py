@@ -84,20 +84,45 @@ def sha256_file(path: str | Path) -> str:
 
 
 def _csv_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
-    """(line number, row) of a UTF-8 CSV file with a header naming `columns`; SourceError naming
-    the file (and the line) for a missing column, bytes that are not UTF-8 or a malformed row."""
+    """(line number, row) of a UTF-8 CSV file whose header names exactly `columns`; SourceError
+    naming the file (and the line) for a missing or unknown column, a row with more fields than
+    the header, an unterminated quote, bytes that are not UTF-8 or another malformed row."""
     with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
+        # strict: a quote left open would otherwise swallow the rest of the file as one field
+        reader = csv.DictReader(fh, strict=True)
+        row_start = 1  # the line the row being read starts on (a quoted field may span lines)
         try:
-            missing = set(columns) - set(reader.fieldnames or [])
-            if missing:
-                raise SourceError(f"{path}: missing column(s) {', '.join(sorted(missing))} (header: {reader.fieldnames})")
+            _check_header(path, reader.fieldnames or [], columns)
+            row_start = reader.line_num + 1
             for row in reader:
-                yield reader.line_num, row
+                if None in row:  # DictReader's place for the fields past the header's
+                    raise SourceError(f"{path} line {row_start}: {len(columns) + len(row[None])} fields, "
+                                      f"but the header has {len(columns)} ({','.join(columns)})")
+                yield row_start, row
+                row_start = reader.line_num + 1
         except UnicodeDecodeError as exc:
             raise SourceError(f"{path}: not UTF-8 text near line {reader.line_num + 1} ({exc.reason})") from None
         except csv.Error as exc:
-            raise SourceError(f"{path}: malformed row after line {reader.line_num}: {exc}") from None
+            raise SourceError(f"{path} line {row_start}: {_csv_problem(exc)}") from None
+
+
+def _check_header(path: Path, header: list[str], columns: tuple[str, ...]) -> None:
+    """SourceError naming the columns the header lacks, or those it has beyond `columns` (no
+    extra column is read, so one is most likely a typo or a file meant for something else)."""
+    missing = set(columns) - set(header)
+    if missing:
+        raise SourceError(f"{path}: missing column(s) {', '.join(sorted(missing))} (header: {header})")
+    unknown = [name for name in header if name not in columns]
+    if unknown:
+        raise SourceError(f"{path}: unknown column(s) {', '.join(unknown)}; the columns are {','.join(columns)}")
+
+
+def _csv_problem(exc: csv.Error) -> str:
+    """A csv.Error in words; in strict mode the end of the file inside quotes is its only
+    'unexpected end of data' (no escapechar is set)."""
+    if str(exc) == "unexpected end of data":
+        return 'unterminated quote: a quoted field in the row that starts here has no closing "'
+    return f"malformed row: {exc}"
 
 
 def read_subjects_csv(path: Path) -> dict[str, str]:

@@ -36,13 +36,33 @@ def test_bad_subjects_csv_is_a_clear_error(tmp_path, text, match):
                                                   (read_captions_csv, "captions.csv", b"photo,caption")])
 @pytest.mark.parametrize("row, match", [
     (b"dog,caf\xe9 \xff\n", "not UTF-8 text"),  # Latin-1 bytes
-    (b"dog/a.jpg," + b"x" * 200_000 + b"\n", "malformed row after line 1: field larger than field limit"),
+    (b"dog/a.jpg," + b"x" * 200_000 + b"\n", "line 2: malformed row: field larger than field limit"),
 ])
 def test_csv_files_that_are_not_utf8_or_malformed_are_clear_errors(tmp_path, reader, name, header, row, match):
     """Before: a UnicodeDecodeError or csv.Error stack trace from the data build."""
     (tmp_path / name).write_bytes(header + b"\n" + row)
     with pytest.raises(SourceError, match=match):
         reader(tmp_path / name)
+
+
+@pytest.mark.parametrize("reader, name, header", [(read_subjects_csv, "subjects.csv", "subject_id,category"),
+                                                  (read_captions_csv, "captions.csv", "photo,caption")])
+@pytest.mark.parametrize("rows, match", [
+    ('"dog,dog\n', r"line 2: unterminated quote"),  # before: read as one field "dog,dog\n"
+    ('dog,dog\n"dog/a.jpg,x\ny,z\n', r"line 3: unterminated quote"),  # the quote opens the row of line 3
+    ("dog,dog,x\n", r"line 2: 3 fields, but the header has 2"),  # before: the third field was dropped
+])
+def test_csv_quirks_are_errors_naming_file_and_line(tmp_path, reader, name, header, rows, match):
+    (tmp_path / name).write_text(f"{header}\n{rows}")
+    with pytest.raises(SourceError, match=f"{name} {match}"):
+        reader(tmp_path / name)
+
+
+def test_csv_unknown_columns_are_named(tmp_path):
+    """Before: an extra column (`notes`) was read and ignored; the README documents none."""
+    (tmp_path / "subjects.csv").write_text("subject_id,category,notes,live\nrex,dog,good boy,1\n")
+    with pytest.raises(SourceError, match=r"subjects.csv: unknown column\(s\) notes, live; the columns are subject_id,category"):
+        read_subjects_csv(tmp_path / "subjects.csv")
 
 
 def test_missing_subjects_csv_and_missing_folder(tmp_path):
