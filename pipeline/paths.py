@@ -86,13 +86,13 @@ def replace_tree(src: str | Path, dst: str | Path, root: str | Path) -> Path:
     The copy is written beside `dst` and renamed into place: the old folder moves aside to
     <dst>.old, the new one takes its name, then the old one is deleted. A crash during the copy
     leaves the old folder untouched; one between the two renames leaves it as <dst>.old, which
-    the next replacement puts back before it starts. Replacements in one folder take turns (a
-    flock on it), so two jobs finishing together each publish a whole copy.
+    the next replacement puts back before it starts. Replacements of one `dst` take turns (a
+    flock on .<name>.lock beside it), so two jobs finishing together each publish a whole copy.
     """
     dst = inside(dst, root)
     partial, old = dst.with_name(dst.name + _PARTIAL), dst.with_name(dst.name + _OLD)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with _holding(dst.parent):  # another job replacing it at once would take over our partial copy
+    with _holding(dst.with_name(f".{dst.name}.lock")):  # another job replacing it at once would take over our partial copy
         if old.is_dir() and not dst.exists():
             log.warning("restoring %s, left aside by an interrupted replacement", dst)
             os.rename(old, dst)
@@ -107,12 +107,10 @@ def replace_tree(src: str | Path, dst: str | Path, root: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def _holding(folder: Path) -> Iterator[None]:
-    """An exclusive flock on `folder` itself (waits for the holder): no lock file is left among
-    the outputs, and the kernel lets go when a holder dies."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+def _holding(lock: Path) -> Iterator[None]:
+    """An exclusive flock on the file `lock` (waits for the holder; the kernel lets go when a
+    holder dies). A file opened for writing, not the folder: NFS emulates flock with byte-range
+    locks, which need one."""
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
         yield
-    finally:
-        os.close(fd)

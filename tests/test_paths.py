@@ -54,7 +54,7 @@ def test_replace_tree_keeps_the_old_folder_when_the_copy_fails(tmp_path, monkeyp
     monkeypatch.undo()
     assert paths.replace_tree(new, dst, root) == dst
     assert (dst / "keep.txt").read_text() == "new"
-    assert sorted(p.name for p in root.iterdir()) == ["dog-lora", "keep.txt"]  # no partial or old copy left
+    assert sorted(p.name for p in root.iterdir()) == [".dog-lora.lock", "dog-lora", "keep.txt"]  # no partial or old copy left
 
 
 def test_replace_tree_restores_a_folder_left_aside_between_the_renames(tmp_path):
