@@ -69,3 +69,12 @@ def test_a_prompt_that_is_not_utf8_exits_2(tmp_path, capsys):
     args = [*BASE, "--subject-image", _photo(tmp_path / "cat.png"), "--out", str(tmp_path / "o")]
     assert main([*args, "--prompt", "a dog in a caf\udce9"]) == 2
     assert "--prompt: not UTF-8 text" in capsys.readouterr().err
+
+
+def test_blank_words_name_their_flag_once(tmp_path, capsys):
+    """Before: `--target-category ""` said "target category: target category must not be empty"."""
+    args = [*BASE, "--subject-image", _photo(tmp_path / "cat.png"), "--out", str(tmp_path / "o")]
+    for flag in ("--target-category", "--category", "--replace"):
+        assert main([*args, flag, " "]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {flag}: must not be empty" in err and err.count("must not be empty") == 1

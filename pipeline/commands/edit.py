@@ -69,7 +69,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
     request = _request(args, config)
     check_output_folder(args.out)
     check_text_flags({"--prompt": args.prompt, "--replace": args.replace,
-                      "--category": args.category, "--target-category": args.target_category, "--mask-prompt": args.mask_prompt})
+                      "--category": args.category, "--target-category": args.target_category, "--mask-prompt": args.mask_prompt},
+                     nouns=("--replace", "--category", "--target-category"))
     if args.model and args.model.startswith("models:/"):
         raise UserError("edit takes a base model (folder or Hub id); registered subjects (models:/...) are not supported yet")
     device = resolve_device(args.device)

@@ -188,8 +188,9 @@ def resolve_device(text: str):
 
 
 def check_text_flags(texts: dict[str, str | None], nouns: tuple[str, ...] = ()) -> None:
-    """UserError naming the flag of a text that is not UTF-8 (config.check_utf8) or of a class
-    noun in `nouns` that is blank; refused here, before the model loads, not inside it."""
+    """UserError naming the flag of a text that is not UTF-8 (config.check_utf8) or of a word
+    in `nouns` (a class noun, edit's --replace) that is blank; refused here, before the model
+    loads, not inside it."""
     for flag, text in texts.items():
         if text is None:
             continue

@@ -362,7 +362,7 @@ def _check_text(text: object, name: str) -> None:
     try:
         check_text(text, name)
     except ValueError as exc:
-        raise EditError(f"{name}: {exc}") from None
+        raise EditError(str(exc)) from None  # check_text's message names `name` already
 
 
 def _latent_mask(mask: np.ndarray, latent_size: tuple[int, int], device: torch.device) -> torch.Tensor:
