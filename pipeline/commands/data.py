@@ -17,7 +17,7 @@ from pipeline.config import Config
 from pipeline.data.bgpool import build_background_pool
 from pipeline.data.build import run_data_job
 from pipeline.data.report import format_summary
-from pipeline.data.verify import DamagedVersion, check_version
+from pipeline.data.verify import DamagedVersion, check_version, is_dataset_folder
 from pipeline.data.versions import DatasetStore
 from pipeline.errors import UserError
 from pipeline.paths import folder_flag
@@ -82,16 +82,21 @@ def run(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+_VERIFY_WHAT = "give a dataset root (its latest is checked), a version folder, or --version"
+
+
 def verify(out: Path, version: str | None) -> int:
     """Check one version (OUT/<version>, OUT/latest, or OUT itself as a version folder)."""
     if version:
         version_dir = out / version
     elif latest := DatasetStore(out).latest_version():  # StoreError when `latest` is a folder or file
         version_dir = out / latest
+    elif out.is_dir() and not is_dataset_folder(out):
+        raise UserError(f"{out} is not a subjectforge dataset (no manifest.json, version folders or latest link): {_VERIFY_WHAT}")
     else:
         version_dir = out
     if not version_dir.is_dir():
-        raise UserError(f"no dataset version at {version_dir}: give a dataset root (its latest is checked), a version folder, or --version")
+        raise UserError(f"no dataset version at {version_dir}: {_VERIFY_WHAT}")
     check = check_version(version_dir)
     if not check.ok:
         raise DamagedVersion(check.describe())

@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data.versions import INPUTS_FILE, MANIFEST, REJECTS_FILE
+from pipeline.data.versions import INPUTS_FILE, LATEST, MANIFEST, REJECTS_FILE, DatasetStore
 from pipeline.errors import UserError
 
 CHECKSUMS = "checksums"  # manifest key: {path relative to the version: sha256}
@@ -98,6 +98,14 @@ class VersionCheck:
         if self.repairable:
             hint += ", or `subjectforge data refresh --reprocess-damaged` to process the damaged rows' photos again"
         return "\n".join(lines) + "\n" + hint[0].upper() + hint[1:]
+
+
+def is_dataset_folder(path: Path) -> bool:
+    """Whether `path` is a dataset root or version, whole or damaged: it holds a manifest, a
+    ledger, reject records, version folders or a `latest` link. A version that lost its manifest
+    is damaged; a folder with none of these (`data verify /`) was never a dataset."""
+    traces = (path / name for name in (MANIFEST, INPUTS_FILE, REJECTS_FILE, LATEST))
+    return any(p.exists() or p.is_symlink() for p in traces) or bool(DatasetStore(path).versions())
 
 
 def check_version(version_dir: str | Path) -> VersionCheck:

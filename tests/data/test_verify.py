@@ -183,3 +183,21 @@ def test_verify_of_a_folder_that_is_not_there_says_so(tmp_path, capsys):
     assert main(["data", "verify", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert "no dataset version at" in err and "damaged" not in err
+
+
+def test_verify_of_a_folder_that_is_no_dataset_says_so(tmp_path, capsys):
+    """Before: `data verify /` said "damaged: manifest.json missing" of a folder that never was one."""
+    (tmp_path / "notes.txt").write_text("not a dataset")
+    assert main(["data", "verify", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} is not a subjectforge dataset" in err and "damaged" not in err
+
+
+def test_verify_of_a_version_without_its_manifest_says_damaged(tmp_path, capsys):
+    (tmp_path / "v0001").mkdir()
+    (tmp_path / "v0001" / INPUTS_FILE).write_bytes(b"")  # the rest of a version whose manifest was deleted
+    (tmp_path / "latest").symlink_to("v0001")
+    for target in (tmp_path, tmp_path / "v0001"):
+        assert main(["data", "verify", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert "is damaged" in err and "manifest.json: missing" in err
