@@ -78,3 +78,14 @@ def test_blank_words_name_their_flag_once(tmp_path, capsys):
         assert main([*args, flag, " "]) == 2
         err = capsys.readouterr().err
         assert f"error: {flag}: must not be empty" in err and err.count("must not be empty") == 1
+
+
+def test_a_second_edit_into_one_out_leaves_only_its_own_images(tmp_path):
+    """Before: an edit of a photo, then of a generated image, into one --out kept the first's
+    reconstruction.png beside the second's images."""
+    out = tmp_path / "out"
+    args = [*BASE, "--subject-image", _photo(tmp_path / "cat.png"), "--out", str(out)]
+    assert main([*args, "--image", _photo(tmp_path / "photo.jpg", 1)]) == 0
+    assert (out / "reconstruction.png").is_file()
+    assert main(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["edit.yaml", "edited.png", "mask.png", "source.png"]

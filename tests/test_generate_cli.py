@@ -128,3 +128,23 @@ def test_generate_yaml_records_the_size_the_images_were_drawn_at(tmp_path):
     _write(args, load_config(overrides=["profile=tiny"]), [Image.new("RGB", (64, 48))], 0.1, "cpu", "float32")
     settings = yaml.safe_load((tmp_path / "generate.yaml").read_text())
     assert (settings["generate"]["width"], settings["generate"]["height"]) == (64, 48)
+
+
+def test_a_second_run_into_one_out_leaves_only_its_own_images(tmp_path):
+    """Before: -n 3 then -n 1 into one --out left image_001/002.png of the first run beside the
+    second's grid.png and generate.yaml. Only what the last record lists goes: files generate
+    did not write stay, even when a hand-edited record names them."""
+    out = tmp_path / "out"
+    args = ["generate", "--subject-image", str(_photo(tmp_path / "a.png")), "--category", "dog", "--prompt", "on the beach"]
+    args += ["--out", str(out), "--steps", "1", "--height", "32", "--width", "32", "--profile", "tiny", "--device", "cpu"]
+    assert main([*args, "-n", "3"]) == 0
+    record = yaml.safe_load((out / "generate.yaml").read_text())
+    assert record["run"]["files"] == ["image_000.png", "image_001.png", "image_002.png", "grid.png"]
+    (out / "notes.txt").write_text("mine")
+    (out / "image_009.png").write_bytes(b"mine too")  # not written by generate
+    record["run"]["files"] += ["notes.txt", "../a.png"]
+    (out / "generate.yaml").write_text(yaml.safe_dump(record))
+    assert main([*args, "-n", "1"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["generate.yaml", "grid.png", "image_000.png", "image_009.png", "notes.txt"]
+    assert (tmp_path / "a.png").is_file()

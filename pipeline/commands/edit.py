@@ -7,7 +7,8 @@ that word's cross-attention is strong (edit.threshold), or where CLIPSeg finds -
 
 Writes `source.png`, `edited.png`, `mask.png` (white = the region that could change), for a
 photo `reconstruction.png` (its inversion denoised again without the edit), and the resolved
-settings (`edit.yaml`) to --out. The `generate:` section supplies steps, guidance, size, seed,
+settings (`edit.yaml`, which lists those images) to --out; a previous run's images that this one
+does not write again are removed. The `generate:` section supplies steps, guidance, size, seed,
 negative prompt and dtype; the `edit:` section the attention control.
 """
 
@@ -15,16 +16,26 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import time
 
 import yaml
 
-from pipeline.commands.generate import SAMPLING_FLAGS, add_sampling_arguments, check_text_flags, resolve_device
+from pipeline.commands.generate import (
+    SAMPLING_FLAGS,
+    add_sampling_arguments,
+    check_text_flags,
+    previous_run,
+    remove_stale_outputs,
+    resolve_device,
+)
 from pipeline.config import Config, dump_config
 from pipeline.errors import UserError
 from pipeline.paths import check_output_folder, folder_flag, make_output_folder
 
 log = logging.getLogger(__name__)
+
+_OUTPUT_NAMES = re.compile(r"(source|edited|mask|reconstruction)\.png")  # what edit writes into --out
 
 # flag destination -> config key (pipeline.cli.flag_overrides)
 FLAGS = {
@@ -139,11 +150,15 @@ def _write(args: argparse.Namespace, config: Config, result, elapsed: float, dev
     import PIL.Image
 
     out = make_output_folder(args.out)
+    previous = previous_run(out, "edit.yaml")
     result.source.save(out / "source.png")
     result.edited.save(out / "edited.png")
     PIL.Image.fromarray((result.mask * 255).astype(np.uint8)).save(out / "mask.png")
+    files = ["source.png", "edited.png", "mask.png"]
     if result.reconstruction is not None:
         result.reconstruction.save(out / "reconstruction.png")
+        files.append("reconstruction.png")
+    remove_stale_outputs(out, previous.get("files"), files, _OUTPUT_NAMES)
     run_info = {
         "model": config.model_path("blip_diffusion"),
         "prompt": args.prompt,
@@ -153,6 +168,7 @@ def _write(args: argparse.Namespace, config: Config, result, elapsed: float, dev
         "target_category": args.target_category or args.category,
         "image": args.image,
         "mask_prompt": args.mask_prompt,
+        "files": files,
         "edited_share": round(float(result.mask.mean()), 4),
         "device": str(device),
         "dtype": dtype_name,

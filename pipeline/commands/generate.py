@@ -1,6 +1,7 @@
 """`subjectforge generate`: images of a subject from its reference photos, category and a prompt.
 
-Writes `image_000.png`, ... , `grid.png` and the resolved settings (`generate.yaml`) to --out.
+Writes `image_000.png`, ... , `grid.png` and the resolved settings (`generate.yaml`, which lists
+the images) to --out; a previous run's images that this one does not write again are removed.
 Flags override the config's `generate:` section for this run.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +24,7 @@ from pipeline.paths import check_output_folder, folder_flag, make_output_folder
 log = logging.getLogger(__name__)
 
 _DTYPES = ("float32", "float16", "bfloat16")
+_OUTPUT_NAMES = re.compile(r"image_\d{3,}\.png|grid\.png")  # what generate writes into --out
 
 # The sampling flags `generate` and `edit` share (add_sampling_arguments): flag destination ->
 # config key (pipeline.cli.flag_overrides).
@@ -329,11 +332,14 @@ def _write(args: argparse.Namespace, config: Config, outputs: list, elapsed: flo
     width, height = outputs[0].size
     config = config.model_copy(update={"generate": config.generate.model_copy(update={"height": height, "width": width})})
     make_output_folder(out)
+    previous = previous_run(out, "generate.yaml")
     paths = []
     for i, image in enumerate(outputs):
         paths.append(out / f"image_{i:03d}.png")
         image.save(paths[-1])
     make_grid(outputs).save(out / "grid.png")
+    files = [p.name for p in paths] + ["grid.png"]
+    remove_stale_outputs(out, previous.get("files"), files, _OUTPUT_NAMES)
     run_info = {
         "model": config.model_path("blip_diffusion"),
         "subject_images": [str(p) for p in args.subject_image or []],
@@ -343,6 +349,7 @@ def _write(args: argparse.Namespace, config: Config, outputs: list, elapsed: flo
         "target_category": args.target_category or args.category,
         "prompt": args.prompt,
         "num_images": args.num_images,
+        "files": files,
         "device": str(device),
         "dtype": dtype_name,
         "seconds": round(elapsed, 3),
@@ -353,6 +360,29 @@ def _write(args: argparse.Namespace, config: Config, outputs: list, elapsed: flo
     if config.profile == "tiny":
         print("note: the tiny profile has random weights, so the images are noise; use --profile real.")
     return 0
+
+
+def previous_run(out: Path, record: str) -> dict:
+    """The `run:` section of the record (generate.yaml, edit.yaml) a previous run left in `out`;
+    {} when there is none or it cannot be read, so nothing of it is removed."""
+    try:
+        run = yaml.safe_load((out / record).read_text(encoding="utf-8")).get("run")
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):
+        return {}
+    return run if isinstance(run, dict) else {}
+
+
+def remove_stale_outputs(out: Path, listed: object, written: list[str], names: re.Pattern) -> None:
+    """Delete the files of `listed` (the previous run's `files`) that this run did not write
+    again, so `out` holds one run's images beside its record. Only plain names that `names`
+    matches in full (what the command writes) go: a hand-edited record cannot delete anything
+    else, nor a folder."""
+    if not isinstance(listed, list):
+        return
+    for name in listed:
+        path = out / str(name)
+        if name not in written and names.fullmatch(str(name)) and (path.is_file() or path.is_symlink()):
+            path.unlink()
 
 
 def make_grid(images: list, columns: int | None = None):
