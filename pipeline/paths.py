@@ -110,7 +110,25 @@ def replace_tree(src: str | Path, dst: str | Path, root: str | Path) -> Path:
 def _holding(lock: Path) -> Iterator[None]:
     """An exclusive flock on the file `lock` (waits for the holder; the kernel lets go when a
     holder dies). A file opened for writing, not the folder: NFS emulates flock with byte-range
-    locks, which need one."""
-    with open(lock, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    locks, which need one. The holder deletes the file before letting go, so none is left beside
+    the output; a waiter that then wins the lock of the deleted file sees that the name is no
+    longer its file and tries again on the new one."""
+    while True:
+        fh = open(lock, "a")  # noqa: SIM115 - held across the yield, closed below
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                current = os.stat(lock).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fh.fileno()).st_ino:
+                break
+        except BaseException:
+            fh.close()
+            raise
+        fh.close()  # the holder before us deleted it: lock the file now at that name
+    try:
         yield
+    finally:
+        lock.unlink(missing_ok=True)
+        fh.close()

@@ -54,7 +54,7 @@ def test_replace_tree_keeps_the_old_folder_when_the_copy_fails(tmp_path, monkeyp
     monkeypatch.undo()
     assert paths.replace_tree(new, dst, root) == dst
     assert (dst / "keep.txt").read_text() == "new"
-    assert sorted(p.name for p in root.iterdir()) == [".dog-lora.lock", "dog-lora", "keep.txt"]  # no partial or old copy left
+    assert sorted(p.name for p in root.iterdir()) == ["dog-lora", "keep.txt"]  # no partial or old copy left, and no lock file
 
 
 def test_replace_tree_restores_a_folder_left_aside_between_the_renames(tmp_path):
@@ -98,3 +98,4 @@ def test_two_replacements_of_one_folder_at_once_leave_a_whole_one(tmp_path, monk
     contents = {p.name: p.read_text() for p in dst.iterdir()}
     assert sorted(contents) == ["keep.txt", "weights-0", "weights-1", "weights-2"]
     assert len(set(contents.values())) == 1  # one job's folder, whole
+    assert not (root / ".dog-lora.lock").exists()  # each holder deletes the lock file it held
