@@ -107,14 +107,18 @@ def _csv_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, dict[
 
 
 def _check_header(path: Path, header: list[str], columns: tuple[str, ...]) -> None:
-    """SourceError naming the columns the header lacks, or those it has beyond `columns` (no
-    extra column is read, so one is most likely a typo or a file meant for something else)."""
+    """SourceError naming the columns the header lacks, those it has beyond `columns` (no
+    extra column is read, so one is most likely a typo or a file meant for something else), or
+    one it names twice."""
     missing = set(columns) - set(header)
     if missing:
         raise SourceError(f"{path}: missing column(s) {', '.join(sorted(missing))} (header: {header})")
     unknown = [name for name in header if name not in columns]
     if unknown:
         raise SourceError(f"{path}: unknown column(s) {', '.join(unknown)}; the columns are {','.join(columns)}")
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if twice:  # DictReader would keep the last one's values and drop the first's without a word
+        raise SourceError(f"{path}: column(s) {', '.join(twice)} named twice in the header")
 
 
 def _csv_problem(exc: csv.Error) -> str:

@@ -65,6 +65,13 @@ def test_csv_unknown_columns_are_named(tmp_path):
         read_subjects_csv(tmp_path / "subjects.csv")
 
 
+def test_csv_column_named_twice_is_named(tmp_path):
+    """Before: DictReader kept the second `category` ("cat") and dropped the first without a word."""
+    (tmp_path / "subjects.csv").write_text("subject_id,category,category\nrex,dog,cat\n")
+    with pytest.raises(SourceError, match=r"subjects.csv: column\(s\) category named twice in the header"):
+        read_subjects_csv(tmp_path / "subjects.csv")
+
+
 def test_missing_subjects_csv_and_missing_folder(tmp_path):
     with pytest.raises(SourceError, match="not found"):
         scan_source(tmp_path / "nope")
