@@ -523,13 +523,14 @@ class BlipDiffusion(nn.Module):
         *,
         progress: bool = True,
         editor: Editor | None = None,
+        step_callback: StepCallback | None = None,
     ) -> torch.Tensor:
         """The denoising loop of `generate` for callers that build their own conditioning:
         latents (b, C, h, w), already scaled by the scheduler's initial sigma, with cond (b, 77, D)
         and uncond (u, 77, D) for the last u <= b rows or None, through `scheduler` (its timesteps
         set) -> clean latents. `editor` (pipeline/model/editing.py) may change the latents after
-        every step."""
-        return self._denoise(latents, cond, uncond, scheduler, guidance_scale, progress, editor=editor)
+        every step; `step_callback` is called after each, as in `generate`."""
+        return self._denoise(latents, cond, uncond, scheduler, guidance_scale, progress, step_callback, editor=editor)
 
     def _denoise(
         self,

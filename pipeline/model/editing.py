@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import UserError
-from pipeline.model.blip_diffusion import BlipDiffusion
+from pipeline.model.blip_diffusion import BlipDiffusion, StepCallback
 from pipeline.model.image_processing import ImageLike, SubjectImageProcessor, read_rgb
 from pipeline.model.inversion import editing_scheduler, invert_ddim
 from pipeline.model.prompts import DEFAULT_NEGATIVE_PROMPT, check_text
@@ -400,6 +400,7 @@ def edit(
     threshold: float = 0.3,
     keep_outside: bool = True,
     progress: bool = True,
+    step_callback: StepCallback | None = None,
 ) -> EditResult:
     """Replace the object `replace` names in `prompt` by the subject.
 
@@ -413,6 +414,8 @@ def edit(
     its peak. With `keep_outside`, pixels outside the region are the source's exactly (the
     decoder's reach otherwise blurs the boundary by a few pixels, and a photo's inversion is
     not exact); without it the result is the decoded target row, as LAVIS returns it.
+    `step_callback(i, t, noise, latents)` is called after every inversion and denoising step
+    (a server stops an edit whose client left by raising from it).
     """
     target = target_category if target_category is not None else category
     if target is None:
@@ -446,7 +449,7 @@ def edit(
     else:
         scheduler = editing_scheduler(model.scheduler)
         scheduler.set_timesteps(steps, device=model.device)
-        start = _invert(model, photo, source_cond.to(model.unet.dtype), scheduler, progress)
+        start = _invert(model, photo, source_cond.to(model.unet.dtype), scheduler, progress, step_callback)
     editor = AttentionEdit(
         prompts,
         len(scheduler.timesteps),  # PNDM runs one step more than asked
@@ -459,7 +462,8 @@ def edit(
         dtype=model.unet.dtype,
     )
     with editor.attached(model.unet):
-        latents = model.denoise(start.expand(2, -1, -1, -1), cond, uncond, scheduler, guidance_scale, progress=progress, editor=editor)
+        latents = model.denoise(start.expand(2, -1, -1, -1), cond, uncond, scheduler, guidance_scale, progress=progress, editor=editor,
+                               step_callback=step_callback)
     decoded = model.vae.decode(latents / model.vae.config.scaling_factor).sample.float()
     rows = SubjectImageProcessor.postprocess(decoded, "pt")  # (2, 3, H, W) in [0, 1]
     region = F.interpolate(editor.mask.float(), size=(height, width), mode="nearest").cpu()  # (1, 1, H, W)
@@ -491,13 +495,16 @@ def _subject(model: BlipDiffusion, images: Any, category: str | None, embeds: to
     return model.encode_subject(images, category)
 
 
-def _invert(model: BlipDiffusion, photo: PIL.Image.Image, cond: torch.Tensor, scheduler: Any, progress: bool) -> torch.Tensor:
+def _invert(
+    model: BlipDiffusion, photo: PIL.Image.Image, cond: torch.Tensor, scheduler: Any, progress: bool,
+    step_callback: StepCallback | None = None,
+) -> torch.Tensor:
     """The photo's latents (1, C, h, w), DDIM-inverted with the text-only prompt `cond` (1, L, D)
     and no guidance. The VAE's mean is used, not a sample, so an edit is repeatable."""
     pixels = (_to_pixels(photo) * 2 - 1).to(device=model.device, dtype=model.vae.dtype)
     latents = model.vae.encode(pixels).latent_dist.mode() * model.vae.config.scaling_factor
     latents = latents.to(model.unet.dtype)
-    return invert_ddim(latents, scheduler, lambda x, t: model.unet(x, t, encoder_hidden_states=cond).sample, progress)
+    return invert_ddim(latents, scheduler, lambda x, t: model.unet(x, t, encoder_hidden_states=cond).sample, progress, step_callback)
 
 
 def _to_pil(pixels: torch.Tensor) -> PIL.Image.Image:

@@ -38,18 +38,20 @@ def invert_ddim(
     scheduler: DDIMScheduler,
     predict_noise: NoisePredictor,
     progress: bool = False,
+    step_callback: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Clean latents (b, C, h, w) -> the noisy latents at the scheduler's first timestep.
 
     `scheduler` must have had `set_timesteps` called with the number of steps the sampler will
     use; the result, sampled with the same scheduler, steps and `predict_noise`, returns close to
     `latents`. Computed in float32 whatever the latents' dtype, returned in their dtype.
+    `step_callback(i, t, noise, latents)` is called after each step (it may raise to stop).
     """
     alphas = scheduler.alphas_cumprod.to(device=latents.device, dtype=torch.float32)
     final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32, device=latents.device)
     stride = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     x = latents.float()
-    for t in tqdm(scheduler.timesteps.flip(0), disable=not progress, desc="inverting", leave=False):
+    for i, t in enumerate(tqdm(scheduler.timesteps.flip(0), disable=not progress, desc="inverting", leave=False)):
         # The sampler's step at t goes from a_t to a_prev; inversion goes back from a_prev to a_t.
         prev = int(t) - stride
         a_cur = alphas[prev] if prev >= 0 else final
@@ -57,4 +59,6 @@ def invert_ddim(
         eps = predict_noise(x.to(latents.dtype), t).float()
         x0 = (x - (1 - a_cur).sqrt() * eps) / a_cur.sqrt()
         x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+        if step_callback is not None:
+            step_callback(i, t, eps, x)
     return x.to(latents.dtype)

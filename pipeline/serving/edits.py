@@ -55,10 +55,10 @@ def validate_edit(row: Mapping[str, Any], request: GenerationRequest, decode: De
 
 def draw_edit(
     model: Any, edit_request: EditRequest, request: GenerationRequest, subject_embeds: Any, category: str,
-    height: int, width: int, settings: EditConfig,
+    height: int, width: int, settings: EditConfig, step_callback: Any = None,
 ) -> PIL.Image.Image:
     """The edited image (PIL RGB, height x width) of `request` with the subject's embeddings
-    (1, Q, D) named `category`, with the `edit:` settings."""
+    (1, Q, D) named `category`, with the `edit:` settings; `step_callback` as in `edit`."""
     from pipeline.model import DEFAULT_NEGATIVE_PROMPT
     from pipeline.model.editing import edit
 
@@ -68,6 +68,6 @@ def draw_edit(
         negative_prompt=request.negative_prompt if request.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT,
         height=height, width=width, seed=request.seed, cross_replace_steps=settings.cross_replace_steps,
         self_replace_steps=settings.self_replace_steps, threshold=settings.threshold, keep_outside=settings.keep_outside,
-        progress=False,
+        progress=False, step_callback=step_callback,
     )
     return result.edited

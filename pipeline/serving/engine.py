@@ -231,7 +231,10 @@ class Engine:
             raise SubjectUnusable(f"models:/{subject.key} is a {subject.spec.method} subject: it has no embeddings to edit with")
         else:
             embeds, category = self._device_embeds(subject), subject.spec.category
-        return draw_edit(model, job.edit, job.request, embeds, category, job.height, job.width, self.edit_settings)
+        return draw_edit(
+            model, job.edit, job.request, embeds, category, job.height, job.width, self.edit_settings,
+            step_callback=stop_when_all_cancelled([job]),
+        )
 
     def _control(self, model: BlipDiffusion, job: Job) -> Any:
         """The pipeline.model.control.Control of `job`'s control request, at its size."""

@@ -185,3 +185,23 @@ def test_a_batch_whose_requests_all_left_stops_after_the_current_step(subjects, 
     gone.cancelled.set()
     poisoned, left = engine.run([bad, gone])
     assert isinstance(poisoned.error, TypeError) and isinstance(left.error, BatchCancelled)
+
+
+def test_an_edit_whose_client_left_stops_after_the_current_step(subjects):
+    """An edit ran all its inversion and denoising steps after its client had gone."""
+    from pipeline.serving.edits import EditRequest
+
+    engine = Engine(BlipDiffusion.from_pretrained(TINY), max_batch_images=8, max_subjects=8, max_lora_adapters=8)
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    subject = ZeroShotSubject((photo,), "dog")
+    edit = Job(GenerationRequest("a dog on the beach", 1, 1, 10, 7.5, None, None, None), subject, 64, 64,
+               edit=EditRequest("dog", photo))
+    calls = count_unet_calls(engine, then=lambda n: edit.cancelled.set() if n >= 3 else None)
+    [done] = engine.run([edit])
+    assert len(calls) == 3  # inversion step 3 finished, then nothing more (10 inversion + 10 denoising steps otherwise)
+    assert done.images is None and isinstance(done.error, BatchCancelled) and "stopped after step 3" in str(done.error)
+    calls.clear()
+    kept = Job(GenerationRequest("a dog on the beach", 1, 1, 2, 7.5, None, None, None), subject, 64, 64,
+               edit=EditRequest("dog", photo))
+    [kept] = engine.run([kept])  # nobody left: the whole edit
+    assert kept.error is None and len(kept.images) == 1 and len(calls) > 2
