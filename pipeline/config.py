@@ -906,15 +906,23 @@ def load_config(
         raise ConfigError(_format_validation_error(exc)) from None
 
 
-def check_utf8(text: str, name: str) -> None:
-    """ConfigError naming `name` (a key or flag) when `text` is not UTF-8: Python keeps the bytes
-    of a terminal or file in another encoding as surrogates, which the tokenizer, MLflow and
-    Parquet refuse, far into a job."""
+def is_utf8(text: str) -> bool:
+    """Whether `text` can be written as UTF-8: Python keeps the bytes of a terminal, file name or
+    file in another encoding (and JSON keeps an escaped lone surrogate, "\\ud800") as surrogates,
+    which the tokenizer, MLflow, Parquet and any UTF-8 answer refuse."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_utf8(text: str, name: str) -> None:
+    """ConfigError naming `name` (a key or flag) when `text` is not UTF-8 (is_utf8), refused
+    here rather than far into a job."""
+    if not is_utf8(text):
         shown = text.encode("utf-8", "backslashreplace").decode()
-        raise ConfigError(f"{name}: not UTF-8 text ({shown!r}); use a UTF-8 terminal or locale") from None
+        raise ConfigError(f"{name}: not UTF-8 text ({shown!r}); use a UTF-8 terminal or locale")
 
 
 def _check_utf8(value: Any, key: str = "") -> None:

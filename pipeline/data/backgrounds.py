@@ -10,8 +10,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.config import BUNDLED_DATASETS_DIR, ConfigError
-from pipeline.data.sources import is_utf8_name, printable_name
+from pipeline.config import BUNDLED_DATASETS_DIR, ConfigError, is_utf8
+from pipeline.data.sources import printable_name
 from pipeline.data.verify import sha256_of
 from pipeline.data.versions import LATEST, MANIFEST
 
@@ -69,7 +69,7 @@ def _pool_images(version: Path) -> list[tuple[str, str]]:
 def _folder_images(root: Path) -> list[tuple[str, str]]:
     found = []
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in _SUFFIXES and p.is_file()):
-        if not is_utf8_name(str(path)):  # its id would be each row's background_id, a UTF-8 string
+        if not is_utf8(str(path)):  # its id would be each row's background_id, a UTF-8 string
             raise ConfigError(f"data.backgrounds.folder: {printable_name(str(path))}: the file name is not UTF-8: rename it")
         try:
             with Image.open(path) as img:

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pipeline.config import check_name
+from pipeline.config import check_name, is_utf8
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -183,16 +183,6 @@ def _is_hidden(name: str) -> bool:
 _NOT_FILES = {stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket", stat.S_IFBLK: "block device", stat.S_IFCHR: "character device"}
 
 
-def is_utf8_name(name: str) -> bool:
-    """Whether a file name read from the disk was valid UTF-8 (Python keeps other bytes as
-    surrogates, which no UTF-8 writer accepts)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def printable_name(name: str) -> str:
     """A file name with its non-UTF-8 bytes written as \\xNN, for a reject record."""
     return os.fsencode(name).decode("utf-8", "backslashreplace")
@@ -258,7 +248,7 @@ class _Walker:
         if not reason and subject_id not in self.subjects:
             reason = f"subject folder {subject_id!r} is not listed in subjects.csv"
         uri = path.relative_to(self.scan.root).as_posix()
-        if not is_utf8_name(uri):  # rows and rejects are Parquet strings, which must be UTF-8
+        if not is_utf8(uri):  # rows and rejects are Parquet strings, which must be UTF-8
             reason, uri, subject_id = "file name is not UTF-8: rename it", printable_name(uri), printable_name(subject_id)
         photo = SourcePhoto(
             subject_id=subject_id,

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import GenerateConfig, ServeLimits
+from pipeline.config import GenerateConfig, ServeLimits, is_utf8
 
 # The fields of a request; any other key is an error (a misspelt "step" must not silently
 # fall back to the default).
@@ -98,23 +98,15 @@ def check_unicode(value: Any, field: str = "request") -> None:
     stack = [(value, field)]
     while stack:  # a loop, not recursion: json.loads nests as deep as the stack allows, leaving no room to recurse
         item, where = stack.pop()
-        if isinstance(item, str) and not _encodes(item):
+        if isinstance(item, str) and not is_utf8(item):
             raise RequestError(where, "is not valid Unicode text (a lone surrogate such as \\ud800)")
         if isinstance(item, Mapping):
             for key, child in item.items():
-                if isinstance(key, str) and not _encodes(key):
+                if isinstance(key, str) and not is_utf8(key):
                     raise RequestError(where, "has a field name that is not valid Unicode text (a lone surrogate such as \\ud800)")
                 stack.append((child, str(key) if where == "request" else f"{where}.{key}"))
         elif isinstance(item, list | tuple):
             stack.extend((child, f"{where}[{i}]") for i, child in enumerate(item))
-
-
-def _encodes(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def records_from_frame(frame: Any) -> list[Any]:
