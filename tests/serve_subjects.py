@@ -48,3 +48,17 @@ def register_subject(uri: str, folder: Path, name: str, alias: str = "champion")
     version = tracking.log_subject_model(uri, run_id, folder, name, {"method": "test"}, alias)
     tracking.finish_run(uri, run_id)
     return version
+
+
+def fail_first_call(monkeypatch, owner, name: str, error: BaseException) -> None:
+    """Patch `owner.name` to raise `error` on its first call and behave as before after it: a
+    replica that runs out of memory once must answer the next request."""
+    original, calls = getattr(owner, name), []
+
+    def fail_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise error
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, fail_once)

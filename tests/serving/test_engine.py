@@ -14,7 +14,7 @@ from pipeline.model.subject import SubjectModel
 from pipeline.serving.engine import BatchCancelled, Engine, Job
 from pipeline.serving.requests import GenerationRequest
 from pipeline.serving.subjects import ZeroShotSubject, read_subject
-from tests.serve_subjects import TINY, make_subject
+from tests.serve_subjects import TINY, fail_first_call, make_subject
 
 STEPS = 2
 
@@ -97,16 +97,7 @@ def test_an_evicted_adapter_is_loaded_again_and_draws_the_same(subjects):
 def test_out_of_memory_fails_its_group_only_and_the_engine_goes_on(subjects, monkeypatch):
     engine = Engine(BlipDiffusion.from_pretrained(TINY), max_batch_images=8, max_subjects=8, max_lora_adapters=8)
     a, ti = subjects["a"][1], subjects["ti"][1]
-    denoise = engine.model._denoise
-    calls = []
-
-    def fail_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return denoise(*args, **kwargs)
-
-    monkeypatch.setattr(engine.model, "_denoise", fail_once)
+    fail_first_call(monkeypatch, engine.model, "_denoise", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"))
     jobs = engine.run([job(ti, 1), job(a, 2), Job(request(1), a, 32, 32)])  # two groups: two sizes
     assert [type(j.error).__name__ for j in jobs] == ["OutOfMemoryError", "OutOfMemoryError", "NoneType"]
     [retry] = engine.run([job(ti, 1)])

@@ -21,7 +21,7 @@ from pipeline.config import DecodeConfig, ServeLimits
 from pipeline.serving.requests import RequestError
 from pipeline.serving.rows import validate_rows
 from pipeline.serving.subjects import OwnSubject, ZeroShotSubject
-from tests.serve_subjects import make_subject
+from tests.serve_subjects import fail_first_call, make_subject
 
 
 def _png_b64(colour):
@@ -111,16 +111,7 @@ def test_the_photos_of_all_rows_together_stay_within_max_request_pixels():
 def test_out_of_memory_is_a_503_without_a_stack_trace_and_the_next_request_is_drawn(pyfunc, monkeypatch):
     """MLflow's scoring server answers any other exception from predict as a 400 blaming the
     input, with the stack trace in the body."""
-    model, calls = pyfunc.subject.model, []
-    denoise = model._denoise
-
-    def fail_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return denoise(*args, **kwargs)
-
-    monkeypatch.setattr(model, "_denoise", fail_once)
+    fail_first_call(monkeypatch, pyfunc.subject.model, "_denoise", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"))
     row = {**ROW, "height": 32, "width": 32}
     with pytest.raises(MlflowException, match="out of memory") as caught:
         pyfunc.predict(None, pd.DataFrame([row]))

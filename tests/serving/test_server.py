@@ -25,7 +25,7 @@ from pipeline.serving.app import SubjectServer, serve_controlnet
 from pipeline.serving.engine import Engine
 from pipeline.serving.subjects import SubjectLibrary
 from tests.imagefiles import png_header_only
-from tests.serve_subjects import TINY
+from tests.serve_subjects import TINY, fail_first_call
 
 
 class RecordedMetrics:
@@ -98,15 +98,7 @@ def zero_shot(seed=0):
 
 def test_out_of_memory_is_a_503_and_the_next_request_is_answered(model, monkeypatch):
     server = make_server(model)
-    denoise, calls = model._denoise, []
-
-    def fail_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return denoise(*args, **kwargs)
-
-    monkeypatch.setattr(model, "_denoise", fail_once)
+    fail_first_call(monkeypatch, model, "_denoise", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"))
     status, body = answer(server, zero_shot())
     assert status == 503 and "out of memory" in body["error"], body
     status, body = answer(server, zero_shot(seed=1))
@@ -377,15 +369,8 @@ def test_out_of_memory_before_the_batch_is_a_503_and_the_next_request_is_answere
     """Decoding the photos (or loading a subject) can run out of memory too, before any batch."""
     import pipeline.serving.api as api
 
-    server, decode, calls = make_server(model), api.decode_reference_images, []
-
-    def fail_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise MemoryError()
-        return decode(*args, **kwargs)
-
-    monkeypatch.setattr(api, "decode_reference_images", fail_once)
+    server = make_server(model)
+    fail_first_call(monkeypatch, api, "decode_reference_images", MemoryError())
     status, body = answer(server, zero_shot())
     assert status == 503 and "out of memory" in body["error"], body
     status, body = answer(server, zero_shot(seed=1))
