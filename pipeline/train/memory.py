@@ -10,12 +10,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from collections.abc import Sequence
-from functools import partial
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -29,11 +30,41 @@ def enable_gradient_checkpointing(unet: nn.Module, text_encoder: nn.Module) -> N
     encoder (transformers' GradientCheckpointingLayer switch; our ContextCLIPTextModel is not a
     PreTrainedModel, so the layers are set here). Non-reentrant checkpointing: gradients also
     reach inputs that need them (the subject embeddings) when the weights are frozen."""
-    unet.enable_gradient_checkpointing()
+    unet.enable_gradient_checkpointing(checkpoint_layer)
     for module in text_encoder.modules():
         if isinstance(module, GradientCheckpointingLayer):
             module.gradient_checkpointing = True
-            module._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+            module._gradient_checkpointing_func = checkpoint_layer
+
+
+# The global SDPA kernel flags that `sdpa_kernel` sets (they govern CPU and CUDA calls alike).
+_SDPA_FLAGS = (
+    (SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled),
+    (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled),
+    (SDPBackend.CUDNN_ATTENTION, torch.backends.cuda.cudnn_sdp_enabled),
+    (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled),
+)
+
+
+def _forward_kernels_in_recompute() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """checkpoint's context_fn, called in the forward pass: nothing for the forward, and for the
+    recomputation in the backward pass the SDPA kernels the forward was allowed.
+
+    Why: the text encoder runs inside `attention_kernels` (pipeline/train/speed.py), a context
+    that has ended when the backward pass recomputes the layer. Without this the recomputation
+    picks other kernels, which save other tensors, and torch's checkpoint raises "Recomputed
+    values ... have different metadata" (blipd with gradient checkpointing on an H100)."""
+    allowed = [backend for backend, enabled in _SDPA_FLAGS if enabled()]
+    return contextlib.nullcontext(), sdpa_kernel(allowed) if allowed else contextlib.nullcontext()
+
+
+def checkpoint_layer(function, *args, **kwargs):
+    """Non-reentrant activation checkpointing of one layer call, recomputed with the forward's
+    SDPA kernels. Under torch.compile the kernels are fixed when Dynamo traces the forward and
+    backward, and Dynamo takes only dispatch modes as context_fn, so it gets none there."""
+    if torch.compiler.is_compiling():
+        return checkpoint(function, *args, use_reentrant=False, **kwargs)
+    return checkpoint(function, *args, use_reentrant=False, context_fn=_forward_kernels_in_recompute, **kwargs)
 
 
 def check_optimizer(train: TrainConfig) -> None:

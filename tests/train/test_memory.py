@@ -6,6 +6,7 @@ import importlib.util
 import pytest
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.config import ConfigError, TrainConfig, load_config
 from pipeline.model import BlipDiffusion
@@ -59,6 +60,46 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     assert checkpointed.keys() == grads.keys() and len(grads) > 10
     for name, grad in grads.items():
         assert torch.allclose(checkpointed[name], grad, atol=1e-5, rtol=1e-5), name
+
+
+def _subject_gradient(model, embeds, compiled: bool = False):
+    """The gradient of the subject embeddings through the text encoder, whose forward runs with
+    the math SDPA kernel alone, as `attention_kernels` runs it in training; the backward runs
+    outside that context, as the loop's does."""
+    encode = torch.compile(model.encode_prompts, backend="aot_eager") if compiled else model.encode_prompts
+    with sdpa_kernel([SDPBackend.MATH]):
+        hidden = encode(["a dog on the beach", "a dog"], embeds.expand(2, -1, -1))
+    hidden.square().sum().backward()
+    grad, embeds.grad = embeds.grad, None
+    return grad
+
+
+@pytest.fixture(scope="module")
+def frozen_text_encoder():
+    """The tiny model with frozen weights and the text encoder in training mode (blipd: the
+    gradient reaches only the subject embeddings), and such embeddings."""
+    model = BlipDiffusion.from_pretrained(load_config(overrides=["profile=tiny"]).model_path("blip_diffusion"))
+    model.requires_grad_(False)
+    model.text_encoder.train()
+    embeds = torch.randn(1, model.num_query_tokens, model.text_encoder.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    return model, embeds.requires_grad_(True)
+
+
+def test_a_checkpointed_layer_is_recomputed_with_the_kernels_of_its_forward(frozen_text_encoder):
+    # On an H100, blipd with gradient checkpointing raised torch's CheckpointError ("Recomputed
+    # values ... have different metadata"): the forward ran inside `attention_kernels`, the
+    # recomputation outside it, with other kernels. The CPU has two kernels to reproduce it with.
+    model, embeds = frozen_text_encoder
+    plain = _subject_gradient(model, embeds)
+    enable_gradient_checkpointing(model.unet, model.text_encoder)
+    try:
+        assert torch.allclose(_subject_gradient(model, embeds), plain, atol=1e-6, rtol=1e-5)
+        # Compiled, the kernels are fixed by the trace; Dynamo rejects our context_fn there.
+        assert torch.allclose(_subject_gradient(model, embeds, compiled=True), plain, atol=1e-5, rtol=1e-4)
+    finally:
+        model.unet.disable_gradient_checkpointing()
+        for layer in model.text_encoder.text_model.encoder.layers:
+            layer.gradient_checkpointing = False
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
