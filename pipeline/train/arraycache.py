@@ -129,6 +129,7 @@ class ArrayStream:
         strings = pq.read_table(folder / _STRINGS)
         self._strings = {name: strings.column(name).to_pylist() for name in strings.column_names}
         self.wait_s = 0.0
+        self.first_batch_at: float | None = None  # time.time() when the loop received its first batch
         self._slice = (rank * share, rank * share + self.batches_per_epoch * batch_size)
         self._batch_size, self._seed, self._pin = batch_size, seed, pin
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
@@ -184,4 +185,6 @@ class ArrayStream:
         self.wait_s += time.perf_counter() - start
         if isinstance(item, BaseException):
             raise item
+        if self.first_batch_at is None:
+            self.first_batch_at = time.time()
         return item

@@ -72,6 +72,7 @@ class DatasetInfo:
     precomputed: bool = False
     tensor_layout: dict[str, Any] = field(default_factory=dict)  # of the precomputed cache (TensorLayout)
     array_cache: str | None = None  # the precomputed cache as memory-mapped arrays (pipeline.train.arraycache)
+    precompute: str | None = None  # what this job did for the precomputed inputs: "made" them or "reused" a cache
 
     def as_run_input(self) -> dict[str, Any]:
         return asdict(self) | {"files": len(self.files), "subjects": len(self.subjects)}
@@ -247,8 +248,10 @@ def precompute_inputs(ds: Dataset, info: DatasetInfo, config: Config, storage: s
         with fs.open_output_stream(f"{done}.{parts}") as out:  # then renamed: a half-written record is never read
             out.write(json.dumps({"rows": info.rows, "key": key_source, "parts": parts}).encode())
         fs.move(f"{done}.{parts}", done)
+        info.precompute = "made"
     else:
         log.info("training from precomputed inputs in %s", cache)
+        info.precompute = "reused"
     with fs.open_input_stream(done) as record:
         parts = json.loads(record.read()).get("parts", "")  # "": older releases wrote into the cache itself
     selector = pyarrow.fs.FileSelector(f"{root}/{parts}".rstrip("/"), recursive=False)

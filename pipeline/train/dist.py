@@ -152,6 +152,7 @@ class BatchStream:
         shuffle's, plus the epoch (None: a new order each run); first_epoch: the epoch the stream
         starts in (a resumed run's, pipeline.train.data.epoch_at_step)."""
         self.wait_s = 0.0
+        self.first_batch_at: float | None = None  # time.time() when the loop received its first batch
         self._batches = self._epochs(batch_size, shuffle_buffer, collate_fn or _Collate(), prefetch, seed, first_epoch)
 
     @staticmethod
@@ -181,6 +182,8 @@ class BatchStream:
         start = time.perf_counter()
         batch = next(self._batches)
         self.wait_s += time.perf_counter() - start
+        if self.first_batch_at is None:
+            self.first_batch_at = time.time()
         return batch
 
 

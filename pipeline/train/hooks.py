@@ -23,7 +23,7 @@ import torch
 from pipeline import tracking
 from pipeline.config import Config
 from pipeline.evaluation.report import make_subject_grid
-from pipeline.train import dist, validation
+from pipeline.train import dist, speed, validation
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class TrainState:
     grad_norm: torch.Tensor | None = None
     stats: dict[str, float] | None = None
     first_step_s: float | None = None  # the job's start to this attempt's first step done, s
+    startup: dict[str, float] = field(default_factory=dict)  # phase -> s after the job's start (StartupTimes)
     # Set by a hook to end the run after this step (early stopping). Only rank 0's hooks may set
     # it, so only one-worker runs (fine-tunes) have such a hook.
     stop: bool = False
@@ -85,6 +86,74 @@ class NaNCatcher(Hook):
         self.calls += 1
         if self.calls % self.every == 0 and not torch.isfinite(loss).item():
             raise FloatingPointError(f"loss is {loss.item()} at step {state.step + 1}")
+
+
+# The startup's phases and their names in the first step's log line: the driver's
+# (trainer.run_training), then the worker's (loop.train_loop, StartupTimes).
+STARTUP_PHASES = {
+    "checked": "checks",  # config, dataset and base model checked
+    "ray": "Ray up",  # the cluster joined or started
+    "data": "data",  # the Ray Data plan built; with precompute, the cache made or found
+    "fit": "fit",  # Ray Train asked for the workers
+    "process": "worker process",  # this worker's process started (Ray Train's actor)
+    "worker": "loop",  # the loop entered: Ray Train's setup and the imports done
+    "feed": "feed open",  # the batch stream opened (it makes batches ahead from then on)
+    "model": "model ready",  # loaded, on the device, wrapped (compilation happens in the first step)
+    "hooks": "hooks",  # optimizer built, hooks started (MLflow calls)
+    "batch": "first batch",  # the loop received its first batch
+    "forward": "first forward",  # the first loss computed (a compile's forward graphs built)
+}
+
+
+class StartupTimes(Hook):
+    """Where the job's start-up went: when the first step is done, one log line with each phase's
+    time after the job's start (STARTUP_PHASES, from `marks`: time.time() of each phase the
+    driver and the loop reached), the compile's share and its cache counts; the phases go into
+    `state.startup` (IntervalStats reports them as startup_<phase>_s metrics) and the total into
+    `state.first_step_s`. Waits once for the device at the first forward and the first step, so
+    the times are the kernels', not their queueing's. Runs first among the hooks."""
+
+    def __init__(self, job_start: float, marks: dict[str, float], device: torch.device, precompute: str | None = None) -> None:
+        """marks: the loop's, which it fills until the first step; precompute: what the driver did
+        for the precomputed inputs ("made", "reused" or None, DatasetInfo.precompute)."""
+        self.job_start, self.marks, self.device, self.precompute = job_start, marks, device, precompute
+        self.done = False
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # once per phase: the kernels are done, not only queued
+        return time.time()
+
+    def after_loss(self, state: TrainState, loss: torch.Tensor) -> None:
+        if "forward" not in self.marks:
+            self.marks["forward"] = self._now()
+
+    def after_step(self, state: TrainState) -> None:
+        if self.done:
+            return
+        self.done = True
+        seconds = self._now() - self.job_start
+        first_batch = getattr(state.batches, "first_batch_at", None)
+        if first_batch is not None:
+            self.marks.setdefault("batch", first_batch)
+        # In the order they happened (the loop may open the feed before or after the model).
+        phases = {p: at - self.job_start for p, at in sorted(self.marks.items(), key=lambda item: item[1]) if p in STARTUP_PHASES}
+        state.first_step_s, state.startup = seconds, phases
+        log.info("%s", self.describe(seconds, phases))
+
+    def describe(self, seconds: float, phases: dict[str, float]) -> str:
+        """The log line: "first step done T s after the job started: checks 0.3 s, ... first
+        forward 80.1 s (compile ...; compile caches: ...)"."""
+        parts = []
+        for phase, at in phases.items():
+            name = STARTUP_PHASES[phase]
+            if phase == "data" and self.precompute is not None:
+                name = f"data (precompute {self.precompute})"
+            parts.append(f"{name} {at:.1f}")
+        return (
+            f"first step done {seconds:.1f} s after the job started: {', '.join(parts)} s; "
+            f"{speed.describe_compile_time()}; compile caches: {speed.compile_cache_counts() or 'unused'}"
+        )
 
 
 class IntervalStats(Hook):
@@ -128,6 +197,7 @@ class IntervalStats(Hook):
             state.stats["grad_norm"] = float(state.grad_norm)
         if state.first_step_s is not None:
             state.stats["time_to_first_step_s"] = state.first_step_s
+            state.stats.update({f"startup_{phase}_s": seconds for phase, seconds in state.startup.items()})
         if torch.cuda.is_available() and dist.device().type == "cuda":
             state.stats["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.loss_sum, self.count = None, 0
@@ -332,11 +402,14 @@ class FaultInjection(Hook):
             os._exit(1)
 
 
-def build_hooks(config: Config, run: RunInfo, device: torch.device) -> list[Hook]:
-    """The hooks of this worker, in call order: checks, statistics, then what rank 0 logs."""
+def build_hooks(config: Config, run: RunInfo, device: torch.device, startup: StartupTimes | None = None) -> list[Hook]:
+    """The hooks of this worker, in call order: the startup's times (first: the others' work is
+    not start-up), checks, statistics, then what rank 0 logs."""
     train = config.train
     # On a GPU every check waits for the step to finish, so check at the logging interval there.
     hooks: list[Hook] = [NaNCatcher(every=1 if device.type == "cpu" else train.log_every), IntervalStats(train.log_every)]
+    if startup is not None:
+        hooks.insert(0, startup)
     if dist.is_main_process():
         hooks.append(ProgressLog())
         if run.tracking_uri is not None:

@@ -23,7 +23,7 @@ from pipeline.train import dist
 from pipeline.train.arraycache import ArrayStream
 from pipeline.train.data import FeedCollate, OnlineFeed, epoch_at_step
 from pipeline.train.ema import EMA, EMA_FOLDER
-from pipeline.train.hooks import RunInfo, TrainState, build_hooks
+from pipeline.train.hooks import RunInfo, StartupTimes, TrainState, build_hooks
 from pipeline.train.losses import (
     add_noise,
     diffusion_target,
@@ -38,7 +38,6 @@ from pipeline.train.memory import build_optimizer, enable_gradient_checkpointing
 from pipeline.train.methods import get_method
 from pipeline.train.speed import (
     GraphedUNet,
-    compile_cache_counts,
     compile_model,
     resolve_compile,
     set_unet_attention,
@@ -60,9 +59,11 @@ PROGRESS = dist.PROGRESS  # {"step": N, "files": ...}, written last (dist.write_
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train worker function. loop_config: {"config": resolved Config as JSON, "run": RunInfo
     fields, "job_start": the driver's time.time() at the job's start (optional), "online":
-    pipeline.train.data.online_settings with train.composite online (optional)}."""
+    pipeline.train.data.online_settings with train.composite online (optional), "marks": the
+    driver's startup phases, time.time() each (optional; hooks.STARTUP_PHASES)}."""
     _setup_worker_logging()
-    started = {"worker": time.time()}  # the startup's phases, for the first step's log line
+    # The startup's phases (hooks.STARTUP_PHASES), logged with the first step (hooks.StartupTimes).
+    marks = {**loop_config.get("marks", {}), **_process_start(), "worker": time.time()}
     config = Config.model_validate(loop_config["config"])
     run = RunInfo(**loop_config["run"])
     train = config.train
@@ -97,7 +98,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if graphs:
         method.graphed_unet = GraphedUNet(method.model.unet)
     model = dist.prepare(method, find_unused_parameters=train.drop_subject_prob > 0)
-    started["model"] = time.time()
+    marks["model"] = time.time()
     optimizer = build_optimizer(params, train, device)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_factor, warmup_steps=train.warmup_steps))
     # The method samples with the averaged weights when there are some (Method.sample).
@@ -142,6 +143,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             train.batch_size, train.shuffle_buffer, feed, prefetch=4, seed=train.seed + 1_000_003 * dist.rank() + step,
             first_epoch=first_epoch,
         )  # fmt: skip
+    marks["feed"] = time.time()
     state = TrainState(
         method=method,
         batches=batches,
@@ -150,9 +152,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         start_step=step,
         samples_per_step=train.batch_size * train.grad_accum * dist.world_size(),
     )
-    hooks = build_hooks(config, run, device)
+    job_start = loop_config.get("job_start")
+    startup = StartupTimes(job_start, marks, device, run.dataset.get("precompute")) if job_start is not None else None
+    hooks = build_hooks(config, run, device, startup)
     for hook in hooks:
         hook.on_start(state)
+    marks["hooks"] = time.time()
     model.train()
 
     while state.step < train.steps and not state.stop:  # a hook may stop early (finetune.patience)
@@ -194,8 +199,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if ema is not None:
             ema.update()
         state.step += 1
-        if state.first_step_s is None:
-            state.first_step_s = _first_step_seconds(loop_config.get("job_start"), device, started)
         for hook in hooks:
             hook.after_step(state)
 
@@ -233,21 +236,14 @@ def read_train_state(folder: Path) -> dict[str, Any]:
     return torch.load(folder / TRAIN_STATE, map_location="cpu", weights_only=True)
 
 
-def _first_step_seconds(job_start: float | None, device: torch.device, started: dict[str, float]) -> float | None:
-    """Seconds from the job's start to the end of this attempt's first step (model load,
-    compilation or cache reads, first batch and step), logged once with when the worker started
-    and when its model was ready (the rest is the first batch, compilation and the step); None
-    without a start time."""
-    if job_start is None:
-        return None
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # once: the step's kernels are done, not only queued
-    seconds = time.time() - job_start
-    log.info(
-        "first step done %.1f s after the job started (worker up at %.1f s, model ready at %.1f s; compile caches: %s)",
-        seconds, started["worker"] - job_start, started["model"] - job_start, compile_cache_counts() or "unused",
-    )  # fmt: skip
-    return seconds
+def _process_start() -> dict[str, float]:
+    """{"process": time.time() when this worker's process started} (Ray Train's actor: the time
+    from it to the loop's start is Ray's setup and the imports), or {} without psutil."""
+    try:
+        import psutil
+    except ImportError:
+        return {}
+    return {"process": psutil.Process().create_time()}
 
 
 def _setup_worker_logging() -> None:

@@ -261,6 +261,22 @@ def compile_cache_counts() -> dict[str, int]:
     return {f"{group}.{name}": count for group, prefix in wanted.items() for name, count in counters[group].items() if name.startswith(prefix)}
 
 
+def describe_compile_time() -> str:
+    """This process's torch.compile time so far, from Dynamo's timers: "compile 70.2 s (forward
+    graphs 55.0 s, 25.0 s of it in the backend; backward graphs 15.2 s)", or "no compile". The
+    forward graphs' time is Dynamo's tracing plus the backend's (AOTAutograd and Inductor, or
+    their cache reads); the backward graphs are compiled at the first backward."""
+    from torch._dynamo.utils import calculate_time_spent
+
+    spent = calculate_time_spent()
+    if not spent.get("total_wall_time"):
+        return "no compile"
+    return (
+        f"compile {spent['total_wall_time']:.1f} s (forward graphs {spent.get('entire_frame_compile', 0.0):.1f} s, "
+        f"{spent.get('backend_compile', 0.0):.1f} s of it in the backend; backward graphs {spent.get('entire_backward_compile', 0.0):.1f} s)"
+    )
+
+
 def step_begin(mode: str | None) -> None:
     """Call at the start of each optimizer step. Under CUDA-graph modes it tells cudagraph trees
     that the previous step's graph outputs are dead, so the next replays may reuse their memory.

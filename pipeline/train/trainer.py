@@ -156,11 +156,13 @@ def run_training(config: Config) -> TrainResult:
     """Train `config.train.method` on `config.train.data`; see the module docstring."""
     job_start = time.time()
     info, processor = check_training(config)
+    marks = {"checked": time.time()}  # the driver's startup phases, for the first step's log line
     # "auto" speed settings become values here, once, so the run records what it used.
     config = config.model_copy(update={"train": resolve_speed_settings(config.train, info.rows, info.has_cutout)})
     train = config.train
     ensure_ray(config.ray)
     check_cluster(config)
+    marks["ray"] = time.time()
     run_name = train.run_name or f"{train.method}-{info.version}"
     run_folder = f"{storage_path(train.storage_path)}/{run_name}"
     uri = tracking.resolve_tracking_uri(config.tracking.uri) if config.tracking.enabled else None
@@ -171,7 +173,7 @@ def run_training(config: Config) -> TrainResult:
             log.info("%s is at step %d already (%s): nothing to train", run_name, train.steps, done)
             checkpoint, metrics = Checkpoint.from_directory(str(done)), {}
         else:
-            result = _train(config, info, processor, run_name, run_folder, uri, run_id, job_start)
+            result = _train(config, info, processor, run_name, run_folder, uri, run_id, job_start, marks)
             checkpoint, metrics = result.checkpoint, dict(result.metrics or {})
         step, version = 0, None
         if checkpoint is not None:
@@ -185,9 +187,11 @@ def run_training(config: Config) -> TrainResult:
 
 def _train(
     config: Config, info: DatasetInfo, processor: SubjectImageProcessor, run_name: str, run_folder: str, uri: str | None,
-    run_id: str | None, job_start: float,
+    run_id: str | None, job_start: float, marks: dict[str, float],
 ) -> Result:
-    """Build the data plan and fit (Ray Train's result: the final checkpoint and metrics)."""
+    """Build the data plan and fit (Ray Train's result: the final checkpoint and metrics).
+    `marks`: the driver's startup phases so far (time.time()); "data" and "fit" are added and
+    the workers log them all with their first step (hooks.StartupTimes)."""
     train = config.train
     passes = training_passes(info, config)
     online = online_settings(info, config, passes) if train.composite == "online" else None
@@ -196,6 +200,7 @@ def _train(
         info.precomputed = True
     else:
         dataset = build_training_plan(info, config, processor, passes)
+    marks["data"] = time.time()
     run = RunInfo(
         run_name=run_name,
         run_folder=run_folder,
@@ -207,7 +212,8 @@ def _train(
     log.info("training %s on %s (%d rows) with %d worker(s); checkpoints in %s", train.method, info.version, info.rows, train.workers, run_folder)
     # Memory-mapped precomputed inputs are read by each worker itself (pipeline.train.arraycache).
     datasets = {} if info.array_cache else {"train": dataset}
-    return fit(config, run_name, {"CPU": train.cpus_per_worker}, datasets, run, job_start=job_start, online=online)
+    marks["fit"] = time.time()
+    return fit(config, run_name, {"CPU": train.cpus_per_worker}, datasets, run, job_start=job_start, online=online, marks=marks)
 
 
 def _register(uri: str, run_id: str, folder: Path, name: str, tags: dict[str, str]) -> str:

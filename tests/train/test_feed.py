@@ -193,3 +193,37 @@ def test_a_cache_holding_other_rows_than_the_dataset_is_refused(tmp_path, monkey
     (cache / "_PRECOMPUTE_DONE.json").write_text(json.dumps({"rows": 6, "key": "old"}))
     with pytest.raises(ConfigError, match=f"{cache.name}.*10 rows.*6"):
         feed.precompute_inputs(_FakePlan(6), info, config, str(tmp_path))
+
+
+class _CountingPlan(_FakePlan):
+    """A plan that counts the encodes it was asked for (map_batches: FrozenEncoder's)."""
+
+    encodes = 0
+
+    def map_batches(self, *args, **kwargs):
+        _CountingPlan.encodes += 1
+        return self
+
+
+def test_a_second_job_reuses_the_precomputed_inputs_without_encoding_or_copying_them(tmp_path, monkeypatch):
+    import ray.data
+
+    from pipeline.config import load_config
+    from pipeline.train import arraycache
+    from pipeline.train import data as feed
+
+    monkeypatch.setattr(ray.data, "read_parquet", lambda files, filesystem=None: list(files))
+    monkeypatch.setattr(feed, "repeat_passes", lambda files, passes: files)
+    config = load_config(None)
+
+    def dataset_info():
+        return feed.DatasetInfo(name="d", version="v0001", path=str(tmp_path), digest="0" * 16, rows=6, files=[], subjects=[], has_caption=False)
+
+    first = dataset_info()
+    feed.precompute_inputs(_CountingPlan(6), first, config, str(tmp_path))
+    assert (_CountingPlan.encodes, first.precompute) == (2, "made")  # the encoder, then the packing
+    monkeypatch.setattr(arraycache, "_write_arrays", lambda *a: pytest.fail("the arrays were copied again"))
+    second = dataset_info()
+    feed.precompute_inputs(_CountingPlan(6), second, config, str(tmp_path))
+    assert (_CountingPlan.encodes, second.precompute) == (2, "reused")
+    assert second.array_cache == first.array_cache and second.tensor_layout == first.tensor_layout

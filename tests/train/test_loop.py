@@ -1,12 +1,16 @@
-"""The training loop's own file handling (the loop itself runs in test_trainer.py)."""
+"""The training loop's own file handling and start-up (the loop itself runs in test_trainer.py)."""
 
+import logging
+import time
 from functools import partial
 
 import pytest
 import torch
 
+from pipeline.train import dist
 from pipeline.train.loop import TRAIN_STATE, _save_checkpoint, read_train_state
 from pipeline.train.losses import warmup_factor
+from tests.train.test_speed import _train
 
 
 class _Method:
@@ -47,3 +51,36 @@ def test_train_state_loads_tensors_and_never_runs_pickled_code(tmp_path, monkeyp
     with pytest.raises(Exception, match="Weights only load failed"):
         read_train_state(tmp_path)
     assert not Payload.ran
+
+
+@pytest.fixture
+def startup_log(caplog):
+    """The first step's line: the loop's worker logging stops `pipeline` propagating to caplog."""
+    logger = logging.getLogger("pipeline.train.hooks")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def _first_step_line(caplog) -> str:
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("first step done")]
+    return line
+
+
+def test_the_first_step_line_and_metrics_tell_where_the_startup_went(tmp_path, monkeypatch, startup_log):
+    reported = []
+    report = dist.report
+    monkeypatch.setattr(dist, "report", lambda metrics, *a, **k: (reported.append(metrics), report(metrics, *a, **k)))
+    job_start = time.time()
+    driver = {"checked": job_start + 0.01, "ray": job_start + 0.02, "data": job_start + 0.03, "fit": job_start + 0.04}
+    _train(tmp_path, "startup", [], monkeypatch, job_start=job_start, marks=driver)
+
+    line = _first_step_line(startup_log)
+    for phase in ("checks 0.0", "Ray up 0.0", "data 0.0", "fit 0.0", "loop", "feed open", "model ready", "hooks", "first batch", "first forward"):
+        assert f"{phase}" in line
+    assert "no compile; compile caches: unused" in line  # the CPU loop does not compile
+    metrics = reported[-1]  # the last step's: every logging step carries them, as MLflow metrics
+    phases = ("checked", "ray", "data", "fit", "worker", "feed", "model", "hooks", "batch", "forward")
+    at = {phase: metrics[f"startup_{phase}_s"] for phase in phases}
+    assert at["fit"] == pytest.approx(0.04)
+    assert at["fit"] <= at["worker"] <= at["model"] <= at["hooks"] <= at["batch"] <= at["forward"] <= metrics["time_to_first_step_s"]

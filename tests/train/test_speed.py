@@ -265,8 +265,9 @@ class _Shard:
             yield collate_fn({k: v[start : start + batch_size] for k, v in self.batch.items()})
 
 
-def _train(tmp_path, name: str, overrides: list[str], monkeypatch) -> tuple[list[float], dict[str, int]]:
-    """The loop itself (one local worker) for 3 steps on precomputed rows: its losses and ops."""
+def _train(tmp_path, name: str, overrides: list[str], monkeypatch, **loop_config) -> tuple[list[float], dict[str, int]]:
+    """The loop itself (one local worker) for 3 steps on precomputed rows: its losses and ops.
+    `loop_config`: more of the loop's settings (job_start, marks)."""
     config = load_config(
         overrides=[
             "profile=tiny",
@@ -298,7 +299,7 @@ def _train(tmp_path, name: str, overrides: list[str], monkeypatch) -> tuple[list
         dist.local_run(dist.LocalRun(shard=shard, run_folder=tmp_path / name, device=torch.device("cpu"))),
         _Ops() as ops,
     ):
-        loop.train_loop({"config": config.model_dump(mode="json"), "run": asdict(run)})
+        loop.train_loop({"config": config.model_dump(mode="json"), "run": asdict(run), **loop_config})
     return losses, ops.counts
 
 
