@@ -59,15 +59,22 @@ def draw_edit(
 ) -> PIL.Image.Image:
     """The edited image (PIL RGB, height x width) of `request` with the subject's embeddings
     (1, Q, D) named `category`, with the `edit:` settings; `step_callback` as in `edit`."""
+    import torch
+
     from pipeline.model import DEFAULT_NEGATIVE_PROMPT
     from pipeline.model.editing import edit
 
-    result = edit(
-        model, request.prompt, edit_request.replace, subject_embeds=subject_embeds, category=category,
-        image=edit_request.image, steps=request.steps, guidance_scale=request.guidance_scale,
-        negative_prompt=request.negative_prompt if request.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT,
-        height=height, width=width, seed=request.seed, cross_replace_steps=settings.cross_replace_steps,
-        self_replace_steps=settings.self_replace_steps, threshold=settings.threshold, keep_outside=settings.keep_outside,
-        progress=False, step_callback=step_callback,
-    )
+    # Eager even when the UNet is compiled (serve.compile): the attention control's processors
+    # and the inversion's batch sizes are graph variants of their own, and with the plain and
+    # ControlNet ones they would pass Dynamo's recompile limit, after which new shapes of every
+    # request run eagerly; each would also compile, for minutes, in the request that met it.
+    with torch.compiler.set_stance("force_eager"):
+        result = edit(
+            model, request.prompt, edit_request.replace, subject_embeds=subject_embeds, category=category,
+            image=edit_request.image, steps=request.steps, guidance_scale=request.guidance_scale,
+            negative_prompt=request.negative_prompt if request.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT,
+            height=height, width=width, seed=request.seed, cross_replace_steps=settings.cross_replace_steps,
+            self_replace_steps=settings.self_replace_steps, threshold=settings.threshold, keep_outside=settings.keep_outside,
+            progress=False, step_callback=step_callback,
+        )
     return result.edited

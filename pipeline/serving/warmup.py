@@ -1,0 +1,60 @@
+"""The jobs a replica draws before it reports ready.
+
+With `serve.compile` the UNet is compiled (`compile_for_inference`), and Dynamo compiles a graph
+for each new variant of its inputs: the first batch size, then one with the batch size
+symbolic that serves every other, and the ControlNet's residuals. A variant first met by a
+request would compile then, for minutes on a GPU, on the replica's one compute thread, with
+every request queued behind it. Serve routes no request to a replica before its constructor
+returns, so the constructor draws one small job of each: one image, two images (each alone, so
+that they are two batch sizes) and, with a ControlNet, a canny-controlled image. Edits run
+eagerly (serving/edits.py), so they add none. Without compile only the one-image job runs (on a
+GPU: CUDA's first kernels).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import PIL.Image
+
+from pipeline.config import Config
+from pipeline.serving.controls import ControlRequest
+from pipeline.serving.engine import Engine, Job
+from pipeline.serving.requests import GenerationRequest
+from pipeline.serving.subjects import ZeroShotSubject
+
+log = logging.getLogger(__name__)
+
+PROMPT, CATEGORY = "a photo of a dog", "dog"
+
+
+def warm_up(engine: Engine, config: Config) -> None:
+    """Draw each of `warm_up_jobs` in a batch of its own. A failing generation fails the replica
+    (it could serve nothing); a failing ControlNet job is logged and the replica starts: the
+    ControlNet is an id that may not be in this machine's Hub cache, and only requests with a
+    control image then get that error."""
+    for job in warm_up_jobs(config, engine.controlnet_path is not None):
+        engine.run([job])
+        if job.error is None:
+            continue
+        if job.control is None:
+            raise job.error
+        log.warning("the ControlNet warm-up failed; requests with a control_image will compile or fail on their own: %s", job.error)
+
+
+def warm_up_jobs(config: Config, controlnet: bool) -> list[Job]:
+    """One image; with `serve.compile` also two images and (with `controlnet`) a canny-controlled
+    image. `serve.warmup_steps` steps at the `generate:` size, a grey reference photo, seed 0."""
+    gen, steps = config.generate, config.serve.warmup_steps
+    subject = ZeroShotSubject((PIL.Image.new("RGB", (224, 224), "gray"),), CATEGORY)
+
+    def job(num_images: int = 1, **kwargs) -> Job:
+        request = GenerationRequest(PROMPT, num_images, 0, steps, gen.guidance_scale, None, gen.height, gen.width)
+        return Job(request, subject, gen.height, gen.width, **kwargs)
+
+    if not config.serve.compile:
+        return [job()]
+    jobs = [job(), job(2)]
+    if controlnet:
+        jobs.append(job(control=ControlRequest(PIL.Image.new("RGB", (gen.width, gen.height), "gray"), "canny", 1.0)))
+    return jobs

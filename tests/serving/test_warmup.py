@@ -1,0 +1,67 @@
+"""A replica's warm-up (serving/warmup.py): with serve.compile, every graph variant a request
+can need is traced before the replica is ready (edits run eagerly), so no request waits behind a
+compile; a ControlNet missing from this machine does not keep the replica down."""
+
+import logging
+
+import pytest
+import torch
+from PIL import Image
+from torch._dynamo.utils import counters
+
+from pipeline.config import PROFILE_CONTROLNETS, load_config
+from pipeline.model import BlipDiffusion
+from pipeline.serving.controls import ControlRequest
+from pipeline.serving.edits import EditRequest
+from pipeline.serving.engine import Engine, Job
+from pipeline.serving.requests import GenerationRequest
+from pipeline.serving.subjects import ZeroShotSubject
+from pipeline.serving.warmup import warm_up, warm_up_jobs
+from tests.serve_subjects import TINY
+
+SIZE = 64
+CONFIG = ["profile=tiny", "serve.compile=true", f"generate.height={SIZE}", f"generate.width={SIZE}"]
+
+
+def _graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def test_after_the_warm_up_no_request_path_compiles_again():
+    config = load_config(overrides=CONFIG)
+    model = BlipDiffusion.from_pretrained(TINY)
+    # What compile_for_inference compiles, with a backend that only traces: the graphs are counted.
+    torch._dynamo.reset()
+    model.unet.compile(backend="eager")
+    model.vae.decoder.compile(backend="eager")
+    engine = Engine(model, 4, 8, 8, PROFILE_CONTROLNETS["tiny"]["canny"], config.edit)
+    assert [(j.request.num_images, j.control is not None) for j in warm_up_jobs(config, True)] == [(1, False), (2, False), (1, True)]
+    assert len(warm_up_jobs(load_config(overrides=[*CONFIG, "serve.compile=false"]), True)) == 1
+    warm_up(engine, config)
+    traced = _graphs()
+
+    request = GenerationRequest("a cat on the grass", 1, 7, 3, 5.0, None, SIZE, SIZE)
+    subject = ZeroShotSubject((Image.new("RGB", (96, 80), "red"),), "cat")
+    photo = Image.new("RGB", (SIZE, SIZE), "blue")
+    three = GenerationRequest("a cat on the grass", 3, 7, 3, 5.0, None, SIZE, SIZE)
+    jobs = engine.run([
+        Job(request, subject, SIZE, SIZE),
+        Job(three, subject, SIZE, SIZE),
+        Job(request, subject, SIZE, SIZE, edit=EditRequest("a cat on", None)),
+        Job(request, subject, SIZE, SIZE, edit=EditRequest("cat", photo)),
+        Job(request, subject, SIZE, SIZE, control=ControlRequest(photo, "canny", 0.5)),
+    ])
+    assert all(job.error is None for job in jobs) and [len(job.images) for job in jobs] == [1, 3, 1, 1, 1]
+    assert _graphs() == traced
+
+
+def test_a_path_that_cannot_warm_up_is_logged_and_the_plain_one_must_work(caplog):
+    config = load_config(overrides=CONFIG)
+    engine = Engine(BlipDiffusion.from_pretrained(TINY), 4, 8, 8, "/nonexistent/controlnet", config.edit)
+    with caplog.at_level(logging.WARNING, logger="pipeline.serving.warmup"):
+        warm_up(engine, config)  # the ControlNet is missing: the replica still starts
+    assert "the ControlNet warm-up failed" in caplog.text
+
+    engine._run_group = lambda group: (_ for _ in ()).throw(RuntimeError("no kernel"))
+    with pytest.raises(RuntimeError, match="no kernel"):
+        warm_up(engine, config)
