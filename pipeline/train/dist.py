@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import queue
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -150,10 +152,22 @@ class BatchStream:
         """collate_fn: rows -> batch (default `_Collate`; one with `at_epoch(epoch)` is asked for
         each epoch's); prefetch: batches made ahead in Ray Data's threads; seed: the local
         shuffle's, plus the epoch (None: a new order each run); first_epoch: the epoch the stream
-        starts in (a resumed run's, pipeline.train.data.epoch_at_step)."""
+        starts in (a resumed run's, pipeline.train.data.epoch_at_step).
+
+        The first batch is asked for at once, in a thread: Ray Data starts executing the plan
+        only at the first request, so the loop's setup (the model's load) and the plan's start
+        overlap instead of following each other."""
         self.wait_s = 0.0
         self.first_batch_at: float | None = None  # time.time() when the loop received its first batch
         self._batches = self._epochs(batch_size, shuffle_buffer, collate_fn or _Collate(), prefetch, seed, first_epoch)
+        self._first: queue.Queue | None = queue.Queue(maxsize=1)  # the first batch, or the exception making it raised
+        threading.Thread(target=self._fetch_first, daemon=True, name="batch-stream-first").start()
+
+    def _fetch_first(self) -> None:
+        try:
+            self._first.put(next(self._batches))
+        except BaseException as exc:  # handed to the loop, which raises it
+            self._first.put(exc)
 
     @staticmethod
     def _epochs(
@@ -180,7 +194,12 @@ class BatchStream:
 
     def __next__(self) -> dict[str, Any]:
         start = time.perf_counter()
-        batch = next(self._batches)
+        if self._first is not None:  # the thread's; the generator is this thread's from then on
+            batch, self._first = self._first.get(), None
+            if isinstance(batch, BaseException):
+                raise batch
+        else:
+            batch = next(self._batches)
         self.wait_s += time.perf_counter() - start
         if self.first_batch_at is None:
             self.first_batch_at = time.time()

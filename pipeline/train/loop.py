@@ -76,9 +76,17 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(train.seed)
     # The model and the optimizer state: from the newest checkpoint when there is one (a restart
     # after a failure, or a rerun with the same run name), else from the base weights.
+    online = loop_config.get("online")
     with dist.resume_folder(run.run_folder) as folder:
-        method = get_method(train.method).load(config, folder, device)
         resumed = read_train_state(folder) if folder is not None else None
+        step = resumed["step"] if resumed is not None else 0
+        # The feed opens before the model loads, and makes its first batches meanwhile: Ray Data
+        # starts executing at the first request (the first batch came 23 s after it on 2 CPUs).
+        # Online composites need the model's image processor, so their feed opens after it.
+        batches = None if online else _open_batches(loop_config, run, train, device, step, marks)
+        method = get_method(train.method).load(config, folder, device)
+    if batches is None:
+        batches = _open_batches(loop_config, run, train, device, step, marks, method.model.image_processor)
     params = method.trainable_parameters()
     set_unet_attention(method.model.unet, train.unet_sdpa_backend)
     if train.gradient_checkpointing:
@@ -103,13 +111,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_factor, warmup_steps=train.warmup_steps))
     # The method samples with the averaged weights when there are some (Method.sample).
     method.ema = ema = EMA(params, train.ema_decay) if train.ema_decay is not None else None
-    step = 0
     if resumed is not None:
         optimizer.load_state_dict(resumed["optimizer"])
         schedule.load_state_dict(resumed["schedule"])
         if ema is not None and "ema" in resumed:  # else the average starts from the resumed weights
             ema.load_state_dict(resumed["ema"])
-        step = resumed["step"]
         log.info("resuming at step %d", step)
     # Noise per worker, and new noise after a restart rather than a replay of the first attempt's.
     torch.manual_seed(train.seed + 1_000_003 * dist.rank() + step)
@@ -121,29 +127,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     scaling_factor = method.model.vae.config.scaling_factor
     precomputed = run.dataset.get("precomputed", False)
 
-    # Batches made ahead in Ray Data's threads, into page-locked memory on a GPU; the shuffle
-    # is seeded like the noise, so the same settings give the same order. Online composites are
-    # made there too, for the epoch a resumed run is in, so it sees what it would have seen.
-    online = loop_config.get("online")
-    feed = FeedCollate(
-        run.dataset.get("tensor_layout"), pin=device.type == "cuda",
-        online=OnlineFeed.build(online, method.model.image_processor, device),
-    )  # fmt: skip
-    first_epoch = 0 if online is None else epoch_at_step(
-        step, rows=online["rows"], passes=online["passes"], workers=dist.world_size(), batch_size=train.batch_size,
-        grad_accum=train.grad_accum,
-    )  # fmt: skip
-    if run.dataset.get("array_cache"):  # precomputed inputs, memory-mapped: no Ray Data in the way
-        batches = ArrayStream(
-            run.dataset["array_cache"], train.batch_size, rank=dist.rank(), world_size=dist.world_size(), seed=train.seed,
-            consumed=step * train.grad_accum, pin=device.type == "cuda",
-        )  # fmt: skip
-    else:
-        batches = dist.BatchStream(
-            train.batch_size, train.shuffle_buffer, feed, prefetch=4, seed=train.seed + 1_000_003 * dist.rank() + step,
-            first_epoch=first_epoch,
-        )  # fmt: skip
-    marks["feed"] = time.time()
     state = TrainState(
         method=method,
         batches=batches,
@@ -215,6 +198,36 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     for hook in hooks:
         hook.on_end(state)
     batches.close()
+
+
+def _open_batches(
+    loop_config: dict[str, Any], run: RunInfo, train: Any, device: torch.device, step: int, marks: dict[str, float],
+    processor: Any = None,
+) -> ArrayStream | dist.BatchStream:
+    """This worker's batches from optimizer step `step` on, made ahead from now on: the
+    memory-mapped precomputed arrays, or its Ray Data shard (batches made in Ray Data's threads,
+    into page-locked memory on a GPU; the shuffle seeded like the noise, so the same settings give
+    the same order). Online composites are made there too with `processor` (the model's), for
+    the epoch a resumed run is in, so it sees what it would have seen. Marks "feed"."""
+    pin = device.type == "cuda"
+    if run.dataset.get("array_cache"):  # precomputed inputs, memory-mapped: no Ray Data in the way
+        batches: ArrayStream | dist.BatchStream = ArrayStream(
+            run.dataset["array_cache"], train.batch_size, rank=dist.rank(), world_size=dist.world_size(), seed=train.seed,
+            consumed=step * train.grad_accum, pin=pin,
+        )  # fmt: skip
+    else:
+        online = loop_config.get("online")
+        feed = FeedCollate(run.dataset.get("tensor_layout"), pin=pin, online=OnlineFeed.build(online, processor, device))
+        first_epoch = 0 if online is None else epoch_at_step(
+            step, rows=online["rows"], passes=online["passes"], workers=dist.world_size(), batch_size=train.batch_size,
+            grad_accum=train.grad_accum,
+        )  # fmt: skip
+        batches = dist.BatchStream(
+            train.batch_size, train.shuffle_buffer, feed, prefetch=4, seed=train.seed + 1_000_003 * dist.rank() + step,
+            first_epoch=first_epoch,
+        )  # fmt: skip
+    marks["feed"] = time.time()
+    return batches
 
 
 def _save_checkpoint(folder: Path, method: Any, optimizer: Any, schedule: Any, step: int, ema: EMA | None = None) -> None:

@@ -1,15 +1,17 @@
 """The training loop's own file handling and start-up (the loop itself runs in test_trainer.py)."""
 
 import logging
+import threading
 import time
 from functools import partial
 
 import pytest
 import torch
 
-from pipeline.train import dist
+from pipeline.train import dist, loop
 from pipeline.train.loop import TRAIN_STATE, _save_checkpoint, read_train_state
 from pipeline.train.losses import warmup_factor
+from tests.train import test_speed
 from tests.train.test_speed import _train
 
 
@@ -84,3 +86,29 @@ def test_the_first_step_line_and_metrics_tell_where_the_startup_went(tmp_path, m
     at = {phase: metrics[f"startup_{phase}_s"] for phase in phases}
     assert at["fit"] == pytest.approx(0.04)
     assert at["fit"] <= at["worker"] <= at["model"] <= at["hooks"] <= at["batch"] <= at["forward"] <= metrics["time_to_first_step_s"]
+
+
+def test_the_feed_starts_before_the_model_loads(tmp_path, monkeypatch):
+    """Ray Data executes a plan from the first request for a batch: the loop asks before it loads
+    the model, so both go on at once (the model's load waits here for the feed's first request)."""
+    asked = threading.Event()
+    iterate = test_speed._Shard.iter_torch_batches
+
+    def iter_torch_batches(self, **kwargs):
+        asked.set()
+        return iterate(self, **kwargs)
+
+    monkeypatch.setattr(test_speed._Shard, "iter_torch_batches", iter_torch_batches)
+    get_method, seen = loop.get_method, []
+
+    class AfterTheFeed:
+        def __init__(self, name):
+            self.method = get_method(name)
+
+        def load(self, *args, **kwargs):
+            seen.append(asked.wait(timeout=20))
+            return self.method.load(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "get_method", AfterTheFeed)
+    losses, _ = _train(tmp_path, "early", [], monkeypatch)
+    assert seen == [True] and len(losses) == 3
