@@ -133,6 +133,9 @@ def test_mlflow_run_has_params_metrics_dataset_images_and_registered_model(train
     for key in ("loss", "lr", "grad_norm", "samples_per_s", "eta_s", "time_to_first_step_s", "data_wait_share"):
         assert key in run.data.metrics, key
     assert 0 < run.data.metrics["time_to_first_step_s"] < 600
+    # Where the start-up went (hooks.StartupTimes): the driver's phases, then the worker's.
+    startup = [run.data.metrics[f"startup_{phase}_s"] for phase in ("checked", "ray", "data", "fit", "worker", "model", "batch")]
+    assert startup == sorted(startup) and startup[-1] < run.data.metrics["time_to_first_step_s"]
     assert run.data.tags["dataset_version"] == "v0001"
 
     [inp] = run.inputs.dataset_inputs
