@@ -17,7 +17,9 @@ the SD pipeline eager, then torch.compile of the UNet and VAE decoder with CUDA 
 ("reduce-overhead") and channels-last, ours then the SD pipeline with the same compiled UNet.
 With --control, the modes are ours plain and ours with a canny ControlNet (an SD 1.5-sized
 ControlNet copied from the random UNet), eager then compiled alike, and `control_ratio` is
-ControlNet time over plain time per mode.
+ControlNet time over plain time per mode. The ControlNet embeds the map once per generation and
+runs the rest of itself every step (pipeline/model/control.py); compiled, each step's ControlNet
+and UNet are one graph (`compile_for_inference(control=True)`).
 With --edit, the modes are one generation and one real-photo edit (VAE encoding, DDIM inversion
 and the attention-controlled two-row generation, pipeline/model/editing.py) of a 512 px photo,
 eager then both compiled the same way (--compile-mode), and `edit_ratio` is edit time over
@@ -143,8 +145,7 @@ def bench_control(args, model: BlipDiffusion, photo: Image.Image, ours, record, 
         torch._inductor.config.conv_1x1_as_mm = True
         for module in (model.unet, model.vae, controlnet):
             module.to(memory_format=torch.channels_last)
-        model.compile_for_inference(mode=mode)
-        controlnet.compile(mode=mode)
+        model.compile_for_inference(mode=mode, control=True)
         record("ours compiled, 1 image", ours(1), 1)
         record("ours+controlnet compiled, 1 image", ours(1, control), 1)
     best = {run["name"]: run["best_s_per_image"] for run in results["runs"] if "error" not in run}

@@ -36,7 +36,7 @@ from pipeline.model.checkpoint import (
     write_json,
     write_weights,
 )
-from pipeline.model.control import Control, check_controlnet
+from pipeline.model.control import Control, check_controlnet, controlnet_residuals
 from pipeline.model.image_processing import ImageLike, SubjectImageProcessor
 from pipeline.model.prompts import (
     CONTEXT_BEGIN_POS,
@@ -420,7 +420,7 @@ class BlipDiffusion(nn.Module):
         made `batch_size` at a time (default: all at once); the result changes only by float
         rounding. `step_callback(i, t, noise, latents)` sees each step's guided noise
         prediction and the latents it produced (per batch). `control` adds a ControlNet's
-        residuals to every UNet call (its map is shared by all images; see
+        residuals to every UNet call (its map is shared by all images and embedded once; see
         pipeline/model/control.py). With `subjects` ({name: (1, Q, D)}), the prompts name them
         in slots instead ("a [dog] next to a [cat]", `encode_slot_prompts`), and the single
         subject's arguments and the category are not used.
@@ -452,6 +452,7 @@ class BlipDiffusion(nn.Module):
             check_controlnet(control.controlnet, self.unet)
             if tuple(control.image.shape) != (1, 3, height, width):
                 raise ValueError(f"the control image must be (1, 3, {height}, {width}), got {tuple(control.image.shape)}")
+            control = control.prepared()  # the map's embedding, once for every batch and step
 
         total = cond.shape[0]
         if latents is None:
@@ -548,8 +549,10 @@ class BlipDiffusion(nn.Module):
 
         Guidance applies to the last u rows; the first b - u rows (an inverted photo's source row
         in an edit) take the conditional prediction alone, and the UNet skips their
-        unconditional pass.
+        unconditional pass. A `control` without its map's embedding gets it here, once for all
+        the steps.
         """
+        control = None if control is None else control.prepared()
         embeds = cond if uncond is None else torch.cat([uncond, cond]).to(self.unet.dtype)
         unguided = 0 if uncond is None else latents.shape[0] - uncond.shape[0]
         timesteps = tqdm(scheduler.timesteps, disable=not progress, desc="denoising", leave=False)
@@ -575,12 +578,30 @@ class BlipDiffusion(nn.Module):
     def _predict_step_noise(
         self, model_input: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, control: Control | None
     ) -> torch.Tensor:
-        """One UNet call (b, C, h, w) -> noise (b, C, h, w); with `control`, the ControlNet sees the
-        same latents, timestep and text states, and its residuals are added to the UNet's
-        down-block outputs and mid block (LAVIS `_predict_noise`)."""
+        """One UNet call (b, C, h, w) -> noise (b, C, h, w); with a prepared `control`
+        (`Control.prepared`), the ControlNet sees the same latents, timestep and text states, and
+        its residuals are added to the UNet's down-block outputs and mid block (LAVIS
+        `_predict_noise`)."""
         if control is None:
             return self.unet(model_input, t, encoder_hidden_states=embeds).sample
-        down, mid = control.residuals(model_input, t, embeds)
+        return self._controlled_noise(model_input, t, embeds, control.controlnet, control.embedding, control.scale)
+
+    def _controlled_noise(
+        self,
+        model_input: torch.Tensor,
+        t: torch.Tensor,
+        embeds: torch.Tensor,
+        controlnet: Any,
+        embedding: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """The ControlNet's step (`controlnet_residuals`, with the map's embedding) and the UNet
+        call it steers, in one function so that `compile_for_inference(control=True)` makes one
+        graph of both: the residuals never leave it. (Two CUDA graphs, a ControlNet's and a
+        UNet's, would pass them through the first graph's output buffers, which its next replay
+        overwrites.) Tensors, the module and the float are arguments, not a Control, so that a
+        new Control with the same ControlNet reuses the compiled graph."""
+        down, mid = controlnet_residuals(controlnet, model_input, t, embeds, embedding, scale)
         return self.unet(
             model_input,
             t,
@@ -589,10 +610,20 @@ class BlipDiffusion(nn.Module):
             mid_block_additional_residual=mid,
         ).sample
 
-    def compile_for_inference(self, mode: str | None = "max-autotune-no-cudagraphs", fullgraph: bool = False) -> None:
-        """torch.compile the UNet and the VAE decoder in place (weight names are unchanged)."""
+    def compile_for_inference(
+        self, mode: str | None = "max-autotune-no-cudagraphs", fullgraph: bool = False, control: bool = False
+    ) -> None:
+        """torch.compile the UNet and the VAE decoder in place (weight names are unchanged).
+
+        With `control`, also the ControlNet step with the UNet (`_controlled_noise`), as one
+        graph compiled on the first controlled generation (a second compile, minutes with
+        autotuning: off by default, so a server compiling at start does not pay it on its
+        first control request).
+        """
         self.unet.compile(mode=mode, fullgraph=fullgraph)
         self.vae.decoder.compile(mode=mode, fullgraph=fullgraph)
+        if control:
+            self._controlled_noise = torch.compile(self._controlled_noise, mode=mode, fullgraph=fullgraph)
 
 
 def mix_subjects(embeds: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:

@@ -6,6 +6,11 @@ ControlNet (diffusers' `ControlNetModel`, a trainable copy of the UNet's encoder
 into residuals that are added to the UNet's skip connections at every denoising step, as in
 LAVIS `BlipDiffusion._predict_noise` and diffusers' `BlipDiffusionControlNetPipeline`.
 
+The ControlNet runs in two parts. Its conditioning embedding of the map (small-channel convs at
+the full image size) is the same at every step, so a generation computes it once
+(`Control.prepared`, `embed_control_image`); each step runs the rest, `controlnet_residuals`, our
+own step of `ControlNetModel.forward` from its submodules with that embedding.
+
 Maps are made here, in process: Canny with OpenCV, depth with a transformers depth-estimation
 model, HED with a TorchScript edge detector. Detector and ControlNet weights are loaded from a
 folder or the Hub cache; nothing here downloads unless the caller allows it.
@@ -13,7 +18,7 @@ folder or the Hub cache; nothing here downloads unless the caller allows it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,39 +38,101 @@ class ControlError(UserError, ValueError):
     """A control image, map, detector or ControlNet that cannot be used; the message names it."""
 
 
+# ControlNet config keys and the values `controlnet_residuals` supports (the SD 1.5 layout of
+# the released ControlNets); anything else needs inputs we never pass (class labels, added
+# conditions) or changes what the residuals mean (pooled, guess-mode ControlNets).
+SUPPORTED_CONFIG = {
+    "class_embed_type": (None,),
+    "num_class_embeds": (None,),
+    "addition_embed_type": (None,),
+    "encoder_hid_dim_type": (None,),
+    "global_pool_conditions": (False,),
+    "controlnet_conditioning_channel_order": ("rgb", "bgr"),
+    "mid_block_type": ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D"),
+}
+
+
 @dataclass(frozen=True)
 class Control:
     """What one generation is steered by.
 
     controlnet: the loaded ControlNet (same device and dtype as the UNet);
     image: (1, 3, H, W) float in [0, 1], the map at the output size (`prepare_control_image`);
-    scale: multiplies every residual; 0 leaves the UNet's output unchanged.
+    scale: multiplies every residual; 0 leaves the UNet's output unchanged;
+    embedding: the ControlNet's embedding of `image`, (1, C0, H/8, W/8) in its dtype, on its
+    device, set by `prepared` (None until then).
     """
 
     controlnet: Any  # diffusers.ControlNetModel (imported lazily: diffusers is slow to import)
     image: torch.Tensor
     scale: float = 1.0
+    embedding: torch.Tensor | None = field(default=None, repr=False)
 
-    def residuals(
-        self, latents: torch.Tensor, timestep: torch.Tensor, embeds: torch.Tensor
-    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """ControlNet residuals for one UNet call on latents (b, C, h, w) with text states
-        (b, 77, D): one per down-block output, plus the mid block's."""
-        cond = self.image.to(device=latents.device, dtype=latents.dtype)
-        cond = cond.expand(latents.shape[0], -1, -1, -1)
-        down, mid = self.controlnet(
-            latents,
-            timestep,
-            encoder_hidden_states=embeds,
-            controlnet_cond=cond,
-            conditioning_scale=self.scale,
-            return_dict=False,
-        )
-        # Copies: a ControlNet compiled with CUDA graphs ("reduce-overhead") hands out its graph's
-        # own output buffers, and recording the UNet's graph, which reads them, replays graphs
-        # that overwrite them (torch's "accessing tensor output of CUDAGraphs that has been
-        # overwritten" on an H100). 13 latent-sized tensors a step: negligible beside the UNet.
-        return tuple(r.clone() for r in down), mid.clone()
+    def prepared(self) -> Control:
+        """This control with its embedding computed (itself when it has one): once per
+        generation, since the map does not change from step to step. ControlError when the
+        ControlNet's config is one `controlnet_residuals` does not run."""
+        if self.embedding is not None:
+            return self
+        check_controlnet_config(self.controlnet)
+        return replace(self, embedding=embed_control_image(self.controlnet, self.image))
+
+
+def check_controlnet_config(controlnet: Any) -> None:
+    """ControlError naming the first config value outside SUPPORTED_CONFIG."""
+    for key, allowed in SUPPORTED_CONFIG.items():
+        value = controlnet.config.get(key)
+        if value not in allowed:
+            raise ControlError(
+                f"ControlNets with {key}={value!r} are not supported (supported: {' or '.join(map(repr, allowed))}); "
+                "use an SD 1.5 ControlNet such as lllyasviel/sd-controlnet-canny"
+            )
+
+
+def embed_control_image(controlnet: Any, image: torch.Tensor) -> torch.Tensor:
+    """The ControlNet's conditioning embedding of a control map (1, 3, H, W) float in [0, 1]
+    -> (1, C0, H/8, W/8) in the ControlNet's dtype and device, C0 its first block's channels.
+    What `ControlNetModel.forward` adds to `conv_in` of the latents at every step, computed
+    once: it depends on the map alone."""
+    image = image.to(device=controlnet.device, dtype=controlnet.dtype)
+    if controlnet.config.controlnet_conditioning_channel_order == "bgr":
+        image = image.flip(1)  # the ControlNet was trained on BGR maps
+    return controlnet.controlnet_cond_embedding(image)
+
+
+def controlnet_residuals(
+    controlnet: Any,
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    embeds: torch.Tensor,
+    embedding: torch.Tensor,
+    scale: float,
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """One step of the ControlNet with the map's `embedding` (`embed_control_image`), equal to
+    `ControlNetModel.forward(latents, timestep, embeds, map, scale)` for the configs
+    `check_controlnet_config` accepts (no class or added embeddings, no guess mode).
+
+    latents (b, C, h, w), timestep 0-d or (b,), text states (b, 77, D), embedding (1 or b, C0,
+    h, w) -> the UNet's residuals times `scale`: one per down-block output (b, Ci, hi, wi), and
+    the mid block's.
+    """
+    timesteps = timestep.reshape(-1).to(latents.device).expand(latents.shape[0])
+    # The sinusoidal projection is float32 whatever the weights: cast as diffusers does.
+    time = controlnet.time_embedding(controlnet.time_proj(timesteps).to(latents.dtype))
+    hidden = controlnet.conv_in(latents) + embedding  # a (1, ...) embedding broadcasts over the batch
+    skips = [hidden]
+    for block in controlnet.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            hidden, outputs = block(hidden_states=hidden, temb=time, encoder_hidden_states=embeds)
+        else:
+            hidden, outputs = block(hidden_states=hidden, temb=time)
+        skips.extend(outputs)
+    if getattr(controlnet.mid_block, "has_cross_attention", False):
+        hidden = controlnet.mid_block(hidden, time, encoder_hidden_states=embeds)
+    else:
+        hidden = controlnet.mid_block(hidden, time)
+    down = tuple(project(skip) * scale for project, skip in zip(controlnet.controlnet_down_blocks, skips, strict=True))
+    return down, controlnet.controlnet_mid_block(hidden) * scale
 
 
 def load_controlnet(path_or_id: str | Path, *, dtype: torch.dtype, device: str | torch.device, local_files_only: bool = True):
@@ -248,7 +315,10 @@ __all__ = [
     "ControlError",
     "canny_map",
     "check_controlnet",
+    "check_controlnet_config",
+    "controlnet_residuals",
     "depth_map",
+    "embed_control_image",
     "hed_map",
     "load_controlnet",
     "make_control_map",

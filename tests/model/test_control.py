@@ -135,26 +135,129 @@ def test_bad_control_input_exits_2(tmp_path, capsys, photo):
     assert not (tmp_path / "o").exists()
 
 
-class _ReplayedBuffers(torch.nn.Module):
-    """A ControlNet as CUDA graphs run it: every call writes its outputs into the same buffers."""
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny profile's model and canny ControlNet, float32 on the CPU."""
+    from pipeline.config import PROFILE_CONTROLNETS, PROFILE_MODELS
+    from pipeline.model import BlipDiffusion
+    from pipeline.model.control import load_controlnet
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.down, self.mid = [torch.zeros(1, 4, 8, 8) for _ in range(3)], torch.zeros(1, 4, 4, 4)
-
-    def forward(self, latents, timestep, **kwargs):
-        for buffer in (*self.down, self.mid):
-            buffer.fill_(float(timestep))
-        return self.down, self.mid
+    model = BlipDiffusion.from_pretrained(PROFILE_MODELS["tiny"]["blip_diffusion"])
+    return model, load_controlnet(PROFILE_CONTROLNETS["tiny"]["canny"], dtype=torch.float32, device="cpu")
 
 
-def test_residuals_outlive_the_controlnets_next_call():
-    """Reproduces 'accessing tensor output of CUDAGraphs that has been overwritten' (the compiled
-    ControlNet on an H100): the residuals a step hands to the UNet must be its own tensors."""
+def _with_config(controlnet, **changes):
+    """A copy of `controlnet` with config `changes` (weights that still fit are kept)."""
+    from diffusers import ControlNetModel
+
+    model = ControlNetModel.from_config({**controlnet.config, **changes})
+    model.load_state_dict(controlnet.state_dict(), strict=False)
+    return model.eval()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("order", ["rgb", "bgr"])
+def test_controlnet_step_with_the_cached_embedding_equals_diffusers_forward(tiny, order):
+    """`controlnet_residuals` with the map embedded once, at batch 1, against diffusers'
+    ControlNetModel.forward on the map expanded to the batch: two rows at different timesteps."""
+    from pipeline.model.control import Control, controlnet_residuals
+
+    controlnet = tiny[1] if order == "rgb" else _with_config(tiny[1], controlnet_conditioning_channel_order=order)
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, SIZE, SIZE, generator=generator)
+    latents = torch.randn(2, 4, SIZE // 8, SIZE // 8, generator=generator)
+    embeds = torch.randn(2, 77, 32, generator=generator)
+    timesteps = torch.tensor([10, 700])
+    control = Control(controlnet, image, 0.7).prepared()
+    assert control.embedding.shape[0] == 1
+    down, mid = controlnet_residuals(controlnet, latents, timesteps, embeds, control.embedding, 0.7)
+    want_down, want_mid = controlnet(
+        latents, timesteps, encoder_hidden_states=embeds, controlnet_cond=image.expand(2, -1, -1, -1),
+        conditioning_scale=0.7, return_dict=False,
+    )
+    assert len(down) == len(want_down) == 8  # conv_in, then 4 resnets and 3 downsamplers
+    for ours, theirs in zip([*down, mid], [*want_down, want_mid], strict=True):
+        assert ours.shape == theirs.shape
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    assert not torch.allclose(down[0][0], down[0][1])  # the timesteps differ per row
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"class_embed_type": "timestep"}, {"num_class_embeds": 3}, {"global_pool_conditions": True}],
+    ids=lambda change: next(iter(change)),
+)
+def test_unsupported_controlnet_config_is_a_control_error_naming_it(tiny, change):
+    """A ControlNet whose config needs inputs we never pass, or that pools its residuals, is
+    refused before any step rather than run with a part of it left out."""
     from pipeline.model.control import Control
 
-    control = Control(_ReplayedBuffers(), torch.zeros(1, 3, 64, 64))
-    latents, embeds = torch.zeros(1, 4, 8, 8), torch.zeros(1, 77, 32)
-    down, mid = control.residuals(latents, torch.tensor(1.0), embeds)
-    control.residuals(latents, torch.tensor(2.0), embeds)  # the next step's call replays the graph
-    assert all(torch.all(r == 1.0) for r in down) and torch.all(mid == 1.0)
+    controlnet = _with_config(tiny[1], **change)
+    key = next(iter(change))
+    with pytest.raises(ControlError, match=f"{key}={change[key]!r} are not supported"):
+        Control(controlnet, torch.zeros(1, 3, SIZE, SIZE)).prepared()
+
+
+def test_the_map_is_embedded_once_per_generation(tiny):
+    """Once for a generation of two batches of three guided steps (it was every UNet call), and
+    once per denoising loop for a caller that hands `_denoise` a Control as it is (the server)."""
+    from pipeline.model.control import Control
+    from pipeline.model.schedulers import fresh_scheduler
+
+    model, controlnet = tiny
+    control = Control(controlnet, torch.rand(1, 3, SIZE, SIZE), 1.0)
+    calls: list[int] = []
+    handle = controlnet.controlnet_cond_embedding.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        model.generate(
+            "on the grass", subject_embeds=torch.zeros(1, 16, 32), category="dog", num_images=2, batch_size=1,
+            steps=3, height=SIZE, width=SIZE, seed=0, output_type="pt", progress=False, control=control,
+        )
+        assert len(calls) == 1
+        scheduler = fresh_scheduler(model.scheduler)
+        scheduler.set_timesteps(3)
+        cond = torch.zeros(1, 77, 32)
+        model._denoise(torch.randn(1, 4, SIZE // 8, SIZE // 8), cond, cond, scheduler, 7.5, False, control=control)
+        assert len(calls) == 2
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def test_controlnet_and_unet_trace_as_one_graph(tiny):
+    """What `compile_for_inference(control=True)` relies on: the ControlNet step and the UNet
+    trace into one graph with no break, so under CUDA graphs no residual leaves it."""
+    from pipeline.model.control import Control
+
+    model, controlnet = tiny
+    control = Control(controlnet, torch.rand(1, 3, SIZE, SIZE), 0.5).prepared()
+    latents, embeds, t = torch.randn(2, 4, SIZE // 8, SIZE // 8), torch.randn(2, 77, 32), torch.tensor(500)
+    step = torch.compile(model._controlled_noise, backend="eager", fullgraph=True)
+    args = (latents, t, embeds, controlnet, control.embedding, control.scale)
+    torch.testing.assert_close(step(*args), model._controlled_noise(*args), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 7.5])
+def test_a_step_that_reuses_its_output_buffer_gives_the_same_images(tiny, monkeypatch, guidance):
+    """The compiled ControlNet+UNet step under CUDA graphs ("reduce-overhead") hands out its
+    graph's output buffer, which the next step's replay overwrites (the residuals between two
+    graphs hit this on an H100: 'accessing tensor output of CUDAGraphs that has been
+    overwritten'). PNDM keeps past noise predictions: the loop must keep copies."""
+    from pipeline.model.control import Control
+
+    model, controlnet = tiny
+    buffer = torch.zeros(2 if guidance > 1 else 1, 4, SIZE // 8, SIZE // 8)
+
+    def fresh(latents, t, embeds, *args):
+        return torch.sin(latents * 3 + float(t) / 100)
+
+    def replayed(latents, t, embeds, *args):  # as a CUDA graph replay: the same buffer every step
+        return buffer.copy_(fresh(latents, t, embeds))
+
+    kwargs = {"subject_embeds": torch.zeros(1, 16, 32), "category": "dog", "steps": 4, "height": SIZE, "width": SIZE}
+    kwargs |= {"seed": 2, "output_type": "pt", "progress": False, "guidance_scale": guidance}
+    control = Control(controlnet, torch.rand(1, 3, SIZE, SIZE), 1.0)
+    monkeypatch.setattr(model, "_controlled_noise", fresh)
+    expected = model.generate("on the grass", control=control, **kwargs)
+    monkeypatch.setattr(model, "_controlled_noise", replayed)
+    assert torch.equal(model.generate("on the grass", control=control, **kwargs), expected)

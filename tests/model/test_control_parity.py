@@ -21,7 +21,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pipeline.model import BlipDiffusion
-from pipeline.model.control import Control, load_controlnet, prepare_control_image, read_control_image
+from pipeline.model.control import (
+    Control,
+    controlnet_residuals,
+    load_controlnet,
+    prepare_control_image,
+    read_control_image,
+)
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 ATOL = 1e-5
@@ -69,9 +75,11 @@ def test_control_image_resized_as_reference(control_image, golden):
 @torch.no_grad()
 @pytest.mark.parametrize("scale, suffix", [(1.0, ""), (0.5, "_half")])
 def test_controlnet_residuals(model, controlnet, golden, scale, suffix):
-    control = Control(controlnet, golden["control_image"], scale)
+    # Our step with the map embedded once (at batch 1) against the reference's whole ControlNet.
+    control = Control(controlnet, golden["control_image"], scale).prepared()
     embeds = torch.cat([golden["uncond_embeds"], golden["cond_embeds"]])
-    down, mid = control.residuals(torch.cat([golden["init_latents"]] * 2), golden["timesteps"][0], embeds)
+    latents = torch.cat([golden["init_latents"]] * 2)
+    down, mid = controlnet_residuals(controlnet, latents, golden["timesteps"][0], embeds, control.embedding, scale)
     assert len(down) == 4  # conv_in, then one per resnet and downsampler of the two blocks
     for i, residual in enumerate(down):
         assert_close(residual, golden[f"controlnet_down_{i}{suffix}"])
@@ -80,7 +88,7 @@ def test_controlnet_residuals(model, controlnet, golden, scale, suffix):
 
 @torch.no_grad()
 def test_unet_call_with_residuals(model, controlnet, golden):
-    control = Control(controlnet, golden["control_image"], 1.0)
+    control = Control(controlnet, golden["control_image"], 1.0).prepared()
     embeds = torch.cat([golden["uncond_embeds"], golden["cond_embeds"]])
     latents = torch.cat([golden["init_latents"]] * 2)
     noise = model._predict_step_noise(latents, golden["timesteps"][0], embeds, control)
