@@ -74,6 +74,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import faulthandler
 import io
 import json
 import logging
@@ -1140,6 +1141,11 @@ def main() -> int:
     if args.preset:
         args.modes = PRESETS[args.preset]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    # Every thread's Python stack on a fatal signal (SIGABRT, SIGSEGV) into a file beside --out,
+    # which a cut log cannot lose: an --e2e driver died of SIGABRT on an H100 and left no stack.
+    # (Ray enables faulthandler for the main thread only, and only where none is on.) A crash in
+    # Ray's C++ threads is in /tmp/ray/session_latest/logs/python-core-driver-<pid>.log.
+    faulthandler.enable(args.out.with_suffix(".faults.txt").open("w"), all_threads=True)
     t0 = process_start()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
