@@ -491,7 +491,10 @@ class ServeConfig(_Strict):
     max_request_mb: Runtime[float] = Field(48.0, gt=0, le=1024, description="largest request body, MB (reference photos are base64)")
     max_reference_images: Runtime[int] = Field(6, ge=1, le=32, description="reference photos of a zero-shot request")
     max_subjects: Runtime[int] = Field(512, ge=1, description="registered subjects kept loaded (embeddings on the device)")
-    max_lora_adapters: Runtime[int] = Field(128, ge=1, description="LoRA subjects kept as named adapters in the UNet")
+    max_lora_adapters: Runtime[int] = Field(128, ge=1, description="LoRA subjects kept loaded in the UNet's LoRA slots (device memory: one slot per subject, of serve.max_lora_rank)")
+    max_lora_rank: Runtime[int] = Field(
+        16, ge=1, le=256, description="largest LoRA rank the slots hold (finetune.lora_rank); a subject of a higher rank is refused (422)"
+    )
     full_unet_budget_gb: Runtime[float] = Field(16.0, ge=0, description="host memory for full (blipd, dreambooth) subject UNets, GB")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto = float16 on CUDA, float32 on CPU")
     compile: Runtime[bool] = Field(False, description="torch.compile the UNet and VAE decoder; warmed up before the replica is ready")

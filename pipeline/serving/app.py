@@ -43,8 +43,8 @@ from pipeline.serving.subjects import (
     SubjectNotFound,
     SubjectRef,
     SubjectUnusable,
-    ZeroShotSubject,
 )
+from pipeline.serving.warmup import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,6 @@ class SubjectServer:
 
     def __init__(self, config: Config) -> None:
         import torch
-        from PIL import Image
 
         from pipeline import tracking
         from pipeline.model import BlipDiffusion
@@ -71,9 +70,10 @@ class SubjectServer:
         self.base = config.model_path("blip_diffusion")
         path = str(tracking.download_model(self.uri, self.base)) if self.base.startswith("models:/") else self.base
         model = BlipDiffusion.from_pretrained(path, dtype=getattr(torch, dtype), device=self.device)
-        if cfg.compile:
+        self.engine = Engine(model, cfg.max_batch_images, cfg.max_subjects, cfg.max_lora_adapters, serve_controlnet(config), config.edit,
+                             cfg.max_lora_rank)
+        if cfg.compile:  # after the Engine put its LoRA slots in the UNet: they are part of its graph
             model.compile_for_inference()
-        self.engine = Engine(model, cfg.max_batch_images, cfg.max_subjects, cfg.max_lora_adapters, serve_controlnet(config), config.edit)
         self.library = SubjectLibrary(self.uri, cfg.max_subjects, cfg.full_unet_budget_gb * 1e9)
         self.metrics = ServeMetrics()
         self.pages = {route: ((STATIC / name).read_bytes(), kind) for route, (name, kind) in PAGES.items()}
@@ -81,15 +81,7 @@ class SubjectServer:
         self.generate_batch.set_max_batch_size(cfg.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         if cfg.compile or self.device.type == "cuda":
-            # Compiling and CUDA's first kernels take the first request's time otherwise; Serve
-            # routes no request to a replica before its constructor returns.
-            from pipeline.serving.requests import GenerationRequest
-
-            gen = config.generate
-            warm = GenerationRequest("a photo", 1, 0, cfg.warmup_steps, gen.guidance_scale, None, gen.height, gen.width)
-            [job] = self.engine.run([Job(warm, ZeroShotSubject((Image.new("RGB", (224, 224), "gray"),), "dog"), gen.height, gen.width)])
-            if job.error is not None:
-                raise job.error
+            warm_up(self.engine, config)
         log.info("serving %s on %s (%s)", self.base, self.device, dtype)
 
     async def __call__(self, request: Request) -> Response:

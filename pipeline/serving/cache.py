@@ -2,7 +2,7 @@
 
 Each entry has a cost (1 for a count budget, bytes for a memory budget). Putting an entry over
 the budget evicts the least recently used ones first, calling `on_evict(key, value)` for each,
-so the owner can free what the value holds (a peft adapter in the UNet, a tensor on the GPU).
+so the owner can free what the value holds (a LoRA slot in the UNet, a tensor on the GPU).
 An entry that alone costs more than the budget is refused with ValueError. No torch, no Ray.
 """
 
@@ -43,10 +43,15 @@ class LruBudget:
             raise ValueError(f"{key} costs {cost:g}, more than the whole budget {self.budget:g}")
         if key in self._entries:
             self.used -= self._entries.pop(key)[1]
+        self.make_room(cost)
+        self._entries[key] = (value, cost)
+        self.used += cost
+
+    def make_room(self, cost: float = 1.0) -> None:
+        """Evict the least recently used entries until `cost` more fits the budget (before the
+        owner takes what an entry of that cost needs, such as a free LoRA slot)."""
         while self._entries and self.used + cost > self.budget:
             old_key, (old_value, old_cost) = self._entries.popitem(last=False)
             self.used -= old_cost
             if self.on_evict is not None:
                 self.on_evict(old_key, old_value)
-        self._entries[key] = (value, cost)
-        self.used += cost

@@ -3,16 +3,17 @@
 `Engine.run(jobs)` draws a batch of requests from any callers. Jobs are grouped by what must be
 equal inside one denoising batch: steps, size, whether guidance runs, and the UNet that draws
 them. The base UNet draws zero-shot, textual-inversion and LoRA subjects together: embeddings
-differ row by row, and each LoRA subject is a named peft adapter of the base UNet, never merged.
-A batch of one adapter switches to it; a batch of several passes each LoRA layer the adapter
-of each row (peft's mixed-batch forward: the base output for all rows, each adapter's update
-added to its own rows only), so no request sees another's weights. A blipd or dreambooth
-subject's group runs on a spare UNet holding that subject's full weights. A request's noise
-comes from a CPU generator seeded with its own seed, as `subjectforge generate` makes it, so a
-seed gives the same images whatever it is batched with (up to float rounding of the batch).
+differ row by row, and each LoRA subject fills a slot of the base UNet's LoRA layers, never
+merged (lora_slots.py): before each UNet call the engine sets the slot of every row (0, the
+base, for rows without a LoRA subject), and each layer adds each row's own slot's update, so no
+request sees another's weights and a compiled UNet draws any mix of subjects with the same
+graph. A blipd or dreambooth subject's group runs on a spare UNet holding that subject's full
+weights. A request's noise comes from a CPU generator seeded with its own seed, as
+`subjectforge generate` makes it, so a seed gives the same images whatever it is batched with
+(up to float rounding of the batch).
 
-Everything here runs on one thread (the replica's compute thread): adapters are added and
-switched only between groups. No Ray, HTTP or MLflow here.
+Everything here runs on one thread (the replica's compute thread): slots are filled and rows
+set only between groups. No Ray, HTTP or MLflow here.
 """
 
 from __future__ import annotations
@@ -20,16 +21,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import warnings
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import PIL.Image
 import torch
 
-from pipeline.config import EditConfig
+from pipeline.config import EditConfig, ServeConfig
 from pipeline.model import BlipDiffusion
 from pipeline.model.blip_diffusion import StepCallback
 from pipeline.model.prompts import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT_REPS, build_prompt, check_text
@@ -37,6 +36,7 @@ from pipeline.model.schedulers import fresh_scheduler
 from pipeline.serving.cache import LruBudget
 from pipeline.serving.controls import ControlRequest, control_tensor
 from pipeline.serving.edits import EditRequest, draw_edit
+from pipeline.serving.lora_slots import BASE_SLOT, LoraSlots, LoraUnfit
 from pipeline.serving.requests import GenerationRequest
 from pipeline.serving.slots import slot_parts
 from pipeline.serving.subjects import MixedSubject, RegisteredSubject, SubjectUnusable, ZeroShotSubject
@@ -44,7 +44,6 @@ from pipeline.serving.subjects import MixedSubject, RegisteredSubject, SubjectUn
 log = logging.getLogger(__name__)
 
 BASE = ("base",)  # the group key part of subjects drawn by the base UNet
-BASE_ROW = "__base__"  # peft's adapter name for rows drawn without an adapter
 
 
 @dataclass
@@ -67,7 +66,7 @@ class Job:
 
     @property
     def unet_key(self) -> tuple[str, ...]:
-        """Which UNet draws it: the base, a LoRA adapter of it, or a full subject UNet."""
+        """Which UNet draws it: the base (with or without a LoRA slot), or a full subject UNet."""
         subject = self.subject
         if isinstance(subject, ZeroShotSubject | MixedSubject) or subject.spec.traits.unet != "full":
             return BASE
@@ -75,7 +74,7 @@ class Job:
 
     @property
     def adapter_key(self) -> str | None:
-        """The subject whose LoRA adapter draws it, or None (the UNet's own weights)."""
+        """The subject whose LoRA slot draws it, or None (the UNet's own weights)."""
         subject = self.subject
         return subject.key if isinstance(subject, RegisteredSubject) and subject.spec.traits.unet == "lora" else None
 
@@ -115,11 +114,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 class Engine:
     """Draws Jobs with one base model. `max_subjects` registered subjects keep their
-    embeddings on the device; `max_lora_adapters` LoRA subjects stay loaded as adapters."""
+    embeddings on the device; `max_lora_adapters` LoRA subjects of rank up to `max_lora_rank`
+    stay loaded in the base UNet's LoRA slots, installed here: compile the UNet after this."""
 
     def __init__(
         self, model: BlipDiffusion, max_batch_images: int, max_subjects: int, max_lora_adapters: int, controlnet: str | None = None,
-        edit: EditConfig | None = None,
+        edit: EditConfig | None = None, max_lora_rank: int = ServeConfig.model_fields["max_lora_rank"].default,
     ) -> None:
         self.model = model
         self.edit_settings = edit or EditConfig()  # prompt-to-prompt settings of edit jobs
@@ -127,15 +127,15 @@ class Engine:
         self._controlnet: Any = None
         self.max_batch_images = max_batch_images
         self._embeds = LruBudget(max_subjects)  # subject key -> (1, Q, D) on the device
-        self._adapters = LruBudget(max_lora_adapters, on_evict=self._delete_adapter)  # subject key -> adapter name
-        self._adapter_count = 0
+        self._lora = LoraSlots(model.unet, max_lora_adapters, max_lora_rank)
+        self._adapters = LruBudget(max_lora_adapters, on_evict=self._free_slot)  # subject key -> its slot (1..max_lora_adapters)
         self._full_view: BlipDiffusion | None = None  # the base's parts with a spare UNet
         self._full_key: str | None = None  # the subject whose weights the spare UNet holds
         self._spare_text_encoder: torch.nn.Module | None = None  # for subjects that trained theirs
 
     @property
     def adapters(self) -> list[str]:
-        """Subject keys with a loaded LoRA adapter, least recently used first."""
+        """Subject keys with a loaded LoRA slot, least recently used first."""
         return [str(k) for k in self._adapters.keys()]
 
     def run(self, jobs: list[Job]) -> list[Job]:
@@ -163,11 +163,15 @@ class Engine:
     def _run_group(self, jobs: list[Job]) -> None:
         if all_cancelled(jobs):  # they all left while an earlier group was drawn
             raise BatchCancelled(f"all {len(jobs)} request(s) of the batch were cancelled before it started")
+        model, slot_of = self._activate(jobs)
+        jobs = [job for job in jobs if job.error is None]  # a LoRA subject that cannot be loaded fails its own jobs
+        if not jobs:
+            return
         first = jobs[0]
-        model, adapters = self._activate(jobs)
         if first.edit is not None:
             first.started = time.monotonic()
-            first.images = [self._edit(model, first)]
+            with self._lora.use([slot_of.get(first.adapter_key, BASE_SLOT)]):  # every row of the edit's UNet calls
+                first.images = [self._edit(model, first)]
             return
         control = None if first.control is None else self._control(model, first)
         steps, height, width = first.request.steps, first.height, first.width
@@ -188,7 +192,7 @@ class Engine:
             cond.append(job_cond)
             if job_uncond is not None:
                 uncond.append(job_uncond)
-            rows += [adapters.get(job.adapter_key, BASE_ROW)] * r.num_images
+            rows += [slot_of.get(job.adapter_key, BASE_SLOT)] * r.num_images
             latents.append(model.prepare_latents(r.num_images, height, width, seed=r.seed))
             scales += [r.guidance_scale] * r.num_images
         if not drawn:
@@ -212,9 +216,9 @@ class Engine:
             chunk = noise[start:stop] * scheduler.init_noise_sigma
             part = guidance if isinstance(guidance, float) else guidance[start:stop]
             null = None if uncond_all is None else uncond_all[start:stop]
-            # With guidance the UNet sees [uncond rows; cond rows]: both halves use the row's adapter.
-            names = rows[start:stop] * (2 if null is not None else 1)
-            with _row_adapters(model.unet, names if len(set(rows)) > 1 else None):
+            # With guidance the UNet sees [uncond rows; cond rows]: both halves use the row's slot.
+            # Every row is given (slot 0 too), so one graph of a compiled UNet draws any mix of subjects.
+            with self._lora.use(rows[start:stop] * (2 if null is not None else 1)):
                 chunk = model._denoise(chunk, cond_all[start:stop], null, scheduler, part, progress=False,
                                        step_callback=stop_if_cancelled, control=control)
             decoded = model.vae.decode(chunk / model.vae.config.scaling_factor).sample
@@ -298,56 +302,42 @@ class Engine:
     # -----------------------------------------------------------------------------------------
     # Which UNet draws a group
 
-    def _activate(self, jobs: list[Job]) -> tuple[BlipDiffusion, dict[str | None, str]]:
-        """The model that draws the group `jobs`, and the adapter name of each LoRA subject in it.
-        One adapter is switched on for the whole UNet; several are picked row by row."""
+    def _activate(self, jobs: list[Job]) -> tuple[BlipDiffusion, dict[str, int]]:
+        """The model that draws the group `jobs`, and the LoRA slot of each LoRA subject in it,
+        loaded now if it is not yet. A job whose subject cannot be loaded gets its error here."""
         if jobs[0].unet_key[0] == "full":
             return self._full_model(jobs[0].subject), {}
         subjects = {job.adapter_key: job.subject for job in jobs if job.adapter_key is not None}
-        # Load them all before using any: loading one may evict another this group needs.
         if len(subjects) > self._adapters.budget:
             raise SubjectUnusable(f"{len(subjects)} LoRA subjects in one batch; serve.max_lora_adapters is {self._adapters.budget:g}")
-        names = {key: self._adapters.get(key) or self._add_adapter(subject) for key, subject in subjects.items()}
-        unet = self.model.unet
-        plain = any(job.adapter_key is None for job in jobs)
-        if len(names) == 1 and not plain:
-            unet.enable_adapters()
-            unet.set_adapter(next(iter(names.values())))
-        elif names:
-            unet.enable_adapters()  # the rows' adapter names pick the adapter of each row
-        elif len(self._adapters):
-            unet.disable_adapters()
-        return self.model, names
+        # The loaded ones first, each now recently used, so loading the others evicts none this group needs.
+        slots = {key: self._adapters.get(key) for key in subjects}
+        for key, slot in slots.items():
+            if slot is None:
+                try:
+                    slots[key] = self._load_lora(subjects[key])
+                except SubjectUnusable as exc:
+                    for job in jobs:
+                        if job.adapter_key == key:
+                            job.images, job.error = None, exc
+        return self.model, {key: slot for key, slot in slots.items() if slot is not None}
 
-    def _add_adapter(self, subject: RegisteredSubject) -> str:
-        """Load `subject`'s LoRA into the base UNet as a new named adapter (in the model's dtype)."""
-        from peft import LoraConfig, set_peft_model_state_dict
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        from pipeline.model.subject import LORA_TARGETS
-
-        self._adapter_count += 1
-        name = f"subject{self._adapter_count}"  # peft names become module keys: no '.' or '/'
+    def _load_lora(self, subject: RegisteredSubject) -> int:
+        """Copy `subject`'s LoRA into a free slot of the base UNet (evicting the least recently
+        used subject's when all are taken); returns the slot. SubjectUnusable when it does not fit."""
         rank = subject.spec.lora_rank or 4
-        unet = self.model.unet
-        with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the point
-            warnings.simplefilter("ignore", UserWarning)
-            unet.add_adapter(LoraConfig(r=rank, lora_alpha=subject.spec.lora_alpha or rank, target_modules=list(LORA_TARGETS)), adapter_name=name)
-        result = set_peft_model_state_dict(unet, subject.lora, adapter_name=name)
-        if result.unexpected_keys:
-            unet.delete_adapters(name)
-            raise SubjectUnusable(f"models:/{subject.key}: LoRA weights that the base UNet has no place for ({result.unexpected_keys[0]})")
-        for module in unet.modules():
-            if isinstance(module, BaseTunerLayer) and name in getattr(module, "lora_A", {}):
-                # As SubjectModel.load does: the adapter computes in the model's dtype.
-                module.lora_A[name].to(device=self.model.device, dtype=self.model.dtype)
-                module.lora_B[name].to(device=self.model.device, dtype=self.model.dtype)
-        self._adapters.put(subject.key, name)
-        return name
+        try:
+            weights = self._lora.fit(subject.lora, rank)  # checked before anything is evicted
+        except LoraUnfit as exc:
+            raise SubjectUnusable(f"models:/{subject.key}: {exc}") from None
+        self._adapters.make_room()
+        slot = self._lora.load(weights, (subject.spec.lora_alpha or rank) / rank)  # peft's scaling, lora_alpha / r
+        self._adapters.put(subject.key, slot)
+        return slot
 
-    def _delete_adapter(self, key: Any, name: str) -> None:
-        self.model.unet.delete_adapters(name)
-        log.info("dropped the LoRA adapter of models:/%s (serve.max_lora_adapters)", key)
+    def _free_slot(self, key: Any, slot: int) -> None:
+        self._lora.free(slot)
+        log.info("dropped the LoRA slot of models:/%s (serve.max_lora_adapters)", key)
 
     def _full_model(self, subject: RegisteredSubject) -> BlipDiffusion:
         """The base's parts around a spare UNet (and text encoder) holding `subject`'s weights."""
@@ -374,22 +364,3 @@ class Engine:
             self._full_key = subject.key
         return view
 
-
-@contextmanager
-def _row_adapters(unet: torch.nn.Module, names: list[str] | None):
-    """Within the block, every LoRA layer of `unet` uses adapter names[i] for batch row i
-    (BASE_ROW: none), as peft's PeftModel passes `adapter_names`; nothing changes with None."""
-    if names is None:
-        yield
-        return
-    from peft.tuners.lora import LoraLayer
-
-    def add_names(module, args, kwargs):
-        return args, {**kwargs, "adapter_names": names}
-
-    hooks = [m.register_forward_pre_hook(add_names, with_kwargs=True) for m in unet.modules() if isinstance(m, LoraLayer)]
-    try:
-        yield
-    finally:
-        for hook in hooks:
-            hook.remove()

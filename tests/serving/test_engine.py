@@ -90,8 +90,8 @@ def test_an_evicted_adapter_is_loaded_again_and_draws_the_same(subjects):
     [again] = engine.run([job(a, 3)])
     assert engine.adapters == ["a/1"]
     assert np.array_equal(pixels(first.images), pixels(again.images))
-    peft_names = {name for module in engine.model.unet.modules() for name in getattr(module, "lora_A", {})}
-    assert len(peft_names) == 1  # the evicted adapter's weights are gone from the UNet
+    for name, layer in engine._lora.layers.items():  # the evicted subject's weights are gone from the UNet: a's took its slot
+        assert torch.equal(layer.slot_B[1, :, :4], a.lora[f"{name}.lora_B.weight"])
 
 
 def test_out_of_memory_fails_its_group_only_and_the_engine_goes_on(subjects, monkeypatch):

@@ -1,0 +1,157 @@
+"""LoRA subjects as slots of fixed tensors in the base UNet, so a compiled UNet never recompiles
+for them (the batched gather of S-LoRA and punica).
+
+Each UNet Linear named by pipeline.model.subject.LORA_TARGETS becomes a LoraSlotLinear: the same
+weight and bias, plus buffers A (S+1, r_max, in), B (S+1, out, r_max) and scale (S+1,) in the
+model's dtype and device. Row i of a UNet call adds its slot's update,
+
+    y_i = x_i W^T + b + scale[k_i] * (x_i A[k_i]^T) B[k_i]^T,    k_i = index[i],
+
+peft's LoraLayer forward (`result + lora_B(lora_A(x)) * scaling`, dropout off in inference)
+with each row's adapter. Slot 0 stays zero: rows without a subject add exactly 0.0, so they
+draw the base. A subject of rank r < r_max fills the first r rows of A and columns of B; the
+zeros after them add nothing.
+
+Why not peft's named adapters: torch.compile guards on the active adapter's name and on the
+per-row name lists, so every switch, new adapter and batch composition recompiled the whole
+UNet (minutes with max-autotune, then eager after Dynamo's recompile limit). Here loading a
+subject copies its weights into a slot in place, and the slot of each row is a tensor that the
+layers read from one shared RowSlots: the graph sees the same shapes whatever is drawn.
+
+No Ray, HTTP or MLflow; the engine (engine.py) picks the slots and sets the rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"  # peft's state-dict key suffixes (adapter name removed)
+BASE_SLOT = 0  # the slot of rows without a LoRA subject: all zeros
+
+
+class LoraUnfit(ValueError):
+    """LoRA weights that the slots cannot hold: a rank above r_max, a layer the UNet does not
+    have, or a shape its layer does not take."""
+
+
+class RowSlots:
+    """The slot of each row of the next UNet calls, read by every LoraSlotLinear: a LongTensor
+    (R,) on the model's device, R = the UNet's batch size, or 1 for every row alike. A plain
+    object holding a tensor: torch.compile guards on its shape, never its values."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.base = torch.full((1,), BASE_SLOT, dtype=torch.long, device=device)  # every row draws the base
+        self.index = self.base
+
+
+class LoraSlotLinear(nn.Linear):
+    """A Linear with `slots` + 1 LoRA slots of rank `rank` (see the module docstring). It holds
+    the base Linear's own weight and bias Parameters, so the UNet's state dict is unchanged;
+    the slot buffers are not persistent."""
+
+    def __init__(self, base: nn.Linear, rows: RowSlots, slots: int, rank: int) -> None:
+        with torch.device("meta"):  # no second copy of the weight: the base's Parameters are taken below
+            super().__init__(base.in_features, base.out_features, bias=base.bias is not None)
+        self.weight, self.bias = base.weight, base.bias
+        like = {"dtype": base.weight.dtype, "device": base.weight.device}
+        self.register_buffer("slot_A", torch.zeros(slots + 1, rank, base.in_features, **like), persistent=False)
+        self.register_buffer("slot_B", torch.zeros(slots + 1, base.out_features, rank, **like), persistent=False)
+        self.register_buffer("slot_scale", torch.zeros(slots + 1, **like), persistent=False)
+        self.rows = rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, ..., in) -> (N, ..., out); row i with the slot rows.index[i] (or index[0])."""
+        out = super().forward(x)
+        index = self.rows.index  # (R,), R = N or 1 (broadcast)
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (N, L, in)
+        down = flat @ self.slot_A[index].transpose(1, 2)  # (N, L, r_max)
+        up = down @ self.slot_B[index].transpose(1, 2)  # (N, L, out)
+        return out + (up * self.slot_scale[index].view(-1, 1, 1)).view(out.shape)
+
+
+class LoraSlots:
+    """`slots` LoRA slots (1..slots; 0 is the base) of rank up to `rank` in every LORA_TARGETS
+    Linear of `unet`, installed in place. Installing on a UNet that has slots already replaces
+    them (empty): one engine per model."""
+
+    def __init__(self, unet: nn.Module, slots: int, rank: int) -> None:
+        from pipeline.model.subject import LORA_TARGETS
+
+        self.rank = rank
+        self.rows = RowSlots(next(unet.parameters()).device)
+        self.layers: dict[str, LoraSlotLinear] = {}
+        for name, module in list(unet.named_modules()):
+            if not any(name == target or name.endswith(f".{target}") for target in LORA_TARGETS):  # peft's target match
+                continue
+            if not isinstance(module, nn.Linear):
+                raise TypeError(f"{name} is a {type(module).__name__}, not a Linear: LoRA slots go on the plain base UNet")
+            layer = LoraSlotLinear(module, self.rows, slots, rank)
+            unet.set_submodule(name, layer)
+            self.layers[name] = layer
+        self._free = list(range(slots, BASE_SLOT, -1))  # pop() takes the lowest free slot
+        size = sum(b.numel() * b.element_size() for layer in self.layers.values() for b in layer.buffers())
+        log.info("LoRA slots: %d of rank %d in %d layers, %.1f MB", slots, rank, len(self.layers), size / 2**20)
+
+    def fit(self, lora: Mapping[str, torch.Tensor], rank: int) -> list[tuple[LoraSlotLinear, bool, torch.Tensor]]:
+        """(layer, whether it is A, the tensor) for each tensor of a subject's
+        peft state dict `lora` (keys "<module>.lora_A.weight" (rank, in), "<module>.lora_B.weight"
+        (out, rank)) of rank `rank`. LoraUnfit for a rank above the slots' or a key or shape the
+        UNet has no place for. Layers that `lora` leaves out add nothing, as peft's B starts at zero."""
+        if rank > self.rank:
+            raise LoraUnfit(f"LoRA rank {rank} is above serve.max_lora_rank ({self.rank}); raise it to serve this subject")
+        found = []
+        for key, tensor in lora.items():
+            suffix = LORA_A if key.endswith(LORA_A) else LORA_B if key.endswith(LORA_B) else None
+            layer = self.layers.get(key[: -len(suffix)]) if suffix else None
+            if layer is None:
+                raise LoraUnfit(f"LoRA weights that the base UNet has no place for ({key})")
+            want = (rank, layer.in_features) if suffix == LORA_A else (layer.out_features, rank)
+            if tuple(tensor.shape) != want:
+                raise LoraUnfit(f"LoRA weights {key} of shape {tuple(tensor.shape)}; rank {rank} in this UNet takes {want}")
+            found.append((layer, suffix == LORA_A, tensor))
+        return found
+
+    def load(self, weights: list[tuple[LoraSlotLinear, bool, torch.Tensor]], scale: float) -> int:
+        """Copy `fit`'s weights into a free slot in place (cast to the slots' dtype and device),
+        with `scale` (lora_alpha / rank); returns the slot. RuntimeError when none is free."""
+        if not self._free:
+            raise RuntimeError("every LoRA slot is taken: free one first (the engine's LRU evicts before it loads)")
+        slot = self._free.pop()
+        try:
+            for layer, is_a, tensor in weights:  # a free slot is zero: ranks below r_max keep zeros after theirs
+                if is_a:  # slot_A (S+1, r_max, in) <- (rank, in)
+                    layer.slot_A[slot, : tensor.shape[0]].copy_(tensor)
+                else:  # slot_B (S+1, out, r_max) <- (out, rank)
+                    layer.slot_B[slot, :, : tensor.shape[1]].copy_(tensor)
+            for layer in self.layers.values():
+                layer.slot_scale[slot] = scale
+        except BaseException:  # half-copied weights must never be drawn
+            self.free(slot)
+            raise
+        return slot
+
+    def free(self, slot: int) -> None:
+        """Zero `slot` in every layer (its rows then draw the base) and make it free again."""
+        for layer in self.layers.values():
+            layer.slot_A[slot].zero_()
+            layer.slot_B[slot].zero_()
+            layer.slot_scale[slot] = 0.0
+        self._free.append(slot)
+        self._free.sort(reverse=True)
+
+    @contextmanager
+    def use(self, slots: list[int]) -> Iterator[None]:
+        """Within the block, UNet batch row i adds slot slots[i]'s update; one entry: every row
+        adds it. The rows draw the base again after it."""
+        self.rows.index = torch.tensor(slots, dtype=torch.long).to(self.rows.base.device)
+        try:
+            yield
+        finally:
+            self.rows.index = self.rows.base

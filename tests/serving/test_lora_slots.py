@@ -1,0 +1,215 @@
+"""LoRA slots (pipeline/serving/lora_slots.py): a slot layer adds what peft's LoraLayer adds,
+row by row; a compiled UNet draws any LoRA subject and any mix of them with the graphs of its
+first call at each batch size; a subject whose rank the slots cannot hold is refused alone; an
+evicted subject's slot is zero."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.model import BlipDiffusion
+from pipeline.serving.app import _api_error
+from pipeline.serving.engine import Engine, Job
+from pipeline.serving.lora_slots import LoraSlots, LoraUnfit
+from pipeline.serving.requests import GenerationRequest
+from pipeline.serving.subjects import SubjectUnusable, read_subject
+from tests.serve_subjects import TINY, make_subject
+
+STEPS = 2
+TOLERANCE = 1e-6  # float32: the same products, summed in another order
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora-slots")
+    return {name: make_subject(root / name, "lora", seed) for seed, name in enumerate("abcd", 1)}
+
+
+@pytest.fixture(scope="module")
+def subjects(folders):
+    return {name: read_subject(folder, name, "1") for name, folder in folders.items()}
+
+
+def job(subject, seed, num_images=1):
+    return Job(GenerationRequest("on the beach", num_images, seed, STEPS, 7.5, None, None, None), subject, 64, 64)
+
+
+def pixels(images):
+    return np.stack([np.asarray(image, dtype=np.int16) for image in images])
+
+
+class Attention(nn.Module):
+    """Two of the UNet's LoRA targets, by their names in diffusers' Attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.to_q = nn.Linear(16, 12)
+        self.to_out = nn.ModuleList([nn.Linear(12, 10, bias=False)])
+
+
+def peft_subject(base: nn.Module, rank: int, alpha: float, seed: int) -> nn.Module:
+    """`base` with one peft LoRA adapter of random (non-zero) weights, as a subject trains it."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "to_out.0"]), copy.deepcopy(base))
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.2  # updates the size of the base output
+    return model.eval()
+
+
+def test_slot_layers_add_what_peft_lora_layers_add_row_by_row():
+    from peft import get_peft_model_state_dict
+
+    torch.manual_seed(0)
+    base = Attention().eval()
+    peft_models = [peft_subject(base, 2, 3.0, 1), peft_subject(base, 4, 4.0, 2), peft_subject(base, 8, 2.0, 3)]
+    plain = copy.deepcopy(base)
+    slots = LoraSlots(base, slots=4, rank=8)  # ranks 2 and 4 below r_max, 8 at it
+    assert set(slots.layers) == {"to_q", "to_out.0"} and isinstance(base.to_q, nn.Linear)
+    numbers = [slots.load(slots.fit(get_peft_model_state_dict(m), r), alpha / r)
+               for m, r, alpha in zip(peft_models, (2, 4, 8), (3.0, 4.0, 2.0), strict=True)]
+    x = torch.randn(6, 5, 16)  # (N, L, in)
+    rows = [numbers[0], 0, numbers[1], numbers[2], numbers[0], 0]
+
+    def attend(model, x):
+        return model.to_out[0](model.to_q(x))
+
+    with torch.no_grad(), slots.use(rows):
+        got = attend(base, x)
+    with torch.no_grad():
+        for i, slot in enumerate(rows):
+            if slot == 0:  # no subject: the base Linear's output exactly
+                assert torch.equal(got[i], attend(plain, x[i: i + 1])[0])
+            else:
+                want = attend(peft_models[numbers.index(slot)], x[i: i + 1])[0]
+                assert (got[i] - want).abs().max() <= TOLERANCE
+    with torch.no_grad(), slots.use([numbers[1]]):  # one entry: every row
+        assert (attend(base, x) - attend(peft_models[1], x)).abs().max() <= TOLERANCE
+    with torch.no_grad():  # outside `use`, every row draws the base
+        assert torch.equal(attend(base, x), attend(plain, x))
+
+
+def test_a_freed_slot_is_zero_and_taken_again():
+    from peft import get_peft_model_state_dict
+
+    base = Attention()
+    slots = LoraSlots(base, slots=2, rank=4)
+    weights = slots.fit(get_peft_model_state_dict(peft_subject(base, 4, 4.0, 1)), 4)
+    first, second = slots.load(weights, 1.0), slots.load(weights, 1.0)
+    with pytest.raises(RuntimeError, match="every LoRA slot is taken"):
+        slots.load(weights, 1.0)
+    slots.free(first)
+    for layer in slots.layers.values():
+        assert not layer.slot_A[first].any() and not layer.slot_B[first].any() and layer.slot_scale[first] == 0
+        assert layer.slot_B[second].any()
+    assert slots.load(weights, 1.0) == first
+
+
+def test_weights_the_slots_cannot_hold_are_refused():
+    from peft import get_peft_model_state_dict
+
+    base = Attention()
+    slots = LoraSlots(base, slots=2, rank=4)
+    state = get_peft_model_state_dict(peft_subject(base, 4, 4.0, 1))
+    with pytest.raises(LoraUnfit, match=r"LoRA rank 8 is above serve.max_lora_rank \(4\)"):
+        slots.fit(state, 8)
+    with pytest.raises(LoraUnfit, match=r"no place for \(to_k.lora_A.weight\)"):
+        slots.fit({**state, "to_k.lora_A.weight": torch.zeros(4, 16)}, 4)
+    with pytest.raises(LoraUnfit, match="to_q.lora_A.weight of shape"):
+        slots.fit(state, 2)
+
+
+def test_a_compiled_unet_draws_every_lora_subject_and_mix_with_its_first_graphs(subjects):
+    """peft's named adapters made every adapter switch, new adapter and per-row name list a
+    Dynamo guard failure: the whole UNet recompiled for each (minutes with max-autotune on a
+    GPU, then eager after torch._dynamo's recompile limit)."""
+    from torch._dynamo.utils import counters
+
+    a, b, c, d = (subjects[k] for k in "abcd")
+    model = BlipDiffusion.from_pretrained(TINY)
+    engine = Engine(model, max_batch_images=8, max_subjects=8, max_lora_adapters=8)
+    eager = Engine(BlipDiffusion.from_pretrained(TINY), max_batch_images=8, max_subjects=8, max_lora_adapters=8)
+    torch._dynamo.reset()
+    counters.clear()
+    model.unet.compile(backend="eager")
+
+    def graphs():
+        return counters["stats"]["unique_graphs"]
+
+    def draw(*jobs):
+        drawn = engine.run(list(jobs))
+        assert all(j.error is None for j in drawn)
+        return [pixels(j.images) for j in drawn]
+
+    [first] = draw(job(a, 1))
+    alone = graphs()
+    assert alone >= 1
+    for subject in (b, c, d, a):  # a new subject, a switch, and back
+        [got] = draw(job(subject, 1))
+        [want] = eager.run([job(subject, 1)])
+        assert np.array_equal(got, pixels(want.images))  # its own weights, not those baked into the graph
+    assert graphs() == alone
+    draw(job(a, 2), job(b, 2), job(c, 3, num_images=2))  # a new batch size: its first call may trace
+    mixed = graphs()
+    got = draw(job(d, 2), job(a, 2), job(b, 4, num_images=2))  # the same size, other subjects in other rows
+    assert graphs() == mixed
+    want = eager.run([job(d, 2), job(a, 2), job(b, 4, num_images=2)])
+    for g, w in zip(got, want, strict=True):
+        assert np.abs(g - pixels(w.images)).max() <= 1  # float rounding of another batch at most
+    assert np.array_equal(draw(job(a, 1))[0], first)
+
+
+def test_a_lora_subject_of_too_high_a_rank_is_refused_alone(subjects):
+    """A subject the slots cannot hold fails its own requests with a 422 naming
+    serve.max_lora_rank; the requests batched with it are drawn."""
+    a, b = subjects["a"], subjects["b"]
+    engine = Engine(BlipDiffusion.from_pretrained(TINY), max_batch_images=8, max_subjects=8, max_lora_adapters=8, max_lora_rank=2)
+    low = copy.copy(b)
+    low.spec = copy.copy(b.spec)
+    low.key, low.spec.lora_rank = "low/1", 2
+    low.lora = {k: v[:2] if ".lora_A." in k else v[:, :2] for k, v in b.lora.items()}  # rank 2: fits
+    refused, drawn = engine.run([job(a, 1), job(low, 1)])
+    assert isinstance(refused.error, SubjectUnusable) and refused.images is None
+    assert "models:/a/1: LoRA rank 4 is above serve.max_lora_rank (2)" in str(refused.error)
+    answer = _api_error(refused.error)
+    assert (answer.status, answer.field) == (422, "subject")
+    assert drawn.error is None and len(drawn.images) == 1
+    assert engine.adapters == ["low/1"]
+
+
+def test_an_evicted_subjects_weights_are_gone_and_its_slot_taken_again(subjects):
+    a, b, c = subjects["a"], subjects["b"], subjects["c"]
+    engine = Engine(BlipDiffusion.from_pretrained(TINY), max_batch_images=8, max_subjects=8, max_lora_adapters=2)
+    engine.run([job(a, 1)])
+    engine.run([job(b, 1)])
+    engine.run([job(a, 1)])  # b is now the least recently used
+    engine.run([job(c, 1)])
+    assert engine.adapters == ["a/1", "c/1"]
+    for name, layer in engine._lora.layers.items():  # slot 0 the base, 1 a's, 2 c's where b's were: b's are gone
+        assert not layer.slot_A[0].any() and not layer.slot_B[0].any()
+        for slot, subject in ((1, a), (2, c)):
+            assert torch.equal(layer.slot_A[slot, :4], subject.lora[f"{name}.lora_A.weight"])
+            assert torch.equal(layer.slot_B[slot, :, :4], subject.lora[f"{name}.lora_B.weight"])
+
+
+def test_an_edit_of_a_lora_subject_draws_every_unet_call_with_its_slot(folders, subjects):
+    """An edit's UNet calls (inversion and denoising, of changing batch sizes) take one slot
+    for every row, as peft's set_adapter did: the same image as on the subject's own model."""
+    from pipeline.config import EditConfig
+    from pipeline.model.subject import SubjectModel
+    from pipeline.serving.edits import EditRequest, draw_edit
+
+    engine = Engine(BlipDiffusion.from_pretrained(TINY), max_batch_images=8, max_subjects=8, max_lora_adapters=8)
+    request, edit = GenerationRequest("a dog on the beach", 1, 1, STEPS, 7.5, None, None, None), EditRequest("dog", None)
+    [got] = engine.run([Job(request, subjects["a"], 64, 64, edit=edit)])
+    assert got.error is None
+    own = SubjectModel.load(folders["a"])  # peft's adapter on its own base
+    want = draw_edit(own.model, edit, request, own.subject_embeds, "dog", 64, 64, EditConfig())
+    base = draw_edit(BlipDiffusion.from_pretrained(TINY), edit, request, own.subject_embeds, "dog", 64, 64, EditConfig())
+    assert np.abs(pixels(got.images) - pixels([want])).max() <= 1
+    assert np.abs(pixels([base]) - pixels([want])).max() > 20
