@@ -96,7 +96,8 @@ STARTUP_PHASES = {
     "data": "data",  # the Ray Data plan built; with precompute, the cache made or found
     "fit": "fit",  # Ray Train asked for the workers
     "process": "worker process",  # this worker's process started (Ray Train's actor)
-    "worker": "loop",  # the loop entered: Ray Train's setup and the imports done
+    "imports": "imports",  # the worker began importing the loop's code (pipeline.train.IMPORT_STARTED)
+    "worker": "loop",  # the loop entered: the imports done
     "feed": "feed open",  # the batch stream opened (it makes batches ahead from then on)
     "model": "model ready",  # loaded, on the device, wrapped (compilation happens in the first step)
     "hooks": "hooks",  # optimizer built, hooks started (MLflow calls)

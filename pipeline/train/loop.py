@@ -19,7 +19,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from pipeline.config import Config
-from pipeline.train import dist
+from pipeline.train import IMPORT_STARTED, dist
 from pipeline.train.arraycache import ArrayStream
 from pipeline.train.data import FeedCollate, OnlineFeed, epoch_at_step
 from pipeline.train.ema import EMA, EMA_FOLDER
@@ -63,7 +63,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     driver's startup phases, time.time() each (optional; hooks.STARTUP_PHASES)}."""
     _setup_worker_logging()
     # The startup's phases (hooks.STARTUP_PHASES), logged with the first step (hooks.StartupTimes).
-    marks = {**loop_config.get("marks", {}), **_process_start(), "worker": time.time()}
+    marks = {**loop_config.get("marks", {}), **_process_start(), "imports": IMPORT_STARTED, "worker": time.time()}
     config = Config.model_validate(loop_config["config"])
     run = RunInfo(**loop_config["run"])
     train = config.train

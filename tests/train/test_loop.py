@@ -78,7 +78,7 @@ def test_the_first_step_line_and_metrics_tell_where_the_startup_went(tmp_path, m
     _train(tmp_path, "startup", [], monkeypatch, job_start=job_start, marks=driver)
 
     line = _first_step_line(startup_log)
-    for phase in ("checks 0.0", "Ray up 0.0", "data 0.0", "fit 0.0", "loop", "feed open", "model ready", "hooks", "first batch", "first forward"):
+    for phase in ("checks 0.0", "Ray up 0.0", "data 0.0", "fit 0.0", "imports", "loop", "feed open", "model ready", "hooks", "first batch", "first forward"):
         assert f"{phase}" in line
     assert "no compile; compile caches: unused" in line  # the CPU loop does not compile
     metrics = reported[-1]  # the last step's: every logging step carries them, as MLflow metrics
