@@ -68,7 +68,7 @@ class SubjectRef:
 class RegisteredSubject:
     """One registered subject version's tensors in host memory (CPU, float32 as saved).
 
-    key: "NAME/VERSION", unique per version, also the name of its peft adapter;
+    key: "NAME/VERSION", unique per version, also the key of its LoRA slot (engine.py);
     embeds: (1, Q, D) or None (dreambooth); lora: peft's adapter state dict (lora);
     unet / text_encoder: full state dicts (blipd, dreambooth; a text encoder only when trained).
     """
