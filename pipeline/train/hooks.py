@@ -119,6 +119,8 @@ class StartupTimes(Hook):
         for the precomputed inputs ("made", "reused" or None, DatasetInfo.precompute)."""
         self.job_start, self.marks, self.device, self.precompute = job_start, marks, device, precompute
         self.done = False
+        # Compiles before this job in the same process (a reused worker, a test) are not its own.
+        self.compile_since, self.caches_since = speed.compile_time_spent(), speed.compile_cache_counts()
 
     def _now(self) -> float:
         if self.device.type == "cuda":
@@ -137,15 +139,20 @@ class StartupTimes(Hook):
         first_batch = getattr(state.batches, "first_batch_at", None)
         if first_batch is not None:
             self.marks.setdefault("batch", first_batch)
-        # In the order they happened (the loop may open the feed before or after the model).
-        phases = {p: at - self.job_start for p, at in sorted(self.marks.items(), key=lambda item: item[1]) if p in STARTUP_PHASES}
+        # In the order they happened (the loop may open the feed before or after the model). A
+        # phase before the job's start (a worker process Ray started earlier and reused, whose
+        # imports were done by then) is named as such, not given a negative time or a metric.
+        ordered = sorted((item for item in self.marks.items() if item[0] in STARTUP_PHASES), key=lambda item: item[1])
+        earlier = [phase for phase, at in ordered if at < self.job_start]
+        phases = {phase: at - self.job_start for phase, at in ordered if at >= self.job_start}
         state.first_step_s, state.startup = seconds, phases
-        log.info("%s", self.describe(seconds, phases))
+        log.info("%s", self.describe(seconds, phases, earlier))
 
-    def describe(self, seconds: float, phases: dict[str, float]) -> str:
+    def describe(self, seconds: float, phases: dict[str, float], earlier: list[str] = ()) -> str:
         """The log line: "first step done T s after the job started: checks 0.3, ..., first
-        forward 80.1 s; compile 70.2 s (...); compile caches: {...}", the phases in time order."""
-        parts = []
+        forward 80.1 s; compile 70.2 s (...); compile caches: {...}", the phases in time order,
+        after those `earlier` than the job ("worker process before the job")."""
+        parts = [f"{STARTUP_PHASES[phase]} before the job" for phase in earlier]
         for phase, at in phases.items():
             name = STARTUP_PHASES[phase]
             if phase == "data" and self.precompute is not None:
@@ -153,7 +160,8 @@ class StartupTimes(Hook):
             parts.append(f"{name} {at:.1f}")
         return (
             f"first step done {seconds:.1f} s after the job started: {', '.join(parts)} s; "
-            f"{speed.describe_compile_time()}; compile caches: {speed.compile_cache_counts() or 'unused'}"
+            f"{speed.describe_compile_time(self.compile_since)}; "
+            f"compile caches: {speed.compile_cache_counts(self.caches_since) or 'unused'}"
         )
 
 

@@ -252,24 +252,35 @@ def use_compile_cache(storage_path: str) -> str | None:
     return str(folder)
 
 
-def compile_cache_counts() -> dict[str, int]:
+def compile_cache_counts(since: dict[str, int] | None = None) -> dict[str, int]:
     """This process's hits, misses and bypasses of Inductor's FX graph cache and the AOTAutograd
-    cache so far (torch's dynamo counters; empty before any compile): what a warm start reused."""
+    cache (torch's dynamo counters; empty before any compile): what a warm start reused. With
+    `since` (an earlier result), only those after it."""
     from torch._dynamo.utils import counters
 
     wanted = {"inductor": "fxgraph_cache_", "aot_autograd": "autograd_cache_"}
-    return {f"{group}.{name}": count for group, prefix in wanted.items() for name, count in counters[group].items() if name.startswith(prefix)}
+    now = {f"{group}.{name}": count for group, prefix in wanted.items() for name, count in counters[group].items() if name.startswith(prefix)}
+    since = since or {}
+    return {name: count - since.get(name, 0) for name, count in now.items() if count > since.get(name, 0)}
 
 
-def describe_compile_time() -> str:
-    """This process's torch.compile time so far, from Dynamo's timers: "compile 70.2 s (forward
-    graphs 55.0 s, 25.0 s of it in the backend; backward graphs 15.2 s)", or "no compile". The
-    forward graphs' time is Dynamo's tracing plus the backend's (AOTAutograd and Inductor, or
-    their cache reads); the backward graphs are compiled at the first backward."""
+def compile_time_spent() -> dict[str, float]:
+    """This process's torch.compile seconds so far, by Dynamo's timers (calculate_time_spent)."""
     from torch._dynamo.utils import calculate_time_spent
 
-    spent = calculate_time_spent()
-    if not spent.get("total_wall_time"):
+    return dict(calculate_time_spent())
+
+
+def describe_compile_time(since: dict[str, float] | None = None) -> str:
+    """torch.compile's time in this process (with `since`, a `compile_time_spent()` from before:
+    the time after it), from Dynamo's timers: "compile 70.2 s (forward graphs 55.0 s, 25.0 s of
+    it in the backend; backward graphs 15.2 s)", or "no compile". The forward graphs' time is
+    Dynamo's tracing plus the backend's (AOTAutograd and Inductor, or their cache reads); the
+    backward graphs are compiled at the first backward. A compile earlier in the process (a
+    test's, a reused worker's) is not this job's, hence `since`."""
+    since = since or {}
+    spent = {key: value - since.get(key, 0.0) for key, value in compile_time_spent().items()}
+    if spent.get("total_wall_time", 0.0) <= 0.0:
         return "no compile"
     return (
         f"compile {spent['total_wall_time']:.1f} s (forward graphs {spent.get('entire_frame_compile', 0.0):.1f} s, "
