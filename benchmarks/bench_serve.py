@@ -7,6 +7,9 @@ carrying 3 reference photos. The base has the released sizes and random weights
 (bench_generate.build_real), saved to a temporary folder; the LoRA subjects have random
 weights, logged once and registered under 100 names in a SQLite MLflow store. 50 steps, 512 px,
 guidance 7.5. Each workload is warmed up first (every subject loaded, with 1-step requests).
+The JSON also holds the replica's torch.compile graph count (/healthz `compiled_graphs`) after
+its start and after each workload: flat with `--compile` when the replica's warm-up covered
+every variant. Runs are written as they end (`"partial": true` until the summary).
 
     python benchmarks/bench_serve.py --compile --out bench_serve.json   # the GPU machine
     python benchmarks/bench_serve.py --smoke --out /tmp/bench_serve.json  # CPU, tiny profile
@@ -42,6 +45,12 @@ from machine import describe  # noqa: E402
 
 log = logging.getLogger("bench_serve")
 PROMPT = "on the beach"
+
+
+def compiled_graphs(url: str) -> int:
+    """The replica's count of torch.compile graphs, from /healthz."""
+    with urllib.request.urlopen(f"{url}/healthz", timeout=30) as answer:
+        return json.loads(answer.read())["compiled_graphs"]
 
 
 def build_base(folder: Path, smoke: bool) -> str:
@@ -182,15 +191,18 @@ def main() -> int:
             f"{len(names)}-subjects": [{**common, "subject": f"models:/{n}@bench", "seed": i} for i, n in enumerate(names)],
             "zero-shot-3-photos": [{**common, "reference_images": photos, "category": "dog", "seed": i} for i in range(16)],
         }
-        runs = []
+        runs, graphs = [], {"after_start": compiled_graphs(url)}
         for workload, payloads in workloads.items():
-            for payload in payloads:  # load every subject (and compile each batch size once) before timing
+            for payload in payloads:  # load every subject before timing
                 assert post(url, {**payload, "steps": 1})[0] == 200
             for n in clients:
                 run_load(url, payloads[:n], n, 1)  # warm-up at this batch size
                 result = {"workload": workload, **run_load(url, payloads, n, args.per_client)}
                 log.info("%s", result)
                 runs.append(result)
+                # Each run as it ends: a run cut short (a device lease, a crash) keeps the ones before.
+                args.out.write_text(json.dumps({"runs": runs, "compiled_graphs": graphs, "partial": True}, indent=2) + "\n")
+            graphs[f"after_{workload}"] = compiled_graphs(url)
         serve.shutdown()
         ray.shutdown()
 
@@ -204,6 +216,9 @@ def main() -> int:
         "settings": {"steps": args.steps, "size": args.size, "guidance_scale": 7.5, "compile": args.compile,
                      "subjects": len(names), "per_client": args.per_client, "smoke": args.smoke},
         "setup_s": round(setup_s, 1), "serve_start_s": round(start_s, 1),
+        # The replica's torch.compile graphs after its warm-up and after each workload: with
+        # serve.compile they stay flat, or requests compiled (the warm-up missed a variant).
+        "compiled_graphs": graphs,
         "runs": runs,
         "summary": {
             f"images_per_s_one_subject_{top}_clients": at("one-subject", top, "images_per_s"),

@@ -186,10 +186,14 @@ class SubjectServer:
 
     def _health(self) -> dict[str, Any]:
         import psutil
+        from torch._dynamo.utils import counters
 
         return {
             "status": "ok", "base_model": self.base, "device": str(self.device), "dtype": str(self.engine.model.dtype),
             "pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss, "adapters_loaded": len(self.engine.adapters),
+            # Graphs torch.compile made in this process (serve.compile): flat after the warm-up, or
+            # requests are compiling (minutes each on a GPU) and may pass Dynamo's recompile limit.
+            "compiled_graphs": counters["stats"]["unique_graphs"],
         }
 
 

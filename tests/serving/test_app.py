@@ -159,6 +159,7 @@ def test_a_bad_request_is_a_4xx_naming_the_field_and_the_next_one_is_served(serv
 def test_routes_page_health_and_subjects(server):
     status, health = call(server, "/healthz")
     assert status == 200 and health["status"] == "ok" and health["device"] == "cpu"
+    assert health["compiled_graphs"] == 0  # serve.compile is off
     status, page = call(server, "/")
     assert status == 200 and '<form id="form">' in page and "app.js" in page
     assert call(server, "/app.js")[0] == 200
