@@ -73,7 +73,10 @@ class SubjectServer:
         self.engine = Engine(model, cfg.max_batch_images, cfg.max_subjects, cfg.max_lora_adapters, serve_controlnet(config), config.edit,
                              cfg.max_lora_rank)
         if cfg.compile:  # after the Engine put its LoRA slots in the UNet: they are part of its graph
-            model.compile_for_inference()
+            # Autotuned kernels on a GPU; Inductor's default on a CPU, whose autotuned GEMM
+            # templates fail on the LoRA slots' per-row batched matmul (torch 2.13: IndexError
+            # in cpp_bmm_template) and rarely beat the default there.
+            model.compile_for_inference(mode="max-autotune-no-cudagraphs" if self.device.type == "cuda" else None)
         self.library = SubjectLibrary(self.uri, cfg.max_subjects, cfg.full_unet_budget_gb * 1e9)
         self.metrics = ServeMetrics()
         self.pages = {route: ((STATIC / name).read_bytes(), kind) for route, (name, kind) in PAGES.items()}
