@@ -143,7 +143,7 @@ class Engine:
         groups: dict[tuple, list[Job]] = defaultdict(list)
         for job in jobs:
             groups[job.group_key].append(job)
-        for group in groups.values():
+        for group in (part for same in groups.values() for part in _within_slots(same, self._adapters.budget)):
             try:
                 self._run_group(group)
             except BatchCancelled as exc:  # nobody waits for these images; a job that failed alone keeps its error
@@ -364,3 +364,19 @@ class Engine:
             self._full_key = subject.key
         return view
 
+
+def _within_slots(group: list[Job], slots: int) -> list[list[Job]]:
+    """`group` in parts of at most `slots` distinct LoRA subjects each, in order: every subject
+    of a part holds a slot while the part is drawn (the batcher may put more subjects in one
+    batch than serve.max_lora_adapters holds; that is no fault of the requests)."""
+    parts: list[list[Job]] = [[]]
+    subjects: set[str] = set()
+    for job in group:
+        key = job.adapter_key
+        if key is not None and key not in subjects and len(subjects) == slots:
+            parts.append([])
+            subjects = set()
+        parts[-1].append(job)
+        if key is not None:
+            subjects.add(key)
+    return parts

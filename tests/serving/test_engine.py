@@ -94,6 +94,18 @@ def test_an_evicted_adapter_is_loaded_again_and_draws_the_same(subjects):
         assert torch.equal(layer.slot_B[1, :, :4], a.lora[f"{name}.lora_B.weight"])
 
 
+def test_a_batch_of_more_lora_subjects_than_slots_is_drawn_in_parts(subjects):
+    # A batch is the batcher's grouping, not the callers' doing: with one slot, two LoRA subjects
+    # batched together failed both requests ("2 LoRA subjects in one batch").
+    engine = Engine(BlipDiffusion.from_pretrained(TINY), max_batch_images=8, max_subjects=8, max_lora_adapters=1)
+    (a_dir, a), (b_dir, b) = subjects["a"], subjects["b"]
+    jobs = engine.run([job(a, 5), job(b, 5), job(a, 6)])
+    assert all(j.error is None for j in jobs), [j.error for j in jobs]
+    assert np.abs(pixels(jobs[0].images) - alone(a_dir, 5)).max() <= 1
+    assert np.abs(pixels(jobs[1].images) - alone(b_dir, 5)).max() <= 1
+    assert np.abs(pixels(jobs[2].images) - alone(a_dir, 6)).max() <= 1
+
+
 def test_out_of_memory_fails_its_group_only_and_the_engine_goes_on(subjects, monkeypatch):
     engine = Engine(BlipDiffusion.from_pretrained(TINY), max_batch_images=8, max_subjects=8, max_lora_adapters=8)
     a, ti = subjects["a"][1], subjects["ti"][1]
