@@ -498,6 +498,12 @@ class ServeConfig(_Strict):
     full_unet_budget_gb: Runtime[float] = Field(16.0, ge=0, description="host memory for full (blipd, dreambooth) subject UNets, GB")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto = float16 on CUDA, float32 on CPU")
     compile: Runtime[bool] = Field(False, description="torch.compile the UNet and VAE decoder; warmed up before the replica is ready")
+    compile_mode: Runtime[Literal["auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]] = Field(
+        "auto",
+        description="torch.compile mode with serve.compile; reduce-overhead replays the compiled graphs as CUDA graphs "
+        "(removes host launch gaps); max-autotune* tune GEMMs and convolutions for minutes more per graph variant at start; "
+        "auto = reduce-overhead on a GPU, Inductor's default on a CPU (pipeline/serving/app.py compile_mode_for)",
+    )
     warmup_steps: Runtime[int] = Field(2, ge=1, description="steps of the one-image warm-up generation a replica runs before it is ready (with compile or on a GPU)")
 
 

@@ -1,6 +1,7 @@
 """A replica's warm-up (serving/warmup.py): with serve.compile, every graph variant a request
 can need is traced before the replica is ready (edits run eagerly), so no request waits behind a
-compile; a ControlNet missing from this machine does not keep the replica down."""
+compile; a ControlNet missing from this machine does not keep the replica down. serve.compile_mode
+auto is CUDA graphs on a GPU and Inductor's default on a CPU (serving/app.py compile_mode_for)."""
 
 import logging
 
@@ -9,8 +10,9 @@ import torch
 from PIL import Image
 from torch._dynamo.utils import counters
 
-from pipeline.config import PROFILE_CONTROLNETS, load_config
+from pipeline.config import PROFILE_CONTROLNETS, ConfigError, load_config
 from pipeline.model import BlipDiffusion
+from pipeline.serving.app import compile_mode_for
 from pipeline.serving.controls import ControlRequest
 from pipeline.serving.edits import EditRequest
 from pipeline.serving.engine import Engine, Job
@@ -65,3 +67,19 @@ def test_a_path_that_cannot_warm_up_is_logged_and_the_plain_one_must_work(caplog
     engine._run_group = lambda group: (_ for _ in ()).throw(RuntimeError("no kernel"))
     with pytest.raises(RuntimeError, match="no kernel"):
         warm_up(engine, config)
+
+
+@pytest.mark.parametrize(("device", "setting", "mode"), [
+    ("cuda", "auto", "reduce-overhead"),
+    ("cpu", "auto", None),
+    ("cuda", "max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"),
+    ("cpu", "default", "default"),
+])
+def test_serve_compile_mode_auto_is_cuda_graphs_on_a_gpu_and_the_default_on_a_cpu(device, setting, mode):
+    assert compile_mode_for(device, setting) == mode
+
+
+def test_a_bad_serve_compile_mode_is_refused_naming_the_modes():
+    assert load_config(overrides=["profile=tiny"]).serve.compile_mode == "auto"
+    with pytest.raises(ConfigError, match=r"serve.compile_mode: Input should be 'auto', 'default', 'reduce-overhead'"):
+        load_config(overrides=["profile=tiny", "serve.compile_mode=fast"])
