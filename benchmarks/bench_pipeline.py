@@ -54,7 +54,7 @@ the previous build took longer than the budget has left.
     python benchmarks/bench_pipeline.py --smoke --out /tmp/bench_pipeline.json   # CPU sanity of the script, captions on
     python benchmarks/bench_pipeline.py --photos 48 --warm-up-photos 8 --size 96 \\
         --clipseg tiny --num-cpus 4 --fake-gpus 1 data.matte.backend=torch \\
-        data.matte.num_actors=1 data.segment.num_actors=1 data.matte.batch_size=8   # CPU-only sanity (4 CPUs: each actor holds one)
+        data.matte.num_actors=1 data.segment.num_actors=1 data.caption.num_actors=1 data.matte.batch_size=8   # CPU-only sanity (4 CPUs: each actor holds one)
 """
 
 from __future__ import annotations

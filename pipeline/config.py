@@ -264,7 +264,13 @@ class FilterConfig(_Strict):
 
 CAPTION_BATCH_GPU = 64
 CAPTION_BATCH_CPU = 8
-CAPTION_GPUS = 0.25
+# One BLIP-2 OPT-2.7B actor per H100 (0.25 GPU, batch 64, 12 new tokens) was busy the whole
+# build at 124 photos/s and capped it at 76 photos/s end to end, 123 steady, where the build
+# without captions ran at 202 steady (BENCHMARKS.md, "Caption stage"). Two actors, 2 x 124 =
+# 248 > 150 photos/s, leave the other stages' 202 as the cap; each takes half the old share,
+# so the captioners still hold 0.25 of a GPU and CLIPSeg's auto share is unchanged.
+CAPTION_ACTORS_PER_GPU = 2
+CAPTION_GPUS = 0.125
 
 
 class CaptionConfig(_Strict):
@@ -281,7 +287,9 @@ class CaptionConfig(_Strict):
     batch_size: Runtime[CountOrAuto] = Field(
         "auto", description=f"photos per captioner generate(); auto = {CAPTION_BATCH_GPU} with GPUs, {CAPTION_BATCH_CPU} without"
     )
-    num_actors: Runtime[CountOrAuto] = Field("auto", description="captioner actor pool size; auto = one per GPU, 1 without GPUs")
+    num_actors: Runtime[CountOrAuto] = Field(
+        "auto", description=f"captioner actor pool size; auto = {CAPTION_ACTORS_PER_GPU} per GPU (one capped the build), 1 without GPUs"
+    )
     num_gpus: Runtime[float | Literal["auto"]] = Field(
         "auto", description=f"GPUs per captioner actor; auto = {CAPTION_GPUS} with GPUs (CLIPSeg's auto share takes what is left), 0 without"
     )
@@ -289,7 +297,7 @@ class CaptionConfig(_Strict):
     def resolved(self, cluster_gpus: float) -> tuple[int, int, float]:
         """(num_actors, batch_size, num_gpus) on a cluster with `cluster_gpus` GPUs."""
         gpus = whole_gpus(cluster_gpus)
-        actors = self.num_actors if self.num_actors != "auto" else max(1, gpus)
+        actors = self.num_actors if self.num_actors != "auto" else max(1, CAPTION_ACTORS_PER_GPU * gpus)
         batch = self.batch_size if self.batch_size != "auto" else (CAPTION_BATCH_GPU if gpus else CAPTION_BATCH_CPU)
         share = self.num_gpus if self.num_gpus != "auto" else (CAPTION_GPUS if gpus else 0.0)
         return actors, batch, share

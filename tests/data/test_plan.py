@@ -75,10 +75,11 @@ def test_the_fused_cpu_task_is_filter_composite_encode_in_order():
 @pytest.mark.parametrize(
     "cpus, gpus, settings, fails",
     [
-        (7, 1, [], True),  # three CLIPSeg, three matte and one captioner actor per GPU: every CPU held, decode never runs
-        (8, 1, [], False),
-        (3, 1, ["data.matte.num_actors=1", "data.segment.num_actors=1"], True),
-        (4, 1, ["data.matte.num_actors=1", "data.segment.num_actors=1"], False),
+        (8, 1, [], True),  # three CLIPSeg, three matte and two captioner actors per GPU: every CPU held, decode never runs
+        (9, 1, [], False),
+        (4, 1, ["data.matte.num_actors=1", "data.segment.num_actors=1"], True),
+        (5, 1, ["data.matte.num_actors=1", "data.segment.num_actors=1"], False),
+        (4, 1, ["data.matte.num_actors=1", "data.segment.num_actors=1", "data.caption.num_actors=1"], False),
         (3, 1, ["data.matte.num_actors=1", "data.segment.num_actors=1", "data.caption.enabled=false"], False),
         (8, 1, ["data.segment.num_actors=4"], True),
         (2, 0, [], False),  # no GPU: matting is CPU tasks, only CLIPSeg holds a CPU (the captioner shares the tasks')
@@ -167,6 +168,21 @@ def test_the_plan_and_process_photos_fold_one_stage_list():
         assert (ours.fn, ours.args, ours.batch_size) == (theirs.fn, theirs.args, theirs.batch_size)
 
 
+@pytest.mark.parametrize("gpus", [0.5, 1, 4])
+def test_the_auto_gpu_shares_fill_each_gpu_at_most(gpus):
+    """auto on a GPU cluster: per GPU three matting actors at 0.2, two captioners at 0.125 (one at
+    0.25 capped the build at 124 photos/s: pipeline/config.py) and three CLIPSeg actors sharing
+    the rest, 0.0499 each in Ray's 1e-4 units as beside one captioner at 0.25. Over a GPU, Ray
+    would start the actors that fit and the plan would wait for the others forever."""
+    from pipeline.data.plan import Cluster, data_stages
+
+    stages = {s.name: s for s in data_stages(load_config(), Cluster(cpus=64, gpus=gpus), list_backgrounds(None), "v0001")}
+    per_gpu = max(1, int(gpus))
+    held = {name: (stages[name].actors // per_gpu, stages[name].num_gpus) for name in ("segment", "caption", "matte")}
+    assert held == {"segment": (3, 0.0499), "caption": (2, 0.125), "matte": (3, 0.2)}
+    assert sum(actors * round(share * 1e4) for actors, share in held.values()) <= 1e4
+
+
 @pytest.fixture(scope="module")
 def fake_gpu_ray():
     """A local Ray with a GPU it does not have (benchmarks/bench_pipeline.py's CPU sanity mode):
@@ -212,7 +228,7 @@ def test_a_build_through_the_finishing_matte_actor_equals_the_cpu_plans(fake_gpu
     for name, data in list(broken_files().values())[:2]:
         (source / "cat" / name).write_bytes(data)
     settings = ["profile=tiny", "data.decode.size=64", "data.matte.backend=torch", "data.matte.batch_size=4", "data.matte.num_actors=1", "data.segment.num_actors=1",
-                "data.filter.max_area=0.58", "tracking.enabled=false"]  # fmt: skip
+                "data.caption.num_actors=1", "data.filter.max_area=0.58", "tracking.enabled=false"]  # fmt: skip
     matte_stage, stages, builds = dataplan.matte_stage, [], {}
     for plan, gpus_seen in (("gpu", None), ("cpu", 0)):
 
