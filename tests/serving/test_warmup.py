@@ -32,10 +32,9 @@ def _graphs() -> int:
 def test_after_the_warm_up_no_request_path_compiles_again():
     config = load_config(overrides=CONFIG)
     model = BlipDiffusion.from_pretrained(TINY)
-    # What compile_for_inference compiles, with a backend that only traces: the graphs are counted.
+    # The server's compile, with a backend that only traces: the graphs are counted.
     torch._dynamo.reset()
-    model.unet.compile(backend="eager")
-    model.vae.decoder.compile(backend="eager")
+    model.compile_for_inference(backend="eager")
     engine = Engine(model, 4, 8, 8, PROFILE_CONTROLNETS["tiny"]["canny"], config.edit)
     assert [(j.request.num_images, j.control is not None) for j in warm_up_jobs(config, True)] == [(1, False), (2, False), (1, True)]
     assert len(warm_up_jobs(load_config(overrides=[*CONFIG, "serve.compile=false"]), True)) == 1
