@@ -5,14 +5,16 @@ answers HTTP itself, with no web framework:
 
 | route              | answer                                                           |
 | ------------------ | ---------------------------------------------------------------- |
-| POST /v1/generate  | base64 PNGs, the seed and the subject's version (api.py)         |
+| POST /v1/generate  | base64 PNGs, the seed, the subject's version and phase timings   |
 | GET /v1/subjects   | registered subjects (finetune.register_prefix) and their aliases |
-| GET /healthz       | the replica's base model, device and memory                      |
+| GET /healthz       | base model, device, memory, compile state, mean phase timings    |
 | GET /, /app.js     | the page for people (static/)                                    |
 
 A request is checked (api.py), its subject resolved and fetched (subjects.py) on the event
 loop's worker threads; then it joins the batch queue (`serve.batch`) and the Engine draws the
-batch on the replica's one compute thread, so no two batches touch the model at once.
+batch on the replica's one compute thread, so no two batches touch the model at once. Each
+answer says where its time went (serving/timings.py): `timings` in the JSON and a
+Server-Timing header.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from pipeline.serving.subjects import (
     SubjectRef,
     SubjectUnusable,
 )
+from pipeline.serving.timings import TOTAL, CudagraphSkips, cudagraph_skips, rounded, server_timing
 from pipeline.serving.warmup import warm_up
 
 log = logging.getLogger(__name__)
@@ -86,8 +89,11 @@ class SubjectServer:
         model = BlipDiffusion.from_pretrained(path, dtype=getattr(torch, dtype), device=self.device)
         self.engine = Engine(model, cfg.max_batch_images, cfg.max_subjects, cfg.max_lora_adapters, serve_controlnet(config), config.edit,
                              cfg.max_lora_rank)
+        mode = compile_mode_for(self.device.type, cfg.compile_mode)
+        self.compile_mode = (mode or "default") if cfg.compile else "off"  # the resolved mode, for /healthz
+        self.cudagraph_skips = CudagraphSkips.install() if cfg.compile else None  # before any graph is compiled
         if cfg.compile:  # after the Engine put its LoRA slots in the UNet: they are part of its graph
-            model.compile_for_inference(mode=compile_mode_for(self.device.type, cfg.compile_mode))
+            model.compile_for_inference(mode=mode)
         self.library = SubjectLibrary(self.uri, cfg.max_subjects, cfg.full_unet_budget_gb * 1e9)
         self.metrics = ServeMetrics()
         self.pages = {route: ((STATIC / name).read_bytes(), kind) for route, (name, kind) in PAGES.items()}
@@ -129,7 +135,7 @@ class SubjectServer:
         return jobs
 
     async def _generate(self, request: Request) -> Response:
-        subject_name = "invalid"
+        subject_name, arrived = "invalid", time.monotonic()
         try:
             body = await _read_body(request, int(self.config.serve.max_request_mb * 2**20))
             check_content_type(request.headers.get("content-type"))
@@ -153,9 +159,12 @@ class SubjectServer:
             await wait_for_batch(self.generate_batch, job)
             if job.error is not None:
                 raise _api_error(job.error)
-            done = time.monotonic()
-            self.metrics.record_job(subject_name, job.started - job.enqueued, (done - job.started) / r.num_images)
+            encoding = time.monotonic()
             answer = image_answer(job.images, r, subject_name, version, self.base)
+            done = time.monotonic()
+            timings = {"prepare": job.enqueued - arrived, **job.timings, "encode": done - encoding, TOTAL: done - arrived}
+            self.metrics.record_job(subject_name, timings, r.num_images)
+            answer["timings"] = rounded(timings)
         except Exception as exc:  # an ApiError, or memory run out before the batch (decoding photos, loading a subject)
             if not isinstance(exc, ApiError):
                 if not is_out_of_memory(exc):
@@ -164,7 +173,7 @@ class SubjectServer:
             self.metrics.record_request(subject_name, exc.status)
             return JSONResponse(exc.body(), status_code=exc.status)
         self.metrics.record_request(subject_name, 200)
-        return JSONResponse(answer)
+        return JSONResponse(answer, headers={"Server-Timing": server_timing(timings)})
 
     def _registered(self, ref: SubjectRef) -> tuple[Any, str]:
         """The subject `ref` names, at the version its alias points at now (read once)."""
@@ -212,6 +221,12 @@ class SubjectServer:
             # Graphs torch.compile made in this process (serve.compile): flat after the warm-up, or
             # requests are compiling (minutes each on a GPU) and may pass Dynamo's recompile limit.
             "compiled_graphs": counters["stats"]["unique_graphs"],
+            "compile_mode": self.compile_mode,
+            # Graphs compiled without CUDA graphs (reduce-overhead): each replays kernel by kernel.
+            "cudagraph_skips": cudagraph_skips(),
+            "cudagraph_skip_reasons": self.cudagraph_skips.reasons if self.cudagraph_skips is not None else [],
+            # Mean seconds per phase of the requests answered so far (serving/timings.py).
+            "phase_means_s": self.metrics.phases.means(),
         }
 
 

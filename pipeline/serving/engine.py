@@ -12,6 +12,9 @@ weights. A request's noise comes from a CPU generator seeded with its own seed, 
 `subjectforge generate` makes it, so a seed gives the same images whatever it is batched with
 (up to float rounding of the batch).
 
+Each drawn job gets the seconds of its queue and its group's conditioning, denoising and
+decoding (job.timings, serving/timings.py).
+
 Everything here runs on one thread (the replica's compute thread): slots are filled and rows
 set only between groups. No Ray, HTTP or MLflow here.
 """
@@ -40,6 +43,7 @@ from pipeline.serving.lora_slots import BASE_SLOT, LoraSlots, LoraUnfit
 from pipeline.serving.requests import GenerationRequest
 from pipeline.serving.slots import slot_parts
 from pipeline.serving.subjects import MixedSubject, RegisteredSubject, SubjectUnusable, ZeroShotSubject
+from pipeline.serving.timings import PhaseClock
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +59,9 @@ class Job:
     height: int
     width: int
     enqueued: float = field(default_factory=time.monotonic)  # when the request joined the queue
-    started: float | None = None  # when its group began denoising
+    started: float | None = None  # when its group began (its subjects made ready, then its prompts encoded)
+    # Seconds of queue, condition, denoise and decode (serving/timings.py), set when its images are drawn.
+    timings: dict[str, float] = field(default_factory=dict)
     images: list[PIL.Image.Image] | None = None
     error: BaseException | None = None  # set instead of images when its group failed
     control: ControlRequest | None = None  # a structure control: drawn in a group of its own
@@ -163,15 +169,20 @@ class Engine:
     def _run_group(self, jobs: list[Job]) -> None:
         if all_cancelled(jobs):  # they all left while an earlier group was drawn
             raise BatchCancelled(f"all {len(jobs)} request(s) of the batch were cancelled before it started")
+        clock = PhaseClock(self.model.device)
+        began = clock.now()
+        for job in jobs:
+            job.started = began
         model, slot_of = self._activate(jobs)
         jobs = [job for job in jobs if job.error is None]  # a LoRA subject that cannot be loaded fails its own jobs
         if not jobs:
             return
         first = jobs[0]
         if first.edit is not None:
-            first.started = time.monotonic()
             with self._lora.use([slot_of.get(first.adapter_key, BASE_SLOT)]):  # every row of the edit's UNet calls
                 first.images = [self._edit(model, first)]
+            # draw_edit encodes, denoises and decodes in one call: all of it is counted as denoising.
+            _set_timings([first], began, began, clock.now() - began, 0.0)
             return
         control = None if first.control is None else self._control(model, first)
         steps, height, width = first.request.steps, first.height, first.width
@@ -204,9 +215,8 @@ class Engine:
         # (N, 1, 1, 1) tensor in the UNet's dtype, so each row is guided by its own request.
         guidance: float | torch.Tensor = scales[0] if len(set(scales)) == 1 else torch.tensor(
             scales, device=model.device, dtype=model.unet.dtype).view(-1, 1, 1, 1)
-        started = time.monotonic()
-        for job in drawn:
-            job.started = started
+        conditioned = mark = clock.now()
+        denoise_s = decode_s = 0.0
         stop_if_cancelled = stop_when_all_cancelled(drawn)
         images: list[PIL.Image.Image] = []
         for start in range(0, len(scales), self.max_batch_images):
@@ -221,8 +231,13 @@ class Engine:
             with self._lora.use(rows[start:stop] * (2 if null is not None else 1)):
                 chunk = model._denoise(chunk, cond_all[start:stop], null, scheduler, part, progress=False,
                                        step_callback=stop_if_cancelled, control=control)
+            denoised = clock.now()
+            denoise_s += denoised - mark
             decoded = model.vae.decode(chunk / model.vae.config.scaling_factor).sample
             images += model.image_processor.postprocess(decoded.to(torch.float32, copy=True), "pil")
+            mark = clock.now()
+            decode_s += mark - denoised
+        _set_timings(drawn, began, conditioned, denoise_s, decode_s)
         for job in drawn:
             job.images, images = images[: job.request.num_images], images[job.request.num_images:]
 
@@ -363,6 +378,13 @@ class Engine:
                 view.text_encoder = base.text_encoder
             self._full_key = subject.key
         return view
+
+
+def _set_timings(jobs: list[Job], began: float, conditioned: float, denoise_s: float, decode_s: float) -> None:
+    """The drawn jobs' phases (serving/timings.py): each its own queue, and its group's conditioning
+    (`began` .. `conditioned`), denoising and decoding, which every request of the group waits for."""
+    for job in jobs:
+        job.timings.update(queue=began - job.enqueued, condition=conditioned - began, denoise=denoise_s, decode=decode_s)
 
 
 def _within_slots(group: list[Job], slots: int) -> list[list[Job]]:

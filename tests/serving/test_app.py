@@ -159,7 +159,8 @@ def test_a_bad_request_is_a_4xx_naming_the_field_and_the_next_one_is_served(serv
 def test_routes_page_health_and_subjects(server):
     status, health = call(server, "/healthz")
     assert status == 200 and health["status"] == "ok" and health["device"] == "cpu"
-    assert health["compiled_graphs"] == 0  # serve.compile is off
+    assert health["compiled_graphs"] == 0 and health["compile_mode"] == "off" and health["cudagraph_skips"] == 0  # serve.compile is off
+    assert "total" in health["phase_means_s"] or health["phase_means_s"] == {"requests": 0}
     status, page = call(server, "/")
     assert status == 200 and '<form id="form">' in page and "app.js" in page
     assert call(server, "/app.js")[0] == 200

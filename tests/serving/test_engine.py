@@ -1,7 +1,7 @@
 """The serving engine on the tiny model, without Serve: a batch mixing subjects draws each
 request as its subject alone draws it (`SubjectModel.generate`, what `subjectforge generate`
-runs), LoRA subjects never see each other's adapters, and a failed group fails only its own
-requests."""
+runs), LoRA subjects never see each other's adapters, a failed group fails only its own
+requests, and each drawn request knows its queue and its group's phases."""
 
 import numpy as np
 import pytest
@@ -114,6 +114,18 @@ def test_out_of_memory_fails_its_group_only_and_the_engine_goes_on(subjects, mon
     assert [type(j.error).__name__ for j in jobs] == ["OutOfMemoryError", "OutOfMemoryError", "NoneType"]
     [retry] = engine.run([job(ti, 1)])
     assert retry.error is None and len(retry.images) == 1
+
+
+def test_each_job_has_its_queue_and_its_groups_phases_and_a_later_group_queues_behind_the_earlier(subjects):
+    engine = Engine(BlipDiffusion.from_pretrained(TINY), max_batch_images=8, max_subjects=8, max_lora_adapters=8)
+    a = subjects["a"][1]
+    first, second, later = engine.run([job(a, 1), job(a, 2), Job(request(3), a, 32, 32)])  # two groups: two sizes
+    for drawn in (first, second, later):
+        assert set(drawn.timings) == {"queue", "condition", "denoise", "decode"} and min(drawn.timings.values()) >= 0
+        assert drawn.timings["denoise"] > 0 and drawn.timings["decode"] > 0
+    # One group's requests share its phases; the next group waits for all of them.
+    assert {k: v for k, v in first.timings.items() if k != "queue"} == {k: v for k, v in second.timings.items() if k != "queue"}
+    assert later.timings["queue"] >= first.timings["condition"] + first.timings["denoise"] + first.timings["decode"]
 
 
 def test_a_request_whose_prompt_cannot_be_encoded_fails_alone_not_its_batch(subjects):

@@ -3,7 +3,8 @@ the batch queue is replaced by a direct engine call, so the tests are cheap and 
 
 An out-of-memory during generation is a 503 and the next request is answered; a registry that
 does not answer is a 503 naming the registry, never a 404 "unknown subject"; each answer is
-counted per subject with its status, and each drawn request's queue and image times recorded.
+counted per subject with its status, and each drawn request's queue and image times recorded;
+an answer says where its time went (timings, Server-Timing) and /healthz keeps the means.
 """
 
 from __future__ import annotations
@@ -23,22 +24,25 @@ from pipeline.config import load_config
 from pipeline.model import BlipDiffusion
 from pipeline.serving.app import SubjectServer, serve_controlnet
 from pipeline.serving.engine import Engine
+from pipeline.serving.metrics import PhaseMeans
 from pipeline.serving.subjects import SubjectLibrary
+from pipeline.serving.timings import PHASES
 from tests.imagefiles import png_header_only
 from tests.serve_subjects import TINY, fail_first_call
 
 
 class RecordedMetrics:
-    """ServeMetrics' recording calls, kept in lists."""
+    """ServeMetrics' recording calls, kept in lists, and its running phase means."""
 
     def __init__(self) -> None:
-        self.requests, self.jobs = [], []
+        self.requests, self.jobs, self.phases = [], [], PhaseMeans()
 
     def record_request(self, subject, status):
         self.requests.append((subject, status))
 
-    def record_job(self, subject, queue_s, image_s):
-        self.jobs.append((subject, queue_s, image_s))
+    def record_job(self, subject, timings, num_images):
+        self.jobs.append((subject, timings, num_images))
+        self.phases.add(timings)
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +59,7 @@ def make_server(model, tracking_uri="sqlite:///unused.db"):
                            controlnet=serve_controlnet(server.config))
     server.library = SubjectLibrary(tracking_uri, 4, 1e9)
     server.metrics = RecordedMetrics()
+    server.device, server.compile_mode, server.cudagraph_skips = torch.device("cpu"), "off", None
 
     async def generate_batch(job):  # what serve.batch does with a batch of one
         server.engine.run([job])
@@ -104,8 +109,48 @@ def test_out_of_memory_is_a_503_and_the_next_request_is_answered(model, monkeypa
     status, body = answer(server, zero_shot(seed=1))
     assert status == 200 and len(body["images"]) == 1, body
     assert server.metrics.requests == [("zero-shot", 503), ("zero-shot", 200)]
-    [(subject, queue_s, image_s)] = server.metrics.jobs  # only the drawn request has times
-    assert subject == "zero-shot" and queue_s >= 0 and image_s > 0
+    [(subject, timings, num_images)] = server.metrics.jobs  # only the drawn request has times
+    assert subject == "zero-shot" and timings["queue"] >= 0 and timings["denoise"] > 0 and num_images == 1
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    """{name: milliseconds} of a Server-Timing header ("name;dur=12, other;dur=3.5")."""
+    out = {}
+    for metric in header.split(","):
+        name, *params = (part.strip() for part in metric.split(";"))
+        [duration] = [float(p.split("=", 1)[1]) for p in params if p.startswith("dur=")]
+        out[name] = duration
+    return out
+
+
+def get(server, path: str):
+    scope = {"type": "http", "method": "GET", "path": path, "headers": [], "query_string": b"",
+             "scheme": "http", "server": ("127.0.0.1", 80), "root_path": ""}
+    response = asyncio.run(server(Request(scope)))
+    return response.status_code, json.loads(response.body)
+
+
+def test_an_answer_says_where_its_time_went_and_healthz_keeps_the_means(model):
+    server = make_server(model)
+    response = asyncio.run(server(post(zero_shot())))
+    assert response.status_code == 200
+    timings = json.loads(response.body)["timings"]
+    assert list(timings) == [*PHASES, "total"] and min(timings.values()) >= 0, timings
+    assert sum(timings[phase] for phase in PHASES) <= timings["total"], timings
+    assert timings["denoise"] > 0 and timings["decode"] > 0
+    assert parse_server_timing(response.headers["server-timing"]) == {k: pytest.approx(v * 1000) for k, v in timings.items()}
+    answer(server, zero_shot(seed=1))
+    status, health = get(server, "/healthz")
+    means = health["phase_means_s"]
+    assert status == 200 and means["requests"] == 2 and set(means) == {"requests", *PHASES, "total"}, health
+    assert sum(means[phase] for phase in PHASES) <= means["total"] + 0.001 * len(PHASES)  # each mean rounded to the ms
+    assert health["compile_mode"] == "off" and health["cudagraph_skips"] == 0 and health["cudagraph_skip_reasons"] == []
+
+
+def test_a_failed_request_leaves_the_means_alone(model):
+    server = make_server(model)
+    assert answer(server, {"prompt": "on the beach", "steps": 0})[0] == 400
+    assert get(server, "/healthz")[1]["phase_means_s"] == {"requests": 0}
 
 
 def _closed_port() -> int:
@@ -207,6 +252,7 @@ def test_replace_edits_the_image_and_an_edit_image_is_edited(model):
     assert edited["images"] != plain["images"]
     status, photo = answer(server, {**base, "replace": "dog", "edit_image": _png_b64(EDGES)})
     assert status == 200 and photo["size"] == [32, 32], photo
+    assert edited["timings"]["denoise"] > 0 and sum(edited["timings"][p] for p in PHASES) <= edited["timings"]["total"]
 
 
 @pytest.mark.parametrize("fields, field", [

@@ -1,0 +1,96 @@
+"""Where a generate request's time goes, and whether the compiled UNet replays as CUDA graphs.
+
+Each answered POST /v1/generate carries its phases (`timings` in the JSON, and a standard
+`Server-Timing` header), seconds on time.monotonic, in order:
+
+| phase     | from .. to                                                                                   |
+| --------- | -------------------------------------------------------------------------------------------- |
+| prepare   | arrival .. joining the batch queue: body read, JSON checked, photos decoded, subject resolved |
+| queue     | the batch queue .. its group's start: serve.batch's wait, earlier batches and groups          |
+| condition | its group's subjects made ready (LoRA slots, embeddings) and all its prompts encoded          |
+| denoise   | its group's denoising loop (every chunk of serve.max_batch_images)                            |
+| decode    | its group's VAE decode and conversion to PIL images                                           |
+| encode    | its own images to PNG and base64                                                              |
+| total     | arrival .. answer built; total minus the phases is the event loop's hand-offs                 |
+
+condition, denoise and decode are those of the request's whole group: every request of a group
+waits for all of it. Time outside the replica (Serve's proxy, HTTP, the answer's JSON) is the
+client's latency minus `total` (benchmarks/bench_serve.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+
+import torch
+
+# Keys of a request's timings, in order; the phases add up to at most "total".
+PHASES = ("prepare", "queue", "condition", "denoise", "decode", "encode")
+TOTAL = "total"
+MAX_SKIP_REASONS = 20  # distinct reasons kept: one per compiled graph at most, a handful in practice
+
+
+class PhaseClock:
+    """time.monotonic at a batch's phase boundaries. On CUDA each reading first waits for the
+    device (exactly one torch.cuda.synchronize per boundary): kernels are queued asynchronously,
+    so without it the denoising loop's GPU time would be charged to whichever later phase first
+    waits for the GPU (the decode's copy to the host). It costs only the idle gap at each
+    boundary; nothing is timed or synchronized inside a phase."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._cuda = device.type == "cuda"
+
+    def now(self) -> float:
+        if self._cuda:
+            torch.cuda.synchronize()
+        return time.monotonic()
+
+
+def rounded(timings: Mapping[str, float]) -> dict[str, float]:
+    """`timings` in PHASES order then "total", in seconds to the millisecond: phases rounded
+    down and the total up, so that the rounded phases still add up to at most the total."""
+    out = {name: math.floor(timings[name] * 1000) / 1000 for name in PHASES if name in timings}
+    if TOTAL in timings:
+        out[TOTAL] = math.ceil(timings[TOTAL] * 1000) / 1000
+    return out
+
+
+def server_timing(timings: Mapping[str, float]) -> str:
+    """A Server-Timing header value (W3C Server Timing): `name;dur=MS` per phase, in milliseconds."""
+    return ", ".join(f"{name};dur={seconds * 1000:.0f}" for name, seconds in rounded(timings).items())
+
+
+class CudagraphSkips(logging.Handler):
+    """Why graphs of a reduce-overhead compile run without CUDA graphs (kernel by kernel, each
+    launched again by the CPU at every step). Inductor counts each skip in
+    counters["inductor"]["cudagraph_skips"] and, for a CUDA graph, logs "skipping cudagraphs due
+    to REASON" at WARNING on its `cudagraphs` artifact logger (torch 2.13:
+    _inductor/cudagraph_utils.py log_cudagraph_skip_and_bump_counter). This handler keeps the
+    first MAX_SKIP_REASONS distinct messages; it runs only when a graph is compiled."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.reasons: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()[:500]
+        if message not in self.reasons and len(self.reasons) < MAX_SKIP_REASONS:
+            self.reasons.append(message)
+
+    @classmethod
+    def install(cls) -> CudagraphSkips:
+        from torch._inductor.cudagraph_utils import cudagraphs_log
+
+        handler = cls()
+        cudagraphs_log.addHandler(handler)
+        return handler
+
+
+def cudagraph_skips() -> int:
+    """Graphs Inductor compiled without CUDA graphs in this process (0 when none was)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"].get("cudagraph_skips", 0))
