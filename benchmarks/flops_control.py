@@ -8,10 +8,10 @@ bench_generate.py (`build_real`, and `ControlNetModel.from_unet` as its --contro
     python benchmarks/flops_control.py                 # on the meta device: shapes only, seconds
     python benchmarks/flops_control.py --device cpu    # real float32 tensors, if meta ever fails
 
-Per generation: plain is 50 UNet calls, one VAE decode, the subject encoder (BLIP-2 ViT and
-Q-Former on one photo) and the text encoder (prompt and negative prompt); ControlNet adds 50
-ControlNet steps (`controlnet_residuals`) and one conditioning embedding of the map
-(`embed_control_image`). The FLOP ratio is the floor of the time ratio when the ControlNet runs
+Per generation: plain is 51 UNet calls (50 PNDM steps), one VAE decode, the subject encoder
+(BLIP-2 ViT and Q-Former on one photo) and the text encoder (prompt and negative prompt);
+ControlNet adds 51 ControlNet steps (`controlnet_residuals`) and one conditioning embedding of
+the map (`embed_control_image`). The FLOP ratio is the floor of the time ratio when the ControlNet runs
 at the plain loop's FLOP rate. A roofline of each weight layer (fp16 weights read once a call,
 H100 SXM peaks; activations not counted) shows how much of a batch-2 call is bandwidth-bound.
 Options that cut ControlNet FLOPs are counted too; only the shared prefix keeps outputs exact.
@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import PROMPT, build_real  # noqa: E402
 
 from pipeline.model.control import controlnet_residuals, embed_control_image  # noqa: E402
+from pipeline.model.make_tiny import sd_scheduler  # noqa: E402
 from pipeline.model.prompts import DEFAULT_NEGATIVE_PROMPT  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H100 SXM dense fp16/bf16 tensor-core FLOP/s
@@ -121,8 +122,16 @@ def measure(device: torch.device, dtype: torch.dtype) -> dict:
     }
 
 
+def denoiser_calls(steps: int) -> int:
+    """UNet calls of one generation: PNDM's PLMS runs steps + 1 (its first step twice)."""
+    scheduler = sd_scheduler()
+    scheduler.set_timesteps(steps)
+    return len(scheduler.timesteps)
+
+
 def summarize(c: dict, steps: int) -> dict:
-    """GFLOPs per generation of plain and ControlNet generation, and the options' ratios."""
+    """GFLOPs per generation of plain and ControlNet generation (`steps` UNet calls), and the
+    options' ratios."""
     plain = steps * c["unet"] + c["vae_decode"] + c["encoders"]
     added = steps * c["controlnet_step"] + c["control_embedding"]
     saved = steps * (c["unet_shared_prefix"] + c["controlnet_shared_prefix"]) / 2  # one row of two
@@ -133,9 +142,9 @@ def summarize(c: dict, steps: int) -> dict:
     fixed_s = (c["vae_decode"] + c["encoders"]) / PEAK_FLOPS
     plain_s = steps * c["unet_roofline_s"] + fixed_s
     embedding = c["control_embedding"]
-    ends = {
-        f"control_guidance_end={end}": round(steps * end) * c["controlnet_step"] + embedding for end in (0.8, 0.6, 0.5)
-    }
+    # diffusers' control_guidance_end keeps the steps i with (i + 1) / steps <= end
+    kept = {end: sum((i + 1) / steps <= end for i in range(steps)) for end in (0.8, 0.6, 0.5)}
+    ends = {f"control_guidance_end={end}": n * c["controlnet_step"] + embedding for end, n in kept.items()}
     return {
         "plain_gflops": plain / GIGA, "controlnet_gflops": (plain + added) / GIGA, "flop_ratio": ratio(added),
         "options": {
@@ -185,10 +194,11 @@ def main() -> int:
     args = parser.parse_args()
     device = torch.device(args.device)
     counts = measure(device, torch.float16 if device.type == "meta" else torch.float32)
-    summary = summarize(counts, args.steps)
-    print_table(counts, summary, args.steps)
+    calls = denoiser_calls(args.steps)
+    summary = summarize(counts, calls)
+    print_table(counts, summary, calls)
     if args.out:
-        args.out.write_text(json.dumps({"steps": args.steps, "counts": counts, **summary}, indent=2))
+        args.out.write_text(json.dumps({"steps": args.steps, "calls": calls, "counts": counts, **summary}, indent=2))
     return 0
 
 
