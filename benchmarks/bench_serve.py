@@ -9,7 +9,12 @@ weights, logged once and registered under 100 names in a SQLite MLflow store. 50
 guidance 7.5. Each workload is warmed up first (every subject loaded, with 1-step requests).
 The JSON also holds the replica's torch.compile graph count (/healthz `compiled_graphs`) after
 its start and after each workload: flat with `--compile` when the replica's warm-up covered
-every variant. Runs are written as they end (`"partial": true` until the summary).
+every variant; its count of graphs compiled without CUDA graphs (`cudagraph_skips`, with
+Inductor's reasons) and its resolved `compile_mode`. Each run holds the mean phases of its
+answers (`phases_s`: the answers' `timings`, pipeline/serving/timings.py) and
+`outside_replica_s`, the clients' mean latency minus the replica's mean total (Serve's proxy,
+HTTP, the answer's JSON): where a request's time goes. Runs are written as they end
+(`"partial": true` until the summary).
 
     python benchmarks/bench_serve.py --compile --out bench_serve.json   # the GPU machine
     python benchmarks/bench_serve.py --smoke --out /tmp/bench_serve.json  # CPU, tiny profile
@@ -47,10 +52,24 @@ log = logging.getLogger("bench_serve")
 PROMPT = "on the beach"
 
 
-def compiled_graphs(url: str) -> int:
-    """The replica's count of torch.compile graphs, from /healthz."""
+def replica_state(url: str) -> dict:
+    """The replica's compile state from /healthz: torch.compile graphs, the resolved mode, and
+    the graphs compiled without CUDA graphs with Inductor's reasons."""
     with urllib.request.urlopen(f"{url}/healthz", timeout=30) as answer:
-        return json.loads(answer.read())["compiled_graphs"]
+        health = json.loads(answer.read())
+    return {key: health[key] for key in ("compiled_graphs", "compile_mode", "cudagraph_skips", "cudagraph_skip_reasons")}
+
+
+def compile_record(states: dict[str, dict]) -> dict:
+    """The JSON's compile keys from replica_state after the start and each workload:
+    compiled_graphs and cudagraph_skips at each, the mode and the last skip reasons."""
+    last = list(states.values())[-1]
+    return {
+        "compile_mode": last["compile_mode"],
+        "compiled_graphs": {when: state["compiled_graphs"] for when, state in states.items()},
+        "cudagraph_skips": {when: state["cudagraph_skips"] for when, state in states.items()},
+        "cudagraph_skip_reasons": last["cudagraph_skip_reasons"],
+    }
 
 
 def build_base(folder: Path, smoke: bool) -> str:
@@ -98,17 +117,25 @@ def register_loras(uri: str, base: str, folder: Path, count: int, size: int) -> 
     return names
 
 
-def post(url: str, payload: dict, timeout: float = 600) -> tuple[int, float]:
-    """(HTTP status, seconds) of one POST /v1/generate."""
+def post(url: str, payload: dict, timeout: float = 600) -> tuple[int, float, dict | None]:
+    """(HTTP status, seconds, the answer's phase `timings` or None) of one POST /v1/generate."""
     start = time.perf_counter()
     request = urllib.request.Request(f"{url}/v1/generate", json.dumps(payload).encode(), {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            response.read()
+            body = response.read()
             status = response.status
     except urllib.error.HTTPError as exc:
-        status = exc.code
-    return status, time.perf_counter() - start
+        return exc.code, time.perf_counter() - start, None
+    seconds = time.perf_counter() - start  # the answer's JSON is parsed after the clock stops
+    return status, seconds, json.loads(body).get("timings")
+
+
+def mean_phases(timings: list[dict]) -> dict[str, float]:
+    """Mean seconds of each phase (and the total) over the answers' `timings`."""
+    if not timings:
+        return {}
+    return {name: round(statistics.fmean(t[name] for t in timings), 4) for name in timings[0]}
 
 
 def run_load(url: str, payloads: list[dict], clients: int, per_client: int) -> dict:
@@ -128,12 +155,18 @@ def run_load(url: str, payloads: list[dict], clients: int, per_client: int) -> d
     with ThreadPoolExecutor(clients) as pool:
         results = [r for part in pool.map(client, range(clients)) for r in part]
     wall = time.perf_counter() - start
-    latencies = sorted(s for _, s in results)
-    errors = sum(1 for status, _ in results if status != 200)
+    latencies = sorted(s for _, s, _ in results)
+    errors = sum(1 for status, _, _ in results if status != 200)
+    phases = mean_phases([t for status, _, t in results if status == 200 and t])
+    answered = [s for status, s, t in results if status == 200 and t]
     return {
         "clients": clients, "requests": len(results), "errors": errors, "seconds": round(wall, 3),
         "images_per_s": round((len(results) - errors) / wall, 3),
         "p50_s": round(statistics.median(latencies), 4), "p90_s": round(float(np.percentile(latencies, 90)), 4),
+        "mean_s": round(statistics.fmean(latencies), 4),
+        # The replica's mean phases of these answers, and what the clients waited beyond its total.
+        "phases_s": phases,
+        "outside_replica_s": round(statistics.fmean(answered) - phases["total"], 4) if phases else None,
     }
 
 
@@ -191,7 +224,7 @@ def main() -> int:
             f"{len(names)}-subjects": [{**common, "subject": f"models:/{n}@bench", "seed": i} for i, n in enumerate(names)],
             "zero-shot-3-photos": [{**common, "reference_images": photos, "category": "dog", "seed": i} for i in range(16)],
         }
-        runs, graphs = [], {"after_start": compiled_graphs(url)}
+        runs, states = [], {"after_start": replica_state(url)}
         for workload, payloads in workloads.items():
             for payload in payloads:  # load every subject before timing
                 assert post(url, {**payload, "steps": 1})[0] == 200
@@ -201,8 +234,8 @@ def main() -> int:
                 log.info("%s", result)
                 runs.append(result)
                 # Each run as it ends: a run cut short (a device lease, a crash) keeps the ones before.
-                args.out.write_text(json.dumps({"runs": runs, "compiled_graphs": graphs, "partial": True}, indent=2) + "\n")
-            graphs[f"after_{workload}"] = compiled_graphs(url)
+                args.out.write_text(json.dumps({"runs": runs, **compile_record(states), "partial": True}, indent=2) + "\n")
+            states[f"after_{workload}"] = replica_state(url)
         serve.shutdown()
         ray.shutdown()
 
@@ -217,8 +250,9 @@ def main() -> int:
                      "subjects": len(names), "per_client": args.per_client, "smoke": args.smoke},
         "setup_s": round(setup_s, 1), "serve_start_s": round(start_s, 1),
         # The replica's torch.compile graphs after its warm-up and after each workload: with
-        # serve.compile they stay flat, or requests compiled (the warm-up missed a variant).
-        "compiled_graphs": graphs,
+        # serve.compile they stay flat, or requests compiled (the warm-up missed a variant). Beside
+        # them, graphs left without CUDA graphs (reduce-overhead) and Inductor's reasons.
+        **compile_record(states),
         "runs": runs,
         "summary": {
             f"images_per_s_one_subject_{top}_clients": at("one-subject", top, "images_per_s"),
@@ -227,6 +261,10 @@ def main() -> int:
                                                      / at("one-subject", top, "images_per_s"), 3),
             "zero_shot_p50_vs_registered_1_client": round(at("zero-shot-3-photos", min(clients), "p50_s")
                                                           / at("one-subject", min(clients), "p50_s"), 3),
+            # Where the time of those two targets went (seconds per phase, pipeline/serving/timings.py).
+            "phases_s_one_subject_1_client": at("one-subject", min(clients), "phases_s"),
+            f"phases_s_one_subject_{top}_clients": at("one-subject", top, "phases_s"),
+            "cudagraph_skips": list(states.values())[-1]["cudagraph_skips"],
         },
     }
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -91,7 +91,7 @@ class SubjectServer:
                              cfg.max_lora_rank)
         mode = compile_mode_for(self.device.type, cfg.compile_mode)
         self.compile_mode = (mode or "default") if cfg.compile else "off"  # the resolved mode, for /healthz
-        self.cudagraph_skips = CudagraphSkips.install() if cfg.compile else None  # before any graph is compiled
+        self.skip_log = CudagraphSkips.install() if cfg.compile else None  # before any graph is compiled
         if cfg.compile:  # after the Engine put its LoRA slots in the UNet: they are part of its graph
             model.compile_for_inference(mode=mode)
         self.library = SubjectLibrary(self.uri, cfg.max_subjects, cfg.full_unet_budget_gb * 1e9)
@@ -224,7 +224,7 @@ class SubjectServer:
             "compile_mode": self.compile_mode,
             # Graphs compiled without CUDA graphs (reduce-overhead): each replays kernel by kernel.
             "cudagraph_skips": cudagraph_skips(),
-            "cudagraph_skip_reasons": self.cudagraph_skips.reasons if self.cudagraph_skips is not None else [],
+            "cudagraph_skip_reasons": self.skip_log.reasons if self.skip_log is not None else [],
             # Mean seconds per phase of the requests answered so far (serving/timings.py).
             "phase_means_s": self.metrics.phases.means(),
         }

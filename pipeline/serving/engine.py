@@ -169,6 +169,8 @@ class Engine:
     def _run_group(self, jobs: list[Job]) -> None:
         if all_cancelled(jobs):  # they all left while an earlier group was drawn
             raise BatchCancelled(f"all {len(jobs)} request(s) of the batch were cancelled before it started")
+        # Each reading at a phase boundary synchronizes CUDA once (timings.py PhaseClock), so the
+        # GPU's queued work is charged to the phase that queued it; never on a CPU.
         clock = PhaseClock(self.model.device)
         began = clock.now()
         for job in jobs:

@@ -59,7 +59,7 @@ def make_server(model, tracking_uri="sqlite:///unused.db"):
                            controlnet=serve_controlnet(server.config))
     server.library = SubjectLibrary(tracking_uri, 4, 1e9)
     server.metrics = RecordedMetrics()
-    server.device, server.compile_mode, server.cudagraph_skips = torch.device("cpu"), "off", None
+    server.device, server.compile_mode, server.skip_log = torch.device("cpu"), "off", None
 
     async def generate_batch(job):  # what serve.batch does with a batch of one
         server.engine.run([job])
