@@ -14,6 +14,7 @@ import base64
 import io
 import json
 import socket
+import threading
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from starlette.requests import Request
 
 from pipeline.config import load_config
 from pipeline.model import BlipDiffusion
+from pipeline.serving.api import image_answer
 from pipeline.serving.app import SubjectServer, serve_controlnet
 from pipeline.serving.engine import Engine
 from pipeline.serving.metrics import PhaseMeans
@@ -422,3 +424,24 @@ def test_out_of_memory_before_the_batch_is_a_503_and_the_next_request_is_answere
     status, body = answer(server, zero_shot(seed=1))
     assert status == 200, body
     assert server.metrics.requests == [("invalid", 503), ("zero-shot", 200)]
+
+
+def test_images_are_encoded_off_the_event_loop(model, monkeypatch):
+    """PNG encoding takes tens of ms an image at 512 px; on the event loop it stalls every other
+    request, so it runs on a worker thread."""
+    from pipeline.serving import app
+
+    threads = []
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return image_answer(*args, **kwargs)
+
+    async def call(server):
+        loop_thread = threading.current_thread()
+        response = await server(post(zero_shot()))
+        return loop_thread, response
+
+    monkeypatch.setattr(app, "image_answer", recording)
+    loop_thread, response = asyncio.run(call(make_server(model)))
+    assert response.status_code == 200 and len(threads) == 1 and threads[0] is not loop_thread
