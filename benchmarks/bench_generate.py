@@ -11,6 +11,7 @@ call; times are wall clock with the GPU synchronised, in seconds per image.
     python benchmarks/bench_generate.py --tiny --steps 2 --size 64   # CPU smoke test
     python benchmarks/bench_generate.py --control --out control.json  # ControlNet cost (target <= 1.35x)
     python benchmarks/bench_generate.py --edit --out edit.json  # real-photo edit cost (target <= 2.5x)
+    python benchmarks/bench_generate.py --slots --out slots.json  # what the server's LoRA slots cost
 
 Modes run in order until --budget seconds are spent: eager (fp16, bf16, 4 images per call),
 the SD pipeline eager, then torch.compile of the UNet and VAE decoder with CUDA graphs
@@ -24,6 +25,12 @@ With --edit, the modes are one generation and one real-photo edit (VAE encoding,
 and the attention-controlled two-row generation, pipeline/model/editing.py) of a 512 px photo,
 eager then both compiled the same way (--compile-mode), and `edit_ratio` is edit time over
 generation time per mode.
+With --slots, the modes are compiled generation (CUDA graphs) of 1 and 4 images, then the same
+with the server's LoRA slots in the UNet (`serve.max_lora_adapters` slots of `serve.max_lora_rank`,
+every row on the zero base slot, as a zero-shot request draws), and `slot_ratio` is with over
+without: the price every served image pays for LoRA subjects never recompiling.
+--profile (with --control or --slots) adds a torch.profiler table of each compiled mode's GPU
+kernels for one generation: where a mode's extra time goes.
 """
 
 from __future__ import annotations
@@ -146,6 +153,8 @@ def bench_control(args, model: BlipDiffusion, photo: Image.Image, ours, record, 
         model.compile_for_inference(mode=mode, control=True)
         record("ours compiled, 1 image", ours(1), 1)
         record("ours+controlnet compiled, 1 image", ours(1, control), 1)
+        if args.profile:
+            results["profile"] = {"plain": kernel_profile(ours(1), device), "controlnet": kernel_profile(ours(1, control), device)}
     best = {run["name"]: run["best_s_per_image"] for run in results["runs"] if "error" not in run}
     results["control_ratio"] = {
         mode: round(best[f"ours+controlnet {mode}, 1 image"] / best[f"ours {mode}, 1 image"], 3)
@@ -189,6 +198,67 @@ def bench_edit(args, model: BlipDiffusion, photo: Image.Image, ours, record, res
     return 0
 
 
+def kernel_profile(fn, device: torch.device, top: int = 15) -> dict:
+    """One call of `fn` under torch.profiler: GPU busy seconds against wall seconds (the gap is
+    the GPU waiting for the host) and the `top` kernels by GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()  # warm: nothing compiles or captures inside the profile
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    events = [e for e in prof.key_averages() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    key = "self_device_time_total" if events and hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    busy = sum(getattr(e, key) for e in events) / 1e6
+    return {
+        "wall_s": round(wall, 4),
+        "gpu_busy_s": round(busy, 4),
+        "kernels": [{"name": e.key[:120], "calls": e.count, "gpu_s": round(getattr(e, key) / 1e6, 4)} for e in events[:top]],
+    }
+
+
+def bench_slots(args, model: BlipDiffusion, ours, record, results: dict) -> int:
+    """Compiled generation without, then with, the server's LoRA slots (every row on slot 0)."""
+    from pipeline.config import load_config
+    from pipeline.serving.lora_slots import LoraSlots
+
+    serve = load_config().serve
+    mode = "reduce-overhead" if model.device.type == "cuda" else None
+    model.compile_for_inference(mode=mode)
+    record("ours compiled, 1 image", ours(1), 1)
+    record("ours compiled, 4 images/call", ours(4), 4)
+    if args.profile:
+        results["profile"] = {"plain": kernel_profile(ours(1), model.device)}
+    # Installing the slots swaps the UNet's attention Linears: Dynamo recompiles at the next call.
+    slots = LoraSlots(model.unet, serve.max_lora_adapters, serve.max_lora_rank)
+    results["settings"]["slots"] = {"slots": serve.max_lora_adapters, "rank": serve.max_lora_rank, "layers": len(slots.layers)}
+
+    def with_slots(n: int):
+        def call():
+            with slots.use([0] * 2 * n):  # [uncond; cond] rows, all on the base slot
+                return ours(n)()
+        return call
+
+    record("ours compiled + LoRA slots, 1 image", with_slots(1), 1)
+    record("ours compiled + LoRA slots, 4 images/call", with_slots(4), 4)
+    if args.profile:
+        results["profile"]["slots"] = kernel_profile(with_slots(1), model.device)
+    best = {run["name"]: run["best_s_per_image"] for run in results["runs"] if "error" not in run}
+    results["slot_ratio"] = {
+        n: round(best[f"ours compiled + LoRA slots, {n}"] / best[f"ours compiled, {n}"], 3)
+        for n in ("1 image", "4 images/call")
+        if f"ours compiled + LoRA slots, {n}" in best and f"ours compiled, {n}" in best
+    }
+    args.out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny checkpoint instead of real sizes")
@@ -199,6 +269,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench_generate.json"))
     parser.add_argument("--control", action="store_true", help="time ControlNet generation against plain")
     parser.add_argument("--edit", action="store_true", help="time a real-photo edit (inversion + generation) against one generation")
+    parser.add_argument("--slots", action="store_true", help="time compiled generation without and with the server's LoRA slots")
+    parser.add_argument("--profile", action="store_true", help="--control/--slots: a kernel table of one generation per compiled mode")
     parser.add_argument("--compile-mode", default="default", help="--edit: torch.compile mode of both (default, reduce-overhead, ...)")
     parser.add_argument("--smoke", action="store_true", help="CPU smoke test: the tiny checkpoint, 2 steps, 64 px, 1 repeat")
     args = parser.parse_args()
@@ -263,6 +335,8 @@ def main() -> int:
         return bench_control(args, model, photo, ours, record, results, t0)
     if args.edit:
         return bench_edit(args, model, photo, ours, record, results, t0)
+    if args.slots:
+        return bench_slots(args, model, ours, record, results)
     record("ours eager fp16, 1 image", ours(1), 1)
     record("sd-pipeline eager fp16, 1 image", theirs(1), 1)
     record("ours eager fp16, 4 images/call", ours(4), 4)
