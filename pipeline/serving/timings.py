@@ -82,8 +82,10 @@ class CudagraphSkips(logging.Handler):
 
     @classmethod
     def install(cls) -> CudagraphSkips:
-        from torch._inductor.cudagraph_utils import cudagraphs_log
-
+        try:
+            from torch._inductor.cudagraph_utils import cudagraphs_log
+        except ImportError:  # a private name: a torch that moved it still serves, by the logger's name
+            cudagraphs_log = logging.getLogger("torch._inductor.cudagraph_utils.__cudagraphs")
         handler = cls()
         cudagraphs_log.addHandler(handler)
         return handler
