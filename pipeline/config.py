@@ -399,6 +399,10 @@ class ControlConfig(_Strict):
     kind: ControlKind = Field("none", description=", ".join(CONTROL_KINDS))
     image: Input[str | None] = Field(None, description="photo the map is made from (canny, depth, hed) or the map itself (map)")
     scale: float = Field(1.0, ge=0.0, le=10.0, description="multiplies the ControlNet's residuals; 0 = plain generation")
+    # The guidance window of diffusers' control_guidance_start/end (not in LAVIS): the steps
+    # outside it run the plain UNet, so the last steps can draw detail freely.
+    start: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of the steps done before the ControlNet steers; 0 = from the first")
+    end: float = Field(1.0, gt=0.0, le=1.0, description="fraction of the steps after which it stops steering; 1 = to the last")
     controlnet: Input[str | None] = Field(None, description="ControlNet id or folder; None = the profile's for the kind")
     detector: Input[str | None] = Field(
         None, description="depth: a transformers depth-estimation model (id or folder); hed: a TorchScript HED file"
@@ -412,6 +416,8 @@ class ControlConfig(_Strict):
             raise ValueError(f"generate.control.image is needed with generate.control.kind={self.kind}")
         if self.canny_low > self.canny_high:
             raise ValueError(f"generate.control.canny_low ({self.canny_low}) is above canny_high ({self.canny_high})")
+        if self.start >= self.end:
+            raise ValueError(f"generate.control.start ({self.start}) must be below generate.control.end ({self.end})")
         return self
 
     def controlnet_path(self, profile: str) -> str:

@@ -18,7 +18,7 @@ IDENTITY = """
     data.composite.per_photo data.composite.scale_min data.composite.scale_max data.composite.seed
     data.write.image_format data.write.jpeg_quality generate.steps generate.guidance_scale generate.negative_prompt
     generate.height generate.width generate.seed generate.dtype generate.control.kind generate.control.scale
-    generate.control.canny_low generate.control.canny_high serve.dtype evaluate.images_per_prompt
+    generate.control.start generate.control.end generate.control.canny_low generate.control.canny_high serve.dtype evaluate.images_per_prompt
     evaluate.thumbnail evaluate.control train.method train.workers train.steps train.batch_size train.grad_accum train.lr
     train.weight_decay train.warmup_steps train.max_grad_norm train.resolution train.crop train.composite train.prompt_template
     train.drop_subject_prob train.trainable.qformer train.trainable.projection train.trainable.text_encoder

@@ -43,6 +43,8 @@ FLAGS = {
     "control": "generate.control.kind",
     "control_image": "generate.control.image",
     "control_scale": "generate.control.scale",
+    "control_start": "generate.control.start",
+    "control_end": "generate.control.end",
     "controlnet": "generate.control.controlnet",
     "control_detector": "generate.control.detector",
 }
@@ -104,6 +106,12 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     control.add_argument("--control", help="canny, depth, hed, map or none (config: generate.control.kind)")
     control.add_argument("--control-image", help="photo to take the map from, or the map (config: generate.control.image)")
     control.add_argument("--control-scale", type=float, help="ControlNet strength, 0 = off (config: generate.control.scale)")
+    control.add_argument(
+        "--control-start", type=float, help="fraction of the steps before the ControlNet steers, 0..1 (config: generate.control.start)"
+    )
+    control.add_argument(
+        "--control-end", type=float, help="fraction of the steps after which it stops, 0..1 (config: generate.control.end)"
+    )
     control.add_argument("--controlnet", help="ControlNet id or folder (config: generate.control.controlnet)")
     control.add_argument("--control-detector", help="depth/hed detector model (config: generate.control.detector)")
     add_common(parser)

@@ -420,10 +420,10 @@ class BlipDiffusion(nn.Module):
         made `batch_size` at a time (default: all at once); the result changes only by float
         rounding. `step_callback(i, t, noise, latents)` sees each step's guided noise
         prediction and the latents it produced (per batch). `control` adds a ControlNet's
-        residuals to every UNet call (its map is shared by all images and embedded once; see
-        pipeline/model/control.py). With `subjects` ({name: (1, Q, D)}), the prompts name them
-        in slots instead ("a [dog] next to a [cat]", `encode_slot_prompts`), and the single
-        subject's arguments and the category are not used.
+        residuals to the UNet calls of its window, every one by default (its map is shared by
+        all images and embedded once; see pipeline/model/control.py). With `subjects` ({name:
+        (1, Q, D)}), the prompts name them in slots instead ("a [dog] next to a [cat]",
+        `encode_slot_prompts`), and the single subject's arguments and the category are not used.
 
         Returns N = len(prompts) * num_images images: PIL images, a float32 array
         (N, H, W, 3) in [0, 1] ("np") or a tensor (N, 3, H, W) in [0, 1] ("pt").
@@ -550,16 +550,22 @@ class BlipDiffusion(nn.Module):
         Guidance applies to the last u rows; the first b - u rows (an inverted photo's source row
         in an edit) take the conditional prediction alone, and the UNet skips their
         unconditional pass. A `control` without its map's embedding gets it here, once for all
-        the steps.
+        the steps; it steers the steps of its window (`Control.steers`) and the others call the
+        plain UNet.
         """
         control = None if control is None else control.prepared()
+        count = len(scheduler.timesteps)
+        steered = [False] * count if control is None else control.steers(count)
         embeds = cond if uncond is None else torch.cat([uncond, cond]).to(self.unet.dtype)
         unguided = 0 if uncond is None else latents.shape[0] - uncond.shape[0]
         timesteps = tqdm(scheduler.timesteps, disable=not progress, desc="denoising", leave=False)
         for i, t in enumerate(timesteps):
             model_input = latents if uncond is None else torch.cat([latents[unguided:], latents])
             model_input = scheduler.scale_model_input(model_input, t)
-            noise = self._predict_step_noise(model_input, t, embeds, control)
+            # A step outside the control's window skips the ControlNet and its cost: diffusers runs
+            # it at scale 0 there, whose residuals are exact zeros, so the plain UNet gives the
+            # same noise (and the two calls are the two graphs `compile_for_inference` makes).
+            noise = self._predict_step_noise(model_input, t, embeds, control if steered[i] else None)
             if uncond is None:
                 # A CUDA-graph-compiled UNet reuses its output buffer; PNDM keeps past outputs.
                 noise = noise.clone()

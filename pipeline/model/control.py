@@ -3,8 +3,8 @@
 A control map is an RGB image the size of the output whose structure the generated image
 follows: Canny edges of a photo, its depth, its HED soft edges, or a map given as is. A
 ControlNet (diffusers' `ControlNetModel`, a trainable copy of the UNet's encoder) turns the map
-into residuals that are added to the UNet's skip connections at every denoising step, as in
-LAVIS `BlipDiffusion._predict_noise` and diffusers' `BlipDiffusionControlNetPipeline`.
+into residuals that are added to the UNet's skip connections at every denoising step of its
+window (`Control.start`/`end`, every step by default), as in LAVIS `BlipDiffusion._predict_noise` and diffusers' `BlipDiffusionControlNetPipeline`.
 
 The ControlNet runs in two parts. Its conditioning embedding of the map (small-channel convs at
 the full image size) is the same at every step, so a generation computes it once
@@ -59,6 +59,10 @@ class Control:
     controlnet: the loaded ControlNet (same device and dtype as the UNet);
     image: (1, 3, H, W) float in [0, 1], the map at the output size (`prepare_control_image`);
     scale: multiplies every residual; 0 leaves the UNet's output unchanged;
+    start, end: the guidance window, fractions of the denoising steps (0 <= start < end <= 1,
+    diffusers' control_guidance_start/end; not in LAVIS): the ControlNet steers only the steps
+    `steered_steps` keeps, so that with end < 1 the last steps draw detail freely. The defaults
+    steer every step;
     embedding: the ControlNet's embedding of `image`, (1, C0, H/8, W/8) in its dtype, on its
     device, set by `prepared` (None until then).
     """
@@ -67,6 +71,19 @@ class Control:
     image: torch.Tensor
     scale: float = 1.0
     embedding: torch.Tensor | None = field(default=None, repr=False)
+    start: float = 0.0
+    end: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.start < self.end <= 1.0:  # also False for NaN
+            raise ControlError(
+                f"the control window needs 0 <= start < end <= 1, got start={self.start} and end={self.end}"
+            )
+
+    def steers(self, num_steps: int) -> list[bool]:
+        """For each of `num_steps` denoising steps, whether the ControlNet runs in it
+        (`steered_steps` of this control's window)."""
+        return steered_steps(num_steps, self.start, self.end)
 
     def prepared(self) -> Control:
         """This control with its embedding computed (itself when it has one): once per
@@ -76,6 +93,14 @@ class Control:
             return self
         check_controlnet_config(self.controlnet)
         return replace(self, embedding=embed_control_image(self.controlnet, self.image))
+
+
+def steered_steps(num_steps: int, start: float = 0.0, end: float = 1.0) -> list[bool]:
+    """Which of `num_steps` denoising steps (scheduler timesteps, PNDM's repeated first one
+    included) a ControlNet with the window start..end steers: diffusers' `controlnet_keep` of
+    StableDiffusionControlNetPipeline, keep = 1 unless i / n < start or (i + 1) / n > end, the
+    same expression so that a window keeps exactly diffusers' steps (end=0.5 of 10 keeps 0..4)."""
+    return [not (i / num_steps < start or (i + 1) / num_steps > end) for i in range(num_steps)]
 
 
 def check_controlnet_config(controlnet: Any) -> None:
@@ -295,7 +320,7 @@ def build_control(
     )
     image = prepare_control_image(control_map, processor, height, width)
     model = load_controlnet(controlnet, dtype=dtype, device=device, local_files_only=local_files_only)
-    return Control(model, image, settings.scale)
+    return Control(model, image, settings.scale, start=settings.start, end=settings.end)
 
 
 def _to_map(values: torch.Tensor, normalize: bool = True) -> np.ndarray:
@@ -324,4 +349,5 @@ __all__ = [
     "make_control_map",
     "prepare_control_image",
     "read_control_image",
+    "steered_steps",
 ]

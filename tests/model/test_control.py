@@ -261,3 +261,161 @@ def test_a_step_that_reuses_its_output_buffer_gives_the_same_images(tiny, monkey
     expected = model.generate("on the grass", control=control, **kwargs)
     monkeypatch.setattr(model, "_controlled_noise", replayed)
     assert torch.equal(model.generate("on the grass", control=control, **kwargs), expected)
+
+
+def _diffusers_keep(num_steps: int, start: float, end: float) -> list[float]:
+    """diffusers' StableDiffusionControlNetPipeline.__call__, "7.2 Create tensor stating which
+    controlnets to keep" (0.42.1), for one ControlNet, as written there."""
+    return [1.0 - float(i / num_steps < start or (i + 1) / num_steps > end) for i in range(num_steps)]
+
+
+@pytest.mark.parametrize("steps", [1, 3, 5, 10, 50, 51])
+@pytest.mark.parametrize("window", [(0.0, 1.0), (0.0, 0.5), (0.2, 0.8), (0.5, 1.0), (0.0, 0.6), (0.3, 0.7), (0.0, 0.1)])
+def test_the_window_steers_the_steps_diffusers_keeps(steps, window):
+    from pipeline.model.control import steered_steps
+
+    assert [float(kept) for kept in steered_steps(steps, *window)] == _diffusers_keep(steps, *window)
+
+
+def test_the_window_by_example():
+    from pipeline.model.control import steered_steps
+
+    assert steered_steps(10, 0.0, 0.5) == [True] * 5 + [False] * 5
+    assert steered_steps(10, 0.2, 0.8) == [False] * 2 + [True] * 6 + [False] * 2
+    assert steered_steps(4) == [True] * 4
+
+
+def _windowed(tiny, start: float = 0.0, end: float = 1.0, scale: float = 1.0):
+    from pipeline.model.control import Control
+
+    image = prepare_control_image(make_control_map("canny", _shapes(), SIZE, SIZE), tiny[0].image_processor, SIZE, SIZE)
+    return Control(tiny[1], image, scale, start=start, end=end)
+
+
+# Four steps of PNDM are five UNet calls (its first step twice): the window counts calls, as
+# diffusers' len(timesteps) does, so end=0.6 keeps 3 of 5 (2 of 4 if it counted steps).
+WINDOW_KWARGS = {"subject_embeds": torch.zeros(1, 16, 32), "category": "dog", "steps": 4,
+                 "height": SIZE, "width": SIZE, "seed": 5, "output_type": "pt", "progress": False}
+
+
+def _count_controlnet_calls(monkeypatch, scales: list[float] | None = None) -> list[torch.Tensor]:
+    """Wrap the loop's ControlNet step: the timesteps it runs at are recorded; with `scales`,
+    call k runs at scales[k] instead of the control's scale."""
+    import pipeline.model.blip_diffusion as blip_diffusion
+
+    calls: list[torch.Tensor] = []
+    original = blip_diffusion.controlnet_residuals
+
+    def counted(controlnet, latents, timestep, embeds, embedding, scale):
+        if scales is not None:
+            scale = scales[len(calls)]
+        calls.append(timestep)
+        return original(controlnet, latents, timestep, embeds, embedding, scale)
+
+    monkeypatch.setattr(blip_diffusion, "controlnet_residuals", counted)
+    return calls
+
+
+@pytest.mark.parametrize("guidance", [1.0, 7.5])
+def test_the_default_window_runs_the_controlnet_every_step(tiny, monkeypatch, guidance):
+    calls = _count_controlnet_calls(monkeypatch)
+    kwargs = {**WINDOW_KWARGS, "guidance_scale": guidance}
+    steered = tiny[0].generate("on the grass", control=_windowed(tiny), **kwargs)
+    assert len(calls) == 5
+    assert torch.equal(tiny[0].generate("on the grass", control=_windowed(tiny, 0.0, 1.0), **kwargs), steered)
+
+
+@pytest.mark.parametrize("window", [(0.0, 0.6), (0.2, 0.7)])
+def test_a_window_equals_scale_zero_outside_it_and_skips_the_controlnet_there(tiny, monkeypatch, window):
+    """Outside its window the loop calls the plain UNet: the same noise as the ControlNet at
+    scale 0 (diffusers' way), without the ControlNet's cost."""
+    from pipeline.model.control import steered_steps
+    from pipeline.model.schedulers import fresh_scheduler
+
+    model = tiny[0]
+    keep = steered_steps(5, *window)
+    scheduler = fresh_scheduler(model.scheduler)
+    scheduler.set_timesteps(4)
+    calls = _count_controlnet_calls(monkeypatch)
+    windowed = model.generate("on the grass", control=_windowed(tiny, *window), **WINDOW_KWARGS)
+    assert [int(t) for t in calls] == [int(t) for t, kept in zip(scheduler.timesteps, keep, strict=True) if kept]
+    assert 0 < len(calls) < 5
+    monkeypatch.undo()
+    _count_controlnet_calls(monkeypatch, scales=[1.0 if kept else 0.0 for kept in keep])
+    zeroed = model.generate("on the grass", control=_windowed(tiny), **WINDOW_KWARGS)
+    assert torch.equal(windowed, zeroed)
+    monkeypatch.undo()
+    full = model.generate("on the grass", control=_windowed(tiny), **WINDOW_KWARGS)
+    plain = model.generate("on the grass", **WINDOW_KWARGS)
+    assert not torch.equal(windowed, full) and not torch.equal(windowed, plain)
+
+
+def test_a_window_that_keeps_no_step_is_plain_generation(tiny, monkeypatch):
+    calls = _count_controlnet_calls(monkeypatch)
+    windowed = tiny[0].generate("on the grass", control=_windowed(tiny, 0.0, 0.1), **WINDOW_KWARGS)
+    assert not calls
+    assert torch.equal(windowed, tiny[0].generate("on the grass", **WINDOW_KWARGS))
+
+
+@pytest.mark.parametrize("window", [(0.5, 0.5), (0.7, 0.3), (-0.1, 1.0), (0.0, 1.5), (float("nan"), 1.0)])
+def test_a_bad_window_is_a_control_error(window):
+    with pytest.raises(ControlError, match=r"0 <= start < end <= 1"):
+        from pipeline.model.control import Control
+
+        Control(None, torch.zeros(1, 3, SIZE, SIZE), 1.0, start=window[0], end=window[1])
+
+
+@pytest.mark.parametrize("flags, key", [
+    (["--control-start", "0.6", "--control-end", "0.3"], "generate.control.start (0.6) must be below generate.control.end (0.3)"),
+    (["--control-start", "0.5", "--control-end", "0.5"], "generate.control.start (0.5) must be below"),
+    (["--control-end", "1.5"], "generate.control.end"),
+    (["--control-end", "0"], "generate.control.end"),
+    (["--control-start", "-0.1"], "generate.control.start"),
+    (["--control-start", "nan"], "generate.control.start"),
+])
+def test_a_bad_window_exits_2_naming_it(tmp_path, capsys, photo, flags, key):
+    args = [*BASE, "--subject-image", str(photo), "--out", str(tmp_path / "o"), "--control", "canny", "--control-image", str(photo)]
+    assert main([*args, *flags]) == 2
+    err = capsys.readouterr().err
+    assert key in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_window_that_is_not_a_number_exits_2(tmp_path, capsys, photo):
+    args = [*BASE, "--subject-image", str(photo), "--out", str(tmp_path / "o"), "--control", "canny", "--control-image", str(photo)]
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--control-start", "late"])
+    assert info.value.code == 2 and "--control-start: invalid float value: 'late'" in capsys.readouterr().err
+
+
+def test_the_cli_window_reaches_the_loop(tmp_path, photo, monkeypatch):
+    """`--control-end` is the Control's end: with 2 steps (3 UNet calls) 0.3 keeps none of them,
+    which draws what plain generate draws."""
+    calls = _count_controlnet_calls(monkeypatch)
+    args = [*BASE, "--subject-image", str(photo)]
+    control = ["--control", "canny", "--control-image", str(photo)]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*args, *control, "--control-end", "0.3", "--out", str(tmp_path / "none")]) == 0
+    assert not calls
+    np.testing.assert_array_equal(_images(tmp_path / "none"), _images(tmp_path / "plain"))
+    assert main([*args, *control, "--control-start", "0.3", "--out", str(tmp_path / "late")]) == 0
+    assert len(calls) == 2  # 1/3 < 0.3 is false: calls 1 and 2
+    assert "start: 0.3" in (tmp_path / "late" / "generate.yaml").read_text()
+
+
+def test_a_compiled_model_runs_both_graphs_in_one_window(tiny):
+    """compile_for_inference(control=True): a window alternates the compiled ControlNet+UNet
+    step and the compiled plain UNet in one loop, and draws what the eager model draws."""
+    from pipeline.config import PROFILE_MODELS
+    from pipeline.model import BlipDiffusion
+
+    model = BlipDiffusion.from_pretrained(PROFILE_MODELS["tiny"]["blip_diffusion"])
+    control = _windowed(tiny, 0.2, 0.7)
+    eager = model.generate("on the grass", control=control, **WINDOW_KWARGS)
+    torch._dynamo.reset()
+    try:
+        model.compile_for_inference(control=True, backend="eager")
+        compiled = model.generate("on the grass", control=control, **WINDOW_KWARGS)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
