@@ -469,7 +469,7 @@ def subject_signature() -> Any:
     server's JSON carries them). Input: one row per prompt, fields as in
     pipeline/serving/requests.py (`prompt`; optional `negative_prompt`, `num_images`, `seed`,
     `guidance_scale`, `steps`, `height`, `width`; a structure control `control_image`, `control`,
-    `control_scale` as in pipeline/serving/controls.py; an edit `replace`, `edit_image` as in
+    `control_scale`, `control_start`, `control_end` as in pipeline/serving/controls.py; an edit `replace`, `edit_image` as in
     pipeline/serving/edits.py; a subject `mix` as in pipeline/serving/rows.py). The input has no MLflow schema on purpose:
     MLflow would cast 1.5 or true to a seed of 1 and drop unknown columns before `predict`
     saw them; `predict` checks the rows itself."""
@@ -607,7 +607,7 @@ def _make_subject_pyfunc() -> type:
                 self._controlnet = load_controlnet(self.controlnet_path, dtype=model.dtype, device=model.device, local_files_only=False)
             size = self.subject.spec.resolution
             image = control_tensor(control, model.image_processor, request.height or size, request.width or size)
-            return Control(self._controlnet, image, control.scale)
+            return Control(self._controlnet, image, control.scale, start=control.start, end=control.end)
 
     SubjectPyfunc.__module__ = __name__
     return SubjectPyfunc

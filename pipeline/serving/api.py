@@ -4,7 +4,7 @@ POST /v1/generate takes a JSON object: the fields of pipeline/serving/requests.p
 `negative_prompt`, `num_images`, `seed`, `guidance_scale`, `steps`, `height`, `width`) plus a
 subject: `subject` (a registered one) or `reference_images` (1..6 base64 photos) with
 `category` (zero-shot), or `mix`, a weighted list of such subjects mixed into one, and optionally a structure control (`control_image`, `control`,
-`control_scale`: pipeline/serving/controls.py) or an edit (`replace`, `edit_image`:
+`control_scale`, `control_start`, `control_end`: pipeline/serving/controls.py) or an edit (`replace`, `edit_image`:
 pipeline/serving/edits.py). Every field is checked here, before anything reaches the model, and
 each violation is an ApiError with its HTTP status and the field it names; a prompt that names
 its subjects in [slots] is matched to them once they are resolved (pipeline/serving/slots.py).

@@ -264,7 +264,7 @@ class Engine:
         if self._controlnet is None:
             self._controlnet = load_controlnet(self.controlnet_path, dtype=model.dtype, device=model.device, local_files_only=False)
         image = control_tensor(job.control, model.image_processor, job.height, job.width)
-        return Control(self._controlnet, image, job.control.scale)
+        return Control(self._controlnet, image, job.control.scale, start=job.control.start, end=job.control.end)
 
     def _condition(self, model: BlipDiffusion, job: Job) -> torch.Tensor:
         """Text-encoder states (n, 77, D) of one job's prompt with its subject, n = num_images."""

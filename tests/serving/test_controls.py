@@ -43,6 +43,30 @@ def test_rows_split_into_requests_and_controls():
         validate_rows([{**ROW, "control": "canny"}], ServeLimits(), DecodeConfig())
 
 
+@pytest.mark.parametrize("window, match", [
+    ({"control_start": 0.6, "control_end": 0.3}, r"control_start: the window needs control_start < control_end, got 0.6 and 0.3 \(row 0\)"),
+    ({"control_start": 0.5, "control_end": 0.5}, r"control_start: the window needs .* got 0.5 and 0.5"),
+    ({"control_end": 0.0}, r"control_end: the window needs control_start < control_end, got 0 and 0"),
+    ({"control_end": 1.5}, r"control_end: must be a number 0..1 \(a fraction of the steps\), got 1.5"),
+    ({"control_start": -0.1}, r"control_start: must be a number 0..1"),
+    ({"control_start": float("inf")}, r"control_start: must be a number 0..1"),
+    ({"control_start": True}, r"control_start: must be a number 0..1"),
+    ({"control_end": "0.5"}, r"control_end: must be a number 0..1"),
+])
+def test_a_bad_control_window_names_its_field(window, match):
+    with pytest.raises(RequestError, match=match):
+        validate_rows([{**ROW, "control_image": _png_b64(EDGES), **window}], ServeLimits(), DecodeConfig())
+
+
+def test_a_control_window_is_read_and_defaults_to_every_step():
+    rows = [{**ROW, "control_image": _png_b64(EDGES)}, {**ROW, "control_image": _png_b64(EDGES), "control_start": 0.25},
+            {**ROW, "control_image": _png_b64(EDGES), "control_start": 0, "control_end": 0.5}]
+    windows = [(row.control.start, row.control.end) for row in validate_rows(rows, ServeLimits(), DecodeConfig())]
+    assert windows == [(0.0, 1.0), (0.25, 1.0), (0.0, 0.5)]
+    with pytest.raises(RequestError, match="control_end: goes with control_image"):
+        validate_rows([{**ROW, "control_end": 0.5}], ServeLimits(), DecodeConfig())
+
+
 @pytest.fixture(scope="module")
 def pyfunc(tmp_path_factory):
     folder = make_subject(tmp_path_factory.mktemp("pyfunc") / "rex", "textual-inversion", 5)
@@ -57,6 +81,15 @@ def test_the_pyfunc_draws_rows_with_a_control_image(pyfunc):
                           {**ROW, "control_image": _png_b64(EDGES), "control": "map", "control_scale": 0.0}])
     images = pyfunc.predict(None, frame)["image"].tolist()
     assert len(images) == 3 and images[1] != images[0] and images[2] == images[0]
+
+
+def test_the_pyfunc_steers_the_steps_of_a_rows_window(pyfunc):
+    """2 steps are 3 UNet calls: control_end 0.3 keeps none of them (the plain image), 0.6 the
+    first one (an image of its own). Rows without the columns steer every step."""
+    steered = {**ROW, "control_image": _png_b64(EDGES)}
+    frame = pd.DataFrame([ROW, steered, {**steered, "control_end": 0.3}, {**steered, "control_end": 0.6}])
+    plain, full, none, first = pyfunc.predict(None, frame)["image"].tolist()
+    assert none == plain and first not in (plain, full) and full != plain
 
 
 def test_the_pyfunc_refuses_a_bad_control_column(pyfunc):

@@ -195,11 +195,23 @@ def test_a_control_image_steers_the_request_and_scale_zero_changes_nothing(model
     status, unsteered = answer(server, {**zero_shot(seed=2), "control_image": _png_b64(EDGES), "control": "map", "control_scale": 0})
     assert status == 200, unsteered
     assert unsteered["images"] == plain["images"] and steered["images"] != plain["images"]
+    # A window: 2 steps are 3 UNet calls; control_end 0.3 keeps none, control_start 0.3 the last two.
+    status, unwindowed = answer(server, {**zero_shot(seed=2), "control_image": _png_b64(EDGES), "control_end": 0.3})
+    assert status == 200, unwindowed
+    status, late = answer(server, {**zero_shot(seed=2), "control_image": _png_b64(EDGES), "control_start": 0.3})
+    assert status == 200, late
+    assert unwindowed["images"] == plain["images"] and late["images"] not in (plain["images"], steered["images"])
 
 
 @pytest.mark.parametrize("fields, field", [
     ({"control": "canny"}, "control"),
     ({"control_scale": 0.5}, "control_scale"),
+    ({"control_end": 0.5}, "control_end"),
+    ({"control_image": _png_b64(EDGES), "control_start": 0.8, "control_end": 0.2}, "control_start"),
+    ({"control_image": _png_b64(EDGES), "control_end": 0}, "control_end"),
+    ({"control_image": _png_b64(EDGES), "control_start": 1}, "control_start"),
+    ({"control_image": _png_b64(EDGES), "control_end": 1.5}, "control_end"),
+    ({"control_image": _png_b64(EDGES), "control_start": "late"}, "control_start"),
     ({"control_image": _png_b64(EDGES), "control": "depth"}, "control"),
     ({"control_image": _png_b64(EDGES), "control_scale": 5}, "control_scale"),
     ({"control_image": _png_b64(EDGES), "control_scale": "strong"}, "control_scale"),
@@ -372,6 +384,7 @@ _NO_SUBJECT = {k: v for k, v in zero_shot().items() if k not in ("reference_imag
     # Whole numbers past float's range: math.isfinite(10**400) raises OverflowError.
     pytest.param(_hostile(guidance_scale=10**400), "guidance_scale", id="guidance-10**400"),
     pytest.param(_hostile(control_image=_png_b64(EDGES), control_scale=10**400), "control_scale", id="control-scale-10**400"),
+    pytest.param(_hostile(control_image=_png_b64(EDGES), control_end=10**400), "control_end", id="control-end-10**400"),
     pytest.param({**_NO_SUBJECT, "mix": [{**_PART, "weight": 10**400}]}, "mix[0].weight", id="mix-weight-10**400"),
     pytest.param(_hostile(reference_images=[_49MP] * 4), "reference_images[3]", id="4x49MP-photos"),
     pytest.param({**_NO_SUBJECT, "mix": [{**_PART, "reference_images": [_49MP]}] * 4}, "mix[3].reference_images[0]", id="mix-4x49MP"),
