@@ -19,7 +19,7 @@ import ray
 from ray.data import ActorPoolStrategy, DataContext
 from tqdm.auto import tqdm
 
-from pipeline.config import PROFILE_CONTROLNETS, Config, EvaluateConfig
+from pipeline.config import PROFILE_CONTROLNETS, Config, ControlConfig, EvaluateConfig
 from pipeline.evaluation.benchmark import ImageTask
 from pipeline.evaluation.workers import (
     CATEGORY,
@@ -99,10 +99,15 @@ def generation_settings(config: Config) -> dict[str, Any]:
 
 
 def control_settings(config: Config) -> dict[str, Any]:
-    """The ControlNet of `evaluate.control`: the canny one of generate.control, and its settings."""
+    """The ControlNet of `evaluate.control`: the canny one of generate.control, and its settings.
+    `window` holds the bounds of generate.control.start/end that are not their defaults (Control's
+    keyword arguments), and is left out for the default window, so that a folder fingerprinted
+    before the window existed still matches its settings."""
     ctl = config.generate.control
     controlnet = ctl.controlnet if ctl.controlnet is not None else PROFILE_CONTROLNETS[config.profile]["canny"]
-    return {"controlnet": absolute_if_local(controlnet), "scale": ctl.scale, "canny_low": ctl.canny_low, "canny_high": ctl.canny_high}
+    settings = {"controlnet": absolute_if_local(controlnet), "scale": ctl.scale, "canny_low": ctl.canny_low, "canny_high": ctl.canny_high}
+    window = {key: getattr(ctl, key) for key in ("start", "end") if getattr(ctl, key) != ControlConfig.model_fields[key].default}
+    return {**settings, "window": window} if window else settings
 
 
 def generate_images(

@@ -174,9 +174,10 @@ class ImageGenerator:
             edges = make_control_map("canny", load_rgb(photos[k % len(photos)]), shared["height"], shared["width"],
                                      canny_low=control["canny_low"], canny_high=control["canny_high"])
             image = prepare_control_image(edges, self.model.image_processor, shared["height"], shared["width"])
+            steer = Control(self.controlnet, image, control["scale"], **control.get("window", {}))
             images += self.model.generate(
                 tail, subject_embeds=self._subject(subject_id, category), target_category=head, num_images=1,
-                seed=settings["seed"] + k, progress=False, control=Control(self.controlnet, image, control["scale"]), **shared,
+                seed=settings["seed"] + k, progress=False, control=steer, **shared,
             )
         return images
 

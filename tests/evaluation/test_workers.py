@@ -83,3 +83,34 @@ def test_generator_draws_a_fine_tuned_subject(tmp_path):
     assert torch.equal(ImageGenerator(tiny, str(tmp_path), {}, settings, subject_folder=str(tmp_path / "ti"))._subjects["dog"], embeds)
     expected = generate_from_text(generator.model, ["a red sks dog"], steps=1, negative_prompt="blurry", height=64, width=64, seed=3 + 2)[0]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out-db/2.png")), np.asarray(expected))
+
+
+def test_controlled_images_follow_the_window_of_generate_control(tmp_path):
+    """evaluate.control steers with generate.control's window: 2 steps are 3 UNet calls, and
+    end 0.3 keeps none of them (the image scale 0 draws), start 0.3 the last two (another)."""
+    from pipeline.config import PROFILE_CONTROLNETS, load_config
+    from pipeline.evaluation.plan import control_settings
+    from pipeline.evaluation.workers import ImageGenerator
+
+    assert "window" not in control_settings(load_config(None, ["profile=tiny"]))  # old fingerprints still match
+    settings = control_settings(load_config(None, ["profile=tiny", "generate.control.end=0.3"]))
+    assert settings["window"] == {"end": 0.3}
+    tiny = PROFILE_MODELS["tiny"]["blip_diffusion"]
+    shared = {"steps": 2, "guidance_scale": 7.5, "negative_prompt": "blurry", "height": 64, "width": 64, "seed": 3,
+              "dtype": "float32", "batch_size": None}
+    base = {"controlnet": PROFILE_CONTROLNETS["tiny"]["canny"], "scale": 1.0, "canny_low": 100, "canny_high": 200}
+    batch = {
+        "subject_id": np.array(["dog"], dtype=object),
+        "category": np.array(["dog"], dtype=object),
+        "prompt": np.array(["a red dog"], dtype=object),
+        "template": np.array(["a red {class}"], dtype=object),
+        "indices": np.array([np.array([0])], dtype=object),
+    }
+    images = {}
+    for name, control in {"zero": {**base, "scale": 0.0}, "none": settings | base, "late": {**base, "window": {"start": 0.3}},
+                          "full": base}.items():
+        generator = ImageGenerator(tiny, str(tmp_path), {"dog": DOG_PHOTOS[:1]}, {**shared, "control": control})
+        generator({**batch, "paths": np.array([np.array([f"{name}.png"])], dtype=object)})
+        images[name] = np.asarray(Image.open(tmp_path / f"{name}.png"))
+    assert np.array_equal(images["none"], images["zero"])
+    assert not np.array_equal(images["late"], images["zero"]) and not np.array_equal(images["late"], images["full"])
