@@ -133,7 +133,8 @@ class Engine:
         self._controlnet: Any = None
         self.max_batch_images = max_batch_images
         self._embeds = LruBudget(max_subjects)  # subject key -> (1, Q, D) on the device
-        self._lora = LoraSlots(model.unet, max_lora_adapters, max_lora_rank)
+        # Rows of one UNet call: a chunk of max_batch_images with guidance doubled; an edit draws up to 4.
+        self._lora = LoraSlots(model.unet, max_lora_adapters, max_lora_rank, rows=2 * max(max_batch_images, 2))
         self._adapters = LruBudget(max_lora_adapters, on_evict=self._free_slot)  # subject key -> its slot (1..max_lora_adapters)
         self._full_view: BlipDiffusion | None = None  # the base's parts with a spare UNet
         self._full_key: str | None = None  # the subject whose weights the spare UNet holds

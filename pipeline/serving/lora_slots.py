@@ -5,7 +5,7 @@ Each UNet Linear named by pipeline.model.subject.LORA_TARGETS becomes a LoraSlot
 weight and bias, plus buffers A (S+1, r_max, in), B (S+1, out, r_max) and scale (S+1,) in the
 model's dtype and device. Row i of a UNet call adds its slot's update,
 
-    y_i = x_i W^T + b + scale[k_i] * (x_i A[k_i]^T) B[k_i]^T,    k_i = index[i],
+    y_i = x_i W^T + b + scale[k_i] * (x_i A[k_i]^T) B[k_i]^T,    k_i = the slot of row i,
 
 peft's LoraLayer forward (`result + lora_B(lora_A(x)) * scaling`, dropout off in inference)
 with each row's adapter. Slot 0 stays zero: rows without a subject add exactly 0.0, so they
@@ -15,8 +15,14 @@ zeros after them add nothing.
 Why not peft's named adapters: torch.compile guards on the active adapter's name and on the
 per-row name lists, so every switch, new adapter and batch composition recompiled the whole
 UNet (minutes with max-autotune, then eager after Dynamo's recompile limit). Here loading a
-subject copies its weights into a slot in place, and the slot of each row is a tensor that the
-layers read from one shared RowSlots: the graph sees the same shapes whatever is drawn.
+subject copies its weights into a slot in place, and `LoraSlots.use` copies each row's slot
+(its A, and its B times its scale) into fixed per-row buffers before a batch's UNet calls: the
+graph sees the same buffers whatever is drawn.
+
+Why per-row buffers filled once a batch: gathering each row's A and B inside the UNet call cost
+two extra kernels per layer per step (128 layers, 51 calls an image); filled by `use`, they are
+gathered once a batch, and each layer adds only a bmm and a baddbmm (the update and the add in
+one cuBLAS call) to its Linear.
 
 No Ray, HTTP or MLflow; the engine (engine.py) picks the slots and sets the rows.
 """
@@ -41,22 +47,13 @@ class LoraUnfit(ValueError):
     have, or a shape its layer does not take."""
 
 
-class RowSlots:
-    """The slot of each row of the next UNet calls, read by every LoraSlotLinear: a LongTensor
-    (R,) on the model's device, R = the UNet's batch size, or 1 for every row alike. A plain
-    object holding a tensor: torch.compile guards on its shape, never its values."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.base = torch.full((1,), BASE_SLOT, dtype=torch.long, device=device)  # every row draws the base
-        self.index = self.base
-
-
 class LoraSlotLinear(nn.Linear):
-    """A Linear with `slots` + 1 LoRA slots of rank `rank` (see the module docstring). It holds
-    the base Linear's own weight and bias Parameters, so the UNet's state dict is unchanged;
-    the slot buffers are not persistent."""
+    """A Linear with `slots` + 1 LoRA slots of rank `rank` and `rows` per-row buffers (see the
+    module docstring). It holds the base Linear's own weight and bias Parameters, so the UNet's
+    state dict is unchanged; the slot and row buffers are not persistent. Rows without a slot
+    (outside `LoraSlots.use`) hold zeros and add exactly 0.0."""
 
-    def __init__(self, base: nn.Linear, rows: RowSlots, slots: int, rank: int) -> None:
+    def __init__(self, base: nn.Linear, slots: int, rank: int, rows: int) -> None:
         with torch.device("meta"):  # no second copy of the weight: the base's Parameters are taken below
             super().__init__(base.in_features, base.out_features, bias=base.bias is not None)
         self.weight, self.bias = base.weight, base.bias
@@ -64,16 +61,25 @@ class LoraSlotLinear(nn.Linear):
         self.register_buffer("slot_A", torch.zeros(slots + 1, rank, base.in_features, **like), persistent=False)
         self.register_buffer("slot_B", torch.zeros(slots + 1, base.out_features, rank, **like), persistent=False)
         self.register_buffer("slot_scale", torch.zeros(slots + 1, **like), persistent=False)
-        self.rows = rows
+        self.register_buffer("row_A", torch.zeros(rows, rank, base.in_features, **like), persistent=False)
+        self.register_buffer("row_B", torch.zeros(rows, base.out_features, rank, **like), persistent=False)  # scale included
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, ..., in) -> (N, ..., out); row i with the slot rows.index[i] (or index[0])."""
+        """x (N, ..., in) -> (N, ..., out); row i adds the update of the slot in row_A[i], row_B[i]."""
         out = super().forward(x)
-        index = self.rows.index  # (R,), R = N or 1 (broadcast)
-        flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (N, L, in)
-        down = flat @ self.slot_A[index].transpose(1, 2)  # (N, L, r_max)
-        up = down @ self.slot_B[index].transpose(1, 2)  # (N, L, out)
-        return out + (up * self.slot_scale[index].view(-1, 1, 1)).view(out.shape)
+        n = x.shape[0]
+        if n > self.row_A.shape[0]:
+            raise RuntimeError(f"a UNet call of {n} rows; the LoRA slots hold {self.row_A.shape[0]} (serve.max_batch_images)")
+        down = torch.bmm(x.reshape(n, -1, x.shape[-1]), self.row_A[:n].transpose(1, 2))  # (N, L, r_max)
+        return torch.baddbmm(out.reshape(n, -1, out.shape[-1]), down, self.row_B[:n].transpose(1, 2)).view(out.shape)
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Rows 0..len(index)-1 take the slots `index` (LongTensor on the device), the rest zeros."""
+        n = index.shape[0]
+        self.row_A[:n].copy_(self.slot_A[index])
+        self.row_B[:n].copy_(self.slot_B[index] * self.slot_scale[index].view(-1, 1, 1))
+        self.row_A[n:].zero_()
+        self.row_B[n:].zero_()
 
 
 class LoraSlots:
@@ -81,23 +87,23 @@ class LoraSlots:
     Linear of `unet`, installed in place. Installing on a UNet that has slots already replaces
     them (empty): one engine per model."""
 
-    def __init__(self, unet: nn.Module, slots: int, rank: int) -> None:
+    def __init__(self, unet: nn.Module, slots: int, rank: int, rows: int = 8) -> None:
         from pipeline.model.subject import LORA_TARGETS
 
-        self.rank = rank
-        self.rows = RowSlots(next(unet.parameters()).device)
+        self.rank, self.rows = rank, rows
+        self.device = next(unet.parameters()).device
         self.layers: dict[str, LoraSlotLinear] = {}
         for name, module in list(unet.named_modules()):
             if not any(name == target or name.endswith(f".{target}") for target in LORA_TARGETS):  # peft's target match
                 continue
             if not isinstance(module, nn.Linear):
                 raise TypeError(f"{name} is a {type(module).__name__}, not a Linear: LoRA slots go on the plain base UNet")
-            layer = LoraSlotLinear(module, self.rows, slots, rank)
+            layer = LoraSlotLinear(module, slots, rank, rows)
             unet.set_submodule(name, layer)
             self.layers[name] = layer
         self._free = list(range(slots, BASE_SLOT, -1))  # pop() takes the lowest free slot
         size = sum(b.numel() * b.element_size() for layer in self.layers.values() for b in layer.buffers())
-        log.info("LoRA slots: %d of rank %d in %d layers, %.1f MB", slots, rank, len(self.layers), size / 2**20)
+        log.info("LoRA slots: %d of rank %d for up to %d rows in %d layers, %.1f MB", slots, rank, rows, len(self.layers), size / 2**20)
 
     def fit(self, lora: Mapping[str, torch.Tensor], rank: int) -> list[tuple[LoraSlotLinear, bool, torch.Tensor]]:
         """(layer, whether it is A, the tensor) for each tensor of a subject's
@@ -149,9 +155,15 @@ class LoraSlots:
     @contextmanager
     def use(self, slots: list[int]) -> Iterator[None]:
         """Within the block, UNet batch row i adds slot slots[i]'s update; one entry: every row
-        adds it. The rows draw the base again after it."""
-        self.rows.index = torch.tensor(slots, dtype=torch.long).to(self.rows.base.device)
+        adds it. The rows draw the base again after it. More entries than `rows`: ValueError."""
+        if len(slots) > self.rows:
+            raise ValueError(f"{len(slots)} rows for the LoRA slots, which hold {self.rows}")
+        index = torch.tensor(slots * (self.rows if len(slots) == 1 else 1), dtype=torch.long).to(self.device)
+        for layer in self.layers.values():
+            layer.select_rows(index)
         try:
             yield
         finally:
-            self.rows.index = self.rows.base
+            for layer in self.layers.values():
+                layer.row_A.zero_()
+                layer.row_B.zero_()

@@ -213,3 +213,35 @@ def test_an_edit_of_a_lora_subject_draws_every_unet_call_with_its_slot(folders, 
     base = draw_edit(BlipDiffusion.from_pretrained(TINY), edit, request, own.subject_embeds, "dog", 64, 64, EditConfig())
     assert np.abs(pixels(got.images) - pixels([want])).max() <= 1
     assert np.abs(pixels([base]) - pixels([want])).max() > 20
+
+
+def test_a_slot_layer_gathers_no_weights_inside_the_unet_call():
+    """Each row's A and B are gathered by `use`, once a batch: inside the compiled call a slot
+    layer adds a bmm and a baddbmm to its Linear, and no gather (it gathered slot_A[index] and
+    slot_B[index] in every call, 128 layers x 51 calls an image on the real UNet)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    ops = []
+
+    def record(graph, example_inputs):
+        ops.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
+        return graph.forward
+
+    base = Attention().eval()
+    slots = LoraSlots(base, slots=2, rank=4, rows=4)
+    layer = torch.compile(base.to_q, backend=aot_autograd(fw_compiler=record))
+    torch._dynamo.reset()
+    with torch.no_grad(), slots.use([1, 0, 2]):
+        layer(torch.randn(3, 5, 16))
+    assert not [op for op in ops if "index" in op or "gather" in op], ops
+    assert sum("bmm" in op for op in ops) == 2, ops
+
+
+def test_more_rows_than_the_slots_hold_are_refused():
+    base = Attention()
+    slots = LoraSlots(base, slots=2, rank=4, rows=2)
+    with pytest.raises(ValueError, match="3 rows for the LoRA slots, which hold 2"):
+        with slots.use([0, 1, 0]):
+            pass
+    with torch.no_grad(), pytest.raises(RuntimeError, match="a UNet call of 3 rows"):
+        base.to_q(torch.randn(3, 5, 16))
