@@ -153,6 +153,9 @@ def bench_control(args, model: BlipDiffusion, photo: Image.Image, ours, record, 
         model.compile_for_inference(mode=mode, control=True)
         record("ours compiled, 1 image", ours(1), 1)
         record("ours+controlnet compiled, 1 image", ours(1, control), 1)
+        if args.control_end < 1.0:  # the guidance window: steps after it run the plain UNet graph
+            windowed = Control(controlnet, image, 1.0, end=args.control_end)
+            record(f"ours+controlnet compiled, window 0-{args.control_end:g}, 1 image", ours(1, windowed), 1)
         if args.profile:
             results["profile"] = {"plain": kernel_profile(ours(1), device), "controlnet": kernel_profile(ours(1, control), device)}
     best = {run["name"]: run["best_s_per_image"] for run in results["runs"] if "error" not in run}
@@ -161,6 +164,10 @@ def bench_control(args, model: BlipDiffusion, photo: Image.Image, ours, record, 
         for mode in ("eager", "compiled")
         if f"ours+controlnet {mode}, 1 image" in best and f"ours {mode}, 1 image" in best
     }
+    for name, seconds in best.items():
+        if ", window " in name and "ours compiled, 1 image" in best:
+            results["control_ratio"][name.removeprefix("ours+controlnet compiled, ").removesuffix(", 1 image")] = round(
+                seconds / best["ours compiled, 1 image"], 3)
     results["total_s"] = round(time.perf_counter() - t0, 1)
     args.out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
@@ -269,6 +276,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench_generate.json"))
     parser.add_argument("--control", action="store_true", help="time ControlNet generation against plain")
     parser.add_argument("--edit", action="store_true", help="time a real-photo edit (inversion + generation) against one generation")
+    parser.add_argument("--control-end", type=float, default=1.0, help="--control: also time the compiled ControlNet with this guidance window end")
     parser.add_argument("--slots", action="store_true", help="time compiled generation without and with the server's LoRA slots")
     parser.add_argument("--profile", action="store_true", help="--control/--slots: a kernel table of one generation per compiled mode")
     parser.add_argument("--compile-mode", default="default", help="--edit: torch.compile mode of both (default, reduce-overhead, ...)")
