@@ -118,6 +118,11 @@ def build_tiny(device: torch.device, dtype: torch.dtype) -> tuple[BlipDiffusion,
     return model, sd
 
 
+def best_per_image(results: dict) -> dict[str, float]:
+    """Each run's best seconds per image, by run name (runs that failed left out)."""
+    return {run["name"]: run["best_s_per_image"] for run in results["runs"] if "error" not in run}
+
+
 def timed(fn, device: torch.device, repeats: int) -> list[float]:
     """Wall-clock seconds of `fn()` per repeat, after one warm-up call."""
     fn()
@@ -158,7 +163,7 @@ def bench_control(args, model: BlipDiffusion, photo: Image.Image, ours, record, 
             record(f"ours+controlnet compiled, window 0-{args.control_end:g}, 1 image", ours(1, windowed), 1)
         if args.profile:
             results["profile"] = {"plain": kernel_profile(ours(1), device), "controlnet": kernel_profile(ours(1, control), device)}
-    best = {run["name"]: run["best_s_per_image"] for run in results["runs"] if "error" not in run}
+    best = best_per_image(results)
     results["control_ratio"] = {
         mode: round(best[f"ours+controlnet {mode}, 1 image"] / best[f"ours {mode}, 1 image"], 3)
         for mode in ("eager", "compiled")
@@ -193,7 +198,7 @@ def bench_edit(args, model: BlipDiffusion, photo: Image.Image, ours, record, res
         model.compile_for_inference(mode=mode)
         record("ours compiled, 1 image", ours(1), 1)
         record("edit compiled, 1 image", photo_edit, 1)
-    best = {run["name"]: run["best_s_per_image"] for run in results["runs"] if "error" not in run}
+    best = best_per_image(results)
     results["edit_ratio"] = {
         mode: round(best[f"edit {mode}, 1 image"] / best[f"ours {mode}, 1 image"], 3)
         for mode in ("eager", "compiled")
@@ -255,7 +260,7 @@ def bench_slots(args, model: BlipDiffusion, ours, record, results: dict) -> int:
     record("ours compiled + LoRA slots, 4 images/call", with_slots(4), 4)
     if args.profile:
         results["profile"]["slots"] = kernel_profile(with_slots(1), model.device)
-    best = {run["name"]: run["best_s_per_image"] for run in results["runs"] if "error" not in run}
+    best = best_per_image(results)
     results["slot_ratio"] = {
         n: round(best[f"ours compiled + LoRA slots, {n}"] / best[f"ours compiled, {n}"], 3)
         for n in ("1 image", "4 images/call")

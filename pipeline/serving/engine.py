@@ -4,8 +4,8 @@
 equal inside one denoising batch: steps, size, whether guidance runs, and the UNet that draws
 them. The base UNet draws zero-shot, textual-inversion and LoRA subjects together: embeddings
 differ row by row, and each LoRA subject fills a slot of the base UNet's LoRA layers, never
-merged (lora_slots.py): before each UNet call the engine sets the slot of every row (0, the
-base, for rows without a LoRA subject), and each layer adds each row's own slot's update, so no
+merged (lora_slots.py): before a chunk's denoising the engine sets the slot of every row (0,
+the base, for rows without a LoRA subject), and each layer adds each row's own slot's update, so no
 request sees another's weights and a compiled UNet draws any mix of subjects with the same
 graph. A blipd or dreambooth subject's group runs on a spare UNet holding that subject's full
 weights. A request's noise comes from a CPU generator seeded with its own seed, as

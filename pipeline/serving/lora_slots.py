@@ -19,8 +19,8 @@ subject copies its weights into a slot in place, and `LoraSlots.use` copies each
 (its A, and its B times its scale) into fixed per-row buffers before a batch's UNet calls: the
 graph sees the same buffers whatever is drawn.
 
-Why per-row buffers filled once a batch: gathering each row's A and B inside the UNet call cost
-two extra kernels per layer per step (128 layers, 51 calls an image); filled by `use`, they are
+Why per-row buffers filled once a batch: gathering each row's A, B and scale inside the UNet
+call cost three index kernels per layer per call (128 layers, 51 calls an image); filled by `use`, they are
 gathered once a batch, and each layer adds only a bmm and a baddbmm (the update and the add in
 one cuBLAS call) to its Linear.
 
