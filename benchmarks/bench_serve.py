@@ -138,8 +138,18 @@ def mean_phases(timings: list[dict]) -> dict[str, float]:
     return {name: round(statistics.fmean(t[name] for t in timings), 4) for name in timings[0]}
 
 
+def batch_totals(url: str) -> tuple[int, float]:
+    """(batches, images) the replica drew since it started (/healthz `batch_means`)."""
+    with urllib.request.urlopen(f"{url}/healthz", timeout=30) as answer:
+        means = json.loads(answer.read())["batch_means"]
+    return means["batches"], means["batches"] * means.get("images", 0.0)
+
+
 def run_load(url: str, payloads: list[dict], clients: int, per_client: int) -> dict:
-    """`clients` threads, each sending `per_client` requests in turn; payloads are used round-robin."""
+    """`clients` threads, each sending `per_client` requests in turn; payloads are used round-robin.
+    With the replica's mean images per batch over the run (all requests of one image: a batch of
+    n images took n callers' requests together)."""
+    batches_before, images_before = batch_totals(url)
     counter = iter(range(clients * per_client))
     lock = threading.Lock()
 
@@ -155,6 +165,8 @@ def run_load(url: str, payloads: list[dict], clients: int, per_client: int) -> d
     with ThreadPoolExecutor(clients) as pool:
         results = [r for part in pool.map(client, range(clients)) for r in part]
     wall = time.perf_counter() - start
+    batches_after, images_after = batch_totals(url)
+    batches = batches_after - batches_before
     latencies = sorted(s for _, s, _ in results)
     errors = sum(1 for status, _, _ in results if status != 200)
     phases = mean_phases([t for status, _, t in results if status == 200 and t])
@@ -167,6 +179,7 @@ def run_load(url: str, payloads: list[dict], clients: int, per_client: int) -> d
         # The replica's mean phases of these answers, and what the clients waited beyond its total.
         "phases_s": phases,
         "outside_replica_s": round(statistics.fmean(answered) - phases["total"], 4) if phases else None,
+        "batches": batches, "images_per_batch": round((images_after - images_before) / batches, 2) if batches else None,
     }
 
 

@@ -11,8 +11,9 @@ answers HTTP itself, with no web framework:
 | GET /, /app.js     | the page for people (static/)                                    |
 
 A request is checked (api.py), its subject resolved and fetched (subjects.py) on the event
-loop's worker threads; then it joins the batch queue (`serve.batch`) and the Engine draws the
-batch on the replica's one compute thread, so no two batches touch the model at once. Each
+loop's worker threads; then it joins the batch queue (batcher.py: every request waiting when the
+model is free, up to serve.max_batch_size) and the Engine draws the batch on the replica's one
+compute thread, so no two batches touch the model at once. Each
 answer says where its time went (serving/timings.py): `timings` in the JSON and a
 Server-Timing header.
 """
@@ -23,7 +24,6 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from starlette.responses import JSONResponse, Response
 
 from pipeline.config import Config, load_config
 from pipeline.serving.api import MIX, ZERO_SHOT, ApiError, check_content_type, image_answer, parse_generate, read_json
+from pipeline.serving.batcher import BatchQueue
 from pipeline.serving.engine import Engine, Job, is_out_of_memory
 from pipeline.serving.metrics import ServeMetrics
 from pipeline.serving.requests import RequestError
@@ -88,7 +89,7 @@ class SubjectServer:
         path = str(tracking.download_model(self.uri, self.base)) if self.base.startswith("models:/") else self.base
         model = BlipDiffusion.from_pretrained(path, dtype=getattr(torch, dtype), device=self.device)
         self.engine = Engine(model, cfg.max_batch_images, cfg.max_subjects, cfg.max_lora_adapters, serve_controlnet(config), config.edit,
-                             cfg.max_lora_rank)
+                             cfg.max_lora_rank, cfg.lora_merge)
         mode = compile_mode_for(self.device.type, cfg.compile_mode)
         self.compile_mode = (mode or "default") if cfg.compile else "off"  # the resolved mode, for /healthz
         self.skip_log = CudagraphSkips.install() if cfg.compile else None  # before any graph is compiled
@@ -97,10 +98,10 @@ class SubjectServer:
         self.library = SubjectLibrary(self.uri, cfg.max_subjects, cfg.full_unet_budget_gb * 1e9)
         self.metrics = ServeMetrics()
         self.pages = {route: ((STATIC / name).read_bytes(), kind) for route, (name, kind) in PAGES.items()}
-        # Every generation runs on this one thread (generate_batch).
+        # Every generation runs on this one thread (the batch queue's draws, and the warm-up).
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="subjectforge-compute")
-        self.generate_batch.set_max_batch_size(cfg.max_batch_size)
-        self.generate_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.batches = BatchQueue(self.engine.run, self._compute, cfg.max_batch_size, cfg.batch_wait_timeout_s,
+                                  on_batch=self.metrics.record_batch)
         if cfg.compile or self.device.type == "cuda":
             # On the compute thread, not this one: torch's CUDA graph trees are per thread, so
             # graphs recorded (reduce-overhead) on another thread would be recorded again on the
@@ -128,12 +129,6 @@ class SubjectServer:
         except ApiError as exc:
             return JSONResponse(exc.body(), status_code=exc.status)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)  # set from serve.* in __init__
-    async def generate_batch(self, jobs: list[Job]) -> list[Job]:
-        await asyncio.get_running_loop().run_in_executor(self._compute, self.engine.run, jobs)
-        self.metrics.batch_images.observe(sum(job.request.num_images for job in jobs))
-        return jobs
-
     async def _generate(self, request: Request) -> Response:
         subject_name, arrived = "invalid", time.monotonic()
         try:
@@ -156,7 +151,7 @@ class SubjectServer:
             gen = self.config.generate
             job = Job(r, subject, r.height or size or gen.height, r.width or size or gen.width, control=call.control, edit=call.edit,
                       slots=_slotted(call, subject))
-            await wait_for_batch(self.generate_batch, job)
+            await self.batches.submit(job)
             if job.error is not None:
                 raise _api_error(job.error)
             encoding = time.monotonic()
@@ -229,18 +224,9 @@ class SubjectServer:
             "cudagraph_skip_reasons": self.skip_log.reasons if self.skip_log is not None else [],
             # Mean seconds per phase of the requests answered so far (serving/timings.py).
             "phase_means_s": self.metrics.phases.means(),
+            # Batches drawn and their mean requests and images (serve.max_batch_size under load).
+            "batch_means": self.metrics.batches.means(),
         }
-
-
-async def wait_for_batch(generate_batch: Callable[[Job], Awaitable[Job]], job: Job) -> None:
-    """Wait for `job`'s batch. When its client leaves, Serve cancels this task: the job is
-    marked, and a batch whose requests have all left stops after its current denoising step
-    (Engine), rather than drawing up to 8 images x 150 steps for nobody."""
-    try:
-        await generate_batch(job)
-    except asyncio.CancelledError:
-        job.cancelled.set()
-        raise
 
 
 def _slotted(call: Any, subject: Any) -> bool:

@@ -34,6 +34,26 @@ class PhaseMeans:
         return {"requests": self.requests, **{name: round(s / self.requests, 3) for name, s in self._sums.items()}}
 
 
+class BatchMeans:
+    """Batches drawn since the replica started, and their mean requests and images: under load a
+    batch should hold up to serve.max_batch_size requests; small batches with a long queue mean
+    requests reach the batch queue late (GET /healthz)."""
+
+    def __init__(self) -> None:
+        self.batches = self.requests = self.images = 0
+
+    def add(self, requests: int, images: int) -> None:
+        self.batches += 1
+        self.requests += requests
+        self.images += images
+
+    def means(self) -> dict[str, float | int]:
+        """{"batches": n, "requests": mean per batch, "images": mean per batch}; only n while n is 0."""
+        if not self.batches:
+            return {"batches": 0}
+        return {"batches": self.batches, "requests": round(self.requests / self.batches, 2), "images": round(self.images / self.batches, 2)}
+
+
 class ServeMetrics:
     """subjectforge_* metrics of one replica. `subject` is a registered name or "zero-shot"
     (names, not versions, so the number of series stays that of the registry)."""
@@ -59,6 +79,11 @@ class ServeMetrics:
             boundaries=_SECONDS, tag_keys=("phase",),
         )
         self.phases = PhaseMeans()
+        self.batches = BatchMeans()
+
+    def record_batch(self, requests: int, images: int) -> None:
+        self.batch_images.observe(images)
+        self.batches.add(requests, images)
 
     def record_request(self, subject: str, status: int) -> None:
         self.requests.inc(tags={"subject": subject, "status": str(status)})

@@ -6,7 +6,7 @@ Each answered POST /v1/generate carries its phases (`timings` in the JSON, and a
 | phase     | from .. to                                                                                   |
 | --------- | -------------------------------------------------------------------------------------------- |
 | prepare   | arrival .. joining the batch queue: body read, JSON checked, photos decoded, subject resolved |
-| queue     | the batch queue .. its group's start: serve.batch's wait, earlier batches and groups          |
+| queue     | the batch queue .. its group's start: the batch's wait, earlier batches and groups            |
 | condition | its group's subjects made ready (LoRA slots, embeddings) and all its prompts encoded          |
 | denoise   | its group's denoising loop (every chunk of serve.max_batch_images)                            |
 | decode    | its group's VAE decode and conversion to PIL images                                           |

@@ -315,34 +315,6 @@ def test_a_batch_whose_client_left_stops_and_the_next_request_is_drawn_at_once(s
     assert time.monotonic() - started < thirty_steps  # not queued behind the abandoned batch
 
 
-def test_a_request_whose_client_left_marks_its_job_for_the_engine():
-    """Serve cancels the task of a request whose client disconnected: its job is marked, so
-    the Engine stops a batch whose requests have all left (tests/serving/test_engine.py)."""
-    import asyncio
-
-    from pipeline.serving.app import wait_for_batch
-    from pipeline.serving.engine import Job
-
-    async def never_done(job):
-        await asyncio.Event().wait()
-        return job
-
-    async def done(job):
-        return job
-
-    async def leave_during(batch, job):
-        task = asyncio.create_task(wait_for_batch(batch, job))
-        await asyncio.sleep(0)  # the request is waiting for its batch
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    left, answered = Job(None, None, 64, 64), Job(None, None, 64, 64)
-    asyncio.run(leave_during(never_done, left))
-    asyncio.run(wait_for_batch(done, answered))
-    assert left.cancelled.is_set() and not answered.cancelled.is_set()
-
-
 def test_a_replica_killed_mid_request_gives_a_5xx_not_a_hang(server):
     pid = call(server, "/healthz")[1]["pid"]
     slow = zero_shot(steps=150, num_images=8, height=256, width=256)  # many seconds on the tiny model

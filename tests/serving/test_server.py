@@ -26,7 +26,7 @@ from pipeline.model import BlipDiffusion
 from pipeline.serving.api import image_answer
 from pipeline.serving.app import SubjectServer, serve_controlnet
 from pipeline.serving.engine import Engine
-from pipeline.serving.metrics import PhaseMeans
+from pipeline.serving.metrics import BatchMeans, PhaseMeans
 from pipeline.serving.subjects import SubjectLibrary
 from pipeline.serving.timings import PHASES
 from tests.imagefiles import png_header_only
@@ -37,7 +37,7 @@ class RecordedMetrics:
     """ServeMetrics' recording calls, kept in lists, and its running phase means."""
 
     def __init__(self) -> None:
-        self.requests, self.jobs, self.phases = [], [], PhaseMeans()
+        self.requests, self.jobs, self.phases, self.batches = [], [], PhaseMeans(), BatchMeans()
 
     def record_request(self, subject, status):
         self.requests.append((subject, status))
@@ -63,11 +63,11 @@ def make_server(model, tracking_uri="sqlite:///unused.db"):
     server.metrics = RecordedMetrics()
     server.device, server.compile_mode, server.skip_log = torch.device("cpu"), "off", None
 
-    async def generate_batch(job):  # what serve.batch does with a batch of one
-        server.engine.run([job])
-        return job
+    class DrawAtOnce:  # the batch queue (batcher.py) with a batch of one
+        async def submit(self, job):
+            server.engine.run([job])
 
-    server.generate_batch = generate_batch
+    server.batches = DrawAtOnce()
     return server
 
 
