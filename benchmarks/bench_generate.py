@@ -27,8 +27,10 @@ eager then both compiled the same way (--compile-mode), and `edit_ratio` is edit
 generation time per mode.
 With --slots, the modes are compiled generation (CUDA graphs) of 1 and 4 images, then the same
 with the server's LoRA slots in the UNet (`serve.max_lora_adapters` slots of `serve.max_lora_rank`,
-every row on the zero base slot, as a zero-shot request draws), and `slot_ratio` is with over
-without: the price every served image pays for LoRA subjects never recompiling.
+every row on the zero base slot, as a zero-shot request draws) adding their per-row products,
+then with the slot merged into the weights (serve.lora_merge, the server's mode for rows of one
+slot), and `slot_ratio` is each over without: the price a served image pays for LoRA subjects
+never recompiling, with per-row products and merged.
 --profile (with --control or --slots) adds a torch.profiler table of each compiled mode's GPU
 kernels for one generation: where a mode's extra time goes.
 """
@@ -235,7 +237,8 @@ def kernel_profile(fn, device: torch.device, top: int = 15) -> dict:
 
 
 def bench_slots(args, model: BlipDiffusion, ours, record, results: dict) -> int:
-    """Compiled generation without, then with, the server's LoRA slots (every row on slot 0)."""
+    """Compiled generation without, then with, the server's LoRA slots (every row on slot 0):
+    their per-row products, then the slot merged."""
     from pipeline.config import load_config
     from pipeline.serving.lora_slots import LoraSlots
 
@@ -247,24 +250,28 @@ def bench_slots(args, model: BlipDiffusion, ours, record, results: dict) -> int:
     if args.profile:
         results["profile"] = {"plain": kernel_profile(ours(1), model.device)}
     # Installing the slots swaps the UNet's attention Linears: Dynamo recompiles at the next call.
-    slots = LoraSlots(model.unet, serve.max_lora_adapters, serve.max_lora_rank)
+    slots = LoraSlots(model.unet, serve.max_lora_adapters, serve.max_lora_rank, merge=True)
     results["settings"]["slots"] = {"slots": serve.max_lora_adapters, "rank": serve.max_lora_rank, "layers": len(slots.layers)}
 
-    def with_slots(n: int):
+    def with_slots(n: int, merge: bool = False):
         def call():
-            with slots.use([0] * 2 * n):  # [uncond; cond] rows, all on the base slot
+            with slots.use([0] * 2 * n, merge=merge):  # [uncond; cond] rows, all on the base slot
                 return ours(n)()
         return call
 
     record("ours compiled + LoRA slots, 1 image", with_slots(1), 1)
     record("ours compiled + LoRA slots, 4 images/call", with_slots(4), 4)
+    record("ours compiled + LoRA slots merged, 1 image", with_slots(1, merge=True), 1)
+    record("ours compiled + LoRA slots merged, 4 images/call", with_slots(4, merge=True), 4)
     if args.profile:
         results["profile"]["slots"] = kernel_profile(with_slots(1), model.device)
+        results["profile"]["slots merged"] = kernel_profile(with_slots(1, merge=True), model.device)
     best = best_per_image(results)
     results["slot_ratio"] = {
-        n: round(best[f"ours compiled + LoRA slots, {n}"] / best[f"ours compiled, {n}"], 3)
+        f"{mode}, {n}": round(best[f"ours compiled + {mode}, {n}"] / best[f"ours compiled, {n}"], 3)
+        for mode in ("LoRA slots", "LoRA slots merged")
         for n in ("1 image", "4 images/call")
-        if f"ours compiled + LoRA slots, {n}" in best and f"ours compiled, {n}" in best
+        if f"ours compiled + {mode}, {n}" in best and f"ours compiled, {n}" in best
     }
     args.out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

@@ -509,6 +509,13 @@ class ServeConfig(_Strict):
     max_lora_rank: Runtime[int] = Field(
         16, ge=1, le=256, description="largest LoRA rank the slots hold (finetune.lora_rank); a subject of a higher rank is refused (422)"
     )
+    lora_merge: Runtime[bool] = Field(
+        True,
+        description="a batch whose rows all draw one LoRA subject (or none: zero-shot, embedding subjects) runs the UNet with "
+        "that subject merged into a working copy of its LoRA layers' weights, without the per-row LoRA products (2 small "
+        "kernels in each of 128 layers per UNet call); costs one copy of those weights in device memory (178 MiB for SD 1.5 "
+        "in float16) and, with serve.compile, a second set of graphs warmed up at start; false = per-row products always",
+    )
     full_unet_budget_gb: Runtime[float] = Field(16.0, ge=0, description="host memory for full (blipd, dreambooth) subject UNets, GB")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto = float16 on CUDA, float32 on CPU")
     compile: Runtime[bool] = Field(False, description="torch.compile the UNet and VAE decoder; warmed up before the replica is ready")

@@ -3,20 +3,23 @@
 `Engine.run(jobs)` draws a batch of requests from any callers. Jobs are grouped by what must be
 equal inside one denoising batch: steps, size, whether guidance runs, and the UNet that draws
 them. The base UNet draws zero-shot, textual-inversion and LoRA subjects together: embeddings
-differ row by row, and each LoRA subject fills a slot of the base UNet's LoRA layers, never
-merged (lora_slots.py): before a chunk's denoising the engine sets the slot of every row (0,
-the base, for rows without a LoRA subject), and each layer adds each row's own slot's update, so no
-request sees another's weights and a compiled UNet draws any mix of subjects with the same
-graph. A blipd or dreambooth subject's group runs on a spare UNet holding that subject's full
-weights. A request's noise comes from a CPU generator seeded with its own seed, as
-`subjectforge generate` makes it, so a seed gives the same images whatever it is batched with
-(up to float rounding of the batch).
+differ row by row, and each LoRA subject fills a slot of the base UNet's LoRA layers
+(lora_slots.py). Before a chunk's denoising the engine gives the slot of every row (0, the base,
+for rows without a LoRA subject). Rows of several slots: each layer adds each row's own slot's
+update, so no request sees another's weights. Rows of one slot (one LoRA subject, or none) with
+`lora_merge` (serve.lora_merge): the layers run with that slot merged into a working copy of
+their weights instead, without the per-row products; the merge is kept while the next chunks
+draw the same slot, and the UNet's own weights stay the base's. A compiled UNet draws any mix
+of subjects with one graph per mode (per-row or merged). A blipd or dreambooth subject's group
+runs on a spare UNet holding that subject's full weights. A request's noise comes from a CPU
+generator seeded with its own seed, as `subjectforge generate` makes it, so a seed gives the
+same images whatever it is batched with (up to float rounding of the batch).
 
 Each drawn job gets the seconds of its queue and its group's conditioning, denoising and
 decoding (job.timings, serving/timings.py).
 
-Everything here runs on one thread (the replica's compute thread): slots are filled and rows
-set only between groups. No Ray, HTTP or MLflow here.
+Everything here runs on one thread (the replica's compute thread): slots are filled, rows set
+and slots merged only between chunks. No Ray, HTTP or MLflow here.
 """
 
 from __future__ import annotations
@@ -121,11 +124,13 @@ def is_out_of_memory(exc: BaseException) -> bool:
 class Engine:
     """Draws Jobs with one base model. `max_subjects` registered subjects keep their
     embeddings on the device; `max_lora_adapters` LoRA subjects of rank up to `max_lora_rank`
-    stay loaded in the base UNet's LoRA slots, installed here: compile the UNet after this."""
+    stay loaded in the base UNet's LoRA slots, installed here: compile the UNet after this.
+    With `lora_merge`, a chunk whose rows all draw one slot draws it merged (lora_slots.py)."""
 
     def __init__(
         self, model: BlipDiffusion, max_batch_images: int, max_subjects: int, max_lora_adapters: int, controlnet: str | None = None,
         edit: EditConfig | None = None, max_lora_rank: int = ServeConfig.model_fields["max_lora_rank"].default,
+        lora_merge: bool = ServeConfig.model_fields["lora_merge"].default,
     ) -> None:
         self.model = model
         self.edit_settings = edit or EditConfig()  # prompt-to-prompt settings of edit jobs
@@ -134,7 +139,9 @@ class Engine:
         self.max_batch_images = max_batch_images
         self._embeds = LruBudget(max_subjects)  # subject key -> (1, Q, D) on the device
         # Rows of one UNet call: a chunk of max_batch_images with guidance doubled; an edit draws up to 4.
-        self._lora = LoraSlots(model.unet, max_lora_adapters, max_lora_rank, rows=2 * max(max_batch_images, 2))
+        self._lora = LoraSlots(model.unet, max_lora_adapters, max_lora_rank, rows=2 * max(max_batch_images, 2), merge=lora_merge)
+        # Rows of one slot draw it merged into the weights (lora_slots.py); the warm-up turns it off a while.
+        self.lora_merge = lora_merge
         self._adapters = LruBudget(max_lora_adapters, on_evict=self._free_slot)  # subject key -> its slot (1..max_lora_adapters)
         self._full_view: BlipDiffusion | None = None  # the base's parts with a spare UNet
         self._full_key: str | None = None  # the subject whose weights the spare UNet holds
@@ -182,7 +189,7 @@ class Engine:
             return
         first = jobs[0]
         if first.edit is not None:
-            with self._lora.use([slot_of.get(first.adapter_key, BASE_SLOT)]):  # every row of the edit's UNet calls
+            with self._lora.use([slot_of.get(first.adapter_key, BASE_SLOT)], merge=self.lora_merge):  # every row of the edit's UNet calls
                 first.images = [self._edit(model, first)]
             # draw_edit encodes, denoises and decodes in one call: all of it is counted as denoising.
             _set_timings([first], began, began, clock.now() - began, 0.0)
@@ -230,8 +237,9 @@ class Engine:
             part = guidance if isinstance(guidance, float) else guidance[start:stop]
             null = None if uncond_all is None else uncond_all[start:stop]
             # With guidance the UNet sees [uncond rows; cond rows]: both halves use the row's slot.
-            # Every row is given (slot 0 too), so one graph of a compiled UNet draws any mix of subjects.
-            with self._lora.use(rows[start:stop] * (2 if null is not None else 1)):
+            # Every row is given (slot 0 too), so one graph of a compiled UNet draws any mix of subjects;
+            # rows of one slot draw it merged with lora_merge.
+            with self._lora.use(rows[start:stop] * (2 if null is not None else 1), merge=self.lora_merge):
                 chunk = model._denoise(chunk, cond_all[start:stop], null, scheduler, part, progress=False,
                                        step_callback=stop_if_cancelled, control=control)
             denoised = clock.now()

@@ -24,6 +24,22 @@ call cost three index kernels per layer per call (128 layers, 51 calls an image)
 gathered once a batch, and each layer adds only a bmm and a baddbmm (the update and the add in
 one cuBLAS call) to its Linear.
 
+Why a merged mode: those two products are still 256 small kernels a UNet call, paid even when
+every row draws the same slot (one subject's batch, or slot 0: zero-shot and embedding
+subjects), the common case at one client. With `merge`, `use` of a single slot runs each layer
+as a plain Linear on a working weight W = W0 + scale[k] * B[k] A[k] (peft's merge as it runs on
+a CPU: the product in float32, cast to the weight's dtype, added to W0; one matmul a layer, on
+the device, when the merged slot changes), or W = W0 for slot 0. W0 stays the
+layer's own weight Parameter, never written, so the UNet's state dict is the base's whatever is
+merged, and every merge starts from it (no rounding drift from adding and subtracting). The
+working weight is a non-persistent buffer (device memory: one more copy of the target layers'
+weights, 178 MiB in float16 for SD 1.5's UNet), merged in place, so a compiled UNet's graphs
+(CUDA graphs too) read the same tensor whatever subject is merged. The mode is a Python bool of
+each layer (`merged`) read in forward: Dynamo guards on it, so a compiled UNet has its graphs
+(one per batch-size variant) once per mode and never recompiles for a subject. The slot last merged is remembered: groups of the same
+subject one after another merge once; `load` or `free` of that slot forgets it. Outside `use`
+every layer is back in the per-row mode with zero rows: it draws the base.
+
 No Ray, HTTP or MLflow; the engine (engine.py) picks the slots and sets the rows.
 """
 
@@ -31,7 +47,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import nn
@@ -51,9 +67,11 @@ class LoraSlotLinear(nn.Linear):
     """A Linear with `slots` + 1 LoRA slots of rank `rank` and `rows` per-row buffers (see the
     module docstring). It holds the base Linear's own weight and bias Parameters, so the UNet's
     state dict is unchanged; the slot and row buffers are not persistent. Rows without a slot
-    (outside `LoraSlots.use`) hold zeros and add exactly 0.0."""
+    (outside `LoraSlots.use`) hold zeros and add exactly 0.0. With `merge`, also a working
+    weight `merged_weight` (a copy of the weight, then one slot merged into it), which forward
+    uses instead of the per-row products while `merged` is set."""
 
-    def __init__(self, base: nn.Linear, slots: int, rank: int, rows: int) -> None:
+    def __init__(self, base: nn.Linear, slots: int, rank: int, rows: int, merge: bool = False) -> None:
         with torch.device("meta"):  # no second copy of the weight: the base's Parameters are taken below
             super().__init__(base.in_features, base.out_features, bias=base.bias is not None)
         self.weight, self.bias = base.weight, base.bias
@@ -63,9 +81,15 @@ class LoraSlotLinear(nn.Linear):
         self.register_buffer("slot_scale", torch.zeros(slots + 1, **like), persistent=False)
         self.register_buffer("row_A", torch.zeros(rows, rank, base.in_features, **like), persistent=False)
         self.register_buffer("row_B", torch.zeros(rows, base.out_features, rank, **like), persistent=False)  # scale included
+        merged = base.weight.detach().clone() if merge else None  # the base slot merged: W0
+        self.register_buffer("merged_weight", merged, persistent=False)
+        self.merged = False  # forward's mode: Dynamo guards on it (one graph per mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, ..., in) -> (N, ..., out); row i adds the update of the slot in row_A[i], row_B[i]."""
+        """x (N, ..., in) -> (N, ..., out); row i adds the update of the slot in row_A[i], row_B[i],
+        or, while `merged`, every row draws the slot merged into `merged_weight`."""
+        if self.merged:
+            return nn.functional.linear(x, self.merged_weight, self.bias)
         out = super().forward(x)
         n = x.shape[0]
         if n > self.row_A.shape[0]:
@@ -81,16 +105,31 @@ class LoraSlotLinear(nn.Linear):
         self.row_A[n:].zero_()
         self.row_B[n:].zero_()
 
+    @torch.no_grad()
+    def merge(self, slot: int, rank: int, scale: float) -> None:
+        """merged_weight = W0 + scale * B[slot] A[slot] over the slot's first `rank` ranks, as
+        peft merges: the product in float32, cast to the weight's dtype, then added to W0 (the
+        weight Parameter, never written: each merge starts from it). Slot 0 (rank 0): W0."""
+        if rank == 0:
+            self.merged_weight.copy_(self.weight)
+            return
+        delta = torch.mm(self.slot_B[slot, :, :rank].float(), self.slot_A[slot, :rank].float()).mul_(scale)
+        torch.add(self.weight, delta.to(self.weight.dtype), out=self.merged_weight)
+
 
 class LoraSlots:
     """`slots` LoRA slots (1..slots; 0 is the base) of rank up to `rank` in every LORA_TARGETS
     Linear of `unet`, installed in place. Installing on a UNet that has slots already replaces
-    them (empty): one engine per model."""
+    them (empty): one engine per model. With `merge`, each layer also holds a working weight for
+    `use(..., merge=True)` (the module docstring's merged mode)."""
 
-    def __init__(self, unet: nn.Module, slots: int, rank: int, rows: int = 8) -> None:
+    def __init__(self, unet: nn.Module, slots: int, rank: int, rows: int = 8, merge: bool = False) -> None:
         from pipeline.model.subject import LORA_TARGETS
 
-        self.rank, self.rows = rank, rows
+        self.rank, self.rows, self.can_merge = rank, rows, merge
+        self._ranks = [0] * (slots + 1)  # each slot's rank (0: empty) and scale, for merging
+        self._scales = [0.0] * (slots + 1)
+        self._merged: int | None = BASE_SLOT if merge else None  # the slot in every merged_weight, None: none whole
         self.device = next(unet.parameters()).device
         self.layers: dict[str, LoraSlotLinear] = {}
         for name, module in list(unet.named_modules()):
@@ -98,12 +137,13 @@ class LoraSlots:
                 continue
             if not isinstance(module, nn.Linear):
                 raise TypeError(f"{name} is a {type(module).__name__}, not a Linear: LoRA slots go on the plain base UNet")
-            layer = LoraSlotLinear(module, slots, rank, rows)
+            layer = LoraSlotLinear(module, slots, rank, rows, merge)
             unet.set_submodule(name, layer)
             self.layers[name] = layer
         self._free = list(range(slots, BASE_SLOT, -1))  # pop() takes the lowest free slot
         size = sum(b.numel() * b.element_size() for layer in self.layers.values() for b in layer.buffers())
-        log.info("LoRA slots: %d of rank %d for up to %d rows in %d layers, %.1f MB", slots, rank, rows, len(self.layers), size / 2**20)
+        log.info("LoRA slots: %d of rank %d for up to %d rows in %d layers%s, %.1f MB", slots, rank, rows, len(self.layers),
+                 " and their merged weights" if merge else "", size / 2**20)
 
     def fit(self, lora: Mapping[str, torch.Tensor], rank: int) -> list[tuple[LoraSlotLinear, bool, torch.Tensor]]:
         """(layer, whether it is A, the tensor) for each tensor of a subject's
@@ -130,6 +170,7 @@ class LoraSlots:
         if not self._free:
             raise RuntimeError("every LoRA slot is taken: free one first (the engine's LRU evicts before it loads)")
         slot = self._free.pop()
+        self._forget_merge(slot)
         try:
             for layer, is_a, tensor in weights:  # a free slot is zero: ranks below r_max keep zeros after theirs
                 if is_a:  # slot_A (S+1, r_max, in) <- (rank, in)
@@ -141,10 +182,14 @@ class LoraSlots:
         except BaseException:  # half-copied weights must never be drawn
             self.free(slot)
             raise
+        self._ranks[slot] = max((t.shape[0] if is_a else t.shape[1] for _, is_a, t in weights), default=0)
+        self._scales[slot] = scale
         return slot
 
     def free(self, slot: int) -> None:
         """Zero `slot` in every layer (its rows then draw the base) and make it free again."""
+        self._forget_merge(slot)
+        self._ranks[slot], self._scales[slot] = 0, 0.0
         for layer in self.layers.values():
             layer.slot_A[slot].zero_()
             layer.slot_B[slot].zero_()
@@ -152,12 +197,21 @@ class LoraSlots:
         self._free.append(slot)
         self._free.sort(reverse=True)
 
-    @contextmanager
-    def use(self, slots: list[int]) -> Iterator[None]:
+    def use(self, slots: list[int], merge: bool = False) -> AbstractContextManager[None]:
         """Within the block, UNet batch row i adds slot slots[i]'s update; one entry: every row
-        adds it. The rows draw the base again after it. More entries than `rows`: ValueError."""
+        adds it. With `merge` and one slot for every row, the layers draw that slot merged into
+        their weight instead of the per-row products (merged mode; ValueError without a working
+        weight). The rows draw the base again after it. More entries than `rows`: ValueError."""
         if len(slots) > self.rows:
             raise ValueError(f"{len(slots)} rows for the LoRA slots, which hold {self.rows}")
+        if merge and len(set(slots)) == 1:
+            if not self.can_merge:
+                raise ValueError("these LoRA slots have no merged weights (serve.lora_merge was off when they were installed)")
+            return self._merged_mode(slots[0])
+        return self._per_row(slots)
+
+    @contextmanager
+    def _per_row(self, slots: list[int]) -> Iterator[None]:
         index = torch.tensor(slots * (self.rows if len(slots) == 1 else 1), dtype=torch.long).to(self.device)
         for layer in self.layers.values():
             layer.select_rows(index)
@@ -167,3 +221,25 @@ class LoraSlots:
             for layer in self.layers.values():
                 layer.row_A.zero_()
                 layer.row_B.zero_()
+
+    @contextmanager
+    def _merged_mode(self, slot: int) -> Iterator[None]:
+        """Every layer draws `slot` merged; the rows stay zero (outside `use` they are), so the
+        per-row mode after the block draws the base. The merged weights are kept for the next block."""
+        if self._merged != slot:
+            self._merged = None  # a merge cut short leaves no slot's weights whole
+            for layer in self.layers.values():
+                layer.merge(slot, self._ranks[slot], self._scales[slot])
+            self._merged = slot
+        for layer in self.layers.values():
+            layer.merged = True
+        try:
+            yield
+        finally:
+            for layer in self.layers.values():
+                layer.merged = False
+
+    def _forget_merge(self, slot: int) -> None:
+        """`slot`'s weights change: its merge, if it is the one held, is stale."""
+        if self._merged == slot:
+            self._merged = None

@@ -2,13 +2,19 @@
 
 With `serve.compile` the UNet is compiled (`compile_for_inference`), and Dynamo compiles a graph
 for each new variant of its inputs: the first batch size, then one with the batch size
-symbolic that serves every other, and the ControlNet's residuals. A variant first met by a
-request would compile then, for minutes on a GPU, on the replica's one compute thread, with
-every request queued behind it. Serve routes no request to a replica before its constructor
-returns, so the constructor draws one small job of each: one image, two images (each alone, so
-that they are two batch sizes) and, with a ControlNet, a canny-controlled image. Edits run
-eagerly (serving/edits.py), so they add none. Without compile only the one-image job runs (on a
-GPU: CUDA's first kernels).
+symbolic that serves every other, and the ControlNet's residuals; and, with `serve.lora_merge`,
+each of them for both modes of the LoRA slot layers (serving/lora_slots.py: rows of one slot
+draw it merged, rows of several add their per-row products), as Dynamo guards on the mode. A
+variant first met by a request would compile then, for minutes on a GPU, on the replica's one
+compute thread, with every request queued behind it. Serve routes no request to a replica
+before its constructor returns, so the constructor draws one small job of each: one image, two
+images (each alone, so that they are two batch sizes) and, with a ControlNet, a canny-controlled
+image, in the engine's mode; with `serve.lora_merge` the one- and two-image jobs again with
+merging off, in the per-row mode. (A control job is a group of its own, of one subject: with
+merging on it is always drawn merged.) The warm-up subject is zero-shot (every row on slot 0),
+which draws the same graphs as any LoRA subject: only tensor contents differ. Edits run eagerly
+(serving/edits.py), so they add none. Without compile only the one-image job runs (on a GPU:
+CUDA's first kernels).
 """
 
 from __future__ import annotations
@@ -29,23 +35,31 @@ PROMPT, CATEGORY = "a photo of a dog", "dog"
 
 
 def warm_up(engine: Engine, config: Config) -> None:
-    """Draw each of `warm_up_jobs` in a batch of its own. A failing generation fails the replica
-    (it could serve nothing); a failing ControlNet job is logged and the replica starts: the
-    ControlNet is an id that may not be in this machine's Hub cache, and only requests with a
-    control image then get that error."""
-    for job in warm_up_jobs(config, engine.controlnet_path is not None):
-        engine.run([job])
-        if job.error is None:
-            continue
-        if job.control is None:
-            raise job.error
-        log.warning("the ControlNet warm-up failed; requests with a control_image will compile or fail on their own: %s", job.error)
+    """Draw each of `warm_up_jobs` in a batch of its own, with the engine's LoRA merging set as
+    the job asks (then as it was). A failing generation fails the replica (it could serve
+    nothing); a failing ControlNet job is logged and the replica starts: the ControlNet is an id
+    that may not be in this machine's Hub cache, and only requests with a control image then get
+    that error."""
+    merging = engine.lora_merge
+    try:
+        for job, merge in warm_up_jobs(config, engine.controlnet_path is not None):
+            engine.lora_merge = merge
+            engine.run([job])
+            if job.error is None:
+                continue
+            if job.control is None:
+                raise job.error
+            log.warning("the ControlNet warm-up failed; requests with a control_image will compile or fail on their own: %s", job.error)
+    finally:
+        engine.lora_merge = merging
 
 
-def warm_up_jobs(config: Config, controlnet: bool) -> list[Job]:
-    """One image; with `serve.compile` also two images and (with `controlnet`) a canny-controlled
-    image. `serve.warmup_steps` steps at the `generate:` size, a grey reference photo, seed 0."""
-    gen, steps = config.generate, config.serve.warmup_steps
+def warm_up_jobs(config: Config, controlnet: bool) -> list[tuple[Job, bool]]:
+    """(job, whether the engine merges LoRA slots while drawing it): one image; with
+    `serve.compile` also two images and (with `controlnet`) a canny-controlled image, all with
+    `serve.lora_merge`, and with it on, the one and two images again unmerged.
+    `serve.warmup_steps` steps at the `generate:` size, a grey reference photo, seed 0."""
+    gen, steps, merge = config.generate, config.serve.warmup_steps, config.serve.lora_merge
     subject = ZeroShotSubject((PIL.Image.new("RGB", (224, 224), "gray"),), CATEGORY)
 
     def job(num_images: int = 1, **kwargs) -> Job:
@@ -53,8 +67,10 @@ def warm_up_jobs(config: Config, controlnet: bool) -> list[Job]:
         return Job(request, subject, gen.height, gen.width, **kwargs)
 
     if not config.serve.compile:
-        return [job()]
-    jobs = [job(), job(2)]
+        return [(job(), merge)]
+    jobs = [(job(), merge), (job(2), merge)]
     if controlnet:
-        jobs.append(job(control=ControlRequest(PIL.Image.new("RGB", (gen.width, gen.height), "gray"), "canny", 1.0)))
+        jobs.append((job(control=ControlRequest(PIL.Image.new("RGB", (gen.width, gen.height), "gray"), "canny", 1.0)), merge))
+    if merge:  # rows of several subjects: the per-row graphs
+        jobs += [(job(), False), (job(2), False)]
     return jobs

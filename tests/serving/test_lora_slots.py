@@ -6,6 +6,7 @@ evicted subject's slot is zero."""
 import copy
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from torch import nn
@@ -15,7 +16,7 @@ from pipeline.serving.app import _api_error
 from pipeline.serving.engine import Engine, Job
 from pipeline.serving.lora_slots import LoraSlots, LoraUnfit
 from pipeline.serving.requests import GenerationRequest
-from pipeline.serving.subjects import SubjectUnusable, read_subject
+from pipeline.serving.subjects import SubjectUnusable, ZeroShotSubject, read_subject
 from tests.serve_subjects import TINY, make_subject
 
 STEPS = 2
@@ -161,7 +162,8 @@ def test_a_compiled_unet_draws_every_lora_subject_and_mix_with_its_first_graphs(
     want = eager.run([job(d, 2), job(a, 2), job(b, 4, num_images=2)])
     for g, w in zip(got, want, strict=True):
         assert np.abs(g - pixels(w.images)).max() <= 1  # float rounding of another batch at most
-    assert np.array_equal(draw(job(a, 1))[0], first)
+    assert np.array_equal(draw(job(a, 1))[0], first)  # merged again: the graphs of its first call
+    assert graphs() == mixed
 
 
 def test_a_lora_subject_of_too_high_a_rank_is_refused_alone(subjects):
@@ -245,3 +247,168 @@ def test_more_rows_than_the_slots_hold_are_refused():
             pass
     with torch.no_grad(), pytest.raises(RuntimeError, match="a UNet call of 3 rows"):
         base.to_q(torch.randn(3, 5, 16))
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The merged mode: rows of one slot draw it merged into a working weight, without the per-row products
+
+
+def merged_peft(model: nn.Module) -> nn.Module:
+    """`model` (a peft_subject) with its adapter merged into its base weights by peft."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.merge()
+    return model
+
+
+def attend(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model.to_out[0](model.to_q(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_merged_layer_holds_the_weights_peft_merges_and_draws_what_its_slot_products_draw(dtype):
+    """peft merges W0 + (B A) * scale with the product in float32 on a CPU, cast to the weight's
+    dtype, then added: the same weights bit for bit, in float32 and float16."""
+    from peft import get_peft_model_state_dict
+
+    torch.manual_seed(0)
+    base = Attention().eval()
+    peft_models = [peft_subject(base, 2, 3.0, 1).to(dtype), peft_subject(base, 4, 4.0, 2).to(dtype)]
+    plain = copy.deepcopy(base).to(dtype)
+    base.to(dtype)
+    slots = LoraSlots(base, slots=2, rank=4, merge=True)
+    numbers = [slots.load(slots.fit(get_peft_model_state_dict(m), r), alpha / r)
+               for m, r, alpha in zip(peft_models, (2, 4), (3.0, 4.0), strict=True)]
+    x = torch.randn(3, 5, 16)
+    for slot, model in zip([0, *numbers], [plain, *peft_models], strict=True):
+        with torch.no_grad(), slots.use([slot] * 3, merge=True):
+            assert all(layer.merged for layer in slots.layers.values())
+            merged = attend(base, x.to(dtype)) if dtype == torch.float32 else None
+        want = merged_peft(copy.deepcopy(model))
+        for name, layer in slots.layers.items():
+            own = want.get_submodule(name)
+            assert torch.equal(layer.merged_weight, getattr(own, "base_layer", own).weight), name
+        if merged is not None:  # float32: the products in the layer's own order against the merged weight
+            with torch.no_grad(), slots.use([slot] * 3):
+                assert (merged - attend(base, x)).abs().max() <= TOLERANCE
+    assert not any(layer.merged for layer in slots.layers.values())  # outside `use`: the per-row mode
+    for name, layer in slots.layers.items():  # W0 never written
+        assert torch.equal(layer.weight, plain.get_submodule(name).weight)
+
+
+def test_rows_of_several_slots_use_the_per_row_products_even_with_merge():
+    from peft import get_peft_model_state_dict
+
+    base = Attention().eval()
+    model = peft_subject(base, 4, 4.0, 1)
+    plain = copy.deepcopy(base)
+    slots = LoraSlots(base, slots=2, rank=4, merge=True)
+    slot = slots.load(slots.fit(get_peft_model_state_dict(model), 4), 1.0)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad(), slots.use([slot, 0], merge=True):
+        assert not any(layer.merged for layer in slots.layers.values())
+        got = attend(base, x)
+        assert (got[0] - attend(model, x[:1])[0]).abs().max() <= TOLERANCE
+        assert torch.equal(got[1], attend(plain, x[1:])[0])
+
+
+def test_a_slot_freed_or_loaded_again_while_merged_is_never_drawn_stale():
+    from peft import get_peft_model_state_dict
+
+    base = Attention().eval()
+    first, second = peft_subject(base, 4, 4.0, 1), peft_subject(base, 4, 2.0, 2)
+    plain = copy.deepcopy(base)
+    slots = LoraSlots(base, slots=1, rank=4, merge=True)
+    x = torch.randn(2, 5, 16)
+    slot = slots.load(slots.fit(get_peft_model_state_dict(first), 4), 1.0)
+    with torch.no_grad(), slots.use([slot], merge=True):
+        assert (attend(base, x) - attend(first, x)).abs().max() <= TOLERANCE
+    slots.free(slot)
+    with torch.no_grad(), slots.use([slot], merge=True):  # a freed slot is zero: the base
+        assert torch.equal(attend(base, x), attend(plain, x))
+    with torch.no_grad(), slots.use([slot], merge=True):
+        pass
+    assert slots.load(slots.fit(get_peft_model_state_dict(second), 4), 0.5) == slot  # the same slot, another subject
+    with torch.no_grad(), slots.use([slot], merge=True):
+        assert (attend(base, x) - attend(second, x)).abs().max() <= TOLERANCE
+
+
+def test_merging_needs_the_working_weights():
+    slots = LoraSlots(Attention(), slots=1, rank=4)
+    assert all(layer.merged_weight is None for layer in slots.layers.values())  # lora_merge off: no extra memory
+    with pytest.raises(ValueError, match="no merged weights"):
+        slots.use([0], merge=True)
+    with slots.use([0, 0]):  # the per-row mode works as before
+        pass
+
+
+def merged_calls(engine: Engine) -> list[bool]:
+    """A list that gets, per UNet call of `engine`, whether its LoRA layers ran merged."""
+    calls: list[bool] = []
+    layer = next(iter(engine._lora.layers.values()))
+    engine.model.unet.register_forward_hook(lambda *_: calls.append(layer.merged))
+    return calls
+
+
+def test_a_group_of_one_subject_draws_merged_what_the_per_row_products_draw(subjects):
+    """serve.lora_merge: a group whose rows all draw one slot (a LoRA subject, or none) runs the
+    UNet merged; a group of two subjects adds its per-row products, each request its own subject;
+    with lora_merge off, every group adds them."""
+    a, b = subjects["a"], subjects["b"]
+    zero_shot = ZeroShotSubject((PIL.Image.new("RGB", (64, 64), "red"),), "dog")
+    merging = Engine(BlipDiffusion.from_pretrained(TINY), max_batch_images=8, max_subjects=8, max_lora_adapters=8)
+    per_row = Engine(BlipDiffusion.from_pretrained(TINY), max_batch_images=8, max_subjects=8, max_lora_adapters=8, lora_merge=False)
+    merged, unmerged = merged_calls(merging), merged_calls(per_row)
+    groups = {
+        "one LoRA subject": lambda: [job(a, 1), job(a, 2, num_images=2)],
+        "no LoRA subject": lambda: [job(zero_shot, 3)],
+        "two LoRA subjects": lambda: [job(a, 4), job(b, 4)],
+    }
+    for name, jobs in groups.items():
+        merged.clear()
+        got, want = merging.run(jobs()), per_row.run(jobs())
+        assert merged and all(m == (name != "two LoRA subjects") for m in merged), name
+        for g, w in zip(got, want, strict=True):
+            assert g.error is None and np.abs(pixels(g.images) - pixels(w.images)).max() <= 1, name  # float rounding at most
+    assert unmerged and not any(unmerged)
+    a_alone, b_alone = (merging.run([job(subject, 4)])[0] for subject in (a, b))
+    assert np.abs(pixels(got[0].images) - pixels(a_alone.images)).max() <= 1
+    assert np.abs(pixels(got[1].images) - pixels(b_alone.images)).max() <= 1
+    assert np.abs(pixels(a_alone.images) - pixels(b_alone.images)).max() > 20
+
+
+def test_after_merged_subjects_the_base_draws_what_a_fresh_unet_draws_and_the_state_dict_stays_the_base(subjects):
+    """Each merge starts from the base weights W0, which are never written: after subjects a and
+    b were merged, the base draws bit for bit what a fresh UNet draws, and the UNet's state dict
+    (what a checkpoint would save) is the base's while a subject is merged."""
+    a, b = subjects["a"], subjects["b"]
+    zero_shot = ZeroShotSubject((PIL.Image.new("RGB", (64, 64), "red"),), "dog")
+    fresh = BlipDiffusion.from_pretrained(TINY).unet.state_dict()
+    engine = Engine(BlipDiffusion.from_pretrained(TINY), max_batch_images=8, max_subjects=8, max_lora_adapters=8)
+    for subject in (a, b):
+        [drawn] = engine.run([job(subject, 1)])
+        assert drawn.error is None
+        state = engine.model.unet.state_dict()
+        assert state.keys() == fresh.keys() and all(torch.equal(state[k], fresh[k]) for k in fresh)
+        assert any(not torch.equal(layer.merged_weight, layer.weight) for layer in engine._lora.layers.values())
+    [base] = engine.run([job(zero_shot, 1)])
+    assert all(torch.equal(layer.merged_weight, layer.weight) for layer in engine._lora.layers.values())
+    for lora_merge in (True, False):
+        new = Engine(BlipDiffusion.from_pretrained(TINY), max_batch_images=8, max_subjects=8, max_lora_adapters=8, lora_merge=lora_merge)
+        [want] = new.run([job(zero_shot, 1)])
+        assert np.array_equal(pixels(base.images), pixels(want.images))
+
+
+def test_a_subject_loaded_into_the_slot_of_the_merged_one_is_drawn_not_the_evicted(subjects):
+    """With one slot, b takes the slot a is merged from: b draws b, as a fresh engine draws it."""
+    a, b = subjects["a"], subjects["b"]
+    engine = Engine(BlipDiffusion.from_pretrained(TINY), max_batch_images=8, max_subjects=8, max_lora_adapters=1)
+    fresh = Engine(BlipDiffusion.from_pretrained(TINY), max_batch_images=8, max_subjects=8, max_lora_adapters=1)
+    [first] = engine.run([job(a, 1)])
+    [got] = engine.run([job(b, 1)])
+    [want] = fresh.run([job(b, 1)])
+    assert np.array_equal(pixels(got.images), pixels(want.images))
+    assert np.abs(pixels(got.images) - pixels(first.images)).max() > 20

@@ -1,6 +1,6 @@
 """A replica's warm-up (serving/warmup.py): with serve.compile, every graph variant a request
-can need is traced before the replica is ready (edits run eagerly), so no request waits behind a
-compile; a ControlNet missing from this machine does not keep the replica down. serve.compile_mode
+can need is traced before the replica is ready (edits run eagerly; LoRA subjects alone or mixed,
+merged or with per-row products), so no request waits behind a compile; a ControlNet missing from this machine does not keep the replica down. serve.compile_mode
 auto is CUDA graphs on a GPU and Inductor's default on a CPU (serving/app.py compile_mode_for)."""
 
 import logging
@@ -17,9 +17,9 @@ from pipeline.serving.controls import ControlRequest
 from pipeline.serving.edits import EditRequest
 from pipeline.serving.engine import Engine, Job
 from pipeline.serving.requests import GenerationRequest
-from pipeline.serving.subjects import ZeroShotSubject
+from pipeline.serving.subjects import ZeroShotSubject, read_subject
 from pipeline.serving.warmup import warm_up, warm_up_jobs
-from tests.serve_subjects import TINY
+from tests.serve_subjects import TINY, make_subject
 
 SIZE = 64
 CONFIG = ["profile=tiny", "serve.compile=true", f"generate.height={SIZE}", f"generate.width={SIZE}"]
@@ -29,17 +29,32 @@ def _graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def test_after_the_warm_up_no_request_path_compiles_again():
+@pytest.fixture(scope="module")
+def lora_subjects(tmp_path_factory):
+    root = tmp_path_factory.mktemp("warmup")
+    return [read_subject(make_subject(root / name, "lora", seed), name, "1") for seed, name in enumerate("ab", 1)]
+
+
+def test_the_warm_up_draws_each_lora_mode_it_serves_in():
+    """(images, control, merged): with serve.lora_merge the jobs of both modes of the LoRA
+    layers (Dynamo guards on the mode), without it the per-row mode's alone."""
+    jobs = [(j.request.num_images, j.control is not None, merge) for j, merge in warm_up_jobs(load_config(overrides=CONFIG), True)]
+    assert jobs == [(1, False, True), (2, False, True), (1, True, True), (1, False, False), (2, False, False)]
+    per_row = warm_up_jobs(load_config(overrides=[*CONFIG, "serve.lora_merge=false"]), True)
+    assert [(j.request.num_images, j.control is not None, merge) for j, merge in per_row] == [(1, False, False), (2, False, False), (1, True, False)]
+    assert [merge for _, merge in warm_up_jobs(load_config(overrides=[*CONFIG, "serve.compile=false"]), True)] == [True]
+
+
+def test_after_the_warm_up_no_request_path_compiles_again(lora_subjects):
     config = load_config(overrides=CONFIG)
     model = BlipDiffusion.from_pretrained(TINY)
     # The server's compile, with a backend that only traces: the graphs are counted.
     torch._dynamo.reset()
     model.compile_for_inference(backend="eager")
     engine = Engine(model, 4, 8, 8, PROFILE_CONTROLNETS["tiny"]["canny"], config.edit)
-    assert [(j.request.num_images, j.control is not None) for j in warm_up_jobs(config, True)] == [(1, False), (2, False), (1, True)]
-    assert len(warm_up_jobs(load_config(overrides=[*CONFIG, "serve.compile=false"]), True)) == 1
     warm_up(engine, config)
     traced = _graphs()
+    assert engine.lora_merge  # as it was before the warm-up's per-row jobs
 
     request = GenerationRequest("a cat on the grass", 1, 7, 3, 5.0, None, SIZE, SIZE)
     subject = ZeroShotSubject((Image.new("RGB", (96, 80), "red"),), "cat")
@@ -53,6 +68,9 @@ def test_after_the_warm_up_no_request_path_compiles_again():
         Job(request, subject, SIZE, SIZE, control=ControlRequest(photo, "canny", 0.5)),
     ])
     assert all(job.error is None for job in jobs) and [len(job.images) for job in jobs] == [1, 3, 1, 1, 1]
+    a, b = lora_subjects
+    for batch in ([Job(request, a, SIZE, SIZE)], [Job(three, a, SIZE, SIZE), Job(request, b, SIZE, SIZE)], [Job(three, b, SIZE, SIZE)]):
+        assert all(job.error is None for job in engine.run(batch))  # merged, per-row products, merged
     assert _graphs() == traced
 
 
