@@ -497,8 +497,8 @@ class ServeConfig(_Strict):
     num_gpus: Runtime[Annotated[float, Field(ge=0)] | Literal["auto"]] = Field(
         "auto", description="GPUs of a replica; auto = 1 when the cluster has GPUs, else 0"
     )
-    max_batch_size: Runtime[int] = Field(8, ge=1, le=256, description="requests of one batch (serve.batch), across callers")
-    batch_wait_timeout_s: Runtime[float] = Field(0.02, ge=0.0, le=10.0, description="how long a batch waits to fill, s")
+    max_batch_size: Runtime[int] = Field(8, ge=1, le=256, description="requests of one batch, across callers: every request waiting when the model is free, up to this (pipeline/serving/batcher.py)")
+    batch_wait_timeout_s: Runtime[float] = Field(0.02, ge=0.0, le=10.0, description="how long the first request at an idle replica waits for others to join its batch, s")
     max_batch_images: Runtime[int] = Field(16, ge=1, le=512, description="images denoised together; a bigger batch runs in parts")
     max_queued_requests: Runtime[int] = Field(64, ge=1, description="requests waiting for a replica; more are answered 503")
     request_timeout_s: Runtime[float] = Field(300.0, gt=0, description="a request not answered by then gets a 5xx (a hung replica)")
