@@ -36,7 +36,7 @@ from pipeline.model.checkpoint import (
     write_json,
     write_weights,
 )
-from pipeline.model.control import Control, check_controlnet, controlnet_residuals
+from pipeline.model.control import Control, check_controlnet, controlnet_residuals, match_layout
 from pipeline.model.image_processing import ImageLike, SubjectImageProcessor
 from pipeline.model.prompts import (
     CONTEXT_BEGIN_POS,
@@ -553,7 +553,9 @@ class BlipDiffusion(nn.Module):
         the steps; it steers the steps of its window (`Control.steers`) and the others call the
         plain UNet.
         """
-        control = None if control is None else control.prepared()
+        if control is not None:
+            match_layout(control.controlnet, self.unet)  # before its map's embedding is made
+            control = control.prepared()
         count = len(scheduler.timesteps)
         steered = [False] * count if control is None else control.steers(count)
         embeds = cond if uncond is None else torch.cat([uncond, cond]).to(self.unet.dtype)
@@ -628,8 +630,8 @@ class BlipDiffusion(nn.Module):
         Both go channels-last first, and Inductor lowers 1x1 convolutions to matrix products
         (a process-wide Inductor setting, as in training's `compile_model`): the layout every
         compiled generation in BENCHMARKS.md was measured with, so that a server compiling
-        here runs at the benchmarked speed. A ControlNet used with a channels-last UNet should
-        be channels-last too (`Control` does not convert it: callers own it).
+        here runs at the benchmarked speed. A ControlNet used with it is put in the same
+        layout at its first generation (`control.match_layout`).
 
         With `control`, also the ControlNet step with the UNet (`_controlled_noise`), as one
         graph compiled on the first controlled generation (a second compile, minutes with

@@ -171,6 +171,19 @@ def load_controlnet(path_or_id: str | Path, *, dtype: torch.dtype, device: str |
     return model.to(device).eval()
 
 
+def match_layout(controlnet: Any, unet: Any) -> None:
+    """Put `controlnet` in `unet`'s memory format, in place: channels-last when the UNet is
+    (`BlipDiffusion.compile_for_inference` converts the UNet; a ControlNet loaded later would
+    otherwise run its convolutions in the other layout, with a layout copy at each residual
+    it hands the UNet). Cheap to call again: it looks at one weight of each."""
+    def channels_last(module: Any) -> bool:
+        weight = module.conv_in.weight
+        return weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+
+    if channels_last(unet) and not channels_last(controlnet):
+        controlnet.to(memory_format=torch.channels_last)
+
+
 def check_controlnet(controlnet: Any, unet: Any) -> None:
     """A ControlNet built for another UNet layout would fail deep inside the UNet; say so here."""
     want = tuple(unet.config.block_out_channels)

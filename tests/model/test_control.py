@@ -419,3 +419,26 @@ def test_a_compiled_model_runs_both_graphs_in_one_window(tiny):
     finally:
         torch._dynamo.reset()
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_a_controlnet_takes_the_channels_last_layout_of_a_compiled_unet():
+    """compile_for_inference makes the UNet channels-last; a ControlNet loaded later (the server,
+    the pyfunc) ran in the other layout, a layout copy at every residual. Its first generation
+    now converts it, and draws what it drew before within float rounding."""
+    from pipeline.config import PROFILE_CONTROLNETS, PROFILE_MODELS
+    from pipeline.model import BlipDiffusion
+    from pipeline.model.control import Control, load_controlnet
+
+    model = BlipDiffusion.from_pretrained(PROFILE_MODELS["tiny"]["blip_diffusion"])
+    controlnet = load_controlnet(PROFILE_CONTROLNETS["tiny"]["canny"], dtype=torch.float32, device="cpu")
+    args = {"subject_embeds": torch.zeros(1, 16, 32), "category": "dog", "steps": 2, "height": SIZE, "width": SIZE, "seed": 0,
+            "output_type": "pt", "progress": False}
+    image = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    before = model.generate("on the grass", control=Control(controlnet, image, 1.0), **args)
+    weight = controlnet.conv_in.weight
+    assert weight.is_contiguous() and not weight.is_contiguous(memory_format=torch.channels_last)
+    model.unet.to(memory_format=torch.channels_last)
+    after = model.generate("on the grass", control=Control(controlnet, image, 1.0), **args)
+    assert controlnet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
