@@ -56,8 +56,9 @@ the same shapes finds the compile cache of an earlier one):
         --job cold:600:300 --job warm:20:10 --job raw:300:150:train.precompute=false
 
 --composite (with --e2e, no --job) runs composite_jobs: stored composites with precompute, stored
-from pixels, and online composites (train.composite online), --steps each; the difference of
-their samples/s is what fresh composites every epoch cost a step. --smoke is a CPU check that
+from pixels, online composites (train.composite online) from pixels, and online with the
+targets precomputed, --steps each; the difference of their samples/s is what fresh composites
+every epoch cost a step. --smoke is a CPU check that
 every path of a command runs (tiny model, 64 px, batch 2, 16 rows), not how fast:
 
     python benchmarks/bench_pretrain.py --e2e --composite --pool 2000 --rows 1024 --cpus-per-worker 8 --steps 300
@@ -866,13 +867,15 @@ def parse_job(spec: str) -> Job:
 def composite_jobs(steps: int) -> list[Job]:
     """--composite: what train.composite online costs a step. The stored composites with
     precomputed VAE posteriors and ViT features (the fastest job before online composites), the
-    stored ones from pixels (ViT and VAE in the step), and online (the composite pasted in the
-    collate, its ViT features in the step). Each job's samples/s is over its last half."""
+    stored ones from pixels (ViT and VAE in the step), online from pixels (the composite pasted
+    in the collate, VAE and ViT in the step), and online-pre (the targets' VAE posteriors
+    precomputed, the ViT in the step). Each job's samples/s is over its last half."""
     half = max(1, steps // 2)
     return [
         Job("stored-pre", steps, half, ["train.composite=stored", "train.precompute=true"]),
         Job("stored-raw", steps, half, ["train.composite=stored", "train.precompute=false"]),
-        Job("online", steps, half, ["train.composite=online"]),
+        Job("online", steps, half, ["train.composite=online", "train.precompute=false"]),
+        Job("online-pre", steps, half, ["train.composite=online", "train.precompute=true"]),
     ]
 
 
@@ -1092,7 +1095,7 @@ def main() -> int:
     )
     parser.add_argument("--e2e", action="store_true", help="run the training job itself instead of step modes")
     parser.add_argument(
-        "--composite", action="store_true", help="--e2e without --job: stored+precompute, stored from pixels, online composites"
+        "--composite", action="store_true", help="--e2e without --job: stored+precompute, stored from pixels, online composites from pixels and with precomputed targets"
     )
     parser.add_argument("--smoke", action="store_true", help="CPU check that the command runs: --tiny, 64 px, batch 2, 16 rows")
     parser.add_argument(

@@ -617,8 +617,9 @@ class TrainConfig(_Strict):
     composite: Literal["auto", "stored", "online"] = Field(
         "auto",
         description="the subject's input image: the build's stored composites, or the row's cutout pasted onto a random "
-        "pool background every epoch, seeded by (seed, epoch, row) (no ViT precompute); auto = online for pretraining "
-        "on a dataset with cutouts, else stored",
+        "pool background every epoch, seeded by (seed, epoch, row) (train.precompute then encodes the targets only: the "
+        "ViT runs in the step); auto = online for pretraining on a dataset with cutouts unless train.precompute is true, "
+        "else stored",
     )
     prompt_template: str = Field("a {category}", description="prompt of rows without a caption; {category} is filled in")
     drop_subject_prob: float = Field(0.15, ge=0.0, le=1.0, description="share of samples trained without the subject")
@@ -626,6 +627,7 @@ class TrainConfig(_Strict):
     precompute: bool | Literal["auto"] = Field(
         "auto",
         description="encode targets (VAE) and composites (ViT) once in Ray Data and train from those (centre crops); "
+        "with train.composite online the targets only (the composites are new each epoch); "
         "auto = on GPUs when the run plans 5 epochs or more (pipeline/train/speed.py resolve_precompute)",
     )
     mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
@@ -686,8 +688,6 @@ class TrainConfig(_Strict):
             raise ValueError("prompt_template must contain '{category}'")
         if self.fail_at_step is not None and self.fail_at_step >= self.steps:
             raise ValueError(f"fail_at_step ({self.fail_at_step}) must be below steps ({self.steps})")
-        if self.composite == "online" and self.precompute is True:
-            raise ValueError("composite online makes a new input image every epoch: its ViT features cannot be precomputed (precompute: false or auto)")
         if self.composite == "online" and self.method != "pretrain":
             raise ValueError(f"composite online is pretraining's; {self.method} trains on the subject's stored composites")
         if not self.gpu and self.unet_sdpa_backend in ("efficient", "cudnn"):

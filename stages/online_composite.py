@@ -49,17 +49,22 @@ def to_unit(alpha: np.ndarray) -> np.ndarray:
 CUTOUT_COLUMNS = (CATEGORY, IMAGE, FOREGROUND, ALPHA, SOURCE_SHA256, COMPOSITE_INDEX)
 
 
-def prepare_cutout_batch(batch: dict[str, np.ndarray], *, resolution: int, crop: str) -> dict[str, np.ndarray]:
+def prepare_cutout_batch(
+    batch: dict[str, np.ndarray], *, resolution: int, crop: str, decode: bool = True
+) -> dict[str, np.ndarray]:
     """Ray Data adapter for online composites: encoded rows -> category, caption, TARGET (as
     stages.train_inputs.prepare_batch makes it), the cutout decoded (FOREGROUND uint8 (H, W, 3),
     ALPHA uint8 (H, W); photos differ in size, so these are ragged) and ROW_KEY. The composite is
-    made later, where the epoch is known (pipeline/train/data.py FeedCollate)."""
+    made later, where the epoch is known (pipeline/train/data.py FeedCollate). With `decode`
+    False the cutout stays as the dataset stores it (PNG/JPEG bytes, ~10x smaller): the
+    precompute of the targets caches it so, and `decode_cutouts` decodes it when it is read."""
     rng = np.random.default_rng()
     n = len(batch[CATEGORY])
     captions = batch[CAPTION] if CAPTION in batch else np.full(n, "", dtype=object)
-    foregrounds, alphas = np.empty(n, dtype=object), np.empty(n, dtype=object)
-    foregrounds[:] = [decode_rgb(b) for b in batch[FOREGROUND]]
-    alphas[:] = [_decode_gray(b) for b in batch[ALPHA]]
+    if decode:
+        foregrounds, alphas = decode_cutouts(batch[FOREGROUND], batch[ALPHA])
+    else:
+        foregrounds, alphas = np.asarray(batch[FOREGROUND], dtype=object), np.asarray(batch[ALPHA], dtype=object)
     return {
         CATEGORY: np.asarray(batch[CATEGORY], dtype=object),
         CAPTION: np.asarray([c or "" for c in captions], dtype=object),
@@ -68,6 +73,15 @@ def prepare_cutout_batch(batch: dict[str, np.ndarray], *, resolution: int, crop:
         ALPHA: alphas,
         ROW_KEY: np.asarray([row_key(str(h), int(k)) for h, k in zip(batch[SOURCE_SHA256], batch[COMPOSITE_INDEX], strict=True)], np.int64),
     }
+
+
+def decode_cutouts(foregrounds: Sequence[bytes], alphas: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """A cutout's stored bytes -> object arrays of FOREGROUND uint8 (H, W, 3) and ALPHA uint8
+    (H, W), one array per row (ragged: photos differ in size)."""
+    out_fg, out_alpha = np.empty(len(foregrounds), dtype=object), np.empty(len(alphas), dtype=object)
+    out_fg[:] = [decode_rgb(b) for b in foregrounds]
+    out_alpha[:] = [_decode_gray(b) for b in alphas]
+    return out_fg, out_alpha
 
 
 def _decode_gray(data: bytes) -> np.ndarray:

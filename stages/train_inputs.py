@@ -11,7 +11,8 @@ Pure cores:
 
 Batch adapters: `prepare_batch` (a Ray Data map function: decode, crop, preprocess) and
 `FrozenEncoder` (a Ray Data actor that loads the VAE and the ViT once and replaces the pixel
-columns by their encodings, for training from precomputed inputs).
+columns by their encodings, for training from precomputed inputs; the VAE alone for online
+composites, whose ViT input is new each epoch).
 """
 
 from __future__ import annotations
@@ -103,26 +104,26 @@ class FrozenEncoder:
     """Ray Data actor: the VAE and the ViT of a checkpoint, loaded once.
 
     Replaces TARGET by LATENT_PARAMS (float32) and PIXEL_VALUES by IMAGE_FEATURES (float16,
-    half the bytes; the features go through the Q-Former's bf16/fp32 compute either way).
+    half the bytes; the features go through the Q-Former's bf16/fp32 compute either way); other
+    columns pass through. With `vit` False (online composites: the ViT's input is new each
+    epoch) only the VAE is loaded and the batches carry no PIXEL_VALUES.
     """
 
-    def __init__(self, model_path: str, use_gpu: bool = False, bf16: bool = False) -> None:
+    def __init__(self, model_path: str, use_gpu: bool = False, bf16: bool = False, vit: bool = True) -> None:
         from pipeline.model import BlipDiffusion
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         model = BlipDiffusion.from_pretrained(model_path)
         # Keep only the frozen parts; the UNet and the text encoder are not needed here.
         self.vae = model.vae.to(self.device).eval()
-        self.qformer = model.qformer.to(self.device).eval()
+        self.qformer = model.qformer.to(self.device).eval() if vit else None
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {name: column for name, column in batch.items() if name not in (TARGET, PIXEL_VALUES)}
         with self.autocast:
-            params = latent_params(self.vae, torch.from_numpy(batch[TARGET]))
-            features = image_features(self.qformer, torch.from_numpy(batch[PIXEL_VALUES]))
-        return {
-            CATEGORY: batch[CATEGORY],
-            CAPTION: batch[CAPTION],
-            LATENT_PARAMS: params.float().cpu().numpy(),
-            IMAGE_FEATURES: features.to(torch.float16).cpu().numpy(),
-        }
+            out[LATENT_PARAMS] = latent_params(self.vae, torch.from_numpy(batch[TARGET])).float().cpu().numpy()
+            if PIXEL_VALUES in batch:
+                features = image_features(self.qformer, torch.from_numpy(batch[PIXEL_VALUES]))
+                out[IMAGE_FEATURES] = features.to(torch.float16).cpu().numpy()
+        return out

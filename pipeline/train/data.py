@@ -2,8 +2,10 @@
 
 read Parquet -> decode, crop the target, preprocess the composite (CPU tasks) -> [precompute:
 VAE posterior and ViT features, an actor per GPU, written once beside the runs] -> the
-trainer's workers, which each iterate their equal share through `FeedCollate`. This module is
-the only place that declares the resources of training-data stages.
+trainer's workers, which each iterate their equal share through `FeedCollate`. With online
+composites the precompute encodes the targets alone (the ViT's input is new each epoch) and
+keeps the cutouts' bytes, which are decoded as the cache is read. This module is the only place
+that declares the resources of training-data stages.
 
 The feed's layout (BENCHMARKS.md, "Pretraining job"): the precomputed cache stores each tensor
 column as fixed-size binary (one C-order row per value, no dictionary), not as Ray's tensor
@@ -33,12 +35,20 @@ import ray
 import torch
 from ray.data import ActorPoolStrategy, Dataset
 from ray.data.collate_fn import ArrowBatchCollateFn
+from ray.data.extensions import ArrowTensorArray
 
 from pipeline.config import Config, ConfigError
 from pipeline.data.backgrounds import backgrounds_digest, list_backgrounds
 from pipeline.data.versions import LATEST, MANIFEST
 from pipeline.train.arraycache import array_cache
-from stages.online_composite import CUTOUT_COLUMNS, PASS_INDEX, ROW_KEY, OnlineCompositor, prepare_cutout_batch
+from stages.online_composite import (
+    CUTOUT_COLUMNS,
+    PASS_INDEX,
+    ROW_KEY,
+    OnlineCompositor,
+    decode_cutouts,
+    prepare_cutout_batch,
+)
 from stages.records import ALPHA, CATEGORY, COMPOSITE, FOREGROUND, SUBJECT_ID
 from stages.train_inputs import CAPTION, INPUT_COLUMNS, PIXEL_VALUES, FrozenEncoder, prepare_batch, subject_pixels
 
@@ -152,18 +162,20 @@ def build_training_plan(info: DatasetInfo, config: Config, processor: Any, passe
     """Lazy Dataset of category, caption, pixel_values (3, S, S) and target (3, R, R) rows,
     `passes` times over the rows (each pass with new random crops). With `train.composite`
     online, rows carry the cutout (FOREGROUND, ALPHA), ROW_KEY and PASS_INDEX instead of
-    pixel_values: FeedCollate composites them, knowing the epoch."""
+    pixel_values: FeedCollate composites them, knowing the epoch. With online and
+    `train.precompute` it is the one pass `precompute_inputs` encodes: the cutouts stay as
+    stored bytes and no PASS_INDEX (added where the cache is read back)."""
     train = config.train
     online = train.composite == "online"
     columns = list(CUTOUT_COLUMNS if online else INPUT_COLUMNS) + ([CAPTION] if info.has_caption else [])
     ds = ray.data.read_parquet(info.files, columns=columns)
     crop = "center" if train.precompute else train.crop  # a cached crop cannot be random
     if online:
-        fn, kwargs = prepare_cutout_batch, {"resolution": train.resolution, "crop": crop}
+        fn, kwargs = prepare_cutout_batch, {"resolution": train.resolution, "crop": crop, "decode": not train.precompute}
     else:
         fn, kwargs = prepare_batch, {"processor": processor, "resolution": train.resolution, "crop": crop}
     ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_size=_MAP_BATCH, num_cpus=train.data_cpus)
-    return repeat_passes(ds, passes, tag=online)
+    return repeat_passes(ds, passes, tag=online and not train.precompute)
 
 
 def repeat_passes(ds: Dataset, passes: int, tag: bool = False) -> Dataset:
@@ -213,17 +225,32 @@ def epoch_at_step(step: int, *, rows: int, passes: int, workers: int, batch_size
     return step * grad_accum // batches
 
 
+def precompute_cache(info: DatasetInfo, config: Config, storage: str) -> tuple[str, str]:
+    """(<storage>/precomputed-<key>, the key's source): one cache per dataset, model, resolution
+    and layout. Online composites' caches (targets only, with the cutouts) have a key of their
+    own, so they never mix with the full precompute's."""
+    train = config.train
+    parts = [info.digest, config.model_path("blip_diffusion"), train.resolution, "center", "binary-v1"]
+    if train.composite == "online":
+        parts.append("online-targets-v1")
+    key_source = json.dumps(parts)
+    return f"{storage}/precomputed-{hashlib.sha256(key_source.encode()).hexdigest()[:12]}", key_source
+
+
 def precompute_inputs(ds: Dataset, info: DatasetInfo, config: Config, storage: str, passes: int = 1) -> Dataset:
     """Encode every row once with the frozen VAE and ViT (one actor per training GPU, or one on
     the CPU) into <storage>/precomputed-<key>/parts-<id>/ (the one its _PRECOMPUTE_DONE.json
     names), which every run of the same dataset, model and resolution reuses (restarts, reruns,
     other run names); returns the Dataset of category, caption, latent_params and
     image_features rows (`passes` times over them), and sets `info.tensor_layout`. `ds` is the
-    plan of one pass. ConfigError for a cache whose rows are not the dataset's."""
+    plan of one pass. ConfigError for a cache whose rows are not the dataset's.
+
+    With `train.composite` online only the targets are encoded (VAE): the rows keep the
+    cutout's stored bytes and ROW_KEY, and come back with the cutout decoded and PASS_INDEX, as
+    the online plan's rows (FeedCollate composites them), with latent_params in place of target."""
     train = config.train
-    model = config.model_path("blip_diffusion")
-    key_source = json.dumps([info.digest, model, train.resolution, "center", "binary-v1"])
-    cache = f"{storage}/precomputed-{hashlib.sha256(key_source.encode()).hexdigest()[:12]}"
+    online = train.composite == "online"
+    cache, key_source = precompute_cache(info, config, storage)
     fs, root = pyarrow.fs.FileSystem.from_uri(cache)
     done = f"{root}/{_PRECOMPUTE_DONE}"
     if fs.get_file_info(done).type == pyarrow.fs.FileType.NotFound:
@@ -231,11 +258,12 @@ def precompute_inputs(ds: Dataset, info: DatasetInfo, config: Config, storage: s
         # appends to a folder, so the parts of a killed attempt (or of a job writing the same
         # cache at once) would otherwise be read as rows beside the complete set.
         parts = f"parts-{uuid.uuid4().hex[:12]}"
-        log.info("precomputing VAE latents and ViT features of %d rows into %s", info.rows, cache)
+        what = "VAE latents of the targets" if online else "VAE latents and ViT features"
+        log.info("precomputing %s of %d rows into %s", what, info.rows, cache)
         bf16 = train.gpu and train.mixed_precision != "no"
         encoded = ds.map_batches(
             FrozenEncoder,
-            fn_constructor_kwargs={"model_path": model, "use_gpu": train.gpu, "bf16": bf16},
+            fn_constructor_kwargs={"model_path": config.model_path("blip_diffusion"), "use_gpu": train.gpu, "bf16": bf16, "vit": not online},
             compute=ActorPoolStrategy(size=train.workers if train.gpu else 1),
             num_gpus=1 if train.gpu else 0,
             num_cpus=train.data_cpus,
@@ -250,7 +278,7 @@ def precompute_inputs(ds: Dataset, info: DatasetInfo, config: Config, storage: s
         fs.move(f"{done}.{parts}", done)
         info.precompute = "made"
     else:
-        log.info("training from precomputed inputs in %s", cache)
+        log.info("training from precomputed %s in %s", "targets" if online else "inputs", cache)
         info.precompute = "reused"
     with fs.open_input_stream(done) as record:
         parts = json.loads(record.read()).get("parts", "")  # "": older releases wrote into the cache itself
@@ -263,19 +291,39 @@ def precompute_inputs(ds: Dataset, info: DatasetInfo, config: Config, storage: s
             "(an older release's precompute killed midway leaves its rows beside the rerun's): delete that folder and rerun"
         )
     info.tensor_layout = read_tensor_layout(pq.read_schema(files[0], filesystem=fs))
+    if online:  # the Ray Data feed reads it: the cutouts are decoded in its tasks
+        rows_back = ray.data.read_parquet(files, filesystem=fs).map_batches(
+            decode_cutout_columns, batch_format="pyarrow", batch_size=_MAP_BATCH, num_cpus=train.data_cpus
+        )
+        return repeat_passes(rows_back, passes, tag=True)
     arrays = array_cache(f"{cache}/{parts}".rstrip("/"), info.tensor_layout)
     info.array_cache = str(arrays) if arrays is not None else None
     return repeat_passes(ray.data.read_parquet(files, filesystem=fs), passes)
 
 
+def decode_cutout_columns(table: pa.Table) -> pa.Table:
+    """Ray Data adapter (pyarrow batches) of the online targets' cache: the cutout's stored
+    bytes -> FOREGROUND and ALPHA as prepare_cutout_batch decodes them (ragged uint8 tensors);
+    the other columns as they are (latent_params stays fixed-size binary for FeedCollate)."""
+    foregrounds, alphas = decode_cutouts(table.column(FOREGROUND).to_pylist(), table.column(ALPHA).to_pylist())
+    table = table.set_column(table.schema.get_field_index(FOREGROUND), FOREGROUND, ArrowTensorArray.from_numpy(foregrounds))
+    return table.set_column(table.schema.get_field_index(ALPHA), ALPHA, ArrowTensorArray.from_numpy(alphas))
+
+
 def pack_tensor_columns(batch: dict[str, np.ndarray]) -> pa.Table:
     """Ray Data adapter: numeric (N, ...) columns -> fixed-size binary columns of one C-order row
-    each (dtype and shape in the field's metadata, `read_tensor_layout`); strings stay strings."""
+    each (dtype and shape in the field's metadata, `read_tensor_layout`); strings stay strings,
+    bytes binary, and one number a row (N,) a plain column (ROW_KEY)."""
     fields, arrays = [], []
     for name, column in batch.items():
         if column.dtype == object:
-            fields.append(pa.field(name, pa.string()))
-            arrays.append(pa.array([str(v) for v in column], type=pa.string()))
+            kind = pa.binary() if len(column) and isinstance(column[0], bytes) else pa.string()
+            fields.append(pa.field(name, kind))
+            arrays.append(pa.array(list(column) if kind == pa.binary() else [str(v) for v in column], type=kind))
+            continue
+        if column.ndim == 1:
+            fields.append(pa.field(name, pa.from_numpy_dtype(column.dtype)))
+            arrays.append(pa.array(column))
             continue
         rows = np.ascontiguousarray(column)
         width = rows.dtype.itemsize * int(np.prod(rows.shape[1:]))

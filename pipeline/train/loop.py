@@ -152,9 +152,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             with dist.sync_gradients(model, sync=micro == train.grad_accum - 1):
                 # No autocast weight cache under CUDA graphs: the graphs would keep freed copies.
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not graphs):
-                    if precomputed:  # VAE posterior and ViT features made once, in Ray Data
+                    if precomputed:  # VAE posterior made once, in Ray Data
                         posterior = batch[LATENT_PARAMS].to(device, non_blocking=True)
-                        subject = batch[IMAGE_FEATURES].to(device, non_blocking=True)
+                        # The ViT features too, except for online composites: their pixels are
+                        # new each epoch, and the Q-Former runs its ViT on 4-D pixels.
+                        subject = batch[IMAGE_FEATURES if IMAGE_FEATURES in batch else PIXEL_VALUES].to(device, non_blocking=True)
                     else:
                         posterior = latent_params(method.model.vae, batch[TARGET].to(device, non_blocking=True))
                         subject = batch[PIXEL_VALUES].to(device, non_blocking=True)

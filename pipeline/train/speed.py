@@ -186,8 +186,9 @@ def resolve_compile(setting: bool | str, mode: str, *, cuda: bool, world_size: i
 def resolve_composite(setting: str, *, method: str, has_cutout: bool, precompute: bool | str) -> str:
     """`train.composite`: "auto" is online (fresh composites every epoch, as BLIP-Diffusion's
     pretraining makes them) for pretraining on a dataset whose rows carry the cutout, unless
-    precompute is asked for (the ViT features of a composite made each epoch cannot be cached);
-    stored otherwise."""
+    precompute is explicitly true (stored composites then: the full precompute, ViT features
+    too, makes the fastest step; online composites precompute the targets alone); stored
+    otherwise."""
     if setting != "auto":
         return setting
     chosen = "online" if method == "pretrain" and has_cutout and precompute is not True else "stored"
@@ -199,18 +200,17 @@ def resolve_precompute(
     setting: bool | str, *, gpu: bool, rows: int, samples_per_step: int, steps: int, online: bool = False
 ) -> bool:
     """`train.precompute`: "auto" precomputes on GPUs when the run's planned epochs
-    (steps x samples per step / rows) reach PRECOMPUTE_MIN_EPOCHS; never on the CPU, and never
-    with online composites (each epoch's composite is new: its ViT features are made in the
-    step; benchmarks/bench_pretrain.py --composite measures what that costs). A precomputed
-    target is centre-cropped for the whole run (no random crops)."""
+    (steps x samples per step / rows) reach PRECOMPUTE_MIN_EPOCHS; never on the CPU. With
+    `online` composites it precomputes the targets' VAE posteriors only (each epoch's composite
+    is new: its ViT features are made in the step); the same rule holds, the VAE encoder being
+    nearly all of what the step spends on encoding (benchmarks/bench_pretrain.py --composite
+    measures it). A precomputed target is centre-cropped for the whole run (no random crops)."""
     if setting != "auto":
         return bool(setting)
-    if online:
-        log.info("train.precompute auto -> False (train.composite online)")
-        return False
     epochs = steps * samples_per_step / max(rows, 1)
     chosen = gpu and epochs >= PRECOMPUTE_MIN_EPOCHS
-    log.info("train.precompute auto -> %s (%s, %.1f planned epochs)", chosen, "GPU" if gpu else "CPU", epochs)
+    what = " (the targets; train.composite online)" if online and chosen else ""
+    log.info("train.precompute auto -> %s%s (%s, %.1f planned epochs)", chosen, what, "GPU" if gpu else "CPU", epochs)
     return chosen
 
 

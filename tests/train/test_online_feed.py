@@ -12,12 +12,22 @@ from ray.data.extensions import ArrowTensorArray
 
 from pipeline.config import ASSETS_DIR, ConfigError, load_config
 from pipeline.data.backgrounds import list_backgrounds
-from pipeline.model import SubjectImageProcessor
-from pipeline.train.data import FeedCollate, OnlineFeed, epoch_at_step
+from pipeline.model import BlipDiffusion, SubjectImageProcessor
+from pipeline.train.data import (
+    FeedCollate,
+    OnlineFeed,
+    build_training_plan,
+    epoch_at_step,
+    online_settings,
+    open_dataset,
+    precompute_cache,
+    precompute_inputs,
+)
 from pipeline.train.speed import resolve_composite, resolve_precompute
 from stages.online_composite import PASS_INDEX, ROW_KEY, OnlineCompositor, row_key
 from stages.records import ALPHA, CATEGORY, FOREGROUND
-from stages.train_inputs import PIXEL_VALUES, TARGET
+from stages.train_inputs import LATENT_PARAMS, PIXEL_VALUES, TARGET, latent_params
+from tests.tinydata import publish_dataset
 
 
 def _ragged(arrays):
@@ -80,9 +90,62 @@ def test_composite_auto_and_precompute():
     assert resolve_composite("auto", method="pretrain", has_cutout=False, precompute="auto") == "stored"
     assert resolve_composite("auto", method="pretrain", has_cutout=True, precompute=True) == "stored"
     assert resolve_composite("auto", method="lora", has_cutout=True, precompute="auto") == "stored"
-    assert resolve_precompute("auto", gpu=True, rows=10, samples_per_step=16, steps=10_000, online=True) is False
-    assert resolve_precompute("auto", gpu=True, rows=10, samples_per_step=16, steps=10_000) is True
-    with pytest.raises(ConfigError, match="cannot be precomputed"):
-        load_config(overrides=["train.composite=online", "train.precompute=true"])
+    # Online composites precompute their targets by the stored composites' rule: GPUs, 5 epochs.
+    for online in (False, True):
+        def chosen(gpu=True, steps=10_000, online=online):
+            return resolve_precompute("auto", gpu=gpu, rows=160, samples_per_step=16, steps=steps, online=online)
+
+        assert chosen() is True and chosen(steps=50) is True  # 5 planned epochs
+        assert chosen(steps=49) is False and chosen(gpu=False) is False
+    assert resolve_precompute(True, gpu=False, rows=10, samples_per_step=16, steps=1, online=True) is True
+    assert load_config(overrides=["train.composite=online", "train.precompute=true"]).train.precompute is True
     with pytest.raises(ConfigError, match="pretraining's"):
         load_config(overrides=["train.composite=online", "train.method=lora"])
+
+
+def _rows_of(ds) -> pa.Table:
+    """Every row of a Ray Dataset, in (pass, row) order."""
+    import ray
+
+    table = pa.concat_tables([ray.get(ref) for ref in ds.to_arrow_refs()])
+    return table.sort_by([(PASS_INDEX, "ascending"), (ROW_KEY, "ascending")])
+
+
+@pytest.mark.slow
+def test_precomputed_targets_feed_the_same_composites_and_the_targets_latents(ray_local, tmp_path):
+    # train.composite online with train.precompute: the cache holds the targets' VAE posteriors
+    # and the cutouts' bytes; its feed must composite exactly as the plain online plan does.
+    version = publish_dataset(tmp_path / "ds", {"dog": "dog", "cat": "cat"}, per_subject=3)
+    common = ["profile=tiny", f"train.data={version}", "train.resolution=64", "train.crop=center", "train.composite=online"]
+    plain_config = load_config(overrides=[*common, "train.precompute=false"])
+    config = load_config(overrides=[*common, "train.precompute=true"])
+    processor = SubjectImageProcessor.from_pretrained(ASSETS_DIR / "tiny-blipdiffusion" / "image_processor")
+    storage = str(tmp_path / "runs")
+
+    info = open_dataset(str(version))
+    plain = _rows_of(build_training_plan(info, plain_config, processor, passes=2))
+    hybrid = _rows_of(precompute_inputs(build_training_plan(info, config, processor), info, config, storage, passes=2))
+    assert info.precompute == "made" and info.array_cache is None
+    assert set(info.tensor_layout) == {LATENT_PARAMS}
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(next((tmp_path / "runs").glob("precomputed-*/parts-*/*.parquet")))
+    assert (schema.field(FOREGROUND).type, schema.field(ALPHA).type, schema.field(ROW_KEY).type) == (pa.binary(), pa.binary(), pa.int64())
+    assert hybrid.column(ROW_KEY).equals(plain.column(ROW_KEY)) and hybrid.column(PASS_INDEX).equals(plain.column(PASS_INDEX))
+
+    feed = OnlineFeed.build(online_settings(info, config, 2), processor, torch.device("cpu"))
+    for epoch in (0, 3):
+        ours = FeedCollate(info.tensor_layout, online=feed).at_epoch(epoch)(hybrid)
+        theirs = FeedCollate(online=feed).at_epoch(epoch)(plain)
+        assert set(ours) == {CATEGORY, "caption", LATENT_PARAMS, PIXEL_VALUES}
+        assert torch.equal(ours[PIXEL_VALUES], theirs[PIXEL_VALUES])
+    vae = BlipDiffusion.from_pretrained(config.model_path("blip_diffusion")).vae.eval()
+    expected = latent_params(vae, theirs[TARGET])
+    torch.testing.assert_close(ours[LATENT_PARAMS], expected, rtol=1e-4, atol=1e-4)
+
+    # A second job reuses the cache; the full precompute (stored composites) has its own.
+    again = open_dataset(str(version))
+    precompute_inputs(build_training_plan(again, config, processor), again, config, storage)
+    assert again.precompute == "reused"
+    stored = load_config(overrides=[*common, "train.composite=stored", "train.precompute=true"])
+    assert precompute_cache(info, stored, storage)[0] != precompute_cache(info, config, storage)[0]

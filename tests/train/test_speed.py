@@ -242,6 +242,17 @@ def test_the_driver_resolves_every_auto_setting():
     assert resolved("train.gpu=true", rows=10**6) == (True, "reduce-overhead", False)
     assert resolved("train.gpu=true", "train.compile=false", "train.precompute=false") == (False, "default", False)
 
+    def composite(*overrides, rows=1024):
+        train = load_config(overrides=["train.steps=1000", "train.batch_size=32", *overrides]).train
+        train = resolve_speed_settings(train, rows, has_cutout=True)
+        return train.composite, train.precompute
+
+    # Rows with cutouts: online composites, their targets precomputed on GPUs from 5 planned epochs.
+    assert composite("train.gpu=true") == ("online", True)
+    assert composite("train.gpu=true", rows=10**6) == ("online", False)
+    assert composite() == ("online", False)  # CPU
+    assert composite("train.precompute=true") == ("stored", True)  # the full precompute is faster still
+
 
 class _Shard:
     """Precomputed rows for the loop, the same on every call (like a Ray Data shard)."""

@@ -200,6 +200,22 @@ def test_a_killed_worker_resumes_from_the_newest_checkpoint_and_a_rerun_continue
         assert (start3, third) == (8, [9, 10]), rank
 
 
+def test_online_composites_train_from_precomputed_targets(ray_local, dataset, tmp_path):
+    # The targets' VAE posteriors made once; the composite pasted and through the ViT each step.
+    runs = tmp_path / "runs"
+    config = load_config(
+        overrides=settings(
+            dataset, runs, "train.composite=online", "train.precompute=true", "train.steps=2", "train.checkpoint_every=2",
+            "train.log_every=1", "train.samples.every=0", "tracking.enabled=false",
+        )
+    )
+    result = run_training(config)
+    assert result.step == 2 and result.checkpoint.endswith("step-0000002")
+    assert (result.dataset.precomputed, result.dataset.precompute, result.dataset.array_cache) == (True, "made", None)
+    assert list(runs.glob("precomputed-*/_PRECOMPUTE_DONE.json")) and not list(runs.glob("precomputed-*/parts-*/arrays"))
+    assert torch.isfinite(torch.tensor(result.metrics["loss"]))
+
+
 def test_bad_config_is_refused_before_any_worker_starts(dataset, tmp_path, monkeypatch, capsys):
     import pipeline.train.trainer as trainer
 
