@@ -138,11 +138,11 @@ def mean_phases(timings: list[dict]) -> dict[str, float]:
     return {name: round(statistics.fmean(t[name] for t in timings), 4) for name in timings[0]}
 
 
-def batch_totals(url: str) -> tuple[int, float]:
+def batch_totals(url: str) -> tuple[int, int]:
     """(batches, images) the replica drew since it started (/healthz `batch_means`)."""
     with urllib.request.urlopen(f"{url}/healthz", timeout=30) as answer:
         means = json.loads(answer.read())["batch_means"]
-    return means["batches"], means["batches"] * means.get("images", 0.0)
+    return means["batches"], means.get("images_drawn", 0)
 
 
 def run_load(url: str, payloads: list[dict], clients: int, per_client: int) -> dict:

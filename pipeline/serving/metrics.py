@@ -48,10 +48,12 @@ class BatchMeans:
         self.images += images
 
     def means(self) -> dict[str, float | int]:
-        """{"batches": n, "requests": mean per batch, "images": mean per batch}; only n while n is 0."""
+        """{"batches": n, "requests": mean per batch, "images": mean per batch, "images_drawn":
+        the total}; only n while n is 0."""
         if not self.batches:
             return {"batches": 0}
-        return {"batches": self.batches, "requests": round(self.requests / self.batches, 2), "images": round(self.images / self.batches, 2)}
+        return {"batches": self.batches, "requests": round(self.requests / self.batches, 2), "images": round(self.images / self.batches, 2),
+                "images_drawn": self.images}
 
 
 class ServeMetrics:

@@ -17,4 +17,4 @@ def test_batch_means_average_requests_and_images_per_batch():
     assert means.means() == {"batches": 0}
     means.add(requests=8, images=8)
     means.add(requests=2, images=5)
-    assert means.means() == {"batches": 2, "requests": 5.0, "images": 6.5}
+    assert means.means() == {"batches": 2, "requests": 5.0, "images": 6.5, "images_drawn": 13}
