@@ -197,13 +197,16 @@ class Engine:
         control = None if first.control is None else self._control(model, first)
         steps, height, width = first.request.steps, first.height, first.width
         cond, uncond, latents, scales, rows, drawn = [], [], [], [], [], []
+        negatives: dict[str, torch.Tensor] = {}  # each negative prompt encoded once a group: most requests use the default
         for job in jobs:
             r = job.request
             try:  # the request's own prompts and subject: a failure here is its alone, not its batch's
                 job_cond, job_uncond = self._condition(model, job), None
                 if r.guidance_scale > 1.0:
                     negative = r.negative_prompt if r.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
-                    job_uncond = model.encode_prompts([negative], None).expand(r.num_images, -1, -1)
+                    if negative not in negatives:
+                        negatives[negative] = model.encode_prompts([negative], None)  # (1, 77, D)
+                    job_uncond = negatives[negative].expand(r.num_images, -1, -1)
             except Exception as exc:  # a [slot] beyond the tokens the text encoder reads (PromptError), text it cannot read
                 if is_out_of_memory(exc):
                     raise

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from pipeline.model import BlipDiffusion
+from pipeline.model.prompts import DEFAULT_NEGATIVE_PROMPT
 from pipeline.model.schedulers import fresh_scheduler
 from pipeline.model.subject import SubjectModel
 from pipeline.serving.engine import BatchCancelled, Engine, Job
@@ -220,3 +221,29 @@ def test_an_edit_whose_client_left_stops_after_the_current_step(subjects):
                edit=EditRequest("dog", photo))
     [kept] = engine.run([kept])  # nobody left: the whole edit
     assert kept.error is None and len(kept.images) == 1 and len(calls) > 2
+
+
+def test_a_group_encodes_each_negative_prompt_once_and_draws_what_it_drew(subjects, monkeypatch):
+    """Every guided request needs its negative prompt's encoding, and most use the default: a
+    group of four requests with two negative prompts encodes two, not four, and draws the same
+    images as requests encoded one by one (each drawn alone)."""
+    (_, a), (_, b) = subjects["a"], subjects["b"]
+    engine = Engine(BlipDiffusion.from_pretrained(TINY), max_batch_images=8, max_subjects=8, max_lora_adapters=8)
+
+    def group():
+        other = GenerationRequest("on the beach", 1, 8, STEPS, 7.5, "blurry", None, None)
+        return [job(a, 5), job(b, 6, num_images=2), Job(other, a, 64, 64), job(a, 7)]
+
+    alone_images = [pixels(engine.run([j])[0].images) for j in group()]
+    negatives, encode = [], engine.model.encode_prompts
+
+    def counted(texts, embeds, *args, **kwargs):
+        if embeds is None:  # a prompt without a subject: a negative one here
+            negatives.extend(texts)
+        return encode(texts, embeds, *args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "encode_prompts", counted)
+    jobs = engine.run(group())
+    assert sorted(negatives) == sorted(["blurry", DEFAULT_NEGATIVE_PROMPT])
+    for got, want in zip(jobs, alone_images, strict=True):
+        assert got.error is None and np.abs(pixels(got.images) - want).max() <= 1
