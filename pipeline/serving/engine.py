@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,10 +199,11 @@ class Engine:
         steps, height, width = first.request.steps, first.height, first.width
         cond, uncond, latents, scales, rows, drawn = [], [], [], [], [], []
         negatives: dict[str, torch.Tensor] = {}  # each negative prompt encoded once a group: most requests use the default
+        zero_shot = self._encode_zero_shots(model, jobs)
         for job in jobs:
             r = job.request
             try:  # the request's own prompts and subject: a failure here is its alone, not its batch's
-                job_cond, job_uncond = self._condition(model, job), None
+                job_cond, job_uncond = self._condition(model, job, zero_shot), None
                 if r.guidance_scale > 1.0:
                     negative = r.negative_prompt if r.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
                     if negative not in negatives:
@@ -278,14 +280,18 @@ class Engine:
         image = control_tensor(job.control, model.image_processor, job.height, job.width)
         return Control(self._controlnet, image, job.control.scale, start=job.control.start, end=job.control.end)
 
-    def _condition(self, model: BlipDiffusion, job: Job) -> torch.Tensor:
-        """Text-encoder states (n, 77, D) of one job's prompt with its subject, n = num_images."""
+    def _condition(self, model: BlipDiffusion, job: Job, zero_shot: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        """Text-encoder states (n, 77, D) of one job's prompt with its subject, n = num_images.
+        `zero_shot`: the group's zero-shot embeddings encoded together (`_encode_zero_shots`)."""
         r, subject = job.request, job.subject
         prompt = check_text(r.prompt, "prompt")
         if job.slots:
             return model.encode_slot_prompts([prompt], self._slot_embeds(model, subject), r.num_images, 1.0, DEFAULT_PROMPT_REPS)
         if isinstance(subject, ZeroShotSubject | MixedSubject):
-            embeds, category = self._mixed_embeds(model, subject), subject.category  # (1, Q, D)
+            embeds = zero_shot.get(id(subject))
+            if embeds is None:
+                embeds = self._mixed_embeds(model, subject)  # (1, Q, D)
+            category = subject.category
         elif subject.embeds is None:  # dreambooth: the subject is a rare token of the prompt
             from pipeline.model.subject import dreambooth_prompt
 
@@ -310,6 +316,31 @@ class Engine:
         parts = [self._mixed_embeds(model, part) if isinstance(part, ZeroShotSubject) else self._device_embeds(part)
                  for part in subject.parts]
         return mix_subjects(parts, subject.weights)
+
+    def _encode_zero_shots(self, model: BlipDiffusion, jobs: list[Job]) -> dict[int, torch.Tensor]:
+        """{id(subject): embeddings (1, Q, D)} of the group's zero-shot requests (two or more),
+        every reference photo through the ViT and Q-Former in one call: one call a request paid
+        the encoders' whole launch sequence each time (a batch of 8 zero-shot requests, 8 calls).
+        Each subject's embeddings are the mean over its own photos, as `encode_subject` makes
+        them. {} when the call fails for any reason but memory: each request then encodes its
+        own photos, so a failure stays its own."""
+        subjects = [job.subject for job in jobs if isinstance(job.subject, ZeroShotSubject)]
+        if len(subjects) < 2:
+            return {}
+        try:
+            pixels = [model.image_processor.preprocess(list(subject.images)) for subject in subjects]
+            categories = [subject.category for subject, part in zip(subjects, pixels, strict=True) for _ in range(part.shape[0])]
+            embeds = model.subject_embeddings(torch.cat(pixels), categories)  # (photos, Q, D)
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise
+            log.info("the group's zero-shot photos could not be encoded together (%s); each request encodes its own", exc)
+            return {}
+        encoded, start = {}, 0
+        for subject, part in zip(subjects, pixels, strict=True):
+            encoded[id(subject)] = embeds[start : start + part.shape[0]].mean(dim=0, keepdim=True)
+            start += part.shape[0]
+        return encoded
 
     def _slot_embeds(self, model: BlipDiffusion, subject: Any) -> dict[str, torch.Tensor]:
         """{slot name: subject embeddings (1, Q, D)}: the subjects of each category mixed by their weights."""

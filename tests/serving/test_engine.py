@@ -247,3 +247,36 @@ def test_a_group_encodes_each_negative_prompt_once_and_draws_what_it_drew(subjec
     assert sorted(negatives) == sorted(["blurry", DEFAULT_NEGATIVE_PROMPT])
     for got, want in zip(jobs, alone_images, strict=True):
         assert got.error is None and np.abs(pixels(got.images) - want).max() <= 1
+
+
+def test_a_groups_zero_shot_photos_are_encoded_in_one_call_and_draw_what_each_draws_alone(monkeypatch):
+    """Three zero-shot requests (1, 2 and 1 photos, two categories) in one group: one pass of
+    the ViT and Q-Former over the four photos, and each request's images within a level of
+    those it draws alone (its embeddings the mean over its own photos, as encode_subject)."""
+    engine = Engine(BlipDiffusion.from_pretrained(TINY), max_batch_images=8, max_subjects=8, max_lora_adapters=8)
+    photos = [Image.new("RGB", (64, 48), color) for color in ("red", "navy", "olive", "white")]
+
+    def group():
+        return [job(ZeroShotSubject((photos[0],), "dog"), 5), job(ZeroShotSubject((photos[1], photos[2]), "cat"), 6),
+                job(ZeroShotSubject((photos[3],), "dog"), 7, num_images=2)]
+
+    alone_images = [pixels(engine.run([j])[0].images) for j in group()]
+    batches, embed = [], engine.model.subject_embeddings
+
+    def counted(pixel_values, categories):
+        batches.append(list(categories))
+        return embed(pixel_values, categories)
+
+    monkeypatch.setattr(engine.model, "subject_embeddings", counted)
+    jobs = engine.run(group())
+    assert batches == [["dog", "cat", "cat", "dog"]]
+    for got, want in zip(jobs, alone_images, strict=True):
+        assert got.error is None and np.abs(pixels(got.images) - want).max() <= 1
+
+
+def test_when_the_photos_cannot_be_encoded_together_each_request_encodes_its_own(monkeypatch):
+    engine = Engine(BlipDiffusion.from_pretrained(TINY), max_batch_images=8, max_subjects=8, max_lora_adapters=8)
+    photos = [Image.new("RGB", (64, 48), color) for color in ("red", "navy")]
+    fail_first_call(monkeypatch, engine.model, "subject_embeddings", ValueError("a photo the batch cannot take"))
+    jobs = engine.run([job(ZeroShotSubject((photos[0],), "dog"), 5), job(ZeroShotSubject((photos[1],), "cat"), 6)])
+    assert all(j.error is None and len(j.images) == 1 for j in jobs)
