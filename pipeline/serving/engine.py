@@ -15,8 +15,10 @@ runs on a spare UNet holding that subject's full weights. A request's noise come
 generator seeded with its own seed, as `subjectforge generate` makes it, so a seed gives the
 same images whatever it is batched with (up to float rounding of the batch).
 
-Each drawn job gets the seconds of its queue and its group's conditioning, denoising and
-decoding (job.timings, serving/timings.py).
+Conditioning is shared where it can be: a group encodes each negative prompt once, and its
+zero-shot requests' photos in one pass of the ViT and Q-Former. Each drawn job gets the seconds
+of its queue and its group's conditioning, denoising and decoding (job.timings,
+serving/timings.py).
 
 Everything here runs on one thread (the replica's compute thread): slots are filled, rows set
 and slots merged only between chunks. No Ray, HTTP or MLflow here.
