@@ -156,7 +156,6 @@ def bench_control(args, model: BlipDiffusion, photo: Image.Image, ours, record, 
     record("ours+controlnet eager, 1 image", ours(1, control), 1)
     if time.perf_counter() - t0 < args.budget:
         mode = "reduce-overhead" if device.type == "cuda" else None
-        controlnet.to(memory_format=torch.channels_last)  # as the UNet, which compile_for_inference converts
         model.compile_for_inference(mode=mode, control=True)
         record("ours compiled, 1 image", ours(1), 1)
         record("ours+controlnet compiled, 1 image", ours(1, control), 1)

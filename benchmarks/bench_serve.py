@@ -52,11 +52,16 @@ log = logging.getLogger("bench_serve")
 PROMPT = "on the beach"
 
 
+def healthz(url: str) -> dict:
+    """The replica's GET /healthz answer."""
+    with urllib.request.urlopen(f"{url}/healthz", timeout=30) as answer:
+        return json.loads(answer.read())
+
+
 def replica_state(url: str) -> dict:
     """The replica's compile state from /healthz: torch.compile graphs, the resolved mode, and
     the graphs compiled without CUDA graphs with Inductor's reasons."""
-    with urllib.request.urlopen(f"{url}/healthz", timeout=30) as answer:
-        health = json.loads(answer.read())
+    health = healthz(url)
     return {key: health[key] for key in ("compiled_graphs", "compile_mode", "cudagraph_skips", "cudagraph_skip_reasons")}
 
 
@@ -140,8 +145,7 @@ def mean_phases(timings: list[dict]) -> dict[str, float]:
 
 def batch_totals(url: str) -> tuple[int, int]:
     """(batches, images) the replica drew since it started (/healthz `batch_means`)."""
-    with urllib.request.urlopen(f"{url}/healthz", timeout=30) as answer:
-        means = json.loads(answer.read())["batch_means"]
+    means = healthz(url)["batch_means"]
     return means["batches"], means.get("images_drawn", 0)
 
 

@@ -256,8 +256,16 @@ class BlipDiffusion(nn.Module):
 
         Compute once and pass as `generate(subject_embeds=...)` to reuse (cache) them.
         """
-        pixels = self.image_processor.preprocess(images)
-        return self.subject_embeddings(pixels, [category] * pixels.shape[0]).mean(dim=0, keepdim=True)
+        return self.encode_subjects([(images, category)])[0]
+
+    def encode_subjects(self, subjects: Sequence[tuple[ImageLike | Sequence[ImageLike], str]]) -> list[torch.Tensor]:
+        """`encode_subject` of several subjects ((photos, category) each): every photo goes
+        through the ViT and Q-Former in one call, and each subject's embeddings (1, Q, D) are
+        the mean over its own photos."""
+        pixels = [self.image_processor.preprocess(images) for images, _ in subjects]
+        categories = [category for (_, category), part in zip(subjects, pixels, strict=True) for _ in range(part.shape[0])]
+        embeds = self.subject_embeddings(torch.cat(pixels), categories)  # (photos, Q, D)
+        return [part.mean(dim=0, keepdim=True) for part in embeds.split([p.shape[0] for p in pixels])]
 
     def encode_prompts(self, prompts: Sequence[str], subject_embeds: torch.Tensor | None) -> torch.Tensor:
         """Text-encoder states (B, 77, D) for B prompts, with subject embeddings (B, Q, D) inserted

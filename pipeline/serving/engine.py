@@ -65,7 +65,6 @@ class Job:
     height: int
     width: int
     enqueued: float = field(default_factory=time.monotonic)  # when the request joined the queue
-    started: float | None = None  # when its group began (its subjects made ready, then its prompts encoded)
     # Seconds of queue, condition, denoise and decode (serving/timings.py), set when its images are drawn.
     timings: dict[str, float] = field(default_factory=dict)
     images: list[PIL.Image.Image] | None = None
@@ -184,8 +183,6 @@ class Engine:
         # GPU's queued work is charged to the phase that queued it; never on a CPU.
         clock = PhaseClock(self.model.device)
         began = clock.now()
-        for job in jobs:
-            job.started = began
         model, slot_of = self._activate(jobs)
         jobs = [job for job in jobs if job.error is None]  # a LoRA subject that cannot be loaded fails its own jobs
         if not jobs:
@@ -323,26 +320,19 @@ class Engine:
         """{id(subject): embeddings (1, Q, D)} of the group's zero-shot requests (two or more),
         every reference photo through the ViT and Q-Former in one call: one call a request paid
         the encoders' whole launch sequence each time (a batch of 8 zero-shot requests, 8 calls).
-        Each subject's embeddings are the mean over its own photos, as `encode_subject` makes
-        them. {} when the call fails for any reason but memory: each request then encodes its
+        Each subject's embeddings are the mean over its own photos (`encode_subjects`). {} when the call fails for any reason but memory: each request then encodes its
         own photos, so a failure stays its own."""
         subjects = [job.subject for job in jobs if isinstance(job.subject, ZeroShotSubject)]
         if len(subjects) < 2:
             return {}
         try:
-            pixels = [model.image_processor.preprocess(list(subject.images)) for subject in subjects]
-            categories = [subject.category for subject, part in zip(subjects, pixels, strict=True) for _ in range(part.shape[0])]
-            embeds = model.subject_embeddings(torch.cat(pixels), categories)  # (photos, Q, D)
+            embeds = model.encode_subjects([(list(subject.images), subject.category) for subject in subjects])
         except Exception as exc:
             if is_out_of_memory(exc):
                 raise
             log.info("the group's zero-shot photos could not be encoded together (%s); each request encodes its own", exc)
             return {}
-        encoded, start = {}, 0
-        for subject, part in zip(subjects, pixels, strict=True):
-            encoded[id(subject)] = embeds[start : start + part.shape[0]].mean(dim=0, keepdim=True)
-            start += part.shape[0]
-        return encoded
+        return {id(subject): embed for subject, embed in zip(subjects, embeds, strict=True)}
 
     def _slot_embeds(self, model: BlipDiffusion, subject: Any) -> dict[str, torch.Tensor]:
         """{slot name: subject embeddings (1, Q, D)}: the subjects of each category mixed by their weights."""
