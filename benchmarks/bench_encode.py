@@ -14,8 +14,12 @@ bytes to --dump (a .npz), so that two versions of the stages can be checked for 
 `--unfused` converts to an Arrow block after each function (the plan before they were fused
 into one function); `--matte-output` also times the matte actor's own output conversion.
 
+`--answer`: the serving answer's PNGs (`pipeline.serving.api.image_answer`, at its
+PNG_COMPRESS_LEVEL) against PIL's default level 6 as the baseline, ms and KiB per photo.
+
     python benchmarks/bench_encode.py [--size 512] [--photos 16] [--format jpeg]
     python benchmarks/bench_encode.py --post-matte [--per-photo 2] [--photos 32] [--unfused]
+    python benchmarks/bench_encode.py --answer
 """
 
 from __future__ import annotations
@@ -210,6 +214,28 @@ def _clock(fn) -> float:
     return time.perf_counter() - start
 
 
+def answer_pngs(photos: list[np.ndarray], passes: int) -> None:
+    """ms and KiB per photo of `image_answer` (PNG and base64) at its PNG_COMPRESS_LEVEL and at
+    PIL's default level 6 (the baseline), best of `passes`."""
+    from pipeline.serving import api
+    from pipeline.serving.requests import GenerationRequest
+
+    images = [Image.fromarray(p) for p in photos]
+    request = GenerationRequest("bench", len(images), 0, 50, 7.5, None, None, None)
+    chosen = api.PNG_COMPRESS_LEVEL
+    for level in (6, chosen):
+        api.PNG_COMPRESS_LEVEL = level
+        best = float("inf")
+        for _ in range(passes):
+            start = time.perf_counter()
+            answer = api.image_answer(images, request, "bench", None, "bench")
+            best = min(best, time.perf_counter() - start)
+        size = sum(len(data) * 3 // 4 for data in answer["images"])
+        print(json.dumps({"compress_level": level, "ms_per_photo": round(best / len(images) * 1e3, 1),
+                          "kib_per_photo": round(size / len(images) / 1024)}))
+    api.PNG_COMPRESS_LEVEL = chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512)
@@ -223,6 +249,7 @@ def main() -> None:
     parser.add_argument("--unfused", action="store_true", help="--post-matte: an Arrow block after each function")
     parser.add_argument("--matte-output", action="store_true", help="--post-matte: also the matte actor's output build")
     parser.add_argument("--dump", type=Path, default=None, help="--post-matte: write the output rows here (.npz)")
+    parser.add_argument("--answer", action="store_true", help="the serving answer's PNGs against PIL's default level (see above)")
     args = parser.parse_args()
     if args.batch_size is None:
         try:
@@ -236,6 +263,9 @@ def main() -> None:
     photos = [np.asarray(Image.open(f).convert("RGB").resize((args.size, args.size))) for f in files]
     if args.post_matte:
         post_matte(args, photos)
+        return
+    if args.answer:
+        answer_pngs(photos, args.passes)
         return
     results = []
     for per_photo in (1, 2, 4):

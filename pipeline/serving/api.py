@@ -119,9 +119,9 @@ def parse_generate(value: Any, config: Config) -> GenerateCall:
         raise ApiError(400, exc.field, exc.message) from None
 
 
-# zlib level of the answers' PNGs. Lossless at any level; on 512 px photos level 1 took 19 ms an
-# image against 54 ms at PIL's default 6, for files 1% larger (this repository's 2-core CPU;
-# generated images at 512 px: the serve bench's `encode` phase, 56 ms at level 6 on the H100 host).
+# zlib level of the answers' PNGs. Lossless at any level; level 1 takes a third of the time of
+# PIL's default 6 for files about 1% larger (BENCHMARKS.md "Serving", bench_encode.py --answer),
+# and the encoding is on every request's path.
 PNG_COMPRESS_LEVEL = 1
 
 
