@@ -264,11 +264,10 @@ class FilterConfig(_Strict):
 
 CAPTION_BATCH_GPU = 64
 CAPTION_BATCH_CPU = 8
-# One BLIP-2 OPT-2.7B actor per H100 (0.25 GPU, batch 64, 12 new tokens) was busy the whole
-# build at 124 photos/s and capped it at 76 photos/s end to end, 123 steady, where the build
-# without captions ran at 202 steady (BENCHMARKS.md, "Caption stage"). Two actors, 2 x 124 =
-# 248 > 150 photos/s, leave the other stages' 202 as the cap; each takes half the old share,
-# so the captioners still hold 0.25 of a GPU and CLIPSeg's auto share is unchanged.
+# Two BLIP-2 OPT-2.7B actors per GPU, each half the share one had (so CLIPSeg's auto share is
+# unchanged): on an H100 (batch 64, 12 new tokens, 16,384 photos) they built 102 photos/s end to
+# end against 98 for one actor, whose 126 photos/s of captions had capped the build; the GPU,
+# shared with CLIPSeg and matting, is then what is full (BENCHMARKS.md, "Caption stage").
 CAPTION_ACTORS_PER_GPU = 2
 CAPTION_GPUS = 0.125
 
