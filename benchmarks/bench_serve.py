@@ -197,6 +197,10 @@ def main() -> int:
     parser.add_argument("--subjects", type=int, default=100)
     parser.add_argument("--per-client", type=int, default=8, help="requests each client sends")
     parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--workloads", default="one-subject,many-subjects,zero-shot-3-photos",
+                        help="which workloads to run, comma-separated (a short GPU lease runs the ones it measures)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for the replica, after the bench's own (e.g. serve.compile_mode=max-autotune)")
     parser.add_argument("--out", type=Path, default=Path("bench_serve.json"))
     args = parser.parse_args()
     if args.smoke:
@@ -222,6 +226,7 @@ def main() -> int:
             f"models.blip_diffusion={base}", f"tracking.uri={uri}", f"serve.compile={args.compile}", f"serve.port={args.port}",
             f"serve.max_batch_size={max(clients)}", f"serve.max_batch_images={max(clients)}",
             f"generate.height={args.size}", f"generate.width={args.size}", f"serve.max_lora_adapters={max(args.subjects, 1)}",
+            *args.overrides,
         ])
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": args.port, "request_timeout_s": 600})
@@ -241,6 +246,8 @@ def main() -> int:
             f"{len(names)}-subjects": [{**common, "subject": f"models:/{n}@bench", "seed": i} for i, n in enumerate(names)],
             "zero-shot-3-photos": [{**common, "reference_images": photos, "category": "dog", "seed": i} for i in range(16)],
         }
+        chosen = args.workloads.replace("many-subjects", f"{len(names)}-subjects").split(",")
+        workloads = {name: payloads for name, payloads in workloads.items() if name in chosen}
         runs, states = [], {"after_start": replica_state(url)}
         for workload, payloads in workloads.items():
             for payload in payloads:  # load every subject before timing
@@ -256,15 +263,19 @@ def main() -> int:
         serve.shutdown()
         ray.shutdown()
 
-    def at(workload: str, n: int, key: str) -> float:
-        return next(r[key] for r in runs if r["workload"] == workload and r["clients"] == n)
+    def at(workload: str, n: int, key: str) -> float | None:
+        """A run's figure, None when that workload was not run."""
+        return next((r[key] for r in runs if r["workload"] == workload and r["clients"] == n), None)
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else round(a / b, 3)
 
     top = max(clients)
     results = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": describe("ray", "diffusers", "peft"),
         "settings": {"steps": args.steps, "size": args.size, "guidance_scale": 7.5, "compile": args.compile,
-                     "subjects": len(names), "per_client": args.per_client, "smoke": args.smoke},
+                     "subjects": len(names), "per_client": args.per_client, "smoke": args.smoke, "overrides": args.overrides},
         "setup_s": round(setup_s, 1), "serve_start_s": round(start_s, 1),
         # The replica's torch.compile graphs after its warm-up and after each workload: with
         # serve.compile they stay flat, or requests compiled (the warm-up missed a variant). Beside
@@ -274,10 +285,10 @@ def main() -> int:
         "summary": {
             f"images_per_s_one_subject_{top}_clients": at("one-subject", top, "images_per_s"),
             "p50_s_one_subject_1_client": at("one-subject", min(clients), "p50_s"),
-            "many_subjects_throughput_vs_one": round(at(f"{len(names)}-subjects", top, "images_per_s")
-                                                     / at("one-subject", top, "images_per_s"), 3),
-            "zero_shot_p50_vs_registered_1_client": round(at("zero-shot-3-photos", min(clients), "p50_s")
-                                                          / at("one-subject", min(clients), "p50_s"), 3),
+            "many_subjects_throughput_vs_one": ratio(at(f"{len(names)}-subjects", top, "images_per_s"),
+                                                     at("one-subject", top, "images_per_s")),
+            "zero_shot_p50_vs_registered_1_client": ratio(at("zero-shot-3-photos", min(clients), "p50_s"),
+                                                          at("one-subject", min(clients), "p50_s")),
             # Where the time of those two targets went (seconds per phase, pipeline/serving/timings.py).
             "phases_s_one_subject_1_client": at("one-subject", min(clients), "phases_s"),
             f"phases_s_one_subject_{top}_clients": at("one-subject", top, "phases_s"),
