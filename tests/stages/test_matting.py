@@ -181,7 +181,7 @@ _TRITON_CHECK = """
 import json, logging, sys
 import numpy as np
 import torch
-from stages.matting import cg_triton, estimate_alpha_cf_torch
+from stages.matting import cg_triton, estimate_alpha_cf_torch, laplacian_triton
 from tests.matting_fixtures import make_scene
 
 logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
@@ -189,6 +189,19 @@ scenes = [make_scene(40, 48, seed=19), make_scene(40, 48, seed=20)]
 images = np.stack([s.image for s in scenes])
 trimaps = np.stack([s.trimap for s in scenes])
 trimaps[1, :, :10] = 0.5  # a strip of background made unknown: this photo needs more iterations
+# The second Triton solve is of the same system: it takes the stencil that the Triton kernels
+# built for the first (half of a solve's time under the interpreter), for the same inputs.
+build_stencil, built = laplacian_triton.build_stencil, []
+
+def build_stencil_once(image, window_weight, epsilon, radius):
+    if not built:
+        built.append((image.clone(), window_weight, epsilon, radius, build_stencil(image, window_weight, epsilon, radius)))
+    first_image, first_weight, *first_settings, stencil = built[0]
+    assert torch.equal(image, first_image) and window_weight is first_weight is None
+    assert [epsilon, radius] == first_settings
+    return stencil.clone()
+
+laplacian_triton.build_stencil = build_stencil_once
 # A tol at which no photo stops within float32 rounding of the threshold, so that the loops'
 # iteration counts can be compared exactly.
 ours = estimate_alpha_cf_torch(images, trimaps, cg="triton", check_every=4, tol=3e-5)
@@ -300,12 +313,14 @@ from stages.matting import laplacian, laplacian_triton
 from tests.matting_fixtures import make_scene
 
 result = {}
+# 15 x 17: not square, and 255 pixels, so each photo takes two programs of 128 lanes, the second
+# one part masked. The interpreter's time goes by programs (r = 2 unrolls 325 window terms in each).
 for radius in (1, 2):
-    scenes = [make_scene(19, 23, seed=25), make_scene(19, 23, seed=26)]
+    scenes = [make_scene(15, 17, seed=25), make_scene(15, 17, seed=26)]
     image = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1) for s in scenes])
-    image[1, :, :8] = 0.5  # flat grey: windows whose covariance is only the ridge
-    weight = torch.ones(2, 1, 19 - 2 * radius, 23 - 2 * radius)
-    weight[0, :, 10:] = 0.0  # windows dropped, as for a padded photo
+    image[1, :, :6] = 0.5  # flat grey: windows whose covariance is only the ridge
+    weight = torch.ones(2, 1, 15 - 2 * radius, 17 - 2 * radius)
+    weight[0, :, 7:] = 0.0  # windows dropped, as for a padded photo
     for name, w in (("plain", None), ("weighted", weight)):
         ref = laplacian.build_stencil(image, w, 1e-7, radius)
         ours = laplacian_triton.build_stencil(image, w, 1e-7, radius)
