@@ -512,8 +512,11 @@ class ServeConfig(_Strict):
         True,
         description="a batch whose rows all draw one LoRA subject (or none: zero-shot, embedding subjects) runs the UNet with "
         "that subject merged into a working copy of its LoRA layers' weights, without the per-row LoRA products (2 small "
-        "kernels in each of 128 layers per UNet call); costs one copy of those weights in device memory (178 MiB for SD 1.5 "
-        "in float16) and, with serve.compile, a second set of graphs warmed up at start; false = per-row products always",
+        "kernels in each of 128 layers per UNet call), and a batch of several subjects runs each row on its own copy with "
+        "its row's subject merged (one batched matrix product a layer; merged once a batch, for the rows whose subject "
+        "changed); costs device memory of 1 + 2 x serve.max_batch_images copies of those weights (178 MiB each for SD 1.5 "
+        "in float16: 5.7 GiB at 16 images) and, with serve.compile, a second set of graphs warmed up at start; "
+        "false = per-row products always, no copies",
     )
     full_unet_budget_gb: Runtime[float] = Field(16.0, ge=0, description="host memory for full (blipd, dreambooth) subject UNets, GB")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto = float16 on CUDA, float32 on CPU")
@@ -525,6 +528,18 @@ class ServeConfig(_Strict):
         "auto = reduce-overhead on a GPU, Inductor's default on a CPU (pipeline/serving/app.py compile_mode_for)",
     )
     warmup_steps: Runtime[int] = Field(2, ge=1, description="steps of the one-image warm-up generation a replica runs before it is ready (with compile or on a GPU)")
+    compile_cache: Runtime[str | None] = Field(
+        None,
+        description="local folder for Inductor's and Triton's compile caches with serve.compile (a volume shared by the "
+        "replicas in a cluster), so a restarted or added replica reuses the generated code instead of compiling it again; "
+        "None = torch's own per-machine folder under /tmp, which a new pod starts without",
+    )
+
+    @model_validator(mode="after")
+    def _check_compile_cache(self) -> ServeConfig:
+        if self.compile_cache is not None and ("://" in self.compile_cache or not self.compile_cache.strip()):
+            raise ValueError(f"compile_cache must be a local folder (a mounted volume), got {self.compile_cache!r}")
+        return self
 
 
 class TrainableConfig(_Strict):

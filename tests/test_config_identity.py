@@ -39,7 +39,7 @@ RUNTIME = """
     serve.host serve.port
     serve.num_replicas serve.num_gpus serve.max_batch_size serve.batch_wait_timeout_s serve.max_batch_images
     serve.max_queued_requests serve.request_timeout_s serve.max_request_mb serve.max_reference_images
-    serve.max_subjects serve.max_lora_adapters serve.max_lora_rank serve.lora_merge serve.full_unet_budget_gb serve.compile serve.compile_mode serve.warmup_steps
+    serve.max_subjects serve.max_lora_adapters serve.max_lora_rank serve.lora_merge serve.full_unet_budget_gb serve.compile serve.compile_mode serve.warmup_steps serve.compile_cache
     evaluate.out evaluate.num_actors evaluate.num_gpus evaluate.batch_size evaluate.score_batch_size train.run_name
     train.storage_path train.gpu train.cpus_per_worker train.compile train.compile_mode train.cuda_graphs
     train.sdpa_backend train.unet_sdpa_backend train.data_cpus train.checkpoint_every train.keep_checkpoints

@@ -93,6 +93,11 @@ class SubjectServer:
         mode = compile_mode_for(self.device.type, cfg.compile_mode)
         self.compile_mode = (mode or "default") if cfg.compile else "off"  # the resolved mode, for /healthz
         self.skip_log = CudagraphSkips.install() if cfg.compile else None  # before any graph is compiled
+        self.compile_cache = None
+        if cfg.compile and cfg.compile_cache:  # a volume: a restarted or new replica reuses the generated code
+            from pipeline.train.speed import point_compile_cache
+
+            self.compile_cache = point_compile_cache(cfg.compile_cache)
         if cfg.compile:  # after the Engine put its LoRA slots in the UNet: they are part of its graph
             model.compile_for_inference(mode=mode)
         self.library = SubjectLibrary(self.uri, cfg.max_subjects, cfg.full_unet_budget_gb * 1e9)
@@ -212,6 +217,8 @@ class SubjectServer:
         import psutil
         from torch._dynamo.utils import counters
 
+        from pipeline.train.speed import compile_cache_counts
+
         return {
             "status": "ok", "base_model": self.base, "device": str(self.device), "dtype": str(self.engine.model.dtype),
             "pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss, "adapters_loaded": len(self.engine.adapters),
@@ -222,6 +229,8 @@ class SubjectServer:
             # Graphs compiled without CUDA graphs (reduce-overhead): each replays kernel by kernel.
             "cudagraph_skips": cudagraph_skips(),
             "cudagraph_skip_reasons": self.skip_log.reasons if self.skip_log is not None else [],
+            # serve.compile_cache, and what this replica's compiles found in the caches (hits: a warm start).
+            "compile_cache": {"folder": self.compile_cache, **compile_cache_counts()},
             # Mean seconds per phase of the requests answered so far (serving/timings.py).
             "phase_means_s": self.metrics.phases.means(),
             # Batches drawn and their mean requests and images (serve.max_batch_size under load).

@@ -245,11 +245,19 @@ def use_compile_cache(storage_path: str) -> str | None:
     if "://" in storage_path:
         log.info("compile cache stays on the node: train.storage_path %s is not a local folder", storage_path)
         return None
-    folder = Path(storage_path).expanduser().resolve() / "compile-cache"
-    folder.mkdir(parents=True, exist_ok=True)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
-    os.environ["TRITON_CACHE_DIR"] = str(folder / "triton")
-    return str(folder)
+    return point_compile_cache(Path(storage_path) / "compile-cache")
+
+
+def point_compile_cache(folder: str | Path) -> str:
+    """Make `folder` and point this process's Inductor cache (TORCHINDUCTOR_CACHE_DIR) and Triton
+    cache (TRITON_CACHE_DIR, its triton/ subfolder) at it; both are read when a compile needs
+    them, so call it before the first compile. Returns the resolved folder. Training's
+    `use_compile_cache` and the server's serve.compile_cache go through here."""
+    path = Path(folder).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    os.environ["TRITON_CACHE_DIR"] = str(path / "triton")
+    return str(path)
 
 
 def compile_cache_counts(since: dict[str, int] | None = None) -> dict[str, int]:

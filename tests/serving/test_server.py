@@ -62,7 +62,7 @@ def make_server(model, tracking_uri="sqlite:///unused.db"):
                            controlnet=serve_controlnet(server.config))
     server.library = SubjectLibrary(tracking_uri, 4, 1e9)
     server.metrics = RecordedMetrics()
-    server.device, server.compile_mode, server.skip_log = torch.device("cpu"), "off", None
+    server.device, server.compile_mode, server.skip_log, server.compile_cache = torch.device("cpu"), "off", None, None
 
     class DrawAtOnce:  # the batch queue (batcher.py) with a batch of one
         async def submit(self, job):
