@@ -29,8 +29,11 @@ With --slots, the modes are compiled generation (CUDA graphs) of 1 and 4 images,
 with the server's LoRA slots in the UNet (`serve.max_lora_adapters` slots of `serve.max_lora_rank`,
 every row on the zero base slot, as a zero-shot request draws) adding their per-row products,
 then with the slot merged into the weights (serve.lora_merge, the server's mode for rows of one
-slot), and `slot_ratio` is each over without: the price a served image pays for LoRA subjects
-never recompiling, with per-row products and merged.
+slot), then 4 images of 4 LoRA subjects (random weights of `serve.max_lora_rank`) each on its
+own slot merged into its rows' weights (serve.lora_merge's mode for rows of several slots; two
+sets of subjects taking turns, so every call merges its rows again, as batches of ever new
+subjects do), and `slot_ratio` is each over without: the price a served image pays for LoRA
+subjects never recompiling, with per-row products, merged and per-row merged.
 --profile (with --control or --slots) adds a torch.profiler table of each compiled mode's GPU
 kernels for one generation: where a mode's extra time goes.
 """
@@ -38,6 +41,7 @@ kernels for one generation: where a mode's extra time goes.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import platform
@@ -237,7 +241,8 @@ def kernel_profile(fn, device: torch.device, top: int = 15) -> dict:
 
 def bench_slots(args, model: BlipDiffusion, ours, record, results: dict) -> int:
     """Compiled generation without, then with, the server's LoRA slots (every row on slot 0):
-    their per-row products, then the slot merged."""
+    their per-row products, then the slot merged; then rows of several loaded slots, each row's
+    slot merged into its row weights."""
     from pipeline.config import load_config
     from pipeline.serving.lora_slots import LoraSlots
 
@@ -262,19 +267,45 @@ def bench_slots(args, model: BlipDiffusion, ours, record, results: dict) -> int:
     record("ours compiled + LoRA slots, 4 images/call", with_slots(4), 4)
     record("ours compiled + LoRA slots merged, 1 image", with_slots(1, merge=True), 1)
     record("ours compiled + LoRA slots merged, 4 images/call", with_slots(4, merge=True), 4)
+    mixed = mixed_subjects(slots, serve.max_lora_rank, 4, ours(4))
+    record("ours compiled + LoRA slots per-row merged, 4 images/call", mixed, 4)
     if args.profile:
         results["profile"]["slots"] = kernel_profile(with_slots(1), model.device)
         results["profile"]["slots merged"] = kernel_profile(with_slots(1, merge=True), model.device)
+        results["profile"]["slots per-row merged, 4 images"] = kernel_profile(mixed, model.device)
     best = best_per_image(results)
     results["slot_ratio"] = {
         f"{mode}, {n}": round(best[f"ours compiled + {mode}, {n}"] / best[f"ours compiled, {n}"], 3)
-        for mode in ("LoRA slots", "LoRA slots merged")
+        for mode in ("LoRA slots", "LoRA slots merged", "LoRA slots per-row merged")
         for n in ("1 image", "4 images/call")
         if f"ours compiled + {mode}, {n}" in best and f"ours compiled, {n}" in best
     }
     args.out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     return 0
+
+
+def mixed_subjects(slots, rank: int, n: int, generate):
+    """`generate` (a call of `n` images) with each image of its own LoRA subject (random weights of `rank`,
+    loaded into 2n slots) in the per-row merged mode; calls take turns between the first n
+    subjects and the next n, so each call merges its rows again, as a server's mixed batches of
+    ever new subjects do. The images are of random subjects: only their time counts."""
+    generator = torch.Generator().manual_seed(0)
+
+    def subject() -> int:
+        weights = []
+        for layer in slots.layers.values():
+            weights.append((layer, True, torch.randn(rank, layer.in_features, generator=generator) / layer.in_features**0.5))
+            weights.append((layer, False, torch.randn(layer.out_features, rank, generator=generator) * 0.01))
+        return slots.load(weights, 1.0)
+
+    turns = itertools.cycle([[subject() for _ in range(n)] for _ in range(2)])
+
+    def call():
+        images = next(turns)
+        with slots.use(images * 2, merge=True):  # [uncond; cond] rows, each image on its own slot
+            return generate()
+    return call
 
 
 def main() -> int:

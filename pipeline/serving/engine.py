@@ -6,11 +6,12 @@ them. The base UNet draws zero-shot, textual-inversion and LoRA subjects togethe
 differ row by row, and each LoRA subject fills a slot of the base UNet's LoRA layers
 (lora_slots.py). Before a chunk's denoising the engine gives the slot of every row (0, the base,
 for rows without a LoRA subject). Rows of several slots: each layer adds each row's own slot's
-update, so no request sees another's weights. Rows of one slot (one LoRA subject, or none) with
-`lora_merge` (serve.lora_merge): the layers run with that slot merged into a working copy of
-their weights instead, without the per-row products; the merge is kept while the next chunks
-draw the same slot, and the UNet's own weights stay the base's. A compiled UNet draws any mix
-of subjects with one graph per mode (per-row or merged). A blipd or dreambooth subject's group
+update, so no request sees another's weights. With `lora_merge` (serve.lora_merge) the layers
+skip the per-row products: rows of one slot (one LoRA subject, or none) run with that slot
+merged into a working copy of their weights, and rows of several slots each on a working copy
+of its own, merged with its row's slot; merges are kept while the next chunks draw the same
+slots, and the UNet's own weights stay the base's. A compiled UNet draws any mix of subjects
+with one graph per mode (per-row products, merged, per-row merged). A blipd or dreambooth subject's group
 runs on a spare UNet holding that subject's full weights. A request's noise comes from a CPU
 generator seeded with its own seed, as `subjectforge generate` makes it, so a seed gives the
 same images whatever it is batched with (up to float rounding of the batch).
@@ -127,7 +128,8 @@ class Engine:
     """Draws Jobs with one base model. `max_subjects` registered subjects keep their
     embeddings on the device; `max_lora_adapters` LoRA subjects of rank up to `max_lora_rank`
     stay loaded in the base UNet's LoRA slots, installed here: compile the UNet after this.
-    With `lora_merge`, a chunk whose rows all draw one slot draws it merged (lora_slots.py)."""
+    With `lora_merge`, a chunk whose rows all draw one slot draws it merged, and a chunk of
+    several slots draws each row's slot merged into that row's weights (lora_slots.py)."""
 
     def __init__(
         self, model: BlipDiffusion, max_batch_images: int, max_subjects: int, max_lora_adapters: int, controlnet: str | None = None,
@@ -142,8 +144,10 @@ class Engine:
         self._embeds = LruBudget(max_subjects)  # subject key -> (1, Q, D) on the device
         # Rows of one UNet call: a chunk of max_batch_images with guidance doubled; an edit draws up to 4.
         self._lora = LoraSlots(model.unet, max_lora_adapters, max_lora_rank, rows=2 * max(max_batch_images, 2), merge=lora_merge)
-        # Rows of one slot draw it merged into the weights (lora_slots.py); the warm-up turns it off a while.
+        # With lora_merge, rows draw their slots merged into working weights (lora_slots.py).
         self.lora_merge = lora_merge
+        # Rows of one slot draw the per-row mode too: the warm-up draws that mode's graphs with one subject.
+        self.lora_per_row = False
         self._adapters = LruBudget(max_lora_adapters, on_evict=self._free_slot)  # subject key -> its slot (1..max_lora_adapters)
         self._full_view: BlipDiffusion | None = None  # the base's parts with a spare UNet
         self._full_key: str | None = None  # the subject whose weights the spare UNet holds
@@ -242,8 +246,8 @@ class Engine:
             null = None if uncond_all is None else uncond_all[start:stop]
             # With guidance the UNet sees [uncond rows; cond rows]: both halves use the row's slot.
             # Every row is given (slot 0 too), so one graph of a compiled UNet draws any mix of subjects;
-            # rows of one slot draw it merged with lora_merge.
-            with self._lora.use(rows[start:stop] * (2 if null is not None else 1), merge=self.lora_merge):
+            # with lora_merge they draw their slots merged (rows of one slot: one working weight).
+            with self._lora.use(rows[start:stop] * (2 if null is not None else 1), merge=self.lora_merge, per_row=self.lora_per_row):
                 chunk = model._denoise(chunk, cond_all[start:stop], null, scheduler, part, progress=False,
                                        step_callback=stop_if_cancelled, control=control)
             denoised = clock.now()

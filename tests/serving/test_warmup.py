@@ -1,6 +1,6 @@
 """A replica's warm-up (serving/warmup.py): with serve.compile, every graph variant a request
 can need is traced before the replica is ready (edits run eagerly; LoRA subjects alone or mixed,
-merged or with per-row products), so no request waits behind a compile; a ControlNet missing from this machine does not keep the replica down. serve.compile_mode
+merged, per-row merged or with per-row products), so no request waits behind a compile; a ControlNet missing from this machine does not keep the replica down. serve.compile_mode
 auto is CUDA graphs on a GPU and Inductor's default on a CPU (serving/app.py compile_mode_for)."""
 
 import logging
@@ -16,6 +16,7 @@ from pipeline.serving.app import compile_mode_for
 from pipeline.serving.controls import ControlRequest
 from pipeline.serving.edits import EditRequest
 from pipeline.serving.engine import Engine, Job
+from pipeline.serving.lora_slots import MERGED, ROW_WEIGHTS
 from pipeline.serving.requests import GenerationRequest
 from pipeline.serving.subjects import ZeroShotSubject, read_subject
 from pipeline.serving.warmup import warm_up, warm_up_jobs
@@ -36,13 +37,14 @@ def lora_subjects(tmp_path_factory):
 
 
 def test_the_warm_up_draws_each_lora_mode_it_serves_in():
-    """(images, control, merged): with serve.lora_merge the jobs of both modes of the LoRA
-    layers (Dynamo guards on the mode), without it the per-row mode's alone."""
-    jobs = [(j.request.num_images, j.control is not None, merge) for j, merge in warm_up_jobs(load_config(overrides=CONFIG), True)]
-    assert jobs == [(1, False, True), (2, False, True), (1, True, True), (1, False, False), (2, False, False)]
-    per_row = warm_up_jobs(load_config(overrides=[*CONFIG, "serve.lora_merge=false"]), True)
-    assert [(j.request.num_images, j.control is not None, merge) for j, merge in per_row] == [(1, False, False), (2, False, False), (1, True, False)]
-    assert [merge for _, merge in warm_up_jobs(load_config(overrides=[*CONFIG, "serve.compile=false"]), True)] == [True]
+    """(images, control, per-row): with serve.lora_merge the jobs of both modes of the LoRA
+    layers it serves in, merged and per-row merged (Dynamo guards on the mode), without it the
+    per-row products' alone (whatever the rows)."""
+    jobs = [(j.request.num_images, j.control is not None, rows) for j, rows in warm_up_jobs(load_config(overrides=CONFIG), True)]
+    assert jobs == [(1, False, False), (2, False, False), (1, True, False), (1, False, True), (2, False, True)]
+    products = warm_up_jobs(load_config(overrides=[*CONFIG, "serve.lora_merge=false"]), True)
+    assert [(j.request.num_images, j.control is not None, rows) for j, rows in products] == [(1, False, False), (2, False, False), (1, True, False)]
+    assert [rows for _, rows in warm_up_jobs(load_config(overrides=[*CONFIG, "serve.compile=false"]), True)] == [False]
 
 
 def test_after_the_warm_up_no_request_path_compiles_again(lora_subjects):
@@ -54,7 +56,10 @@ def test_after_the_warm_up_no_request_path_compiles_again(lora_subjects):
     engine = Engine(model, 4, 8, 8, PROFILE_CONTROLNETS["tiny"]["canny"], config.edit)
     warm_up(engine, config)
     traced = _graphs()
-    assert engine.lora_merge  # as it was before the warm-up's per-row jobs
+    assert engine.lora_merge and not engine.lora_per_row  # as it was before the warm-up's per-row jobs
+    layer = next(iter(engine._lora.layers.values()))
+    modes: list[str] = []
+    engine.model.unet.register_forward_pre_hook(lambda *_: modes.append(layer.mode))
 
     request = GenerationRequest("a cat on the grass", 1, 7, 3, 5.0, None, SIZE, SIZE)
     subject = ZeroShotSubject((Image.new("RGB", (96, 80), "red"),), "cat")
@@ -69,8 +74,11 @@ def test_after_the_warm_up_no_request_path_compiles_again(lora_subjects):
     ])
     assert all(job.error is None for job in jobs) and [len(job.images) for job in jobs] == [1, 3, 1, 1, 1]
     a, b = lora_subjects
-    for batch in ([Job(request, a, SIZE, SIZE)], [Job(three, a, SIZE, SIZE), Job(request, b, SIZE, SIZE)], [Job(three, b, SIZE, SIZE)]):
-        assert all(job.error is None for job in engine.run(batch))  # merged, per-row products, merged
+    for batch, mode in (([Job(request, a, SIZE, SIZE)], MERGED), ([Job(three, a, SIZE, SIZE), Job(request, b, SIZE, SIZE)], ROW_WEIGHTS),
+                        ([Job(request, a, SIZE, SIZE), Job(request, b, SIZE, SIZE)], ROW_WEIGHTS), ([Job(three, b, SIZE, SIZE)], MERGED)):
+        modes.clear()
+        assert all(job.error is None for job in engine.run(batch))
+        assert modes and set(modes) == {mode}
     assert _graphs() == traced
 
 
