@@ -42,9 +42,9 @@ subject one after another merge once; `load` or `free` of that slot forgets it. 
 every layer is back in the per-row mode with zero rows: it draws the base.
 
 Why per-row merged weights: a batch of several subjects still paid the two products. On an
-H200 (bench_serve --compile, SD 1.5, 50 steps, 512 px, 8 images = 16 UNet rows a batch), one
-subject merged denoised a batch in 2.57 s and 100 LoRA subjects in mixed batches in 3.50 s:
-the products were +36% of denoising. With `merge`, `use` of several slots fills each layer's
+H200 (bench_serve --compile, SD 1.5, 50 steps, 512 px, 16 clients, 8 images = 16 UNet rows a
+batch on average), 100 LoRA subjects in mixed batches drew 3.28 images/s against 3.56 for one
+subject merged (BENCHMARKS.md "Serving"): the issue allows 5%. With `merge`, `use` of several slots fills each layer's
 `row_weight` (rows, out, in), row i with slot slots[i] merged as above (each distinct slot
 merged once, then copied into its other rows; slot 0: W0), and forward is one batched GEMM,
 `bmm(x_i, W_i^T)` (+ bias, in the same baddbmm): the activations are read once, as by the
