@@ -9,9 +9,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Ray Data's Parquet reader (datasource V2, Ray 2.60) asks for 32 FooterReader actors in every
 # execution that lists files, and a training run on CPU starts one execution per epoch (one per
 # step on the tests' 4 rows). Each actor that starts is a Python process of its own, which the
-# 2-core CI box pays for (measured here: test_multinode's setup 123 -> 110 s, test_trainer.py
-# 147 -> 140 s). The tests' datasets are a Parquet file or a few, whose footers one actor reads;
-# the rows read are the same.
+# 2-core CI box pays for in the Ray Train tests (test_multinode, tests/train/test_trainer.py).
+# The tests' datasets are a Parquet file or a few, whose footers one actor reads; the rows read
+# are the same.
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 
 
