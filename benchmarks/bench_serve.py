@@ -59,10 +59,12 @@ def healthz(url: str) -> dict:
 
 
 def replica_state(url: str) -> dict:
-    """The replica's compile state from /healthz: torch.compile graphs, the resolved mode, and
-    the graphs compiled without CUDA graphs with Inductor's reasons."""
+    """The replica's compile state from /healthz: torch.compile graphs, the resolved mode, the
+    graphs compiled without CUDA graphs with Inductor's reasons, and serve.compile_cache's folder
+    with the cache hits and misses of its compiles."""
     health = healthz(url)
-    return {key: health[key] for key in ("compiled_graphs", "compile_mode", "cudagraph_skips", "cudagraph_skip_reasons")}
+    keys = ("compiled_graphs", "compile_mode", "cudagraph_skips", "cudagraph_skip_reasons", "compile_cache")
+    return {key: health.get(key) for key in keys}
 
 
 def compile_record(states: dict[str, dict]) -> dict:
@@ -74,6 +76,8 @@ def compile_record(states: dict[str, dict]) -> dict:
         "compiled_graphs": {when: state["compiled_graphs"] for when, state in states.items()},
         "cudagraph_skips": {when: state["cudagraph_skips"] for when, state in states.items()},
         "cudagraph_skip_reasons": last["cudagraph_skip_reasons"],
+        # What the warm-up's compiles found in serve.compile_cache (hits: a warm start).
+        "compile_cache": list(states.values())[0]["compile_cache"],
     }
 
 
