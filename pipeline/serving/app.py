@@ -94,11 +94,11 @@ class SubjectServer:
         self.compile_mode = (mode or "default") if cfg.compile else "off"  # the resolved mode, for /healthz
         self.skip_log = CudagraphSkips.install() if cfg.compile else None  # before any graph is compiled
         self.compile_cache = None
-        if cfg.compile and cfg.compile_cache:  # a volume: a restarted or new replica reuses the generated code
-            from pipeline.train.speed import point_compile_cache
-
-            self.compile_cache = point_compile_cache(cfg.compile_cache)
         if cfg.compile:  # after the Engine put its LoRA slots in the UNet: they are part of its graph
+            if cfg.compile_cache:  # a volume: a restarted or new replica reuses the generated code
+                from pipeline.train.speed import point_compile_cache
+
+                self.compile_cache = point_compile_cache(cfg.compile_cache)
             model.compile_for_inference(mode=mode)
         self.library = SubjectLibrary(self.uri, cfg.max_subjects, cfg.full_unet_budget_gb * 1e9)
         self.metrics = ServeMetrics()
