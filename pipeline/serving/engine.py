@@ -16,10 +16,13 @@ runs on a spare UNet holding that subject's full weights. A request's noise come
 generator seeded with its own seed, as `subjectforge generate` makes it, so a seed gives the
 same images whatever it is batched with (up to float rounding of the batch).
 
-Conditioning is shared where it can be: a group encodes each negative prompt once, and its
-zero-shot requests' photos in one pass of the ViT and Q-Former. Each drawn job gets the seconds
-of its queue and its group's conditioning, denoising and decoding (job.timings,
-serving/timings.py).
+Conditioning is shared where it can be: a group encodes each negative prompt once, its
+zero-shot requests' photos in one pass of the ViT and Q-Former, and the prompts of its requests
+on the standard path (subject embeddings before the category word: registered, zero-shot and
+mixed subjects) in one call of the text encoder, which runs eagerly and pays its launches per
+call; slot, dreambooth and textual-inversion prompts are encoded each on its own. Each drawn
+job gets the seconds of its queue and its group's conditioning, denoising and decoding
+(job.timings, serving/timings.py).
 
 Everything here runs on one thread (the replica's compute thread): slots are filled, rows set
 and slots merged only between chunks. No Ray, HTTP or MLflow here.
@@ -124,6 +127,28 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError | MemoryError) or "out of memory" in str(exc).lower()
 
 
+@dataclass
+class PendingPrompts:
+    """A standard-path job's prompts (n texts) and its subject embeddings (n, Q, D), not yet
+    through the text encoder: the group's are encoded in one call (Engine._encode_pending)."""
+
+    texts: list[str]
+    embeds: torch.Tensor
+
+
+Conditioning = torch.Tensor | PendingPrompts  # a job's finished text-encoder states, or its pending prompts
+
+
+def _encode_alone(model: BlipDiffusion, pending: PendingPrompts) -> torch.Tensor | Exception:
+    """`pending`'s states, or the error its own prompts raised (out of memory is raised)."""
+    try:
+        return model.encode_prompts(pending.texts, pending.embeds)
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise
+        return exc
+
+
 class Engine:
     """Draws Jobs with one base model. `max_subjects` registered subjects keep their
     embeddings on the device; `max_lora_adapters` LoRA subjects of rank up to `max_lora_rank`
@@ -203,10 +228,11 @@ class Engine:
         cond, uncond, latents, scales, rows, drawn = [], [], [], [], [], []
         negatives: dict[str, torch.Tensor] = {}  # each negative prompt encoded once a group: most requests use the default
         zero_shot = self._encode_zero_shots(model, jobs)
+        prepared: list[tuple[Job, Conditioning, torch.Tensor | None]] = []
         for job in jobs:
             r = job.request
             try:  # the request's own prompts and subject: a failure here is its alone, not its batch's
-                job_cond, job_uncond = self._condition(model, job, zero_shot), None
+                parts, job_uncond = self._condition_parts(model, job, zero_shot), None
                 if r.guidance_scale > 1.0:
                     negative = r.negative_prompt if r.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
                     if negative not in negatives:
@@ -217,6 +243,13 @@ class Engine:
                     raise
                 job.images, job.error = None, exc
                 continue
+            prepared.append((job, parts, job_uncond))
+        states = self._encode_pending(model, [parts for _, parts, _ in prepared])
+        for (job, _, job_uncond), job_cond in zip(prepared, states, strict=True):
+            if isinstance(job_cond, Exception):  # its prompt failed the text encoder on its own
+                job.images, job.error = None, job_cond
+                continue
+            r = job.request
             drawn.append(job)
             cond.append(job_cond)
             if job_uncond is not None:
@@ -283,8 +316,9 @@ class Engine:
         image = control_tensor(job.control, model.image_processor, job.height, job.width)
         return Control(self._controlnet, image, job.control.scale, start=job.control.start, end=job.control.end)
 
-    def _condition(self, model: BlipDiffusion, job: Job, zero_shot: Mapping[int, torch.Tensor]) -> torch.Tensor:
-        """Text-encoder states (n, 77, D) of one job's prompt with its subject, n = num_images.
+    def _condition_parts(self, model: BlipDiffusion, job: Job, zero_shot: Mapping[int, torch.Tensor]) -> Conditioning:
+        """One job's text-encoder states (n, 77, D), n = num_images, or on the standard path its
+        texts and subject embeddings (n, Q, D), which `_encode_pending` encodes with the group's.
         `zero_shot`: the group's zero-shot embeddings encoded together (`_encode_zero_shots`)."""
         r, subject = job.request, job.subject
         prompt = check_text(r.prompt, "prompt")
@@ -308,7 +342,28 @@ class Engine:
         else:
             embeds, category = self._device_embeds(subject), subject.spec.category
         texts = [build_prompt(category, prompt, 1.0, DEFAULT_PROMPT_REPS)] * r.num_images
-        return model.encode_prompts(texts, embeds.expand(r.num_images, -1, -1))
+        return PendingPrompts(texts, embeds.expand(r.num_images, -1, -1))
+
+    def _encode_pending(self, model: BlipDiffusion, parts: list[Conditioning]) -> list[torch.Tensor | Exception]:
+        """Each job's text-encoder states, in order: finished ones as they are, and every
+        PendingPrompts of the group in one call of the text encoder (eager, so one call a
+        request paid its whole launch sequence each time: 8 calls for a batch of 8). When that
+        call fails for any reason but memory, each is encoded alone, so a failure (an Exception
+        in its place) stays its own request's."""
+        pending = [part for part in parts if isinstance(part, PendingPrompts)]
+        encoded: list[torch.Tensor | Exception] | None = None
+        if len(pending) > 1:
+            try:
+                states = model.encode_prompts([t for p in pending for t in p.texts], torch.cat([p.embeds for p in pending]))
+                encoded = list(states.split([len(p.texts) for p in pending]))
+            except Exception as exc:
+                if is_out_of_memory(exc):
+                    raise
+                log.info("the group's prompts could not be encoded together (%s); each request encodes its own", exc)
+        if encoded is None:
+            encoded = [_encode_alone(model, p) for p in pending]
+        queue = iter(encoded)
+        return [next(queue) if isinstance(part, PendingPrompts) else part for part in parts]
 
     def _mixed_embeds(self, model: BlipDiffusion, subject: ZeroShotSubject | MixedSubject) -> torch.Tensor:
         """Subject embeddings (1, Q, D) of a zero-shot subject, or the weighted mix of a MixedSubject's."""
