@@ -262,7 +262,8 @@ def main() -> int:
                 log.info("%s", result)
                 runs.append(result)
                 # Each run as it ends: a run cut short (a device lease, a crash) keeps the ones before.
-                args.out.write_text(json.dumps({"runs": runs, **compile_record(states), "partial": True}, indent=2) + "\n")
+                args.out.write_text(json.dumps({"serve_start_s": round(start_s, 1), "runs": runs, **compile_record(states), "partial": True},
+                                              indent=2) + "\n")
             states[f"after_{workload}"] = replica_state(url)
         serve.shutdown()
         ray.shutdown()
