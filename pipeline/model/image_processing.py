@@ -8,6 +8,8 @@ float64 rescale and float32 normalisation, so pixel values match the reference b
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -140,6 +142,16 @@ class ImageError(UserError, ValueError):
     """A reference image file that cannot be read; the message names the file."""
 
 
+def _open_file(path: str | Path) -> PIL.Image.Image:
+    """PIL.Image.open of a regular file; OSError for anything else, before it is opened: opening a
+    FIFO blocks until something writes to it, so a FIFO given as a photo hung the command."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = "folder" if stat.S_ISDIR(mode) else "fifo" if stat.S_ISFIFO(mode) else "device or socket"
+        raise OSError(f"not a regular file ({kind})")
+    return PIL.Image.open(path)
+
+
 def load_image(image: ImageLike, index: int = 0) -> PIL.Image.Image:
     """A PIL image from an image or a path; ImageError naming an unreadable file, ValueError for
     anything else."""
@@ -147,7 +159,7 @@ def load_image(image: ImageLike, index: int = 0) -> PIL.Image.Image:
         return image
     if isinstance(image, str | Path):
         try:
-            with PIL.Image.open(image) as opened:
+            with _open_file(image) as opened:
                 opened.load()
                 return to_8bit(PIL.ImageOps.exif_transpose(opened))  # a copy, upright as the camera meant it
         except (OSError, PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError) as exc:
@@ -161,7 +173,7 @@ def read_rgb(image: ImageLike, error: type[Exception], label: str) -> PIL.Image.
     if isinstance(image, PIL.Image.Image):
         return image.convert("RGB")
     try:
-        with PIL.Image.open(image) as opened:
+        with _open_file(image) as opened:
             return to_8bit(PIL.ImageOps.exif_transpose(opened)).convert("RGB")
     except (OSError, PIL.UnidentifiedImageError, ValueError, PIL.Image.DecompressionBombError) as exc:
         raise error(f"{label} {image} is not a readable image: {exc}") from exc

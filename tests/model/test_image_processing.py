@@ -1,5 +1,7 @@
 """pipeline/model/image_processing.py: the photos generate and edit read from files."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -24,3 +26,17 @@ def test_a_sixteen_bit_photo_is_scaled_not_clipped_white(tmp_path, read):
     (tmp_path / name).write_bytes(data)
     gray = np.asarray(read(tmp_path / name).convert("L"))
     assert np.array_equal(gray, np.asarray(photo(3, (200, 150)).convert("L")))
+
+
+@pytest.mark.parametrize("read", [load_image, lambda path: read_rgb(path, UserError, "image")], ids=["load_image", "read_rgb"])
+def test_a_fifo_given_as_a_photo_is_an_error_not_a_hang(tmp_path, read):
+    # Opening a FIFO blocks until a writer comes: `generate --subject-image fifo` hung forever.
+    os.mkfifo(tmp_path / "photo.jpg")
+    with pytest.raises(UserError, match="not a regular file"):
+        read(tmp_path / "photo.jpg")
+
+
+@pytest.mark.parametrize("read", [load_image, lambda path: read_rgb(path, UserError, "image")], ids=["load_image", "read_rgb"])
+def test_a_folder_given_as_a_photo_is_an_error(tmp_path, read):
+    with pytest.raises(UserError, match="not a regular file"):
+        read(tmp_path)
