@@ -19,6 +19,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Mapping
 
@@ -90,7 +91,26 @@ def flag_overrides(args: argparse.Namespace, flags: Mapping[str, str]) -> list[s
     Values are written as JSON, which is YAML, so a string stays a string (a subject named `123`
     or `yes`, a folder named `null`)."""
     given = {key: getattr(args, dest, None) for dest, key in flags.items()}
-    return [f"{key}={json.dumps(value)}" for key, value in given.items() if value is not None]
+    return [f"{key}={_yaml_json(value)}" for key, value in given.items() if value is not None]
+
+
+# An escaped backslash, or a character beyond the BMP as JSON escapes it (a surrogate pair);
+# matched left to right, so the "\\ud83d" of a backslash and "ud83d" is never read as a pair.
+_JSON_ESCAPED_PAIR = re.compile(r"\\\\|\\u(d[89ab][0-9a-f]{2})\\u(d[c-f][0-9a-f]{2})")
+
+
+def _yaml_json(value: object) -> str:
+    """`value` as JSON that YAML reads back the same: YAML does not join JSON's surrogate pair
+    escapes, so an emoji became two lone surrogates (refused as not UTF-8 text); each pair is
+    written as YAML's one 8-digit escape instead."""
+
+    def join(match: re.Match[str]) -> str:
+        if match.group(1) is None:
+            return match.group(0)
+        code = 0x10000 + ((int(match.group(1), 16) - 0xD800) << 10) + (int(match.group(2), 16) - 0xDC00)
+        return f"\\U{code:08x}"
+
+    return _JSON_ESCAPED_PAIR.sub(join, json.dumps(value))
 
 
 def resolve_config(args: argparse.Namespace) -> Config:

@@ -6,6 +6,7 @@ import argparse
 import pytest
 
 from pipeline import cli
+from pipeline.config import load_config
 from pipeline.errors import JobFailed, UserError
 
 
@@ -15,6 +16,16 @@ def test_flag_overrides_writes_given_flags_as_json():
              "missing": "finetune.out"}
     assert cli.flag_overrides(args, flags) == ['finetune.subject="123"', "train.gpu=true", 'finetune.subjects=["yes", "b"]']
 
+
+
+@pytest.mark.parametrize("text", ["a dog 🐶", "𝔡𝔬𝔤", "nel\x85 ls\u2028 ps\u2029", "c1\x7f\x9f", 'tab\t "q" \\ud83d', "ctl\x01\x1f", "\\🐶"])
+def test_flag_overrides_keep_any_utf8_text(text):
+    # JSON's ASCII escapes write an emoji as a surrogate pair, "\ud83d\udc36", which YAML reads as
+    # two lone surrogates: `generate --negative-prompt 🐶` was refused as "not UTF-8 text".
+    # The other texts hold what YAML reads unlike JSON, were the escapes to change: a raw NEL or
+    # line separator folds into a space, raw C1 controls are refused.
+    flag = cli.flag_overrides(argparse.Namespace(negative_prompt=text), {"negative_prompt": "generate.negative_prompt"})
+    assert load_config(overrides=flag).generate.negative_prompt == text
 
 @pytest.mark.parametrize(("error", "code"), [(UserError("no such thing"), 2), (JobFailed("no usable photo"), 1)])
 def test_main_maps_user_errors_to_2_and_failed_jobs_to_1(monkeypatch, capsys, error, code):
