@@ -119,13 +119,15 @@ PROFILE_MODELS: dict[str, dict[str, str]] = {
 PROFILE_SETTINGS: dict[str, dict[str, Any]] = {
     # Tiny models train at 64 px: the tiny UNet attends at full latent size, and at 512 px
     # (4,096 tokens, head dim 8) one CPU step takes minutes in torch's attention backward.
-    # Its CLIPSeg's raw scores for data.filter.exclude_prompts would reject photos at random, and
-    # its captioner's random text needs no more than a few tokens.
+    # Its CLIPSeg's raw scores for data.filter.exclude_prompts and data.backgrounds.reject_prompts
+    # would reject photos at random (about half of every photo reads as 'person'), and its
+    # captioner's random text needs no more than a few tokens.
     "tiny": {
         "data": {
             "segment": {"normalize": "minmax"},
             "trimap": {"erode_fg_px": 0, "erode_bg_px": 0},
             "filter": {"exclude_prompts": []},
+            "backgrounds": {"reject_prompts": []},
             "caption": {"max_new_tokens": 8},
         },
         "train": {"resolution": 64},
