@@ -56,6 +56,18 @@ def make_output_folder(path: str | Path, flag: str = "--out") -> Path:
     return path
 
 
+def output_file(path: str | Path) -> Path:
+    """`path`, ready for a command to write its file into its --out: a link there is removed
+    first, so the file lands in the folder rather than where the link leads (a planted
+    image_000.png -> ~/.bashrc was overwritten); UserError for anything else there that is not a
+    regular file (writing to a FIFO blocks until something reads it; a folder cannot be written)."""
+    path = Path(path)
+    if path.is_symlink():
+        path.unlink()
+    elif path.exists() and not path.is_file():
+        raise UserError(f"{path} is not a regular file: remove it or choose another --out")
+    return path
+
 class OutsideRootError(ValueError):
     """A path to delete or replace does not resolve inside its configured root."""
 

@@ -89,3 +89,15 @@ def test_a_second_edit_into_one_out_leaves_only_its_own_images(tmp_path):
     assert (out / "reconstruction.png").is_file()
     assert main(args) == 0
     assert sorted(p.name for p in out.iterdir()) == ["edit.yaml", "edited.png", "mask.png", "source.png"]
+
+
+def test_a_link_planted_in_out_is_replaced_not_written_through(tmp_path):
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("not yours")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("edited.png", "edit.yaml"):
+        (out / name).symlink_to(elsewhere)
+    assert main([*BASE, "--subject-image", _photo(tmp_path / "cat.png"), "--out", str(out)]) == 0
+    assert elsewhere.read_text() == "not yours"
+    assert not (out / "edited.png").is_symlink() and Image.open(out / "edited.png").size == (64, 64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -148,3 +149,25 @@ def test_a_second_run_into_one_out_leaves_only_its_own_images(tmp_path):
     names = sorted(p.name for p in out.iterdir())
     assert names == ["generate.yaml", "grid.png", "image_000.png", "image_009.png", "notes.txt"]
     assert (tmp_path / "a.png").is_file()
+
+
+def test_a_link_planted_in_out_is_replaced_not_written_through(tmp_path, capsys):
+    """image_000.png or generate.yaml linked to a file outside --out: the run wrote the image
+    into that file. The link itself is replaced; a FIFO or folder there is an error, not a hang."""
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("not yours")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "image_000.png").symlink_to(elsewhere)
+    (out / "generate.yaml").symlink_to(elsewhere)
+    args = ["generate", "--subject-image", str(_photo(tmp_path / "a.png")), "--category", "dog", "--prompt", "on the beach"]
+    args += ["--out", str(out), "--steps", "1", "--height", "32", "--width", "32", "--profile", "tiny", "--device", "cpu"]
+    assert main(args) == 0
+    assert elsewhere.read_text() == "not yours"
+    assert not (out / "image_000.png").is_symlink() and Image.open(out / "image_000.png").size == (32, 32)
+    assert not (out / "generate.yaml").is_symlink()
+    (out / "grid.png").unlink()
+    os.mkfifo(out / "grid.png")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "grid.png" in err and "not a regular file" in err

@@ -31,7 +31,7 @@ from pipeline.commands.generate import (
 )
 from pipeline.config import Config, dump_config
 from pipeline.errors import UserError
-from pipeline.paths import check_output_folder, folder_flag, make_output_folder
+from pipeline.paths import check_output_folder, folder_flag, make_output_folder, output_file
 
 log = logging.getLogger(__name__)
 
@@ -151,12 +151,12 @@ def _write(args: argparse.Namespace, config: Config, result, elapsed: float, dev
 
     out = make_output_folder(args.out)
     previous = previous_run(out, "edit.yaml")
-    result.source.save(out / "source.png")
-    result.edited.save(out / "edited.png")
-    PIL.Image.fromarray((result.mask * 255).astype(np.uint8)).save(out / "mask.png")
+    result.source.save(output_file(out / "source.png"))
+    result.edited.save(output_file(out / "edited.png"))
+    PIL.Image.fromarray((result.mask * 255).astype(np.uint8)).save(output_file(out / "mask.png"))
     files = ["source.png", "edited.png", "mask.png"]
     if result.reconstruction is not None:
-        result.reconstruction.save(out / "reconstruction.png")
+        result.reconstruction.save(output_file(out / "reconstruction.png"))
         files.append("reconstruction.png")
     remove_stale_outputs(out, previous.get("files"), files, _OUTPUT_NAMES)
     run_info = {
@@ -174,7 +174,7 @@ def _write(args: argparse.Namespace, config: Config, result, elapsed: float, dev
         "dtype": dtype_name,
         "seconds": round(elapsed, 3),
     }
-    (out / "edit.yaml").write_text(yaml.safe_dump({"run": run_info}, sort_keys=False) + dump_config(config))
+    output_file(out / "edit.yaml").write_text(yaml.safe_dump({"run": run_info}, sort_keys=False) + dump_config(config))
     log.info("edited %s in %.1f s; %.0f%% of the image could change", out / "edited.png", elapsed, 100 * result.mask.mean())
     print(f"wrote {out / 'edited.png'} (source, mask and settings beside it)")
     if config.profile == "tiny":

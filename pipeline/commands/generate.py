@@ -19,7 +19,7 @@ import yaml
 
 from pipeline.config import Config, ConfigError, check_utf8, dump_config
 from pipeline.errors import UserError
-from pipeline.paths import check_output_folder, folder_flag, make_output_folder
+from pipeline.paths import check_output_folder, folder_flag, make_output_folder, output_file
 
 log = logging.getLogger(__name__)
 
@@ -343,9 +343,9 @@ def _write(args: argparse.Namespace, config: Config, outputs: list, elapsed: flo
     previous = previous_run(out, "generate.yaml")
     paths = []
     for i, image in enumerate(outputs):
-        paths.append(out / f"image_{i:03d}.png")
+        paths.append(output_file(out / f"image_{i:03d}.png"))
         image.save(paths[-1])
-    make_grid(outputs).save(out / "grid.png")
+    make_grid(outputs).save(output_file(out / "grid.png"))
     files = [p.name for p in paths] + ["grid.png"]
     remove_stale_outputs(out, previous.get("files"), files, _OUTPUT_NAMES)
     run_info = {
@@ -362,7 +362,7 @@ def _write(args: argparse.Namespace, config: Config, outputs: list, elapsed: flo
         "dtype": dtype_name,
         "seconds": round(elapsed, 3),
     }
-    (out / "generate.yaml").write_text(yaml.safe_dump({"run": run_info}, sort_keys=False) + dump_config(config))
+    output_file(out / "generate.yaml").write_text(yaml.safe_dump({"run": run_info}, sort_keys=False) + dump_config(config))
     log.info("wrote %d images and grid.png to %s in %.1f s", len(paths), out, elapsed)
     print(f"wrote {len(paths)} image(s) and {out / 'grid.png'}")
     if config.profile == "tiny":
