@@ -476,7 +476,7 @@ class BlipDiffusion(nn.Module):
         for start in range(0, total, step):
             stop = min(start + step, total)
             sched = fresh_scheduler(self.scheduler, scheduler)
-            sched.set_timesteps(steps, device=self.device)
+            sched.set_timesteps(steps)  # on the host: `_denoise` gives the UNet one device copy
             chunk = latents[start:stop] * sched.init_noise_sigma
             null = None if uncond is None else uncond.expand(stop - start, -1, -1)
             chunk = self._denoise(chunk, cond[start:stop], null, sched, guidance_scale, progress, step_callback, control)
@@ -568,14 +568,20 @@ class BlipDiffusion(nn.Module):
         steered = [False] * count if control is None else control.steers(count)
         embeds = cond if uncond is None else torch.cat([uncond, cond]).to(self.unet.dtype)
         unguided = 0 if uncond is None else latents.shape[0] - uncond.shape[0]
-        timesteps = tqdm(scheduler.timesteps, disable=not progress, desc="denoising", leave=False)
+        # The scheduler steps on host timesteps and the UNet reads them from one device copy: PNDM
+        # and DDIM compare and index with the timestep (`prev_timestep >= 0`,
+        # `alphas_cumprod[timestep]`), which on a device tensor makes the host wait for the GPU
+        # at every step, so the GPU idled while the host queued the next step's kernels.
+        host_steps = scheduler.timesteps.cpu()
+        device_steps = host_steps.to(self.unet.device)
+        timesteps = tqdm(host_steps, disable=not progress, desc="denoising", leave=False)
         for i, t in enumerate(timesteps):
             model_input = latents if uncond is None else torch.cat([latents[unguided:], latents])
             model_input = scheduler.scale_model_input(model_input, t)
             # A step outside the control's window skips the ControlNet and its cost: diffusers runs
             # it at scale 0 there, whose residuals are exact zeros, so the plain UNet gives the
             # same noise (and the two calls are the two graphs `compile_for_inference` makes).
-            noise = self._predict_step_noise(model_input, t, embeds, control if steered[i] else None)
+            noise = self._predict_step_noise(model_input, device_steps[i], embeds, control if steered[i] else None)
             if uncond is None:
                 # A CUDA-graph-compiled UNet reuses its output buffer; PNDM keeps past outputs.
                 noise = noise.clone()

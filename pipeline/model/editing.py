@@ -443,12 +443,12 @@ def edit(
     latent_size = (height // factor, width // factor)
     if photo is None:
         scheduler = fresh_scheduler(model.scheduler)
-        scheduler.set_timesteps(steps, device=model.device)
+        scheduler.set_timesteps(steps)  # on the host (BlipDiffusion._denoise)
         noise = model.prepare_latents(1, height, width, seed=seed).to(device=model.device, dtype=model.unet.dtype)
         start = noise * scheduler.init_noise_sigma
     else:
         scheduler = editing_scheduler(model.scheduler)
-        scheduler.set_timesteps(steps, device=model.device)
+        scheduler.set_timesteps(steps)  # on the host (BlipDiffusion._denoise)
         start = _invert(model, photo, source_cond.to(model.unet.dtype), scheduler, progress, step_callback)
     editor = AttentionEdit(
         prompts,

@@ -51,12 +51,16 @@ def invert_ddim(
     final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32, device=latents.device)
     stride = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     x = latents.float()
-    for i, t in enumerate(tqdm(scheduler.timesteps.flip(0), disable=not progress, desc="inverting", leave=False)):
+    # Host timesteps for the arithmetic, one device copy for the UNet (as BlipDiffusion._denoise):
+    # `int(t)` of a device tensor would make the host wait for the GPU at every step.
+    host_steps = scheduler.timesteps.cpu().flip(0)
+    device_steps = host_steps.to(latents.device)
+    for i, t in enumerate(tqdm(host_steps, disable=not progress, desc="inverting", leave=False)):
         # The sampler's step at t goes from a_t to a_prev; inversion goes back from a_prev to a_t.
         prev = int(t) - stride
         a_cur = alphas[prev] if prev >= 0 else final
         a_next = alphas[int(t)]
-        eps = predict_noise(x.to(latents.dtype), t).float()
+        eps = predict_noise(x.to(latents.dtype), device_steps[i]).float()
         x0 = (x - (1 - a_cur).sqrt() * eps) / a_cur.sqrt()
         x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
         if step_callback is not None:

@@ -161,7 +161,7 @@ def generate_from_text(
         cond = model.encode_prompts(texts, None)
     uncond = model.encode_prompts([negative_prompt], None).expand(len(texts), -1, -1) if guidance_scale > 1.0 else None
     scheduler = fresh_scheduler(model.scheduler)
-    scheduler.set_timesteps(steps, device=model.device)
+    scheduler.set_timesteps(steps)  # on the host (BlipDiffusion._denoise)
     latents = model._denoise(latents * scheduler.init_noise_sigma, cond, uncond, scheduler, guidance_scale, progress=False)
     decoded = model.vae.decode(latents / model.vae.config.scaling_factor).sample
     return model.image_processor.postprocess(decoded.to(torch.float32), "pil")

@@ -273,7 +273,7 @@ class Engine:
         for start in range(0, len(scales), self.max_batch_images):
             stop = min(start + self.max_batch_images, len(scales))
             scheduler = fresh_scheduler(model.scheduler)
-            scheduler.set_timesteps(steps, device=model.device)
+            scheduler.set_timesteps(steps)  # on the host (BlipDiffusion._denoise)
             chunk = noise[start:stop] * scheduler.init_noise_sigma
             part = guidance if isinstance(guidance, float) else guidance[start:stop]
             null = None if uncond_all is None else uncond_all[start:stop]
