@@ -178,7 +178,10 @@ def test_controlnet_step_with_the_cached_embedding_equals_diffusers_forward(tiny
     assert len(down) == len(want_down) == 8  # conv_in, then 4 resnets and 3 downsamplers
     for ours, theirs in zip([*down, mid], [*want_down, want_mid], strict=True):
         assert ours.shape == theirs.shape
-        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+        # The issue's float32 parity bound: the map is embedded at batch 1 here and at batch 2 by
+        # diffusers, and the convolutions' rounding at each batch size depends on the CPU's
+        # kernels (one CPU differed by 1.1e-6).
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
     assert not torch.allclose(down[0][0], down[0][1])  # the timesteps differ per row
 
 
