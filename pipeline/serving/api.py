@@ -106,7 +106,9 @@ def parse_generate(value: Any, config: Config) -> GenerateCall:
             mix = parse_mix(value[MIX_FIELD], config.data.decode, config.serve.max_reference_images)
             return GenerateCall(request, mix, control, edit)
         has_subject, has_photos = value.get(SUBJECT_FIELD) is not None, value.get(REFERENCE_FIELD) is not None
-        if has_subject == has_photos:
+        if not has_subject and not has_photos:
+            raise RequestError(SUBJECT_FIELD, f"give {SUBJECT_FIELD} (a registered subject), {REFERENCE_FIELD} with {CATEGORY_FIELD}, or {MIX_FIELD}")
+        if has_subject and has_photos:
             raise RequestError(SUBJECT_FIELD, f"give {SUBJECT_FIELD} (a registered subject) or {REFERENCE_FIELD} with {CATEGORY_FIELD}, not both")
         if has_subject:
             if value.get(CATEGORY_FIELD) is not None:
