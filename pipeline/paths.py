@@ -68,6 +68,7 @@ def output_file(path: str | Path) -> Path:
         raise UserError(f"{path} is not a regular file: remove it or choose another --out")
     return path
 
+
 class OutsideRootError(ValueError):
     """A path to delete or replace does not resolve inside its configured root."""
 
