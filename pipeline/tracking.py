@@ -399,6 +399,7 @@ def registered_version(uri: str, name: str, alias: str | None = None, version: s
     from mlflow.exceptions import MlflowException
 
     ref = f"models:/{name}@{alias}" if alias is not None else f"models:/{name}/{version}"
+    _check_ref(ref, name, alias, version)
     client = _reading_client(uri, ref)
     try:
         found = client.get_model_version_by_alias(name, alias) if alias is not None else client.get_model_version(name, str(version))
@@ -439,6 +440,48 @@ class RegistryNotFound(RegistryError):
 # What the registry answers for a model, version or alias it does not hold (a missing alias is
 # INVALID_PARAMETER_VALUE); anything else, a server that stopped answering included, is not "not found".
 _NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+# What MLflow's registry accepts (mlflow.utils.validation _validate_model_alias_name and
+# _validate_model_name); checked before a lookup, so a malformed alias or name is a bad input,
+# not a model the registry does not hold.
+_ALIAS_RE = re.compile(r"[\w-]+")  # \w as Python reads it: letters and digits of any script, '_'
+MAX_ALIAS_CHARS = 255
+
+
+def check_alias(alias: str) -> str:
+    """`alias` if the registry accepts it as an alias name; ValueError saying why otherwise."""
+    if not _ALIAS_RE.fullmatch(alias) or len(alias) > MAX_ALIAS_CHARS:
+        raise ValueError(
+            f"{alias[:80]!r} is not an alias name: an MLflow alias is 1..{MAX_ALIAS_CHARS} letters, digits, '_' or '-'"
+        )
+    return alias
+
+
+def check_model_name(name: str) -> str:
+    """`name` if the registry accepts it as a model name; ValueError saying why otherwise."""
+    if not name.strip() or "/" in name or ":" in name:
+        raise ValueError(f"{name[:80]!r} is not a registered model name: MLflow names are not blank and hold no '/' or ':'")
+    return name
+
+
+def check_version_number(version: str) -> str:
+    """`version` if it is a registered version's number; ValueError otherwise."""
+    if not (version.isascii() and version.isdigit()):
+        raise ValueError(f"{version[:80]!r} is not a version number")
+    return version
+
+
+def _check_ref(ref: str, name: str, alias: str | None, version: str | None) -> None:
+    """RegistryError naming `ref` and its part that the registry would refuse: a malformed
+    alias came back from MLflow as INVALID_PARAMETER_VALUE, reported as a model not found."""
+    for part, check, text in (("name", check_model_name, name), ("alias", check_alias, alias), ("version", check_version_number, version)):
+        if text is None:
+            continue
+        try:
+            check(str(text))
+        except ValueError as exc:
+            raise RegistryError(f"{ref}: the {part} {exc}") from None
 
 
 def _registry_error(ref: str, uri: str, exc: Any) -> RegistryError:
@@ -693,6 +736,7 @@ def download_model(uri: str, model_uri: str) -> Path:
         name, _, version = ref.rpartition("/")
     if not name or not (alias if sep else version):
         raise RegistryError(f"{model_uri!r} is not a registry URI (models:/NAME/VERSION or models:/NAME@ALIAS)")
+    _check_ref(model_uri, name, alias if sep else None, None if sep else version)
     client = _reading_client(uri, model_uri)
     try:
         version = str(client.get_model_version_by_alias(name, alias).version) if sep else version

@@ -171,3 +171,16 @@ def test_a_link_planted_in_out_is_replaced_not_written_through(tmp_path, capsys)
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "grid.png" in err and "not a regular file" in err
+
+
+@pytest.mark.parametrize("flag", ["--model", "--subject"])
+def test_a_registry_alias_mlflow_refuses_exits_2_saying_so(tmp_path, capsys, monkeypatch, flag):
+    # It was "models:/x@a@b not found in the registry ...: Invalid alias name", or a missing store.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'absent.db'}")
+    args = ["generate", "--profile", "tiny", "--prompt", "x", "--out", str(tmp_path / "o"), flag, "models:/x@a@b"]
+    if flag == "--subject":
+        args += ["--height", "64", "--width", "64"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "models:/x@a@b: the alias 'a@b' is not an alias name" in err and "not found" not in err
+    assert not (tmp_path / "absent.db").exists()

@@ -26,6 +26,7 @@ import torch
 from pipeline.config import DecodeConfig, check_name
 from pipeline.serving.cache import LruBudget
 from pipeline.serving.requests import RequestError, finite_number
+from pipeline.tracking import check_alias, check_model_name
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ def _ref(name: Any, alias: Any = None, version: Any = None) -> SubjectRef:
         if text is not None and (not isinstance(text, str) or len(text) > 256):
             raise RequestError(f"{SUBJECT_FIELD}.{field}", "must be a string of at most 256 characters")
     try:
-        check_name(name or "")
+        check_model_name(check_name(name or ""))
     except ValueError as exc:
         raise RequestError(f"{SUBJECT_FIELD}.name", str(exc)) from None
     if (alias is None) == (version is None):
@@ -201,6 +202,13 @@ def _ref(name: Any, alias: Any = None, version: Any = None) -> SubjectRef:
         raise RequestError(f"{SUBJECT_FIELD}.version", f"must be a version number 1..{MAX_VERSION}, got {version[:40]!r}")
     if alias is not None and not alias:
         raise RequestError(f"{SUBJECT_FIELD}.alias", "must not be empty")
+    if alias is not None:
+        # Checked here, not by the registry: MLflow's "Invalid alias name" (models:/x@a@b) was
+        # answered as a 404, as if the subject were unknown.
+        try:
+            check_alias(alias)
+        except ValueError as exc:
+            raise RequestError(f"{SUBJECT_FIELD}.alias", str(exc)) from None
     return SubjectRef(name, alias, version)
 
 

@@ -21,3 +21,35 @@ def test_a_request_without_a_subject_is_told_what_to_give(body):
 def test_a_request_with_two_subjects_is_told_not_both():
     with pytest.raises(ApiError, match="not both"):
         parse_generate({"prompt": "x", "subject": "models:/a@b", "reference_images": ["QUJD"], "category": "dog"}, CONFIG)
+
+
+@pytest.mark.parametrize(
+    ("subject", "field"),
+    [
+        ("models:/x@a@b", "subject.alias"),
+        ("models:/x@a b", "subject.alias"),
+        ("models:/x@a.b", "subject.alias"),
+        ("models:/x@" + "a" * 256, "subject.alias"),
+        ({"name": "x", "alias": "a@b"}, "subject.alias"),
+        ("models:/x:y@a", "subject.name"),
+        ({"name": "x:y", "version": 1}, "subject.name"),
+    ],
+    ids=["second-at", "space", "dot", "too-long", "object", "colon-in-name", "colon-in-object-name"],
+)
+def test_an_alias_or_name_the_registry_refuses_is_a_400_naming_it(subject, field):
+    # It reached MLflow, whose "Invalid alias name" came back as a 404: no such subject.
+    with pytest.raises(ApiError) as caught:
+        parse_generate({"prompt": "x", "subject": subject}, CONFIG)
+    assert (caught.value.status, caught.value.field) == (400, field)
+    assert "MLflow" in caught.value.message and "Invalid alias name" not in caught.value.message
+
+
+def test_an_alias_in_a_mix_is_checked_as_its_part():
+    with pytest.raises(ApiError) as caught:
+        parse_generate({"prompt": "x", "mix": [{"subject": "models:/x@champion"}, {"subject": "models:/x@a@b"}]}, CONFIG)
+    assert (caught.value.status, caught.value.field) == (400, "mix[1].subject.alias")
+
+
+@pytest.mark.parametrize("alias", ["champion", "v2-candidate_B", "é"])  # MLflow's \w is Unicode
+def test_an_alias_mlflow_accepts_parses(alias):
+    parse_generate({"prompt": "x", "subject": f"models:/sub.ject name@{alias}"}, CONFIG)
