@@ -8,16 +8,22 @@ switch; the next build removes them (`recover`).
 One build at a time holds OUT/.lock (an advisory flock), so concurrent refreshes queue instead
 of racing. A build that fails its own check goes to OUT/failed/, outside the version sequence,
 where only the newest few are kept.
+
+Nothing is written or deleted outside OUT: a link planted at one of the store's own names
+(.staging, .lock, failed) is removed and the real folder or file made in its place; anything
+else there that the store cannot use is a StoreError naming it; a new version is numbered past
+every name of a version's form, whatever is there.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
 import re
-import shutil
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.paths import remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,8 @@ MANIFEST = "manifest.json"
 INPUTS_FILE = "inputs.parquet"  # the ledger: one row per input, accepted or rejected
 REJECTS_FILE = "rejects.parquet"
 FAILED = "failed"
+STAGING = ".staging"
+LOCK = ".lock"
 _PUBLISHING = ".publishing-"  # + version: exists from just before its rename until `latest` names it
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
 
@@ -80,37 +89,105 @@ class DatasetStore:
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Hold OUT/.lock for the duration; waits (and says so) if another build holds it.
-        StoreError when OUT cannot be written."""
+        StoreError when OUT cannot be written.
+
+        On the way out, whether the build succeeded or failed, an empty OUT/.staging is removed,
+        and so is the lock file when this build made it (one an older release left stays). A
+        waiter that then wins the lock of the deleted file sees that the name is no longer its
+        file and tries again on the new one (as pipeline.paths._holding does).
+        """
+        fd, made = self._hold_lock()
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fh = open(self.root / ".lock", "a+")  # closed by the with below
+            yield
+        finally:
+            _remove_empty_folder(self.root / STAGING)
+            if made:
+                (self.root / LOCK).unlink(missing_ok=True)  # still held: no one else has it
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _hold_lock(self) -> tuple[int, bool]:
+        """A descriptor of OUT/.lock, flocked, and whether this build made the file."""
+        while True:
+            fd, made = self._open_lock()
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    log.warning("another build holds %s; waiting for it to finish", self.root / LOCK)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                if _same_file(fd, self.root / LOCK):
+                    return fd, made
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # the holder before us deleted it: lock the file now at that name
+
+    def _open_lock(self) -> tuple[int, bool]:
+        """OUT/.lock opened without following a link (a planted .lock -> a file elsewhere was
+        opened there, and made there when missing): a link is removed and the file made in its
+        place; StoreError for anything else that is not a regular file."""
+        path = self.root / LOCK
+        try:
+            while True:
+                self.root.mkdir(parents=True, exist_ok=True)
+                try:
+                    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644), True
+                except FileExistsError:
+                    pass
+                try:
+                    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    continue  # its holder deleted it meanwhile
+                except IsADirectoryError:
+                    raise StoreError(f"{path} is not a regular file: remove it; the build locks OUT with it") from None
+                except OSError as exc:
+                    if exc.errno != errno.ELOOP:  # ELOOP: O_NOFOLLOW met a link
+                        raise
+                    _remove_link(path)
+                    continue
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    return fd, False
+                os.close(fd)
+                raise StoreError(f"{path} is not a regular file: remove it; the build locks OUT with it")
         except OSError as exc:
             raise StoreError(f"cannot write to the dataset folder {self.root}: {exc.strerror}") from None
-        with fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.warning("another build holds %s; waiting for it to finish", self.root / ".lock")
-                fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def next_version(self) -> str:
-        existing = self.versions()
-        number = int(existing[-1][1:]) + 1 if existing else 1
-        return f"v{number:04d}"
+        """The number after every name of a version's form in OUT, whatever it is: a link or
+        file there (a planted v0002 -> elsewhere) is not a version, but the new one must not be
+        renamed onto it."""
+        names = [p.name for p in self.root.iterdir()] if self.root.is_dir() else []
+        numbers = [int(match[1]) for name in names if (match := _VERSION_RE.match(name))]
+        return f"v{max(numbers, default=0) + 1:04d}"
 
     def new_staging(self, version: str) -> Path:
         """A fresh staging folder; call under lock(). Removes staging left by killed builds."""
-        staging_root = self.root / ".staging"
-        if staging_root.is_dir():
-            for stale in staging_root.iterdir():
-                log.warning("removing %s left by an interrupted build", stale)
-                shutil.rmtree(stale, ignore_errors=True)
+        staging_root = self._own_folder(STAGING)
+        for stale in staging_root.iterdir():
+            log.warning("removing %s left by an interrupted build", stale)
+            try:
+                remove_tree(stale, staging_root)  # a link there is removed, not followed
+            except OSError as exc:
+                log.warning("could not remove %s: %s", stale, exc.strerror or exc)
         path = staging_root / f"{version}-{uuid.uuid4().hex[:8]}"
-        path.mkdir(parents=True)
+        path.mkdir()
+        return path
+
+    def _own_folder(self, name: str) -> Path:
+        """OUT/<name>, one of the store's own folders, made when missing. A link there is removed
+        first, so nothing is written where it leads (a planted .staging -> elsewhere had each
+        version built there, and the sweep of stale staging deleted what was there); StoreError
+        for anything else that is not a folder."""
+        path = self.root / name
+        if path.is_symlink():
+            _remove_link(path)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass  # what is there is named below
+        if not (os.path.lexists(path) and stat.S_ISDIR(os.lstat(path).st_mode)):
+            raise StoreError(f"{path} is not a folder: remove it; the build keeps its work there")
         return path
 
     def recover(self) -> None:
@@ -131,17 +208,18 @@ class DatasetStore:
             version = record.name.removeprefix(_PUBLISHING)
             if _VERSION_RE.match(version) and self.path(version).is_dir() and latest != version:
                 log.warning("removing %s: its build was killed before it became `latest`", self.path(version))
-                shutil.rmtree(self.path(version))
+                remove_tree(self.path(version), self.root)
             record.unlink()
         _fsync_dir(self.root)
 
     def publish(self, staging: Path, version: str) -> Path:
         """Move a complete staging folder to OUT/<version> and point `latest` at it."""
         final = self.path(version)
-        if final.exists():
+        if os.path.lexists(final):
             raise FileExistsError(f"{final} already exists; refusing to overwrite a published version")
         record = self.root / f"{_PUBLISHING}{version}"
-        record.touch()
+        record.unlink(missing_ok=True)  # a link there would be followed and its target made
+        os.close(os.open(record, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
         _fsync_dir(self.root)  # on disk before the version is: `recover` must find it after a crash
         os.rename(staging, final)
         tmp = self.root / f".latest-{uuid.uuid4().hex[:8]}"
@@ -155,8 +233,7 @@ class DatasetStore:
         """Move a build that failed its check to OUT/failed/<version>-<UTC time>, outside the
         version sequence, and delete all but the newest `keep` there (with keep 0 this one too,
         and None is returned). Each nightly failure would otherwise keep a full copy."""
-        failed = self.root / FAILED
-        failed.mkdir(exist_ok=True)
+        failed = self._own_folder(FAILED)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
         final = failed / f"{version}-{stamp}"
         os.rename(staging, final)
@@ -164,7 +241,7 @@ class DatasetStore:
         kept = sorted(failed.iterdir(), key=lambda p: p.name.partition("-")[2])
         for old in kept[: max(len(kept) - keep, 0)]:
             log.info("removing %s (data.keep_failed=%d)", old, keep)
-            shutil.rmtree(old)
+            remove_tree(old, failed)
         _fsync_dir(self.root)
         return final if final.exists() else None
 
@@ -177,6 +254,30 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _remove_link(path: Path) -> None:
+    log.warning("removing the link %s -> %s: a build writes only inside its dataset folder", path, os.readlink(path))
+    path.unlink()
+
+
+def _remove_empty_folder(path: Path) -> None:
+    """Remove `path` if it is an empty folder (not a link); nothing otherwise."""
+    if os.path.lexists(path) and stat.S_ISDIR(os.lstat(path).st_mode):
+        try:
+            path.rmdir()
+        except OSError:
+            pass  # not empty: leftovers the next build's new_staging sweeps
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether `path` (not followed) is still the file open as `fd`."""
+    try:
+        named = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -165,7 +165,7 @@ def test_refresh_after_add_and_remove_then_kill_and_rerun(built, source, tmp_pat
     assert m["processed"] == 3 and m["inputs"] == m["accepted"] + m["rejected"]
     per_photo = Counter(read_rows(result.path)["source_uri"].to_pylist())
     assert set(per_photo.values()) == {2}  # no duplicates
-    assert not any(staging.iterdir())
+    assert not staging.exists()  # the killed refresh's staging swept, the empty folder removed
 
 
 def test_changed_settings_reprocess_everything(ray_local, source, tmp_path):
@@ -255,3 +255,35 @@ def test_the_next_build_removes_a_version_orphaned_by_a_kill(tmp_path):
     assert result.status == "failed" and not orphan.exists() and not list(out.glob(".latest-*"))
     assert DatasetStore(out).versions() == ["v0001"] and os.readlink(out / "latest") == "v0001"
     assert not list(out.glob(".publishing-*"))
+
+
+def test_links_planted_in_out_take_no_write_outside_it(tmp_path):
+    # OUT/.staging, OUT/.lock and OUT/failed -> elsewhere: the build, and its failed copy, were
+    # written where the links led, and the lock file opened there.
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "stage").mkdir(parents=True)
+    (elsewhere / "fail").mkdir()
+    (elsewhere / "lockfile").write_text("not the build's")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, target in ((".staging", "stage"), (".lock", "lockfile"), ("failed", "fail")):
+        os.symlink(elsewhere / target, out / name)
+    result = build_dataset(_all_rejected_at_scan(tmp_path / "src"), out, load_config(overrides=SETTINGS), incremental=False, progress=False)
+    assert result.status == "failed" and result.path.parent == out / "failed" and result.path.is_dir()
+    assert not (out / "failed").is_symlink() and sorted(os.listdir(out)) == ["failed"]  # no .staging or .lock left
+    assert not list((elsewhere / "stage").iterdir()) and not list((elsewhere / "fail").iterdir())
+    assert (elsewhere / "lockfile").read_text() == "not the build's"
+
+
+def test_a_build_that_raises_leaves_no_staging_or_lock(tmp_path, monkeypatch):
+    from pipeline.data import build
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a stage failed")
+
+    monkeypatch.setattr(build, "_write_version", broken)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(RuntimeError, match="a stage failed"):
+        build_dataset(_all_rejected_at_scan(tmp_path / "src"), out, load_config(overrides=SETTINGS), incremental=False, progress=False)
+    assert os.listdir(out) == []

@@ -1,9 +1,12 @@
+import fcntl
 import json
 import multiprocessing as mp
 import os
+import shutil
 import subprocess
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -54,7 +57,7 @@ def test_lock_serialises_builds(tmp_path):
         waited = time.monotonic() - t0
     proc.join()
     assert waited > 0.5  # blocked until the other holder let go
-    assert os.path.exists(tmp_path / ".lock")
+    assert not os.path.exists(tmp_path / ".lock")  # each holder deletes the lock file it made
 
 
 def _publish(store, version, manifest=None):
@@ -194,3 +197,98 @@ def read_only(path):
         yield
     finally:
         subprocess.run(["umount", str(path)], check=True)
+
+
+# Links planted at the store's own names (OUT/.staging, OUT/.lock, OUT/failed, the next
+# version's name) must never take a write, or a deletion, outside OUT.
+
+
+def _outside(tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("not the store's")
+    (outside / "keep").mkdir()  # a folder, which a sweep of stale staging would delete
+    return outside
+
+
+def test_a_staging_link_planted_in_out_takes_no_write_outside(tmp_path, monkeypatch):
+    outside = _outside(tmp_path)
+    store = DatasetStore(tmp_path / "out")
+    store.root.mkdir()
+    os.symlink(outside, store.root / ".staging")
+    renamed = []
+    rename = os.rename
+    monkeypatch.setattr(versions.os, "rename", lambda src, dst: renamed.append(Path(src).resolve()) or rename(src, dst))
+    with store.lock():
+        _publish(store, store.next_version())
+    assert renamed and all(src.is_relative_to(store.root.resolve()) for src in renamed)  # built inside OUT
+    assert sorted(p.name for p in outside.iterdir()) == ["keep", "keep.txt"]  # nothing swept
+    assert store.versions() == ["v0001"] and (store.root / "v0001" / "manifest.json").is_file()
+    assert not os.path.lexists(store.root / ".staging")
+
+
+def test_a_lock_link_planted_in_out_is_not_followed(tmp_path):
+    outside = _outside(tmp_path)
+    store = DatasetStore(tmp_path / "out")
+    store.root.mkdir()
+    os.symlink(outside / "keep.txt", store.root / ".lock")
+    with store.lock():
+        assert not (store.root / ".lock").is_symlink()
+        with open(outside / "keep.txt") as fh:  # the outside file is not what the build locked
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.symlink(outside / "made.txt", store.root / ".lock")  # a link to nothing: open() made its target
+    with store.lock():
+        pass
+    assert sorted(p.name for p in outside.iterdir()) == ["keep", "keep.txt"]
+    assert (outside / "keep.txt").read_text() == "not the store's"
+
+
+def test_a_failed_link_planted_in_out_takes_no_failed_build_outside(tmp_path):
+    outside = _outside(tmp_path)
+    store = DatasetStore(tmp_path / "out")
+    store.root.mkdir()
+    os.symlink(outside, store.root / "failed")
+    with store.lock():
+        staging = store.new_staging("v0001")
+        kept = store.publish_failed(staging, "v0001", keep=0)  # keep 0 deletes the older ones too
+    assert kept is None and sorted(p.name for p in outside.iterdir()) == ["keep", "keep.txt"]
+    assert (store.root / "failed").is_dir() and not (store.root / "failed").is_symlink()
+
+
+@pytest.mark.parametrize("planted", ["dangling", "file"])
+def test_a_link_planted_at_the_next_version_is_numbered_past(tmp_path, planted):
+    outside = _outside(tmp_path)
+    store = DatasetStore(tmp_path / "out")
+    _publish(store, "v0001")
+    os.symlink(outside / ("gone" if planted == "dangling" else "keep.txt"), store.root / "v0002")
+    with store.lock():
+        store.recover()
+        version = store.next_version()
+        _publish(store, version)
+    assert version == "v0003" and store.latest_version() == "v0003"
+    assert sorted(p.name for p in outside.iterdir()) == ["keep", "keep.txt"]
+    with pytest.raises(FileExistsError):
+        store.publish(store.new_staging("v0002"), "v0002")
+
+
+def test_a_build_that_fails_leaves_no_staging_or_lock(tmp_path):
+    store = DatasetStore(tmp_path / "out")
+    store.root.mkdir()
+    with pytest.raises(RuntimeError), store.lock():
+        staging = store.new_staging(store.next_version())
+        shutil.rmtree(staging)  # what build_dataset does with its staging when the build raises
+        raise RuntimeError("the build failed")
+    assert sorted(os.listdir(store.root)) == []
+
+
+def test_staging_and_lock_that_are_not_what_the_store_made_are_refused_by_name(tmp_path):
+    store = DatasetStore(tmp_path / "out")
+    store.root.mkdir()
+    (store.root / ".staging").write_text("a user's file")
+    with pytest.raises(StoreError, match=r"out/\.staging is not a folder"):
+        store.new_staging("v0001")
+    os.mkfifo(store.root / ".lock")
+    with pytest.raises(StoreError, match=r"out/\.lock is not a regular file"):
+        with store.lock():
+            pass
+    assert (store.root / ".staging").read_text() == "a user's file"
