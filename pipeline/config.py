@@ -8,6 +8,7 @@ the key (``extra="forbid"``).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -50,6 +51,26 @@ def check_name(value: str) -> str:
 
 # A subject id, run name or registered model name (subjects.csv ids follow the same rule).
 Name = Annotated[str, AfterValidator(check_name)]
+
+
+# What MLflow's registry accepts as an alias (mlflow.utils.validation _validate_model_alias_name);
+# declared here so a config field is refused at load, before the work that would end in
+# set_alias, and reused by pipeline/tracking.py for every registry lookup.
+_ALIAS_RE = re.compile(r"[\w-]+")  # \w as Python reads it: letters and digits of any script, '_'
+MAX_ALIAS_CHARS = 255
+
+
+def check_alias(alias: str) -> str:
+    """`alias` if the registry accepts it as an alias name; ValueError saying why otherwise."""
+    if not _ALIAS_RE.fullmatch(alias) or len(alias) > MAX_ALIAS_CHARS:
+        raise ValueError(
+            f"{alias[:80]!r} is not an alias name: an MLflow alias is 1..{MAX_ALIAS_CHARS} letters, digits, '_' or '-'"
+        )
+    return alias
+
+
+# A registered model's alias (finetune.alias).
+Alias = Annotated[str, AfterValidator(check_alias)]
 
 
 _T = TypeVar("_T")
@@ -768,7 +789,7 @@ class FinetuneConfig(_Strict):
     out: Runtime[str] = Field("subjectforge-subjects", description="each subject's artifact goes to <out>/<subject_id>-<method>/")
     register_model: Runtime[bool] = Field(True, description="log the subject as an MLflow pyfunc model and register it")
     register_prefix: Runtime[Name | Literal[""]] = Field("subjectforge-", description="registered model name = prefix + subject_id")
-    alias: Runtime[str] = Field("candidate", min_length=1, description="alias set on the new registered version")
+    alias: Runtime[Alias] = Field("candidate", description="alias set on the new registered version")
     subjects: Input[list[Name] | None] = Field(None, description="finetune-many: subject ids; None = every subject of the dataset")
     affected_only: Input[bool] = Field(False, description="finetune-many: only the subjects the version's refresh added, changed or removed photos of")
     num_gpus: Runtime[float] = Field(1.0, gt=0.0, le=1.0, description="GPUs of a subject's worker with train.gpu; fractions share a GPU")

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import REPO_DIR, TrackingConfig
+from pipeline.config import REPO_DIR, TrackingConfig, check_alias
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -442,22 +442,9 @@ class RegistryNotFound(RegistryError):
 _NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
-# What MLflow's registry accepts (mlflow.utils.validation _validate_model_alias_name and
-# _validate_model_name); checked before a lookup, so a malformed alias or name is a bad input,
-# not a model the registry does not hold.
-_ALIAS_RE = re.compile(r"[\w-]+")  # \w as Python reads it: letters and digits of any script, '_'
-MAX_ALIAS_CHARS = 255
-
-
-def check_alias(alias: str) -> str:
-    """`alias` if the registry accepts it as an alias name; ValueError saying why otherwise."""
-    if not _ALIAS_RE.fullmatch(alias) or len(alias) > MAX_ALIAS_CHARS:
-        raise ValueError(
-            f"{alias[:80]!r} is not an alias name: an MLflow alias is 1..{MAX_ALIAS_CHARS} letters, digits, '_' or '-'"
-        )
-    return alias
-
-
+# What MLflow's registry accepts (mlflow.utils.validation _validate_model_name; the alias rule,
+# check_alias, is pipeline/config.py's, which the finetune.alias field uses); checked before a
+# lookup, so a malformed alias or name is a bad input, not a model the registry does not hold.
 def check_model_name(name: str) -> str:
     """`name` if the registry accepts it as a model name; ValueError saying why otherwise."""
     if not name.strip() or "/" in name or ":" in name:

@@ -75,3 +75,24 @@ def test_an_empty_folder_flag_is_a_usage_error_not_the_current_folder(argv, caps
     assert info.value.code == 2
     assert "must not be empty" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["promote", "m", "--alias", "a b"], "--alias: 'a b' is not an alias name"),
+        (["promote", "m", "--alias", "a.b"], "--alias: 'a.b' is not an alias name"),
+        (["promote", "m", "--alias", "a@b"], "--alias: 'a@b' is not an alias name"),
+        (["promote", "m", "--alias", "ok", "--from-alias", "x y"], "--from-alias: 'x y' is not an alias name"),
+        (["promote", "m:1", "--alias", "ok"], "NAME: 'm:1' is not a registered model name"),
+        (["promote", "m", "--alias", "ok", "--version", "v1"], "--version: 'v1' is not a version number"),
+    ],
+)
+def test_promote_refuses_what_the_registry_would_before_opening_it(argv, named, monkeypatch, capsys):
+    # MLflow refused a malformed alias only at set_alias, once the store was open.
+    def opened(*args, **kwargs):
+        raise AssertionError("the tracking store was opened")
+
+    monkeypatch.setattr("pipeline.tracking.reachable_uri", opened)
+    assert cli.main(argv) == 2
+    assert named in capsys.readouterr().err

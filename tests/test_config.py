@@ -55,6 +55,23 @@ def test_bad_values_name_the_key(override, key):
     assert f"{key}" in str(info.value)
 
 
+@pytest.mark.parametrize("alias", ["a@b", "a b", "a.b", "", "a" * 256])
+def test_an_alias_mlflow_refuses_is_a_config_error(alias):
+    # MLflow's set_alias refused it only after the fine-tune had run.
+    with pytest.raises(ConfigError, match="finetune.alias: .*is not an alias name"):
+        load_config(overrides=[f"finetune.alias='{alias}'"])
+
+
+def test_a_finetune_alias_flag_mlflow_refuses_exits_2_before_training(capsys):
+    assert cli.main(["finetune", "--alias", "a@b"]) == 2
+    assert "finetune.alias: Value error, 'a@b' is not an alias name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("alias", ["champion", "v2-rc_1", "état"])
+def test_aliases_mlflow_accepts_load(alias):
+    assert load_config(overrides=[f"finetune.alias={alias}"]).finetune.alias == alias
+
+
 def test_yaml_problems_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
@@ -22,8 +22,28 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
 def run(args: argparse.Namespace, config: Config) -> int:
     from pipeline import tracking
 
+    _check_flags(args)
     uri = tracking.reachable_uri(config.tracking.uri)
     from_alias = None if args.version else (args.from_alias or config.finetune.alias)
     version = tracking.set_alias(uri, args.name, args.alias, args.version, from_alias)
     print(f"{args.name}@{args.alias} -> version {version}")
     return 0
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """ConfigError naming the flag the registry would refuse, before any store is opened (MLflow
+    refused a malformed alias only at set_alias)."""
+    from pipeline import tracking
+
+    for flag, check, value in (
+        ("NAME", tracking.check_model_name, args.name),
+        ("--alias", tracking.check_alias, args.alias),
+        ("--from-alias", tracking.check_alias, args.from_alias),
+        ("--version", tracking.check_version_number, args.version),
+    ):
+        if value is None:
+            continue
+        try:
+            check(value)
+        except ValueError as exc:
+            raise ConfigError(f"{flag}: {exc}") from None

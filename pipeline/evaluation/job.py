@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from pipeline.config import BUNDLED_DATASETS_DIR, Config, ConfigError, dump_config
+from pipeline.config import BUNDLED_DATASETS_DIR, Config, ConfigError, check_alias, dump_config
 from pipeline.evaluation import benchmark, plan, report
 from pipeline.evaluation.metrics import summarize_scores
 from pipeline.evaluation.workers import load_rgb
@@ -82,10 +82,16 @@ ResultLogger = Callable[[EvaluationResult, Config], str | None]
 def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None]:
     """`models:/NAME@ALIAS` -> (NAME, ALIAS, None); `models:/NAME/VERSION` -> (NAME, None, VERSION)."""
     body = uri[len(REGISTRY_SCHEME) :]
-    match = re.fullmatch(r"([^/@]+)(?:@([A-Za-z0-9_.-]+)|/(\d+))", body)
+    match = re.fullmatch(r"([^/@]+)(?:@([^/]+)|/(\d+))", body)
     if not uri.startswith(REGISTRY_SCHEME) or match is None:
         raise ConfigError(f"--model {uri!r}: a registry URI reads models:/NAME@ALIAS or models:/NAME/VERSION")
-    return match.group(1), match.group(2), match.group(3)
+    name, alias, version = match.groups()
+    if alias is not None:
+        try:
+            check_alias(alias)  # MLflow's rule: no '.', ' ' or '@'
+        except ValueError as exc:
+            raise ConfigError(f"--model: {uri}: the alias {exc}") from None
+    return name, alias, version
 
 
 def resolve_model(uri: str, tracking_uri: str | None = None) -> ModelRef:

@@ -198,6 +198,19 @@ def test_bad_subject_and_registry_uris_fail_before_any_work(tmp_path, capsys):
     assert f"evaluate.out {tmp_path / 'file' / 'eval'}: {tmp_path / 'file'} is not a folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("alias", ["a.b", "a b", "a@b"])
+def test_an_alias_mlflow_refuses_is_named_by_the_uri(alias, monkeypatch, capsys):
+    # parse_registry_uri took a '.' that MLflow refuses, and '@' or ' ' got the general line.
+    def looked_up(*args, **kwargs):
+        raise AssertionError("the registry was looked up")
+
+    monkeypatch.setattr("pipeline.tracking.registered_version", looked_up)
+    with pytest.raises(ConfigError, match=f"--model: models:/x@{alias}: the alias '{alias}' is not an alias name"):
+        parse_registry_uri(f"models:/x@{alias}")
+    assert main(["evaluate", "--model", f"models:/x@{alias}"]) == 2
+    assert f"the alias '{alias}' is not an alias name" in capsys.readouterr().err
+
+
 def test_model_references():
     assert parse_registry_uri("models:/subjectforge-dog@champion") == ("subjectforge-dog", "champion", None)
     assert parse_registry_uri("models:/base/3") == ("base", None, "3")
