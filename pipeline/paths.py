@@ -15,6 +15,7 @@ import fcntl
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,14 +37,23 @@ def folder_flag(text: str) -> str:
 
 def check_output_folder(path: str | Path, flag: str = "--out") -> None:
     """UserError naming `flag` unless `path` is a folder or could be made one (its nearest
-    existing part is a folder we may write in). Nothing is created, so a command checks its
-    output before loading a model and leaves nothing behind when a later input is refused."""
+    existing part is a folder we may write in). Nothing is left behind, so a command checks its
+    output before loading a model and leaves nothing when a later input is refused."""
     path = Path(path)
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
         raise UserError(f"{flag} {path}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: cannot write in {existing}")
+    _prove_writable(existing, f"{flag} {path}")
+
+
+def _prove_writable(folder: Path, what: str) -> None:
+    """UserError naming `what` unless a folder can be made in `folder`: made and removed at once,
+    since os.access says yes to root in /sys or /proc, where generate then failed to make its
+    --out only after denoising."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".subjectforge-check-", dir=folder))
+    except OSError as exc:
+        raise UserError(f"{what}: cannot write in {folder}: {exc.strerror or exc}") from None
 
 
 def make_output_folder(path: str | Path, flag: str = "--out") -> Path:

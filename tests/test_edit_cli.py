@@ -101,3 +101,15 @@ def test_a_link_planted_in_out_is_replaced_not_written_through(tmp_path):
     assert main([*BASE, "--subject-image", _photo(tmp_path / "cat.png"), "--out", str(out)]) == 0
     assert elsewhere.read_text() == "not yours"
     assert not (out / "edited.png").is_symlink() and Image.open(out / "edited.png").size == (64, 64)
+
+
+def test_an_out_that_cannot_be_written_exits_2_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    # os.access lets root write in /proc: the folder was refused only after the edit was drawn.
+    from pipeline.model import BlipDiffusion
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("loaded the model")
+
+    monkeypatch.setattr(BlipDiffusion, "from_pretrained", loaded)
+    assert main([*BASE, "--subject-image", _photo(tmp_path / "cat.png"), "--out", "/proc/subjectforge-out"]) == 2
+    assert "--out /proc/subjectforge-out: cannot write in /proc" in capsys.readouterr().err

@@ -184,3 +184,14 @@ def test_a_registry_alias_mlflow_refuses_exits_2_saying_so(tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert "models:/x@a@b: the alias 'a@b' is not an alias name" in err and "not found" not in err
     assert not (tmp_path / "absent.db").exists()
+
+
+@pytest.mark.parametrize("out", ["/proc/subjectforge-out", "/sys/subjectforge-out/sub"])
+def test_an_out_that_cannot_be_written_exits_2_before_the_model_loads(tmp_path, capsys, monkeypatch, out):
+    # os.access lets root write in /proc and /sys: the folder was refused only after denoising.
+    from pipeline.model import BlipDiffusion
+
+    monkeypatch.setattr(BlipDiffusion, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
+    args = ["generate", "--profile", "tiny", "--category", "dog", "--subject-image", str(_photo(tmp_path / "a.png"))]
+    assert main([*args, "--prompt", "x", "--out", out]) == 2
+    assert f"--out {out}: cannot write in {Path(out).parts[0]}{Path(out).parts[1]}" in capsys.readouterr().err

@@ -5,6 +5,7 @@ import shutil
 import pytest
 
 from pipeline import paths
+from pipeline.errors import UserError
 
 
 def _folder(path, text="x"):
@@ -99,3 +100,10 @@ def test_two_replacements_of_one_folder_at_once_leave_a_whole_one(tmp_path, monk
     assert sorted(contents) == ["keep.txt", "weights-0", "weights-1", "weights-2"]
     assert len(set(contents.values())) == 1  # one job's folder, whole
     assert not (root / ".dog-lora.lock").exists()  # each holder deletes the lock file it held
+
+
+def test_check_output_folder_proves_the_folder_writable_and_leaves_nothing(tmp_path):
+    paths.check_output_folder(tmp_path / "a" / "b")
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(UserError, match="--out /proc/x: cannot write in /proc"):
+        paths.check_output_folder("/proc/x")  # root included, whom os.access lets write there
