@@ -73,6 +73,11 @@ def check_alias(alias: str) -> str:
 Alias = Annotated[str, AfterValidator(check_alias)]
 
 
+# The longest class noun ("dog", "teapot") a request or a command flag may give; CLIP reads only
+# a few words of it (pipeline/serving/subjects.py and pipeline/commands/generate.py check it).
+MAX_CATEGORY_CHARS = 100
+
+
 _T = TypeVar("_T")
 
 

@@ -113,3 +113,12 @@ def test_an_out_that_cannot_be_written_exits_2_before_the_model_loads(tmp_path, 
     monkeypatch.setattr(BlipDiffusion, "from_pretrained", loaded)
     assert main([*BASE, "--subject-image", _photo(tmp_path / "cat.png"), "--out", "/proc/subjectforge-out"]) == 2
     assert "--out /proc/subjectforge-out: cannot write in /proc" in capsys.readouterr().err
+
+
+def test_a_category_longer_than_the_server_takes_exits_2(tmp_path, capsys):
+    from pipeline.config import MAX_CATEGORY_CHARS
+
+    args = [*BASE, "--subject-image", _photo(tmp_path / "cat.png"), "--out", str(tmp_path / "o")]
+    assert main([*args, "--target-category", "d" * (MAX_CATEGORY_CHARS + 1)]) == 2
+    assert f"--target-category: a class noun of at most {MAX_CATEGORY_CHARS} characters" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

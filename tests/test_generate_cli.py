@@ -195,3 +195,24 @@ def test_an_out_that_cannot_be_written_exits_2_before_the_model_loads(tmp_path, 
     args = ["generate", "--profile", "tiny", "--category", "dog", "--subject-image", str(_photo(tmp_path / "a.png"))]
     assert main([*args, "--prompt", "x", "--out", out]) == 2
     assert f"--out {out}: cannot write in {Path(out).parts[0]}{Path(out).parts[1]}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--category", "--target-category"])
+def test_a_category_longer_than_the_server_takes_exits_2_before_the_model_loads(tmp_path, capsys, monkeypatch, flag):
+    # The server refused a category over MAX_CATEGORY_CHARS; the CLI took any length.
+    from pipeline.config import MAX_CATEGORY_CHARS
+    from pipeline.model import BlipDiffusion
+
+    monkeypatch.setattr(BlipDiffusion, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
+    args = ["generate", "--profile", "tiny", "--category", "dog", "--subject-image", str(_photo(tmp_path / "a.png"))]
+    long = "d" * (MAX_CATEGORY_CHARS + 1)
+    assert main([*args, "--prompt", "x", "--out", str(tmp_path / "o"), flag, long]) == 2
+    assert f"{flag}: a class noun of at most {MAX_CATEGORY_CHARS} characters, got {MAX_CATEGORY_CHARS + 1}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_category_as_long_as_the_server_takes_passes_the_check():
+    from pipeline.commands.generate import check_text_flags
+    from pipeline.config import MAX_CATEGORY_CHARS
+
+    check_text_flags({"--category": "d" * MAX_CATEGORY_CHARS, "--style-category": "d" * MAX_CATEGORY_CHARS})

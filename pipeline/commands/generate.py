@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import Config, ConfigError, check_utf8, dump_config
+from pipeline.config import MAX_CATEGORY_CHARS, Config, ConfigError, check_utf8, dump_config
 from pipeline.errors import UserError
 from pipeline.paths import check_output_folder, folder_flag, make_output_folder, output_file
 
@@ -198,16 +198,22 @@ def resolve_device(text: str):
     return device
 
 
+# Class nouns of generate and edit, held to the server's limit on a request's category.
+_CATEGORY_FLAGS = ("--category", "--target-category", "--style-category")
+
+
 def check_text_flags(texts: dict[str, str | None], nouns: tuple[str, ...] = ()) -> None:
-    """UserError naming the flag of a text that is not UTF-8 (config.check_utf8) or of a word
-    in `nouns` (a class noun, edit's --replace) that is blank; refused here, before the model
-    loads, not inside it."""
+    """UserError naming the flag of a text that is not UTF-8 (config.check_utf8), of a word
+    in `nouns` (a class noun, edit's --replace) that is blank, or of a class noun longer than
+    MAX_CATEGORY_CHARS; refused here, before the model loads, not inside it."""
     for flag, text in texts.items():
         if text is None:
             continue
         check_utf8(text, flag)
         if flag in nouns and not text.strip():
             raise UserError(f"{flag}: must not be empty")
+        if flag in _CATEGORY_FLAGS and len(text) > MAX_CATEGORY_CHARS:
+            raise UserError(f"{flag}: a class noun of at most {MAX_CATEGORY_CHARS} characters, got {len(text)}")
 
 
 def _check_style(args: argparse.Namespace, config: Config) -> None:

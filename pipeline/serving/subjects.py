@@ -23,7 +23,7 @@ from typing import Any
 import PIL.Image
 import torch
 
-from pipeline.config import DecodeConfig, check_name
+from pipeline.config import MAX_CATEGORY_CHARS, DecodeConfig, check_name
 from pipeline.serving.cache import LruBudget
 from pipeline.serving.requests import RequestError, finite_number
 from pipeline.tracking import check_alias, check_model_name
@@ -35,7 +35,6 @@ REFERENCE_FIELD = "reference_images"
 CATEGORY_FIELD = "category"
 MIX_FIELD = "mix"
 MAX_MIX_PARTS = 4  # subjects of one mix: each costs a fetch or a Q-Former pass
-MAX_CATEGORY_CHARS = 100  # a class noun ("dog", "teapot"); CLIP reads a few words of it
 MAX_VERSION = 2**31 - 1  # registries keep a version in a 32-bit integer column (MLflow's SQL stores)
 
 
