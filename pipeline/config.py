@@ -69,8 +69,21 @@ def check_alias(alias: str) -> str:
     return alias
 
 
-# A registered model's alias (finetune.alias).
-Alias = Annotated[str, AfterValidator(check_alias)]
+# Aliases MLflow keeps for itself and refuses to set (_validate_model_alias_name_reserved):
+# "latest" in any case, and version-like names ("v3").
+_RESERVED_ALIAS_RE = re.compile(r"latest|[vV]\d+", re.IGNORECASE)
+
+
+def check_new_alias(alias: str) -> str:
+    """`alias` if the registry accepts setting it (check_alias, and not a reserved name)."""
+    check_alias(alias)
+    if _RESERVED_ALIAS_RE.fullmatch(alias):
+        raise ValueError(f"{alias!r} is reserved by MLflow's registry ('latest' and v<number> cannot be set as aliases)")
+    return alias
+
+
+# The alias a command sets on a registered version (finetune.alias).
+Alias = Annotated[str, AfterValidator(check_new_alias)]
 
 
 # The longest class noun ("dog", "teapot") a request or a command flag may give; CLIP reads only

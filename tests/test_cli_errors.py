@@ -83,6 +83,8 @@ def test_an_empty_folder_flag_is_a_usage_error_not_the_current_folder(argv, caps
         (["promote", "m", "--alias", "a b"], "--alias: 'a b' is not an alias name"),
         (["promote", "m", "--alias", "a.b"], "--alias: 'a.b' is not an alias name"),
         (["promote", "m", "--alias", "a@b"], "--alias: 'a@b' is not an alias name"),
+        (["promote", "m", "--alias", "Latest"], "--alias: 'Latest' is reserved by MLflow's registry"),
+        (["promote", "m", "--alias", "v3"], "--alias: 'v3' is reserved by MLflow's registry"),
         (["promote", "m", "--alias", "ok", "--from-alias", "x y"], "--from-alias: 'x y' is not an alias name"),
         (["promote", "m:1", "--alias", "ok"], "NAME: 'm:1' is not a registered model name"),
         (["promote", "m", "--alias", "ok", "--version", "v1"], "--version: 'v1' is not a version number"),

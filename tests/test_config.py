@@ -67,7 +67,14 @@ def test_a_finetune_alias_flag_mlflow_refuses_exits_2_before_training(capsys):
     assert "finetune.alias: Value error, 'a@b' is not an alias name" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("alias", ["champion", "v2-rc_1", "état"])
+@pytest.mark.parametrize("alias", ["latest", "LATEST", "v1", "V12"])
+def test_an_alias_mlflow_keeps_for_itself_is_a_config_error(alias):
+    # MLflow's set_alias refuses these names (reserved), again only after the fine-tune had run.
+    with pytest.raises(ConfigError, match="finetune.alias: .*is reserved"):
+        load_config(overrides=[f"finetune.alias={alias}"])
+
+
+@pytest.mark.parametrize("alias", ["champion", "v2-rc_1", "état", "latest2", "v"])
 def test_aliases_mlflow_accepts_load(alias):
     assert load_config(overrides=[f"finetune.alias={alias}"]).finetune.alias == alias
 

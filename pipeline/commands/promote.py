@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, check_new_alias
 
 
 def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
@@ -37,7 +37,7 @@ def _check_flags(args: argparse.Namespace) -> None:
 
     for flag, check, value in (
         ("NAME", tracking.check_model_name, args.name),
-        ("--alias", tracking.check_alias, args.alias),
+        ("--alias", check_new_alias, args.alias),
         ("--from-alias", tracking.check_alias, args.from_alias),
         ("--version", tracking.check_version_number, args.version),
     ):
