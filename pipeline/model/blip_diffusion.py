@@ -573,7 +573,7 @@ class BlipDiffusion(nn.Module):
         # `alphas_cumprod[timestep]`), which on a device tensor makes the host wait for the GPU
         # at every step, so the GPU idled while the host queued the next step's kernels.
         host_steps = scheduler.timesteps.cpu()
-        device_steps = host_steps.to(self.unet.device)
+        device_steps = _to_device(host_steps, self.unet.device)  # without waiting for the queued work
         timesteps = tqdm(host_steps, disable=not progress, desc="denoising", leave=False)
         for i, t in enumerate(timesteps):
             model_input = latents if uncond is None else torch.cat([latents[unguided:], latents])
