@@ -568,12 +568,7 @@ class BlipDiffusion(nn.Module):
         steered = [False] * count if control is None else control.steers(count)
         embeds = cond if uncond is None else torch.cat([uncond, cond]).to(self.unet.dtype)
         unguided = 0 if uncond is None else latents.shape[0] - uncond.shape[0]
-        # The scheduler steps on host timesteps and the UNet reads them from one device copy: PNDM
-        # and DDIM compare and index with the timestep (`prev_timestep >= 0`,
-        # `alphas_cumprod[timestep]`), which on a device tensor makes the host wait for the GPU
-        # at every step, so the GPU idled while the host queued the next step's kernels.
-        host_steps = scheduler.timesteps.cpu()
-        device_steps = _to_device(host_steps, self.unet.device)  # without waiting for the queued work
+        host_steps, device_steps = host_and_device_timesteps(scheduler.timesteps, self.unet.device)
         timesteps = tqdm(host_steps, disable=not progress, desc="denoising", leave=False)
         for i, t in enumerate(timesteps):
             model_input = latents if uncond is None else torch.cat([latents[unguided:], latents])
@@ -702,6 +697,15 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def host_and_device_timesteps(timesteps: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`timesteps` on the host, for a denoising loop's own arithmetic, and one copy on `device`,
+    for the UNet. PNDM and DDIM compare and index with the timestep (`prev_timestep >= 0`,
+    `alphas_cumprod[timestep]`; inversion's `int(t)`), which on a device tensor makes the host
+    wait for the GPU at every step, so the GPU idled while the host queued the next step."""
+    host = timesteps.cpu()
+    return host, _to_device(host, device)
 
 
 def _drop_source_path(config: Path) -> None:

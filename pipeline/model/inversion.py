@@ -20,6 +20,8 @@ from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm.auto import tqdm
 
+from pipeline.model.blip_diffusion import host_and_device_timesteps
+
 # predict_noise(latents (b, C, h, w), timestep) -> noise (b, C, h, w)
 NoisePredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -51,10 +53,7 @@ def invert_ddim(
     final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32, device=latents.device)
     stride = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     x = latents.float()
-    # Host timesteps for the arithmetic, one device copy for the UNet (as BlipDiffusion._denoise):
-    # `int(t)` of a device tensor would make the host wait for the GPU at every step.
-    host_steps = scheduler.timesteps.cpu().flip(0)
-    device_steps = host_steps.to(latents.device)
+    host_steps, device_steps = host_and_device_timesteps(scheduler.timesteps.flip(0), latents.device)
     for i, t in enumerate(tqdm(host_steps, disable=not progress, desc="inverting", leave=False)):
         # The sampler's step at t goes from a_t to a_prev; inversion goes back from a_prev to a_t.
         prev = int(t) - stride
