@@ -23,10 +23,10 @@ from typing import Any
 import PIL.Image
 import torch
 
-from pipeline.config import MAX_CATEGORY_CHARS, DecodeConfig, check_name
+from pipeline.config import MAX_CATEGORY_CHARS, DecodeConfig, check_alias, check_name
 from pipeline.serving.cache import LruBudget
 from pipeline.serving.requests import RequestError, finite_number
-from pipeline.tracking import check_alias, check_model_name
+from pipeline.tracking import check_model_name
 
 log = logging.getLogger(__name__)
 
