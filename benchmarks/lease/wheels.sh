@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the three wheel folders of README.md (run in the repository root; Python 3.12 x86-64 wheels).
 set -euo pipefail
-cd "$(git rev-parse --show-toplevel)"
+root=$(git rev-parse --show-toplevel)
+cd "$root"
 exclude=$(git rev-parse --git-path info/exclude)
 for d in .whlg .whlr .whls; do grep -qx "/$d/" "$exclude" 2>/dev/null || echo "/$d/" >> "$exclude"; rm -rf "$d"; mkdir -p "$d"; done
 PLAT="--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any"
@@ -10,7 +11,7 @@ python3 -m pip download -q --no-deps $PLAT -d "$tmp" "ray==${RAY_VERSION:-2.60.0
 ( cd "$tmp" && mkdir x && cd x && unzip -q ../ray-*.whl \
   && rm -rf ray/jars ray/dashboard/client ray/rllib \
   && sed -i '/^ray\/jars\//d; /^ray\/dashboard\/client\//d; /^ray\/rllib\//d' ray-*.dist-info/RECORD \
-  && zip -q -r -9 "$OLDPWD/.whlr/$(basename ../ray-*.whl)" . )
+  && zip -q -r -9 "$root/.whlr/$(basename ../ray-*.whl)" . )
 rm -rf "$tmp"
 python3 -m pip download -q --no-deps $PLAT -d .whlg diffusers pymatting pydantic pydantic-core annotated-types \
   typing-inspection "typing-extensions>=4.16" jsonschema jsonschema-specifications referencing rpds-py tensorboardX
