@@ -46,7 +46,8 @@ H200 (bench_serve --compile, SD 1.5, 50 steps, 512 px, 16 clients, 8 images = 16
 batch on average), 100 LoRA subjects in mixed batches drew 3.28 images/s against 3.56 for one
 subject merged (BENCHMARKS.md "Serving"): the issue allows 5%. With `merge`, `use` of several slots fills each layer's
 `row_weight` (rows, out, in), row i with slot slots[i] merged as above (each distinct slot
-merged once, then copied into its other rows; slot 0: W0), and forward is one batched GEMM,
+merged once, a batch's new slots of one rank together, then copied into their rows; slot 0:
+W0), and forward is one batched GEMM,
 `bmm(x_i, W_i^T)` (+ bias, in the same baddbmm): the activations are read once, as by the
 plain Linear, instead of the Linear plus two skinny products; what it adds is that each row
 reads its own weight (a UNet call of 16 rows reads 16 x 178 MiB of weights in float16 on SD
@@ -144,12 +145,21 @@ class LoraSlotLinear(nn.Linear):
         self.merged_into(self.merged_weight, slot, rank, scale)
 
     @torch.no_grad()
-    def merge_rows(self, rows: list[int], slot: int, rank: int, scale: float) -> None:
-        """row_weight[i] for each i of `rows`: `slot` merged (`merged_into`), merged once and copied."""
-        first = self.row_weight[rows[0]]
-        self.merged_into(first, slot, rank, scale)
-        for row in rows[1:]:
-            self.row_weight[row].copy_(first)
+    def merge_rows(self, rows: torch.Tensor, which: torch.Tensor, slots: torch.Tensor, rank: int, scales: torch.Tensor) -> None:
+        """row_weight[rows[j]] = the slot slots[which[j]] merged with its scale scales[which[j]],
+        `merged_into`'s arithmetic for every slot of `slots` (all of rank `rank`) together, each
+        slot once however many rows take it. Rank 0: W0. Index tensors on the device, scales
+        float32. One mm a slot, not a bmm of all: the bmm sums in another order, and rows must
+        hold what peft merges bit for bit; the casts, scales and adds around them are batched."""
+        if rank == 0:
+            self.row_weight.index_copy_(0, rows, self.weight.expand(rows.shape[0], -1, -1))
+            return
+        down, up = self.slot_A[slots, :rank].float(), self.slot_B[slots, :, :rank].float()
+        delta = torch.empty(slots.shape[0], self.out_features, self.in_features, dtype=torch.float32, device=down.device)
+        for j in range(slots.shape[0]):
+            torch.mm(up[j], down[j], out=delta[j])
+        merged = torch.add(self.weight, delta.mul_(scales.view(-1, 1, 1)).to(self.weight.dtype))
+        self.row_weight.index_copy_(0, rows, merged if merged.shape[0] == rows.shape[0] else merged.index_select(0, which))
 
     @torch.no_grad()
     def merged_into(self, out: torch.Tensor, slot: int, rank: int, scale: float) -> None:
@@ -292,21 +302,43 @@ class LoraSlots:
     def _row_weights_mode(self, slots: list[int]) -> Iterator[None]:
         """Each layer's row_weight[i] holds slot slots[i] merged, then every layer draws its row
         weights. Only rows whose slot changed since they were merged are merged again, each slot
-        once a layer; rows from len(slots) on keep what they hold (a UNet call reads only its
+        once a layer, all of a rank in one product (`_merge_groups`); rows from len(slots) on keep what they hold (a UNet call reads only its
         first rows). The rows A and B stay zero, as in the merged mode."""
         stale: dict[int, list[int]] = {}  # slot -> the rows to merge it into
         for row, slot in enumerate(slots):
             if self._row_slots[row] != slot:
                 stale.setdefault(slot, []).append(row)
                 self._row_slots[row] = None  # a merge cut short leaves the row unknown
+        groups = self._merge_groups(stale)
         for layer in self.layers.values():
-            for slot, rows in stale.items():
-                layer.merge_rows(rows, slot, self._ranks[slot], self._scales[slot])
+            for group in groups:
+                layer.merge_rows(*group)
         for slot, rows in stale.items():
             for row in rows:
                 self._row_slots[row] = slot
         with self._mode(ROW_WEIGHTS):
             yield
+
+    def _merge_groups(self, stale: dict[int, list[int]]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]]:
+        """`LoraSlotLinear.merge_rows`'s arguments for the rows `stale` maps each slot to: one
+        group per rank (a product's inner size), so that every layer merges all of a batch's new
+        slots with one product a slot and a few batched kernels around them, rather than a
+        handful a slot (their launches, thousands for a batch of 8 subjects, kept the GPU idle)."""
+        by_rank: dict[int, dict[int, list[int]]] = {}
+        for slot, rows in stale.items():
+            by_rank.setdefault(self._ranks[slot], {})[slot] = rows
+        groups = []
+        for rank, slots in by_rank.items():
+            rows = [row for held in slots.values() for row in held]
+            which = [j for j, held in enumerate(slots.values()) for _ in held]
+            groups.append((
+                torch.tensor(rows, dtype=torch.long).to(self.device),
+                torch.tensor(which, dtype=torch.long).to(self.device),
+                torch.tensor(list(slots), dtype=torch.long).to(self.device),
+                rank,
+                torch.tensor([self._scales[slot] for slot in slots], dtype=torch.float32).to(self.device),
+            ))
+        return groups
 
     @contextmanager
     def _mode(self, mode: str) -> Iterator[None]:

@@ -386,10 +386,10 @@ def test_a_batch_merges_only_the_rows_whose_slot_changed():
     slots, (a, b, c) = loaded(base, [peft_subject(base, 4, 4.0, seed) for seed in (1, 2, 3)], (4, 4, 4), (4.0,) * 3, rows=6)
     merges = []
     for name, layer in slots.layers.items():
-        def counted(out, slot, rank, scale, layer=layer, name=name):
-            merges.append((name, slot))
-            return type(layer).merged_into(layer, out, slot, rank, scale)
-        layer.merged_into = counted
+        def counted(rows, which, merged, rank, scales, layer=layer, name=name):
+            merges.extend((name, slot) for slot in merged.tolist())
+            return type(layer).merge_rows(layer, rows, which, merged, rank, scales)
+        layer.merge_rows = counted
 
     def merged_slots(rows):
         merges.clear()
