@@ -37,14 +37,19 @@ The captioner (`--captioner`, the caption stage's actors after CLIPSeg) is by de
 Salesforce/blip2-opt-2.7b's architecture (ViT-g/14, a 32-query Q-Former, OPT-2.7B) with random
 weights, saved in the official layout, loaded in float16 as the real one is. Its tokenizer is
 the tiny captioner's byte-level one (a 165-token vocabulary, so its LM head is 2560 x 165, not
-2560 x 50272: about 5% of OPT-2.7B's per-token work less), and random weights never write the end
-of a caption: every photo gets data.caption.max_new_tokens tokens (30 by default, where real
-BLIP-2 captions end after 10-15): an upper bound on the stage's cost; add
-`--variant "data.caption.max_new_tokens=12"` for a realistic one. `--captioner off` builds without
-captions, the plan before the caption stage. Each build reports the caption stage's photos/s per
-actor and every stage's share of the summed stage time (`caption`). The people filter's CLIPSeg
-prompt ("person") runs on every photo, but with `data.filter.exclude_area` 1.0, so that the random
-model's maps reject nothing.
+2560 x 50272: about 5% of OPT-2.7B's per-token work less), and random weights never write the
+end of a caption: every photo gets data.caption.max_new_tokens tokens (30 by default, where real
+BLIP-2 captions end after 10-15): an upper bound on the stage's cost; add `--variant
+"data.caption.max_new_tokens=12"` for a realistic one. `--captioner off` builds without
+captions, the plan before the caption stage. `--captioner random-blip-large` /
+`random-blip-base` is Salesforce/blip-image-captioning-large's / -base's architecture (ViT-L/16
+or ViT-B/16 at 384 px, a BERT-base text decoder) with random weights in float16, saved in the
+official layout with a BERT WordPiece tokenizer of the real vocabulary's size (30,524 with [DEC]
+and [ENC]), so its LM head costs what the real one does. A variant's `captioner=SETTING` (any
+--captioner setting) swaps the captioner for that build: every captioner is made before the
+warm-up. Each build reports the caption stage's photos/s per actor and every stage's share of
+the summed stage time (`caption`). The people filter's CLIPSeg prompt ("person") runs on every
+photo, but with `data.filter.exclude_area` 1.0, so that the random model's maps reject nothing.
 
 The JSON is rewritten every 2 s while a build runs, after each build, on SIGTERM (`timeout`),
 and at --budget seconds, where the script stops with status 3. A variant is not started when
@@ -102,27 +107,13 @@ log = logging.getLogger("bench_pipeline")
 def make_random_blip2(out: Path) -> Path:
     """Salesforce/blip2-opt-2.7b's architecture with random weights in float16, written by
     save_pretrained with a Blip2Processor (224 px, 32 query tokens) around the tiny captioner's
-    tokenizer (see the module docstring). Made on the GPU when there is one: 3.8B parameters
-    take minutes to initialise on a CPU."""
-    from transformers import (
-        AutoProcessor,
-        Blip2Config,
-        Blip2ForConditionalGeneration,
-        Blip2Processor,
-        BlipImageProcessor,
-    )
+    tokenizer (see the module docstring): 3.8B parameters."""
+    from transformers import AutoProcessor, Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
 
     tiny = AutoProcessor.from_pretrained(TINY_CAPTIONER)
     tokenizer = tiny.tokenizer
     queries = 32
-    processor = Blip2Processor(
-        image_processor=BlipImageProcessor(
-            size={"height": 224, "width": 224}, resample=3,
-            image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
-        ),
-        tokenizer=tokenizer,
-        num_query_tokens=queries,
-    )  # fmt: skip
+    processor = Blip2Processor(image_processor=blip_image_processor(224), tokenizer=tokenizer, num_query_tokens=queries)
     config = Blip2Config(
         vision_config={  # EVA ViT-g/14
             "hidden_size": 1408, "intermediate_size": 6144, "num_hidden_layers": 39, "num_attention_heads": 16,
@@ -138,25 +129,111 @@ def make_random_blip2(out: Path) -> Path:
         num_query_tokens=queries,
     )  # fmt: skip
     config.image_token_index = tokenizer.convert_tokens_to_ids(str(processor.image_token))
+    return save_random(Blip2ForConditionalGeneration, config, processor, out, "BLIP-2 OPT-2.7B")
+
+
+def blip_image_processor(side: int):
+    """BLIP's and BLIP-2's image processor as released: a fixed-size bicubic resize to `side` px
+    and CLIP's statistics."""
+    from transformers import BlipImageProcessor
+
+    return BlipImageProcessor(
+        size={"height": side, "width": side}, resample=3,
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+    )  # fmt: skip
+
+
+def save_random(model_class, config, processor, out: Path, name: str, dtype: torch.dtype = torch.float16) -> Path:
+    """A model of `config` with seeded random weights in `dtype`, written with its processor by
+    save_pretrained. Made on the GPU when there is one: billions of parameters take minutes to
+    initialise on a CPU."""
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
-        model = Blip2ForConditionalGeneration(config).to(torch.float16).eval()
+        model = model_class(config).to(dtype).eval()
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    log.info("random BLIP-2 OPT-2.7B: %.2fB parameters at %s", sum(p.numel() for p in model.parameters()) / 1e9, out)
+    log.info("random %s: %.1fM parameters at %s", name, sum(p.numel() for p in model.parameters()) / 1e6, out)
     del model
     torch.cuda.empty_cache()
     return out
 
 
+# Salesforce/blip-image-captioning-large and -base (their config.json): a ViT over 16 px patches
+# of 384 px photos, and a BERT-base text decoder cross-attending to it.
+BLIP_VISION = {
+    "large": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16},
+    "base": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
+}
+BLIP_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
+BERT_VOCAB = 30522  # bert-base-uncased; BLIP adds [DEC] and [ENC]: 30524
+
+
+def write_bert_vocab(out: Path, size: int) -> Path:
+    """A WordPiece vocab.txt of `size` tokens: bert-base-uncased's special tokens at its ids
+    ([PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103), letters, digits and the tiny
+    captioner's words with their continuations, then numbered filler words."""
+    from pipeline.tiny_models import CAPTION_WORDS
+
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+    head = ["[PAD]", *(f"[unused{i}]" for i in range(99)), "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokens = list(dict.fromkeys([*head, *chars, *CAPTION_WORDS, *(f"##{c}" for c in chars)]))
+    if size < len(tokens):
+        raise ValueError(f"a BERT vocab needs at least {len(tokens)} tokens, not {size}")
+    tokens += [f"w{i}" for i in range(size - len(tokens))]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.txt").write_text("\n".join(tokens) + "\n")
+    return out / "vocab.txt"
+
+
+def make_random_blip(
+    out: Path, vision: dict[str, int], text: dict[str, int] = BLIP_TEXT, side: int = 384, vocab: int = BERT_VOCAB
+) -> Path:
+    """A BlipForConditionalGeneration captioner in Salesforce/blip-image-captioning-*'s layout
+    with random weights in float16: `vision` and `text` sizes (BLIP_VISION, BLIP_TEXT), `side` px
+    photos, and a BlipProcessor whose BertTokenizer has `vocab` WordPiece tokens plus BLIP's
+    [DEC] (the decoder's bos) and [ENC], as BLIP's init_tokenizer adds them. Kept in `out`, and
+    reused when it is there."""
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
+
+    if (out / "model.safetensors").exists() and (out / "processor_config.json").exists():
+        return out
+    tokenizer = BertTokenizer(str(write_bert_vocab(out, vocab)), do_lower_case=True, model_max_length=512)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    ids = tokenizer.convert_tokens_to_ids
+    config = BlipConfig(
+        # initializer_range as released: BlipVisionConfig's default (1e-10) is all zeros in float16.
+        vision_config={**vision, "image_size": side, "patch_size": 16, "initializer_range": 0.02},
+        text_config={
+            **text, "vocab_size": len(tokenizer), "encoder_hidden_size": vision["hidden_size"],
+            "max_position_embeddings": 512,
+            "bos_token_id": ids("[DEC]"), "pad_token_id": ids("[PAD]"), "sep_token_id": ids("[SEP]"),
+        },
+    )  # fmt: skip
+    processor = BlipProcessor(image_processor=blip_image_processor(side), tokenizer=tokenizer)
+    return save_random(BlipForConditionalGeneration, config, processor, out, f"BLIP ViT {vision['hidden_size']} wide")
+
+
 def captioner_overrides(setting: str, work: Path) -> list[str]:
-    """--captioner as config overrides: off, the random BLIP-2 (built in `work`), tiny, or a path."""
+    """--captioner as config overrides: off, a random BLIP-2 or BLIP (built in `work`), tiny, or a path."""
     if setting == "off":
         return ["data.caption.enabled=false"]
     if setting == "random-blip2":
         return [f"models.captioner={make_random_blip2(work / 'blip2-opt-2.7b-random')}"]
+    if setting in ("random-blip-large", "random-blip-base"):
+        size = setting.rsplit("-", 1)[1]
+        return [f"models.captioner={make_random_blip(work / f'blip-captioning-{size}-random', BLIP_VISION[size])}"]
     return [f"models.captioner={TINY_CAPTIONER if setting == 'tiny' else setting}"]
+
+
+def variant_overrides(variant: str, work: Path) -> list[str]:
+    """A --variant's config overrides, its `captioner=SETTING` (a --captioner setting) made into
+    captioner_overrides."""
+    overrides: list[str] = []
+    for item in variant.split():
+        key, _, value = item.partition("=")
+        overrides += captioner_overrides(value, work) if key == "captioner" else [item]
+    return overrides
 
 
 def stage_shares(stage_seconds: dict[str, float], photos_captioned: int) -> dict[str, Any]:
@@ -607,7 +684,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=512, help="side of the square source photos, px")
     parser.add_argument("--clipseg", default="random-rd64", help="'random-rd64' (built here), 'tiny', or a path")
     parser.add_argument(
-        "--captioner", default="random-blip2", help="'random-blip2' (built here), 'tiny', 'off' (no caption stage), or a path"
+        "--captioner",
+        default="random-blip2",
+        help="'random-blip2', 'random-blip-large', 'random-blip-base' (built here), 'tiny', "
+        "'off' (no caption stage), or a path",
     )
     parser.add_argument(
         "--smoke", action="store_true",
@@ -632,7 +712,10 @@ def main(argv: list[str] | None = None) -> None:
         "skipped, and at the limit the report is saved with the running build's progress and the script exits 3",
     )
     parser.add_argument(
-        "--variant", action="append", help="overrides ('k=v k=v') of one timed build; repeatable; default one build"
+        "--variant",
+        action="append",
+        help="overrides ('k=v k=v'; captioner=SETTING as --captioner) of one timed build; repeatable; "
+        "default one build",
     )
     parser.add_argument("overrides", nargs="*", help="config overrides of every build, key=value")
     args = parser.parse_args(argv)
@@ -697,6 +780,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         clipseg = str(TINY_CLIPSEG if args.clipseg == "tiny" else args.clipseg)
     captioner = captioner_overrides(args.captioner, work)
+    variants = {variant: variant_overrides(variant, work) for variant in args.variant or [""]}
     workers = args.num_cpus or os.cpu_count() or 1
     warm_source = make_source(work / "warm-source", args.warm_up_photos, args.size, workers)
     source = make_source(work / "source", args.photos, args.size, workers)
@@ -778,7 +862,7 @@ def main(argv: list[str] | None = None) -> None:
         report.data["builds"].append(current)
         report.save()
         try:
-            manifest, seconds = run_build(source, work / f"out-{n}", [*overrides, *variant.split()])
+            manifest, seconds = run_build(source, work / f"out-{n}", [*overrides, *variants[variant]])
         except Exception as exc:  # record it and go on to the next variant
             log.exception("build with %r failed", variant)
             current.update(status="failed", error=repr(exc))
