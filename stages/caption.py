@@ -102,7 +102,8 @@ class Captioner:
         else:
             pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
             pixels = pixels.to(self.device, self.dtype)
-        inputs = {k: v.expand(len(images), *v.shape[1:]) for k, v in self.text_inputs.items()}
+        # Copies, not expanded views: BLIP's generate writes its bos over the prompt's first token in place.
+        inputs = {k: v.expand(len(images), *v.shape[1:]).clone() for k, v in self.text_inputs.items()}
         tokens = self.model.generate(pixel_values=pixels, **inputs, **self.generate_args)
         return self.processor.batch_decode(tokens, skip_special_tokens=True)
 
