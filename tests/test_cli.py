@@ -59,7 +59,11 @@ def test_demo_runs_the_whole_mission_offline_and_a_rerun_reuses_it(ray_local, tm
     from pipeline.model import BlipDiffusion
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    argv = ["demo", "--out", str(tmp_path), "--set", "data.decode.size=64"]
+    # The demo's embedded defaults, less the denoising steps of its images (the pretraining
+    # samples, the fine-tune's validation images, the generated image): nothing here asserts on
+    # their pixels, and each step is a UNet call on CPU in both runs.
+    smaller = ["data.decode.size=64", "train.samples.steps=2", "finetune.validation_steps=2", "generate.steps=2"]
+    argv = ["demo", "--out", str(tmp_path), *(arg for key in smaller for arg in ("--set", key))]
     # The first run as a user's terminal shows it: its own Ray, stdout and stderr in the order written.
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_DATA_DISABLE_PROGRESS_BARS")}
     first = subprocess.run(
