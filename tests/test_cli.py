@@ -36,7 +36,6 @@ def test_missing_backgrounds_exit_2(tmp_path, capsys):
     assert "data.backgrounds" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_reject_fraction_above_limit_exits_1(ray_local, tmp_path, capsys):
     src = make_source(tmp_path / "src", {"cat": "cat"}, sample=False)
     for name, data in broken_files().values():
@@ -47,7 +46,6 @@ def test_reject_fraction_above_limit_exits_1(ray_local, tmp_path, capsys):
     assert "6 of 6 inputs rejected" in err and "max_reject_fraction" in err
 
 
-@pytest.mark.slow
 def test_demo_runs_the_whole_mission_offline_and_a_rerun_reuses_it(ray_local, tmp_path, capsys, monkeypatch):
     import base64
     import io

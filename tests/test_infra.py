@@ -332,7 +332,6 @@ def test_the_image_gets_only_the_allowed_files():
     assert copied == {*UPLOAD_PATHS, "README.md"}
 
 
-@pytest.mark.slow
 def test_the_manifests_auth_config_refuses_anonymous_writes(tmp_path):
     """A real `mlflow server --app-name basic-auth` on loopback with the ConfigMap's auth file
     (its user store moved to tmp_path): a write without a login is 401, with the admin's it works."""

@@ -213,7 +213,6 @@ def ray_head(tmp_path_factory):
         _stop_head(proc, temp_dir)
 
 
-@pytest.mark.slow
 def test_submit_wait_streams_logs_and_returns_the_exit_code(ray_head, tmp_path, capsys, monkeypatch):
     address, token = ray_head
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
@@ -250,7 +249,6 @@ def test_submit_wait_streams_logs_and_returns_the_exit_code(ray_head, tmp_path, 
     assert "v0001: 2 accepted" in capsys.readouterr().out
 
 
-@pytest.mark.slow
 def test_stop_a_running_job(ray_head, capsys, monkeypatch):
     address, token = ray_head
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)

@@ -23,8 +23,6 @@ from stages.write import DATA_SCHEMA
 from tests.imagefiles import EXPECTED_REASON, broken_files, jpeg_bytes, make_source, photo, tricky_files
 from tests.tinydata import publish_dataset
 
-pytestmark = pytest.mark.slow
-
 # Small photos keep matting fast.
 SETTINGS = [
     "profile=tiny",
@@ -168,6 +166,7 @@ def test_refresh_after_add_and_remove_then_kill_and_rerun(built, source, tmp_pat
     assert not staging.exists()  # the killed refresh's staging swept, the empty folder removed
 
 
+@pytest.mark.slow
 def test_changed_settings_reprocess_everything(ray_local, source, tmp_path):
     small = make_source(tmp_path / "src", {"dog": "dog"}, per_subject=2)
     out = tmp_path / "out"
@@ -205,6 +204,7 @@ def test_too_many_rejects_fails_without_moving_latest(ray_local, tmp_path):
     assert np.isclose(result.manifest["rejected"] / result.manifest["inputs"], 6 / 7)
 
 
+@pytest.mark.slow
 def test_torch_matting_backend_end_to_end(ray_local, tmp_path):
     src = make_source(tmp_path / "src", {"dog": "dog"}, per_subject=2)
     config = load_config(overrides=[*SETTINGS, "data.matte.backend=torch"])

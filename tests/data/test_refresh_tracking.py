@@ -18,8 +18,6 @@ from tests.imagefiles import jpeg_bytes, make_source, photo
 from tests.tinydata import publish_dataset
 from tests.train.test_trainer import mlflow_server  # noqa: F401  (the module-scoped server fixture)
 
-pytestmark = pytest.mark.slow
-
 DATA = ["profile=tiny", "data.decode.size=64", "data.composite.per_photo=1", "tracking.data_experiment=test-data"]
 TRAIN = ["train.resolution=64", "train.cpus_per_worker=0.5", "train.data_cpus=0.5", "tracking.system_metrics=false",
          "finetune.batch_size=2", "finetune.validation_steps=1", "tracking.experiment=test-refresh-finetune"]
@@ -49,6 +47,7 @@ def refreshed(ray_local, mlflow_server, tmp_path_factory):  # noqa: F811
     return out
 
 
+@pytest.mark.slow
 def test_nothing_new_is_a_tagged_run_and_no_version(refreshed, mlflow_server):  # noqa: F811
     client, runs = _data_runs(mlflow_server)
     assert [r.data.tags["subjectforge.data.status"] for r in runs] == ["built", "unchanged", "built"]
@@ -59,6 +58,7 @@ def test_nothing_new_is_a_tagged_run_and_no_version(refreshed, mlflow_server):  
     assert sorted(p.name for p in refreshed.iterdir() if p.name.startswith("v")) == ["v0001", "v0002"]
 
 
+@pytest.mark.slow
 def test_new_version_is_the_run_dataset_with_digest_parent_and_counts(refreshed, mlflow_server):  # noqa: F811
     client, runs = _data_runs(mlflow_server)
     first, _, second = runs
@@ -75,6 +75,7 @@ def test_new_version_is_the_run_dataset_with_digest_parent_and_counts(refreshed,
     assert second.data.metrics["new"] == 1 and second.data.metrics["processed"] == 1 and second.data.metrics["affected_subjects"] == 1
 
 
+@pytest.mark.slow
 def test_affected_subjects_are_exactly_the_changed_one(refreshed):
     first = json.loads((refreshed / "v0001" / "manifest.json").read_text())
     second = json.loads((refreshed / "v0002" / "manifest.json").read_text())
@@ -82,6 +83,7 @@ def test_affected_subjects_are_exactly_the_changed_one(refreshed):
     assert second["affected_subjects"] == {"dog": {"new": 1, "changed": 0, "removed": 0, "reprocessed": 0}}
 
 
+@pytest.mark.slow
 def test_finetune_many_affected_trains_only_that_subject_and_a_rerun_reuses_it(refreshed, mlflow_server, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "subjects"
     argv = [

@@ -15,8 +15,6 @@ from pipeline.data.versions import DatasetStore
 from tests.data.test_versions import read_only
 from tests.imagefiles import jpeg_bytes, make_source, photo
 
-pytestmark = pytest.mark.slow
-
 SETTINGS = ["profile=tiny", "data.decode.size=64", "data.composite.per_photo=1"]
 
 
@@ -168,7 +166,6 @@ def test_read_only_out(copy, capsys):
         assert _refresh(source, out) == 2
     err = capsys.readouterr().err
     assert "cannot write to the dataset folder" in err and str(out) in err
-
 
 
 def test_verify_of_a_root_whose_latest_is_a_folder_says_so(tmp_path, capsys):

@@ -19,8 +19,6 @@ from pipeline.evaluation.job import (
     run_evaluation,
 )
 
-pytestmark = pytest.mark.slow
-
 GENERATE = ["generate.steps=2", "generate.height=64", "generate.width=64"]
 
 
@@ -113,6 +111,7 @@ def test_scores_are_logged_to_an_mlflow_run(first_run, tmp_path):
     assert {"scores.csv", "images.csv", "summary.md", "evaluate.yaml", "grids/dog.png", "grids/teapot.png"} <= logged
 
 
+@pytest.mark.slow
 def test_rerun_makes_only_the_missing_images_and_reopens_the_run(first_run, second_run):
     from mlflow import MlflowClient
 
@@ -129,6 +128,7 @@ def test_rerun_makes_only_the_missing_images_and_reopens_the_run(first_run, seco
     assert [r.info.run_id for r in runs] == [result.mlflow_run_id]
 
 
+@pytest.mark.slow
 def test_a_registered_subject_is_evaluated_and_its_version_tagged(first_run, tmp_path):
     from mlflow import MlflowClient
 
@@ -160,6 +160,7 @@ def test_a_registered_subject_is_evaluated_and_its_version_tagged(first_run, tmp
         run_evaluation(load_config(overrides=[*overrides, "evaluate.subjects=[teapot]"]), progress=False)
 
 
+@pytest.mark.slow
 def test_controlnet_images_are_scored_as_a_table_of_their_own(first_run):
     """evaluate.control on a finished folder: the plain images stay, the steered ones (canny maps
     of the real photos) go under control/ with their own tables, and the summary lists them."""

@@ -31,8 +31,6 @@ from pipeline.cli import main
 from tests.imagefiles import photo, png_header_only
 from tests.serve_subjects import make_subject, register_subject
 
-pytestmark = pytest.mark.slow
-
 LORAS = ("subjectforge-rex", "subjectforge-fido", "subjectforge-bolt")
 TI = "subjectforge-tea"
 STEPS = 2

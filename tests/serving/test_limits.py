@@ -20,8 +20,6 @@ from pipeline import tracking
 from pipeline.config import PROFILE_MODELS, ServeLimits
 from tests.processes import stop_process_group
 
-pytestmark = pytest.mark.slow
-
 MODEL_URI = "models:/subjectforge-dog@champion"
 LIMITS = ServeLimits(max_steps=60)  # below the default 150: the served model must use the logged limits
 START_S = 180  # the server imports torch and MLflow and loads the model before it listens

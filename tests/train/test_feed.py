@@ -42,7 +42,6 @@ def test_packed_rows_read_back_as_the_same_tensors(tmp_path):
     assert again[CATEGORY] == batch[CATEGORY] and torch.equal(again[LATENT_PARAMS], batch[LATENT_PARAMS])
 
 
-@pytest.mark.slow
 def test_the_feed_gives_every_row_once_per_pass_in_a_seeded_order(ray_local, tmp_path):
     import ray
 

@@ -27,8 +27,6 @@ from tests.processes import stop_process_group
 from tests.tinydata import publish_dataset
 from tests.train.test_trainer import mlflow_server  # noqa: F401  (the module-scoped server fixture)
 
-pytestmark = pytest.mark.slow
-
 # One Ray Train worker and its data tasks on the 2-CPU test Ray; 64 px, 2 steps.
 TRAIN = ["train.resolution=64", "train.cpus_per_worker=0.5", "train.data_cpus=0.5", "tracking.system_metrics=false", "finetune.lora_rank=2",
          "finetune.validation_steps=1"]

@@ -20,8 +20,6 @@ from pipeline.train.trainer import run_training
 from tests.processes import stop_process_group
 from tests.tinydata import publish_dataset
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
@@ -172,6 +170,7 @@ def _attempts(step_log):
     return out
 
 
+@pytest.mark.slow
 def test_a_killed_worker_resumes_from_the_newest_checkpoint_and_a_rerun_continues(ray_local, dataset, tmp_path):
     runs, step_log = tmp_path / "runs", tmp_path / "steps"
     # Also covers precomputed inputs, and gradient accumulation (2 micro-batches of 1 per step,
@@ -203,6 +202,7 @@ def test_a_killed_worker_resumes_from_the_newest_checkpoint_and_a_rerun_continue
         assert (start3, third) == (8, [9, 10]), rank
 
 
+@pytest.mark.slow
 def test_online_composites_train_from_precomputed_targets(ray_local, dataset, tmp_path):
     # The targets' VAE posteriors made once; the composite pasted and through the ViT each step.
     runs = tmp_path / "runs"
