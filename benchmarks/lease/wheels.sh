@@ -17,11 +17,12 @@ python3 -m pip download -q --no-deps $PLAT -d .whlg diffusers pymatting pydantic
   typing-inspection "typing-extensions>=4.16" jsonschema jsonschema-specifications referencing rpds-py tensorboardX
 # mlflow and Ray Serve's extras, less what the image has (its list: KINDS.md in the device tool's notes)
 # and what the other two folders hold; grpcio-reflection matches the image's grpcio (1.84).
+# lazy-importer: importlib-metadata imports it since its 2026 releases (mlflow failed to import without it).
 python3 -m pip download -q --no-deps $PLAT -d .whls "mlflow==3.17.2" mlflow-skinny==3.17.2 mlflow-tracing==3.17.2 \
   alembic sqlalchemy graphene graphql-core graphql-relay flask flask-cors gunicorn huey docker mako itsdangerous blinker \
   cachetools databricks-sdk gitpython gitdb smmap importlib-metadata opentelemetry-api opentelemetry-sdk opentelemetry-proto \
   opentelemetry-semantic-conventions opentelemetry-exporter-prometheus python-dotenv sqlparse cryptography cffi pycparser \
   google-auth pyasn1 pyasn1-modules fastapi starlette uvicorn httptools watchfiles websockets aiohttp-cors colorful \
   opencensus opencensus-context google-api-core googleapis-common-protos proto-plus smart-open py-spy mmh3 \
-  "grpcio-reflection==1.84.0" prettytable wcwidth skops
+  "grpcio-reflection==1.84.0" prettytable wcwidth skops lazy-importer
 du -sh .whlg .whlr .whls
