@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,27 +133,79 @@ def replace_tree(src: str | Path, dst: str | Path, root: str | Path) -> Path:
 
 @contextlib.contextmanager
 def _holding(lock: Path) -> Iterator[None]:
-    """An exclusive flock on the file `lock` (waits for the holder; the kernel lets go when a
-    holder dies). A file opened for writing, not the folder: NFS emulates flock with byte-range
-    locks, which need one. The holder deletes the file before letting go, so none is left beside
-    the output; a waiter that then wins the lock of the deleted file sees that the name is no
-    longer its file and tries again on the new one."""
-    while True:
-        fh = open(lock, "a")  # noqa: SIM115 - held across the yield, closed below
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                current = os.stat(lock).st_ino
-            except FileNotFoundError:
-                current = None
-            if current == os.fstat(fh.fileno()).st_ino:
-                break
-        except BaseException:
-            fh.close()
-            raise
-        fh.close()  # the holder before us deleted it: lock the file now at that name
+    """An exclusive flock on the file `lock` (`hold_lock`), deleted before it is let go, so none
+    is left beside the output."""
+    fd, _ = hold_lock(lock, "a replacement of the folder beside it locks with it")
     try:
         yield
     finally:
-        lock.unlink(missing_ok=True)
-        fh.close()
+        lock.unlink(missing_ok=True)  # still held: no one else has it
+        os.close(fd)
+
+
+def hold_lock(lock: Path, purpose: str, error: type[UserError] = UserError) -> tuple[int, bool]:
+    """A descriptor of the file `lock` with an exclusive flock on it (waits for the holder, and
+    says so; the kernel lets go when a holder dies), and whether this call made the file. A
+    file opened for writing, not the folder: NFS emulates flock with byte-range locks, which
+    need one. A holder deletes the file before letting go; a waiter that then wins the lock of
+    the deleted file sees that the name is no longer its file and tries again on the new one.
+    `open_lock_file` opens it (no link followed; `purpose` and `error` for what is not a file)."""
+    while True:
+        fd, made = open_lock_file(lock, purpose, error)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.warning("another job holds %s; waiting for it to finish", lock)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if same_file(fd, lock):
+                return fd, made
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # the holder before us deleted it: lock the file now at that name
+
+
+def open_lock_file(path: Path, purpose: str, error: type[UserError] = UserError) -> tuple[int, bool]:
+    """`path` opened read-write, made when missing, without following a link: a planted link
+    (to a file elsewhere, which would be opened there, and made there when missing) is removed
+    and the file made in its place. Returns (descriptor, whether this call made it). `error`
+    naming `purpose` for anything else that is not a regular file; OSError when its folder
+    cannot be written."""
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644), True
+        except FileExistsError:
+            pass
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue  # its holder deleted it meanwhile
+        except IsADirectoryError:
+            raise error(f"{path} is not a regular file: remove it; {purpose}") from None
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:  # ELOOP: O_NOFOLLOW met a link
+                raise
+            remove_link(path)
+            continue
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd, False
+        os.close(fd)
+        raise error(f"{path} is not a regular file: remove it; {purpose}")
+
+
+def remove_link(path: Path) -> None:
+    """Remove the link `path`, never what it points at, and say so."""
+    log.warning("removing the link %s -> %s: nothing is written outside the output folder", path, os.readlink(path))
+    path.unlink()
+
+
+def same_file(fd: int, path: Path) -> bool:
+    """Whether `path` (not followed) is still the file open as `fd`."""
+    try:
+        named = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)

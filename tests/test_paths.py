@@ -1,5 +1,6 @@
 """Deleting and replacing folders only inside their output root."""
 
+import os
 import shutil
 
 import pytest
@@ -107,3 +108,25 @@ def test_check_output_folder_proves_the_folder_writable_and_leaves_nothing(tmp_p
     assert not any(tmp_path.iterdir())
     with pytest.raises(UserError, match="--out /proc/x: cannot write in /proc"):
         paths.check_output_folder("/proc/x")  # root included, whom os.access lets write there
+
+
+def test_a_link_planted_as_the_replacement_lock_writes_nothing_where_it_points(tmp_path):
+    """replace_tree's lock beside its folder is opened without following a link: a planted
+    .<name>.lock -> a file elsewhere was opened there, and made there when it was missing."""
+    root, new = tmp_path / "out", _folder(tmp_path / "new")
+    root.mkdir()
+    made_elsewhere, existing = tmp_path / "made-here", tmp_path / "victim.txt"
+    existing.write_text("keep")
+    for target in (made_elsewhere, existing):
+        (root / ".dog-lora.lock").symlink_to(target)
+        assert paths.replace_tree(new, root / "dog-lora", root) == root / "dog-lora"
+        assert (root / "dog-lora" / "keep.txt").read_text() == "x"
+        assert not os.path.lexists(root / ".dog-lora.lock")  # the link removed, the lock file gone with the holder
+    assert not made_elsewhere.exists() and existing.read_text() == "keep"
+
+
+def test_a_folder_where_the_replacement_lock_goes_is_a_clear_error(tmp_path):
+    root, new = tmp_path / "out", _folder(tmp_path / "new")
+    (root / ".dog-lora.lock").mkdir(parents=True)
+    with pytest.raises(UserError, match="not a regular file"):
+        paths.replace_tree(new, root / "dog-lora", root)

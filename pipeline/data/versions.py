@@ -17,7 +17,6 @@ every name of a version's form, whatever is there.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import logging
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
-from pipeline.paths import remove_tree
+from pipeline.paths import hold_lock, remove_link, remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +93,7 @@ class DatasetStore:
         On the way out, whether the build succeeded or failed, an empty OUT/.staging is removed,
         and so is the lock file when this build made it (one an older release left stays). A
         waiter that then wins the lock of the deleted file sees that the name is no longer its
-        file and tries again on the new one (as pipeline.paths._holding does).
+        file and tries again on the new one (pipeline.paths.hold_lock).
         """
         fd, made = self._hold_lock()
         try:
@@ -107,49 +106,10 @@ class DatasetStore:
             os.close(fd)
 
     def _hold_lock(self) -> tuple[int, bool]:
-        """A descriptor of OUT/.lock, flocked, and whether this build made the file."""
-        while True:
-            fd, made = self._open_lock()
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    log.warning("another build holds %s; waiting for it to finish", self.root / LOCK)
-                    fcntl.flock(fd, fcntl.LOCK_EX)
-                if _same_file(fd, self.root / LOCK):
-                    return fd, made
-            except BaseException:
-                os.close(fd)
-                raise
-            os.close(fd)  # the holder before us deleted it: lock the file now at that name
-
-    def _open_lock(self) -> tuple[int, bool]:
-        """OUT/.lock opened without following a link (a planted .lock -> a file elsewhere was
-        opened there, and made there when missing): a link is removed and the file made in its
-        place; StoreError for anything else that is not a regular file."""
-        path = self.root / LOCK
+        """A descriptor of OUT/.lock, flocked, and whether this build made the file
+        (`pipeline.paths.hold_lock`: a planted link there is removed, not followed)."""
         try:
-            while True:
-                self.root.mkdir(parents=True, exist_ok=True)
-                try:
-                    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644), True
-                except FileExistsError:
-                    pass
-                try:
-                    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    continue  # its holder deleted it meanwhile
-                except IsADirectoryError:
-                    raise StoreError(f"{path} is not a regular file: remove it; the build locks OUT with it") from None
-                except OSError as exc:
-                    if exc.errno != errno.ELOOP:  # ELOOP: O_NOFOLLOW met a link
-                        raise
-                    _remove_link(path)
-                    continue
-                if stat.S_ISREG(os.fstat(fd).st_mode):
-                    return fd, False
-                os.close(fd)
-                raise StoreError(f"{path} is not a regular file: remove it; the build locks OUT with it")
+            return hold_lock(self.root / LOCK, "the build locks OUT with it", StoreError)
         except OSError as exc:
             raise StoreError(f"cannot write to the dataset folder {self.root}: {exc.strerror}") from None
 
@@ -181,7 +141,7 @@ class DatasetStore:
         for anything else that is not a folder."""
         path = self.root / name
         if path.is_symlink():
-            _remove_link(path)
+            remove_link(path)
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError:
@@ -256,11 +216,6 @@ def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _remove_link(path: Path) -> None:
-    log.warning("removing the link %s -> %s: a build writes only inside its dataset folder", path, os.readlink(path))
-    path.unlink()
-
-
 def _remove_empty_folder(path: Path) -> None:
     """Remove `path` if it is an empty folder (not a link); nothing otherwise."""
     if os.path.lexists(path) and stat.S_ISDIR(os.lstat(path).st_mode):
@@ -268,16 +223,6 @@ def _remove_empty_folder(path: Path) -> None:
             path.rmdir()
         except OSError:
             pass  # not empty: leftovers the next build's new_staging sweeps
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    """Whether `path` (not followed) is still the file open as `fd`."""
-    try:
-        named = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    held = os.fstat(fd)
-    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _fsync_dir(path: Path) -> None:
