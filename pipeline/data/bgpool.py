@@ -31,6 +31,7 @@ from pipeline.data.verify import record_checksums
 from pipeline.data.versions import MANIFEST, DatasetStore, utc_now, write_json_atomic
 from pipeline.errors import JobFailed
 from pipeline.hub import require_model
+from pipeline.paths import remove_tree
 from stages.decode import decode_image, read_bytes
 from stages.records import Reject
 
@@ -132,7 +133,11 @@ def build_background_pool(
         store.recover()
         version = store.next_version()
         staging = store.new_staging(version)
-        manifest = _write_pool(staging, version, root, inputs, accepted, rejects, config, prompts)
+        try:
+            manifest = _write_pool(staging, version, root, inputs, accepted, rejects, config, prompts)
+        except BaseException:  # a half-written pool (a full disk) is never left in OUT
+            remove_tree(staging, store.root)
+            raise
         path = store.publish(staging, version)
     message = f"{version}: {manifest['accepted']} backgrounds, {manifest['rejected']} of {manifest['inputs']} inputs rejected, at {path}"
     return PoolResult(version, path, manifest, message)

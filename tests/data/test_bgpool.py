@@ -175,3 +175,24 @@ def test_a_build_composites_onto_the_pool(backgrounds_source, tmp_path):
     assert rows.num_rows == 2 and rejects.num_rows == 0  # data.composite.per_photo rows
     pool_ids = {image["id"] for image in pool.manifest["images"]}
     assert set(rows["background_id"].to_pylist()) <= pool_ids
+
+
+def test_a_pool_that_fails_while_writing_leaves_no_staging_and_publishes_nothing(backgrounds_source, tmp_path, monkeypatch):
+    """A write that fails halfway (a full disk) takes its half-written staging folder with it,
+    as a data build's does: nothing is left in OUT for the next run to sweep, nothing published."""
+    from pipeline.data import bgpool
+
+    src, subjects = backgrounds_source
+    real = bgpool._encode
+    calls = []
+
+    def full_disk(*args):
+        calls.append(1)
+        if len(calls) == 2:  # the first image is written, the second finds the disk full
+            raise OSError(28, "No space left on device")
+        return real(*args)
+
+    monkeypatch.setattr(bgpool, "_encode", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        build_background_pool(src, tmp_path / "bg", _config(), categories_from=subjects, scorer=red_scorer)
+    assert sorted(p.name for p in (tmp_path / "bg").iterdir()) == []
