@@ -767,7 +767,9 @@ class FinetuneConfig(_Strict):
     base: Input[str | None] = Field(None, description="base model: folder, Hub id or models:/NAME/VERSION; None = models.blip_diffusion")
     subject: Input[str | None] = Field(None, description="a dataset (root or version folder) or a folder of the subject's photos")
     subject_id: Name | None = Field(None, description="the subject's id in the dataset; registered as <register_prefix><subject_id>")
-    category: Input[str | None] = Field(None, description="the subject's class noun; None = the dataset's")
+    category: Input[str | None] = Field(
+        None, min_length=1, max_length=MAX_CATEGORY_CHARS, description="the subject's class noun; None = the dataset's"
+    )
     steps: int = Field(100, ge=1, description="optimizer steps (BLIP-Diffusion: 40-150)")
     batch_size: int = Field(3, ge=1, description="samples per step")
     lr: float | None = Field(None, gt=0.0, description="AdamW learning rate; None = the method's (FINETUNE_TRAITS)")

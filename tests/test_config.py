@@ -182,3 +182,13 @@ def test_cluster_pretraining_states_its_lr_scaling():
     assert train.batch_size * train.workers * train.grad_accum == 256 and train.steps * 256 == 500_000 * 16
     assert (train.lr_scaling, train.reference_batch) == ("sqrt", 16)
     assert train.learning_rate() == pytest.approx(8e-6)
+
+
+def test_a_finetune_category_longer_than_a_class_noun_is_an_error_naming_the_key():
+    # generate, edit and the server refuse a class noun over MAX_CATEGORY_CHARS; a fine-tune took
+    # any length, trained with it and registered it as the subject's class noun.
+    from pipeline.config import MAX_CATEGORY_CHARS
+
+    with pytest.raises(ConfigError, match="finetune.category"):
+        load_config(overrides=[f"finetune.category={'d' * (MAX_CATEGORY_CHARS + 1)}"])
+    assert load_config(overrides=[f"finetune.category={'d' * MAX_CATEGORY_CHARS}"]).finetune.category == "d" * MAX_CATEGORY_CHARS

@@ -216,3 +216,18 @@ def test_a_category_as_long_as_the_server_takes_passes_the_check():
     from pipeline.config import MAX_CATEGORY_CHARS
 
     check_text_flags({"--category": "d" * MAX_CATEGORY_CHARS, "--style-category": "d" * MAX_CATEGORY_CHARS})
+
+
+@pytest.mark.parametrize("entry", ["{long}:{photo}", "{long}=0.5", "dog=heavy", " :{photo}"])
+def test_a_bad_subject_entry_exits_2_before_the_model_loads(tmp_path, capsys, monkeypatch, entry):
+    # --subject CATEGORY:IMG took a class noun of any length, and was parsed only after the model loaded.
+    from pipeline.config import MAX_CATEGORY_CHARS
+    from pipeline.model import BlipDiffusion
+
+    monkeypatch.setattr(BlipDiffusion, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
+    photo = _photo(tmp_path / "a.png")
+    text = entry.format(long="d" * (MAX_CATEGORY_CHARS + 1), photo=photo)
+    args = ["generate", "--profile", "tiny", "--category", "dog", "--subject-image", str(photo), "--subject", text]
+    assert main([*args, "--prompt", "x", "--out", str(tmp_path / "o")]) == 2
+    assert "--subject" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

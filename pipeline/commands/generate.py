@@ -133,6 +133,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
          "--target-category": args.target_category, "--style-category": args.style_category},
         nouns=("--target-category", "--style-category"),
     )
+    for text in args.subject or ():
+        parse_subject_flag(text)
     device = resolve_device(args.device)
     dtype_name = gen.dtype if gen.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
     if args.model and args.model.startswith("models:/"):
@@ -199,7 +201,7 @@ def resolve_device(text: str):
 
 
 # Class nouns of generate and edit, held to the server's limit on a request's category.
-_CATEGORY_FLAGS = ("--category", "--target-category", "--style-category")
+_CATEGORY_FLAGS = ("--category", "--target-category", "--style-category", "--subject")
 
 
 def check_text_flags(texts: dict[str, str | None], nouns: tuple[str, ...] = ()) -> None:
@@ -256,23 +258,34 @@ def _subject_entry(text: str, args: argparse.Namespace, config: Config, model):
     """One --subject SUBJECT[=WEIGHT] as (its category, its embeddings (1, Q, D), its weight)."""
     from pipeline.model.image_processing import load_image
 
+    category, photos, weight = parse_subject_flag(text)
+    if category.startswith("models:/"):
+        category, embeds = _registered_embeds(category, config)
+        return category, embeds, weight
+    if not photos and (category != args.category or not args.subject_image):
+        raise ConfigError(f"--subject {text!r}: give its photos (CATEGORY:IMG,...) or --category {category} with --subject-image")
+    paths = photos.split(",") if photos else args.subject_image
+    return category, model.encode_subject([load_image(p, i) for i, p in enumerate(paths)], category), weight
+
+
+def parse_subject_flag(text: str) -> tuple[str, str, float]:
+    """One --subject SUBJECT[=WEIGHT] as (its category or models:/ URI, its photos' text, its
+    weight), with the checks that need no model: a number for a weight, and a class noun as
+    --category takes it (check_text_flags)."""
     spec, sep, weight_text = text.rpartition("=")
     if not sep:
         spec, weight_text = text, "1"
     try:
         weight = float(weight_text)
     except ValueError:
-        raise UserError(f"--subject {text!r}: the weight {weight_text!r} is not a number") from None
+        raise UserError(f"--subject {text[:80]!r}: the weight {weight_text[:80]!r} is not a number") from None
     if spec.startswith("models:/"):
-        category, embeds = _registered_embeds(spec, config)
-        return category, embeds, weight
+        return spec, "", weight
     category, _, photos = spec.partition(":")
-    if not category:
-        raise ConfigError(f"--subject {text!r}: expected CATEGORY[:IMG,...][=WEIGHT] or models:/NAME@ALIAS[=WEIGHT], e.g. dog=0.7")
-    if not photos and (category != args.category or not args.subject_image):
-        raise ConfigError(f"--subject {text!r}: give its photos (CATEGORY:IMG,...) or --category {category} with --subject-image")
-    paths = photos.split(",") if photos else args.subject_image
-    return category, model.encode_subject([load_image(p, i) for i, p in enumerate(paths)], category), weight
+    if not category.strip():
+        raise ConfigError(f"--subject {text[:80]!r}: expected CATEGORY[:IMG,...][=WEIGHT] or models:/NAME@ALIAS[=WEIGHT], e.g. dog=0.7")
+    check_text_flags({"--subject": category})
+    return category, photos, weight
 
 
 def _registered_embeds(model_uri: str, config: Config):
