@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pipeline.config import check_name, is_utf8
+from pipeline.config import MAX_CATEGORY_CHARS, check_name, is_utf8
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,8 @@ def read_subjects_csv(path: Path) -> dict[str, str]:
             check_name(subject_id)
         except ValueError as exc:
             raise SourceError(f"{path} line {line_no}: subject_id {exc}") from None
+        if len(category) > MAX_CATEGORY_CHARS:  # the limit of a class noun everywhere else (generate, serve, finetune)
+            raise SourceError(f"{path} line {line_no}: category of at most {MAX_CATEGORY_CHARS} characters, got {len(category)}")
         if subject_id in subjects:
             raise SourceError(f"{path} line {line_no}: duplicate subject_id {subject_id!r}")
         subjects[subject_id] = category

@@ -24,6 +24,8 @@ def test_sha256_matches_hashlib(tmp_path):
         ("subject_id,category\ndog,dog\ndog,cat\n", "duplicate subject_id 'dog'"),
         ("subject_id,category\n", "lists no subjects"),
         ("subject_id,category\n../x,dog\n", "plain folder name"),
+        # A class noun as long as a paragraph went into every prompt and the registered subject.
+        ("subject_id,category\nrex," + "d" * 101 + "\n", "line 2: category of at most 100 characters"),
     ],
 )
 def test_bad_subjects_csv_is_a_clear_error(tmp_path, text, match):
