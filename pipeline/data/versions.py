@@ -65,17 +65,20 @@ class DatasetStore:
 
     def latest_version(self) -> str | None:
         """What `latest` links to, or None without one. StoreError when it is a folder or file (a
-        copy that followed links): publishing could not replace it, after a whole build."""
+        copy that followed links): publishing could not replace it, after a whole build; and when
+        it links to anything but a version's name beside it (a path elsewhere, '..'): its folder
+        would be read as this dataset's, the parent of a refresh."""
         link = self.root / LATEST
+        example = f"ln -sfn {self.versions()[-1] if self.versions() else 'vNNNN'} {link}"
         if not link.is_symlink():
             if link.exists():
                 kind = "folder" if link.is_dir() else "file"
-                raise StoreError(
-                    f"{link} is a {kind}, not a link to a version (a copy that followed links?): "
-                    f"replace it with one, e.g. ln -sfn {self.versions()[-1] if self.versions() else 'vNNNN'} {link}"
-                )
+                raise StoreError(f"{link} is a {kind}, not a link to a version (a copy that followed links?): replace it with one, e.g. {example}")
             return None
-        return os.readlink(link)
+        target = os.readlink(link)
+        if not _VERSION_RE.match(target):
+            raise StoreError(f"{link} -> {target} is not a version of this dataset (a vNNNN folder beside it): point it at one, e.g. {example}")
+        return target
 
     def path(self, version: str) -> Path:
         return self.root / version

@@ -137,8 +137,26 @@ def test_recover_deletes_no_published_version_when_latest_is_not_what_a_build_le
         os.symlink(tmp_path / "elsewhere", tmp_path / "out" / "latest")
     elif latest:
         os.symlink(latest, tmp_path / "out" / "latest")
-    store.recover()
+    if latest == "outside":  # refused before any work: it is not this dataset's version
+        with pytest.raises(StoreError, match="not a version of this dataset"):
+            store.recover()
+    else:
+        store.recover()
     assert store.versions() == ["v0001", "v0002", "v0003"]
+
+
+@pytest.mark.parametrize("target", ["elsewhere", "../elsewhere", "v0001/../../elsewhere"])
+def test_a_latest_that_leads_out_of_the_dataset_is_refused_not_read_as_the_parent(tmp_path, target):
+    # `latest` -> a folder elsewhere holding a manifest was read as the parent of a refresh, and
+    # `root / "/abs/path"` is the absolute path itself: its rows would be carried into OUT.
+    store = DatasetStore(tmp_path / "out")
+    _publish(store, "v0001")
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(store.path("v0001"), elsewhere)
+    (tmp_path / "out" / "latest").unlink()
+    os.symlink(elsewhere if target == "elsewhere" else target, tmp_path / "out" / "latest")
+    with pytest.raises(StoreError, match="not a version of this dataset.*ln -sfn v0001"):
+        store.latest_version()
 
 
 def test_a_latest_that_is_a_folder_is_refused_before_any_work(tmp_path):
