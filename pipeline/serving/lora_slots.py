@@ -323,7 +323,8 @@ class LoraSlots:
         """`LoraSlotLinear.merge_rows`'s arguments for the rows `stale` maps each slot to: one
         group per rank (a product's inner size), so that every layer merges all of a batch's new
         slots with one product a slot and a few batched kernels around them, rather than a
-        handful a slot (their launches, thousands for a batch of 8 subjects, kept the GPU idle)."""
+        handful a slot (~7,000 launches for a batch of 8 subjects; BENCHMARKS.md "Serving" found
+        the mixed batches' cost inside the UNet calls, not here)."""
         by_rank: dict[int, dict[int, list[int]]] = {}
         for slot, rows in stale.items():
             by_rank.setdefault(self._ranks[slot], {})[slot] = rows
