@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.config import Config, ConfigError, check_new_alias
+from pipeline.config import Config, ConfigError, check_alias, check_new_alias
 
 
 def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
@@ -38,7 +38,7 @@ def _check_flags(args: argparse.Namespace) -> None:
     for flag, check, value in (
         ("NAME", tracking.check_model_name, args.name),
         ("--alias", check_new_alias, args.alias),
-        ("--from-alias", tracking.check_alias, args.from_alias),
+        ("--from-alias", check_alias, args.from_alias),
         ("--version", tracking.check_version_number, args.version),
     ):
         if value is None:
