@@ -69,16 +69,20 @@ class DatasetStore:
         it links to anything but a version's name beside it (a path elsewhere, '..'): its folder
         would be read as this dataset's, the parent of a refresh."""
         link = self.root / LATEST
-        example = f"ln -sfn {self.versions()[-1] if self.versions() else 'vNNNN'} {link}"
         if not link.is_symlink():
             if link.exists():
                 kind = "folder" if link.is_dir() else "file"
-                raise StoreError(f"{link} is a {kind}, not a link to a version (a copy that followed links?): replace it with one, e.g. {example}")
+                raise StoreError(f"{link} is a {kind}, not a link to a version (a copy that followed links?): replace it with one, e.g. {self._relink()}")
             return None
         target = os.readlink(link)
         if not _VERSION_RE.match(target):
-            raise StoreError(f"{link} -> {target} is not a version of this dataset (a vNNNN folder beside it): point it at one, e.g. {example}")
+            raise StoreError(f"{link} -> {target} is not a version of this dataset (a vNNNN folder beside it): point it at one, e.g. {self._relink()}")
         return target
+
+    def _relink(self) -> str:
+        """The command that points `latest` at the newest version, for an error's advice."""
+        versions = self.versions()
+        return f"ln -sfn {versions[-1] if versions else 'vNNNN'} {self.root / LATEST}"
 
     def path(self, version: str) -> Path:
         return self.root / version
