@@ -107,9 +107,12 @@ log = logging.getLogger("bench_pipeline")
 def make_random_blip2(out: Path) -> Path:
     """Salesforce/blip2-opt-2.7b's architecture with random weights in float16, written by
     save_pretrained with a Blip2Processor (224 px, 32 query tokens) around the tiny captioner's
-    tokenizer (see the module docstring): 3.8B parameters."""
+    tokenizer (see the module docstring): 3.8B parameters. Kept in `out`, and reused when it is
+    there."""
     from transformers import AutoProcessor, Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
 
+    if is_saved(out):
+        return out
     tiny = AutoProcessor.from_pretrained(TINY_CAPTIONER)
     tokenizer = tiny.tokenizer
     queries = 32
@@ -141,6 +144,13 @@ def blip_image_processor(side: int):
         size={"height": side, "width": side}, resample=3,
         image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
     )  # fmt: skip
+
+
+def is_saved(out: Path) -> bool:
+    """Whether `save_random` finished writing a model to `out` (in one file or in shards): its
+    processor is written last."""
+    weights = (out / "model.safetensors").exists() or (out / "model.safetensors.index.json").exists()
+    return weights and (out / "processor_config.json").exists()
 
 
 def save_random(model_class, config, processor, out: Path, name: str, dtype: torch.dtype = torch.float16) -> Path:
@@ -196,7 +206,7 @@ def make_random_blip(
     reused when it is there."""
     from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipProcessor
 
-    if (out / "model.safetensors").exists() and (out / "processor_config.json").exists():
+    if is_saved(out):
         return out
     tokenizer = BertTokenizer(str(write_bert_vocab(out, vocab)), do_lower_case=True, model_max_length=512)
     tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
