@@ -37,6 +37,7 @@ from pipeline.model.checkpoint import (
     write_weights,
 )
 from pipeline.model.control import Control, check_controlnet, controlnet_residuals, match_layout
+from pipeline.model.control_step import CUDA_GRAPH_MODES, ControlledStep, supports_unet
 from pipeline.model.image_processing import ImageLike, SubjectImageProcessor
 from pipeline.model.prompts import (
     CONTEXT_BEGIN_POS,
@@ -642,10 +643,15 @@ class BlipDiffusion(nn.Module):
         here runs at the benchmarked speed. A ControlNet used with it is put in the same
         layout at its first generation (`control.match_layout`).
 
-        With `control`, also the ControlNet step with the UNet (`_controlled_noise`), as one
-        graph compiled on the first controlled generation (a second compile, minutes with
-        autotuning: off by default, so a server compiling at start does not pay it on its
-        first control request). `backend` other than inductor (tests: "eager") takes no mode.
+        With `control`, also the controlled step (`_controlled_noise`), compiled on the first
+        controlled generation (a second compile, minutes with autotuning: off by default, so a
+        server compiling at start does not pay it on its first control request). For a UNet
+        `control_step.supports_unet` follows (SD 1.5's), that step is a `ControlledStep`: the
+        ControlNet on a second CUDA stream beside the UNet's encoder half, each part its own
+        graph, and the step captured as one CUDA graph per shape where `mode` asks for CUDA
+        graphs. Otherwise the ControlNet and the UNet are compiled as one graph, in which no
+        residual leaves a CUDA graph's output buffers. `backend` other than inductor (tests:
+        "eager") takes no mode.
         """
         import torch._inductor.config
 
@@ -655,7 +661,12 @@ class BlipDiffusion(nn.Module):
         options: dict[str, Any] = {"mode": mode, "fullgraph": fullgraph} if backend == "inductor" else {"fullgraph": fullgraph}
         self.unet.compile(backend=backend, **options)
         self.vae.decoder.compile(backend=backend, **options)
-        if control:
+        if control and supports_unet(self.unet):
+            graphs = backend == "inductor" and mode in CUDA_GRAPH_MODES
+            # The parts run inside the step's own CUDA graph, so Inductor must not make its own.
+            parts = {**options, "mode": "max-autotune-no-cudagraphs" if mode == "max-autotune" else None} if graphs else options
+            self._controlled_noise = ControlledStep(self.unet, lambda fn: torch.compile(fn, backend=backend, **parts), graphs)
+        elif control:
             self._controlled_noise = torch.compile(self._controlled_noise, backend=backend, **options)
 
 

@@ -240,6 +240,61 @@ def test_controlnet_and_unet_trace_as_one_graph(tiny):
     torch.testing.assert_close(step(*args), model._controlled_noise(*args), rtol=0, atol=0)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("latent_side", [SIZE // 8, 10])  # 10: not a multiple of the tiny UNet's 8, upsample sizes given
+def test_the_unets_two_halves_with_residuals_equal_its_forward(tiny, latent_side):
+    """control_step.unet_encode then unet_decode, the split the ControlNet's side stream runs
+    beside, is UNet2DConditionModel.forward with the ControlNet's residuals, bit for bit."""
+    from pipeline.model.control import Control, controlnet_residuals
+    from pipeline.model.control_step import supports_unet, unet_decode, unet_encode
+
+    model, controlnet = tiny
+    assert supports_unet(model.unet)
+    control = Control(controlnet, torch.rand(1, 3, latent_side * 8, latent_side * 8), 0.7).prepared()
+    latents, embeds, t = torch.randn(2, 4, latent_side, latent_side), torch.randn(2, 77, 32), torch.tensor(321)
+    down, mid = controlnet_residuals(controlnet, latents, t, embeds, control.embedding, control.scale)
+    expected = model.unet(latents, t, encoder_hidden_states=embeds, down_block_additional_residuals=down,
+                          mid_block_additional_residual=mid).sample
+    hidden, skips, time = unet_encode(model.unet, latents, t, embeds)
+    assert torch.equal(unet_decode(model.unet, hidden, skips, time, embeds, down, mid), expected)
+
+
+@torch.no_grad()
+def test_a_controlled_step_gives_the_one_call_steps_noise(tiny):
+    """ControlledStep (compiled, its parts traced with Dynamo's eager backend; on a CPU they run
+    one after another) returns what `_controlled_noise`, the ControlNet and UNet in one call, does."""
+    from pipeline.model.control import Control
+    from pipeline.model.control_step import ControlledStep
+
+    model, controlnet = tiny
+    control = Control(controlnet, torch.rand(1, 3, SIZE, SIZE), 0.5).prepared()
+    args = (torch.randn(2, 4, SIZE // 8, SIZE // 8), torch.tensor(500), torch.randn(2, 77, 32), controlnet, control.embedding, 0.5)
+    torch._dynamo.reset()
+    try:
+        step = ControlledStep(model.unet, lambda fn: torch.compile(fn, backend="eager", fullgraph=True))
+        assert torch.equal(step(*args), model._controlled_noise(*args))
+    finally:
+        torch._dynamo.reset()
+
+
+def test_a_unet_the_halves_do_not_follow_keeps_the_one_call_step(tiny):
+    """A UNet with a class embedding (not SD 1.5's layout) is not split: compile_for_inference
+    compiles the one-call step instead of a ControlledStep."""
+    from pipeline.config import PROFILE_MODELS
+    from pipeline.model import BlipDiffusion
+    from pipeline.model.control_step import ControlledStep, supports_unet
+
+    model = BlipDiffusion.from_pretrained(PROFILE_MODELS["tiny"]["blip_diffusion"])
+    model.unet.register_to_config(class_embed_type="timestep")
+    assert not supports_unet(model.unet)
+    torch._dynamo.reset()
+    try:
+        model.compile_for_inference(control=True, backend="eager")
+        assert not isinstance(model._controlled_noise, ControlledStep)
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("guidance", [1.0, 7.5])
 def test_a_step_that_reuses_its_output_buffer_gives_the_same_images(tiny, monkeypatch, guidance):
     """The compiled ControlNet+UNet step under CUDA graphs ("reduce-overhead") hands out its
