@@ -19,8 +19,11 @@ the SD pipeline eager, then torch.compile of the UNet and VAE decoder with CUDA 
 With --control, the modes are ours plain and ours with a canny ControlNet (an SD 1.5-sized
 ControlNet copied from the random UNet), eager then compiled alike, and `control_ratio` is
 ControlNet time over plain time per mode. The ControlNet embeds the map once per generation and
-runs the rest of itself every step (pipeline/model/control.py); compiled, each step's ControlNet
-and UNet are one graph (`compile_for_inference(control=True)`).
+runs the rest of itself every step (pipeline/model/control.py); compiled, each step runs the
+ControlNet on a second CUDA stream beside the UNet's encoder half, captured as one CUDA graph
+(`compile_for_inference(control=True)`, pipeline/model/control_step.py), and its same-run
+baseline is the ControlNet and UNet as one graph on one stream ("compiled one graph"), with the
+largest difference between the two images (`split_vs_one_graph_max_abs`).
 With --edit, the modes are one generation and one real-photo edit (VAE encoding, DDIM inversion
 and the attention-controlled two-row generation, pipeline/model/editing.py) of a 512 px photo,
 eager then both compiled the same way (--compile-mode), and `edit_ratio` is edit time over
