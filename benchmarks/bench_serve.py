@@ -13,7 +13,8 @@ every variant; its count of graphs compiled without CUDA graphs (`cudagraph_skip
 Inductor's reasons) and its resolved `compile_mode`. Each run holds the mean phases of its
 answers (`phases_s`: the answers' `timings`, pipeline/serving/timings.py) and
 `outside_replica_s`, the clients' mean latency minus the replica's mean total (Serve's proxy,
-HTTP, the answer's JSON): where a request's time goes. Runs are written as they end
+HTTP, the answer's JSON): where a request's time goes, and `gpu_busy`, nvidia-smi's utilisation
+sampled through the run (machine.GpuBusy): whether the GPU or the host was the limit. Runs are written as they end
 (`"partial": true` until the summary).
 
     python benchmarks/bench_serve.py --compile --out bench_serve.json   # the GPU machine
@@ -46,7 +47,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe  # noqa: E402
+from machine import GpuBusy, describe  # noqa: E402
 
 log = logging.getLogger("bench_serve")
 PROMPT = "on the beach"
@@ -170,7 +171,7 @@ def run_load(url: str, payloads: list[dict], clients: int, per_client: int) -> d
         return out
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
+    with GpuBusy() as busy, ThreadPoolExecutor(clients) as pool:
         results = [r for part in pool.map(client, range(clients)) for r in part]
     wall = time.perf_counter() - start
     batches_after, images_after = batch_totals(url)
@@ -188,6 +189,7 @@ def run_load(url: str, payloads: list[dict], clients: int, per_client: int) -> d
         "phases_s": phases,
         "outside_replica_s": round(statistics.fmean(answered) - phases["total"], 4) if phases else None,
         "batches": batches, "images_per_batch": round((images_after - images_before) / batches, 2) if batches else None,
+        "gpu_busy": busy.result,  # near 100%: the GPU is the limit; lower: the replica's host side is
     }
 
 
