@@ -65,9 +65,12 @@ def test_generate_bad_input_exits_2(tmp_path, capsys):
         (["--device", "bogus"], "--device 'bogus': not a device"),
         (["--device", "cpu:abc"], "--device 'cpu:abc': not a device"),
         (["--device", "cuda:0"], "--device 'cuda:0': no such CUDA device"),
+        (["--device", "meta"], "--device 'meta': not a device to draw on"),  # torch names it, it holds no data
+        (["--device", "xpu"], "--device 'xpu': not a device to draw on"),
+        (["--device", "mps"], "--device 'mps': this machine has no MPS device"),
     ],
     ids=["blank-target-category", "latin1-target-category", "latin1-negative-prompt", "unknown-device", "bad-index",
-         "absent-cuda"],
+         "absent-cuda", "meta-device", "other-backend", "absent-mps"],
 )
 def test_bad_category_or_device_exits_2_before_the_model_loads(tmp_path, capsys, monkeypatch, flags, message):
     import torch
@@ -75,6 +78,7 @@ def test_bad_category_or_device_exits_2_before_the_model_loads(tmp_path, capsys,
     from pipeline.model import BlipDiffusion
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # also on a machine with GPUs
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)  # also on a Mac
     monkeypatch.setattr(BlipDiffusion, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
     args = ["generate", "--profile", "tiny", "--category", "dog", "--subject-image", str(_photo(tmp_path / "a.png"))]
     assert main([*args, "--prompt", "x", "--out", str(tmp_path / "o"), *flags]) == 2

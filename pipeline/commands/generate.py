@@ -184,9 +184,15 @@ def run(args: argparse.Namespace, config: Config) -> int:
     return _write(args, config, outputs, elapsed, device, dtype_name)
 
 
+# The device types generate and edit draw on: torch also reads meta, xpu, hip, lazy, ...,
+# which holds no data or is not in this build, and failed deep inside the model.
+_DRAWING_DEVICES = ("cpu", "cuda", "mps")
+
+
 def resolve_device(text: str):
     """--device as a torch.device ("auto": cuda when there is a GPU, else cpu); UserError for a
-    name torch does not read or a CUDA device this machine does not have."""
+    name torch does not read, a type outside _DRAWING_DEVICES, or a CUDA or MPS device this
+    machine does not have."""
     import torch
 
     if text == "auto":
@@ -195,8 +201,12 @@ def resolve_device(text: str):
         device = torch.device(text)
     except RuntimeError as exc:
         raise UserError(f"--device {text!r}: not a device ({exc})") from None
+    if device.type not in _DRAWING_DEVICES:
+        raise UserError(f"--device {text!r}: not a device to draw on (cpu, cuda, cuda:N or mps)")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UserError(f"--device {text!r}: no such CUDA device (this machine has {torch.cuda.device_count()})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {text!r}: this machine has no MPS device")
     return device
 
 
