@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 APP_NAME = "subjectforge"
 STATIC = Path(__file__).parent / "static"
 PAGES = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript; charset=utf-8")}
+GENERATE = "/v1/generate"  # POST; the other routes take GET (and HEAD)
+ROUTES = (GENERATE, "/healthz", "/v1/subjects", *PAGES)
 
 
 def compile_mode_for(device: str, setting: str) -> str | None:
@@ -117,7 +119,9 @@ class SubjectServer:
     async def __call__(self, request: Request) -> Response:
         path = request.url.path.rstrip("/") or "/"
         try:
-            if path == "/v1/generate":
+            if path not in ROUTES:  # before the method: a POST to a mistyped path was told the path takes GET
+                raise ApiError(404, "path", f"no page {path[:100]}; the routes are {', '.join(ROUTES)}")
+            if path == GENERATE:
                 if request.method != "POST":
                     raise ApiError(405, "method", f"{path} takes POST")
                 return await self._generate(request)
@@ -127,10 +131,8 @@ class SubjectServer:
                 return JSONResponse(self._health())
             if path == "/v1/subjects":
                 return JSONResponse(await self._subjects())
-            if path in self.pages:
-                body, kind = self.pages[path]
-                return Response(body, media_type=kind)
-            raise ApiError(404, "path", f"no page {path[:100]}; the routes are /, /healthz, /v1/subjects, /v1/generate")
+            body, kind = self.pages[path]
+            return Response(body, media_type=kind)
         except ApiError as exc:
             return JSONResponse(exc.body(), status_code=exc.status)
 

@@ -418,6 +418,26 @@ def test_a_body_that_is_not_sent_as_json_is_a_415(model, content_type, status):
         assert body["field"] == "Content-Type" and "application/json" in body["error"], body
 
 
+@pytest.mark.parametrize("method, path, status", [
+    ("POST", "/v1/generat", 404),  # a typo was told "/v1/generat takes GET", as if the route were there
+    ("PUT", "/v1/subjects/dog", 404),
+    ("DELETE", "/nowhere", 404),
+    ("POST", "/healthz", 405),
+    ("PUT", "/", 405),
+    ("GET", "/v1/generate", 405),
+])
+def test_a_path_that_is_no_route_is_a_404_whatever_the_method(model, method, path, status):
+    scope = {"type": "http", "method": method, "path": path, "headers": [(b"content-type", b"application/json")],
+             "query_string": b"", "scheme": "http", "server": ("127.0.0.1", 80), "root_path": ""}
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    response = asyncio.run(make_server(model)(Request(scope, receive)))
+    body = json.loads(response.body)
+    assert (response.status_code, body["field"]) == (status, "path" if status == 404 else "method"), body
+
+
 def test_a_client_that_leaves_mid_body_is_answered_and_counted_not_a_stack_trace(model):
     """Starlette raises ClientDisconnect from the body's stream; a slow client that gives up
     (or a flood of them) must not log a stack trace each."""
