@@ -24,7 +24,7 @@ import sys
 from collections.abc import Mapping
 
 from pipeline import __version__
-from pipeline.config import FINETUNE_METHODS, Config, load_config
+from pipeline.config import FINETUNE_METHODS, Config, ConfigError, load_config
 from pipeline.errors import JobFailed, UserError
 
 # (name, module, help): the subcommands, in the order `--help` lists them.
@@ -117,7 +117,15 @@ def resolve_config(args: argparse.Namespace) -> Config:
     overrides = list(getattr(args, "overrides", []))
     if getattr(args, "profile", None):
         overrides.append(f"profile={args.profile}")
-    return load_config(getattr(args, "config", None), overrides, base=getattr(args, "_config_base", None))
+    try:
+        return load_config(getattr(args, "config", None), overrides, base=getattr(args, "_config_base", None))
+    except RecursionError:
+        # A YAML alias inside its own anchor (&a [*a]) is a value that holds itself; a value
+        # nested thousands deep is as bad: every walk of the tree recursed until Python stopped it.
+        raise ConfigError(
+            "the configuration nests too deeply (a YAML alias inside its own anchor, such as &a [*a]?): "
+            "check --config and --set"
+        ) from None
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -98,3 +98,21 @@ def test_promote_refuses_what_the_registry_would_before_opening_it(argv, named, 
     monkeypatch.setattr("pipeline.tracking.reachable_uri", opened)
     assert cli.main(argv) == 2
     assert named in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["set-alias", "file-alias", "set-deep"],
+)
+def test_a_config_that_nests_without_end_exits_2(tmp_path, capsys, source):
+    # A YAML alias inside its own anchor (&a [*a]) is a list that holds itself, and a value
+    # nested thousands deep exceeds Python's recursion: both were a RecursionError's stack trace.
+    if source == "set-alias":
+        config = ["--set", "generate.negative_prompt=&a [*a]"]
+    elif source == "file-alias":
+        (tmp_path / "c.yaml").write_text("generate:\n  negative_prompt: &a [*a]\n")
+        config = ["--config", str(tmp_path / "c.yaml")]
+    else:
+        config = ["--set", "generate.negative_prompt=" + "[" * 5000 + "]" * 5000]
+    assert cli.main(["promote", "m", "--alias", "a", *config]) == 2
+    assert "nests too deeply" in capsys.readouterr().err
