@@ -16,6 +16,7 @@ from pipeline.serving.subjects import (
     CATEGORY_FIELD,
     MIX_FIELD,
     SUBJECT_FIELD,
+    WEIGHTS_RULE,
     MixedSubject,
     RegisteredSubject,
     SubjectUnusable,
@@ -42,7 +43,7 @@ def match_slots(prompt: str, subject: Any) -> SlotPrompt | None:
     textual-inversion subject). `subject` is resolved: a ZeroShotSubject, a RegisteredSubject or
     a MixedSubject of those. RequestError names the field: `prompt` for a malformed slot or one
     no subject fills, the subject's field for a subject no slot names, `mix` for a slot whose
-    parts' weights do not add up to a positive number. SubjectUnusable for a registered subject
+    parts' weights break subjects.WEIGHTS_RULE. SubjectUnusable for a registered subject
     without subject embeddings (dreambooth)."""
     if not has_subject_slots(prompt) or (isinstance(subject, RegisteredSubject) and subject.spec.ti_property is not None):
         return None
@@ -62,7 +63,7 @@ def match_slots(prompt: str, subject: Any) -> SlotPrompt | None:
             raise RequestError(PROMPT_FIELD, f"names subject [{name}], which no subject fills; the subjects' categories are "
                                f"{', '.join(sorted(given))}")
         if not weights_add_up([part.weight for part in parts if part.category == name]):
-            raise RequestError(MIX_FIELD, f"the weights of the [{name}] parts must add up to a positive number")
+            raise RequestError(MIX_FIELD, f"the weights of the [{name}] parts {WEIGHTS_RULE}")
     return slots
 
 

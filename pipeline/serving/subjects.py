@@ -35,6 +35,10 @@ REFERENCE_FIELD = "reference_images"
 CATEGORY_FIELD = "category"
 MIX_FIELD = "mix"
 MAX_MIX_PARTS = 4  # subjects of one mix: each costs a fetch or a Q-Former pass
+# |weight| / the sum of a mix's weights: LAVIS's weights are fractions of 1, and a negative part
+# (pushing away from a subject) needs some room past them (weights_add_up).
+MAX_MIX_SCALE = 10.0
+WEIGHTS_RULE = f"must add up to a positive number, none more than {MAX_MIX_SCALE:g} times that sum in size"
 MAX_VERSION = 2**31 - 1  # registries keep a version in a 32-bit integer column (MLflow's SQL stores)
 
 
@@ -154,15 +158,18 @@ def parse_mix(value: Any, decode: DecodeConfig, max_images: int, own: bool = Fal
             raise RequestError(f"{field}.{exc.field}", exc.message) from None
         weights.append(weight)
     if not weights_add_up(weights):
-        raise RequestError(MIX_FIELD, f"the weights must add up to a positive number, got {weights}")
+        raise RequestError(MIX_FIELD, f"the weights {WEIGHTS_RULE}, got {weights}")
     return MixedSubject(tuple(parts), tuple(weights))
 
 
 def weights_add_up(weights: list[float]) -> bool:
-    """Whether mix weights add up to a positive, finite number: 1e308 + 1e308 is inf, and every
-    part would weigh 0 in it (pipeline.model.blip_diffusion.mix_subjects scales them by the sum)."""
+    """Whether mix weights add up to a positive, finite number (WEIGHTS_RULE) that no weight
+    outweighs more than MAX_MIX_SCALE times. pipeline.model.blip_diffusion.mix_subjects scales
+    each subject by its weight over the sum: 1e308 + 1e308 is inf, and every part would weigh 0
+    in it; [1e300, -1e300, 1] add up to 1, and scaled the first subject to inf, inf - inf a NaN
+    subject drawn as a black image (a float16 replica's inf is 65504)."""
     total = sum(weights)
-    return math.isfinite(total) and total > 0
+    return math.isfinite(total) and total > 0 and all(abs(w) <= MAX_MIX_SCALE * total for w in weights)
 
 
 def parse_subject_ref(value: Any) -> SubjectRef:

@@ -1,10 +1,15 @@
 """pipeline/serving/api.py parse_generate: which subject a request names, and the 400 when it
 names none or two."""
 
+import base64
+
 import pytest
 
 from pipeline.config import load_config
 from pipeline.serving.api import ApiError, parse_generate
+from pipeline.serving.requests import RequestError
+from pipeline.serving.slots import match_slots
+from tests.imagefiles import jpeg_bytes, photo
 
 CONFIG = load_config(overrides=["profile=tiny"])
 
@@ -53,3 +58,36 @@ def test_an_alias_in_a_mix_is_checked_as_its_part():
 @pytest.mark.parametrize("alias", ["champion", "v2-candidate_B", "é"])  # MLflow's \w is Unicode
 def test_an_alias_mlflow_accepts_parses(alias):
     parse_generate({"prompt": "x", "subject": f"models:/sub.ject name@{alias}"}, CONFIG)
+
+
+PHOTO = base64.b64encode(jpeg_bytes(photo(1, (64, 64)))).decode()
+
+
+def _mixed(weights, categories=None, prompt="on the beach"):
+    """The parsed call of a request mixing zero-shot subjects of one photo with `weights`."""
+    categories = categories or ["dog"] * len(weights)
+    mix = [{"reference_images": [PHOTO], "category": c, "weight": w} for w, c in zip(weights, categories, strict=True)]
+    return parse_generate({"prompt": prompt, "mix": mix}, CONFIG)
+
+
+@pytest.mark.parametrize("weights", [[1e300, -1e300, 1], [1e39, -1e39, 1], [1, -0.99]])
+def test_mix_weights_that_scale_a_subject_far_past_the_sum_are_a_400(weights):
+    # [1e300, -1e300, 1] add up to 1: mix_subjects scaled the first subject by 1e300 (inf in
+    # float32), inf - inf made a NaN subject, and the answer was a 200 with a black image.
+    with pytest.raises(ApiError) as caught:
+        _mixed(weights)
+    assert (caught.value.status, caught.value.field) == (400, "mix")
+    assert "times" in caught.value.message
+
+
+@pytest.mark.parametrize("weights", [[0.7, 0.3], [7, 3], [2, -1], [1e-300], [1e300, 1e300]])
+def test_mix_weights_within_the_scale_parse(weights):
+    assert _mixed(weights).subject.weights == tuple(float(w) for w in weights)
+
+
+def test_the_weights_of_one_slot_are_held_to_the_scale_too():
+    # Together the parts add up to 1.1, but the [cat] slot's add up to 0.1, 50 times smaller than its first part.
+    call = _mixed([1, 5, -4.9], ["dog", "cat", "cat"], prompt="a [dog] and a [cat]")
+    with pytest.raises(RequestError) as caught:
+        match_slots(call.request.prompt, call.subject)
+    assert caught.value.field == "mix" and "[cat]" in caught.value.message
