@@ -300,6 +300,10 @@ class SubjectLibrary:
         self.uri = uri
         self._light = LruBudget(max_subjects)
         self._full = LruBudget(full_budget_bytes)
+        # "NAME/VERSION" -> why it cannot be drawn. A version's files never change, and without
+        # this each request for a registered model that is no subject (a base model of several GB
+        # in the same registry) or a full UNet past the budget downloaded the version again.
+        self._unusable = LruBudget(max_subjects)
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
 
@@ -316,33 +320,53 @@ class SubjectLibrary:
             raise RegistryUnavailable(_unavailable(exc)) from None
 
     def load(self, name: str, version: str) -> RegisteredSubject:
-        """The subject's tensors, fetched from the registry on first use."""
+        """The subject's tensors, fetched from the registry on first use. SubjectUnusable for a
+        version that is no subject or past the budget, found by its one download."""
         key = f"{name}/{version}"
         with self._lock:
-            found = self._light.get(key) or self._full.get(key)
+            found = self._kept(key)
             if found is not None:
                 return found
             loading = self._loading.setdefault(key, threading.Lock())
         with loading:  # one download per version, however many requests ask at once
             with self._lock:
-                found = self._light.get(key) or self._full.get(key)
+                found = self._kept(key)
             if found is not None:
                 return found
-            subject = _fetch(self.uri, name, version)
-            with self._lock:
-                if subject.full_bytes:
-                    try:
-                        self._full.put(key, subject, subject.full_bytes)
-                    except ValueError:
-                        raise SubjectUnusable(
-                            f"models:/{key} holds a full UNet of {subject.full_bytes / 1e9:.2f} GB, more than "
-                            f"serve.full_unet_budget_gb ({self._full.budget / 1e9:g} GB)"
-                        ) from None
-                else:
-                    self._light.put(key, subject)
-                self._loading.pop(key, None)
+            try:
+                subject = _fetch(self.uri, name, version)
+                with self._lock:
+                    self._keep(key, subject)
+            except SubjectUnusable as exc:
+                with self._lock:
+                    self._unusable.put(key, str(exc))
+                raise
+            finally:
+                with self._lock:
+                    self._loading.pop(key, None)
             log.info("loaded subject models:/%s (%s, %s)", key, subject.spec.method, subject.spec.category)
             return subject
+
+    def _kept(self, key: str) -> RegisteredSubject | None:
+        """The subject of `key` in memory, or None; SubjectUnusable again for one found unusable.
+        Under the lock."""
+        refused = self._unusable.get(key)
+        if refused is not None:
+            raise SubjectUnusable(refused)
+        return self._light.get(key) or self._full.get(key)
+
+    def _keep(self, key: str, subject: RegisteredSubject) -> None:
+        """`subject` into its LRU: a full UNet counted in bytes, SubjectUnusable past the budget. Under the lock."""
+        if not subject.full_bytes:
+            self._light.put(key, subject)
+            return
+        try:
+            self._full.put(key, subject, subject.full_bytes)
+        except ValueError:
+            raise SubjectUnusable(
+                f"models:/{key} holds a full UNet of {subject.full_bytes / 1e9:.2f} GB, more than "
+                f"serve.full_unet_budget_gb ({self._full.budget / 1e9:g} GB)"
+            ) from None
 
 
 def _fetch(uri: str, name: str, version: str) -> RegisteredSubject:
