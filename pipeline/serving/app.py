@@ -57,6 +57,7 @@ STATIC = Path(__file__).parent / "static"
 PAGES = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript; charset=utf-8")}
 GENERATE = "/v1/generate"  # POST; the other routes take GET (and HEAD)
 ROUTES = (GENERATE, "/healthz", "/v1/subjects", *PAGES)
+UNREGISTERED = "unregistered"  # the metrics' subject of requests for a name the registry does not hold
 
 
 def compile_mode_for(device: str, setting: str) -> str | None:
@@ -145,7 +146,12 @@ class SubjectServer:
             r, version = call.request, None
             if isinstance(call.subject, SubjectRef):
                 subject_name = call.subject.name
-                subject, version = await asyncio.to_thread(self._registered, call.subject)
+                try:
+                    subject, version = await asyncio.to_thread(self._registered, call.subject)
+                except ApiError as exc:
+                    if exc.status == 404:  # a name a client made up is no metrics series of its own (ServeMetrics)
+                        subject_name = UNREGISTERED
+                    raise
                 size = subject.spec.resolution
             elif isinstance(call.subject, MixedSubject):
                 subject_name, size = MIX, None

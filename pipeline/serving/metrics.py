@@ -57,8 +57,9 @@ class BatchMeans:
 
 
 class ServeMetrics:
-    """subjectforge_* metrics of one replica. `subject` is a registered name or "zero-shot"
-    (names, not versions, so the number of series stays that of the registry)."""
+    """subjectforge_* metrics of one replica. `subject` is a registered name, "zero-shot", "mix",
+    "unregistered" (a name the registry does not hold) or "invalid": names, not versions, and
+    never a name only a client gave, so the number of series stays that of the registry."""
 
     def __init__(self) -> None:
         self.requests = Counter(

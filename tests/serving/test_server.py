@@ -178,6 +178,16 @@ def test_a_subject_the_registry_does_not_hold_stays_a_404(model, tmp_path):
     assert "subjectforge-nobody" in body["error"]
 
 
+def test_names_the_registry_does_not_hold_share_one_metrics_series(model, tmp_path):
+    # Each made-up name was a subjectforge_requests series of its own: a client could grow the
+    # replica's metrics (and every Prometheus scrape) without bound, one 404 at a time.
+    server = make_server(model, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for name in ("subjectforge-nobody", "made-up-1", "made-up-2"):
+        status, body = answer(server, {"prompt": "on the beach", "steps": 2, "subject": f"models:/{name}@champion"})
+        assert (status, body["field"]) == (404, "subject") and name in body["error"], body
+    assert server.metrics.requests == [("unregistered", 404)] * 3
+
+
 def _pixels(data: str) -> list:
     """An answer's base64 PNG as nested lists of RGB values (the PNG bytes depend on zlib's level)."""
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")).tolist()
