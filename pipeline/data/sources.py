@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import stat
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -145,12 +146,20 @@ def read_subjects_csv(path: Path) -> dict[str, str]:
             raise SourceError(f"{path} line {line_no}: subject_id {exc}") from None
         if len(category) > MAX_CATEGORY_CHARS:  # the limit of a class noun everywhere else (generate, serve, finetune)
             raise SourceError(f"{path} line {line_no}: category of at most {MAX_CATEGORY_CHARS} characters, got {len(category)}")
+        if _has_control(category):  # a quoted line break, a tab or a NUL went into every prompt
+            raise SourceError(f"{path} line {line_no}: category {category!r} holds a control character; "
+                              "a class noun is one line of text, e.g. dog")
         if subject_id in subjects:
             raise SourceError(f"{path} line {line_no}: duplicate subject_id {subject_id!r}")
         subjects[subject_id] = category
     if not subjects:
         raise SourceError(f"{path} lists no subjects")
     return subjects
+
+
+def _has_control(text: str) -> bool:
+    """Whether `text` holds a control character (Unicode category Cc: C0, DEL, C1)."""
+    return any(unicodedata.category(char) == "Cc" for char in text)
 
 
 def read_captions_csv(path: Path) -> dict[str, str]:

@@ -26,6 +26,10 @@ def test_sha256_matches_hashlib(tmp_path):
         ("subject_id,category\n../x,dog\n", "plain folder name"),
         # A class noun as long as a paragraph went into every prompt and the registered subject.
         ("subject_id,category\nrex," + "d" * 101 + "\n", "line 2: category of at most 100 characters"),
+        # A quoted line break or a control byte went into every prompt, CLIPSeg's and the model's.
+        ('subject_id,category\nrex,"dog\nbig"\n', r"line 2: category 'dog\\nbig' holds a control character"),
+        ("subject_id,category\nrex,\x00dog\n", r"line 2: category '\\x00dog' holds a control character"),
+        ('subject_id,category\nrex,"small\tdog"\n', r"line 2: category 'small\\tdog' holds a control character"),
     ],
 )
 def test_bad_subjects_csv_is_a_clear_error(tmp_path, text, match):
