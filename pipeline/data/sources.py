@@ -279,8 +279,13 @@ class _Walker:
         `chain` holds the folders from the source root down to `folder` (device, inode): a link
         back to one of them is a loop.
         """
+        try:
+            listing = list(folder.iterdir())
+        except OSError as exc:  # no read permission: its files are unknown, the folder is the input
+            self.add(folder, _Entry("reject", folder, reason=f"cannot read the folder: {exc.strerror or exc}"), subject_id)
+            return
         found: list[tuple[Path, _Entry]] = []
-        for path in folder.iterdir():
+        for path in listing:
             if _is_hidden(path.name):
                 self.hidden += _count_files(path)
                 continue

@@ -170,6 +170,34 @@ def test_dangling_links_loops_and_fifos_are_reject_rows(tmp_path):
     assert len(scan.inputs) == len(scan.photos) + len(scan.rejects) == 6
 
 
+def _locked(monkeypatch, name: str) -> None:
+    """Folders called `name` cannot be listed, as a folder without read permission is for
+    anyone but root (these tests may run as root, whom chmod does not stop)."""
+    iterdir = Path.iterdir
+
+    def listing(self):
+        if self.name == name:
+            raise PermissionError(13, "Permission denied", str(self))
+        return iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", listing)
+
+
+def test_a_folder_that_cannot_be_listed_is_a_reject_row(tmp_path, monkeypatch):
+    # Before: a PermissionError stack trace from the scan, the whole build lost to one folder.
+    root = make_source(tmp_path / "src", {"dog": "dog", "cat": "cat"}, per_subject=1)
+    (root / "dog" / "locked").mkdir()
+    (root / "dog" / "locked" / "x.jpg").write_bytes(jpeg_bytes(photo()))
+    _locked(monkeypatch, "locked")
+    (root / "cat").rename(root / "locked")  # a subject folder that cannot be listed
+    (root / "subjects.csv").write_text("subject_id,category\ndog,dog\nlocked,cat\n")
+    scan = scan_source(root)
+    assert _reject_reasons(scan) == {
+        "dog/locked": "cannot read the folder: Permission denied", "locked": "cannot read the folder: Permission denied"
+    }
+    assert [p.source_uri for p in scan.photos] == ["dog/00.jpg"]
+
+
 def test_file_size_is_checked_before_hashing(tmp_path, monkeypatch):
     root = make_source(tmp_path / "src", {"dog": "dog"}, sample=False)
     (root / "dog" / "00.jpg").write_bytes(jpeg_bytes(photo(size=(32, 32))))
