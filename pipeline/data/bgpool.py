@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,7 +124,7 @@ def build_background_pool(
     if scorer is None:
         require_model("clipseg", config.model_path("clipseg"))
         scorer = ClipSegScorer(config.model_path("clipseg"))
-    inputs = sorted(p for p in root.rglob("*") if p.is_symlink() or not p.is_dir())  # FIFOs and devices too
+    inputs = _inputs(root)
     accepted, rejects = _select(root, inputs, config, prompts, scorer)
     if not accepted:  # an empty pool would only fail later, in `data build --backgrounds`
         reasons = "; ".join(f"{uri}: {reason}" for uri, reason in list(rejects.items())[:5]) or "no files"
@@ -141,6 +142,17 @@ def build_background_pool(
         path = store.publish(staging, version)
     message = f"{version}: {manifest['accepted']} backgrounds, {manifest['rejected']} of {manifest['inputs']} inputs rejected, at {path}"
     return PoolResult(version, path, manifest, message)
+
+
+def _inputs(root: Path) -> list[Path]:
+    """Every entry under `root` but the folders it lists, sorted: files, links (never followed),
+    FIFOs and devices, and each folder that cannot be listed (its files unknown), which
+    Path.rglob left out without a word."""
+    found: list[Path] = []
+    for folder, dirs, files in os.walk(root, onerror=lambda exc: found.append(Path(exc.filename))):
+        found += [Path(folder, name) for name in files]
+        found += [Path(folder, name) for name in dirs if Path(folder, name).is_symlink()]
+    return sorted(found)
 
 
 @dataclass
@@ -165,6 +177,9 @@ def _select(
             rejects[uri] = "a link: links are not followed"
             continue
         mode = path.lstat().st_mode
+        if stat.S_ISDIR(mode):  # only a folder that could not be listed is an input (_inputs)
+            rejects[uri] = "cannot read the folder: its files are unknown"
+            continue
         if not stat.S_ISREG(mode):  # reading a FIFO would wait for a writer forever
             rejects[uri] = not_a_file_reason(mode)
             continue

@@ -81,6 +81,23 @@ def test_a_fifo_in_the_source_is_a_reject_not_a_hang_or_a_silent_drop(background
     assert m["inputs"] == 7 == m["accepted"] + m["rejected"]
 
 
+def test_a_folder_that_cannot_be_listed_is_a_reject_not_a_silent_drop(backgrounds_source, tmp_path, monkeypatch):
+    # Path.rglob skipped a folder without read permission without a word: its photos were
+    # neither inputs nor rejects. os.scandir is made to refuse it, as it does for anyone but root.
+    src, subjects = backgrounds_source
+    (src / "locked").mkdir()
+    photo(seed=7, size=(120, 90)).save(src / "locked" / "hidden-scene.png")
+    scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path=".": _refuse(path) if os.path.basename(path) == "locked" else scandir(path))
+    m = build_background_pool(src, tmp_path / "bg", _config(), categories_from=subjects, scorer=red_scorer).manifest
+    assert {r["source_uri"]: r["reason"] for r in m["rejects"]}["locked"] == "cannot read the folder: its files are unknown"
+    assert m["inputs"] == 7 == m["accepted"] + m["rejected"]
+
+
+def _refuse(path):
+    raise PermissionError(13, "Permission denied", os.fspath(path))
+
+
 def test_pool_digest_changes_when_a_photo_is_added(backgrounds_source, tmp_path):
     src, subjects = backgrounds_source
     first = build_background_pool(src, tmp_path / "bg", _config(), categories_from=subjects, scorer=red_scorer)
