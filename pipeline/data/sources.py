@@ -88,7 +88,11 @@ def _csv_rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, dict[
     """(line number, row) of a UTF-8 CSV file whose header names exactly `columns`; SourceError
     naming the file (and the line) for a missing or unknown column, a row with more fields than
     the header, an unterminated quote, bytes that are not UTF-8 or another malformed row."""
-    with open(path, newline="", encoding="utf-8-sig") as fh:
+    try:
+        fh = open(path, newline="", encoding="utf-8-sig")
+    except OSError as exc:  # no read permission
+        raise SourceError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    with fh:
         # strict: a quote left open would otherwise swallow the rest of the file as one field
         reader = csv.DictReader(fh, strict=True)
         row_start = 1  # the line the row being read starts on (a quoted field may span lines)
@@ -165,8 +169,10 @@ def _has_control(text: str) -> bool:
 def read_captions_csv(path: Path) -> dict[str, str]:
     """captions.csv -> {photo path under the source: caption}, blank captions left out; {} when
     there is no such file. SourceError naming the line for a missing column, an empty or
-    repeated photo path."""
+    repeated photo path, and naming the file when it is not a regular file or cannot be read."""
     if not path.is_file():
+        if os.path.lexists(path):  # a folder, FIFO or dangling link: its captions would be lost without a word
+            raise SourceError(f"{path} is not a regular file: make it a CSV file (photo,caption) or remove it")
         return {}
     captions: dict[str, str] = {}
     seen: set[str] = set()

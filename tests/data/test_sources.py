@@ -64,6 +64,28 @@ def test_csv_quirks_are_errors_naming_file_and_line(tmp_path, reader, name, head
         reader(tmp_path / name)
 
 
+@pytest.mark.parametrize("reader, name", [(read_subjects_csv, "subjects.csv"), (read_captions_csv, "captions.csv")])
+def test_a_csv_that_cannot_be_read_is_a_clear_error(tmp_path, monkeypatch, reader, name):
+    # Before: a PermissionError stack trace from the data build (root reads anything, so the
+    # refusal is made by hand).
+    (tmp_path / name).write_text("x,y\n")
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(sources, "open", refuse, raising=False)
+    with pytest.raises(SourceError, match=f"{name}: cannot read it: Permission denied"):
+        reader(tmp_path / name)
+
+
+def test_a_captions_csv_that_is_not_a_file_is_an_error_not_ignored(tmp_path):
+    # Before: a folder (or FIFO) named captions.csv was taken for no captions.csv: every
+    # caption the user wrote was silently left to the captioner.
+    (tmp_path / "captions.csv").mkdir()
+    with pytest.raises(SourceError, match=r"captions.csv is not a regular file"):
+        read_captions_csv(tmp_path / "captions.csv")
+
+
 def test_csv_unknown_columns_are_named(tmp_path):
     """Before: an extra column (`notes`) was read and ignored; the README documents none."""
     (tmp_path / "subjects.csv").write_text("subject_id,category,notes,live\nrex,dog,good boy,1\n")
