@@ -348,7 +348,11 @@ def scan_source(root: str | Path, *, follow_links: bool = False, max_bytes: int 
     subjects = read_subjects_csv(root / SUBJECTS_CSV)
     scan = SourceScan(root=root)
     walker = _Walker(scan, subjects, follow_links, max_bytes)
-    top = {p: _inspect(p, root, follow_links) for p in sorted(root.iterdir()) if not _is_hidden(p.name)}
+    try:
+        listing = sorted(root.iterdir())
+    except OSError as exc:  # subjects.csv can be read in a folder that cannot be listed
+        raise SourceError(f"{root}: cannot list the source folder: {exc.strerror or exc}") from None
+    top = {p: _inspect(p, root, follow_links) for p in listing if not _is_hidden(p.name)}
     # Documents beside subjects.csv (README, licence) are normal; a photo there is a mistake.
     # Anything else at the top is a subject folder, or an input that cannot be one.
     documents = sorted(p.name for p, entry in top.items() if entry.kind == "file")

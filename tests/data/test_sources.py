@@ -78,6 +78,13 @@ def test_a_csv_that_cannot_be_read_is_a_clear_error(tmp_path, monkeypatch, reade
         reader(tmp_path / name)
 
 
+def test_a_source_folder_that_cannot_be_listed_is_a_clear_error(tmp_path, monkeypatch):
+    root = make_source(tmp_path / "locked", {"dog": "dog"}, per_subject=1)  # its subjects.csv can be read
+    _locked(monkeypatch, "locked")
+    with pytest.raises(SourceError, match=r"locked: cannot list the source folder: Permission denied"):
+        scan_source(root)
+
+
 def test_a_captions_csv_that_is_not_a_file_is_an_error_not_ignored(tmp_path):
     # Before: a folder (or FIFO) named captions.csv was taken for no captions.csv: every
     # caption the user wrote was silently left to the captioner.
