@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import Config
+from pipeline.config import Config, ServeLimits
 from pipeline.serving.controls import CONTROL_FIELDS, ControlRequest, validate_control
 from pipeline.serving.edits import EDIT_FIELDS, EditRequest, validate_edit
 from pipeline.serving.photos import count_photo_pixels
@@ -72,16 +72,37 @@ def check_content_type(header: str | None) -> None:
         raise ApiError(415, "Content-Type", f"must be {JSON_TYPE}, got {(header or 'none')[:60]!r}")
 
 
-def read_json(body: bytes, max_bytes: int) -> Any:
-    """The JSON value of a request body; ApiError 413 over `max_bytes`, 400 when malformed."""
+def read_json(body: bytes, max_bytes: int, max_items: int) -> Any:
+    """The JSON value of a request body; ApiError 413 over `max_bytes`, 400 when malformed or
+    when it may hold more than `max_items` values (json_items_limit)."""
     if len(body) > max_bytes:
         raise ApiError(413, "request", f"body of {len(body)} bytes; at most {max_bytes} (serve.max_request_mb)")
+    # Every value of an array or object past its first follows a literal comma, and every array
+    # or object opens with a literal bracket: counted in C before anything is parsed. A 46 MB
+    # body of [{}, {}, ...] became 1.7 GB of Python objects, and a replica's few concurrent
+    # requests of it would have been killed for memory.
+    items = body.count(b",") + body.count(b"[") + body.count(b"{")
+    if items > max_items:
+        raise ApiError(400, "request", f"holds {items} commas and brackets; at most {max_items}: a request is a few fields, "
+                       "not a large JSON document")
     try:
         return json.loads(body)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of more digits than int() converts
         raise ApiError(400, "request", f"malformed JSON: {exc}") from None
     except RecursionError:
         raise ApiError(400, "request", "malformed JSON: nested too deeply") from None
+
+
+# Commas and brackets a request may hold beside those of its prompt and negative_prompt: its
+# other fields and their text (categories, subject names, a mix of 4 parts of 6 photos) need a
+# few hundred at most.
+JSON_ITEMS_BESIDE_PROMPTS = 10_000
+
+
+def json_items_limit(limits: ServeLimits) -> int:
+    """The most commas and brackets (read_json) a request body may hold under `limits`: its two
+    prompts may be all commas."""
+    return 2 * limits.max_prompt_chars + JSON_ITEMS_BESIDE_PROMPTS
 
 
 def parse_generate(value: Any, config: Config) -> GenerateCall:

@@ -33,7 +33,16 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from pipeline.config import Config, load_config
-from pipeline.serving.api import MIX, ZERO_SHOT, ApiError, check_content_type, image_answer, parse_generate, read_json
+from pipeline.serving.api import (
+    MIX,
+    ZERO_SHOT,
+    ApiError,
+    check_content_type,
+    image_answer,
+    json_items_limit,
+    parse_generate,
+    read_json,
+)
 from pipeline.serving.batcher import BatchQueue
 from pipeline.serving.engine import Engine, Job, is_out_of_memory
 from pipeline.serving.metrics import ServeMetrics
@@ -142,7 +151,7 @@ class SubjectServer:
         try:
             body = await _read_body(request, int(self.config.serve.max_request_mb * 2**20))
             check_content_type(request.headers.get("content-type"))
-            call = await asyncio.to_thread(parse_generate, read_json(body, len(body)), self.config)
+            call = await asyncio.to_thread(parse_generate, read_json(body, len(body), json_items_limit(self.config.serve.limits)), self.config)
             r, version = call.request, None
             if isinstance(call.subject, SubjectRef):
                 subject_name = call.subject.name

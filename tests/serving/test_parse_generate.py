@@ -2,11 +2,12 @@
 names none or two."""
 
 import base64
+import json
 
 import pytest
 
 from pipeline.config import load_config
-from pipeline.serving.api import ApiError, parse_generate
+from pipeline.serving.api import ApiError, json_items_limit, parse_generate, read_json
 from pipeline.serving.requests import RequestError
 from pipeline.serving.slots import match_slots
 from tests.imagefiles import jpeg_bytes, photo
@@ -91,3 +92,16 @@ def test_the_weights_of_one_slot_are_held_to_the_scale_too():
     with pytest.raises(RequestError) as caught:
         match_slots(call.request.prompt, call.subject)
     assert caught.value.field == "mix" and "[cat]" in caught.value.message
+
+
+def test_a_body_of_more_values_than_a_request_holds_is_refused_before_it_is_parsed():
+    limit = json_items_limit(CONFIG.serve.limits)
+    body = b'{"prompt": "x", "seed": [' + b"0," * limit + b"0]}"
+    with pytest.raises(ApiError) as caught:
+        read_json(body, len(body), limit)
+    assert (caught.value.status, caught.value.field) == (400, "request") and "commas and brackets" in caught.value.message
+    # Prompts of nothing but commas and brackets, as long as the limits let them be, still make a request.
+    prompt = "[,]" * (CONFIG.serve.limits.max_prompt_chars // 3)
+    mix = [{"reference_images": [PHOTO] * 6, "category": "dog", "weight": 1}] * 4
+    body = json.dumps({"prompt": prompt, "negative_prompt": prompt, "mix": mix, "seed": 1}).encode()
+    assert read_json(body, len(body), limit)["prompt"] == prompt

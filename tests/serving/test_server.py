@@ -405,6 +405,8 @@ _NO_SUBJECT = {k: v for k, v in zero_shot().items() if k not in ("reference_imag
     pytest.param(_hostile(reference_images=[_49MP] * 4), "reference_images[3]", id="4x49MP-photos"),
     pytest.param({**_NO_SUBJECT, "mix": [{**_PART, "reference_images": [_49MP]}] * 4}, "mix[3].reference_images[0]", id="mix-4x49MP"),
     pytest.param(_hostile(reference_images=[_49MP] * 3, control_image=_49MP), "reference_images[2]", id="control-and-3x49MP"),
+    # 46 MB of [{}, {}, ...] parsed into 1.7 GB of Python objects: refused by its commas and brackets before parsing.
+    pytest.param(b'{"prompt": "on the beach", "seed": [' + b"{}," * 20_000 + b"{}]}", "request", id="20000-objects"),
 ])
 def test_a_hostile_body_is_a_400_naming_the_field_and_the_next_request_is_answered(model, payload, field):
     server = make_server(model)
