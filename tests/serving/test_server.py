@@ -496,3 +496,22 @@ def test_images_are_encoded_off_the_event_loop(model, monkeypatch):
     monkeypatch.setattr(app, "image_answer", recording)
     loop_thread, response = asyncio.run(call(make_server(model)))
     assert response.status_code == 200 and len(threads) == 1 and threads[0] is not loop_thread
+
+
+def test_the_body_is_parsed_off_the_event_loop(model, monkeypatch):
+    """json.loads of a 48 MB body (serve.max_request_mb) takes about a second: on the event loop
+    it stalls every other request's reading and answering."""
+    from pipeline.serving import api, app
+
+    threads = []
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return api.read_json(*args, **kwargs)
+
+    async def call(server):
+        return threading.current_thread(), await server(post(zero_shot()))
+
+    monkeypatch.setattr(app, "read_json", recording)
+    loop_thread, response = asyncio.run(call(make_server(model)))
+    assert response.status_code == 200 and len(threads) == 1 and threads[0] is not loop_thread
