@@ -39,8 +39,8 @@ def validate_rows(rows: list[Any], limits: ServeLimits, decode: DecodeConfig, ma
     parsed, pixels = [], 0
     for index, row in enumerate(rows):  # every row's photos are counted before any is decoded
         try:
-            check_unicode(row)
             row = {**row, MIX_FIELD: None if row.get(MIX_FIELD) is None else _json_list(row[MIX_FIELD])}
+            check_unicode(row)  # after the mix's JSON text is read: its escapes may write a lone surrogate
             pixels = count_photo_pixels(row, decode, limits.max_request_pixels, pixels)
         except RequestError as exc:
             raise _in_row(exc, index) from None

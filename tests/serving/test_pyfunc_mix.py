@@ -75,6 +75,8 @@ def test_mix_parts_are_the_own_subject_or_reference_photos():
     ([{"weight": 1e308}, {**CAT, "weight": 1e308}], "mix: the weights must add up to a positive number"),  # inf
     ([{"reference_images": ["data:image/png;base64"], "category": "cat"}], "mix[0].reference_images[0]: is empty"),
     ([{**CAT, "category": "c\ud800t"}], "mix[0].category: is not valid Unicode text"),  # a lone surrogate
+    # The same as the JSON text of a table cell: its escape became the surrogate after the row's text was checked.
+    pytest.param(json.dumps([{**CAT, "category": "c\ud800t"}]), "mix[0].category: is not valid Unicode text", id="surrogate-in-mix-text"),
     pytest.param([{"weight": 10**400}], "mix[0].weight: must be a finite number", id="weight-10**400"),  # past float's range
 ])
 def test_a_bad_mix_names_the_field_and_row(mix, words):
