@@ -235,3 +235,18 @@ def test_a_bad_subject_entry_exits_2_before_the_model_loads(tmp_path, capsys, mo
     assert main([*args, "--prompt", "x", "--out", str(tmp_path / "o")]) == 2
     assert "--subject" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["generate", "edit"])
+def test_a_qformer_tokenizer_that_is_a_file_exits_2(tmp_path, capsys, command):
+    # Before: transformers read the file as a vocabulary, and its bytes ended the run in a
+    # tokenizers stack trace ("stream did not contain valid UTF-8") after the model loaded.
+    photo = str(_photo(tmp_path / "a.png"))
+    args = [command, "--profile", "tiny", "--category", "dog", "--subject-image", photo, "--prompt", "a dog on grass"]
+    if command == "edit":
+        args += ["--replace", "dog"]
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--out", str(tmp_path / "o"), "--qformer-tokenizer", photo])
+    assert info.value.code == 2
+    assert f"argument --qformer-tokenizer: {photo} is not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -28,6 +28,7 @@ from pipeline.commands.generate import (
     previous_run,
     remove_stale_outputs,
     resolve_device,
+    tokenizer_flag,
 )
 from pipeline.config import Config, dump_config
 from pipeline.errors import UserError
@@ -59,7 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     parser.add_argument("--out", required=True, type=folder_flag, help="output folder")
     parser.add_argument("--model", help="checkpoint folder or Hub id (default: the profile's blip_diffusion)")
     add_sampling_arguments(parser, steps_help="denoising (and inversion) steps", seed_help="noise of a generated source")
-    parser.add_argument("--qformer-tokenizer", help="folder of the Q-Former's BERT tokenizer, for offline use")
+    parser.add_argument(
+        "--qformer-tokenizer", type=tokenizer_flag, help="folder of the Q-Former's BERT tokenizer, for offline use"
+    )
     control = parser.add_argument_group("attention control (config: edit.*)")
     control.add_argument("--cross-replace-steps", type=float, help="config: edit.cross_replace_steps")
     control.add_argument("--self-replace-steps", type=float, help="config: edit.self_replace_steps")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import re
 import time
 from dataclasses import asdict
@@ -75,6 +76,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def tokenizer_flag(text: str) -> str:
+    """An argparse type for --qformer-tokenizer, a folder or a Hub id: a path to anything but a
+    folder was read by transformers as a vocabulary file, and a photo's bytes ended the run in a
+    tokenizers stack trace once the model had loaded."""
+    if os.path.lexists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is not a folder: give the folder holding the tokenizer's vocab.txt, or a Hub id")
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     parser.add_argument(
         "--model",
@@ -101,7 +111,9 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
     parser.add_argument("--out", required=True, type=folder_flag, help="output folder")
     add_sampling_arguments(parser)
     parser.add_argument("--batch-size", type=_positive_int, help="images per denoising batch (default: all)")
-    parser.add_argument("--qformer-tokenizer", help="folder of the Q-Former's BERT tokenizer, for offline use")
+    parser.add_argument(
+        "--qformer-tokenizer", type=tokenizer_flag, help="folder of the Q-Former's BERT tokenizer, for offline use"
+    )
     control = parser.add_argument_group("structure control (ControlNet)")
     control.add_argument("--control", help="canny, depth, hed, map or none (config: generate.control.kind)")
     control.add_argument("--control-image", help="photo to take the map from, or the map (config: generate.control.image)")
