@@ -204,7 +204,7 @@ def _ref(name: Any, alias: Any = None, version: Any = None) -> SubjectRef:
         raise RequestError(f"{SUBJECT_FIELD}.name", str(exc)) from None
     if (alias is None) == (version is None):
         raise RequestError(SUBJECT_FIELD, "give an alias or a version (models:/NAME@ALIAS or models:/NAME/VERSION)")
-    if version is not None and not (version.isascii() and version.isdigit() and int(version) <= MAX_VERSION):
+    if version is not None and not (version.isascii() and version.isdigit() and 1 <= int(version) <= MAX_VERSION):
         raise RequestError(f"{SUBJECT_FIELD}.version", f"must be a version number 1..{MAX_VERSION}, got {version[:40]!r}")
     if alias is not None and not alias:
         raise RequestError(f"{SUBJECT_FIELD}.alias", "must not be empty")

@@ -105,3 +105,11 @@ def test_a_body_of_more_values_than_a_request_holds_is_refused_before_it_is_pars
     mix = [{"reference_images": [PHOTO] * 6, "category": "dog", "weight": 1}] * 4
     body = json.dumps({"prompt": prompt, "negative_prompt": prompt, "mix": mix, "seed": 1}).encode()
     assert read_json(body, len(body), limit)["prompt"] == prompt
+
+
+@pytest.mark.parametrize("subject", ["models:/subjectforge-dog/0", "models:/subjectforge-dog/000", {"name": "subjectforge-dog", "version": 0}])
+def test_version_0_is_a_400_as_the_message_says(subject):
+    # "must be a version number 1..2147483647" let 0 through, to the registry.
+    with pytest.raises(ApiError) as caught:
+        parse_generate({"prompt": "x", "subject": subject}, CONFIG)
+    assert (caught.value.status, caught.value.field) == (400, "subject.version")
