@@ -129,13 +129,22 @@ class SubjectImageProcessor:
         """
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if output_type == "pil":
+            return [PIL.Image.fromarray(img) for img in SubjectImageProcessor.to_pixels(images).cpu().numpy()]
         images = (images / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             return images
-        array = images.detach().float().cpu().permute(0, 2, 3, 1).numpy()
-        if output_type == "np":
-            return array
-        return [PIL.Image.fromarray(img) for img in (array * 255).round().astype(np.uint8)]
+        return images.detach().float().cpu().permute(0, 2, 3, 1).numpy()
+
+    @staticmethod
+    def to_pixels(images: torch.Tensor) -> torch.Tensor:
+        """VAE output (N, 3, H, W) in about [-1, 1] -> uint8 (N, H, W, 3) on its own device: the
+        pixels of postprocess's "pil", rounded as diffusers' `numpy_to_pil` (x * 255 in float32,
+        rounded half to even) but on the device, so that only a quarter of the bytes cross to the
+        host and no host core spends the batch's time on the arithmetic (the server,
+        pipeline/serving/drawn.py)."""
+        scaled = (images / 2 + 0.5).clamp(0, 1).detach().float()
+        return (scaled * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
 class ImageError(UserError, ValueError):

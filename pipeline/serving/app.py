@@ -45,6 +45,7 @@ from pipeline.serving.api import (
     read_json,
 )
 from pipeline.serving.batcher import BatchQueue
+from pipeline.serving.drawn import finish_jobs
 from pipeline.serving.engine import Engine, Job, is_out_of_memory
 from pipeline.serving.metrics import ServeMetrics
 from pipeline.serving.requests import RequestError
@@ -116,10 +117,12 @@ class SubjectServer:
         self.library = SubjectLibrary(self.uri, cfg.max_subjects, cfg.full_unet_budget_gb * 1e9)
         self.metrics = ServeMetrics()
         self.pages = {route: ((STATIC / name).read_bytes(), kind) for route, (name, kind) in PAGES.items()}
-        # Every generation runs on this one thread (the batch queue's draws, and the warm-up).
+        # Every generation runs on this one thread (the batch queue's draws, and the warm-up); a
+        # drawn batch's images come to the host on the other, while the next batch draws (drawn.py).
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="subjectforge-compute")
-        self.batches = BatchQueue(self.engine.run, self._compute, cfg.max_batch_size, cfg.batch_wait_timeout_s,
-                                  on_batch=self.metrics.record_batch)
+        self._finisher = ThreadPoolExecutor(1, thread_name_prefix="subjectforge-finish")
+        self.batches = BatchQueue(self.engine.draw, self._compute, cfg.max_batch_size, cfg.batch_wait_timeout_s,
+                                  on_batch=self.metrics.record_batch, finish=finish_jobs, finisher=self._finisher)
         if cfg.compile or self.device.type == "cuda":
             # On the compute thread, not this one: torch's CUDA graph trees are per thread, so
             # graphs recorded (reduce-overhead) on another thread would be recorded again on the

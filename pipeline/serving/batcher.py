@@ -12,7 +12,10 @@ of whatever arrived within `batch_wait_timeout_s` of each other. With 16 clients
 test (benchmarks/bench_serve.py) batches held 5 of 16 requests while each request queued for
 two batches; on an H100 the replica stayed at 2 images/s from 4 to 16 clients.
 
-No Ray, HTTP or model here: `draw` (Engine.run) runs on the given one-thread executor.
+No Ray, HTTP or model here: `draw` (Engine.draw) runs on the given one-thread executor. With
+`finish` (drawn.finish_jobs) and its own one-thread executor, `draw` returns once the batch's
+work is queued on the device, and the batch is answered after `finish` has its images: the next
+batch is drawn meanwhile (drawn.py says why).
 """
 
 from __future__ import annotations
@@ -33,8 +36,11 @@ class BatchQueue:
     images, or its error); `on_batch(requests, images)` is called after each batch."""
 
     def __init__(self, draw: Callable[[list[Job]], object], executor: Executor, max_requests: int, wait_s: float,
-                 on_batch: Callable[[int, int], None] | None = None) -> None:
+                 on_batch: Callable[[int, int], None] | None = None,
+                 finish: Callable[[list[Job]], object] | None = None, finisher: Executor | None = None) -> None:
         self._draw, self._executor = draw, executor
+        self._finish, self._finisher = finish, finisher
+        self._finishing: set[asyncio.Task] = set()  # batches drawn and not yet answered (kept: the loop holds tasks weakly)
         self.max_requests, self.wait_s = max_requests, wait_s
         self._on_batch = on_batch
         self._waiting: list[tuple[Job, asyncio.Future]] = []
@@ -84,14 +90,35 @@ class BatchQueue:
                 return
 
     async def _draw_batch(self, batch: list[tuple[Job, asyncio.Future]]) -> None:
+        """Draw the batch; answer it now, or, with a finisher, once `finish` has its images, while
+        the loop goes on to the next batch."""
         jobs = [job for job, _ in batch]
+        await self._run_step(self._executor, self._draw, jobs, "drawing")
+        if self._finish is None:
+            self._answer(batch)
+            return
+        task = asyncio.get_running_loop().create_task(self._finish_batch(batch))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    async def _finish_batch(self, batch: list[tuple[Job, asyncio.Future]]) -> None:
+        await self._run_step(self._finisher, self._finish, [job for job, _ in batch], "finishing")
+        self._answer(batch)
+
+    @staticmethod
+    async def _run_step(executor: Executor, step: Callable[[list[Job]], object], jobs: list[Job], what: str) -> None:
+        """`step(jobs)` on `executor`; an exception it raises becomes the error of each job it left
+        without images or error (the engine answers each group's own failure itself)."""
         try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._draw, jobs)
-        except Exception as exc:  # Engine.run answers each group's failure itself; this is anything else
-            log.error("a batch of %d request(s) failed outside its groups", len(jobs), exc_info=exc)
+            await asyncio.get_running_loop().run_in_executor(executor, step, jobs)
+        except Exception as exc:
+            log.error("%s a batch of %d request(s) failed outside its groups", what, len(jobs), exc_info=exc)
             for job in jobs:
                 if job.images is None and job.error is None:
                     job.error = exc
+
+    def _answer(self, batch: list[tuple[Job, asyncio.Future]]) -> None:
+        jobs = [job for job, _ in batch]
         if self._on_batch is not None:
             self._on_batch(len(jobs), sum(job.request.num_images for job in jobs))
         for _, done in batch:

@@ -48,6 +48,7 @@ from pipeline.model.prompts import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT_REPS,
 from pipeline.model.schedulers import fresh_scheduler
 from pipeline.serving.cache import LruBudget
 from pipeline.serving.controls import ControlRequest, control_tensor
+from pipeline.serving.drawn import DrawnGroup, finish_jobs
 from pipeline.serving.edits import EditRequest, draw_edit
 from pipeline.serving.lora_slots import BASE_SLOT, LoraSlots, LoraUnfit
 from pipeline.serving.requests import GenerationRequest
@@ -78,6 +79,8 @@ class Job:
     slots: bool = False  # the prompt names its subjects in [slots] (serving/slots.py match_slots)
     # Set by the event loop when the request's client left (app.py); read by the compute thread between steps.
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # Its group's images on their way to the host, from Engine.draw until `finish_jobs` (drawn.py).
+    drawn: DrawnGroup | None = None
 
     @property
     def unet_key(self) -> tuple[str, ...]:
@@ -184,7 +187,14 @@ class Engine:
         return [str(k) for k in self._adapters.keys()]
 
     def run(self, jobs: list[Job]) -> list[Job]:
-        """Fill each job's `images` (or `error`, for the jobs of a group that failed) in place."""
+        """Fill each job's `images` (or `error`, for the jobs of a group that failed) in place:
+        `draw`, then wait for the images (`finish_jobs`)."""
+        return finish_jobs(self.draw(jobs))
+
+    def draw(self, jobs: list[Job]) -> list[Job]:
+        """Queue each group's work and return without waiting for the device: a drawn job holds
+        its group's `drawn` images until `finish_jobs` (drawn.py); a job of a group that failed
+        holds its `error`, an edit its images."""
         groups: dict[tuple, list[Job]] = defaultdict(list)
         for job in jobs:
             groups[job.group_key].append(job)
@@ -208,10 +218,10 @@ class Engine:
     def _run_group(self, jobs: list[Job]) -> None:
         if all_cancelled(jobs):  # they all left while an earlier group was drawn
             raise BatchCancelled(f"all {len(jobs)} request(s) of the batch were cancelled before it started")
-        # Each reading at a phase boundary synchronizes CUDA once (timings.py PhaseClock), so the
-        # GPU's queued work is charged to the phase that queued it; never on a CPU.
+        # Phase boundaries are marks (timings.py PhaseClock: CUDA events, no waiting), read when the
+        # group's images are finished (drawn.py), so the GPU's work is charged to the phase that queued it.
         clock = PhaseClock(self.model.device)
-        began = clock.now()
+        began = clock.mark()
         model, slot_of = self._activate(jobs)
         jobs = [job for job in jobs if job.error is None]  # a LoRA subject that cannot be loaded fails its own jobs
         if not jobs:
@@ -221,7 +231,7 @@ class Engine:
             with self._lora.use([slot_of.get(first.adapter_key, BASE_SLOT)], merge=self.lora_merge):  # every row of the edit's UNet calls
                 first.images = [self._edit(model, first)]
             # draw_edit encodes, denoises and decodes in one call: all of it is counted as denoising.
-            _set_timings([first], began, began, clock.now() - began, 0.0)
+            first.timings.update(queue=began.host - first.enqueued, condition=0.0, denoise=clock.seconds(began, clock.mark()), decode=0.0)
             return
         control = None if first.control is None else self._control(model, first)
         steps, height, width = first.request.steps, first.height, first.width
@@ -266,10 +276,9 @@ class Engine:
         # (N, 1, 1, 1) tensor in the UNet's dtype, so each row is guided by its own request.
         guidance: float | torch.Tensor = scales[0] if len(set(scales)) == 1 else torch.tensor(
             scales, device=model.device, dtype=model.unet.dtype).view(-1, 1, 1, 1)
-        conditioned = mark = clock.now()
-        denoise_s = decode_s = 0.0
+        conditioned = mark = clock.mark()
         stop_if_cancelled = stop_when_all_cancelled(drawn)
-        images: list[PIL.Image.Image] = []
+        group = DrawnGroup(drawn, began, conditioned)
         for start in range(0, len(scales), self.max_batch_images):
             stop = min(start + self.max_batch_images, len(scales))
             scheduler = fresh_scheduler(model.scheduler)
@@ -283,15 +292,12 @@ class Engine:
             with self._lora.use(rows[start:stop] * (2 if null is not None else 1), merge=self.lora_merge, per_row=self.lora_per_row):
                 chunk = model._denoise(chunk, cond_all[start:stop], null, scheduler, part, progress=False,
                                        step_callback=stop_if_cancelled, control=control)
-            denoised = clock.now()
-            denoise_s += denoised - mark
+            denoised = clock.mark()
             decoded = model.vae.decode(chunk / model.vae.config.scaling_factor).sample
-            images += model.image_processor.postprocess(decoded.to(torch.float32, copy=True), "pil")
-            mark = clock.now()
-            decode_s += mark - denoised
-        _set_timings(drawn, began, conditioned, denoise_s, decode_s)
+            group.add_chunk(mark, denoised, decoded.to(torch.float32), clock)
+            mark = group.spans[-1][2]
         for job in drawn:
-            job.images, images = images[: job.request.num_images], images[job.request.num_images:]
+            job.drawn = group
 
     def _edit(self, model: BlipDiffusion, job: Job) -> PIL.Image.Image:
         """The edited image of an edit job: its subject's embeddings take the replaced word's place."""
@@ -474,13 +480,6 @@ class Engine:
                 view.text_encoder = base.text_encoder
             self._full_key = subject.key
         return view
-
-
-def _set_timings(jobs: list[Job], began: float, conditioned: float, denoise_s: float, decode_s: float) -> None:
-    """The drawn jobs' phases (serving/timings.py): each its own queue, and its group's conditioning
-    (`began` .. `conditioned`), denoising and decoding, which every request of the group waits for."""
-    for job in jobs:
-        job.timings.update(queue=began - job.enqueued, condition=conditioned - began, denoise=denoise_s, decode=decode_s)
 
 
 def _within_slots(group: list[Job], slots: int) -> list[list[Job]]:

@@ -1,7 +1,7 @@
 """Where a generate request's time goes, and whether the compiled UNet replays as CUDA graphs.
 
 Each answered POST /v1/generate carries its phases (`timings` in the JSON, and a standard
-`Server-Timing` header), seconds on time.monotonic, in order:
+`Server-Timing` header), in seconds, in order:
 
 | phase     | from .. to                                                                                   |
 | --------- | -------------------------------------------------------------------------------------------- |
@@ -9,12 +9,15 @@ Each answered POST /v1/generate carries its phases (`timings` in the JSON, and a
 | queue     | the batch queue .. its group's start: the batch's wait, earlier batches and groups            |
 | condition | its group's subjects made ready (LoRA slots, embeddings) and all its prompts encoded          |
 | denoise   | its group's denoising loop (every chunk of serve.max_batch_images)                            |
-| decode    | its group's VAE decode and conversion to PIL images                                           |
+| decode    | its group's VAE decode, its pixels rounded and copied to the host (pipeline/serving/drawn.py)  |
 | encode    | its own images to PNG and base64                                                              |
 | total     | arrival .. answer built; total minus the phases is the event loop's hand-offs                 |
 
 condition, denoise and decode are those of the request's whole group: every request of a group
-waits for all of it. Time outside the replica (Serve's proxy, HTTP, the answer's JSON) is the
+waits for all of it. On a GPU they are read on the GPU's clock (`PhaseClock`): the time its work
+ran, from the group's first kernel, which may wait behind an earlier batch's last ones; queue is
+the host's, up to when the group's work was queued; the others are the host's, on
+time.monotonic. Time outside the replica (Serve's proxy, HTTP, the answer's JSON) is the
 client's latency minus `total` (benchmarks/bench_serve.py).
 """
 
@@ -24,6 +27,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 
@@ -33,20 +37,38 @@ TOTAL = "total"
 MAX_SKIP_REASONS = 20  # distinct reasons kept: one per compiled graph at most, a handful in practice
 
 
+class Mark(NamedTuple):
+    """A phase boundary: the host's time.monotonic and, on CUDA, an event recorded there."""
+
+    host: float
+    event: torch.cuda.Event | None
+
+
 class PhaseClock:
-    """time.monotonic at a batch's phase boundaries. On CUDA each reading first waits for the
-    device (exactly one torch.cuda.synchronize per boundary): kernels are queued asynchronously,
-    so without it the denoising loop's GPU time would be charged to whichever later phase first
-    waits for the GPU (the decode's copy to the host). It costs only the idle gap at each
-    boundary; nothing is timed or synchronized inside a phase."""
+    """Marks at a batch's phase boundaries. On CUDA each mark records a timing event on the
+    current stream and `seconds` reads the time between two on the GPU's own clock once the
+    later one has passed, so no boundary waits for the device: kernels are queued
+    asynchronously, and a synchronize at each boundary (as this clock did before) left the GPU
+    idle while the host prepared each phase and the next batch (BENCHMARKS.md "Serving": the GPU
+    busy 89% at 16 clients). On a CPU marks are host times."""
 
     def __init__(self, device: torch.device) -> None:
         self._cuda = device.type == "cuda"
 
-    def now(self) -> float:
+    def mark(self) -> Mark:
+        event = None
         if self._cuda:
-            torch.cuda.synchronize()
-        return time.monotonic()
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        return Mark(time.monotonic(), event)
+
+    @staticmethod
+    def seconds(start: Mark, end: Mark) -> float:
+        """Seconds from `start` to `end`: the device's, waiting for `end` to pass, or the host's."""
+        if start.event is None or end.event is None:
+            return end.host - start.host
+        end.event.synchronize()
+        return start.event.elapsed_time(end.event) / 1000
 
 
 def rounded(timings: Mapping[str, float]) -> dict[str, float]:

@@ -165,3 +165,79 @@ def test_the_queue_serves_a_second_event_loop():
     asyncio.run(batches.submit(first))
     asyncio.run(asyncio.wait_for(batches.submit(second), 5))
     assert drawer.batches == [[first], [second]]
+
+
+class Finisher:
+    """drawn.finish_jobs' stand-in: the draw leaves each job without images (`Drawer` with
+    `leave_images`); this fills them, held until `release` is set, and records the order."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.finished: list[list[Job]] = []
+
+    def __call__(self, jobs: list[Job]) -> list[Job]:
+        self.release.wait(10)
+        for j in jobs:
+            j.images = ["image"] * j.request.num_images
+        self.finished.append(list(jobs))
+        return jobs
+
+
+class QueuingDrawer(Drawer):
+    """Engine.draw's stand-in: records the batch and leaves its images to the finisher."""
+
+    def __call__(self, jobs: list[Job]) -> list[Job]:
+        self.started.set()
+        self.batches.append(list(jobs))
+        return jobs
+
+
+def test_with_a_finisher_the_next_batch_draws_before_the_last_is_answered():
+    """The overlap drawn.py is for: while one batch's images are held in the finisher (its GPU
+    tail), the compute thread draws the next batch; each batch is answered, in order, only
+    with its images."""
+    drawer, finisher, seen = QueuingDrawer(), Finisher(), []
+    batches = BatchQueue(drawer, ThreadPoolExecutor(1), 8, 0.01, lambda requests, images: seen.append(requests),
+                         finish=finisher, finisher=ThreadPoolExecutor(1))
+
+    async def main():
+        first = [asyncio.create_task(batches.submit(job())) for _ in range(2)]
+        while len(drawer.batches) < 1:
+            await asyncio.sleep(0.005)
+        second = [asyncio.create_task(batches.submit(job())) for _ in range(3)]
+        while len(drawer.batches) < 2:
+            await asyncio.sleep(0.005)
+        assert not any(task.done() for task in first + second)  # drawn, not answered: the finisher holds them
+        finisher.release.set()
+        await asyncio.gather(*first, *second)
+        return first, second
+
+    asyncio.run(main())
+    assert [len(b) for b in drawer.batches] == [2, 3]
+    assert [len(b) for b in finisher.finished] == [2, 3] and seen == [2, 3]
+    assert all(j.images == ["image"] for b in drawer.batches for j in b)
+
+
+def test_a_finish_that_raises_answers_its_jobs_with_the_error_and_the_queue_goes_on():
+    calls = []
+
+    def finish(jobs):
+        calls.append(len(jobs))
+        if len(calls) == 1:
+            raise RuntimeError("CUDA error: device lost")
+        for j in jobs:
+            j.images = ["image"]
+
+    drawer = QueuingDrawer()
+    batches = BatchQueue(drawer, ThreadPoolExecutor(1), 8, 0.01, finish=finish, finisher=ThreadPoolExecutor(1))
+
+    async def main():
+        failed = job()
+        await batches.submit(failed)
+        served = job()
+        await batches.submit(served)
+        return failed, served
+
+    failed, served = asyncio.run(main())
+    assert failed.images is None and "device lost" in str(failed.error)
+    assert served.error is None and served.images == ["image"]

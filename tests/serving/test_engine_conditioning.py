@@ -126,3 +126,20 @@ def test_when_the_prompts_cannot_be_encoded_together_each_request_encodes_its_ow
     monkeypatch.setattr(served.model, "encode_prompts", out_of_memory)
     jobs = served.run([job(a, 5), job(a, 6)])
     assert all(isinstance(j.error, torch.OutOfMemoryError) for j in jobs)
+
+
+def test_draw_queues_a_group_and_finishing_gives_each_job_what_run_gives(subjects):
+    """Engine.draw returns with each job's images still on their way (`Job.drawn`, drawn.py);
+    finish_jobs fills them and the phase timings: the images `run` draws, each job its own."""
+    from pipeline.serving.drawn import finish_jobs
+
+    served = engine()
+    expected = [pixels(j.images) for j in served.run(group(subjects))]
+    jobs = served.draw(group(subjects))
+    assert all(j.images is None and j.error is None and j.drawn is not None for j in jobs)
+    assert len({id(j.drawn) for j in jobs}) == 1  # one group, drawn together
+    finish_jobs(jobs)
+    assert all(j.drawn is None and j.error is None for j in jobs)
+    for got, want in zip(jobs, expected, strict=True):
+        np.testing.assert_array_equal(pixels(got.images), want)
+        assert set(got.timings) == {"queue", "condition", "denoise", "decode"} and min(got.timings.values()) >= 0

@@ -22,12 +22,41 @@ def test_server_timing_gives_each_phase_in_milliseconds_in_order():
     assert server_timing({"total": 0.2501, "queue": 0.0209, "denoise": 0.2}) == "queue;dur=20, denoise;dur=200, total;dur=251"
 
 
-def test_the_clock_synchronizes_cuda_once_per_reading_and_never_on_a_cpu(monkeypatch):
-    calls = []
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: calls.append(args))
+class FakeEvent:
+    """torch.cuda.Event's stand-in on a CPU machine: `record` notes the host time; the device's
+    elapsed time is made up (7 ms between any two) so that it cannot be the host's."""
+
+    synchronized = 0
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        assert enable_timing
+        self.recorded = False
+
+    def record(self) -> None:
+        self.recorded = True
+
+    def synchronize(self) -> None:
+        FakeEvent.synchronized += 1
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        assert self.recorded and end.recorded
+        return 7.0
+
+
+def test_the_clock_never_waits_for_the_device_at_a_mark_and_reads_its_clock_after(monkeypatch):
+    """Marks record CUDA events without synchronizing (a synchronize at each boundary left the GPU
+    idle between phases and batches); `seconds` waits for the later event only, and reads the
+    GPU's clock. On a CPU, host times."""
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: syncs.append(args))
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    FakeEvent.synchronized = 0
     cpu, cuda = PhaseClock(torch.device("cpu")), PhaseClock(torch.device("cuda", 0))
-    first = cpu.now()
-    assert calls == [] and cuda.now() >= first and len(calls) == 1
+    first, second = cpu.mark(), cpu.mark()
+    assert first.event is None and PhaseClock.seconds(first, second) == second.host - first.host >= 0
+    start, end = cuda.mark(), cuda.mark()
+    assert syncs == [] and FakeEvent.synchronized == 0
+    assert PhaseClock.seconds(start, end) == 0.007 and FakeEvent.synchronized == 1 and syncs == []
 
 
 @pytest.fixture
