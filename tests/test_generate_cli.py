@@ -250,3 +250,18 @@ def test_a_qformer_tokenizer_that_is_a_file_exits_2(tmp_path, capsys, command):
     assert info.value.code == 2
     assert f"argument --qformer-tokenizer: {photo} is not a folder" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("record", ["generate.yaml", "edit.yaml"])
+def test_a_previous_record_that_is_a_fifo_is_refused_not_read(tmp_path, record):
+    # Reading a FIFO waits for a writer forever: generate and edit hung after denoising when
+    # --out held one under their record's name.
+    from pipeline.commands.generate import previous_run
+    from pipeline.errors import UserError
+
+    os.mkfifo(tmp_path / record)
+    with pytest.raises(UserError, match=f"{record} is not a regular file: remove it or choose another --out"):
+        previous_run(tmp_path, record)
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / record).symlink_to(tmp_path / record)  # a link is replaced by output_file, never read
+    assert previous_run(tmp_path / "linked", record) == {}

@@ -413,9 +413,16 @@ def _write(args: argparse.Namespace, config: Config, outputs: list, elapsed: flo
 
 def previous_run(out: Path, record: str) -> dict:
     """The `run:` section of the record (generate.yaml, edit.yaml) a previous run left in `out`;
-    {} when there is none or it cannot be read, so nothing of it is removed."""
+    {} when there is none or it cannot be read, so nothing of it is removed. A link is not read
+    (output_file replaces it); UserError for anything else there that is not a regular file:
+    reading a FIFO would wait for a writer forever."""
+    path = out / record
+    if path.is_symlink() or not path.exists():
+        return {}
+    if not path.is_file():
+        raise UserError(f"{path} is not a regular file: remove it or choose another --out")
     try:
-        run = yaml.safe_load((out / record).read_text(encoding="utf-8")).get("run")
+        run = yaml.safe_load(path.read_text(encoding="utf-8")).get("run")
     except (OSError, ValueError, yaml.YAMLError, AttributeError):
         return {}
     return run if isinstance(run, dict) else {}
