@@ -224,7 +224,7 @@ class BlipDiffusion(nn.Module):
         tokens = self.tokenizer(
             list(prompts), padding="max_length", truncation=True, max_length=length, return_tensors="pt"
         )
-        return _to_device(tokens.input_ids, self.device)
+        return to_device_async(tokens.input_ids, self.device)
 
     def subject_embeddings(self, pixel_values: torch.Tensor, categories: Sequence[str]) -> torch.Tensor:
         """Per-image subject embeddings (B, Q, D) in the model dtype; differentiable in the Q-Former.
@@ -248,7 +248,7 @@ class BlipDiffusion(nn.Module):
             return_tensors="pt",
         )
         pixels = pixel_values.to(device=self.device, dtype=self.qformer.query_tokens.dtype)
-        ids, mask = _to_device(text.input_ids, self.device), _to_device(text.attention_mask, self.device)
+        ids, mask = to_device_async(text.input_ids, self.device), to_device_async(text.attention_mask, self.device)
         return self.qformer(pixels, ids, mask)
 
     @torch.no_grad()
@@ -311,7 +311,7 @@ class BlipDiffusion(nn.Module):
             ids = self.tokenizer([build_slot_prompt(slots, prompt_strength, prompt_reps)], padding="max_length",
                                  truncation=True, max_length=length, return_tensors="pt").input_ids
             embeds = embeds.to(device=self.device, dtype=self.text_encoder.dtype)
-            hidden = self.text_encoder(_to_device(ids, self.device), embeds, SubjectSlots(tuple(positions)))
+            hidden = self.text_encoder(to_device_async(ids, self.device), embeds, SubjectSlots(tuple(positions)))
             rows.append(hidden.expand(num_images, -1, -1))
         unused = [name for name in subjects if name not in named]
         if unused:
@@ -360,7 +360,7 @@ class BlipDiffusion(nn.Module):
         if drop.shape != (batch,):
             raise ValueError(f"drop_subject must be ({batch},), got {tuple(drop.shape)}")
         plain = self.tokenize_prompts(prompts, with_subject=False)
-        return self.text_encoder(ids, subject, self.ctx_begin_pos, plain_ids=plain, plain_rows=_to_device(drop, self.device))
+        return self.text_encoder(ids, subject, self.ctx_begin_pos, plain_ids=plain, plain_rows=to_device_async(drop, self.device))
 
     def predict_noise(
         self,
@@ -701,7 +701,7 @@ def _load_diffusers(cls: type, folder: Path) -> Any:
         raise CheckpointError(f"cannot load {cls.__name__} from {folder}: {exc}") from exc
 
 
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A CPU tensor (token ids, row indices) on `device` without waiting for the device: a plain
     `.to("cuda")` synchronises with every kernel already queued, which stalls a training step
     several times per forward pass."""
@@ -716,7 +716,7 @@ def host_and_device_timesteps(timesteps: torch.Tensor, device: torch.device) -> 
     `alphas_cumprod[timestep]`; inversion's `int(t)`), which on a device tensor makes the host
     wait for the GPU at every step, so the GPU idled while the host queued the next step."""
     host = timesteps.cpu()
-    return host, _to_device(host, device)
+    return host, to_device_async(host, device)
 
 
 def _drop_source_path(config: Path) -> None:

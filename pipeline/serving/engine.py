@@ -43,7 +43,7 @@ import torch
 
 from pipeline.config import EditConfig, ServeConfig
 from pipeline.model import BlipDiffusion
-from pipeline.model.blip_diffusion import StepCallback
+from pipeline.model.blip_diffusion import StepCallback, to_device_async
 from pipeline.model.prompts import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT_REPS, build_prompt, check_text
 from pipeline.model.schedulers import fresh_scheduler
 from pipeline.serving.cache import LruBudget
@@ -271,11 +271,12 @@ class Engine:
             return
         cond_all = torch.cat(cond)  # (N, 77, D)
         uncond_all = torch.cat(uncond) if uncond else None
-        noise = torch.cat(latents).to(device=model.device, dtype=model.unet.dtype)  # (N, C, h, w)
+        # Copied without waiting: a plain .to() would wait for the previous batch's work still on the GPU.
+        noise = to_device_async(torch.cat(latents), model.device).to(model.unet.dtype)  # (N, C, h, w)
         # One guidance value is a Python float, as in BlipDiffusion.generate; several are a
         # (N, 1, 1, 1) tensor in the UNet's dtype, so each row is guided by its own request.
-        guidance: float | torch.Tensor = scales[0] if len(set(scales)) == 1 else torch.tensor(
-            scales, device=model.device, dtype=model.unet.dtype).view(-1, 1, 1, 1)
+        guidance: float | torch.Tensor = scales[0] if len(set(scales)) == 1 else to_device_async(
+            torch.tensor(scales, dtype=model.unet.dtype).view(-1, 1, 1, 1), model.device)
         conditioned = mark = clock.mark()
         stop_if_cancelled = stop_when_all_cancelled(drawn)
         group = DrawnGroup(drawn, began, conditioned)
