@@ -909,13 +909,47 @@ class Config(_Strict):
 # Loading
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader (plain data only) that refuses a key given twice in one mapping: PyYAML keeps
+    the last one, so the first setting was dropped without a word.
+
+    A key after ``<<: *anchor`` still overrides the merged one: each mapping's own keys are
+    checked once, before flatten_mapping puts the merged keys beside them."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._checked_nodes: set[int] = set()  # ids of mapping nodes, all alive for the load
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        if id(node) not in self._checked_nodes:
+            self._checked_nodes.add(id(node))
+            self._refuse_duplicate_keys(node)
+        super().flatten_mapping(node)
+
+    def _refuse_duplicate_keys(self, node: yaml.MappingNode) -> None:
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            try:
+                first = first_lines.get(key)
+            except TypeError:  # an unhashable key: construct_mapping refuses it, naming it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"found duplicate key {key!r} (first given on line {first})", key_node.start_mark
+                )
+            first_lines[key] = key_node.start_mark.line + 1
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``a.b.c=value`` into its key path and a YAML-parsed value (so 0.2 is a float)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not of the form key.path=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from exc
     return key.strip().split("."), value
@@ -960,7 +994,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         # Bytes, so that a file in another encoding is a YAMLError naming the byte (PyYAML
         # reads UTF-8 and UTF-16 with a BOM), not a UnicodeDecodeError.
-        tree = yaml.safe_load(path.read_bytes()) or {}
+        tree = yaml.load(path.read_bytes(), Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if not isinstance(tree, dict):

@@ -116,3 +116,24 @@ def test_a_config_that_nests_without_end_exits_2(tmp_path, capsys, source):
         config = ["--set", "generate.negative_prompt=" + "[" * 5000 + "]" * 5000]
     assert cli.main(["promote", "m", "--alias", "a", *config]) == 2
     assert "nests too deeply" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "source, text, key",
+    [
+        ("file", "generate:\n  steps: 2\nprofile: tiny\ngenerate:\n  steps: 3\n", "'generate'"),
+        ("file", "generate: {steps: 2, steps: 3}\n", "'steps'"),
+        ("set", "generate={steps: 2, steps: 3}", "'steps'"),
+    ],
+)
+def test_a_key_given_twice_in_yaml_exits_2_naming_it(tmp_path, capsys, source, text, key):
+    # PyYAML keeps the last of two equal keys, so the first setting was dropped without a word.
+    if source == "file":
+        (tmp_path / "c.yaml").write_text(text)
+        config, where = ["--config", str(tmp_path / "c.yaml")], "c.yaml"
+    else:
+        config, where = ["--set", text], "override generate"
+    assert cli.main(["promote", "m", "--alias", "a", *config]) == 2
+    err = capsys.readouterr().err
+    assert f"duplicate key {key}" in err
+    assert where in err

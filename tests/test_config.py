@@ -4,7 +4,15 @@ import pytest
 import yaml
 
 from pipeline import cli
-from pipeline.config import PROFILE_MODELS, Config, ConfigError, dump_config, load_config, parse_override
+from pipeline.config import (
+    PROFILE_MODELS,
+    Config,
+    ConfigError,
+    UniqueKeyLoader,
+    dump_config,
+    load_config,
+    parse_override,
+)
 
 
 def test_defaults_are_valid_and_profile_picks_models():
@@ -104,6 +112,28 @@ def test_text_that_is_not_utf8_is_an_error_naming_the_key():
         load_config(overrides=flag)
     with pytest.raises(ConfigError, match=r"data.filter.exclude_prompts.1: not UTF-8 text"):
         load_config(overrides=['data.filter.exclude_prompts=["person", "caf\\udce9"]'])
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path):
+    # A key after `<<: *anchor` overrides the merged one: not a key given twice.
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("base: &b {steps: 2, seed: 5}\ngenerate:\n  <<: *b\n  steps: 3\n")
+    tree = yaml.load(merged.read_text(), Loader=UniqueKeyLoader)
+    assert tree["generate"] == {"steps": 3, "seed": 5}
+    nested = "a: &a {x: 1}\nb: &b {<<: *a, x: 2}\nc: {<<: *b, x: 3}\n"
+    assert yaml.load(nested, Loader=UniqueKeyLoader) == {"a": {"x": 1}, "b": {"x": 2}, "c": {"x": 3}}
+    # b's keys are merged into c before b itself is built (it is nested deeper): still one x each.
+    deeper = "a: &a {x: 1}\nd: {b: &b {<<: *a, x: 2}}\nc: {<<: *b, x: 3}\n"
+    assert yaml.load(deeper, Loader=UniqueKeyLoader) == {"a": {"x": 1}, "d": {"b": {"x": 2}}, "c": {"x": 3}}
+
+
+def test_a_key_given_twice_is_a_config_error(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("data:\n  decode:\n    size: 256\n    size: 512\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml .*duplicate key 'size'.*line 3"):
+        load_config(twice)
+    with pytest.raises(ConfigError, match=r"override generate: .*duplicate key 'steps'"):
+        parse_override("generate={steps: 2, steps: 3}")
 
 
 def test_override_into_a_value_is_an_error():
