@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import yaml
 from PIL import Image
 
 from pipeline.cli import COMMANDS, main
+from pipeline.config import PROFILE_MODELS
 from tests.imagefiles import png_header_only
 
 
@@ -250,6 +252,34 @@ def test_a_qformer_tokenizer_that_is_a_file_exits_2(tmp_path, capsys, command):
     assert info.value.code == 2
     assert f"argument --qformer-tokenizer: {photo} is not a folder" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("vocab", [os.urandom(4096), b"\n" * 64, b"[UNK]\n\xff\xfe broken\n"])
+def test_a_qformer_tokenizer_with_a_garbage_vocab_exits_2_naming_the_folder(tmp_path, capsys, vocab):
+    # Before: a vocab.txt of random bytes ended in the tokenizers library's stack trace
+    # ("Error while initializing WordPiece").
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "vocab.txt").write_bytes(vocab)
+    photo = str(_photo(tmp_path / "a.png"))
+    args = ["generate", "--profile", "tiny", "--category", "dog", "--subject-image", photo, "--prompt", "a dog"]
+    args += ["--steps", "1", "--height", "64", "--width", "64", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "o"), "--qformer-tokenizer", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "Q-Former's BERT tokenizer" in err and str(folder) in err
+    assert not list((tmp_path / "o").glob("*.png"))
+
+
+def test_a_model_whose_clip_vocabulary_is_garbage_exits_2_naming_it(tmp_path, capsys):
+    # The CLIP tokenizer's files go through the same tokenizers library as the Q-Former's.
+    model = tmp_path / "model"
+    shutil.copytree(PROFILE_MODELS["tiny"]["blip_diffusion"], model)
+    (model / "tokenizer" / "merges.txt").write_bytes(os.urandom(4096))
+    photo = str(_photo(tmp_path / "a.png"))
+    args = ["generate", "--profile", "tiny", "--category", "dog", "--subject-image", photo, "--prompt", "a dog"]
+    args += ["--steps", "1", "--height", "64", "--width", "64", "--device", "cpu", "--model", str(model)]
+    assert main([*args, "--out", str(tmp_path / "o")]) == 2
+    assert f"cannot load the CLIP tokenizer from {model / 'tokenizer'}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("record", ["generate.yaml", "edit.yaml"])

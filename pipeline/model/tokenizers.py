@@ -16,11 +16,21 @@ log = logging.getLogger(__name__)
 _DEC_TOKEN = "[DEC]"
 
 
+def _is_file_problem(exc: Exception) -> bool:
+    """Whether `exc`, raised by a tokenizer's from_pretrained, is about its files: a missing or
+    bad file (OSError, ValueError, TypeError), or the bare Exception the tokenizers library
+    (Rust) raises for a vocabulary it cannot read ("Error while initializing WordPiece: stream
+    did not contain valid UTF-8"). Any other exception stays a bug, with its stack trace."""
+    return isinstance(exc, OSError | ValueError | TypeError) or type(exc) is Exception
+
+
 def load_clip_tokenizer(folder: Path, embedding_rows: int) -> CLIPTokenizer:
     """The prompt tokenizer in `folder`, checked against the text encoder's `embedding_rows`."""
     try:
         tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, TypeError) as exc:
+    except Exception as exc:
+        if not _is_file_problem(exc):
+            raise
         raise CheckpointError(f"cannot load the CLIP tokenizer from {folder}: {exc}") from exc
     problem = vocabulary_problem(tokenizer, embedding_rows)
     if problem:
@@ -81,7 +91,9 @@ def load_qformer_tokenizer(
             tokenizer = BertTokenizer.from_pretrained(
                 candidate, truncation_side="right", local_files_only=local_only or local_files_only
             )
-        except (OSError, ValueError, TypeError) as exc:
+        except Exception as exc:
+            if not _is_file_problem(exc):
+                raise
             where = "local cache" if local_only and not Path(candidate).is_dir() else "files"
             first_line = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
             errors.append(f"{candidate} ({where}): {first_line}")
