@@ -91,6 +91,19 @@ class EditResult:
     reconstruction: PIL.Image.Image | None = None
 
 
+def _past_the_text_encoder(replace: str, target: str, target_tokens: int, start: int, room: int, num_query_tokens: int) -> str:
+    """Why the target's tokens, put where `replace` starts (token `start`), end past `room`: the
+    word sits too far into the prompt, or, where a one-token word would fit there, the target
+    category is too long."""
+    limit = f"it must end within the first {room} tokens, which the subject's {num_query_tokens} tokens leave"
+    if start + 1 > room:
+        return f"--replace {replace!r}: the word is too far into the prompt; {limit}"
+    return (
+        f"the target category {target!r:.60} is {target_tokens} tokens: put in place of --replace {replace!r} "
+        f"(token {start}) it ends past the tokens the text encoder reads; {limit}: use a shorter category"
+    )
+
+
 def build_edit_prompts(tokenizer: Any, prompt: str, replace: str, target: str, num_query_tokens: int, length: int) -> EditPrompts:
     """Locate `replace` (one or more whole words, case and surrounding punctuation ignored) in
     `prompt` and build the source/target pair; `length` is the text encoder's positions (77).
@@ -108,11 +121,9 @@ def build_edit_prompts(tokenizer: Any, prompt: str, replace: str, target: str, n
     start = 1 + len(prefix)  # after <bos>
     if full[start : start + len(source_word)] != source_word:
         raise EditError(f"--replace {replace!r}: cannot locate its tokens in the prompt {prompt!r}")
-    if start + len(target_word) + 1 > length - num_query_tokens:
-        raise EditError(
-            f"--replace {replace!r}: the word is too far into the prompt; it must end within the first "
-            f"{length - num_query_tokens - 1} tokens, which the subject's {num_query_tokens} tokens leave"
-        )
+    room = length - num_query_tokens - 1  # the edited prompt's tokens with <bos>, before <eos>
+    if start + len(target_word) > room:
+        raise EditError(_past_the_text_encoder(replace, target, len(target_word), start, room, num_query_tokens))
     mapper = torch.arange(length)
     alphas = torch.ones(length)
     new = slice(start, start + num_query_tokens + len(target_word))

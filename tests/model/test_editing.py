@@ -73,6 +73,15 @@ def test_replace_word_not_in_the_prompt_names_it(model):
         build_edit_prompts(model.tokenizer, " ".join(["word"] * 70) + " dog", "dog", "cat", 16, 77)
 
 
+def test_a_category_too_long_for_the_text_encoder_is_named_not_the_word(model):
+    # Before: a long category (100 emoji, 400 tokens) was blamed on --replace's word being
+    # "too far into the prompt", which it was not.
+    with pytest.raises(EditError, match=r"target category '🐶🐶.* is 400 tokens") as caught:
+        build_edit_prompts(model.tokenizer, PROMPT, "dog", "🐶" * 100, 16, 77)
+    assert "too far into the prompt" not in str(caught.value)
+    assert "60 tokens" in str(caught.value)
+
+
 def test_inversion_is_exact_when_the_noise_does_not_depend_on_the_latents():
     from diffusers import PNDMScheduler
 
