@@ -141,9 +141,7 @@ def controlnet_residuals(
     h, w) -> the UNet's residuals times `scale`: one per down-block output (b, Ci, hi, wi), and
     the mid block's.
     """
-    timesteps = timestep.reshape(-1).to(latents.device).expand(latents.shape[0])
-    # The sinusoidal projection is float32 whatever the weights: cast as diffusers does.
-    time = controlnet.time_embedding(controlnet.time_proj(timesteps).to(latents.dtype))
+    time = embed_timestep(controlnet, latents, timestep)
     hidden = controlnet.conv_in(latents) + embedding  # a (1, ...) embedding broadcasts over the batch
     skips = [hidden]
     for block in controlnet.down_blocks:
@@ -158,6 +156,14 @@ def controlnet_residuals(
         hidden = controlnet.mid_block(hidden, time)
     down = tuple(project(skip) * scale for project, skip in zip(controlnet.controlnet_down_blocks, skips, strict=True))
     return down, controlnet.controlnet_mid_block(hidden) * scale
+
+
+def embed_timestep(net: Any, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """A UNet's or ControlNet's time embedding (b, T) of `timestep` (0-d or (b,)) for `latents`
+    (b, C, h, w), as their forward makes it: the sinusoidal projection is float32 whatever the
+    weights, cast to the latents' dtype as diffusers does."""
+    timesteps = timestep.reshape(-1).to(latents.device).expand(latents.shape[0])
+    return net.time_embedding(net.time_proj(timesteps).to(latents.dtype))
 
 
 def load_controlnet(path_or_id: str | Path, *, dtype: torch.dtype, device: str | torch.device, local_files_only: bool = True):

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from pipeline.model.control import controlnet_residuals
+from pipeline.model.control import controlnet_residuals, embed_timestep
 
 # UNet2DConditionModel config keys and the values unet_encode / unet_decode follow (SD 1.5's):
 # anything else adds inputs or steps to diffusers' forward that these two do not take.
@@ -61,9 +61,7 @@ def unet_encode(unet: Any, latents: torch.Tensor, timestep: torch.Tensor, embeds
     configs `supports_unet` accepts): latents (b, C, h, w), timestep 0-d or (b,), text states
     (b, 77, D) -> the last down block's output, the skip connections (conv_in's output, then each
     down block's), and the time embedding (b, T)."""
-    timesteps = timestep.reshape(-1).to(latents.device).expand(latents.shape[0])
-    # The sinusoidal projection is float32 whatever the weights: cast as diffusers does.
-    time = unet.time_embedding(unet.time_proj(timesteps).to(latents.dtype))
+    time = embed_timestep(unet, latents, timestep)
     hidden = unet.conv_in(latents)
     skips = [hidden]
     for block in unet.down_blocks:
