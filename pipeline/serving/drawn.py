@@ -71,9 +71,12 @@ class DrawnGroup:
     spans: list[tuple[Mark, Mark, Mark]] = field(default_factory=list)  # each chunk's start, denoised, decoded
     finished: bool = False
 
-    def add_chunk(self, start: Mark, denoised: Mark, decoded: torch.Tensor, clock: PhaseClock) -> None:
+    def add_chunk(self, start: Mark, denoised: Mark, decoded: torch.Tensor, clock: PhaseClock) -> Mark:
+        """A chunk denoised from `start` to `denoised`: its VAE output's pixels on their way to
+        the host. Returns the mark after them, where the next chunk starts."""
         self.chunks.append(HostPixels.copy_of(decoded))
         self.spans.append((start, denoised, clock.mark()))
+        return self.spans[-1][2]
 
     def finish(self) -> None:
         """Each job's images and phase timings (queue, condition, denoise, decode). Runs once;

@@ -295,8 +295,7 @@ class Engine:
                                        step_callback=stop_if_cancelled, control=control)
             denoised = clock.mark()
             decoded = model.vae.decode(chunk / model.vae.config.scaling_factor).sample
-            group.add_chunk(mark, denoised, decoded.to(torch.float32), clock)
-            mark = group.spans[-1][2]
+            mark = group.add_chunk(mark, denoised, decoded.to(torch.float32), clock)
         for job in drawn:
             job.drawn = group
 
