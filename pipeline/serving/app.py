@@ -59,7 +59,7 @@ from pipeline.serving.subjects import (
     SubjectUnusable,
 )
 from pipeline.serving.timings import TOTAL, CudagraphSkips, cudagraph_skips, rounded, server_timing
-from pipeline.serving.warmup import warm_up
+from pipeline.serving.warmup import hold_compiled_graphs, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,8 @@ class SubjectServer:
             # graphs recorded (reduce-overhead) on another thread would be recorded again on the
             # first request.
             self._compute.submit(warm_up, self.engine, config).result()
+        if cfg.compile:
+            hold_compiled_graphs()
         log.info("serving %s on %s (%s)", self.base, self.device, dtype)
 
     async def __call__(self, request: Request) -> Response:

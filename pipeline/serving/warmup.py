@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 
 import PIL.Image
+import torch
 
 from pipeline.config import Config
 from pipeline.serving.controls import ControlRequest
@@ -76,3 +77,13 @@ def warm_up_jobs(config: Config, controlnet: bool) -> list[tuple[Job, bool]]:
     if merge:  # rows of several subjects: the per-row merged graphs (without merging they are the graphs above)
         jobs += [(job(), True), (job(2), True)]
     return jobs
+
+
+def hold_compiled_graphs() -> None:
+    """After the warm-up, a request that would make Dynamo compile a new graph (an image size
+    the warm-up did not draw, such as a subject's own training resolution) runs eagerly
+    instead: a compile takes minutes on a GPU, on the replica's one compute thread, with every
+    other request queued behind it, where an eager image takes a few times a compiled one's
+    time. The graphs compiled so far are still used wherever they fit. Process-wide
+    (torch.compiler.set_stance): the replica's process draws nothing else."""
+    torch.compiler.set_stance("eager_on_recompile")

@@ -17,10 +17,11 @@ CACHE_VARS = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 
 def _server(tmp_path, monkeypatch, *overrides: str):
     """A SubjectServer on the tiny model with serve.compile; its compile records the cache
-    folders it would write to instead of compiling, and the warm-up is skipped."""
+    folders it would write to instead of compiling, and the warm-up and holding its graphs are skipped."""
     seen: list[dict[str, str | None]] = []
     monkeypatch.setattr(BlipDiffusion, "compile_for_inference", lambda self, **_: seen.append({v: os.environ.get(v) for v in CACHE_VARS}))
     monkeypatch.setattr(app, "warm_up", lambda *a, **k: None)
+    monkeypatch.setattr(app, "hold_compiled_graphs", lambda: None)  # process-wide: it would reach later tests
     for var in CACHE_VARS:
         monkeypatch.setenv(var, str(tmp_path / "torch-default"))
     config = load_config(overrides=["profile=tiny", "serve.compile=true", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides])

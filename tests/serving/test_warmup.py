@@ -19,7 +19,7 @@ from pipeline.serving.engine import Engine, Job
 from pipeline.serving.lora_slots import MERGED, ROW_WEIGHTS
 from pipeline.serving.requests import GenerationRequest
 from pipeline.serving.subjects import ZeroShotSubject, read_subject
-from pipeline.serving.warmup import warm_up, warm_up_jobs
+from pipeline.serving.warmup import hold_compiled_graphs, warm_up, warm_up_jobs
 from tests.serve_subjects import TINY, make_subject
 
 SIZE = 64
@@ -79,6 +79,17 @@ def test_after_the_warm_up_no_request_path_compiles_again(lora_subjects):
         modes.clear()
         assert all(job.error is None for job in engine.run(batch))
         assert modes and set(modes) == {mode}
+    assert _graphs() == traced
+
+    # A size the warm-up did not draw: it would compile a new graph on the compute thread (minutes
+    # on a GPU, every request behind it); held, it draws eagerly with the graphs kept.
+    bigger = GenerationRequest("a cat on the grass", 1, 7, 3, 5.0, None, 2 * SIZE, 2 * SIZE)
+    hold_compiled_graphs()
+    try:
+        [job] = engine.run([Job(bigger, subject, 2 * SIZE, 2 * SIZE)])
+    finally:
+        torch.compiler.set_stance("default")
+    assert job.error is None and job.images[0].size == (2 * SIZE, 2 * SIZE)
     assert _graphs() == traced
 
 
