@@ -150,7 +150,7 @@ def read_subjects_csv(path: Path) -> dict[str, str]:
             raise SourceError(f"{path} line {line_no}: subject_id {exc}") from None
         if len(category) > MAX_CATEGORY_CHARS:  # the limit of a class noun everywhere else (generate, serve, finetune)
             raise SourceError(f"{path} line {line_no}: category of at most {MAX_CATEGORY_CHARS} characters, got {len(category)}")
-        if _has_control(category):  # a quoted line break, a tab or a NUL went into every prompt
+        if _first_control(category) is not None:  # a quoted line break, a tab or a NUL went into every prompt
             raise SourceError(f"{path} line {line_no}: category {category!r} holds a control character; "
                               "a class noun is one line of text, e.g. dog")
         if subject_id in subjects:
@@ -161,15 +161,12 @@ def read_subjects_csv(path: Path) -> dict[str, str]:
     return subjects
 
 
-def _has_control(text: str) -> bool:
-    """Whether `text` holds a control character (Unicode category Cc: C0, DEL, C1)."""
-    return any(unicodedata.category(char) == "Cc" for char in text)
-
-
 def read_captions_csv(path: Path) -> dict[str, str]:
     """captions.csv -> {photo path under the source: caption}, blank captions left out; {} when
-    there is no such file. SourceError naming the line for a missing column, an empty or
-    repeated photo path, and naming the file when it is not a regular file or cannot be read."""
+    there is no such file; a caption's whitespace runs (line breaks, tabs) become one space.
+    SourceError naming the line for a missing column, an empty or repeated photo path, a caption
+    holding another control character, and naming the file when it is not a regular file or
+    cannot be read."""
     if not path.is_file():
         if os.path.lexists(path):  # a folder, FIFO or dangling link: its captions would be lost without a word
             raise SourceError(f"{path} is not a regular file: make it a CSV file (photo,caption) or remove it")
@@ -183,13 +180,25 @@ def read_captions_csv(path: Path) -> dict[str, str]:
         if photo in seen:
             raise SourceError(f"{path} line {line_no}: duplicate photo {photo!r}")
         seen.add(photo)
-        caption = _SPACES.sub(" ", row["caption"] or "").strip()
+        raw = row["caption"] or ""
+        control = _first_control(raw, allowed=_LAYOUT_WHITESPACE)
+        if control is not None:  # a NUL or an escape sequence went into the photo's training prompt
+            raise SourceError(f"{path} line {line_no}: caption holds a control character {raw[control]!r} "
+                              f"(character {control + 1}); a caption is text, its line breaks and tabs become spaces")
+        caption = _SPACES.sub(" ", raw).strip()
         if caption:
             captions[photo] = caption
     return captions
 
 
 _SPACES = re.compile(r"\s+")
+_LAYOUT_WHITESPACE = "\t\n\v\f\r"  # the control characters a caption may hold: folded into spaces by _SPACES
+
+
+def _first_control(text: str, allowed: str = "") -> int | None:
+    """The index of the first control character (Unicode category Cc: C0, DEL, C1) of `text` not
+    in `allowed`; None when it holds none."""
+    return next((i for i, char in enumerate(text) if unicodedata.category(char) == "Cc" and char not in allowed), None)
 
 
 def _is_hidden(name: str) -> bool:

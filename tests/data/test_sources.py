@@ -93,6 +93,20 @@ def test_a_captions_csv_that_is_not_a_file_is_an_error_not_ignored(tmp_path):
         read_captions_csv(tmp_path / "captions.csv")
 
 
+@pytest.mark.parametrize("caption, shown", [("a dog\x00 asleep", r"'\\x00'"), ("a dog\x1b[31m asleep", r"'\\x1b'"),
+                                             ("a dog\x7f asleep", r"'\\x7f'"), ("a dog\x1f asleep", r"'\\x1f'")])
+def test_a_caption_with_a_control_character_is_a_clear_error(tmp_path, caption, shown):
+    # Before: a NUL or an escape sequence was kept and went into the photo's training prompt.
+    (tmp_path / "captions.csv").write_text(f'photo,caption\ndog/a.jpg,"a dog"\ndog/b.jpg,"{caption}"\n')
+    with pytest.raises(SourceError, match=rf"captions.csv line 3: caption holds a control character {shown}"):
+        read_captions_csv(tmp_path / "captions.csv")
+
+
+def test_caption_line_breaks_and_tabs_are_folded_into_spaces(tmp_path):
+    (tmp_path / "captions.csv").write_text('photo,caption\ndog/a.jpg,"a dog\r\n asleep\ton a  sofa "\n')
+    assert read_captions_csv(tmp_path / "captions.csv") == {"dog/a.jpg": "a dog asleep on a sofa"}
+
+
 def test_csv_unknown_columns_are_named(tmp_path):
     """Before: an extra column (`notes`) was read and ignored; the README documents none."""
     (tmp_path / "subjects.csv").write_text("subject_id,category,notes,live\nrex,dog,good boy,1\n")
