@@ -25,6 +25,7 @@ centred input: not SD 1.5's) keeps the one-call step (`supports_unet`).
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -122,7 +123,7 @@ class ControlledStep:
         self._encode, self._decode, self._residuals = compile(unet_encode), compile(unet_decode), compile(controlnet_residuals)
         self.cuda_graphs = cuda_graphs
         self._side: torch.cuda.Stream | None = None
-        self._captured: OrderedDict[tuple, _Captured] = OrderedDict()
+        self._captured: OrderedDict[tuple, tuple[_Captured, weakref.ref]] = OrderedDict()
 
     def __call__(self, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, controlnet: Any,
                  embedding: torch.Tensor, scale: float) -> torch.Tensor:
@@ -131,15 +132,20 @@ class ControlledStep:
         if not self.cuda_graphs:
             return self._run_two_streams(latents, t, embeds, embedding, controlnet=controlnet, scale=scale)
         inputs = (latents, t, embeds, embedding)
-        key = (*((x.shape, x.dtype, x.device) for x in inputs), id(controlnet), float(scale))
-        captured = self._captured.get(key)
-        if captured is None:
-            captured = _Captured(lambda *xs: self._run_two_streams(*xs, controlnet=controlnet, scale=scale), inputs)
-            self._captured[key] = captured
+        # A graph replays the weights at the addresses it was captured with: the key holds the
+        # nets' first weights' addresses (a net moved or converted since is captured anew), and
+        # the entry a weak reference to the ControlNet (a new one given a dead one's id is not it).
+        weights = tuple(next(net.parameters()).data_ptr() for net in (self.unet, controlnet))
+        key = (*((x.shape, x.dtype, x.device) for x in inputs), id(controlnet), weights, float(scale))
+        entry = self._captured.get(key)
+        if entry is None or entry[1]() is not controlnet:
+            entry = (_Captured(lambda *xs: self._run_two_streams(*xs, controlnet=controlnet, scale=scale), inputs),
+                     weakref.ref(controlnet))
+            self._captured[key] = entry
             while len(self._captured) > MAX_CAPTURED:
                 self._captured.popitem(last=False)
         self._captured.move_to_end(key)
-        return captured(inputs)
+        return entry[0](inputs)
 
     def _run(self, latents, t, embeds, embedding, *, controlnet, scale) -> torch.Tensor:
         """The three parts one after another (a CPU)."""

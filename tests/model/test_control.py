@@ -500,3 +500,45 @@ def test_a_controlnet_takes_the_channels_last_layout_of_a_compiled_unet():
     after = model.generate("on the grass", control=Control(controlnet, image, 1.0), **args)
     assert controlnet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_a_captured_controlled_step_is_reused_only_for_the_same_nets_at_the_same_addresses(tiny, monkeypatch):
+    """ControlledStep's CUDA-graph cache (its GPU path, with the capture recorded, not run): one
+    capture per input shape and ControlNet; a ControlNet whose weights moved (converted, moved
+    to another device) or a new one given a dead one's id is captured anew, since a graph
+    replays the addresses it was captured with."""
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    from pipeline.model import control_step
+
+    model, controlnet = tiny
+    captures = []
+
+    class Recorded:
+        def __init__(self, step, inputs):
+            captures.append(inputs)
+
+        def __call__(self, inputs):
+            return "noise"
+
+    monkeypatch.setattr(control_step, "_Captured", Recorded)
+    cuda = torch.device("cuda", 0)  # a descriptor only: nothing runs on it
+    inputs = [SimpleNamespace(shape=(2, 4, 8, 8), dtype=torch.float16, device=cuda) for _ in range(4)]
+    step = control_step.ControlledStep(model.unet, lambda fn: fn, cuda_graphs=True)
+    assert step(*inputs[:3], controlnet, inputs[3], 1.0) == "noise"
+    step(*inputs[:3], controlnet, inputs[3], 1.0)
+    assert len(captures) == 1
+    first = next(controlnet.parameters())
+    first.data = first.data.clone()  # the weights at another address, as .to() leaves them
+    step(*inputs[:3], controlnet, inputs[3], 1.0)
+    assert len(captures) == 2
+    for key, (captured, _) in list(step._captured.items()):  # as if the ControlNet of the entry had died
+        dead = torch.nn.Linear(1, 1)
+        ref = weakref.ref(dead)
+        del dead
+        gc.collect()
+        step._captured[key] = (captured, ref)
+    step(*inputs[:3], controlnet, inputs[3], 1.0)
+    assert len(captures) == 3
