@@ -143,17 +143,8 @@ def controlnet_residuals(
     """
     time = embed_timestep(controlnet, latents, timestep)
     hidden = controlnet.conv_in(latents) + embedding  # a (1, ...) embedding broadcasts over the batch
-    skips = [hidden]
-    for block in controlnet.down_blocks:
-        if getattr(block, "has_cross_attention", False):
-            hidden, outputs = block(hidden_states=hidden, temb=time, encoder_hidden_states=embeds)
-        else:
-            hidden, outputs = block(hidden_states=hidden, temb=time)
-        skips.extend(outputs)
-    if getattr(controlnet.mid_block, "has_cross_attention", False):
-        hidden = controlnet.mid_block(hidden, time, encoder_hidden_states=embeds)
-    else:
-        hidden = controlnet.mid_block(hidden, time)
+    hidden, skips = run_down_blocks(controlnet, hidden, time, embeds)
+    hidden = run_mid_block(controlnet.mid_block, hidden, time, embeds)
     down = tuple(project(skip) * scale for project, skip in zip(controlnet.controlnet_down_blocks, skips, strict=True))
     return down, controlnet.controlnet_mid_block(hidden) * scale
 
@@ -164,6 +155,26 @@ def embed_timestep(net: Any, latents: torch.Tensor, timestep: torch.Tensor) -> t
     weights, cast to the latents' dtype as diffusers does."""
     timesteps = timestep.reshape(-1).to(latents.device).expand(latents.shape[0])
     return net.time_embedding(net.time_proj(timesteps).to(latents.dtype))
+
+
+def run_down_blocks(net: Any, hidden: torch.Tensor, time: torch.Tensor, embeds: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """A UNet's or ControlNet's down blocks on `hidden` (conv_in's output), as their forward runs
+    them: the last block's output, and the skip connections (`hidden`, then each block's)."""
+    skips = [hidden]
+    for block in net.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            hidden, outputs = block(hidden_states=hidden, temb=time, encoder_hidden_states=embeds)
+        else:
+            hidden, outputs = block(hidden_states=hidden, temb=time)
+        skips.extend(outputs)
+    return hidden, tuple(skips)
+
+
+def run_mid_block(block: Any, hidden: torch.Tensor, time: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    """A UNet's or ControlNet's mid block, with the text states where it attends to them."""
+    if getattr(block, "has_cross_attention", False):
+        return block(hidden, time, encoder_hidden_states=embeds)
+    return block(hidden, time)
 
 
 def load_controlnet(path_or_id: str | Path, *, dtype: torch.dtype, device: str | torch.device, local_files_only: bool = True):

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from pipeline.model.control import controlnet_residuals, embed_timestep
+from pipeline.model.control import controlnet_residuals, embed_timestep, run_down_blocks, run_mid_block
 
 # UNet2DConditionModel config keys and the values unet_encode / unet_decode follow (SD 1.5's):
 # anything else adds inputs or steps to diffusers' forward that these two do not take.
@@ -63,15 +63,8 @@ def unet_encode(unet: Any, latents: torch.Tensor, timestep: torch.Tensor, embeds
     (b, 77, D) -> the last down block's output, the skip connections (conv_in's output, then each
     down block's), and the time embedding (b, T)."""
     time = embed_timestep(unet, latents, timestep)
-    hidden = unet.conv_in(latents)
-    skips = [hidden]
-    for block in unet.down_blocks:
-        if getattr(block, "has_cross_attention", False):
-            hidden, outputs = block(hidden_states=hidden, temb=time, encoder_hidden_states=embeds)
-        else:
-            hidden, outputs = block(hidden_states=hidden, temb=time)
-        skips.extend(outputs)
-    return hidden, tuple(skips), time
+    hidden, skips = run_down_blocks(unet, unet.conv_in(latents), time, embeds)
+    return hidden, skips, time
 
 
 def unet_decode(
@@ -88,10 +81,7 @@ def unet_decode(
     -> the noise (b, C, h, w)."""
     skips = tuple(skip + residual for skip, residual in zip(skips, down_residuals, strict=True))
     if unet.mid_block is not None:
-        if getattr(unet.mid_block, "has_cross_attention", False):
-            hidden = unet.mid_block(hidden, time, encoder_hidden_states=embeds)
-        else:
-            hidden = unet.mid_block(hidden, time)
+        hidden = run_mid_block(unet.mid_block, hidden, time, embeds)
     hidden = hidden + mid_residual
     # A latent side that is not a multiple of the up-sampling factor needs each upsampler told
     # its output size, the size of the skip connection it meets (diffusers' forward_upsample_size).
