@@ -150,8 +150,8 @@ def _inputs(root: Path) -> list[Path]:
     Path.rglob left out without a word."""
     found: list[Path] = []
     for folder, dirs, files in os.walk(root, onerror=lambda exc: found.append(Path(exc.filename))):
-        found += [Path(folder, name) for name in files]
-        found += [Path(folder, name) for name in dirs if Path(folder, name).is_symlink()]
+        found.extend(Path(folder, name) for name in files)
+        found.extend(Path(folder, name) for name in dirs if Path(folder, name).is_symlink())
     return sorted(found)
 
 
