@@ -333,6 +333,12 @@ class CaptionConfig(_Strict):
     num_gpus: Runtime[float | Literal["auto"]] = Field(
         "auto", description=f"GPUs per captioner actor; auto = {CAPTION_GPUS} with GPUs (CLIPSeg's auto share takes what is left), 0 without"
     )
+    # Runtime, as batch_size: fused attention computes the same attention up to float rounding
+    # (stages/caption_attention.py), which at most turns a near-tie of greedy decoding, as another
+    # batch size can; it must not build a dataset again.
+    attention: Runtime[Literal["sdpa", "eager"]] = Field(
+        "sdpa", description="a BLIP captioner's attention: sdpa = torch's fused kernel, eager = transformers' own (BLIP-2 keeps its own)"
+    )
 
     def resolved(self, cluster_gpus: float) -> tuple[int, int, float]:
         """(num_actors, batch_size, num_gpus) on a cluster with `cluster_gpus` GPUs."""

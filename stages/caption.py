@@ -19,6 +19,7 @@ import re
 import numpy as np
 import torch
 
+from stages.caption_attention import apply_attention
 from stages.records import (
     CAPTION,
     CAPTION_MODEL,
@@ -56,9 +57,19 @@ class Captioner:
     for each healthy row whose CAPTION is empty; rows with a caption keep it (CAPTION_USER).
 
     prompt: text the captioner continues ("" = a plain caption); max_new_tokens and num_beams go
-    to `generate` (greedy with num_beams 1, so a photo's caption is the same on every build)."""
+    to `generate` (greedy with num_beams 1, so a photo's caption is the same on every build).
+    attention: "sdpa" gives a BLIP captioner fused attention (stages/caption_attention.py; the
+    same captions up to float rounding), "eager" keeps transformers' own."""
 
-    def __init__(self, model_path: str, prompt: str = "", max_new_tokens: int = 30, num_beams: int = 1, batch_size: int = 8):
+    def __init__(
+        self,
+        model_path: str,
+        prompt: str = "",
+        max_new_tokens: int = 30,
+        num_beams: int = 1,
+        batch_size: int = 8,
+        attention: str = "sdpa",
+    ):
         # Imported here so that modules which only need the pure function do not pay for it.
         from transformers import AutoModelForImageTextToText, AutoProcessor
         from transformers.utils import logging as hf_logging
@@ -69,6 +80,7 @@ class Captioner:
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.processor = AutoProcessor.from_pretrained(model_path)
         self.model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=self.dtype).to(self.device).eval()
+        self.attention = apply_attention(self.model, attention)
         self.prompt = prompt
         self.batch_size = batch_size
         # Special tokens other than the end of text are never written: a random (tiny) model
@@ -89,19 +101,21 @@ class Captioner:
         self.text_inputs = {
             k: v.to(self.device) for k, v in self.processor(images=[blank], return_tensors="pt", **text).items() if k != "pixel_values"
         }
-        log.info("captioner %s on %s (%s), %s", model_path, self.device, self.dtype, self.generate_args)
+        log.info("captioner %s on %s (%s), attention %s %s, %s", model_path, self.device, self.dtype, attention, self.attention, self.generate_args)
+
+    @torch.inference_mode()
+    def pixel_values(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Photos (uint8 HxWx3, any sizes) -> the captioner's input, on its device in its dtype."""
+        ip = self.processor.image_processor
+        if self.tensor_preprocessing:  # resized on the device, as the segment stage does (stages/segment.py)
+            return pixels_for_clipseg(images, *fixed_size(ip), ip.image_mean, ip.image_std, ip.resample, self.device, self.dtype)
+        pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return pixels.to(self.device, self.dtype)
 
     @torch.inference_mode()
     def caption_images(self, images: list[np.ndarray]) -> list[str]:
         """Photos (uint8 HxWx3, any sizes) -> the captioner's decoded text, one per photo."""
-        ip = self.processor.image_processor
-        if self.tensor_preprocessing:  # resized on the device, as the segment stage does (stages/segment.py)
-            pixels = pixels_for_clipseg(
-                images, *fixed_size(ip), ip.image_mean, ip.image_std, ip.resample, self.device, self.dtype
-            )
-        else:
-            pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-            pixels = pixels.to(self.device, self.dtype)
+        pixels = self.pixel_values(images)
         # Copies, not expanded views: BLIP's generate writes its bos over the prompt's first token in place.
         inputs = {k: v.expand(len(images), *v.shape[1:]).clone() for k, v in self.text_inputs.items()}
         tokens = self.model.generate(pixel_values=pixels, **inputs, **self.generate_args)

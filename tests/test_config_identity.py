@@ -49,7 +49,7 @@ RUNTIME = """
     finetune.out finetune.register_model finetune.register_prefix finetune.alias finetune.num_gpus
     finetune.concurrency finetune.max_retries tracking.enabled tracking.uri tracking.experiment
     tracking.data_experiment tracking.system_metrics submit.max_upload_mb
-    data.caption.batch_size data.caption.num_actors data.caption.num_gpus
+    data.caption.batch_size data.caption.num_actors data.caption.num_gpus data.caption.attention
 """
 INPUT = """
     profile models.clipseg models.blip_diffusion models.dino models.clip data.backgrounds.folder data.backgrounds.reject_prompts

@@ -190,7 +190,7 @@ def caption_stage(caption: CaptionConfig, model_path: str, cluster: Cluster) -> 
     exclude_prompts reject there are never captioned, and before matting, on photos alone: after
     it, rows carry each photo's composites too."""
     actors, batch_size, gpus = caption.resolved(cluster.gpus)
-    args = {"prompt": caption.prompt, "max_new_tokens": caption.max_new_tokens, "num_beams": caption.num_beams}
+    args = {"prompt": caption.prompt, "max_new_tokens": caption.max_new_tokens, "num_beams": caption.num_beams, "attention": caption.attention}
     return StageSpec(
         "caption",
         Captioner,
