@@ -247,7 +247,9 @@ class BlipDiffusion(nn.Module):
             max_length=self.qformer.config.max_position_embeddings,
             return_tensors="pt",
         )
-        pixels = pixel_values.to(device=self.device, dtype=self.qformer.query_tokens.dtype)
+        # The reference photos of a zero-shot request: a plain .to() would wait for the work
+        # still queued on the GPU (a serving replica's previous batch).
+        pixels = to_device_async(pixel_values, self.device).to(self.qformer.query_tokens.dtype)
         ids, mask = to_device_async(text.input_ids, self.device), to_device_async(text.attention_mask, self.device)
         return self.qformer(pixels, ids, mask)
 
@@ -469,7 +471,7 @@ class BlipDiffusion(nn.Module):
         shape = (total, self.unet.config.in_channels, height // factor, width // factor)
         if tuple(latents.shape) != shape:
             raise ValueError(f"latents must be {shape}, got {tuple(latents.shape)}")
-        latents = latents.to(device=self.device, dtype=self.unet.dtype)
+        latents = to_device_async(latents, self.device).to(self.unet.dtype)  # CPU noise (seeded there) without waiting
 
         uncond = self.encode_prompts([negative_prompt], None) if guidance_scale > 1.0 else None  # (1, 77, D)
         step = batch_size or total
@@ -704,10 +706,14 @@ def _load_diffusers(cls: type, folder: Path) -> Any:
 def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A CPU tensor (token ids, row indices) on `device` without waiting for the device: a plain
     `.to("cuda")` synchronises with every kernel already queued, which stalls a training step
-    several times per forward pass."""
-    if device.type != "cuda" or tensor.device.type != "cpu":
+    several times per forward pass. Page-locked first on CUDA, where a non-blocking copy of
+    pageable memory would still wait; other devices (and the tests' meta device) copy it
+    non-blocking as it is."""
+    if tensor.device.type != "cpu" or device.type == "cpu":
         return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device, non_blocking=True)
 
 
 def host_and_device_timesteps(timesteps: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -72,6 +72,8 @@ from contextlib import AbstractContextManager, contextmanager
 import torch
 from torch import nn
 
+from pipeline.model.blip_diffusion import to_device_async
+
 log = logging.getLogger(__name__)
 
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"  # peft's state-dict key suffixes (adapter name removed)
@@ -276,7 +278,7 @@ class LoraSlots:
 
     @contextmanager
     def _per_row(self, slots: list[int]) -> Iterator[None]:
-        index = torch.tensor(slots * (self.rows if len(slots) == 1 else 1), dtype=torch.long).to(self.device)
+        index = to_device_async(torch.tensor(slots * (self.rows if len(slots) == 1 else 1), dtype=torch.long), self.device)
         for layer in self.layers.values():
             layer.select_rows(index)
         try:
@@ -332,12 +334,14 @@ class LoraSlots:
         for rank, slots in by_rank.items():
             rows = [row for held in slots.values() for row in held]
             which = [j for j, held in enumerate(slots.values()) for _ in held]
+            # Copied without waiting: a plain .to() would wait for the previous batch's work
+            # still queued on the GPU, and the replica could not draw ahead of it (drawn.py).
             groups.append((
-                torch.tensor(rows, dtype=torch.long).to(self.device),
-                torch.tensor(which, dtype=torch.long).to(self.device),
-                torch.tensor(list(slots), dtype=torch.long).to(self.device),
+                to_device_async(torch.tensor(rows, dtype=torch.long), self.device),
+                to_device_async(torch.tensor(which, dtype=torch.long), self.device),
+                to_device_async(torch.tensor(list(slots), dtype=torch.long), self.device),
                 rank,
-                torch.tensor([self._scales[slot] for slot in slots], dtype=torch.float32).to(self.device),
+                to_device_async(torch.tensor([self._scales[slot] for slot in slots], dtype=torch.float32), self.device),
             ))
         return groups
 

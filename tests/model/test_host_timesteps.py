@@ -17,6 +17,7 @@ from PIL import Image
 from pipeline.config import ASSETS_DIR
 from pipeline.model import BlipDiffusion
 from pipeline.model.editing import edit
+from tests.host_copies import HostCopies
 
 TINY = ASSETS_DIR / "tiny-blipdiffusion"
 
@@ -48,6 +49,15 @@ def test_generation_steps_without_reading_the_device(meta_model):
         meta_model.generate("on the beach", subject_images=[_photo()], category="dog", steps=3, height=64, width=64,
                             progress=False, seed=0)
 
+
+def test_a_zero_shot_generation_copies_nothing_to_the_device_that_the_host_waits_for(meta_model):
+    """The reference photos' pixels, the tokens, the noise: each copy from host memory is
+    non-blocking (tests/host_copies.py), so a serving replica conditions its next batch while the
+    last one is still denoising."""
+    with HostCopies() as copies, pytest.raises(Denoised, match="meta"):
+        meta_model.generate("on the beach", subject_images=[_photo()], category="dog", steps=3, height=64, width=64,
+                            progress=False, seed=0)
+    assert copies.seen and copies.waiting == []
 
 def test_a_photo_edit_inverts_and_steps_without_reading_the_device(meta_model):
     photo = _photo()

@@ -18,6 +18,7 @@ from pipeline.serving.engine import Engine, Job
 from pipeline.serving.lora_slots import MERGED, PRODUCTS, ROW_WEIGHTS, LoraSlots, LoraUnfit
 from pipeline.serving.requests import GenerationRequest
 from pipeline.serving.subjects import SubjectUnusable, ZeroShotSubject, read_subject
+from tests.host_copies import HostCopies
 from tests.serve_subjects import TINY, make_subject
 
 STEPS = 2
@@ -542,3 +543,18 @@ def test_a_subject_loaded_into_the_slot_of_the_merged_one_is_drawn_not_the_evict
     [want] = fresh.run([job(b, 1)])
     assert np.array_equal(pixels(got.images), pixels(want.images))
     assert np.abs(pixels(got.images) - pixels(first.images)).max() > 20
+
+
+
+@pytest.mark.parametrize("merge", [True, False], ids=["merged-rows", "products"])
+def test_a_batch_of_several_slots_copies_its_indices_to_the_device_without_waiting(merge):
+    """`use` with several slots sends its row and slot indices (and scales) to the device
+    without the host waiting (tests/host_copies.py): a pipelined replica draws the next batch
+    while the last one's denoising is still queued on the GPU."""
+    base = Attention().eval()
+    slots, (a, b, c) = loaded(base, [peft_subject(base, 4, 4.0, seed) for seed in (1, 2, 3)], (4, 4, 4), (4.0,) * 3, rows=6)
+    slots.layers = {name: layer.to("meta") for name, layer in slots.layers.items()}
+    slots.device = torch.device("meta")
+    with HostCopies() as copies, slots.use([a, b, c, a], merge=merge):
+        pass
+    assert copies.seen and copies.waiting == []
