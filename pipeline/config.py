@@ -398,6 +398,12 @@ class DataConfig(_Strict):
     keep_failed: Runtime[int] = Field(
         1, ge=0, description="builds that failed max_reject_fraction kept in OUT/failed/ (the newest); 0 = none"
     )
+    # Input, as data.source.follow_links: it decides which photos are inputs, not the rows a photo
+    # makes, and the source's digest records its effect (a duplicate's input carries the kept
+    # photo's path), so switching it re-judges the copies on the next refresh and nothing else.
+    duplicates: Input[Literal["reject", "keep"]] = Field(
+        "reject", description="a photo whose bytes equal an earlier one's (path order): reject = a reject at `scan`, keep = a photo of its own"
+    )
     source: SourceConfig = SourceConfig()
     decode: DecodeConfig = DecodeConfig()
     segment: SegmentConfig = SegmentConfig()

@@ -53,7 +53,7 @@ RUNTIME = """
 """
 INPUT = """
     profile models.clipseg models.blip_diffusion models.dino models.clip data.backgrounds.folder data.backgrounds.reject_prompts
-    data.backgrounds.reject_threshold data.backgrounds.reject_area data.source.follow_links
+    data.backgrounds.reject_threshold data.backgrounds.reject_area data.source.follow_links data.duplicates
     generate.control.image generate.control.controlnet generate.control.detector evaluate.model evaluate.photos evaluate.benchmark evaluate.prompts evaluate.subjects evaluate.qformer_tokenizer
     train.data finetune.base finetune.subject finetune.category finetune.subjects finetune.affected_only
     models.captioner
@@ -102,7 +102,7 @@ def test_digests_of_the_default_configs_are_unchanged():
 def test_runtime_settings_leave_the_digests_alone():
     base = load_config(overrides=["profile=tiny"])
     runtime = load_config(overrides=["profile=tiny", "data.matte.num_actors=2", "data.segment.batch_size=4", "data.keep_failed=3",
-                                     "data.write.rows_per_file=7", "data.source.follow_links=true", "train.gpu=true",
+                                     "data.write.rows_per_file=7", "data.source.follow_links=true", "data.duplicates=keep", "train.gpu=true",
                                      "train.log_every=3", "finetune.alias=x", "tracking.enabled=false"])
     assert processing_digest(runtime, "bg") == processing_digest(base, "bg")
     assert finetune_key(runtime, "dog", "d", "b") == finetune_key(base, "dog", "d", "b")

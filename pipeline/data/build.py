@@ -2,7 +2,9 @@
 
 A refresh processes only photos that are new or whose bytes or category changed since the
 parent (latest) version, copies the parent's rows of unchanged photos into the new version so
-that it reads as a complete dataset on its own, and records removed photos. A change of any
+that it reads as a complete dataset on its own, and records removed photos. Scan rejects are
+judged again by each scan and never carried: a copy rejected as a duplicate
+(`data.duplicates`) whose kept photo is gone is processed as a photo of its own. A change of any
 setting that affects the output (see `processing_digest`) reprocesses everything.
 
 Before any work a refresh checks its parent against the parent's manifest (pipeline.data.verify):
@@ -82,9 +84,10 @@ class BuildResult:
 
 def processing_digest(config: Config, backgrounds_hash: str) -> str:
     """Hash of every data.* setting that may change the rows a photo produces: all but those
-    config.py marks Runtime (pools, batch sizes, thresholds) or Input (the backgrounds folder and
-    which links are read, whose effect the backgrounds' and the source's digests record), and the
-    models that make the rows: CLIPSeg, and the captioner when captions are on."""
+    config.py marks Runtime (pools, batch sizes, thresholds) or Input (the backgrounds folder,
+    which links are read and whether copies are rejected, whose effect the backgrounds' and the
+    source's digests record), and the models that make the rows: CLIPSeg, and the captioner when
+    captions are on."""
     payload = {"data": identity_settings(config.data), "clipseg": config.model_path("clipseg"), "backgrounds": backgrounds_hash}
     if config.data.caption.enabled:
         payload["captioner"] = config.model_path("captioner")
@@ -221,13 +224,18 @@ class RefreshPlan:
 
 
 def plan_refresh(
-    scan: SourceScan, parent_ledger: dict[str, dict[str, Any]], reuse: bool, damaged: set[str] | None = None
+    scan: SourceScan, parent_ledger: dict[str, dict[str, Any]], reuse: bool, damaged: set[str] | None = None,
+    rescan: set[str] | None = None,
 ) -> RefreshPlan:
     """Compare the scan with the parent's ledger. With `reuse` False (no parent, a full build, or
     changed settings) every photo is processed; new/changed/removed are still reported. Photos in
-    `damaged` (their parent rows or reject records cannot be trusted) are processed again."""
+    `damaged` (their parent rows or reject records cannot be trusted) are processed again. Photos
+    in `rescan` were scan rejects in the parent: this scan judged them afresh, so one it accepts
+    is processed (a duplicate whose kept photo is gone), never carried as a reject."""
     current = {p.source_uri: p for p in scan.inputs}
     damaged = damaged or set()
+    rescan = rescan or set()
+    photos = {p.source_uri for p in scan.photos}
 
     def same(uri: str) -> bool:
         old = parent_ledger.get(uri)
@@ -236,8 +244,8 @@ def plan_refresh(
             current[uri].sha256, current[uri].category, current[uri].caption
         )  # fmt: skip
 
-    # Scan rejects are re-derived from subjects.csv every time, so they are never carried.
-    unchanged = {p.source_uri for p in scan.photos if reuse and same(p.source_uri) and p.source_uri not in damaged}
+    # Scan rejects are re-derived from the source every time, so they are never carried.
+    unchanged = {u for u in photos if reuse and same(u) and u not in damaged and u not in rescan}
     removed = sorted(set(parent_ledger) - set(current))
     affected: dict[str, dict[str, int]] = {}
 
@@ -249,8 +257,10 @@ def plan_refresh(
             mark(photo.subject_id, "new")
         elif not same(uri):
             mark(photo.subject_id, "changed")
-        elif not reuse or uri in damaged:  # same photo, new settings or damaged rows: processed again
-            mark(photo.subject_id, "reprocessed")
+        elif not reuse or uri in damaged or (uri in rescan and uri in photos):  # same photo, processed again:
+            mark(photo.subject_id, "reprocessed")  # new settings, damaged rows, or a duplicate no more
+        elif parent_ledger[uri]["status"] == "accepted" and uri not in photos:  # now a duplicate: its rows go
+            mark(photo.subject_id, "changed")
     for uri in removed:
         mark(parent_ledger[uri]["subject_id"], "removed")
     return RefreshPlan(
@@ -320,7 +330,9 @@ def build_dataset(
     """
     started = time.perf_counter()
     _check_out_outside_source(source, out)
-    scan = scan_source(source, follow_links=config.data.source.follow_links, max_bytes=config.data.decode.max_bytes)
+    scan = scan_source(
+        source, follow_links=config.data.source.follow_links, max_bytes=config.data.decode.max_bytes, duplicates=config.data.duplicates
+    )
     if not scan.inputs:
         raise SourceError(f"no input photos found under {scan.root}")
     scan_seconds = time.perf_counter() - started
@@ -350,7 +362,7 @@ def build_dataset(
         if damaged:
             warnings.append(f"{len(damaged)} photo(s) whose rows or reject records in {parent} are damaged: processed again")
         parent_ledger = parent_check.ledger if parent_check else {}
-        plan = plan_refresh(scan, parent_ledger, reuse=not settings_changed, damaged=damaged)
+        plan = plan_refresh(scan, parent_ledger, reuse=not settings_changed, damaged=damaged, rescan=_scan_rejected(parent_check))
 
         version = store.next_version()
         staging = store.new_staging(version)
@@ -421,6 +433,15 @@ def _checked_parent(store: DatasetStore, parent: str | None, reprocess_damaged: 
     if not check.has_checksums:
         log.warning("%s records no checksums (an older release built it): its files were checked for size and shape only", parent)
     return check
+
+
+def _scan_rejected(parent: VersionCheck | None) -> set[str]:
+    """The parent's inputs rejected at stage `scan`; none when its reject records are damaged
+    (_damaged_inputs processes all its rejects again then)."""
+    if parent is None or parent.rejects_damaged:
+        return set()
+    table = pq.read_table(parent.version_dir / REJECTS_FILE, columns=["source_uri", "stage"])
+    return set(table.filter(pc.equal(table["stage"], "scan"))["source_uri"].to_pylist())
 
 
 def _damaged_inputs(parent: VersionCheck | None) -> set[str]:

@@ -6,7 +6,9 @@ in a folder that subjects.csv does not list is rejected here with stage `scan`. 
 that is not a photo file the scan may read: a link that leaves the source (unless
 `data.source.follow_links`), a dangling link, a link loop, a FIFO, socket or device, and a file
 over `data.decode.max_bytes` (checked before hashing, so a huge file costs no read). A reject
-that was not read has an empty hash. Problems with subjects.csv itself are SourceErrors (the job
+that was not read has an empty hash. With `data.duplicates: reject`, so is a photo whose bytes
+equal an earlier photo's (see reject_duplicates): a copy would weigh double in training, and one
+under two subjects is a labelling error. Problems with subjects.csv itself are SourceErrors (the job
 cannot start); subjects listed without a folder are warnings.
 
 SRC/captions.csv (optional; columns photo,caption) gives photos captions of their own: `photo` is
@@ -28,6 +30,7 @@ import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 from pipeline.config import MAX_CATEGORY_CHARS, check_name, is_utf8
 from pipeline.errors import UserError
@@ -52,6 +55,7 @@ class SourcePhoto:
     source_path: str  # absolute
     sha256: str
     caption: str = ""  # the photo's own caption (captions.csv), white space collapsed; "" = none
+    duplicate_of: str = ""  # source_uri of the earlier photo with the same bytes it is rejected for; "" = none
 
 
 @dataclass
@@ -67,12 +71,14 @@ class SourceScan:
         return self.photos + [photo for photo, _ in self.rejects]
 
     def digest(self) -> str:
-        """sha256 over every input's (uri, content hash, category, own caption): equal iff nothing
-        changed. A photo without a caption of its own hashes as before captions existed."""
+        """sha256 over every input's (uri, content hash, category, own caption, the photo it is a
+        duplicate of): equal iff nothing changed. A photo without a caption of its own, or not
+        rejected as a duplicate, hashes as before those existed."""
         h = hashlib.sha256()
         for photo in sorted(self.inputs, key=lambda p: p.source_uri):
             caption = f"\t{photo.caption}" if photo.caption else ""
-            h.update(f"{photo.source_uri}\t{photo.sha256}\t{photo.category}{caption}\n".encode())
+            duplicate = f"\tduplicate of {photo.duplicate_of}" if photo.duplicate_of else ""
+            h.update(f"{photo.source_uri}\t{photo.sha256}\t{photo.category}{caption}{duplicate}\n".encode())
         return h.hexdigest()
 
 
@@ -345,11 +351,40 @@ def scan_photo_folder(
     return scan
 
 
-def scan_source(root: str | Path, *, follow_links: bool = False, max_bytes: int | None = None) -> SourceScan:
+def duplicate_reason(original_uri: str) -> str:
+    """The reject reason of a photo whose bytes equal those of `original_uri`, the kept one."""
+    return f"duplicate of {original_uri} (same bytes)"
+
+
+def reject_duplicates(scan: SourceScan) -> None:
+    """Turn each photo whose bytes equal an earlier photo's into a reject naming the earlier one.
+
+    Earlier means first in source_uri order (the path under the source, compared as text:
+    cat/00.jpg before dog/00.jpg before dog/01.jpg), across subjects, so which copy is kept
+    depends on the paths alone: the same source gives the same verdicts in a build and in a
+    refresh, and removing the kept photo makes the next copy the kept one. Only photos take part;
+    a scan reject (its hash may be empty) keeps nothing out.
+    """
+    kept: dict[str, str] = {}  # sha256 -> source_uri of its first photo
+    duplicates: dict[str, str] = {}  # source_uri -> the kept photo's
+    for photo in sorted(scan.photos, key=lambda p: p.source_uri):
+        original = kept.setdefault(photo.sha256, photo.source_uri)
+        if original != photo.source_uri:
+            duplicates[photo.source_uri] = original
+    scan.rejects += [(replace(p, duplicate_of=duplicates[p.source_uri]), duplicate_reason(duplicates[p.source_uri]))
+                     for p in scan.photos if p.source_uri in duplicates]
+    scan.photos = [p for p in scan.photos if p.source_uri not in duplicates]
+
+
+def scan_source(
+    root: str | Path, *, follow_links: bool = False, max_bytes: int | None = None, duplicates: Literal["reject", "keep"] = "keep"
+) -> SourceScan:
     """Walk `root` and hash every input photo. Raises SourceError if `root` is not a source.
 
     follow_links: read links that lead outside `root` (`data.source.follow_links`).
     max_bytes: files larger than this are rejected unread (`data.decode.max_bytes`).
+    duplicates: "reject" makes a photo with an earlier photo's bytes a reject (`data.duplicates`,
+    see reject_duplicates); "keep" leaves every copy a photo of its own.
     """
     root = Path(root).resolve()
     if not root.is_dir():
@@ -381,6 +416,8 @@ def scan_source(root: str | Path, *, follow_links: bool = False, max_bytes: int 
     for folder, entry in folders.items():
         if entry.kind == "dir" and folder.name in subjects and folder.name not in counts:
             scan.warnings.append(f"subject {folder.name!r} has no photos in {folder.name}/")
+    if duplicates == "reject":  # after the warning above: a folder of copies is not an empty one
+        reject_duplicates(scan)
     if walker.hidden:
         scan.warnings.append(f"{walker.hidden} hidden file(s) (names starting with '.') ignored")
     for warning in scan.warnings:

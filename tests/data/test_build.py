@@ -166,6 +166,83 @@ def test_refresh_after_add_and_remove_then_kill_and_rerun(built, source, tmp_pat
     assert not staging.exists()  # the killed refresh's staging swept, the empty folder removed
 
 
+@pytest.fixture(scope="module")
+def duplicated(ray_local, tmp_path_factory):
+    """A source holding a copy inside a subject (dog/01.jpg of dog/00.jpg) and one across
+    subjects (dog/02.jpg of cat/00.jpg), built once with the default data.duplicates (reject)."""
+    root = make_source(tmp_path_factory.mktemp("dupsrc"), {"cat": "cat", "dog": "dog"}, per_subject=2)
+    (root / "dog" / "01.jpg").write_bytes((root / "dog" / "00.jpg").read_bytes())
+    (root / "dog" / "02.jpg").write_bytes((root / "cat" / "00.jpg").read_bytes())
+    out = tmp_path_factory.mktemp("dupout")
+    return root, out, build_dataset(root, out, load_config(overrides=SETTINGS), incremental=False, progress=False)
+
+
+def _rejects(version_dir):
+    return {r["source_uri"]: (r["stage"], r["reason"]) for r in pq.read_table(version_dir / "rejects.parquet").to_pylist()}
+
+
+def _ledger(version_dir):
+    return {r["source_uri"]: r["status"] for r in pq.read_table(version_dir / INPUTS_FILE).to_pylist()}
+
+
+def test_a_copy_of_a_photo_is_a_reject_naming_the_kept_one(duplicated):
+    _, _, result = duplicated
+    m = result.manifest
+    assert result.status == "built" and (m["inputs"], m["accepted"], m["rejected"]) == (5, 3, 2)
+    assert _rejects(result.path) == {
+        "dog/01.jpg": ("scan", "duplicate of dog/00.jpg (same bytes)"),  # the same subject
+        "dog/02.jpg": ("scan", "duplicate of cat/00.jpg (same bytes)"),  # another subject: the first in path order is kept
+    }
+    assert _ledger(result.path) == {"cat/00.jpg": "accepted", "cat/01.jpg": "accepted", "dog/00.jpg": "accepted",
+                                    "dog/01.jpg": "rejected", "dog/02.jpg": "rejected"}
+    assert set(Counter(read_rows(result.path)["source_uri"].to_pylist()).items()) == {
+        ("cat/00.jpg", 2), ("cat/01.jpg", 2), ("dog/00.jpg", 2)
+    }
+
+
+def _copy_built(duplicated, tmp_path):
+    """The duplicated source and its built dataset, copied, for a refresh of its own."""
+    root, out, _ = duplicated
+    shutil.copytree(root, tmp_path / "src")
+    shutil.copytree(out, tmp_path / "out", symlinks=True)
+    return tmp_path / "src", tmp_path / "out"
+
+
+def test_a_copy_added_before_a_refresh_is_the_only_new_reject(duplicated, tmp_path):
+    source, out = _copy_built(duplicated, tmp_path)
+    shutil.copy(source / "cat" / "01.jpg", source / "dog" / "03.jpg")
+    result = build_dataset(source, out, load_config(overrides=SETTINGS), incremental=True, progress=False)
+    m = result.manifest
+    assert result.status == "built" and (m["processed"], m["new"], m["unchanged"]) == (0, 1, 3)
+    assert (m["inputs"], m["accepted"], m["rejected"]) == (6, 3, 3)
+    assert _rejects(result.path)["dog/03.jpg"] == ("scan", "duplicate of cat/01.jpg (same bytes)")
+    assert set(read_rows(result.path)["dataset_version"].to_pylist()) == {"v0001"}  # every row carried
+
+
+def test_removing_the_kept_photo_makes_its_copy_the_kept_one(duplicated, tmp_path):
+    source, out = _copy_built(duplicated, tmp_path)
+    (source / "dog" / "00.jpg").unlink()
+    (source / "cat" / "00.jpg").unlink()
+    result = build_dataset(source, out, load_config(overrides=SETTINGS), incremental=True, progress=False)
+    m = result.manifest
+    assert result.status == "built" and (m["processed"], m["removed"], m["unchanged"]) == (2, 2, 1)
+    assert (m["inputs"], m["accepted"], m["rejected"]) == (3, 3, 0)
+    assert _ledger(result.path) == {"cat/01.jpg": "accepted", "dog/01.jpg": "accepted", "dog/02.jpg": "accepted"}
+    versions = {(r["source_uri"], r["dataset_version"]) for r in read_rows(result.path).to_pylist()}
+    assert versions == {("cat/01.jpg", "v0001"), ("dog/01.jpg", "v0002"), ("dog/02.jpg", "v0002")}
+    assert m["affected_subjects"] == {"cat": {"new": 0, "changed": 0, "removed": 1, "reprocessed": 0},
+                                      "dog": {"new": 0, "changed": 0, "removed": 1, "reprocessed": 2}}
+
+
+def test_duplicates_keep_makes_every_copy_a_photo_on_the_next_refresh(duplicated, tmp_path):
+    source, out = _copy_built(duplicated, tmp_path)
+    result = build_dataset(source, out, load_config(overrides=[*SETTINGS, "data.duplicates=keep"]), incremental=True, progress=False)
+    m = result.manifest
+    assert result.status == "built" and (m["processed"], m["unchanged"]) == (2, 3)  # the copies only
+    assert (m["inputs"], m["accepted"], m["rejected"]) == (5, 5, 0)
+    assert set(Counter(read_rows(result.path)["source_uri"].to_pylist()).values()) == {2}
+
+
 @pytest.mark.slow
 def test_changed_settings_reprocess_everything(ray_local, source, tmp_path):
     small = make_source(tmp_path / "src", {"dog": "dog"}, per_subject=2)

@@ -166,6 +166,25 @@ def test_digest_tracks_content_and_category(tmp_path):
     assert scan_source(root).digest() != second
 
 
+def test_copies_are_rejects_naming_the_first_photo_in_path_order(tmp_path):
+    root = make_source(tmp_path / "src", {"cat": "cat", "dog": "dog"}, sample=False)
+    for uri, seed in (("cat/a.jpg", 1), ("dog/b.jpg", 1), ("dog/c.jpg", 2), ("dog/nested/a.jpg", 2), ("dog/d.jpg", 3)):
+        (root / uri).parent.mkdir(exist_ok=True)
+        (root / uri).write_bytes(jpeg_bytes(photo(seed)))
+    kept = scan_source(root, duplicates="keep")
+    scan = scan_source(root, duplicates="reject")
+    assert sorted(p.source_uri for p in scan.photos) == ["cat/a.jpg", "dog/c.jpg", "dog/d.jpg"]
+    assert sorted(_reject_reasons(scan).items()) == [
+        ("dog/b.jpg", "duplicate of cat/a.jpg (same bytes)"), ("dog/nested/a.jpg", "duplicate of dog/c.jpg (same bytes)")
+    ]
+    assert len(kept.photos) == 5 and not kept.rejects and len(scan.inputs) == 5
+    # The verdicts are part of the source's digest, so switching data.duplicates is no "nothing changed".
+    assert scan.digest() != kept.digest()
+    (root / "dog" / "b.jpg").unlink()
+    (root / "dog" / "nested" / "a.jpg").unlink()
+    assert scan_source(root, duplicates="reject").digest() == scan_source(root, duplicates="keep").digest()
+
+
 def _reject_reasons(scan):
     return {photo.source_uri: reason for photo, reason in scan.rejects}
 
