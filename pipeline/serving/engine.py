@@ -412,7 +412,7 @@ class Engine:
     def _device_embeds(self, subject: RegisteredSubject) -> torch.Tensor:
         embeds = self._embeds.get(subject.key)
         if embeds is None:
-            embeds = subject.embeds.to(self.model.device)
+            embeds = to_device_async(subject.embeds, self.model.device)  # a subject's first batch does not wait for the last
             self._embeds.put(subject.key, embeds)
         return embeds
 

@@ -558,3 +558,25 @@ def test_a_batch_of_several_slots_copies_its_indices_to_the_device_without_waiti
     with HostCopies() as copies, slots.use([a, b, c, a], merge=merge):
         pass
     assert copies.seen and copies.waiting == []
+
+
+def test_once_its_subjects_are_loaded_a_draw_copies_nothing_to_the_device_that_the_host_waits_for(subjects):
+    """The whole draw on PyTorch's meta device, up to the VAE: a batch of several LoRA subjects,
+    then one of a single subject, after a first draw loaded them. Tokens, noise, slot indices:
+    every copy from host memory is non-blocking (tests/host_copies.py)."""
+
+    class Decoded(Exception):
+        """Raised at the VAE: meta tensors cannot become pixels."""
+
+    model = BlipDiffusion.from_pretrained(TINY)
+    for part in (model.unet, model.vae, model.text_encoder, model.qformer):
+        part.to("meta")
+    model.vae.decode = lambda *args, **kwargs: (_ for _ in ()).throw(Decoded())
+    engine = Engine(model, max_batch_images=8, max_subjects=8, max_lora_adapters=4)
+    a, b, c = (subjects[name] for name in "abc")
+    engine.draw([job(s, seed) for seed, s in enumerate((a, b, c))])  # loads their embeddings and LoRA weights
+    for batch in ((c, b, a), (a, a, a)):
+        with HostCopies() as copies:
+            drawn = engine.draw([job(s, seed) for seed, s in enumerate(batch)])
+        assert all(isinstance(j.error, Decoded) for j in drawn), [j.error for j in drawn]
+        assert copies.seen and copies.waiting == []
