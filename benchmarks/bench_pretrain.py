@@ -28,6 +28,9 @@ Each mode can be suffixed @B for batch B (default --batch), and full-* modes tak
             default, reduce-overhead, max-autotune-no-cudagraphs, max-autotune)
   +uattn=A  the UNet's attention kernel A in training (train.unet_sdpa_backend; auto, flash,
             efficient, cudnn, no-cudnn, math)
+  +clconv   compiled modes: every UNet convolution takes channels-last inputs and output
+            gradients (pipeline/train/speed.py channels_last_convolutions; issue 18's copies in
+            cuDNN's convolution backward; opt-in candidate, not a train setting)
 `attention` times the UNet's own attention calls (their shapes recorded from one forward at
 --size) forward and backward at --batch under each SDPA kernel of --attn-backends, without
 compiling anything: what each kernel costs per UNet step. `data` times the Ray Data decode
@@ -35,7 +38,11 @@ stage (samples/s per CPU core) and the precompute encoder (samples/s on the GPU)
 runs torch.profiler over 3 full steps in the state the last mode left (tables in
 <out>.profile.txt). --preset NAME runs a named list (PRESETS): `run3` is the host-side ablation (--ablation, rows
 A-D of BENCHMARKS.md's "Pretraining step"), `run4` the next candidates on top of its row D, most
-informative first.
+informative first, `clconv` issue 18's candidate against the step it would change, then the profile
+with it on (the profile runs in the state the last mode left):
+
+    TORCHINDUCTOR_COMPILE_THREADS=10 python benchmarks/bench_pretrain.py --preset clconv --warmup 4 --steps 8 \
+        --budget 560 --out $OUT/bench_pretrain_clconv.json
 --budget is the whole run's seconds: a row starts only when its estimated cost (ROW_COST_S:
 compiles it triggers plus steps) still fits; results go to --out after every row.
 --wait-file: timed steps wait until that file exists (another benchmark sharing the GPU is
@@ -115,7 +122,9 @@ from pipeline.train.speed import (  # noqa: E402
     CUDA_GRAPH_MODES,
     UNET_SDPA_BACKENDS,
     GraphedUNet,
+    channels_last_convolutions,
     compile_model,
+    remove_channels_last_convolutions,
     set_unet_attention,
     step_begin,
 )
@@ -142,7 +151,10 @@ RUN4 = (
     "attention,full-pre-compiled+all+mode=reduce-overhead,full-pre-compiled+all+mode=reduce-overhead+uattn=flash,"
     "profile,full-pre-compiled+all+mode=reduce-overhead+uattn=flash@48,full-pre-compiled+all+uattn=flash"
 )
-PRESETS = {"run3": ABLATION, "run4": RUN4}
+# Issue 18: the compiled CUDA-graph step, the same with channels_last_convolutions (the UNet
+# traced again), and the profile of the latter, to compare its generic elementwise kernels.
+CLCONV = "full-pre-compiled+all+mode=reduce-overhead,full-pre-compiled+all+mode=reduce-overhead+clconv,profile"
+PRESETS = {"run3": ABLATION, "run4": RUN4, "clconv": CLCONV}
 
 # Estimated seconds a row costs on an H100 (its compiles, then warm-up and timed steps), for the
 # --budget check. The ablation (10 compile threads, cold Inductor cache): UNet compile ~190 s, Q-Former
@@ -557,7 +569,7 @@ STEP_MODES = (
     "full-pre-compiled",
     "full-raw-compiled",
 )
-PLAIN_FLAGS = ("legacy", "cudnn", "all", "graphs")
+PLAIN_FLAGS = ("legacy", "cudnn", "all", "graphs", "clconv")
 
 
 @dataclass
@@ -579,6 +591,10 @@ class Row:
             return {}
         parts = ("unet",) + (COMPILED_PARTS[1:] if "all" in self.flags else ())
         return dict.fromkeys(parts, self.compile_mode)
+
+    @property
+    def clconv(self) -> bool:
+        return "clconv" in self.flags
 
 
 def parse_rows(modes: str, default_batch: int) -> list[Row]:
@@ -606,6 +622,9 @@ def parse_rows(modes: str, default_batch: int) -> list[Row]:
             raise SystemExit(
                 f"unknown setting in {spec!r}: mode one of {COMPILE_MODES}, uattn one of {tuple(UNET_SDPA_BACKENDS)}"
             )
+        if row.clconv and not row.compiled:
+            # Eager rows keep the UNet's weights NCHW: channels-last arguments would add copies.
+            raise SystemExit(f"+clconv needs a compiled mode (a channels-last UNet): {spec!r}")
         rows.append(row)
     return rows
 
@@ -632,6 +651,10 @@ def run_modes(args, device: torch.device, results: dict, t0: float) -> None:
     for limit in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, limit):
             setattr(torch._dynamo.config, limit, 64)
+    if any(row.clconv for row in rows):
+        # Dynamo does not guard on module hooks by default: a UNet compiled before +clconv's
+        # hooks were added (or removed) would replay its old graphs. Guarded, it traces again.
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
     if args.tiny:
         model = BlipDiffusion.from_pretrained(TINY, device=device)
     else:
@@ -649,7 +672,7 @@ def run_modes(args, device: torch.device, results: dict, t0: float) -> None:
     logging.getLogger("torch").addHandler(warnings)
     compiled: dict[str, str] = {}  # part -> the torch.compile mode it is compiled with now
     ever: set[str] = set()  # parts compiled at least once (a recompile finds kernels in the cache)
-    state = {"uattn": "auto", "batch": None, "compile_mode": None}
+    state = {"uattn": "auto", "batch": None, "compile_mode": None, "clconv": False}
     failed_modes: set[str] = set()
     for row in rows:
         elapsed = time.perf_counter() - t0
@@ -691,10 +714,14 @@ def run_modes(args, device: torch.device, results: dict, t0: float) -> None:
             args.out.write_text(json.dumps(results, indent=2))
             continue
         want = row.compiled
+        if row.clconv != state["clconv"]:
+            set_clconv(model.unet, row.clconv)
         if want != compiled:
             compiled = set_compiled(model, compiled, want, backend)
             ever |= set(want)
-        state.update(uattn=row.uattn, batch=row.batch, compile_mode=row.compile_mode if want else None)
+        state.update(
+            uattn=row.uattn, batch=row.batch, compile_mode=row.compile_mode if want else None, clconv=row.clconv
+        )
         method.config = load_config(
             overrides=["profile=tiny", f"train.sdpa_backend={'default' if 'cudnn' in row.flags else 'no-cudnn'}"]
         )
@@ -746,6 +773,7 @@ def run_modes(args, device: torch.device, results: dict, t0: float) -> None:
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None,
             "compiled": dict(compiled),
             "unet_sdpa_backend": row.uattn,
+            "clconv": row.clconv,
             "estimated_s": round(cost),
             "graphs_compiled": traced,
             "cudagraph_skips": skipped,
@@ -772,12 +800,19 @@ def row_cost(row: Row, compiled: dict[str, str], ever: set[str], state: dict, ar
     cost = ROW_COST_S["fixed"] + (args.warmup + args.steps) * ROW_COST_S["step"] * row.batch / 32
     new_batch = row.batch != state["batch"]
     want = row.compiled
-    if "unet" in want and (compiled.get("unet") != want["unet"] or new_batch or row.uattn != state["uattn"]):
+    unet_changed = new_batch or row.uattn != state["uattn"] or row.clconv != state["clconv"]
+    if "unet" in want and (compiled.get("unet") != want["unet"] or unet_changed):
         cost += ROW_COST_S["unet_again" if "unet" in ever else "unet_first"]
     encoders = {part: mode for part, mode in want.items() if part != "unet"}
     if encoders and (any(compiled.get(part) != mode for part, mode in encoders.items()) or new_batch):
         cost += ROW_COST_S["encoders_again" if "qformer" in ever else "encoders_first"]
     return cost
+
+
+def set_clconv(unet: torch.nn.Module, on: bool) -> None:
+    """+clconv: channels_last_convolutions' hooks on (or off) the UNet's convolutions."""
+    count = channels_last_convolutions(unet) if on else remove_channels_last_convolutions(unet)
+    log.info("clconv %s: %d convolutions", "on" if on else "off", count)
 
 
 def set_compiled(model: BlipDiffusion, compiled: dict[str, str], want: dict[str, str], backend: str) -> dict[str, str]:

@@ -20,6 +20,9 @@
 - `GraphedUNet` (`train.cuda_graphs`): the eager UNet's forward and backward captured once as
   CUDA graphs and replayed. Seconds to set up: for fine-tuning's short runs at batch 3, where
   launching ~4,000 kernels a step, not arithmetic, bounds the step (issue 6).
+- `channels_last_convolutions`: every UNet convolution's input and output gradient in
+  channels-last, meant to leave cuDNN's convolution backward nothing to copy (issue 18).
+  Opt-in, unmeasured: benchmarks/bench_pretrain.py's +clconv; no config setting yet.
 """
 
 from __future__ import annotations
@@ -381,3 +384,73 @@ def use_cuda_graphs(
         log.info("train.cuda_graphs off: %s", ", ".join(reasons))
         return False
     return True
+
+
+class _ChannelsLastGradient(torch.autograd.Function):
+    """Identity whose backward hands the gradient on in channels-last memory (values unchanged)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous(memory_format=torch.channels_last)
+
+
+def _channels_last_input(conv: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook: the convolution's input in channels-last memory (no copy if it is)."""
+    x = args[0]
+    if x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last):
+        return None
+    return (x.contiguous(memory_format=torch.channels_last), *args[1:])
+
+
+def _channels_last_output_gradient(conv: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook: the gradient reaching the convolution's output goes on in channels-last."""
+    if out.dim() != 4 or not (torch.is_grad_enabled() and out.requires_grad):
+        return None
+    return _ChannelsLastGradient.apply(out)
+
+
+def channels_last_convolutions(unet: nn.Module) -> int:
+    """Hand every Conv2d of `unet` (channels-last weights, compile_model) a channels-last input
+    and, in the backward, a channels-last output gradient; values are unchanged. Returns the
+    number of convolutions hooked now (0 when they all are already). Opt-in (issue 18,
+    benchmarks/bench_pretrain.py's +clconv): unmeasured on GPUs, so not part of compile_model.
+
+    Why: cuDNN's convolution backward with a channels-last weight copies an argument that is not
+    channels-last (ATen's generic elementwise kernel), and in a compiled backward Inductor pins
+    `convolution_backward`'s arguments to the traced strides (constrain_conv_bwd_to_fx_strides),
+    so those copies stay inside the compiled step. diffusers (0.42.1) makes such arguments in
+    training: ResnetBlock2D.forward's `input_tensor.contiguous()` before conv_shortcut and
+    Transformer2DModel._get_output_for_continuous_inputs' `.permute(0, 3, 1, 2).contiguous()`
+    before proj_out give NCHW inputs; the up blocks' torch.cat hands Upsample2D.conv, and
+    proj_out through its residual sum, a channel slice of its gradient. A pre-hook lays the
+    input out channels-last, a forward hook wraps the output in an identity whose backward
+    lays the gradient out channels-last: traced, both are copies Inductor writes (and may fuse)
+    instead of ATen's inside the convolution backward. Every Conv2d, not just those: where an
+    argument already is channels-last, both are no-ops (no copy, nothing traced).
+    """
+    hooked = 0
+    for conv in unet.modules():
+        if not isinstance(conv, nn.Conv2d) or _channels_last_input in conv._forward_pre_hooks.values():
+            continue
+        conv.register_forward_pre_hook(_channels_last_input)
+        conv.register_forward_hook(_channels_last_output_gradient)
+        hooked += 1
+    return hooked
+
+
+def remove_channels_last_convolutions(unet: nn.Module) -> int:
+    """Undo channels_last_convolutions; returns the number of convolutions unhooked."""
+    unhooked = 0
+    for conv in unet.modules():
+        for hooks, hook in (
+            (conv._forward_pre_hooks, _channels_last_input),
+            (conv._forward_hooks, _channels_last_output_gradient),
+        ):
+            for key in [k for k, h in hooks.items() if h is hook]:
+                del hooks[key]
+                unhooked += hook is _channels_last_input
+    return unhooked

@@ -4,6 +4,7 @@ train.compile_mode's CUDA graphs (benchmarks/bench_pretrain.py --preset run4).""
 
 from __future__ import annotations
 
+import copy
 import os
 import typing
 from dataclasses import asdict
@@ -11,6 +12,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -24,7 +26,9 @@ from pipeline.train.speed import (
     UNET_SDPA_BACKENDS,
     UNetAttention,
     attention_kernels,
+    channels_last_convolutions,
     compile_model,
+    remove_channels_last_convolutions,
     resolve_compile,
     resolve_precompute,
     resolve_speed_settings,
@@ -188,6 +192,141 @@ def test_compile_model_takes_a_mode():
     assert model.qformer._compiled_call_impl is not None and model.unet._compiled_call_impl is None
     with pytest.raises(ValueError, match="unknown compile mode"):
         compile_model(model, ("unet",), mode="fast")
+
+
+# --- channels_last_convolutions (issue 18: cuDNN's convolution backward copying NCHW arguments)
+
+CL = torch.channels_last
+
+
+def _tiny_unet_channels_last() -> torch.nn.Module:
+    """The tiny UNet in training mode and channels-last, as compile_model leaves the real one."""
+    return UNet2DConditionModel.from_pretrained(TINY / "unet").train().to(memory_format=CL)
+
+
+def _unet_inputs(unet: torch.nn.Module) -> tuple:
+    """Latents (channels-last, as the step makes them), timesteps, text states, and an output
+    gradient in channels-last, as a compiled UNet's backward receives it (its traced layout).
+    16x16 latents: the lowest blocks stay above 1x1, where NCHW and channels-last coincide."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=gen).contiguous(memory_format=CL)  # 2x2 at the bottom
+    states = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen)
+    grad = torch.randn(2, 4, 16, 16, generator=gen).contiguous(memory_format=CL)
+    return x, torch.tensor([1, 500]), states, grad
+
+
+class _ConvBackwardLayouts(TorchDispatchMode):
+    """Each convolution backward's (module, output gradient channels-last?, input channels-last?)."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.names = {m.weight.data_ptr(): n for n, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d)}
+        self.calls: list[tuple[str, bool, bool]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution_backward.default:
+            grad, x, weight = args[:3]
+            self.calls.append(
+                (self.names[weight.data_ptr()], grad.is_contiguous(memory_format=CL), x.is_contiguous(memory_format=CL))
+            )
+        return func(*args, **(kwargs or {}))
+
+
+def _layouts(unet: torch.nn.Module) -> tuple[dict[str, bool], list[tuple[str, bool, bool]]]:
+    """One training forward and backward: whether each convolution received a channels-last input
+    (recorded by a forward pre-hook registered last, so after any of channels_last_convolutions'),
+    and each convolution backward's layouts."""
+    inputs: dict[str, bool] = {}
+    handles = [
+        conv.register_forward_pre_hook(
+            lambda m, args, name=name: inputs.update({name: args[0].is_contiguous(memory_format=CL)})
+        )
+        for name, conv in unet.named_modules()
+        if isinstance(conv, torch.nn.Conv2d)
+    ]
+    x, t, states, grad = _unet_inputs(unet)
+    with _ConvBackwardLayouts(unet) as backward:
+        unet(x, t, encoder_hidden_states=states).sample.backward(grad)
+    for handle in handles:
+        handle.remove()
+    return inputs, backward.calls
+
+
+def test_channels_last_convolutions_give_every_convolution_channels_last_arguments():
+    """diffusers hands some convolutions NCHW inputs in training (ResnetBlock2D's .contiguous()
+    before conv_shortcut, Transformer2DModel's before proj_out) and some a channel slice of
+    torch.cat's gradient (Upsample2D.conv, proj_out in the up blocks); with the hooks every
+    convolution's input and output gradient is channels-last, forward and backward."""
+    unet = _tiny_unet_channels_last()
+    inputs, backward = _layouts(unet)
+    nchw_inputs = {name for name, cl in inputs.items() if not cl}
+    assert {n.rsplit(".", 1)[-1] for n in nchw_inputs} == {"conv_shortcut", "proj_out"}
+    assert any(name.endswith("upsamplers.0.conv") and not grad_cl for name, grad_cl, _ in backward)
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in unet.modules())
+    assert channels_last_convolutions(unet) == convs
+    assert channels_last_convolutions(unet) == 0  # idempotent
+    inputs, backward = _layouts(unet)
+    assert len(inputs) == convs and all(inputs.values()), [n for n, cl in inputs.items() if not cl]
+    assert len(backward) == convs and all(g and x for _, g, x in backward), [c for c in backward if not all(c[1:])]
+    assert remove_channels_last_convolutions(unet) == convs
+    assert not all(_layouts(unet)[0].values())
+
+
+def test_channels_last_convolutions_keep_outputs_and_gradients():
+    """Only layouts change: the UNet's output and every parameter's gradient, float32, are the
+    same with and without the hooks (exactly on this CPU; a layout may change a kernel's
+    summation order, so a GPU may differ in the last bits)."""
+    unet = _tiny_unet_channels_last()
+    hooked = copy.deepcopy(unet)
+    channels_last_convolutions(hooked)
+    x, t, states, grad = _unet_inputs(unet)
+    outputs = []
+    for model in (unet, hooked):
+        out = model(x, t, encoder_hidden_states=states).sample
+        out.backward(grad)
+        outputs.append(out.detach())
+    assert torch.equal(outputs[1], outputs[0])
+    for (name, p), q in zip(unet.named_parameters(), hooked.parameters(), strict=True):
+        assert p.grad is not None and torch.equal(q.grad, p.grad), name
+
+
+def _compiled_conv_backward_layouts(unet: torch.nn.Module) -> tuple[int, list[tuple[bool, bool]]]:
+    """Compile `unet` (AOTAutograd, no Inductor), run a training forward and backward: the
+    Dynamo graphs traced, and per `convolution_backward` of the backward graph whether its output
+    gradient and input have channels-last traced strides (what Inductor pins them to)."""
+    from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+
+    graphs: list[int] = []
+    layouts: list[tuple[bool, bool]] = []
+
+    def backward_graph(graph, _):
+        for node in graph.graph.nodes:
+            if node.target is torch.ops.aten.convolution_backward.default:
+                grad, x = (arg.meta["val"] for arg in node.args[:2])
+                layouts.append((grad.is_contiguous(memory_format=CL), x.is_contiguous(memory_format=CL)))
+        return make_boxed_func(graph.forward)
+
+    def record(gm, example_inputs):
+        graphs.append(1)
+        forward = lambda graph, _: make_boxed_func(graph.forward)  # noqa: E731
+        return aot_module_simplified(gm, example_inputs, fw_compiler=forward, bw_compiler=backward_graph)
+
+    torch._dynamo.reset()
+    x, t, states, grad = _unet_inputs(unet)
+    torch.compile(unet, backend=record)(x, t, encoder_hidden_states=states).sample.backward(grad)
+    return len(graphs), layouts
+
+
+def test_channels_last_convolutions_hold_in_a_compiled_backward():
+    """Traced, the hooks leave one graph (no graph break) whose convolution backwards all take
+    channels-last arguments; without them some take NCHW inputs and sliced gradients."""
+    unet = _tiny_unet_channels_last()
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in unet.modules())
+    graphs, layouts = _compiled_conv_backward_layouts(unet)
+    assert len(layouts) == convs and not all(g for g, _ in layouts) and not all(x for _, x in layouts)
+    channels_last_convolutions(unet)
+    graphs, layouts = _compiled_conv_backward_layouts(unet)
+    assert graphs == 1 and len(layouts) == convs and all(g and x for g, x in layouts)
 
 
 def _mode(setting=True, mode="auto", cuda=True, world_size=1, grad_accum=1, steps=1000):
