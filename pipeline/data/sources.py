@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from pipeline.config import MAX_CATEGORY_CHARS, check_name, is_utf8
+from pipeline.config import MAX_CATEGORY_CHARS, DataConfig, check_name, is_utf8
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -377,7 +377,8 @@ def reject_duplicates(scan: SourceScan) -> None:
 
 
 def scan_source(
-    root: str | Path, *, follow_links: bool = False, max_bytes: int | None = None, duplicates: Literal["reject", "keep"] = "keep"
+    root: str | Path, *, follow_links: bool = False, max_bytes: int | None = None,
+    duplicates: Literal["reject", "keep"] = DataConfig.model_fields["duplicates"].default,
 ) -> SourceScan:
     """Walk `root` and hash every input photo. Raises SourceError if `root` is not a source.
 

@@ -199,14 +199,15 @@ def test_links_leaving_the_source_are_rejects_unless_followed(tmp_path):
     (root / "dog" / "leak.jpg").symlink_to(outside / "secret.jpg")
     (root / "dog" / "inside.jpg").symlink_to(root / "dog" / "00.jpg")  # stays in the source: followed
 
-    scan = scan_source(root)
+    # Copies kept: this test is about links (the link inside is a copy of dog/00.jpg's bytes).
+    scan = scan_source(root, duplicates="keep")
     assert _reject_reasons(scan) == {"rex": "link outside the source", "dog/leak.jpg": "link outside the source"}
     # Nothing outside the source is read: its rejects carry no hash.
     assert all(photo.sha256 == "" for photo, _ in scan.rejects)
     assert sorted(p.source_uri for p in scan.photos) == ["dog/00.jpg", "dog/inside.jpg"]
     assert len(scan.inputs) == 4
 
-    followed = scan_source(root, follow_links=True)
+    followed = scan_source(root, follow_links=True, duplicates="keep")
     assert followed.rejects == []
     assert sorted(p.source_uri for p in followed.photos) == ["dog/00.jpg", "dog/inside.jpg", "dog/leak.jpg", "rex/secret.jpg"]
 
