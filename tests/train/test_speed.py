@@ -317,6 +317,9 @@ def _compiled_conv_backward_layouts(unet: torch.nn.Module) -> tuple[int, list[tu
     return len(graphs), layouts
 
 
+# Slow (a compiled trace of the tiny UNet's backward, ~25 s on 2 cores); the eager tests above
+# cover the same hooks on every CI run.
+@pytest.mark.slow
 def test_channels_last_convolutions_hold_in_a_compiled_backward():
     """Traced, the hooks leave one graph (no graph break) whose convolution backwards all take
     channels-last arguments; without them some take NCHW inputs and sliced gradients."""
