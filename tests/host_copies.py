@@ -23,11 +23,16 @@ class HostCopies(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.ops.aten._to_copy.default:
-            source, device = args[0], kwargs.get("device")
-            if source.device.type == "cpu" and device is not None and torch.device(device).type != "cpu":
-                copy = f"{tuple(source.shape)} {source.dtype} -> {device}"
-                self.seen.append(copy)
-                if not kwargs.get("non_blocking", False):
-                    self.waiting.append(copy)
+        if func is torch.ops.aten._to_copy.default:  # tensor.to(device)
+            self._record(args[0], kwargs.get("device"), kwargs.get("non_blocking", False))
+        elif func is torch.ops.aten.copy_.default:  # device_tensor.copy_(host_tensor)
+            non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+            self._record(args[1], args[0].device, non_blocking)
         return func(*args, **kwargs)
+
+    def _record(self, source: torch.Tensor, device: torch.device | str | None, non_blocking: bool) -> None:
+        if source.device.type == "cpu" and device is not None and torch.device(device).type != "cpu":
+            copy = f"{tuple(source.shape)} {source.dtype} -> {device}"
+            self.seen.append(copy)
+            if not non_blocking:
+                self.waiting.append(copy)

@@ -234,6 +234,9 @@ class LoraSlots:
         self._forget_merge(slot)
         try:
             for layer, is_a, tensor in weights:  # a free slot is zero: ranks below r_max keep zeros after theirs
+                # Without waiting: a plain copy from host memory would wait for the batch still
+                # denoising on the GPU (a subject's first use, or one loaded after an eviction).
+                tensor = to_device_async(tensor.to(layer.slot_A.dtype), self.device)
                 if is_a:  # slot_A (S+1, r_max, in) <- (rank, in)
                     layer.slot_A[slot, : tensor.shape[0]].copy_(tensor)
                 else:  # slot_B (S+1, out, r_max) <- (out, rank)

@@ -580,3 +580,16 @@ def test_once_its_subjects_are_loaded_a_draw_copies_nothing_to_the_device_that_t
             drawn = engine.draw([job(s, seed) for seed, s in enumerate(batch)])
         assert all(isinstance(j.error, Decoded) for j in drawn), [j.error for j in drawn]
         assert copies.seen and copies.waiting == []
+
+
+def test_loading_a_subject_into_a_slot_copies_nothing_the_host_waits_for():
+    """A LoRA subject loaded on first use (or after an eviction) while the last batch still
+    denoises: its weights reach the slots without the host waiting (tests/host_copies.py)."""
+    from peft import get_peft_model_state_dict
+
+    base = Attention().eval()
+    lora = get_peft_model_state_dict(peft_subject(base, 4, 4.0, 1))
+    slots = LoraSlots(base.to("meta"), slots=2, rank=4, merge=True)
+    with HostCopies() as copies:
+        slots.load(slots.fit(lora, 4), 1.0)
+    assert copies.seen and copies.waiting == []
