@@ -305,11 +305,16 @@ class FilterConfig(_Strict):
 
 CAPTION_BATCH_GPU = 64
 CAPTION_BATCH_CPU = 8
-# Two BLIP-2 OPT-2.7B actors per GPU, each half the share one had (so CLIPSeg's auto share is
-# unchanged): on an H100 (batch 64, 12 new tokens, 16,384 photos) they built 102 photos/s end to
-# end against 98 for one actor, whose 126 photos/s of captions had capped the build; the GPU,
-# shared with CLIPSeg and matting, is then what is full (BENCHMARKS.md, "Caption stage").
-CAPTION_ACTORS_PER_GPU = 2
+# Captioner actors per GPU by the captioner's family (its config.json's model_type; others and
+# models named by a hub id: CAPTION_ACTORS_PER_GPU_OTHER), measured on an H100, 16,384 photos:
+# - BLIP-2 OPT-2.7B: two, each half the share one had (so CLIPSeg's auto share is unchanged):
+#   102 photos/s end to end against 98 for one actor, whose 126 photos/s of captions had capped
+#   the build (HISTORY.md, "Caption stage at 91965bd");
+# - BLIP (blip-image-captioning-base): one, 138.9 photos/s end to end against 133.0 for two: one
+#   is fast enough, and each process on the GPU takes time slices from the matting actors that
+#   cap the build (BENCHMARKS.md, "Caption stage").
+CAPTION_ACTORS_PER_GPU = {"blip-2": 2, "blip": 1}
+CAPTION_ACTORS_PER_GPU_OTHER = 2
 CAPTION_GPUS = 0.125
 
 
@@ -328,7 +333,8 @@ class CaptionConfig(_Strict):
         "auto", description=f"photos per captioner generate(); auto = {CAPTION_BATCH_GPU} with GPUs, {CAPTION_BATCH_CPU} without"
     )
     num_actors: Runtime[CountOrAuto] = Field(
-        "auto", description=f"captioner actor pool size; auto = {CAPTION_ACTORS_PER_GPU} per GPU (one capped the build), 1 without GPUs"
+        "auto", description="captioner actor pool size; auto = per GPU 1 for a BLIP captioner, 2 for BLIP-2 and others "
+        "(pipeline/config.py CAPTION_ACTORS_PER_GPU), 1 without GPUs"
     )
     num_gpus: Runtime[float | Literal["auto"]] = Field(
         "auto", description=f"GPUs per captioner actor; auto = {CAPTION_GPUS} with GPUs (CLIPSeg's auto share takes what is left), 0 without"
@@ -340,10 +346,12 @@ class CaptionConfig(_Strict):
         "sdpa", description="a BLIP captioner's attention: sdpa = torch's fused kernel, eager = transformers' own (BLIP-2 keeps its own)"
     )
 
-    def resolved(self, cluster_gpus: float) -> tuple[int, int, float]:
-        """(num_actors, batch_size, num_gpus) on a cluster with `cluster_gpus` GPUs."""
+    def resolved(self, cluster_gpus: float, family: str | None = None) -> tuple[int, int, float]:
+        """(num_actors, batch_size, num_gpus) on a cluster with `cluster_gpus` GPUs, for a
+        captioner of `family` (its config's model_type, None when not known)."""
         gpus = whole_gpus(cluster_gpus)
-        actors = self.num_actors if self.num_actors != "auto" else max(1, CAPTION_ACTORS_PER_GPU * gpus)
+        per_gpu = CAPTION_ACTORS_PER_GPU.get(family or "", CAPTION_ACTORS_PER_GPU_OTHER)
+        actors = self.num_actors if self.num_actors != "auto" else max(1, per_gpu * gpus)
         batch = self.batch_size if self.batch_size != "auto" else (CAPTION_BATCH_GPU if gpus else CAPTION_BATCH_CPU)
         share = self.num_gpus if self.num_gpus != "auto" else (CAPTION_GPUS if gpus else 0.0)
         return actors, batch, share

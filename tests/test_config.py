@@ -181,6 +181,16 @@ def test_captioner_actors_batch_and_share_follow_the_gpus_unless_set():
     assert mine.resolved(0) == mine.resolved(4) == (1, 4, 0.25)
 
 
+def test_a_blip_captioner_gets_one_actor_per_gpu_and_blip2_two():
+    """auto by the captioner's family (its config.json's model_type): on an H100 a BLIP captioner
+    built faster with one actor per GPU than with two (each process takes GPU time from matting),
+    BLIP-2 OPT-2.7B with two than with one (one capped the build): BENCHMARKS.md "Caption stage"."""
+    caption = load_config().data.caption
+    assert [caption.resolved(gpus, "blip") for gpus in (0, 1, 4)] == [(1, 8, 0.0), (1, 64, 0.125), (4, 64, 0.125)]
+    assert caption.resolved(1, "blip-2") == caption.resolved(1, None) == (2, 64, 0.125)
+    assert load_config(overrides=["data.caption.num_actors=3"]).data.caption.resolved(1, "blip") == (3, 64, 0.125)
+
+
 @pytest.mark.parametrize(
     "scaling, workers, grad_accum, rate",
     [("none", 8, 1, 2e-6), ("linear", 8, 1, 3.2e-5), ("sqrt", 8, 1, 8e-6), ("linear", 1, 1, 4e-6), ("sqrt", 2, 4, 8e-6)],

@@ -22,10 +22,12 @@ CPU tasks after it only encode), else in the CPU task after matting, with encodi
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -185,11 +187,22 @@ def matte_stage(
     )
 
 
+def captioner_family(model_path: str) -> str | None:
+    """The captioner's model_type ("blip", "blip-2", ...) from the config.json of a local model
+    folder; None for a hub id or a folder whose config cannot be read (the caption actors then
+    load it and report what is wrong)."""
+    try:
+        family = json.loads((Path(model_path) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return family if isinstance(family, str) else None
+
+
 def caption_stage(caption: CaptionConfig, model_path: str, cluster: Cluster) -> StageSpec:
     """The captioner's actor pool on `cluster`. It runs after CLIPSeg, so that photos the filter's
     exclude_prompts reject there are never captioned, and before matting, on photos alone: after
     it, rows carry each photo's composites too."""
-    actors, batch_size, gpus = caption.resolved(cluster.gpus)
+    actors, batch_size, gpus = caption.resolved(cluster.gpus, captioner_family(model_path))
     args = {"prompt": caption.prompt, "max_new_tokens": caption.max_new_tokens, "num_beams": caption.num_beams, "attention": caption.attention}
     return StageSpec(
         "caption",

@@ -312,3 +312,23 @@ def test_process_photos_captions_every_accepted_photo_and_rejects_a_planted_pers
     assert set(accepted) | set(rejected) == {p.source_uri for p in scan.inputs} and not set(accepted) & set(rejected)
     assert (accepted[f"dog/{dog[0]}"]["caption"], accepted[f"dog/{dog[0]}"]["caption_source"]) == ("a dog on a red sofa", "user")
     assert accepted[f"dog/{dog[1]}"]["caption_source"] == "model" and accepted[f"dog/{dog[1]}"]["caption"].strip()
+
+
+def test_a_local_blip_captioner_gets_one_actor_per_gpu(tmp_path):
+    """The caption stage's auto actors follow the captioner folder's model_type (pipeline/config.py
+    CAPTION_ACTORS_PER_GPU): one per GPU for BLIP, two for BLIP-2 (the tiny captioner) and for a
+    hub id or a folder without a readable config."""
+    from pipeline.config import CaptionConfig
+    from pipeline.data.plan import Cluster, caption_stage, captioner_family
+
+    blip = tmp_path / "blip"
+    blip.mkdir()
+    (blip / "config.json").write_text('{"model_type": "blip"}')
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("[not, json")
+    tiny = load_config(overrides=["profile=tiny"]).model_path("captioner")
+    assert [captioner_family(str(p)) for p in (blip, tiny, broken, "Salesforce/blip2-opt-2.7b")] == ["blip", "blip-2", None, None]
+    actors = {name: caption_stage(CaptionConfig(), str(path), Cluster(cpus=64, gpus=2)).actors
+              for name, path in {"blip": blip, "tiny": tiny, "broken": broken}.items()}
+    assert actors == {"blip": 2, "tiny": 4, "broken": 4}
