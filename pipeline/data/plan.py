@@ -190,9 +190,13 @@ def matte_stage(
 def captioner_family(model_path: str) -> str | None:
     """The captioner's model_type ("blip", "blip-2", ...) from the config.json of a local model
     folder; None for a hub id or a folder whose config cannot be read (the caption actors then
-    load it and report what is wrong)."""
+    load it and report what is wrong). Only a regular file of at most 1 MiB is read: a FIFO
+    there would block the plan."""
+    config = Path(model_path) / "config.json"
     try:
-        family = json.loads((Path(model_path) / "config.json").read_text()).get("model_type")
+        if not config.is_file() or config.stat().st_size > 2**20:
+            return None
+        family = json.loads(config.read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
         return None
     return family if isinstance(family, str) else None

@@ -1,5 +1,6 @@
 """The plan's Ray Data wiring: batches the GPU matte actor receives, the fused CPU task after it."""
 
+import os
 from collections import Counter
 
 import numpy as np
@@ -327,8 +328,11 @@ def test_a_local_blip_captioner_gets_one_actor_per_gpu(tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("[not, json")
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "config.json")  # read, it would block the plan
     tiny = load_config(overrides=["profile=tiny"]).model_path("captioner")
-    assert [captioner_family(str(p)) for p in (blip, tiny, broken, "Salesforce/blip2-opt-2.7b")] == ["blip", "blip-2", None, None]
+    assert [captioner_family(str(p)) for p in (blip, tiny, broken, fifo, "Salesforce/blip2-opt-2.7b")] == ["blip", "blip-2", None, None, None]
     actors = {name: caption_stage(CaptionConfig(), str(path), Cluster(cpus=64, gpus=2)).actors
               for name, path in {"blip": blip, "tiny": tiny, "broken": broken}.items()}
     assert actors == {"blip": 2, "tiny": 4, "broken": 4}
