@@ -707,13 +707,16 @@ def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A CPU tensor (token ids, row indices) on `device` without waiting for the device: a plain
     `.to("cuda")` synchronises with every kernel already queued, which stalls a training step
     several times per forward pass. Page-locked first on CUDA, where a non-blocking copy of
-    pageable memory would still wait; other devices (and the tests' meta device) copy it
-    non-blocking as it is."""
+    pageable memory would still wait (torch's pinned allocator keeps the staging copy until the
+    transfer is done). Other devices copy as `.to()` does: a non-blocking copy there could read
+    the source after the caller freed it. On the meta device, where no data moves, the copy is
+    flagged non-blocking, as on CUDA, so that tests there see each copy's intent
+    (tests/host_copies.py)."""
     if tensor.device.type != "cpu" or device.type == "cpu":
         return tensor.to(device)
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device, non_blocking=True)
+    return tensor.to(device, non_blocking=device.type == "meta")
 
 
 def host_and_device_timesteps(timesteps: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
