@@ -185,7 +185,7 @@ class SubjectServer:
             encoding = time.monotonic()
             # PNG encoding holds a core for ~20-50 ms an image at 512 px: on the event loop it would
             # stall every other request (new ones joining the next batch included).
-            answer = await asyncio.to_thread(image_answer, job.images, r, subject_name, version, self.base)
+            answer = await self._encode(job, subject_name, version)
             done = time.monotonic()
             timings = {"prepare": job.enqueued - arrived, **job.timings, "encode": done - encoding, TOTAL: done - arrived}
             self.metrics.record_job(subject_name, timings, r.num_images)
@@ -199,6 +199,15 @@ class SubjectServer:
             return JSONResponse(exc.body(), status_code=exc.status)
         self.metrics.record_request(subject_name, 200)
         return JSONResponse(answer, headers={"Server-Timing": server_timing(timings)})
+
+    async def _encode(self, job: Job, subject_name: str, version: str | None) -> dict[str, Any]:
+        """The answer of a drawn job, its PNGs encoded on a worker thread. A failure there is the
+        job's own, after its batch was finished (drawn.py): answered as a failed draw is (a 500
+        naming the request, or a 503 for memory), never an exception for Serve to answer."""
+        try:
+            return await asyncio.to_thread(image_answer, job.images, job.request, subject_name, version, self.base)
+        except Exception as exc:
+            raise _api_error(exc) from exc
 
     def _parse(self, body: bytes) -> GenerateCall:
         """The checked call of a POST /v1/generate body (api.py), on a worker thread: json.loads of

@@ -15,6 +15,7 @@ import io
 import json
 import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -475,6 +476,35 @@ def test_out_of_memory_before_the_batch_is_a_503_and_the_next_request_is_answere
     status, body = answer(server, zero_shot(seed=1))
     assert status == 200, body
     assert server.metrics.requests == [("invalid", 503), ("zero-shot", 200)]
+
+
+def test_a_request_whose_encoding_fails_is_a_500_naming_it_and_its_batch_is_answered(model, monkeypatch):
+    """Its PNG encoding (after its batch was finished, drawn.py) raised for one request: that
+    request went to Serve as an unhandled exception, a plain-text 500 missing from the metrics.
+    It is answered as a failed draw is; the rest of its batch gets its images, the next request too."""
+    from pipeline.serving import app
+    from pipeline.serving.batcher import BatchQueue
+    from pipeline.serving.drawn import finish_jobs
+
+    def encode(images, request, *args, **kwargs):
+        if request.seed == 1:
+            raise ValueError("cannot write mode RGBA as PNG")
+        return image_answer(images, request, *args, **kwargs)
+
+    monkeypatch.setattr(app, "image_answer", encode)
+    server = make_server(model)
+    server.batches = BatchQueue(server.engine.draw, ThreadPoolExecutor(1), 8, 0.05, finish=finish_jobs,
+                                finisher=ThreadPoolExecutor(1))
+
+    async def batch_then_next():
+        batch = await asyncio.gather(*(server(post(zero_shot(seed))) for seed in range(3)))
+        return batch, await server(post(zero_shot(seed=3)))
+
+    batch, after = asyncio.run(batch_then_next())
+    failed = json.loads(batch[1].body)
+    assert (batch[1].status_code, failed["field"]) == (500, "request") and "ValueError" in failed["error"], failed
+    assert [r.status_code for r in (batch[0], batch[2], after)] == [200, 200, 200]
+    assert sorted(server.metrics.requests) == [("zero-shot", 200)] * 3 + [("zero-shot", 500)]
 
 
 def test_images_are_encoded_off_the_event_loop(model, monkeypatch):
