@@ -118,9 +118,14 @@ class BatchQueue:
                     job.error = exc
 
     def _answer(self, batch: list[tuple[Job, asyncio.Future]]) -> None:
-        jobs = [job for job, _ in batch]
-        if self._on_batch is not None:
-            self._on_batch(len(jobs), sum(job.request.num_images for job in jobs))
+        """Answer each caller, then count the batch: bookkeeping that raises must not leave
+        its callers waiting until serve.request_timeout_s."""
         for _, done in batch:
             if not done.done():
                 done.set_result(None)
+        if self._on_batch is not None:
+            jobs = [job for job, _ in batch]
+            try:
+                self._on_batch(len(jobs), sum(job.request.num_images for job in jobs))
+            except Exception as exc:
+                log.error("recording a batch of %d request(s) failed", len(jobs), exc_info=exc)

@@ -241,3 +241,22 @@ def test_a_finish_that_raises_answers_its_jobs_with_the_error_and_the_queue_goes
     failed, served = asyncio.run(main())
     assert failed.images is None and "device lost" in str(failed.error)
     assert served.error is None and served.images == ["image"]
+
+
+def test_a_batch_whose_bookkeeping_raises_is_still_answered():
+    """`on_batch` (the metrics) raised before the batch's callers were answered: they waited
+    until serve.request_timeout_s. Each caller is answered first; the queue goes on."""
+    finisher = Finisher()
+    finisher.release.set()
+
+    def on_batch(requests, images):
+        raise ValueError("a metrics tag the backend refuses")
+
+    batches = BatchQueue(QueuingDrawer(), ThreadPoolExecutor(1), 8, 0.01, on_batch, finish=finisher, finisher=ThreadPoolExecutor(1))
+
+    async def main():
+        for _ in range(2):  # each answered at once, not after the wait_for's 5 s
+            await asyncio.wait_for(batches.submit(job()), 5)
+
+    asyncio.run(main())
+    assert [len(b) for b in finisher.finished] == [1, 1]
