@@ -46,7 +46,7 @@ from pipeline.serving.api import (
 )
 from pipeline.serving.batcher import BatchQueue
 from pipeline.serving.drawn import finish_jobs
-from pipeline.serving.engine import Engine, Job, is_out_of_memory
+from pipeline.serving.engine import Engine, Job, is_device_failure, is_out_of_memory
 from pipeline.serving.metrics import ServeMetrics
 from pipeline.serving.requests import RequestError
 from pipeline.serving.slots import match_slots
@@ -87,6 +87,9 @@ def compile_mode_for(device: str, setting: str) -> str | None:
 
 class SubjectServer:
     """One replica: the base model, its subjects and the batch queue."""
+
+    # The first device failure a batch met (engine.is_device_failure); check_health reports it.
+    device_failure: str | None = None
 
     def __init__(self, config: Config) -> None:
         import torch
@@ -143,8 +146,8 @@ class SubjectServer:
                 return await self._generate(request)
             if request.method not in ("GET", "HEAD"):
                 raise ApiError(405, "method", f"{path} takes GET")
-            if path == "/healthz":
-                return JSONResponse(self._health())
+            if path == "/healthz":  # 503 after a device failure, as check_health fails then
+                return JSONResponse(self._health(), status_code=200 if self.device_failure is None else 503)
             if path == "/v1/subjects":
                 return JSONResponse(await self._subjects())
             body, kind = self.pages[path]
@@ -181,6 +184,10 @@ class SubjectServer:
                       slots=_slotted(call, subject))
             await self.batches.submit(job)
             if job.error is not None:
+                if is_device_failure(job.error) and self.device_failure is None:
+                    self.device_failure = f"{type(job.error).__name__}: {str(job.error)[:300]}"
+                    log.error("the device failed (%s): the health check fails from now on, so Serve replaces this replica",
+                              self.device_failure)
                 raise _api_error(job.error)
             encoding = time.monotonic()
             # PNG encoding holds a core for ~20-50 ms an image at 512 px: on the event loop it would
@@ -251,6 +258,13 @@ class SubjectServer:
             raise ApiError(503, "registry", f"the registry at {self.uri} did not answer: {str(exc)[:300]}") from None
         return {"subjects": found, "adapters_loaded": len(self.engine.adapters)}
 
+    def check_health(self) -> None:
+        """Ray Serve's periodic replica check: raises after a device failure, whose CUDA context
+        would fail every later request, so that Serve replaces the replica (out of memory does
+        not count: the next batch survives it)."""
+        if self.device_failure is not None:
+            raise RuntimeError(f"the device failed: {self.device_failure}")
+
     def _health(self) -> dict[str, Any]:
         import psutil
         from torch._dynamo.utils import counters
@@ -258,7 +272,7 @@ class SubjectServer:
         from pipeline.train.speed import compile_cache_counts
 
         return {
-            "status": "ok", "base_model": self.base, "device": str(self.device), "dtype": str(self.engine.model.dtype),
+            "status": "ok" if self.device_failure is None else f"device failed: {self.device_failure}", "base_model": self.base, "device": str(self.device), "dtype": str(self.engine.model.dtype),
             "pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss, "adapters_loaded": len(self.engine.adapters),
             # Graphs torch.compile made in this process (serve.compile): flat after the warm-up, or
             # requests are compiling (minutes each on a GPU) and may pass Dynamo's recompile limit.

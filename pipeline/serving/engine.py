@@ -130,6 +130,13 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError | MemoryError) or "out of memory" in str(exc).lower()
 
 
+def is_device_failure(exc: BaseException) -> bool:
+    """A device error after which the CUDA context cannot be trusted (an illegal address, a
+    launch failure, an ECC error: CUDA reports them to every later call), unlike running out of
+    memory, which the next batch survives."""
+    return not is_out_of_memory(exc) and (isinstance(exc, torch.AcceleratorError) or "CUDA error" in str(exc))
+
+
 @dataclass
 class PendingPrompts:
     """A standard-path job's prompts (n texts) and its subject embeddings (n, Q, D), not yet

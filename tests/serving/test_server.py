@@ -27,6 +27,7 @@ from pipeline.config import load_config
 from pipeline.model import BlipDiffusion
 from pipeline.serving.api import image_answer
 from pipeline.serving.app import SubjectServer, serve_controlnet
+from pipeline.serving.batcher import BatchQueue
 from pipeline.serving.engine import Engine
 from pipeline.serving.metrics import BatchMeans, PhaseMeans
 from pipeline.serving.subjects import SubjectLibrary
@@ -545,3 +546,35 @@ def test_the_body_is_parsed_off_the_event_loop(model, monkeypatch):
     monkeypatch.setattr(app, "read_json", recording)
     loop_thread, response = asyncio.run(call(make_server(model)))
     assert response.status_code == 200 and len(threads) == 1 and threads[0] is not loop_thread
+
+
+def test_a_device_failure_makes_the_replica_unhealthy_so_serve_replaces_it(model, monkeypatch):
+    """A CUDA error other than running out of memory (an illegal address, a launch failure)
+    leaves the device unusable: every later request would fail too. The request gets its 500,
+    and Ray Serve's health check (`check_health`) fails from then on, so Serve starts a new
+    replica. Running out of memory is the request's alone: the replica stays healthy."""
+    import torch
+
+    server = make_server(model)
+    server.check_health()  # healthy at the start
+    draw = server.engine.draw
+    failures = iter([torch.OutOfMemoryError("CUDA out of memory"), torch.AcceleratorError("CUDA error: an illegal memory access was encountered")])
+
+    def failing(jobs):
+        error = next(failures)
+        for job in jobs:
+            job.images, job.error = None, error
+        return jobs
+
+    monkeypatch.setattr(server.engine, "draw", failing)
+    server.batches = BatchQueue(server.engine.draw, ThreadPoolExecutor(1), 8, 0.0)
+    first = asyncio.run(server(post(zero_shot(seed=0))))
+    assert first.status_code == 503
+    server.check_health()  # memory: still healthy
+    second = asyncio.run(server(post(zero_shot(seed=1))))
+    assert second.status_code == 500
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        server.check_health()
+    status, health = get(server, "/healthz")
+    assert status == 503 and "illegal memory access" in health["status"]
+    monkeypatch.setattr(server.engine, "draw", draw)
