@@ -259,6 +259,22 @@ def test_stop_a_running_job(ray_head, capsys, monkeypatch):
     from pipeline.jobs import connect, read_auth_token, wait
 
     assert wait(connect(address, read_auth_token(token)), "sf-test-stop", timeout=60) == "STOPPED"
+    # Stopped means its process is gone too, not a demo left running (and writing) on the node.
+    deadline = time.monotonic() + 30
+    while _processes_writing("/tmp/sf-test-stop-demo") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _processes_writing("/tmp/sf-test-stop-demo") == []
+
+
+def _processes_writing(out: str) -> list[int]:
+    """Pids of processes whose command line names `out`."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if out in (proc.info["cmdline"] or []):
+            found.append(proc.info["pid"])
+    return found
 
 
 def test_wrong_token_is_a_clear_error(ray_head, tmp_path, capsys, monkeypatch):
