@@ -234,13 +234,11 @@ class LoraSlots:
         self._forget_merge(slot)
         try:
             for layer, is_a, tensor in weights:  # a free slot is zero: ranks below r_max keep zeros after theirs
+                # slot_A (S+1, r_max, in) <- (rank, in); slot_B (S+1, out, r_max) <- (out, rank)
+                target = layer.slot_A[slot, : tensor.shape[0]] if is_a else layer.slot_B[slot, :, : tensor.shape[1]]
                 # Without waiting: a plain copy from host memory would wait for the batch still
                 # denoising on the GPU (a subject's first use, or one loaded after an eviction).
-                tensor = to_device_async(tensor.to(layer.slot_A.dtype), self.device)
-                if is_a:  # slot_A (S+1, r_max, in) <- (rank, in)
-                    layer.slot_A[slot, : tensor.shape[0]].copy_(tensor)
-                else:  # slot_B (S+1, out, r_max) <- (out, rank)
-                    layer.slot_B[slot, :, : tensor.shape[1]].copy_(tensor)
+                target.copy_(to_device_async(tensor.to(target.dtype), self.device))
             for layer in self.layers.values():
                 layer.slot_scale[slot] = scale
         except BaseException:  # half-copied weights must never be drawn
