@@ -97,7 +97,7 @@ def read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"missing config file: {path}")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # not JSON, or not text at all
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a JSON object")

@@ -167,6 +167,14 @@ def test_missing_checkpoint_and_weights(tmp_path):
         BlipDiffusion.from_pretrained(ckpt)
 
 
+def test_a_config_of_random_bytes_is_named(tmp_path):
+    """A qformer/config.json that is not text (random bytes): a CheckpointError naming the file,
+    not the decoder's bare UnicodeDecodeError."""
+    ckpt = _copy(tmp_path)
+    (ckpt / "qformer" / "config.json").write_bytes(b"\xff\xfe\x00\x81 not json")
+    with pytest.raises(CheckpointError, match="qformer/config.json"):
+        BlipDiffusion.from_pretrained(ckpt)
+
 def test_config_that_does_not_fit_the_weights(tmp_path):
     ckpt = _copy(tmp_path)
     config = json.loads((ckpt / "text_encoder" / "config.json").read_text())
