@@ -203,13 +203,16 @@ def connect(address: str, token: str | None = None):
 
 def build_entrypoint(command: Sequence[str], uploaded: bool, from_cluster: Sequence[str] = ()) -> str:
     """The job's shell command: a check for each variable the cluster must provide (exit 2 with
-    its name when unset), then the command, run from the upload or the installed package."""
+    its name when unset), then the command, run from the upload or the installed package in the
+    shell's own process."""
     checks = [
         f'[ -n "${{{name}:-}}" ] || {{ echo "subjectforge: {name} is not set on the cluster (submit --env {name})" >&2; exit 2; }}; '
         for name in from_cluster
     ]
     program = "python -m pipeline" if uploaded else "subjectforge"
-    return "".join(checks) + f"{program} {shlex.join(command)}"
+    # `exec`: the shell becomes the command. Ray's stop signals the entrypoint's process and the
+    # children it sees at that moment; a shell that forks the command may fork it just after.
+    return "".join(checks) + f"exec {program} {shlex.join(command)}"
 
 
 def forwarded_env() -> dict[str, str]:

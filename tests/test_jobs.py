@@ -133,7 +133,7 @@ def test_secrets_stay_on_the_cluster(monkeypatch, capsys):
 
 def test_the_job_stops_when_the_cluster_lacks_a_variable_it_must_provide():
     entrypoint = build_entrypoint(["demo"], uploaded=False, from_cluster=["SF_TEST_SECRET", "SF_TEST_OTHER"])
-    assert entrypoint.endswith("; subjectforge demo")
+    assert entrypoint.endswith("; exec subjectforge demo")
     script = entrypoint.removesuffix("subjectforge demo") + "echo ran"
     env = {"PATH": os.environ["PATH"], "SF_TEST_OTHER": "x"}
     missing = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True)
@@ -143,10 +143,27 @@ def test_the_job_stops_when_the_cluster_lacks_a_variable_it_must_provide():
     assert ok.returncode == 0 and ok.stdout == "ran\n"
 
 
+def test_the_entrypoints_shell_becomes_the_command_so_a_stop_signal_reaches_it(tmp_path):
+    # Ray signals the entrypoint's process and the children it finds at that instant. A shell that
+    # forked the command could fork it just after that look, and the command outlived the stop.
+    out = str(tmp_path / "never-written")
+    shell = subprocess.Popen(["sh", "-c", build_entrypoint(["demo", "--out", out], uploaded=True)],
+                             cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not _processes_writing(out) and shell.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _processes_writing(out) == [shell.pid]
+    finally:
+        shell.kill()
+        shell.wait()
+    assert _processes_writing(out) == []
+
+
 def test_entrypoint_and_runtime_env(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
-    assert build_entrypoint(["data", "build", "--source", "a b"], uploaded=True) == "python -m pipeline data build --source 'a b'"
-    assert build_entrypoint(["demo"], uploaded=False) == "subjectforge demo"
+    assert build_entrypoint(["data", "build", "--source", "a b"], uploaded=True) == "exec python -m pipeline data build --source 'a b'"
+    assert build_entrypoint(["demo"], uploaded=False) == "exec subjectforge demo"
     env = build_runtime_env(JobEnv({"X": "1"}), Path("/staged"))
     assert env == {"env_vars": {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "X": "1"}, "working_dir": "/staged"}
     assert "working_dir" not in build_runtime_env(JobEnv())
