@@ -199,7 +199,7 @@ def _rows_from_photos(config: Config, folder: Path, category: str) -> tuple[list
     bytes, rejects with source_uri/stage/reason, version label, digest of photos and settings)."""
     from pipeline.data.backgrounds import backgrounds_digest, list_backgrounds
     from pipeline.data.build import process_photos, processing_digest
-    from pipeline.data.sources import scan_photo_folder
+    from pipeline.data.sources import reject_duplicates, scan_photo_folder
 
     subject_id = config.finetune.subject_id
     # A fine-tune trains on its method's prompt, never on a caption: no captioner is loaded.
@@ -210,6 +210,8 @@ def _rows_from_photos(config: Config, folder: Path, category: str) -> tuple[list
         folder, subject_id, category, PHOTO_SUFFIXES, follow_links=config.data.source.follow_links,
         max_bytes=config.data.decode.max_bytes,
     )
+    if config.data.duplicates == "reject":
+        reject_duplicates(scan)
     photos = scan.photos
     rejects = [{"source_uri": p.source_uri, "stage": "scan", "reason": reason} for p, reason in scan.rejects]
     if not photos:

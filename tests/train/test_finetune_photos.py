@@ -55,6 +55,19 @@ def test_links_and_special_files_in_a_photo_folder_are_rejects_as_in_a_data_buil
     assert len(subject.rows) == 1  # the photo in the folder, not the one the link leads to
 
 
+def test_a_copy_of_a_photo_in_the_folder_is_a_reject_naming_the_kept_one_unless_duplicates_keep(tmp_path):
+    # A copy would weigh double in the subject's few photos, as in a data build (data.duplicates).
+    sample = sorted((SAMPLE / "dog").glob("*.jpg"))[0]
+    (tmp_path / "a.jpg").write_bytes(sample.read_bytes())
+    (tmp_path / "b.jpg").write_bytes(sample.read_bytes())
+    overrides = [*TINY, f"finetune.subject={tmp_path}", "data.composite.per_photo=1"]
+    subject = read_subject(load_config(overrides=overrides))
+    assert subject.rejects == [{"source_uri": "b.jpg", "stage": "scan", "reason": "duplicate of a.jpg (same bytes)"}]
+    assert len(subject.rows) == 1
+    kept = read_subject(load_config(overrides=[*overrides, "data.duplicates=keep"]))
+    assert kept.rejects == [] and len(kept.rows) == 2
+
+
 def test_folder_without_a_usable_photo_is_a_clear_error(tmp_path):
     for name, data in broken_files().values():
         (tmp_path / name).write_bytes(data)
