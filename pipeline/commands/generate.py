@@ -258,6 +258,7 @@ def _subjects(args: argparse.Namespace, config: Config, model, images: list, cat
     alone fill the slot named by the category.
     """
     from pipeline.model.blip_diffusion import mix_subjects
+    from pipeline.serving.subjects import WEIGHTS_RULE, weights_add_up
 
     if not args.subject:
         if slotted:
@@ -267,6 +268,12 @@ def _subjects(args: argparse.Namespace, config: Config, model, images: list, cat
     groups: dict[str, list] = {}
     for name, embeds, weight in entries:
         groups.setdefault(name if slotted else "", []).append((embeds, weight))
+    for name, group in groups.items():
+        # The server's rule (serving.subjects.weights_add_up): a sum of inf weighed every part 0,
+        # and a part far past the sum scaled its subject to inf; both drew a black image.
+        if not weights_add_up([w for _, w in group]):
+            slot = f" of [{name}]" if name else ""
+            raise UserError(f"--subject: the weights{slot} {WEIGHTS_RULE}, got {[w for _, w in group]}")
     try:
         mixed = {name: mix_subjects([e for e, _ in group], [w for _, w in group]) for name, group in groups.items()}
     except ValueError as exc:

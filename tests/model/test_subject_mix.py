@@ -62,6 +62,17 @@ def test_bad_subject_mixes_exit_2(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("weights", [["1e308", "1e308"], ["1e300", "-1e300", "1"]])
+def test_mix_weights_the_server_refuses_exit_2_not_a_blank_subject(tmp_path, capsys, weights):
+    # 1e308 + 1e308 is inf, so each part weighed 0; [1e300, -1e300, 1] scaled a subject to inf
+    # and made a NaN one: both were drawn (exit 0) as a black image.
+    photo = _photo(tmp_path / "dog.png", 0)
+    mix = [arg for w in weights for arg in ("--subject", f"dog:{photo}={w}")]
+    assert main([*BASE, *mix, "--out", str(tmp_path / "o")]) == 2
+    assert "--subject: the weights must add up to a positive number" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def _image(folder):
     return np.asarray(Image.open(folder / "image_000.png"))
 
