@@ -929,9 +929,16 @@ class Config(_Strict):
 # Loading
 
 
+# Values a YAML document may hold once its aliases are followed: a config has a few hundred, and
+# a "billion laughs" of a few lines of anchors expands to 10**9, which every walk of the tree
+# (the UTF-8 check, validation) then took minutes over.
+MAX_YAML_VALUES = 100_000
+
+
 class UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader (plain data only) that refuses a key given twice in one mapping: PyYAML keeps
-    the last one, so the first setting was dropped without a word.
+    the last one, so the first setting was dropped without a word; a document whose aliases
+    expand past MAX_YAML_VALUES; and a whole number longer than Python reads.
 
     A key after ``<<: *anchor`` still overrides the merged one: each mapping's own keys are
     checked once, before flatten_mapping puts the merged keys beside them."""
@@ -939,6 +946,24 @@ class UniqueKeyLoader(yaml.SafeLoader):
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
         self._checked_nodes: set[int] = set()  # ids of mapping nodes, all alive for the load
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"its aliases expand to more than {MAX_YAML_VALUES:,} values", node.start_mark
+            )
+        return self.construct_document(node)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # int() reads at most sys.get_int_max_str_digits() digits
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a whole number of {len(node.value):,} digits is too long to read", node.start_mark
+            ) from None
 
     def flatten_mapping(self, node: yaml.MappingNode) -> None:
         if id(node) not in self._checked_nodes:
@@ -961,6 +986,23 @@ class UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"found duplicate key {key!r} (first given on line {first})", key_node.start_mark
                 )
             first_lines[key] = key_node.start_mark.line + 1
+
+
+UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", UniqueKeyLoader.construct_yaml_int)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values `node` holds with every alias followed, each shared node counted once
+    per use but walked once (`sizes`, by node id). A node inside itself (&a [*a]) counts 1 where
+    it recurs; constructing it then fails as nesting too deep (pipeline.cli.resolve_config)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = 1  # while it is walked: what it holds of itself counts once
+    children = node.value if isinstance(node, yaml.SequenceNode) else (
+        [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
+    )
+    sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -1012,9 +1054,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
+        data = path.read_bytes()
+    except OSError as exc:  # a regular file whose read fails: /proc/self/mem, a disk error
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
         # Bytes, so that a file in another encoding is a YAMLError naming the byte (PyYAML
         # reads UTF-8 and UTF-16 with a BOM), not a UnicodeDecodeError.
-        tree = yaml.load(path.read_bytes(), Loader=UniqueKeyLoader) or {}
+        tree = yaml.load(data, Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if not isinstance(tree, dict):

@@ -137,3 +137,51 @@ def test_a_key_given_twice_in_yaml_exits_2_naming_it(tmp_path, capsys, source, t
     err = capsys.readouterr().err
     assert f"duplicate key {key}" in err
     assert where in err
+
+
+def _laughs(levels: int, key: str = "data:\n  filter:\n    exclude_prompts") -> str:
+    """A "billion laughs" YAML: `levels` anchors of 10 aliases each, so 10**levels strings."""
+    lines = ["l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\n{key}: *l{levels - 1}\n"
+
+
+@pytest.mark.parametrize("source", ["file", "set"])
+def test_a_config_whose_aliases_expand_without_bound_exits_2(tmp_path, capsys, source):
+    # A few lines of anchors expand to 10**levels values: every walk of the tree (the UTF-8
+    # check, validation) took as long as that, and 9 levels hung the command for minutes.
+    if source == "file":
+        (tmp_path / "c.yaml").write_text(_laughs(6))
+        config = ["--config", str(tmp_path / "c.yaml")]
+    else:
+        laughs = _laughs(6, "x").replace("\n", ", ")
+        config = ["--set", f"data.filter.exclude_prompts={{{laughs[:-2]}}}"]
+    assert cli.main(["promote", "m", "--alias", "a", *config]) == 2
+    err = capsys.readouterr().err
+    assert "aliases" in err and "100,000" in err
+
+
+def test_a_config_of_a_few_aliases_loads():
+    tree = "l0: &p [person, cat]\ndata:\n  filter:\n    exclude_prompts: *p\n"
+    from pipeline.config import UniqueKeyLoader
+    import yaml
+
+    assert yaml.load(tree, Loader=UniqueKeyLoader)["data"]["filter"]["exclude_prompts"] == ["person", "cat"]
+
+
+@pytest.mark.parametrize("source", ["file", "set"])
+def test_a_whole_number_longer_than_python_reads_exits_2(tmp_path, capsys, source):
+    # Python refuses int() of more than 4300 digits: PyYAML's ValueError was a stack trace.
+    if source == "file":
+        (tmp_path / "c.yaml").write_text("generate:\n  steps: " + "9" * 5000 + "\n")
+        config = ["--config", str(tmp_path / "c.yaml")]
+    else:
+        config = ["--set", "generate.steps=" + "9" * 5000]
+    assert cli.main(["promote", "m", "--alias", "a", *config]) == 2
+    assert "digits" in capsys.readouterr().err
+
+
+def test_a_config_file_that_cannot_be_read_exits_2(capsys):
+    # /proc/self/mem is a regular file whose read fails (EIO): an OSError stack trace.
+    assert cli.main(["promote", "m", "--alias", "a", "--config", "/proc/self/mem"]) == 2
+    assert "cannot read config file /proc/self/mem" in capsys.readouterr().err
