@@ -172,7 +172,9 @@ class Segmenter:
             inputs["pixel_values"] = pixels.repeat(len(prompt_sets), 1, 1, 1)
         else:
             repeated = list(images) * len(prompt_sets)
-            inputs = self.processor(text=prompts, images=repeated, return_tensors="pt", padding=True)
+            inputs = self.processor(
+                text=prompts, images=repeated, return_tensors="pt", padding=True, **self._truncation()
+            )
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         logits = self.model(**inputs).logits
@@ -182,9 +184,15 @@ class Segmenter:
     def _tokens(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Each distinct prompt tokenized once; a batch holds few categories."""
         distinct = sorted(set(prompts))
-        tokens = self.processor.tokenizer(distinct, padding=True, return_tensors="pt")
+        tokens = self.processor.tokenizer(distinct, padding=True, return_tensors="pt", **self._truncation())
         rows = torch.tensor([distinct.index(p) for p in prompts])
         return {k: v[rows].to(self.device) for k, v in tokens.items()}
+
+    def _truncation(self) -> dict[str, object]:
+        """Tokenizer arguments that cut a prompt at the tokens CLIP's text model reads (77): a
+        longer one (a category of 100 emoji is ~400 tokens) was CLIPSeg's ValueError, which failed
+        the whole build. The tokenizer's own model_max_length may be unset (the tiny one's is)."""
+        return {"truncation": True, "max_length": self.model.config.text_config.max_position_embeddings}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with timed(batch, STAGE):

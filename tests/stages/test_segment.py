@@ -157,3 +157,18 @@ def test_processors_the_tensor_path_cannot_match_are_left_to_the_processor():
     processor = clipseg_image_processor(352)
     processor.do_normalize = False
     assert not tensor_preprocessing_matches(processor)
+
+
+@pytest.mark.parametrize("tensor_path", [True, False])
+def test_a_prompt_past_clips_77_tokens_is_cut_there(segmenter, tensor_path):
+    # A subjects.csv category of 100 emoji (within its 100 characters) is ~400 tokens: CLIPSeg's
+    # ValueError failed the whole data build, and edit --mask-prompt, with a stack trace.
+    img = np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    long = "\U0001f436" * 100
+    segmenter.tensor_preprocessing = tensor_path
+    try:
+        cut, longer, short = segmenter.predict_logits([img, img, img], [long, long + " teapot", "dog"])
+    finally:
+        segmenter.tensor_preprocessing = True
+    torch.testing.assert_close(cut, longer)  # what is past the 77th token is not read
+    assert not torch.allclose(cut, short)
