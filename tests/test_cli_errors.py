@@ -162,11 +162,8 @@ def test_a_config_whose_aliases_expand_without_bound_exits_2(tmp_path, capsys, s
 
 
 def test_a_config_of_a_few_aliases_loads():
-    tree = "l0: &p [person, cat]\ndata:\n  filter:\n    exclude_prompts: *p\n"
-    from pipeline.config import UniqueKeyLoader
-    import yaml
-
-    assert yaml.load(tree, Loader=UniqueKeyLoader)["data"]["filter"]["exclude_prompts"] == ["person", "cat"]
+    config = load_config(overrides=["data={filter: {exclude_prompts: &p [person, cat]}, backgrounds: {reject_prompts: *p}}"])
+    assert config.data.filter.exclude_prompts == config.data.backgrounds.reject_prompts == ["person", "cat"]
 
 
 @pytest.mark.parametrize("source", ["file", "set"])
