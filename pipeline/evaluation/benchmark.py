@@ -16,8 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import PIL.Image
-
 from pipeline.config import ConfigError
 
 SUBJECTS_FILE = "subjects.csv"
@@ -138,13 +136,12 @@ def load_subjects(photos_dir: str | Path, class_table: dict[str, tuple[str, bool
 
 
 def _check_image(path: str) -> None:
-    """A real photo that cannot be read is a broken benchmark, so it stops the job up front
-    (header check only; decoding happens in the workers)."""
-    try:
-        with PIL.Image.open(path) as image:
-            image.verify()
-    except (OSError, SyntaxError, PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError) as exc:
-        raise ConfigError(f"evaluate.photos: {path} is not a readable image: {exc}") from None
+    """A real photo that cannot be read is a broken benchmark, so it stops the job up front.
+    Decoded whole, as the workers read it (workers.load_rgb): a truncated JPEG's header is
+    whole, and a header check passed it to fail in a generator actor."""
+    from pipeline.model.image_processing import read_rgb
+
+    read_rgb(path, ConfigError, "evaluate.photos:")
 
 
 def build_tasks(subjects: Sequence[Subject], prompts_for: dict[str, list[str]], images_per_prompt: int) -> list[ImageTask]:

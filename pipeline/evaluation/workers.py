@@ -18,6 +18,7 @@ import torch
 from pipeline.evaluation.benchmark import CLASS_FIELD
 from pipeline.evaluation.features import ClipFeatures, DinoFeatures
 from pipeline.evaluation.metrics import image_similarity, text_similarity
+from pipeline.model.image_processing import ImageError, read_rgb
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,10 @@ def save_png_atomic(image: PIL.Image.Image, path: Path) -> None:
 
 
 def load_rgb(path: str | Path) -> PIL.Image.Image:
-    with PIL.Image.open(path) as image:
-        return image.convert("RGB")
+    """A photo as RGB, decoded as generate reads its references (image_processing.read_rgb:
+    upright by its EXIF orientation, 16-bit scaled to 8); PIL's own convert("RGB") clipped a
+    16-bit PNG to white and left a turned photo on its side. ImageError naming it otherwise."""
+    return read_rgb(path, ImageError, "photo")
 
 
 def draw_prompt(

@@ -91,3 +91,15 @@ def test_prompt_slugs_are_file_names_and_stay_distinct():
     assert prompt_slug("a {class} on top of a purple rug in a forest") == "a-class-on-top-of-a-purple-rug-in-a-forest"
     long_a, long_b = "a {class} " + "very " * 30 + "tall", "a {class} " + "very " * 30 + "small"
     assert len(prompt_slug(long_a)) == 80 and prompt_slug(long_a) != prompt_slug(long_b)
+
+
+def test_a_truncated_photo_is_refused_before_any_worker_starts(tmp_path):
+    # Its header is whole, so the header check passed it, and the generator actor failed on it
+    # with a Ray stack trace.
+    from tests.imagefiles import jpeg_bytes, photo
+
+    (tmp_path / "dog").mkdir()
+    whole = jpeg_bytes(photo(0, (64, 64)))
+    (tmp_path / "dog" / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ConfigError, match="evaluate.photos: .*cut.jpg is not a readable image"):
+        load_subjects(tmp_path, read_class_table(BENCH / "subjects.csv"), ["dog"])

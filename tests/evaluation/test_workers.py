@@ -114,3 +114,20 @@ def test_controlled_images_follow_the_window_of_generate_control(tmp_path):
         images[name] = np.asarray(Image.open(tmp_path / f"{name}.png"))
     assert np.array_equal(images["none"], images["zero"])
     assert not np.array_equal(images["late"], images["zero"]) and not np.array_equal(images["late"], images["full"])
+
+
+def test_real_photos_are_read_as_generate_reads_them(tmp_path):
+    # PIL's own convert("RGB") clipped a 16-bit PNG to white and left an EXIF-rotated photo
+    # on its side, so the real photos scored against were not the subject.
+    from pipeline.evaluation.workers import load_rgb
+
+    gray = np.arange(0, 65536, 16, dtype=np.uint16).reshape(64, 64)
+    Image.fromarray(gray).save(tmp_path / "deep.png")
+    loaded = np.asarray(load_rgb(tmp_path / "deep.png"))
+    assert loaded.shape == (64, 64, 3)
+    np.testing.assert_array_equal(loaded[..., 0], np.rint(gray / 257).astype(np.uint8))
+    upright = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    exif = upright.getexif()
+    exif[0x0112] = 8  # stored turned: a viewer rotates it 90 degrees to stand it up
+    upright.rotate(-90, expand=True).save(tmp_path / "turned.png", exif=exif)
+    assert load_rgb(tmp_path / "turned.png").size == (60, 40)
