@@ -15,17 +15,16 @@ version on demand. Versions written before checksums existed get the structural 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data.versions import INPUTS_FILE, LATEST, MANIFEST, REJECTS_FILE, DatasetStore
+from pipeline.data.versions import INPUTS_FILE, LATEST, MANIFEST, REJECTS_FILE, DatasetStore, read_manifest_file
 from pipeline.errors import UserError
 
 CHECKSUMS = "checksums"  # manifest key: {path relative to the version: sha256}
@@ -153,7 +152,7 @@ def check_version(version_dir: str | Path) -> VersionCheck:
 def _read_manifest(check: VersionCheck) -> dict[str, Any] | None:
     path = check.version_dir / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        manifest = read_manifest_file(path)
     except FileNotFoundError:
         check.problems[MANIFEST] = "missing"
         return None
@@ -164,7 +163,35 @@ def _read_manifest(check: VersionCheck) -> dict[str, Any] | None:
     if missing:
         check.problems[MANIFEST] = f"lacks {', '.join(missing)}"
         return None
+    shape = _shape_problem(manifest)
+    if shape:
+        check.problems[MANIFEST] = shape
+        return None
     return manifest
+
+
+def _shape_problem(manifest: dict[str, Any]) -> str | None:
+    """What makes a manifest's lists of files unusable, in JSON that reads (a hand edit, or damage
+    the checksums cannot show: they do not cover the manifest): `files` a list of {path, rows},
+    `checksums` a map of path to sha256, each path inside the version. A wrong shape was a
+    TypeError or KeyError stack trace, and a path such as ../../etc/passwd was read."""
+    files = manifest["files"]
+    if not isinstance(files, list) or not all(
+        isinstance(f, dict) and _inside(f.get("path")) and type(f.get("rows")) is int for f in files
+    ):
+        return "files is not a list of {path, rows} inside the version"
+    checksums = manifest.get(CHECKSUMS) or {}
+    if not isinstance(checksums, dict) or not all(_inside(p) and isinstance(d, str) for p, d in checksums.items()):
+        return "checksums is not a map of paths inside the version to sha256 digests"
+    return None
+
+
+def _inside(path: object) -> bool:
+    """Whether `path` names a file of the version: relative, no '..', no NUL."""
+    if not isinstance(path, str) or not path.strip() or "\0" in path:
+        return False
+    parts = PurePosixPath(path)
+    return not parts.is_absolute() and ".." not in parts.parts
 
 
 def _check_parquet(check: VersionCheck, path: str, rows: int) -> None:

@@ -51,6 +51,18 @@ class StoreError(UserError, ValueError):
     """OUT cannot hold datasets (e.g. it is read-only)."""
 
 
+def read_manifest_file(path: Path) -> Any:
+    """The JSON of a manifest; ValueError for one that is not a regular file (reading a FIFO
+    waited for a writer forever) or nests past Python's recursion (a RecursionError's stack
+    trace), OSError for one that cannot be read (FileNotFoundError: none there)."""
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path.name} is not a regular file")
+    try:
+        return json.loads(path.read_text())
+    except RecursionError:
+        raise ValueError(f"{path.name} nests too deeply to be a manifest") from None
+
+
 class DatasetStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -88,7 +100,7 @@ class DatasetStore:
         return self.root / version
 
     def read_manifest(self, version: str) -> dict[str, Any]:
-        return json.loads((self.path(version) / MANIFEST).read_text())
+        return read_manifest_file(self.path(version) / MANIFEST)
 
     # -- writing -------------------------------------------------------------------------------
 

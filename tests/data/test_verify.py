@@ -2,6 +2,7 @@
 on demand, and `--reprocess-damaged` rebuilds the damaged rows from their photos."""
 
 import json
+import os
 import shutil
 
 import pyarrow.parquet as pq
@@ -198,3 +199,45 @@ def test_verify_of_a_version_without_its_manifest_says_damaged(tmp_path, capsys)
         assert main(["data", "verify", str(target)]) == 2
         err = capsys.readouterr().err
         assert "is damaged" in err and "manifest.json: missing" in err
+
+
+def _version_with_manifest(root, write):
+    """OUT=`root` with v0001 (latest) whose manifest.json `write(path)` makes."""
+    (root / "v0001").mkdir(parents=True)
+    (root / "latest").symlink_to("v0001")
+    write(root / "v0001" / "manifest.json")
+    return root
+
+
+_REQUIRED = {"version": "v0001", "status": "ok", "inputs": 0, "rows": 0, "rejected": 0, "source_digest": "", "processing_digest": ""}
+
+
+def _manifest(**fields):
+    return lambda path: path.write_text(json.dumps({**_REQUIRED, "files": [], **fields}))
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        _manifest(files=[1]),
+        _manifest(files="data/part.parquet"),
+        _manifest(files=None),
+        _manifest(files=[{"rows": 1}]),
+        _manifest(files=[{"path": 5, "rows": 1}]),
+        _manifest(files=[{"path": "../../../etc/passwd", "rows": 1}]),
+        _manifest(files=[{"path": "/etc/passwd", "rows": 1}]),
+        _manifest(checksums=["config.yaml"]),
+        _manifest(checksums={"../outside": "00"}),
+        lambda path: path.write_text("[" * 100_000 + "]" * 100_000),
+        lambda path: os.mkfifo(path),
+    ],
+    ids=["file-int", "files-str", "files-null", "file-no-path", "path-int", "path-up", "path-absolute",
+         "checksums-list", "checksum-up", "nested-json", "fifo"],
+)
+def test_a_manifest_of_the_wrong_shape_is_named_damaged(tmp_path, capsys, write):
+    # JSON that reads but is not a manifest's shape was a TypeError, KeyError or pyarrow
+    # FileNotFoundError stack trace; JSON nested 100,000 deep a RecursionError; a FIFO hung the read.
+    out = _version_with_manifest(tmp_path / "out", write)
+    assert main(["data", "verify", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "is damaged" in err and "manifest.json:" in err and "Traceback" not in err
