@@ -701,6 +701,8 @@ def _load_diffusers(cls: type, folder: Path) -> Any:
         return cls.from_pretrained(str(folder))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load {cls.__name__} from {folder}: {exc}") from exc
+    except RecursionError:  # a config.json nested past Python's recursion
+        raise CheckpointError(f"cannot load {cls.__name__} from {folder}: its config.json nests too deeply") from None
 
 
 def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

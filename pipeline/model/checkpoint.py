@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UserError
@@ -99,6 +100,8 @@ def read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # not JSON, or not text at all
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    except RecursionError:  # nested past Python's recursion: no config is
+        raise CheckpointError(f"{path} is not a config: its JSON nests too deeply") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a JSON object")
     return data
@@ -114,18 +117,27 @@ def read_weights(folder: Path, stems: Iterable[str] = TRANSFORMERS_WEIGHTS) -> d
     for stem in stems:
         single = folder / f"{stem}.safetensors"
         if single.is_file():
-            return load_file(str(single))
+            return _load_safetensors(single)
         index = folder / f"{stem}.safetensors.index.json"
         if index.is_file():
             shards = sorted(set(read_json(index)["weight_map"].values()))
             state: dict[str, torch.Tensor] = {}
             for shard in shards:
-                state.update(load_file(str(folder / shard)))
+                state.update(_load_safetensors(folder / shard))
             return state
         legacy = folder / f"{stem}.bin"
         if legacy.is_file():
             return torch.load(legacy, map_location="cpu", weights_only=True)
     raise CheckpointError(f"no weights in {folder} (looked for {', '.join(stems)} .safetensors/.bin)")
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of `path`; CheckpointError naming it when it is not a whole safetensors file
+    (random bytes, a download cut short): safetensors' own SafetensorError names no file."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated?): {exc}") from exc
 
 
 def write_weights(folder: Path, state: dict[str, torch.Tensor], filename: str = "model.safetensors") -> None:

@@ -175,6 +175,28 @@ def test_a_config_of_random_bytes_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="qformer/config.json"):
         BlipDiffusion.from_pretrained(ckpt)
 
+@pytest.mark.parametrize("component", ["qformer", "text_encoder"])
+@pytest.mark.parametrize("damage", ["random", "truncated"])
+def test_weights_that_are_not_safetensors_are_named(tmp_path, component, damage):
+    """A model.safetensors of random bytes, or cut short (a broken download): a CheckpointError
+    naming the file, not safetensors' bare SafetensorError."""
+    ckpt = _copy(tmp_path)
+    weights = ckpt / component / "model.safetensors"
+    weights.write_bytes(np.random.default_rng(0).bytes(5000) if damage == "random" else weights.read_bytes()[:3000])
+    with pytest.raises(CheckpointError, match=f"{component}/model.safetensors"):
+        BlipDiffusion.from_pretrained(ckpt)
+
+
+@pytest.mark.parametrize("component", ["qformer", "unet"])
+def test_a_config_nested_past_pythons_recursion_is_named(tmp_path, component):
+    """JSON nested 100,000 deep (transformers' and diffusers' configs alike): a CheckpointError
+    naming the component, not the decoder's RecursionError."""
+    ckpt = _copy(tmp_path)
+    (ckpt / component / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match=component):
+        BlipDiffusion.from_pretrained(ckpt)
+
+
 def test_config_that_does_not_fit_the_weights(tmp_path):
     ckpt = _copy(tmp_path)
     config = json.loads((ckpt / "text_encoder" / "config.json").read_text())
