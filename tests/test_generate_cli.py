@@ -295,3 +295,21 @@ def test_a_previous_record_that_is_a_fifo_is_refused_not_read(tmp_path, record):
     (tmp_path / "linked").mkdir()
     (tmp_path / "linked" / record).symlink_to(tmp_path / record)  # a link is replaced by output_file, never read
     assert previous_run(tmp_path / "linked", record) == {}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\n".join(["l0: &l0 [a, a, a, a, a, a, a, a, a, a]"] + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 8)])
+        + "\nrun:\n  files: *l7\n",
+        "run:\n  files: " + "[" * 5000 + "]" * 5000 + "\n",
+    ],
+    ids=["aliases", "nested"],
+)
+def test_a_previous_record_too_big_to_walk_is_not_read(tmp_path, text):
+    # A record whose `files` expand to 10**8 names (a few lines of YAML anchors) kept the next
+    # run's stale-image cleanup busy for minutes; one nested 5,000 deep was a RecursionError.
+    from pipeline.commands.generate import previous_run
+
+    (tmp_path / "generate.yaml").write_text(text)
+    assert not previous_run(tmp_path, "generate.yaml")  # not ==: pytest's diff of a failure would walk it

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import MAX_CATEGORY_CHARS, Config, ConfigError, check_utf8, dump_config
+from pipeline.config import MAX_CATEGORY_CHARS, Config, ConfigError, UniqueKeyLoader, check_utf8, dump_config
 from pipeline.errors import UserError
 from pipeline.paths import check_output_folder, folder_flag, make_output_folder, output_file
 
@@ -429,8 +429,10 @@ def previous_run(out: Path, record: str) -> dict:
     if not path.is_file():
         raise UserError(f"{path} is not a regular file: remove it or choose another --out")
     try:
-        run = yaml.safe_load(path.read_text(encoding="utf-8")).get("run")
-    except (OSError, ValueError, yaml.YAMLError, AttributeError):
+        # The config's loader: a record whose aliases expand to 10**8 file names (a few lines of
+        # anchors) kept remove_stale_outputs busy for minutes.
+        run = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader).get("run")
+    except (OSError, ValueError, yaml.YAMLError, AttributeError, RecursionError):
         return {}
     return run if isinstance(run, dict) else {}
 
