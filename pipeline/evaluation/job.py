@@ -184,8 +184,8 @@ def default_out(ref: ModelRef) -> Path:
 def _check_fingerprint(out: Path, fingerprint: dict[str, Any]) -> None:
     """Refuse to mix images made with other settings into this run's folder."""
     path = out / FINGERPRINT_FILE
-    if path.is_file():
-        before = json.loads(path.read_text())
+    if path.exists() or path.is_symlink():
+        before = _read_fingerprint(path)
         changed = sorted(k for k in fingerprint.keys() | before.keys() if fingerprint.get(k) != before.get(k))
         if changed:
             details = "; ".join(f"{k}: {before.get(k)!r} there, {fingerprint.get(k)!r} now" for k in changed)
@@ -196,6 +196,24 @@ def _check_fingerprint(out: Path, fingerprint: dict[str, Any]) -> None:
     else:
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+
+
+def _read_fingerprint(path: Path) -> dict[str, Any]:
+    """The settings a previous run recorded; ConfigError naming the file when it is not a JSON
+    object in a regular file (a run killed while writing it left it cut short; reading or writing
+    a FIFO waits forever)."""
+    try:
+        if not path.is_file():
+            raise ValueError("not a regular file")
+        before = json.loads(path.read_text())
+        if not isinstance(before, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ConfigError(
+            f"{path} cannot be read ({exc}): it records the settings of the images beside it; "
+            "delete the folder to start over, or pass another --out"
+        ) from None
+    return before
 
 
 def run_evaluation(config: Config, *, logger: ResultLogger | None = None, progress: bool = True) -> EvaluationResult:

@@ -220,3 +220,24 @@ def test_model_references():
             parse_registry_uri(bad)
     assert resolve_model("Salesforce/blipdiffusion") == ModelRef("Salesforce/blipdiffusion", "Salesforce/blipdiffusion")
     assert default_out(ModelRef("Salesforce/blipdiffusion", "Salesforce/blipdiffusion")).name == "Salesforce--blipdiffusion"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "list", "fifo", "folder"])
+def test_a_damaged_settings_record_in_out_is_named(tmp_path, damage):
+    # A run killed while writing generation.json left it cut short: the rerun was a
+    # JSONDecodeError stack trace. A FIFO there hung the write; a folder was an IsADirectoryError.
+    import os
+
+    from pipeline.evaluation.job import FINGERPRINT_FILE, _check_fingerprint
+
+    path = tmp_path / FINGERPRINT_FILE
+    if damage == "truncated":
+        path.write_text('{"model": "x", "ste')
+    elif damage == "list":
+        path.write_text("[1, 2]")
+    elif damage == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    with pytest.raises(ConfigError, match=f"{FINGERPRINT_FILE}"):
+        _check_fingerprint(tmp_path, {"model": "x", "steps": 2})
