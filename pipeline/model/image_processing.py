@@ -20,7 +20,7 @@ import PIL.ImageOps
 import torch
 
 from pipeline.errors import UserError
-from pipeline.model.checkpoint import CheckpointError
+from pipeline.model.checkpoint import CheckpointError, read_json
 from stages.decode import to_8bit
 
 # OpenAI CLIP statistics: the reference's defaults when the config names none.
@@ -67,7 +67,7 @@ class SubjectImageProcessor:
         path = Path(folder) / CONFIG_NAME
         if not path.is_file():
             raise CheckpointError(f"image processor config not found: {path}")
-        return cls(json.loads(path.read_text()), mean=mean, std=std)
+        return cls(read_json(path), mean=mean, std=std)
 
     def save_pretrained(self, folder: str | Path) -> None:
         folder = Path(folder)

@@ -197,6 +197,16 @@ def test_a_config_nested_past_pythons_recursion_is_named(tmp_path, component):
         BlipDiffusion.from_pretrained(ckpt)
 
 
+@pytest.mark.parametrize("text", ['{"size": ', "[1, 2]"], ids=["truncated", "list"])
+def test_an_image_processor_config_that_is_not_a_json_object_is_named(tmp_path, text):
+    """image_processor/preprocessor_config.json cut short or not an object: a CheckpointError
+    naming it, as every other config of the checkpoint, not a JSONDecodeError or TypeError."""
+    ckpt = _copy(tmp_path)
+    (ckpt / "image_processor" / "preprocessor_config.json").write_text(text)
+    with pytest.raises(CheckpointError, match="preprocessor_config.json"):
+        BlipDiffusion.from_pretrained(ckpt)
+
+
 def test_config_that_does_not_fit_the_weights(tmp_path):
     ckpt = _copy(tmp_path)
     config = json.loads((ckpt / "text_encoder" / "config.json").read_text())
