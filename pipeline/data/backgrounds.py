@@ -72,8 +72,12 @@ def _folder_images(root: Path) -> list[tuple[str, str]]:
         if not is_utf8(str(path)):  # its id would be each row's background_id, a UTF-8 string
             raise ConfigError(f"data.backgrounds.folder: {printable_name(str(path))}: the file name is not UTF-8: rename it")
         try:
+            # Decoded, not just verify()'d: that checks a PNG's chunks, but passes a JPEG cut
+            # short, which then failed the build in the composite stage. A JPEG decodes at 1/8
+            # scale (draft), which still reads all its data.
             with Image.open(path) as img:
-                img.verify()
+                img.draft("RGB", (1, 1))
+                img.load()
         except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
             raise ConfigError(f"data.backgrounds.folder: {path} is not a readable image: {exc}") from None
         found.append((path.relative_to(root).with_suffix("").as_posix(), str(path.resolve())))

@@ -129,6 +129,19 @@ def test_a_plain_folder_with_a_bomb_is_refused_naming_it(tmp_path):
         list_backgrounds(folder)
 
 
+@pytest.mark.parametrize("name", ["cut.jpg", "cut.png"])
+def test_a_plain_folder_with_a_truncated_image_is_refused_naming_it(tmp_path, name):
+    # Its header is whole, so the header check passed it, and the build failed minutes later
+    # in the composite stage, with a Ray stack trace (exit 1), when a photo drew it.
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    photo(0).save(folder / "good.png")
+    photo(1).save(folder / name)
+    (folder / name).write_bytes((folder / name).read_bytes()[:-400])
+    with pytest.raises(ConfigError, match=f"{name} is not a readable image"):
+        list_backgrounds(folder)
+
+
 def test_a_plain_folder_with_a_name_that_is_not_utf8_is_refused_naming_it(tmp_path):
     folder = tmp_path / "plain"
     folder.mkdir()
