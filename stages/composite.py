@@ -16,6 +16,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
+from stages.decode import to_8bit
 from stages.records import (
     ALPHA,
     BACKGROUND_ID,
@@ -198,9 +199,11 @@ def paste_subject(
 
 @lru_cache(maxsize=64)
 def load_background(path: str) -> np.ndarray:
-    """A background file as uint8 (h, w, 3) RGB, short side at most 1024 px (cached per worker)."""
+    """A background file as uint8 (h, w, 3) RGB, short side at most 1024 px (cached per worker).
+    16-bit gray is scaled to 8 as the decode stage scales it (to_8bit): convert("RGB") alone
+    clipped it to white."""
     with Image.open(path) as img:
-        img = img.convert("RGB")
+        img = to_8bit(img).convert("RGB")
         if min(img.size) > _BACKGROUND_MAX_SIDE:
             img.thumbnail((10**6, _BACKGROUND_MAX_SIDE) if img.width > img.height else (_BACKGROUND_MAX_SIDE, 10**6))
         return np.asarray(img, np.uint8)

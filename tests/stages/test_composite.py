@@ -243,3 +243,17 @@ def test_batch_composites_equal_single_ones_and_stacked_columns_are_not_copied(t
         )
         assert background_id == a[BACKGROUND_ID][row] and json.loads(a[PLACEMENT][row]) == placement
         np.testing.assert_array_equal(a[COMPOSITE][row], want)
+
+
+def test_a_16_bit_background_is_scaled_not_clipped_to_white(tmp_path):
+    # PIL's convert("RGB") clips 16-bit gray at 255: a plain --backgrounds folder's 16-bit PNG
+    # was pasted as a white background, while the same photo as a subject photo decodes right.
+    from PIL import Image
+
+    from stages.composite import load_background
+
+    gray = np.arange(0, 65536, 16, dtype=np.uint16).reshape(64, 64)
+    Image.fromarray(gray).save(tmp_path / "deep.png")
+    loaded = load_background(str(tmp_path / "deep.png"))
+    assert loaded.shape == (64, 64, 3)
+    np.testing.assert_array_equal(loaded[..., 1], np.rint(gray / 257).astype(np.uint8))
