@@ -91,6 +91,8 @@ def reject_prompts(config: Config, categories_from: str | Path | None) -> list[s
     `categories_from` (a dataset source) and "person"."""
     explicit = config.data.backgrounds.reject_prompts
     if explicit is not None:
+        if categories_from is not None:  # the tiny profile sets [] too: say the flag is not read
+            log.warning("--categories-from %s is not read: data.backgrounds.reject_prompts is set (%s)", categories_from, list(explicit))
         return list(explicit)
     prompts = []
     if categories_from is not None:

@@ -226,3 +226,14 @@ def test_a_pool_that_fails_while_writing_leaves_no_staging_and_publishes_nothing
     with pytest.raises(OSError, match="No space left"):
         build_background_pool(src, tmp_path / "bg", _config(), categories_from=subjects, scorer=red_scorer)
     assert sorted(p.name for p in (tmp_path / "bg").iterdir()) == []
+
+
+def test_categories_from_beside_explicit_reject_prompts_is_named_not_dropped(tmp_path, caplog):
+    # The tiny profile sets reject_prompts to [], and so may --set: --categories-from was then
+    # dropped without a word, even a path that does not exist.
+    from pipeline.data.bgpool import reject_prompts
+
+    config = load_config(overrides=["profile=tiny"])
+    with caplog.at_level("WARNING"):
+        assert reject_prompts(config, tmp_path / "nowhere") == []
+    assert "--categories-from" in caplog.text and "data.backgrounds.reject_prompts" in caplog.text
