@@ -1113,7 +1113,9 @@ def check_utf8(text: str, name: str) -> None:
 
 
 def _check_utf8(value: Any, key: str = "") -> None:
-    """check_utf8 on every string of a config tree, naming its key."""
+    """check_utf8 on every string of a config tree, naming its key; and no NUL in any (YAML's
+    "\\0" escape makes one): no setting takes one, and a path with one was os.path's bare
+    "embedded null byte" ValueError."""
     if isinstance(value, dict):
         for name, item in value.items():
             _check_utf8(item, f"{key}.{name}" if key else str(name))
@@ -1122,6 +1124,8 @@ def _check_utf8(value: Any, key: str = "") -> None:
             _check_utf8(item, f"{key}.{i}")
     elif isinstance(value, str):
         check_utf8(value, key)
+        if "\0" in value:
+            raise ConfigError(f"{key}: holds a NUL character (\\0), which no setting takes")
 
 
 def dump_config(config: Config) -> str:

@@ -104,6 +104,15 @@ def test_yaml_problems_are_config_errors(tmp_path):
         load_config(latin1)
 
 
+@pytest.mark.parametrize("key", ["evaluate.out", "evaluate.photos", "generate.negative_prompt", "data.filter.exclude_prompts"])
+def test_a_nul_character_in_any_setting_is_an_error_naming_the_key(key):
+    # YAML's "\0" escape puts one in: evaluate.out and evaluate.photos ended in os.path's
+    # "embedded null byte" ValueError stack trace; no setting, path or text, takes one.
+    value = '["a\\0b"]' if key == "data.filter.exclude_prompts" else '"a\\0b"'
+    with pytest.raises(ConfigError, match=f"{key}.*NUL"):
+        load_config(overrides=[f"{key}={value}"])
+
+
 def test_text_that_is_not_utf8_is_an_error_naming_the_key():
     # `--category $'chi\xe9n'` from a Latin-1 terminal: Python keeps the byte as a surrogate,
     # which the tokenizer (in a Ray worker, after the data work) and MLflow refuse.
