@@ -185,6 +185,15 @@ def load_controlnet(path_or_id: str | Path, *, dtype: torch.dtype, device: str |
         model = ControlNetModel.from_pretrained(str(path_or_id), torch_dtype=dtype, local_files_only=local_files_only)
     except (OSError, ValueError) as exc:
         raise ControlError(f"cannot load the ControlNet {str(path_or_id)!r}: {exc}") from exc
+    except RecursionError:  # a config.json nested past Python's recursion
+        raise ControlError(f"cannot load the ControlNet {str(path_or_id)!r}: its config.json nests too deeply") from None
+    # Weights the files lack stay on the meta device (a UNet's folder has none of the
+    # ControlNet's own): .to(device) failed on them with a NotImplementedError.
+    missing = [name for name, param in model.named_parameters() if param.device.type == "meta"]
+    if missing:
+        raise ControlError(
+            f"{str(path_or_id)!r} is not a whole ControlNet: its files lack {len(missing)} of its weights (e.g. {missing[0]})"
+        )
     return model.to(device).eval()
 
 

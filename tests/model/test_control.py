@@ -542,3 +542,20 @@ def test_a_captured_controlled_step_is_reused_only_for_the_same_nets_at_the_same
         step._captured[key] = (captured, ref)
     step(*inputs[:3], controlnet, inputs[3], 1.0)
     assert len(captures) == 3
+
+
+def test_a_folder_that_is_not_a_controlnet_is_named(tmp_path):
+    # --controlnet at the checkpoint's unet/ folder: diffusers left the ControlNet's own
+    # weights on the meta device and .to(device) ended in a NotImplementedError stack trace.
+    import shutil
+
+    from pipeline.config import ASSETS_DIR
+    from pipeline.model.control import load_controlnet
+
+    unet = ASSETS_DIR / "tiny-blipdiffusion" / "unet"
+    with pytest.raises(ControlError, match="not a whole ControlNet"):
+        load_controlnet(unet, dtype=torch.float32, device="cpu")
+    shutil.copytree(unet, tmp_path / "deep")
+    (tmp_path / "deep" / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ControlError, match="deep"):
+        load_controlnet(tmp_path / "deep", dtype=torch.float32, device="cpu")
