@@ -15,8 +15,8 @@ from pipeline.cli import main
 from pipeline.data.build import dataset_digest
 from pipeline.train.data import open_dataset
 from tests.imagefiles import jpeg_bytes, make_source, photo
+from tests.mlflowserver import mlflow_server_at
 from tests.tinydata import publish_dataset
-from tests.train.test_trainer import mlflow_server  # noqa: F401  (the module-scoped server fixture)
 
 DATA = ["profile=tiny", "data.decode.size=64", "data.composite.per_photo=1", "tracking.data_experiment=test-data"]
 TRAIN = ["train.resolution=64", "train.cpus_per_worker=0.5", "train.data_cpus=0.5", "tracking.system_metrics=false",
@@ -34,7 +34,13 @@ def _data_runs(uri):
 
 
 @pytest.fixture(scope="module")
-def refreshed(ray_local, mlflow_server, tmp_path_factory):  # noqa: F811
+def mlflow_server(tmp_path_factory):
+    with mlflow_server_at(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
+
+
+@pytest.fixture(scope="module")
+def refreshed(ray_local, mlflow_server, tmp_path_factory):
     """A first refresh (v0001), one that finds nothing new, and one after a new dog photo (v0002)."""
     root = tmp_path_factory.mktemp("refresh")
     source = make_source(root / "src", {"dog": "dog", "cat": "cat"}, per_subject=2)
@@ -48,7 +54,7 @@ def refreshed(ray_local, mlflow_server, tmp_path_factory):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_nothing_new_is_a_tagged_run_and_no_version(refreshed, mlflow_server):  # noqa: F811
+def test_nothing_new_is_a_tagged_run_and_no_version(refreshed, mlflow_server):
     client, runs = _data_runs(mlflow_server)
     assert [r.data.tags["subjectforge.data.status"] for r in runs] == ["built", "unchanged", "built"]
     quiet = runs[1]
@@ -59,7 +65,7 @@ def test_nothing_new_is_a_tagged_run_and_no_version(refreshed, mlflow_server):  
 
 
 @pytest.mark.slow
-def test_new_version_is_the_run_dataset_with_digest_parent_and_counts(refreshed, mlflow_server):  # noqa: F811
+def test_new_version_is_the_run_dataset_with_digest_parent_and_counts(refreshed, mlflow_server):
     client, runs = _data_runs(mlflow_server)
     first, _, second = runs
     for run, version, parent in ((first, "v0001", ""), (second, "v0002", "v0001")):
@@ -84,7 +90,7 @@ def test_affected_subjects_are_exactly_the_changed_one(refreshed):
 
 
 @pytest.mark.slow
-def test_finetune_many_affected_trains_only_that_subject_and_a_rerun_reuses_it(refreshed, mlflow_server, tmp_path, capsys):  # noqa: F811
+def test_finetune_many_affected_trains_only_that_subject_and_a_rerun_reuses_it(refreshed, mlflow_server, tmp_path, capsys):
     out = tmp_path / "subjects"
     argv = [
         "finetune-many", "--profile", "tiny", "--data", str(refreshed / "latest"), "--affected", "--method", "textual-inversion",

@@ -25,7 +25,6 @@ from pipeline.train.finetune import finetune_subject
 from tests.imagefiles import photo
 from tests.processes import stop_process_group
 from tests.tinydata import publish_dataset
-from tests.train.test_trainer import mlflow_server  # noqa: F401  (the module-scoped server fixture)
 
 # One Ray Train worker and its data tasks on the 2-CPU test Ray; 64 px, 2 steps.
 TRAIN = ["train.resolution=64", "train.cpus_per_worker=0.5", "train.data_cpus=0.5", "tracking.system_metrics=false", "finetune.lora_rank=2",
@@ -44,7 +43,7 @@ def dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def registered(ray_local, dataset, mlflow_server, tmp_path_factory):  # noqa: F811
+def registered(ray_local, dataset, mlflow_server, tmp_path_factory):
     out, runs = tmp_path_factory.mktemp("subjects"), tmp_path_factory.mktemp("runs")
     argv = [
         "finetune", "--profile", "tiny", "--subject", str(dataset), "--subject-id", "dog", "--method", "lora", "--steps", "2",
@@ -54,7 +53,7 @@ def registered(ray_local, dataset, mlflow_server, tmp_path_factory):  # noqa: F8
     return out / "dog-lora"
 
 
-def test_lora_subject_is_small_and_registered_with_tags_and_alias(registered, dataset, mlflow_server):  # noqa: F811
+def test_lora_subject_is_small_and_registered_with_tags_and_alias(registered, dataset, mlflow_server):
     from mlflow import MlflowClient
 
     assert {p.name for p in registered.iterdir()} == {"subject.json", "subject_embeds.safetensors", "lora.safetensors"}
@@ -76,7 +75,7 @@ def test_lora_subject_is_small_and_registered_with_tags_and_alias(registered, da
     assert sorted(p.rsplit("/", 1)[1] for p in files) == ["lora.safetensors", "subject.json", "subject_embeds.safetensors"]
 
 
-def test_promote_then_load_by_alias_in_a_fresh_process(registered, mlflow_server):  # noqa: F811
+def test_promote_then_load_by_alias_in_a_fresh_process(registered, mlflow_server):
     assert main(["promote", "subjectforge-dog", "--alias", "champion", "--set", f"tracking.uri={mlflow_server}"]) == 0
     code = (
         "import json, mlflow, pandas as pd\n"
@@ -92,7 +91,7 @@ def test_promote_then_load_by_alias_in_a_fresh_process(registered, mlflow_server
     assert Image.open(io.BytesIO(base64.b64decode(records[0]["image"]))).size == (64, 64)
 
 
-def test_generate_from_the_registry_and_clear_errors(registered, mlflow_server, tmp_path, capsys):  # noqa: F811
+def test_generate_from_the_registry_and_clear_errors(registered, mlflow_server, tmp_path, capsys):
     assert main(["promote", "subjectforge-dog", "--alias", "champion", "--set", f"tracking.uri={mlflow_server}"]) == 0
     common = ["--prompt", "on the beach", "--steps", "2", "--set", f"tracking.uri={mlflow_server}"]
     assert main(["generate", "--model", "models:/subjectforge-dog@champion", "-n", "2", "--out", str(tmp_path / "g"), *common]) == 0
@@ -108,7 +107,7 @@ def test_generate_from_the_registry_and_clear_errors(registered, mlflow_server, 
     assert not (tmp_path / "x").exists()
 
 
-def test_served_model_answers_invocations(registered, mlflow_server, tmp_path):  # noqa: F811
+def test_served_model_answers_invocations(registered, mlflow_server, tmp_path):
     assert main(["promote", "subjectforge-dog", "--alias", "champion", "--set", f"tracking.uri={mlflow_server}"]) == 0
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
