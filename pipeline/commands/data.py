@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.config import Config
+from pipeline.config import Config, check_name
 from pipeline.data.bgpool import build_background_pool
 from pipeline.data.build import run_data_job
 from pipeline.data.report import format_summary
@@ -88,7 +88,10 @@ _VERIFY_WHAT = "give a dataset root (its latest is checked), a version folder, o
 def verify(out: Path, version: str | None) -> int:
     """Check one version (OUT/<version>, OUT/latest, or OUT itself as a version folder)."""
     if version:
-        version_dir = out / version
+        try:  # a name under OUT: '..' or an absolute path checked a folder elsewhere as OUT's version
+            version_dir = out / check_name(version)
+        except ValueError as exc:
+            raise UserError(f"--version {exc}: give a version under {out}, e.g. v0003") from None
     elif latest := DatasetStore(out).latest_version():  # StoreError when `latest` is a folder or file
         version_dir = out / latest
     elif out.is_dir() and not is_dataset_folder(out):

@@ -241,3 +241,13 @@ def test_a_manifest_of_the_wrong_shape_is_named_damaged(tmp_path, capsys, write)
     assert main(["data", "verify", str(out)]) == 2
     err = capsys.readouterr().err
     assert "is damaged" in err and "manifest.json:" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("version", ["..", "../other", "/etc", "v0001/../.."])
+def test_verify_version_is_a_name_under_out(tmp_path, capsys, version):
+    # --version is "the version under OUT": '..' or an absolute path checked a folder outside
+    # OUT (a sibling dataset passed as OUT's, exit 0) or called /etc a damaged version.
+    out = _version_with_manifest(tmp_path / "out", _manifest())
+    assert main(["data", "verify", str(out), "--version", version]) == 2
+    err = capsys.readouterr().err
+    assert "--version" in err and "damaged" not in err
