@@ -9,6 +9,7 @@ the key (``extra="forbid"``).
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -42,10 +43,12 @@ def check_name(value: str) -> str:
 
     Each such name becomes one folder under an output root (<finetune.out>/<subject_id>-<method>,
     <storage_path>/<run_name>) or one segment of models:/NAME/VERSION, so it must be a plain
-    folder name: a '/' or '..' would reach outside the root, and an absolute id replaces it.
+    folder name: a '/' or '..' would reach outside the root, and an absolute id replaces it. A
+    registered name holds no ':' (MLflow refuses it, which a fine-tune met only after training),
+    and a control character (a line break, a tab) does not belong in a folder or a log line.
     """
-    if not value or "/" in value or "\0" in value or value in (".", ".."):
-        raise ValueError(f"{value!r} must be a plain folder name (not empty, no '/', not '.' or '..')")
+    if not value or "/" in value or ":" in value or value in (".", "..") or any(unicodedata.category(c) == "Cc" for c in value):
+        raise ValueError(f"{value!r} must be a plain folder name (not empty, no '/', ':' or control character, not '.' or '..')")
     return value
 
 

@@ -24,6 +24,10 @@ def test_sha256_matches_hashlib(tmp_path):
         ("subject_id,category\ndog,dog\ndog,cat\n", "duplicate subject_id 'dog'"),
         ("subject_id,category\n", "lists no subjects"),
         ("subject_id,category\n../x,dog\n", "plain folder name"),
+        # Each id becomes a registered model's name (subjectforge-<id>), which MLflow refuses with a
+        # ':'; a fine-tune of such a subject failed at registration, after its training.
+        ("subject_id,category\nrex:1,dog\n", r"line 2: subject_id 'rex:1' must be a plain folder name"),
+        ('subject_id,category\n"re\nx",dog\n', r"line 2: subject_id 're\\nx' must be a plain folder name"),
         # A class noun as long as a paragraph went into every prompt and the registered subject.
         ("subject_id,category\nrex," + "d" * 101 + "\n", "line 2: category of at most 100 characters"),
         # A quoted line break or a control byte went into every prompt, CLIPSeg's and the model's.

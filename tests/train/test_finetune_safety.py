@@ -45,6 +45,8 @@ def _argv(dataset, out, subject_id, *extra):
         ("finetune.subject_id", "../victim"),
         ("finetune.subject_id", "/tmp/victim"),
         ("finetune.subject_id", ".."),
+        ("finetune.subject_id", "rex:1"),
+        ("train.run_name", "run\tone"),
         ("finetune.subjects", ["dog", "../victim"]),
         ("evaluate.subjects", ["/etc"]),
         ("train.run_name", "../../elsewhere"),
