@@ -125,9 +125,15 @@ def load_subjects(photos_dir: str | Path, class_table: dict[str, tuple[str, bool
         if subject_id not in class_table:
             raise ConfigError(f"evaluate.subjects: {subject_id!r} is not in the class table (known: {', '.join(sorted(class_table))})")
         folder = photos_dir / subject_id
-        photos = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()) if folder.is_dir() else []
-        if not photos:
+        named = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+        if not named:
             raise ConfigError(f"evaluate.subjects: no photos of {subject_id!r} in {folder}")
+        # A photo's name on something else (a FIFO, a folder, a dangling link) stops the job like
+        # an unreadable photo: the subject would be scored against fewer photos than it has.
+        for path in named:
+            if not path.is_file():
+                raise ConfigError(f"evaluate.photos: {path} is not a regular file")
+        photos = [str(p) for p in named]
         for photo in photos:
             _check_image(photo)
         category, live = class_table[subject_id]

@@ -103,3 +103,18 @@ def test_a_truncated_photo_is_refused_before_any_worker_starts(tmp_path):
     (tmp_path / "dog" / "cut.jpg").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(ConfigError, match="evaluate.photos: .*cut.jpg is not a readable image"):
         load_subjects(tmp_path, read_class_table(BENCH / "subjects.csv"), ["dog"])
+
+
+@pytest.mark.parametrize("make", ["fifo", "folder", "dangling link"])
+def test_a_photo_name_that_is_not_a_file_stops_the_job_naming_it(tmp_path, make):
+    # It was left out without a word, so the subject was scored against fewer photos than it has.
+    import os
+
+    from tests.imagefiles import jpeg_bytes, photo
+
+    (tmp_path / "dog").mkdir()
+    (tmp_path / "dog" / "00.jpg").write_bytes(jpeg_bytes(photo(0, (64, 64))))
+    odd = tmp_path / "dog" / "01.jpg"
+    {"fifo": os.mkfifo, "folder": os.mkdir, "dangling link": lambda p: p.symlink_to(tmp_path / "gone.jpg")}[make](odd)
+    with pytest.raises(ConfigError, match=r"evaluate.photos: .*dog/01.jpg is not a regular file"):
+        load_subjects(tmp_path, read_class_table(BENCH / "subjects.csv"), ["dog"])
