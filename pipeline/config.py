@@ -1054,8 +1054,12 @@ def _format_validation_error(exc: ValidationError) -> str:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file not found: {path}")
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder, not a YAML file")
+    if not path.is_file():  # a FIFO would block the read, a device would not end
+        raise ConfigError(f"config file {path} is not a regular file")
     try:
         data = path.read_bytes()
     except OSError as exc:  # a regular file whose read fails: /proc/self/mem, a disk error

@@ -90,6 +90,11 @@ def test_aliases_mlflow_accepts_load(alias):
 def test_yaml_problems_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+    # Something else at the path is named as what it is, not as missing.
+    with pytest.raises(ConfigError, match=r"config file .* is a folder, not a YAML file"):
+        load_config(tmp_path)
+    with pytest.raises(ConfigError, match=r"config file /dev/zero is not a regular file"):
+        load_config("/dev/zero")
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
