@@ -23,6 +23,11 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 from tqdm.auto import tqdm
+
+try:
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # an older huggingface_hub: configs are not strict dataclasses there
+    StrictDataclassError = TypeError
 from transformers import BertTokenizer, CLIPTokenizer
 
 from pipeline.model.checkpoint import (
@@ -132,10 +137,10 @@ class BlipDiffusion(nn.Module):
         index = read_json(root / MODEL_INDEX)
 
         qformer_config = read_json(root / "qformer" / "config.json")
-        qformer = SubjectQFormer(qformer_config)
+        qformer = _build(SubjectQFormer, root / "qformer", qformer_config)
         load_exact(qformer, read_weights(root / "qformer"), "qformer", optional=_QFORMER_OPTIONAL)
 
-        text_encoder = ContextCLIPTextModel(read_json(root / "text_encoder" / "config.json"))
+        text_encoder = _build(ContextCLIPTextModel, root / "text_encoder", read_json(root / "text_encoder" / "config.json"))
         load_exact(text_encoder, read_weights(root / "text_encoder"), "text_encoder", optional=_TEXT_OPTIONAL)
 
         unet = _load_diffusers(UNet2DConditionModel, root / "unet")
@@ -696,6 +701,20 @@ def mix_subjects(embeds: Sequence[torch.Tensor], weights: Sequence[float]) -> to
     return mixed
 
 
+# What a model class raises for a config.json of valid JSON whose values build no model (a
+# negative size, a string for a number; transformers' strict config classes raise huggingface_hub's
+# StrictDataclassError): the checkpoint's fault, so a CheckpointError naming it.
+_BAD_CONFIG_VALUES = (TypeError, RuntimeError, KeyError, IndexError, OverflowError, StrictDataclassError)
+
+
+def _build(cls: type, folder: Path, config: dict[str, Any]) -> Any:
+    """`cls(config)`, a component built from its folder's config.json."""
+    try:
+        return cls(config)
+    except (ValueError, *_BAD_CONFIG_VALUES) as exc:
+        raise CheckpointError(f"cannot build {cls.__name__} from {folder / 'config.json'}: {exc}") from exc
+
+
 def _load_diffusers(cls: type, folder: Path) -> Any:
     try:
         return cls.from_pretrained(str(folder))
@@ -703,6 +722,8 @@ def _load_diffusers(cls: type, folder: Path) -> Any:
         raise CheckpointError(f"cannot load {cls.__name__} from {folder}: {exc}") from exc
     except RecursionError:  # a config.json nested past Python's recursion
         raise CheckpointError(f"cannot load {cls.__name__} from {folder}: its config.json nests too deeply") from None
+    except _BAD_CONFIG_VALUES as exc:
+        raise CheckpointError(f"cannot build {cls.__name__} from {folder / 'config.json'}: {exc}") from exc
 
 
 def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

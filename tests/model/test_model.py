@@ -207,6 +207,24 @@ def test_an_image_processor_config_that_is_not_a_json_object_is_named(tmp_path, 
         BlipDiffusion.from_pretrained(ckpt)
 
 
+@pytest.mark.parametrize(("component", "key", "value"), [
+    ("qformer", "num_query_tokens", -1),
+    ("text_encoder", "hidden_size", "wide"),
+    ("unet", "block_out_channels", [-32, 64]),
+    ("vae", "latent_channels", -4),
+])
+def test_a_config_whose_values_cannot_build_the_component_is_named(tmp_path, component, key, value):
+    """Valid JSON whose values no model can be built from: a CheckpointError naming the
+    component's config.json, not the model class's RuntimeError or TypeError."""
+    ckpt = _copy(tmp_path)
+    path = ckpt / component / "config.json"
+    config = json.loads(path.read_text())
+    config[key] = value
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=f"{component}/config.json"):
+        BlipDiffusion.from_pretrained(ckpt)
+
+
 def test_config_that_does_not_fit_the_weights(tmp_path):
     ckpt = _copy(tmp_path)
     config = json.loads((ckpt / "text_encoder" / "config.json").read_text())
