@@ -78,6 +78,11 @@ _TEXT_OPTIONAL = ("text_model.embeddings.position_ids",)
 # change), which keeps the Q-Former's input shape the same across training batches.
 QFORMER_TEXT_PAD = 16
 
+# Reference photos through the ViT at once: `generate --subject-image` takes any number, and a
+# batch of hundreds could run a GPU out of memory. A serving batch's photos at the defaults
+# (serve.max_batch_size 8 x serve.max_reference_images 6) still go in one call.
+ENCODE_BATCH = 64
+
 
 class BlipDiffusion(nn.Module):
     """The BLIP-Diffusion model; build it with `from_pretrained`."""
@@ -267,12 +272,16 @@ class BlipDiffusion(nn.Module):
         return self.encode_subjects([(images, category)])[0]
 
     def encode_subjects(self, subjects: Sequence[tuple[ImageLike | Sequence[ImageLike], str]]) -> list[torch.Tensor]:
-        """`encode_subject` of several subjects ((photos, category) each): every photo goes
-        through the ViT and Q-Former in one call, and each subject's embeddings (1, Q, D) are
-        the mean over its own photos."""
+        """`encode_subject` of several subjects ((photos, category) each): the photos go through
+        the ViT and Q-Former together, ENCODE_BATCH at a time, and each subject's embeddings
+        (1, Q, D) are the mean over its own photos."""
         pixels = [self.image_processor.preprocess(images) for images, _ in subjects]
         categories = [category for (_, category), part in zip(subjects, pixels, strict=True) for _ in range(part.shape[0])]
-        embeds = self.subject_embeddings(torch.cat(pixels), categories)  # (photos, Q, D)
+        pixels_all = torch.cat(pixels)
+        embeds = torch.cat([
+            self.subject_embeddings(pixels_all[start : start + ENCODE_BATCH], categories[start : start + ENCODE_BATCH])
+            for start in range(0, len(categories), ENCODE_BATCH)
+        ])  # (photos, Q, D)
         return [part.mean(dim=0, keepdim=True) for part in embeds.split([p.shape[0] for p in pixels])]
 
     def encode_prompts(self, prompts: Sequence[str], subject_embeds: torch.Tensor | None) -> torch.Tensor:

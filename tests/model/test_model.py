@@ -93,6 +93,25 @@ def test_batching_does_not_change_images(model, photo):
     np.testing.assert_allclose(together, one_by_one, atol=1e-5)
 
 
+def test_many_reference_photos_go_through_the_vit_in_bounded_batches(model, photo, monkeypatch):
+    # `generate --subject-image` takes any number of photos: one ViT batch of hundreds could run
+    # a GPU out of memory. The mean is the same as over one batch.
+    from pipeline.model import blip_diffusion
+
+    photos = [photo.rotate(angle) for angle in range(0, 50, 5)]  # 10 distinct photos
+    sizes = []
+    real = type(model).subject_embeddings
+    monkeypatch.setattr(type(model), "subject_embeddings", lambda self, pixels, cats: sizes.append(len(cats)) or real(self, pixels, cats))
+    monkeypatch.setattr(blip_diffusion, "ENCODE_BATCH", 4)
+    chunked = model.encode_subjects([(photos[:6], "dog"), (photos[6:], "cat")])
+    assert sizes == [4, 4, 2]
+    monkeypatch.setattr(blip_diffusion, "ENCODE_BATCH", 64)
+    whole = model.encode_subjects([(photos[:6], "dog"), (photos[6:], "cat")])
+    assert sizes == [4, 4, 2, 10]
+    for a, b in zip(chunked, whole, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_cached_subject_embeddings_equal_images(model, photo):
     embeds = model.encode_subject([photo, photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)], "dog")
     assert embeds.shape == (1, model.num_query_tokens, model.text_encoder.config.hidden_size)
