@@ -183,7 +183,9 @@ class ConfigError(UserError, ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # allow_inf_nan=False: no setting means infinity or NaN, and a bound such as gt=0 lets
+    # inf through (train.lr=inf trained every weight to NaN).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class ModelsConfig(_Strict):

@@ -63,6 +63,24 @@ def test_bad_values_name_the_key(override, key):
     assert f"{key}" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.lr=inf", "train.lr"),
+        ("train.lr=.inf", "train.lr"),
+        ("finetune.lr=inf", "finetune.lr"),
+        ("train.noise_offset=inf", "train.noise_offset"),
+        ("train.max_grad_norm=inf", "train.max_grad_norm"),
+        ("train.snr_gamma=inf", "train.snr_gamma"),
+        ("data.trimap.low=nan", "data.trimap.low"),
+    ],
+)
+def test_an_infinite_or_nan_number_is_an_error_naming_the_key(override, key):
+    # train.lr=inf passed its gt=0 bound and trained every weight to NaN with exit 0.
+    with pytest.raises(ConfigError, match=key):
+        load_config(overrides=[override])
+
+
 @pytest.mark.parametrize("alias", ["a@b", "a b", "a.b", "", "a" * 256])
 def test_an_alias_mlflow_refuses_is_a_config_error(alias):
     # MLflow's set_alias refused it only after the fine-tune had run.
