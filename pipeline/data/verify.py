@@ -163,14 +163,14 @@ def _read_manifest(check: VersionCheck) -> dict[str, Any] | None:
     if missing:
         check.problems[MANIFEST] = f"lacks {', '.join(missing)}"
         return None
-    shape = _shape_problem(manifest)
+    shape = manifest_shape_problem(manifest)
     if shape:
         check.problems[MANIFEST] = shape
         return None
     return manifest
 
 
-def _shape_problem(manifest: dict[str, Any]) -> str | None:
+def manifest_shape_problem(manifest: dict[str, Any]) -> str | None:
     """What makes a manifest's lists of files unusable, in JSON that reads (a hand edit, or damage
     the checksums cannot show: they do not cover the manifest): `files` a list of {path, rows},
     `checksums` a map of path to sha256, each path inside the version. A wrong shape was a

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,8 +40,10 @@ from ray.data.extensions import ArrowTensorArray
 
 from pipeline.config import Config, ConfigError
 from pipeline.data.backgrounds import backgrounds_digest, list_backgrounds
+from pipeline.data.verify import manifest_shape_problem
 from pipeline.data.versions import LATEST, MANIFEST
 from pipeline.train.arraycache import array_cache
+from stages.composite import COMPOSITE_INDEX
 from stages.online_composite import (
     CUTOUT_COLUMNS,
     PASS_INDEX,
@@ -49,7 +52,7 @@ from stages.online_composite import (
     decode_cutouts,
     prepare_cutout_batch,
 )
-from stages.records import ALPHA, CATEGORY, COMPOSITE, FOREGROUND, SUBJECT_ID
+from stages.records import ALPHA, CATEGORY, COMPOSITE, FOREGROUND, IMAGE, SOURCE_SHA256, SUBJECT_ID
 from stages.train_inputs import CAPTION, INPUT_COLUMNS, PIXEL_VALUES, FrozenEncoder, prepare_batch, subject_pixels
 
 log = logging.getLogger(__name__)
@@ -90,24 +93,24 @@ class DatasetInfo:
 
 def open_dataset(location: str | None) -> DatasetInfo:
     """Resolve `location` (a dataset root, its `latest`, or a version folder) to a version with
-    rows. Raises ConfigError naming `train.data` when it is missing, unpublished or empty."""
-    if not location:
-        raise ConfigError("train.data: no dataset given (pass --data OUT/latest)")
-    path = Path(location).expanduser()
-    if not path.exists():
-        raise ConfigError(f"train.data: dataset not found: {path}")
-    if not (path / MANIFEST).is_file() and (path / LATEST).exists():
-        path = path / LATEST
-    path = path.resolve()
-    if not (path / MANIFEST).is_file():
-        raise ConfigError(f"train.data: {path} is not a dataset version (no {MANIFEST}; build one with `subjectforge data build`)")
-    manifest_bytes = (path / MANIFEST).read_bytes()
-    manifest = json.loads(manifest_bytes)
-    files = sorted(str(p) for p in (path / "data").glob("*.parquet"))
+    rows. Raises ConfigError naming `train.data` when it is missing, unpublished, empty or
+    damaged (`_damage`)."""
+    path = _version_folder(location)
+    manifest_bytes, manifest = _read_manifest(path)
+    files, problems = _data_files(path, manifest)
+    schemas = {}
+    for file in (f for f in files if f not in problems):
+        try:
+            schemas[file] = pq.ParquetFile(file).schema_arrow
+        except (OSError, pa.ArrowException) as exc:
+            problems[file] = f"not a readable Parquet file (truncated?): {exc}"
+    problems.update({f: p for f, schema in schemas.items() if (p := _schema_problem(schema))})
+    if problems:
+        raise ConfigError(_damage(path, problems))
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     if rows == 0:
         raise ConfigError(f"train.data: dataset {manifest.get('version', path.name)} at {path} has no rows to train on")
-    schema = pq.read_schema(files[0])
+    names = set.intersection(*(set(schema.names) for schema in schemas.values()))
     subjects = sorted(s for s, entry in manifest.get("subjects", {}).items() if entry.get("rows", 0) > 0)
     return DatasetInfo(
         name=path.parent.name,
@@ -117,9 +120,96 @@ def open_dataset(location: str | None) -> DatasetInfo:
         rows=rows,
         files=files,
         subjects=subjects,
-        has_caption=CAPTION in schema.names,
-        has_cutout=FOREGROUND in schema.names and ALPHA in schema.names,
+        has_caption=CAPTION in names,
+        has_cutout=set(_CUTOUT_TYPES) <= names,
     )
+
+
+# Columns training reads and their published types (stages.write.DATA_SCHEMA): every row's
+# subject, category, target and composite; the caption and the online cutout where present.
+_REQUIRED_TYPES = {SUBJECT_ID: pa.string(), CATEGORY: pa.string(), IMAGE: pa.binary(), COMPOSITE: pa.binary()}
+_CUTOUT_TYPES = {FOREGROUND: pa.binary(), ALPHA: pa.binary(), SOURCE_SHA256: pa.string(), COMPOSITE_INDEX: pa.int32()}
+_OPTIONAL_TYPES = {CAPTION: pa.string(), **_CUTOUT_TYPES}
+
+
+def _version_folder(location: str | None) -> Path:
+    if not location:
+        raise ConfigError("train.data: no dataset given (pass --data OUT/latest)")
+    path = Path(location).expanduser()
+    if not path.exists():
+        raise ConfigError(f"train.data: dataset not found: {path}")
+    latest = path / LATEST
+    if not (path / MANIFEST).is_file() and latest.is_symlink() and not latest.exists():
+        # A link to a version that is gone, or to itself: name it, not "not a dataset version".
+        raise ConfigError(f"train.data: {latest} points at {os.readlink(latest)}, which is not there (a missing version or a link loop)")
+    if not (path / MANIFEST).is_file() and latest.exists():
+        path = latest
+    path = path.resolve()
+    if not (path / MANIFEST).is_file():
+        raise ConfigError(f"train.data: {path} is not a dataset version (no {MANIFEST}; build one with `subjectforge data build`)")
+    return path
+
+
+def _read_manifest(path: Path) -> tuple[bytes, dict[str, Any]]:
+    """The manifest's bytes (its digest names what was trained on) and JSON. A manifest cut short,
+    not a JSON object or with a `subjects` that is not a map of {rows} is damage, not a
+    JSONDecodeError or AttributeError stack trace."""
+    data = (path / MANIFEST).read_bytes()
+    try:
+        manifest = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(_damage(path, {MANIFEST: f"not readable JSON (truncated?): {str(exc)[:200]}"})) from None
+    subjects = manifest.get("subjects", {}) if isinstance(manifest, dict) else None
+    if not isinstance(subjects, dict) or not all(isinstance(e, dict) and type(e.get("rows", 0)) is int for e in subjects.values()):
+        raise ConfigError(_damage(path, {MANIFEST: "not a manifest: a JSON object whose subjects map each id to {rows}"}))
+    if "files" in manifest and (shape := manifest_shape_problem(manifest)):
+        raise ConfigError(_damage(path, {MANIFEST: shape}))
+    return data, manifest
+
+
+def _data_files(path: Path, manifest: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
+    """The version's data files, and what is wrong with them: those the manifest lists (a version
+    older than that list: those in data/), each present with the rows the manifest says, and no
+    data file the manifest does not list (a shard added or deleted trained on rows that are not
+    the version's, with exit 0)."""
+    present = sorted(str(p) for p in (path / "data").glob("*.parquet"))
+    if "files" not in manifest:
+        return present, {}
+    listed = {str(path / f["path"]): f["rows"] for f in manifest["files"]}
+    problems = {f: "a data file the manifest does not list" for f in present if f not in listed}
+    for file, rows in listed.items():
+        if not Path(file).is_file():
+            problems[file] = "missing"
+            continue
+        try:
+            found = pq.ParquetFile(file).metadata.num_rows
+        except (OSError, pa.ArrowException):
+            continue  # open_dataset names it
+        if found != rows:
+            problems[file] = f"{found} rows, the manifest says {rows}"
+    return sorted(listed), problems
+
+
+def _schema_problem(schema: pa.Schema) -> str | None:
+    """What in a data file's columns training cannot read: a column it needs missing, or one of
+    another type than the published schema's (a Parquet file of another schema trained on, or
+    failed in a Ray task with a stack trace)."""
+    missing = [name for name in _REQUIRED_TYPES if name not in schema.names]
+    if missing:
+        return f"lacks the column(s) {', '.join(missing)}"
+    wrong = [
+        f"{name} is {schema.field(name).type}, not {kind}"
+        for name, kind in (_REQUIRED_TYPES | _OPTIONAL_TYPES).items()
+        if name in schema.names and not schema.field(name).type.equals(kind)
+    ]
+    return "; ".join(wrong) or None
+
+
+def _damage(path: Path, problems: dict[str, str]) -> str:
+    lines = [f"train.data: dataset version {path} is damaged:"]
+    lines += [f"  {Path(f).relative_to(path) if Path(f).is_relative_to(path) else f}: {p}" for f, p in sorted(problems.items())]
+    lines.append("`subjectforge data verify` checks it; `subjectforge data build` makes a new version from the photos")
+    return "\n".join(lines)
 
 
 def sample_subjects(info: DatasetInfo, count: int) -> list[dict[str, Any]]:

@@ -1,0 +1,103 @@
+"""A dataset version damaged after it was built, as the trainer opens it (open_dataset, which
+pretrain, finetune and finetune-many all go through): a config error naming the version and
+the file, before any Ray work; never a stack trace, nor a run on rows that are not the version's."""
+
+import json
+import os
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import ConfigError
+from pipeline.train.data import open_dataset
+from tests.tinydata import publish_dataset
+
+SHARD = "data/part-00000.parquet"
+
+
+@pytest.fixture
+def version(tmp_path):
+    """A version whose manifest lists its one data file, as `data build` writes it."""
+    folder = publish_dataset(tmp_path / "ds", {"dog": "dog", "cat": "cat"}, per_subject=2, size=(32, 32))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps(manifest | {"files": [{"path": SHARD, "rows": 4}]}))
+    return folder
+
+
+def _replace_column(path, name, values):
+    table = pq.read_table(path)
+    pq.write_table(table.set_column(table.schema.get_field_index(name), name, values), path)
+
+
+def _damage(folder, how):
+    shard, manifest = folder / SHARD, folder / "manifest.json"
+    if how == "truncated":
+        shard.write_bytes(shard.read_bytes()[:200])
+    elif how == "random bytes":
+        shard.write_bytes(os.urandom(shard.stat().st_size))
+    elif how == "another schema":
+        pq.write_table(pa.table({"x": [1, 2, 3, 4]}), shard)
+    elif how == "a wrong type":
+        _replace_column(shard, "image", pa.array(["a", "b", "c", "d"]))
+    elif how == "zero rows":
+        pq.write_table(pq.read_table(shard).slice(0, 0), shard)
+    elif how == "deleted":
+        shard.unlink()
+    elif how == "added":
+        shutil.copy(shard, folder / "data/part-00001.parquet")
+    elif how == "a folder":
+        shard.unlink()
+        shard.mkdir()
+    elif how == "manifest rows":
+        data = json.loads(manifest.read_text())
+        data["files"][0]["rows"] = 100
+        manifest.write_text(json.dumps(data))
+    elif how == "manifest cut short":
+        manifest.write_bytes(manifest.read_bytes()[:20])
+    elif how == "manifest a list":
+        manifest.write_text("[1, 2]")
+    elif how == "manifest subjects a string":
+        manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {"subjects": "dog"}))
+
+
+@pytest.mark.parametrize(
+    "how, named",
+    [
+        ("truncated", SHARD),
+        ("random bytes", SHARD),
+        ("another schema", SHARD),
+        ("a wrong type", "image is string"),
+        ("zero rows", "0 rows, the manifest says 4"),
+        ("deleted", f"{SHARD}: missing"),
+        ("added", "part-00001.parquet: a data file the manifest does not list"),
+        ("a folder", SHARD),
+        ("manifest rows", "4 rows, the manifest says 100"),
+        ("manifest cut short", "manifest.json"),
+        ("manifest a list", "manifest.json"),
+        ("manifest subjects a string", "manifest.json"),
+    ],
+)
+def test_a_damaged_version_is_a_config_error_naming_the_file(version, how, named):
+    # Each was an ArrowInvalid, OSError, JSONDecodeError or AttributeError stack trace, or (added,
+    # another schema, a wrong type) a run on rows that are not the version's.
+    _damage(version, how)
+    with pytest.raises(ConfigError, match=r"(?s)train.data: dataset version .* is damaged:.*" + named):
+        open_dataset(str(version.parent))
+
+
+@pytest.mark.parametrize("target", ["v0009", "latest"])
+def test_latest_pointing_at_nothing_names_the_link(version, target):
+    (version.parent / "latest").unlink()
+    os.symlink(target, version.parent / "latest")
+    with pytest.raises(ConfigError, match=f"latest points at {target}, which is not there"):
+        open_dataset(str(version.parent))
+
+
+def test_a_version_without_cutouts_or_captions_still_opens(version):
+    # An older build's rows: no foreground, alpha or caption columns; they train on stored composites.
+    table = pq.read_table(version / SHARD)
+    pq.write_table(table.drop_columns(["foreground", "alpha", "caption", "caption_source"]), version / SHARD)
+    info = open_dataset(str(version.parent))
+    assert (info.rows, info.has_cutout, info.has_caption) == (4, False, False)
