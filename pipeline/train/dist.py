@@ -261,11 +261,17 @@ def checkpoint_problem(folder: Path) -> str | None:
     """What is missing or short in a checkpoint folder, or None when it is whole. A progress
     record without a file list (older releases) is taken as whole."""
     try:
-        files = json.loads((folder / PROGRESS).read_text()).get("files", {})
+        record = json.loads((folder / PROGRESS).read_text())
     except FileNotFoundError:
         return f"no {PROGRESS}"
-    except (OSError, ValueError, AttributeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         return f"unreadable {PROGRESS}: {exc}"
+    # The driver reads the step (trainer.checkpoint_step) and the sizes below: a record of
+    # another shape was a TypeError or KeyError stack trace there.
+    files = record.get("files", {}) if isinstance(record, dict) else None
+    step = record.get("step") if isinstance(record, dict) else None
+    if type(step) is not int or not isinstance(files, dict) or not all(type(n) is int for n in files.values()):
+        return f"{PROGRESS} is not a {{step, files}} record"
     for name, size in files.items():
         path = folder / name
         if not path.is_file():

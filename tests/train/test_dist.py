@@ -84,3 +84,19 @@ def test_pruning_never_counts_an_incomplete_checkpoint_among_the_ones_kept(tmp_p
     saved = _checkpoint(tmp_path / "tmp", 8)
     dist._store_checkpoint(saved, run, "step-0000008", keep=1)
     assert dist.newest_checkpoint(run) == run / "step-0000008"
+
+
+def test_a_progress_record_of_the_wrong_shape_is_an_incomplete_checkpoint(tmp_path, caplog):
+    # A stray or hand-edited progress record: a files list, a step that is text or missing. They
+    # were an AttributeError in checkpoint_problem, or a TypeError/KeyError in the driver's
+    # trainer.checkpoint_step, stack traces before any training; now skipped for the one before.
+    run = tmp_path / "run"
+    good = _checkpoint(run, 6)
+    newest = run / "step-0000009"
+    newest.mkdir()
+    for record in ({"step": 9, "files": ["model"]}, {"step": "9"}, {"files": {}}, [9], {"step": 9, "files": {"a": "1"}}):
+        (newest / PROGRESS).write_text(json.dumps(record))
+        with caplog.at_level(logging.WARNING, logger="pipeline.train.dist"):
+            assert dist.newest_checkpoint(run) == good, record
+        assert "step-0000009" in caplog.text, record
+        caplog.clear()
