@@ -160,11 +160,14 @@ def run_training(config: Config) -> TrainResult:
     # "auto" speed settings become values here, once, so the run records what it used.
     config = config.model_copy(update={"train": resolve_speed_settings(config.train, info.rows, info.has_cutout)})
     train = config.train
+    run_name = train.run_name or f"{train.method}-{info.version}"
+    run_folder = f"{storage_path(train.storage_path)}/{run_name}"
+    if "://" not in run_folder:
+        # A file where the run's folder goes failed inside Ray Train, after the cluster started.
+        check_output_folder(run_folder, "train.run_name")
     ensure_ray(config.ray)
     check_cluster(config)
     marks["ray"] = time.time()
-    run_name = train.run_name or f"{train.method}-{info.version}"
-    run_folder = f"{storage_path(train.storage_path)}/{run_name}"
     uri = tracking.resolve_tracking_uri(config.tracking.uri) if config.tracking.enabled else None
     tags = {"dataset_version": info.version, "dataset_digest": info.digest, "git_commit": tracking.git_commit(), "method": train.method}
     with tracking.open_run(config.tracking, run_name, tags) as run_id:

@@ -101,3 +101,21 @@ def test_a_version_without_cutouts_or_captions_still_opens(version):
     pq.write_table(table.drop_columns(["foreground", "alpha", "caption", "caption_source"]), version / SHARD)
     info = open_dataset(str(version.parent))
     assert (info.rows, info.has_cutout, info.has_caption) == (4, False, False)
+
+
+def test_a_run_folder_that_is_a_file_is_refused_before_ray_starts(version, tmp_path, monkeypatch, capsys):
+    import pipeline.train.trainer as trainer
+    from pipeline.cli import main
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(trainer, "ensure_ray", no_ray)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "mine").write_text("a user's file, not a run folder")
+    flags = ["--data", str(version), "--run-name", "mine", "--set", f"train.storage_path={runs}", "--set", "tracking.enabled=false"]
+    assert main(["pretrain", "--profile", "tiny", *flags, "--set", "train.batch_size=2"]) == 2
+    err = capsys.readouterr().err
+    assert "train.run_name" in err and "is not a folder" in err
+    assert (runs / "mine").read_text() == "a user's file, not a run folder"
