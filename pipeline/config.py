@@ -56,6 +56,17 @@ def check_name(value: str) -> str:
 Name = Annotated[str, AfterValidator(check_name)]
 
 
+def _once_each(names: list[str]) -> list[str]:
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"{', '.join(twice)} named more than once")
+    return names
+
+
+# A list of ids each named once: a subject listed twice was trained twice at once.
+UniqueNames = Annotated[list[Name], AfterValidator(_once_each)]
+
+
 # What MLflow's registry accepts as an alias (mlflow.utils.validation _validate_model_alias_name);
 # declared here so a config field is refused at load, before the work that would end in
 # set_alias, and reused by pipeline/tracking.py for every registry lookup.
@@ -835,7 +846,7 @@ class FinetuneConfig(_Strict):
     register_model: Runtime[bool] = Field(True, description="log the subject as an MLflow pyfunc model and register it")
     register_prefix: Runtime[Name | Literal[""]] = Field("subjectforge-", description="registered model name = prefix + subject_id")
     alias: Runtime[Alias] = Field("candidate", description="alias set on the new registered version")
-    subjects: Input[list[Name] | None] = Field(None, description="finetune-many: subject ids; None = every subject of the dataset")
+    subjects: Input[UniqueNames | None] = Field(None, description="finetune-many: subject ids; None = every subject of the dataset")
     affected_only: Input[bool] = Field(False, description="finetune-many: only the subjects the version's refresh added, changed or removed photos of")
     num_gpus: Runtime[float] = Field(1.0, gt=0.0, le=1.0, description="GPUs of a subject's worker with train.gpu; fractions share a GPU")
     concurrency: Runtime[int] = Field(1, ge=1, description="finetune-many: subjects trained at once")

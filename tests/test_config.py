@@ -81,6 +81,13 @@ def test_an_infinite_or_nan_number_is_an_error_naming_the_key(override, key):
         load_config(overrides=[override])
 
 
+def test_a_subject_named_twice_in_finetune_subjects_is_an_error_naming_it():
+    # finetune-many --subjects dog,dog,cat trained dog twice at once, two actors writing one
+    # subject folder and registering two versions.
+    with pytest.raises(ConfigError, match="finetune.subjects: .*dog.* more than once"):
+        load_config(overrides=["finetune.subjects=[dog, cat, dog]"])
+
+
 @pytest.mark.parametrize("alias", ["a@b", "a b", "a.b", "", "a" * 256])
 def test_an_alias_mlflow_refuses_is_a_config_error(alias):
     # MLflow's set_alias refused it only after the fine-tune had run.
