@@ -39,10 +39,10 @@ START_S = 180  # Serve's controller and proxy, then the replica loads the model
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory):
+def registry(tmp_path_factory, mlflow_store):
     """(tracking URI, folder): the LoRA and textual-inversion subjects registered @champion."""
     root = tmp_path_factory.mktemp("serve-app")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = mlflow_store(root)
     for seed, name in enumerate(LORAS, start=1):
         register_subject(uri, make_subject(root / name, "lora", seed), name)
     register_subject(uri, make_subject(root / TI, "textual-inversion", 9, category="teapot"), TI)

@@ -76,19 +76,28 @@ def pyfunc(tmp_path_factory):
     return model
 
 
-def test_the_pyfunc_draws_rows_with_a_control_image(pyfunc):
-    frame = pd.DataFrame([ROW, {**ROW, "control_image": _png_b64(EDGES)},
-                          {**ROW, "control_image": _png_b64(EDGES), "control": "map", "control_scale": 0.0}])
-    images = pyfunc.predict(None, frame)["image"].tolist()
-    assert len(images) == 3 and images[1] != images[0] and images[2] == images[0]
+STEERED = {**ROW, "control_image": _png_b64(EDGES)}
 
 
-def test_the_pyfunc_steers_the_steps_of_a_rows_window(pyfunc):
+@pytest.fixture(scope="module")
+def control_images(pyfunc):
+    """The pyfunc's images of one frame: a plain row, a steered one, one steered at scale 0 and
+    two steered in a window. The pyfunc draws each row on its own, so the tests below share the
+    plain and steered rows' draws."""
+    frame = pd.DataFrame([ROW, STEERED, {**STEERED, "control": "map", "control_scale": 0.0},
+                          {**STEERED, "control_end": 0.3}, {**STEERED, "control_end": 0.6}])
+    return pyfunc.predict(None, frame)["image"].tolist()
+
+
+def test_the_pyfunc_draws_rows_with_a_control_image(control_images):
+    images = control_images
+    assert len(images) == 5 and images[1] != images[0] and images[2] == images[0]
+
+
+def test_the_pyfunc_steers_the_steps_of_a_rows_window(control_images):
     """2 steps are 3 UNet calls: control_end 0.3 keeps none of them (the plain image), 0.6 the
     first one (an image of its own). Rows without the columns steer every step."""
-    steered = {**ROW, "control_image": _png_b64(EDGES)}
-    frame = pd.DataFrame([ROW, steered, {**steered, "control_end": 0.3}, {**steered, "control_end": 0.6}])
-    plain, full, none, first = pyfunc.predict(None, frame)["image"].tolist()
+    plain, full, _, none, first = control_images
     assert none == plain and first not in (plain, full) and full != plain
 
 

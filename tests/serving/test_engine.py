@@ -3,6 +3,8 @@ request as its subject alone draws it (`SubjectModel.generate`, what `subjectfor
 runs), LoRA subjects never see each other's adapters, a failed group fails only its own
 requests, and each drawn request knows its queue and its group's phases."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -21,11 +23,11 @@ STEPS = 2
 
 
 @pytest.fixture(scope="module")
-def subjects(tmp_path_factory):
+def subjects(tmp_path_factory, lora_folders):
     root = tmp_path_factory.mktemp("engine")
     folders = {
-        "a": make_subject(root / "a", "lora", 1),
-        "b": make_subject(root / "b", "lora", 2),
+        "a": lora_folders["a"],  # tests/serving/conftest.py: LoRA subjects of seeds 1 and 2
+        "b": lora_folders["b"],
         "ti": make_subject(root / "ti", "textual-inversion", 3),
         "full": make_subject(root / "full", "blipd", 4),
     }
@@ -44,10 +46,20 @@ def pixels(images):
     return np.stack([np.asarray(image, dtype=np.int16) for image in images])
 
 
+@functools.cache
+def _own_model(folder):
+    return SubjectModel.load(folder)
+
+
+@functools.cache
 def alone(folder, seed, num_images=1, guidance=7.5):
-    """What `subjectforge generate --model models:/...` draws: the subject on its own base."""
-    return pixels(SubjectModel.load(folder).generate("on the beach", num_images=num_images, seed=seed, steps=STEPS,
-                                                     guidance_scale=guidance))
+    """What `subjectforge generate --model models:/...` draws: the subject on its own base.
+    Drawn once a module for each (subject, seed, images, guidance), read-only: several tests
+    compare against the same draws."""
+    drawn = pixels(_own_model(folder).generate("on the beach", num_images=num_images, seed=seed, steps=STEPS,
+                                               guidance_scale=guidance))
+    drawn.setflags(write=False)
+    return drawn
 
 
 def test_a_mixed_batch_draws_each_subject_as_it_is_drawn_alone(subjects):

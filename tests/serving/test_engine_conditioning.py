@@ -12,16 +12,15 @@ from pipeline.model import BlipDiffusion
 from pipeline.serving.engine import Engine, Job
 from pipeline.serving.requests import GenerationRequest
 from pipeline.serving.subjects import ZeroShotSubject, read_subject
-from tests.serve_subjects import TINY, make_subject
+from tests.serve_subjects import TINY
 
 STEPS = 2
 PHOTO = Image.new("RGB", (64, 48), "navy")
 
 
 @pytest.fixture(scope="module")
-def subjects(tmp_path_factory):
-    root = tmp_path_factory.mktemp("conditioning")
-    return {name: read_subject(make_subject(root / name, "lora", seed), name, "1") for name, seed in (("a", 1), ("b", 2))}
+def subjects(lora_folders):
+    return {name: read_subject(lora_folders[name], name, "1") for name in "ab"}
 
 
 def engine():

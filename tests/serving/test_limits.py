@@ -27,13 +27,13 @@ ANSWER_S = 60  # MLflow's own request timeout; a tiny 2-step request takes about
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, mlflow_store):
     """A tiny textual-inversion subject registered as subjectforge-dog@champion in a SQLite store."""
     from pipeline.model import BlipDiffusion
     from pipeline.model.subject import SubjectSpec, save_subject
 
     root = tmp_path_factory.mktemp("serve")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = mlflow_store(root)
     tiny = PROFILE_MODELS["tiny"]["blip_diffusion"]
     model = BlipDiffusion.from_pretrained(tiny)
     embeds = model.encode_subject(Image.new("RGB", (64, 64), "brown"), "dog")

@@ -19,21 +19,16 @@ from pipeline.serving.lora_slots import MERGED, PRODUCTS, ROW_WEIGHTS, LoraSlots
 from pipeline.serving.requests import GenerationRequest
 from pipeline.serving.subjects import SubjectUnusable, ZeroShotSubject, read_subject
 from tests.host_copies import HostCopies
-from tests.serve_subjects import TINY, make_subject
+from tests.serve_subjects import TINY
 
 STEPS = 2
 TOLERANCE = 1e-6  # float32: the same products, summed in another order
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora-slots")
-    return {name: make_subject(root / name, "lora", seed) for seed, name in enumerate("abcd", 1)}
-
-
-@pytest.fixture(scope="module")
-def subjects(folders):
-    return {name: read_subject(folder, name, "1") for name, folder in folders.items()}
+def subjects(lora_folders):
+    """The LoRA subjects a to d of tests/serving/conftest.py, read."""
+    return {name: read_subject(folder, name, "1") for name, folder in lora_folders.items()}
 
 
 def job(subject, seed, num_images=1):
@@ -201,7 +196,7 @@ def test_an_evicted_subjects_weights_are_gone_and_its_slot_taken_again(subjects)
             assert torch.equal(layer.slot_B[slot, :, :4], subject.lora[f"{name}.lora_B.weight"])
 
 
-def test_an_edit_of_a_lora_subject_draws_every_unet_call_with_its_slot(folders, subjects):
+def test_an_edit_of_a_lora_subject_draws_every_unet_call_with_its_slot(lora_folders, subjects):
     """An edit's UNet calls (inversion and denoising, of changing batch sizes) take one slot
     for every row, as peft's set_adapter did: the same image as on the subject's own model."""
     from pipeline.config import EditConfig
@@ -212,7 +207,7 @@ def test_an_edit_of_a_lora_subject_draws_every_unet_call_with_its_slot(folders, 
     request, edit = GenerationRequest("a dog on the beach", 1, 1, STEPS, 7.5, None, None, None), EditRequest("dog", None)
     [got] = engine.run([Job(request, subjects["a"], 64, 64, edit=edit)])
     assert got.error is None
-    own = SubjectModel.load(folders["a"])  # peft's adapter on its own base
+    own = SubjectModel.load(lora_folders["a"])  # peft's adapter on its own base
     want = draw_edit(own.model, edit, request, own.subject_embeds, "dog", 64, 64, EditConfig())
     base = draw_edit(BlipDiffusion.from_pretrained(TINY), edit, request, own.subject_embeds, "dog", 64, 64, EditConfig())
     assert np.abs(pixels(got.images) - pixels([want])).max() <= 1

@@ -20,7 +20,7 @@ from pipeline.serving.lora_slots import MERGED, ROW_WEIGHTS
 from pipeline.serving.requests import GenerationRequest
 from pipeline.serving.subjects import ZeroShotSubject, read_subject
 from pipeline.serving.warmup import hold_compiled_graphs, warm_up, warm_up_jobs
-from tests.serve_subjects import TINY, make_subject
+from tests.serve_subjects import TINY
 
 SIZE = 64
 CONFIG = ["profile=tiny", "serve.compile=true", f"generate.height={SIZE}", f"generate.width={SIZE}"]
@@ -31,9 +31,8 @@ def _graphs() -> int:
 
 
 @pytest.fixture(scope="module")
-def lora_subjects(tmp_path_factory):
-    root = tmp_path_factory.mktemp("warmup")
-    return [read_subject(make_subject(root / name, "lora", seed), name, "1") for seed, name in enumerate("ab", 1)]
+def lora_subjects(lora_folders):
+    return [read_subject(lora_folders[name], name, "1") for name in "ab"]
 
 
 def test_the_warm_up_draws_each_lora_mode_it_serves_in():
