@@ -111,6 +111,38 @@ def check_storage(setting: str) -> None:
         check_output_folder(storage_path(setting), "train.storage_path")
 
 
+# config.json keys that record who wrote a model, not what it is.
+_WRITER_KEYS = ("torch_dtype", "dtype", "architectures")
+
+
+def check_resume_model(config: Config, run_folder: Path) -> None:
+    """ConfigError naming train.run_name when the run's newest checkpoint holds a model of another
+    architecture than models.blip_diffusion: the loop resumes from the checkpoint's own model, so
+    a run of the same name with another base trained on the old model without a word."""
+    newest = dist.newest_checkpoint(run_folder) if config.train.method == "pretrain" else None
+    if newest is None:
+        return
+    saved = newest / get_method("pretrain").MODEL_FOLDER
+    base = resolve_checkpoint(config.model_path("blip_diffusion"))
+    for component in sorted(p.parent.name for p in base.glob("*/config.json")):
+        try:
+            ours, theirs = read_json(base / component / "config.json"), read_json(saved / component / "config.json")
+        except CheckpointError as exc:
+            raise ConfigError(f"train.run_name: cannot resume from {newest}: {exc}") from None
+        differ = sorted(
+            # Keys in both only: transformers writes only settings off their defaults, so a base
+            # from the Hub may list a default that its saved copy leaves out.
+            k for k in set(ours) & set(theirs)
+            if not k.startswith("_") and not k.endswith("_version") and k not in _WRITER_KEYS and ours.get(k) != theirs.get(k)
+        )
+        if differ:
+            raise ConfigError(
+                f"train.run_name: the newest checkpoint of run {run_folder.name}, {newest}, is of another model than "
+                f"models.blip_diffusion ({component}/config.json differs in {', '.join(differ[:5])}); give this run "
+                "another --run-name or train.storage_path"
+            )
+
+
 def fit(config: Config, run_name: str, resources: dict[str, float], datasets: dict[str, Any], run: RunInfo, **loop_config: Any) -> Result:
     """Run `train_loop` on Ray Train: `train.workers` workers of `resources` each, DDP over gloo
     (CPU) or NCCL (GPUs), FailureConfig(max_failures) restarts from the newest checkpoint,
@@ -165,6 +197,7 @@ def run_training(config: Config) -> TrainResult:
     if "://" not in run_folder:
         # A file where the run's folder goes failed inside Ray Train, after the cluster started.
         check_output_folder(run_folder, "train.run_name")
+        check_resume_model(config, Path(run_folder))
     ensure_ray(config.ray)
     check_cluster(config)
     marks["ray"] = time.time()

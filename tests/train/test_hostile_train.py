@@ -119,3 +119,29 @@ def test_a_run_folder_that_is_a_file_is_refused_before_ray_starts(version, tmp_p
     err = capsys.readouterr().err
     assert "train.run_name" in err and "is not a folder" in err
     assert (runs / "mine").read_text() == "a user's file, not a run folder"
+
+
+def test_resuming_a_checkpoint_of_another_model_is_refused_before_ray_starts(version, tmp_path, monkeypatch, capsys):
+    # A run folder whose newest checkpoint is of another model (another profile's or base's run
+    # of the same name): the loop loads the checkpoint's own model, so the run trained on it with
+    # exit 0 instead of models.blip_diffusion.
+    import pipeline.train.trainer as trainer
+    from pipeline.cli import main
+    from pipeline.config import PROFILE_MODELS
+    from pipeline.model import BlipDiffusion
+    from pipeline.train import dist
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(trainer, "ensure_ray", no_ray)
+    step = tmp_path / "runs" / "mine" / "step-0000002"
+    BlipDiffusion.from_pretrained(PROFILE_MODELS["tiny"]["blip_diffusion"]).save_pretrained(step / "model")
+    unet = step / "model" / "unet" / "config.json"
+    unet.write_text(json.dumps(json.loads(unet.read_text()) | {"layers_per_block": 7}))
+    dist.write_progress(step, 2)
+    flags = ["--data", str(version), "--run-name", "mine", "--set", f"train.storage_path={tmp_path / 'runs'}"]
+    assert main(["pretrain", "--profile", "tiny", *flags, "--set", "tracking.enabled=false", "--set", "train.batch_size=2"]) == 2
+    err = capsys.readouterr().err
+    assert "train.run_name" in err and "step-0000002" in err and "unet" in err and "layers_per_block" in err
+    assert step.is_dir()  # the user's checkpoint is left as it was
