@@ -126,10 +126,11 @@ def open_dataset(location: str | None) -> DatasetInfo:
 
 
 # Columns training reads and their published types (stages.write.DATA_SCHEMA): every row's
-# subject, category, target and composite; the caption and the online cutout where present.
-_REQUIRED_TYPES = {SUBJECT_ID: pa.string(), CATEGORY: pa.string(), IMAGE: pa.binary(), COMPOSITE: pa.binary()}
+# category, target and composite; the subject (sample images), the caption and the online
+# cutout where present (a fine-tune's own inputs version, finetune.write_inputs, has no subject).
+_REQUIRED_TYPES = {CATEGORY: pa.string(), IMAGE: pa.binary(), COMPOSITE: pa.binary()}
 _CUTOUT_TYPES = {FOREGROUND: pa.binary(), ALPHA: pa.binary(), SOURCE_SHA256: pa.string(), COMPOSITE_INDEX: pa.int32()}
-_OPTIONAL_TYPES = {CAPTION: pa.string(), **_CUTOUT_TYPES}
+_OPTIONAL_TYPES = {SUBJECT_ID: pa.string(), CAPTION: pa.string(), **_CUTOUT_TYPES}
 
 
 def _version_folder(location: str | None) -> Path:

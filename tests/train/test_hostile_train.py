@@ -145,3 +145,18 @@ def test_resuming_a_checkpoint_of_another_model_is_refused_before_ray_starts(ver
     err = capsys.readouterr().err
     assert "train.run_name" in err and "step-0000002" in err and "unet" in err and "layers_per_block" in err
     assert step.is_dir()  # the user's checkpoint is left as it was
+
+
+def test_a_finetunes_own_inputs_version_opens(tmp_path):
+    # The one-subject version a fine-tune writes for its training run (finetune.write_inputs) is
+    # no damage: its rows carry no subject_id, which the training feed does not read.
+    from pipeline.config import load_config
+    from pipeline.train.finetune import SubjectRows, write_inputs
+    from tests.imagefiles import jpeg_bytes, photo
+
+    png = jpeg_bytes(photo(0, (32, 32)))
+    rows = [{"category": "dog", "image": png, "composite": png, "caption": ""}] * 2
+    subject = SubjectRows("dog", "dog", rows, [png], {}, [], "photos:dog", "d" * 16)
+    config = load_config(overrides=["profile=tiny", "finetune.subject_id=dog", "finetune.method=lora"])
+    written = write_inputs(config, subject, tmp_path / "inputs", base="unused")
+    assert open_dataset(str(tmp_path / "inputs")).rows == written
