@@ -123,7 +123,13 @@ def check_resume_model(config: Config, run_folder: Path) -> None:
     if newest is None:
         return
     saved = newest / get_method("pretrain").MODEL_FOLDER
-    base = resolve_checkpoint(config.model_path("blip_diffusion"))
+    try:
+        # Local files only: a resume loads the checkpoint's model, not the base, and must not
+        # start waiting for a download (or fail offline) for this check.
+        base = resolve_checkpoint(config.model_path("blip_diffusion"), local_files_only=True)
+    except CheckpointError as exc:
+        log.warning("resuming %s without comparing its model to models.blip_diffusion (%s)", newest, exc)
+        return
     for component in sorted(p.parent.name for p in base.glob("*/config.json")):
         try:
             ours, theirs = read_json(base / component / "config.json"), read_json(saved / component / "config.json")

@@ -160,3 +160,20 @@ def test_a_finetunes_own_inputs_version_opens(tmp_path):
     config = load_config(overrides=["profile=tiny", "finetune.subject_id=dog", "finetune.method=lora"])
     written = write_inputs(config, subject, tmp_path / "inputs", base="unused")
     assert open_dataset(str(tmp_path / "inputs")).rows == written
+
+
+def test_a_resume_whose_base_is_not_on_this_machine_is_not_compared(tmp_path, monkeypatch, caplog):
+    # A resume loads the checkpoint's own model; the comparison must not wait for a download
+    # of the base (or fail offline), so an uncached Hub id is logged and skipped.
+    from pipeline.config import PROFILE_MODELS, load_config
+    from pipeline.model import BlipDiffusion
+    from pipeline.train import dist
+    from pipeline.train.trainer import check_resume_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    step = tmp_path / "mine" / "step-0000002"
+    BlipDiffusion.from_pretrained(PROFILE_MODELS["tiny"]["blip_diffusion"]).save_pretrained(step / "model")
+    dist.write_progress(step, 2)
+    config = load_config(overrides=["profile=tiny", "models.blip_diffusion=nobody/not-on-this-machine"])
+    check_resume_model(config, tmp_path / "mine")
+    assert "without comparing its model" in caplog.text
