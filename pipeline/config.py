@@ -48,7 +48,8 @@ def check_name(value: str) -> str:
     and a control character (a line break, a tab) does not belong in a folder or a log line.
     """
     if not value or "/" in value or ":" in value or value in (".", "..") or any(unicodedata.category(c) == "Cc" for c in value):
-        raise ValueError(f"{value!r} must be a plain folder name (not empty, no '/', ':' or control character, not '.' or '..')")
+        why = "; MLflow's registry refuses ':' in a model name" if ":" in value else ""
+        raise ValueError(f"{value!r} must be a plain folder name (not empty, no '/', ':' or control character, not '.' or '..'){why}")
     return value
 
 
