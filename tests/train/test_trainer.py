@@ -131,6 +131,9 @@ def _attempts(step_log):
     return out
 
 
+# Fault injection, three Ray Train starts: in the slow set (README "Run the tests"), so the
+# default suite keeps within CI's 20 minutes.
+@pytest.mark.slow
 def test_a_killed_worker_resumes_from_the_newest_checkpoint_and_a_rerun_continues(ray_local, dataset, tmp_path):
     runs, step_log = tmp_path / "runs", tmp_path / "steps"
     # Also covers precomputed inputs, and gradient accumulation (2 micro-batches of 1 per step,
