@@ -97,17 +97,23 @@ def open_dataset(location: str | None) -> DatasetInfo:
     damaged (`_damage`)."""
     path = _version_folder(location)
     manifest_bytes, manifest = _read_manifest(path)
-    files, problems = _data_files(path, manifest)
-    schemas = {}
+    files, listed_rows, problems = _data_files(path, manifest)
+    schemas, rows = {}, 0
     for file in (f for f in files if f not in problems):
         try:
-            schemas[file] = pq.ParquetFile(file).schema_arrow
+            footer = pq.read_metadata(file)  # each file's footer read once: rows and columns
         except (OSError, pa.ArrowException) as exc:
             problems[file] = f"not a readable Parquet file (truncated?): {exc}"
-    problems.update({f: p for f, schema in schemas.items() if (p := _schema_problem(schema))})
+            continue
+        schemas[file], rows = footer.schema.to_arrow_schema(), rows + footer.num_rows
+        expected = listed_rows.get(file, footer.num_rows)
+        problem = _schema_problem(schemas[file]) or (
+            f"{footer.num_rows} rows, the manifest says {expected}" if footer.num_rows != expected else None
+        )
+        if problem:
+            problems[file] = problem
     if problems:
         raise ConfigError(_damage(path, problems))
-    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     if rows == 0:
         raise ConfigError(f"train.data: dataset {manifest.get('version', path.name)} at {path} has no rows to train on")
     names = set.intersection(*(set(schema.names) for schema in schemas.values()))
@@ -168,27 +174,19 @@ def _read_manifest(path: Path) -> tuple[bytes, dict[str, Any]]:
     return data, manifest
 
 
-def _data_files(path: Path, manifest: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
-    """The version's data files, and what is wrong with them: those the manifest lists (a version
-    older than that list: those in data/), each present with the rows the manifest says, and no
-    data file the manifest does not list (a shard added or deleted trained on rows that are not
-    the version's, with exit 0)."""
+def _data_files(path: Path, manifest: dict[str, Any]) -> tuple[list[str], dict[str, int], dict[str, str]]:
+    """The version's data files, the rows the manifest lists for each, and what is wrong with
+    them here: those the manifest lists (a version older than that list: those in data/, with no
+    rows listed) are present, and no data file is there that the manifest does not list (a shard
+    added or deleted trained on rows that are not the version's, with exit 0). open_dataset
+    compares the rows with each file's footer."""
     present = sorted(str(p) for p in (path / "data").glob("*.parquet"))
     if "files" not in manifest:
-        return present, {}
+        return present, {}, {}
     listed = {str(path / f["path"]): f["rows"] for f in manifest["files"]}
     problems = {f: "a data file the manifest does not list" for f in present if f not in listed}
-    for file, rows in listed.items():
-        if not Path(file).is_file():
-            problems[file] = "missing"
-            continue
-        try:
-            found = pq.ParquetFile(file).metadata.num_rows
-        except (OSError, pa.ArrowException):
-            continue  # open_dataset names it
-        if found != rows:
-            problems[file] = f"{found} rows, the manifest says {rows}"
-    return sorted(listed), problems
+    problems.update({f: "missing" for f in listed if not Path(f).is_file()})
+    return sorted(listed), listed, problems
 
 
 def _schema_problem(schema: pa.Schema) -> str | None:
