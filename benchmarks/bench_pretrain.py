@@ -28,9 +28,9 @@ Each mode can be suffixed @B for batch B (default --batch), and full-* modes tak
             default, reduce-overhead, max-autotune-no-cudagraphs, max-autotune)
   +uattn=A  the UNet's attention kernel A in training (train.unet_sdpa_backend; auto, flash,
             efficient, cudnn, no-cudnn, math)
-  +clconv   compiled modes: every UNet convolution takes channels-last inputs and output
-            gradients (pipeline/train/speed.py channels_last_convolutions; issue 18's copies in
-            cuDNN's convolution backward; opt-in candidate, not a train setting)
+  +noclconv compiled modes: the UNet's convolutions take the layouts diffusers hands them
+            (before: compile_model's channels_last_convolutions, channels-last inputs and output
+            gradients, so that cuDNN's convolution backward copies none; issue 18)
 `attention` times the UNet's own attention calls (their shapes recorded from one forward at
 --size) forward and backward at --batch under each SDPA kernel of --attn-backends, without
 compiling anything: what each kernel costs per UNet step. `data` times the Ray Data decode
@@ -38,11 +38,12 @@ stage (samples/s per CPU core) and the precompute encoder (samples/s on the GPU)
 runs torch.profiler over 3 full steps in the state the last mode left (tables in
 <out>.profile.txt). --preset NAME runs a named list (PRESETS): `run3` is the host-side ablation (--ablation, rows
 A-D of BENCHMARKS.md's "Pretraining step"), `run4` the next candidates on top of its row D, most
-informative first, `clconv` issue 18's candidate against the step it would change, then the profile
-with it on (the profile runs in the state the last mode left):
+informative first. A row that compiles the UNet again under CUDA graphs in the same process (a
+reduce-overhead row, then the same with +noclconv) ended in a segmentation fault on torch 2.11:
+compare such rows in separate runs, one mode each, as BENCHMARKS.md's step table does:
 
-    TORCHINDUCTOR_COMPILE_THREADS=10 python benchmarks/bench_pretrain.py --preset clconv --warmup 4 --steps 8 \
-        --budget 560 --out $OUT/bench_pretrain_clconv.json
+    TORCHINDUCTOR_COMPILE_THREADS=10 python benchmarks/bench_pretrain.py \
+        --modes full-pre-compiled+all+mode=reduce-overhead+noclconv --warmup 4 --steps 12 --out $OUT/before.json
 --budget is the whole run's seconds: a row starts only when its estimated cost (ROW_COST_S:
 compiles it triggers plus steps) still fits; results go to --out after every row.
 --wait-file: timed steps wait until that file exists (another benchmark sharing the GPU is
@@ -151,10 +152,7 @@ RUN4 = (
     "attention,full-pre-compiled+all+mode=reduce-overhead,full-pre-compiled+all+mode=reduce-overhead+uattn=flash,"
     "profile,full-pre-compiled+all+mode=reduce-overhead+uattn=flash@48,full-pre-compiled+all+uattn=flash"
 )
-# Issue 18: the compiled CUDA-graph step, the same with channels_last_convolutions (the UNet
-# traced again), and the profile of the latter, to compare its generic elementwise kernels.
-CLCONV = "full-pre-compiled+all+mode=reduce-overhead,full-pre-compiled+all+mode=reduce-overhead+clconv,profile"
-PRESETS = {"run3": ABLATION, "run4": RUN4, "clconv": CLCONV}
+PRESETS = {"run3": ABLATION, "run4": RUN4}
 
 # Estimated seconds a row costs on an H100 (its compiles, then warm-up and timed steps), for the
 # --budget check. The ablation (10 compile threads, cold Inductor cache): UNet compile ~190 s, Q-Former
@@ -569,7 +567,7 @@ STEP_MODES = (
     "full-pre-compiled",
     "full-raw-compiled",
 )
-PLAIN_FLAGS = ("legacy", "cudnn", "all", "graphs", "clconv")
+PLAIN_FLAGS = ("legacy", "cudnn", "all", "graphs", "noclconv")
 
 
 @dataclass
@@ -594,7 +592,8 @@ class Row:
 
     @property
     def clconv(self) -> bool:
-        return "clconv" in self.flags
+        """channels_last_convolutions on: compile_model's state, unless +noclconv."""
+        return "unet" in self.compiled and "noclconv" not in self.flags
 
 
 def parse_rows(modes: str, default_batch: int) -> list[Row]:
@@ -622,9 +621,8 @@ def parse_rows(modes: str, default_batch: int) -> list[Row]:
             raise SystemExit(
                 f"unknown setting in {spec!r}: mode one of {COMPILE_MODES}, uattn one of {tuple(UNET_SDPA_BACKENDS)}"
             )
-        if row.clconv and not row.compiled:
-            # Eager rows keep the UNet's weights NCHW: channels-last arguments would add copies.
-            raise SystemExit(f"+clconv needs a compiled mode (a channels-last UNet): {spec!r}")
+        if "noclconv" in row.flags and not row.compiled:
+            raise SystemExit(f"+noclconv needs a compiled mode (eager rows never hook the convolutions): {spec!r}")
         rows.append(row)
     return rows
 
@@ -651,9 +649,10 @@ def run_modes(args, device: torch.device, results: dict, t0: float) -> None:
     for limit in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, limit):
             setattr(torch._dynamo.config, limit, 64)
-    if any(row.clconv for row in rows):
-        # Dynamo does not guard on module hooks by default: a UNet compiled before +clconv's
-        # hooks were added (or removed) would replay its old graphs. Guarded, it traces again.
+    if len({row.clconv for row in rows if row.compiled}) > 1:
+        # Dynamo does not guard on module hooks by default: a UNet compiled with
+        # channels_last_convolutions' hooks would replay its graphs in a +noclconv row after
+        # they were removed (and the other way round). Guarded, it traces again.
         torch._dynamo.config.skip_nnmodule_hook_guards = False
     if args.tiny:
         model = BlipDiffusion.from_pretrained(TINY, device=device)
@@ -714,11 +713,10 @@ def run_modes(args, device: torch.device, results: dict, t0: float) -> None:
             args.out.write_text(json.dumps(results, indent=2))
             continue
         want = row.compiled
-        if row.clconv != state["clconv"]:
-            set_clconv(model.unet, row.clconv)
         if want != compiled:
-            compiled = set_compiled(model, compiled, want, backend)
+            compiled = set_compiled(model, compiled, want, backend)  # compile_model hooks the UNet
             ever |= set(want)
+        set_clconv(model.unet, row.clconv)
         state.update(
             uattn=row.uattn, batch=row.batch, compile_mode=row.compile_mode if want else None, clconv=row.clconv
         )
@@ -810,9 +808,11 @@ def row_cost(row: Row, compiled: dict[str, str], ever: set[str], state: dict, ar
 
 
 def set_clconv(unet: torch.nn.Module, on: bool) -> None:
-    """+clconv: channels_last_convolutions' hooks on (or off) the UNet's convolutions."""
+    """channels_last_convolutions' hooks on (or, for +noclconv and eager rows, off) the UNet's
+    convolutions; logs only a change."""
     count = channels_last_convolutions(unet) if on else remove_channels_last_convolutions(unet)
-    log.info("clconv %s: %d convolutions", "on" if on else "off", count)
+    if count:
+        log.info("clconv %s: %d convolutions", "on" if on else "off", count)
 
 
 def set_compiled(model: BlipDiffusion, compiled: dict[str, str], want: dict[str, str], backend: str) -> dict[str, str]:

@@ -21,8 +21,8 @@
   CUDA graphs and replayed. Seconds to set up: for fine-tuning's short runs at batch 3, where
   launching ~4,000 kernels a step, not arithmetic, bounds the step (issue 6).
 - `channels_last_convolutions`: every UNet convolution's input and output gradient in
-  channels-last, meant to leave cuDNN's convolution backward nothing to copy (issue 18).
-  Opt-in, unmeasured: benchmarks/bench_pretrain.py's +clconv; no config setting yet.
+  channels-last, which leaves cuDNN's convolution backward nothing to copy (issue 18; part of
+  `compile_model`, BENCHMARKS.md "Pretraining step": 8% more samples/s on an H100).
 """
 
 from __future__ import annotations
@@ -135,11 +135,14 @@ def compile_model(
 ) -> None:
     """torch.compile `parts` of a BlipDiffusion in place (parameter names are unchanged), with
     `mode` (COMPILE_MODES). The UNet goes channels-last first: its convolutions then skip layout
-    copies. `backend` other than inductor (tests and CPU smoke runs: "aot_eager") takes no mode."""
+    copies, and channels_last_convolutions hands every convolution channels-last arguments, so
+    that cuDNN's backward copies none either. `backend` other than inductor (tests and CPU smoke
+    runs: "aot_eager") takes no mode."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {mode!r} ({', '.join(COMPILE_MODES)})")
     if "unet" in parts:
         model.unet.to(memory_format=torch.channels_last)
+        channels_last_convolutions(model.unet)
         # The UNet's 1x1 convolutions (attention in/out projections, skip connections) as matrix
         # products, as every compiled step in BENCHMARKS.md was measured.
         torch._inductor.config.conv_1x1_as_mm = True
@@ -416,8 +419,8 @@ def _channels_last_output_gradient(conv: nn.Module, args: tuple, out: torch.Tens
 def channels_last_convolutions(unet: nn.Module) -> int:
     """Hand every Conv2d of `unet` (channels-last weights, compile_model) a channels-last input
     and, in the backward, a channels-last output gradient; values are unchanged. Returns the
-    number of convolutions hooked now (0 when they all are already). Opt-in (issue 18,
-    benchmarks/bench_pretrain.py's +clconv): unmeasured on GPUs, so not part of compile_model.
+    number of convolutions hooked now (0 when they all are already). compile_model applies it
+    to a compiled UNet; benchmarks/bench_pretrain.py's +noclconv takes it off again, to measure.
 
     Why: cuDNN's convolution backward with a channels-last weight copies an argument that is not
     channels-last (ATen's generic elementwise kernel), and in a compiled backward Inductor pins

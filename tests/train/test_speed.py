@@ -194,6 +194,17 @@ def test_compile_model_takes_a_mode():
         compile_model(model, ("unet",), mode="fast")
 
 
+def test_compile_model_hands_the_unets_convolutions_channels_last_arguments():
+    """Issue 18: the compiled UNet is channels-last, and its convolutions take channels-last
+    inputs and gradients (channels_last_convolutions), as the measured step did."""
+    model = BlipDiffusion.from_pretrained(TINY)
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.unet.modules())
+    compile_model(model, ("unet",), backend="aot_eager")
+    assert model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert channels_last_convolutions(model.unet) == 0  # every convolution already hooked
+    assert remove_channels_last_convolutions(model.unet) == convs
+
+
 # --- channels_last_convolutions (issue 18: cuDNN's convolution backward copying NCHW arguments)
 
 CL = torch.channels_last
