@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
 import numpy as np
 import torch
@@ -59,7 +60,8 @@ class Captioner:
     prompt: text the captioner continues ("" = a plain caption); max_new_tokens and num_beams go
     to `generate` (greedy with num_beams 1, so a photo's caption is the same on every build).
     attention: "sdpa" gives a BLIP captioner fused attention (stages/caption_attention.py; the
-    same captions up to float rounding), "eager" keeps transformers' own."""
+    same captions up to float rounding), "eager" keeps transformers' own. warm_up: on CUDA, one
+    batch of blank `photo_size` photos is captioned while the actor starts (_warm_up)."""
 
     def __init__(
         self,
@@ -69,6 +71,8 @@ class Captioner:
         num_beams: int = 1,
         batch_size: int = 8,
         attention: str = "sdpa",
+        warm_up: bool = True,
+        photo_size: int = 512,
     ):
         # Imported here so that modules which only need the pure function do not pay for it.
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -102,6 +106,21 @@ class Captioner:
             k: v.to(self.device) for k, v in self.processor(images=[blank], return_tensors="pt", **text).items() if k != "pixel_values"
         }
         log.info("captioner %s on %s (%s), attention %s %s, %s", model_path, self.device, self.dtype, attention, self.attention, self.generate_args)
+        if warm_up and self.device.type == "cuda":
+            self._warm_up(photo_size)
+
+    def _warm_up(self, size: int) -> None:
+        """Caption one full batch of blank photos and throw the text away. The first batch an
+        actor captions pays one-time costs (CUDA libraries' handles, kernel loads, generate's
+        set-up), several times a later batch's time on an H100 (BENCHMARKS.md, "Caption
+        stage"). The captioner starts before CLIPSeg's first rows reach it, so paid here they
+        leave the build's first rows, which wait on the first captions, sooner."""
+        started = time.perf_counter()
+        self.caption_images([np.zeros((size, size, 3), np.uint8)] * self.batch_size)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        # The actor's start decides the rate of small builds: say where it goes.
+        log.warning("captioner warm-up: %d photos at %d px in %.1f s", self.batch_size, size, time.perf_counter() - started)
 
     @torch.inference_mode()
     def pixel_values(self, images: list[np.ndarray]) -> torch.Tensor:

@@ -202,7 +202,7 @@ def captioner_family(model_path: str) -> str | None:
     return family if isinstance(family, str) else None
 
 
-def caption_stage(caption: CaptionConfig, model_path: str, cluster: Cluster) -> StageSpec:
+def caption_stage(caption: CaptionConfig, model_path: str, cluster: Cluster, photo_size: int) -> StageSpec:
     """The captioner's actor pool on `cluster`. It runs after CLIPSeg, so that photos the filter's
     exclude_prompts reject there are never captioned, and before matting, on photos alone: after
     it, rows carry each photo's composites too."""
@@ -211,7 +211,7 @@ def caption_stage(caption: CaptionConfig, model_path: str, cluster: Cluster) -> 
     return StageSpec(
         "caption",
         Captioner,
-        {"model_path": model_path, "batch_size": batch_size, **args},
+        {"model_path": model_path, "batch_size": batch_size, "photo_size": photo_size, **args},
         batch_size=batch_size,
         # Without GPUs it holds no CPU of its own and shares the tasks' cores: on 2 (CI, the
         # demo on a laptop), CLIPSeg's actor and the tasks take one each and would leave none.
@@ -231,7 +231,7 @@ def data_stages(
     finish = finish_args(config, backgrounds, dataset_version)
     on_device = {name: finish[name] for name in ("filter_args", "composite_args")}
     matte = matte_stage(data.matte, cluster, photo_size=data.decode.size, finish=on_device)
-    caption = [caption_stage(data.caption, config.model_path("captioner"), cluster)] if data.caption.enabled else []
+    caption = [caption_stage(data.caption, config.model_path("captioner"), cluster, data.decode.size)] if data.caption.enabled else []
     segment_actors, segment_batch = data.segment.resolved(cluster.gpus)
     segment = StageSpec(
         "segment",

@@ -333,6 +333,6 @@ def test_a_local_blip_captioner_gets_one_actor_per_gpu(tmp_path):
     os.mkfifo(fifo / "config.json")  # read, it would block the plan
     tiny = load_config(overrides=["profile=tiny"]).model_path("captioner")
     assert [captioner_family(str(p)) for p in (blip, tiny, broken, fifo, "Salesforce/blip2-opt-2.7b")] == ["blip", "blip-2", None, None, None]
-    actors = {name: caption_stage(CaptionConfig(), str(path), Cluster(cpus=64, gpus=2)).actors
+    actors = {name: caption_stage(CaptionConfig(), str(path), Cluster(cpus=64, gpus=2), 512).actors
               for name, path in {"blip": blip, "tiny": tiny, "broken": broken}.items()}
     assert actors == {"blip": 2, "tiny": 4, "broken": 4}

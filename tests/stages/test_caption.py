@@ -94,6 +94,17 @@ def test_a_blip_caption_ends_at_sep(tiny_blip):
     assert _generated_lengths(captioner, list(images)) == [3, 3, 3]  # [DEC], one word, [SEP]
 
 
+def test_the_warm_up_batch_changes_no_later_caption(tiny_blip):
+    """_warm_up (run on CUDA as the actor starts) captions blank photos through the same path:
+    BLIP's generate writes over its input ids in place, so a warm-up that shared the prompt's
+    tensors would change every caption after it."""
+    images = list(_batch(["", "", ""], ["", "", ""])["image"])
+    cold = Captioner(tiny_blip, prompt="a photo of", max_new_tokens=6, batch_size=2)
+    warmed = Captioner(tiny_blip, prompt="a photo of", max_new_tokens=6, batch_size=2)
+    warmed._warm_up(48)
+    assert warmed.caption_images(images) == cold.caption_images(images)
+
+
 def test_a_blip_captioner_continues_a_prompt_and_cuts_it(tiny_blip):
     """BLIP's generate writes [DEC] over the prompt's [CLS] in place: each batch needs its own copy."""
     captioner = Captioner(tiny_blip, prompt="a photo of", max_new_tokens=6, batch_size=2)

@@ -175,7 +175,7 @@ def test_blip2_keeps_its_own_sdpa_attention():
 
 def test_the_setting_reaches_the_captioner_and_leaves_the_processing_digest_alone():
     assert CaptionConfig().attention == "sdpa"
-    stage = caption_stage(CaptionConfig(attention="eager"), "captioner", Cluster(cpus=4, gpus=1))
+    stage = caption_stage(CaptionConfig(attention="eager"), "captioner", Cluster(cpus=4, gpus=1), 512)
     assert stage.args["attention"] == "eager"
     base = load_config(overrides=["profile=tiny"])
     eager = load_config(overrides=["profile=tiny", "data.caption.attention=eager"])
