@@ -372,13 +372,14 @@ def launches(run: Callable[[], None], device: torch.device, calls: int) -> list[
     events = prof.events()
     if device.type != "cuda":
         return [(e.name, e.self_cpu_time_total, _owners(e)) for e in events if e.name == "aten::copy_"]
-    ops = {e.id: e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.linked_correlation_id == 0}
-    found = []
-    for e in events:
-        if e.device_type == torch.autograd.DeviceType.CUDA and e.linked_correlation_id > 0:
-            owner = ops.get(e.linked_correlation_id)
-            found.append((e.name, e.time_range.elapsed_us(), _owners(owner)))
-    return found
+    # Each op's `kernels` are the device kernels the profiler tied to it (by correlation id);
+    # FunctionEvent.linked_correlation_id, which this read first, is not there in torch 2.11.
+    return [
+        (kernel.name, kernel.duration, _owners(op))
+        for op in events
+        if op.device_type == torch.autograd.DeviceType.CPU
+        for kernel in op.kernels
+    ]
 
 
 def classify(family: str, found: list[tuple[str, float, list[str]]], calls: int, device: torch.device) -> dict:
