@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -253,13 +254,26 @@ def draw_composites(
     seed: int,
     scale_min: float,
     scale_max: float,
+    cover: Callable[[str, int, int], np.ndarray] = covered_background,
 ) -> list[CompositeDraw]:
     """The `per_photo` composites' draws of a (height, width) photo with content hash `sha256`
     and subject box `bbox`, each from its own seed (photo_seed)."""
     return [
-        draw_composite(k, photo_seed(seed, sha256, k), height, width, bbox, backgrounds, scale_min, scale_max)
+        draw_composite(k, photo_seed(seed, sha256, k), height, width, bbox, backgrounds, scale_min, scale_max, cover)
         for k in range(per_photo)
     ]
+
+
+def drawn_backgrounds(sha256: str, *, backgrounds: list[tuple[str, str]], per_photo: int, seed: int, **_: object) -> list[str]:
+    """The background paths draw_composites picks for a photo, without its placements (which
+    need the subject box): what a stage can load while the photo's matte is still being solved.
+    Takes composite_batch's keyword arguments."""
+    return [_draw_background(np.random.default_rng(photo_seed(seed, sha256, k)), backgrounds)[1] for k in range(per_photo)]
+
+
+def _draw_background(rng: np.random.Generator, backgrounds: list[tuple[str, str]]) -> tuple[str, str]:
+    """A composite's first draw, of (background_id, path)."""
+    return backgrounds[int(rng.integers(len(backgrounds)))]
 
 
 def draw_composite(
@@ -271,13 +285,15 @@ def draw_composite(
     backgrounds: list[tuple[str, str]],
     scale_min: float,
     scale_max: float,
+    cover: Callable[[str, int, int], np.ndarray] = covered_background,
 ) -> CompositeDraw:
     """One composite's draws from a generator seeded by `row_seed`: the background first, then
     draw_placement's. The build's composites (draw_composites) and training's online ones
-    (stages/online_composite.py) both draw here, with their own seeds."""
+    (stages/online_composite.py) both draw here, with their own seeds. `cover` gives the
+    covered background (covered_background, or what a stage loaded ahead of time)."""
     rng = np.random.default_rng(row_seed)
-    background_id, path = backgrounds[int(rng.integers(len(backgrounds)))]
-    covered = covered_background(path, height, width).shape[:2]
+    background_id, path = _draw_background(rng, backgrounds)
+    covered = cover(path, height, width).shape[:2]
     placement = draw_placement(rng, height, width, covered, bbox, scale_min, scale_max)
     return CompositeDraw(index, row_seed, background_id, path, placement)
 

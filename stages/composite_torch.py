@@ -18,7 +18,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from stages.composite import CompositeDraw, Placement, draw_composites
+from stages.composite import CompositeDraw, Placement, covered_background, draw_composites
 
 
 def _lanczos3(x: np.ndarray) -> np.ndarray:
@@ -186,16 +186,18 @@ def composite_photos_torch(
     alpha: Sequence[torch.Tensor],
     subjects: Sequence[Subject],
     background: Callable[[str, int, int], torch.Tensor],
+    cover: Callable[[str, int, int], np.ndarray] = covered_background,
     **composite_args: object,
 ) -> list[list[tuple[CompositeDraw, torch.Tensor]]]:
     """composite_batch's work for photos on the device: per subject, its composites' draws
     (draw_composites with `composite_args`, composite_batch's keyword arguments) and their uint8
     (H, W, 3) pixels (composite_subjects_torch), on the tensors' device. `background(path,
-    height, width)` gives covered_background(path, height, width) as a uint8 tensor there."""
+    height, width)` gives covered_background(path, height, width) as a uint8 tensor there, and
+    `cover` the same on the host (for the draws' sizes)."""
     draws, jobs = [], []
     for subject in subjects:
         height, width = alpha[subject.photo].shape
-        draws.append(draw_composites(subject.sha256, height, width, subject.bbox, **composite_args))
+        draws.append(draw_composites(subject.sha256, height, width, subject.bbox, cover=cover, **composite_args))
         for d in draws[-1]:
             background_pixels = background(d.background_path, height, width)
             jobs.append(PasteJob(subject.photo, subject.bbox, d.placement, background_pixels))

@@ -16,14 +16,22 @@ import collections
 import contextlib
 import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from stages.composite import BBOX_THRESHOLD, CompositeDraw, bbox_of_profiles, composite_rows, covered_background
+from stages.composite import (
+    BBOX_THRESHOLD,
+    CompositeDraw,
+    bbox_of_profiles,
+    composite_rows,
+    covered_background,
+    drawn_backgrounds,
+)
 from stages.composite import STAGE as COMPOSITE_STAGE
 from stages.composite_torch import Subject, composite_photos_torch
 from stages.filter import STAGE as FILTER_STAGE
@@ -41,7 +49,12 @@ from stages.records import (
     TRIMAP,
     Reject,
     apply_per_row,
+    healthy_rows,
 )
+
+# Backgrounds a matting actor keeps on its device, and the threads that decode a batch's others.
+UPLOADED_BACKGROUNDS = 64
+BACKGROUND_THREADS = 4
 
 # ALPHA and TRIMAP of a row without a matte, sent as uint8: a column's arrays must share a dtype
 # on their way into Arrow.
@@ -83,9 +96,14 @@ class MatteFilterComposite(Matter):
         super().__init__(**matter_args)
         self.filter_args = filter_args
         self.composite_args = composite_args
-        # A batch's composites draw from a few backgrounds at one photo size: each is resized and
-        # uploaded once, not once per composite.
-        self._background = functools.lru_cache(maxsize=64)(self._upload_background)
+        # Backgrounds on the device, most recently used last: a batch's composites that draw from
+        # a small set (the procedural default) upload each once, not once per composite.
+        self._uploaded: collections.OrderedDict[tuple[str, int, int], torch.Tensor] = collections.OrderedDict()
+        # Backgrounds decoded on these threads while the device solves the batch's mattes
+        # (_load_ahead): with a pool of thousands nearly every composite draws one not seen
+        # before, and decoding each on the actor's thread, between its solves, left the GPU's
+        # share of this actor idle. PIL decodes without holding the GIL.
+        self._loader = ThreadPoolExecutor(BACKGROUND_THREADS, thread_name_prefix="backgrounds")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.inference_mode():
@@ -94,11 +112,12 @@ class MatteFilterComposite(Matter):
     def _matte_and_finish(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         clock = _StageClock(self.device)
         outcomes: dict[int, _Outcome] = {}
+        cover = self._load_ahead(batch)
 
         def solve_and_finish(chunk: list[int]) -> None:
             with clock(STAGE):
                 solved = self._solve_on_device([batch[IMAGE][i] for i in chunk], [batch[TRIMAP][i] for i in chunk])
-            outcomes.update(self._finish_solve(batch, chunk, solved, clock))
+            outcomes.update(self._finish_solve(batch, chunk, solved, clock, cover))
 
         self._each_fitting(self._chunks(batch), solve_and_finish)
 
@@ -126,8 +145,29 @@ class MatteFilterComposite(Matter):
         # composite_rows times from a start: put it back by the composites' time on the device.
         return composite_rows(batch, made, time.perf_counter() - clock.seconds[COMPOSITE_STAGE])
 
+    def _load_ahead(self, batch: dict[str, np.ndarray]) -> Callable[[str, int, int], np.ndarray]:
+        """Start decoding every background the batch's photos will draw (drawn_backgrounds), at
+        each photo's size, on the loader threads; return what covered_background returns, from
+        those loads (a background not loaded ahead is decoded on the spot, as before). The batch's
+        decoded backgrounds stay in host memory until it is done: per_photo per photo, ~0.8 MB
+        each at 512 px."""
+        ahead: dict[tuple[str, int, int], Future] = {}
+        for i in healthy_rows(batch):
+            height, width = batch[IMAGE][i].shape[:2]
+            for path in drawn_backgrounds(str(batch[SOURCE_SHA256][i]), **self.composite_args):
+                key = (path, height, width)
+                if key not in ahead and key not in self._uploaded:
+                    ahead[key] = self._loader.submit(covered_background, *key)
+
+        def cover(path: str, height: int, width: int) -> np.ndarray:
+            loading = ahead.get((path, height, width))
+            return loading.result() if loading is not None else covered_background(path, height, width)
+
+        return cover
+
     def _finish_solve(
-        self, batch: dict[str, np.ndarray], chunk: list[int], solved: Solved, clock: _StageClock
+        self, batch: dict[str, np.ndarray], chunk: list[int], solved: Solved, clock: _StageClock,
+        cover: Callable[[str, int, int], np.ndarray],
     ) -> dict[int, _Outcome]:
         """The filter and the composites of a solve's photos (row chunk[j] is photo j), on the
         device."""
@@ -146,15 +186,18 @@ class MatteFilterComposite(Matter):
                     continue
                 passed.append(_Passed(j, i, area, bbox_of_profiles(*profiles[j])))
         with clock(COMPOSITE_STAGE):
-            outcomes.update(self._composite(batch, passed, solved))
+            outcomes.update(self._composite(batch, passed, solved, cover))
         return outcomes
 
-    def _composite(self, batch: dict[str, np.ndarray], passed: list[_Passed], solved: Solved) -> dict[int, _Finished]:
+    def _composite(
+        self, batch: dict[str, np.ndarray], passed: list[_Passed], solved: Solved, cover: Callable[[str, int, int], np.ndarray]
+    ) -> dict[int, _Finished]:
         """The composites of the photos that passed the filter, made on the device and brought
         back with their uint8 alphas, trimaps and foregrounds in one download."""
         subjects = [Subject(photo.j, str(batch[SOURCE_SHA256][photo.row]), photo.bbox) for photo in passed]
         made = composite_photos_torch(
-            solved.foreground, solved.alpha, subjects, self._background, **self.composite_args
+            solved.foreground, solved.alpha, subjects, functools.partial(self._background, cover), cover=cover,
+            **self.composite_args,
         )
         maps = [
             m for photo in passed for m in (to_uint8_torch(solved.alpha[photo.j]), to_uint8_torch(solved.trimap[photo.j]),
@@ -169,8 +212,16 @@ class MatteFilterComposite(Matter):
             for n, (photo, composites) in enumerate(zip(passed, made, strict=True))
         }
 
-    def _upload_background(self, path: str, height: int, width: int) -> torch.Tensor:
-        return torch.tensor(covered_background(path, height, width), device=self.device)
+    def _background(self, cover: Callable[[str, int, int], np.ndarray], path: str, height: int, width: int) -> torch.Tensor:
+        """The covered background on the device: kept for the last UPLOADED_BACKGROUNDS used."""
+        key = (path, height, width)
+        if key in self._uploaded:
+            self._uploaded.move_to_end(key)
+        else:
+            self._uploaded[key] = torch.tensor(cover(path, height, width), device=self.device)
+            if len(self._uploaded) > UPLOADED_BACKGROUNDS:
+                self._uploaded.popitem(last=False)
+        return self._uploaded[key]
 
 
 class _StageClock:

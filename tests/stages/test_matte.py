@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipeline.config import ConfigError, MatteConfig
 from pipeline.data.plan import Cluster, gpus_per_segment_actor, matte_backend, matte_stage
@@ -305,3 +306,49 @@ def test_a_finishing_matter_gives_the_rows_of_the_filter_and_composite_stages(mo
     got_bytes, want_bytes = encode_batch(got, **encode_args), encode_batch(want, **encode_args)
     for name in ("image", "alpha", "trimap"):
         assert list(got_bytes[name]) == list(want_bytes[name]), name
+
+
+def test_matte_filter_composite_decodes_a_batchs_backgrounds_on_its_loader_threads(tmp_path, monkeypatch):
+    """With a pool of many backgrounds nearly every composite draws one the actor has not seen:
+    each is decoded once, on the actor's loader threads (started before the solve), and the
+    composites are those that decoding on the actor's own thread gave."""
+    import threading
+
+    import stages.composite as composite
+    import stages.matte_composite as matte_composite
+    from pipeline.data.backgrounds import list_backgrounds
+    from stages.composite import composite_batch
+    from stages.filter import filter_batch
+    from stages.records import BACKGROUND_ID, COMPOSITE, SOURCE_SHA256
+
+    rng = np.random.default_rng(0)
+    for n in range(40):
+        Image.fromarray(rng.integers(0, 256, (24 + n, 64, 3), dtype=np.uint8)).save(tmp_path / f"bg{n:02d}.png")
+    scenes = [make_scene(48, 48, seed) for seed in (6, 7, 8, 9)]
+    batch = {
+        SOURCE_URI: np.array([f"p{i}" for i in range(4)], dtype=object),
+        SOURCE_SHA256: np.array([f"{i + 1:02x}" * 32 for i in range(4)], dtype=object),
+        IMAGE: _column([as_uint8(s.image) for s in scenes]),
+        TRIMAP: _column([s.trimap for s in scenes]),
+        REJECT_STAGE: np.array([""] * 4, dtype=object),
+        REJECT_REASON: np.array([""] * 4, dtype=object),
+    }
+    composite_args = {"backgrounds": list_backgrounds(tmp_path), "per_photo": 3, "seed": 1, "scale_min": 0.3, "scale_max": 1.0}
+    filter_args = {"min_area": 0.01, "max_area": 0.95}
+    loads = []
+
+    def covered(path, height, width):
+        loads.append((path, threading.current_thread().name))
+        return composite.cover_background(composite.load_background(path), height, width)
+
+    copy = lambda: {k: v.copy() for k, v in batch.items()}  # noqa: E731
+    want = composite_batch(filter_batch(Matter(batch_size=4, warm_up=False)(copy()), **filter_args), **composite_args)
+    monkeypatch.setattr(matte_composite, "covered_background", covered)
+    got = MatteFilterComposite(filter_args, composite_args, batch_size=4, warm_up=False)(copy())
+    drawn = {p for i in range(4) for p in composite.drawn_backgrounds(batch[SOURCE_SHA256][i], **composite_args)}
+    assert len(drawn) >= 8  # the pool is large enough that most draws differ
+    assert sorted(p for p, _ in loads) == sorted(drawn)  # each once, none on the spot
+    assert all(name.startswith("backgrounds") for _, name in loads)
+    assert list(got[BACKGROUND_ID]) == list(want[BACKGROUND_ID]) and (got[REJECT_STAGE] == "").all()
+    for a, b in zip(got[COMPOSITE], want[COMPOSITE], strict=True):  # the CPU path's pixels, as above
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
