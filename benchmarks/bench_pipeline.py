@@ -57,6 +57,8 @@ the previous build took longer than the budget has left.
 
     python benchmarks/bench_pipeline.py --out $OUT/bench_pipeline.json --budget 420   # GPU machine
     python benchmarks/bench_pipeline.py --smoke --out /tmp/bench_pipeline.json   # CPU sanity of the script, captions on
+    python benchmarks/bench_pipeline.py --pool 4096 --variant "" --variant "data.backgrounds.folder={pool}" \
+        --out $OUT/pool.json   # the bundled 12 backgrounds against a pool of 4,096 (a real run's)
     python benchmarks/bench_pipeline.py --photos 48 --warm-up-photos 8 --size 96 \\
         --clipseg tiny --num-cpus 4 --fake-gpus 1 data.matte.backend=torch \\
         data.matte.num_actors=1 data.segment.num_actors=1 data.caption.num_actors=1 data.matte.batch_size=8   # CPU-only sanity (4 CPUs: each actor holds one)
@@ -238,9 +240,9 @@ def captioner_overrides(setting: str, work: Path) -> list[str]:
 
 def variant_overrides(variant: str, work: Path) -> list[str]:
     """A --variant's config overrides, its `captioner=SETTING` (a --captioner setting) made into
-    captioner_overrides."""
+    captioner_overrides and `{pool}` into --pool's folder."""
     overrides: list[str] = []
-    for item in variant.split():
+    for item in variant.replace("{pool}", str(work / POOL)).split():
         key, _, value = item.partition("=")
         overrides += captioner_overrides(value, work) if key == "captioner" else [item]
     return overrides
@@ -366,6 +368,22 @@ def make_source(root: Path, photos: int, size: int, workers: int) -> Path:
         src = files[i % len(files)]
         (root / src.parent.name).mkdir(exist_ok=True)
         tasks.append((str(src), str(root / src.parent.name / f"{i:06d}.jpg"), size, i))
+    with mp.get_context("spawn").Pool(workers) as pool:
+        pool.map(_jittered_copy, tasks, chunksize=16)
+    return root
+
+
+# --pool's folder under the work folder, which a variant names as {pool}.
+POOL = "background-pool"
+
+
+def make_pool(root: Path, backgrounds: int, size: int, workers: int) -> Path:
+    """A folder of `backgrounds` distinct background photos (jittered copies of DreamBench-mini's
+    photos, seeded apart from the source's), as a real pool of thousands is: nearly every
+    composite draws one its actor has not decoded yet."""
+    files = sorted(PHOTOS.glob("*/*.jpg"))
+    root.mkdir(parents=True)
+    tasks = [(str(files[i % len(files)]), str(root / f"bg{i:06d}.jpg"), size, 10**9 + i) for i in range(backgrounds)]
     with mp.get_context("spawn").Pool(workers) as pool:
         pool.map(_jittered_copy, tasks, chunksize=16)
     return root
@@ -727,6 +745,13 @@ def main(argv: list[str] | None = None) -> None:
         help="overrides ('k=v k=v'; captioner=SETTING as --captioner) of one timed build; repeatable; "
         "default one build",
     )
+    parser.add_argument(
+        "--pool",
+        type=int,
+        default=0,
+        help="make a folder of this many distinct background photos, which a --variant names as "
+        "data.backgrounds.folder={pool} (the default builds use the bundled 12 procedural backgrounds)",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides of every build, key=value")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -794,6 +819,8 @@ def main(argv: list[str] | None = None) -> None:
     workers = args.num_cpus or os.cpu_count() or 1
     warm_source = make_source(work / "warm-source", args.warm_up_photos, args.size, workers)
     source = make_source(work / "source", args.photos, args.size, workers)
+    if args.pool:
+        make_pool(work / POOL, args.pool, args.size, workers)
     report.data["setup_s"] = round(time.perf_counter() - started, 2)
     log.info("setup (CLIPSeg, captioner, %d + %d photos): %.1f s", args.warm_up_photos, args.photos, report.data["setup_s"])
 
