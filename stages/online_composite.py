@@ -10,19 +10,17 @@ or resumed run, and another epoch gives another composite.
 from __future__ import annotations
 
 import hashlib
-import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from stages.composite import COMPOSITE_INDEX, covered_background, draw_composite, paste_subject, subject_bbox
 from stages.composite_torch import PasteJob, composite_subjects_torch
 from stages.records import ALPHA, CATEGORY, FOREGROUND, IMAGE, SOURCE_SHA256
-from stages.train_inputs import CAPTION, TARGET, crop_target, decode_rgb
+from stages.train_inputs import CAPTION, TARGET, crop_target, decode_column
 
 ROW_KEY = "row_key"  # int64: the row's identity for its draws (row_key of its photo and composite index)
 PASS_INDEX = "pass_index"  # int64: which pass of a Ray Data epoch's union the row is in (training_passes)
@@ -62,31 +60,27 @@ def prepare_cutout_batch(
     n = len(batch[CATEGORY])
     captions = batch[CAPTION] if CAPTION in batch else np.full(n, "", dtype=object)
     if decode:
-        foregrounds, alphas = decode_cutouts(batch[FOREGROUND], batch[ALPHA])
+        foregrounds, alphas = decode_cutouts(batch)
     else:
         foregrounds, alphas = np.asarray(batch[FOREGROUND], dtype=object), np.asarray(batch[ALPHA], dtype=object)
     return {
         CATEGORY: np.asarray(batch[CATEGORY], dtype=object),
         CAPTION: np.asarray([c or "" for c in captions], dtype=object),
-        TARGET: np.stack([crop_target(decode_rgb(b), resolution, crop, rng) for b in batch[IMAGE]]),
+        TARGET: np.stack([crop_target(p, resolution, crop, rng) for p in decode_column(batch, IMAGE)]),
         FOREGROUND: foregrounds,
         ALPHA: alphas,
         ROW_KEY: np.asarray([row_key(str(h), int(k)) for h, k in zip(batch[SOURCE_SHA256], batch[COMPOSITE_INDEX], strict=True)], np.int64),
     }
 
 
-def decode_cutouts(foregrounds: Sequence[bytes], alphas: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """A cutout's stored bytes -> object arrays of FOREGROUND uint8 (H, W, 3) and ALPHA uint8
-    (H, W), one array per row (ragged: photos differ in size)."""
-    out_fg, out_alpha = np.empty(len(foregrounds), dtype=object), np.empty(len(alphas), dtype=object)
-    out_fg[:] = [decode_rgb(b) for b in foregrounds]
-    out_alpha[:] = [_decode_gray(b) for b in alphas]
+def decode_cutouts(batch: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's stored cutout bytes (FOREGROUND, ALPHA) -> object arrays of FOREGROUND uint8
+    (H, W, 3) and ALPHA uint8 (H, W), one array per row (ragged: photos differ in size).
+    UndecodableImage for bytes that are not an image (stages.train_inputs.decode_column)."""
+    out_fg, out_alpha = np.empty(len(batch[FOREGROUND]), dtype=object), np.empty(len(batch[ALPHA]), dtype=object)
+    out_fg[:] = decode_column(batch, FOREGROUND)
+    out_alpha[:] = decode_column(batch, ALPHA, mode="L")
     return out_fg, out_alpha
-
-
-def _decode_gray(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("L"))
 
 
 class OnlineCompositor:

@@ -9,6 +9,10 @@ Pure cores:
   posterior's mean and log-variance; `sample_latents` in pipeline.train.losses draws from it.
 - `image_features(qformer, pixels)`: (B, 3, S, S) -> (B, 1 + N, Dv), the frozen ViT's features.
 
+Decoding: `decode_image` / `decode_column`, the one decode of a row's image bytes in training
+(the Ray Data feeds, the in-memory shard, the online cutouts), raise UndecodableImage for bytes
+that are not an image, naming the column and the data file.
+
 Batch adapters: `prepare_batch` (a Ray Data map function: decode, crop, preprocess) and
 `FrozenEncoder` (a Ray Data actor that loads the VAE and the ViT once and replaces the pixel
 columns by their encodings, for training from precomputed inputs; the VAE alone for online
@@ -17,12 +21,16 @@ composites, whose ViT input is new each epoch).
 
 from __future__ import annotations
 
+import hashlib
 import io
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from stages.decode import _CORRUPT  # what PIL raises on damaged bytes, at open or at load
 
 # CAPTION: a column of datasets the caption stage wrote; rows without one (or an empty one) get
 # the prompt template.
@@ -33,14 +41,62 @@ TARGET = "target"  # float32 (3, R, R) in [-1, 1], the photo to reconstruct
 LATENT_PARAMS = "latent_params"  # float32 (2C, R/8, R/8): VAE posterior mean and log-variance
 IMAGE_FEATURES = "image_features"  # float16 (1 + N, Dv): frozen ViT features of the composite
 
+PATH = "path"  # a row's data file, the column ray.data.read_parquet(include_paths=True) adds
+
 # Columns `prepare_batch` reads from the dataset (CAPTION too when the dataset has it).
 INPUT_COLUMNS = (CATEGORY, IMAGE, COMPOSITE)
 
 
+class UndecodableImage(ValueError):
+    """A row's image bytes that PIL cannot decode (not an image, or cut short): a damaged dataset
+    version, not a bug. Carries the column, the data file where the batch had PATH, and the
+    bytes' SHA-256, by which the driver finds the row (pipeline.train.data
+    undecodable_rows_refused). The same rows fail the same way on every attempt."""
+
+    def __init__(self, reason: str, sha256: str, column: str | None = None, file: str | None = None) -> None:
+        super().__init__(reason, sha256, column, file)
+        self.reason, self.sha256, self.column, self.file = reason, sha256, column, file
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str | None, str | None]]:
+        # Rebuilt from its fields between processes: Ray Data appends retry advice to args[0].
+        return type(self), (self.reason, self.sha256, self.column, self.file)
+
+    def at(self, column: str, file: str | None) -> UndecodableImage:
+        return UndecodableImage(self.reason, self.sha256, column, file)
+
+    def __str__(self) -> str:
+        where = f"{self.file}: " if self.file else ""
+        return f"{where}{self.column or 'image'} does not decode: {self.reason} (bytes sha256 {self.sha256[:16]})"
+
+
+def decode_image(data: bytes | None, mode: str = "RGB") -> np.ndarray:
+    """JPEG/PNG bytes -> uint8 (H, W, 3) in RGB, (H, W) in L. UndecodableImage when they are
+    missing, not an image or cut short."""
+    try:
+        with Image.open(io.BytesIO(data or b"")) as img:
+            return np.asarray(img.convert(mode))
+    except UnidentifiedImageError:
+        reason = "not an image (no format PIL recognises)" if data else "no bytes"
+    except _CORRUPT as exc:  # a recognised format, damaged or truncated
+        reason = f"corrupt or truncated image: {exc}"
+    raise UndecodableImage(reason, hashlib.sha256(data or b"").hexdigest())
+
+
 def decode_rgb(data: bytes) -> np.ndarray:
-    """JPEG/PNG bytes -> uint8 (H, W, 3)."""
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("RGB"))
+    """JPEG/PNG bytes -> uint8 (H, W, 3); UndecodableImage for bytes that are not an image."""
+    return decode_image(data, "RGB")
+
+
+def decode_column(batch: Mapping[str, Any], column: str, mode: str = "RGB") -> list[np.ndarray]:
+    """Each row's `column` decoded (decode_image); the UndecodableImage of a row that does not
+    decode names the column and, where the batch has PATH, the row's data file."""
+    decoded = []
+    for i, data in enumerate(batch[column]):
+        try:
+            decoded.append(decode_image(data, mode))
+        except UndecodableImage as exc:
+            raise exc.at(column, str(batch[PATH][i]) if PATH in batch else None) from None
+    return decoded
 
 
 def crop_target(photo: np.ndarray, resolution: int, crop: str, rng: np.random.Generator) -> np.ndarray:
@@ -80,8 +136,8 @@ def prepare_batch(
     return {
         CATEGORY: np.asarray(batch[CATEGORY], dtype=object),
         CAPTION: np.asarray([c or "" for c in captions], dtype=object),
-        PIXEL_VALUES: np.stack([subject_pixels(decode_rgb(b), processor) for b in batch[COMPOSITE]]),
-        TARGET: np.stack([crop_target(decode_rgb(b), resolution, crop, rng) for b in batch[IMAGE]]),
+        PIXEL_VALUES: np.stack([subject_pixels(c, processor) for c in decode_column(batch, COMPOSITE)]),
+        TARGET: np.stack([crop_target(p, resolution, crop, rng) for p in decode_column(batch, IMAGE)]),
     }
 
 

@@ -24,6 +24,8 @@ import logging
 import math
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +55,15 @@ from stages.online_composite import (
     prepare_cutout_batch,
 )
 from stages.records import ALPHA, CATEGORY, COMPOSITE, FOREGROUND, IMAGE, SOURCE_SHA256, SUBJECT_ID
-from stages.train_inputs import CAPTION, INPUT_COLUMNS, PIXEL_VALUES, FrozenEncoder, prepare_batch, subject_pixels
+from stages.train_inputs import (
+    CAPTION,
+    INPUT_COLUMNS,
+    PIXEL_VALUES,
+    FrozenEncoder,
+    UndecodableImage,
+    prepare_batch,
+    subject_pixels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +221,67 @@ def _damage(path: Path, problems: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+@contextmanager
+def undecodable_rows_refused(location: str) -> Iterator[None]:
+    """Turns an error whose cause is an UndecodableImage (a Ray Data task's, a Ray Train worker's,
+    however deep Ray wrapped it) into the ConfigError of a damaged version (exit 2) that names
+    the data file, the row and its subject, in place of a stack trace. `location`: the version
+    trained on (DatasetInfo.path). Other errors pass through."""
+    try:
+        yield
+    except Exception as exc:
+        bad = find_undecodable(exc)
+        if bad is None:
+            raise
+        raise ConfigError(_undecodable_damage(open_dataset(location), bad)) from None
+
+
+def find_undecodable(error: object) -> UndecodableImage | None:
+    """The UndecodableImage in `error`: itself, a Ray task error's `cause`, Ray Train's
+    worker_failures (a {rank: error} map too) and controller_failure, a worker error's wrapped
+    exception (_base_exc), or the exceptions chained to any of them."""
+    todo, seen = [error], set()
+    while todo:
+        item = todo.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if type(item) is UndecodableImage:  # not Ray's RayTaskError(UndecodableImage), whose `cause` holds it
+            return item
+        if isinstance(item, dict):
+            todo += item.values()
+            continue
+        todo += [getattr(item, name, None) for name in ("cause", "_base_exc", "controller_failure", "worker_failures")]
+        todo += [getattr(item, "__cause__", None), getattr(item, "__context__", None)]
+    return None
+
+
+def _undecodable_damage(info: DatasetInfo, bad: UndecodableImage) -> str:
+    """The damage message of `bad`, with the row found by its bytes' SHA-256 in the file it came
+    from (or, for bytes read back from a precomputed cache, in any of the version's files)."""
+    for file in [bad.file] if bad.file else info.files:
+        found = _find_row(file, bad)
+        if found is not None:
+            index, subject = found
+            row = f"row {index}" + (f" (subject {subject})" if subject else "")
+            return _damage(Path(info.path), {file: f"{row}: {bad.column} does not decode: {bad.reason}"})
+    where = bad.file or "a precomputed cache (train.storage_path)"
+    return _damage(Path(info.path), {where: f"a row whose {bad.column} does not decode: {bad.reason} (bytes sha256 {bad.sha256[:16]})"})
+
+
+def _find_row(file: str, bad: UndecodableImage) -> tuple[int, str | None] | None:
+    """(row index, subject id when the file has the column) of the row whose `bad.column` bytes
+    hash to `bad.sha256`; None when no row of `file` does."""
+    names = pq.read_schema(file).names
+    if bad.column not in names:
+        return None
+    table = pq.read_table(file, columns=[bad.column, *([SUBJECT_ID] if SUBJECT_ID in names else [])])
+    for index, data in enumerate(table.column(bad.column).to_pylist()):
+        if hashlib.sha256(data or b"").hexdigest() == bad.sha256:
+            return index, table.column(SUBJECT_ID)[index].as_py() if SUBJECT_ID in names else None
+    return None
+
+
 def sample_subjects(info: DatasetInfo, count: int) -> list[dict[str, Any]]:
     """The first `count` subjects (in subject_id order) with one composite each: the fixed
     subjects of the sample images. Reads row groups until each is found, not the whole dataset."""
@@ -257,7 +328,8 @@ def build_training_plan(info: DatasetInfo, config: Config, processor: Any, passe
     train = config.train
     online = train.composite == "online"
     columns = list(CUTOUT_COLUMNS if online else INPUT_COLUMNS) + ([CAPTION] if info.has_caption else [])
-    ds = ray.data.read_parquet(info.files, columns=columns)
+    # With each row's data file (PATH), which a row whose image does not decode is named by.
+    ds = read_parquet(info.files, columns=columns, include_paths=True)
     crop = "center" if train.precompute else train.crop  # a cached crop cannot be random
     if online:
         fn, kwargs = prepare_cutout_batch, {"resolution": train.resolution, "crop": crop, "decode": not train.precompute}
@@ -265,6 +337,16 @@ def build_training_plan(info: DatasetInfo, config: Config, processor: Any, passe
         fn, kwargs = prepare_batch, {"processor": processor, "resolution": train.resolution, "crop": crop}
     ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_size=_MAP_BATCH, num_cpus=train.data_cpus)
     return repeat_passes(ds, passes, tag=online and not train.precompute)
+
+
+def read_parquet(files: list[str], **kwargs: Any) -> Dataset:
+    """ray.data.read_parquet of training data, whose map functions' errors are raised as they are
+    (DataContext.raise_original_map_exception, for this Dataset and those made from it): an
+    UndecodableImage then reaches the driver and Ray Train's controller as itself, where Ray
+    Data's UserCodeException would carry it as text only."""
+    ds = ray.data.read_parquet(files, **kwargs)
+    ds.context.raise_original_map_exception = True
+    return ds
 
 
 def repeat_passes(ds: Dataset, passes: int, tag: bool = False) -> Dataset:
@@ -361,7 +443,11 @@ def precompute_inputs(ds: Dataset, info: DatasetInfo, config: Config, storage: s
         # Dictionary pages only for the strings: random-looking floats never repeat, and a
         # dictionary-encoded binary column reads ~7x slower.
         packed = encoded.map_batches(pack_tensor_columns, batch_format="numpy", zero_copy_batch=True)
-        packed.write_parquet(f"{cache}/{parts}", use_dictionary=[CATEGORY, CAPTION])
+        try:
+            packed.write_parquet(f"{cache}/{parts}", use_dictionary=[CATEGORY, CAPTION])
+        except BaseException:  # rows that do not decode, an interrupt: this attempt's parts are never read
+            _remove_attempt(fs, root, parts)
+            raise
         with fs.open_output_stream(f"{done}.{parts}") as out:  # then renamed: a half-written record is never read
             out.write(json.dumps({"rows": info.rows, "key": key_source, "parts": parts}).encode())
         fs.move(f"{done}.{parts}", done)
@@ -381,20 +467,30 @@ def precompute_inputs(ds: Dataset, info: DatasetInfo, config: Config, storage: s
         )
     info.tensor_layout = read_tensor_layout(pq.read_schema(files[0], filesystem=fs))
     if online:  # the Ray Data feed reads it: the cutouts are decoded in its tasks
-        rows_back = ray.data.read_parquet(files, filesystem=fs).map_batches(
+        rows_back = read_parquet(files, filesystem=fs).map_batches(
             decode_cutout_columns, batch_format="pyarrow", batch_size=_MAP_BATCH, num_cpus=train.data_cpus
         )
         return repeat_passes(rows_back, passes, tag=True)
     arrays = array_cache(f"{cache}/{parts}".rstrip("/"), info.tensor_layout)
     info.array_cache = str(arrays) if arrays is not None else None
-    return repeat_passes(ray.data.read_parquet(files, filesystem=fs), passes)
+    return repeat_passes(ray.data.read_parquet(files, filesystem=fs), passes)  # no map function here
+
+
+def _remove_attempt(fs: pyarrow.fs.FileSystem, root: str, parts: str) -> None:
+    """Delete a failed precompute's own parts folder, then the cache folder if that left it
+    empty (local storage: os.rmdir leaves one that another job writes into at once)."""
+    with suppress(OSError):
+        fs.delete_dir(f"{root}/{parts}")
+    if fs.type_name == "local":
+        with suppress(OSError):
+            os.rmdir(root)
 
 
 def decode_cutout_columns(table: pa.Table) -> pa.Table:
     """Ray Data adapter (pyarrow batches) of the online targets' cache: the cutout's stored
     bytes -> FOREGROUND and ALPHA as prepare_cutout_batch decodes them (ragged uint8 tensors);
     the other columns as they are (latent_params stays fixed-size binary for FeedCollate)."""
-    foregrounds, alphas = decode_cutouts(table.column(FOREGROUND).to_pylist(), table.column(ALPHA).to_pylist())
+    foregrounds, alphas = decode_cutouts({FOREGROUND: table.column(FOREGROUND).to_pylist(), ALPHA: table.column(ALPHA).to_pylist()})
     table = table.set_column(table.schema.get_field_index(FOREGROUND), FOREGROUND, ArrowTensorArray.from_numpy(foregrounds))
     return table.set_column(table.schema.get_field_index(ALPHA), ALPHA, ArrowTensorArray.from_numpy(alphas))
 

@@ -19,7 +19,7 @@ import torch
 
 from pipeline.train.data import DatasetInfo
 from stages.records import CATEGORY, COMPOSITE, IMAGE
-from stages.train_inputs import CAPTION, PIXEL_VALUES, TARGET, crop_target, decode_rgb, subject_pixels
+from stages.train_inputs import CAPTION, PATH, PIXEL_VALUES, TARGET, crop_target, decode_column, subject_pixels
 
 
 class InMemoryShard:
@@ -28,12 +28,15 @@ class InMemoryShard:
 
     def __init__(self, info: DatasetInfo, processor: Any, resolution: int, crop: str) -> None:
         columns = [CATEGORY, IMAGE, COMPOSITE] + ([CAPTION] if info.has_caption else [])
-        table = pa.concat_tables(pq.read_table(f, columns=columns) for f in info.files)
-        self.categories = np.asarray(table.column(CATEGORY).to_pylist(), dtype=object)
-        captions = table.column(CAPTION).to_pylist() if info.has_caption else [""] * table.num_rows
+        # Each row with its data file (PATH), which a row whose image does not decode is named by.
+        tables = [pq.read_table(f, columns=columns) for f in info.files]
+        table = pa.concat_tables(t.append_column(PATH, pa.array([f] * t.num_rows, pa.string())) for f, t in zip(info.files, tables, strict=True))
+        batch = table.to_pydict()
+        self.categories = np.asarray(batch[CATEGORY], dtype=object)
+        captions = batch[CAPTION] if info.has_caption else [""] * table.num_rows
         self.captions = np.asarray([c or "" for c in captions], dtype=object)
-        self.photos = [decode_rgb(b) for b in table.column(IMAGE).to_pylist()]
-        self.pixels = np.stack([subject_pixels(decode_rgb(b), processor) for b in table.column(COMPOSITE).to_pylist()])
+        self.photos = decode_column(batch, IMAGE)
+        self.pixels = np.stack([subject_pixels(c, processor) for c in decode_column(batch, COMPOSITE)])
         self.resolution, self.crop = resolution, crop
         self._rng: np.random.Generator | None = None
 

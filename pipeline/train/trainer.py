@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline import tracking
@@ -32,11 +32,13 @@ from pipeline.train import dist
 from pipeline.train.data import (
     DatasetInfo,
     build_training_plan,
+    find_undecodable,
     online_settings,
     open_dataset,
     precompute_inputs,
     sample_subjects,
     training_passes,
+    undecodable_rows_refused,
 )
 from pipeline.train.ema import model_folder
 from pipeline.train.hooks import RunInfo
@@ -149,11 +151,25 @@ def check_resume_model(config: Config, run_folder: Path) -> None:
             )
 
 
+class StopAtUndecodableRows(UserCallback):
+    """Ends a run whose worker met image bytes that do not decode (UndecodableImage) at the first
+    attempt: Ray Train restarts the workers for any worker error (train.max_failures), and the
+    same rows fail the same way each time. Runs in Ray Train's controller; an exception raised
+    here ends the run as a ControllerError, which its failure policy does not retry, and the
+    driver's undecodable_rows_refused names the row."""
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        bad = find_undecodable(worker_exceptions)
+        if bad is not None:
+            raise bad
+
+
 def fit(config: Config, run_name: str, resources: dict[str, float], datasets: dict[str, Any], run: RunInfo, **loop_config: Any) -> Result:
     """Run `train_loop` on Ray Train: `train.workers` workers of `resources` each, DDP over gloo
-    (CPU) or NCCL (GPUs), FailureConfig(max_failures) restarts from the newest checkpoint,
-    CheckpointConfig(keep_checkpoints) bounds storage (a validating fine-tune's hook does instead),
-    and RunConfig(run_name, storage_path)
+    (CPU) or NCCL (GPUs), FailureConfig(max_failures) restarts from the newest checkpoint (not
+    for rows whose image does not decode: StopAtUndecodableRows, then a ConfigError naming the
+    row), CheckpointConfig(keep_checkpoints) bounds storage (a validating fine-tune's hook does
+    instead), and RunConfig(run_name, storage_path)
     makes a rerun resume where the last one stopped. The one TorchTrainer of pretraining and
     fine-tuning; `loop_config` goes to the loop beside the config and `run`."""
     train = config.train
@@ -169,10 +185,12 @@ def fit(config: Config, run_name: str, resources: dict[str, float], datasets: di
             # A validating fine-tune keeps its best checkpoints itself (hooks.Validation); Ray Train
             # would delete them by age.
             checkpoint_config=CheckpointConfig(num_to_keep=None if run.validation else train.keep_checkpoints),
+            callbacks=[StopAtUndecodableRows()],
         ),
         datasets=datasets,
     )
-    return trainer.fit()
+    with undecodable_rows_refused(run.dataset["path"]):
+        return trainer.fit()
 
 
 def finished_checkpoint(run_folder: str, steps: int) -> Path | None:
@@ -238,7 +256,8 @@ def _train(
     passes = training_passes(info, config)
     online = online_settings(info, config, passes) if train.composite == "online" else None
     if train.precompute:
-        dataset = precompute_inputs(build_training_plan(info, config, processor), info, config, storage_path(train.storage_path), passes)
+        with undecodable_rows_refused(info.path):  # the plan runs here, on the driver
+            dataset = precompute_inputs(build_training_plan(info, config, processor), info, config, storage_path(train.storage_path), passes)
         info.precomputed = True
     else:
         dataset = build_training_plan(info, config, processor, passes)
