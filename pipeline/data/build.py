@@ -494,10 +494,12 @@ def _write_version(
     seconds: Counter[str] = Counter({"scan": scan_seconds})
     for stats in task_stats:
         seconds.update(stats["seconds"])
+    # The folder absolute: online composites (pipeline/train/data.py online_settings) read it
+    # in a job whose working folder need not be this one.
     manifest = _manifest(
         version, parent, scan, plan, subjects, rejects, staging, config,
         digest=digest, warnings=warnings, seconds=seconds, started=started,
-        backgrounds={"folder": str(config.data.backgrounds.folder or BUNDLED_BACKGROUNDS), "count": len(backgrounds), "digest": backgrounds_hash},
+        backgrounds={"folder": str(Path(config.data.backgrounds.folder or BUNDLED_BACKGROUNDS).absolute()), "count": len(backgrounds), "digest": backgrounds_hash},
     )  # fmt: skip
     write_json_atomic(staging / MANIFEST, manifest)
     return manifest

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import PROFILE_MODELS, load_config
+from pipeline.data.backgrounds import BUNDLED_BACKGROUNDS
 from pipeline.data.build import INPUTS_FILE, build_dataset
 from pipeline.data.sources import SourceError
 from pipeline.data.versions import DatasetStore
@@ -364,3 +365,14 @@ def test_a_build_that_raises_leaves_no_staging_or_lock(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="a stage failed"):
         build_dataset(_all_rejected_at_scan(tmp_path / "src"), out, load_config(overrides=SETTINGS), incremental=False, progress=False)
     assert os.listdir(out) == []
+
+
+def test_a_relative_backgrounds_folder_is_recorded_absolute(tmp_path, monkeypatch):
+    # Online composites read the pool from the manifest (pipeline/train/data.py online_settings),
+    # in a job whose working folder need not be the build's.
+    shutil.copytree(BUNDLED_BACKGROUNDS, tmp_path / "bg")
+    source = _all_rejected_at_scan(tmp_path / "src")
+    monkeypatch.chdir(tmp_path)
+    config = load_config(overrides=[*SETTINGS, "data.backgrounds.folder=bg"])
+    result = build_dataset(source, tmp_path / "out", config, incremental=False, progress=False)
+    assert result.manifest["backgrounds"]["folder"] == str(tmp_path / "bg")
