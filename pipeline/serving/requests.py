@@ -47,18 +47,22 @@ class GenerationRequest:
     width: int | None
 
 
-def validate_request(row: Mapping[str, Any], limits: ServeLimits, defaults: GenerateConfig | None = None) -> GenerationRequest:
+def validate_request(
+    row: Mapping[str, Any], limits: ServeLimits, defaults: GenerateConfig | None = None, *, fields: Sequence[str] = FIELDS
+) -> GenerationRequest:
     """`row` ({"prompt": "on the beach", "steps": 30, ...}) as a GenerationRequest.
 
     A missing or null field takes its default from `defaults` (the `generate:` section);
     `prompt` is required. Whole-number fields take JSON integers only (not "5", 5.0 or true).
     Raises RequestError naming the first field that is unknown, of the wrong type or out of range.
+    `fields` are the columns the caller takes (a model server's rows take more, rows.py); only
+    FIELDS are read here.
     """
     if not isinstance(row, Mapping):
         raise RequestError("request", f"must be an object of fields, got {_kind(row)}")
-    unknown = [key for key in row if key not in FIELDS]
+    unknown = [key for key in row if key not in fields]
     if unknown:
-        raise RequestError(_names(unknown), f"unknown field{'s' if len(unknown) > 1 else ''}; the fields are {', '.join(FIELDS)}")
+        raise RequestError(_names(unknown), f"unknown field{'s' if len(unknown) > 1 else ''}; the fields are {', '.join(fields)}")
     defaults = defaults or GenerateConfig()
     return GenerationRequest(
         prompt=_text(row, "prompt", limits.max_prompt_chars, required=True),
@@ -72,7 +76,9 @@ def validate_request(row: Mapping[str, Any], limits: ServeLimits, defaults: Gene
     )
 
 
-def validate_requests(rows: Sequence[Mapping[str, Any]], limits: ServeLimits, defaults: GenerateConfig | None = None) -> list[GenerationRequest]:
+def validate_requests(
+    rows: Sequence[Mapping[str, Any]], limits: ServeLimits, defaults: GenerateConfig | None = None, *, fields: Sequence[str] = FIELDS
+) -> list[GenerationRequest]:
     """Every row of a request that holds several prompts; their images together stay within
     `limits.max_num_images`. The RequestError of a bad row says which row (from 0)."""
     if not rows:
@@ -82,7 +88,7 @@ def validate_requests(rows: Sequence[Mapping[str, Any]], limits: ServeLimits, de
     requests = []
     for index, row in enumerate(rows):
         try:
-            requests.append(validate_request(row, limits, defaults))
+            requests.append(validate_request(row, limits, defaults, fields=fields))
         except RequestError as exc:
             raise RequestError(exc.field, f"{exc.message} (row {index})", exc.limit) from None
     total = sum(r.num_images for r in requests)

@@ -6,14 +6,13 @@ image is made."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from pipeline.config import DecodeConfig, ServeConfig, ServeLimits
 from pipeline.serving.controls import CONTROL_FIELDS, ControlRequest, validate_control
 from pipeline.serving.edits import EDIT_FIELDS, EditRequest, validate_edit
 from pipeline.serving.photos import count_photo_pixels
-from pipeline.serving.requests import GenerationRequest, RequestError, check_unicode, validate_requests
+from pipeline.serving.requests import FIELDS, GenerationRequest, RequestError, check_unicode, validate_requests
 from pipeline.serving.subjects import MIX_FIELD, MixedSubject, parse_mix
 
 
@@ -33,9 +32,8 @@ def validate_rows(rows: list[Any], limits: ServeLimits, decode: DecodeConfig, ma
     of each mix part (default: serve.max_reference_images' default)."""
     if max_reference_images is None:
         max_reference_images = ServeConfig().max_reference_images
-    extra = (*CONTROL_FIELDS, *EDIT_FIELDS, MIX_FIELD)
-    plain = [{k: v for k, v in row.items() if k not in extra} if isinstance(row, Mapping) else row for row in rows]
-    requests = validate_requests(plain, limits)  # a row that is not an object is refused here
+    # A row that is not an object, or has a column none of these read, is refused here.
+    requests = validate_requests(rows, limits, fields=(*FIELDS, *CONTROL_FIELDS, *EDIT_FIELDS, MIX_FIELD))
     parsed, pixels = [], 0
     for index, row in enumerate(rows):  # every row's photos are counted before any is decoded
         try:

@@ -43,6 +43,14 @@ def test_rows_split_into_requests_and_controls():
         validate_rows([{**ROW, "control": "canny"}], ServeLimits(), DecodeConfig())
 
 
+def test_an_unknown_column_is_refused_naming_every_column_a_row_takes():
+    with pytest.raises(RequestError) as caught:
+        validate_rows([ROW, {**ROW, "contol_image": _png_b64(EDGES)}], ServeLimits(), DecodeConfig())
+    assert caught.value.field == "'contol_image'" and caught.value.message.endswith("(row 1)")
+    for column in ("steps", "control_image", "control_end", "replace", "edit_image", "mix"):
+        assert column in caught.value.message
+
+
 @pytest.mark.parametrize("window, match", [
     ({"control_start": 0.6, "control_end": 0.3}, r"control_start: the window needs control_start < control_end, got 0.6 and 0.3 \(row 0\)"),
     ({"control_start": 0.5, "control_end": 0.5}, r"control_start: the window needs .* got 0.5 and 0.5"),
