@@ -12,8 +12,8 @@ the pipeline, never to judge quality. Seeded, so re-running rewrites identical w
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from pipeline.config import ASSETS_DIR
@@ -182,8 +182,15 @@ def make_tiny_captioner(out: Path, seed: int = 0) -> Path:
 
 _MAKERS = {"clipseg": make_tiny_clipseg, "captioner": make_tiny_captioner}
 
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tiny_models", description="write the tiny profile's checkpoints")
+    parser.add_argument("name", nargs="?", choices=list(_MAKERS), help="which one (default: all)")
+    parser.add_argument("out", nargs="?", type=Path, help="folder to write (default: pipeline/assets/tiny-NAME)")
+    args = parser.parse_args(argv)
+    for name in [args.name] if args.name else list(_MAKERS):
+        print(_MAKERS[name](args.out or ASSETS_DIR / f"tiny-{name}"))
+
+
 if __name__ == "__main__":
-    names = [sys.argv[1]] if len(sys.argv) > 1 else list(_MAKERS)
-    for name in names:
-        target = Path(sys.argv[2]) if len(sys.argv) > 2 else ASSETS_DIR / f"tiny-{name}"
-        print(_MAKERS[name](target))
+    main()
