@@ -138,6 +138,8 @@ def read_subject(config: Config) -> SubjectRows:
     source = Path(ft.subject).expanduser()
     if not source.exists():
         raise ConfigError(f"finetune.subject: not found: {source}")
+    if not source.is_dir():
+        raise ConfigError(f"finetune.subject: not a folder: {source} (a folder of the subject's photos, or a dataset from `data build`)")
     rejects: list[dict[str, str]] = []
     if (source / MANIFEST).is_file() or (source / LATEST).exists():
         info = open_dataset(str(source))

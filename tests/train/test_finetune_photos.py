@@ -90,3 +90,14 @@ def test_finetune_key_changes_with_what_changes_the_weights_only():
     changed = [key("finetune.steps=7"), key("finetune.method=lora"), key("train.resolution=128"), key("finetune.lr=0.1"),
                key(category="cat"), key(digest="d2"), key(base_ref="models:/b/2"), key("finetune.subject_id=cat")]
     assert len({same, *changed}) == 1 + len(changed)
+
+
+def test_a_file_given_as_the_subject_is_a_config_error_naming_it(tmp_path):
+    """A photo (or any file) where the subject's folder goes is a usage error (exit 2), not
+    "no photo found" (SubjectError, exit 1) as if it were an empty folder."""
+    from pipeline.config import ConfigError
+
+    photo = tmp_path / "dog.jpg"
+    photo.write_bytes(jpeg_bytes(Image.new("RGB", (64, 64))))
+    with pytest.raises(ConfigError, match=r"finetune\.subject: not a folder: .*dog\.jpg"):
+        read_subject(load_config(overrides=[*TINY, f"finetune.subject={photo}"]))
