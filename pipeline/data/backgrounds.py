@@ -30,6 +30,8 @@ def list_backgrounds(folder: str | Path | None) -> list[tuple[str, str]]:
     draws it, so it is refused up front).
     """
     root = Path(folder) if folder is not None else BUNDLED_BACKGROUNDS
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"data.backgrounds.folder: not a folder: {root} (a folder of background images, or a pool from `data backgrounds`)")
     if not root.is_dir():
         raise ConfigError(f"data.backgrounds.folder: folder not found: {root}")
     pool = pool_version(root)

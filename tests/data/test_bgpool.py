@@ -237,3 +237,13 @@ def test_categories_from_beside_explicit_reject_prompts_is_named_not_dropped(tmp
     with caplog.at_level("WARNING"):
         assert reject_prompts(config, tmp_path / "nowhere") == []
     assert "--categories-from" in caplog.text and "data.backgrounds.reject_prompts" in caplog.text
+
+
+def test_a_file_given_as_the_backgrounds_folder_is_named_as_not_a_folder(tmp_path):
+    """--backgrounds pointing at one photo says it is not a folder, not that nothing is there."""
+    one = tmp_path / "beach.png"
+    Image.new("RGB", (32, 32)).save(one)
+    with pytest.raises(ConfigError, match=r"data\.backgrounds\.folder: not a folder: .*beach\.png"):
+        list_backgrounds(one)
+    with pytest.raises(ConfigError, match=r"data\.backgrounds\.folder: folder not found: .*nope"):
+        list_backgrounds(tmp_path / "nope")
