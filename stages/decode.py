@@ -76,7 +76,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 # What PIL raises on damaged bytes, at open (header) or load (pixels); found by cutting and
 # flipping bytes of JPEG, PNG and WebP files (tests/stages/test_decode.py).
-_CORRUPT = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
+CORRUPT_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 
 
 def decode_image(
@@ -101,7 +101,7 @@ def decode_image(
         raise Reject(STAGE, f"image too large: {exc}") from None
     except UnidentifiedImageError:
         raise Reject(STAGE, "not an image: the content is not a recognised image format") from None
-    except _CORRUPT as exc:  # a recognised format cut or damaged inside its header
+    except CORRUPT_IMAGE_ERRORS as exc:  # a recognised format cut or damaged inside its header
         raise Reject(STAGE, f"corrupt or truncated image: {exc}") from None
     if img.format not in ACCEPTED_FORMATS:
         raise Reject(STAGE, f"unsupported image format {img.format} (accepted: {', '.join(sorted(ACCEPTED_FORMATS))})")
@@ -121,7 +121,7 @@ def decode_image(
             img.load()
         img = ImageOps.exif_transpose(img)
         img = _to_rgb(img)
-    except _CORRUPT as exc:
+    except CORRUPT_IMAGE_ERRORS as exc:
         raise Reject(STAGE, f"corrupt or truncated image: {exc}") from None
     w, h = img.size
     scale = size / min(w, h)

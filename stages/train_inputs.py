@@ -9,9 +9,10 @@ Pure cores:
   posterior's mean and log-variance; `sample_latents` in pipeline.train.losses draws from it.
 - `image_features(qformer, pixels)`: (B, 3, S, S) -> (B, 1 + N, Dv), the frozen ViT's features.
 
-Decoding: `decode_image` / `decode_column`, the one decode of a row's image bytes in training
-(the Ray Data feeds, the in-memory shard, the online cutouts), raise UndecodableImage for bytes
-that are not an image, naming the column and the data file.
+Decoding: `decode_rgb` / `decode_column` (both `_decode_bytes`), the one decode of a row's image
+bytes in training (the Ray Data feeds, the in-memory shard, the online cutouts), raise
+UndecodableImage for bytes that are not an image, naming the column and the data file. The
+photos a build reads come in through stages/decode.py's decode_image instead (resize, limits).
 
 Batch adapters: `prepare_batch` (a Ray Data map function: decode, crop, preprocess) and
 `FrozenEncoder` (a Ray Data actor that loads the VAE and the ViT once and replaces the pixel
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from stages.decode import _CORRUPT  # what PIL raises on damaged bytes, at open or at load
+from stages.decode import CORRUPT_IMAGE_ERRORS
 
 # CAPTION: a column of datasets the caption stage wrote; rows without one (or an empty one) get
 # the prompt template.
@@ -69,7 +70,7 @@ class UndecodableImage(ValueError):
         return f"{where}{self.column or 'image'} does not decode: {self.reason} (bytes sha256 {self.sha256[:16]})"
 
 
-def decode_image(data: bytes | None, mode: str = "RGB") -> np.ndarray:
+def _decode_bytes(data: bytes | None, mode: str = "RGB") -> np.ndarray:
     """JPEG/PNG bytes -> uint8 (H, W, 3) in RGB, (H, W) in L. UndecodableImage when they are
     missing, not an image or cut short."""
     try:
@@ -77,23 +78,23 @@ def decode_image(data: bytes | None, mode: str = "RGB") -> np.ndarray:
             return np.asarray(img.convert(mode))
     except UnidentifiedImageError:
         reason = "not an image (no format PIL recognises)" if data else "no bytes"
-    except _CORRUPT as exc:  # a recognised format, damaged or truncated
+    except CORRUPT_IMAGE_ERRORS as exc:  # a recognised format, damaged or truncated
         reason = f"corrupt or truncated image: {exc}"
     raise UndecodableImage(reason, hashlib.sha256(data or b"").hexdigest())
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
     """JPEG/PNG bytes -> uint8 (H, W, 3); UndecodableImage for bytes that are not an image."""
-    return decode_image(data, "RGB")
+    return _decode_bytes(data, "RGB")
 
 
 def decode_column(batch: Mapping[str, Any], column: str, mode: str = "RGB") -> list[np.ndarray]:
-    """Each row's `column` decoded (decode_image); the UndecodableImage of a row that does not
+    """Each row's `column` decoded (_decode_bytes); the UndecodableImage of a row that does not
     decode names the column and, where the batch has PATH, the row's data file."""
     decoded = []
     for i, data in enumerate(batch[column]):
         try:
-            decoded.append(decode_image(data, mode))
+            decoded.append(_decode_bytes(data, mode))
         except UndecodableImage as exc:
             raise exc.at(column, str(batch[PATH][i]) if PATH in batch else None) from None
     return decoded
