@@ -970,8 +970,9 @@ def run_e2e(args, results: dict) -> None:
         if gpu:
             torch.cuda.empty_cache()
         start = time.perf_counter()
+        config = load_config(overrides=overrides)
         try:
-            result = run_training(load_config(overrides=overrides))
+            result = run_training(config)
         except Exception as exc:  # record it and go on with the next job
             log.exception("job %s failed", job.name)
             results["e2e"].append({"job": job.name, "error": f"{type(exc).__name__}: {exc}"[:500]})
@@ -981,7 +982,7 @@ def run_e2e(args, results: dict) -> None:
             "job": job.name,
             "overrides": job.overrides,
             "workers": args.workers,
-            "batch_per_worker": args.batch,
+            "batch_per_worker": config.train.batch_size,  # a job's own train.batch_size wins over --batch
             "steps": job.steps,
             "window_steps": job.log_every if job.steps % job.log_every == 0 else job.steps % job.log_every,
             "precomputed": result.dataset.precomputed,
