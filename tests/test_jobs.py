@@ -176,6 +176,19 @@ def test_submitted_command_is_checked_locally():
             validate_command(bad)
 
 
+def test_submitted_command_config_is_checked_locally(tmp_path):
+    """A --set key or value the job would refuse on the cluster is refused here, before the
+    upload, naming it; a --config file only the cluster has is left to the cluster."""
+    for bad, named in ((["--set", "train.stepz=5"], "stepz"), (["--set", "train.steps=many"], "steps")):
+        with pytest.raises(ConfigError, match=named):
+            validate_command(["--", "pretrain", "--data", "/cluster/data", *bad])
+    with pytest.raises(ConfigError, match="not valid YAML|invalid configuration"):
+        (tmp_path / "bad.yaml").write_text("train: [unclosed")
+        validate_command(["--", "pretrain", "--config", str(tmp_path / "bad.yaml")])
+    cluster_only = ["pretrain", "--config", "/cluster/only/pretrain.yaml", "--set", "train.steps=5"]
+    assert validate_command(["--", *cluster_only]) == cluster_only
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

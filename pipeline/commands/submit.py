@@ -51,10 +51,25 @@ def validate_command(command: list[str]) -> list[str]:
     if command[0] in ("submit", "job"):
         raise UserError(f"`{command[0]}` cannot be submitted as a job")
     try:
-        build_parser().parse_args(command)
+        args = build_parser().parse_args(command)
     except SystemExit as exc:
         raise UserError(f"the submitted command is not valid: subjectforge {' '.join(command)}") from exc
+    check_config(args)
     return command
+
+
+def check_config(args: argparse.Namespace) -> None:
+    """Resolve the submitted command's configuration as `main` will on the cluster, so that a
+    misspelt `--set` key or a value of the wrong type is a ConfigError naming it here, not a
+    failed job after the upload. A --config file this machine does not have is the cluster's
+    (with --no-upload, or an absolute path on its volume): its --set keys are checked against
+    the defaults instead, and the file is left to the job."""
+    from pipeline.cli import flag_overrides, resolve_config
+
+    args.overrides = [*args.overrides, *flag_overrides(args, getattr(args._module, "FLAGS", {}))]
+    if args.config and not Path(args.config).exists():
+        args.config = None
+    resolve_config(args)
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
