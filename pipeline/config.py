@@ -720,7 +720,8 @@ class TrainConfig(_Strict):
         "auto",
         description="encode targets (VAE) and composites (ViT) once in Ray Data and train from those (centre crops); "
         "with train.composite online the targets only (the composites are new each epoch); "
-        "auto = on GPUs when the run plans 5 epochs or more (pipeline/train/speed.py resolve_precompute)",
+        "auto = on GPUs when the run plans 5 epochs or more, or when they are precomputed in train.storage_path already "
+        "(pipeline/train/speed.py resolve_precompute)",
     )
     mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
     # Memory (pipeline/train/memory.py) and quality options of the loss and weights (losses.py, ema.py).

@@ -408,6 +408,14 @@ def precompute_cache(info: DatasetInfo, config: Config, storage: str) -> tuple[s
     return f"{storage}/precomputed-{hashlib.sha256(key_source.encode()).hexdigest()[:12]}", key_source
 
 
+def precompute_ready(info: DatasetInfo, config: Config, storage: str) -> bool:
+    """Whether the precomputed inputs `precompute_inputs` would make are complete in `storage`
+    already (their completion record exists), so reusing them costs nothing."""
+    cache, _ = precompute_cache(info, config, storage)
+    fs, root = pyarrow.fs.FileSystem.from_uri(cache)
+    return fs.get_file_info(f"{root}/{_PRECOMPUTE_DONE}").type != pyarrow.fs.FileType.NotFound
+
+
 def precompute_inputs(ds: Dataset, info: DatasetInfo, config: Config, storage: str, passes: int = 1) -> Dataset:
     """Encode every row once with the frozen VAE and ViT (one actor per training GPU, or one on
     the CPU) into <storage>/precomputed-<key>/parts-<id>/ (the one its _PRECOMPUTE_DONE.json
@@ -424,7 +432,7 @@ def precompute_inputs(ds: Dataset, info: DatasetInfo, config: Config, storage: s
     cache, key_source = precompute_cache(info, config, storage)
     fs, root = pyarrow.fs.FileSystem.from_uri(cache)
     done = f"{root}/{_PRECOMPUTE_DONE}"
-    if fs.get_file_info(done).type == pyarrow.fs.FileType.NotFound:
+    if not precompute_ready(info, config, storage):
         # Each attempt writes its own parts folder, which the completion record names: Ray Data
         # appends to a folder, so the parts of a killed attempt (or of a job writing the same
         # cache at once) would otherwise be read as rows beside the complete set.

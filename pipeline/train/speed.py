@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -203,10 +204,12 @@ def resolve_composite(setting: str, *, method: str, has_cutout: bool, precompute
 
 
 def resolve_precompute(
-    setting: bool | str, *, gpu: bool, rows: int, samples_per_step: int, steps: int, online: bool = False
+    setting: bool | str, *, gpu: bool, rows: int, samples_per_step: int, steps: int, online: bool = False, cached: bool = False
 ) -> bool:
     """`train.precompute`: "auto" precomputes on GPUs when the run's planned epochs
-    (steps x samples per step / rows) reach PRECOMPUTE_MIN_EPOCHS; never on the CPU. With
+    (steps x samples per step / rows) reach PRECOMPUTE_MIN_EPOCHS, or when the precomputed
+    inputs are `cached` already (an earlier job's, free now: a short restart or second job then
+    also reuses that job's compiled graphs); never on the CPU. With
     `online` composites it precomputes the targets' VAE posteriors only (each epoch's composite
     is new: its ViT features are made in the step); the same rule holds, the VAE encoder being
     nearly all of what the step spends on encoding (benchmarks/bench_pretrain.py --composite
@@ -214,24 +217,27 @@ def resolve_precompute(
     if setting != "auto":
         return bool(setting)
     epochs = steps * samples_per_step / max(rows, 1)
-    chosen = gpu and epochs >= PRECOMPUTE_MIN_EPOCHS
+    chosen = gpu and (epochs >= PRECOMPUTE_MIN_EPOCHS or cached)
     what = " (the targets; train.composite online)" if online and chosen else ""
-    log.info("train.precompute auto -> %s%s (%s, %.1f planned epochs)", chosen, what, "GPU" if gpu else "CPU", epochs)
+    reuse = ", precomputed already" if gpu and cached else ""
+    log.info("train.precompute auto -> %s%s (%s, %.1f planned epochs%s)", chosen, what, "GPU" if gpu else "CPU", epochs, reuse)
     return chosen
 
 
-def resolve_speed_settings(train: Any, rows: int, has_cutout: bool = False) -> Any:
+def resolve_speed_settings(train: Any, rows: int, has_cutout: bool = False, ready: Callable[[Any], bool] | None = None) -> Any:
     """`train` (a TrainConfig) with its "auto" speed settings resolved for its workers and a
     dataset of `rows` rows (`has_cutout`: rows carry the cutout for online composites): what the
-    driver logs with the run and hands to the workers."""
+    driver logs with the run and hands to the workers. `ready(train)`: whether the precomputed
+    inputs for `train` (its composite resolved) exist already (pipeline.train.data.precompute_ready)."""
     cuda, workers = train.gpu, train.workers
     mode = resolve_compile(
         train.compile, train.compile_mode, cuda=cuda, world_size=workers, grad_accum=train.grad_accum, steps=train.steps
     )
     composite = resolve_composite(train.composite, method=train.method, has_cutout=has_cutout, precompute=train.precompute)
+    cached = train.precompute == "auto" and cuda and ready is not None and ready(train.model_copy(update={"composite": composite}))
     precompute = resolve_precompute(
         train.precompute, gpu=cuda, rows=rows, samples_per_step=train.batch_size * train.grad_accum * workers, steps=train.steps,
-        online=composite == "online",
+        online=composite == "online", cached=cached,
     )  # fmt: skip
     return train.model_copy(
         update={

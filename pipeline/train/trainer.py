@@ -36,6 +36,7 @@ from pipeline.train.data import (
     online_settings,
     open_dataset,
     precompute_inputs,
+    precompute_ready,
     sample_subjects,
     training_passes,
     undecodable_rows_refused,
@@ -214,7 +215,12 @@ def run_training(config: Config) -> TrainResult:
     info, processor = check_training(config)
     marks = {"checked": time.time()}  # the driver's startup phases, for the first step's log line
     # "auto" speed settings become values here, once, so the run records what it used.
-    config = config.model_copy(update={"train": resolve_speed_settings(config.train, info.rows, info.has_cutout)})
+    storage = storage_path(config.train.storage_path)
+
+    def ready(train) -> bool:  # an earlier job's precomputed inputs, for the composite auto chose
+        return precompute_ready(info, config.model_copy(update={"train": train}), storage)
+
+    config = config.model_copy(update={"train": resolve_speed_settings(config.train, info.rows, info.has_cutout, ready)})
     train = config.train
     run_name = train.run_name or f"{train.method}-{info.version}"
     run_folder = f"{storage_path(train.storage_path)}/{run_name}"

@@ -8,6 +8,7 @@ import copy
 import os
 import typing
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pipeline.config import ASSETS_DIR, ConfigError, TrainConfig, load_config
 from pipeline.model import BlipDiffusion
 from pipeline.train import dist, hooks, loop
+from pipeline.train.data import DatasetInfo, precompute_cache, precompute_ready
 from pipeline.train.hooks import Hook, RunInfo
 from pipeline.train.speed import (
     COMPILE_MODES,
@@ -381,6 +383,27 @@ def test_auto_precompute_pays_from_five_planned_epochs():
     assert chosen()  # 32 epochs
     assert not chosen(steps=150)  # 4.8 epochs
     assert not chosen(gpu=False) and chosen(gpu=False, setting=True) and not chosen(setting=False)
+
+
+def test_auto_precompute_reuses_inputs_already_precomputed(tmp_path):
+    """A short job (a restart near the end, a second job) on a GPU trains from the precomputed
+    inputs an earlier job left in train.storage_path: they cost nothing now, and the job then
+    finds the compiled graphs of that earlier job instead of compiling the from-pixels step."""
+    def chosen(gpu=True, setting="auto", cached=True):
+        return resolve_precompute(setting, gpu=gpu, rows=1024, samples_per_step=32, steps=20, cached=cached)
+
+    assert chosen() and not chosen(cached=False)  # 0.6 planned epochs
+    assert not chosen(gpu=False) and not chosen(setting=False)  # the CPU and an explicit choice stay
+
+    config = load_config(overrides=["train.steps=20", "train.batch_size=32", "train.gpu=true", f"train.storage_path={tmp_path}"])
+    info = DatasetInfo(name="d", version="v0001", path="/d", digest="0" * 16, rows=1024, files=[], subjects=[], has_caption=False)
+    assert not precompute_ready(info, config, str(tmp_path))
+    assert resolve_speed_settings(config.train, info.rows, ready=lambda train: precompute_ready(info, config.model_copy(update={"train": train}), str(tmp_path))).precompute is False
+    cache = tmp_path / Path(precompute_cache(info, config.model_copy(update={"train": config.train.model_copy(update={"composite": "stored"})}), str(tmp_path))[0]).name
+    cache.mkdir()
+    (cache / "_PRECOMPUTE_DONE.json").write_text("{}")
+    train = resolve_speed_settings(config.train, info.rows, ready=lambda train: precompute_ready(info, config.model_copy(update={"train": train}), str(tmp_path)))
+    assert train.precompute is True and train.composite == "stored"
 
 
 def test_the_driver_resolves_every_auto_setting():
