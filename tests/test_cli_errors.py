@@ -182,3 +182,13 @@ def test_a_config_file_that_cannot_be_read_exits_2(capsys):
     # /proc/self/mem is a regular file whose read fails (EIO): an OSError stack trace.
     assert cli.main(["promote", "m", "--alias", "a", "--config", "/proc/self/mem"]) == 2
     assert "cannot read config file /proc/self/mem" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["finetune-many", "finetune"])
+def test_a_missing_dataset_is_named_by_the_key_the_command_set(command, tmp_path, capsys):
+    # finetune-many --data sets finetune.subject; its missing dataset was reported as train.data,
+    # a key the user never set.
+    argv = [command, "--profile", "tiny", "--data" if command == "finetune-many" else "--subject", str(tmp_path / "nowhere")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "finetune.subject" in err and "train.data" not in err, err

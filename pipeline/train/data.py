@@ -101,12 +101,12 @@ class DatasetInfo:
         return asdict(self) | {"files": len(self.files), "subjects": len(self.subjects)}
 
 
-def open_dataset(location: str | None) -> DatasetInfo:
+def open_dataset(location: str | None, key: str = "train.data") -> DatasetInfo:
     """Resolve `location` (a dataset root, its `latest`, or a version folder) to a version with
-    rows. Raises ConfigError naming `train.data` when it is missing, unpublished, empty or
-    damaged (`_damage`)."""
-    path = _version_folder(location)
-    manifest_bytes, manifest = _read_manifest(path)
+    rows. Raises ConfigError naming `key`, the setting that gave `location`, when it is missing,
+    unpublished, empty or damaged (`_damage`)."""
+    path = _version_folder(location, key)
+    manifest_bytes, manifest = _read_manifest(path, key)
     files, listed_rows, problems = _data_files(path, manifest)
     schemas, rows = {}, 0
     for file in (f for f in files if f not in problems):
@@ -123,9 +123,9 @@ def open_dataset(location: str | None) -> DatasetInfo:
         if problem:
             problems[file] = problem
     if problems:
-        raise ConfigError(_damage(path, problems))
+        raise ConfigError(_damage(path, problems, key))
     if rows == 0:
-        raise ConfigError(f"train.data: dataset {manifest.get('version', path.name)} at {path} has no rows to train on")
+        raise ConfigError(f"{key}: dataset {manifest.get('version', path.name)} at {path} has no rows to train on")
     names = set.intersection(*(set(schema.names) for schema in schemas.values()))
     subjects = sorted(s for s, entry in manifest.get("subjects", {}).items() if entry.get("rows", 0) > 0)
     return DatasetInfo(
@@ -149,25 +149,25 @@ _CUTOUT_TYPES = {FOREGROUND: pa.binary(), ALPHA: pa.binary(), SOURCE_SHA256: pa.
 _OPTIONAL_TYPES = {SUBJECT_ID: pa.string(), CAPTION: pa.string(), **_CUTOUT_TYPES}
 
 
-def _version_folder(location: str | None) -> Path:
+def _version_folder(location: str | None, key: str) -> Path:
     if not location:
-        raise ConfigError("train.data: no dataset given (pass --data OUT/latest)")
+        raise ConfigError(f"{key}: no dataset given (pass --data OUT/latest)")
     path = Path(location).expanduser()
     if not path.exists():
-        raise ConfigError(f"train.data: dataset not found: {path}")
+        raise ConfigError(f"{key}: dataset not found: {path}")
     latest = path / LATEST
     if not (path / MANIFEST).is_file() and latest.is_symlink() and not latest.exists():
         # A link to a version that is gone, or to itself: name it, not "not a dataset version".
-        raise ConfigError(f"train.data: {latest} points at {os.readlink(latest)}, which is not there (a missing version or a link loop)")
+        raise ConfigError(f"{key}: {latest} points at {os.readlink(latest)}, which is not there (a missing version or a link loop)")
     if not (path / MANIFEST).is_file() and latest.exists():
         path = latest
     path = path.resolve()
     if not (path / MANIFEST).is_file():
-        raise ConfigError(f"train.data: {path} is not a dataset version (no {MANIFEST}; build one with `subjectforge data build`)")
+        raise ConfigError(f"{key}: {path} is not a dataset version (no {MANIFEST}; build one with `subjectforge data build`)")
     return path
 
 
-def _read_manifest(path: Path) -> tuple[bytes, dict[str, Any]]:
+def _read_manifest(path: Path, key: str) -> tuple[bytes, dict[str, Any]]:
     """The manifest's bytes (its digest names what was trained on) and JSON. A manifest cut short,
     not a JSON object or with a `subjects` that is not a map of {rows} is damage, not a
     JSONDecodeError or AttributeError stack trace."""
@@ -175,12 +175,12 @@ def _read_manifest(path: Path) -> tuple[bytes, dict[str, Any]]:
     try:
         manifest = json.loads(data)
     except (ValueError, RecursionError) as exc:
-        raise ConfigError(_damage(path, {MANIFEST: f"not readable JSON (truncated?): {str(exc)[:200]}"})) from None
+        raise ConfigError(_damage(path, {MANIFEST: f"not readable JSON (truncated?): {str(exc)[:200]}"}, key)) from None
     subjects = manifest.get("subjects", {}) if isinstance(manifest, dict) else None
     if not isinstance(subjects, dict) or not all(isinstance(e, dict) and type(e.get("rows", 0)) is int for e in subjects.values()):
-        raise ConfigError(_damage(path, {MANIFEST: "not a manifest: a JSON object whose subjects map each id to {rows}"}))
+        raise ConfigError(_damage(path, {MANIFEST: "not a manifest: a JSON object whose subjects map each id to {rows}"}, key))
     if "files" in manifest and (shape := manifest_shape_problem(manifest)):
-        raise ConfigError(_damage(path, {MANIFEST: shape}))
+        raise ConfigError(_damage(path, {MANIFEST: shape}, key))
     return data, manifest
 
 
@@ -214,8 +214,8 @@ def _schema_problem(schema: pa.Schema) -> str | None:
     return "; ".join(wrong) or None
 
 
-def _damage(path: Path, problems: dict[str, str]) -> str:
-    lines = [f"train.data: dataset version {path} is damaged:"]
+def _damage(path: Path, problems: dict[str, str], key: str) -> str:
+    lines = [f"{key}: dataset version {path} is damaged:"]
     lines += [f"  {Path(f).relative_to(path) if Path(f).is_relative_to(path) else f}: {p}" for f, p in sorted(problems.items())]
     lines.append("`subjectforge data verify` checks it; `subjectforge data build` makes a new version from the photos")
     return "\n".join(lines)
@@ -258,15 +258,16 @@ def find_undecodable(error: object) -> UndecodableImage | None:
 
 def _undecodable_damage(info: DatasetInfo, bad: UndecodableImage) -> str:
     """The damage message of `bad`, with the row found by its bytes' SHA-256 in the file it came
-    from (or, for bytes read back from a precomputed cache, in any of the version's files)."""
+    from (or, for bytes read back from a precomputed cache, in any of the version's files).
+    Only pretraining (train.data) reads rows in Ray tasks, so the message names that key."""
     for file in [bad.file] if bad.file else info.files:
         found = _find_row(file, bad)
         if found is not None:
             index, subject = found
             row = f"row {index}" + (f" (subject {subject})" if subject else "")
-            return _damage(Path(info.path), {file: f"{row}: {bad.column} does not decode: {bad.reason}"})
+            return _damage(Path(info.path), {file: f"{row}: {bad.column} does not decode: {bad.reason}"}, "train.data")
     where = bad.file or "a precomputed cache (train.storage_path)"
-    return _damage(Path(info.path), {where: f"a row whose {bad.column} does not decode: {bad.reason} (bytes sha256 {bad.sha256[:16]})"})
+    return _damage(Path(info.path), {where: f"a row whose {bad.column} does not decode: {bad.reason} (bytes sha256 {bad.sha256[:16]})"}, "train.data")
 
 
 def _find_row(file: str, bad: UndecodableImage) -> tuple[int, str | None] | None:

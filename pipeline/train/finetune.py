@@ -142,7 +142,7 @@ def read_subject(config: Config) -> SubjectRows:
         raise ConfigError(f"finetune.subject: not a folder: {source} (a folder of the subject's photos, or a dataset from `data build`)")
     rejects: list[dict[str, str]] = []
     if (source / MANIFEST).is_file() or (source / LATEST).exists():
-        info = open_dataset(str(source))
+        info = open_dataset(str(source), "finetune.subject")
         candidates = []
         for file in info.files:
             columns = [SUBJECT_ID, CATEGORY, IMAGE, COMPOSITE, *([SOURCE_SHA256] if SOURCE_SHA256 in pq.read_schema(file).names else [])]

@@ -88,7 +88,7 @@ def subject_ids(config: Config) -> tuple[list[str], list[str]]:
     subject listed in the dataset's manifest; with `finetune.affected_only`, only the affected
     ones among them (possibly none)."""
     ft = config.finetune
-    info = open_dataset(ft.subject)
+    info = open_dataset(ft.subject, "finetune.subject")
     missing = [s for s in ft.subjects or [] if s not in info.subjects]
     if missing and not ft.affected_only:
         raise ConfigError(
