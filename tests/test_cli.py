@@ -75,6 +75,7 @@ def test_demo_runs_the_whole_mission_offline_and_a_rerun_reuses_it(ray_local, tm
     assert len(out.splitlines()) < 150, out
     summary = out[out.index("subjectforge demo: done") :].splitlines()[1:]
     assert summary and all(line.startswith(("  ", "note: ")) for line in summary), summary
+    assert out.count("note: the tiny profile") == 1, out  # the demo's note, not its generate step's again
     assert f"Ray logs        {tmp_path / 'ray-logs'}" in out
     worker_logs = [p.read_text(errors="replace") for p in (tmp_path / "ray-logs").glob("worker-*.err")]
     assert any("step 10/10" in text for text in worker_logs)

@@ -141,6 +141,7 @@ def _train_register_generate(
     images = out / "generated"
     parser = argparse.ArgumentParser(prog="subjectforge generate")
     generate.add_arguments(parser, lambda _: None)
+    parser.set_defaults(_profile_note=False)  # the demo's summary ends with its own
     # `generate`'s --model flag is the config key models.blip_diffusion (generate.FLAGS), which
     # cli.main applies; called directly, the demo sets it.
     config = config.model_copy(update={"models": config.models.model_copy(update={"blip_diffusion": model_uri})})

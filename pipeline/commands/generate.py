@@ -413,7 +413,7 @@ def _write(args: argparse.Namespace, config: Config, outputs: list, elapsed: flo
     output_file(out / "generate.yaml").write_text(yaml.safe_dump({"run": run_info}, sort_keys=False) + dump_config(config))
     log.info("wrote %d images and grid.png to %s in %.1f s", len(paths), out, elapsed)
     print(f"wrote {len(paths)} image(s) and {out / 'grid.png'}")
-    if config.profile == "tiny":
+    if config.profile == "tiny" and getattr(args, "_profile_note", True):
         print("note: the tiny profile has random weights, so the images are noise; use --profile real.")
     return 0
 
