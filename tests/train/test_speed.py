@@ -5,7 +5,10 @@ train.compile_mode's CUDA graphs (benchmarks/bench_pretrain.py --preset run4).""
 from __future__ import annotations
 
 import copy
+import json
 import os
+import subprocess
+import sys
 import typing
 from dataclasses import asdict
 from pathlib import Path
@@ -526,3 +529,52 @@ def test_a_resumed_job_compiles_with_the_cache_beside_its_checkpoints(tmp_path, 
     cache = str(tmp_path / "compile-cache")
     assert seen == [(cache, "default"), (cache, "default")]
     assert os.environ["TRITON_CACHE_DIR"] == f"{cache}/triton" and (tmp_path / "compile-cache").is_dir()
+
+
+# Run in a fresh process: Inductor reads its cache folder from the environment, and Dynamo's
+# counters and in-memory caches must start empty.
+_WARM_COMPILE = """
+import json, sys
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+from pipeline.train.speed import compile_model, point_compile_cache
+
+point_compile_cache(sys.argv[1])
+
+
+class Unet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.silu(self.a(x)))
+
+
+def step():
+    holder = nn.Module()
+    holder.unet = Unet()
+    compile_model(holder, parts=("unet",), mode="default")
+    holder.unet(torch.ones(2, 4, 16, 16)).sum().backward()
+
+
+step()
+torch._dynamo.reset()  # a second job: its graphs come from the cache folder
+counters.clear()
+step()
+print(json.dumps(dict(counters["aot_autograd"])))
+"""
+
+
+def test_a_warm_compile_cache_holds_the_channels_last_unet_whole(tmp_path):
+    """The channels-last hooks' autograd.Function made AOTAutograd bypass its cache for the
+    UNet, so a warm-cache job traced and partitioned the UNet's forward and backward again
+    (only Inductor's code came from the cache). A second compile in the same cache folder
+    finds the whole compiled UNet (Inductor backend, on the CPU)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _WARM_COMPILE, str(tmp_path / "compile-cache")], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    second = json.loads(done.stdout.strip().splitlines()[-1])
+    assert second.get("autograd_cache_hit") == second["total"] and "autograd_cache_bypass" not in second, second
