@@ -128,18 +128,32 @@ def prepare_batch(
 ) -> dict[str, np.ndarray]:
     """Ray Data adapter: encoded rows -> category, caption, PIXEL_VALUES and TARGET.
 
-    Random crops draw from a fresh generator per call unless `seed` is given, so each epoch
-    (Ray Data re-runs the map) sees new crops.
+    Random crops: with `seed`, each row's is its own (`row_rngs`), the same in any batch, task
+    or run; without, drawn from a fresh generator per call, so each epoch (Ray Data re-runs the
+    map) sees new crops.
     """
-    rng = np.random.default_rng(seed)
     n = len(batch[CATEGORY])
     captions = batch[CAPTION] if CAPTION in batch else np.full(n, "", dtype=object)
+    pixels = np.stack([subject_pixels(c, processor) for c in decode_column(batch, COMPOSITE)])
+    photos = zip(decode_column(batch, IMAGE), row_rngs(batch[IMAGE], seed), strict=True)
     return {
         CATEGORY: np.asarray(batch[CATEGORY], dtype=object),
         CAPTION: np.asarray([c or "" for c in captions], dtype=object),
-        PIXEL_VALUES: np.stack([subject_pixels(c, processor) for c in decode_column(batch, COMPOSITE)]),
-        TARGET: np.stack([crop_target(p, resolution, crop, rng) for p in decode_column(batch, IMAGE)]),
+        PIXEL_VALUES: pixels,
+        TARGET: np.stack([crop_target(photo, resolution, crop, rng) for photo, rng in photos]),
     }
+
+
+def row_rngs(images: Any, seed: int | None) -> list[np.random.Generator]:
+    """One generator per row of `images` (encoded bytes) for its random crop. With `seed`, a
+    row's comes from (seed, its bytes' SHA-256), so the row gets the same crop whichever map
+    batch, task or run it lands in: a batch-wide generator would hand a row the draw of its
+    place in the batch, and Ray Data's batches are cut where its tasks' blocks end. Without, one
+    fresh generator for the batch."""
+    if seed is None:
+        return [np.random.default_rng()] * len(images)
+    keys = (int.from_bytes(hashlib.sha256(data).digest()[:8], "little") for data in images)
+    return [np.random.default_rng([seed, key]) for key in keys]
 
 
 @torch.no_grad()
