@@ -20,7 +20,7 @@ import torch
 from stages.composite import COMPOSITE_INDEX, covered_background, draw_composite, paste_subject, subject_bbox
 from stages.composite_torch import PasteJob, composite_subjects_torch
 from stages.records import ALPHA, CATEGORY, FOREGROUND, IMAGE, SOURCE_SHA256
-from stages.train_inputs import CAPTION, TARGET, crop_target, decode_column
+from stages.train_inputs import CAPTION, TARGET, crop_target, decode_column, row_rngs
 
 ROW_KEY = "row_key"  # int64: the row's identity for its draws (row_key of its photo and composite index)
 PASS_INDEX = "pass_index"  # int64: which pass of a Ray Data epoch's union the row is in (training_passes)
@@ -48,25 +48,26 @@ CUTOUT_COLUMNS = (CATEGORY, IMAGE, FOREGROUND, ALPHA, SOURCE_SHA256, COMPOSITE_I
 
 
 def prepare_cutout_batch(
-    batch: dict[str, np.ndarray], *, resolution: int, crop: str, decode: bool = True
+    batch: dict[str, np.ndarray], *, resolution: int, crop: str, decode: bool = True, seed: int | None = None
 ) -> dict[str, np.ndarray]:
     """Ray Data adapter for online composites: encoded rows -> category, caption, TARGET (as
     stages.train_inputs.prepare_batch makes it), the cutout decoded (FOREGROUND uint8 (H, W, 3),
     ALPHA uint8 (H, W); photos differ in size, so these are ragged) and ROW_KEY. The composite is
     made later, where the epoch is known (pipeline/train/data.py FeedCollate). With `decode`
     False the cutout stays as the dataset stores it (PNG/JPEG bytes, ~10x smaller): the
-    precompute of the targets caches it so, and `decode_cutouts` decodes it when it is read."""
-    rng = np.random.default_rng()
+    precompute of the targets caches it so, and `decode_cutouts` decodes it when it is read.
+    Random crops of the targets as prepare_batch's: with `seed`, each row's own (row_rngs)."""
     n = len(batch[CATEGORY])
     captions = batch[CAPTION] if CAPTION in batch else np.full(n, "", dtype=object)
     if decode:
         foregrounds, alphas = decode_cutouts(batch)
     else:
         foregrounds, alphas = np.asarray(batch[FOREGROUND], dtype=object), np.asarray(batch[ALPHA], dtype=object)
+    photos = decode_column(batch, IMAGE)
     return {
         CATEGORY: np.asarray(batch[CATEGORY], dtype=object),
         CAPTION: np.asarray([c or "" for c in captions], dtype=object),
-        TARGET: np.stack([crop_target(p, resolution, crop, rng) for p in decode_column(batch, IMAGE)]),
+        TARGET: np.stack([crop_target(p, resolution, crop, rng) for p, rng in zip(photos, row_rngs(batch[IMAGE], seed), strict=True)]),
         FOREGROUND: foregrounds,
         ALPHA: alphas,
         ROW_KEY: np.asarray([row_key(str(h), int(k)) for h, k in zip(batch[SOURCE_SHA256], batch[COMPOSITE_INDEX], strict=True)], np.int64),

@@ -36,7 +36,7 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 import ray
 import torch
-from ray.data import ActorPoolStrategy, DataContext, Dataset
+from ray.data import ActorPoolStrategy, Dataset
 from ray.data.collate_fn import ArrowBatchCollateFn
 from ray.data.extensions import ArrowTensorArray
 
@@ -309,9 +309,10 @@ def training_passes(info: DatasetInfo, config: Config) -> int:
     batch (seconds: ~30% of the job's time on one H100 at 1,024 rows, whose epoch lasted 32 steps);
     a union of several passes in one epoch pays that once per MAX_PASSES passes. (Not a
     repeated file list: Ray Data reads a file once however often it is listed.) One pass on CPU
-    runs: a union's row order follows which node's tasks finish first, so the same settings on
-    one node and on two trained on different batches (tests/test_multinode.py); a GPU run, whose
-    kernels are not bit-reproducible across layouts anyway, takes the throughput."""
+    runs, which are repeatable instead (build_training_plan): their crops are seeded per row, so
+    a second pass would repeat the first, and the same settings on one node and on two train
+    on the same batches (tests/test_multinode.py); a GPU run, whose kernels are not
+    bit-reproducible across layouts anyway, takes the throughput."""
     train = config.train
     if not train.gpu:
         return 1
@@ -326,41 +327,41 @@ def build_training_plan(info: DatasetInfo, config: Config, processor: Any, passe
     pixel_values: FeedCollate composites them, knowing the epoch. With online and
     `train.precompute` it is the one pass `precompute_inputs` encodes: the cutouts stay as
     stored bytes and no PASS_INDEX (added where the cache is read back). On the CPU the feed is
-    repeatable: the same rows in the same order each run (`keep_row_order`, which this sets in
-    the driver's Ray Data context), each row with its own seeded crop."""
+    repeatable: each row gets its own seeded crop here, and Ray Train hands the rows on in the
+    dataset's order (`ingest_config`)."""
     train = config.train
     online = train.composite == "online"
-    repeatable = not train.gpu
-    if repeatable:
-        keep_row_order()
     columns = list(CUTOUT_COLUMNS if online else INPUT_COLUMNS) + ([CAPTION] if info.has_caption else [])
     # With each row's data file (PATH), which a row whose image does not decode is named by.
     ds = read_parquet(info.files, columns=columns, include_paths=True)
     crop = "center" if train.precompute else train.crop  # a cached crop cannot be random
+    # A CPU run's random crops are seeded per row (stages.train_inputs.row_rngs): the same in
+    # every run, and so the same each epoch (a CPU run makes one pass per epoch). A GPU run
+    # draws new ones each pass and epoch: its order is not repeatable anyway.
+    seed = None if train.gpu else train.seed
     if online:
-        fn, kwargs = prepare_cutout_batch, {"resolution": train.resolution, "crop": crop, "decode": not train.precompute}
+        fn, kwargs = prepare_cutout_batch, {"resolution": train.resolution, "crop": crop, "decode": not train.precompute, "seed": seed}
     else:
-        # A CPU run's random crops are seeded per row (stages.train_inputs.row_rngs): the same in
-        # every run, and so the same each epoch (a CPU run makes one pass per epoch). A GPU run
-        # draws new ones each pass and epoch: its order is not repeatable anyway.
-        seed = train.seed if repeatable else None
         fn, kwargs = prepare_batch, {"processor": processor, "resolution": train.resolution, "crop": crop, "seed": seed}
     ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_size=_MAP_BATCH, num_cpus=train.data_cpus)
     return repeat_passes(ds, passes, tag=online and not train.precompute)
 
 
-def keep_row_order() -> None:
-    """Make this process's Ray Data hand rows on in the dataset's order. Without it a plan's
-    blocks come out in the order their tasks finish, so two runs of the same settings train on
-    different batches and log different losses (the local shuffle is seeded, its input order
-    is not); with it Ray Train's split deals the rows out by that order too.
-    Set on the process's DataContext, not on the Dataset's: Ray Train replaces a training
-    dataset's execution options with those of the driver's DataContext
-    (ray.train.DataConfig.default_ingest_options), taken when the TorchTrainer is made, which
-    also hands that context to its workers. CPU runs only (build_training_plan): on GPUs one
+def ingest_config(train: Any) -> Any:
+    """Ray Train's DataConfig for the training feed (`train`: a TrainConfig). On the CPU it keeps
+    the dataset's row order (Ray Data's preserve_order): without it a plan's blocks come out in
+    the order their tasks finish, so two runs of the same settings trained on different batches
+    and logged different losses (the local shuffle is seeded, its input order was not); with it
+    the split deals the rows out by that order too. Given to the TorchTrainer, not set on the
+    Dataset, whose execution options Ray Train replaces with these; nor on the process's
+    DataContext, which later Ray Data work in the same process would inherit. Not on GPUs: one
     slow task would hold back every row behind it, and their kernels are not bit-reproducible
     across layouts anyway."""
-    DataContext.get_current().execution_options.preserve_order = True
+    from ray.train import DataConfig  # ray.train takes seconds to import: only where a run starts
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = not train.gpu
+    return DataConfig(execution_options=options)
 
 
 def read_parquet(files: list[str], **kwargs: Any) -> Dataset:

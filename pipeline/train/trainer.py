@@ -33,6 +33,7 @@ from pipeline.train.data import (
     DatasetInfo,
     build_training_plan,
     find_undecodable,
+    ingest_config,
     online_settings,
     open_dataset,
     precompute_inputs,
@@ -179,6 +180,7 @@ def fit(config: Config, run_name: str, resources: dict[str, float], datasets: di
         train_loop_config={"config": config.model_dump(mode="json"), "run": asdict(run), **loop_config},
         torch_config=TorchConfig(backend="nccl" if train.gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.gpu, resources_per_worker=resources),
+        dataset_config=ingest_config(train),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path(train.storage_path),

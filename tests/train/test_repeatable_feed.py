@@ -1,10 +1,10 @@
 """Pretraining from Ray Data rows is repeatable on the CPU: the same settings, seed and dataset
-give the same batches in the same order (pipeline/train/data.py keep_row_order, the per-row
+give the same batches in the same order (pipeline/train/data.py ingest_config, the per-row
 crops of stages.train_inputs.row_rngs) and so the same losses, run after run.
 
-The feed is sharded as Ray Train shards it (ray.train.DataConfig.configure, which replaces the
-dataset's execution options with the driver's DataContext's), and the loop runs on one local
-worker (dist.local_run) rather than in a TorchTrainer, which costs a minute to start."""
+The feed is sharded as Ray Train shards it (the trainer's ingest_config, whose execution options
+replace the dataset's), and the loop runs on one local worker (dist.local_run) rather than in a
+TorchTrainer, which costs a minute to start."""
 
 from __future__ import annotations
 
@@ -16,12 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from ray.data import DataContext
-from ray.train import DataConfig
 
 from pipeline.config import ASSETS_DIR, load_config
 from pipeline.model import SubjectImageProcessor
 from pipeline.train import dist, hooks, loop
-from pipeline.train.data import build_training_plan, open_dataset
+from pipeline.train.data import build_training_plan, ingest_config, open_dataset
 from pipeline.train.hooks import Hook, RunInfo
 from stages.records import CATEGORY, COMPOSITE, IMAGE
 from stages.train_inputs import PIXEL_VALUES, TARGET, prepare_batch
@@ -81,7 +80,7 @@ def _shard(version: Path, config):
     """This run's feed as Ray Train's one worker gets it."""
     info = open_dataset(str(version))
     plan = build_training_plan(info, config, _processor())
-    shards = DataConfig().configure({"train": plan}, world_size=1, worker_handles=None, worker_node_ids=None)
+    shards = ingest_config(config.train).configure({"train": plan}, world_size=1, worker_handles=None, worker_node_ids=None)
     return info, shards[0]["train"]
 
 
@@ -111,6 +110,17 @@ def test_the_feed_keeps_the_datasets_row_order_and_crops(ray_local, version, tmp
     assert pixels == _composites_in_file_order(version)
     # A row's random crop comes from the run's seed and the row: the same in a second run.
     assert _feed(_shard(version, config)[1]) == (pixels, targets)
+
+
+def test_online_composites_targets_keep_their_crops(ray_local, version, tmp_path, unordered):
+    # The online plan crops its targets in stages.online_composite.prepare_cutout_batch.
+    config = _config(version, tmp_path, "train.composite=online", "train.crop=random")
+    targets = [_targets(_shard(version, config)[1]) for _ in range(2)]
+    assert len(targets[0]) == 18 and targets[1] == targets[0]
+
+
+def _targets(shard) -> list[bytes]:
+    return [row.tobytes() for batch in shard.iter_batches(batch_size=4, batch_format="numpy") for row in batch[TARGET]]
 
 
 def _losses(version: Path, tmp_path: Path, name: str, monkeypatch) -> list[float]:
