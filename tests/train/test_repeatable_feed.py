@@ -8,6 +8,7 @@ TorchTrainer, which costs a minute to start."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict
 from pathlib import Path
 
@@ -72,6 +73,7 @@ def _config(version: Path, tmp_path: Path, *overrides: str):
     )
 
 
+@functools.cache
 def _processor() -> SubjectImageProcessor:
     return SubjectImageProcessor.from_pretrained(ASSETS_DIR / "tiny-blipdiffusion" / "image_processor")
 
