@@ -970,8 +970,8 @@ def run_e2e(args, results: dict) -> None:
         if gpu:
             torch.cuda.empty_cache()
         start = time.perf_counter()
-        config = load_config(overrides=overrides)
         try:
+            config = load_config(overrides=overrides)
             result = run_training(config)
         except Exception as exc:  # record it and go on with the next job
             log.exception("job %s failed", job.name)
