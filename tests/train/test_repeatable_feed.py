@@ -23,6 +23,7 @@ from pipeline.model import SubjectImageProcessor
 from pipeline.train import dist, hooks, loop
 from pipeline.train.data import build_training_plan, ingest_config, open_dataset
 from pipeline.train.hooks import Hook, RunInfo
+from stages.online_composite import CUTOUT_COLUMNS, prepare_cutout_batch
 from stages.records import CATEGORY, COMPOSITE, IMAGE
 from stages.train_inputs import PIXEL_VALUES, TARGET, prepare_batch
 from tests.tinydata import publish_dataset
@@ -95,34 +96,33 @@ def _feed(shard) -> tuple[list[bytes], list[bytes]]:
     return pixels, targets
 
 
-def _composites_in_file_order(version: Path) -> list[bytes]:
-    """Each row's PIXEL_VALUES as the plan makes them, file after file, row after row."""
-    rows = []
+def _in_file_order(version: Path, fn, columns, **kwargs) -> dict[str, list[bytes]]:
+    """`fn`'s PIXEL_VALUES and TARGET of every row, file after file, row after row, as bytes: what
+    a repeatable feed hands on (its seeded crops are a row's own, whatever batch it lands in)."""
+    rows = {PIXEL_VALUES: [], TARGET: []}
     for file in open_dataset(str(version)).files:
-        table = pq.read_table(file, columns=[CATEGORY, IMAGE, COMPOSITE])
-        batch = {name: np.asarray(table.column(name).to_pylist(), dtype=object) for name in table.column_names}
-        pixels = prepare_batch(batch, processor=_processor(), resolution=64, crop="center")[PIXEL_VALUES]
-        rows += [row.tobytes() for row in pixels]
+        table = pq.read_table(file, columns=list(columns))
+        out = fn({name: np.asarray(table.column(name).to_pylist(), dtype=object) for name in table.column_names}, **kwargs)
+        for name in rows:
+            rows[name] += [row.tobytes() for row in out.get(name, [])]
     return rows
 
 
 def test_the_feed_keeps_the_datasets_row_order_and_crops(ray_local, version, tmp_path, unordered):
     config = _config(version, tmp_path, "train.crop=random")
     pixels, targets = _feed(_shard(version, config)[1])
-    assert pixels == _composites_in_file_order(version)
-    # A row's random crop comes from the run's seed and the row: the same in a second run.
-    assert _feed(_shard(version, config)[1]) == (pixels, targets)
+    # In the files' order, each row with its own seeded crop: the same in every run.
+    seed = config.train.seed
+    expected = _in_file_order(version, prepare_batch, [CATEGORY, IMAGE, COMPOSITE], processor=_processor(), resolution=64, crop="random", seed=seed)
+    assert pixels == expected[PIXEL_VALUES] and targets == expected[TARGET]
 
 
 def test_online_composites_targets_keep_their_crops(ray_local, version, tmp_path, unordered):
     # The online plan crops its targets in stages.online_composite.prepare_cutout_batch.
     config = _config(version, tmp_path, "train.composite=online", "train.crop=random")
-    targets = [_targets(_shard(version, config)[1]) for _ in range(2)]
-    assert len(targets[0]) == 18 and targets[1] == targets[0]
-
-
-def _targets(shard) -> list[bytes]:
-    return [row.tobytes() for batch in shard.iter_batches(batch_size=4, batch_format="numpy") for row in batch[TARGET]]
+    targets = [row.tobytes() for batch in _shard(version, config)[1].iter_batches(batch_size=4, batch_format="numpy") for row in batch[TARGET]]
+    expected = _in_file_order(version, prepare_cutout_batch, CUTOUT_COLUMNS, resolution=64, crop="random", seed=config.train.seed)
+    assert len(targets) == 18 and targets == expected[TARGET]
 
 
 def _losses(version: Path, tmp_path: Path, name: str, monkeypatch) -> list[float]:
