@@ -114,7 +114,11 @@ def _yaml_json(value: object) -> str:
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    overrides = list(getattr(args, "overrides", []))
+    """The parsed command's configuration: --config over the command's base, then --set, then
+    the command's flags (its module's FLAGS), then --profile. `main` runs with it, and `submit`
+    checks a job's command with it before the upload."""
+    module = getattr(args, "_module", None)
+    overrides = [*getattr(args, "overrides", []), *flag_overrides(args, getattr(module, "FLAGS", {}))]
     if getattr(args, "profile", None):
         overrides.append(f"profile={args.profile}")
     try:
@@ -140,8 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(getattr(args, "verbose", False))
-    # A command's flags are config overrides, applied after --set.
-    args.overrides = [*getattr(args, "overrides", []), *flag_overrides(args, getattr(args._module, "FLAGS", {}))]
     try:
         config = resolve_config(args)
         return int(args._module.run(args, config) or 0)

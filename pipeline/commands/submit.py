@@ -64,9 +64,8 @@ def check_config(args: argparse.Namespace) -> None:
     failed job after the upload. A --config file this machine does not have is the cluster's
     (with --no-upload, or an absolute path on its volume): its --set keys are checked against
     the defaults instead, and the file is left to the job."""
-    from pipeline.cli import flag_overrides, resolve_config
+    from pipeline.cli import resolve_config
 
-    args.overrides = [*args.overrides, *flag_overrides(args, getattr(args._module, "FLAGS", {}))]
     if args.config and not Path(args.config).exists():
         args.config = None
     resolve_config(args)

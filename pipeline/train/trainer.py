@@ -225,7 +225,7 @@ def run_training(config: Config) -> TrainResult:
     config = config.model_copy(update={"train": resolve_speed_settings(config.train, info.rows, info.has_cutout, ready)})
     train = config.train
     run_name = train.run_name or f"{train.method}-{info.version}"
-    run_folder = f"{storage_path(train.storage_path)}/{run_name}"
+    run_folder = f"{storage}/{run_name}"
     if "://" not in run_folder:
         # A file where the run's folder goes failed inside Ray Train, after the cluster started.
         check_output_folder(run_folder, "train.run_name")
