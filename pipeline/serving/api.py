@@ -34,6 +34,7 @@ from pipeline.serving.subjects import (
     decode_reference_images,
     parse_mix,
     parse_subject_ref,
+    without_passwords,
 )
 
 GENERATE_FIELDS = (*FIELDS, SUBJECT_FIELD, REFERENCE_FIELD, CATEGORY_FIELD, MIX_FIELD, *CONTROL_FIELDS, *EDIT_FIELDS)
@@ -50,7 +51,8 @@ class ApiError(Exception):
         self.status, self.field, self.message = status, field, message
 
     def body(self) -> dict[str, Any]:
-        return {"error": self.message, "field": self.field, "status": self.status}
+        """The JSON answer; a URL's password in the message (the registry's) is not sent."""
+        return {"error": without_passwords(self.message), "field": self.field, "status": self.status}
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ from pipeline.serving.subjects import (
     SubjectNotFound,
     SubjectRef,
     SubjectUnusable,
+    without_passwords,
 )
 from pipeline.serving.timings import TOTAL, CudagraphSkips, cudagraph_skips, rounded, server_timing
 from pipeline.serving.warmup import hold_compiled_graphs, warm_up
@@ -255,7 +256,7 @@ class SubjectServer:
         try:
             found = await asyncio.to_thread(tracking.registered_models, self.uri, self.config.finetune.register_prefix)
         except Exception as exc:  # the registry is down: say so, keep serving
-            raise ApiError(503, "registry", f"the registry at {self.uri} did not answer: {str(exc)[:300]}") from None
+            raise ApiError(503, "registry", f"the registry at {self.uri} did not answer: {without_passwords(str(exc))[:300]}") from None
         return {"subjects": found, "adapters_loaded": len(self.engine.adapters)}
 
     def check_health(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import re
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -388,7 +389,19 @@ def _fetch(uri: str, name: str, version: str) -> RegisteredSubject:
 
 
 def _unavailable(exc: Exception) -> str:
-    return f"the subject registry could not be read; retry later ({str(exc)[:300]})"
+    return f"the subject registry could not be read; retry later ({without_passwords(str(exc))[:300]})"
+
+
+# user:password@ in a URL. tracking.uri may hold one (http://user:password@mlflow,
+# postgresql://user:password@db/mlflow): registry errors name that URI, MLflow's messages the
+# URL they called, and the answer to a request holds its error's message.
+_URL_PASSWORD = re.compile(r"(\w[\w+.-]*://[^/\s:@]*):[^/\s@]*@")
+
+
+def without_passwords(text: str) -> str:
+    """`text` with the password of each URL in it as ***; before any cut, which could leave a
+    password without the @ that marks it."""
+    return _URL_PASSWORD.sub(r"\1:***@", text)
 
 
 def read_subject(folder: Path, name: str, version: str) -> RegisteredSubject:
