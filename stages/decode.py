@@ -1,13 +1,15 @@
 """Decode stage: file bytes -> an upright RGB photo with its short side at the configured size.
 
-Guards run in the order that keeps bad files cheap: the byte count before reading, the header's
-claimed size before decoding pixels (decompression bombs), then the decode itself.
+Guards run in the order that keeps bad files cheap: the byte count before reading, the count of
+JPEG scans and PNG chunks and the header's claimed size before decoding pixels (decompression
+bombs), then the decode itself.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 import warnings
 
@@ -79,6 +81,60 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 CORRUPT_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 
 
+# Segments a photo may hold. Its decoding costs time in its scans and chunks, not only in the
+# pixels its header claims: PIL decodes each scan of a progressive JPEG over the whole image (a
+# 550 KB JPEG of 7000x7000 px repeating a 26-byte scan 10,000 times took 22 s of a core), and
+# parses each PNG chunk in Python, keeping it (6 MB of 500,000 empty chunks took 3 s to open).
+# A progressive JPEG has about 10 scans (NVIDIA's nvImageCodec refuses more than 256); libpng
+# writes a PNG's pixels in 8 KiB chunks, 8,192 of them in data.decode.max_bytes (64 MiB).
+MAX_JPEG_SCANS = 256
+MAX_PNG_CHUNKS = 16_384
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_segments(data: bytes) -> None:
+    """Reject a JPEG of more than MAX_JPEG_SCANS scans or a PNG of more than MAX_PNG_CHUNKS
+    chunks, counted in the bytes before PIL parses any."""
+    if data.startswith(b"\xff\xd8") and _jpeg_scans(data, MAX_JPEG_SCANS + 1) > MAX_JPEG_SCANS:
+        raise Reject(STAGE, f"too many JPEG scans: more than {MAX_JPEG_SCANS} (a progressive JPEG has about 10)")
+    if data.startswith(PNG_SIGNATURE) and _png_chunks(data, MAX_PNG_CHUNKS + 1) > MAX_PNG_CHUNKS:
+        raise Reject(STAGE, f"too many PNG chunks: more than {MAX_PNG_CHUNKS}")
+
+
+# A JPEG marker: FF and a byte other than 00 (an FF of coded data), a restart marker (D0-D7) or
+# another FF (fill).
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_STANDALONE_MARKERS = frozenset({0x01, 0xD8})  # TEM, SOI: no length follows
+
+
+def _jpeg_scans(data: bytes, most: int) -> int:
+    """The scans (SOS markers) of the first image of JPEG `data`, counted up to `most`. Marker
+    segments are stepped over by their length, so metadata (an EXIF thumbnail) and what follows
+    the end-of-image marker (an MPO's second image, a motion photo's video), which PIL does not
+    decode, are not counted."""
+    position, scans = 2, 0
+    while scans < most:
+        marker = _JPEG_MARKER.search(data, position)
+        if marker is None or data[marker.start() + 1] == 0xD9:  # EOI
+            break
+        kind, position = data[marker.start() + 1], marker.end()
+        scans += kind == 0xDA
+        if kind not in _STANDALONE_MARKERS and position + 2 <= len(data):
+            position += struct.unpack_from(">H", data, position)[0]
+    return scans
+
+
+def _png_chunks(data: bytes, most: int) -> int:
+    """The chunks of PNG `data`, counted up to `most` (a damaged length ends the count early;
+    PIL names the damage)."""
+    position, count = len(PNG_SIGNATURE), 0
+    while count < most and position + 8 <= len(data):
+        (length,) = struct.unpack_from(">I", data, position)
+        position += 12 + length  # length, type, data, CRC
+        count += 1
+    return count
+
+
 def decode_image(
     data: bytes,
     *,
@@ -93,6 +149,7 @@ def decode_image(
     Lanczos (up or down) so its short side is `size` px. Raises Reject for anything that is not a
     usable photo.
     """
+    check_segments(data)
     try:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:

@@ -254,6 +254,9 @@ def photo_bytes(value: Any, field: str, decode: DecodeConfig) -> bytes:
     import base64
     import binascii
 
+    from stages.decode import check_segments
+    from stages.records import Reject
+
     if not isinstance(value, str):
         raise RequestError(field, "must be a base64 string")
     text = value.partition(",")[2] if value.startswith("data:") else value
@@ -268,6 +271,10 @@ def photo_bytes(value: Any, field: str, decode: DecodeConfig) -> bytes:
         raise RequestError(field, "is not valid base64") from None
     if not data:
         raise RequestError(field, "is empty")
+    try:
+        check_segments(data)  # before any header is read: PIL parses every PNG chunk before the pixels
+    except Reject as exc:
+        raise RequestError(field, exc.reason) from None
     return data
 
 

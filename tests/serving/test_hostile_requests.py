@@ -9,12 +9,19 @@ test_server.py and the other modules here; this file holds only what failed."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import socket
+import struct
+import zlib
 
+import pytest
+from PIL import Image
 from starlette.requests import Request
 
 from pipeline.config import load_config
+from pipeline.serving.api import ApiError, parse_generate
 from pipeline.serving.app import SubjectServer
 from pipeline.serving.subjects import SubjectLibrary
 
@@ -67,3 +74,44 @@ def test_the_registry_password_never_reaches_a_client(monkeypatch):
     for status, body in (call(server, "POST", "/v1/generate", generate), call(server, "GET", "/v1/subjects")):
         assert (status, body["field"]) == (503, "registry"), body
         assert SECRET not in json.dumps(body) and "alice:***@127.0.0.1" in body["error"], body
+
+
+def progressive_jpeg(repeats: int = 0) -> bytes:
+    """A 64 px progressive JPEG, its last scan repeated `repeats` more times: each repeat is a few
+    bytes, and PIL decodes it over the whole image again (libjpeg only warns)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(buffer, "JPEG", progressive=True)
+    data = buffer.getvalue()
+    last_scan = data[data.rindex(b"\xff\xda"):-2]  # up to the end-of-image marker
+    return data[:-2] + last_scan * repeats + data[-2:]
+
+
+def png_with_chunks(empty_chunks: int = 0) -> bytes:
+    """A 64 px PNG with `empty_chunks` empty private chunks before its pixels: 12 bytes each, and
+    PIL parses each in Python and keeps it."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    pixels = zlib.compress(b"".join(b"\0" + b"\x80" * 3 * 64 for _ in range(64)))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 64, 8, 2, 0, 0, 0))
+            + chunk(b"abCd", b"") * empty_chunks + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+
+
+def zero_shot(photo: bytes) -> dict:
+    return {"prompt": "on the beach", "steps": 2, "reference_images": [base64.b64encode(photo).decode()], "category": "dog"}
+
+
+@pytest.mark.parametrize("bomb, expected", [
+    # 550 KB of a 7000x7000 px JPEG repeating a 26-byte scan 10,000 times took 22 s of a core to
+    # decode (45 s each for 3 such requests at once); a 48 MB body, many minutes.
+    pytest.param(progressive_jpeg(300), "too many JPEG scans", id="jpeg-300-scans"),
+    # 7 MB of 480,000 empty chunks took 16 s a request, the event loop's GIL included; 48 MB, minutes.
+    pytest.param(png_with_chunks(20_000), "too many PNG chunks", id="png-20000-chunks"),
+])
+def test_a_photo_of_many_scans_or_chunks_is_a_400_before_it_is_decoded(bomb, expected):
+    assert parse_generate(zero_shot(progressive_jpeg()), CONFIG).subject.images[0].size == (64, 64)
+    assert parse_generate(zero_shot(png_with_chunks(100)), CONFIG).subject.images[0].size == (64, 64)
+    with pytest.raises(ApiError) as caught:
+        parse_generate(zero_shot(bomb), CONFIG)
+    assert (caught.value.status, caught.value.field) == (400, "reference_images[0]")
+    assert expected in caught.value.message
