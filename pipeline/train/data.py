@@ -45,6 +45,7 @@ from pipeline.data.backgrounds import backgrounds_digest, list_backgrounds
 from pipeline.data.verify import manifest_shape_problem
 from pipeline.data.versions import LATEST, MANIFEST
 from pipeline.train.arraycache import array_cache
+from pipeline.train.feed_tasks import pack_processor, prepare_cutout_rows, prepare_rows, tag_pass
 from stages.composite import COMPOSITE_INDEX
 from stages.online_composite import (
     CUTOUT_COLUMNS,
@@ -52,7 +53,6 @@ from stages.online_composite import (
     ROW_KEY,
     OnlineCompositor,
     decode_cutouts,
-    prepare_cutout_batch,
 )
 from stages.records import ALPHA, CATEGORY, COMPOSITE, FOREGROUND, IMAGE, SOURCE_SHA256, SUBJECT_ID
 from stages.train_inputs import (
@@ -61,7 +61,6 @@ from stages.train_inputs import (
     PIXEL_VALUES,
     FrozenEncoder,
     UndecodableImage,
-    prepare_batch,
     subject_pixels,
 )
 
@@ -339,10 +338,11 @@ def build_training_plan(info: DatasetInfo, config: Config, processor: Any, passe
     # every run, and so the same each epoch (a CPU run makes one pass per epoch). A GPU run
     # draws new ones each pass and epoch: its order is not repeatable anyway.
     seed = None if train.gpu else train.seed
+    # feed_tasks' functions: Ray Train's coordinating processes unpickle this plan without torch.
     if online:
-        fn, kwargs = prepare_cutout_batch, {"resolution": train.resolution, "crop": crop, "decode": not train.precompute, "seed": seed}
+        fn, kwargs = prepare_cutout_rows, {"resolution": train.resolution, "crop": crop, "decode": not train.precompute, "seed": seed}
     else:
-        fn, kwargs = prepare_batch, {"processor": processor, "resolution": train.resolution, "crop": crop, "seed": seed}
+        fn, kwargs = prepare_rows, {"processor": pack_processor(processor), "resolution": train.resolution, "crop": crop, "seed": seed}
     ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_size=_MAP_BATCH, num_cpus=train.data_cpus)
     return repeat_passes(ds, passes, tag=online and not train.precompute)
 
@@ -378,12 +378,8 @@ def repeat_passes(ds: Dataset, passes: int, tag: bool = False) -> Dataset:
     """`ds` `passes` times over, as one Dataset (each pass runs the plan again: new crops).
     With `tag`, each row gets its pass's number in PASS_INDEX (online composites count a pass
     as an epoch)."""
-    copies = [ds.map_batches(_tag_pass, fn_kwargs={"index": p}, batch_format="pyarrow") if tag else ds for p in range(passes)]
+    copies = [ds.map_batches(tag_pass, fn_kwargs={"index": p}, batch_format="pyarrow") if tag else ds for p in range(passes)]
     return copies[0].union(*copies[1:]) if passes > 1 else copies[0]
-
-
-def _tag_pass(table: pa.Table, *, index: int) -> pa.Table:
-    return table.append_column(PASS_INDEX, pa.array(np.full(table.num_rows, index, np.int64)))
 
 
 def online_settings(info: DatasetInfo, config: Config, passes: int) -> dict[str, Any]:

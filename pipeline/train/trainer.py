@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig, UserCallback
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline import tracking
@@ -29,10 +29,10 @@ from pipeline.model.checkpoint import MODEL_INDEX, read_json, resolve_checkpoint
 from pipeline.paths import check_output_folder
 from pipeline.raycluster import ensure_ray
 from pipeline.train import dist
+from pipeline.train.callbacks import StopAtUndecodableRows
 from pipeline.train.data import (
     DatasetInfo,
     build_training_plan,
-    find_undecodable,
     ingest_config,
     online_settings,
     open_dataset,
@@ -151,19 +151,6 @@ def check_resume_model(config: Config, run_folder: Path) -> None:
                 f"models.blip_diffusion ({component}/config.json differs in {', '.join(differ[:5])}); give this run "
                 "another --run-name or train.storage_path"
             )
-
-
-class StopAtUndecodableRows(UserCallback):
-    """Ends a run whose worker met image bytes that do not decode (UndecodableImage) at the first
-    attempt: Ray Train restarts the workers for any worker error (train.max_failures), and the
-    same rows fail the same way each time. Runs in Ray Train's controller; an exception raised
-    here ends the run as a ControllerError, which its failure policy does not retry, and the
-    driver's undecodable_rows_refused names the row."""
-
-    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
-        bad = find_undecodable(worker_exceptions)
-        if bad is not None:
-            raise bad
 
 
 def fit(config: Config, run_name: str, resources: dict[str, float], datasets: dict[str, Any], run: RunInfo, **loop_config: Any) -> Result:

@@ -1,0 +1,45 @@
+"""What Ray Train's own processes unpickle of a training job imports no model code: its
+controller unpickles the run's callbacks and the training plan, its DatasetManager and the
+feed's SplitCoordinator the plan, each before the job's first batch
+(pipeline/train/feed_tasks.py, pipeline/train/callbacks.py)."""
+
+import subprocess
+import sys
+
+import cloudpickle
+
+from pipeline.config import load_config
+from pipeline.train.callbacks import StopAtUndecodableRows
+from pipeline.train.data import build_training_plan
+from pipeline.train.trainer import check_training
+from tests.tinydata import publish_dataset
+
+_HEAVY = ("torch", "transformers", "diffusers", "pipeline.model", "stages.train_inputs", "stages.online_composite")
+
+_LOAD = """
+import pickle, sys
+import ray  # a Ray process has it already
+for path in sys.argv[1:]:
+    with open(path, "rb") as f:
+        pickle.load(f)
+print(" ".join(name for name in {heavy!r} if name in sys.modules))
+"""
+
+
+def test_the_plans_and_callbacks_unpickle_without_torch_or_the_model(ray_local, tmp_path):
+    root = tmp_path / "ds"
+    publish_dataset(root, {"dog": "dog", "cat": "cat"}, per_subject=2)
+    paths = [tmp_path / "callback.pkl"]
+    paths[0].write_bytes(cloudpickle.dumps(StopAtUndecodableRows()))
+    for composite in ("stored", "online"):
+        config = load_config(overrides=[
+            "profile=tiny", f"train.data={root}", "train.batch_size=2", "train.resolution=64",
+            f"train.composite={composite}", "train.precompute=false",
+        ])  # fmt: skip
+        info, processor = check_training(config)
+        paths.append(tmp_path / f"{composite}.pkl")
+        paths[-1].write_bytes(cloudpickle.dumps(build_training_plan(info, config, processor, passes=2)))
+    code = _LOAD.format(heavy=_HEAVY)
+    done = subprocess.run([sys.executable, "-c", code, *map(str, paths)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [], done.stdout
