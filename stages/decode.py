@@ -81,24 +81,39 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 CORRUPT_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 
 
-# Segments a photo may hold. Its decoding costs time in its scans and chunks, not only in the
-# pixels its header claims: PIL decodes each scan of a progressive JPEG over the whole image (a
-# 550 KB JPEG of 7000x7000 px repeating a 26-byte scan 10,000 times took 22 s of a core), and
-# parses each PNG chunk in Python, keeping it (6 MB of 500,000 empty chunks took 3 s to open).
-# A progressive JPEG has about 10 scans (NVIDIA's nvImageCodec refuses more than 256); libpng
-# writes a PNG's pixels in 8 KiB chunks, 8,192 of them in data.decode.max_bytes (64 MiB).
+# Segments a photo may hold. Its decoding costs time in its segments, not only in the pixels its
+# header claims: PIL decodes each scan of a progressive JPEG over the whole image (a 550 KB JPEG
+# of 7000x7000 px repeating a 26-byte scan 10,000 times took 22 s of a core), and parses each PNG
+# chunk, GIF block before the image and TIFF strip in Python (6 MB of 500,000 empty PNG chunks
+# took 3 s to open, 4 MB of 1-byte GIF comment blocks 1.3 s, and an 8 MB TIFF of 64x64 px in
+# 1,000,000 strips 183 s to decode). A progressive JPEG has about 10 scans (NVIDIA's nvImageCodec
+# refuses more than 256). libpng writes a PNG's pixels in 8 KiB chunks, 8,192 of them in
+# data.decode.max_bytes (64 MiB); a TIFF of a strip a row within data.decode.max_pixels (60 MP)
+# and max_aspect (4) has at most 15,492 strips.
 MAX_JPEG_SCANS = 256
-MAX_PNG_CHUNKS = 16_384
+MAX_SEGMENTS = 16_384  # PNG chunks, GIF blocks before the first image, TIFF tags, strips or tiles
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+GIF_SIGNATURES = (b"GIF87a", b"GIF89a")
+TIFF_SIGNATURES = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF
 
 
 def check_segments(data: bytes) -> None:
-    """Reject a JPEG of more than MAX_JPEG_SCANS scans or a PNG of more than MAX_PNG_CHUNKS
-    chunks, counted in the bytes before PIL parses any."""
-    if data.startswith(b"\xff\xd8") and _jpeg_scans(data, MAX_JPEG_SCANS + 1) > MAX_JPEG_SCANS:
-        raise Reject(STAGE, f"too many JPEG scans: more than {MAX_JPEG_SCANS} (a progressive JPEG has about 10)")
-    if data.startswith(PNG_SIGNATURE) and _png_chunks(data, MAX_PNG_CHUNKS + 1) > MAX_PNG_CHUNKS:
-        raise Reject(STAGE, f"too many PNG chunks: more than {MAX_PNG_CHUNKS}")
+    """Reject a JPEG of more than MAX_JPEG_SCANS scans, or a PNG, GIF or TIFF of more than
+    MAX_SEGMENTS segments, counted in the bytes before PIL parses any."""
+    if data.startswith(b"\xff\xd8"):
+        if _jpeg_scans(data, MAX_JPEG_SCANS + 1) > MAX_JPEG_SCANS:
+            raise Reject(STAGE, f"too many JPEG scans: more than {MAX_JPEG_SCANS} (a progressive JPEG has about 10)")
+    elif data.startswith(PNG_SIGNATURE):
+        _check_count("PNG chunks", _png_chunks(data, MAX_SEGMENTS + 1))
+    elif data[:6] in GIF_SIGNATURES:
+        _check_count("GIF blocks before the image", _gif_blocks(data, MAX_SEGMENTS + 1))
+    elif data[:4] in TIFF_SIGNATURES:
+        _check_count("TIFF tags, strips or tiles", _tiff_pieces(data))
+
+
+def _check_count(what: str, count: int) -> None:
+    if count > MAX_SEGMENTS:
+        raise Reject(STAGE, f"too many {what}: more than {MAX_SEGMENTS}")
 
 
 # A JPEG marker: FF and a byte other than 00 (an FF of coded data), a restart marker (D0-D7) or
@@ -122,6 +137,40 @@ def _jpeg_scans(data: bytes, most: int) -> int:
         if kind not in _STANDALONE_MARKERS and position + 2 <= len(data):
             position += struct.unpack_from(">H", data, position)[0]
     return scans
+
+
+def _gif_blocks(data: bytes, most: int) -> int:
+    """The data blocks of the extensions before GIF `data`'s first image, counted up to `most`."""
+    flags = data[10] if len(data) > 10 else 0
+    position = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # the header, then the global colour table
+    count = 0
+    while count < most and position + 1 < len(data) and data[position] == 0x21:  # an extension
+        position += 2  # its introducer and label, then blocks of a size byte each, up to an empty one
+        while count < most and position < len(data):
+            size = data[position]
+            position, count = position + 1 + size, count + 1
+            if not size:
+                break
+    return count
+
+
+def _tiff_pieces(data: bytes) -> int:
+    """The entries of the first directory of TIFF `data`, or its strips or tiles (the count of
+    its StripOffsets or TileOffsets tag) if more; 0 when the directory cannot be read (PIL names
+    the damage)."""
+    order = "<" if data.startswith(b"II") else ">"
+    big = data[2:4] in (b"+\0", b"\0+")  # BigTIFF: 8-byte offsets and counts
+    offset, number, entry, entry_size = ("Q", "Q", "HHQ", 20) if big else ("I", "H", "HHI", 12)
+    try:
+        (directory,) = struct.unpack_from(order + offset, data, 8 if big else 4)
+        (entries,) = struct.unpack_from(order + number, data, directory)
+        if entries > MAX_SEGMENTS:
+            return entries
+        start = directory + struct.calcsize(number)
+        tags = [struct.unpack_from(order + entry, data, start + i * entry_size) for i in range(entries)]
+    except struct.error:
+        return 0
+    return max([entries, *(count for tag, _, count in tags if tag in (273, 324))])  # StripOffsets, TileOffsets
 
 
 def _png_chunks(data: bytes, most: int) -> int:
