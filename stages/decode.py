@@ -90,6 +90,9 @@ CORRUPT_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, 
 # refuses more than 256). libpng writes a PNG's pixels in 8 KiB chunks, 8,192 of them in
 # data.decode.max_bytes (64 MiB); a TIFF of a strip a row within data.decode.max_pixels (60 MP)
 # and max_aspect (4) has at most 15,492 strips.
+# BMP compressions refused: PIL decodes run-length encoded BMPs in Python, a pixel at a time (a
+# 125 KB RLE4 BMP of 4000x4000 px took 2 s), and no camera, phone or web export writes them.
+BMP_RLE = frozenset({1, 2})  # RLE8, RLE4
 MAX_JPEG_SCANS = 256
 MAX_SEGMENTS = 16_384  # PNG chunks, GIF blocks before the first image, TIFF tags, strips or tiles
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -211,6 +214,8 @@ def decode_image(
         raise Reject(STAGE, f"corrupt or truncated image: {exc}") from None
     if img.format not in ACCEPTED_FORMATS:
         raise Reject(STAGE, f"unsupported image format {img.format} (accepted: {', '.join(sorted(ACCEPTED_FORMATS))})")
+    if img.format == "BMP" and img.info.get("compression") in BMP_RLE:
+        raise Reject(STAGE, "unsupported BMP compression: run-length encoded (RLE)")
     w, h = img.size
     if w * h > max_pixels:
         raise Reject(STAGE, f"image too large: header claims {w}x{h} = {w * h / 1e6:.0f} MP > limit {max_pixels / 1e6:.0f} MP")
