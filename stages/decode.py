@@ -81,6 +81,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 CORRUPT_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 
 
+# BMP compressions refused: PIL decodes run-length encoded BMPs in Python, a pixel at a time (a
+# 125 KB RLE4 BMP of 4000x4000 px took 2 s), and no camera, phone or web export writes them.
+BMP_RLE = frozenset({1, 2})  # RLE8, RLE4
+
+
 # Segments a photo may hold. Its decoding costs time in its segments, not only in the pixels its
 # header claims: PIL decodes each scan of a progressive JPEG over the whole image (a 550 KB JPEG
 # of 7000x7000 px repeating a 26-byte scan 10,000 times took 22 s of a core), and parses each PNG
@@ -90,9 +95,6 @@ CORRUPT_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, 
 # refuses more than 256). libpng writes a PNG's pixels in 8 KiB chunks, 8,192 of them in
 # data.decode.max_bytes (64 MiB); a TIFF of a strip a row within data.decode.max_pixels (60 MP)
 # and max_aspect (4) has at most 15,492 strips.
-# BMP compressions refused: PIL decodes run-length encoded BMPs in Python, a pixel at a time (a
-# 125 KB RLE4 BMP of 4000x4000 px took 2 s), and no camera, phone or web export writes them.
-BMP_RLE = frozenset({1, 2})  # RLE8, RLE4
 MAX_JPEG_SCANS = 256
 MAX_SEGMENTS = 16_384  # PNG chunks, GIF blocks before the first image, TIFF tags, strips or tiles
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
