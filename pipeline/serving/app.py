@@ -243,7 +243,12 @@ class SubjectServer:
         parts, versions = [], []
         for i, part in enumerate(mix.parts):
             if isinstance(part, SubjectRef):
-                part, version = self._registered(part)
+                try:
+                    part, version = self._registered(part)
+                except ApiError as exc:
+                    if exc.field != "subject":  # the registry's own failure (503)
+                        raise
+                    raise ApiError(exc.status, f"mix[{i}].subject", exc.message) from None
                 if part.embeds is None or part.spec.ti_property is not None:  # dreambooth; textual inversion's word [S]
                     raise ApiError(422, f"mix[{i}].subject", f"models:/{part.key} is a {part.spec.method} subject: it has no subject embeddings to mix")
                 versions.append(part.key)

@@ -76,6 +76,15 @@ def test_the_registry_password_never_reaches_a_client(monkeypatch):
         assert SECRET not in json.dumps(body) and "alice:***@127.0.0.1" in body["error"], body
 
 
+def test_an_unknown_subject_in_a_mix_is_a_404_naming_its_part(tmp_path, mlflow_store):
+    # It named `subject`, a field a mix request must not give.
+    server = registry_server(mlflow_store(tmp_path))
+    mix = [{"subject": "models:/subjectforge-nobody@champion"}]
+    status, body = call(server, "POST", "/v1/generate", {"prompt": "on the beach", "steps": 2, "mix": mix})
+    assert (status, body["field"]) == (404, "mix[0].subject"), body
+    assert "subjectforge-nobody" in body["error"]
+
+
 def progressive_jpeg(repeats: int = 0) -> bytes:
     """A 64 px progressive JPEG, its last scan repeated `repeats` more times: each repeat is a few
     bytes, and PIL decodes it over the whole image again (libjpeg only warns)."""
