@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ray import serve
+from ray.exceptions import TaskCancelledError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
@@ -340,7 +341,9 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
                 chunks.append(chunk)
             else:
                 chunks.clear()
-    except ClientDisconnect:  # nobody reads this answer: it is counted, and no stack trace is logged for it
+    # Nobody reads this answer: it is counted, and no stack trace is logged for it. Under Ray
+    # Serve a client that left reaches here as the proxy's cancelled receive (TaskCancelledError).
+    except (ClientDisconnect, TaskCancelledError):
         raise ApiError(400, "request", f"the client left after {size} bytes of the body") from None
     if size > max_bytes:
         raise ApiError(413, "request", f"body of {size} bytes; at most {max_bytes} (serve.max_request_mb)")

@@ -85,6 +85,27 @@ def test_an_unknown_subject_in_a_mix_is_a_404_naming_its_part(tmp_path, mlflow_s
     assert "subjectforge-nobody" in body["error"]
 
 
+def test_a_client_that_leaves_mid_body_under_serve_is_answered_and_counted_not_a_stack_trace():
+    """Under Ray Serve a client gone mid-body reaches the replica as the proxy's cancelled
+    receive (TaskCancelledError raised from the body's stream), not starlette's ClientDisconnect:
+    it left the request's task with an exception nobody retrieved, a stack trace logged for each
+    such client."""
+    from ray.exceptions import TaskCancelledError
+
+    server, messages = registry_server("sqlite:///unused.db"), [{"type": "http.request", "body": b'{"prompt": ', "more_body": True}]
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        raise TaskCancelledError()
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/generate", "headers": [(b"content-type", b"application/json")],
+             "query_string": b"", "scheme": "http", "server": ("127.0.0.1", 80), "root_path": ""}
+    response = asyncio.run(server(Request(scope, receive)))
+    assert response.status_code == 400 and json.loads(response.body)["field"] == "request"
+    assert server.metrics.requests == [("invalid", 400)]
+
+
 def progressive_jpeg(repeats: int = 0) -> bytes:
     """A 64 px progressive JPEG, its last scan repeated `repeats` more times: each repeat is a few
     bytes, and PIL decodes it over the whole image again (libjpeg only warns)."""
