@@ -11,6 +11,7 @@ cluster provides them (`--env NAME`). Token authentication (Ray's default for ne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import logging
 import os
@@ -49,6 +50,14 @@ ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_WAIT_SECONDS = 60.0
+# Ray's job client sets no timeout of its own: against a head that froze or dropped off the
+# network, each request (and so `submit --wait` and `job ...`) waited forever. Seconds to
+# connect, and to wait for each answer; a head that died refuses at once.
+REQUEST_TIMEOUT_S = (10.0, 30.0)
+# A followed job's log may be quiet for minutes. After this many seconds without a line, the
+# job's status is asked for (one request, bounded as above), so that a log stream nobody serves
+# any more ends the wait; a quiet job on a cluster that answers is followed on.
+LOG_QUIET_PROBE_S = 30.0
 
 
 class JobError(UserError, RuntimeError):
@@ -187,18 +196,71 @@ def read_auth_token(path: str | Path | None) -> str | None:
 
 
 def connect(address: str, token: str | None = None):
-    """A JobSubmissionClient for the dashboard at `address`, sending `token` if given.
+    """A JobSubmissionClient for the dashboard at `address`, sending `token` if given, whose
+    every request gives up after REQUEST_TIMEOUT_S.
 
     The token goes in our own Authorization header: Ray's automatic one depends on
     RAY_AUTH_MODE as it was when Ray was first imported in this process.
     """
     from ray.job_submission import JobSubmissionClient
 
+    class BoundedClient(JobSubmissionClient):
+        # Every request of the client (the version check, submit, status, logs, stop) goes
+        # through _do_request, which hands its keyword arguments on to requests.
+        def _do_request(self, method, endpoint, **kwargs):
+            kwargs.setdefault("timeout", REQUEST_TIMEOUT_S)
+            return super()._do_request(method, endpoint, **kwargs)
+
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        return JobSubmissionClient(address, headers=headers)
+        return BoundedClient(address, headers=headers)
     except Exception as exc:  # connection and authentication errors surface as several types
-        raise JobError(f"cannot reach the Ray dashboard at {address}: {exc}") from None
+        reason = _no_answer(exc) or str(exc)
+        raise JobError(
+            f"cannot reach the Ray dashboard at {address}: {reason}. Check the address (the head's "
+            "dashboard, port 8265 unless set otherwise) and that the cluster is up"
+        ) from None
+
+
+def _no_answer(exc: BaseException) -> str | None:
+    """What to say of `exc` when it means the dashboard did not answer (refused, cut off, timed
+    out), else None. requests' connection errors are OSErrors, and so are most of aiohttp's
+    (the log stream); its ClientError covers the rest."""
+    import aiohttp
+    import requests
+
+    if isinstance(exc, (requests.Timeout, TimeoutError)):
+        return f"no answer within {REQUEST_TIMEOUT_S[1]:g} s"
+    if isinstance(exc, (OSError, aiohttp.ClientError)):
+        return "the connection was refused or cut off"
+    return None
+
+
+@contextlib.contextmanager
+def cluster_errors(address: str, job_id: str | None) -> Iterator[None]:
+    """JobErrors for what Ray's job client raises about `job_id` (None: a job being submitted,
+    whose id is not known yet) at `address`: the dashboard not answering (refused, cut off,
+    timed out), named with the address and how to learn what became of the job; and the
+    RuntimeError of a request it refused (an unknown job id: a head that restarted has none of
+    the jobs before). Other errors pass unchanged."""
+    try:
+        yield
+    except JobError:
+        raise
+    except Exception as exc:
+        reason = _no_answer(exc)
+        if reason is None and isinstance(exc, RuntimeError) and job_id is not None:
+            raise JobError(f"job {job_id}: {exc}") from None
+        if reason is None:
+            raise
+        log.debug("the dashboard at %s did not answer", address, exc_info=True)
+        lost = f"lost the Ray cluster at {address} ({reason}): it is down, frozen or out of reach"
+        if job_id is None:
+            raise JobError(f"{lost}, and whether the job was submitted is unknown") from None
+        raise JobError(
+            f"{lost}, and what became of job {job_id} is unknown. Once the cluster answers, "
+            f"`subjectforge job status {job_id} --address {address}` tells"
+        ) from None
 
 
 def build_entrypoint(command: Sequence[str], uploaded: bool, from_cluster: Sequence[str] = ()) -> str:
@@ -254,13 +316,39 @@ def submit(client, command: Sequence[str], *, upload: Upload | None, env: JobEnv
 
 
 def follow_logs(client, job_id: str, out=None) -> None:
-    """Stream the job's log to `out` (default: this process's stdout) until the job ends."""
+    """Stream the job's log to `out` (default: this process's stdout) until the job ends.
+
+    The job's status is asked for first (an unknown id is Ray's RuntimeError naming it), and
+    again after each LOG_QUIET_PROBE_S without a line: a cluster that stopped answering raises
+    from that bounded request, where the stream alone would wait forever. A stream the cluster
+    cut off raises ConnectionResetError.
+    """
     out = out or sys.stdout
+    client.get_job_status(job_id)
 
     async def pump() -> None:
-        async for chunk in client.tail_job_logs(job_id):
-            out.write(chunk)
-            out.flush()
+        chunks = client.tail_job_logs(job_id)
+        pending = asyncio.ensure_future(anext(chunks))
+        try:
+            while True:
+                done, _ = await asyncio.wait({pending}, timeout=LOG_QUIET_PROBE_S)
+                if not done:
+                    await asyncio.to_thread(client.get_job_status, job_id)
+                    continue
+                try:
+                    chunk = pending.result()
+                except StopAsyncIteration:
+                    return
+                except RuntimeError as exc:  # Ray's word for a stream closed abnormally (code 1006) or broken
+                    raise ConnectionResetError(f"the job's log stream broke off: {exc}") from None
+                out.write(chunk)
+                out.flush()
+                pending = asyncio.ensure_future(anext(chunks))
+        finally:
+            pending.cancel()
+            with contextlib.suppress(Exception, asyncio.CancelledError):  # the outcome is raised already, or none
+                await pending
+            await chunks.aclose()
 
     asyncio.run(pump())
 

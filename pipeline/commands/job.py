@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.config import Config
-from pipeline.jobs import JobError, connect, follow_logs, read_auth_token
+from pipeline.jobs import cluster_errors, connect, follow_logs, read_auth_token
 
 
 def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
@@ -17,22 +17,20 @@ def add_arguments(parser: argparse.ArgumentParser, add_common) -> None:
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
-    try:
-        client = connect(args.address, read_auth_token(args.auth_token_file))
-        if args.action == "status":
-            info = client.get_job_info(args.job_id)
-            print(f"{args.job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
-            return 0
-        if args.action == "logs":
-            if args.follow:
-                follow_logs(client, args.job_id)
-            else:
-                print(client.get_job_logs(args.job_id), end="")
-            return 0
+    client = connect(args.address, read_auth_token(args.auth_token_file))
+    with cluster_errors(args.address, args.job_id):
+        return _act(client, args)
+
+
+def _act(client, args: argparse.Namespace) -> int:
+    if args.action == "status":
+        info = client.get_job_info(args.job_id)
+        print(f"{args.job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+    elif args.action == "logs" and args.follow:
+        follow_logs(client, args.job_id)
+    elif args.action == "logs":
+        print(client.get_job_logs(args.job_id), end="")
+    else:
         stopped = client.stop_job(args.job_id)
         print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
-        return 0
-    except JobError:
-        raise
-    except RuntimeError as exc:  # the client raises RuntimeError for unknown job ids
-        raise JobError(f"job {args.job_id}: {exc}") from None
+    return 0

@@ -9,6 +9,7 @@ from pathlib import Path
 from pipeline.config import REPO_DIR, Config, ConfigError
 from pipeline.errors import UserError
 from pipeline.jobs import (
+    cluster_errors,
     connect,
     exit_code,
     follow_logs,
@@ -82,13 +83,15 @@ def run(args: argparse.Namespace, config: Config) -> int:
             upload = stage_upload(REPO_DIR, args.include, Path(staging), config.submit.max_upload_mb)
             print(f"upload: {upload.describe()} from {REPO_DIR}")
         client = connect(args.address, read_auth_token(args.auth_token_file))
-        job_id = submit(client, command, upload=upload, env=env, submission_id=args.submission_id)
+        with cluster_errors(args.address, args.submission_id):
+            job_id = submit(client, command, upload=upload, env=env, submission_id=args.submission_id)
     print(f"job: {job_id}")
     if not args.wait:
         print(f"follow it with: subjectforge job logs {job_id} --address {args.address} --follow")
         return 0
-    follow_logs(client, job_id)
-    status = wait(client, job_id)
-    code = exit_code(client, job_id)
+    with cluster_errors(args.address, job_id):
+        follow_logs(client, job_id)
+        status = wait(client, job_id)
+        code = exit_code(client, job_id)
     print(f"job {job_id}: {status} (exit {code})")
     return code
