@@ -1,6 +1,7 @@
-"""Requests a hostile client sent `subjectforge serve` (on loopback, tiny profile) that the
-checks of api.py, requests.py and subjects.py let through: each now gets its 4xx at once, and no
-answer carries a secret of the server's configuration.
+"""Requests a hostile client sent `subjectforge serve` (on loopback, tiny profile) that got past
+the checks of api.py, requests.py, subjects.py and stages/decode.py: a photo whose decoding costs
+far more than its pixels is a 400 before PIL parses it, an unknown subject in a mix names its part,
+a client that leaves mid-body logs no stack trace, and no answer carries the registry's password.
 
 What already behaved (malformed, nested and odd JSON, every field's types and ranges, subject
 URIs, photos of every format, HTTP methods, paths and bodies) is covered by test_app.py,
