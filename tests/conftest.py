@@ -13,6 +13,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # The tests' datasets are a Parquet file or a few, whose footers one actor reads; the rows read
 # are the same.
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+# Ray Train starts a PreemptionWatcher actor with every worker group, a process of its own that
+# watches the nodes for draining (spot instances); the tests' one local node is never drained,
+# and Ray starts 2 worker processes at a time, so it held back the feed's SplitCoordinator.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")
