@@ -1,7 +1,8 @@
 """What Ray Train's own processes unpickle of a training job imports no model code: its
 controller unpickles the run's callbacks and the training plan, its DatasetManager and the
 feed's SplitCoordinator the plan, each before the job's first batch
-(pipeline/train/feed_tasks.py, pipeline/train/callbacks.py)."""
+(pipeline/train/feed_tasks.py, pipeline/train/callbacks.py). The feed's data tasks open the
+checkpoint's image processor without transformers and diffusers (pipeline/model/__init__.py)."""
 
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import cloudpickle
 from pipeline.config import load_config
 from pipeline.train.callbacks import StopAtUndecodableRows
 from pipeline.train.data import build_training_plan
+from pipeline.train.feed_tasks import pack_processor
 from pipeline.train.trainer import check_training
 from tests.tinydata import publish_dataset
 
@@ -19,14 +21,18 @@ _HEAVY = ("torch", "transformers", "diffusers", "pipeline.model", "stages.train_
 _LOAD = """
 import pickle, sys
 import ray  # a Ray process has it already
-for path in sys.argv[1:]:
+*plans, processor = sys.argv[1:]
+for path in plans:
     with open(path, "rb") as f:
         pickle.load(f)
 print(" ".join(name for name in {heavy!r} if name in sys.modules))
+with open(processor, "rb") as f:
+    pickle.load(f)
+print(" ".join(name for name in ("transformers", "diffusers") if name in sys.modules))
 """
 
 
-def test_the_plans_and_callbacks_unpickle_without_torch_or_the_model(ray_local, tmp_path):
+def test_ray_trains_processes_unpickle_no_model_code_and_a_data_task_opens_the_processor_without_it(ray_local, tmp_path):
     root = tmp_path / "ds"
     publish_dataset(root, {"dog": "dog", "cat": "cat"}, per_subject=2)
     paths = [tmp_path / "callback.pkl"]
@@ -39,7 +45,9 @@ def test_the_plans_and_callbacks_unpickle_without_torch_or_the_model(ray_local, 
         info, processor = check_training(config)
         paths.append(tmp_path / f"{composite}.pkl")
         paths[-1].write_bytes(cloudpickle.dumps(build_training_plan(info, config, processor, passes=2)))
+    paths.append(tmp_path / "processor.pkl")
+    paths[-1].write_bytes(pack_processor(processor))
     code = _LOAD.format(heavy=_HEAVY)
     done = subprocess.run([sys.executable, "-c", code, *map(str, paths)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == [], done.stdout
+    assert done.stdout.split("\n")[:2] == ["", ""], done.stdout
