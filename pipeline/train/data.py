@@ -45,7 +45,7 @@ from pipeline.data.backgrounds import backgrounds_digest, list_backgrounds
 from pipeline.data.verify import manifest_shape_problem
 from pipeline.data.versions import LATEST, MANIFEST
 from pipeline.train.arraycache import array_cache
-from pipeline.train.feed_tasks import pack_processor, prepare_cutout_rows, prepare_rows, tag_pass
+from pipeline.train.feed_tasks import decode_cutout_rows, pack_processor, prepare_cutout_rows, prepare_rows, tag_pass
 from stages.composite import COMPOSITE_INDEX
 from stages.online_composite import (
     CUTOUT_COLUMNS,
@@ -497,7 +497,7 @@ def precompute_inputs(ds: Dataset, info: DatasetInfo, config: Config, storage: s
     info.tensor_layout = read_tensor_layout(pq.read_schema(files[0], filesystem=fs))
     if online:  # the Ray Data feed reads it: the cutouts are decoded in its tasks
         rows_back = read_parquet(files, filesystem=fs).map_batches(
-            decode_cutout_columns, batch_format="pyarrow", batch_size=_MAP_BATCH, num_cpus=train.data_cpus
+            decode_cutout_rows, batch_format="pyarrow", batch_size=_MAP_BATCH, num_cpus=train.data_cpus
         )
         return repeat_passes(rows_back, passes, tag=True)
     arrays = array_cache(f"{cache}/{parts}".rstrip("/"), info.tensor_layout)

@@ -43,6 +43,13 @@ def prepare_cutout_rows(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str
     return prepare_cutout_batch(batch, **kwargs)
 
 
+def decode_cutout_rows(table: pa.Table) -> pa.Table:
+    """pipeline.train.data.decode_cutout_columns (the online targets' precomputed cache)."""
+    from pipeline.train.data import decode_cutout_columns
+
+    return decode_cutout_columns(table)
+
+
 def tag_pass(table: pa.Table, *, index: int) -> pa.Table:
     """The rows with their pass's number in stages.online_composite.PASS_INDEX (online
     composites count a pass as an epoch)."""
