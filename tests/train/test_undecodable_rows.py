@@ -97,8 +97,12 @@ def test_ray_train_is_told_to_stop_at_rows_that_do_not_decode():
     from pipeline.train.trainer import StopAtUndecodableRows
 
     bad = UndecodableImage("not an image", "0" * 64, IMAGE, "/data/part-00000.parquet")
-    with pytest.raises(UndecodableImage):
+    from ray.train import ControllerError
+
+    # A ControllerError, which Ray Train's callback manager passes on without logging its traceback.
+    with pytest.raises(ControllerError) as stopped:
         StopAtUndecodableRows().after_exception(None, {0: KeyError("collateral"), 1: _RayStyleError(bad)})
+    assert stopped.value.controller_failure is bad
     StopAtUndecodableRows().after_exception(None, {0: KeyError("another failure: Ray Train retries it")})
 
 
