@@ -43,6 +43,8 @@ UPLOAD_SKIPPED = (".*", "__pycache__", "*.pyc")
 SECRET_FILES = ("id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", "*.pem", "*.key", "*.p12", "credentials*.json")
 # Variables a job inherits from the submitter's environment when set there.
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE", "HF_HOME")
+# Where `ray start --head` and `ray get-auth-token --generate` keep the cluster token.
+DEFAULT_TOKEN_FILE = "~/.ray/auth_token"
 # Names whose values are secrets: a job's runtime env is shown by the dashboard and stored with
 # the job, so these come from the cluster (`--env NAME`), never from the command line.
 SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|PRIVATE|(^|_)KEY$", re.IGNORECASE)
@@ -181,14 +183,18 @@ def stage_upload(project: Path, includes: Sequence[str], dest: Path, max_mb: flo
 
 
 def read_auth_token(path: str | Path | None) -> str | None:
-    """The cluster token from `path`, else RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH, else None
-    (then Ray's client looks in ~/.ray/auth_token itself when RAY_AUTH_MODE=token)."""
+    """The cluster token from `path`, else RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH, else
+    DEFAULT_TOKEN_FILE when it exists, else None (a cluster without token authentication).
+
+    DEFAULT_TOKEN_FILE is read here because Ray's client reads it only when RAY_AUTH_MODE=token,
+    which a user's shell does not set."""
     if path is None:
         if os.environ.get("RAY_AUTH_TOKEN"):
             return os.environ["RAY_AUTH_TOKEN"].strip()
         path = os.environ.get("RAY_AUTH_TOKEN_PATH")
         if not path:
-            return None
+            default = Path(DEFAULT_TOKEN_FILE).expanduser()
+            return default.read_text().strip() if default.is_file() else None
     path = Path(path).expanduser()
     if not path.is_file():
         raise JobError(f"auth token file not found: {path}")

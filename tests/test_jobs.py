@@ -131,6 +131,20 @@ def test_secrets_stay_on_the_cluster(monkeypatch, capsys):
     assert runtime_env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "X": "1"}
 
 
+def test_the_token_defaults_to_the_file_ray_start_writes(tmp_path, monkeypatch):
+    """Without --auth-token-file or RAY_AUTH_TOKEN(_PATH), ~/.ray/auth_token is read here: Ray's
+    own client reads it only when RAY_AUTH_MODE=token, which a user's shell does not set."""
+    from pipeline.jobs import read_auth_token
+
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert read_auth_token(None) is None
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("the-token\n")
+    assert read_auth_token(None) == "the-token"
+
+
 def test_the_job_stops_when_the_cluster_lacks_a_variable_it_must_provide():
     entrypoint = build_entrypoint(["demo"], uploaded=False, from_cluster=["SF_TEST_SECRET", "SF_TEST_OTHER"])
     assert entrypoint.endswith("; exec subjectforge demo")
