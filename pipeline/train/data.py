@@ -368,9 +368,14 @@ def read_parquet(files: list[str], **kwargs: Any) -> Dataset:
     """ray.data.read_parquet of training data, whose map functions' errors are raised as they are
     (DataContext.raise_original_map_exception, for this Dataset and those made from it): an
     UndecodableImage then reaches the driver and Ray Train's controller as itself, where Ray
-    Data's UserCodeException would carry it as text only."""
+    Data's UserCodeException would carry it as text only.
+
+    Without Ray Data's progress bars: the feed's coordinator redraws them for every epoch's
+    stream, over a thousand lines of a short CPU run's log, and the job logs its own progress
+    (samples/s, data wait, pipeline.train.hooks)."""
     ds = ray.data.read_parquet(files, **kwargs)
     ds.context.raise_original_map_exception = True
+    ds.context.enable_progress_bars = False
     return ds
 
 

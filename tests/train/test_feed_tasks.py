@@ -2,7 +2,8 @@
 controller unpickles the run's callbacks and the training plan, its DatasetManager and the
 feed's SplitCoordinator the plan, each before the job's first batch
 (pipeline/train/feed_tasks.py, pipeline/train/callbacks.py). The feed's data tasks open the
-checkpoint's image processor without transformers and diffusers (pipeline/model/__init__.py)."""
+checkpoint's image processor without transformers and diffusers (pipeline/model/__init__.py).
+The plan runs without Ray Data's progress bars (pipeline.train.data.read_parquet)."""
 
 import subprocess
 import sys
@@ -32,7 +33,11 @@ print(" ".join(name for name in ("transformers", "diffusers") if name in sys.mod
 """
 
 
-def test_ray_trains_processes_unpickle_no_model_code_and_a_data_task_opens_the_processor_without_it(ray_local, tmp_path):
+def test_ray_trains_processes_unpickle_no_model_code_and_a_data_task_opens_the_processor_without_it(ray_local, tmp_path, monkeypatch):
+    from ray.data import DataContext
+
+    # A user's process draws Ray Data's progress bars (the tests' conftest turns them off).
+    monkeypatch.setattr(DataContext.get_current(), "enable_progress_bars", True)
     root = tmp_path / "ds"
     publish_dataset(root, {"dog": "dog", "cat": "cat"}, per_subject=2)
     paths = [tmp_path / "callback.pkl"]
@@ -43,8 +48,11 @@ def test_ray_trains_processes_unpickle_no_model_code_and_a_data_task_opens_the_p
             f"train.composite={composite}", "train.precompute=false",
         ])  # fmt: skip
         info, processor = check_training(config)
+        plan = build_training_plan(info, config, processor, passes=2)
+        # The coordinator runs the plan with its own context: no progress bars redrawn into the job's log.
+        assert plan.context.enable_progress_bars is False, composite
         paths.append(tmp_path / f"{composite}.pkl")
-        paths[-1].write_bytes(cloudpickle.dumps(build_training_plan(info, config, processor, passes=2)))
+        paths[-1].write_bytes(cloudpickle.dumps(plan))
     paths.append(tmp_path / "processor.pkl")
     paths[-1].write_bytes(pack_processor(processor))
     code = _LOAD.format(heavy=_HEAVY)
