@@ -942,6 +942,15 @@ class Config(_Strict):
         explicit = getattr(self.models, name)
         return explicit if explicit is not None else PROFILE_MODELS[self.profile][name]
 
+    def model_identity(self, name: str) -> str:
+        """model_path as the digests count it: a model bundled in pipeline/assets by its path in
+        the package, so a copy of the checkout elsewhere (a submitted job's upload) is the same."""
+        path = self.model_path(name)
+        try:
+            return (Path("pipeline/assets") / Path(path).relative_to(ASSETS_DIR)).as_posix()
+        except ValueError:
+            return path
+
 
 # ---------------------------------------------------------------------------------------------
 # Loading

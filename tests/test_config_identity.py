@@ -2,6 +2,8 @@
 pipeline/config.py or counts in the identities (the data build's processing digest, the
 fine-tune key), so a new setting changes them unless someone decided it should not."""
 
+from pathlib import Path
+
 from pydantic import BaseModel, Field
 
 from pipeline.config import Config, DataConfig, DecodeConfig, TrainConfig, field_identity, load_config
@@ -82,8 +84,8 @@ def test_every_field_has_a_decision():
 # 07cfdd3): an upgrade must not reprocess every existing dataset or retrain every registered
 # subject. The processing digests changed once since, on purpose, when the build gained captions
 # and the people filter (data.caption.*, data.filter.exclude_*): datasets without captions are
-# built again. CLIPSeg and the captioner are pinned to one path: the tiny profile's are the
-# clone's own folders, which the processing digest includes. The fine-tune keys are those since the photo initialisation
+# built again. CLIPSeg and the captioner are pinned to one path, as a user's models.* setting
+# names them (the tiny profile's bundled ones count by their place in the package). The fine-tune keys are those since the photo initialisation
 # and validation settings (finetune.init_from to finetune.patience), which change what a
 # fine-tune registers.
 _DIGESTS = {
@@ -97,6 +99,19 @@ def test_digests_of_the_default_configs_are_unchanged():
         config = load_config(overrides=[f"profile={profile}", "models.clipseg=/models/clipseg", "models.captioner=/models/captioner"])
         assert processing_digest(config, "bghash") == processing, profile
         assert finetune_key(config, "dog", "abc123", "base") == key, profile
+
+
+def test_the_bundled_tiny_models_count_by_their_place_in_the_package(monkeypatch, tmp_path):
+    """A submitted job runs from an uploaded copy of the checkout, so the tiny profile's models sit
+    under another folder there: that alone must not make the next refresh reprocess everything."""
+    import pipeline.config as config_module
+
+    here = processing_digest(load_config(overrides=["profile=tiny"]), "bg")
+    moved = tmp_path / "job-upload" / "pipeline" / "assets"
+    tiny = {name: str(moved / Path(path).name) for name, path in config_module.PROFILE_MODELS["tiny"].items()}
+    monkeypatch.setattr(config_module, "ASSETS_DIR", moved)
+    monkeypatch.setitem(config_module.PROFILE_MODELS, "tiny", tiny)
+    assert processing_digest(load_config(overrides=["profile=tiny"]), "bg") == here
 
 
 def test_runtime_settings_leave_the_digests_alone():

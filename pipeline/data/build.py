@@ -88,9 +88,9 @@ def processing_digest(config: Config, backgrounds_hash: str) -> str:
     which links are read and whether copies are rejected, whose effect the backgrounds' and the
     source's digests record), and the models that make the rows: CLIPSeg, and the captioner when
     captions are on."""
-    payload = {"data": identity_settings(config.data), "clipseg": config.model_path("clipseg"), "backgrounds": backgrounds_hash}
+    payload = {"data": identity_settings(config.data), "clipseg": config.model_identity("clipseg"), "backgrounds": backgrounds_hash}
     if config.data.caption.enabled:
-        payload["captioner"] = config.model_path("captioner")
+        payload["captioner"] = config.model_identity("captioner")
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
