@@ -194,11 +194,34 @@ def read_auth_token(path: str | Path | None) -> str | None:
         path = os.environ.get("RAY_AUTH_TOKEN_PATH")
         if not path:
             default = Path(DEFAULT_TOKEN_FILE).expanduser()
-            return default.read_text().strip() if default.is_file() else None
+            return _token_in(default) if default.is_file() else None
     path = Path(path).expanduser()
     if not path.is_file():
         raise JobError(f"auth token file not found: {path}")
-    return path.read_text().strip()
+    return _token_in(path)
+
+
+# Bytes read of a token file: Ray's tokens are 64 hex digits; a file far longer is not one.
+MAX_TOKEN_BYTES = 65_536
+
+
+def _token_in(path: Path) -> str:
+    """The token `path` holds, stripped: one printable word, or a JobError naming the file. It
+    goes in an HTTP header, where a byte that is not text or a line break inside would be a
+    traceback here or a header the client refuses, which reads as an unreachable cluster."""
+    with path.open("rb") as f:
+        data = f.read(MAX_TOKEN_BYTES + 1)
+    if len(data) > MAX_TOKEN_BYTES:
+        raise JobError(f"auth token file {path} is longer than {MAX_TOKEN_BYTES} bytes: not a token")
+    try:
+        token = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise JobError(f"auth token file {path} is not UTF-8 text: not a token") from None
+    if not token:
+        raise JobError(f"auth token file {path} is empty")
+    if not token.isprintable() or any(c.isspace() for c in token):
+        raise JobError(f"auth token file {path} holds white space or control characters inside its token")
+    return token
 
 
 def connect(address: str, token: str | None = None):

@@ -145,6 +145,24 @@ def test_the_token_defaults_to_the_file_ray_start_writes(tmp_path, monkeypatch):
     assert read_auth_token(None) == "the-token"
 
 
+@pytest.mark.parametrize(
+    "content, named",
+    [(b"\xab\xcd\x00\xff", "not UTF-8 text"), (b"abc\ndef", "white space"), (b"", "empty"), (b"a" * 70_000, "longer than")],
+    ids=["binary", "two-lines", "empty", "huge"],
+)
+def test_a_token_file_that_holds_no_token_is_an_error_naming_it(tmp_path, content, named):
+    """A file that cannot be an HTTP header's token (binary, two lines, empty, huge) is a
+    JobError naming the file, before any request: not a UnicodeDecodeError's traceback, nor a
+    header the client refuses as 'cannot reach the Ray dashboard'."""
+    from pipeline.jobs import JobError, read_auth_token
+
+    token = tmp_path / "token"
+    token.write_bytes(content)
+    with pytest.raises(JobError, match=named) as refused:
+        read_auth_token(token)
+    assert str(token) in str(refused.value)
+
+
 def test_the_job_stops_when_the_cluster_lacks_a_variable_it_must_provide():
     entrypoint = build_entrypoint(["demo"], uploaded=False, from_cluster=["SF_TEST_SECRET", "SF_TEST_OTHER"])
     assert entrypoint.endswith("; exec subjectforge demo")
