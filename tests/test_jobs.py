@@ -2,12 +2,8 @@
 
 import os
 import re
-import socket
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -19,7 +15,7 @@ from pipeline.config import ConfigError
 from pipeline.errors import UserError
 from pipeline.jobs import JobEnv, build_entrypoint, build_runtime_env, forwarded_env, parse_env, stage_upload
 from tests.imagefiles import make_source
-from tests.processes import stop_process_group
+from tests.rayhead import start_head, stop_head
 
 # What a checkout may hold beside the code: none of it may reach the cluster.
 KEPT_HOME = [
@@ -221,58 +217,17 @@ def test_submitted_command_config_is_checked_locally(tmp_path):
     assert validate_command(["--", *cluster_only]) == cluster_only
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop_head(proc: subprocess.Popen, temp_dir) -> None:
-    """SIGTERM to `ray start --block`'s process group, then make sure nothing of it survives
-    (`ray stop` would also stop the tests' own local Ray). A short grace: the blocked `ray
-    start` outlived 30 s of SIGTERM in CI (a 30 s teardown), and nothing of a test head needs
-    a clean exit."""
-    stop_process_group(proc, grace_s=5)
-    subprocess.run(["pkill", "-9", "-f", f"temp-dir={temp_dir}"], check=False)
-
-
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """`ray start --head --block` with the dashboard on 127.0.0.1 and token authentication."""
     tmp = tmp_path_factory.mktemp("head")
     token = tmp / "auth_token"
     token.write_text("subjectforge-test-token-" + os.urandom(8).hex())
-    # Every port the head listens on is picked free: fixed defaults (10001 for the client
-    # server, 52365 for the agent) collide with any other Ray on the machine.
-    port, dash, agent, client = _free_port(), _free_port(), _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    temp_dir = tmp / "ray"
-    cmd = [
-        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
-        f"--ray-client-server-port={client}", "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}",
-    ]
-    head_log = tmp / "head.log"
-    with open(head_log, "wb") as log_file:
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT)
-    address = f"http://127.0.0.1:{dash}"
+    proc, address = start_head(tmp, token)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(address + "/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:
-                break  # it answers (401 without the token): the dashboard is up
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    tail = head_log.read_text(errors="replace")[-3000:]
-                    raise RuntimeError(f"the Ray head did not come up:\n{tail}") from None
-                time.sleep(0.5)
         yield address, token
     finally:
-        _stop_head(proc, temp_dir)
+        stop_head(proc, tmp)
 
 
 def test_submit_wait_streams_logs_and_returns_the_exit_code(ray_head, tmp_path, capsys, monkeypatch):

@@ -7,18 +7,15 @@ import contextlib
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 import pipeline.jobs
 from pipeline.cli import main
 from tests.processes import stop_process_group
+from tests.rayhead import start_head
 
 # A job that runs until the head goes: what it runs does not matter, only that it does not end.
 SLEEPER = "exec sleep 600"
@@ -36,12 +33,6 @@ def short_timeouts(monkeypatch):
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def doomed_head(tmp_path_factory):
     """`ray start --head --block` (token authentication, every port picked free), which the test
@@ -49,40 +40,13 @@ def doomed_head(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("lost")  # short: the head's socket paths must fit 107 bytes
     token = tmp_path / "auth_token"
     token.write_text("subjectforge-lost-" + os.urandom(8).hex())
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    dash = _free_port()
-    cmd = [
-        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={_free_port()}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={_free_port()}",
-        f"--ray-client-server-port={_free_port()}", "--include-dashboard=true", "--include-log-monitor=false", "--num-cpus=1",
-        f"--temp-dir={tmp_path / 'ray'}",
-    ]
-    head_log = tmp_path / "head.log"
-    with open(head_log, "wb") as log_file:
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT)
-    address = f"http://127.0.0.1:{dash}"
+    proc, address = start_head(tmp_path, token, "--include-log-monitor=false", num_cpus=1)
     try:
-        _wait_for_dashboard(address, proc, head_log)
         yield address, token, proc.pid
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGCONT)  # a frozen head cannot act on SIGTERM
         stop_process_group(proc, grace_s=1)
-
-
-def _wait_for_dashboard(address: str, proc: subprocess.Popen, head_log) -> None:
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            urllib.request.urlopen(address + "/api/version", timeout=2)
-            return
-        except urllib.error.HTTPError:
-            return  # it answers (401 without the token): the dashboard is up
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the Ray head did not come up:\n{head_log.read_text(errors='replace')[-3000:]}") from None
-            time.sleep(0.5)
 
 
 def _signal_once_submitted(address: str, token, job_id: str, pgid: int, sig: signal.Signals) -> threading.Thread:
