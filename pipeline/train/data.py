@@ -357,9 +357,13 @@ def ingest_config(train: Any) -> Any:
     DataContext, which later Ray Data work in the same process would inherit. Not on GPUs: one
     slow task would hold back every row behind it, and their kernels are not bit-reproducible
     across layouts anyway."""
+    from ray.data import DataContext, ExecutionOptions
     from ray.train import DataConfig  # ray.train takes seconds to import: only where a run starts
 
-    options = DataConfig.default_ingest_options()
+    # DataConfig.default_ingest_options, less the deprecated exclude_resources it copies (a
+    # RayDeprecationWarning in every job's log); zero, its default, is what the feed had anyway.
+    current = DataContext.get_current().execution_options
+    options = ExecutionOptions(resource_limits=current.resource_limits, verbose_progress=current.verbose_progress)
     options.preserve_order = not train.gpu
     return DataConfig(execution_options=options)
 

@@ -151,3 +151,26 @@ def test_two_runs_of_the_same_settings_log_the_same_losses(ray_local, version, t
     second = _losses(version, tmp_path, "second", monkeypatch)
     assert len(first) == 3 and first[0] != first[-1]
     assert second == first
+
+
+def test_the_ingest_options_carry_no_deprecated_setting():
+    """ingest_config builds its options without Ray Train's DataConfig.default_ingest_options,
+    which sets ExecutionOptions.exclude_resources and so printed a RayDeprecationWarning in
+    every pretraining job's log; the context's resource limits still carry over."""
+    import warnings
+
+    from ray.data import ExecutionResources
+
+    context = DataContext.get_current()
+    limits = context.execution_options.resource_limits
+    context.execution_options.resource_limits = ExecutionResources(cpu=3)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # what DataConfig.configure gives each dataset's stream
+            options = ingest_config(load_config(None).train)._resolve_execution_options("train")
+    finally:
+        context.execution_options.resource_limits = limits
+    assert [str(w.message) for w in caught if "exclude_resources" in str(w.message)] == []
+    assert options.resource_limits.cpu == 3
+    assert options.preserve_order is True
