@@ -749,8 +749,10 @@ class TrainConfig(_Strict):
         "max-autotune* tune GEMMs and convolutions for minutes more at start; auto = reduce-overhead with one worker "
         "and grad_accum 1, else default",
     )
-    cuda_graphs: Runtime[bool] = Field(
-        True, description="replay the eager UNet's forward and backward as CUDA graphs (one GPU worker, no grad_accum)"
+    cuda_graphs: Runtime[bool | Literal["auto"]] = Field(
+        "auto",
+        description="replay the eager UNet's forward and backward as CUDA graphs (one GPU worker, no grad_accum); "
+        "auto = at batch_size 8 or less, where kernel launches bound the step (pipeline/train/speed.py CUDA_GRAPHS_MAX_BATCH)",
     )
     sdpa_backend: Runtime[Literal["default", "no-cudnn"]] = Field(
         "no-cudnn", description="attention kernels of the Q-Former and text encoder; no-cudnn saves cuDNN's host-side planning"

@@ -101,7 +101,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         use_compile_cache(run.run_folder.rsplit("/", 1)[0])
         compile_model(method.model, mode=compile_mode)
     graphs = use_cuda_graphs(
-        train.cuda_graphs, device, dist.world_size(), train.grad_accum, compile_mode is not None, train.gradient_checkpointing
+        train.cuda_graphs, device, dist.world_size(), train.grad_accum, compile_mode is not None, train.gradient_checkpointing,
+        train.batch_size,
     )
     if graphs:
         method.graphed_unet = GraphedUNet(method.model.unet)

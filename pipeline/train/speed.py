@@ -19,7 +19,8 @@
   (`step_begin`).
 - `GraphedUNet` (`train.cuda_graphs`): the eager UNet's forward and backward captured once as
   CUDA graphs and replayed. Seconds to set up: for fine-tuning's short runs at batch 3, where
-  launching ~4,000 kernels a step, not arithmetic, bounds the step (issue 6).
+  launching ~4,000 kernels a step, not arithmetic, bounds the step ("auto": small batches only,
+  CUDA_GRAPHS_MAX_BATCH).
 - `channels_last_convolutions`: every UNet convolution's input and output gradient in
   channels-last, which leaves cuDNN's convolution backward nothing to copy (issue 18; part of
   `compile_model`, BENCHMARKS.md "Pretraining step": 8% more samples/s on an H100).
@@ -161,6 +162,13 @@ def compile_model(
 # `train.compile: auto` compiles on a GPU for runs of at least this many steps: a compile costs
 # ~5 min cold and ~0.5 min from a warm cache on an H100, and saves 0.2-0.5 s per step at batch 32.
 COMPILE_MIN_STEPS = 200
+# `train.cuda_graphs: auto` captures the eager UNet at per-worker batches up to this. At
+# fine-tuning's batch 3 launching ~4,000 kernels a step bounds the step, and the graphs took
+# blipd from 17.9 s to 10.7 s a 100 steps (BENCHMARKS.md, "Fine-tuning"); at pretraining's
+# batches the kernels themselves bound it, and the graphs' private memory pool, which no other
+# part of the step can use, sits beside the rest: an eager pretrain at batch 48 ran out of an
+# H100's 80 GB on its second step.
+CUDA_GRAPHS_MAX_BATCH = 8
 # `train.precompute: auto` precomputes on GPUs when the run plans at least this many epochs:
 # encoding a row once costs about what 4-5 epochs of encoding it in the step cost (BENCHMARKS.md).
 PRECOMPUTE_MIN_EPOCHS = 5.0
@@ -377,12 +385,18 @@ def _signature(*tensors: torch.Tensor) -> tuple:
 
 
 def use_cuda_graphs(
-    enabled: bool, device: torch.device, world_size: int, grad_accum: int, compiled: bool, checkpointing: bool = False
+    enabled: bool | str, device: torch.device, world_size: int, grad_accum: int, compiled: bool, checkpointing: bool = False,
+    batch_size: int = 1,
 ) -> bool:
     """Whether `train.cuda_graphs` applies: a GPU, one worker (DDP's gradient hooks were not
     checked under replay), no gradient accumulation (see GraphedUNet), an eager UNet (a
     compiled one fuses its kernels instead) and no gradient checkpointing (its recomputation
-    in the backward pass was not checked under capture)."""
+    in the backward pass was not checked under capture). "auto": also a per-worker batch of at
+    most CUDA_GRAPHS_MAX_BATCH."""
+    if enabled == "auto":
+        enabled = batch_size <= CUDA_GRAPHS_MAX_BATCH
+        if not enabled and device.type == "cuda":
+            log.info("train.cuda_graphs auto -> off: batch %d > %d", batch_size, CUDA_GRAPHS_MAX_BATCH)
     if not enabled or device.type != "cuda":
         return False
     reasons = [

@@ -28,6 +28,7 @@ from pipeline.train.data import DatasetInfo, precompute_cache, precompute_ready
 from pipeline.train.hooks import Hook, RunInfo
 from pipeline.train.speed import (
     COMPILE_MODES,
+    CUDA_GRAPHS_MAX_BATCH,
     UNET_SDPA_BACKENDS,
     UNetAttention,
     attention_kernels,
@@ -55,6 +56,25 @@ def test_cuda_graphs_only_where_they_are_safe():
     assert not use_cuda_graphs(True, cuda, world_size=1, grad_accum=4, compiled=False)
     assert not use_cuda_graphs(True, cuda, world_size=1, grad_accum=1, compiled=True)
     assert not use_cuda_graphs(False, cuda, world_size=1, grad_accum=1, compiled=False)
+
+
+@pytest.mark.parametrize(
+    ("setting", "batch", "expected"),
+    [("auto", 3, True), ("auto", CUDA_GRAPHS_MAX_BATCH, True), ("auto", CUDA_GRAPHS_MAX_BATCH + 1, False), ("auto", 48, False),
+     (True, 48, True), (False, 3, False)],
+)
+def test_cuda_graphs_auto_is_for_small_batches(setting, batch, expected):
+    """`train.cuda_graphs: auto` (the default) captures the eager UNet only at fine-tuning's small
+    batches: at pretraining's, the graphs' private memory pool sits beside the rest of the step
+    (a 20-step eager pretrain at batch 48 ran out of an H100's 80 GB on its second step), and
+    the kernels, not their launches, bound the step. True still forces them."""
+    cuda = torch.device("cuda")
+    assert use_cuda_graphs(setting, cuda, world_size=1, grad_accum=1, compiled=False, batch_size=batch) is expected
+    assert TrainConfig.model_validate({"cuda_graphs": setting}).cuda_graphs == setting
+
+
+def test_cuda_graphs_default_is_auto():
+    assert TrainConfig().cuda_graphs == "auto"
 
 
 def test_unknown_attention_backend_is_an_error():
