@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import ray
@@ -18,11 +19,15 @@ def ensure_ray(cfg: RayConfig, *, logs: Path | None = None) -> bool:
     becomes a link to them (link_ray_logs)."""
     connected = not ray.is_initialized()
     if connected:
+        # A Ray this may start is one without a dashboard (pipeline.ray_worker_setup says what
+        # that quiets); a cluster named by address or RAY_ADDRESS keeps its own settings.
+        local = cfg.address in (None, "local") and not os.environ.get("RAY_ADDRESS")
         ray.init(
             address=cfg.address,
             num_cpus=cfg.num_cpus if cfg.address is None else None,
             include_dashboard=False,
             log_to_driver=logs is None,
+            runtime_env={"worker_process_setup_hook": "pipeline.ray_worker_setup.quiet_worker_logs"} if local else None,
         )
     if logs is not None:
         link_ray_logs(logs)
