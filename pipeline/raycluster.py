@@ -9,6 +9,9 @@ import ray
 
 from pipeline.config import RayConfig
 
+# What every worker of a Ray that ensure_ray starts runs first (pipeline/ray_worker_setup.py).
+LOCAL_RUNTIME_ENV = {"worker_process_setup_hook": "pipeline.ray_worker_setup.quiet_worker_logs"}
+
 
 def ensure_ray(cfg: RayConfig, *, logs: Path | None = None) -> bool:
     """Join the configured cluster (or RAY_ADDRESS), else start a local Ray; reuse if running.
@@ -19,15 +22,15 @@ def ensure_ray(cfg: RayConfig, *, logs: Path | None = None) -> bool:
     becomes a link to them (link_ray_logs)."""
     connected = not ray.is_initialized()
     if connected:
-        # A Ray this may start is one without a dashboard (pipeline.ray_worker_setup says what
-        # that quiets); a cluster named by address or RAY_ADDRESS keeps its own settings.
+        # A Ray this may start has no dashboard; a cluster named by address or RAY_ADDRESS keeps
+        # its own settings.
         local = cfg.address in (None, "local") and not os.environ.get("RAY_ADDRESS")
         ray.init(
             address=cfg.address,
             num_cpus=cfg.num_cpus if cfg.address is None else None,
             include_dashboard=False,
             log_to_driver=logs is None,
-            runtime_env={"worker_process_setup_hook": "pipeline.ray_worker_setup.quiet_worker_logs"} if local else None,
+            runtime_env=LOCAL_RUNTIME_ENV if local else None,
         )
     if logs is not None:
         link_ray_logs(logs)
