@@ -236,23 +236,10 @@ def undecodable_rows_refused(location: str) -> Iterator[None]:
 
 
 def find_undecodable(error: object) -> UndecodableImage | None:
-    """The UndecodableImage in `error`: itself, a Ray task error's `cause`, Ray Train's
-    worker_failures (a {rank: error} map too) and controller_failure, a worker error's wrapped
-    exception (_base_exc), or the exceptions chained to any of them."""
-    todo, seen = [error], set()
-    while todo:
-        item = todo.pop()
-        if item is None or id(item) in seen:
-            continue
-        seen.add(id(item))
-        if type(item) is UndecodableImage:  # not Ray's RayTaskError(UndecodableImage), whose `cause` holds it
-            return item
-        if isinstance(item, dict):
-            todo += item.values()
-            continue
-        todo += [getattr(item, name, None) for name in ("cause", "_base_exc", "controller_failure", "worker_failures")]
-        todo += [getattr(item, "__cause__", None), getattr(item, "__context__", None)]
-    return None
+    """The UndecodableImage in `error`, however deep Ray wrapped it (callbacks.find_error)."""
+    from pipeline.train.callbacks import find_error
+
+    return find_error(error, UndecodableImage)
 
 
 def _undecodable_damage(info: DatasetInfo, bad: UndecodableImage) -> str:

@@ -34,7 +34,7 @@ from pipeline.train.losses import (
     subject_drop_mask,
     warmup_factor,
 )
-from pipeline.train.memory import build_optimizer, enable_gradient_checkpointing
+from pipeline.train.memory import build_optimizer, early_out_of_memory_is_final, enable_gradient_checkpointing
 from pipeline.train.methods import get_method
 from pipeline.train.speed import (
     GraphedUNet,
@@ -144,59 +144,63 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     marks["hooks"] = time.time()
     model.train()
 
-    while state.step < train.steps and not state.stop:  # a hook may stop early (finetune.patience)
-        step_begin(compile_mode)
-        for micro in range(train.grad_accum):
-            batch = next(batches)
-            categories = batch[CATEGORY]
-            prompts = method.build_prompts(categories, batch[CAPTION])
-            with dist.sync_gradients(model, sync=micro == train.grad_accum - 1):
-                # No autocast weight cache under CUDA graphs: the graphs would keep freed copies.
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not graphs):
-                    if precomputed:  # VAE posterior made once, in Ray Data
-                        posterior = batch[LATENT_PARAMS].to(device, non_blocking=True)
-                        # The ViT features too, except for online composites: their pixels are
-                        # new each epoch, and the Q-Former runs its ViT on 4-D pixels.
-                        subject = batch[IMAGE_FEATURES if IMAGE_FEATURES in batch else PIXEL_VALUES].to(device, non_blocking=True)
-                    else:
-                        posterior = latent_params(method.model.vae, batch[TARGET].to(device, non_blocking=True))
-                        subject = batch[PIXEL_VALUES].to(device, non_blocking=True)
-                    latents = sample_latents(posterior, scaling_factor)  # (B, C, h, w) float32
-                    if compile_mode is not None:
-                        latents = latents.contiguous(memory_format=torch.channels_last)
-                    noise = offset_noise(torch.randn_like(latents), train.noise_offset)
-                    timesteps = sample_timesteps(latents.shape[0], num_timesteps, device)
-                    noisy = add_noise(latents, noise, timesteps, alphas_cumprod)
-                    target = diffusion_target(latents, noise, timesteps, alphas_cumprod, prediction_type)
-                    weights = None if train.snr_gamma is None else min_snr_weights(alphas_cumprod, timesteps, train.snr_gamma, prediction_type)
-                    drop = subject_drop_mask(latents.shape[0], train.drop_subject_prob, CPU)  # indexes on the host
-                    prediction = model(subject, categories, prompts, noisy, timesteps, drop)
-                    loss = method.loss(prediction, target, weights)
-                for hook in hooks:
-                    hook.after_loss(state, loss)
-                (loss / train.grad_accum).backward()
+    # An out-of-memory error at the attempt's start is the settings' (the batch), not bad luck:
+    # the run ends at once, naming them, instead of being restarted to fail the same way.
+    batch_key = "train.batch_size" if train.method == "pretrain" else "finetune.batch_size"
+    with early_out_of_memory_is_final(state, batch_key, train.batch_size):
+        while state.step < train.steps and not state.stop:  # a hook may stop early (finetune.patience)
+            step_begin(compile_mode)
+            for micro in range(train.grad_accum):
+                batch = next(batches)
+                categories = batch[CATEGORY]
+                prompts = method.build_prompts(categories, batch[CAPTION])
+                with dist.sync_gradients(model, sync=micro == train.grad_accum - 1):
+                    # No autocast weight cache under CUDA graphs: the graphs would keep freed copies.
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not graphs):
+                        if precomputed:  # VAE posterior made once, in Ray Data
+                            posterior = batch[LATENT_PARAMS].to(device, non_blocking=True)
+                            # The ViT features too, except for online composites: their pixels are
+                            # new each epoch, and the Q-Former runs its ViT on 4-D pixels.
+                            subject = batch[IMAGE_FEATURES if IMAGE_FEATURES in batch else PIXEL_VALUES].to(device, non_blocking=True)
+                        else:
+                            posterior = latent_params(method.model.vae, batch[TARGET].to(device, non_blocking=True))
+                            subject = batch[PIXEL_VALUES].to(device, non_blocking=True)
+                        latents = sample_latents(posterior, scaling_factor)  # (B, C, h, w) float32
+                        if compile_mode is not None:
+                            latents = latents.contiguous(memory_format=torch.channels_last)
+                        noise = offset_noise(torch.randn_like(latents), train.noise_offset)
+                        timesteps = sample_timesteps(latents.shape[0], num_timesteps, device)
+                        noisy = add_noise(latents, noise, timesteps, alphas_cumprod)
+                        target = diffusion_target(latents, noise, timesteps, alphas_cumprod, prediction_type)
+                        weights = None if train.snr_gamma is None else min_snr_weights(alphas_cumprod, timesteps, train.snr_gamma, prediction_type)
+                        drop = subject_drop_mask(latents.shape[0], train.drop_subject_prob, CPU)  # indexes on the host
+                        prediction = model(subject, categories, prompts, noisy, timesteps, drop)
+                        loss = method.loss(prediction, target, weights)
+                    for hook in hooks:
+                        hook.after_loss(state, loss)
+                    (loss / train.grad_accum).backward()
 
-        if train.max_grad_norm > 0:
-            state.grad_norm = torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
-        state.lr = schedule.get_last_lr()[0]
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update()
-        state.step += 1
-        for hook in hooks:
-            hook.after_step(state)
-
-        if state.step % train.checkpoint_every == 0 or state.step == train.steps:
-            name = f"step-{state.step:07d}"
-            with tempfile.TemporaryDirectory(prefix="subjectforge-ckpt-") as tmp:
-                folder = Path(tmp) if dist.is_main_process() else None
-                if folder is not None:
-                    _save_checkpoint(folder, method, optimizer, schedule, state.step, ema)
-                dist.report({"step": state.step, **(state.stats or {})}, folder, name)
+            if train.max_grad_norm > 0:
+                state.grad_norm = torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+            state.lr = schedule.get_last_lr()[0]
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
+            state.step += 1
             for hook in hooks:
-                hook.on_checkpoint(state, name)
+                hook.after_step(state)
+
+            if state.step % train.checkpoint_every == 0 or state.step == train.steps:
+                name = f"step-{state.step:07d}"
+                with tempfile.TemporaryDirectory(prefix="subjectforge-ckpt-") as tmp:
+                    folder = Path(tmp) if dist.is_main_process() else None
+                    if folder is not None:
+                        _save_checkpoint(folder, method, optimizer, schedule, state.step, ema)
+                    dist.report({"step": state.step, **(state.stats or {})}, folder, name)
+                for hook in hooks:
+                    hook.on_checkpoint(state, name)
 
     for hook in hooks:
         hook.on_end(state)

@@ -1,4 +1,5 @@
-"""Memory options of training: gradient checkpointing and the optimizer's state.
+"""Memory options of training: gradient checkpointing and the optimizer's state, and what a run
+that does not fit its GPU is told.
 
 - `train.gradient_checkpointing`: the UNet's blocks and the text encoder's layers keep only
   their inputs in the forward pass and recompute the rest in the backward pass (about a third
@@ -6,13 +7,17 @@
 - `train.optimizer`: `adamw` (torch, fused on a GPU) or `adamw8bit` (bitsandbytes' AdamW with
   8-bit moments: 2 bytes of state per parameter instead of 8). bitsandbytes comes with the
   optional extra `pip install "subjectforge[gpu]"`.
+- `early_out_of_memory_is_final`, `out_of_memory_explained`: a CUDA out-of-memory error at an
+  attempt's start is reported as OutOfGPUMemory, which ends the run at once, and the driver
+  exits 2 naming these settings.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from pipeline.config import ConfigError, TrainConfig
+from pipeline.train.callbacks import EARLY_OOM_STEPS, OutOfGPUMemory, find_error
 
 GPU_EXTRA = "subjectforge[gpu]"
 
@@ -85,3 +91,30 @@ def build_optimizer(params: Sequence[nn.Parameter], train: TrainConfig, device: 
 
         return bnb.optim.AdamW8bit(params, lr=train.learning_rate(), weight_decay=train.weight_decay)
     return torch.optim.AdamW(params, lr=train.learning_rate(), weight_decay=train.weight_decay, fused=device.type == "cuda")
+
+
+@contextlib.contextmanager
+def early_out_of_memory_is_final(state: Any, batch_key: str, batch_size: int) -> Iterator[None]:
+    """Around the training loop: torch's OutOfMemoryError within EARLY_OOM_STEPS optimizer steps
+    of `state.start_step` (a TrainState) becomes OutOfGPUMemory naming `batch_key` (the setting
+    that holds the batch size), which Ray Train does not retry (callbacks.StopAtEarlyOutOfMemory)
+    and the driver reports as a settings error; a later one passes through as it is."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        if state.step - state.start_step >= EARLY_OOM_STEPS:
+            raise
+        raise OutOfGPUMemory(str(exc), state.step, batch_key, batch_size) from None
+
+
+@contextlib.contextmanager
+def out_of_memory_explained() -> Iterator[None]:
+    """Around the driver's fit: a run ended by OutOfGPUMemory, however Ray Train wrapped it, is
+    the ConfigError (exit 2) that names the settings to change; other errors pass through."""
+    try:
+        yield
+    except Exception as exc:
+        oom = find_error(exc, OutOfGPUMemory)
+        if oom is None:
+            raise
+        raise ConfigError(str(oom)) from None

@@ -29,7 +29,7 @@ from pipeline.model.checkpoint import MODEL_INDEX, read_json, resolve_checkpoint
 from pipeline.paths import check_output_folder
 from pipeline.raycluster import ensure_ray
 from pipeline.train import dist
-from pipeline.train.callbacks import StopAtUndecodableRows
+from pipeline.train.callbacks import StopAtEarlyOutOfMemory, StopAtUndecodableRows
 from pipeline.train.data import (
     DatasetInfo,
     build_training_plan,
@@ -45,7 +45,7 @@ from pipeline.train.data import (
 from pipeline.train.ema import model_folder
 from pipeline.train.hooks import RunInfo
 from pipeline.train.loop import PROGRESS, train_loop
-from pipeline.train.memory import check_optimizer
+from pipeline.train.memory import check_optimizer, out_of_memory_explained
 from pipeline.train.methods import get_method
 from pipeline.train.speed import resolve_speed_settings
 
@@ -157,9 +157,10 @@ def fit(config: Config, run_name: str, resources: dict[str, float], datasets: di
     """Run `train_loop` on Ray Train: `train.workers` workers of `resources` each, DDP over gloo
     (CPU) or NCCL (GPUs), FailureConfig(max_failures) restarts from the newest checkpoint (not
     for rows whose image does not decode: StopAtUndecodableRows, then a ConfigError naming the
-    row), CheckpointConfig(keep_checkpoints) bounds storage (a validating fine-tune's hook does
-    instead), and RunConfig(run_name, storage_path)
-    makes a rerun resume where the last one stopped. The one TorchTrainer of pretraining and
+    row; nor for a GPU out of memory at an attempt's start: StopAtEarlyOutOfMemory, then a
+    ConfigError naming the batch size), CheckpointConfig(keep_checkpoints) bounds storage (a
+    validating fine-tune's hook does instead), and RunConfig(run_name, storage_path) makes a
+    rerun resume where the last one stopped. The one TorchTrainer of pretraining and
     fine-tuning; `loop_config` goes to the loop beside the config and `run`."""
     train = config.train
     trainer = TorchTrainer(
@@ -175,11 +176,11 @@ def fit(config: Config, run_name: str, resources: dict[str, float], datasets: di
             # A validating fine-tune keeps its best checkpoints itself (hooks.Validation); Ray Train
             # would delete them by age.
             checkpoint_config=CheckpointConfig(num_to_keep=None if run.validation else train.keep_checkpoints),
-            callbacks=[StopAtUndecodableRows()],
+            callbacks=[StopAtUndecodableRows(), StopAtEarlyOutOfMemory()],
         ),
         datasets=datasets,
     )
-    with undecodable_rows_refused(run.dataset["path"]):
+    with undecodable_rows_refused(run.dataset["path"]), out_of_memory_explained():
         return trainer.fit()
 
 

@@ -112,3 +112,70 @@ def test_adamw_is_torch_adamw_with_the_configured_rate():
     optimizer = build_optimizer([nn.Parameter(torch.zeros(2))], TrainConfig(lr=0.5, weight_decay=0.1), torch.device("cpu"))
     assert isinstance(optimizer, torch.optim.AdamW)
     assert optimizer.defaults["lr"] == 0.5 and optimizer.defaults["weight_decay"] == 0.1
+
+
+class _RaiseOutOfMemory:
+    """A loop hook that raises torch's CUDA out-of-memory error after the loss of step `at`."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def __getattr__(self, name):  # the Hook methods it does not define do nothing
+        return lambda *args, **kwargs: None
+
+    def after_loss(self, state, loss):
+        if state.step == self.at:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB.")
+
+
+@pytest.mark.parametrize(("at", "final"), [(0, True), (1, True), (2, False)])
+def test_an_out_of_memory_error_at_the_start_ends_the_run_naming_the_batch(tmp_path, monkeypatch, at, final):
+    """Within EARLY_OOM_STEPS of an attempt's start the loop raises OutOfGPUMemory, which Ray
+    Train does not retry (the same batch runs out at every restart); later it stays torch's
+    error, which Ray Train retries from the newest checkpoint."""
+    from pipeline.train import hooks
+    from pipeline.train.callbacks import EARLY_OOM_STEPS, OutOfGPUMemory
+    from tests.train.test_speed import _train
+
+    assert EARLY_OOM_STEPS == 2
+    build = hooks.build_hooks
+    monkeypatch.setattr(hooks, "build_hooks", lambda *a: [*build(*a), _RaiseOutOfMemory(at)])
+    with pytest.raises((OutOfGPUMemory, torch.OutOfMemoryError)) as failed:
+        _train(tmp_path, f"oom{at}", [], monkeypatch)
+    assert (type(failed.value) is OutOfGPUMemory) is final
+    if final:
+        assert (failed.value.step, failed.value.batch_key, failed.value.batch_size) == (at, "train.batch_size", 2)
+        assert "CUDA out of memory. Tried to allocate 20.00 MiB." in str(failed.value)
+
+
+def test_ray_train_stops_and_the_driver_names_the_settings():
+    """The worker's OutOfGPUMemory crosses processes (pickled without torch), ends the run in Ray
+    Train's controller (a ControllerError, not retried) and reaches the user as a ConfigError
+    (exit 2) naming what to change; other errors pass both unchanged."""
+    import pickle
+
+    from ray.train import ControllerError
+
+    from pipeline.train.callbacks import OutOfGPUMemory, StopAtEarlyOutOfMemory
+    from pipeline.train.memory import out_of_memory_explained
+
+    oom = pickle.loads(pickle.dumps(OutOfGPUMemory("CUDA out of memory. Tried to allocate 2 GiB.\nmore", 0, "train.batch_size", 48)))
+
+    class RayStyle(Exception):  # a worker's error as Ray hands it on: the original in `cause`
+        def __init__(self, cause):
+            super().__init__("worker failed")
+            self.cause = cause
+
+    with pytest.raises(ControllerError) as stopped:
+        StopAtEarlyOutOfMemory().after_exception(None, {0: RayStyle(oom)})
+    assert stopped.value.controller_failure is oom
+    StopAtEarlyOutOfMemory().after_exception(None, {0: RayStyle(torch.OutOfMemoryError("later: retried"))})
+
+    with pytest.raises(ConfigError) as refused, out_of_memory_explained():
+        raise RuntimeError("training failed") from stopped.value
+    message = str(refused.value)
+    assert "at step 1 with 48 samples per worker (CUDA out of memory. Tried to allocate 2 GiB.)" in message
+    for setting in ("train.batch_size", "train.gradient_checkpointing=true", "train.optimizer=adamw8bit"):
+        assert setting in message
+    with pytest.raises(KeyError), out_of_memory_explained():
+        raise KeyError("a bug keeps its stack trace")
