@@ -6,12 +6,19 @@ from __future__ import annotations
 
 import logging
 
-# Ray Train's PlacementGroupCleaner (a detached actor of every TorchTrainer run) asks the state
-# API whether the run's controller still lives, once a second; the state API is the dashboard's,
-# and a Ray started by ensure_ray has no dashboard. Each failed poll was a warning in the job's
-# output for as long as the run lasted, and the cleaner cannot do its work there anyway. On a
-# cluster with a dashboard the cleaner works and nothing is quieted (the hook is not set).
-QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+# Loggers of Ray Train's helpers that have nothing to work with on a Ray that ensure_ray starts
+# (one node, no dashboard, no autoscaler); on a cluster they work and nothing is quieted (the
+# hook is not set there).
+# - The PlacementGroupCleaner (a detached actor of every TorchTrainer run) asks the state API,
+#   the dashboard's, whether the run's controller still lives, once a second: each failed poll
+#   was a warning in the job's output for as long as the run lasted.
+# - The controller's resource request to the autoscaling coordinator waits 5 s for that actor
+#   to start; on a busy small machine it does not, and a 20-line warning with its traceback
+#   came before every job's first step.
+QUIET_LOGGERS = (
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner",
+    "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client",
+)
 
 
 def quiet_worker_logs() -> None:
